@@ -1,0 +1,41 @@
+# Every target bootstraps .venv on its own: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.edgefleet-installed
+# Installed first so that the project's torch range is already met by the local CPU build.
+TORCH  ?= torch==2.13.0
+EXTRAS ?= agent,control-plane,trainer,dev
+
+.PHONY: setup test test-fast lint protos check-protos demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+protos: setup
+	$(PY) -m scripts.gen_protos
+
+demo: setup
+	$(PY) -m scripts.demo
+
+bench: setup
+	$(PY) -m scripts.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info .bench demo-run
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,70 @@
+"""The control plane's signing material, loaded from its home."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from control_plane.config import ControlPlaneConfig
+from control_plane.domain import CertificateRecord
+from fleetcore import pki
+
+__all__ = ["Authority"]
+
+
+@dataclass(frozen=True)
+class Authority:
+    ca_key: ec.EllipticCurvePrivateKey
+    ca_cert: x509.Certificate
+    ca_pem: bytes
+    server_cert_pem: bytes
+    server_key_pem: bytes
+    release_public_pem: bytes
+    publisher_public_pems: tuple[bytes, ...]
+
+    @classmethod
+    def load(cls, config: ControlPlaneConfig) -> Authority:
+        lay = config.layout
+        ca_pem = lay.ca_cert.read_bytes()
+        return cls(
+            ca_key=pki.load_private_key(lay.ca_key.read_bytes()),
+            ca_cert=pki.load_certificate(ca_pem),
+            ca_pem=ca_pem,
+            server_cert_pem=lay.server_cert.read_bytes(),
+            server_key_pem=lay.server_key.read_bytes(),
+            release_public_pem=lay.release_pub.read_bytes(),
+            publisher_public_pems=tuple(p.read_bytes() for p in config.publisher_keys),
+        )
+
+    def issue(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        kind: pki.IdentityKind,
+        name: str,
+        now: float,
+        ttl_seconds: int,
+        role: pki.Role | None = None,
+    ) -> tuple[bytes, CertificateRecord]:
+        """Issue a client certificate; return its PEM and the record to store."""
+        cert = pki.issue_client_certificate(
+            self.ca_key,
+            self.ca_cert,
+            public_key,
+            kind,
+            name,
+            dt.datetime.fromtimestamp(now, dt.UTC),
+            dt.timedelta(seconds=ttl_seconds),
+            role=role,
+        )
+        record = CertificateRecord(
+            serial=pki.serial_hex(cert),
+            kind=kind.value,
+            subject=name,
+            not_before=cert.not_valid_before_utc.timestamp(),
+            not_after=cert.not_valid_after_utc.timestamp(),
+            issued_at=now,
+        )
+        return pki.certificate_pem(cert), record

@@ -1,0 +1,77 @@
+"""`control-plane`: init a home, serve the APIs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from control_plane.config import ControlPlaneConfig, parse_hostport
+from control_plane.home import init_home
+from control_plane.server import ControlPlane
+from fleetcore.cli import run_main, setup_logging
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="control-plane", description="Edgefleet control plane")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create a control-plane home (CA, keys, database, admin)")
+    init.add_argument("--home", required=True, type=Path)
+    init.add_argument("--san", action="append", default=[], metavar="NAME",
+                      help="extra DNS name or IP for the server certificate (repeatable)")
+    init.add_argument("--force", action="store_true", help="replace an existing home")
+
+    serve = sub.add_parser("serve", help="serve the mTLS API and the enrollment endpoint")
+    serve.add_argument("--home", required=True, type=Path)
+    serve.add_argument("--api", metavar="HOST:PORT", help="mTLS API address (default from config)")
+    serve.add_argument("--enroll", metavar="HOST:PORT", help="enrollment address")
+    serve.add_argument("--mqtt", metavar="URL", help="MQTT broker URL given to agents")
+    return p
+
+
+async def _serve(cfg: ControlPlaneConfig) -> None:
+    cp = ControlPlane(cfg)
+    await cp.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await cp.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body() -> int:
+        if args.command == "init":
+            cfg = init_home(args.home, sans=args.san, force=args.force)
+            print(f"initialised {cfg.home}")
+            print(f"admin client config: {cfg.layout.operator_dir('admin') / 'fleet.toml'}")
+            return 0
+        cfg = ControlPlaneConfig.load(args.home)
+        if args.api:
+            parse_hostport(args.api)
+            cfg.api_listen = args.api
+        if args.enroll:
+            parse_hostport(args.enroll)
+            cfg.enroll_listen = args.enroll
+        if args.mqtt is not None:
+            cfg.mqtt_url = args.mqtt
+        asyncio.run(_serve(cfg))
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

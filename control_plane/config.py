@@ -1,0 +1,164 @@
+"""The control plane's home directory layout and its config.toml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetcore import tomlfile
+from fleetcore.errors import InvalidInputError
+
+__all__ = ["DEFAULT_API", "DEFAULT_ENROLL", "ControlPlaneConfig", "HomeLayout", "parse_hostport"]
+
+DEFAULT_API = "127.0.0.1:7443"
+DEFAULT_ENROLL = "127.0.0.1:7444"
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidInputError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class HomeLayout:
+    """Where `control-plane init` puts things under --home."""
+
+    home: Path
+
+    @property
+    def config(self) -> Path:
+        return self.home / "config.toml"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.home / "pki" / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.home / "pki" / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.home / "pki" / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.home / "pki" / "server.key"
+
+    @property
+    def release_key(self) -> Path:
+        return self.home / "keys" / "release.key"
+
+    @property
+    def release_pub(self) -> Path:
+        return self.home / "keys" / "release.pub"
+
+    @property
+    def publisher_key(self) -> Path:
+        return self.home / "publisher" / "publisher.key"
+
+    @property
+    def publisher_pub(self) -> Path:
+        return self.home / "publisher" / "publisher.pub"
+
+    @property
+    def database(self) -> Path:
+        return self.home / "edgefleet.db"
+
+    def operator_dir(self, name: str) -> Path:
+        return self.home / "operators" / name
+
+
+@dataclass
+class ControlPlaneConfig:
+    home: Path
+    api_listen: str = DEFAULT_API
+    # What enrollment tells agents to dial; empty means the API's bound address.
+    api_advertise: str = ""
+    enroll_listen: str = DEFAULT_ENROLL
+    mqtt_url: str = ""
+    database: Path = field(default=Path("edgefleet.db"))
+    publisher_keys: list[Path] = field(default_factory=list)
+    device_cert_ttl_seconds: int = 7 * 24 * 3600
+    operator_cert_ttl_seconds: int = 365 * 24 * 3600
+    token_ttl_seconds: int = 3600
+    max_token_ttl_seconds: int = 30 * 24 * 3600
+    heartbeat_interval_seconds: int = 10
+    # A device not heard from for this long is shown offline.
+    offline_after_seconds: int = 35
+
+    @property
+    def layout(self) -> HomeLayout:
+        return HomeLayout(self.home)
+
+    @classmethod
+    def load(cls, home: Path) -> ControlPlaneConfig:
+        home = Path(home).resolve()
+        path = HomeLayout(home).config
+        if not path.exists():
+            raise InvalidInputError(
+                f"{home} is not a control-plane home (no config.toml); run `control-plane init`"
+            )
+        doc = tomlfile.load(path)
+        server = doc.get("server", {})
+        pki = doc.get("pki", {})
+        agents = doc.get("agents", {})
+        cfg = cls(home=home)
+        cfg.api_listen = str(server.get("api", cfg.api_listen))
+        cfg.api_advertise = str(server.get("api_advertise", cfg.api_advertise))
+        cfg.enroll_listen = str(server.get("enroll", cfg.enroll_listen))
+        cfg.mqtt_url = str(server.get("mqtt", cfg.mqtt_url))
+        cfg.database = home / str(server.get("database", "edgefleet.db"))
+        cfg.publisher_keys = [home / p for p in pki.get("publisher_keys", [])]
+        for name in (
+            "device_cert_ttl_seconds",
+            "operator_cert_ttl_seconds",
+            "token_ttl_seconds",
+            "max_token_ttl_seconds",
+        ):
+            setattr(cfg, name, _positive_int(pki, name, getattr(cfg, name)))
+        for name in ("heartbeat_interval_seconds", "offline_after_seconds"):
+            setattr(cfg, name, _positive_int(agents, name, getattr(cfg, name)))
+        parse_hostport(cfg.api_listen)
+        parse_hostport(cfg.enroll_listen)
+        return cfg
+
+    def to_toml(self) -> dict[str, Any]:
+        return {
+            "server": {
+                "api": self.api_listen,
+                "api_advertise": self.api_advertise,
+                "enroll": self.enroll_listen,
+                "mqtt": self.mqtt_url,
+                "database": str(self.database.relative_to(self.home))
+                if self.database.is_absolute()
+                else str(self.database),
+            },
+            "pki": {
+                "publisher_keys": [
+                    str(p.relative_to(self.home)) if p.is_absolute() else str(p)
+                    for p in self.publisher_keys
+                ],
+                "device_cert_ttl_seconds": self.device_cert_ttl_seconds,
+                "operator_cert_ttl_seconds": self.operator_cert_ttl_seconds,
+                "token_ttl_seconds": self.token_ttl_seconds,
+                "max_token_ttl_seconds": self.max_token_ttl_seconds,
+            },
+            "agents": {
+                "heartbeat_interval_seconds": self.heartbeat_interval_seconds,
+                "offline_after_seconds": self.offline_after_seconds,
+            },
+        }
+
+    def save(self) -> None:
+        tomlfile.write(self.layout.config, self.to_toml())
+
+
+def _positive_int(table: dict[str, Any], key: str, default: int) -> int:
+    value = table.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidInputError(f"config {key} must be a positive integer; got {value!r}")
+    return value

@@ -1,0 +1,72 @@
+"""Domain types of the control plane: what handlers and storage exchange (no protobuf here)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "AuditOutcome",
+    "AuditRecord",
+    "CertificateRecord",
+    "DeviceRecord",
+    "DeviceStatus",
+]
+
+
+class DeviceStatus(enum.Enum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    REVOKED = "revoked"
+
+
+class AuditOutcome(enum.Enum):
+    ALLOWED = "allowed"
+    DENIED = "denied"
+    FAILED = "failed"
+
+
+@dataclass
+class DeviceRecord:
+    id: str
+    labels: dict[str, str]
+    enrolled_at: float
+    last_seen: float | None = None
+    agent_version: str = ""
+    host: dict[str, Any] = field(default_factory=dict)
+    models: list[dict[str, Any]] = field(default_factory=list)
+    revoked_at: float | None = None
+    cert_serial: str = ""
+    cert_not_after: float = 0.0
+
+    def status(self, now: float, offline_after_seconds: float) -> DeviceStatus:
+        if self.revoked_at is not None:
+            return DeviceStatus.REVOKED
+        if self.last_seen is not None and now - self.last_seen <= offline_after_seconds:
+            return DeviceStatus.ONLINE
+        return DeviceStatus.OFFLINE
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    serial: str
+    kind: str  # "device" | "operator"
+    subject: str
+    not_before: float
+    not_after: float
+    issued_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int
+    time: float
+    actor: str
+    action: str
+    target: str
+    outcome: str
+    detail: str  # canonical JSON
+    prev_hash: str
+    hash: str

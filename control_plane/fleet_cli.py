@@ -1,0 +1,276 @@
+"""`fleet`: the operator CLI against the control-plane AdminService (mTLS)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from control_plane.config import parse_hostport
+from control_plane.home import write_operator_config
+from edgefleet.v1 import admin_pb2, admin_pb2_grpc
+from fleetcore import pki, tomlfile
+from fleetcore.cli import print_json, print_table, run_main
+from fleetcore.errors import InvalidInputError
+from fleetcore.labels import parse_label_args
+
+__all__ = ["FleetConfig", "main"]
+
+RPC_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    api: str
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def load(cls, path: Path) -> FleetConfig:
+        if not path.exists():
+            raise InvalidInputError(f"fleet config {path} does not exist")
+        doc = tomlfile.load(path)
+        base = path.parent
+        try:
+            return cls(
+                api=str(doc["api"]),
+                cert=base / str(doc["cert"]),
+                key=base / str(doc["key"]),
+                ca=base / str(doc["ca"]),
+            )
+        except KeyError as exc:
+            raise InvalidInputError(f"{path}: missing key {exc.args[0]!r}") from None
+
+    def channel(self) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=self.key.read_bytes(),
+            certificate_chain=self.cert.read_bytes(),
+        )
+        return grpc.secure_channel(self.api, creds)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fleet", description="Operate an Edgefleet fleet")
+    p.add_argument("--config", type=Path, help="client config (default: $FLEET_CONFIG)")
+    p.add_argument("--api", metavar="HOST:PORT", help="override the API address of the config")
+    sub = p.add_subparsers(dest="group", required=True)
+
+    tokens = sub.add_parser("tokens", help="enrollment tokens").add_subparsers(
+        dest="command", required=True
+    )
+    t = tokens.add_parser("create", help="create a one-time enrollment token (prints only it)")
+    t.add_argument("--ttl", type=int, default=0, metavar="SECONDS")
+    t.add_argument("--label", action="append", default=[], metavar="K=V")
+    t.add_argument("--json", action="store_true")
+
+    devices = sub.add_parser("devices", help="enrolled devices").add_subparsers(
+        dest="command", required=True
+    )
+    dl = devices.add_parser("list")
+    dl.add_argument("--selector", action="append", default=[], metavar="K=V")
+    dl.add_argument("--json", action="store_true")
+    ds = devices.add_parser("show")
+    ds.add_argument("id")
+    ds.add_argument("--json", action="store_true")
+    dr = devices.add_parser("revoke")
+    dr.add_argument("id")
+    dr.add_argument("--reason", default="")
+    dr.add_argument("--json", action="store_true")
+
+    ops = sub.add_parser("operators", help="operator identities").add_subparsers(
+        dest="command", required=True
+    )
+    oc = ops.add_parser("create", help="create an operator; its key never leaves this host")
+    oc.add_argument("name")
+    oc.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    oc.add_argument("--out", required=True, type=Path)
+
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(
+        dest="command", required=True
+    )
+    al = audit.add_parser("list")
+    al.add_argument("--limit", type=int, default=100)
+    al.add_argument("--json", action="store_true")
+    return p
+
+
+def _ts(value: float) -> str:
+    if not value:
+        return "-"
+    return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_STATUS_NAMES = {
+    admin_pb2.DEVICE_STATUS_ONLINE: "online",
+    admin_pb2.DEVICE_STATUS_OFFLINE: "offline",
+    admin_pb2.DEVICE_STATUS_REVOKED: "revoked",
+}
+
+
+def device_json(d: admin_pb2.Device) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "labels": dict(d.labels),
+        "status": _STATUS_NAMES.get(d.status, "unknown"),
+        "last_seen": d.last_seen or None,
+        "enrolled_at": d.enrolled_at,
+        "agent_version": d.agent_version,
+        "host": {f.name: getattr(d.host, f.name) for f in d.host.DESCRIPTOR.fields},
+        "models": [
+            json_format.MessageToDict(m, preserving_proto_field_name=True) for m in d.models
+        ],
+        "certificate_serial": d.certificate_serial,
+        "certificate_expires_at": d.certificate_expires_at,
+        "revoked_at": d.revoked_at or None,
+    }
+
+
+def _labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+def _show_device(d: admin_pb2.Device, as_json: bool) -> None:
+    doc = device_json(d)
+    if as_json:
+        print_json(doc)
+        return
+    rows = [
+        ("id", doc["id"]),
+        ("status", doc["status"]),
+        ("labels", _labels_text(doc["labels"])),
+        ("last_seen", _ts(d.last_seen)),
+        ("enrolled_at", _ts(d.enrolled_at)),
+        ("agent_version", doc["agent_version"] or "-"),
+        ("hostname", d.host.hostname or "-"),
+        ("platform", f"{d.host.os} {d.host.arch}".strip() or "-"),
+        ("certificate", f"{d.certificate_serial} (expires {_ts(d.certificate_expires_at)})"),
+    ]
+    if d.revoked_at:
+        rows.append(("revoked_at", _ts(d.revoked_at)))
+    print_table(("field", "value"), rows)
+
+
+def _run(args: argparse.Namespace, cfg: FleetConfig) -> int:
+    with cfg.channel() as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        call: Callable[..., Any]
+        key = (args.group, args.command)
+        if key == ("tokens", "create"):
+            call = stub.CreateEnrollmentToken
+            r = call(
+                admin_pb2.CreateEnrollmentTokenRequest(
+                    ttl_seconds=args.ttl, labels=parse_label_args(args.label)
+                ),
+                timeout=RPC_TIMEOUT_SECONDS,
+            )
+            if args.json:
+                print_json({"token": r.token, "expires_at": r.expires_at})
+            else:
+                print(r.token)
+        elif key == ("devices", "list"):
+            r = stub.ListDevices(
+                admin_pb2.ListDevicesRequest(selector=parse_label_args(args.selector)),
+                timeout=RPC_TIMEOUT_SECONDS,
+            )
+            if args.json:
+                print_json([device_json(d) for d in r.devices])
+            else:
+                print_table(
+                    ("ID", "STATUS", "LABELS", "LAST SEEN", "HOST", "AGENT"),
+                    [
+                        (
+                            d.id,
+                            _STATUS_NAMES.get(d.status, "unknown"),
+                            _labels_text(dict(d.labels)),
+                            _ts(d.last_seen),
+                            d.host.hostname or "-",
+                            d.agent_version or "-",
+                        )
+                        for d in r.devices
+                    ],
+                )
+        elif key == ("devices", "show"):
+            d = stub.GetDevice(admin_pb2.GetDeviceRequest(id=args.id), timeout=RPC_TIMEOUT_SECONDS)
+            _show_device(d, args.json)
+        elif key == ("devices", "revoke"):
+            d = stub.RevokeDevice(
+                admin_pb2.RevokeDeviceRequest(id=args.id, reason=args.reason),
+                timeout=RPC_TIMEOUT_SECONDS,
+            )
+            _show_device(d, args.json)
+        elif key == ("operators", "create"):
+            pki.validate_name(args.name, "operator name")
+            op_key = pki.generate_key()
+            r = stub.CreateOperator(
+                admin_pb2.CreateOperatorRequest(
+                    name=args.name, role=args.role, csr_pem=pki.make_csr(op_key, args.name)
+                ),
+                timeout=RPC_TIMEOUT_SECONDS,
+            )
+            path = write_operator_config(
+                args.out, cfg.api, pki.private_key_pem(op_key), r.certificate_pem, r.ca_pem
+            )
+            print(f"operator {args.name} ({args.role}): {path}")
+        elif key == ("audit", "list"):
+            r = stub.ListAuditEvents(
+                admin_pb2.ListAuditEventsRequest(limit=args.limit), timeout=RPC_TIMEOUT_SECONDS
+            )
+            events = [
+                {
+                    "seq": e.seq, "time": e.time, "actor": e.actor, "action": e.action,
+                    "target": e.target, "outcome": e.outcome, "detail": json.loads(e.detail or "{}"),
+                }
+                for e in r.events
+            ]
+            if args.json:
+                print_json(events)
+            else:
+                print_table(
+                    ("SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME"),
+                    [(e["seq"], _ts(e["time"]), e["actor"], e["action"], e["target"] or "-",
+                      e["outcome"]) for e in events],
+                )
+        else:  # pragma: no cover - argparse only allows the above
+            raise InvalidInputError(f"unknown command {key}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    def body() -> int:
+        path = args.config or (Path(os.environ["FLEET_CONFIG"]) if "FLEET_CONFIG" in os.environ
+                               else None)
+        if path is None:
+            raise InvalidInputError("no client config: pass --config FILE or set $FLEET_CONFIG")
+        cfg = FleetConfig.load(path)
+        if args.api:
+            parse_hostport(args.api)
+            cfg = FleetConfig(api=args.api, cert=cfg.cert, key=cfg.key, ca=cfg.ca)
+        try:
+            return _run(args, cfg)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                print(f"error: cannot reach the control plane at {cfg.api}: {exc.details()}",
+                      file=sys.stderr)
+            else:
+                print(f"error: {code.name}: {exc.details()}", file=sys.stderr)
+            return 1
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Control-plane logic on domain types: no protobuf and no grpc in here.
+
+Servicers authenticate the transport (the verified peer certificate), turn messages into the
+arguments below and the results back into messages. Everything else happens here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from control_plane import authz
+from control_plane.authority import Authority
+from control_plane.config import ControlPlaneConfig
+from control_plane.domain import AuditOutcome, AuditRecord, DeviceRecord, DeviceStatus
+from control_plane.storage import Store
+from fleetcore import pki
+from fleetcore.errors import (
+    AuthenticationError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+    RevokedError,
+    TokenError,
+)
+from fleetcore.labels import matches, validate_labels
+
+__all__ = ["DeviceView", "EnrollResult", "Handlers", "hash_token"]
+
+log = logging.getLogger(__name__)
+
+MAX_TOKEN_BYTES = 256
+MAX_AUDIT_LIST = 10_000
+
+
+def hash_token(token: str) -> str:
+    """Tokens are stored only as their SHA-256 (they are 256-bit random, so no salt needed)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    device: DeviceRecord
+    certificate_pem: bytes
+    ca_pem: bytes
+    release_public_pem: bytes
+    publisher_public_pems: tuple[bytes, ...]
+    api_address: str
+    mqtt_url: str
+    heartbeat_interval_seconds: int
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    record: DeviceRecord
+    status: DeviceStatus
+
+
+class Handlers:
+    def __init__(
+        self,
+        config: ControlPlaneConfig,
+        store: Store,
+        authority: Authority,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.authority = authority
+        self.clock = clock
+        # Set by the server once the API port is bound (port 0 resolves only then).
+        self.api_address = config.api_advertise or config.api_listen
+
+    # ------------------------------------------------------------------ identity
+    def authenticate(self, identity: pki.Identity, expected: pki.IdentityKind) -> pki.Identity:
+        """Check a TLS-verified identity against the registry; refuse revoked or unknown ones."""
+        if identity.kind is not expected:
+            raise AuthenticationError(
+                f"this API needs a {expected.value} certificate; got a {identity.kind.value} one"
+            )
+        cert = self.store.get_certificate(identity.serial)
+        if cert is None or cert.kind != identity.kind.value or cert.subject != identity.name:
+            raise AuthenticationError(
+                f"certificate {identity.serial} was not issued by this control plane"
+            )
+        if cert.revoked_at is not None:
+            raise RevokedError(f"certificate {identity.serial} of {identity.actor} is revoked")
+        if identity.kind is pki.IdentityKind.DEVICE:
+            device = self.store.get_device(identity.name)
+            if device is None:
+                raise AuthenticationError(f"device {identity.name} is not registered")
+            if device.revoked_at is not None:
+                raise RevokedError(f"device {identity.name} is revoked")
+        else:
+            operator = self.store.get_operator(identity.name)
+            if operator is None:
+                raise AuthenticationError(f"operator {identity.name} is not registered")
+        return identity
+
+    def _authorize(self, caller: pki.Identity, action_name: str, target: str) -> None:
+        action = authz.ACTIONS[action_name]
+        try:
+            authz.check(caller, action)
+        except PermissionDeniedError as exc:
+            if action.changes_state:
+                self._audit(caller.actor, action.name, target, AuditOutcome.DENIED,
+                            {"reason": str(exc)})
+            raise
+
+    def _audit(
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: AuditOutcome,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.store.append_audit(
+            self.clock(),
+            actor,
+            action,
+            target,
+            outcome.value,
+            json.dumps(dict(detail or {}), sort_keys=True, separators=(",", ":")),
+        )
+
+    # ------------------------------------------------------------------ agents
+    def enroll(
+        self,
+        token: str,
+        csr_pem: bytes,
+        labels: Mapping[str, str],
+        host: Mapping[str, Any],
+        agent_version: str,
+    ) -> EnrollResult:
+        if not token or len(token) > MAX_TOKEN_BYTES:
+            raise TokenError("enrollment token is missing or malformed")
+        token_hash = hash_token(token)
+        actor = f"token:{token_hash[:12]}"
+        public_key = pki.parse_csr(csr_pem)
+        requested = validate_labels(labels)
+        now = self.clock()
+        device_id = "dev-" + secrets.token_hex(8)
+        cert_pem, cert_record = self.authority.issue(
+            public_key, pki.IdentityKind.DEVICE, device_id, now,
+            self.config.device_cert_ttl_seconds,
+        )
+        try:
+            device = self.store.enroll(
+                token_hash,
+                now,
+                DeviceRecord(
+                    id=device_id,
+                    labels=requested,
+                    enrolled_at=now,
+                    agent_version=agent_version,
+                    host=dict(host),
+                ),
+                cert_record,
+            )
+        except TokenError as exc:
+            self._audit(actor, "devices.enroll", "", AuditOutcome.DENIED, {"reason": str(exc)})
+            raise
+        self._audit(actor, "devices.enroll", device_id, AuditOutcome.ALLOWED,
+                    {"labels": device.labels, "serial": cert_record.serial})
+        log.info("enrolled device %s labels=%s", device_id, device.labels)
+        return EnrollResult(
+            device=device,
+            certificate_pem=cert_pem,
+            ca_pem=self.authority.ca_pem,
+            release_public_pem=self.authority.release_public_pem,
+            publisher_public_pems=self.authority.publisher_public_pems,
+            api_address=self.api_address,
+            mqtt_url=self.config.mqtt_url,
+            heartbeat_interval_seconds=self.config.heartbeat_interval_seconds,
+        )
+
+    def renew_certificate(self, caller: pki.Identity, csr_pem: bytes) -> bytes:
+        public_key = pki.parse_csr(csr_pem)
+        now = self.clock()
+        cert_pem, record = self.authority.issue(
+            public_key, pki.IdentityKind.DEVICE, caller.name, now,
+            self.config.device_cert_ttl_seconds,
+        )
+        self.store.add_certificate(record, current_for_device=True)
+        self._audit(caller.actor, "devices.renew", caller.name, AuditOutcome.ALLOWED,
+                    {"previous": caller.serial, "serial": record.serial})
+        return cert_pem
+
+    def heartbeat(
+        self,
+        caller: pki.Identity,
+        agent_version: str,
+        host: Mapping[str, Any],
+        models: list[dict[str, Any]],
+    ) -> tuple[float, int]:
+        now = self.clock()
+        self.store.record_heartbeat(caller.name, now, agent_version, host, models)
+        return now, self.config.heartbeat_interval_seconds
+
+    # ------------------------------------------------------------------ operators
+    def create_token(
+        self, caller: pki.Identity, ttl_seconds: int, labels: Mapping[str, str]
+    ) -> tuple[str, float]:
+        self._authorize(caller, "tokens.create", "")
+        ttl = ttl_seconds or self.config.token_ttl_seconds
+        if not 0 < ttl <= self.config.max_token_ttl_seconds:
+            raise InvalidInputError(
+                f"token TTL must be 1..{self.config.max_token_ttl_seconds} seconds; got {ttl}"
+            )
+        clean = validate_labels(labels)
+        token = secrets.token_urlsafe(32)
+        now = self.clock()
+        token_hash = hash_token(token)
+        self.store.add_token(token_hash, clean, now, now + ttl, caller.actor)
+        self._audit(caller.actor, "tokens.create", f"token:{token_hash[:12]}",
+                    AuditOutcome.ALLOWED, {"labels": clean, "ttl_seconds": ttl})
+        return token, now + ttl
+
+    def _view(self, record: DeviceRecord, now: float) -> DeviceView:
+        return DeviceView(record, record.status(now, self.config.offline_after_seconds))
+
+    def list_devices(
+        self, caller: pki.Identity, selector: Mapping[str, str]
+    ) -> list[DeviceView]:
+        self._authorize(caller, "devices.list", "")
+        now = self.clock()
+        return [
+            self._view(d, now) for d in self.store.list_devices() if matches(d.labels, selector)
+        ]
+
+    def get_device(self, caller: pki.Identity, device_id: str) -> DeviceView:
+        self._authorize(caller, "devices.show", device_id)
+        device = self.store.get_device(device_id)
+        if device is None:
+            raise NotFoundError(f"no device {device_id!r}")
+        return self._view(device, self.clock())
+
+    def revoke_device(self, caller: pki.Identity, device_id: str, reason: str) -> DeviceView:
+        self._authorize(caller, "devices.revoke", device_id)
+        try:
+            device = self.store.revoke_device(device_id, self.clock())
+        except NotFoundError as exc:
+            self._audit(caller.actor, "devices.revoke", device_id, AuditOutcome.FAILED,
+                        {"reason": str(exc)})
+            raise
+        self._audit(caller.actor, "devices.revoke", device_id, AuditOutcome.ALLOWED,
+                    {"reason": reason[:500]})
+        log.warning("device %s revoked by %s", device_id, caller.actor)
+        return self._view(device, self.clock())
+
+    def create_operator(
+        self, caller: pki.Identity, name: str, role_text: str, csr_pem: bytes
+    ) -> bytes:
+        self._authorize(caller, "operators.create", f"operator:{name}")
+        pki.validate_name(name, "operator name")
+        role = pki.Role.parse(role_text)
+        public_key = pki.parse_csr(csr_pem)
+        now = self.clock()
+        self.store.add_operator(name, role.label, now, caller.actor)
+        cert_pem, record = self.authority.issue(
+            public_key, pki.IdentityKind.OPERATOR, name, now,
+            self.config.operator_cert_ttl_seconds, role=role,
+        )
+        self.store.add_certificate(record, current_for_device=False)
+        self._audit(caller.actor, "operators.create", f"operator:{name}", AuditOutcome.ALLOWED,
+                    {"role": role.label, "serial": record.serial})
+        return cert_pem
+
+    def list_audit(self, caller: pki.Identity, limit: int) -> list[AuditRecord]:
+        self._authorize(caller, "audit.list", "")
+        return self.store.list_audit(min(limit or 100, MAX_AUDIT_LIST))

@@ -1,0 +1,117 @@
+"""`control-plane init`: create a control-plane home with its PKI, keys, database and admin."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+from control_plane.config import ControlPlaneConfig, HomeLayout
+from control_plane.domain import CertificateRecord
+from control_plane.storage import open_store
+from fleetcore import pki, tomlfile
+from fleetcore.errors import AlreadyExistsError
+from fleetcore.files import atomic_write, ensure_private_dir
+
+__all__ = ["init_home", "write_operator_config"]
+
+CA_TTL = dt.timedelta(days=3650)
+SERVER_TTL = dt.timedelta(days=825)
+PRIVATE = 0o600
+
+
+def write_operator_config(
+    out_dir: Path, api: str, key_pem: bytes, cert_pem: bytes, ca_pem: bytes
+) -> Path:
+    """Write a `fleet` client config (fleet.toml plus its key, certificate and CA)."""
+    out_dir = ensure_private_dir(Path(out_dir))
+    atomic_write(out_dir / "operator.key", key_pem, mode=PRIVATE)
+    atomic_write(out_dir / "operator.pem", cert_pem)
+    atomic_write(out_dir / "ca.pem", ca_pem)
+    path = out_dir / "fleet.toml"
+    tomlfile.write(
+        path,
+        {"api": api, "cert": "operator.pem", "key": "operator.key", "ca": "ca.pem"},
+    )
+    return path
+
+
+def init_home(
+    home: Path,
+    *,
+    sans: list[str] | None = None,
+    force: bool = False,
+    now: dt.datetime | None = None,
+    config: ControlPlaneConfig | None = None,
+) -> ControlPlaneConfig:
+    home = Path(home).resolve()
+    lay = HomeLayout(home)
+    if home.exists() and any(home.iterdir()):
+        if not force:
+            raise AlreadyExistsError(
+                f"{home} exists and is not empty; pass --force to replace it"
+            )
+        shutil.rmtree(home)
+    ensure_private_dir(home)
+    now = now or dt.datetime.now(dt.UTC)
+
+    ca_key, ca_cert = pki.create_ca("Edgefleet fleet CA", now, CA_TTL)
+    atomic_write(lay.ca_key, pki.private_key_pem(ca_key), mode=PRIVATE)
+    atomic_write(lay.ca_cert, pki.certificate_pem(ca_cert))
+
+    server_key = pki.generate_key()
+    hostnames = ["localhost", "127.0.0.1", *(sans or [])]
+    server_cert = pki.issue_server_certificate(
+        ca_key, ca_cert, server_key, hostnames, now, SERVER_TTL
+    )
+    atomic_write(lay.server_key, pki.private_key_pem(server_key), mode=PRIVATE)
+    atomic_write(lay.server_cert, pki.certificate_pem(server_cert))
+
+    release_key = pki.generate_key()
+    atomic_write(lay.release_key, pki.private_key_pem(release_key), mode=PRIVATE)
+    atomic_write(lay.release_pub, pki.public_key_pem(release_key))
+
+    # Convenience only: the control plane reads just the public half; move the private key
+    # to the training environment (or an HSM) and nothing here changes.
+    publisher_key = pki.generate_key()
+    atomic_write(lay.publisher_key, pki.private_key_pem(publisher_key), mode=PRIVATE)
+    atomic_write(lay.publisher_pub, pki.public_key_pem(publisher_key))
+
+    cfg = config or ControlPlaneConfig(home=home)
+    cfg.home = home
+    cfg.database = lay.database
+    cfg.publisher_keys = [lay.publisher_pub]
+    cfg.save()
+
+    store = open_store(lay.database)
+    try:
+        admin_key = pki.generate_key()
+        admin_cert = pki.issue_client_certificate(
+            ca_key, ca_cert, admin_key.public_key(), pki.IdentityKind.OPERATOR, "admin",
+            now, dt.timedelta(seconds=cfg.operator_cert_ttl_seconds), role=pki.Role.ADMIN,
+        )
+        ts = now.timestamp()
+        store.add_operator("admin", pki.Role.ADMIN.label, ts, "init")
+        store.add_certificate(
+            CertificateRecord(
+                serial=pki.serial_hex(admin_cert),
+                kind=pki.IdentityKind.OPERATOR.value,
+                subject="admin",
+                not_before=admin_cert.not_valid_before_utc.timestamp(),
+                not_after=admin_cert.not_valid_after_utc.timestamp(),
+                issued_at=ts,
+            ),
+            current_for_device=False,
+        )
+        store.append_audit(ts, "init", "control-plane.init", str(home), "allowed", "{}")
+    finally:
+        store.close()
+    api = cfg.api_advertise or cfg.api_listen
+    write_operator_config(
+        lay.operator_dir("admin"),
+        api,
+        pki.private_key_pem(admin_key),
+        pki.certificate_pem(admin_cert),
+        pki.certificate_pem(ca_cert),
+    )
+    return cfg

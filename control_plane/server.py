@@ -1,0 +1,108 @@
+"""The control-plane process: the mTLS API port and the enrollment port, on one event loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+
+from control_plane.authority import Authority
+from control_plane.config import ControlPlaneConfig, parse_hostport
+from control_plane.handlers import Handlers
+from control_plane.servicers import AdminServicer, AgentServicer
+from control_plane.storage import Store, open_store
+from edgefleet.v1 import admin_pb2_grpc, agent_pb2_grpc
+
+__all__ = ["ControlPlane"]
+
+log = logging.getLogger(__name__)
+
+API_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+ENROLL_MAX_MESSAGE_BYTES = 64 * 1024
+
+
+def _options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Never share a port with another process: a second control plane must fail to bind.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+class ControlPlane:
+    """Build with a config, ``await start()``, read the bound ports, ``await stop()``."""
+
+    def __init__(
+        self,
+        config: ControlPlaneConfig,
+        *,
+        store: Store | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store or open_store(config.database)
+        self.authority = Authority.load(config)
+        self.handlers = Handlers(config, self.store, self.authority, clock=clock)
+        self.api_port = 0
+        self.enroll_port = 0
+        self._servers: list[grpc.aio.Server] = []
+
+    @property
+    def api_address(self) -> str:
+        return f"{parse_hostport(self.config.api_listen)[0]}:{self.api_port}"
+
+    @property
+    def enroll_address(self) -> str:
+        return f"{parse_hostport(self.config.enroll_listen)[0]}:{self.enroll_port}"
+
+    async def start(self) -> None:
+        a = self.authority
+        key_pair = [(a.server_key_pem, a.server_cert_pem)]
+
+        api = grpc.aio.server(options=_options(API_MAX_MESSAGE_BYTES))
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.handlers), api)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.handlers), api)
+        mtls = grpc.ssl_server_credentials(
+            key_pair, root_certificates=a.ca_pem, require_client_auth=True
+        )
+        self.api_port = _bind(api, self.config.api_listen, mtls)
+
+        enroll = grpc.aio.server(options=_options(ENROLL_MAX_MESSAGE_BYTES))
+        # The same AgentService: without a client certificate only Enroll can succeed here.
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.handlers), enroll)
+        tls = grpc.ssl_server_credentials(key_pair, require_client_auth=False)
+        self.enroll_port = _bind(enroll, self.config.enroll_listen, tls)
+
+        self.handlers.api_address = self.config.api_advertise or self.api_address
+        for server in (api, enroll):
+            await server.start()
+            self._servers.append(server)
+        log.info("api (mTLS) listening on %s", self.api_address)
+        log.info("enrollment (TLS + token) listening on %s", self.enroll_address)
+
+    async def stop(self, grace_seconds: float = 2.0) -> None:
+        servers, self._servers = self._servers, []
+        for server in servers:
+            await server.stop(grace_seconds)
+        self.store.close()
+        log.info("control plane stopped")
+
+    async def wait_for_termination(self) -> None:
+        for server in list(self._servers):
+            await server.wait_for_termination()
+
+
+def _bind(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials) -> int:
+    host, port = parse_hostport(address)
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(target, creds)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    if bound == 0:
+        raise OSError(f"cannot listen on {address} (in use or not a local address)")
+    return int(bound)

@@ -1,0 +1,224 @@
+"""gRPC servicers: protobuf in, protobuf out, nothing else.
+
+Each method takes the caller's identity from the TLS-verified peer certificate, calls one
+handler and converts the result. Domain errors become status codes in ``_status``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from cryptography import x509
+
+from control_plane._status import status_code_for
+from control_plane.handlers import DeviceView, Handlers
+from edgefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2
+from fleetcore import pki
+from fleetcore.errors import AuthenticationError, EdgefleetError
+
+__all__ = ["AdminServicer", "AgentServicer", "device_to_proto", "host_from_proto", "peer_identity"]
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+_MAX_TEXT = 256
+
+_STATUS = {
+    "online": admin_pb2.DEVICE_STATUS_ONLINE,
+    "offline": admin_pb2.DEVICE_STATUS_OFFLINE,
+    "revoked": admin_pb2.DEVICE_STATUS_REVOKED,
+}
+
+
+def _rpc(
+    method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except EdgefleetError as exc:
+            code = status_code_for(exc)
+            log.info("%s refused: %s (%s)", method.__name__, exc, code.name)
+            await context.abort(code, str(exc))
+            raise AssertionError("unreachable") from None  # abort() always raises
+
+    return wrapper
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity_from_pem(pem: bytes) -> pki.Identity:
+    return pki.identity_from_certificate(x509.load_pem_x509_certificate(pem))
+
+
+def peer_identity(context: grpc.aio.ServicerContext) -> pki.Identity:
+    """The identity in the client certificate that TLS verified for this call."""
+    auth = context.auth_context()
+    pems = auth.get("x509_pem_cert") or []
+    if not pems:
+        raise AuthenticationError("this call needs a client certificate from the fleet CA")
+    return _identity_from_pem(bytes(pems[0]))
+
+
+def _text(value: str) -> str:
+    return value[:_MAX_TEXT]
+
+
+def host_from_proto(host: common_pb2.HostFacts) -> dict[str, Any]:
+    return {
+        "hostname": _text(host.hostname),
+        "os": _text(host.os),
+        "arch": _text(host.arch),
+        "cpu_count": host.cpu_count,
+        "memory_bytes": host.memory_bytes,
+        "python_version": _text(host.python_version),
+    }
+
+
+def _host_to_proto(host: dict[str, Any]) -> common_pb2.HostFacts:
+    known = {f.name for f in common_pb2.HostFacts.DESCRIPTOR.fields}
+    return common_pb2.HostFacts(**{k: v for k, v in host.items() if k in known})
+
+
+def _models_from_proto(models: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": _text(m.name),
+            "version": m.version,
+            "state": _text(m.state),
+            "bundle_digest": _text(m.bundle_digest),
+        }
+        for m in list(models)[:64]
+    ]
+
+
+def device_to_proto(view: DeviceView) -> admin_pb2.Device:
+    d = view.record
+    return admin_pb2.Device(
+        id=d.id,
+        labels=d.labels,
+        status=_STATUS[view.status.value],
+        enrolled_at=d.enrolled_at,
+        last_seen=d.last_seen or 0.0,
+        agent_version=d.agent_version,
+        host=_host_to_proto(d.host),
+        models=[common_pb2.InstalledModel(**m) for m in d.models],
+        certificate_serial=d.cert_serial,
+        certificate_expires_at=d.cert_not_after,
+        revoked_at=d.revoked_at or 0.0,
+    )
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
+    def __init__(self, handlers: Handlers) -> None:
+        self.h = handlers
+
+    def _device(self, context: grpc.aio.ServicerContext) -> pki.Identity:
+        return self.h.authenticate(peer_identity(context), pki.IdentityKind.DEVICE)
+
+    @_rpc
+    async def Enroll(  # noqa: N802 (gRPC method names)
+        self, request: agent_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.EnrollResponse:
+        r = self.h.enroll(
+            request.token,
+            request.csr_pem,
+            dict(request.labels),
+            host_from_proto(request.host),
+            _text(request.agent_version),
+        )
+        return agent_pb2.EnrollResponse(
+            device_id=r.device.id,
+            certificate_pem=r.certificate_pem,
+            ca_pem=r.ca_pem,
+            release_public_key_pem=r.release_public_pem,
+            publisher_public_keys_pem=list(r.publisher_public_pems),
+            api_address=r.api_address,
+            mqtt_url=r.mqtt_url,
+            labels=r.device.labels,
+            heartbeat_interval_seconds=r.heartbeat_interval_seconds,
+        )
+
+    @_rpc
+    async def RenewCertificate(  # noqa: N802
+        self, request: agent_pb2.RenewCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.RenewCertificateResponse:
+        pem = self.h.renew_certificate(self._device(context), request.csr_pem)
+        return agent_pb2.RenewCertificateResponse(certificate_pem=pem)
+
+    @_rpc
+    async def Heartbeat(  # noqa: N802
+        self, request: agent_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.HeartbeatResponse:
+        now, interval = self.h.heartbeat(
+            self._device(context),
+            _text(request.agent_version),
+            host_from_proto(request.host),
+            _models_from_proto(request.models),
+        )
+        return agent_pb2.HeartbeatResponse(server_time=now, heartbeat_interval_seconds=interval)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):  # type: ignore[misc]
+    def __init__(self, handlers: Handlers) -> None:
+        self.h = handlers
+
+    def _operator(self, context: grpc.aio.ServicerContext) -> pki.Identity:
+        return self.h.authenticate(peer_identity(context), pki.IdentityKind.OPERATOR)
+
+    @_rpc
+    async def CreateEnrollmentToken(  # noqa: N802
+        self, request: admin_pb2.CreateEnrollmentTokenRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CreateEnrollmentTokenResponse:
+        token, expires = self.h.create_token(
+            self._operator(context), request.ttl_seconds, dict(request.labels)
+        )
+        return admin_pb2.CreateEnrollmentTokenResponse(token=token, expires_at=expires)
+
+    @_rpc
+    async def ListDevices(  # noqa: N802
+        self, request: admin_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListDevicesResponse:
+        views = self.h.list_devices(self._operator(context), dict(request.selector))
+        return admin_pb2.ListDevicesResponse(devices=[device_to_proto(v) for v in views])
+
+    @_rpc
+    async def GetDevice(  # noqa: N802
+        self, request: admin_pb2.GetDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Device:
+        return device_to_proto(self.h.get_device(self._operator(context), request.id))
+
+    @_rpc
+    async def RevokeDevice(  # noqa: N802
+        self, request: admin_pb2.RevokeDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Device:
+        view = self.h.revoke_device(self._operator(context), request.id, request.reason)
+        return device_to_proto(view)
+
+    @_rpc
+    async def CreateOperator(  # noqa: N802
+        self, request: admin_pb2.CreateOperatorRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CreateOperatorResponse:
+        pem = self.h.create_operator(
+            self._operator(context), request.name, request.role, request.csr_pem
+        )
+        return admin_pb2.CreateOperatorResponse(certificate_pem=pem, ca_pem=self.h.authority.ca_pem)
+
+    @_rpc
+    async def ListAuditEvents(  # noqa: N802
+        self, request: admin_pb2.ListAuditEventsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListAuditEventsResponse:
+        events = self.h.list_audit(self._operator(context), request.limit)
+        return admin_pb2.ListAuditEventsResponse(
+            events=[
+                admin_pb2.AuditEvent(
+                    seq=e.seq, time=e.time, actor=e.actor, action=e.action,
+                    target=e.target, outcome=e.outcome, detail=e.detail,
+                )
+                for e in events
+            ]
+        )

@@ -1,0 +1,89 @@
+"""The storage interface of the control plane."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any
+
+from control_plane.domain import AuditRecord, CertificateRecord, DeviceRecord
+
+__all__ = ["Store"]
+
+
+class Store(abc.ABC):
+    """Everything the handlers persist. Implementations serialize their own writes."""
+
+    # --- enrollment tokens ---
+    @abc.abstractmethod
+    def add_token(
+        self,
+        token_hash: str,
+        labels: Mapping[str, str],
+        created_at: float,
+        expires_at: float,
+        created_by: str,
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def enroll(
+        self,
+        token_hash: str,
+        now: float,
+        device: DeviceRecord,
+        certificate: CertificateRecord,
+    ) -> DeviceRecord:
+        """Atomically consume the token and register the device with its first certificate.
+
+        The token's labels override the device's requested ones. Raises ``TokenError`` (and
+        stores nothing) when the token is unknown, used or expired.
+        """
+
+    # --- devices ---
+    @abc.abstractmethod
+    def get_device(self, device_id: str) -> DeviceRecord | None: ...
+
+    @abc.abstractmethod
+    def list_devices(self) -> list[DeviceRecord]: ...
+
+    @abc.abstractmethod
+    def record_heartbeat(
+        self,
+        device_id: str,
+        now: float,
+        agent_version: str,
+        host: Mapping[str, Any],
+        models: list[dict[str, Any]],
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def revoke_device(self, device_id: str, now: float) -> DeviceRecord:
+        """Mark the device and every certificate issued to it revoked."""
+
+    # --- certificates ---
+    @abc.abstractmethod
+    def add_certificate(self, cert: CertificateRecord, *, current_for_device: bool) -> None: ...
+
+    @abc.abstractmethod
+    def get_certificate(self, serial: str) -> CertificateRecord | None: ...
+
+    # --- operators ---
+    @abc.abstractmethod
+    def add_operator(self, name: str, role: str, now: float, created_by: str) -> None: ...
+
+    @abc.abstractmethod
+    def get_operator(self, name: str) -> tuple[str, float] | None:
+        """(role, created_at) of the operator, or None."""
+
+    # --- audit ---
+    @abc.abstractmethod
+    def append_audit(
+        self, now: float, actor: str, action: str, target: str, outcome: str, detail: str
+    ) -> AuditRecord: ...
+
+    @abc.abstractmethod
+    def list_audit(self, limit: int) -> list[AuditRecord]:
+        """The newest ``limit`` events, oldest first."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,319 @@
+"""SQLite implementation of the control-plane store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from control_plane.domain import AuditRecord, CertificateRecord, DeviceRecord
+from control_plane.storage.base import Store
+from fleetcore.errors import AlreadyExistsError, NotFoundError, TokenError
+from fleetcore.sqlite import connect, migrate
+
+__all__ = ["MIGRATIONS", "SqliteStore"]
+
+GENESIS_HASH = "0" * 64
+
+MIGRATIONS: list[str] = [
+    # 1: registry, PKI bookkeeping, append-only audit log
+    """
+    CREATE TABLE enrollment_tokens (
+        token_hash TEXT PRIMARY KEY,
+        labels TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        created_by TEXT NOT NULL,
+        used_at REAL,
+        used_by TEXT
+    );
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        labels TEXT NOT NULL,
+        enrolled_at REAL NOT NULL,
+        last_seen REAL,
+        agent_version TEXT NOT NULL DEFAULT '',
+        host TEXT NOT NULL DEFAULT '{}',
+        models TEXT NOT NULL DEFAULT '[]',
+        revoked_at REAL,
+        cert_serial TEXT NOT NULL DEFAULT '',
+        cert_not_after REAL NOT NULL DEFAULT 0
+    );
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        not_before REAL NOT NULL,
+        not_after REAL NOT NULL,
+        issued_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    CREATE INDEX certificates_subject ON certificates(kind, subject);
+    CREATE TABLE operators (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL
+    );
+    CREATE TABLE audit_events (
+        seq INTEGER PRIMARY KEY,
+        time REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events
+    BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+    CREATE TRIGGER audit_events_no_delete BEFORE DELETE ON audit_events
+    BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+    """,
+]
+
+
+def audit_hash(prev_hash: str, seq: int, time: float, actor: str, action: str,
+               target: str, outcome: str, detail: str) -> str:
+    """Hash of one audit event chained to the one before it."""
+    body = json.dumps(
+        [prev_hash, seq, repr(time), actor, action, target, outcome, detail],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+class SqliteStore(Store):
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._conn = connect(self.path)
+        self._lock = threading.RLock()
+        migrate(self._conn, MIGRATIONS)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    # --- tokens ---
+    def add_token(
+        self,
+        token_hash: str,
+        labels: Mapping[str, str],
+        created_at: float,
+        expires_at: float,
+        created_by: str,
+    ) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO enrollment_tokens(token_hash, labels, created_at, expires_at,"
+                " created_by) VALUES (?, ?, ?, ?, ?)",
+                (token_hash, _dump(dict(labels)), created_at, expires_at, created_by),
+            )
+
+    def enroll(
+        self,
+        token_hash: str,
+        now: float,
+        device: DeviceRecord,
+        certificate: CertificateRecord,
+    ) -> DeviceRecord:
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT labels, expires_at, used_at FROM enrollment_tokens WHERE token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+            if row is None:
+                raise TokenError("enrollment token is unknown")
+            if row["used_at"] is not None:
+                raise TokenError("enrollment token has already been used")
+            if now >= row["expires_at"]:
+                raise TokenError("enrollment token has expired")
+            labels = {**device.labels, **json.loads(row["labels"])}
+            c.execute(
+                "UPDATE enrollment_tokens SET used_at = ?, used_by = ? WHERE token_hash = ?",
+                (now, device.id, token_hash),
+            )
+            c.execute(
+                "INSERT INTO devices(id, labels, enrolled_at, agent_version, host, cert_serial,"
+                " cert_not_after) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    device.id,
+                    _dump(labels),
+                    device.enrolled_at,
+                    device.agent_version,
+                    _dump(device.host),
+                    certificate.serial,
+                    certificate.not_after,
+                ),
+            )
+            self._insert_certificate(c, certificate)
+        enrolled = self.get_device(device.id)
+        assert enrolled is not None
+        return enrolled
+
+    # --- devices ---
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        rows = self._query("SELECT * FROM devices WHERE id = ?", (device_id,))
+        return _device(rows[0]) if rows else None
+
+    def list_devices(self) -> list[DeviceRecord]:
+        return [_device(r) for r in self._query("SELECT * FROM devices ORDER BY id")]
+
+    def record_heartbeat(
+        self,
+        device_id: str,
+        now: float,
+        agent_version: str,
+        host: Mapping[str, Any],
+        models: list[dict[str, Any]],
+    ) -> None:
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE devices SET last_seen = ?, agent_version = ?, host = ?, models = ?"
+                " WHERE id = ?",
+                (now, agent_version, _dump(dict(host)), _dump(models), device_id),
+            )
+            if cur.rowcount != 1:
+                raise NotFoundError(f"no device {device_id!r}")
+
+    def revoke_device(self, device_id: str, now: float) -> DeviceRecord:
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE devices SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+                (now, device_id),
+            )
+            if cur.rowcount != 1:
+                raise NotFoundError(f"no device {device_id!r}")
+            c.execute(
+                "UPDATE certificates SET revoked_at = COALESCE(revoked_at, ?)"
+                " WHERE kind = 'device' AND subject = ?",
+                (now, device_id),
+            )
+        revoked = self.get_device(device_id)
+        assert revoked is not None
+        return revoked
+
+    # --- certificates ---
+    def add_certificate(self, cert: CertificateRecord, *, current_for_device: bool) -> None:
+        with self._tx() as c:
+            self._insert_certificate(c, cert)
+            if current_for_device:
+                c.execute(
+                    "UPDATE devices SET cert_serial = ?, cert_not_after = ? WHERE id = ?",
+                    (cert.serial, cert.not_after, cert.subject),
+                )
+
+    @staticmethod
+    def _insert_certificate(c: sqlite3.Connection, cert: CertificateRecord) -> None:
+        c.execute(
+            "INSERT INTO certificates(serial, kind, subject, not_before, not_after, issued_at,"
+            " revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                cert.serial,
+                cert.kind,
+                cert.subject,
+                cert.not_before,
+                cert.not_after,
+                cert.issued_at,
+                cert.revoked_at,
+            ),
+        )
+
+    def get_certificate(self, serial: str) -> CertificateRecord | None:
+        rows = self._query("SELECT * FROM certificates WHERE serial = ?", (serial,))
+        if not rows:
+            return None
+        r = rows[0]
+        return CertificateRecord(
+            serial=r["serial"],
+            kind=r["kind"],
+            subject=r["subject"],
+            not_before=r["not_before"],
+            not_after=r["not_after"],
+            issued_at=r["issued_at"],
+            revoked_at=r["revoked_at"],
+        )
+
+    # --- operators ---
+    def add_operator(self, name: str, role: str, now: float, created_by: str) -> None:
+        try:
+            with self._tx() as c:
+                c.execute(
+                    "INSERT INTO operators(name, role, created_at, created_by) VALUES (?,?,?,?)",
+                    (name, role, now, created_by),
+                )
+        except sqlite3.IntegrityError:
+            raise AlreadyExistsError(f"operator {name!r} exists already") from None
+
+    def get_operator(self, name: str) -> tuple[str, float] | None:
+        rows = self._query("SELECT role, created_at FROM operators WHERE name = ?", (name,))
+        return (rows[0]["role"], rows[0]["created_at"]) if rows else None
+
+    # --- audit ---
+    def append_audit(
+        self, now: float, actor: str, action: str, target: str, outcome: str, detail: str
+    ) -> AuditRecord:
+        with self._tx() as c:
+            last = c.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
+            seq = (last["seq"] + 1) if last else 1
+            prev = last["hash"] if last else GENESIS_HASH
+            digest = audit_hash(prev, seq, now, actor, action, target, outcome, detail)
+            c.execute(
+                "INSERT INTO audit_events(seq, time, actor, action, target, outcome, detail,"
+                " prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?)",
+                (seq, now, actor, action, target, outcome, detail, prev, digest),
+            )
+        return AuditRecord(seq, now, actor, action, target, outcome, detail, prev, digest)
+
+    def list_audit(self, limit: int) -> list[AuditRecord]:
+        rows = self._query(
+            "SELECT * FROM (SELECT * FROM audit_events ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            (limit,),
+        )
+        return [
+            AuditRecord(
+                r["seq"], r["time"], r["actor"], r["action"], r["target"], r["outcome"],
+                r["detail"], r["prev_hash"], r["hash"],
+            )
+            for r in rows
+        ]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _device(r: sqlite3.Row) -> DeviceRecord:
+    return DeviceRecord(
+        id=r["id"],
+        labels=json.loads(r["labels"]),
+        enrolled_at=r["enrolled_at"],
+        last_seen=r["last_seen"],
+        agent_version=r["agent_version"],
+        host=json.loads(r["host"]),
+        models=json.loads(r["models"]),
+        revoked_at=r["revoked_at"],
+        cert_serial=r["cert_serial"],
+        cert_not_after=r["cert_not_after"],
+    )

@@ -1,0 +1,127 @@
+"""`edge-agent`: enroll this host, run the agent, show its status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import signal
+import sys
+from pathlib import Path
+
+from edge_agent.daemon import Agent
+from edge_agent.enroll import enroll
+from edge_agent.identity import load_credentials
+from edge_agent.state import AgentConfig, StateDir
+from fleetcore.cli import print_json, print_table, run_main, setup_logging
+from fleetcore.errors import InvalidInputError
+from fleetcore.labels import parse_label_args
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-agent", description="Edgefleet edge agent")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("enroll", help="enroll this host with a one-time token")
+    e.add_argument("--server", required=True, metavar="HOST:PORT", help="enrollment address")
+    e.add_argument("--token", required=True)
+    e.add_argument("--ca", required=True, type=Path, help="the fleet CA certificate (PEM)")
+    e.add_argument("--state-dir", required=True, type=Path)
+    e.add_argument("--label", action="append", default=[], metavar="K=V")
+    e.add_argument("--force", action="store_true", help="replace an existing enrollment")
+
+    r = sub.add_parser("run", help="run the agent until SIGTERM/SIGINT")
+    r.add_argument("--state-dir", required=True, type=Path)
+    r.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8080",
+                   help="inference HTTP address (serving arrives with the serving issue)")
+    r.add_argument("--grpc-listen", metavar="HOST:PORT", default="127.0.0.1:8081",
+                   help="inference gRPC address (serving arrives with the serving issue)")
+    r.add_argument("--transport", choices=["grpc", "mqtt"], default=None)
+
+    s = sub.add_parser("status", help="show this agent's identity and last contact")
+    s.add_argument("--state-dir", required=True, type=Path)
+    s.add_argument("--json", action="store_true")
+    return p
+
+
+async def _run(state_dir: Path, transport: str | None) -> None:
+    cfg = AgentConfig.load(StateDir(state_dir))
+    if (transport or cfg.transport) != "grpc":
+        raise InvalidInputError("the mqtt transport is not available yet; use --transport grpc")
+    agent = Agent(state_dir, config=cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.request_stop)
+    await agent.run()
+
+
+def _ts(value: float | None) -> str:
+    if not value:
+        return "-"
+    return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _status(state_dir: Path, as_json: bool) -> int:
+    state = StateDir(state_dir)
+    cfg = AgentConfig.load(state)
+    creds = load_credentials(state)
+    live = state.read_status()
+    doc = {
+        "device_id": cfg.device_id,
+        "api_address": cfg.api_address,
+        "transport": cfg.transport,
+        "labels": cfg.labels,
+        "certificate_serial": creds.serial,
+        "certificate_expires_at": creds.not_after,
+        "state": live.get("state", "never-run"),
+        "last_heartbeat": live.get("last_heartbeat"),
+        "last_error": live.get("last_error"),
+        "consecutive_failures": live.get("consecutive_failures", 0),
+    }
+    if as_json:
+        print_json(doc)
+    else:
+        print_table(
+            ("field", "value"),
+            [
+                ("device_id", doc["device_id"]),
+                ("state", doc["state"]),
+                ("api_address", doc["api_address"]),
+                ("labels", ",".join(f"{k}={v}" for k, v in sorted(cfg.labels.items())) or "-"),
+                ("last_heartbeat", _ts(doc["last_heartbeat"])),
+                ("last_error", doc["last_error"] or "-"),
+                ("certificate", f"{creds.serial} (expires {_ts(creds.not_after)})"),
+            ],
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body() -> int:
+        if args.command == "enroll":
+            cfg = enroll(
+                args.server,
+                args.token,
+                args.ca.read_bytes(),
+                args.state_dir,
+                labels=parse_label_args(args.label),
+                force=args.force,
+            )
+            print(f"enrolled as {cfg.device_id}")
+            return 0
+        if args.command == "run":
+            asyncio.run(_run(args.state_dir, args.transport))
+            return 0
+        return _status(args.state_dir, args.json)
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""`edge-agent run`: stay in touch with the control plane over mTLS, through its outages.
+
+One loop: (re)connect, renew the certificate when due, heartbeat, wait. Any failure closes the
+channel and waits an exponential, jittered delay before the next try, so a fleet that lost its
+control plane does not come back as a thundering herd, and a restarted control plane is found
+again without operator action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from edge_agent._version import __version__
+from edge_agent.backoff import Backoff
+from edge_agent.hostinfo import host_facts
+from edge_agent.identity import Credentials, install_renewed, load_credentials, renewal_due
+from edge_agent.state import AgentConfig, StateDir
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from fleetcore import pki
+
+__all__ = ["Agent", "AgentEvent"]
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT_SECONDS = 10.0
+AgentEvent = Callable[[str, dict[str, Any]], None]
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+class Agent:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        on_event: AgentEvent | None = None,
+        clock: Callable[[], float] = time.time,
+        config: AgentConfig | None = None,
+    ) -> None:
+        self.state = StateDir(Path(state_dir))
+        self.config = config or AgentConfig.load(self.state)
+        self.clock = clock
+        self.on_event = on_event
+        self.backoff = Backoff(self.config.backoff_initial_seconds, self.config.backoff_max_seconds)
+        self.creds: Credentials = load_credentials(self.state)
+        self.host = host_facts()
+        self.started_at = clock()
+        self.heartbeats = 0
+        self._channel: grpc.aio.Channel | None = None
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._status: dict[str, Any] = {
+            "device_id": self.config.device_id,
+            "api_address": self.config.api_address,
+            "state": "starting",
+            "last_heartbeat": None,
+            "last_error": None,
+            "consecutive_failures": 0,
+        }
+
+    # ------------------------------------------------------------------ control
+    def request_stop(self) -> None:
+        """Ask ``run`` to return; safe to call from any thread."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        log.info("agent %s starting; control plane %s", self.config.device_id,
+                 self.config.api_address)
+        try:
+            while not self._stop.is_set():
+                delay = await self._cycle()
+                await self._sleep(delay)
+        finally:
+            await self._close_channel()
+            self._set_status(state="stopped")
+            log.info("agent %s stopped", self.config.device_id)
+
+    # ------------------------------------------------------------------ one cycle
+    async def _cycle(self) -> float:
+        """One attempt to stay in touch; returns how long to wait before the next one."""
+        try:
+            stub = agent_pb2_grpc.AgentServiceStub(self._connect())
+            if renewal_due(self.creds, self.clock(), self.config.renew_at_fraction):
+                await self._renew(stub)
+                stub = agent_pb2_grpc.AgentServiceStub(self._connect())
+            reply = await stub.Heartbeat(self._heartbeat_request(), timeout=RPC_TIMEOUT_SECONDS)
+        except grpc.aio.AioRpcError as exc:
+            return await self._failed(exc.code(), exc.details() or "")
+        except (OSError, ValueError) as exc:
+            return await self._failed(None, str(exc))
+        self.heartbeats += 1
+        self.backoff.reset()
+        if reply.heartbeat_interval_seconds:
+            self.config.heartbeat_interval_seconds = float(reply.heartbeat_interval_seconds)
+        self._set_status(state="connected", last_heartbeat=self.clock(), last_error=None,
+                         consecutive_failures=0)
+        self._emit("heartbeat", {"count": self.heartbeats, "server_time": reply.server_time})
+        return self.config.heartbeat_interval_seconds
+
+    async def _failed(self, code: grpc.StatusCode | None, details: str) -> float:
+        await self._close_channel()
+        refused = code in _REFUSED
+        state = "refused" if refused else "disconnected"
+        message = f"{code.name if code else 'ERROR'}: {details}"
+        failures = self._status["consecutive_failures"] + 1
+        delay = self.backoff.next_delay()
+        log.warning("control plane %s (%s); retrying in %.1fs", state, message, delay)
+        self._set_status(state=state, last_error=message, consecutive_failures=failures)
+        self._emit("error", {"state": state, "error": message, "retry_in": delay})
+        return delay
+
+    def _heartbeat_request(self) -> agent_pb2.HeartbeatRequest:
+        return agent_pb2.HeartbeatRequest(
+            agent_version=__version__,
+            host=common_pb2.HostFacts(**self.host),
+            models=[],
+            uptime_seconds=int(max(0.0, self.clock() - self.started_at)),
+        )
+
+    async def _renew(self, stub: agent_pb2_grpc.AgentServiceStub) -> None:
+        key = pki.generate_key()
+        reply = await stub.RenewCertificate(
+            agent_pb2.RenewCertificateRequest(csr_pem=pki.make_csr(key)),
+            timeout=RPC_TIMEOUT_SECONDS,
+        )
+        old = self.creds.serial
+        install_renewed(self.state, pki.private_key_pem(key), reply.certificate_pem,
+                        self.config.device_id, self.clock())
+        self.creds = load_credentials(self.state)
+        await self._close_channel()
+        log.info("certificate renewed: %s -> %s", old, self.creds.serial)
+        self._emit("renewed", {"old_serial": old, "serial": self.creds.serial})
+
+    # ------------------------------------------------------------------ plumbing
+    def _connect(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=self.creds.ca_pem,
+                private_key=self.creds.key_pem,
+                certificate_chain=self.creds.cert_pem,
+            )
+            self._channel = grpc.aio.secure_channel(self.config.api_address, creds)
+        return self._channel
+
+    async def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._stop is not None
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    def _set_status(self, **changes: Any) -> None:
+        self._status.update(changes)
+        self._status.update(
+            pid=os.getpid(),
+            updated_at=self.clock(),
+            certificate_serial=self.creds.serial,
+            certificate_expires_at=self.creds.not_after,
+        )
+        try:
+            self.state.write_status(self._status)
+        except OSError as exc:  # a full disk must not stop the agent from serving
+            log.error("cannot write %s: %s", self.state.status, exc)
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, data)

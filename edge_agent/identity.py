@@ -1,0 +1,85 @@
+"""The device's key and certificate on disk, and their crash-safe replacement on renewal.
+
+Renewal writes ``device.key.next`` and ``device.pem.next`` (each fsynced), then renames the key
+and then the certificate into place. ``recover`` finishes or discards an interrupted renewal at
+start-up, so a crash at any point leaves a key and certificate that belong together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from cryptography import x509
+
+from edge_agent.state import StateDir
+from fleetcore import pki
+from fleetcore.files import atomic_write
+
+__all__ = ["Credentials", "install_renewed", "load_credentials", "recover", "renewal_due"]
+
+
+def _next(path: Path) -> Path:
+    return path.with_name(path.name + ".next")
+
+
+class Credentials:
+    def __init__(self, key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> None:
+        self.key_pem = key_pem
+        self.cert_pem = cert_pem
+        self.ca_pem = ca_pem
+        self.cert: x509.Certificate = pki.load_certificate(cert_pem)
+
+    @property
+    def not_after(self) -> float:
+        return self.cert.not_valid_after_utc.timestamp()
+
+    @property
+    def serial(self) -> str:
+        return pki.serial_hex(self.cert)
+
+
+def recover(state: StateDir) -> None:
+    key_next, cert_next = _next(state.key), _next(state.cert)
+    if cert_next.exists():
+        if key_next.exists():
+            os.replace(key_next, state.key)
+        os.replace(cert_next, state.cert)
+    elif key_next.exists():
+        key_next.unlink()
+
+
+def load_credentials(state: StateDir) -> Credentials:
+    recover(state)
+    return Credentials(state.key.read_bytes(), state.cert.read_bytes(), state.ca.read_bytes())
+
+
+def renewal_due(creds: Credentials, now: float, fraction: float) -> bool:
+    start = creds.cert.not_valid_before_utc.timestamp()
+    return now >= start + fraction * (creds.not_after - start)
+
+
+def install_renewed(
+    state: StateDir, key_pem: bytes, cert_pem: bytes, device_id: str, now: float
+) -> None:
+    """Check the renewed certificate against our new key and identity, then swap both in."""
+    cert = pki.load_certificate(cert_pem)
+    key = pki.load_private_key(key_pem)
+    identity = pki.identity_from_certificate(cert)
+    if identity.kind is not pki.IdentityKind.DEVICE or identity.name != device_id:
+        raise ValueError(f"renewed certificate names {identity.actor}, not device:{device_id}")
+    if cert.public_key() != key.public_key():
+        raise ValueError("renewed certificate is not for the key we generated")
+    if cert.not_valid_after_utc.timestamp() <= now:
+        raise ValueError("renewed certificate has already expired")
+    key_next, cert_next = _next(state.key), _next(state.cert)
+    try:
+        atomic_write(key_next, key_pem, mode=0o600)
+        atomic_write(cert_next, cert_pem)
+    except BaseException:
+        for p in (key_next, cert_next):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        raise
+    recover(state)

@@ -1,0 +1,117 @@
+"""The agent's state directory: identity, pinned trust roots, config and last status."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetcore import tomlfile
+from fleetcore.errors import InvalidInputError
+from fleetcore.files import atomic_write
+
+__all__ = ["AgentConfig", "StateDir"]
+
+
+@dataclass(frozen=True)
+class StateDir:
+    root: Path
+
+    @property
+    def key(self) -> Path:
+        return self.root / "device.key"
+
+    @property
+    def cert(self) -> Path:
+        return self.root / "device.pem"
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def release_pub(self) -> Path:
+        return self.root / "trust" / "release.pub"
+
+    @property
+    def publishers_dir(self) -> Path:
+        return self.root / "trust" / "publishers"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "agent.toml"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    def is_enrolled(self) -> bool:
+        return self.config.exists() and self.cert.exists() and self.key.exists()
+
+    def read_status(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.status.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            return {"error": "status.json is not valid JSON"}
+        return doc if isinstance(doc, dict) else {}
+
+    def write_status(self, doc: dict[str, Any]) -> None:
+        atomic_write(self.status, json.dumps(doc, indent=2, sort_keys=True).encode())
+
+
+@dataclass
+class AgentConfig:
+    device_id: str
+    api_address: str
+    mqtt_url: str = ""
+    transport: str = "grpc"
+    labels: dict[str, str] = field(default_factory=dict)
+    heartbeat_interval_seconds: float = 10.0
+    # Renew the certificate once this fraction of its lifetime has passed.
+    renew_at_fraction: float = 2 / 3
+    backoff_initial_seconds: float = 0.5
+    backoff_max_seconds: float = 30.0
+
+    @classmethod
+    def load(cls, state: StateDir) -> AgentConfig:
+        if not state.is_enrolled():
+            raise InvalidInputError(
+                f"{state.root} holds no enrolled agent; run `edge-agent enroll` first"
+            )
+        doc = tomlfile.load(state.config)
+        agent = doc.get("agent", {})
+        try:
+            cfg = cls(device_id=str(agent["device_id"]), api_address=str(agent["api_address"]))
+        except KeyError as exc:
+            raise InvalidInputError(f"{state.config}: missing agent.{exc.args[0]}") from None
+        cfg.mqtt_url = str(agent.get("mqtt_url", ""))
+        cfg.transport = str(agent.get("transport", "grpc"))
+        cfg.labels = {str(k): str(v) for k, v in doc.get("labels", {}).items()}
+        for name in ("heartbeat_interval_seconds", "renew_at_fraction",
+                     "backoff_initial_seconds", "backoff_max_seconds"):
+            value = agent.get(name, getattr(cfg, name))
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise InvalidInputError(f"{state.config}: agent.{name} must be a number >= 0")
+            setattr(cfg, name, float(value))
+        return cfg
+
+    def save(self, state: StateDir) -> None:
+        tomlfile.write(
+            state.config,
+            {
+                "agent": {
+                    "device_id": self.device_id,
+                    "api_address": self.api_address,
+                    "mqtt_url": self.mqtt_url,
+                    "transport": self.transport,
+                    "heartbeat_interval_seconds": self.heartbeat_interval_seconds,
+                    "renew_at_fraction": self.renew_at_fraction,
+                    "backoff_initial_seconds": self.backoff_initial_seconds,
+                    "backoff_max_seconds": self.backoff_max_seconds,
+                },
+                "labels": self.labels,
+            },
+        )

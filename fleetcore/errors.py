@@ -1,0 +1,70 @@
+"""Errors shared by every component, split by who is at fault.
+
+* ``UntrustedInputError`` and its subclasses: the other side sent something we refuse
+  (malformed, oversized, badly signed, expired, replayed, not allowed). Retrying the same
+  input will fail the same way.
+* ``TransportError``: the network or the peer failed; retrying later may succeed.
+
+Messages say what was expected and what was received. Servers map these to wire status codes
+in exactly one place (``control_plane/_status.py``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyExistsError",
+    "AuthenticationError",
+    "EdgefleetError",
+    "ExpiredError",
+    "InvalidInputError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RevokedError",
+    "TokenError",
+    "TransportError",
+    "UntrustedInputError",
+]
+
+
+class EdgefleetError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class UntrustedInputError(EdgefleetError):
+    """Input from outside (a peer, a file, an operator) that we refuse."""
+
+
+class InvalidInputError(UntrustedInputError):
+    """Malformed or oversized input, or input that breaks a documented limit."""
+
+
+class AuthenticationError(UntrustedInputError):
+    """The caller could not be identified (no, unknown or unacceptable certificate)."""
+
+
+class RevokedError(AuthenticationError):
+    """The caller's certificate or device has been revoked."""
+
+
+class PermissionDeniedError(UntrustedInputError):
+    """The caller is identified but its role does not allow the action."""
+
+
+class TokenError(UntrustedInputError):
+    """An enrollment token is unknown, already used or expired."""
+
+
+class ExpiredError(UntrustedInputError):
+    """Something time-limited is past its expiry."""
+
+
+class NotFoundError(EdgefleetError):
+    """The named object does not exist."""
+
+
+class AlreadyExistsError(EdgefleetError):
+    """The object to create exists already."""
+
+
+class TransportError(EdgefleetError):
+    """The network or the remote side failed; the same request may succeed later."""

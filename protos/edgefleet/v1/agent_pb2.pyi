@@ -1,0 +1,90 @@
+from edgefleet.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("token", "csr_pem", "labels", "host", "agent_version")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    csr_pem: bytes
+    labels: _containers.ScalarMap[str, str]
+    host: _common_pb2.HostFacts
+    agent_version: str
+    def __init__(self, token: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., labels: _Optional[_Mapping[str, str]] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("device_id", "certificate_pem", "ca_pem", "release_public_key_pem", "publisher_public_keys_pem", "api_address", "mqtt_url", "labels", "heartbeat_interval_seconds")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHER_PUBLIC_KEYS_PEM_FIELD_NUMBER: _ClassVar[int]
+    API_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MQTT_URL_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    certificate_pem: bytes
+    ca_pem: bytes
+    release_public_key_pem: bytes
+    publisher_public_keys_pem: _containers.RepeatedScalarFieldContainer[bytes]
+    api_address: str
+    mqtt_url: str
+    labels: _containers.ScalarMap[str, str]
+    heartbeat_interval_seconds: int
+    def __init__(self, device_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., release_public_key_pem: _Optional[bytes] = ..., publisher_public_keys_pem: _Optional[_Iterable[bytes]] = ..., api_address: _Optional[str] = ..., mqtt_url: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., heartbeat_interval_seconds: _Optional[int] = ...) -> None: ...
+
+class RenewCertificateRequest(_message.Message):
+    __slots__ = ("csr_pem",)
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: bytes
+    def __init__(self, csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class RenewCertificateResponse(_message.Message):
+    __slots__ = ("certificate_pem",)
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: bytes
+    def __init__(self, certificate_pem: _Optional[bytes] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("agent_version", "host", "models", "uptime_seconds")
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    agent_version: str
+    host: _common_pb2.HostFacts
+    models: _containers.RepeatedCompositeFieldContainer[_common_pb2.InstalledModel]
+    uptime_seconds: int
+    def __init__(self, agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., uptime_seconds: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("server_time", "heartbeat_interval_seconds")
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    server_time: float
+    heartbeat_interval_seconds: int
+    def __init__(self, server_time: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[int] = ...) -> None: ...
