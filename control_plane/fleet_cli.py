@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from edgefleet.v1 import admin_pb2, admin_pb2_grpc
 from google.protobuf import json_format
 
 from control_plane.config import parse_hostport
 from control_plane.home import write_operator_config
-from edgefleet.v1 import admin_pb2, admin_pb2_grpc
 from fleetcore import pki, tomlfile
 from fleetcore.cli import print_json, print_table, run_main
 from fleetcore.errors import InvalidInputError
@@ -161,89 +161,104 @@ def _show_device(d: admin_pb2.Device, as_json: bool) -> None:
     print_table(("field", "value"), rows)
 
 
-def _run(args: argparse.Namespace, cfg: FleetConfig) -> int:
-    with cfg.channel() as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
-        call: Callable[..., Any]
-        key = (args.group, args.command)
-        if key == ("tokens", "create"):
-            call = stub.CreateEnrollmentToken
-            r = call(
-                admin_pb2.CreateEnrollmentTokenRequest(
-                    ttl_seconds=args.ttl, labels=parse_label_args(args.label)
-                ),
-                timeout=RPC_TIMEOUT_SECONDS,
+Stub = admin_pb2_grpc.AdminServiceStub
+T = RPC_TIMEOUT_SECONDS
+
+
+def _tokens_create(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    r = stub.CreateEnrollmentToken(
+        admin_pb2.CreateEnrollmentTokenRequest(
+            ttl_seconds=args.ttl, labels=parse_label_args(args.label)
+        ),
+        timeout=T,
+    )
+    if args.json:
+        print_json({"token": r.token, "expires_at": r.expires_at})
+    else:
+        print(r.token)
+
+
+def _devices_list(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    r = stub.ListDevices(
+        admin_pb2.ListDevicesRequest(selector=parse_label_args(args.selector)), timeout=T
+    )
+    if args.json:
+        print_json([device_json(d) for d in r.devices])
+        return
+    print_table(
+        ("ID", "STATUS", "LABELS", "LAST SEEN", "HOST", "AGENT"),
+        [
+            (
+                d.id,
+                _STATUS_NAMES.get(d.status, "unknown"),
+                _labels_text(dict(d.labels)),
+                _ts(d.last_seen),
+                d.host.hostname or "-",
+                d.agent_version or "-",
             )
-            if args.json:
-                print_json({"token": r.token, "expires_at": r.expires_at})
-            else:
-                print(r.token)
-        elif key == ("devices", "list"):
-            r = stub.ListDevices(
-                admin_pb2.ListDevicesRequest(selector=parse_label_args(args.selector)),
-                timeout=RPC_TIMEOUT_SECONDS,
-            )
-            if args.json:
-                print_json([device_json(d) for d in r.devices])
-            else:
-                print_table(
-                    ("ID", "STATUS", "LABELS", "LAST SEEN", "HOST", "AGENT"),
-                    [
-                        (
-                            d.id,
-                            _STATUS_NAMES.get(d.status, "unknown"),
-                            _labels_text(dict(d.labels)),
-                            _ts(d.last_seen),
-                            d.host.hostname or "-",
-                            d.agent_version or "-",
-                        )
-                        for d in r.devices
-                    ],
-                )
-        elif key == ("devices", "show"):
-            d = stub.GetDevice(admin_pb2.GetDeviceRequest(id=args.id), timeout=RPC_TIMEOUT_SECONDS)
-            _show_device(d, args.json)
-        elif key == ("devices", "revoke"):
-            d = stub.RevokeDevice(
-                admin_pb2.RevokeDeviceRequest(id=args.id, reason=args.reason),
-                timeout=RPC_TIMEOUT_SECONDS,
-            )
-            _show_device(d, args.json)
-        elif key == ("operators", "create"):
-            pki.validate_name(args.name, "operator name")
-            op_key = pki.generate_key()
-            r = stub.CreateOperator(
-                admin_pb2.CreateOperatorRequest(
-                    name=args.name, role=args.role, csr_pem=pki.make_csr(op_key, args.name)
-                ),
-                timeout=RPC_TIMEOUT_SECONDS,
-            )
-            path = write_operator_config(
-                args.out, cfg.api, pki.private_key_pem(op_key), r.certificate_pem, r.ca_pem
-            )
-            print(f"operator {args.name} ({args.role}): {path}")
-        elif key == ("audit", "list"):
-            r = stub.ListAuditEvents(
-                admin_pb2.ListAuditEventsRequest(limit=args.limit), timeout=RPC_TIMEOUT_SECONDS
-            )
-            events = [
-                {
-                    "seq": e.seq, "time": e.time, "actor": e.actor, "action": e.action,
-                    "target": e.target, "outcome": e.outcome, "detail": json.loads(e.detail or "{}"),
-                }
-                for e in r.events
-            ]
-            if args.json:
-                print_json(events)
-            else:
-                print_table(
-                    ("SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME"),
-                    [(e["seq"], _ts(e["time"]), e["actor"], e["action"], e["target"] or "-",
-                      e["outcome"]) for e in events],
-                )
-        else:  # pragma: no cover - argparse only allows the above
-            raise InvalidInputError(f"unknown command {key}")
-    return 0
+            for d in r.devices
+        ],
+    )
+
+
+def _devices_show(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    _show_device(stub.GetDevice(admin_pb2.GetDeviceRequest(id=args.id), timeout=T), args.json)
+
+
+def _devices_revoke(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    d = stub.RevokeDevice(admin_pb2.RevokeDeviceRequest(id=args.id, reason=args.reason), timeout=T)
+    _show_device(d, args.json)
+
+
+def _operators_create(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    pki.validate_name(args.name, "operator name")
+    op_key = pki.generate_key()  # generated here; only the CSR goes to the control plane
+    r = stub.CreateOperator(
+        admin_pb2.CreateOperatorRequest(
+            name=args.name, role=args.role, csr_pem=pki.make_csr(op_key, args.name)
+        ),
+        timeout=T,
+    )
+    path = write_operator_config(
+        args.out, cfg.api, pki.private_key_pem(op_key), r.certificate_pem, r.ca_pem
+    )
+    print(f"operator {args.name} ({args.role}): {path}")
+
+
+def _audit_list(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    r = stub.ListAuditEvents(admin_pb2.ListAuditEventsRequest(limit=args.limit), timeout=T)
+    events = [
+        {
+            "seq": e.seq,
+            "time": e.time,
+            "actor": e.actor,
+            "action": e.action,
+            "target": e.target,
+            "outcome": e.outcome,
+            "detail": json.loads(e.detail or "{}"),
+        }
+        for e in r.events
+    ]
+    if args.json:
+        print_json(events)
+        return
+    print_table(
+        ("SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME"),
+        [
+            (e["seq"], _ts(e["time"]), e["actor"], e["action"], e["target"] or "-", e["outcome"])
+            for e in events
+        ],
+    )
+
+
+COMMANDS: dict[tuple[str, str], Callable[[Stub, argparse.Namespace, FleetConfig], None]] = {
+    ("tokens", "create"): _tokens_create,
+    ("devices", "list"): _devices_list,
+    ("devices", "show"): _devices_show,
+    ("devices", "revoke"): _devices_revoke,
+    ("operators", "create"): _operators_create,
+    ("audit", "list"): _audit_list,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             parse_hostport(args.api)
             cfg = FleetConfig(api=args.api, cert=cfg.cert, key=cfg.key, ca=cfg.ca)
         try:
-            return _run(args, cfg)
+            with cfg.channel() as channel:
+                COMMANDS[(args.group, args.command)](Stub(channel), args, cfg)
+            return 0
         except grpc.RpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.UNAVAILABLE:

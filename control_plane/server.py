@@ -7,13 +7,13 @@ import time
 from collections.abc import Callable
 
 import grpc
+from edgefleet.v1 import admin_pb2_grpc, agent_pb2_grpc
 
 from control_plane.authority import Authority
 from control_plane.config import ControlPlaneConfig, parse_hostport
 from control_plane.handlers import Handlers
 from control_plane.servicers import AdminServicer, AgentServicer
 from control_plane.storage import Store, open_store
-from edgefleet.v1 import admin_pb2_grpc, agent_pb2_grpc
 
 __all__ = ["ControlPlane"]
 

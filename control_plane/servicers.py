@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 
 import grpc
 from cryptography import x509
+from edgefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2
 
 from control_plane._status import status_code_for
 from control_plane.handlers import DeviceView, Handlers
-from edgefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2
 from fleetcore import pki
 from fleetcore.errors import AuthenticationError, EdgefleetError
 
@@ -113,7 +113,7 @@ def device_to_proto(view: DeviceView) -> admin_pb2.Device:
     )
 
 
-class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, handlers: Handlers) -> None:
         self.h = handlers
 
@@ -121,7 +121,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         return self.h.authenticate(peer_identity(context), pki.IdentityKind.DEVICE)
 
     @_rpc
-    async def Enroll(  # noqa: N802 (gRPC method names)
+    async def Enroll(
         self, request: agent_pb2.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.EnrollResponse:
         r = self.h.enroll(
@@ -144,14 +144,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         )
 
     @_rpc
-    async def RenewCertificate(  # noqa: N802
+    async def RenewCertificate(
         self, request: agent_pb2.RenewCertificateRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.RenewCertificateResponse:
         pem = self.h.renew_certificate(self._device(context), request.csr_pem)
         return agent_pb2.RenewCertificateResponse(certificate_pem=pem)
 
     @_rpc
-    async def Heartbeat(  # noqa: N802
+    async def Heartbeat(
         self, request: agent_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.HeartbeatResponse:
         now, interval = self.h.heartbeat(
@@ -163,7 +163,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         return agent_pb2.HeartbeatResponse(server_time=now, heartbeat_interval_seconds=interval)
 
 
-class AdminServicer(admin_pb2_grpc.AdminServiceServicer):  # type: ignore[misc]
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, handlers: Handlers) -> None:
         self.h = handlers
 
@@ -171,7 +171,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):  # type: ignore[misc]
         return self.h.authenticate(peer_identity(context), pki.IdentityKind.OPERATOR)
 
     @_rpc
-    async def CreateEnrollmentToken(  # noqa: N802
+    async def CreateEnrollmentToken(
         self, request: admin_pb2.CreateEnrollmentTokenRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CreateEnrollmentTokenResponse:
         token, expires = self.h.create_token(
@@ -180,27 +180,27 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):  # type: ignore[misc]
         return admin_pb2.CreateEnrollmentTokenResponse(token=token, expires_at=expires)
 
     @_rpc
-    async def ListDevices(  # noqa: N802
+    async def ListDevices(
         self, request: admin_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListDevicesResponse:
         views = self.h.list_devices(self._operator(context), dict(request.selector))
         return admin_pb2.ListDevicesResponse(devices=[device_to_proto(v) for v in views])
 
     @_rpc
-    async def GetDevice(  # noqa: N802
+    async def GetDevice(
         self, request: admin_pb2.GetDeviceRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Device:
         return device_to_proto(self.h.get_device(self._operator(context), request.id))
 
     @_rpc
-    async def RevokeDevice(  # noqa: N802
+    async def RevokeDevice(
         self, request: admin_pb2.RevokeDeviceRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Device:
         view = self.h.revoke_device(self._operator(context), request.id, request.reason)
         return device_to_proto(view)
 
     @_rpc
-    async def CreateOperator(  # noqa: N802
+    async def CreateOperator(
         self, request: admin_pb2.CreateOperatorRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CreateOperatorResponse:
         pem = self.h.create_operator(
@@ -209,7 +209,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):  # type: ignore[misc]
         return admin_pb2.CreateOperatorResponse(certificate_pem=pem, ca_pem=self.h.authority.ca_pem)
 
     @_rpc
-    async def ListAuditEvents(  # noqa: N802
+    async def ListAuditEvents(
         self, request: admin_pb2.ListAuditEventsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListAuditEventsResponse:
         events = self.h.list_audit(self._operator(context), request.limit)

@@ -9,6 +9,7 @@ again without operator action.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -17,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 from edge_agent._version import __version__
 from edge_agent.backoff import Backoff
 from edge_agent.hostinfo import host_facts
 from edge_agent.identity import Credentials, install_renewed, load_credentials, renewal_due
 from edge_agent.state import AgentConfig, StateDir
-from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from fleetcore import pki
 
 __all__ = ["Agent", "AgentEvent"]
@@ -100,6 +101,9 @@ class Agent:
             return await self._failed(None, str(exc))
         self.heartbeats += 1
         self.backoff.reset()
+        if self._status["state"] != "connected":
+            log.info("connected to control plane %s as %s", self.config.api_address,
+                     self.config.device_id)
         if reply.heartbeat_interval_seconds:
             self.config.heartbeat_interval_seconds = float(reply.heartbeat_interval_seconds)
         self._set_status(state="connected", last_heartbeat=self.clock(), last_error=None,
@@ -159,10 +163,8 @@ class Agent:
 
     async def _sleep(self, seconds: float) -> None:
         assert self._stop is not None
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
 
     def _set_status(self, **changes: Any) -> None:
         self._status.update(changes)

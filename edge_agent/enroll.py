@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 from edge_agent._version import __version__
 from edge_agent.hostinfo import host_facts
 from edge_agent.state import AgentConfig, StateDir
-from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from fleetcore import pki
 from fleetcore.errors import (
     AlreadyExistsError,

@@ -321,7 +321,9 @@ def identity_from_certificate(cert: x509.Certificate) -> Identity:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise AuthenticationError("client certificate names no Edgefleet identity") from None
-    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(_URN)]
+    uris = [
+        u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(_URN)
+    ]
     kind: IdentityKind | None = None
     name = ""
     role: Role | None = None

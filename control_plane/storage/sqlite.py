@@ -271,7 +271,9 @@ class SqliteStore(Store):
         self, now: float, actor: str, action: str, target: str, outcome: str, detail: str
     ) -> AuditRecord:
         with self._tx() as c:
-            last = c.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
+            last = c.execute(
+                "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
             seq = (last["seq"] + 1) if last else 1
             prev = last["hash"] if last else GENESIS_HASH
             digest = audit_hash(prev, seq, now, actor, action, target, outcome, detail)

@@ -1,0 +1,162 @@
+"""Test support: a control plane and agents on real sockets (port 0) with real TLS.
+
+Servers run on an asyncio loop in a background thread so that tests stay synchronous and wait
+on events (queues), never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from edgefleet.v1 import admin_pb2, admin_pb2_grpc
+
+from control_plane.config import ControlPlaneConfig
+from control_plane.fleet_cli import FleetConfig
+from control_plane.home import init_home
+from control_plane.server import ControlPlane
+from edge_agent.daemon import Agent
+from edge_agent.enroll import enroll
+from edge_agent.state import AgentConfig, StateDir
+
+T = TypeVar("T")
+WAIT = 30.0  # generous upper bound for any single event; tests normally see it in ms
+
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = WAIT) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT)
+        self.loop.close()
+
+
+class FakeClock:
+    def __init__(self, start: float) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class RunningControlPlane:
+    home: Path
+    cp: ControlPlane
+    loop: LoopThread
+    admin: FleetConfig
+    clock: Any = None
+
+    @property
+    def api(self) -> str:
+        return self.cp.api_address
+
+    @property
+    def enroll(self) -> str:
+        return self.cp.enroll_address
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.cp.authority.ca_pem
+
+    def stop(self) -> None:
+        self.loop.run(self.cp.stop(grace_seconds=0.5))
+
+    def restart(self) -> None:
+        """Stop and start again on the same ports (a control-plane restart)."""
+        self.stop()
+        cfg = ControlPlaneConfig.load(self.home)
+        cfg.api_listen = self.cp.api_address
+        cfg.enroll_listen = self.cp.enroll_address
+        kwargs = {"clock": self.clock} if self.clock is not None else {}
+        self.cp = ControlPlane(cfg, **kwargs)
+        self.loop.run(self.cp.start())
+
+    def admin_stub(self, config: FleetConfig | None = None) -> admin_pb2_grpc.AdminServiceStub:
+        cfg = config or self.admin
+        channel = FleetConfig(api=self.api, cert=cfg.cert, key=cfg.key, ca=cfg.ca).channel()
+        return admin_pb2_grpc.AdminServiceStub(channel)
+
+    def token(self, labels: dict[str, str] | None = None, ttl: int = 0) -> str:
+        reply = self.admin_stub().CreateEnrollmentToken(
+            admin_pb2.CreateEnrollmentTokenRequest(ttl_seconds=ttl, labels=labels or {}),
+            timeout=WAIT,
+        )
+        return str(reply.token)
+
+    def device(self, device_id: str) -> admin_pb2.Device:
+        return self.admin_stub().GetDevice(admin_pb2.GetDeviceRequest(id=device_id), timeout=WAIT)
+
+    def enroll_agent(self, state_dir: Path, labels: dict[str, str] | None = None) -> AgentConfig:
+        return enroll(self.enroll, self.token(labels), self.ca_pem, state_dir)
+
+
+def start_control_plane(
+    home: Path, loop: LoopThread, clock: Any = None, **overrides: Any
+) -> RunningControlPlane:
+    cfg = ControlPlaneConfig(home=home, api_listen="127.0.0.1:0", enroll_listen="127.0.0.1:0")
+    cfg.heartbeat_interval_seconds = 1
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    cfg = init_home(home, config=cfg)
+    kwargs = {"clock": clock} if clock is not None else {}
+    cp = ControlPlane(cfg, **kwargs)
+    loop.run(cp.start())
+    admin = FleetConfig.load(home / "operators" / "admin" / "fleet.toml")
+    return RunningControlPlane(home=home, cp=cp, loop=loop, admin=admin, clock=clock)
+
+
+@dataclass
+class RunningAgent:
+    agent: Agent
+    loop: LoopThread
+    events: queue.Queue[tuple[str, dict[str, Any]]] = field(default_factory=queue.Queue)
+    future: Any = None
+
+    def wait_for(self, kind: str, timeout: float = WAIT) -> dict[str, Any]:
+        """Block until the agent emits an event of ``kind``; return its data."""
+        while True:
+            got, data = self.events.get(timeout=timeout)
+            if got == kind:
+                return data
+
+    def stop(self) -> None:
+        self.agent.request_stop()
+        self.future.result(WAIT)
+
+
+def start_agent(state_dir: Path, loop: LoopThread, **config: Any) -> RunningAgent:
+    state = StateDir(state_dir)
+    cfg = AgentConfig.load(state)
+    cfg.backoff_initial_seconds = 0.05
+    cfg.backoff_max_seconds = 0.2
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+    agent = Agent(state_dir, config=cfg, on_event=lambda k, d: events.put((k, d)))
+    running = RunningAgent(agent=agent, loop=loop, events=events)
+    running.future = asyncio.run_coroutine_threadsafe(agent.run(), loop.loop)
+    return running
+
+
+def rpc_code(exc: BaseException) -> grpc.StatusCode:
+    assert isinstance(exc, grpc.RpcError)
+    return exc.code()
