@@ -78,7 +78,7 @@ def test_commands_end_to_end(tmp_path: Path) -> None:
         tok = run(*fleet, "tokens", "create", "--label", "site=berlin", "--ttl", "600")
         assert tok.returncode == 0, tok.stderr
         token = tok.stdout.strip()
-        assert re.fullmatch(r"[A-Za-z0-9_-]{40,}", token)
+        assert re.fullmatch(r"eft_[A-Za-z0-9_-]{43}", token)
 
         state = tmp_path / "agent"
         enrolled = run("edge-agent", "enroll", "--server", enroll_addr, "--token", token,

@@ -1,0 +1,147 @@
+"""`make bench`: figures measured against a baseline in the same run, reported as ratios.
+
+So far: the control plane's heartbeat path (mTLS, identity from the peer certificate,
+revocation check, SQLite write with synchronous=FULL) against a bare gRPC unary call over the
+same mTLS channel to an in-process echo handler. More benchmarks join as the issues land
+(DESIGN.md §9); each row carries its target and a pass/fail column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from edgefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
+
+from control_plane.config import ControlPlaneConfig
+from control_plane.home import init_home
+from control_plane.server import ControlPlane
+from edge_agent.enroll import enroll
+from edge_agent.state import StateDir
+from scripts.machine import machine_info
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _time_calls(call: Callable[[], Any], n: int) -> list[float]:
+    for _ in range(min(50, n)):  # warm up the connection and caches
+        call()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_heartbeat(work: Path, n: int) -> list[dict[str, Any]]:
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def on_loop(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
+
+    cfg = init_home(work / "cp", config=ControlPlaneConfig(
+        home=work / "cp", api_listen="127.0.0.1:0", enroll_listen="127.0.0.1:0"))
+    cp = ControlPlane(cfg)
+
+    async def start() -> None:
+        await cp.start()
+        # The baseline: an echo method on the same server, same port, same mTLS.
+        echo = grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Ping": grpc.unary_unary_rpc_method_handler(_echo)}
+        )
+        cp._servers[0].add_generic_rpc_handlers((echo,))
+
+    on_loop(start())
+    try:
+        admin_dir = cfg.layout.operator_dir("admin")
+        admin_creds = grpc.ssl_channel_credentials(
+            (admin_dir / "ca.pem").read_bytes(), (admin_dir / "operator.key").read_bytes(),
+            (admin_dir / "operator.pem").read_bytes())
+        with grpc.secure_channel(cp.api_address, admin_creds) as ch:
+            token = admin_pb2_grpc.AdminServiceStub(ch).CreateEnrollmentToken(
+                admin_pb2.CreateEnrollmentTokenRequest()).token
+        enroll(cp.enroll_address, token, cp.authority.ca_pem, work / "agent")
+        s = StateDir(work / "agent")
+        creds = grpc.ssl_channel_credentials(s.ca.read_bytes(), s.key.read_bytes(),
+                                             s.cert.read_bytes())
+        with grpc.secure_channel(cp.api_address, creds) as ch:
+            stub = agent_pb2_grpc.AgentServiceStub(ch)
+            request = agent_pb2.HeartbeatRequest(agent_version="bench")
+            ping = ch.unary_unary("/bench.Echo/Ping")
+            payload = request.SerializeToString()
+            base = _time_calls(lambda: ping(payload), n)
+            beat = _time_calls(lambda: stub.Heartbeat(request), n)
+    finally:
+        on_loop(cp.stop(0))
+        loop.call_soon_threadsafe(loop.stop)
+    rows = []
+    for q, name in ((0.5, "p50"), (0.99, "p99")):
+        figure, baseline = _percentile(beat, q) * 1e3, _percentile(base, q) * 1e3
+        rows.append({
+            "name": f"heartbeat {name} (1 agent, sequential)",
+            "figure": round(figure, 3), "baseline": round(baseline, 3), "unit": "ms",
+            "baseline_name": "bare gRPC echo over the same mTLS channel",
+            "ratio": round(figure / baseline, 2),
+            "target": "p99 < 100 ms" if name == "p99" else "-",
+            "pass": figure < 100 if name == "p99" else None,
+        })
+    rows.append({
+        "name": "heartbeat mean", "figure": round(statistics.mean(beat) * 1e3, 3),
+        "baseline": round(statistics.mean(base) * 1e3, 3), "unit": "ms",
+        "baseline_name": "bare gRPC echo", "ratio": round(statistics.mean(beat) /
+                                                          statistics.mean(base), 2),
+        "target": "-", "pass": None,
+    })
+    return rows
+
+
+async def _echo(request: bytes, context: Any) -> bytes:
+    return request
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    headers = ("benchmark", "figure", "baseline", "ratio", "target", "pass")
+    table = [headers] + [
+        (r["name"], f'{r["figure"]} {r["unit"]}', f'{r["baseline"]} {r["unit"]}',
+         f'{r["ratio"]}x', r["target"], {True: "PASS", False: "FAIL", None: "-"}[r["pass"]])
+        for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path, default=Path(".bench/results.json"))
+    p.add_argument("-n", type=int, default=2000, help="calls per measurement")
+    args = p.parse_args(argv)
+    machine = machine_info()
+    print(f"machine: {machine['cpu_model']}, {machine['cores']} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = bench_heartbeat(Path(tmp), args.n)
+    _print(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine, "results": rows,
+                                    "time": time.time()}, indent=2))
+    print(f"wrote {args.out}")
+    return 1 if any(r["pass"] is False for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""`make demo` stays green: run its scenario (real processes) and check what it reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scripts import demo
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.main(["--workdir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "demo OK: 2 devices online" in out
+    assert "control-plane exited 0" in out
+    assert out.count("connected to control plane") == 2
