@@ -1,0 +1,76 @@
+"""The model bundle: file names, the manifest format, and a bounded manifest parser.
+
+A bundle is a directory: ``manifest.json``, ``model.onnx`` (what agents serve), optionally
+``model.tflite``, ``profile.json`` (the drift reference) and ``model.sig`` (the OpenSSF
+model-signing signature over every other file, made with the publisher key).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fleetcore.errors import InvalidInputError
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "MANIFEST",
+    "MAX_MANIFEST_BYTES",
+    "MODEL_ONNX",
+    "MODEL_TFLITE",
+    "PROFILE",
+    "SIGNATURE",
+    "parse_manifest",
+]
+
+BUNDLE_FORMAT = "edgefleet.bundle/v1"
+MANIFEST = "manifest.json"
+MODEL_ONNX = "model.onnx"
+MODEL_TFLITE = "model.tflite"
+PROFILE = "profile.json"
+SIGNATURE = "model.sig"
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "name": str,
+    "version": int,
+    "created": str,
+    "input": dict,
+    "output": dict,
+    "metrics": dict,
+    "lineage": dict,
+    "compression": dict,
+    "runtime": dict,
+    "smoke_test": dict,
+}
+
+
+def parse_manifest(data: bytes) -> dict[str, Any]:
+    """Parse and check a manifest from untrusted bytes (size-limited, typed fields)."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise InvalidInputError(
+            f"manifest is {len(data)} bytes; the limit is {MAX_MANIFEST_BYTES}"
+        )
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"manifest is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInputError("manifest must be a JSON object")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(doc.get(key), kind) or isinstance(doc.get(key), bool):
+            raise InvalidInputError(f"manifest field {key!r} is missing or not a {kind}")
+    if doc["format"] != BUNDLE_FORMAT:
+        raise InvalidInputError(
+            f"manifest format must be {BUNDLE_FORMAT!r}; got {doc['format']!r}"
+        )
+    if doc["version"] <= 0:
+        raise InvalidInputError(f"manifest version must be > 0; got {doc['version']}")
+    features = doc["input"].get("features")
+    if not isinstance(features, list) or not features:
+        raise InvalidInputError("manifest input.features must be a non-empty list")
+    labels = doc["output"].get("labels")
+    if not isinstance(labels, list) or not labels:
+        raise InvalidInputError("manifest output.labels must be a non-empty list")
+    return doc

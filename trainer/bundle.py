@@ -1,0 +1,93 @@
+"""Assemble and sign the model bundle (DESIGN.md §4) in the OpenSSF model-signing format."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import model_signing
+
+from fleetcore.bundle import (
+    BUNDLE_FORMAT,
+    MANIFEST,
+    MODEL_ONNX,
+    MODEL_TFLITE,
+    PROFILE,
+    SIGNATURE,
+    parse_manifest,
+)
+from fleetcore.errors import InvalidInputError
+
+__all__ = ["build_bundle", "file_digest", "sign_bundle", "verify_bundle"]
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def sign_bundle(bundle: Path, private_key: Path) -> Path:
+    """Sign every file of ``bundle`` into ``bundle/model.sig`` (Sigstore bundle v0.3, DSSE)."""
+    signature = bundle / SIGNATURE
+    signature.unlink(missing_ok=True)
+    model_signing.signing.Config().use_elliptic_key_signer(private_key=private_key).sign(
+        bundle, signature
+    )
+    return signature
+
+
+def verify_bundle(bundle: Path, public_key: Path) -> None:
+    """Raise ``InvalidInputError`` unless every file verifies against the publisher key."""
+    try:
+        model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key).verify(
+            bundle, bundle / SIGNATURE
+        )
+    except ValueError as exc:
+        raise InvalidInputError(f"bundle {bundle} does not verify: {exc}") from None
+
+
+def build_bundle(
+    out: Path,
+    *,
+    manifest: dict[str, Any],
+    onnx_model: Path,
+    profile: dict[str, Any],
+    private_key: Path,
+    tflite_model: Path | None = None,
+    now: dt.datetime | None = None,
+) -> Path:
+    """Write a signed bundle to ``out`` (built beside it, then renamed into place)."""
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copyfile(onnx_model, staging / MODEL_ONNX)
+    if tflite_model is not None:
+        shutil.copyfile(tflite_model, staging / MODEL_TFLITE)
+    (staging / PROFILE).write_text(json.dumps(profile, separators=(",", ":")))
+    doc = {
+        "format": BUNDLE_FORMAT,
+        "created": (now or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **manifest,
+    }
+    doc["files"] = {
+        p.name: {"sha256": file_digest(p).removeprefix("sha256:"), "size": p.stat().st_size}
+        for p in sorted(staging.iterdir())
+    }
+    data = json.dumps(doc, indent=2, sort_keys=True).encode()
+    parse_manifest(data)  # what we write must be what agents accept
+    (staging / MANIFEST).write_bytes(data)
+    sign_bundle(staging, private_key)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out

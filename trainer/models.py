@@ -1,0 +1,113 @@
+"""Model architectures, with the training-time preprocessing inside the graph.
+
+Every model starts with ``Standardize`` (mean and std fitted on the training split, stored as
+buffers), so the exported ONNX/TFLite graph takes raw feature values: an agent feeding what the
+source data holds gets the trainer's predictions. A CNN also reshapes the flat feature vector to
+its image inside the graph.
+
+``spec`` is a plain dict (kind, sizes) from which ``build`` recreates the module; pruning
+changes the spec, so a checkpoint always says which shapes its tensors have.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CNN", "MLP", "Serving", "Standardize", "build", "count_parameters", "fit_scaler"]
+
+
+class Standardize(nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("std", torch.ones(features))
+
+    def fit(self, x: torch.Tensor) -> None:
+        self.mean.copy_(x.mean(dim=0))
+        # Constant features (blank pixels) would divide by zero: leave them unscaled.
+        std = x.std(dim=0)
+        self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class MLP(nn.Module):
+    def __init__(self, features: int, hidden: list[int], classes: int) -> None:
+        super().__init__()
+        self.scale = Standardize(features)
+        widths = [features, *hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
+        self.out = nn.Linear(widths[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.scale(x)
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+        return self.out(x)
+
+
+class CNN(nn.Module):
+    def __init__(
+        self, features: int, image: tuple[int, int], channels: list[int], hidden: int,
+        classes: int,
+    ) -> None:
+        super().__init__()
+        if image[0] * image[1] != features:
+            raise ValueError(f"image {image} does not hold {features} features")
+        self.image = image
+        self.scale = Standardize(features)
+        ins = [1, *channels]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, kernel_size=3, padding=1) for a, b in zip(ins, channels, strict=False)
+        )
+        self.pool = nn.MaxPool2d(2)
+        pooled = (image[0] // 2) * (image[1] // 2)
+        self.fc = nn.Linear(channels[-1] * pooled, hidden)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.scale(x).reshape(-1, 1, self.image[0], self.image[1])
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        x = self.pool(x).flatten(1)
+        return self.out(torch.relu(self.fc(x)))
+
+
+class Serving(nn.Module):
+    """What gets exported: raw features in, class probabilities out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=1)
+
+
+def build(spec: dict[str, Any]) -> nn.Module:
+    if spec["kind"] == "mlp":
+        return MLP(spec["features"], list(spec["hidden"]), spec["classes"])
+    if spec["kind"] == "cnn":
+        return CNN(spec["features"], tuple(spec["image"]), list(spec["channels"]),
+                   spec["hidden"][0], spec["classes"])
+    raise ValueError(f"unknown model kind {spec['kind']!r}")
+
+
+def fit_scaler(model: nn.Module, x: torch.Tensor) -> None:
+    """Fit the model's input standardization on training rows."""
+    scale = model.get_submodule("scale")
+    if not isinstance(scale, Standardize):
+        raise TypeError(f"{type(model).__name__} has no Standardize input layer")
+    scale.fit(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,545 @@
+"""The training pipeline: ingest → train → evaluate → compress → export → profile → bundle.
+
+Each step records, in ``WORKDIR/.steps/<step>.json``, a key (the hash of its settings and of
+its inputs' digests) and the digest of what it wrote. A step whose key and outputs are
+unchanged is skipped; a changed setting changes that step's key, and its new outputs change
+the keys of the steps after it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from fleetcore import pki
+from fleetcore.errors import InvalidInputError
+from fleetcore.files import atomic_write
+from trainer import onnx_tools
+from trainer.bundle import build_bundle, file_digest
+from trainer.config import Pipeline, settings_digest
+from trainer.models import build, count_parameters, fit_scaler
+from trainer.profile import build_profile
+from trainer.prune import prune
+from trainer.sources import load_source
+from trainer.store import FeatureStore, Snapshot
+from trainer.train import DistContext, accuracy, fit, pick_device, predict_proba
+
+__all__ = ["STEPS", "Run", "Workdir"]
+
+log = logging.getLogger(__name__)
+
+# Bump when a step's code changes what it produces, so caches from older code are not reused.
+CODE_VERSION = 1
+STEPS = ("ingest", "train", "evaluate", "compress", "export", "profile", "bundle")
+DEPS: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "train": ("ingest",),
+    "evaluate": ("ingest", "train"),
+    "compress": ("ingest", "train"),
+    "export": ("ingest", "train", "compress"),
+    "profile": ("ingest", "export"),
+    "bundle": ("ingest", "evaluate", "compress", "export", "profile"),
+}
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "ingest": ("data", "store"),
+    "train": ("model", "train", "data"),
+    "evaluate": (),
+    "compress": ("compress", "train"),
+    "export": ("export",),
+    "profile": ("profile", "train"),
+    "bundle": ("bundle",),
+}
+
+
+@dataclass(frozen=True)
+class Workdir:
+    root: Path
+
+    def step_state(self, step: str) -> Path:
+        return self.root / ".steps" / f"{step}.json"
+
+    @property
+    def ingest(self) -> Path:
+        return self.root / "ingest.json"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "train" / "model.pt"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "train" / "checkpoint.pt"
+
+    @property
+    def train_json(self) -> Path:
+        return self.root / "train" / "train.json"
+
+    @property
+    def evaluate(self) -> Path:
+        return self.root / "evaluate.json"
+
+    @property
+    def compress_dir(self) -> Path:
+        return self.root / "compress"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def profile(self) -> Path:
+        return self.root / "profile.json"
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.json"
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    atomic_write(path, json.dumps(doc, indent=2, sort_keys=True).encode())
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_bytes())
+
+
+def _save_model(path: Path, model: torch.nn.Module, spec: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save({"spec": spec, "state_dict": model.state_dict()}, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def _load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = build(state["spec"])
+    model.load_state_dict(state["state_dict"])
+    return model.eval(), state["spec"]
+
+
+@dataclass
+class Split:
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+
+
+@dataclass
+class Run:
+    """One invocation of the pipeline (or of one step) on a workdir."""
+
+    pipeline: Pipeline
+    workdir: Workdir
+    publisher_key: Path | None = None
+    progress: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr))
+    ctx: DistContext = field(default_factory=DistContext.from_env)
+    outcomes: dict[str, str] = field(default_factory=dict)
+    _snapshot: Snapshot | None = None
+    _feature_store: FeatureStore | None = None
+
+    # ------------------------------------------------------------------ caching
+    def _state(self, step: str) -> dict[str, Any] | None:
+        path = self.workdir.step_state(step)
+        return _read_json(path) if path.exists() else None
+
+    def _key(self, step: str) -> str:
+        upstream = {}
+        for dep in DEPS[step]:
+            state = self._state(dep)
+            if state is None:
+                raise InvalidInputError(
+                    f"step {step!r} needs {dep!r} first: run `trainer {dep}` or `trainer run`"
+                )
+            upstream[dep] = state["digest"]
+        sections = {s: self.pipeline.section(s) for s in SECTIONS[step]}
+        extra = self._source_digest() if step == "ingest" else None
+        if step == "bundle":
+            extra = self._publisher_public_digest()
+        return settings_digest(CODE_VERSION, step, sections, upstream, extra)
+
+    def _outputs(self, step: str) -> list[Path]:
+        w = self.workdir
+        return {
+            "ingest": [w.ingest],
+            "train": [w.model, w.train_json],
+            "evaluate": [w.evaluate],
+            "compress": [w.compress_dir / n for n in ("model.pt", "fp32.onnx", "compressed.onnx",
+                                                      "compress.json")],
+            "export": sorted(w.export_dir.glob("*")) if w.export_dir.exists() else [],
+            "profile": [w.profile],
+            "bundle": sorted(w.bundle.glob("*")) if w.bundle.exists() else [],
+        }[step]
+
+    def _digest(self, step: str) -> str:
+        return settings_digest([(p.name, file_digest(p)) for p in self._outputs(step)])
+
+    def run_step(self, step: str) -> str:
+        """Run ``step`` unless its cache is valid; return "ran" or "cached"."""
+        key = self._key(step)
+        state = self._state(step)
+        outputs = self._outputs(step)
+        fresh = state is not None and state["key"] == key
+        if fresh and outputs and all(p.exists() for p in outputs) and (
+            state is not None and state["digest"] == self._digest(step)
+        ):
+            self.progress(f"[{step}] cached")
+            self.outcomes[step] = "cached"
+            return "cached"
+        self.progress(f"[{step}] running")
+        started = time.monotonic()
+        getattr(self, f"_step_{step}")(key)
+        self.progress(f"[{step}] done in {time.monotonic() - started:.1f}s")
+        if self.ctx.is_main:
+            _write_json(self.workdir.step_state(step), {"key": key, "digest": self._digest(step)})
+        self.outcomes[step] = "ran"
+        return "ran"
+
+    def run_all(self) -> dict[str, Any]:
+        try:
+            for step in STEPS:
+                self.run_step(step)
+            return self.write_report()
+        finally:
+            self.close()
+
+    # ------------------------------------------------------------------ data
+    def _store(self) -> FeatureStore:
+        if self._feature_store is None:
+            path = Path(self.pipeline.store.path)
+            if not path.is_absolute():
+                path = self.workdir.root / path
+            self._feature_store = FeatureStore(
+                path, allowed_regions=self.pipeline.store.allowed_regions
+            )
+        return self._feature_store
+
+    def close(self) -> None:
+        if self._feature_store is not None:
+            self._feature_store.close()
+            self._feature_store = None
+
+    def _load_raw(self) -> Any:
+        d = self.pipeline.data
+        return load_source(d.source, label=d.label, pii=d.pii, base_dir=self.pipeline.base_dir)
+
+    def _source_digest(self) -> str:
+        return str(self._load_raw().source_digest)
+
+    def snapshot(self) -> Snapshot:
+        if self._snapshot is None:
+            store = self._store()
+            snap = store.get(_read_json(self.workdir.ingest)["snapshot"])
+            store.check_region(snap)
+            self._snapshot = snap
+        return self._snapshot
+
+    def split(self) -> Split:
+        snap = self.snapshot()
+        idx = np.arange(len(snap.y))
+        train_idx, test_idx = train_test_split(
+            idx, test_size=self.pipeline.data.test_fraction, stratify=snap.y,
+            random_state=self.pipeline.train.seed,
+        )
+        return Split(snap.X[train_idx], snap.y[train_idx], snap.X[test_idx], snap.y[test_idx])
+
+    # ------------------------------------------------------------------ steps
+    def _step_ingest(self, key: str) -> None:
+        d = self.pipeline.data
+        snap = self._store().ingest(self._load_raw(), region=d.region, pii_action=d.pii_action,
+                                    parent=d.parent)
+        self.progress(f"[ingest] snapshot {snap.id} ({len(snap.y)} rows, region {snap.region})")
+        _write_json(self.workdir.ingest, {"snapshot": snap.id, "store": str(self._store().path)})
+
+    def _spec(self, snap: Snapshot) -> dict[str, Any]:
+        m = self.pipeline.model
+        spec: dict[str, Any] = {"kind": m.kind, "features": len(snap.feature_names),
+                                "hidden": list(m.hidden), "classes": len(snap.labels)}
+        if m.kind == "cnn":
+            if snap.image_shape is None:
+                raise InvalidInputError("[model] kind = 'cnn' needs image data (e.g. digits)")
+            spec.update(image=list(snap.image_shape), channels=list(self.pipeline.model.channels))
+        return spec
+
+    def _step_train(self, key: str) -> None:
+        t = self.pipeline.train
+        snap, split = self.snapshot(), self.split()
+        torch.manual_seed(t.seed)
+        spec = self._spec(snap)
+        model = build(spec)
+        fit_scaler(model, torch.as_tensor(split.X_train))
+        device = pick_device(t.device, self.ctx)
+        if self.ctx.world > 1:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+        self.progress(f"[train] {spec['kind']} {count_parameters(model):,} parameters on {device}"
+                      f" ({self.ctx.world} process{'es' if self.ctx.world > 1 else ''})")
+        outcome = fit(
+            model, split.X_train, split.y_train, epochs=t.epochs, batch_size=t.batch_size,
+            lr=t.lr, seed=t.seed, weight_decay=t.weight_decay, device=device,
+            checkpoint=self.workdir.checkpoint, key=key, ctx=self.ctx, progress=self.progress,
+        )
+        if self.ctx.world > 1:
+            torch.distributed.destroy_process_group()
+        if not self.ctx.is_main:
+            return
+        _save_model(self.workdir.model, model, spec)
+        _write_json(self.workdir.train_json, {
+            "spec": spec, "parameters": count_parameters(model), "epochs": t.epochs,
+            "resumed_from_epoch": outcome.resumed_from, "losses": outcome.losses,
+            "world_size": self.ctx.world, "device": str(device),
+            "train_accuracy": accuracy(model, split.X_train, split.y_train),
+        })
+
+    def _step_evaluate(self, key: str) -> None:
+        model, _ = _load_model(self.workdir.model)
+        split = self.split()
+        acc = accuracy(model, split.X_test, split.y_test)
+        self.progress(f"[evaluate] fp32 test accuracy {acc:.4f} on {len(split.y_test)} rows")
+        _write_json(self.workdir.evaluate, {"fp32": {"accuracy": acc,
+                                                      "rows": len(split.y_test)}})
+
+    def _step_compress(self, key: str) -> None:
+        c, t = self.pipeline.compress, self.pipeline.train
+        model, spec = _load_model(self.workdir.model)
+        split = self.split()
+        out = self.workdir.compress_dir
+        out.mkdir(parents=True, exist_ok=True)
+        pruned, pruned_spec = prune(model, spec, c.prune)
+        before, after = count_parameters(model), count_parameters(pruned)
+        self.progress(f"[compress] pruned {c.prune:.0%} of units: {before:,} -> {after:,} "
+                      "parameters")
+        if c.prune > 0 and c.finetune_epochs > 0:
+            fit(pruned, split.X_train, split.y_train, epochs=c.finetune_epochs,
+                batch_size=t.batch_size, lr=t.lr / 2, seed=t.seed + 1, progress=self.progress)
+        _save_model(out / "model.pt", pruned, pruned_spec)
+        features = spec["features"]
+        onnx_tools.export_onnx(model, features, out / "fp32.onnx")
+        pruned_onnx = onnx_tools.export_onnx(pruned, features, out / "pruned_fp32.onnx")
+        recipe: dict[str, Any] = {
+            "prune": {"fraction": c.prune, "method": "structured (L2 in x out importance)",
+                      "parameters_before": before, "parameters_after": after,
+                      "spec_before": spec, "spec_after": pruned_spec,
+                      "finetune_epochs": c.finetune_epochs if c.prune > 0 else 0},
+            "quantize": {"mode": "none"},
+        }
+        if c.quantize == "int8":
+            rng = np.random.default_rng(t.seed)
+            rows = rng.choice(len(split.X_train), min(c.calibration_rows, len(split.X_train)),
+                              replace=False)
+            choice = onnx_tools.quantize_int8(
+                pruned_onnx, out / "compressed.onnx", split.X_train[np.sort(rows)],
+                split.X_test, split.y_test,
+            )
+            measured = ", ".join(f"{mode}: {v['latency_us_batch64']:.0f} us/batch64"
+                                 for mode, v in choice.candidates.items())
+            self.progress(f"[compress] int8 {choice.mode} chosen ({measured})")
+            recipe["quantize"] = {
+                "mode": choice.mode, "calibration": {"snapshot": self.snapshot().id,
+                                                     "rows": len(rows), "split": "train"},
+                "candidates": choice.candidates, "rule": "fastest at batch 64 within 1 point",
+            }
+        else:
+            (out / "compressed.onnx").write_bytes(pruned_onnx.read_bytes())
+        _write_json(out / "compress.json", recipe)
+
+    def _step_export(self, key: str) -> None:
+        e = self.pipeline.export
+        comp = self.workdir.compress_dir
+        out = self.workdir.export_dir
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.iterdir():
+            stale.unlink()
+        split = self.split()
+        rows = split.X_test[: e.check_rows]
+        original, _ = _load_model(self.workdir.model)
+        pruned, spec = _load_model(comp / "model.pt")
+        checks: dict[str, Any] = {}
+        torch_fp32 = predict_proba(original, rows)
+        torch_pruned = predict_proba(pruned, rows)
+        checks["onnx_fp32"] = _compare(onnx_tools.run_onnx(comp / "fp32.onnx", rows), torch_fp32,
+                                       EXACT)
+        checks["onnx_pruned_fp32"] = _compare(
+            onnx_tools.run_onnx(comp / "pruned_fp32.onnx", rows), torch_pruned, EXACT)
+        final = out / "model.onnx"
+        final.write_bytes((comp / "compressed.onnx").read_bytes())
+        quantized = self.pipeline.compress.quantize == "int8"
+        checks["onnx_compressed"] = _compare(onnx_tools.run_onnx(final, rows), torch_pruned,
+                                             QUANTIZED if quantized else EXACT)
+        if "tflite" in e.formats:
+            checks.update(self._export_tflite(pruned, spec, rows, torch_pruned, out))
+        failed = [name for name, c in checks.items() if not c["ok"]]
+        if failed:
+            raise InvalidInputError(f"export check failed for {failed}: {checks}")
+        fp32_path = comp / "fp32.onnx"
+        metrics = {
+            "fp32": {"accuracy": float((onnx_tools.run_onnx(fp32_path, split.X_test).argmax(1)
+                                        == split.y_test).mean())},
+            "compressed": {"accuracy": float((onnx_tools.run_onnx(final, split.X_test).argmax(1)
+                                              == split.y_test).mean())},
+        }
+        latency = {
+            name: {f"batch{b}": onnx_tools.latency_us(path, split.X_test, b) for b in (1, 64)}
+            for name, path in (("fp32", fp32_path), ("compressed", final))
+        }
+        sizes = {"onnx_fp32": fp32_path.stat().st_size, "onnx_compressed": final.stat().st_size}
+        if (out / "model.tflite").exists():
+            sizes["tflite"] = (out / "model.tflite").stat().st_size
+        size_ratio = sizes["onnx_compressed"] / sizes["onnx_fp32"]
+        latency_ratio = latency["compressed"]["batch64"] / latency["fp32"]["batch64"]
+        self.progress(f"[export] compressed accuracy {metrics['compressed']['accuracy']:.4f}, "
+                      f"size {size_ratio:.3f}x, batch-64 latency {latency_ratio:.3f}x")
+        _write_json(out / "export.json", {"checks": checks, "metrics": metrics,
+                                          "latency_us": latency, "sizes": sizes,
+                                          "latency_note": "median of 200 runs, 1 intra-op "
+                                                          "thread, ONNX Runtime CPU"})
+
+    def _export_tflite(self, model: torch.nn.Module, spec: dict[str, Any], rows: np.ndarray,
+                       reference: np.ndarray, out: Path) -> dict[str, Any]:
+        from trainer import tflite  # noqa: PLC0415 (optional heavy dependency)
+
+        path = tflite.export_tflite(model, spec["features"], out / "model.tflite",
+                                    int8=self.pipeline.compress.quantize == "int8",
+                                    calibration=rows)
+        quantized = self.pipeline.compress.quantize == "int8"
+        return {"tflite": _compare(tflite.run_tflite(path, rows), reference,
+                                   QUANTIZED if quantized else EXACT)}
+
+    def _step_profile(self, key: str) -> None:
+        p = self.pipeline.profile
+        snap, split = self.snapshot(), self.split()
+        predicted = onnx_tools.run_onnx(self.workdir.export_dir / "model.onnx",
+                                        split.X_train).argmax(1)
+        profile = build_profile(split.X_train, snap.feature_names, predicted, snap.labels,
+                                bins=p.bins, sample_rows=p.sample_rows,
+                                seed=self.pipeline.train.seed)
+        profile["snapshot"] = snap.id
+        _write_json(self.workdir.profile, profile)
+
+    def _private_key(self) -> Path:
+        candidates = [self.publisher_key,
+                      Path(os.environ["EDGEFLEET_PUBLISHER_KEY"])
+                      if os.environ.get("EDGEFLEET_PUBLISHER_KEY") else None]
+        if self.pipeline.bundle.publisher_key:
+            candidates.append(self.pipeline.base_dir / self.pipeline.bundle.publisher_key)
+        for path in candidates:
+            if path is not None:
+                if not path.exists():
+                    raise InvalidInputError(f"publisher key {path} does not exist")
+                return path
+        raise InvalidInputError(
+            "no publisher key: set [bundle] publisher_key, pass --publisher-key, or set "
+            "$EDGEFLEET_PUBLISHER_KEY"
+        )
+
+    def _publisher_public_digest(self) -> str:
+        key = pki.load_private_key(self._private_key().read_bytes())
+        return settings_digest(pki.public_key_pem(key).decode())
+
+    def _step_bundle(self, key: str) -> None:
+        b = self.pipeline.bundle
+        snap, split = self.snapshot(), self.split()
+        export = _read_json(self.workdir.export_dir / "export.json")
+        recipe = _read_json(self.workdir.compress_dir / "compress.json")
+        final = self.workdir.export_dir / "model.onnx"
+        smoke = split.X_test[: b.smoke_rows]
+        expected = onnx_tools.run_onnx(final, smoke)
+        tflite = self.workdir.export_dir / "model.tflite"
+        manifest = {
+            "name": b.name,
+            "version": b.version,
+            "input": {
+                "name": onnx_tools.INPUT_NAME, "dtype": "float32",
+                "shape": [-1, len(snap.feature_names)],
+                "features": [{"name": n, "dtype": "float32", "pii": False}
+                             for n in snap.feature_names],
+                "pii_columns": snap.schema.get("pii", []),
+            },
+            "output": {"name": onnx_tools.OUTPUT_NAME, "kind": "probabilities",
+                       "labels": snap.labels},
+            "metrics": {**export["metrics"], "latency_us": export["latency_us"],
+                        "sizes": export["sizes"]},
+            "lineage": {"snapshot": snap.id, "parent_snapshot": snap.lineage.get("parent"),
+                        "source": snap.lineage.get("source"), "region": snap.region,
+                        "pipeline": self.pipeline.path.name, "train_key": self._state("train")
+                        and self._state("train")["key"]},  # type: ignore[index]
+            "compression": recipe,
+            "runtime": {"onnx": {"file": "model.onnx", "intra_op_num_threads": 1},
+                        "tflite": {"file": "model.tflite"} if tflite.exists() else None,
+                        "preferred": "onnx"},
+            "smoke_test": {"file": "model.onnx",
+                           "inputs": smoke.astype(float).tolist(),
+                           "expected": expected.astype(float).tolist(),
+                           "atol": 0.02, "require_same_argmax": True},
+        }
+        build_bundle(self.workdir.bundle, manifest=manifest, onnx_model=final,
+                     profile=_read_json(self.workdir.profile), private_key=self._private_key(),
+                     tflite_model=tflite if tflite.exists() else None)
+        self.progress(f"[bundle] signed {b.name} v{b.version} -> {self.workdir.bundle}")
+
+    # ------------------------------------------------------------------ report
+    def write_report(self) -> dict[str, Any]:
+        w = self.workdir
+        snap = self.snapshot()
+        export = _read_json(w.export_dir / "export.json")
+        recipe = _read_json(w.compress_dir / "compress.json")
+        evaluate = _read_json(w.evaluate)
+        train = _read_json(w.train_json)
+        m, lat, sizes = export["metrics"], export["latency_us"], export["sizes"]
+        report = {
+            "pipeline": str(self.pipeline.path),
+            "dataset": {"snapshot": snap.id, "region": snap.region, "rows": len(snap.y),
+                        "features": len(snap.feature_names), "lineage": snap.lineage},
+            "model": {"spec": train["spec"], "parameters": train["parameters"],
+                      "world_size": train["world_size"], "device": train["device"]},
+            "metrics": {
+                "fp32": {"accuracy": m["fp32"]["accuracy"],
+                         "torch_accuracy": evaluate["fp32"]["accuracy"]},
+                "compressed": {"accuracy": m["compressed"]["accuracy"]},
+                "accuracy_drop_points": 100 * (m["fp32"]["accuracy"]
+                                               - m["compressed"]["accuracy"]),
+            },
+            "sizes": {**sizes, "ratio": sizes["onnx_compressed"] / sizes["onnx_fp32"]},
+            "latency_us": {**lat, "ratio_batch64": lat["compressed"]["batch64"]
+                           / lat["fp32"]["batch64"],
+                           "ratio_batch1": lat["compressed"]["batch1"] / lat["fp32"]["batch1"]},
+            "compression": recipe,
+            "checks": export["checks"],
+            "bundle": {"path": str(w.bundle), "digest": settings_digest(
+                [(p.name, file_digest(p)) for p in sorted(w.bundle.iterdir())])},
+            "steps": self.outcomes,
+        }
+        _write_json(w.report, report)
+        return report
+
+
+# An fp32 export must match PyTorch to float rounding. An int8 export legitimately moves
+# probabilities near a decision boundary, so it is held to top-1 agreement and a mean bound.
+EXACT = {"max_atol": 1e-4, "mean_atol": 1e-5, "min_agreement": 1.0}
+QUANTIZED = {"max_atol": 1.0, "mean_atol": 0.02, "min_agreement": 0.97}
+
+
+def _compare(got: np.ndarray, want: np.ndarray, tolerance: dict[str, float]) -> dict[str, Any]:
+    diff = np.abs(got - want)
+    agreement = float((got.argmax(1) == want.argmax(1)).mean())
+    out = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+           "argmax_agreement": agreement, "rows": len(want), **tolerance}
+    out["ok"] = (out["max_abs_diff"] <= tolerance["max_atol"]
+                 and out["mean_abs_diff"] <= tolerance["mean_atol"]
+                 and agreement >= tolerance["min_agreement"])
+    return out

@@ -1,0 +1,580 @@
+"""The trainer's feature store: immutable, content-addressed snapshots of ingested data.
+
+Layout of a store directory (0700)::
+
+    catalog.db        SQLite catalog: one row per snapshot (region, lineage, transform)
+    data/<hex>.npz    the snapshot's arrays, uncompressed NumPy archive, no pickles
+    store.key         32 random bytes (0600): the HMAC key that pseudonymizes PII
+    policy.toml       allowed_regions = ["eu-west-1", ...]; "*" allows any region
+
+A snapshot's id is ``sha256:<hex>`` over a canonical encoding of everything a model could learn
+from it (features, labels, pseudonymized PII, image shape) and of its region, transform settings
+and parent; the ingest time and the source's name are lineage, not content, so re-ingesting the
+same data returns the existing snapshot. ``get`` recomputes the id from the data file and the
+catalog row, so an edited file or a relabelled region is refused rather than trained on.
+
+PII columns are pseudonymized (HMAC-SHA256 under the store key, hex) or dropped before anything
+is hashed or written: raw values never reach ``data/`` or the catalog. Data files are stored
+uncompressed on purpose, so a leak would be visible to a byte scan (the tests do one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fleetcore import tomlfile
+from fleetcore.errors import InvalidInputError, NotFoundError
+from fleetcore.files import atomic_write, ensure_private_dir
+from fleetcore.sqlite import connect, migrate
+from trainer.sources import RawTable
+
+__all__ = [
+    "ANY_REGION",
+    "FeatureStore",
+    "PiiAction",
+    "RegionNotAllowedError",
+    "Snapshot",
+]
+
+log = logging.getLogger(__name__)
+
+ANY_REGION = "*"
+KEY_BYTES = 32
+_ID_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+_REGION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ID_DOMAIN = b"edgefleet.feature-store.snapshot.v1"
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE snapshots (
+        id            TEXT PRIMARY KEY,
+        region        TEXT NOT NULL,
+        rows          INTEGER NOT NULL,
+        source        TEXT NOT NULL,
+        source_digest TEXT NOT NULL,
+        ingested_at   TEXT NOT NULL,
+        transform     TEXT NOT NULL,   -- JSON: {"pii": [names], "pii_action": "hmac"|"drop"}
+        parent        TEXT REFERENCES snapshots(id)
+    );
+    CREATE INDEX snapshots_ingested_at ON snapshots(ingested_at);
+    """,
+]
+
+
+class RegionNotAllowedError(InvalidInputError):
+    """A snapshot's region is outside the store's data-locality policy."""
+
+
+class PiiAction(StrEnum):
+    """What ingest does with a PII column."""
+
+    HMAC = "hmac"  # replace each value by hex HMAC-SHA256 under the store key
+    DROP = "drop"  # leave the column out of the snapshot
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: numpy arrays do not compare to a single bool
+class Snapshot:
+    """One immutable snapshot; arrays are read-only."""
+
+    id: str  # "sha256:<hex>" content address
+    region: str
+    feature_names: list[str]
+    X: np.ndarray  # float32 [n, features], raw values
+    y: np.ndarray  # int64 [n]
+    labels: list[str]
+    pii: dict[str, np.ndarray]  # hex HMAC strings (hmac mode); empty in drop mode
+    pii_action: str  # a PiiAction value
+    image_shape: tuple[int, int] | None
+    schema: dict[str, Any]
+    stats: dict[str, Any]
+    lineage: dict[str, Any]
+
+
+# --- pure core: validation, pseudonymization, content id, schema and statistics -------------
+
+
+@dataclass(frozen=True, eq=False)
+class _Content:
+    """Exactly what a snapshot id covers."""
+
+    feature_names: list[str]
+    X: np.ndarray
+    y: np.ndarray
+    labels: list[str]
+    pii_names: list[str]  # every PII column, kept or dropped, in source order
+    pii: dict[str, np.ndarray]  # pseudonymized values; empty when dropped
+    image_shape: tuple[int, int] | None
+    region: str
+    pii_action: str
+    parent: str | None
+
+    def transform(self) -> dict[str, Any]:
+        return {"pii": list(self.pii_names), "pii_action": self.pii_action}
+
+
+def _check_region(region: str) -> str:
+    if not isinstance(region, str) or not _REGION_RE.match(region):
+        raise InvalidInputError(
+            f"region {region!r}: expected 1-64 letters, digits, '.', '_' or '-'"
+        )
+    return region
+
+
+def _check_id(snapshot_id: str) -> str:
+    """Return the hex part of a well-formed id (it names a file, so nothing else gets through)."""
+    m = _ID_RE.match(snapshot_id) if isinstance(snapshot_id, str) else None
+    if m is None:
+        raise InvalidInputError(f"snapshot id {snapshot_id!r}: expected 'sha256:<64 hex digits>'")
+    return m.group(1)
+
+
+def _check_table(table: RawTable) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a RawTable's shapes, dtypes and values; return X and y in canonical form."""
+    X = np.asarray(table.X)
+    y = np.asarray(table.y)
+    if X.ndim != 2 or X.shape[1] != len(table.feature_names):
+        raise InvalidInputError(
+            f"X has shape {X.shape}; expected [rows, {len(table.feature_names)}]"
+        )
+    n = X.shape[0]
+    if n == 0:
+        raise InvalidInputError("the table has no rows")
+    if X.dtype.kind not in "fiu" or y.dtype.kind not in "iu":
+        raise InvalidInputError(f"X must be numeric and y integer; got {X.dtype} and {y.dtype}")
+    if y.shape != (n,):
+        raise InvalidInputError(f"y has shape {y.shape}; expected [{n}]")
+    X = np.ascontiguousarray(X, dtype="<f4")
+    if not np.isfinite(X).all():
+        raise InvalidInputError("X holds NaN or infinite values")
+    if int(y.min()) < 0 or int(y.max()) >= len(table.labels):
+        raise InvalidInputError(
+            f"y holds class ids in [{int(y.min())}, {int(y.max())}]; "
+            f"expected [0, {len(table.labels) - 1}]"
+        )
+    for what, names in (("column", [*table.feature_names, *table.pii]), ("label", table.labels)):
+        if len(set(names)) != len(names) or not all(isinstance(s, str) and s for s in names):
+            raise InvalidInputError(f"{what} names must be unique non-empty strings: {names}")
+    for name, values in table.pii.items():
+        if np.asarray(values).shape != (n,):
+            raise InvalidInputError(f"PII column {name!r} does not have {n} values")
+    if table.image_shape is not None:
+        shape = tuple(table.image_shape)
+        if len(shape) != 2 or int(shape[0]) * int(shape[1]) != X.shape[1]:
+            raise InvalidInputError(
+                f"image shape {table.image_shape} does not fit {X.shape[1]} features"
+            )
+    return X, np.ascontiguousarray(y, dtype="<i8")
+
+
+def _image_shape(shape: Sequence[int] | None) -> tuple[int, int] | None:
+    return (int(shape[0]), int(shape[1])) if shape else None
+
+
+def _pseudonymize(key: bytes, values: np.ndarray) -> np.ndarray:
+    digests = [
+        hmac.new(key, str(v).encode("utf-8"), hashlib.sha256).hexdigest() for v in values.tolist()
+    ]
+    return np.array(digests, dtype="<U64")
+
+
+def _content_id(c: _Content) -> str:
+    """SHA-256 over length-prefixed parts: a JSON header, then the raw array bytes."""
+    header = {
+        "feature_names": c.feature_names,
+        "labels": c.labels,
+        "image_shape": list(c.image_shape) if c.image_shape else None,
+        "region": c.region,
+        "transform": c.transform(),
+        "parent": c.parent,
+        "rows": int(c.X.shape[0]),
+        "pii_kept": list(c.pii),
+    }
+    parts = [
+        _ID_DOMAIN,
+        json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(),
+        np.ascontiguousarray(c.X, dtype="<f4").tobytes(),
+        np.ascontiguousarray(c.y, dtype="<i8").tobytes(),
+        *(json.dumps(c.pii[name].tolist(), ensure_ascii=False).encode() for name in c.pii),
+    ]
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return "sha256:" + h.hexdigest()
+
+
+def _schema(c: _Content) -> dict[str, Any]:
+    return {
+        "features": [{"name": n, "dtype": "float32", "pii": False} for n in c.feature_names],
+        "pii": [{"name": n, "action": c.pii_action} for n in c.pii_names],
+        "label": {"dtype": "int64", "classes": list(c.labels)},
+        "rows": int(c.X.shape[0]),
+    }
+
+
+def _stats(c: _Content) -> dict[str, Any]:
+    # float64 accumulators, without a float64 copy of X
+    mins, maxs = c.X.min(0), c.X.max(0)
+    means, stds = c.X.mean(0, dtype=np.float64), c.X.std(0, dtype=np.float64)
+    counts = np.bincount(c.y, minlength=len(c.labels))
+    return {
+        "features": {
+            name: {
+                "min": float(mins[i]),
+                "max": float(maxs[i]),
+                "mean": float(means[i]),
+                "std": float(stds[i]),
+                "missing": 0,  # sources refuse missing values
+            }
+            for i, name in enumerate(c.feature_names)
+        },
+        "class_counts": {label: int(counts[k]) for k, label in enumerate(c.labels)},
+    }
+
+
+def _freeze(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+def _to_snapshot(snapshot_id: str, c: _Content, lineage: dict[str, Any]) -> Snapshot:
+    return Snapshot(
+        id=snapshot_id,
+        region=c.region,
+        feature_names=list(c.feature_names),
+        X=_freeze(c.X),
+        y=_freeze(c.y),
+        labels=list(c.labels),
+        pii={name: _freeze(v) for name, v in c.pii.items()},
+        pii_action=c.pii_action,
+        image_shape=c.image_shape,
+        schema=_schema(c),
+        stats=_stats(c),
+        lineage=lineage,
+    )
+
+
+def _encode_npz(c: _Content) -> bytes:
+    # Strings go in as fixed-width unicode arrays so that loading never needs pickle; PII
+    # columns are stored by position, their names in pii_kept (names are not safe zip members).
+    arrays: dict[str, np.ndarray] = {
+        "X": c.X,
+        "y": c.y,
+        "feature_names": np.array(c.feature_names, dtype=str),
+        "labels": np.array(c.labels, dtype=str),
+        "image_shape": np.array(c.image_shape or (), dtype="<i8"),
+        "pii_kept": np.array(list(c.pii), dtype=str),
+    }
+    for k, name in enumerate(c.pii):
+        arrays[f"pii_{k}"] = c.pii[name]
+    buf = io.BytesIO()
+    np.savez(buf, allow_pickle=False, **arrays)
+    return buf.getvalue()
+
+
+def _decode_npz(data: Mapping[str, np.ndarray], row: sqlite3.Row) -> _Content:
+    """Rebuild a snapshot's content from its data file and catalog row (dtypes checked)."""
+    transform = json.loads(row["transform"])
+    X, y = data["X"], data["y"]
+    feature_names = [str(s) for s in data["feature_names"].tolist()]
+    if X.dtype != np.dtype("<f4") or y.dtype != np.dtype("<i8"):
+        raise ValueError(f"arrays of {X.dtype} and {y.dtype}, expected float32 and int64")
+    if X.ndim != 2 or y.shape != (X.shape[0],) or X.shape[1] != len(feature_names):
+        raise ValueError(f"arrays of shapes {X.shape} and {y.shape} do not fit together")
+    shape = [int(v) for v in data["image_shape"].tolist()]
+    kept = [str(s) for s in data["pii_kept"].tolist()]
+    pii: dict[str, np.ndarray] = {}
+    for k, name in enumerate(kept):
+        values = data[f"pii_{k}"]
+        if values.dtype.kind != "U" or values.shape != y.shape:
+            raise ValueError(f"PII column {name!r} is not {y.shape[0]} strings")
+        pii[name] = values
+    return _Content(
+        feature_names=feature_names,
+        X=X,
+        y=y,
+        labels=[str(s) for s in data["labels"].tolist()],
+        pii_names=[str(s) for s in transform["pii"]],
+        pii=pii,
+        image_shape=(shape[0], shape[1]) if len(shape) == 2 else None,
+        region=row["region"],
+        pii_action=str(transform["pii_action"]),
+        parent=row["parent"],
+    )
+
+
+def _lineage(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "source": row["source"],
+        "source_digest": row["source_digest"],
+        "ingested_at": row["ingested_at"],
+        "transform": json.loads(row["transform"]),
+        "parent": row["parent"],
+    }
+
+
+def _utc_iso(now: datetime) -> str:
+    if now.tzinfo is None:
+        raise InvalidInputError(f"ingest time {now!r} has no time zone")
+    return now.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# --- the shell: files, key, policy and catalog -------------------------------------------------
+
+
+class FeatureStore:
+    """A directory of snapshots with a SQLite catalog, an HMAC key and a region policy."""
+
+    def __init__(self, path: Path, *, allowed_regions: Sequence[str] | None = None) -> None:
+        self.path = Path(path)
+        self.data_dir = self.path / "data"
+        self.key_path = self.path / "store.key"
+        self.policy_path = self.path / "policy.toml"
+        ensure_private_dir(self.path)
+        ensure_private_dir(self.data_dir)
+        self._allowed = self._load_or_create_policy(allowed_regions)
+        self._conn = connect(self.path / "catalog.db")
+        try:
+            migrate(self._conn, _MIGRATIONS)
+            self._key = self._load_or_create_key()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def allowed_regions(self) -> list[str]:
+        return list(self._allowed)
+
+    # -- policy and key --
+
+    def _load_or_create_policy(self, requested: Sequence[str] | None) -> list[str]:
+        wanted = None if requested is None else _check_policy(list(requested), "allowed_regions")
+        if not self.policy_path.exists():
+            policy = wanted if wanted is not None else [ANY_REGION]
+            tomlfile.write(self.policy_path, {"allowed_regions": policy})
+            return policy
+        doc = tomlfile.load(self.policy_path)
+        stored = doc.get("allowed_regions")
+        if not isinstance(stored, list):
+            raise InvalidInputError(
+                f'{self.policy_path}: expected allowed_regions = [list of regions or "*"]'
+            )
+        policy = _check_policy(stored, str(self.policy_path))
+        if wanted is not None and sorted(set(wanted)) != sorted(set(policy)):
+            raise InvalidInputError(
+                f"store {self.path} allows regions {policy}, not {wanted}; the policy belongs "
+                f"to the store's owner: edit {self.policy_path} to change it"
+            )
+        return policy
+
+    def _load_or_create_key(self) -> bytes:
+        try:
+            key = self.key_path.read_bytes()
+        except FileNotFoundError:
+            (count,) = self._conn.execute("SELECT COUNT(*) FROM snapshots").fetchone()
+            if count:
+                # A new key would pseudonymize the same people differently from then on.
+                raise InvalidInputError(
+                    f"{self.key_path} is missing but the store holds {count} snapshot(s); "
+                    "restore the key file rather than creating a new one"
+                ) from None
+            return _create_key(self.key_path)
+        if len(key) != KEY_BYTES:
+            raise InvalidInputError(
+                f"{self.key_path}: {len(key)} bytes; expected a {KEY_BYTES}-byte key"
+            )
+        return key
+
+    # -- snapshots --
+
+    def ingest(
+        self,
+        table: RawTable,
+        *,
+        region: str,
+        pii_action: str = "hmac",
+        parent: str | None = None,
+        now: datetime | None = None,
+    ) -> Snapshot:
+        """Store ``table`` as a snapshot (or return the identical one stored before)."""
+        ingested_at = _utc_iso(now if now is not None else datetime.now(UTC))
+        _check_region(region)
+        try:
+            action = PiiAction(pii_action)
+        except ValueError:
+            raise InvalidInputError(
+                f"pii_action {pii_action!r}: expected one of {[a.value for a in PiiAction]}"
+            ) from None
+        if parent is not None:
+            _check_id(parent)
+            if self._row(parent) is None:
+                raise NotFoundError(f"parent snapshot {parent} is not in store {self.path}")
+        X, y = _check_table(table)
+        # PII is transformed first: nothing below ever sees a raw value.
+        pii = (
+            {name: _pseudonymize(self._key, np.asarray(v)) for name, v in table.pii.items()}
+            if action is PiiAction.HMAC
+            else {}
+        )
+        content = _Content(
+            feature_names=list(table.feature_names),
+            X=X,
+            y=y,
+            labels=list(table.labels),
+            pii_names=list(table.pii),
+            pii=pii,
+            image_shape=_image_shape(table.image_shape),
+            region=region,
+            pii_action=action.value,
+            parent=parent,
+        )
+        snapshot_id = _content_id(content)
+        if self._row(snapshot_id) is not None:
+            log.info("snapshot %s exists already; not rewriting it", snapshot_id)
+            return self.get(snapshot_id)
+
+        hex_id = _check_id(snapshot_id)
+        atomic_write(self.data_dir / f"{hex_id}.npz", _encode_npz(content), mode=0o600)
+        # ON CONFLICT: a concurrent ingest of the same data wrote the same bytes; first row wins.
+        self._conn.execute(
+            "INSERT INTO snapshots (id, region, rows, source, source_digest, ingested_at,"
+            " transform, parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+            (
+                snapshot_id,
+                region,
+                int(X.shape[0]),
+                table.source,
+                table.source_digest,
+                ingested_at,
+                json.dumps(content.transform(), sort_keys=True),
+                parent,
+            ),
+        )
+        log.info("ingested %s as snapshot %s (%d rows)", table.source, snapshot_id, X.shape[0])
+        return self.get(snapshot_id)
+
+    def get(self, snapshot_id: str) -> Snapshot:
+        """Load a snapshot, refusing one whose data no longer matches its id."""
+        hex_id = _check_id(snapshot_id)
+        row = self._row(snapshot_id)
+        if row is None:
+            raise NotFoundError(f"snapshot {snapshot_id} is not in store {self.path}")
+        path = self.data_dir / f"{hex_id}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                content = _decode_npz(npz, row)
+        except FileNotFoundError:
+            raise InvalidInputError(
+                f"snapshot {snapshot_id}: data file {path} is missing"
+            ) from None
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            raise InvalidInputError(
+                f"snapshot {snapshot_id} data does not match its id (unreadable: {exc})"
+            ) from None
+        if _content_id(content) != snapshot_id:
+            raise InvalidInputError(
+                f"snapshot {snapshot_id} data does not match its id: {path} or its catalog row "
+                "was modified"
+            )
+        return _to_snapshot(snapshot_id, content, _lineage(row))
+
+    def list(self) -> list[dict[str, Any]]:
+        """Catalog rows, oldest first: id, region, rows, created, source, parent."""
+        rows = self._conn.execute(
+            "SELECT id, region, rows, ingested_at, source, parent FROM snapshots"
+            " ORDER BY ingested_at, id"
+        ).fetchall()
+        return [
+            {
+                "id": r["id"],
+                "region": r["region"],
+                "rows": r["rows"],
+                "created": r["ingested_at"],
+                "source": r["source"],
+                "parent": r["parent"],
+            }
+            for r in rows
+        ]
+
+    def check_region(self, snapshot: Snapshot) -> None:
+        """Refuse a snapshot whose region the store's policy does not allow."""
+        if ANY_REGION in self._allowed or snapshot.region in self._allowed:
+            return
+        allowed = ", ".join(repr(r) for r in self._allowed)
+        raise RegionNotAllowedError(
+            f"snapshot {snapshot.id} is in region {snapshot.region!r}; the policy of store "
+            f"{self.path} allows {'only ' + allowed if allowed else 'no region'} "
+            f"(see {self.policy_path})"
+        )
+
+    def _row(self, snapshot_id: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._conn.execute(
+            "SELECT * FROM snapshots WHERE id = ?", (snapshot_id,)
+        ).fetchone()
+        return row
+
+
+def _check_policy(regions: Iterable[object], where: str) -> list[str]:
+    out: list[str] = []
+    for r in regions:
+        if r != ANY_REGION and not (isinstance(r, str) and _REGION_RE.match(r)):
+            raise InvalidInputError(f"{where}: {r!r} is not a region name or {ANY_REGION!r}")
+        out.append(str(r))
+    return out
+
+
+def _create_key(path: Path) -> bytes:
+    """Write a fresh key, 0600 from the start, without ever replacing an existing one.
+
+    The key goes to a temp file that is fsynced and then hard-linked into place: a crash leaves
+    no key or a whole key, and two stores opening at once agree on whichever linked first.
+    """
+    key = secrets.token_bytes(KEY_BYTES)
+    fd, tmp = tempfile.mkstemp(prefix=".store.key.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            key = path.read_bytes()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return key
