@@ -34,6 +34,7 @@ from trainer.profile import build_profile
 from trainer.prune import prune
 from trainer.sources import load_source
 from trainer.store import FeatureStore, Snapshot
+from trainer.tflite import export_tflite, run_tflite
 from trainer.train import DistContext, accuracy, fit, pick_device, predict_proba
 
 __all__ = ["STEPS", "Run", "Workdir"]
@@ -411,13 +412,11 @@ class Run:
 
     def _export_tflite(self, model: torch.nn.Module, spec: dict[str, Any], rows: np.ndarray,
                        reference: np.ndarray, out: Path) -> dict[str, Any]:
-        from trainer import tflite  # noqa: PLC0415 (optional heavy dependency)
-
-        path = tflite.export_tflite(model, spec["features"], out / "model.tflite",
+        path = export_tflite(model, spec["features"], out / "model.tflite",
                                     int8=self.pipeline.compress.quantize == "int8",
                                     calibration=rows)
         quantized = self.pipeline.compress.quantize == "int8"
-        return {"tflite": _compare(tflite.run_tflite(path, rows), reference,
+        return {"tflite": _compare(run_tflite(path, rows), reference,
                                    QUANTIZED if quantized else EXACT)}
 
     def _step_profile(self, key: str) -> None:
