@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.edgefleet-installed
 # Installed first so that the project's torch range is already met by the local CPU build.
 TORCH  ?= torch==2.13.0
 EXTRAS ?= agent,control-plane,trainer,dev
+TFLITE ?= 'litert-torch>=0.10,<0.11' 'ai-edge-litert>=2.3,<2.4'
 
 .PHONY: setup test test-fast lint protos check-protos demo bench clean
 
@@ -15,6 +16,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	# A second step: pip cannot resolve litert-torch together with model-signing (pyproject.toml).
+	$(PY) -m pip install -q --disable-pip-version-check $(TFLITE)
 	touch $(STAMP)
 
 test: setup

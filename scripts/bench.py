@@ -1,9 +1,13 @@
 """`make bench`: figures measured against a baseline in the same run, reported as ratios.
 
-So far: the control plane's heartbeat path (mTLS, identity from the peer certificate,
-revocation check, SQLite write with synchronous=FULL) against a bare gRPC unary call over the
-same mTLS channel to an in-process echo handler. More benchmarks join as the issues land
-(DESIGN.md §9); each row carries its target and a pass/fail column.
+So far:
+* the control plane's heartbeat path (mTLS, identity from the peer certificate, revocation
+  check, SQLite write with synchronous=FULL) against a bare gRPC unary call over the same mTLS
+  channel to an in-process echo handler;
+* int8 + pruned vs fp32 on the digits MLP (>= 1M parameters, examples/pipelines/digits-mlp.toml):
+  ONNX size, test accuracy and batch-64 latency, both models measured in the same run.
+More benchmarks join as the issues land (DESIGN.md §9); each row carries its target and a
+pass/fail column.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ from control_plane.server import ControlPlane
 from edge_agent.enroll import enroll
 from edge_agent.state import StateDir
 from scripts.machine import machine_info
+from trainer.cli import keygen
+from trainer.config import Pipeline
+from trainer.pipeline import Run, Workdir
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _percentile(samples: list[float], q: float) -> float:
@@ -110,6 +119,36 @@ def bench_heartbeat(work: Path, n: int) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_compression(work: Path) -> list[dict[str, Any]]:
+    key, _ = keygen(work / "publisher")
+    pipeline = Pipeline.load(REPO / "examples" / "pipelines" / "digits-mlp.toml")
+    run = Run(pipeline, Workdir(work / "digits"), publisher_key=key, progress=lambda m: None)
+    report = run.run_all()
+    sizes, lat, m = report["sizes"], report["latency_us"], report["metrics"]
+    params = report["model"]["parameters"]
+    base = "fp32 ONNX of the same trained model"
+    return [
+        {"name": f"compressed size (digits MLP, {params:,} params)", "unit": "B",
+         "figure": sizes["onnx_compressed"], "baseline": sizes["onnx_fp32"], "baseline_name": base,
+         "ratio": round(sizes["ratio"], 3), "target": "<= 0.27x",
+         "pass": sizes["ratio"] <= 0.27},
+        {"name": "compressed accuracy (drop, points)", "unit": "%",
+         "figure": round(100 * m["compressed"]["accuracy"], 2),
+         "baseline": round(100 * m["fp32"]["accuracy"], 2), "baseline_name": base,
+         "ratio": round(m["compressed"]["accuracy"] / m["fp32"]["accuracy"], 3),
+         "target": "drop <= 1.0 point", "pass": m["accuracy_drop_points"] <= 1.0},
+        {"name": "compressed batch-64 latency (ORT, 1 thread)", "unit": "us",
+         "figure": round(lat["compressed"]["batch64"], 1),
+         "baseline": round(lat["fp32"]["batch64"], 1), "baseline_name": base,
+         "ratio": round(lat["ratio_batch64"], 3), "target": "<= 0.75x",
+         "pass": lat["ratio_batch64"] <= 0.75},
+        {"name": "compressed batch-1 latency (ORT, 1 thread)", "unit": "us",
+         "figure": round(lat["compressed"]["batch1"], 1),
+         "baseline": round(lat["fp32"]["batch1"], 1), "baseline_name": base,
+         "ratio": round(lat["ratio_batch1"], 3), "target": "-", "pass": None},
+    ]
+
+
 async def _echo(request: bytes, context: Any) -> bytes:
     return request
 
@@ -134,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     print(f"machine: {machine['cpu_model']}, {machine['cores']} cores")
     with tempfile.TemporaryDirectory() as tmp:
-        rows = bench_heartbeat(Path(tmp), args.n)
+        rows = bench_heartbeat(Path(tmp) / "heartbeat", args.n)
+        rows += bench_compression(Path(tmp) / "compression")
     _print(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "results": rows,

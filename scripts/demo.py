@@ -1,8 +1,9 @@
 """`make demo`: the main scenario end to end on the embedded defaults (SQLite, local processes).
 
-So far: create a control plane, serve it, enroll two agents with one-time tokens, run them
-over mutual TLS, list the fleet, and shut everything down cleanly. Later issues extend this
-story (training, signed delivery, A/B, drift, retraining).
+So far: train, compress and sign the digits model (its publisher key made by `trainer keygen`),
+create a control plane that trusts that publisher, serve it, enroll two agents with one-time
+tokens, run them over mutual TLS, list the fleet, and shut everything down cleanly. Later
+issues extend this story (signed delivery, A/B, drift, retraining).
 """
 
 from __future__ import annotations
@@ -21,13 +22,37 @@ def step(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
-def start_control_plane(work: Path, children: list[Child]) -> tuple[Path, str, str]:
+REPO = Path(__file__).resolve().parent.parent
+PIPELINE = REPO / "examples" / "pipelines" / "digits-mlp.toml"
+
+
+def train(work: Path) -> Path:
+    """Train the digits model; return the publisher's public key."""
+    step("trainer keygen (the publisher's model-signing key, kept with training)")
+    print(run("trainer", "keygen", "--out", str(work / "publisher")), end="")
+    step(f"trainer run {PIPELINE.relative_to(REPO)}  (ingest, train, prune, int8, sign)")
+    print(run("trainer", "run", str(PIPELINE), "--workdir", str(work / "training"),
+              "--publisher-key", str(work / "publisher" / "publisher.key")), end="")
+    run("model_signing", "verify", "key", str(work / "training" / "bundle"), "--signature",
+        str(work / "training" / "bundle" / "model.sig"), "--public_key",
+        str(work / "publisher" / "publisher.pub"))
+    print("bundle verified with the reference tool: model_signing verify key")
+    return work / "publisher" / "publisher.pub"
+
+
+def start_control_plane(
+    work: Path, publisher_pub: Path, children: list[Child]
+) -> tuple[Path, str, str]:
     home = work / "control-plane"
     step(f"control-plane init --home {home}")
     print(run("control-plane", "init", "--home", str(home)), end="")
-    config = home / "config.toml"  # heartbeat every 2 s so the demo is brisk
-    config.write_text(config.read_text().replace(
-        "heartbeat_interval_seconds = 10", "heartbeat_interval_seconds = 2"))
+    config = home / "config.toml"
+    text = config.read_text()
+    # Trust the training environment's publisher key; heartbeat every 2 s so the demo is brisk.
+    text = text.replace('publisher_keys = ["publisher/publisher.pub"]',
+                        f'publisher_keys = ["publisher/publisher.pub", "{publisher_pub}"]')
+    config.write_text(text.replace("heartbeat_interval_seconds = 10",
+                                   "heartbeat_interval_seconds = 2"))
 
     step("control-plane serve (mTLS API + enrollment endpoint on free ports)")
     server = Child("control-plane", "control-plane", "serve", "--home", str(home),
@@ -65,7 +90,8 @@ def enroll_and_run_agents(
 
 def scenario(work: Path, children: list[Child]) -> int:
     """Run the story; return how many devices ended online."""
-    home, api, enroll = start_control_plane(work, children)
+    publisher_pub = train(work)
+    home, api, enroll = start_control_plane(work, publisher_pub, children)
     fleet = ("fleet", "--config", str(home / "operators/admin/fleet.toml"), "--api", api)
     agents = enroll_and_run_agents(work, home, fleet, enroll, children)
 

@@ -19,6 +19,7 @@ from tests.trainer_support import write_pipeline
 from trainer.models import CNN, MLP, build, count_parameters, fit_scaler
 from trainer.onnx_tools import export_onnx, run_onnx
 from trainer.prune import prune
+from trainer.tflite import export_tflite, run_tflite
 from trainer.train import fit, predict_proba
 
 BIN = Path(sys.executable).parent
@@ -191,3 +192,25 @@ def test_two_process_torchrun_matches_single_process(tmp_path: Path) -> None:
     acc = {w.name: json.loads((w / "evaluate.json").read_text())["fp32"]["accuracy"]
            for w in (single, double)}
     assert abs(acc["single"] - acc["double"]) <= 0.01, acc
+
+
+@pytest.mark.parametrize("spec", [MLP_SPEC, CNN_SPEC], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_tflite_export_matches_pytorch(spec: dict, int8: bool, tmp_path: Path,
+                                       digits: tuple[np.ndarray, np.ndarray]) -> None:
+    X, y = digits
+    torch.manual_seed(0)
+    model = build(spec)
+    fit_scaler(model, torch.as_tensor(X))
+    fit(model, X[:1000], y[:1000], epochs=2, batch_size=64, lr=3e-3, seed=0)
+    path = export_tflite(model, 64, tmp_path / "m.tflite", int8=int8)
+    rows = X[1000:1130]  # two full batches of 64 and two single rows
+    got, want = run_tflite(path, rows), predict_proba(model, rows)
+    assert got.shape == want.shape == (130, 10)
+    if int8:
+        assert path.stat().st_size < 0.75 * export_tflite(model, 64, tmp_path / "f.tflite",
+                                                         int8=False).stat().st_size
+        assert (got.argmax(1) == want.argmax(1)).mean() >= 0.97
+        assert np.abs(got - want).mean() < 0.02
+    else:
+        assert np.abs(got - want).max() < 1e-4

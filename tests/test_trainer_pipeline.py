@@ -166,9 +166,17 @@ def test_disallowed_region_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "work" / "train").exists()
 
 
-def test_cnn_pipeline(tmp_path: Path) -> None:
-    pipeline = write_pipeline(tmp_path, kind="cnn", hidden="32", epochs=2, prune=0.25)
+def test_cnn_pipeline_with_tflite(tmp_path: Path) -> None:
+    pipeline = write_pipeline(tmp_path, kind="cnn", hidden="32", epochs=2, prune=0.25,
+                              formats='"onnx", "tflite"')
     _, report = _run(pipeline, tmp_path / "work")
+    bundle = tmp_path / "work" / "bundle"
+    assert (bundle / "model.tflite").exists()
+    assert report["checks"]["tflite"]["ok"]
+    assert report["sizes"]["tflite"] == (bundle / "model.tflite").stat().st_size
+    manifest = parse_manifest((bundle / "manifest.json").read_bytes())
+    assert manifest["runtime"]["tflite"]["file"] == "model.tflite"
+    assert _verify(bundle, tmp_path / "publisher.pub").returncode == 0
     assert report["model"]["spec"]["kind"] == "cnn"
     assert report["compression"]["prune"]["spec_after"]["channels"] == [6, 12]
     assert report["metrics"]["compressed"]["accuracy"] > 0.8

@@ -35,7 +35,7 @@ quantize = "int8"
 calibration_rows = 128
 
 [export]
-formats = ["onnx"]
+formats = [{formats}]
 
 [profile]
 bins = 10
@@ -58,6 +58,7 @@ def write_pipeline(
     region: str = "eu-west",
     store: str = "store",
     name: str = "pipeline.toml",
+    formats: str = '"onnx"',
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     key = directory / "publisher.key"
@@ -67,5 +68,5 @@ def write_pipeline(
         (directory / "publisher.pub").write_bytes(pki.public_key_pem(private))
     path = directory / name
     path.write_text(SMALL_DIGITS.format(kind=kind, hidden=hidden, epochs=epochs, prune=prune,
-                                        region=region, store=store))
+                                        region=region, store=store, formats=formats))
     return path

@@ -6,7 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from fleetcore import pki
 from fleetcore.cli import print_json, run_main
+from fleetcore.errors import AlreadyExistsError
+from fleetcore.files import atomic_write, ensure_private_dir
 from trainer.config import Pipeline
 from trainer.pipeline import STEPS, Run, Workdir
 
@@ -20,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
                     "bundle (signed). Steps are cached by the hash of their inputs.",
     )
     sub = p.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("keygen", help="create a publisher (model-signing) key pair")
+    k.add_argument("--out", required=True, type=Path, help="directory for publisher.key/.pub")
+    k.add_argument("--force", action="store_true")
     for name in ("run", *STEPS):
         s = sub.add_parser(name, help="every step, then report.json" if name == "run"
                            else f"only the {name} step (its inputs must exist)")
@@ -32,10 +38,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def keygen(out: Path, *, force: bool = False) -> tuple[Path, Path]:
+    """Write an ECDSA P-256 publisher key pair; refuse to overwrite one without ``force``."""
+    key_path, pub_path = out / "publisher.key", out / "publisher.pub"
+    if key_path.exists() and not force:
+        raise AlreadyExistsError(f"{key_path} exists; pass --force to replace it")
+    ensure_private_dir(out)
+    key = pki.generate_key()
+    atomic_write(key_path, pki.private_key_pem(key), mode=0o600)
+    atomic_write(pub_path, pki.public_key_pem(key))
+    return key_path, pub_path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def body() -> int:
+        if args.command == "keygen":
+            key, pub = keygen(args.out, force=args.force)
+            print(f"private key {key} (0600; keep it in the training environment)")
+            print(f"public key  {pub} (give it to the control plane: [pki] publisher_keys)")
+            return 0
         pipeline = Pipeline.load(args.pipeline)
         args.workdir.mkdir(parents=True, exist_ok=True)
         run = Run(pipeline, Workdir(args.workdir.resolve()), publisher_key=args.publisher_key)

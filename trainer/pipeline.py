@@ -34,7 +34,9 @@ from trainer.profile import build_profile
 from trainer.prune import prune
 from trainer.sources import load_source
 from trainer.store import FeatureStore, Snapshot
-from trainer.tflite import export_tflite, run_tflite
+from trainer.tflite import INPUT_KEY as TFLITE_INPUT
+from trainer.tflite import OUTPUT_KEY as TFLITE_OUTPUT
+from trainer.tflite import SIGNATURES, export_tflite, run_tflite
 from trainer.train import DistContext, accuracy, fit, pick_device, predict_proba
 
 __all__ = ["STEPS", "Run", "Workdir"]
@@ -413,8 +415,7 @@ class Run:
     def _export_tflite(self, model: torch.nn.Module, spec: dict[str, Any], rows: np.ndarray,
                        reference: np.ndarray, out: Path) -> dict[str, Any]:
         path = export_tflite(model, spec["features"], out / "model.tflite",
-                                    int8=self.pipeline.compress.quantize == "int8",
-                                    calibration=rows)
+                             int8=self.pipeline.compress.quantize == "int8")
         quantized = self.pipeline.compress.quantize == "int8"
         return {"tflite": _compare(run_tflite(path, rows), reference,
                                    QUANTIZED if quantized else EXACT)}
@@ -479,7 +480,9 @@ class Run:
                         and self._state("train")["key"]},  # type: ignore[index]
             "compression": recipe,
             "runtime": {"onnx": {"file": "model.onnx", "intra_op_num_threads": 1},
-                        "tflite": {"file": "model.tflite"} if tflite.exists() else None,
+                        "tflite": {"file": "model.tflite", "signatures": SIGNATURES,
+                                   "input": TFLITE_INPUT, "output": TFLITE_OUTPUT}
+                        if tflite.exists() else None,
                         "preferred": "onnx"},
             "smoke_test": {"file": "model.onnx",
                            "inputs": smoke.astype(float).tolist(),

@@ -7,15 +7,25 @@ The runtime follows DESIGN.md §1: ``ai_edge_litert.interpreter`` (LiteRT), fall
 from __future__ import annotations
 
 import importlib
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from fleetcore.errors import InvalidInputError
+from trainer.models import Serving
 
-__all__ = ["converter_available", "export_tflite", "interpreter_class", "run_tflite"]
+__all__ = [
+    "SIGNATURES",
+    "converter_available",
+    "export_tflite",
+    "interpreter_class",
+    "run_tflite",
+]
 
 
 def converter_available() -> bool:
@@ -37,25 +47,51 @@ def interpreter_class() -> Any:
     )
 
 
-def export_tflite(
-    model: nn.Module, features: int, path: Path, *, int8: bool, calibration: np.ndarray
-) -> Path:
+# LiteRT cannot convert a dynamic batch dimension, so one file carries a signature per batch
+# size (the weights are shared): "b1" for single requests, "b64" for batches.
+SIGNATURES = {"b1": 1, "b64": 64}
+INPUT_KEY = "args_0"
+OUTPUT_KEY = "output_0"
+
+
+def export_tflite(model: nn.Module, features: int, path: Path, *, int8: bool) -> Path:
+    """Convert raw features -> probabilities to .tflite (int8 weights when ``int8``)."""
     if not converter_available():
         raise InvalidInputError(
             "[export] formats lists tflite but litert-torch is not installed; "
-            "install the tflite extra: pip install 'edgefleet[tflite]'"
+            "install it with: pip install litert-torch ai-edge-litert"
         )
-    raise InvalidInputError("TFLite export is not wired up yet")
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "0")
+    litert_torch = importlib.import_module("litert_torch")
+    serving = Serving(model.cpu()).eval()
+    converter: Any = litert_torch
+    for name, batch in SIGNATURES.items():
+        converter = converter.signature(name, serving, (torch.zeros(batch, features),))
+    fp32 = path.with_suffix(".fp32.tflite") if int8 else path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converter.convert().export(str(fp32))
+    if int8:
+        # Dynamic range: int8 weights, float32 activations and I/O. Measured on digits it keeps
+        # top-1 agreement with PyTorch, where full-integer int8 lost several points because the
+        # in-graph standardization widens the activation range (see docs/trainer.md).
+        quantizer = importlib.import_module("ai_edge_quantizer.quantizer")
+        recipe = importlib.import_module("ai_edge_quantizer.recipe")
+        q = quantizer.Quantizer(str(fp32), recipe.dynamic_wi8_afp32())
+        q.quantize(enable_progress_report=False).export_model(str(path), overwrite=True)
+        fp32.unlink()
+    return path
 
 
 def run_tflite(path: Path, X: np.ndarray) -> np.ndarray:
+    """Run a bundle's .tflite on rows: the b64 signature for full batches, b1 for the rest."""
     interpreter = interpreter_class()(model_path=str(path))
-    interpreter.allocate_tensors()
-    inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
-    rows = []
-    for row in np.asarray(X, dtype=np.float32):
-        interpreter.set_tensor(inp["index"], row[None, :])
-        interpreter.invoke()
-        rows.append(interpreter.get_tensor(out["index"])[0])
-    return np.stack(rows)
+    runners = {name: interpreter.get_signature_runner(name) for name in SIGNATURES}
+    xs = np.ascontiguousarray(X, dtype=np.float32)
+    out = []
+    full = len(xs) - len(xs) % 64
+    for i in range(0, full, 64):
+        out.append(runners["b64"](**{INPUT_KEY: xs[i : i + 64]})[OUTPUT_KEY])
+    for i in range(full, len(xs)):
+        out.append(runners["b1"](**{INPUT_KEY: xs[i : i + 1]})[OUTPUT_KEY])
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
