@@ -20,3 +20,25 @@ def cp(tmp_path: Path, loop: LoopThread) -> Iterator[RunningControlPlane]:
     running = start_control_plane(tmp_path / "cp", loop)
     yield running
     running.stop()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import torch  # noqa: PLC0415 (only to describe the machine)
+
+    return f"cuda devices: {torch.cuda.device_count()} (tests marked gpu run only where > 0)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of the CUDA/NCCL path are collected only where enough GPUs exist."""
+    import torch  # noqa: PLC0415
+
+    available = torch.cuda.device_count()
+
+    def runnable(item: pytest.Item) -> bool:
+        marker = item.get_closest_marker("gpu")
+        return marker is None or available >= int(marker.kwargs.get("devices", 1))
+
+    dropped = [item for item in items if not runnable(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if runnable(item)]
