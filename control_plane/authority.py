@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from control_plane.blobstore import load_or_create_key
 from control_plane.config import ControlPlaneConfig
 from control_plane.domain import CertificateRecord
 from fleetcore import pki
@@ -24,6 +25,8 @@ class Authority:
     server_key_pem: bytes
     release_public_pem: bytes
     publisher_public_pems: tuple[bytes, ...]
+    release_key: ec.EllipticCurvePrivateKey
+    blob_key: bytes
 
     @classmethod
     def load(cls, config: ControlPlaneConfig) -> Authority:
@@ -37,6 +40,8 @@ class Authority:
             server_key_pem=lay.server_key.read_bytes(),
             release_public_pem=lay.release_pub.read_bytes(),
             publisher_public_pems=tuple(p.read_bytes() for p in config.publisher_keys),
+            release_key=pki.load_private_key(lay.release_key.read_bytes()),
+            blob_key=load_or_create_key(lay.blob_key),
         )
 
     def issue(

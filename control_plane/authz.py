@@ -31,6 +31,10 @@ ACTIONS: dict[str, Action] = {
         Action("devices.revoke", Role.ADMIN, True),
         Action("operators.create", Role.ADMIN, True),
         Action("audit.list", Role.VIEWER, False),
+        Action("models.publish", Role.OPERATOR, True),
+        Action("models.list", Role.VIEWER, False),
+        Action("rollouts.start", Role.OPERATOR, True),
+        Action("rollouts.status", Role.VIEWER, False),
     )
 }
 

@@ -68,6 +68,18 @@ class HomeLayout:
     def database(self) -> Path:
         return self.home / "edgefleet.db"
 
+    @property
+    def blob_key(self) -> Path:
+        return self.home / "keys" / "blob.key"
+
+    @property
+    def blobs(self) -> Path:
+        return self.home / "blobs"
+
+    @property
+    def scratch(self) -> Path:
+        return self.home / "tmp"
+
     def operator_dir(self, name: str) -> Path:
         return self.home / "operators" / name
 
@@ -87,6 +99,9 @@ class ControlPlaneConfig:
     token_ttl_seconds: int = 3600
     max_token_ttl_seconds: int = 30 * 24 * 3600
     heartbeat_interval_seconds: int = 10
+    # Release documents live this long; they are renewed once half of it is left.
+    release_ttl_seconds: int = 24 * 3600
+    max_bundle_bytes: int = 2 * 1024**3
     # A device not heard from for this long is shown offline.
     offline_after_seconds: int = 35
 
@@ -112,6 +127,7 @@ class ControlPlaneConfig:
         cfg.enroll_listen = str(server.get("enroll", cfg.enroll_listen))
         cfg.mqtt_url = str(server.get("mqtt", cfg.mqtt_url))
         cfg.database = home / str(server.get("database", "edgefleet.db"))
+        cfg.max_bundle_bytes = _positive_int(server, "max_bundle_bytes", cfg.max_bundle_bytes)
         cfg.publisher_keys = [home / p for p in pki.get("publisher_keys", [])]
         for name in (
             "device_cert_ttl_seconds",
@@ -120,7 +136,8 @@ class ControlPlaneConfig:
             "max_token_ttl_seconds",
         ):
             setattr(cfg, name, _positive_int(pki, name, getattr(cfg, name)))
-        for name in ("heartbeat_interval_seconds", "offline_after_seconds"):
+        for name in ("heartbeat_interval_seconds", "offline_after_seconds",
+                     "release_ttl_seconds"):
             setattr(cfg, name, _positive_int(agents, name, getattr(cfg, name)))
         parse_hostport(cfg.api_listen)
         parse_hostport(cfg.enroll_listen)
@@ -136,6 +153,7 @@ class ControlPlaneConfig:
                 "database": str(self.database.relative_to(self.home))
                 if self.database.is_absolute()
                 else str(self.database),
+                "max_bundle_bytes": self.max_bundle_bytes,
             },
             "pki": {
                 "publisher_keys": [
@@ -150,6 +168,7 @@ class ControlPlaneConfig:
             "agents": {
                 "heartbeat_interval_seconds": self.heartbeat_interval_seconds,
                 "offline_after_seconds": self.offline_after_seconds,
+                "release_ttl_seconds": self.release_ttl_seconds,
             },
         }
 

@@ -7,11 +7,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "ArmRecord",
     "AuditOutcome",
     "AuditRecord",
     "CertificateRecord",
     "DeviceRecord",
     "DeviceStatus",
+    "ModelVersionRecord",
+    "ReleaseRecord",
+    "RolloutRecord",
 ]
 
 
@@ -57,6 +61,49 @@ class CertificateRecord:
     not_after: float
     issued_at: float
     revoked_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelVersionRecord:
+    name: str
+    version: int
+    digest: str
+    length: int
+    created_at: float
+    published_by: str
+    publisher_key: str
+    manifest: str  # JSON
+
+
+@dataclass(frozen=True)
+class ArmRecord:
+    model: str
+    version: int
+    weight: float
+    shadow: bool = False
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    id: int
+    model: str
+    version: int
+    selector: dict[str, str]
+    state: str  # active | superseded
+    created_at: float
+    created_by: str
+    device_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    device_id: str
+    serial: int
+    document: bytes
+    signature: bytes
+    issued_at: float
+    expires_at: float
+    content: str  # digest of the arms it carries, to tell a renewal from a change
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import datetime as dt
 import json
 import os
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from google.protobuf import json_format
 from control_plane.config import parse_hostport
 from control_plane.home import write_operator_config
 from fleetcore import pki, tomlfile
+from fleetcore.archive import pack_bundle
 from fleetcore.cli import print_json, print_table, run_main
 from fleetcore.errors import InvalidInputError
 from fleetcore.labels import parse_label_args
@@ -26,6 +28,8 @@ from fleetcore.labels import parse_label_args
 __all__ = ["FleetConfig", "main"]
 
 RPC_TIMEOUT_SECONDS = 30.0
+PUBLISH_CHUNK_BYTES = 1024 * 1024
+PUBLISH_TIMEOUT_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,30 @@ def _parser() -> argparse.ArgumentParser:
     oc.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
     oc.add_argument("--out", required=True, type=Path)
 
+    models = sub.add_parser("models", help="the model registry").add_subparsers(
+        dest="command", required=True
+    )
+    mp = models.add_parser("publish", help="upload a signed bundle directory")
+    mp.add_argument("bundle", type=Path)
+    mp.add_argument("--json", action="store_true")
+    ml = models.add_parser("list")
+    ml.add_argument("--json", action="store_true")
+    ms = models.add_parser("show")
+    ms.add_argument("name")
+    ms.add_argument("--json", action="store_true")
+
+    rollouts = sub.add_parser("rollouts", help="assign model versions to devices").add_subparsers(
+        dest="command", required=True
+    )
+    rs = rollouts.add_parser("start")
+    rs.add_argument("--model", required=True)
+    rs.add_argument("--version", required=True, type=int)
+    rs.add_argument("--selector", action="append", default=[], metavar="K=V")
+    rs.add_argument("--json", action="store_true")
+    rst = rollouts.add_parser("status")
+    rst.add_argument("--model", required=True)
+    rst.add_argument("--json", action="store_true")
+
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(
         dest="command", required=True
     )
@@ -159,6 +187,12 @@ def _show_device(d: admin_pb2.Device, as_json: bool) -> None:
     if d.revoked_at:
         rows.append(("revoked_at", _ts(d.revoked_at)))
     print_table(("field", "value"), rows)
+    if d.models:
+        print()
+        print_table(("MODEL", "VERSION", "STATE", "SERVING", "REASON"), [
+            (m.name, m.version, m.state, "yes" if m.serving else "", m.reason or "-")
+            for m in d.models
+        ])
 
 
 Stub = admin_pb2_grpc.AdminServiceStub
@@ -251,7 +285,101 @@ def _audit_list(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
     )
 
 
+def model_json(m: admin_pb2.ModelVersion) -> dict[str, Any]:
+    return {
+        "name": m.name, "version": m.version, "digest": m.digest, "length": m.length,
+        "created_at": m.created_at, "published_by": m.published_by,
+        "publisher_key": m.publisher_key, "manifest": json.loads(m.manifest_json or "{}"),
+    }
+
+
+def _print_models(models: list[admin_pb2.ModelVersion], as_json: bool) -> None:
+    if as_json:
+        print_json([model_json(m) for m in models])
+        return
+    rows = []
+    for m in models:
+        metrics = json.loads(m.manifest_json or "{}").get("metrics", {})
+        acc = metrics.get("compressed", {}).get("accuracy")
+        rows.append((m.name, m.version, m.digest[:19], f"{m.length:,}",
+                     f"{acc:.4f}" if isinstance(acc, float) else "-", _ts(m.created_at)))
+    print_table(("NAME", "VERSION", "DIGEST", "BYTES", "ACCURACY", "PUBLISHED"), rows)
+
+
+def _models_publish(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    if not args.bundle.is_dir():
+        raise InvalidInputError(f"{args.bundle} is not a bundle directory")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "bundle.tar"
+        pack_bundle(args.bundle, archive)
+
+        def chunks() -> Iterator[admin_pb2.PublishModelChunk]:
+            with archive.open("rb") as fh:
+                while data := fh.read(PUBLISH_CHUNK_BYTES):
+                    yield admin_pb2.PublishModelChunk(data=data)
+
+        m = stub.PublishModel(chunks(), timeout=PUBLISH_TIMEOUT_SECONDS)
+    if args.json:
+        print_json(model_json(m))
+    else:
+        print(f"published {m.name} version {m.version} ({m.digest}, {m.length:,} bytes)")
+
+
+def _models_list(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    _print_models(list(stub.ListModels(admin_pb2.ListModelsRequest(), timeout=T).models),
+                  args.json)
+
+
+def _models_show(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    models = list(stub.ListModels(admin_pb2.ListModelsRequest(name=args.name), timeout=T).models)
+    if not models:
+        raise InvalidInputError(f"no model named {args.name!r}")
+    _print_models(models, args.json)
+
+
+def rollout_json(r: admin_pb2.Rollout) -> dict[str, Any]:
+    return {
+        "model": r.model, "version": r.version, "selector": dict(r.selector), "state": r.state,
+        "created_at": r.created_at, "created_by": r.created_by,
+        "devices": [
+            {"id": d.device_id, "desired_version": d.desired_version,
+             "serving_version": d.reported_version or None, "state": d.reported_state,
+             "reason": d.reason, "release_serial": d.release_serial}
+            for d in r.devices
+        ],
+    }
+
+
+def _print_rollout(r: admin_pb2.Rollout, as_json: bool) -> None:
+    if as_json:
+        print_json(rollout_json(r))
+        return
+    print(f"rollout {r.model} -> version {r.version} ({r.state}), selector "
+          f"{_labels_text(dict(r.selector))}, {len(r.devices)} devices")
+    print_table(("DEVICE", "DESIRED", "SERVING", "STATE", "RELEASE", "REASON"), [
+        (d.device_id, d.desired_version, d.reported_version or "-", d.reported_state,
+         d.release_serial or "-", d.reason or "-") for d in r.devices
+    ])
+
+
+def _rollouts_start(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    r = stub.StartRollout(admin_pb2.StartRolloutRequest(
+        model=args.model, version=args.version, selector=parse_label_args(args.selector)),
+        timeout=T)
+    _print_rollout(r, args.json)
+
+
+def _rollouts_status(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    _print_rollout(stub.GetRollout(admin_pb2.GetRolloutRequest(model=args.model), timeout=T),
+                   args.json)
+
+
 COMMANDS: dict[tuple[str, str], Callable[[Stub, argparse.Namespace, FleetConfig], None]] = {
+    ("models", "publish"): _models_publish,
+    ("models", "list"): _models_list,
+    ("models", "show"): _models_show,
+    ("rollouts", "start"): _rollouts_start,
+    ("rollouts", "status"): _rollouts_status,
     ("tokens", "create"): _tokens_create,
     ("devices", "list"): _devices_list,
     ("devices", "show"): _devices_show,

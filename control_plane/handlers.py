@@ -11,14 +11,25 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from control_plane import authz
 from control_plane.authority import Authority
+from control_plane.blobstore import BlobStore
 from control_plane.config import ControlPlaneConfig
-from control_plane.domain import AuditOutcome, AuditRecord, DeviceRecord, DeviceStatus
+from control_plane.domain import (
+    AuditOutcome,
+    AuditRecord,
+    DeviceRecord,
+    DeviceStatus,
+    ModelVersionRecord,
+    ReleaseRecord,
+    RolloutRecord,
+)
+from control_plane.registry import Upload, manifest_json, verify_upload
+from control_plane.releases import ReleaseIssuer
 from control_plane.storage import Store
 from fleetcore import pki
 from fleetcore.errors import (
@@ -28,6 +39,7 @@ from fleetcore.errors import (
     PermissionDeniedError,
     RevokedError,
     TokenError,
+    UntrustedInputError,
 )
 from fleetcore.labels import matches, validate_labels
 
@@ -78,6 +90,14 @@ class Handlers:
         self.clock = clock
         # Set by the server once the API port is bound (port 0 resolves only then).
         self.api_address = config.api_advertise or config.api_listen
+        self.blobs = BlobStore(config.layout.blobs, authority.blob_key)
+        # Called with a device id when its release changes or it is revoked (wakes its streams).
+        self.on_device_change: Callable[[str], None] = lambda device_id: None
+        self.releases = ReleaseIssuer(store, authority.release_key, config.release_ttl_seconds,
+                                      on_change=self._device_changed)
+
+    def _device_changed(self, device_id: str) -> None:
+        self.on_device_change(device_id)  # looked up per call: the server rebinds it
 
     # ------------------------------------------------------------------ identity
     def authenticate(self, identity: pki.Identity, expected: pki.IdentityKind) -> pki.Identity:
@@ -201,10 +221,108 @@ class Handlers:
         agent_version: str,
         host: Mapping[str, Any],
         models: list[dict[str, Any]],
-    ) -> tuple[float, int]:
+    ) -> tuple[float, int, int]:
+        """Record the device's report; return (server time, interval, release serial)."""
         now = self.clock()
         self.store.record_heartbeat(caller.name, now, agent_version, host, models)
-        return now, self.config.heartbeat_interval_seconds
+        release = self.releases.current(caller.name, now)  # renews it when due
+        return now, self.config.heartbeat_interval_seconds, release.serial if release else 0
+
+    def current_release(self, caller: pki.Identity) -> ReleaseRecord | None:
+        return self.releases.current(caller.name, self.clock())
+
+    def bundle_for_device(
+        self, caller: pki.Identity, digest: str, offset: int, length: int
+    ) -> Iterator[bytes]:
+        """Bytes of a bundle that the device's release names (and no other)."""
+        allowed = {}
+        for arm in self.store.device_arms(caller.name):
+            mv = self.store.get_model_version(arm.model, arm.version)
+            if mv is not None:
+                allowed[mv.digest] = mv.length
+        if digest not in allowed:
+            raise PermissionDeniedError(f"bundle {digest} is not in the release of {caller.name}")
+        total = allowed[digest]
+        if offset > total:
+            raise InvalidInputError(f"offset {offset} is past the end of {digest} ({total} bytes)")
+        count = (total - offset) if length == 0 else min(length, total - offset)
+        return self.blobs.read(digest, total, offset, count)
+
+    # ------------------------------------------------------------------ models, rollouts
+    def begin_upload(self, caller: pki.Identity) -> Upload:
+        self._authorize(caller, "models.publish", "")
+        return Upload(self.config.layout.scratch, self.config.max_bundle_bytes)
+
+    def publish_model(self, caller: pki.Identity, upload: Upload) -> ModelVersionRecord:
+        try:
+            digest = upload.finish()
+            try:
+                verified = verify_upload(upload, digest, self.authority.publisher_public_pems)
+            except UntrustedInputError as exc:
+                self._audit(caller.actor, "models.publish", digest, AuditOutcome.DENIED,
+                            {"reason": str(exc)[:500]})
+                raise
+            manifest = verified.manifest
+            record = ModelVersionRecord(
+                name=str(manifest["name"]), version=int(manifest["version"]), digest=digest,
+                length=verified.length, created_at=self.clock(), published_by=caller.actor,
+                publisher_key=verified.publisher_key, manifest=manifest_json(manifest),
+            )
+            pki.validate_name(record.name, "model name")
+            self.blobs.put_file(upload.path, digest, verified.length)
+            self.store.add_model_version(record)
+        finally:
+            upload.discard()
+        self._audit(caller.actor, "models.publish", f"{record.name}:{record.version}",
+                    AuditOutcome.ALLOWED, {"digest": digest, "length": record.length,
+                                           "publisher_key": record.publisher_key})
+        log.info("published %s v%d (%s, %d bytes)", record.name, record.version, digest,
+                 record.length)
+        stored = self.store.get_model_version(record.name, record.version)
+        assert stored is not None
+        return stored
+
+    def list_models(self, caller: pki.Identity, name: str) -> list[ModelVersionRecord]:
+        self._authorize(caller, "models.list", name)
+        return self.store.list_model_versions(name or None)
+
+    def start_rollout(
+        self, caller: pki.Identity, model: str, version: int, selector: Mapping[str, str]
+    ) -> tuple[RolloutRecord, list[DeviceView]]:
+        target = f"{model}:{version}"
+        self._authorize(caller, "rollouts.start", target)
+        if self.store.get_model_version(model, version) is None:
+            raise NotFoundError(f"model {model} version {version} is not published")
+        clean = validate_labels(selector)
+        now = self.clock()
+        devices = [d for d in self.store.list_devices()
+                   if d.revoked_at is None and matches(d.labels, clean)]
+        rollout = self.store.start_rollout(model, version, clean, [d.id for d in devices], now,
+                                           caller.actor)
+        for device in devices:
+            self.releases.current(device.id, now)
+        self._audit(caller.actor, "rollouts.start", target, AuditOutcome.ALLOWED,
+                    {"selector": clean, "devices": len(devices)})
+        return rollout, [self._view(d, now) for d in devices]
+
+    def get_rollout(
+        self, caller: pki.Identity, model: str
+    ) -> tuple[RolloutRecord, list[DeviceView], dict[str, ReleaseRecord]]:
+        self._authorize(caller, "rollouts.status", model)
+        rollout = self.store.get_rollout(model)
+        if rollout is None:
+            raise NotFoundError(f"no rollout for model {model!r}")
+        now = self.clock()
+        views, releases = [], {}
+        for device_id in rollout.device_ids:
+            device = self.store.get_device(device_id)
+            if device is None:
+                continue
+            views.append(self._view(device, now))
+            release = self.store.get_release(device_id)
+            if release is not None:
+                releases[device_id] = release
+        return rollout, views, releases
 
     # ------------------------------------------------------------------ operators
     def create_token(
@@ -256,6 +374,7 @@ class Handlers:
             raise
         self._audit(caller.actor, "devices.revoke", device_id, AuditOutcome.ALLOWED,
                     {"reason": reason[:500]})
+        self.on_device_change(device_id)
         log.warning("device %s revoked by %s", device_id, caller.actor)
         return self._view(device, self.clock())
 

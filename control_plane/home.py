@@ -6,6 +6,7 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
+from control_plane.blobstore import load_or_create_key
 from control_plane.config import ControlPlaneConfig, HomeLayout
 from control_plane.domain import CertificateRecord
 from control_plane.storage import open_store
@@ -70,6 +71,7 @@ def init_home(
     release_key = pki.generate_key()
     atomic_write(lay.release_key, pki.private_key_pem(release_key), mode=PRIVATE)
     atomic_write(lay.release_pub, pki.public_key_pem(release_key))
+    load_or_create_key(lay.blob_key)  # AES-256-GCM key for bundles at rest
 
     # Convenience only: the control plane reads just the public half; move the private key
     # to the training environment (or an HSM) and nothing here changes.

@@ -12,6 +12,7 @@ from edgefleet.v1 import admin_pb2_grpc, agent_pb2_grpc
 from control_plane.authority import Authority
 from control_plane.config import ControlPlaneConfig, parse_hostport
 from control_plane.handlers import Handlers
+from control_plane.notify import DeviceNotifier
 from control_plane.servicers import AdminServicer, AgentServicer
 from control_plane.storage import Store, open_store
 
@@ -47,6 +48,8 @@ class ControlPlane:
         self.store = store or open_store(config.database)
         self.authority = Authority.load(config)
         self.handlers = Handlers(config, self.store, self.authority, clock=clock)
+        self.notifier = DeviceNotifier()
+        self.handlers.on_device_change = self.notifier.notify
         self.api_port = 0
         self.enroll_port = 0
         self._servers: list[grpc.aio.Server] = []
@@ -64,7 +67,9 @@ class ControlPlane:
         key_pair = [(a.server_key_pem, a.server_cert_pem)]
 
         api = grpc.aio.server(options=_options(API_MAX_MESSAGE_BYTES))
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.handlers), api)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.handlers, self.notifier), api
+        )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.handlers), api)
         mtls = grpc.ssl_server_credentials(
             key_pair, root_certificates=a.ca_pem, require_client_auth=True
@@ -73,7 +78,9 @@ class ControlPlane:
 
         enroll = grpc.aio.server(options=_options(ENROLL_MAX_MESSAGE_BYTES))
         # The same AgentService: without a client certificate only Enroll can succeed here.
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.handlers), enroll)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.handlers, self.notifier), enroll
+        )
         tls = grpc.ssl_server_credentials(key_pair, require_client_auth=False)
         self.enroll_port = _bind(enroll, self.config.enroll_listen, tls)
 

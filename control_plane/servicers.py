@@ -6,9 +6,11 @@ handler and converts the result. Domain errors become status codes in ``_status`
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -16,7 +18,9 @@ from cryptography import x509
 from edgefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2
 
 from control_plane._status import status_code_for
+from control_plane.domain import ModelVersionRecord, ReleaseRecord, RolloutRecord
 from control_plane.handlers import DeviceView, Handlers
+from control_plane.notify import DeviceNotifier
 from fleetcore import pki
 from fleetcore.errors import AuthenticationError, EdgefleetError
 
@@ -26,6 +30,10 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 _MAX_TEXT = 256
+BUNDLE_CHUNK_BYTES = 256 * 1024
+# A Sync stream re-checks the device now and then even without a wake-up: that renews its
+# release before expiry and notices a revocation made by another control-plane replica.
+SYNC_RECHECK_SECONDS = 30.0
 
 _STATUS = {
     "online": admin_pb2.DEVICE_STATUS_ONLINE,
@@ -91,9 +99,43 @@ def _models_from_proto(models: Any) -> list[dict[str, Any]]:
             "version": m.version,
             "state": _text(m.state),
             "bundle_digest": _text(m.bundle_digest),
+            "reason": _text(m.reason),
+            "serving": m.serving,
         }
         for m in list(models)[:64]
     ]
+
+
+def model_to_proto(m: ModelVersionRecord) -> admin_pb2.ModelVersion:
+    return admin_pb2.ModelVersion(
+        name=m.name, version=m.version, digest=m.digest, length=m.length,
+        created_at=m.created_at, published_by=m.published_by, publisher_key=m.publisher_key,
+        manifest_json=m.manifest,
+    )
+
+
+def rollout_to_proto(
+    rollout: RolloutRecord, views: list[DeviceView], releases: dict[str, ReleaseRecord]
+) -> admin_pb2.Rollout:
+    devices = []
+    for view in views:
+        reported = [m for m in view.record.models if m.get("name") == rollout.model]
+        serving = next((m for m in reported if m.get("serving")), None)
+        desired = next((m for m in reported if m.get("version") == rollout.version), None)
+        release = releases.get(view.record.id)
+        devices.append(admin_pb2.RolloutDevice(
+            device_id=view.record.id,
+            desired_version=rollout.version,
+            reported_version=int(serving["version"]) if serving else 0,
+            reported_state=str(desired["state"]) if desired else "pending",
+            reason=str(desired.get("reason", "")) if desired else "",
+            release_serial=release.serial if release else 0,
+        ))
+    return admin_pb2.Rollout(
+        model=rollout.model, version=rollout.version, selector=rollout.selector,
+        state=rollout.state, created_at=rollout.created_at, created_by=rollout.created_by,
+        devices=devices,
+    )
 
 
 def device_to_proto(view: DeviceView) -> admin_pb2.Device:
@@ -114,8 +156,9 @@ def device_to_proto(view: DeviceView) -> admin_pb2.Device:
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, handlers: Handlers) -> None:
+    def __init__(self, handlers: Handlers, notifier: DeviceNotifier) -> None:
         self.h = handlers
+        self.notifier = notifier
 
     def _device(self, context: grpc.aio.ServicerContext) -> pki.Identity:
         return self.h.authenticate(peer_identity(context), pki.IdentityKind.DEVICE)
@@ -154,13 +197,50 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Heartbeat(
         self, request: agent_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.HeartbeatResponse:
-        now, interval = self.h.heartbeat(
+        now, interval, serial = self.h.heartbeat(
             self._device(context),
             _text(request.agent_version),
             host_from_proto(request.host),
             _models_from_proto(request.models),
         )
-        return agent_pb2.HeartbeatResponse(server_time=now, heartbeat_interval_seconds=interval)
+        return agent_pb2.HeartbeatResponse(server_time=now, heartbeat_interval_seconds=interval,
+                                           release_serial=serial)
+
+    async def Sync(
+        self, request: agent_pb2.SyncRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.SyncEvent]:
+        try:
+            caller = self._device(context)
+            sent = request.have_serial
+            with self.notifier.subscribe(caller.name) as wake:
+                while True:
+                    release = self.h.current_release(caller)
+                    if release is not None and release.serial > sent:
+                        sent = release.serial
+                        yield agent_pb2.SyncEvent(release=common_pb2.SignedRelease(
+                            document=release.document, signature=release.signature))
+                    wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        # Wake on a change, or now and then to renew the document before expiry.
+                        await asyncio.wait_for(wake.wait(), timeout=SYNC_RECHECK_SECONDS)
+                    self._device(context)  # a revoked device's stream ends here
+        except EdgefleetError as exc:
+            await context.abort(status_code_for(exc), str(exc))
+
+    async def FetchBundle(
+        self, request: agent_pb2.FetchBundleRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.BundleChunk]:
+        try:
+            pieces = self.h.bundle_for_device(self._device(context), request.digest,
+                                              request.offset, request.length)
+            offset = request.offset
+            for piece in pieces:
+                for i in range(0, len(piece), BUNDLE_CHUNK_BYTES):
+                    data = piece[i : i + BUNDLE_CHUNK_BYTES]
+                    yield agent_pb2.BundleChunk(offset=offset, data=data)
+                    offset += len(data)
+        except EdgefleetError as exc:
+            await context.abort(status_code_for(exc), str(exc))
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -207,6 +287,44 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             self._operator(context), request.name, request.role, request.csr_pem
         )
         return admin_pb2.CreateOperatorResponse(certificate_pem=pem, ca_pem=self.h.authority.ca_pem)
+
+    async def PublishModel(
+        self, request_iterator: AsyncIterator[admin_pb2.PublishModelChunk],
+        context: grpc.aio.ServicerContext,
+    ) -> admin_pb2.ModelVersion:
+        try:
+            upload = self.h.begin_upload(self._operator(context))
+            try:
+                async for chunk in request_iterator:
+                    upload.write(chunk.data)
+            except BaseException:
+                upload.discard()
+                raise
+            return model_to_proto(self.h.publish_model(self._operator(context), upload))
+        except EdgefleetError as exc:
+            await context.abort(status_code_for(exc), str(exc))
+            raise AssertionError("unreachable") from None
+
+    @_rpc
+    async def ListModels(
+        self, request: admin_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListModelsResponse:
+        models = self.h.list_models(self._operator(context), request.name)
+        return admin_pb2.ListModelsResponse(models=[model_to_proto(m) for m in models])
+
+    @_rpc
+    async def StartRollout(
+        self, request: admin_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Rollout:
+        caller = self._operator(context)
+        self.h.start_rollout(caller, request.model, request.version, dict(request.selector))
+        return rollout_to_proto(*self.h.get_rollout(caller, request.model))
+
+    @_rpc
+    async def GetRollout(
+        self, request: admin_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Rollout:
+        return rollout_to_proto(*self.h.get_rollout(self._operator(context), request.model))
 
     @_rpc
     async def ListAuditEvents(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from edge_agent.daemon import Agent
 from edge_agent.enroll import enroll
 from edge_agent.identity import load_credentials
+from edge_agent.model_store import ModelStore
 from edge_agent.state import AgentConfig, StateDir
 from fleetcore.cli import print_json, print_table, run_main, setup_logging
 from fleetcore.errors import InvalidInputError
@@ -69,6 +71,8 @@ def _status(state_dir: Path, as_json: bool) -> int:
     cfg = AgentConfig.load(state)
     creds = load_credentials(state)
     live = state.read_status()
+    models = ModelStore(state.models).status() if state.models.exists() else []
+    release = json.loads(state.release.read_text()) if state.release.exists() else {}
     doc = {
         "device_id": cfg.device_id,
         "api_address": cfg.api_address,
@@ -80,6 +84,12 @@ def _status(state_dir: Path, as_json: bool) -> int:
         "last_heartbeat": live.get("last_heartbeat"),
         "last_error": live.get("last_error"),
         "consecutive_failures": live.get("consecutive_failures", 0),
+        "release_serial": release.get("serial", 0),
+        "models": [
+            {k: m.get(k) for k in ("name", "version", "state", "reason", "serving",
+                                   "bundle_digest")}
+            for m in models
+        ],
     }
     if as_json:
         print_json(doc)
@@ -94,8 +104,15 @@ def _status(state_dir: Path, as_json: bool) -> int:
                 ("last_heartbeat", _ts(doc["last_heartbeat"])),
                 ("last_error", doc["last_error"] or "-"),
                 ("certificate", f"{creds.serial} (expires {_ts(creds.not_after)})"),
+                ("release_serial", doc["release_serial"] or "-"),
             ],
         )
+        if models:
+            print()
+            print_table(("MODEL", "VERSION", "STATE", "SERVING", "REASON"), [
+                (m["name"], m["version"], m["state"], "yes" if m["serving"] else "",
+                 m.get("reason") or "-") for m in models
+            ])
     return 0
 
 

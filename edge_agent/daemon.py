@@ -24,8 +24,14 @@ from edge_agent._version import __version__
 from edge_agent.backoff import Backoff
 from edge_agent.hostinfo import host_facts
 from edge_agent.identity import Credentials, install_renewed, load_credentials, renewal_due
+from edge_agent.model_store import ModelStore
+from edge_agent.probation import ProbationPolicy
+from edge_agent.release_trust import ReleaseTrust
 from edge_agent.state import AgentConfig, StateDir
+from edge_agent.updater import Updater
 from fleetcore import pki
+from fleetcore.errors import EdgefleetError, UntrustedInputError
+from fleetcore.release import ReleaseDocument, SignedRelease
 
 __all__ = ["Agent", "AgentEvent"]
 
@@ -51,6 +57,18 @@ class Agent:
         self.on_event = on_event
         self.backoff = Backoff(self.config.backoff_initial_seconds, self.config.backoff_max_seconds)
         self.creds: Credentials = load_credentials(self.state)
+        self.trust = ReleaseTrust(self.state.release,
+                                  pki.load_public_key(self.state.release_pub.read_bytes()),
+                                  self.config.device_id)
+        self.models = ModelStore(self.state.models,
+                                 verify=Updater.verifier(self.state.publisher_keys()))
+        self.models.recover()
+        self.updater = Updater(
+            self.models, self.state.downloads,
+            policy=ProbationPolicy(max_seconds=self.config.probation_seconds),
+            chunk_timeout=self.config.download_chunk_timeout_seconds, clock=clock,
+        )
+        self._report_now: asyncio.Event | None = None
         self.host = host_facts()
         self.started_at = clock()
         self.heartbeats = 0
@@ -77,11 +95,17 @@ class Agent:
         self._stop = asyncio.Event()
         log.info("agent %s starting; control plane %s", self.config.device_id,
                  self.config.api_address)
+        self._report_now = asyncio.Event()
+        sync = asyncio.create_task(self._sync_loop())
         try:
             while not self._stop.is_set():
                 delay = await self._cycle()
-                await self._sleep(delay)
+                self._report_now.clear()
+                await self._sleep(delay, wake=self._report_now)
         finally:
+            sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sync
             await self._close_channel()
             self._set_status(state="stopped")
             log.info("agent %s stopped", self.config.device_id)
@@ -124,12 +148,60 @@ class Agent:
         return delay
 
     def _heartbeat_request(self) -> agent_pb2.HeartbeatRequest:
+        self.updater.tick()  # probation decisions ride on the heartbeat's rhythm
         return agent_pb2.HeartbeatRequest(
             agent_version=__version__,
             host=common_pb2.HostFacts(**self.host),
-            models=[],
+            models=[
+                common_pb2.InstalledModel(
+                    name=m["name"], version=m["version"], state=str(m["state"]),
+                    bundle_digest=m.get("bundle_digest", ""), reason=m.get("reason", "")[:256],
+                    serving=bool(m["serving"]),
+                )
+                for m in self.updater.report()
+            ],
             uptime_seconds=int(max(0.0, self.clock() - self.started_at)),
         )
+
+    # ------------------------------------------------------------------ releases
+    async def _sync_loop(self) -> None:
+        """Hold a Sync stream open; verify and apply each release document it delivers."""
+        backoff = Backoff(self.config.backoff_initial_seconds, self.config.backoff_max_seconds)
+        assert self._stop is not None
+        while not self._stop.is_set():
+            channel = self._new_channel()
+            try:
+                stub = agent_pb2_grpc.AgentServiceStub(channel)
+                if self.trust.current is not None:  # finish what a restart interrupted
+                    await self._apply(self.trust.current, stub)
+                have = self.trust.mark.serial if self.trust.mark else 0
+                async for event in stub.Sync(agent_pb2.SyncRequest(have_serial=have)):
+                    signed = SignedRelease(event.release.document, event.release.signature)
+                    doc, changed = self.trust.accept(signed, self.clock())
+                    log.info("release serial %d accepted%s", doc.serial,
+                             "" if changed else " (unchanged)")
+                    self._emit("release", {"serial": doc.serial})
+                    await self._apply(doc, stub)
+                    backoff.reset()
+            except grpc.aio.AioRpcError as exc:
+                log.info("sync stream ended: %s", exc.code().name)
+            except UntrustedInputError as exc:
+                log.error("release refused: %s", exc)
+                self._emit("release-refused", {"error": str(exc)})
+            except (EdgefleetError, OSError) as exc:
+                log.warning("sync: %s", exc)
+            finally:
+                await channel.close()
+            await self._sleep(backoff.next_delay())
+
+    async def _apply(self, doc: ReleaseDocument, stub: agent_pb2_grpc.AgentServiceStub) -> None:
+        try:
+            await self.updater.apply(doc, stub)
+        finally:
+            self.updater.tick()
+            self._emit("models", {"models": self.updater.report(), "serial": doc.serial})
+            if self._report_now is not None:
+                self._report_now.set()  # tell the control plane without waiting a full beat
 
     async def _renew(self, stub: agent_pb2_grpc.AgentServiceStub) -> None:
         key = pki.generate_key()
@@ -146,14 +218,17 @@ class Agent:
         self._emit("renewed", {"old_serial": old, "serial": self.creds.serial})
 
     # ------------------------------------------------------------------ plumbing
+    def _new_channel(self) -> grpc.aio.Channel:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.creds.ca_pem,
+            private_key=self.creds.key_pem,
+            certificate_chain=self.creds.cert_pem,
+        )
+        return grpc.aio.secure_channel(self.config.api_address, creds)
+
     def _connect(self) -> grpc.aio.Channel:
         if self._channel is None:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=self.creds.ca_pem,
-                private_key=self.creds.key_pem,
-                certificate_chain=self.creds.cert_pem,
-            )
-            self._channel = grpc.aio.secure_channel(self.config.api_address, creds)
+            self._channel = self._new_channel()
         return self._channel
 
     async def _close_channel(self) -> None:
@@ -161,10 +236,17 @@ class Agent:
         if channel is not None:
             await channel.close()
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
+        """Wait ``seconds``, or less when asked to stop (or ``wake`` is set)."""
         assert self._stop is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        waits = [asyncio.ensure_future(self._stop.wait())]
+        if wake is not None:
+            waits.append(asyncio.ensure_future(wake.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     def _set_status(self, **changes: Any) -> None:
         self._status.update(changes)

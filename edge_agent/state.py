@@ -43,6 +43,21 @@ class StateDir:
         return self.root / "agent.toml"
 
     @property
+    def release(self) -> Path:
+        return self.root / "release.json"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def downloads(self) -> Path:
+        return self.root / "downloads"
+
+    def publisher_keys(self) -> list[bytes]:
+        return [p.read_bytes() for p in sorted(self.publishers_dir.glob("*.pub"))]
+
+    @property
     def status(self) -> Path:
         return self.root / "status.json"
 
@@ -74,6 +89,10 @@ class AgentConfig:
     renew_at_fraction: float = 2 / 3
     backoff_initial_seconds: float = 0.5
     backoff_max_seconds: float = 30.0
+    # A new model version serves on probation this long before it is committed (when no
+    # regression shows first); a download chunk that takes longer than the timeout is a stall.
+    probation_seconds: float = 300.0
+    download_chunk_timeout_seconds: float = 30.0
 
     @classmethod
     def load(cls, state: StateDir) -> AgentConfig:
@@ -91,7 +110,8 @@ class AgentConfig:
         cfg.transport = str(agent.get("transport", "grpc"))
         cfg.labels = {str(k): str(v) for k, v in doc.get("labels", {}).items()}
         for name in ("heartbeat_interval_seconds", "renew_at_fraction",
-                     "backoff_initial_seconds", "backoff_max_seconds"):
+                     "backoff_initial_seconds", "backoff_max_seconds", "probation_seconds",
+                     "download_chunk_timeout_seconds"):
             value = agent.get(name, getattr(cfg, name))
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise InvalidInputError(f"{state.config}: agent.{name} must be a number >= 0")
@@ -111,6 +131,8 @@ class AgentConfig:
                     "renew_at_fraction": self.renew_at_fraction,
                     "backoff_initial_seconds": self.backoff_initial_seconds,
                     "backoff_max_seconds": self.backoff_max_seconds,
+                    "probation_seconds": self.probation_seconds,
+                    "download_chunk_timeout_seconds": self.download_chunk_timeout_seconds,
                 },
                 "labels": self.labels,
             },

@@ -14,15 +14,19 @@ from __future__ import annotations
 __all__ = [
     "AlreadyExistsError",
     "AuthenticationError",
+    "BadSignatureError",
     "EdgefleetError",
     "ExpiredError",
     "InvalidInputError",
     "NotFoundError",
     "PermissionDeniedError",
+    "ReplayError",
     "RevokedError",
+    "RollbackError",
     "TokenError",
     "TransportError",
     "UntrustedInputError",
+    "WrongDeviceError",
 ]
 
 
@@ -68,3 +72,19 @@ class AlreadyExistsError(EdgefleetError):
 
 class TransportError(EdgefleetError):
     """The network or the remote side failed; the same request may succeed later."""
+
+
+class BadSignatureError(UntrustedInputError):
+    """A signature does not verify with the pinned key (forged, altered, or the wrong key)."""
+
+
+class WrongDeviceError(UntrustedInputError):
+    """A signed document names another device (mix-and-match)."""
+
+
+class RollbackError(UntrustedInputError):
+    """A signed document is older than the newest one already trusted."""
+
+
+class ReplayError(UntrustedInputError):
+    """A signed document reuses a trusted serial with different content."""

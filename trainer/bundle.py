@@ -20,9 +20,8 @@ from fleetcore.bundle import (
     SIGNATURE,
     parse_manifest,
 )
-from fleetcore.errors import InvalidInputError
 
-__all__ = ["build_bundle", "file_digest", "sign_bundle", "verify_bundle"]
+__all__ = ["build_bundle", "file_digest", "sign_bundle"]
 
 
 def file_digest(path: Path) -> str:
@@ -41,16 +40,6 @@ def sign_bundle(bundle: Path, private_key: Path) -> Path:
         bundle, signature
     )
     return signature
-
-
-def verify_bundle(bundle: Path, public_key: Path) -> None:
-    """Raise ``InvalidInputError`` unless every file verifies against the publisher key."""
-    try:
-        model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key).verify(
-            bundle, bundle / SIGNATURE
-        )
-    except ValueError as exc:
-        raise InvalidInputError(f"bundle {bundle} does not verify: {exc}") from None
 
 
 def build_bundle(

@@ -6,7 +6,15 @@ import abc
 from collections.abc import Mapping
 from typing import Any
 
-from control_plane.domain import AuditRecord, CertificateRecord, DeviceRecord
+from control_plane.domain import (
+    ArmRecord,
+    AuditRecord,
+    CertificateRecord,
+    DeviceRecord,
+    ModelVersionRecord,
+    ReleaseRecord,
+    RolloutRecord,
+)
 
 __all__ = ["Store"]
 
@@ -84,6 +92,45 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_audit(self, limit: int) -> list[AuditRecord]:
         """The newest ``limit`` events, oldest first."""
+
+    # --- model registry ---
+    @abc.abstractmethod
+    def add_model_version(self, record: ModelVersionRecord) -> None:
+        """Raise AlreadyExistsError when (name, version) exists with another digest."""
+
+    @abc.abstractmethod
+    def get_model_version(self, name: str, version: int) -> ModelVersionRecord | None: ...
+
+    @abc.abstractmethod
+    def list_model_versions(self, name: str | None = None) -> list[ModelVersionRecord]: ...
+
+    # --- rollouts and device arms ---
+    @abc.abstractmethod
+    def start_rollout(
+        self,
+        model: str,
+        version: int,
+        selector: Mapping[str, str],
+        device_ids: list[str],
+        now: float,
+        created_by: str,
+    ) -> RolloutRecord:
+        """Supersede the model's active rollout and assign the version to the devices."""
+
+    @abc.abstractmethod
+    def get_rollout(self, model: str) -> RolloutRecord | None:
+        """The model's newest rollout."""
+
+    @abc.abstractmethod
+    def device_arms(self, device_id: str) -> list[ArmRecord]: ...
+
+    # --- release documents ---
+    @abc.abstractmethod
+    def get_release(self, device_id: str) -> ReleaseRecord | None: ...
+
+    @abc.abstractmethod
+    def put_release(self, record: ReleaseRecord) -> None:
+        """Store a device's new release; its serial must exceed the stored one."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -11,7 +11,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from control_plane.domain import AuditRecord, CertificateRecord, DeviceRecord
+from control_plane.domain import (
+    ArmRecord,
+    AuditRecord,
+    CertificateRecord,
+    DeviceRecord,
+    ModelVersionRecord,
+    ReleaseRecord,
+    RolloutRecord,
+)
 from control_plane.storage.base import Store
 from fleetcore.errors import AlreadyExistsError, NotFoundError, TokenError
 from fleetcore.sqlite import connect, migrate
@@ -75,6 +83,49 @@ MIGRATIONS: list[str] = [
     BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
     CREATE TRIGGER audit_events_no_delete BEFORE DELETE ON audit_events
     BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+    """,
+    # 2: model registry, rollouts, per-device arms and signed release documents
+    """
+    CREATE TABLE model_versions (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        length INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        published_by TEXT NOT NULL,
+        publisher_key TEXT NOT NULL,
+        manifest TEXT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY,
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        selector TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL,
+        device_ids TEXT NOT NULL,
+        FOREIGN KEY (model, version) REFERENCES model_versions(name, version)
+    );
+    CREATE INDEX rollouts_model ON rollouts(model, id);
+    CREATE TABLE device_arms (
+        device_id TEXT NOT NULL REFERENCES devices(id),
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        weight REAL NOT NULL,
+        shadow INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (device_id, model, version)
+    );
+    CREATE TABLE releases (
+        device_id TEXT PRIMARY KEY REFERENCES devices(id),
+        serial INTEGER NOT NULL,
+        document BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        issued_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        content TEXT NOT NULL
+    );
     """,
 ]
 
@@ -297,6 +348,118 @@ class SqliteStore(Store):
             for r in rows
         ]
 
+    # --- model registry ---
+    def add_model_version(self, record: ModelVersionRecord) -> None:
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT digest FROM model_versions WHERE name = ? AND version = ?",
+                (record.name, record.version),
+            ).fetchone()
+            if row is not None:
+                if row["digest"] == record.digest:
+                    return  # publishing the same bundle again changes nothing
+                raise AlreadyExistsError(
+                    f"model {record.name} version {record.version} exists with another bundle "
+                    f"({row['digest']}); publish a new version"
+                )
+            c.execute(
+                "INSERT INTO model_versions(name, version, digest, length, created_at,"
+                " published_by, publisher_key, manifest) VALUES (?,?,?,?,?,?,?,?)",
+                (record.name, record.version, record.digest, record.length, record.created_at,
+                 record.published_by, record.publisher_key, record.manifest),
+            )
+
+    def get_model_version(self, name: str, version: int) -> ModelVersionRecord | None:
+        rows = self._query(
+            "SELECT * FROM model_versions WHERE name = ? AND version = ?", (name, version)
+        )
+        return _model_version(rows[0]) if rows else None
+
+    def list_model_versions(self, name: str | None = None) -> list[ModelVersionRecord]:
+        if name:
+            rows = self._query(
+                "SELECT * FROM model_versions WHERE name = ? ORDER BY version", (name,)
+            )
+        else:
+            rows = self._query("SELECT * FROM model_versions ORDER BY name, version")
+        return [_model_version(r) for r in rows]
+
+    # --- rollouts ---
+    def start_rollout(
+        self,
+        model: str,
+        version: int,
+        selector: Mapping[str, str],
+        device_ids: list[str],
+        now: float,
+        created_by: str,
+    ) -> RolloutRecord:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE rollouts SET state = 'superseded' WHERE model = ? AND state = 'active'",
+                (model,),
+            )
+            cur = c.execute(
+                "INSERT INTO rollouts(model, version, selector, state, created_at, created_by,"
+                " device_ids) VALUES (?, ?, ?, 'active', ?, ?, ?)",
+                (model, version, _dump(dict(selector)), now, created_by, _dump(device_ids)),
+            )
+            for device_id in device_ids:
+                c.execute("DELETE FROM device_arms WHERE device_id = ? AND model = ?",
+                          (device_id, model))
+                c.execute(
+                    "INSERT INTO device_arms(device_id, model, version, weight, shadow)"
+                    " VALUES (?, ?, ?, 1.0, 0)",
+                    (device_id, model, version),
+                )
+            rollout_id = cur.lastrowid
+        record = self._rollout_by_id(int(rollout_id or 0))
+        assert record is not None
+        return record
+
+    def _rollout_by_id(self, rollout_id: int) -> RolloutRecord | None:
+        rows = self._query("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
+        return _rollout(rows[0]) if rows else None
+
+    def get_rollout(self, model: str) -> RolloutRecord | None:
+        rows = self._query(
+            "SELECT * FROM rollouts WHERE model = ? ORDER BY id DESC LIMIT 1", (model,)
+        )
+        return _rollout(rows[0]) if rows else None
+
+    def device_arms(self, device_id: str) -> list[ArmRecord]:
+        rows = self._query(
+            "SELECT model, version, weight, shadow FROM device_arms WHERE device_id = ?"
+            " ORDER BY model, version",
+            (device_id,),
+        )
+        return [ArmRecord(r["model"], r["version"], r["weight"], bool(r["shadow"])) for r in rows]
+
+    # --- releases ---
+    def get_release(self, device_id: str) -> ReleaseRecord | None:
+        rows = self._query("SELECT * FROM releases WHERE device_id = ?", (device_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return ReleaseRecord(r["device_id"], r["serial"], bytes(r["document"]),
+                             bytes(r["signature"]), r["issued_at"], r["expires_at"], r["content"])
+
+    def put_release(self, record: ReleaseRecord) -> None:
+        with self._tx() as c:
+            row = c.execute("SELECT serial FROM releases WHERE device_id = ?",
+                            (record.device_id,)).fetchone()
+            if row is not None and row["serial"] >= record.serial:
+                raise AlreadyExistsError(
+                    f"release serial {record.serial} for {record.device_id} is not newer than "
+                    f"{row['serial']}"
+                )
+            c.execute(
+                "INSERT OR REPLACE INTO releases(device_id, serial, document, signature,"
+                " issued_at, expires_at, content) VALUES (?,?,?,?,?,?,?)",
+                (record.device_id, record.serial, record.document, record.signature,
+                 record.issued_at, record.expires_at, record.content),
+            )
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
@@ -304,6 +467,16 @@ class SqliteStore(Store):
 
 def _dump(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _model_version(r: sqlite3.Row) -> ModelVersionRecord:
+    return ModelVersionRecord(r["name"], r["version"], r["digest"], r["length"], r["created_at"],
+                              r["published_by"], r["publisher_key"], r["manifest"])
+
+
+def _rollout(r: sqlite3.Row) -> RolloutRecord:
+    return RolloutRecord(r["id"], r["model"], r["version"], json.loads(r["selector"]), r["state"],
+                         r["created_at"], r["created_by"], tuple(json.loads(r["device_ids"])))
 
 
 def _device(r: sqlite3.Row) -> DeviceRecord:

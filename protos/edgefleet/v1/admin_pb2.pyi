@@ -19,6 +19,108 @@ DEVICE_STATUS_ONLINE: DeviceStatus
 DEVICE_STATUS_OFFLINE: DeviceStatus
 DEVICE_STATUS_REVOKED: DeviceStatus
 
+class PublishModelChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("name", "version", "digest", "length", "created_at", "published_by", "publisher_key", "manifest_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_BY_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHER_KEY_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    digest: str
+    length: int
+    created_at: float
+    published_by: str
+    publisher_key: str
+    manifest_json: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[str] = ..., length: _Optional[int] = ..., created_at: _Optional[float] = ..., published_by: _Optional[str] = ..., publisher_key: _Optional[str] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...
+
+class StartRolloutRequest(_message.Message):
+    __slots__ = ("model", "version", "selector")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    selector: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class GetRolloutRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class RolloutDevice(_message.Message):
+    __slots__ = ("device_id", "desired_version", "reported_version", "reported_state", "reason", "release_serial")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    desired_version: int
+    reported_version: int
+    reported_state: str
+    reason: str
+    release_serial: int
+    def __init__(self, device_id: _Optional[str] = ..., desired_version: _Optional[int] = ..., reported_version: _Optional[int] = ..., reported_state: _Optional[str] = ..., reason: _Optional[str] = ..., release_serial: _Optional[int] = ...) -> None: ...
+
+class Rollout(_message.Message):
+    __slots__ = ("model", "version", "selector", "state", "created_at", "created_by", "devices")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    selector: _containers.ScalarMap[str, str]
+    state: str
+    created_at: float
+    created_by: str
+    devices: _containers.RepeatedCompositeFieldContainer[RolloutDevice]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., state: _Optional[str] = ..., created_at: _Optional[float] = ..., created_by: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[RolloutDevice, _Mapping]]] = ...) -> None: ...
+
 class CreateEnrollmentTokenRequest(_message.Message):
     __slots__ = ("ttl_seconds", "labels")
     class LabelsEntry(_message.Message):

@@ -67,6 +67,26 @@ class AdminServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.PublishModel = channel.stream_unary(
+                '/edgefleet.v1.AdminService/PublishModel',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.PublishModelChunk.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/edgefleet.v1.AdminService/ListModels',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/edgefleet.v1.AdminService/StartRollout',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/edgefleet.v1.AdminService/GetRollout',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.Rollout.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -111,6 +131,31 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishModel(self, request_iterator, context):
+        """A bundle archive (fleetcore/archive.py), streamed in chunks of any size up to 4 MiB.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +188,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_admin__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'PublishModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.PublishModel,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.PublishModelChunk.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.ModelVersion.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListModelsRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.StartRolloutRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.Rollout.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.GetRolloutRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.Rollout.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +375,114 @@ class AdminService:
             '/edgefleet.v1.AdminService/ListAuditEvents',
             edgefleet_dot_v1_dot_admin__pb2.ListAuditEventsRequest.SerializeToString,
             edgefleet_dot_v1_dot_admin__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/edgefleet.v1.AdminService/PublishModel',
+            edgefleet_dot_v1_dot_admin__pb2.PublishModelChunk.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/ListModels',
+            edgefleet_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/StartRollout',
+            edgefleet_dot_v1_dot_admin__pb2.StartRolloutRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/GetRollout',
+            edgefleet_dot_v1_dot_admin__pb2.GetRolloutRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.Rollout.FromString,
             options,
             channel_credentials,
             insecure,

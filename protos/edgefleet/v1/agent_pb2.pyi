@@ -82,9 +82,41 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., uptime_seconds: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("server_time", "heartbeat_interval_seconds")
+    __slots__ = ("server_time", "heartbeat_interval_seconds", "release_serial")
     SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_SERIAL_FIELD_NUMBER: _ClassVar[int]
     server_time: float
     heartbeat_interval_seconds: int
-    def __init__(self, server_time: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[int] = ...) -> None: ...
+    release_serial: int
+    def __init__(self, server_time: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[int] = ..., release_serial: _Optional[int] = ...) -> None: ...
+
+class SyncRequest(_message.Message):
+    __slots__ = ("have_serial",)
+    HAVE_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    have_serial: int
+    def __init__(self, have_serial: _Optional[int] = ...) -> None: ...
+
+class SyncEvent(_message.Message):
+    __slots__ = ("release",)
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    release: _common_pb2.SignedRelease
+    def __init__(self, release: _Optional[_Union[_common_pb2.SignedRelease, _Mapping]] = ...) -> None: ...
+
+class FetchBundleRequest(_message.Message):
+    __slots__ = ("digest", "offset", "length")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    offset: int
+    length: int
+    def __init__(self, digest: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class BundleChunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -33,9 +33,8 @@ class AgentServiceStub:
     every other method needs the device identity taken from a verified client certificate;
     * the API port (mutual TLS with the fleet CA): everything else.
     The device id of a call is always the one in the peer certificate; no field of a message can
-    claim another device. Later issues add methods here, each device-scoped the same way:
-    a server-streaming Sync that pushes signed release documents, a chunked, resumable bundle
-    download, and batched telemetry with per-device sequence numbers.
+    claim another device. Telemetry (batched, with per-device sequence numbers) joins later,
+    device-scoped the same way.
     """
 
     def __init__(self, channel):
@@ -59,6 +58,16 @@ class AgentServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_agent__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_agent__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Sync = channel.unary_stream(
+                '/edgefleet.v1.AgentService/Sync',
+                request_serializer=edgefleet_dot_v1_dot_agent__pb2.SyncRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_agent__pb2.SyncEvent.FromString,
+                _registered_method=True)
+        self.FetchBundle = channel.unary_stream(
+                '/edgefleet.v1.AgentService/FetchBundle',
+                request_serializer=edgefleet_dot_v1_dot_agent__pb2.FetchBundleRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_agent__pb2.BundleChunk.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -69,9 +78,8 @@ class AgentServiceServicer:
     every other method needs the device identity taken from a verified client certificate;
     * the API port (mutual TLS with the fleet CA): everything else.
     The device id of a call is always the one in the peer certificate; no field of a message can
-    claim another device. Later issues add methods here, each device-scoped the same way:
-    a server-streaming Sync that pushes signed release documents, a chunked, resumable bundle
-    download, and batched telemetry with per-device sequence numbers.
+    claim another device. Telemetry (batched, with per-device sequence numbers) joins later,
+    device-scoped the same way.
     """
 
     def Enroll(self, request, context):
@@ -94,6 +102,20 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sync(self, request, context):
+        """The device's signed release document now, and again whenever it changes (pushed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchBundle(self, request, context):
+        """Bytes [offset, offset+length) of a bundle that the device's current release names.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +134,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=edgefleet_dot_v1_dot_agent__pb2.HeartbeatRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_agent__pb2.HeartbeatResponse.SerializeToString,
             ),
+            'Sync': grpc.unary_stream_rpc_method_handler(
+                    servicer.Sync,
+                    request_deserializer=edgefleet_dot_v1_dot_agent__pb2.SyncRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_agent__pb2.SyncEvent.SerializeToString,
+            ),
+            'FetchBundle': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchBundle,
+                    request_deserializer=edgefleet_dot_v1_dot_agent__pb2.FetchBundleRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_agent__pb2.BundleChunk.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'edgefleet.v1.AgentService', rpc_method_handlers)
@@ -128,9 +160,8 @@ class AgentService:
     every other method needs the device identity taken from a verified client certificate;
     * the API port (mutual TLS with the fleet CA): everything else.
     The device id of a call is always the one in the peer certificate; no field of a message can
-    claim another device. Later issues add methods here, each device-scoped the same way:
-    a server-streaming Sync that pushes signed release documents, a chunked, resumable bundle
-    download, and batched telemetry with per-device sequence numbers.
+    claim another device. Telemetry (batched, with per-device sequence numbers) joins later,
+    device-scoped the same way.
     """
 
     @staticmethod
@@ -204,6 +235,60 @@ class AgentService:
             '/edgefleet.v1.AgentService/Heartbeat',
             edgefleet_dot_v1_dot_agent__pb2.HeartbeatRequest.SerializeToString,
             edgefleet_dot_v1_dot_agent__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgefleet.v1.AgentService/Sync',
+            edgefleet_dot_v1_dot_agent__pb2.SyncRequest.SerializeToString,
+            edgefleet_dot_v1_dot_agent__pb2.SyncEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgefleet.v1.AgentService/FetchBundle',
+            edgefleet_dot_v1_dot_agent__pb2.FetchBundleRequest.SerializeToString,
+            edgefleet_dot_v1_dot_agent__pb2.BundleChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,13 +21,25 @@ class HostFacts(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., os: _Optional[str] = ..., arch: _Optional[str] = ..., cpu_count: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., python_version: _Optional[str] = ...) -> None: ...
 
 class InstalledModel(_message.Message):
-    __slots__ = ("name", "version", "state", "bundle_digest")
+    __slots__ = ("name", "version", "state", "bundle_digest", "reason", "serving")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     state: str
     bundle_digest: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., bundle_digest: _Optional[str] = ...) -> None: ...
+    reason: str
+    serving: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., bundle_digest: _Optional[str] = ..., reason: _Optional[str] = ..., serving: _Optional[bool] = ...) -> None: ...
+
+class SignedRelease(_message.Message):
+    __slots__ = ("document", "signature")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    document: bytes
+    signature: bytes
+    def __init__(self, document: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...

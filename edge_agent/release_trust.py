@@ -1,0 +1,164 @@
+"""The agent's persisted release trust: the high-water mark and the last accepted release.
+
+A thin shell around the pure ``fleetcore.release`` core (the python-tuf updater split):
+
+* ``accept`` verifies a delivered release against the current mark and, only on success,
+  writes it to ``release.json`` atomically (temp file, fsync, ``os.replace``) before it returns.
+  Any refusal leaves memory and disk exactly as they were.
+* On load the stored release is re-verified (signature with the pinned key, device id) but not
+  for expiry: a restarted agent keeps serving an expired release; it only refuses older ones.
+* A missing file means "nothing accepted yet". A corrupted or tampered file is an error, never
+  a silent reset, because forgetting the mark would re-open rollback.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fleetcore.errors import InvalidInputError, UntrustedInputError
+from fleetcore.files import atomic_write
+from fleetcore.release import (
+    MAX_DOCUMENT_BYTES,
+    MAX_SIGNATURE_BYTES,
+    ReleaseDocument,
+    SignedRelease,
+    TrustedMark,
+    reverify_release,
+    verify_release,
+)
+
+__all__ = ["TRUST_FILE_FORMAT", "ReleaseTrust"]
+
+logger = logging.getLogger(__name__)
+
+TRUST_FILE_FORMAT = "edgefleet.release-trust/v1"
+# Base64 grows data by 4/3; leave room for the JSON around it.
+_MAX_FILE_BYTES = 2 * (MAX_DOCUMENT_BYTES + MAX_SIGNATURE_BYTES) + 4096
+_FILE_KEYS = frozenset({"format", "serial", "digest", "document", "signature"})
+
+
+class ReleaseTrust:
+    """The release state of one device, kept in ``path`` (e.g. ``STATE/release.json``)."""
+
+    def __init__(self, path: Path, public_key: ec.EllipticCurvePublicKey, device_id: str) -> None:
+        self._path = Path(path)
+        self._public_key = public_key
+        self._device_id = device_id
+        self._lock = threading.Lock()
+        self._mark: TrustedMark | None = None
+        self._current: ReleaseDocument | None = None
+        loaded = self._load()
+        if loaded is not None:
+            self._current = loaded
+            self._mark = TrustedMark(serial=loaded.serial, digest=loaded.digest)
+
+    @property
+    def mark(self) -> TrustedMark | None:
+        return self._mark
+
+    @property
+    def current(self) -> ReleaseDocument | None:
+        return self._current
+
+    def accept(self, signed: SignedRelease, now: float) -> tuple[ReleaseDocument, bool]:
+        """Verify ``signed`` at ``now``; persist it if it is newer. Returns (document, changed).
+
+        Raises the errors of ``verify_release`` (and ``OSError`` if persisting fails); in every
+        such case the trust state is unchanged.
+        """
+        with self._lock:
+            doc = verify_release(
+                signed,
+                public_key=self._public_key,
+                device_id=self._device_id,
+                now=now,
+                trusted=self._mark,
+            )
+            if self._mark is not None and doc.serial == self._mark.serial:
+                # verify_release has checked that the digest matches: a re-delivery.
+                return doc, False
+            atomic_write(self._path, _encode_file(signed, doc))
+            previous = self._mark
+            self._current = doc
+            self._mark = TrustedMark(serial=doc.serial, digest=doc.digest)
+        logger.info(
+            "accepted release serial %d (%s) for %s; previous serial %s",
+            doc.serial,
+            doc.digest,
+            self._device_id,
+            previous.serial if previous is not None else "none",
+        )
+        return doc, True
+
+    def _load(self) -> ReleaseDocument | None:
+        try:
+            with self._path.open("rb") as fh:
+                data = fh.read(_MAX_FILE_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        try:
+            serial, digest, signed = _decode_file(data)
+            doc = reverify_release(
+                signed, public_key=self._public_key, device_id=self._device_id
+            )
+        except UntrustedInputError as exc:
+            raise InvalidInputError(
+                f"release trust file {self._path} is corrupted or tampered with ({exc}); "
+                "refusing to forget the trusted release"
+            ) from exc
+        if (serial, digest) != (doc.serial, doc.digest):
+            raise InvalidInputError(
+                f"release trust file {self._path} records serial {serial} and digest {digest}, "
+                f"but its signed document has serial {doc.serial} and digest {doc.digest}"
+            )
+        return doc
+
+
+def _encode_file(signed: SignedRelease, doc: ReleaseDocument) -> bytes:
+    record = {
+        "format": TRUST_FILE_FORMAT,
+        "serial": doc.serial,
+        "digest": doc.digest,
+        "document": base64.b64encode(signed.document).decode("ascii"),
+        "signature": base64.b64encode(signed.signature).decode("ascii"),
+    }
+    return json.dumps(record, sort_keys=True, indent=1).encode("ascii") + b"\n"
+
+
+def _decode_file(data: bytes) -> tuple[int, str, SignedRelease]:
+    if len(data) > _MAX_FILE_BYTES:
+        raise InvalidInputError(f"file is over the limit of {_MAX_FILE_BYTES} bytes")
+    try:
+        record: Any = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidInputError(f"not valid JSON: {exc}") from None
+    if not isinstance(record, dict) or record.keys() != _FILE_KEYS:
+        got = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise InvalidInputError(f"expected a JSON object with keys {sorted(_FILE_KEYS)}; got {got}")
+    if record["format"] != TRUST_FILE_FORMAT:
+        raise InvalidInputError(f"format must be {TRUST_FILE_FORMAT!r}; got {record['format']!r}")
+    serial, digest = record["serial"], record["digest"]
+    if not isinstance(serial, int) or isinstance(serial, bool) or not isinstance(digest, str):
+        raise InvalidInputError(
+            f"serial must be an integer and digest a string; got {serial!r} and {digest!r}"
+        )
+    try:
+        document = base64.b64decode(_ascii(record["document"], "document"), validate=True)
+        signature = base64.b64decode(_ascii(record["signature"], "signature"), validate=True)
+    except binascii.Error as exc:
+        raise InvalidInputError(f"document or signature is not valid base64: {exc}") from None
+    return serial, digest, SignedRelease(document=document, signature=signature)
+
+
+def _ascii(value: object, where: str) -> bytes:
+    if not isinstance(value, str) or not value.isascii():
+        raise InvalidInputError(f"{where} must be an ASCII base64 string; got {value!r:.80}")
+    return value.encode("ascii")

@@ -1,0 +1,203 @@
+"""Verify an unpacked model bundle against the trusted publisher keys (DESIGN.md §3-§4).
+
+Rules, checked in this order; the first failure raises and the bundle is never modified:
+
+1. Layout: regular files and directories only (walked with ``os.lstat``, no link followed);
+   ``manifest.json``, ``model.onnx`` and ``model.sig`` must be present.
+2. Signature: ``model.sig`` is an OpenSSF model-signing signature (Sigstore bundle, DSSE envelope
+   over an in-toto statement) that the ``model_signing`` library verifies with one of the
+   trusted publisher keys (``BadSignatureError`` when none does). The files on disk, less
+   ``model.sig``, must be exactly the files the statement lists: the library on its own skips
+   git files (``.git/``, ``.gitignore``, ...) and whatever the signer chose to ignore, and an
+   unsigned file must not ride along into an install.
+3. Manifest: ``fleetcore.bundle.parse_manifest``; when it has a ``files`` table
+   (``{name: {"sha256": hex, "size": bytes}}``), each listed file must exist with that size and
+   SHA-256 digest.
+
+The library reads the signature from a private copy of ``model.sig``, the same bytes that the
+file list is taken from, so what was verified is what is compared.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import model_signing
+
+from fleetcore.archive import list_regular_files
+from fleetcore.bundle import MANIFEST, MAX_MANIFEST_BYTES, MODEL_ONNX, SIGNATURE, parse_manifest
+from fleetcore.errors import BadSignatureError, InvalidInputError
+
+__all__ = ["MAX_SIGNATURE_BYTES", "verify_bundle_dir"]
+
+logger = logging.getLogger(__name__)
+
+# A statement lists one digest per file (~150 bytes each); real signatures are a few KiB.
+MAX_SIGNATURE_BYTES = 1024 * 1024
+
+_REQUIRED_FILES = (MANIFEST, MODEL_ONNX, SIGNATURE)
+_CHUNK_BYTES = 1 << 20
+_MAX_REASON_CHARS = 160
+_HashType = Literal["sha256", "blake2", "blake3"]
+_HASH_TYPES: dict[str, _HashType] = {"sha256": "sha256", "blake2": "blake2", "blake3": "blake3"}
+
+
+@dataclass(frozen=True)
+class _Statement:
+    """What a signature claims (trusted only once the library has verified it)."""
+
+    hash_type: _HashType
+    names: frozenset[str]
+
+
+def verify_bundle_dir(bundle: Path, publisher_keys: Sequence[bytes]) -> dict[str, Any]:
+    """Check ``bundle`` against the trusted publisher keys (PEM); return its parsed manifest.
+
+    Raises ``InvalidInputError`` for a bad layout or manifest and ``BadSignatureError`` when the
+    signature does not verify with any of ``publisher_keys``.
+    """
+    bundle = Path(bundle)
+    files = set(list_regular_files(bundle))
+    missing = [name for name in _REQUIRED_FILES if name not in files]
+    if missing:
+        raise InvalidInputError(f"bundle {bundle} lacks {', '.join(missing)}")
+
+    signature = _read_bounded(bundle / SIGNATURE, MAX_SIGNATURE_BYTES, "signature")
+    statement = _parse_statement(signature)
+    _verify_signature(bundle, signature, statement, publisher_keys)
+    on_disk = files - {SIGNATURE}
+    if on_disk != statement.names:
+        unsigned = sorted(on_disk - statement.names)
+        absent = sorted(statement.names - on_disk)
+        raise BadSignatureError(
+            f"bundle {bundle} files differ from the signed list: unsigned {unsigned}, "
+            f"missing {absent}"
+        )
+
+    manifest = parse_manifest(_read_bounded(bundle / MANIFEST, MAX_MANIFEST_BYTES, "manifest"))
+    if "files" in manifest:
+        _check_files_table(bundle, files, manifest["files"])
+    return manifest
+
+
+def _verify_signature(
+    bundle: Path, signature: bytes, statement: _Statement, publisher_keys: Sequence[bytes]
+) -> None:
+    """Pass if the library verifies ``signature`` over ``bundle`` with any one key."""
+    if not publisher_keys:
+        raise BadSignatureError("no trusted publisher keys are configured")
+    reasons: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="edgefleet-verify-") as tmp:
+        signature_copy = Path(tmp) / SIGNATURE
+        signature_copy.write_bytes(signature)
+        for index, pem in enumerate(publisher_keys):
+            key_path = Path(tmp) / f"publisher-{index}.pem"
+            key_path.write_bytes(pem)
+            hashing = (
+                model_signing.hashing.Config()
+                .use_file_serialization(hashing_algorithm=statement.hash_type)
+                .set_ignored_paths(paths=[SIGNATURE], ignore_git_paths=False)
+            )
+            try:
+                model_signing.verifying.Config().use_elliptic_key_verifier(
+                    public_key=key_path
+                ).set_hashing_config(hashing).verify(bundle, signature_copy)
+            # The library lets many kinds out (ValueError, KeyError, InvalidSignature, ...);
+            # every one of them means "not with this key".
+            except Exception as exc:
+                logger.debug("bundle %s: publisher key %d refused: %r", bundle, index, exc)
+                reasons.append(_short_reason(exc))
+                continue
+            logger.debug("bundle %s verified with publisher key %d", bundle, index)
+            return
+    raise BadSignatureError(
+        f"bundle {bundle} signature does not verify with any of the {len(publisher_keys)} "
+        f"trusted publisher key(s): {'; '.join(dict.fromkeys(reasons))}"
+    )
+
+
+def _parse_statement(signature: bytes) -> _Statement:
+    """The hash type and file names that the signature's in-toto statement lists."""
+    try:
+        envelope = _loads_strict(signature)["dsseEnvelope"]
+        statement = _loads_strict(base64.b64decode(envelope["payload"], validate=True))
+        serialization = statement["predicate"]["serialization"]
+        resources = statement["predicate"]["resources"]
+        method, hash_type = serialization["method"], serialization["hash_type"]
+        names = [resource["name"] for resource in resources]
+    except KeyError as exc:
+        raise BadSignatureError(f"signature is malformed: it lacks the field {exc}") from None
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise BadSignatureError(f"signature is malformed: {_short_reason(exc)}") from None
+    if method != "files":
+        raise BadSignatureError(f"signature must hash whole files; got method {method!r}")
+    if not isinstance(hash_type, str) or hash_type not in _HASH_TYPES:
+        raise BadSignatureError(f"signature uses the unknown hash {hash_type!r}")
+    if not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
+        raise BadSignatureError("signature lists a file name twice or a name that is not text")
+    return _Statement(hash_type=_HASH_TYPES[hash_type], names=frozenset(names))
+
+
+def _check_files_table(bundle: Path, files: set[str], table: object) -> None:
+    if not isinstance(table, dict):
+        raise InvalidInputError("manifest field 'files' must be an object")
+    for name, entry in table.items():
+        if name not in files:
+            raise InvalidInputError(f"manifest lists {name!r}, which the bundle does not hold")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("sha256"), str)
+            or not isinstance(entry.get("size"), int)
+            or isinstance(entry.get("size"), bool)
+        ):
+            raise InvalidInputError(f"manifest entry for {name!r} needs a sha256 and a size")
+        size = os.lstat(bundle / name).st_size
+        if size != entry["size"]:
+            raise InvalidInputError(f"{name} is {size} bytes; the manifest says {entry['size']}")
+        expected = entry["sha256"].removeprefix("sha256:").lower()
+        actual = _sha256_file(bundle / name)
+        if actual != expected:
+            raise InvalidInputError(f"{name} has SHA-256 {actual}; the manifest says {expected}")
+
+
+def _loads_strict(data: bytes) -> Any:
+    """``json.loads`` that refuses duplicate keys, so no two parsers can read different values."""
+    return json.loads(data, object_pairs_hook=_unique_pairs)
+
+
+def _unique_pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in items]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate key in JSON object")
+    return dict(items)
+
+
+def _read_bounded(path: Path, limit: int, what: str) -> bytes:
+    with path.open("rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidInputError(f"{what} {path} is over the {limit}-byte limit")
+    return data
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:_MAX_REASON_CHARS]
