@@ -2,8 +2,10 @@
 
 So far: train, compress and sign the digits model (its publisher key made by `trainer keygen`),
 create a control plane that trusts that publisher, serve it, enroll two agents with one-time
-tokens, run them over mutual TLS, list the fleet, and shut everything down cleanly. Later
-issues extend this story (signed delivery, A/B, drift, retraining).
+tokens, run them over mutual TLS, publish the bundle and roll it out: each agent receives its
+signed release document, downloads, verifies, smoke-tests, activates and commits the model.
+Then list the fleet and shut everything down cleanly. Later issues extend this story (serving,
+A/B, drift, retraining).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from scripts.procs import Child, run
@@ -77,6 +80,9 @@ def enroll_and_run_agents(
         print(run("edge-agent", "enroll", "--server", enroll, "--token", token.strip(),
                   "--ca", str(home / "pki/ca.pem"), "--state-dir", str(state),
                   "--label", "tier=demo"), end="")
+        config = state / "agent.toml"  # a short probation so the demo sees the commit
+        config.write_text(config.read_text().replace("probation_seconds = 300.0",
+                                                     "probation_seconds = 2.0"))
         agents.append(state)
 
     step("edge-agent run (two agents, heartbeating over mutual TLS)")
@@ -88,12 +94,27 @@ def enroll_and_run_agents(
     return agents
 
 
+def deliver(work: Path, fleet: tuple[str, ...], children: list[Child]) -> None:
+    bundle = work / "training" / "bundle"
+    step("fleet models publish (verified against the trusted publisher key, stored encrypted)")
+    print(run(*fleet, "models", "publish", str(bundle)), end="")
+    print(run(*fleet, "models", "list"), end="")
+    step("fleet rollouts start --model digits --version 1 --selector tier=demo")
+    print(run(*fleet, "rollouts", "start", "--model", "digits", "--version", "1",
+              "--selector", "tier=demo"), end="")
+    for child in children[1:]:  # the agents: signed release pushed, downloaded, installed
+        print(f"{child.name}: " + child.expect(r"digits v1 active, on probation").group(0))
+    for child in children[1:]:
+        print(f"{child.name}: " + child.expect(r"digits v1 committed after probation").group(0))
+
+
 def scenario(work: Path, children: list[Child]) -> int:
     """Run the story; return how many devices ended online."""
     publisher_pub = train(work)
     home, api, enroll = start_control_plane(work, publisher_pub, children)
     fleet = ("fleet", "--config", str(home / "operators/admin/fleet.toml"), "--api", api)
     agents = enroll_and_run_agents(work, home, fleet, enroll, children)
+    deliver(work, fleet, children)
 
     step("fleet devices list")
     print(run(*fleet, "devices", "list"), end="")
@@ -101,6 +122,17 @@ def scenario(work: Path, children: list[Child]) -> int:
     online = [d["id"] for d in devices if d["status"] == "online"]
     if len(online) != len(agents):
         raise RuntimeError(f"expected {len(agents)} online devices, got {devices}")
+
+    step("fleet rollouts status --model digits")
+    deadline = time.monotonic() + 30
+    while True:  # the commit reaches the control plane with the agents' next heartbeat
+        status = json.loads(run(*fleet, "rollouts", "status", "--model", "digits", "--json"))
+        if all(d["state"] == "committed" for d in status["devices"]):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rollout did not complete: {status}")
+        time.sleep(0.2)
+    print(run(*fleet, "rollouts", "status", "--model", "digits"), end="")
 
     step("fleet audit list")
     print(run(*fleet, "audit", "list"), end="")

@@ -105,6 +105,10 @@ def test_publish_rollout_installs_and_commits_on_every_matching_agent(
         }
         assert c.device_id not in {d["id"] for d in status["devices"]}
         assert agents[2].agent.models.active("digits") is None
+        assert _fleet(cp, "devices", "show", a.device_id, "--json") == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert [(m["name"], int(m["version"]), m["state"], m["serving"])
+                for m in shown["models"]] == [("digits", 1, "committed", True)]
     finally:
         for agent in agents:
             agent.stop()

@@ -17,3 +17,5 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "demo OK: 2 devices online" in out
     assert "control-plane exited 0" in out
     assert out.count("connected to control plane") == 2
+    assert out.count("digits v1 committed after probation") == 2
+    assert "bundle verified with the reference tool" in out
