@@ -213,6 +213,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             caller = self._device(context)
             sent = request.have_serial
             with self.notifier.subscribe(caller.name) as wake:
+                # Tells the client the stream is live (and subscribed) before any release.
+                await context.send_initial_metadata(())
                 while True:
                     release = self.h.current_release(caller)
                     if release is not None and release.serial > sent:

@@ -339,3 +339,55 @@ def test_archive_digest_matches_what_the_release_declares(
     assert _fleet(cp, "models", "publish", str(bundle)) == 0
     record = cp.cp.store.get_model_version("digits", 1)
     assert record is not None and (record.digest, record.length) == (digest, length)
+
+
+def test_rollback_to_a_kept_version_needs_no_download(
+    cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path
+) -> None:
+    for version in (1, 2):
+        bundle = _bundle_for(cp, trained_bundle, tmp_path / f"v{version}", version=version)
+        assert _fleet(cp, "models", "publish", str(bundle)) == 0
+    cp.enroll_agent(tmp_path / "a")
+    agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0)
+    try:
+        for version in (1, 2):
+            assert _fleet(cp, "rollouts", "start", "--model", "digits",
+                          "--version", str(version)) == 0
+            _wait_models(agent, _committed(version))
+        # v1's bytes are gone from the control plane: only the copy kept on the device remains.
+        v1 = cp.cp.store.get_model_version("digits", 1)
+        assert v1 is not None
+        cp.cp.handlers.blobs.path(v1.digest).unlink()
+        assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1") == 0
+        _wait_models(agent, _committed(1))
+    finally:
+        agent.stop()
+
+
+def test_revoked_device_sync_stream_ends(
+    cp: RunningControlPlane, tmp_path: Path
+) -> None:
+    cfg = cp.enroll_agent(tmp_path / "a")
+    s = StateDir(tmp_path / "a")
+    creds = grpc.ssl_channel_credentials(s.ca.read_bytes(), s.key.read_bytes(),
+                                         s.cert.read_bytes())
+
+    async def watch() -> grpc.StatusCode:
+        async with grpc.aio.secure_channel(cp.api, creds) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            call = stub.Sync(agent_pb2.SyncRequest())
+            await call.initial_metadata()  # sent once the server has subscribed the stream
+            assert cp.cp.notifier.subscribers(cfg.device_id) == 1
+            cp.loop.loop.call_soon_threadsafe(
+                lambda: cp.cp.handlers.revoke_device(_admin(cp), cfg.device_id, "lost"))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+            return err.value.code()
+
+    assert asyncio.run(asyncio.wait_for(watch(), WAIT)) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _admin(cp: RunningControlPlane) -> pki.Identity:
+    cert = pki.load_certificate(cp.admin.cert.read_bytes())
+    return pki.identity_from_certificate(cert)

@@ -1,0 +1,43 @@
+"""Release documents on the control plane: issued on change, renewed before expiry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from control_plane.domain import ModelVersionRecord
+from control_plane.releases import ReleaseIssuer
+from control_plane.storage import SqliteStore
+from fleetcore import pki
+from fleetcore.release import SignedRelease, verify_release
+
+
+def _store(tmp_path: Path) -> SqliteStore:
+    store = SqliteStore(tmp_path / "db.sqlite")
+    with store._tx() as c:  # a device without going through enrollment
+        c.execute("INSERT INTO devices(id, labels, enrolled_at) VALUES ('dev-1', '{}', 0)")
+    for version in (1, 2):
+        store.add_model_version(ModelVersionRecord(
+            "digits", version, "sha256:" + f"{version:x}" * 64, 1000 + version, 0.0, "t", "k",
+            "{}"))
+    return store
+
+
+def test_release_is_issued_on_change_and_renewed_before_expiry(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    key = pki.generate_key()
+    changed: list[str] = []
+    issuer = ReleaseIssuer(store, key, ttl_seconds=100, on_change=changed.append)
+    assert issuer.current("dev-1", now=0) is None  # nothing assigned: no document
+    store.start_rollout("digits", 1, {}, ["dev-1"], 0, "test")
+    first = issuer.current("dev-1", now=10)
+    assert first is not None and first.serial == 1 and changed == ["dev-1"]
+    assert issuer.current("dev-1", now=50) == first  # more than half its life left
+    renewed = issuer.current("dev-1", now=61)  # less than half left: renewed, same content
+    assert renewed is not None and renewed.serial == 2 and renewed.expires_at == 161
+    assert changed == ["dev-1"]  # a renewal is not a change
+    store.start_rollout("digits", 2, {}, ["dev-1"], 70, "test")
+    new = issuer.current("dev-1", now=70)
+    assert new is not None and new.serial == 3 and changed == ["dev-1", "dev-1"]
+    doc = verify_release(SignedRelease(new.document, new.signature), public_key=key.public_key(),
+                         device_id="dev-1", now=70, trusted=None)
+    assert [(a.version, a.length, a.weight) for a in doc.models[0].arms] == [(2, 1002, 1.0)]
