@@ -216,16 +216,17 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 # Tells the client the stream is live (and subscribed) before any release.
                 await context.send_initial_metadata(())
                 while True:
+                    # Clear before looking: a change notified from here on is not lost.
+                    wake.clear()
+                    self._device(context)  # a revoked device's stream ends here
                     release = self.h.current_release(caller)
                     if release is not None and release.serial > sent:
                         sent = release.serial
                         yield agent_pb2.SyncEvent(release=common_pb2.SignedRelease(
                             document=release.document, signature=release.signature))
-                    wake.clear()
                     with contextlib.suppress(TimeoutError):
                         # Wake on a change, or now and then to renew the document before expiry.
                         await asyncio.wait_for(wake.wait(), timeout=SYNC_RECHECK_SECONDS)
-                    self._device(context)  # a revoked device's stream ends here
         except EdgefleetError as exc:
             await context.abort(status_code_for(exc), str(exc))
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 from edgefleet.v1 import agent_pb2
 
 from fleetcore.errors import EdgefleetError, TransportError, UntrustedInputError
@@ -79,6 +80,11 @@ async def fetch_bundle(
                         except TimeoutError:
                             raise TransportError(
                                 f"download of {digest} stalled at {have}/{length} bytes"
+                            ) from None
+                        except grpc.aio.AioRpcError as exc:
+                            raise TransportError(
+                                f"download of {digest} failed at {have}/{length} bytes: "
+                                f"{exc.code().name}: {exc.details()}"
                             ) from None
                         if chunk.offset != have:
                             raise UntrustedInputError(

@@ -307,7 +307,7 @@ def test_stalled_server_times_out_and_keeps_the_partial_download(tmp_path: Path)
     assert part.stat().st_size == 2000
 
 
-def test_stalled_download_keeps_the_old_model_serving(
+def test_failed_download_keeps_the_old_model_serving(
     cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path, loop: LoopThread
 ) -> None:
     v1 = _bundle_for(cp, trained_bundle, tmp_path / "v1", version=1)
@@ -318,14 +318,19 @@ def test_stalled_download_keeps_the_old_model_serving(
     try:
         assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1") == 0
         _wait_models(agent, _committed(1))
-        # v2's blob goes missing from the store: the server cannot send it.
+        # v2's blob goes missing from the store: the server cannot send it (the agent's
+        # download fails; the old model keeps serving and the download is retried later).
         v2 = _bundle_for(cp, trained_bundle, tmp_path / "v2", version=2)
         assert _fleet(cp, "models", "publish", str(v2)) == 0
         digest = cp.cp.store.get_model_version("digits", 2).digest  # type: ignore[union-attr]
         cp.cp.handlers.blobs.path(digest).unlink()
         assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "2") == 0
-        models = agent.wait_for("models")["models"]
+        while (event := agent.wait_for("models"))["serial"] < 2:
+            pass  # events from before the v2 release
+        models = event["models"]
         assert _serving(models)["version"] == 1  # type: ignore[index]
+        v2 = next(m for m in models if m["version"] == 2)
+        assert v2["state"] == "downloading" and not v2["serving"]  # resumes on the next sync
         assert agent.agent.models.active("digits")[0] == 1  # type: ignore[index]
     finally:
         agent.stop()
