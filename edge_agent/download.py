@@ -16,7 +16,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 from edgefleet.v1 import agent_pb2
@@ -68,36 +68,11 @@ async def fetch_bundle(
         call = stub.FetchBundle(
             agent_pb2.FetchBundleRequest(digest=digest, offset=have, length=length - have)
         )
-        it = call.__aiter__()
         try:
             with part.open("ab") as fh:
                 try:
-                    while have < length:
-                        try:
-                            chunk = await _next(it, chunk_timeout)
-                        except StopAsyncIteration:
-                            break
-                        except TimeoutError:
-                            raise TransportError(
-                                f"download of {digest} stalled at {have}/{length} bytes"
-                            ) from None
-                        except grpc.aio.AioRpcError as exc:
-                            raise TransportError(
-                                f"download of {digest} failed at {have}/{length} bytes: "
-                                f"{exc.code().name}: {exc.details()}"
-                            ) from None
-                        if chunk.offset != have:
-                            raise UntrustedInputError(
-                                f"chunk at offset {chunk.offset}; expected {have}"
-                            )
-                        room = length - have
-                        fh.write(chunk.data[:room])
-                        have += min(len(chunk.data), room)
-                        if len(chunk.data) > room:
-                            # Endless data: what lies past the declared length is never
-                            # written, and the stream is not read any further.
-                            log.warning("server sent more than the declared %d bytes of %s; "
-                                        "ignoring the excess", length, digest)
+                    have = await _receive(call.__aiter__(), fh, digest, have, length,
+                                          chunk_timeout)
                 finally:
                     fh.flush()
                     os.fsync(fh.fileno())
@@ -110,3 +85,32 @@ async def fetch_bundle(
         part.unlink()
         raise UntrustedInputError(f"bundle digest is {actual}; the release declares {digest}")
     return part
+
+
+async def _receive(
+    it: AsyncIterator[Any], fh: BinaryIO, digest: str, have: int, length: int, timeout: float
+) -> int:
+    """Append chunks to ``fh`` until ``length`` bytes are there or the stream ends."""
+    while have < length:
+        try:
+            chunk = await _next(it, timeout)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise TransportError(f"download of {digest} stalled at {have}/{length} bytes") from None
+        except grpc.aio.AioRpcError as exc:
+            raise TransportError(
+                f"download of {digest} failed at {have}/{length} bytes: "
+                f"{exc.code().name}: {exc.details()}"
+            ) from None
+        if chunk.offset != have:
+            raise UntrustedInputError(f"chunk at offset {chunk.offset}; expected {have}")
+        room = length - have
+        fh.write(chunk.data[:room])
+        have += min(len(chunk.data), room)
+        if len(chunk.data) > room:
+            # Endless data: what lies past the declared length is never written, and the
+            # stream is not read any further.
+            log.warning("server sent more than the declared %d bytes of %s; ignoring the excess",
+                        length, digest)
+    return have
