@@ -35,6 +35,10 @@ ACTIONS: dict[str, Action] = {
         Action("models.list", Role.VIEWER, False),
         Action("rollouts.start", Role.OPERATOR, True),
         Action("rollouts.status", Role.VIEWER, False),
+        Action("experiments.start", Role.OPERATOR, True),
+        Action("experiments.stop", Role.OPERATOR, True),
+        Action("experiments.status", Role.VIEWER, False),
+        Action("drift.read", Role.VIEWER, False),
     )
 }
 

@@ -8,14 +8,18 @@ from typing import Any
 
 __all__ = [
     "ArmRecord",
+    "ArmStatsRecord",
     "AuditOutcome",
     "AuditRecord",
     "CertificateRecord",
     "DeviceRecord",
     "DeviceStatus",
+    "DriftWindowRecord",
+    "ExperimentRecord",
     "ModelVersionRecord",
     "ReleaseRecord",
     "RolloutRecord",
+    "TelemetryRecord",
 ]
 
 
@@ -104,6 +108,57 @@ class ReleaseRecord:
     issued_at: float
     expires_at: float
     content: str  # digest of the arms it carries, to tell a renewal from a change
+
+
+@dataclass(frozen=True)
+class TelemetryRecord:
+    seq: int
+    kind: str
+    created_at: float
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class DriftWindowRecord:
+    device_id: str
+    model: str
+    version: int
+    start: float
+    end: float
+    rows: int
+    score: float
+    drifted: bool
+    prediction_psi: float
+    drifted_features: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ArmStatsRecord:
+    """A device's counters for one model version since the agent started serving it."""
+
+    device_id: str
+    model: str
+    version: int
+    requests: int
+    errors: int
+    p50_ms: float
+    p95_ms: float
+    labelled: int
+    correct: int
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class ExperimentRecord:
+    model: str
+    champion: int
+    challenger: int
+    weight: float
+    state: str  # running | stopped
+    selector: dict[str, str]
+    device_ids: tuple[str, ...]
+    created_at: float
+    created_by: str
 
 
 @dataclass(frozen=True)

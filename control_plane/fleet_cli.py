@@ -100,6 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     oc.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
     oc.add_argument("--out", required=True, type=Path)
 
+    _add_model_commands(sub)
+
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(
+        dest="command", required=True
+    )
+    al = audit.add_parser("list")
+    al.add_argument("--limit", type=int, default=100)
+    al.add_argument("--json", action="store_true")
+    return p
+
+
+def _add_model_commands(sub: Any) -> None:
+    """models, rollouts, experiments and drift."""
     models = sub.add_parser("models", help="the model registry").add_subparsers(
         dest="command", required=True
     )
@@ -124,13 +137,24 @@ def _parser() -> argparse.ArgumentParser:
     rst.add_argument("--model", required=True)
     rst.add_argument("--json", action="store_true")
 
-    audit = sub.add_parser("audit", help="the audit log").add_subparsers(
-        dest="command", required=True
-    )
-    al = audit.add_parser("list")
-    al.add_argument("--limit", type=int, default=100)
-    al.add_argument("--json", action="store_true")
-    return p
+    experiments = sub.add_parser(
+        "experiments", help="champion and challenger side by side on devices"
+    ).add_subparsers(dest="command", required=True)
+    es = experiments.add_parser("start")
+    es.add_argument("--model", required=True)
+    es.add_argument("--challenger", required=True, type=int)
+    es.add_argument("--weight", type=float, default=0.1)
+    es.add_argument("--selector", action="append", default=[], metavar="K=V")
+    es.add_argument("--json", action="store_true")
+    for name in ("status", "stop"):
+        e = experiments.add_parser(name)
+        e.add_argument("--model", required=True)
+        e.add_argument("--json", action="store_true")
+
+    drift = sub.add_parser("drift", help="drift per device and fleet-wide (latest windows)")
+    drift.set_defaults(command="show")
+    drift.add_argument("--model", default="")
+    drift.add_argument("--json", action="store_true")
 
 
 def _ts(value: float) -> str:
@@ -374,7 +398,85 @@ def _rollouts_status(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> 
                    args.json)
 
 
+def experiment_json(e: admin_pb2.Experiment) -> dict[str, Any]:
+    return {
+        "model": e.model, "champion": e.champion, "challenger": e.challenger,
+        "weight": e.weight, "state": e.state, "selector": dict(e.selector),
+        "devices": list(e.device_ids), "created_at": e.created_at,
+        "arms": [
+            {"version": a.version, "role": a.role, "weight": a.weight, "requests": a.requests,
+             "errors": a.errors, "p50_ms": a.p50_ms, "p95_ms": a.p95_ms,
+             "labelled": a.labelled, "correct": a.correct,
+             "accuracy": a.correct / a.labelled if a.labelled else None, "devices": a.devices}
+            for a in e.arms
+        ],
+    }
+
+
+def _print_experiment(e: admin_pb2.Experiment, as_json: bool) -> None:
+    doc = experiment_json(e)
+    if as_json:
+        print_json(doc)
+        return
+    print(f"experiment {e.model}: champion v{e.champion} vs challenger v{e.challenger} "
+          f"({e.weight:.0%} of traffic), {e.state}, {len(e.device_ids)} devices")
+    print_table(("ARM", "VERSION", "WEIGHT", "REQUESTS", "ERRORS", "P50 MS", "P95 MS",
+                 "LABELLED", "ACCURACY"), [
+        (a["role"], a["version"], f"{a['weight']:.2f}", a["requests"], a["errors"],
+         f"{a['p50_ms']:.2f}", f"{a['p95_ms']:.2f}", a["labelled"],
+         f"{a['accuracy']:.4f}" if a["accuracy"] is not None else "-")
+        for a in doc["arms"]
+    ])
+
+
+def _experiments_start(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    e = stub.StartExperiment(admin_pb2.StartExperimentRequest(
+        model=args.model, challenger=args.challenger, weight=args.weight,
+        selector=parse_label_args(args.selector)), timeout=T)
+    _print_experiment(e, args.json)
+
+
+def _experiments_status(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    _print_experiment(stub.GetExperiment(admin_pb2.GetExperimentRequest(model=args.model),
+                                         timeout=T), args.json)
+
+
+def _experiments_stop(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    _print_experiment(stub.StopExperiment(admin_pb2.GetExperimentRequest(model=args.model),
+                                          timeout=T), args.json)
+
+
+def _drift_show(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    r = stub.GetDrift(admin_pb2.GetDriftRequest(model=args.model), timeout=T)
+    doc = {
+        "fleet": [{"model": f.model, "devices": f.devices, "drifted_devices": f.drifted_devices,
+                   "mean_score": f.mean_score} for f in r.fleet],
+        "devices": [{"device_id": w.device_id, "model": w.model, "version": w.version,
+                     "start": w.start, "end": w.end, "rows": w.rows, "score": w.score,
+                     "drifted": w.drifted, "prediction_psi": w.prediction_psi,
+                     "drifted_features": list(w.drifted_features)} for w in r.latest],
+    }
+    if args.json:
+        print_json(doc)
+        return
+    print_table(("MODEL", "DEVICES", "DRIFTED", "MEAN SCORE"), [
+        (f["model"], f["devices"], f["drifted_devices"], f"{f['mean_score']:.3f}")
+        for f in doc["fleet"]
+    ])
+    print()
+    print_table(("DEVICE", "MODEL", "VERSION", "WINDOW END", "ROWS", "SCORE", "DRIFTED",
+                 "FEATURES"), [
+        (w["device_id"], w["model"], w["version"], _ts(w["end"]), w["rows"],
+         f"{w['score']:.3f}", "yes" if w["drifted"] else "no",
+         len(w["drifted_features"])) for w in doc["devices"]
+    ])
+
+
 COMMANDS: dict[tuple[str, str], Callable[[Stub, argparse.Namespace, FleetConfig], None]] = {
+    ("experiments", "start"): _experiments_start,
+    ("experiments", "status"): _experiments_status,
+    ("experiments", "stop"): _experiments_stop,
+    ("drift", "show"): _drift_show,
     ("models", "publish"): _models_publish,
     ("models", "list"): _models_list,
     ("models", "show"): _models_show,

@@ -20,17 +20,22 @@ from control_plane.authority import Authority
 from control_plane.blobstore import BlobStore
 from control_plane.config import ControlPlaneConfig
 from control_plane.domain import (
+    ArmStatsRecord,
     AuditOutcome,
     AuditRecord,
     DeviceRecord,
     DeviceStatus,
+    DriftWindowRecord,
+    ExperimentRecord,
     ModelVersionRecord,
     ReleaseRecord,
     RolloutRecord,
+    TelemetryRecord,
 )
 from control_plane.registry import Upload, manifest_json, verify_upload
 from control_plane.releases import ReleaseIssuer
 from control_plane.storage import Store
+from control_plane.telemetry import derive
 from fleetcore import pki
 from fleetcore.errors import (
     AuthenticationError,
@@ -395,6 +400,74 @@ class Handlers:
         self._audit(caller.actor, "operators.create", f"operator:{name}", AuditOutcome.ALLOWED,
                     {"role": role.label, "serial": record.serial})
         return cert_pem
+
+    # ------------------------------------------------------------------ telemetry
+    def ingest_telemetry(
+        self, caller: pki.Identity, records: list[TelemetryRecord], dropped: int, depth: int
+    ) -> list[int]:
+        derived = derive(caller.name, records)
+        return self.store.ingest_telemetry(caller.name, records, derived, self.clock(), dropped,
+                                           depth)
+
+    def drift(self, caller: pki.Identity, model: str) -> list[DriftWindowRecord]:
+        self._authorize(caller, "drift.read", model)
+        return self.store.latest_drift(model or None)
+
+    # ------------------------------------------------------------------ experiments
+    def start_experiment(
+        self, caller: pki.Identity, model: str, challenger: int, weight: float,
+        selector: Mapping[str, str],
+    ) -> ExperimentRecord:
+        target = f"{model}:{challenger}"
+        self._authorize(caller, "experiments.start", target)
+        weight = weight or 0.1
+        if not 0.0 < weight < 1.0:
+            raise InvalidInputError(f"challenger weight must be in (0, 1); got {weight}")
+        rollout = self.store.get_rollout(model)
+        if rollout is None or rollout.state != "active":
+            raise NotFoundError(f"model {model!r} has no active rollout to be the champion")
+        if challenger == rollout.version:
+            raise InvalidInputError(f"version {challenger} is already the champion")
+        if self.store.get_model_version(model, challenger) is None:
+            raise NotFoundError(f"model {model} version {challenger} is not published")
+        clean = validate_labels(selector)
+        devices = []
+        for device_id in rollout.device_ids:
+            device = self.store.get_device(device_id)
+            if device is not None and device.revoked_at is None and matches(device.labels,
+                                                                            clean):
+                devices.append(device_id)
+        now = self.clock()
+        record = ExperimentRecord(model, rollout.version, challenger, weight, "running", clean,
+                                  tuple(devices), now, caller.actor)
+        self.store.start_experiment(record)
+        for device_id in devices:
+            self.releases.current(device_id, now)
+        self._audit(caller.actor, "experiments.start", target, AuditOutcome.ALLOWED,
+                    {"weight": weight, "devices": len(devices), "champion": rollout.version})
+        return record
+
+    def stop_experiment(self, caller: pki.Identity, model: str) -> ExperimentRecord:
+        self._authorize(caller, "experiments.stop", model)
+        now = self.clock()
+        record = self.store.stop_experiment(model, now)
+        for device_id in record.device_ids:
+            self.releases.current(device_id, now)
+        self._audit(caller.actor, "experiments.stop", model, AuditOutcome.ALLOWED,
+                    {"champion": record.champion, "challenger": record.challenger})
+        return record
+
+    def get_experiment(
+        self, caller: pki.Identity, model: str
+    ) -> tuple[ExperimentRecord, list[ArmStatsRecord]]:
+        self._authorize(caller, "experiments.status", model)
+        record = self.store.get_experiment(model)
+        if record is None:
+            raise NotFoundError(f"no experiment for model {model!r}")
+        devices = set(record.device_ids)
+        stats = [s for s in self.store.arm_stats(model) if s.device_id in devices
+                 and s.version in (record.champion, record.challenger)]
+        return record, stats
 
     def list_audit(self, caller: pki.Identity, limit: int) -> list[AuditRecord]:
         self._authorize(caller, "audit.list", "")

@@ -18,7 +18,15 @@ from cryptography import x509
 from edgefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2
 
 from control_plane._status import status_code_for
-from control_plane.domain import ModelVersionRecord, ReleaseRecord, RolloutRecord
+from control_plane.domain import (
+    ArmStatsRecord,
+    DriftWindowRecord,
+    ExperimentRecord,
+    ModelVersionRecord,
+    ReleaseRecord,
+    RolloutRecord,
+    TelemetryRecord,
+)
 from control_plane.handlers import DeviceView, Handlers
 from control_plane.notify import DeviceNotifier
 from fleetcore import pki
@@ -138,6 +146,50 @@ def rollout_to_proto(
     )
 
 
+def experiment_to_proto(
+    record: ExperimentRecord, stats: list[ArmStatsRecord]
+) -> admin_pb2.Experiment:
+    arms = []
+    for version, role, weight in ((record.champion, "champion", 1 - record.weight),
+                                  (record.challenger, "challenger", record.weight)):
+        rows = [s for s in stats if s.version == version]
+        requests = sum(s.requests for s in rows)
+
+        def weighted(values: list[tuple[float, int]], total: int = requests) -> float:
+            # Devices' percentiles averaged by their request counts: an approximation that
+            # is good when devices see similar traffic (exact fleet percentiles need the
+            # histograms, which come with the experiments' statistics).
+            return sum(v * n for v, n in values) / total if total else 0.0
+
+        arms.append(admin_pb2.ArmResult(
+            version=version, role=role, weight=weight, requests=requests,
+            errors=sum(s.errors for s in rows),
+            p50_ms=weighted([(s.p50_ms, s.requests) for s in rows]),
+            p95_ms=weighted([(s.p95_ms, s.requests) for s in rows]),
+            labelled=sum(s.labelled for s in rows), correct=sum(s.correct for s in rows),
+            devices=len(rows),
+        ))
+    return admin_pb2.Experiment(
+        model=record.model, champion=record.champion, challenger=record.challenger,
+        weight=record.weight, state=record.state, selector=record.selector,
+        device_ids=list(record.device_ids), arms=arms, created_at=record.created_at,
+    )
+
+
+def drift_to_proto(windows: list[DriftWindowRecord]) -> admin_pb2.DriftReport:
+    latest = [admin_pb2.DriftWindowReport(
+        device_id=w.device_id, model=w.model, version=w.version, start=w.start, end=w.end,
+        rows=w.rows, score=w.score, drifted=w.drifted, prediction_psi=w.prediction_psi,
+        drifted_features=list(w.drifted_features)) for w in windows]
+    fleet = []
+    for model in sorted({w.model for w in windows}):
+        rows = [w for w in windows if w.model == model]
+        fleet.append(admin_pb2.DriftModelSummary(
+            model=model, devices=len(rows), drifted_devices=sum(w.drifted for w in rows),
+            mean_score=sum(w.score for w in rows) / len(rows)))
+    return admin_pb2.DriftReport(latest=latest, fleet=fleet)
+
+
 def device_to_proto(view: DeviceView) -> admin_pb2.Device:
     d = view.record
     return admin_pb2.Device(
@@ -229,6 +281,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         await asyncio.wait_for(wake.wait(), timeout=SYNC_RECHECK_SECONDS)
         except EdgefleetError as exc:
             await context.abort(status_code_for(exc), str(exc))
+
+    @_rpc
+    async def SendTelemetry(
+        self, request: agent_pb2.TelemetryBatch, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.TelemetryAck:
+        records = [TelemetryRecord(r.seq, _text(r.kind), r.created_at, r.payload)
+                   for r in request.records]
+        acked = self.h.ingest_telemetry(self._device(context), records, request.dropped,
+                                        request.depth)
+        return agent_pb2.TelemetryAck(acked=acked)
 
     async def FetchBundle(
         self, request: agent_pb2.FetchBundleRequest, context: grpc.aio.ServicerContext
@@ -328,6 +390,36 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Rollout:
         return rollout_to_proto(*self.h.get_rollout(self._operator(context), request.model))
+
+    @_rpc
+    async def StartExperiment(
+        self, request: admin_pb2.StartExperimentRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Experiment:
+        caller = self._operator(context)
+        self.h.start_experiment(caller, request.model, request.challenger, request.weight,
+                                dict(request.selector))
+        return experiment_to_proto(*self.h.get_experiment(caller, request.model))
+
+    @_rpc
+    async def StopExperiment(
+        self, request: admin_pb2.GetExperimentRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Experiment:
+        caller = self._operator(context)
+        self.h.stop_experiment(caller, request.model)
+        return experiment_to_proto(*self.h.get_experiment(caller, request.model))
+
+    @_rpc
+    async def GetExperiment(
+        self, request: admin_pb2.GetExperimentRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Experiment:
+        return experiment_to_proto(*self.h.get_experiment(self._operator(context),
+                                                          request.model))
+
+    @_rpc
+    async def GetDrift(
+        self, request: admin_pb2.GetDriftRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.DriftReport:
+        return drift_to_proto(self.h.drift(self._operator(context), request.model))
 
     @_rpc
     async def ListAuditEvents(

@@ -8,12 +8,16 @@ from typing import Any
 
 from control_plane.domain import (
     ArmRecord,
+    ArmStatsRecord,
     AuditRecord,
     CertificateRecord,
     DeviceRecord,
+    DriftWindowRecord,
+    ExperimentRecord,
     ModelVersionRecord,
     ReleaseRecord,
     RolloutRecord,
+    TelemetryRecord,
 )
 
 __all__ = ["Store"]
@@ -131,6 +135,40 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def put_release(self, record: ReleaseRecord) -> None:
         """Store a device's new release; its serial must exceed the stored one."""
+
+    # --- telemetry ---
+    @abc.abstractmethod
+    def ingest_telemetry(
+        self,
+        device_id: str,
+        records: list[TelemetryRecord],
+        derived: dict[int, DriftWindowRecord | ArmStatsRecord],
+        now: float,
+        dropped: int,
+        depth: int,
+    ) -> list[int]:
+        """Store the records not seen before (dedup on (device, seq)) and, for those only,
+        their derived rows; return every seq of the batch (stored now or before)."""
+
+    @abc.abstractmethod
+    def latest_drift(self, model: str | None) -> list[DriftWindowRecord]:
+        """The newest window per device and model."""
+
+    @abc.abstractmethod
+    def arm_stats(self, model: str) -> list[ArmStatsRecord]:
+        """The newest counters per device and version of ``model``."""
+
+    # --- experiments ---
+    @abc.abstractmethod
+    def start_experiment(self, record: ExperimentRecord) -> None:
+        """Record the experiment and give its devices the champion/challenger arms."""
+
+    @abc.abstractmethod
+    def stop_experiment(self, model: str, now: float) -> ExperimentRecord:
+        """Stop the running experiment and put its devices back on the champion only."""
+
+    @abc.abstractmethod
+    def get_experiment(self, model: str) -> ExperimentRecord | None: ...
 
     @abc.abstractmethod
     def close(self) -> None: ...

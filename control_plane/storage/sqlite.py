@@ -13,12 +13,16 @@ from typing import Any
 
 from control_plane.domain import (
     ArmRecord,
+    ArmStatsRecord,
     AuditRecord,
     CertificateRecord,
     DeviceRecord,
+    DriftWindowRecord,
+    ExperimentRecord,
     ModelVersionRecord,
     ReleaseRecord,
     RolloutRecord,
+    TelemetryRecord,
 )
 from control_plane.storage.base import Store
 from fleetcore.errors import AlreadyExistsError, NotFoundError, TokenError
@@ -125,6 +129,64 @@ MIGRATIONS: list[str] = [
         issued_at REAL NOT NULL,
         expires_at REAL NOT NULL,
         content TEXT NOT NULL
+    );
+    """,
+    # 3: telemetry (deduplicated on (device, seq)), drift windows, arm stats, experiments
+    """
+    CREATE TABLE telemetry (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        received_at REAL NOT NULL,
+        payload BLOB NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE TABLE telemetry_status (
+        device_id TEXT PRIMARY KEY,
+        dropped INTEGER NOT NULL,
+        depth INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE drift_windows (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        start REAL NOT NULL,
+        "end" REAL NOT NULL,
+        rows INTEGER NOT NULL,
+        score REAL NOT NULL,
+        drifted INTEGER NOT NULL,
+        prediction_psi REAL NOT NULL,
+        drifted_features TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE INDEX drift_windows_model ON drift_windows(model, device_id, "end");
+    CREATE TABLE arm_stats (
+        device_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        p50_ms REAL NOT NULL,
+        p95_ms REAL NOT NULL,
+        labelled INTEGER NOT NULL,
+        correct INTEGER NOT NULL,
+        updated_at REAL NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (device_id, model, version)
+    );
+    CREATE TABLE experiments (
+        model TEXT PRIMARY KEY,
+        champion INTEGER NOT NULL,
+        challenger INTEGER NOT NULL,
+        weight REAL NOT NULL,
+        state TEXT NOT NULL,
+        selector TEXT NOT NULL,
+        device_ids TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL
     );
     """,
 ]
@@ -460,6 +522,125 @@ class SqliteStore(Store):
                  record.issued_at, record.expires_at, record.content),
             )
 
+    # --- telemetry ---
+    def ingest_telemetry(
+        self,
+        device_id: str,
+        records: list[TelemetryRecord],
+        derived: dict[int, DriftWindowRecord | ArmStatsRecord],
+        now: float,
+        dropped: int,
+        depth: int,
+    ) -> list[int]:
+        with self._tx() as c:
+            for r in records:
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO telemetry(device_id, seq, kind, created_at,"
+                    " received_at, payload) VALUES (?,?,?,?,?,?)",
+                    (device_id, r.seq, r.kind, r.created_at, now, r.payload),
+                )
+                if cur.rowcount == 1 and r.seq in derived:
+                    self._insert_derived(c, r.seq, derived[r.seq])
+            c.execute(
+                "INSERT OR REPLACE INTO telemetry_status(device_id, dropped, depth, updated_at)"
+                " VALUES (?,?,?,?)", (device_id, dropped, depth, now),
+            )
+        return [r.seq for r in records]
+
+    @staticmethod
+    def _insert_derived(
+        c: sqlite3.Connection, seq: int, row: DriftWindowRecord | ArmStatsRecord
+    ) -> None:
+        if isinstance(row, DriftWindowRecord):
+            c.execute(
+                'INSERT INTO drift_windows(device_id, seq, model, version, start, "end", rows,'
+                " score, drifted, prediction_psi, drifted_features)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (row.device_id, seq, row.model, row.version, row.start, row.end, row.rows,
+                 row.score, int(row.drifted), row.prediction_psi,
+                 _dump(list(row.drifted_features))),
+            )
+            return
+        # Counters are cumulative per agent run: keep the newest snapshot (highest seq).
+        c.execute(
+            "INSERT INTO arm_stats(device_id, model, version, requests, errors, p50_ms, p95_ms,"
+            " labelled, correct, updated_at, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(device_id, model, version) DO UPDATE SET requests=excluded.requests,"
+            " errors=excluded.errors, p50_ms=excluded.p50_ms, p95_ms=excluded.p95_ms,"
+            " labelled=excluded.labelled, correct=excluded.correct,"
+            " updated_at=excluded.updated_at, seq=excluded.seq WHERE excluded.seq > arm_stats.seq",
+            (row.device_id, row.model, row.version, row.requests, row.errors, row.p50_ms,
+             row.p95_ms, row.labelled, row.correct, row.updated_at, seq),
+        )
+
+    def latest_drift(self, model: str | None) -> list[DriftWindowRecord]:
+        rows = self._query(
+            "SELECT * FROM drift_windows d WHERE seq = (SELECT MAX(seq) FROM drift_windows e"
+            " WHERE e.device_id = d.device_id AND e.model = d.model)"
+            " AND (? = '' OR model = ?) ORDER BY model, device_id",
+            (model or "", model or ""),
+        )
+        return [
+            DriftWindowRecord(r["device_id"], r["model"], r["version"], r["start"], r["end"],
+                              r["rows"], r["score"], bool(r["drifted"]), r["prediction_psi"],
+                              tuple(json.loads(r["drifted_features"])))
+            for r in rows
+        ]
+
+    def arm_stats(self, model: str) -> list[ArmStatsRecord]:
+        rows = self._query(
+            "SELECT * FROM arm_stats WHERE model = ? ORDER BY version, device_id", (model,)
+        )
+        return [
+            ArmStatsRecord(r["device_id"], r["model"], r["version"], r["requests"], r["errors"],
+                           r["p50_ms"], r["p95_ms"], r["labelled"], r["correct"],
+                           r["updated_at"])
+            for r in rows
+        ]
+
+    # --- experiments ---
+    def start_experiment(self, record: ExperimentRecord) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO experiments(model, champion, challenger, weight, state,"
+                " selector, device_ids, created_at, created_by) VALUES (?,?,?,?,?,?,?,?,?)",
+                (record.model, record.champion, record.challenger, record.weight, record.state,
+                 _dump(record.selector), _dump(list(record.device_ids)), record.created_at,
+                 record.created_by),
+            )
+            for device_id in record.device_ids:
+                c.execute("DELETE FROM device_arms WHERE device_id = ? AND model = ?",
+                          (device_id, record.model))
+                for version, weight in ((record.champion, 1.0 - record.weight),
+                                        (record.challenger, record.weight)):
+                    c.execute(
+                        "INSERT INTO device_arms(device_id, model, version, weight, shadow)"
+                        " VALUES (?, ?, ?, ?, 0)", (device_id, record.model, version, weight),
+                    )
+
+    def stop_experiment(self, model: str, now: float) -> ExperimentRecord:
+        with self._tx() as c:
+            row = c.execute("SELECT * FROM experiments WHERE model = ? AND state = 'running'",
+                            (model,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no running experiment for model {model!r}")
+            exp = _experiment(row)
+            c.execute("UPDATE experiments SET state = 'stopped' WHERE model = ?", (model,))
+            for device_id in exp.device_ids:
+                c.execute("DELETE FROM device_arms WHERE device_id = ? AND model = ?",
+                          (device_id, model))
+                c.execute(
+                    "INSERT INTO device_arms(device_id, model, version, weight, shadow)"
+                    " VALUES (?, ?, ?, 1.0, 0)", (device_id, model, exp.champion),
+                )
+        stopped = self.get_experiment(model)
+        assert stopped is not None
+        return stopped
+
+    def get_experiment(self, model: str) -> ExperimentRecord | None:
+        rows = self._query("SELECT * FROM experiments WHERE model = ?", (model,))
+        return _experiment(rows[0]) if rows else None
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
@@ -467,6 +648,12 @@ class SqliteStore(Store):
 
 def _dump(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _experiment(r: sqlite3.Row) -> ExperimentRecord:
+    return ExperimentRecord(r["model"], r["champion"], r["challenger"], r["weight"], r["state"],
+                            json.loads(r["selector"]), tuple(json.loads(r["device_ids"])),
+                            r["created_at"], r["created_by"])
 
 
 def _model_version(r: sqlite3.Row) -> ModelVersionRecord:

@@ -19,6 +19,134 @@ DEVICE_STATUS_ONLINE: DeviceStatus
 DEVICE_STATUS_OFFLINE: DeviceStatus
 DEVICE_STATUS_REVOKED: DeviceStatus
 
+class StartExperimentRequest(_message.Message):
+    __slots__ = ("model", "challenger", "weight", "selector")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    challenger: int
+    weight: float
+    selector: _containers.ScalarMap[str, str]
+    def __init__(self, model: _Optional[str] = ..., challenger: _Optional[int] = ..., weight: _Optional[float] = ..., selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class GetExperimentRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ArmResult(_message.Message):
+    __slots__ = ("version", "role", "weight", "requests", "errors", "p50_ms", "p95_ms", "labelled", "correct", "devices")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    role: str
+    weight: float
+    requests: int
+    errors: int
+    p50_ms: float
+    p95_ms: float
+    labelled: int
+    correct: int
+    devices: int
+    def __init__(self, version: _Optional[int] = ..., role: _Optional[str] = ..., weight: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., labelled: _Optional[int] = ..., correct: _Optional[int] = ..., devices: _Optional[int] = ...) -> None: ...
+
+class Experiment(_message.Message):
+    __slots__ = ("model", "champion", "challenger", "weight", "state", "selector", "device_ids", "arms", "created_at")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHAMPION_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    champion: int
+    challenger: int
+    weight: float
+    state: str
+    selector: _containers.ScalarMap[str, str]
+    device_ids: _containers.RepeatedScalarFieldContainer[str]
+    arms: _containers.RepeatedCompositeFieldContainer[ArmResult]
+    created_at: float
+    def __init__(self, model: _Optional[str] = ..., champion: _Optional[int] = ..., challenger: _Optional[int] = ..., weight: _Optional[float] = ..., state: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., device_ids: _Optional[_Iterable[str]] = ..., arms: _Optional[_Iterable[_Union[ArmResult, _Mapping]]] = ..., created_at: _Optional[float] = ...) -> None: ...
+
+class GetDriftRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class DriftWindowReport(_message.Message):
+    __slots__ = ("device_id", "model", "version", "start", "end", "rows", "score", "drifted", "prediction_psi", "drifted_features")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    DRIFTED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_PSI_FIELD_NUMBER: _ClassVar[int]
+    DRIFTED_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    model: str
+    version: int
+    start: float
+    end: float
+    rows: int
+    score: float
+    drifted: bool
+    prediction_psi: float
+    drifted_features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., rows: _Optional[int] = ..., score: _Optional[float] = ..., drifted: _Optional[bool] = ..., prediction_psi: _Optional[float] = ..., drifted_features: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DriftModelSummary(_message.Message):
+    __slots__ = ("model", "devices", "drifted_devices", "mean_score")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DRIFTED_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    devices: int
+    drifted_devices: int
+    mean_score: float
+    def __init__(self, model: _Optional[str] = ..., devices: _Optional[int] = ..., drifted_devices: _Optional[int] = ..., mean_score: _Optional[float] = ...) -> None: ...
+
+class DriftReport(_message.Message):
+    __slots__ = ("latest", "fleet")
+    LATEST_FIELD_NUMBER: _ClassVar[int]
+    FLEET_FIELD_NUMBER: _ClassVar[int]
+    latest: _containers.RepeatedCompositeFieldContainer[DriftWindowReport]
+    fleet: _containers.RepeatedCompositeFieldContainer[DriftModelSummary]
+    def __init__(self, latest: _Optional[_Iterable[_Union[DriftWindowReport, _Mapping]]] = ..., fleet: _Optional[_Iterable[_Union[DriftModelSummary, _Mapping]]] = ...) -> None: ...
+
 class PublishModelChunk(_message.Message):
     __slots__ = ("data",)
     DATA_FIELD_NUMBER: _ClassVar[int]

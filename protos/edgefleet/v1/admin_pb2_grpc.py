@@ -87,6 +87,26 @@ class AdminServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_admin__pb2.GetRolloutRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_admin__pb2.Rollout.FromString,
                 _registered_method=True)
+        self.StartExperiment = channel.unary_unary(
+                '/edgefleet.v1.AdminService/StartExperiment',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.StartExperimentRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.StopExperiment = channel.unary_unary(
+                '/edgefleet.v1.AdminService/StopExperiment',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.GetExperimentRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.GetExperiment = channel.unary_unary(
+                '/edgefleet.v1.AdminService/GetExperiment',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.GetExperimentRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.GetDrift = channel.unary_unary(
+                '/edgefleet.v1.AdminService/GetDrift',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.GetDriftRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.DriftReport.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -156,6 +176,30 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartExperiment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopExperiment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExperiment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDrift(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +252,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetRollout,
                     request_deserializer=edgefleet_dot_v1_dot_admin__pb2.GetRolloutRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_admin__pb2.Rollout.SerializeToString,
+            ),
+            'StartExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartExperiment,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.StartExperimentRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.Experiment.SerializeToString,
+            ),
+            'StopExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopExperiment,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.GetExperimentRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.Experiment.SerializeToString,
+            ),
+            'GetExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperiment,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.GetExperimentRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.Experiment.SerializeToString,
+            ),
+            'GetDrift': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDrift,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.GetDriftRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.DriftReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -483,6 +547,114 @@ class AdminService:
             '/edgefleet.v1.AdminService/GetRollout',
             edgefleet_dot_v1_dot_admin__pb2.GetRolloutRequest.SerializeToString,
             edgefleet_dot_v1_dot_admin__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/StartExperiment',
+            edgefleet_dot_v1_dot_admin__pb2.StartExperimentRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/StopExperiment',
+            edgefleet_dot_v1_dot_admin__pb2.GetExperimentRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/GetExperiment',
+            edgefleet_dot_v1_dot_admin__pb2.GetExperimentRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDrift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/GetDrift',
+            edgefleet_dot_v1_dot_admin__pb2.GetDriftRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.DriftReport.FromString,
             options,
             channel_credentials,
             insecure,

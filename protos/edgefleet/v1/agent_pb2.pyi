@@ -7,6 +7,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TelemetryRecord(_message.Message):
+    __slots__ = ("seq", "kind", "created_at", "payload")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    kind: str
+    created_at: float
+    payload: bytes
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., created_at: _Optional[float] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class TelemetryBatch(_message.Message):
+    __slots__ = ("records", "dropped", "depth")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[TelemetryRecord]
+    dropped: int
+    depth: int
+    def __init__(self, records: _Optional[_Iterable[_Union[TelemetryRecord, _Mapping]]] = ..., dropped: _Optional[int] = ..., depth: _Optional[int] = ...) -> None: ...
+
+class TelemetryAck(_message.Message):
+    __slots__ = ("acked",)
+    ACKED_FIELD_NUMBER: _ClassVar[int]
+    acked: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, acked: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class EnrollRequest(_message.Message):
     __slots__ = ("token", "csr_pem", "labels", "host", "agent_version")
     class LabelsEntry(_message.Message):

@@ -33,8 +33,7 @@ class AgentServiceStub:
     every other method needs the device identity taken from a verified client certificate;
     * the API port (mutual TLS with the fleet CA): everything else.
     The device id of a call is always the one in the peer certificate; no field of a message can
-    claim another device. Telemetry (batched, with per-device sequence numbers) joins later,
-    device-scoped the same way.
+    claim another device.
     """
 
     def __init__(self, channel):
@@ -68,6 +67,11 @@ class AgentServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_agent__pb2.FetchBundleRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_agent__pb2.BundleChunk.FromString,
                 _registered_method=True)
+        self.SendTelemetry = channel.unary_unary(
+                '/edgefleet.v1.AgentService/SendTelemetry',
+                request_serializer=edgefleet_dot_v1_dot_agent__pb2.TelemetryBatch.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_agent__pb2.TelemetryAck.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -78,8 +82,7 @@ class AgentServiceServicer:
     every other method needs the device identity taken from a verified client certificate;
     * the API port (mutual TLS with the fleet CA): everything else.
     The device id of a call is always the one in the peer certificate; no field of a message can
-    claim another device. Telemetry (batched, with per-device sequence numbers) joins later,
-    device-scoped the same way.
+    claim another device.
     """
 
     def Enroll(self, request, context):
@@ -116,6 +119,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendTelemetry(self, request, context):
+        """Records from the agent's outbox; the answer lists the seqs stored (or seen before), which
+        the agent may then delete. Deduplicated on (device, seq).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +155,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=edgefleet_dot_v1_dot_agent__pb2.FetchBundleRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_agent__pb2.BundleChunk.SerializeToString,
             ),
+            'SendTelemetry': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendTelemetry,
+                    request_deserializer=edgefleet_dot_v1_dot_agent__pb2.TelemetryBatch.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_agent__pb2.TelemetryAck.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'edgefleet.v1.AgentService', rpc_method_handlers)
@@ -160,8 +176,7 @@ class AgentService:
     every other method needs the device identity taken from a verified client certificate;
     * the API port (mutual TLS with the fleet CA): everything else.
     The device id of a call is always the one in the peer certificate; no field of a message can
-    claim another device. Telemetry (batched, with per-device sequence numbers) joins later,
-    device-scoped the same way.
+    claim another device.
     """
 
     @staticmethod
@@ -289,6 +304,33 @@ class AgentService:
             '/edgefleet.v1.AgentService/FetchBundle',
             edgefleet_dot_v1_dot_agent__pb2.FetchBundleRequest.SerializeToString,
             edgefleet_dot_v1_dot_agent__pb2.BundleChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendTelemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AgentService/SendTelemetry',
+            edgefleet_dot_v1_dot_agent__pb2.TelemetryBatch.SerializeToString,
+            edgefleet_dot_v1_dot_agent__pb2.TelemetryAck.FromString,
             options,
             channel_credentials,
             insecure,

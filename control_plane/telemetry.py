@@ -1,0 +1,93 @@
+"""Telemetry payloads from agents: parsed with limits into the rows the control plane queries.
+
+Payloads are JSON objects. ``drift`` carries one closed drift window, ``arm_stats`` the
+counters of one model version on the device. A payload that does not parse is still stored
+(and acknowledged: resending would not fix it) but yields no derived row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+from control_plane.domain import ArmStatsRecord, DriftWindowRecord, TelemetryRecord
+from fleetcore.errors import InvalidInputError
+
+__all__ = ["MAX_BATCH_RECORDS", "MAX_PAYLOAD_BYTES", "derive"]
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_RECORDS = 1000
+MAX_PAYLOAD_BYTES = 256 * 1024
+MAX_FEATURES_LISTED = 1024
+
+
+def _num(doc: dict[str, Any], key: str) -> float:
+    value = doc.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidInputError(f"{key} must be a finite number; got {value!r}")
+    return float(value)
+
+
+def _int(doc: dict[str, Any], key: str) -> int:
+    value = doc.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(f"{key} must be a non-negative integer; got {value!r}")
+    return value
+
+
+def _str(doc: dict[str, Any], key: str) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not 0 < len(value) <= 128:
+        raise InvalidInputError(f"{key} must be a short string; got {value!r}")
+    return value
+
+
+def _parse(device_id: str, record: TelemetryRecord) -> DriftWindowRecord | ArmStatsRecord | None:
+    if record.kind not in ("drift", "arm_stats"):
+        return None
+    doc = json.loads(record.payload)
+    if not isinstance(doc, dict):
+        raise InvalidInputError("payload must be a JSON object")
+    if record.kind == "drift":
+        features = doc.get("drifted_features", [])
+        if not isinstance(features, list) or len(features) > MAX_FEATURES_LISTED:
+            raise InvalidInputError("drifted_features must be a short list")
+        return DriftWindowRecord(
+            device_id, _str(doc, "model"), _int(doc, "version"), _num(doc, "start"),
+            _num(doc, "end"), _int(doc, "rows"), _num(doc, "score"), bool(doc.get("drifted")),
+            _num(doc, "prediction_psi"), tuple(str(f)[:128] for f in features),
+        )
+    return ArmStatsRecord(
+        device_id, _str(doc, "model"), _int(doc, "version"), _int(doc, "requests"),
+        _int(doc, "errors"), _num(doc, "p50_ms"), _num(doc, "p95_ms"), _int(doc, "labelled"),
+        _int(doc, "correct"), record.created_at,
+    )
+
+
+def derive(
+    device_id: str, records: list[TelemetryRecord]
+) -> dict[int, DriftWindowRecord | ArmStatsRecord]:
+    """The derived rows of a batch, keyed by seq; malformed payloads are logged and skipped."""
+    if len(records) > MAX_BATCH_RECORDS:
+        raise InvalidInputError(
+            f"telemetry batch has {len(records)} records; the limit is {MAX_BATCH_RECORDS}"
+        )
+    out: dict[int, DriftWindowRecord | ArmStatsRecord] = {}
+    for record in records:
+        if len(record.payload) > MAX_PAYLOAD_BYTES:
+            raise InvalidInputError(
+                f"telemetry record {record.seq} is {len(record.payload)} bytes; the limit is "
+                f"{MAX_PAYLOAD_BYTES}"
+            )
+        try:
+            row = _parse(device_id, record)
+        except (ValueError, InvalidInputError) as exc:
+            log.warning("telemetry %s/%d (%s) not understood: %s", device_id, record.seq,
+                        record.kind, exc)
+            continue
+        if row is not None:
+            out[record.seq] = row
+    return out
