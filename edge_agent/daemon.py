@@ -25,9 +25,11 @@ from edge_agent.backoff import Backoff
 from edge_agent.hostinfo import host_facts
 from edge_agent.identity import Credentials, install_renewed, load_credentials, renewal_due
 from edge_agent.model_store import ModelStore
+from edge_agent.outbox import Outbox
 from edge_agent.probation import ProbationPolicy
 from edge_agent.release_trust import ReleaseTrust
 from edge_agent.state import AgentConfig, StateDir
+from edge_agent.telemetry import TelemetrySender
 from edge_agent.updater import Updater
 from fleetcore import pki
 from fleetcore.errors import EdgefleetError, UntrustedInputError
@@ -69,6 +71,8 @@ class Agent:
             chunk_timeout=self.config.download_chunk_timeout_seconds, clock=clock,
         )
         self._report_now: asyncio.Event | None = None
+        self.outbox = Outbox(self.state.outbox)
+        self.sender = TelemetrySender(self.outbox)
         self.host = host_facts()
         self.started_at = clock()
         self.heartbeats = 0
@@ -107,6 +111,7 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await sync
             await self._close_channel()
+            self.outbox.close()
             self._set_status(state="stopped")
             log.info("agent %s stopped", self.config.device_id)
 
@@ -119,6 +124,7 @@ class Agent:
                 await self._renew(stub)
                 stub = agent_pb2_grpc.AgentServiceStub(self._connect())
             reply = await stub.Heartbeat(self._heartbeat_request(), timeout=RPC_TIMEOUT_SECONDS)
+            sent = await self.sender.send(stub)
         except grpc.aio.AioRpcError as exc:
             return await self._failed(exc.code(), exc.details() or "")
         except (OSError, ValueError) as exc:
@@ -132,7 +138,8 @@ class Agent:
             self.config.heartbeat_interval_seconds = float(reply.heartbeat_interval_seconds)
         self._set_status(state="connected", last_heartbeat=self.clock(), last_error=None,
                          consecutive_failures=0)
-        self._emit("heartbeat", {"count": self.heartbeats, "server_time": reply.server_time})
+        self._emit("heartbeat", {"count": self.heartbeats, "server_time": reply.server_time,
+                                 "telemetry_sent": sent})
         return self.config.heartbeat_interval_seconds
 
     async def _failed(self, code: grpc.StatusCode | None, details: str) -> float:

@@ -51,6 +51,10 @@ class StateDir:
         return self.root / "models"
 
     @property
+    def outbox(self) -> Path:
+        return self.root / "outbox.db"
+
+    @property
     def downloads(self) -> Path:
         return self.root / "downloads"
 

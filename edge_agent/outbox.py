@@ -1,0 +1,353 @@
+"""The agent's telemetry outbox: a bounded SQLite queue that loses nothing silently.
+
+Rules:
+
+* Every record gets a per-device sequence number (``seq``) that strictly increases and is never
+  reused: the next one is kept in the file, so it survives restarts, also after every record was
+  acknowledged and deleted. The control plane deduplicates on (device, seq).
+* ``append`` is durable when it returns: one transaction on a WAL database with
+  ``synchronous=FULL`` (``fleetcore.sqlite.connect``). ``append_many`` writes a batch in one.
+* A record is deleted only when the receiver has acknowledged it (``ack`` for exactly the given
+  seqs, ``ack_through`` for every seq up to one); unknown seqs are ignored.
+* Bound policy: the outbox holds at most ``max_records`` records and ``max_bytes`` of payload.
+  When a new record would exceed either bound, the OLDEST pending records (of any kind) are
+  dropped until it fits; each drop is counted by kind in the file (``stats().dropped``,
+  ``dropped_by_kind``) and logged. A dropped record may already have been delivered but not
+  yet acknowledged; it is counted all the same. Bounds are enforced when appending, so reopening
+  with smaller bounds trims on the next append. Since ``max_payload_bytes <= max_bytes`` is
+  required, a new record always fits once enough older ones are gone.
+* A payload over ``max_payload_bytes`` is refused with ``InvalidInputError`` and changes
+  nothing; it is not a drop.
+* A file that is not an outbox (not SQLite, or another SQLite database) is refused with
+  ``InvalidInputError`` and left untouched: recreating it would lose the telemetry in it.
+
+One ``Outbox`` owns one connection behind a lock, so serving threads may append while the
+sender reads and acknowledges. Depth and byte counters are kept by triggers in the same file,
+so they stay exact whichever statement adds or removes records.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleetcore.errors import InvalidInputError
+from fleetcore.sqlite import connect, migrate
+
+__all__ = ["Outbox", "OutboxRecord", "OutboxStats"]
+
+log = logging.getLogger(__name__)
+
+# PRAGMA application_id marks the file as an outbox ("EFOB"), so another database is never
+# mistaken for one.
+_APPLICATION_ID = 0x45464F42
+_MAX_KIND_CHARS = 64
+
+_MIGRATIONS = [
+    """
+    PRAGMA application_id = 1162235714;  -- _APPLICATION_ID, 0x45464F42
+    CREATE TABLE outbox_meta (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        next_seq INTEGER NOT NULL,
+        depth INTEGER NOT NULL,
+        depth_bytes INTEGER NOT NULL
+    );
+    INSERT INTO outbox_meta (id, next_seq, depth, depth_bytes) VALUES (1, 1, 0, 0);
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        payload BLOB NOT NULL
+    );
+    CREATE TABLE outbox_dropped (
+        kind TEXT PRIMARY KEY,
+        count INTEGER NOT NULL
+    );
+    CREATE TRIGGER outbox_seq_never_reused BEFORE INSERT ON outbox
+    WHEN NEW.seq < (SELECT next_seq FROM outbox_meta)
+    BEGIN
+        SELECT RAISE(ABORT, 'outbox seq would be reused');
+    END;
+    CREATE TRIGGER outbox_count_insert AFTER INSERT ON outbox BEGIN
+        UPDATE outbox_meta SET next_seq = NEW.seq + 1, depth = depth + 1,
+            depth_bytes = depth_bytes + length(NEW.payload);
+    END;
+    CREATE TRIGGER outbox_count_delete AFTER DELETE ON outbox BEGIN
+        UPDATE outbox_meta SET depth = depth - 1,
+            depth_bytes = depth_bytes - length(OLD.payload);
+    END;
+    """,
+]
+
+
+@dataclass(frozen=True)
+class OutboxRecord:
+    seq: int  # per device, strictly increasing, never reused
+    kind: str  # e.g. "drift", "arm_stats", "install", "error", "sample"
+    created_at: float  # unix seconds
+    payload: bytes  # opaque; the caller serializes
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    depth: int  # records waiting
+    depth_bytes: int  # payload bytes waiting
+    dropped: int  # records ever dropped because the outbox was full (persisted)
+    dropped_by_kind: dict[str, int]
+    next_seq: int
+    oldest_created_at: float | None  # unix seconds; None when empty
+
+
+class Outbox:
+    """A durable, bounded, thread-safe telemetry queue in one SQLite file."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_records: int = 100_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        max_payload_bytes: int = 256 * 1024,
+    ) -> None:
+        if max_records < 1 or max_payload_bytes < 0 or max_payload_bytes > max_bytes:
+            raise InvalidInputError(
+                "outbox bounds must satisfy max_records >= 1 and "
+                f"0 <= max_payload_bytes <= max_bytes; got max_records={max_records}, "
+                f"max_payload_bytes={max_payload_bytes}, max_bytes={max_bytes}"
+            )
+        self.path = Path(path)
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self.max_payload_bytes = max_payload_bytes
+        self._lock = threading.Lock()
+        self._warned_full = False
+        self._conn: sqlite3.Connection | None = _open(self.path)
+
+    # -- writing --
+
+    def append(self, kind: str, payload: bytes, now: float) -> int:
+        """Store one record durably and return its seq (it always fits; older ones may drop)."""
+        (seq,) = self.append_many([(kind, payload)], now)
+        if seq is None:  # unreachable: __init__ guarantees one record fits an empty outbox
+            raise RuntimeError("outbox bound check failed: a single record did not fit")
+        return seq
+
+    def append_many(self, items: Iterable[tuple[str, bytes]], now: float) -> list[int | None]:
+        """Store a batch in one transaction; return each seq, or None for a record that later
+        records of the same batch pushed out (the batch alone exceeded a bound).
+
+        The whole batch is validated first: one bad item refuses the batch and changes nothing.
+        """
+        batch = [self._checked(kind, payload) for kind, payload in items]
+        if not math.isfinite(now):
+            raise InvalidInputError(f"expected a finite unix time for 'now', got {now!r}")
+        if not batch:
+            return []
+        seqs: list[int] = []
+        dropped_through = 0
+        with self._transaction("IMMEDIATE") as conn:
+            for kind, payload in batch:
+                next_seq, depth, depth_bytes = conn.execute(
+                    "SELECT next_seq, depth, depth_bytes FROM outbox_meta"
+                ).fetchone()
+                excess_records = depth + 1 - self.max_records
+                excess_bytes = depth_bytes + len(payload) - self.max_bytes
+                if excess_records > 0 or excess_bytes > 0:
+                    dropped_through = self._drop_oldest(conn, excess_records, excess_bytes)
+                conn.execute(
+                    "INSERT INTO outbox (seq, kind, created_at, payload) VALUES (?, ?, ?, ?)",
+                    (next_seq, kind, now, payload),
+                )
+                seqs.append(next_seq)
+        return [seq if seq > dropped_through else None for seq in seqs]
+
+    def ack(self, seqs: Iterable[int]) -> int:
+        """Delete exactly these acknowledged records; return how many existed."""
+        unique = sorted(set(seqs))
+        if not unique:
+            return 0
+        with self._transaction("IMMEDIATE") as conn:
+            deleted = conn.executemany(
+                "DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in unique]
+            ).rowcount
+        self._note_freed(deleted)
+        return deleted
+
+    def ack_through(self, seq: int) -> int:
+        """Delete every pending record with a seq <= ``seq``; return how many."""
+        with self._transaction("IMMEDIATE") as conn:
+            deleted = conn.execute("DELETE FROM outbox WHERE seq <= ?", (seq,)).rowcount
+        self._note_freed(deleted)
+        return deleted
+
+    # -- reading --
+
+    def pending(self, limit: int = 500, max_bytes: int = 1024 * 1024) -> list[OutboxRecord]:
+        """The oldest records first: at most ``limit``, and no more than ``max_bytes`` of
+        payload, except that the oldest record is always returned (else a big one would block
+        the queue)."""
+        if limit < 1:
+            return []
+        out: list[OutboxRecord] = []
+        total = 0
+        with self._transaction("DEFERRED") as conn:
+            cursor = conn.execute(
+                "SELECT seq, kind, created_at, payload FROM outbox ORDER BY seq LIMIT ?",
+                (limit,),
+            )
+            try:
+                for seq, kind, created_at, payload in cursor:
+                    if out and total + len(payload) > max_bytes:
+                        break
+                    out.append(OutboxRecord(seq, kind, created_at, bytes(payload)))
+                    total += len(payload)
+            finally:
+                cursor.close()
+        return out
+
+    def stats(self) -> OutboxStats:
+        with self._transaction("DEFERRED") as conn:
+            next_seq, depth, depth_bytes = conn.execute(
+                "SELECT next_seq, depth, depth_bytes FROM outbox_meta"
+            ).fetchone()
+            by_kind = {
+                kind: count
+                for kind, count in conn.execute(
+                    "SELECT kind, count FROM outbox_dropped ORDER BY kind"
+                )
+            }
+            oldest = conn.execute("SELECT created_at FROM outbox ORDER BY seq LIMIT 1").fetchone()
+        return OutboxStats(
+            depth=depth,
+            depth_bytes=depth_bytes,
+            dropped=sum(by_kind.values()),
+            dropped_by_kind=by_kind,
+            next_seq=next_seq,
+            oldest_created_at=None if oldest is None else oldest[0],
+        )
+
+    # -- lifecycle --
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals --
+
+    def _checked(self, kind: str, payload: bytes) -> tuple[str, bytes]:
+        if not isinstance(kind, str) or not 0 < len(kind) <= _MAX_KIND_CHARS:
+            raise InvalidInputError(
+                f"expected a record kind of 1 to {_MAX_KIND_CHARS} characters, got {kind!r}"
+            )
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise InvalidInputError(
+                f"expected a bytes payload, got {type(payload).__name__} (serialize it first)"
+            )
+        if len(payload) > self.max_payload_bytes:
+            raise InvalidInputError(
+                f"telemetry payload of kind {kind!r} is {len(payload)} bytes; "
+                f"the limit is {self.max_payload_bytes}"
+            )
+        return kind, bytes(payload)
+
+    def _drop_oldest(self, conn: sqlite3.Connection, excess_records: int, excess_bytes: int) -> int:
+        """Delete the oldest records until both excesses are gone; count them; return the
+        highest seq dropped."""
+        victims: Counter[str] = Counter()
+        last_seq = 0
+        cursor = conn.execute("SELECT seq, kind, length(payload) FROM outbox ORDER BY seq")
+        try:
+            for seq, kind, size in cursor:
+                victims[kind] += 1
+                last_seq = seq
+                excess_records -= 1
+                excess_bytes -= size
+                if excess_records <= 0 and excess_bytes <= 0:
+                    break
+        finally:
+            cursor.close()
+        conn.execute("DELETE FROM outbox WHERE seq <= ?", (last_seq,))
+        conn.executemany(
+            "INSERT INTO outbox_dropped (kind, count) VALUES (?, ?) "
+            "ON CONFLICT (kind) DO UPDATE SET count = count + excluded.count",
+            sorted(victims.items()),
+        )
+        # One warning per full spell (until an ack frees space), so an outage does not flood
+        # the log; the persisted counters carry the totals.
+        level = logging.DEBUG if self._warned_full else logging.WARNING
+        self._warned_full = True
+        log.log(
+            level,
+            "telemetry outbox %s full: dropped the %d oldest records (%s)",
+            self.path,
+            sum(victims.values()),
+            ", ".join(f"{k}={n}" for k, n in sorted(victims.items())),
+        )
+        return last_seq
+
+    def _note_freed(self, deleted: int) -> None:
+        if deleted:
+            self._warned_full = False
+
+    @contextmanager
+    def _transaction(self, mode: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise RuntimeError(f"outbox {self.path} is closed")
+            conn.execute(f"BEGIN {mode}")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    """Open (creating if absent) and migrate the outbox; refuse a file that is not one."""
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = connect(path)
+        (app_id,) = conn.execute("PRAGMA application_id").fetchone()
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        (tables,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        if (version == 0 and tables) or (version > 0 and app_id != _APPLICATION_ID):
+            raise InvalidInputError(
+                f"{path} is an SQLite database but not a telemetry outbox (application_id "
+                f"{app_id:#x}, expected {_APPLICATION_ID:#x}); refusing to touch it"
+            )
+        migrate(conn, _MIGRATIONS)
+    except sqlite3.OperationalError:  # locked, unreadable directory...: not the file's fault
+        if conn is not None:
+            conn.close()
+        raise
+    except sqlite3.DatabaseError as exc:
+        if conn is not None:
+            conn.close()
+        raise InvalidInputError(
+            f"the telemetry outbox {path} is not a readable SQLite database ({exc}); it is "
+            "left as it is, not recreated, so its records are not lost: move it aside to start "
+            "a new outbox"
+        ) from exc
+    except BaseException:
+        if conn is not None:
+            conn.close()
+        raise
+    return conn

@@ -1,0 +1,62 @@
+"""Send the outbox to the control plane; delete only what it acknowledged.
+
+Called after each heartbeat: up to ``max_batches`` batches of the oldest records go out with
+the outbox's drop count and depth; the control plane stores each (device, seq) once and answers
+with the seqs it holds, and only those are deleted. A failure leaves every record in place for
+the next try, so telemetry written during an outage - or before a ``kill -9`` - arrives once
+the control plane is back, exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from edgefleet.v1 import agent_pb2
+
+from edge_agent.outbox import Outbox
+
+__all__ = ["TelemetrySender", "encode"]
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT_SECONDS = 10.0
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), default=float).encode()
+
+
+class TelemetrySender:
+    def __init__(self, outbox: Outbox, *, batch_records: int = 500,
+                 batch_bytes: int = 1024 * 1024, max_batches: int = 20) -> None:
+        self.outbox = outbox
+        self.batch_records = batch_records
+        self.batch_bytes = batch_bytes
+        self.max_batches = max_batches
+
+    async def send(self, stub: Any) -> int:
+        """Send pending records; return how many were acknowledged (and deleted)."""
+        sent = 0
+        for _ in range(self.max_batches):
+            records = self.outbox.pending(self.batch_records, self.batch_bytes)
+            if not records:
+                break
+            stats = self.outbox.stats()
+            reply = await stub.SendTelemetry(
+                agent_pb2.TelemetryBatch(
+                    records=[agent_pb2.TelemetryRecord(seq=r.seq, kind=r.kind,
+                                                       created_at=r.created_at,
+                                                       payload=r.payload) for r in records],
+                    dropped=stats.dropped, depth=stats.depth,
+                ),
+                timeout=RPC_TIMEOUT_SECONDS,
+            )
+            deleted = self.outbox.ack(reply.acked)
+            sent += deleted
+            if deleted < len(records):
+                log.warning("control plane acknowledged %d of %d telemetry records", deleted,
+                            len(records))
+                break
+        return sent

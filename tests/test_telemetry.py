@@ -1,0 +1,146 @@
+"""Telemetry reaches the control plane exactly once: outages, kill -9, duplicates, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from edge_agent.outbox import Outbox
+from edge_agent.state import StateDir
+from edge_agent.telemetry import encode
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc
+from tests.support import WAIT, RunningControlPlane, start_agent
+
+BIN = Path(sys.executable).parent
+
+
+def _rows(cp: RunningControlPlane, device_id: str) -> list[tuple[int, str]]:
+    rows = cp.cp.store._query(  # type: ignore[attr-defined]
+        "SELECT seq, kind FROM telemetry WHERE device_id = ? ORDER BY seq", (device_id,)
+    )
+    return [(r["seq"], r["kind"]) for r in rows]
+
+
+def _drift_payload(i: int) -> bytes:
+    return encode({"model": "digits", "version": 1, "start": float(i), "end": i + 1.0,
+                   "rows": 200, "score": 0.01 * i, "drifted": i % 2 == 0,
+                   "prediction_psi": 0.0, "drifted_features": ["pixel_3"] if i % 2 == 0 else []})
+
+
+def test_duplicates_are_stored_once_and_acknowledged(
+    cp: RunningControlPlane, tmp_path: Path
+) -> None:
+    cfg = cp.enroll_agent(tmp_path / "a")
+    s = StateDir(tmp_path / "a")
+    creds = grpc.ssl_channel_credentials(s.ca.read_bytes(), s.key.read_bytes(),
+                                         s.cert.read_bytes())
+    batch = agent_pb2.TelemetryBatch(records=[
+        agent_pb2.TelemetryRecord(seq=i, kind="drift", created_at=1.0, payload=_drift_payload(i))
+        for i in (1, 2, 3)
+    ])
+    with grpc.secure_channel(cp.api, creds) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        first = stub.SendTelemetry(batch, timeout=WAIT)
+        again = stub.SendTelemetry(batch, timeout=WAIT)  # e.g. the ack was lost on the way
+    assert list(first.acked) == list(again.acked) == [1, 2, 3]
+    assert _rows(cp, cfg.device_id) == [(1, "drift"), (2, "drift"), (3, "drift")]
+    latest = cp.cp.store.latest_drift("digits")
+    assert [(w.device_id, w.start, w.drifted) for w in latest] == [(cfg.device_id, 3.0, False)]
+
+
+def test_malformed_payload_is_kept_but_not_derived(cp: RunningControlPlane,
+                                                   tmp_path: Path) -> None:
+    cfg = cp.enroll_agent(tmp_path / "a")
+    s = StateDir(tmp_path / "a")
+    creds = grpc.ssl_channel_credentials(s.ca.read_bytes(), s.key.read_bytes(),
+                                         s.cert.read_bytes())
+    batch = agent_pb2.TelemetryBatch(records=[
+        agent_pb2.TelemetryRecord(seq=1, kind="drift", created_at=1.0, payload=b"{not json"),
+        agent_pb2.TelemetryRecord(seq=2, kind="drift", created_at=1.0,
+                                  payload=encode({"model": "digits", "version": -1})),
+    ])
+    with grpc.secure_channel(cp.api, creds) as channel:
+        reply = agent_pb2_grpc.AgentServiceStub(channel).SendTelemetry(batch, timeout=WAIT)
+    assert list(reply.acked) == [1, 2]
+    assert [seq for seq, _ in _rows(cp, cfg.device_id)] == [1, 2]
+    assert cp.cp.store.latest_drift(None) == []
+
+
+def test_oversized_batch_is_refused(cp: RunningControlPlane, tmp_path: Path) -> None:
+    cp.enroll_agent(tmp_path / "a")
+    s = StateDir(tmp_path / "a")
+    creds = grpc.ssl_channel_credentials(s.ca.read_bytes(), s.key.read_bytes(),
+                                         s.cert.read_bytes())
+    batch = agent_pb2.TelemetryBatch(records=[
+        agent_pb2.TelemetryRecord(seq=i, kind="x", created_at=1.0, payload=b"{}")
+        for i in range(1, 1100)
+    ])
+    with grpc.secure_channel(cp.api, creds) as channel, pytest.raises(grpc.RpcError) as err:
+        agent_pb2_grpc.AgentServiceStub(channel).SendTelemetry(batch, timeout=WAIT)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_agent_drains_its_outbox_after_an_outage(cp: RunningControlPlane,
+                                                 tmp_path: Path) -> None:
+    cfg = cp.enroll_agent(tmp_path / "a")
+    cp.stop()  # the control plane is down while telemetry is written
+    with Outbox(StateDir(tmp_path / "a").outbox) as outbox:
+        for i in range(1, 31):
+            outbox.append("drift", _drift_payload(i), now=float(i))
+    agent = start_agent(tmp_path / "a", cp.loop)
+    try:
+        agent.wait_for("error")
+        cp.restart()
+        while agent.wait_for("heartbeat")["telemetry_sent"] == 0:
+            pass
+    finally:
+        agent.stop()
+    assert [seq for seq, _ in _rows(cp, cfg.device_id)] == list(range(1, 31))
+    with Outbox(StateDir(tmp_path / "a").outbox) as outbox:
+        assert outbox.stats().depth == 0
+
+
+@pytest.mark.slow
+def test_telemetry_survives_kill_9_of_the_agent_and_arrives_once(
+    cp: RunningControlPlane, tmp_path: Path
+) -> None:
+    cfg = cp.enroll_agent(tmp_path / "a")
+    state = StateDir(tmp_path / "a")
+    cp.stop()
+    with Outbox(state.outbox) as outbox:
+        for i in range(1, 21):
+            outbox.append("drift", _drift_payload(i), now=float(i))
+    # The agent runs while the control plane is down, then is killed -9.
+    proc = subprocess.Popen([str(BIN / "edge-agent"), "run", "--state-dir", str(state.root)],
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr or []],
+                     daemon=True).start()
+    while "retrying in" not in lines.get(timeout=WAIT):
+        pass
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(WAIT) == -signal.SIGKILL
+    with Outbox(state.outbox) as outbox:  # written more while it was dead
+        for i in range(21, 26):
+            outbox.append("drift", _drift_payload(i), now=float(i))
+    cp.restart()
+    agent = start_agent(state.root, cp.loop)
+    try:
+        while agent.wait_for("heartbeat")["telemetry_sent"] == 0:
+            pass
+    finally:
+        agent.stop()
+    assert [seq for seq, _ in _rows(cp, cfg.device_id)] == list(range(1, 26))
+    payloads = cp.cp.store._query(  # type: ignore[attr-defined]
+        "SELECT payload FROM telemetry WHERE device_id = ? AND seq = 7", (cfg.device_id,))
+    assert json.loads(payloads[0]["payload"])["start"] == 7.0
