@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
 from edge_agent.outbox import Outbox
 from edge_agent.state import StateDir
 from edge_agent.telemetry import encode
-from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 from tests.support import WAIT, RunningControlPlane, start_agent
 
 BIN = Path(sys.executable).parent
