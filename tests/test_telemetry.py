@@ -124,8 +124,12 @@ def test_telemetry_survives_kill_9_of_the_agent_and_arrives_once(
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr or []],
-                     daemon=True).start()
+
+    def pump() -> None:
+        for line in proc.stderr or []:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
     while "retrying in" not in lines.get(timeout=WAIT):
         pass
     proc.send_signal(signal.SIGKILL)
