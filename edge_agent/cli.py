@@ -38,9 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the agent until SIGTERM/SIGINT")
     r.add_argument("--state-dir", required=True, type=Path)
     r.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8080",
-                   help="inference HTTP address (serving arrives with the serving issue)")
+                   help="Open Inference Protocol HTTP address ('' to disable; port 0: any)")
     r.add_argument("--grpc-listen", metavar="HOST:PORT", default="127.0.0.1:8081",
-                   help="inference gRPC address (serving arrives with the serving issue)")
+                   help="Open Inference Protocol gRPC address ('' to disable; port 0: any)")
     r.add_argument("--transport", choices=["grpc", "mqtt"], default=None)
 
     s = sub.add_parser("status", help="show this agent's identity and last contact")
@@ -49,11 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _run(state_dir: Path, transport: str | None) -> None:
+async def _run(state_dir: Path, transport: str | None, listen: str, grpc_listen: str) -> None:
     cfg = AgentConfig.load(StateDir(state_dir))
     if (transport or cfg.transport) != "grpc":
         raise InvalidInputError("the mqtt transport is not available yet; use --transport grpc")
-    agent = Agent(state_dir, config=cfg)
+    agent = Agent(state_dir, config=cfg, listen=listen or None, grpc_listen=grpc_listen or None)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.request_stop)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"enrolled as {cfg.device_id}")
             return 0
         if args.command == "run":
-            asyncio.run(_run(args.state_dir, args.transport))
+            asyncio.run(_run(args.state_dir, args.transport, args.listen, args.grpc_listen))
             return 0
         return _status(args.state_dir, args.json)
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,18 @@ from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 from edge_agent._version import __version__
 from edge_agent.backoff import Backoff
+from edge_agent.drift import DriftConfig
 from edge_agent.hostinfo import host_facts
 from edge_agent.identity import Credentials, install_renewed, load_credentials, renewal_due
 from edge_agent.model_store import ModelStore
 from edge_agent.outbox import Outbox
 from edge_agent.probation import ProbationPolicy
 from edge_agent.release_trust import ReleaseTrust
+from edge_agent.serving.grpc_server import start_grpc
+from edge_agent.serving.http import start_http
+from edge_agent.serving.metrics import ServingMetrics
 from edge_agent.state import AgentConfig, StateDir
+from edge_agent.supervisor import ServingSupervisor
 from edge_agent.telemetry import TelemetrySender
 from edge_agent.updater import Updater
 from fleetcore import pki
@@ -52,8 +57,13 @@ class Agent:
         on_event: AgentEvent | None = None,
         clock: Callable[[], float] = time.time,
         config: AgentConfig | None = None,
+        listen: str | None = "127.0.0.1:8080",
+        grpc_listen: str | None = "127.0.0.1:8081",
     ) -> None:
         self.state = StateDir(Path(state_dir))
+        self.listen, self.grpc_listen = listen, grpc_listen
+        self.http_port = 0
+        self.grpc_port = 0
         self.config = config or AgentConfig.load(self.state)
         self.clock = clock
         self.on_event = on_event
@@ -71,8 +81,14 @@ class Agent:
             chunk_timeout=self.config.download_chunk_timeout_seconds, clock=clock,
         )
         self._report_now: asyncio.Event | None = None
+        self._decided = False
         self.outbox = Outbox(self.state.outbox)
         self.sender = TelemetrySender(self.outbox)
+        self.supervisor = ServingSupervisor(
+            self.models, self.updater, self.outbox, clock=clock,
+            drift=DriftConfig(window_requests=int(self.config.drift_window_requests),
+                              window_seconds=self.config.drift_window_seconds),
+        )
         self.host = host_facts()
         self.started_at = clock()
         self.heartbeats = 0
@@ -100,6 +116,9 @@ class Agent:
         log.info("agent %s starting; control plane %s", self.config.device_id,
                  self.config.api_address)
         self._report_now = asyncio.Event()
+        # Serve what is installed first: serving never waits for the control plane.
+        await asyncio.to_thread(self.supervisor.configure, self.trust.current)
+        servers = await self._start_serving()
         sync = asyncio.create_task(self._sync_loop())
         try:
             while not self._stop.is_set():
@@ -110,10 +129,41 @@ class Agent:
             sync.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sync
+            for stop in servers:
+                await stop()
             await self._close_channel()
+            self.supervisor.close()
             self.outbox.close()
             self._set_status(state="stopped")
             log.info("agent %s stopped", self.config.device_id)
+
+    async def _start_serving(self) -> list[Callable[[], Awaitable[None]]]:
+        metrics = ServingMetrics(self.supervisor.core)
+        metrics.add_gauge("edgefleet_outbox_depth", "Telemetry records waiting to be sent",
+                          lambda: float(self.outbox.stats().depth))
+        metrics.add_gauge("edgefleet_outbox_dropped_total",
+                          "Telemetry records dropped because the outbox was full",
+                          lambda: float(self.outbox.stats().dropped))
+        metrics.add_gauge("edgefleet_drift_score", "Score of the latest drift window",
+                          lambda: {(m,): float(d.get("score", 0.0))
+                                   for m, d in self.supervisor.last_drift.items()},
+                          labelnames=("model",))
+        metrics.add_gauge("edgefleet_model_serving_version", "The version each model serves",
+                          lambda: {(m["name"], str(m["state"])): float(m["version"])
+                                   for m in self.models.status() if m["serving"]},
+                          labelnames=("model", "state"))
+        stops: list[Callable[[], Awaitable[None]]] = []
+        if self.listen:
+            host, port = _hostport(self.listen)
+            http, self.http_port = await start_http(self.supervisor.core, host, port,
+                                                    metrics=metrics)
+            stops.append(http.stop)
+        if self.grpc_listen:
+            host, port = _hostport(self.grpc_listen)
+            grpc_server, self.grpc_port = await start_grpc(self.supervisor.core, host, port)
+            stops.append(lambda: grpc_server.stop(1.0))
+        self._emit("serving", {"http_port": self.http_port, "grpc_port": self.grpc_port})
+        return stops
 
     # ------------------------------------------------------------------ one cycle
     async def _cycle(self) -> float:
@@ -123,7 +173,12 @@ class Agent:
             if renewal_due(self.creds, self.clock(), self.config.renew_at_fraction):
                 await self._renew(stub)
                 stub = agent_pb2_grpc.AgentServiceStub(self._connect())
-            reply = await stub.Heartbeat(self._heartbeat_request(), timeout=RPC_TIMEOUT_SECONDS)
+            request = self._heartbeat_request()
+            if self._decided:
+                self._decided = False
+                await asyncio.to_thread(self.supervisor.configure, self.trust.current)
+            self.supervisor.snapshot()
+            reply = await stub.Heartbeat(request, timeout=RPC_TIMEOUT_SECONDS)
             sent = await self.sender.send(stub)
         except grpc.aio.AioRpcError as exc:
             return await self._failed(exc.code(), exc.details() or "")
@@ -155,7 +210,8 @@ class Agent:
         return delay
 
     def _heartbeat_request(self) -> agent_pb2.HeartbeatRequest:
-        self.updater.tick()  # probation decisions ride on the heartbeat's rhythm
+        # Probation decisions ride on the heartbeat's rhythm.
+        self._decided = self.updater.tick() or self._decided
         return agent_pb2.HeartbeatRequest(
             agent_version=__version__,
             host=common_pb2.HostFacts(**self.host),
@@ -206,6 +262,7 @@ class Agent:
             await self.updater.apply(doc, stub)
         finally:
             self.updater.tick()
+            await asyncio.to_thread(self.supervisor.configure, doc)
             self._emit("models", {"models": self.updater.report(), "serial": doc.serial})
             if self._report_now is not None:
                 self._report_now.set()  # tell the control plane without waiting a full beat
@@ -271,3 +328,10 @@ class Agent:
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.on_event is not None:
             self.on_event(kind, data)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)

@@ -158,9 +158,13 @@ class ModelStore:
         """Where a downloader should unpack ``version`` (same file system: no copy needed)."""
         return self._mdir(name) / "staging" / str(_check_version(version))
 
-    def install_from_dir(self, name: str, version: int, extracted_dir: Path) -> InstallOutcome:
+    def install_from_dir(self, name: str, version: int, extracted_dir: Path, *,
+                         activate: bool = True) -> InstallOutcome:
         """Verify, stage, smoke-test and activate an unpacked bundle (the store owns the dir).
 
+        With ``activate=False`` (a challenger or shadow arm of an experiment) the verified,
+        smoke-tested version is kept as committed without taking the pointer: the experiment,
+        not local probation, judges it, and serving routes to it by the release's weights.
         A failed verification or smoke test is an outcome (state failed), not an exception.
         """
         extracted_dir = Path(extracted_dir)
@@ -191,6 +195,12 @@ class ModelStore:
             except _RefusedError as exc:
                 logger.warning("%s v%d not served: %s", name, version, exc)
                 return InstallOutcome(version, _S.FAILED, str(exc))
+            if not activate:
+                self._transition(name, version, _E.SMOKE_PASSED, "experiment arm",
+                                 smoke_latency_us=latency_us)
+                self._transition(name, version, _E.PROBATION_PASSED,
+                                 "experiment arm (smoke test passed)")
+                return InstallOutcome(version, _S.COMMITTED, "experiment arm")
             self._activate_new(name, version, pointer, records, latency_us)
             return InstallOutcome(version, _S.ACTIVE, "in probation")
 
@@ -412,6 +422,10 @@ class ModelStore:
                 f"model name must match {_NAME.pattern}; got {name!r}"
             )
         return self.root / name
+
+    def version_dir(self, name: str, version: int) -> Path:
+        """Where ``version`` of ``name`` lives once installed (committed or active)."""
+        return self._vdir(name, version)
 
     def _vdir(self, name: str, version: int) -> Path:
         return self._mdir(name) / "versions" / str(_check_version(version))

@@ -97,6 +97,9 @@ class AgentConfig:
     # regression shows first); a download chunk that takes longer than the timeout is a stall.
     probation_seconds: float = 300.0
     download_chunk_timeout_seconds: float = 30.0
+    # Drift windows close after this many served rows or seconds, whichever comes first.
+    drift_window_requests: float = 500
+    drift_window_seconds: float = 300.0
 
     @classmethod
     def load(cls, state: StateDir) -> AgentConfig:
@@ -115,7 +118,8 @@ class AgentConfig:
         cfg.labels = {str(k): str(v) for k, v in doc.get("labels", {}).items()}
         for name in ("heartbeat_interval_seconds", "renew_at_fraction",
                      "backoff_initial_seconds", "backoff_max_seconds", "probation_seconds",
-                     "download_chunk_timeout_seconds"):
+                     "download_chunk_timeout_seconds", "drift_window_requests",
+                     "drift_window_seconds"):
             value = agent.get(name, getattr(cfg, name))
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise InvalidInputError(f"{state.config}: agent.{name} must be a number >= 0")
@@ -137,6 +141,8 @@ class AgentConfig:
                     "backoff_max_seconds": self.backoff_max_seconds,
                     "probation_seconds": self.probation_seconds,
                     "download_chunk_timeout_seconds": self.download_chunk_timeout_seconds,
+                    "drift_window_requests": self.drift_window_requests,
+                    "drift_window_seconds": self.drift_window_seconds,
                 },
                 "labels": self.labels,
             },

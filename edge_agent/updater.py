@@ -1,10 +1,12 @@
 """Bring the installed models in line with the accepted release document.
 
-For each model the release names, the arm with the largest weight (ties: the newest version)
-is the one to serve. If it is not serving yet: switch to it when it is a committed version kept
-on disk (no download); otherwise download (resumable), check digest and length, unpack with the
-archive rules, verify the publisher signature, smoke-test and activate it. The new version is
-then on probation until ``tick`` commits it or rolls it back locally.
+For each model the release names, the arm with the largest weight (ties: the older version)
+is the primary: the version the model store activates. If it is not serving yet: switch to it
+when it is a committed version kept on disk (no download); otherwise download (resumable),
+check digest and length, unpack with the archive rules, verify the publisher signature,
+smoke-test and activate it. The new version is then on probation until ``tick`` commits it or
+rolls it back locally. The other arms of an experiment are installed the same way but kept
+without activation; serving routes to every installed arm by the release's weights.
 
 A failed install is recorded and not retried for the same release (a new serial retries it); a
 transport failure keeps the partial download and is retried on the next sync.
@@ -34,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 def serving_arm(arms: tuple[Arm, ...]) -> Arm:
-    return max((a for a in arms if not a.shadow), key=lambda a: (a.weight, a.version))
+    """The primary arm: the largest weight; on a tie the older version (the champion)."""
+    return max((a for a in arms if not a.shadow), key=lambda a: (a.weight, -a.version))
 
 
 class Updater:
@@ -65,22 +68,26 @@ class Updater:
 
     async def apply(self, doc: ReleaseDocument, stub: Any) -> None:
         for model in doc.models:
-            arm = serving_arm(model.arms)
-            key = (model.name, arm.version, arm.digest, doc.serial)
-            active = self.store.active(model.name)
-            if (active is not None and active[0] == arm.version) or key in self._failed:
-                continue
-            try:
-                await self._install(model.name, arm, stub)
-            except TransportError:
-                raise  # keep the partial download; the next sync resumes it
-            except EdgefleetError as exc:
-                log.error("install of %s v%d failed: %s", model.name, arm.version, exc)
-                self._failed.add(key)
-                self.store.fail(model.name, arm.version, str(exc)[:500])
+            primary = serving_arm(model.arms)
+            others = [a for a in model.arms if a.version != primary.version]
+            for arm, activate in ((primary, True), *((a, False) for a in others)):
+                key = (model.name, arm.version, arm.digest, doc.serial)
+                active = self.store.active(model.name)
+                if key in self._failed or (active is not None and active[0] == arm.version):
+                    continue
+                if not activate and self._kept(model.name, arm.version):
+                    continue  # an experiment arm already installed here
+                try:
+                    await self._install(model.name, arm, stub, activate=activate)
+                except TransportError:
+                    raise  # keep the partial download; the next sync resumes it
+                except EdgefleetError as exc:
+                    log.error("install of %s v%d failed: %s", model.name, arm.version, exc)
+                    self._failed.add(key)
+                    self.store.fail(model.name, arm.version, str(exc)[:500])
 
-    async def _install(self, name: str, arm: Arm, stub: Any) -> None:
-        if self._kept(name, arm.version):
+    async def _install(self, name: str, arm: Arm, stub: Any, *, activate: bool = True) -> None:
+        if activate and self._kept(name, arm.version):
             log.info("switching %s to kept version %d (no download)", name, arm.version)
             self.store.activate_kept(name, arm.version)
             self.probation.pop(name, None)
@@ -95,8 +102,10 @@ class Updater:
             safe_extract(part, staging)
         finally:
             part.unlink(missing_ok=True)
-        outcome = self.store.install_from_dir(name, arm.version, staging)
-        if outcome.state is InstallState.ACTIVE:
+        outcome = self.store.install_from_dir(name, arm.version, staging, activate=activate)
+        if outcome.state is InstallState.COMMITTED and not activate:
+            log.info("%s v%d installed as an experiment arm", name, arm.version)
+        elif outcome.state is InstallState.ACTIVE:
             log.info("%s v%d active, on probation", name, arm.version)
             self.probation[name] = (arm.version, Probation(self.policy, self.clock()))
         else:
@@ -113,12 +122,14 @@ class Updater:
         if entry is not None:
             entry[1].record(ok, latency_s)
 
-    def tick(self) -> None:
-        """Commit or roll back versions whose probation has been decided."""
+    def tick(self) -> bool:
+        """Commit or roll back versions whose probation has been decided; True if any was."""
         now = self.clock()
+        decided = False
         for name, (version, probation) in list(self.probation.items()):
             baseline = self._baseline_p95(name, version)
             decision = probation.decide(now, baseline)
+            decided = decided or decision in ("commit", "rollback")
             if decision == "commit":
                 self.store.commit(name, version)
                 del self.probation[name]
@@ -128,6 +139,7 @@ class Updater:
                 del self.probation[name]
                 log.warning("%s v%d rolled back (%s); serving %s", name, version,
                             probation.reason, back)
+        return decided
 
     def _baseline_p95(self, name: str, version: int) -> float | None:
         """The previous version's smoke latency stands in for its p95 (seconds)."""

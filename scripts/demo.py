@@ -17,6 +17,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import httpx
+from sklearn.datasets import load_digits
 
 from scripts.procs import Child, run
 
@@ -30,11 +34,18 @@ PIPELINE = REPO / "examples" / "pipelines" / "digits-mlp.toml"
 
 
 def train(work: Path) -> Path:
-    """Train the digits model; return the publisher's public key."""
+    """Train the digits model (v1, and a challenger v2); return the publisher's public key."""
     step("trainer keygen (the publisher's model-signing key, kept with training)")
     print(run("trainer", "keygen", "--out", str(work / "publisher")), end="")
     step(f"trainer run {PIPELINE.relative_to(REPO)}  (ingest, train, prune, int8, sign)")
     print(run("trainer", "run", str(PIPELINE), "--workdir", str(work / "training"),
+              "--publisher-key", str(work / "publisher" / "publisher.key")), end="")
+    v2 = work / "digits-v2.toml"  # the challenger: less pruning, its own version number
+    v2.write_text(PIPELINE.read_text().replace("version = 1", "version = 2")
+                  .replace("prune = 0.5", "prune = 0.25").replace('path = "store"',
+                                                                  f'path = "{work / "store"}"'))
+    step("trainer run digits-v2.toml  (the challenger: 25% pruning)")
+    print(run("trainer", "run", str(v2), "--workdir", str(work / "training-v2"),
               "--publisher-key", str(work / "publisher" / "publisher.key")), end="")
     run("model_signing", "verify", "key", str(work / "training" / "bundle"), "--signature",
         str(work / "training" / "bundle" / "model.sig"), "--public_key",
@@ -80,17 +91,21 @@ def enroll_and_run_agents(
         print(run("edge-agent", "enroll", "--server", enroll, "--token", token.strip(),
                   "--ca", str(home / "pki/ca.pem"), "--state-dir", str(state),
                   "--label", "tier=demo"), end="")
-        config = state / "agent.toml"  # a short probation so the demo sees the commit
+        config = state / "agent.toml"  # short probation and drift windows for the demo
         config.write_text(config.read_text().replace("probation_seconds = 300.0",
-                                                     "probation_seconds = 2.0"))
+                                                     "probation_seconds = 2.0")
+                          .replace("drift_window_requests = 500", "drift_window_requests = 200"))
         agents.append(state)
 
     step("edge-agent run (two agents, heartbeating over mutual TLS)")
     for state in agents:
         child = Child(state.name, "edge-agent", "run", "--state-dir", str(state),
+                      "--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0",
                       log=work / "logs" / f"{state.name}.log")
         children.append(child)
-        print(child.expect(r"connected to control plane .*").group(0))
+        child.port = int(child.expect(r"inference HTTP listening on \S+:(\d+)").group(1))
+        print(child.expect(r"connected to control plane .*").group(0)
+              + f"; serving Open Inference Protocol on port {child.port}")
     return agents
 
 
@@ -108,6 +123,51 @@ def deliver(work: Path, fleet: tuple[str, ...], children: list[Child]) -> None:
         print(f"{child.name}: " + child.expect(r"digits v1 committed after probation").group(0))
 
 
+def _infer(client: httpx.Client, port: int, rows: Any, request_id: str, key: str) -> int:
+    body = {"id": request_id, "parameters": {"routing_key": key},
+            "inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
+                        "data": rows.ravel().tolist()}]}
+    r = client.post(f"http://127.0.0.1:{port}/v2/models/digits/infer", json=body)
+    r.raise_for_status()
+    return int(r.json()["model_version"])
+
+
+def experiment_and_drift(work: Path, fleet: tuple[str, ...], children: list[Child]) -> None:
+    digits = load_digits()
+    X, y = digits.data.astype("float32"), digits.target
+    step("fleet models publish training-v2/bundle; fleet experiments start --challenger 2 "
+         "--weight 0.1")
+    print(run(*fleet, "models", "publish", str(work / "training-v2" / "bundle")), end="")
+    print(run(*fleet, "experiments", "start", "--model", "digits", "--challenger", "2",
+              "--weight", "0.1"), end="")
+    for child in children[1:]:
+        print(f"{child.name}: " + child.expect(r"digits now serves v1 0.9, v2 0.1").group(0))
+
+    step("Open Inference Protocol traffic: 600 real digits per agent, then the true labels")
+    with httpx.Client(timeout=30) as client:
+        for child in children[1:]:
+            served = {1: 0, 2: 0}
+            for i in range(600):
+                version = _infer(client, child.port, X[i : i + 1], f"{child.name}-{i}",
+                                 key=f"customer-{i}")
+                served[version] += 1
+                client.post(f"http://127.0.0.1:{child.port}/v2/models/digits/feedback",
+                            json={"id": f"{child.name}-{i}", "label": int(y[i])})
+            print(f"{child.name}: v1 answered {served[1]}, v2 answered {served[2]}")
+        time.sleep(3)  # two heartbeats carry the arm counters to the control plane
+        step("fleet experiments status --model digits")
+        print(run(*fleet, "experiments", "status", "--model", "digits"), end="")
+
+        step("the data shifts: inverted intensities (16 - x) on agent-1")
+        child = children[1]
+        for i in range(0, 400, 50):
+            _infer(client, child.port, 16.0 - X[i : i + 50], f"shift-{i}", key=f"s-{i}")
+        print(child.expect(r"drift on digits .*").group(0))
+    time.sleep(3)
+    step("fleet drift --model digits")
+    print(run(*fleet, "drift", "--model", "digits"), end="")
+
+
 def scenario(work: Path, children: list[Child]) -> int:
     """Run the story; return how many devices ended online."""
     publisher_pub = train(work)
@@ -122,6 +182,8 @@ def scenario(work: Path, children: list[Child]) -> int:
     online = [d["id"] for d in devices if d["status"] == "online"]
     if len(online) != len(agents):
         raise RuntimeError(f"expected {len(agents)} online devices, got {devices}")
+
+    experiment_and_drift(work, fleet, children)
 
     step("fleet rollouts status --model digits")
     deadline = time.monotonic() + 30

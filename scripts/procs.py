@@ -20,6 +20,7 @@ class Child:
 
     def __init__(self, name: str, *args: str, log: Path | None = None) -> None:
         self.name = name
+        self.port = 0  # what the child listens on, once known
         self.proc = subprocess.Popen(
             [str(BIN / args[0]), *args[1:]],
             stdout=subprocess.DEVNULL,

@@ -151,7 +151,8 @@ def start_agent(state_dir: Path, loop: LoopThread, **config: Any) -> RunningAgen
     for key, value in config.items():
         setattr(cfg, key, value)
     events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
-    agent = Agent(state_dir, config=cfg, on_event=lambda k, d: events.put((k, d)))
+    agent = Agent(state_dir, config=cfg, on_event=lambda k, d: events.put((k, d)),
+                  listen="127.0.0.1:0", grpc_listen="127.0.0.1:0")
     running = RunningAgent(agent=agent, loop=loop, events=events)
     running.future = asyncio.run_coroutine_threadsafe(agent.run(), loop.loop)
     return running

@@ -92,7 +92,8 @@ def test_commands_end_to_end(tmp_path: Path) -> None:
         assert reuse.returncode != 0
         assert "already been used" in reuse.stderr
 
-        agent = Proc("edge-agent", "run", "--state-dir", str(state))
+        agent = Proc("edge-agent", "run", "--state-dir", str(state), "--listen", "127.0.0.1:0",
+                     "--grpc-listen", "127.0.0.1:0")
         try:
             agent.expect(r"connected to control plane")
             listed = run(*fleet, "devices", "list", "--json")

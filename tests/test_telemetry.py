@@ -120,7 +120,8 @@ def test_telemetry_survives_kill_9_of_the_agent_and_arrives_once(
         for i in range(1, 21):
             outbox.append("drift", _drift_payload(i), now=float(i))
     # The agent runs while the control plane is down, then is killed -9.
-    proc = subprocess.Popen([str(BIN / "edge-agent"), "run", "--state-dir", str(state.root)],
+    proc = subprocess.Popen([str(BIN / "edge-agent"), "run", "--state-dir", str(state.root),
+                             "--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"],
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: queue.Queue[str] = queue.Queue()

@@ -1,0 +1,46 @@
+"""Model serving on the agent: runtimes, the A/B router, per-arm stats, HTTP and gRPC front ends.
+
+Use::
+
+    core = ServingCore(on_prediction=drift.update, on_result=probation_record)
+    core.set_model("digits", [(3, 0.9, False), (4, 0.1, False), (5, 0.0, True)],
+                   {3: dir3, 4: dir4, 5: dir5})          # from a thread: it loads sessions
+    metrics = ServingMetrics(core)                        # add_gauge(...) for the daemon's own
+    http, http_port = await start_http(core, "127.0.0.1", 8080, metrics=metrics)
+    grpc_server, grpc_port = await start_grpc(core, "127.0.0.1", 8081)
+    ...
+    await http.stop(); await grpc_server.stop(1.0); core.close()
+
+Each module's docstring states its rules; ``bench.py`` measures the DESIGN.md §9 targets.
+"""
+
+from edge_agent.serving.core import InferResult, ModelSignature, ServingCore
+from edge_agent.serving.errors import (
+    BadRequestError,
+    InferenceError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+)
+from edge_agent.serving.grpc_server import start_grpc
+from edge_agent.serving.http import HttpServer, start_http
+from edge_agent.serving.metrics import ServingMetrics
+from edge_agent.serving.router import Router, RouterArm
+from edge_agent.serving.runtime import Runtime, load_runtime
+
+__all__ = [
+    "BadRequestError",
+    "HttpServer",
+    "InferResult",
+    "InferenceError",
+    "ModelNotFoundError",
+    "ModelSignature",
+    "PayloadTooLargeError",
+    "Router",
+    "RouterArm",
+    "Runtime",
+    "ServingCore",
+    "ServingMetrics",
+    "load_runtime",
+    "start_grpc",
+    "start_http",
+]

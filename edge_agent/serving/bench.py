@@ -1,0 +1,300 @@
+"""Serving benchmarks for ``make bench`` (DESIGN.md §9): ratios against a baseline in the same run.
+
+* ``bench_inprocess``: p50 of ``ServingCore.infer`` against a bare ``InferenceSession.run`` on
+  the same model and row (the same session options), measured in alternating blocks so that
+  drift of a shared host hits both; also with an ``on_prediction`` hook and with a request id,
+  which add the off-path queueing and the feedback log.
+* ``bench_http``: requests/s of the agent's HTTP server against a minimal Starlette app on
+  uvicorn with ONNX Runtime on the same model (the same session options: the stack is what is
+  compared), each in its own subprocess, driven by the same keep-alive load generator,
+  alternating rounds.
+* ``bench_session_options``: the ONNX Runtime thread/spinning table in ``runtime.py``.
+
+No thresholds here: callers compare against the targets. Command line::
+
+    python -m edge_agent.serving.bench inprocess BUNDLE_DIR [-n N]
+    python -m edge_agent.serving.bench http BUNDLE_DIR [--seconds S] [--concurrency C]
+    python -m edge_agent.serving.bench session-options MODEL.onnx [MODEL.onnx ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from edge_agent.serving.core import ServingCore
+from edge_agent.serving.http import start_http
+from edge_agent.serving.runtime import io_names, model_dims, onnx_session
+from fleetcore.bundle import MANIFEST, MODEL_ONNX
+
+__all__ = ["bench_http", "bench_inprocess", "bench_session_options"]
+
+_BLOCKS = 10
+_HTTP_ROUNDS = 4  # alternating, so that a shared host's drift hits both servers
+
+
+def _manifest(bundle_dir: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((Path(bundle_dir) / MANIFEST).read_text())
+    return doc
+
+
+def _row(manifest: dict[str, Any], rows: int = 1) -> np.ndarray:
+    features, _ = model_dims(manifest)
+    return np.random.default_rng(0).random((rows, features), dtype=np.float32) * 16
+
+
+def _p50_us(calls: dict[str, Callable[[], Any]], n: int) -> dict[str, float]:
+    """Median µs per call of each callable, timed in ``_BLOCKS`` interleaved blocks."""
+    samples: dict[str, list[float]] = {k: [] for k in calls}
+    for call in calls.values():
+        for _ in range(min(n, 500)):
+            call()
+    per_block = max(1, n // _BLOCKS)
+    clock = time.perf_counter
+    for _ in range(_BLOCKS):
+        for key, call in calls.items():
+            out = samples[key]
+            for _ in range(per_block):
+                t0 = clock()
+                call()
+                out.append(clock() - t0)
+    return {k: statistics.median(v) * 1e6 for k, v in samples.items()}
+
+
+def bench_inprocess(bundle_dir: Path, n: int = 20_000) -> dict[str, Any]:
+    """p50 µs of ``ServingCore.infer`` vs raw ``InferenceSession.run``, one row."""
+    bundle_dir = Path(bundle_dir)
+    manifest = _manifest(bundle_dir)
+    name, version = manifest["name"], manifest["version"]
+    x = _row(manifest)
+    input_name, _ = io_names(manifest)
+    session = onnx_session(bundle_dir / MODEL_ONNX)
+    plain = ServingCore()
+    hooked = ServingCore(on_prediction=lambda *_: None, on_result=lambda *_: None)
+    try:
+        for core in (plain, hooked):
+            core.set_model(name, [(version, 1.0, False)], {version: bundle_dir})
+        feed = {input_name: x}
+        ids = iter(range(10**9))
+        p50 = _p50_us({
+            "raw": lambda: session.run(None, feed),
+            "core": lambda: plain.infer(name, x),
+            "core_hooks": lambda: hooked.infer(name, x),
+            "core_request_id": lambda: plain.infer(name, x, request_id=str(next(ids))),
+        }, n)
+    finally:
+        plain.close()
+        hooked.close()
+    return {
+        "raw_p50_us": p50["raw"], "core_p50_us": p50["core"],
+        "overhead_us": p50["core"] - p50["raw"], "ratio": p50["core"] / p50["raw"],
+        "core_hooks_p50_us": p50["core_hooks"],
+        "core_request_id_p50_us": p50["core_request_id"], "n": n,
+    }
+
+
+# ---------------------------------------------------------------------------- HTTP
+
+
+def starlette_baseline(bundle_dir: Path) -> Starlette:
+    """The minimal Starlette + ONNX Runtime v2 infer endpoint the agent is compared with."""
+    manifest = _manifest(bundle_dir)
+    input_name, output_name = io_names(manifest)
+    session = onnx_session(Path(bundle_dir) / MODEL_ONNX)
+
+    async def infer(request: Request) -> JSONResponse:
+        doc = await request.json()
+        tensor = doc["inputs"][0]
+        x = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
+        out = session.run(None, {input_name: x})[0]
+        return JSONResponse({
+            "model_name": request.path_params["name"], "model_version": str(manifest["version"]),
+            "outputs": [{"name": output_name, "datatype": "FP32", "shape": list(out.shape),
+                         "data": out.ravel().tolist()}],
+        })
+
+    return Starlette(routes=[Route("/v2/models/{name}/infer", infer, methods=["POST"])])
+
+
+async def _serve(kind: str, bundle_dir: Path) -> None:
+    if kind == "agent":
+        manifest = _manifest(bundle_dir)
+        core = ServingCore()
+        core.set_model(manifest["name"], [(manifest["version"], 1.0, False)],
+                       {manifest["version"]: bundle_dir})
+        _, port = await start_http(core, "127.0.0.1", 0)
+        print(f"PORT {port}", flush=True)
+        await asyncio.Event().wait()
+    config = uvicorn.Config(starlette_baseline(bundle_dir), host="127.0.0.1", port=0,
+                            lifespan="off", access_log=False, log_level="warning",
+                            server_header=False)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # a benchmark helper process: polling its own flag is fine
+        await asyncio.sleep(0.01)
+    print(f"PORT {server.servers[0].sockets[0].getsockname()[1]}", flush=True)
+    await task
+
+
+@contextlib.contextmanager
+def _server_process(kind: str, bundle_dir: Path) -> Iterator[int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.serving.bench", "serve", kind, str(bundle_dir)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"{kind} server did not start: {line!r}")
+        yield int(line.split()[1])
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _load(port: int, body: bytes, path: str, seconds: float, concurrency: int) -> float:
+    """Requests/s over ``concurrency`` keep-alive connections; every answer must be 200."""
+    request = (f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+               f"content-length: {len(body)}\r\n\r\n").encode() + body
+    deadline = time.perf_counter() + seconds
+    counts = [0] * concurrency
+
+    async def worker(i: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.perf_counter() < deadline:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(f"bad answer: {head[:80]!r}")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
+                counts[i] += 1
+        finally:
+            writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def bench_http(bundle_dir: Path, seconds: float = 4.0, concurrency: int = 8) -> dict[str, Any]:
+    """Requests/s of the agent's HTTP server vs the Starlette baseline (alternating rounds)."""
+    bundle_dir = Path(bundle_dir)
+    manifest = _manifest(bundle_dir)
+    input_name, _ = io_names(manifest)
+    x = _row(manifest)
+    body = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape),
+                                   "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
+    path = f"/v2/models/{manifest['name']}/infer"
+    rounds: dict[str, list[float]] = {"agent": [], "starlette": []}
+    with _server_process("agent", bundle_dir) as agent, \
+            _server_process("starlette", bundle_dir) as baseline:
+        ports = {"agent": agent, "starlette": baseline}
+        for port in ports.values():
+            asyncio.run(_load(port, body, path, 0.3, concurrency))  # warm up
+        for _ in range(_HTTP_ROUNDS):
+            for kind, port in ports.items():
+                rounds[kind].append(asyncio.run(_load(port, body, path,
+                                                      seconds / (2 * _HTTP_ROUNDS), concurrency)))
+    agent_rps = statistics.mean(rounds["agent"])
+    base_rps = statistics.mean(rounds["starlette"])
+    return {"agent_rps": agent_rps, "starlette_rps": base_rps, "ratio": agent_rps / base_rps,
+            "rounds": rounds, "concurrency": concurrency, "seconds": seconds}
+
+
+# ---------------------------------------------------------------------------- session options
+
+
+def _throughput(call: Callable[[], Any], callers: int, seconds: float) -> float:
+    stop = time.perf_counter() + seconds
+    counts = [0] * callers
+
+    def work(i: int) -> None:
+        while time.perf_counter() < stop:
+            call()
+            counts[i] += 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / seconds
+
+
+def bench_session_options(model: Path, n: int = 2000) -> list[dict[str, Any]]:
+    """intra-op threads 1/2 x spinning on/off: p50 µs at batch 1 and 64, and requests/s of
+    batch 1 with two caller threads sharing the session."""
+    out = []
+    session0 = onnx_session(model)
+    features = session0.get_inputs()[0].shape[1]
+    input_name = session0.get_inputs()[0].name
+    rng = np.random.default_rng(0)
+    for threads in (1, 2):
+        for spinning in (True, False):
+            session = onnx_session(model, threads=threads, spinning=spinning)
+            row: dict[str, Any] = {"intra_op_threads": threads, "spinning": spinning}
+            for batch in (1, 64):
+                run = functools.partial(session.run, None, {
+                    input_name: rng.random((batch, features), dtype=np.float32)})
+                row[f"p50_us_b{batch}"] = _p50_us({"run": run}, n)["run"]
+                if batch == 1:
+                    row["rps_b1_2_callers"] = _throughput(run, 2, 1.0)
+            out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edge_agent.serving.bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inprocess")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("-n", type=int, default=20_000)
+    p = sub.add_parser("http")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--concurrency", type=int, default=8)
+    p = sub.add_parser("session-options")
+    p.add_argument("models", type=Path, nargs="+")
+    p = sub.add_parser("serve")  # internal: one server process of bench_http
+    p.add_argument("kind", choices=["agent", "starlette"])
+    p.add_argument("bundle", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        asyncio.run(_serve(args.kind, args.bundle))
+        return 0
+    if args.command == "inprocess":
+        result: Any = bench_inprocess(args.bundle, args.n)
+    elif args.command == "http":
+        result = bench_http(args.bundle, args.seconds, args.concurrency)
+    else:
+        result = {str(m): bench_session_options(m) for m in args.models}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Per-arm serving numbers, in bounded memory, and the request log that feedback scores against.
+
+Rules:
+
+* ``ArmStats`` counts requests, errors, a latency histogram and feedback (correct / scored
+  rows) for one (model, version). Shadow arms count the mirrored requests they answered.
+* ``LatencyHistogram`` has fixed buckets: bounds 10**(k/20) s for k in -120..40, i.e. 1 µs to
+  100 s at 12% steps (161 bounds and an overflow bucket), so memory does not grow with traffic.
+  Quantiles interpolate geometrically inside the bucket that holds them.
+* ``PredictionLog`` maps request id -> (model, version, predicted classes) for requests that
+  carried an id, least recently used first out past ``capacity`` (so the ids the agent can score
+  are the most recent ``capacity``). Shadow answers join the entry when they arrive. Feedback
+  takes the entry out: a request is scored once.
+* Everything here is thread-safe (one lock per object, held for a few attribute updates).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "LATENCY_BOUNDS_S",
+    "ArmStats",
+    "LatencyHistogram",
+    "Pending",
+    "PredictionLog",
+    "as_classes",
+]
+
+LATENCY_BOUNDS_S: tuple[float, ...] = tuple(10 ** (k / 20) for k in range(-120, 41))
+
+
+class LatencyHistogram:
+    """Fixed-bucket latency histogram (not locked: its owner holds the lock)."""
+
+    __slots__ = ("count", "counts", "sum_s")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BOUNDS_S) + 1)  # the last one is the overflow
+        self.count = 0
+        self.sum_s = 0.0
+
+    def record(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BOUNDS_S, seconds)] += 1
+        self.count += 1
+        self.sum_s += seconds
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile in seconds (None when empty); the last bound if it overflowed."""
+        if self.count == 0:
+            return None
+        target = q * self.count
+        seen = 0
+        for i, n in enumerate(self.counts):
+            if n and seen + n >= target:
+                if i == len(LATENCY_BOUNDS_S):
+                    return LATENCY_BOUNDS_S[-1]
+                upper = LATENCY_BOUNDS_S[i]
+                lower = LATENCY_BOUNDS_S[i - 1] if i else upper / 10 ** (1 / 20)
+                frac = min(1.0, max(0.0, (target - seen) / n))
+                return lower * (upper / lower) ** frac
+            seen += n
+        return LATENCY_BOUNDS_S[-1]
+
+    def cumulative(self, bounds: tuple[float, ...]) -> list[tuple[float, int]]:
+        """(upper bound, count of samples <= it) for ``bounds`` (a subset of ours), then +Inf."""
+        out: list[tuple[float, int]] = []
+        running, j = 0, 0
+        for bound in bounds:
+            while j < len(LATENCY_BOUNDS_S) and LATENCY_BOUNDS_S[j] <= bound * (1 + 1e-9):
+                running += self.counts[j]
+                j += 1
+            out.append((bound, running))
+        out.append((math.inf, self.count))
+        return out
+
+
+class ArmStats:
+    """Counters for one arm of one model (see the module rules)."""
+
+    def __init__(self, model: str, version: int) -> None:
+        self.model = model
+        self.version = version
+        self.requests = 0
+        self.errors = 0
+        self.latency = LatencyHistogram()
+        self.scored = 0  # rows that got a ground-truth label
+        self.correct = 0
+        self._lock = threading.Lock()
+
+    def record(self, ok: bool, latency_s: float) -> None:
+        with self._lock:
+            self.requests += 1
+            if ok:
+                self.latency.record(latency_s)
+            else:
+                self.errors += 1
+
+    def score(self, correct: int, scored: int) -> None:
+        with self._lock:
+            self.correct += correct
+            self.scored += scored
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready numbers (latencies in seconds; accuracy None before any feedback)."""
+        with self._lock:
+            return {
+                "requests": self.requests,
+                "errors": self.errors,
+                "latency_p50_s": self.latency.quantile(0.50),
+                "latency_p95_s": self.latency.quantile(0.95),
+                "feedback_rows": self.scored,
+                "feedback_correct": self.correct,
+                "accuracy": self.correct / self.scored if self.scored else None,
+            }
+
+    def histogram(self, bounds: tuple[float, ...]) -> tuple[list[tuple[float, int]], float]:
+        with self._lock:
+            return self.latency.cumulative(bounds), self.latency.sum_s
+
+
+@dataclass(slots=True)
+class Pending:
+    """What a request with an id was answered with, waiting for its label.
+
+    Kept small: one int when the request had one row, no shadow dict until a shadow answers.
+    An entry with a 36-character id and its LRU links takes ~250 bytes (tracemalloc), so a
+    full log of the default 100k entries holds ~25 MB.
+    """
+
+    model: str
+    version: int
+    arm: ArmStats  # the arm to score (even if the version is no longer served)
+    classes: int | tuple[int, ...]  # predicted class: one int per request row
+    shadows: dict[int, tuple[ArmStats, int | tuple[int, ...]]] | None = None
+
+    @property
+    def rows(self) -> int:
+        return 1 if isinstance(self.classes, int) else len(self.classes)
+
+
+def as_classes(predicted: list[int]) -> int | tuple[int, ...]:
+    """The compact form ``Pending`` stores: an int for one row, else a tuple."""
+    return predicted[0] if len(predicted) == 1 else tuple(predicted)
+
+
+class PredictionLog:
+    """Bounded LRU of request id -> ``Pending`` (see the module rules)."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1; got {capacity}")
+        self.capacity = capacity
+        self.evicted = 0
+        self._entries: OrderedDict[str, Pending] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, request_id: str, pending: Pending) -> None:
+        with self._lock:
+            entries = self._entries
+            entries[request_id] = pending
+            entries.move_to_end(request_id)
+            if len(entries) > self.capacity:
+                entries.popitem(last=False)
+                self.evicted += 1
+
+    def add_shadow(self, request_id: str, model: str, arm: ArmStats,
+                   classes: int | tuple[int, ...]) -> None:
+        with self._lock:
+            pending = self._entries.get(request_id)
+            if pending is not None and pending.model == model:
+                if pending.shadows is None:
+                    pending.shadows = {}
+                pending.shadows[arm.version] = (arm, classes)
+
+    def peek_rows(self, request_id: str, model: str) -> int | None:
+        """How many rows the request had, or None when its id is unknown for ``model``."""
+        with self._lock:
+            pending = self._entries.get(request_id)
+            return None if pending is None or pending.model != model else pending.rows
+
+    def take(self, request_id: str, model: str) -> Pending | None:
+        with self._lock:
+            pending = self._entries.get(request_id)
+            if pending is None or pending.model != model:
+                return None
+            del self._entries[request_id]
+            return pending

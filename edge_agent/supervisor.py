@@ -1,0 +1,141 @@
+"""What the agent serves, and what serving feeds back: the glue between the install side
+(release, model store, probation) and the serving side (ServingCore, HTTP, gRPC).
+
+* ``configure`` maps the accepted release onto the versions installed here: every arm whose
+  version is on disk (committed, or active on probation) serves with its weight; arms not
+  installed yet are left out and the rest renormalized; with no release (or none of its arms
+  installed) the version the model store activated serves alone.
+* Serving's result hook feeds the probation of the version on probation; its prediction hook
+  (off the request path, batched) feeds one drift monitor per (model, version), whose closed
+  windows go to the telemetry outbox. ``snapshot`` adds each arm's counters to the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from edge_agent.drift import DriftConfig, DriftMonitor, parse_profile
+from edge_agent.lifecycle import InstallState
+from edge_agent.model_store import ModelStore
+from edge_agent.outbox import Outbox
+from edge_agent.serving.core import ServingCore
+from edge_agent.telemetry import encode
+from edge_agent.updater import Updater
+from fleetcore.bundle import PROFILE
+from fleetcore.errors import EdgefleetError
+from fleetcore.release import ReleaseDocument
+
+__all__ = ["ServingSupervisor"]
+
+log = logging.getLogger(__name__)
+
+_SERVABLE = (InstallState.COMMITTED, InstallState.ACTIVE)
+
+
+class ServingSupervisor:
+    def __init__(
+        self,
+        store: ModelStore,
+        updater: Updater,
+        outbox: Outbox,
+        *,
+        drift: DriftConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.updater = updater
+        self.outbox = outbox
+        self.drift_config = drift or DriftConfig()
+        self.clock = clock
+        self.monitors: dict[tuple[str, int], DriftMonitor | None] = {}
+        self.last_drift: dict[str, dict[str, Any]] = {}
+        self.core = ServingCore(on_prediction=self._on_prediction, on_result=self._on_result)
+
+    # ------------------------------------------------------------------ what to serve
+    def plan(self, doc: ReleaseDocument | None) -> dict[str, list[tuple[int, float, bool]]]:
+        installed: dict[str, set[int]] = {}
+        for rec in self.store.status():
+            if rec["state"] in _SERVABLE:
+                installed.setdefault(rec["name"], set()).add(int(rec["version"]))
+        plans: dict[str, list[tuple[int, float, bool]]] = {}
+        for model in doc.models if doc is not None else ():
+            arms = [(a.version, a.weight, a.shadow) for a in model.arms
+                    if a.version in installed.get(model.name, set())]
+            total = sum(w for _, w, shadow in arms if not shadow)
+            if total > 0:
+                plans[model.name] = [(v, w / total if not s else 0.0, s) for v, w, s in arms]
+        for name in installed:  # no release for it, or none of its arms is here yet
+            active = self.store.active(name)
+            if name not in plans and active is not None:
+                plans[name] = [(active[0], 1.0, False)]
+        return plans
+
+    def configure(self, doc: ReleaseDocument | None) -> None:
+        """Serve what the release asks for and is installed (call from a thread: loads models)."""
+        for name, arms in self.plan(doc).items():
+            bundles = {v: self.store.version_dir(name, v) for v, _, _ in arms}
+            try:
+                self.core.set_model(name, arms, bundles)
+            except (EdgefleetError, OSError) as exc:
+                log.error("cannot serve %s %s: %s", name, arms, exc)
+
+    # ------------------------------------------------------------------ hooks
+    def _on_result(self, model: str, version: int, ok: bool, latency_s: float) -> None:
+        entry = self.updater.probation.get(model)
+        if entry is not None and entry[0] == version:
+            self.updater.record(model, ok, latency_s)
+
+    def _monitor(self, model: str, version: int) -> DriftMonitor | None:
+        key = (model, version)
+        if key not in self.monitors:
+            monitor = None
+            try:
+                data = (self.store.version_dir(model, version) / PROFILE).read_bytes()
+                monitor = DriftMonitor(model, version, parse_profile(data), self.drift_config)
+            except (EdgefleetError, OSError) as exc:
+                log.warning("no drift monitoring for %s v%d: %s", model, version, exc)
+            self.monitors[key] = monitor
+        return self.monitors[key]
+
+    def _on_prediction(self, model: str, version: int, rows: np.ndarray,
+                       predicted: np.ndarray) -> None:
+        monitor = self._monitor(model, version)
+        if monitor is None:
+            return
+        for window in monitor.observe(rows, predicted, self.clock()):
+            doc = window.to_dict()
+            self.last_drift[model] = doc
+            self.outbox.append("drift", encode(doc), self.clock())
+            if window.drifted:
+                log.warning("drift on %s v%d: score %.3f, %d features", model, version,
+                            window.score, len(window.drifted_features))
+
+    def snapshot(self) -> None:
+        """Add every served arm's counters to the outbox (one record per arm)."""
+        now = self.clock()
+        items = []
+        for name, model in self.core.stats()["models"].items():
+            for version, arm in model["arms"].items():
+                items.append(("arm_stats", encode({
+                    "model": name, "version": int(version), "shadow": arm["shadow"],
+                    "requests": arm["requests"], "errors": arm["errors"],
+                    "p50_ms": 1000 * (arm["latency_p50_s"] or 0.0),
+                    "p95_ms": 1000 * (arm["latency_p95_s"] or 0.0),
+                    "labelled": arm["feedback_rows"], "correct": arm["feedback_correct"],
+                })))
+        if items:
+            self.outbox.append_many(items, now)
+
+    def metrics_gauges(self) -> dict[str, Any]:
+        stats = self.outbox.stats()
+        return {"outbox_depth": stats.depth, "outbox_dropped": stats.dropped,
+                "drift": {m: d.get("score", 0.0) for m, d in self.last_drift.items()}}
+
+    def close(self) -> None:
+        self.core.close()
+

@@ -1,0 +1,108 @@
+"""The whole serving loop through real processes' parts: rollout → OIP traffic → experiment
+with feedback → per-arm results and drift at the control plane."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from control_plane.fleet_cli import main as fleet_main
+from tests.support import RunningControlPlane, start_agent
+from tests.test_delivery import _bundle_for, _committed, _wait_models
+from tests.trainer_support import write_pipeline
+from trainer.config import Pipeline
+from trainer.pipeline import Run, Workdir
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("bundle")
+    pipeline = write_pipeline(base, hidden="32", epochs=3, prune=0.25)
+    Run(Pipeline.load(pipeline), Workdir(base / "work"), progress=lambda m: None).run_all()
+    return base / "work" / "bundle"
+
+
+def _fleet_json(cp: RunningControlPlane, capsys: pytest.CaptureFixture[str], *args: str) -> Any:
+    capsys.readouterr()
+    rc = fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api", cp.api,
+                     *args, "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return json.loads(out.out)
+
+
+def _infer(client: httpx.Client, port: int, rows: np.ndarray, request_id: str,
+           key: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": request_id, "inputs": [
+        {"name": "input", "shape": list(rows.shape), "datatype": "FP32",
+         "data": rows.ravel().tolist()}]}
+    if key is not None:
+        body["parameters"] = {"routing_key": key}
+    r = client.post(f"http://127.0.0.1:{port}/v2/models/digits/infer", json=body)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def test_serving_experiment_feedback_and_drift_reach_the_fleet(
+    cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for version in (1, 2):
+        bundle = _bundle_for(cp, trained_bundle, tmp_path / f"v{version}", version=version)
+        assert fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api",
+                           cp.api, "models", "publish", str(bundle)]) == 0
+    cfg = cp.enroll_agent(tmp_path / "a")
+    agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0,
+                        drift_window_requests=100)
+    digits = load_digits()
+    X, y = digits.data.astype(np.float32), digits.target
+    try:
+        port = agent.wait_for("serving")["http_port"]
+        _fleet_json(cp, capsys, "rollouts", "start", "--model", "digits", "--version", "1")
+        _wait_models(agent, _committed(1))
+        exp = _fleet_json(cp, capsys, "experiments", "start", "--model", "digits",
+                          "--challenger", "2", "--weight", "0.5")
+        assert (exp["champion"], exp["challenger"], exp["devices"]) == (1, 2, [cfg.device_id])
+        while agent.wait_for("models")["serial"] < 2:
+            pass  # the experiment's release: both arms installed and served
+        with httpx.Client(timeout=30) as client:
+            seen: dict[int, int] = {}
+            for i in range(300):
+                out = _infer(client, port, X[i : i + 1], f"req-{i}", key=f"user-{i}")
+                assert out["id"] == f"req-{i}"
+                seen[int(out["model_version"])] = seen.get(int(out["model_version"]), 0) + 1
+                fb = client.post(f"http://127.0.0.1:{port}/v2/models/digits/feedback",
+                                 json={"id": f"req-{i}", "label": int(y[i])})
+                assert fb.status_code == 200, fb.text
+            assert set(seen) == {1, 2} and min(seen.values()) > 90  # ~50/50 split
+            sticky = {_infer(client, port, X[:1], f"s-{i}", key="user-7")["model_version"]
+                      for i in range(20)}
+            assert len(sticky) == 1
+            # Shifted traffic: inverted intensities.
+            for i in range(0, 300, 50):
+                _infer(client, port, 16.0 - X[i : i + 50], f"shift-{i}")
+            metrics = client.get(f"http://127.0.0.1:{port}/metrics").text
+        assert "edgefleet_outbox_depth" in metrics
+        agent.agent.supervisor.core.flush(30)
+        for _ in range(10):  # each heartbeat snapshots the arms and sends the outbox
+            agent.wait_for("heartbeat")
+            status = _fleet_json(cp, capsys, "experiments", "status", "--model", "digits")
+            arms = {a["version"]: a for a in status["arms"]}
+            if arms[1]["requests"] + arms[2]["requests"] >= 300:
+                break
+        assert arms[1]["requests"] + arms[2]["requests"] >= 300
+        assert arms[1]["labelled"] > 0 and arms[2]["labelled"] > 0
+        assert 0.5 < arms[1]["accuracy"] <= 1.0
+        drift = _fleet_json(cp, capsys, "drift", "--model", "digits")
+        assert drift["fleet"][0]["drifted_devices"] == 1
+        assert drift["devices"][0]["device_id"] == cfg.device_id and drift["devices"][0]["drifted"]
+    finally:
+        agent.stop()
+    shutil.rmtree(tmp_path / "v1", ignore_errors=True)
