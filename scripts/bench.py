@@ -32,6 +32,7 @@ from control_plane.home import init_home
 from control_plane.server import ControlPlane
 from edge_agent.enroll import enroll
 from edge_agent.state import StateDir
+from scripts.bench_serving import bench_serving
 from scripts.machine import machine_info
 from trainer.cli import keygen
 from trainer.config import Pipeline
@@ -119,11 +120,22 @@ def bench_heartbeat(work: Path, n: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _tiny_bundle(work: Path, key: Path) -> Path:
+    text = (REPO / "examples" / "pipelines" / "digits-mlp.toml").read_text()
+    text = text.replace("hidden = [1024, 1024]", "hidden = [32]").replace("epochs = 20",
+                                                                           "epochs = 10")
+    (work / "tiny.toml").write_text(text)
+    Run(Pipeline.load(work / "tiny.toml"), Workdir(work / "tiny"), publisher_key=key,
+        progress=lambda m: None).run_all()
+    return work / "tiny" / "bundle"
+
+
 def bench_compression(work: Path) -> list[dict[str, Any]]:
     key, _ = keygen(work / "publisher")
     pipeline = Pipeline.load(REPO / "examples" / "pipelines" / "digits-mlp.toml")
     run = Run(pipeline, Workdir(work / "digits"), publisher_key=key, progress=lambda m: None)
     report = run.run_all()
+    tiny = _tiny_bundle(work, key)
     sizes, lat, m = report["sizes"], report["latency_us"], report["metrics"]
     params = report["model"]["parameters"]
     base = "fp32 ONNX of the same trained model"
@@ -146,6 +158,7 @@ def bench_compression(work: Path) -> list[dict[str, Any]]:
          "figure": round(lat["compressed"]["batch1"], 1),
          "baseline": round(lat["fp32"]["batch1"], 1), "baseline_name": base,
          "ratio": round(lat["ratio_batch1"], 3), "target": "-", "pass": None},
+        *bench_serving(tiny, work / "digits", work),
     ]
 
 

@@ -1,0 +1,148 @@
+"""Serving benchmarks for `make bench` (DESIGN.md §9), each against a baseline in the same run.
+
+* in-process predict path (ServingCore.infer) vs raw InferenceSession.run, on a tiny model and
+  on a >= 100 µs model (the 1.1M-parameter digits MLP in fp32);
+* HTTP throughput of the agent's server vs a minimal Starlette/uvicorn + ONNX Runtime app;
+* gRPC ModelInfer p50 (one row, local) vs raw InferenceSession.run;
+* resident memory of the agent's serving process with one model loaded vs Python +
+  onnxruntime + one session;
+* drift update cost per sample, rows one at a time and in batches of 64.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from edgefleet.v1 import grpc_predict_v2_pb2 as pb
+from edgefleet.v1 import grpc_predict_v2_pb2_grpc as pb_grpc
+from sklearn.datasets import load_digits
+
+from edge_agent.drift import bench_update_cost
+from edge_agent.serving.bench import bench_http, bench_inprocess
+from edge_agent.serving.core import ServingCore
+from edge_agent.serving.grpc_server import start_grpc
+from trainer.onnx_tools import session
+
+__all__ = ["bench_serving"]
+
+_RSS_SCRIPT = """
+import sys, json, numpy as np
+from pathlib import Path
+bundle = Path(sys.argv[2])
+x = np.zeros((1, 64), dtype=np.float32)
+if sys.argv[1] == "baseline":
+    import onnxruntime as ort
+    s = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    s.run(None, {"input": x})
+else:
+    import asyncio
+    import edge_agent.daemon  # everything the agent process imports
+    from edge_agent.serving.core import ServingCore
+    from edge_agent.serving.http import start_http
+    from edge_agent.serving.grpc_server import start_grpc
+    m = json.loads((bundle / "manifest.json").read_text())
+    core = ServingCore()
+    core.set_model(m["name"], [(m["version"], 1.0, False)], {m["version"]: bundle})
+    core.infer(m["name"], x)
+    async def serve():
+        await start_http(core, "127.0.0.1", 0)
+        await start_grpc(core, "127.0.0.1", 0)
+    asyncio.run(serve())
+for line in open("/proc/self/status"):
+    if line.startswith("VmRSS:"):
+        print(int(line.split()[1]) * 1024)
+"""
+
+
+def _rss(kind: str, bundle: Path) -> int:
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, kind, str(bundle)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _grpc_p50_us(bundle: Path, n: int = 2000) -> tuple[float, float]:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    name, version = manifest["name"], manifest["version"]
+    core = ServingCore()
+    core.set_model(name, [(version, 1.0, False)], {version: bundle})
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server, port = asyncio.run_coroutine_threadsafe(start_grpc(core, "127.0.0.1", 0),
+                                                    loop).result(30)
+    x = np.zeros((1, 64), dtype=np.float32)
+    request = pb.ModelInferRequest(model_name=name, inputs=[
+        pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 64])],
+        raw_input_contents=[x.tobytes()])
+    raw = session(bundle / "model.onnx")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            times: dict[str, list[float]] = {"grpc": [], "raw": []}
+            for _ in range(200):
+                stub.ModelInfer(request)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                stub.ModelInfer(request)
+                t1 = time.perf_counter()
+                raw.run(None, {"input": x})
+                t2 = time.perf_counter()
+                times["grpc"].append(t1 - t0)
+                times["raw"].append(t2 - t1)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        core.close()
+    return statistics.median(times["grpc"]) * 1e6, statistics.median(times["raw"]) * 1e6
+
+
+def _row(name: str, figure: float, baseline: float, unit: str, baseline_name: str,
+         target: str, ok: bool | None, ratio: float | None = None) -> dict[str, Any]:
+    return {"name": name, "figure": round(figure, 2), "baseline": round(baseline, 2),
+            "unit": unit, "baseline_name": baseline_name,
+            "ratio": round(ratio if ratio is not None else figure / baseline, 3),
+            "target": target, "pass": ok}
+
+
+def bench_serving(tiny_bundle: Path, big_workdir: Path, work: Path) -> list[dict[str, Any]]:
+    """``tiny_bundle``: a small model's bundle; ``big_workdir``: a digits-mlp trainer workdir."""
+    big = work / "big-bundle"  # the fp32 1.1M-parameter model: a >= 100 µs model
+    shutil.copytree(big_workdir / "bundle", big)
+    shutil.copyfile(big_workdir / "compress" / "fp32.onnx", big / "model.onnx")
+    rows = []
+    tiny = bench_inprocess(tiny_bundle, n=20_000)
+    rows.append(_row("in-process predict p50, tiny model", tiny["core_p50_us"],
+                     tiny["raw_p50_us"], "us", "raw InferenceSession.run",
+                     "<= raw + 15 us", tiny["overhead_us"] <= 15))
+    large = bench_inprocess(big, n=3000)
+    rows.append(_row("in-process predict p50, 1.1M-param fp32 model", large["core_p50_us"],
+                     large["raw_p50_us"], "us", "raw InferenceSession.run", "<= 1.2x",
+                     large["ratio"] <= 1.2))
+    http = bench_http(tiny_bundle, seconds=6.0, concurrency=8)
+    rows.append(_row("HTTP infer throughput, tiny model, 8 connections", http["agent_rps"],
+                     http["starlette_rps"], "req/s", "minimal Starlette/uvicorn + ORT app",
+                     ">= 1.0x", http["ratio"] >= 1.0))
+    grpc_p50, raw_p50 = _grpc_p50_us(tiny_bundle)
+    rows.append(_row("gRPC ModelInfer p50, tiny model", grpc_p50, raw_p50, "us",
+                     "raw InferenceSession.run", "-", None))
+    agent_rss, base_rss = _rss("agent", big), _rss("baseline", big)
+    rows.append(_row("resident memory, one 1.1M-param model loaded", agent_rss / 2**20,
+                     base_rss / 2**20, "MiB", "python + onnxruntime + one session",
+                     "<= 1.5x", agent_rss / base_rss <= 1.5))
+    profile = json.loads((big / "profile.json").read_text())
+    data = np.tile(load_digits().data.astype(np.float32), (3, 1))
+    for batch in (1, 64):
+        cost = bench_update_cost(profile, data, batch)
+        rows.append(_row(f"drift update per sample, batches of {batch}", cost, 2.0, "us",
+                         "target", "<= 2 us", cost <= 2.0))
+    return rows
