@@ -34,7 +34,7 @@ from edge_agent.serving.http import start_http
 from edge_agent.serving.metrics import ServingMetrics
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.supervisor import ServingSupervisor
-from edge_agent.telemetry import TelemetrySender
+from edge_agent.telemetry import TelemetrySender, encode
 from edge_agent.updater import Updater
 from fleetcore import pki
 from fleetcore.errors import EdgefleetError, UntrustedInputError
@@ -132,6 +132,8 @@ class Agent:
             for stop in servers:
                 await stop()
             await self._close_channel()
+            self.supervisor.core.flush(5.0)
+            self.supervisor.snapshot()  # the last counters wait in the outbox for next time
             self.supervisor.close()
             self.outbox.close()
             self._set_status(state="stopped")
@@ -250,18 +252,22 @@ class Agent:
                 log.info("sync stream ended: %s", exc.code().name)
             except UntrustedInputError as exc:
                 log.error("release refused: %s", exc)
+                self._record_error("release", str(exc))
                 self._emit("release-refused", {"error": str(exc)})
             except (EdgefleetError, OSError) as exc:
                 log.warning("sync: %s", exc)
+                self._record_error("sync", str(exc))
             finally:
                 await channel.close()
             await self._sleep(backoff.next_delay())
 
     async def _apply(self, doc: ReleaseDocument, stub: agent_pb2_grpc.AgentServiceStub) -> None:
+        before = self._install_states()
         try:
             await self.updater.apply(doc, stub)
         finally:
             self.updater.tick()
+            self._record_installs(before)
             await asyncio.to_thread(self.supervisor.configure, doc)
             self._emit("models", {"models": self.updater.report(), "serial": doc.serial})
             if self._report_now is not None:
@@ -280,6 +286,21 @@ class Agent:
         await self._close_channel()
         log.info("certificate renewed: %s -> %s", old, self.creds.serial)
         self._emit("renewed", {"old_serial": old, "serial": self.creds.serial})
+
+    def _install_states(self) -> dict[tuple[str, int], tuple[str, str]]:
+        return {(m["name"], int(m["version"])): (str(m["state"]), str(m.get("reason", "")))
+                for m in self.models.status()}
+
+    def _record_installs(self, before: dict[tuple[str, int], tuple[str, str]]) -> None:
+        """Each install state change becomes an ``install`` telemetry record."""
+        now = self.clock()
+        for (name, version), (state, reason) in self._install_states().items():
+            if before.get((name, version), ("", ""))[0] != state:
+                self.outbox.append("install", encode({"model": name, "version": version,
+                                                      "state": state, "reason": reason}), now)
+
+    def _record_error(self, where: str, error: str) -> None:
+        self.outbox.append("error", encode({"where": where, "error": error[:1000]}), self.clock())
 
     # ------------------------------------------------------------------ plumbing
     def _new_channel(self) -> grpc.aio.Channel:

@@ -14,6 +14,8 @@ import pytest
 from sklearn.datasets import load_digits
 
 from control_plane.fleet_cli import main as fleet_main
+from edge_agent.outbox import Outbox
+from edge_agent.state import StateDir
 from tests.support import RunningControlPlane, start_agent
 from tests.test_delivery import _bundle_for, _committed, _wait_models
 from tests.trainer_support import write_pipeline
@@ -106,3 +108,30 @@ def test_serving_experiment_feedback_and_drift_reach_the_fleet(
     finally:
         agent.stop()
     shutil.rmtree(tmp_path / "v1", ignore_errors=True)
+
+
+def test_serving_continues_while_the_control_plane_is_down(
+    cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bundle = _bundle_for(cp, trained_bundle, tmp_path / "v1")
+    assert fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api",
+                       cp.api, "models", "publish", str(bundle)]) == 0
+    cp.enroll_agent(tmp_path / "a")
+    agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0)
+    X = load_digits().data.astype(np.float32)
+    try:
+        port = agent.wait_for("serving")["http_port"]
+        _fleet_json(cp, capsys, "rollouts", "start", "--model", "digits", "--version", "1")
+        _wait_models(agent, _committed(1))
+        cp.stop()
+        agent.wait_for("error")  # the agent has noticed
+        with httpx.Client(timeout=30) as client:
+            for i in range(20):
+                assert _infer(client, port, X[i : i + 1], f"r{i}")["model_version"] == "1"
+    finally:
+        agent.stop()
+    # What was served meanwhile waits in the outbox for the control plane to come back.
+    with Outbox(StateDir(tmp_path / "a").outbox) as box:
+        stats = [json.loads(r.payload) for r in box.pending(1000) if r.kind == "arm_stats"]
+    assert stats and stats[-1]["requests"] >= 20
