@@ -105,6 +105,13 @@ def test_serving_experiment_feedback_and_drift_reach_the_fleet(
         drift = _fleet_json(cp, capsys, "drift", "--model", "digits")
         assert drift["fleet"][0]["drifted_devices"] == 1
         assert drift["devices"][0]["device_id"] == cfg.device_id and drift["devices"][0]["drifted"]
+
+        stopped = _fleet_json(cp, capsys, "experiments", "stop", "--model", "digits")
+        assert stopped["state"] == "stopped"
+        while agent.wait_for("models")["serial"] < 3:
+            pass  # the release without the challenger
+        arms = agent.agent.supervisor.core.stats()["models"]["digits"]["arms"]
+        assert [(v, a["weight"]) for v, a in arms.items()] == [("1", 1.0)]
     finally:
         agent.stop()
     shutil.rmtree(tmp_path / "v1", ignore_errors=True)
