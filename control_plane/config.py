@@ -7,19 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from fleetcore import tomlfile
+from fleetcore.addresses import parse_hostport
 from fleetcore.errors import InvalidInputError
 
 __all__ = ["DEFAULT_API", "DEFAULT_ENROLL", "ControlPlaneConfig", "HomeLayout", "parse_hostport"]
 
 DEFAULT_API = "127.0.0.1:7443"
 DEFAULT_ENROLL = "127.0.0.1:7444"
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise InvalidInputError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from edge_agent.supervisor import ServingSupervisor
 from edge_agent.telemetry import TelemetrySender, encode
 from edge_agent.updater import Updater
 from fleetcore import pki
+from fleetcore.addresses import parse_hostport
 from fleetcore.errors import EdgefleetError, UntrustedInputError
 from fleetcore.release import ReleaseDocument, SignedRelease
 
@@ -156,12 +157,12 @@ class Agent:
                           labelnames=("model", "state"))
         stops: list[Callable[[], Awaitable[None]]] = []
         if self.listen:
-            host, port = _hostport(self.listen)
+            host, port = parse_hostport(self.listen)
             http, self.http_port = await start_http(self.supervisor.core, host, port,
                                                     metrics=metrics)
             stops.append(http.stop)
         if self.grpc_listen:
-            host, port = _hostport(self.grpc_listen)
+            host, port = parse_hostport(self.grpc_listen)
             grpc_server, self.grpc_port = await start_grpc(self.supervisor.core, host, port)
             stops.append(lambda: grpc_server.stop(1.0))
         self._emit("serving", {"http_port": self.http_port, "grpc_port": self.grpc_port})
@@ -349,10 +350,3 @@ class Agent:
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.on_event is not None:
             self.on_event(kind, data)
-
-
-def _hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)

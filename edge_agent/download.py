@@ -10,7 +10,6 @@ finished file must hash to the declared digest or it is deleted.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ import grpc
 from edgefleet.v1 import agent_pb2
 
 from fleetcore.errors import EdgefleetError, TransportError, UntrustedInputError
+from fleetcore.files import file_digest
 
 __all__ = ["DiskSpaceError", "fetch_bundle"]
 
@@ -34,14 +34,6 @@ SPACE_SLACK_BYTES = 16 * 1024 * 1024
 
 class DiskSpaceError(EdgefleetError):
     """Not enough free disk for the download and its unpacked copy."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
 
 
 async def _next(it: AsyncIterator[Any], timeout: float) -> Any:
@@ -80,7 +72,7 @@ async def fetch_bundle(
             call.cancel()
         if have < length:
             raise TransportError(f"download of {digest} ended at {have}/{length} bytes")
-    actual = _sha256(part)
+    actual = file_digest(part)
     if actual != digest:
         part.unlink()
         raise UntrustedInputError(f"bundle digest is {actual}; the release declares {digest}")

@@ -49,7 +49,7 @@ from edge_agent.lifecycle import (
 )
 from edge_agent.smoke import SmokeResult, run_smoke_test
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
-from fleetcore.files import atomic_write
+from fleetcore.files import atomic_write, fsync_dir
 
 __all__ = ["CRASH_POINTS", "InstallOutcome", "ModelStore"]
 
@@ -228,7 +228,7 @@ class ModelStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, final)
         _fsync_tree(final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         self._hook("install:moved")
         self._transition(name, version, _E.VERIFIED)
         self._hook("install:staged")
@@ -565,14 +565,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return doc
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     """Make a moved-in bundle durable before any pointer can name it."""
     for dirpath, _dirs, files in os.walk(root):
@@ -583,4 +575,4 @@ def _fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         with contextlib.suppress(OSError):
-            _fsync_dir(Path(dirpath))
+            fsync_dir(Path(dirpath))

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO
 
 from fleetcore.errors import AlreadyExistsError, InvalidInputError
+from fleetcore.files import fsync_dir
 
 __all__ = [
     "MAX_ARCHIVE_MEMBERS",
@@ -151,7 +152,7 @@ def pack_bundle(bundle_dir: Path, out: Path) -> tuple[str, int]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     return "sha256:" + digest, length
 
 
@@ -177,12 +178,12 @@ def safe_extract(
         with archive.open("rb") as fh:
             names = _extract_all(fh, staging, max_members, max_member_bytes, max_total_bytes)
         os.chmod(staging, 0o755)  # noqa: S103 (like the 0o644 files: a model is not secret)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         os.rename(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return names
 
 
@@ -312,14 +313,6 @@ def _sha256(fh: IO[bytes]) -> tuple[str, int]:
         h.update(chunk)
         length += len(chunk)
     return h.hexdigest(), length
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _kind(mode: int) -> str:

@@ -161,3 +161,10 @@ def start_agent(state_dir: Path, loop: LoopThread, **config: Any) -> RunningAgen
 def rpc_code(exc: BaseException) -> grpc.StatusCode:
     assert isinstance(exc, grpc.RpcError)
     return exc.code()
+
+
+def device_credentials(state_dir: Path) -> grpc.ChannelCredentials:
+    """mTLS credentials of an enrolled agent's state directory (as the agent uses them)."""
+    s = StateDir(state_dir)
+    return grpc.ssl_channel_credentials(s.ca.read_bytes(), s.key.read_bytes(),
+                                        s.cert.read_bytes())

@@ -22,11 +22,17 @@ from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 from control_plane.fleet_cli import main as fleet_main
 from edge_agent.cli import main as agent_main
 from edge_agent.download import fetch_bundle
-from edge_agent.state import StateDir
 from fleetcore import pki
 from fleetcore.archive import pack_bundle
 from fleetcore.errors import TransportError, UntrustedInputError
-from tests.support import WAIT, LoopThread, RunningAgent, RunningControlPlane, start_agent
+from tests.support import (
+    WAIT,
+    LoopThread,
+    RunningAgent,
+    RunningControlPlane,
+    device_credentials,
+    start_agent,
+)
 from tests.trainer_support import write_pipeline
 from trainer.bundle import sign_bundle
 from trainer.config import Pipeline
@@ -205,9 +211,7 @@ def test_device_cannot_fetch_a_bundle_outside_its_release(
     assert _fleet(cp, "models", "publish", str(bundle)) == 0
     digest = cp.cp.store.list_model_versions()[0].digest
     cp.enroll_agent(tmp_path / "a")
-    s = StateDir(tmp_path / "a")
-    creds = grpc.ssl_channel_credentials(s.ca.read_bytes(), s.key.read_bytes(),
-                                         s.cert.read_bytes())
+    creds = device_credentials(tmp_path / "a")
     with grpc.secure_channel(cp.api, creds) as channel:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
         with pytest.raises(grpc.RpcError) as err:
@@ -373,9 +377,7 @@ def test_revoked_device_sync_stream_ends(
     cp: RunningControlPlane, tmp_path: Path
 ) -> None:
     cfg = cp.enroll_agent(tmp_path / "a")
-    s = StateDir(tmp_path / "a")
-    creds = grpc.ssl_channel_credentials(s.ca.read_bytes(), s.key.read_bytes(),
-                                         s.cert.read_bytes())
+    creds = device_credentials(tmp_path / "a")
 
     async def watch() -> grpc.StatusCode:
         async with grpc.aio.secure_channel(cp.api, creds) as channel:

@@ -18,7 +18,7 @@ from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 from edge_agent.outbox import Outbox
 from edge_agent.state import StateDir
 from edge_agent.telemetry import encode
-from tests.support import WAIT, RunningControlPlane, start_agent
+from tests.support import WAIT, RunningControlPlane, device_credentials, start_agent
 
 BIN = Path(sys.executable).parent
 
@@ -40,9 +40,7 @@ def test_duplicates_are_stored_once_and_acknowledged(
     cp: RunningControlPlane, tmp_path: Path
 ) -> None:
     cfg = cp.enroll_agent(tmp_path / "a")
-    s = StateDir(tmp_path / "a")
-    creds = grpc.ssl_channel_credentials(s.ca.read_bytes(), s.key.read_bytes(),
-                                         s.cert.read_bytes())
+    creds = device_credentials(tmp_path / "a")
     batch = agent_pb2.TelemetryBatch(records=[
         agent_pb2.TelemetryRecord(seq=i, kind="drift", created_at=1.0, payload=_drift_payload(i))
         for i in (1, 2, 3)
@@ -60,9 +58,7 @@ def test_duplicates_are_stored_once_and_acknowledged(
 def test_malformed_payload_is_kept_but_not_derived(cp: RunningControlPlane,
                                                    tmp_path: Path) -> None:
     cfg = cp.enroll_agent(tmp_path / "a")
-    s = StateDir(tmp_path / "a")
-    creds = grpc.ssl_channel_credentials(s.ca.read_bytes(), s.key.read_bytes(),
-                                         s.cert.read_bytes())
+    creds = device_credentials(tmp_path / "a")
     batch = agent_pb2.TelemetryBatch(records=[
         agent_pb2.TelemetryRecord(seq=1, kind="drift", created_at=1.0, payload=b"{not json"),
         agent_pb2.TelemetryRecord(seq=2, kind="drift", created_at=1.0,
@@ -77,9 +73,7 @@ def test_malformed_payload_is_kept_but_not_derived(cp: RunningControlPlane,
 
 def test_oversized_batch_is_refused(cp: RunningControlPlane, tmp_path: Path) -> None:
     cp.enroll_agent(tmp_path / "a")
-    s = StateDir(tmp_path / "a")
-    creds = grpc.ssl_channel_credentials(s.ca.read_bytes(), s.key.read_bytes(),
-                                         s.cert.read_bytes())
+    creds = device_credentials(tmp_path / "a")
     batch = agent_pb2.TelemetryBatch(records=[
         agent_pb2.TelemetryRecord(seq=i, kind="x", created_at=1.0, payload=b"{}")
         for i in range(1, 1100)

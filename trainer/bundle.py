@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -20,16 +19,9 @@ from fleetcore.bundle import (
     SIGNATURE,
     parse_manifest,
 )
+from fleetcore.files import file_digest
 
-__all__ = ["build_bundle", "file_digest", "sign_bundle"]
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+__all__ = ["build_bundle", "sign_bundle"]
 
 
 def sign_bundle(bundle: Path, private_key: Path) -> Path:

@@ -25,9 +25,9 @@ from sklearn.model_selection import train_test_split
 
 from fleetcore import pki
 from fleetcore.errors import InvalidInputError
-from fleetcore.files import atomic_write
+from fleetcore.files import atomic_write, file_digest
 from trainer import onnx_tools
-from trainer.bundle import build_bundle, file_digest
+from trainer.bundle import build_bundle
 from trainer.config import Pipeline, settings_digest
 from trainer.models import build, count_parameters, fit_scaler
 from trainer.profile import build_profile
