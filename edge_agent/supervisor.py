@@ -54,6 +54,7 @@ class ServingSupervisor:
         self.clock = clock
         self.monitors: dict[tuple[str, int], DriftMonitor | None] = {}
         self.last_drift: dict[str, dict[str, Any]] = {}
+        self._last_counters: dict[tuple[str, str], tuple[int, int, int]] = {}
         self.core = ServingCore(on_prediction=self._on_prediction, on_result=self._on_result)
 
     # ------------------------------------------------------------------ what to serve
@@ -116,11 +117,16 @@ class ServingSupervisor:
                             window.score, len(window.drifted_features))
 
     def snapshot(self) -> None:
-        """Add every served arm's counters to the outbox (one record per arm)."""
+        """Add each served arm's counters to the outbox when they changed since the last time
+        (an idle agent cut off for days must not fill its outbox with identical records)."""
         now = self.clock()
         items = []
         for name, model in self.core.stats()["models"].items():
             for version, arm in model["arms"].items():
+                counters = (arm["requests"], arm["errors"], arm["feedback_rows"])
+                if self._last_counters.get((name, version)) == counters:
+                    continue
+                self._last_counters[(name, version)] = counters
                 items.append(("arm_stats", encode({
                     "model": name, "version": int(version), "shadow": arm["shadow"],
                     "requests": arm["requests"], "errors": arm["errors"],
