@@ -27,6 +27,7 @@ batch_size = 64
 lr = 0.003
 seed = 0
 device = "cpu"
+threads = 1
 
 [compress]
 prune = {prune}

@@ -5,7 +5,7 @@ Sections and keys (see examples/pipelines/*.toml):
   [store]    path, allowed_regions (written to the store's policy.toml when the store is
              created; afterwards it must match that file, which the data owner edits)
   [model]    kind (mlp | cnn), hidden
-  [train]    epochs, batch_size, lr, seed, device (auto | cpu | cuda)
+  [train]    epochs, batch_size, lr, seed, device (auto | cpu | cuda), weight_decay, threads
   [compress] prune, finetune_epochs, quantize (none | int8), calibration_rows
   [export]   formats (onnx, tflite), check_rows
   [profile]  bins, sample_rows
@@ -70,6 +70,10 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     weight_decay: float = 0.0
+    # CPU threads per process (0: PyTorch's default). A fixed count makes CPU results
+    # bit-for-bit repeatable: with several threads the BLAS may split reductions differently
+    # when the host is busy, which changes the last bits of the weights.
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,7 @@ class Pipeline:
             (0 < t.batch_size <= 65536, "[train] batch_size must be 1..65536"),
             (0 < t.lr < 10, "[train] lr must be in (0, 10)"),
             (t.device in ("auto", "cpu", "cuda"), "[train] device must be auto, cpu or cuda"),
+            (0 <= t.threads <= 256, "[train] threads must be 0..256"),
             (0.0 <= c.prune < 1.0, "[compress] prune must be in [0, 1)"),
             (c.quantize in ("none", "int8"), "[compress] quantize must be none or int8"),
             (0 <= c.finetune_epochs <= 1000, "[compress] finetune_epochs must be 0..1000"),

@@ -282,6 +282,8 @@ class Run:
     def _step_train(self, key: str) -> None:
         t = self.pipeline.train
         snap, split = self.snapshot(), self.split()
+        if t.threads:
+            torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
         spec = self._spec(snap)
         model = build(spec)
