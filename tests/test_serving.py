@@ -49,7 +49,6 @@ from trainer.pipeline import Run, Workdir
 from trainer.tflite import converter_available, run_tflite
 
 TEST_BODY_LIMIT = 64 * 1024  # small, so oversized bodies stay within the socket buffers
-HAS_TFLITE = converter_available() and litert_interpreter_class() is not None
 
 
 # ------------------------------------------------------------------ fixtures
@@ -57,10 +56,10 @@ HAS_TFLITE = converter_available() and litert_interpreter_class() is not None
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    """v1 and v2 of "digits": the same trained model (with model.tflite when LiteRT is here)."""
+    """v1 and v2 of "digits": the same trained model, with model.tflite."""
     base = tmp_path_factory.mktemp("serving")
-    formats = '"onnx", "tflite"' if HAS_TFLITE else '"onnx"'
-    pipeline = write_pipeline(base, hidden="32", epochs=2, prune=0.25, formats=formats)
+    pipeline = write_pipeline(base, hidden="32", epochs=2, prune=0.25,
+                              formats='"onnx", "tflite"')
     Run(Pipeline.load(pipeline), Workdir(base / "work"), progress=lambda m: None).run_all()
     out = {}
     for version in (1, 2):
@@ -177,8 +176,8 @@ def _http_outputs(response: httpx.Response) -> np.ndarray:
 # ------------------------------------------------------------------ round trips
 
 
-RUNTIMES = ["onnx", pytest.param("tflite", marks=pytest.mark.skipif(
-    not HAS_TFLITE, reason="LiteRT (ai-edge-litert, litert-torch) is not installed"))]
+# The test environment always has LiteRT (the Makefile installs it): a missing one must fail.
+RUNTIMES = ["onnx", "tflite"]
 
 
 @pytest.mark.parametrize("prefer", RUNTIMES)
@@ -582,10 +581,10 @@ def test_core_refuses_bad_input_and_unknown_models(bundles: dict[int, Path],
 def test_load_runtime_prefers_onnx_unless_asked(bundles: dict[int, Path]) -> None:
     manifest = json.loads((bundles[1] / "manifest.json").read_text())
     assert load_runtime(bundles[1], manifest).kind == "onnx"
-    if HAS_TFLITE:
-        assert load_runtime(bundles[1], manifest, prefer="tflite").kind == "tflite"
-        manifest["runtime"]["preferred"] = "tflite"
-        assert load_runtime(bundles[1], manifest).kind == "tflite"
+    assert converter_available() and litert_interpreter_class() is not None
+    assert load_runtime(bundles[1], manifest, prefer="tflite").kind == "tflite"
+    manifest["runtime"]["preferred"] = "tflite"
+    assert load_runtime(bundles[1], manifest).kind == "tflite"
 
 
 # ------------------------------------------------------------------ metrics, bench
