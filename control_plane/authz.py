@@ -31,6 +31,8 @@ ACTIONS: dict[str, Action] = {
         Action("devices.revoke", Role.ADMIN, True),
         Action("operators.create", Role.ADMIN, True),
         Action("audit.list", Role.VIEWER, False),
+        Action("audit.verify", Role.VIEWER, False),
+        Action("audit.checkpoint", Role.VIEWER, False),
         Action("models.publish", Role.OPERATOR, True),
         Action("models.list", Role.VIEWER, False),
         Action("rollouts.start", Role.OPERATOR, True),

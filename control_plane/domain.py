@@ -172,3 +172,4 @@ class AuditRecord:
     detail: str  # canonical JSON
     prev_hash: str
     hash: str
+    role: str = ""  # the operator's role when the actor is an operator

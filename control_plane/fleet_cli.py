@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
 import json
 import os
@@ -23,6 +24,7 @@ from fleetcore import pki, tomlfile
 from fleetcore.archive import pack_bundle
 from fleetcore.cli import print_json, print_table, run_main
 from fleetcore.errors import InvalidInputError
+from fleetcore.files import atomic_write
 from fleetcore.labels import parse_label_args
 
 __all__ = ["FleetConfig", "main"]
@@ -108,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     al = audit.add_parser("list")
     al.add_argument("--limit", type=int, default=100)
     al.add_argument("--json", action="store_true")
+    av = audit.add_parser("verify", help="check the hash chain (and an earlier checkpoint)")
+    av.add_argument("--checkpoint", type=Path, help="a file written by `fleet audit checkpoint`")
+    av.add_argument("--json", action="store_true")
+    ac = audit.add_parser("checkpoint", help="export the signed head of the audit chain")
+    ac.add_argument("--out", type=Path, help="write it here (default: stdout)")
     return p
 
 
@@ -472,7 +479,50 @@ def _drift_show(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
     ])
 
 
+def _audit_checkpoint(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    c = stub.CheckpointAudit(admin_pb2.CheckpointAuditRequest(), timeout=T)
+    text = json.dumps({"document": c.document.decode(),
+                       "signature": base64.b64encode(c.signature).decode()}, indent=2) + "\n"
+    if args.out:
+        atomic_write(args.out, text.encode())
+        head = json.loads(c.document)
+        print(f"checkpoint of {head['size']} entries (head {head['hash'][:16]}) -> {args.out}")
+    else:
+        sys.stdout.write(text)
+
+
+def _audit_verify(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    request = admin_pb2.VerifyAuditRequest()
+    if args.checkpoint:
+        try:
+            doc = json.loads(args.checkpoint.read_bytes())
+            request.checkpoint.document = str(doc["document"]).encode()
+            request.checkpoint.signature = base64.b64decode(doc["signature"], validate=True)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidInputError(f"{args.checkpoint}: not an audit checkpoint ({exc})") from None
+    v = stub.VerifyAudit(request, timeout=T)
+    doc = {"ok": v.ok, "entries": v.entries, "first_bad_seq": v.first_bad_seq or None,
+           "reason": v.reason}
+    if v.checkpoint_checked:
+        doc.update(checkpoint_ok=v.checkpoint_ok, checkpoint_reason=v.checkpoint_reason)
+    if args.json:
+        print_json(doc)
+    else:
+        print(f"{'intact' if v.ok else 'BROKEN'}: {v.entries} entries; {v.reason}"
+              + (f"; checkpoint: {v.checkpoint_reason}" if v.checkpoint_checked else ""))
+    if v.first_bad_seq:
+        raise AuditBrokenError(f"audit chain broken at entry {v.first_bad_seq}: {v.reason}")
+    if not v.ok:
+        raise AuditBrokenError(f"audit checkpoint: {v.checkpoint_reason}")
+
+
+class AuditBrokenError(InvalidInputError):
+    """``fleet audit verify`` found a changed, deleted, reordered or truncated log."""
+
+
 COMMANDS: dict[tuple[str, str], Callable[[Stub, argparse.Namespace, FleetConfig], None]] = {
+    ("audit", "verify"): _audit_verify,
+    ("audit", "checkpoint"): _audit_checkpoint,
     ("experiments", "start"): _experiments_start,
     ("experiments", "status"): _experiments_status,
     ("experiments", "stop"): _experiments_stop,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from control_plane import authz
+from control_plane.audit import ChainVerdict, check_checkpoint, make_checkpoint, verify_chain
 from control_plane.authority import Authority
 from control_plane.blobstore import BlobStore
 from control_plane.config import ControlPlaneConfig
@@ -136,18 +137,21 @@ class Handlers:
             authz.check(caller, action)
         except PermissionDeniedError as exc:
             if action.changes_state:
-                self._audit(caller.actor, action.name, target, AuditOutcome.DENIED,
+                self._audit(caller, action.name, target, AuditOutcome.DENIED,
                             {"reason": str(exc)})
             raise
 
     def _audit(
         self,
-        actor: str,
+        who: pki.Identity | str,
         action: str,
         target: str,
         outcome: AuditOutcome,
         detail: Mapping[str, Any] | None = None,
     ) -> None:
+        """Append to the hash-chained audit log (who: an identity, or "init"/"token:...")."""
+        actor = who.actor if isinstance(who, pki.Identity) else who
+        role = who.role.label if isinstance(who, pki.Identity) and who.role else ""
         self.store.append_audit(
             self.clock(),
             actor,
@@ -155,6 +159,7 @@ class Handlers:
             target,
             outcome.value,
             json.dumps(dict(detail or {}), sort_keys=True, separators=(",", ":")),
+            role,
         )
 
     # ------------------------------------------------------------------ agents
@@ -216,7 +221,7 @@ class Handlers:
             self.config.device_cert_ttl_seconds,
         )
         self.store.add_certificate(record, current_for_device=True)
-        self._audit(caller.actor, "devices.renew", caller.name, AuditOutcome.ALLOWED,
+        self._audit(caller, "devices.renew", caller.name, AuditOutcome.ALLOWED,
                     {"previous": caller.serial, "serial": record.serial})
         return cert_pem
 
@@ -264,7 +269,7 @@ class Handlers:
             try:
                 verified = verify_upload(upload, digest, self.authority.publisher_public_pems)
             except UntrustedInputError as exc:
-                self._audit(caller.actor, "models.publish", digest, AuditOutcome.DENIED,
+                self._audit(caller, "models.publish", digest, AuditOutcome.DENIED,
                             {"reason": str(exc)[:500]})
                 raise
             manifest = verified.manifest
@@ -278,7 +283,7 @@ class Handlers:
             self.store.add_model_version(record)
         finally:
             upload.discard()
-        self._audit(caller.actor, "models.publish", f"{record.name}:{record.version}",
+        self._audit(caller, "models.publish", f"{record.name}:{record.version}",
                     AuditOutcome.ALLOWED, {"digest": digest, "length": record.length,
                                            "publisher_key": record.publisher_key})
         log.info("published %s v%d (%s, %d bytes)", record.name, record.version, digest,
@@ -306,7 +311,7 @@ class Handlers:
                                            caller.actor)
         for device in devices:
             self.releases.current(device.id, now)
-        self._audit(caller.actor, "rollouts.start", target, AuditOutcome.ALLOWED,
+        self._audit(caller, "rollouts.start", target, AuditOutcome.ALLOWED,
                     {"selector": clean, "devices": len(devices)})
         return rollout, [self._view(d, now) for d in devices]
 
@@ -346,7 +351,7 @@ class Handlers:
         now = self.clock()
         token_hash = hash_token(token)
         self.store.add_token(token_hash, clean, now, now + ttl, caller.actor)
-        self._audit(caller.actor, "tokens.create", f"token:{token_hash[:12]}",
+        self._audit(caller, "tokens.create", f"token:{token_hash[:12]}",
                     AuditOutcome.ALLOWED, {"labels": clean, "ttl_seconds": ttl})
         return token, now + ttl
 
@@ -374,10 +379,10 @@ class Handlers:
         try:
             device = self.store.revoke_device(device_id, self.clock())
         except NotFoundError as exc:
-            self._audit(caller.actor, "devices.revoke", device_id, AuditOutcome.FAILED,
+            self._audit(caller, "devices.revoke", device_id, AuditOutcome.FAILED,
                         {"reason": str(exc)})
             raise
-        self._audit(caller.actor, "devices.revoke", device_id, AuditOutcome.ALLOWED,
+        self._audit(caller, "devices.revoke", device_id, AuditOutcome.ALLOWED,
                     {"reason": reason[:500]})
         self.on_device_change(device_id)
         log.warning("device %s revoked by %s", device_id, caller.actor)
@@ -397,7 +402,7 @@ class Handlers:
             self.config.operator_cert_ttl_seconds, role=role,
         )
         self.store.add_certificate(record, current_for_device=False)
-        self._audit(caller.actor, "operators.create", f"operator:{name}", AuditOutcome.ALLOWED,
+        self._audit(caller, "operators.create", f"operator:{name}", AuditOutcome.ALLOWED,
                     {"role": role.label, "serial": record.serial})
         return cert_pem
 
@@ -443,7 +448,7 @@ class Handlers:
         self.store.start_experiment(record)
         for device_id in devices:
             self.releases.current(device_id, now)
-        self._audit(caller.actor, "experiments.start", target, AuditOutcome.ALLOWED,
+        self._audit(caller, "experiments.start", target, AuditOutcome.ALLOWED,
                     {"weight": weight, "devices": len(devices), "champion": rollout.version})
         return record
 
@@ -453,7 +458,7 @@ class Handlers:
         record = self.store.stop_experiment(model, now)
         for device_id in record.device_ids:
             self.releases.current(device_id, now)
-        self._audit(caller.actor, "experiments.stop", model, AuditOutcome.ALLOWED,
+        self._audit(caller, "experiments.stop", model, AuditOutcome.ALLOWED,
                     {"champion": record.champion, "challenger": record.challenger})
         return record
 
@@ -468,6 +473,24 @@ class Handlers:
         stats = [s for s in self.store.arm_stats(model) if s.device_id in devices
                  and s.version in (record.champion, record.challenger)]
         return record, stats
+
+    def verify_audit(
+        self, caller: pki.Identity, checkpoint: bytes, signature: bytes
+    ) -> tuple[ChainVerdict, tuple[bool, str] | None]:
+        """Walk the whole chain; also check a checkpoint when one is given."""
+        self._authorize(caller, "audit.verify", "")
+        chain = self.store.audit_chain()
+        verdict = verify_chain(chain)
+        checked = None
+        if checkpoint:
+            checked = check_checkpoint(checkpoint, signature,
+                                       self.authority.release_key.public_key(), chain)
+        return verdict, checked
+
+    def checkpoint_audit(self, caller: pki.Identity) -> tuple[bytes, bytes]:
+        self._authorize(caller, "audit.checkpoint", "")
+        return make_checkpoint(self.store.audit_chain(), self.clock(),
+                               self.authority.release_key)
 
     def list_audit(self, caller: pki.Identity, limit: int) -> list[AuditRecord]:
         self._authorize(caller, "audit.list", "")

@@ -422,6 +422,28 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return drift_to_proto(self.h.drift(self._operator(context), request.model))
 
     @_rpc
+    async def VerifyAudit(
+        self, request: admin_pb2.VerifyAuditRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AuditVerification:
+        verdict, checked = self.h.verify_audit(self._operator(context),
+                                               request.checkpoint.document,
+                                               request.checkpoint.signature)
+        return admin_pb2.AuditVerification(
+            ok=verdict.ok and (checked is None or checked[0]), entries=verdict.entries,
+            first_bad_seq=verdict.first_bad_seq, reason=verdict.reason,
+            checkpoint_checked=checked is not None,
+            checkpoint_ok=bool(checked and checked[0]),
+            checkpoint_reason=checked[1] if checked else "",
+        )
+
+    @_rpc
+    async def CheckpointAudit(
+        self, request: admin_pb2.CheckpointAuditRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AuditCheckpoint:
+        document, signature = self.h.checkpoint_audit(self._operator(context))
+        return admin_pb2.AuditCheckpoint(document=document, signature=signature)
+
+    @_rpc
     async def ListAuditEvents(
         self, request: admin_pb2.ListAuditEventsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListAuditEventsResponse:
@@ -430,7 +452,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             events=[
                 admin_pb2.AuditEvent(
                     seq=e.seq, time=e.time, actor=e.actor, action=e.action,
-                    target=e.target, outcome=e.outcome, detail=e.detail,
+                    target=e.target, outcome=e.outcome, detail=e.detail, role=e.role,
                 )
                 for e in events
             ]

@@ -90,8 +90,13 @@ class Store(abc.ABC):
     # --- audit ---
     @abc.abstractmethod
     def append_audit(
-        self, now: float, actor: str, action: str, target: str, outcome: str, detail: str
+        self, now: float, actor: str, action: str, target: str, outcome: str, detail: str,
+        role: str = "",
     ) -> AuditRecord: ...
+
+    @abc.abstractmethod
+    def audit_chain(self) -> list[AuditRecord]:
+        """Every entry in storage order (what verification walks)."""
 
     @abc.abstractmethod
     def list_audit(self, limit: int) -> list[AuditRecord]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -11,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from control_plane.audit import GENESIS_HASH, entry_hash
 from control_plane.domain import (
     ArmRecord,
     ArmStatsRecord,
@@ -30,7 +30,6 @@ from fleetcore.sqlite import connect, migrate
 
 __all__ = ["MIGRATIONS", "SqliteStore"]
 
-GENESIS_HASH = "0" * 64
 
 MIGRATIONS: list[str] = [
     # 1: registry, PKI bookkeeping, append-only audit log
@@ -189,17 +188,11 @@ MIGRATIONS: list[str] = [
         created_by TEXT NOT NULL
     );
     """,
+    # 4: the operator's role in each audit entry
+    """
+    ALTER TABLE audit_events ADD COLUMN role TEXT NOT NULL DEFAULT '';
+    """,
 ]
-
-
-def audit_hash(prev_hash: str, seq: int, time: float, actor: str, action: str,
-               target: str, outcome: str, detail: str) -> str:
-    """Hash of one audit event chained to the one before it."""
-    body = json.dumps(
-        [prev_hash, seq, repr(time), actor, action, target, outcome, detail],
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
 class SqliteStore(Store):
@@ -381,7 +374,8 @@ class SqliteStore(Store):
 
     # --- audit ---
     def append_audit(
-        self, now: float, actor: str, action: str, target: str, outcome: str, detail: str
+        self, now: float, actor: str, action: str, target: str, outcome: str, detail: str,
+        role: str = "",
     ) -> AuditRecord:
         with self._tx() as c:
             last = c.execute(
@@ -389,26 +383,24 @@ class SqliteStore(Store):
             ).fetchone()
             seq = (last["seq"] + 1) if last else 1
             prev = last["hash"] if last else GENESIS_HASH
-            digest = audit_hash(prev, seq, now, actor, action, target, outcome, detail)
+            digest = entry_hash(prev, seq, now, actor, role, action, target, outcome, detail)
             c.execute(
                 "INSERT INTO audit_events(seq, time, actor, action, target, outcome, detail,"
-                " prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?)",
-                (seq, now, actor, action, target, outcome, detail, prev, digest),
+                " prev_hash, hash, role) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (seq, now, actor, action, target, outcome, detail, prev, digest, role),
             )
-        return AuditRecord(seq, now, actor, action, target, outcome, detail, prev, digest)
+        return AuditRecord(seq, now, actor, action, target, outcome, detail, prev, digest, role)
+
+    def audit_chain(self) -> list[AuditRecord]:
+        rows = self._query("SELECT * FROM audit_events ORDER BY rowid")
+        return [_audit_record(r) for r in rows]
 
     def list_audit(self, limit: int) -> list[AuditRecord]:
         rows = self._query(
             "SELECT * FROM (SELECT * FROM audit_events ORDER BY seq DESC LIMIT ?) ORDER BY seq",
             (limit,),
         )
-        return [
-            AuditRecord(
-                r["seq"], r["time"], r["actor"], r["action"], r["target"], r["outcome"],
-                r["detail"], r["prev_hash"], r["hash"],
-            )
-            for r in rows
-        ]
+        return [_audit_record(r) for r in rows]
 
     # --- model registry ---
     def add_model_version(self, record: ModelVersionRecord) -> None:
@@ -648,6 +640,11 @@ class SqliteStore(Store):
 
 def _dump(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _audit_record(r: sqlite3.Row) -> AuditRecord:
+    return AuditRecord(r["seq"], r["time"], r["actor"], r["action"], r["target"], r["outcome"],
+                       r["detail"], r["prev_hash"], r["hash"], r["role"])
 
 
 def _experiment(r: sqlite3.Row) -> ExperimentRecord:

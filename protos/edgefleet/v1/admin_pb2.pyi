@@ -19,6 +19,42 @@ DEVICE_STATUS_ONLINE: DeviceStatus
 DEVICE_STATUS_OFFLINE: DeviceStatus
 DEVICE_STATUS_REVOKED: DeviceStatus
 
+class VerifyAuditRequest(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: AuditCheckpoint
+    def __init__(self, checkpoint: _Optional[_Union[AuditCheckpoint, _Mapping]] = ...) -> None: ...
+
+class AuditVerification(_message.Message):
+    __slots__ = ("ok", "entries", "first_bad_seq", "reason", "checkpoint_checked", "checkpoint_ok", "checkpoint_reason")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_OK_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_REASON_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    entries: int
+    first_bad_seq: int
+    reason: str
+    checkpoint_checked: bool
+    checkpoint_ok: bool
+    checkpoint_reason: str
+    def __init__(self, ok: _Optional[bool] = ..., entries: _Optional[int] = ..., first_bad_seq: _Optional[int] = ..., reason: _Optional[str] = ..., checkpoint_checked: _Optional[bool] = ..., checkpoint_ok: _Optional[bool] = ..., checkpoint_reason: _Optional[str] = ...) -> None: ...
+
+class CheckpointAuditRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AuditCheckpoint(_message.Message):
+    __slots__ = ("document", "signature")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    document: bytes
+    signature: bytes
+    def __init__(self, document: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class StartExperimentRequest(_message.Message):
     __slots__ = ("model", "challenger", "weight", "selector")
     class SelectorEntry(_message.Message):
@@ -363,7 +399,7 @@ class ListAuditEventsRequest(_message.Message):
     def __init__(self, limit: _Optional[int] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
-    __slots__ = ("seq", "time", "actor", "action", "target", "outcome", "detail")
+    __slots__ = ("seq", "time", "actor", "action", "target", "outcome", "detail", "role")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -371,6 +407,7 @@ class AuditEvent(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     seq: int
     time: float
     actor: str
@@ -378,7 +415,8 @@ class AuditEvent(_message.Message):
     target: str
     outcome: str
     detail: str
-    def __init__(self, seq: _Optional[int] = ..., time: _Optional[float] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    role: str
+    def __init__(self, seq: _Optional[int] = ..., time: _Optional[float] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class ListAuditEventsResponse(_message.Message):
     __slots__ = ("events",)

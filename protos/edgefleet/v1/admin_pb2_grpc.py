@@ -107,6 +107,16 @@ class AdminServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_admin__pb2.GetDriftRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_admin__pb2.DriftReport.FromString,
                 _registered_method=True)
+        self.VerifyAudit = channel.unary_unary(
+                '/edgefleet.v1.AdminService/VerifyAudit',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.AuditVerification.FromString,
+                _registered_method=True)
+        self.CheckpointAudit = channel.unary_unary(
+                '/edgefleet.v1.AdminService/CheckpointAudit',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.CheckpointAuditRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.AuditCheckpoint.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -200,6 +210,18 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckpointAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -272,6 +294,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetDrift,
                     request_deserializer=edgefleet_dot_v1_dot_admin__pb2.GetDriftRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_admin__pb2.DriftReport.SerializeToString,
+            ),
+            'VerifyAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAudit,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.VerifyAuditRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.AuditVerification.SerializeToString,
+            ),
+            'CheckpointAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointAudit,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.CheckpointAuditRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.AuditCheckpoint.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -655,6 +687,60 @@ class AdminService:
             '/edgefleet.v1.AdminService/GetDrift',
             edgefleet_dot_v1_dot_admin__pb2.GetDriftRequest.SerializeToString,
             edgefleet_dot_v1_dot_admin__pb2.DriftReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/VerifyAudit',
+            edgefleet_dot_v1_dot_admin__pb2.VerifyAuditRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.AuditVerification.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/CheckpointAudit',
+            edgefleet_dot_v1_dot_admin__pb2.CheckpointAuditRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.AuditCheckpoint.FromString,
             options,
             channel_credentials,
             insecure,
