@@ -98,6 +98,9 @@ class ControlPlaneConfig:
     max_bundle_bytes: int = 2 * 1024**3
     # A device not heard from for this long is shown offline.
     offline_after_seconds: int = 35
+    # Experiments decide once both arms have this many labelled requests, at this alpha.
+    experiment_min_samples: int = 200
+    experiment_alpha: float = 0.05
 
     @property
     def layout(self) -> HomeLayout:
@@ -133,6 +136,13 @@ class ControlPlaneConfig:
         for name in ("heartbeat_interval_seconds", "offline_after_seconds",
                      "release_ttl_seconds"):
             setattr(cfg, name, _positive_int(agents, name, getattr(cfg, name)))
+        experiments = doc.get("experiments", {})
+        cfg.experiment_min_samples = _positive_int(experiments, "min_samples",
+                                                   cfg.experiment_min_samples)
+        alpha = experiments.get("alpha", cfg.experiment_alpha)
+        if not isinstance(alpha, float) or not 0 < alpha < 0.5:
+            raise InvalidInputError(f"config experiments.alpha must be in (0, 0.5); got {alpha!r}")
+        cfg.experiment_alpha = alpha
         parse_hostport(cfg.api_listen)
         parse_hostport(cfg.enroll_listen)
         return cfg
@@ -163,6 +173,10 @@ class ControlPlaneConfig:
                 "heartbeat_interval_seconds": self.heartbeat_interval_seconds,
                 "offline_after_seconds": self.offline_after_seconds,
                 "release_ttl_seconds": self.release_ttl_seconds,
+            },
+            "experiments": {
+                "min_samples": self.experiment_min_samples,
+                "alpha": self.experiment_alpha,
             },
         }
 

@@ -154,11 +154,15 @@ class ExperimentRecord:
     champion: int
     challenger: int
     weight: float
-    state: str  # running | stopped
+    state: str  # running | stopped | promoted
     selector: dict[str, str]
     device_ids: tuple[str, ...]
     created_at: float
     created_by: str
+    decision: str = ""  # "", promote, stop (made once; see experiment_stats)
+    p_value: float | None = None
+    decision_reason: str = ""
+    decided_at: float | None = None
 
 
 @dataclass(frozen=True)

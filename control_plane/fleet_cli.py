@@ -414,9 +414,12 @@ def experiment_json(e: admin_pb2.Experiment) -> dict[str, Any]:
             {"version": a.version, "role": a.role, "weight": a.weight, "requests": a.requests,
              "errors": a.errors, "p50_ms": a.p50_ms, "p95_ms": a.p95_ms,
              "labelled": a.labelled, "correct": a.correct,
-             "accuracy": a.correct / a.labelled if a.labelled else None, "devices": a.devices}
+             "accuracy": a.correct / a.labelled if a.labelled else None,
+             "accuracy_ci95": [a.accuracy_low, a.accuracy_high], "devices": a.devices}
             for a in e.arms
         ],
+        "decision": e.decision, "p_value": e.p_value or None, "test": e.test,
+        "decision_reason": e.decision_reason, "min_samples": e.min_samples,
     }
 
 
@@ -428,12 +431,15 @@ def _print_experiment(e: admin_pb2.Experiment, as_json: bool) -> None:
     print(f"experiment {e.model}: champion v{e.champion} vs challenger v{e.challenger} "
           f"({e.weight:.0%} of traffic), {e.state}, {len(e.device_ids)} devices")
     print_table(("ARM", "VERSION", "WEIGHT", "REQUESTS", "ERRORS", "P50 MS", "P95 MS",
-                 "LABELLED", "ACCURACY"), [
+                 "LABELLED", "ACCURACY", "95% CI"), [
         (a["role"], a["version"], f"{a['weight']:.2f}", a["requests"], a["errors"],
          f"{a['p50_ms']:.2f}", f"{a['p95_ms']:.2f}", a["labelled"],
-         f"{a['accuracy']:.4f}" if a["accuracy"] is not None else "-")
+         f"{a['accuracy']:.4f}" if a["accuracy"] is not None else "-",
+         f"{a['accuracy_ci95'][0]:.3f}-{a['accuracy_ci95'][1]:.3f}")
         for a in doc["arms"]
     ])
+    print(f"decision: {doc['decision']} — {doc['decision_reason']} ({doc['test']}, "
+          f"{doc['min_samples']} labelled per arm)")
 
 
 def _experiments_start(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:

@@ -33,6 +33,7 @@ from control_plane.domain import (
     RolloutRecord,
     TelemetryRecord,
 )
+from control_plane.experiment_stats import Decision, decide
 from control_plane.registry import Upload, manifest_json, verify_upload
 from control_plane.releases import ReleaseIssuer
 from control_plane.storage import Store
@@ -411,8 +412,49 @@ class Handlers:
         self, caller: pki.Identity, records: list[TelemetryRecord], dropped: int, depth: int
     ) -> list[int]:
         derived = derive(caller.name, records)
-        return self.store.ingest_telemetry(caller.name, records, derived, self.clock(), dropped,
-                                           depth)
+        acked = self.store.ingest_telemetry(caller.name, records, derived, self.clock(), dropped,
+                                            depth)
+        for model in {row.model for row in derived.values() if isinstance(row, ArmStatsRecord)}:
+            self.evaluate_experiment(model)
+        return acked
+
+    def _arm_counts(self, record: ExperimentRecord) -> dict[int, tuple[int, int]]:
+        devices = set(record.device_ids)
+        counts = {record.champion: (0, 0), record.challenger: (0, 0)}
+        for s in self.store.arm_stats(record.model):
+            if s.device_id in devices and s.version in counts:
+                c, n = counts[s.version]
+                counts[s.version] = (c + s.correct, n + s.labelled)
+        return counts
+
+    def experiment_decision(self, record: ExperimentRecord) -> Decision:
+        counts = self._arm_counts(record)
+        return decide(counts[record.champion], counts[record.challenger],
+                      min_samples=self.config.experiment_min_samples,
+                      alpha=self.config.experiment_alpha)
+
+    def evaluate_experiment(self, model: str) -> None:
+        """Decide a running experiment once enough feedback is in, and act on it."""
+        record = self.store.get_experiment(model)
+        if record is None or record.state != "running":
+            return
+        decision = self.experiment_decision(record)
+        if decision.verdict == "wait":
+            return
+        now = self.clock()
+        self.store.record_decision(model, decision.verdict, decision.p_value, decision.reason,
+                                   now)
+        if decision.verdict == "promote":
+            self.store.start_rollout(model, record.challenger, record.selector,
+                                     list(record.device_ids), now, "control-plane")
+        else:
+            self.store.stop_experiment(model, now)
+        for device_id in record.device_ids:
+            self.releases.current(device_id, now)
+        self._audit("control-plane", f"experiments.{decision.verdict}",
+                    f"{model}:{record.challenger}", AuditOutcome.ALLOWED,
+                    {"p_value": decision.p_value, "reason": decision.reason})
+        log.info("experiment %s: %s (%s)", model, decision.verdict, decision.reason)
 
     def drift(self, caller: pki.Identity, model: str) -> list[DriftWindowRecord]:
         self._authorize(caller, "drift.read", model)

@@ -27,6 +27,7 @@ from control_plane.domain import (
     RolloutRecord,
     TelemetryRecord,
 )
+from control_plane.experiment_stats import TEST_NAME, Decision, wilson_interval
 from control_plane.handlers import DeviceView, Handlers
 from control_plane.notify import DeviceNotifier
 from fleetcore import pki
@@ -147,7 +148,7 @@ def rollout_to_proto(
 
 
 def experiment_to_proto(
-    record: ExperimentRecord, stats: list[ArmStatsRecord]
+    record: ExperimentRecord, stats: list[ArmStatsRecord], decision: Decision, min_samples: int
 ) -> admin_pb2.Experiment:
     arms = []
     for version, role, weight in ((record.champion, "champion", 1 - record.weight),
@@ -161,7 +162,10 @@ def experiment_to_proto(
             # histograms, which come with the experiments' statistics).
             return sum(v * n for v, n in values) / total if total else 0.0
 
+        labelled, correct = sum(s.labelled for s in rows), sum(s.correct for s in rows)
+        low, high = wilson_interval(correct, labelled)
         arms.append(admin_pb2.ArmResult(
+            accuracy_low=low, accuracy_high=high,
             version=version, role=role, weight=weight, requests=requests,
             errors=sum(s.errors for s in rows),
             p50_ms=weighted([(s.p50_ms, s.requests) for s in rows]),
@@ -173,6 +177,10 @@ def experiment_to_proto(
         model=record.model, champion=record.champion, challenger=record.challenger,
         weight=record.weight, state=record.state, selector=record.selector,
         device_ids=list(record.device_ids), arms=arms, created_at=record.created_at,
+        decision=record.decision or decision.verdict,
+        p_value=record.p_value if record.p_value is not None else (decision.p_value or 0.0),
+        test=TEST_NAME, decision_reason=record.decision_reason or decision.reason,
+        min_samples=min_samples,
     )
 
 
@@ -398,7 +406,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         caller = self._operator(context)
         self.h.start_experiment(caller, request.model, request.challenger, request.weight,
                                 dict(request.selector))
-        return experiment_to_proto(*self.h.get_experiment(caller, request.model))
+        return self._experiment(caller, request.model)
+
+    def _experiment(self, caller: pki.Identity, model: str) -> admin_pb2.Experiment:
+        record, stats = self.h.get_experiment(caller, model)
+        return experiment_to_proto(record, stats, self.h.experiment_decision(record),
+                                   self.h.config.experiment_min_samples)
 
     @_rpc
     async def StopExperiment(
@@ -406,14 +419,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.Experiment:
         caller = self._operator(context)
         self.h.stop_experiment(caller, request.model)
-        return experiment_to_proto(*self.h.get_experiment(caller, request.model))
+        return self._experiment(caller, request.model)
 
     @_rpc
     async def GetExperiment(
         self, request: admin_pb2.GetExperimentRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Experiment:
-        return experiment_to_proto(*self.h.get_experiment(self._operator(context),
-                                                          request.model))
+        return self._experiment(self._operator(context), request.model)
 
     @_rpc
     async def GetDrift(

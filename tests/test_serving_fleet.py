@@ -8,15 +8,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import pytest
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 from sklearn.datasets import load_digits
 
 from control_plane.fleet_cli import main as fleet_main
 from edge_agent.outbox import Outbox
 from edge_agent.state import StateDir
-from tests.support import RunningControlPlane, start_agent
+from edge_agent.telemetry import encode
+from tests.support import RunningControlPlane, device_credentials, start_agent
 from tests.test_delivery import _bundle_for, _committed, _wait_models
 from tests.trainer_support import write_pipeline
 from trainer.config import Pipeline
@@ -142,3 +145,43 @@ def test_serving_continues_while_the_control_plane_is_down(
     with Outbox(StateDir(tmp_path / "a").outbox) as box:
         stats = [json.loads(r.payload) for r in box.pending(1000) if r.kind == "arm_stats"]
     assert stats and stats[-1]["requests"] >= 20
+
+
+def _send_arm_stats(cp: RunningControlPlane, state_dir: Path, seq: int,
+                    stats: dict[int, tuple[int, int]]) -> None:
+    records = [agent_pb2.TelemetryRecord(
+        seq=seq + i, kind="arm_stats", created_at=float(seq + i),
+        payload=encode({"model": "digits", "version": v, "requests": n, "errors": 0,
+                        "p50_ms": 0.1, "p95_ms": 0.2, "labelled": n, "correct": c}))
+        for i, (v, (c, n)) in enumerate(sorted(stats.items()))]
+    with grpc.secure_channel(cp.api, device_credentials(state_dir)) as channel:
+        agent_pb2_grpc.AgentServiceStub(channel).SendTelemetry(
+            agent_pb2.TelemetryBatch(records=records), timeout=30)
+
+
+@pytest.mark.parametrize(("challenger_correct", "verdict", "serving"),
+                         [(291, "promote", 2), (255, "stop", 1)], ids=["better", "equal"])
+def test_experiment_decides_by_its_test_once_enough_feedback_arrived(
+    cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
+    capsys: pytest.CaptureFixture[str], challenger_correct: int, verdict: str, serving: int,
+) -> None:
+    for version in (1, 2):
+        bundle = _bundle_for(cp, trained_bundle, tmp_path / f"v{version}", version=version)
+        assert fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api",
+                           cp.api, "models", "publish", str(bundle)]) == 0
+    cfg = cp.enroll_agent(tmp_path / "a")
+    _fleet_json(cp, capsys, "rollouts", "start", "--model", "digits", "--version", "1")
+    _fleet_json(cp, capsys, "experiments", "start", "--model", "digits", "--challenger", "2",
+                "--weight", "0.5")
+    _send_arm_stats(cp, tmp_path / "a", 1, {1: (170, 200), 2: (180, 199)})  # too little
+    status = _fleet_json(cp, capsys, "experiments", "status", "--model", "digits")
+    assert status["decision"] == "wait" and status["state"] == "running"
+    _send_arm_stats(cp, tmp_path / "a", 3, {1: (255, 300), 2: (challenger_correct, 300)})
+    status = _fleet_json(cp, capsys, "experiments", "status", "--model", "digits")
+    assert status["decision"] == verdict, status
+    assert status["test"].startswith("one-sided two-proportion z-test")
+    low, high = status["arms"][0]["accuracy_ci95"]
+    assert low < 255 / 300 < high
+    arms = cp.cp.store.device_arms(cfg.device_id)
+    assert [(a.version, a.weight) for a in arms] == [(serving, 1.0)]
+    assert cp.cp.store.list_audit(1)[0].action == f"experiments.{verdict}"

@@ -176,4 +176,9 @@ class Store(abc.ABC):
     def get_experiment(self, model: str) -> ExperimentRecord | None: ...
 
     @abc.abstractmethod
+    def record_decision(self, model: str, decision: str, p_value: float | None, reason: str,
+                        now: float) -> None:
+        """Record a running experiment's decision (promote makes it "promoted")."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...

@@ -192,6 +192,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE audit_events ADD COLUMN role TEXT NOT NULL DEFAULT '';
     """,
+    # 5: the statistical decision of an experiment
+    """
+    ALTER TABLE experiments ADD COLUMN decision TEXT NOT NULL DEFAULT '';
+    ALTER TABLE experiments ADD COLUMN p_value REAL;
+    ALTER TABLE experiments ADD COLUMN decision_reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE experiments ADD COLUMN decided_at REAL;
+    """,
 ]
 
 
@@ -629,6 +636,16 @@ class SqliteStore(Store):
         assert stopped is not None
         return stopped
 
+    def record_decision(self, model: str, decision: str, p_value: float | None, reason: str,
+                        now: float) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE experiments SET decision = ?, p_value = ?, decision_reason = ?,"
+                " decided_at = ?, state = CASE ? WHEN 'promote' THEN 'promoted' ELSE state END"
+                " WHERE model = ? AND state = 'running'",
+                (decision, p_value, reason, now, decision, model),
+            )
+
     def get_experiment(self, model: str) -> ExperimentRecord | None:
         rows = self._query("SELECT * FROM experiments WHERE model = ?", (model,))
         return _experiment(rows[0]) if rows else None
@@ -650,7 +667,8 @@ def _audit_record(r: sqlite3.Row) -> AuditRecord:
 def _experiment(r: sqlite3.Row) -> ExperimentRecord:
     return ExperimentRecord(r["model"], r["champion"], r["challenger"], r["weight"], r["state"],
                             json.loads(r["selector"]), tuple(json.loads(r["device_ids"])),
-                            r["created_at"], r["created_by"])
+                            r["created_at"], r["created_by"], r["decision"], r["p_value"],
+                            r["decision_reason"], r["decided_at"])
 
 
 def _model_version(r: sqlite3.Row) -> ModelVersionRecord:

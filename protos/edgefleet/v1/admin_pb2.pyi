@@ -81,7 +81,7 @@ class GetExperimentRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ArmResult(_message.Message):
-    __slots__ = ("version", "role", "weight", "requests", "errors", "p50_ms", "p95_ms", "labelled", "correct", "devices")
+    __slots__ = ("version", "role", "weight", "requests", "errors", "p50_ms", "p95_ms", "labelled", "correct", "devices", "accuracy_low", "accuracy_high")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,8 @@ class ArmResult(_message.Message):
     LABELLED_FIELD_NUMBER: _ClassVar[int]
     CORRECT_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_LOW_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_HIGH_FIELD_NUMBER: _ClassVar[int]
     version: int
     role: str
     weight: float
@@ -102,10 +104,12 @@ class ArmResult(_message.Message):
     labelled: int
     correct: int
     devices: int
-    def __init__(self, version: _Optional[int] = ..., role: _Optional[str] = ..., weight: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., labelled: _Optional[int] = ..., correct: _Optional[int] = ..., devices: _Optional[int] = ...) -> None: ...
+    accuracy_low: float
+    accuracy_high: float
+    def __init__(self, version: _Optional[int] = ..., role: _Optional[str] = ..., weight: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., labelled: _Optional[int] = ..., correct: _Optional[int] = ..., devices: _Optional[int] = ..., accuracy_low: _Optional[float] = ..., accuracy_high: _Optional[float] = ...) -> None: ...
 
 class Experiment(_message.Message):
-    __slots__ = ("model", "champion", "challenger", "weight", "state", "selector", "device_ids", "arms", "created_at")
+    __slots__ = ("model", "champion", "challenger", "weight", "state", "selector", "device_ids", "arms", "created_at", "decision", "p_value", "test", "decision_reason", "min_samples")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +126,11 @@ class Experiment(_message.Message):
     DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
     ARMS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    TEST_FIELD_NUMBER: _ClassVar[int]
+    DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    MIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     model: str
     champion: int
     challenger: int
@@ -131,7 +140,12 @@ class Experiment(_message.Message):
     device_ids: _containers.RepeatedScalarFieldContainer[str]
     arms: _containers.RepeatedCompositeFieldContainer[ArmResult]
     created_at: float
-    def __init__(self, model: _Optional[str] = ..., champion: _Optional[int] = ..., challenger: _Optional[int] = ..., weight: _Optional[float] = ..., state: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., device_ids: _Optional[_Iterable[str]] = ..., arms: _Optional[_Iterable[_Union[ArmResult, _Mapping]]] = ..., created_at: _Optional[float] = ...) -> None: ...
+    decision: str
+    p_value: float
+    test: str
+    decision_reason: str
+    min_samples: int
+    def __init__(self, model: _Optional[str] = ..., champion: _Optional[int] = ..., challenger: _Optional[int] = ..., weight: _Optional[float] = ..., state: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., device_ids: _Optional[_Iterable[str]] = ..., arms: _Optional[_Iterable[_Union[ArmResult, _Mapping]]] = ..., created_at: _Optional[float] = ..., decision: _Optional[str] = ..., p_value: _Optional[float] = ..., test: _Optional[str] = ..., decision_reason: _Optional[str] = ..., min_samples: _Optional[int] = ...) -> None: ...
 
 class GetDriftRequest(_message.Message):
     __slots__ = ("model",)
