@@ -101,6 +101,10 @@ class ControlPlaneConfig:
     # Experiments decide once both arms have this many labelled requests, at this alpha.
     experiment_min_samples: int = 200
     experiment_alpha: float = 0.05
+    # Staged rollouts: how often the scheduler looks, and how long a device may stay silent
+    # in a step before it counts as failed.
+    rollout_tick_seconds: float = 2.0
+    rollout_device_timeout_seconds: float = 600.0
 
     @property
     def layout(self) -> HomeLayout:
@@ -143,6 +147,13 @@ class ControlPlaneConfig:
         if not isinstance(alpha, float) or not 0 < alpha < 0.5:
             raise InvalidInputError(f"config experiments.alpha must be in (0, 0.5); got {alpha!r}")
         cfg.experiment_alpha = alpha
+        rollouts = doc.get("rollouts", {})
+        for key, name in (("tick_seconds", "rollout_tick_seconds"),
+                          ("device_timeout_seconds", "rollout_device_timeout_seconds")):
+            value = rollouts.get(key, getattr(cfg, name))
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise InvalidInputError(f"config rollouts.{key} must be a positive number")
+            setattr(cfg, name, float(value))
         parse_hostport(cfg.api_listen)
         parse_hostport(cfg.enroll_listen)
         return cfg
@@ -177,6 +188,10 @@ class ControlPlaneConfig:
             "experiments": {
                 "min_samples": self.experiment_min_samples,
                 "alpha": self.experiment_alpha,
+            },
+            "rollouts": {
+                "tick_seconds": self.rollout_tick_seconds,
+                "device_timeout_seconds": self.rollout_device_timeout_seconds,
             },
         }
 

@@ -93,10 +93,20 @@ class RolloutRecord:
     model: str
     version: int
     selector: dict[str, str]
-    state: str  # active | superseded
+    state: str  # a control_plane.rollout_plan.RolloutState value
     created_at: float
     created_by: str
-    device_ids: tuple[str, ...]
+    device_ids: tuple[str, ...]  # every device the rollout targets (its last step)
+    steps: tuple[int, ...] = (100,)  # cumulative percentages
+    step: int = 0  # index into steps
+    step_started_at: float = 0.0
+    bake_seconds: float = 0.0
+    gates: tuple[str, ...] = ()
+    on_failure: str = "pause"  # pause | rollback
+    previous_version: int = 0  # what the devices had before (0: nothing)
+    reason: str = ""
+    history: tuple[str, ...] = ()
+    device_timeout_seconds: float = 600.0
 
 
 @dataclass(frozen=True)

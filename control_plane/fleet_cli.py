@@ -139,7 +139,18 @@ def _add_model_commands(sub: Any) -> None:
     rs.add_argument("--model", required=True)
     rs.add_argument("--version", required=True, type=int)
     rs.add_argument("--selector", action="append", default=[], metavar="K=V")
+    rs.add_argument("--steps", default="100", help="cumulative percentages, e.g. 5,25,100")
+    rs.add_argument("--bake", type=float, default=0.0, metavar="SECONDS",
+                    help="how long each step runs before its gates are judged")
+    rs.add_argument("--gate", action="append", default=[], metavar="EXPR",
+                    help="e.g. error_rate<0.05, p95_ms<50, drift_score<0.3, "
+                         "accuracy_delta>=-0.01, install_failures<=0 (repeatable)")
+    rs.add_argument("--on-failure", choices=["pause", "rollback"], default="pause")
     rs.add_argument("--json", action="store_true")
+    for action in ("pause", "resume", "abort", "rollback"):
+        ra = rollouts.add_parser(action)
+        ra.add_argument("--model", required=True)
+        ra.add_argument("--json", action="store_true")
     rst = rollouts.add_parser("status")
     rst.add_argument("--model", required=True)
     rst.add_argument("--json", action="store_true")
@@ -371,9 +382,12 @@ def _models_show(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None
 def rollout_json(r: admin_pb2.Rollout) -> dict[str, Any]:
     return {
         "model": r.model, "version": r.version, "selector": dict(r.selector), "state": r.state,
-        "created_at": r.created_at, "created_by": r.created_by,
+        "created_at": r.created_at, "created_by": r.created_by, "steps": list(r.steps),
+        "step": r.step, "bake_seconds": r.bake_seconds, "gates": list(r.gates),
+        "on_failure": r.on_failure, "previous_version": r.previous_version or None,
+        "reason": r.reason, "history": list(r.history),
         "devices": [
-            {"id": d.device_id, "desired_version": d.desired_version,
+            {"id": d.device_id, "step": d.step, "desired_version": d.desired_version,
              "serving_version": d.reported_version or None, "state": d.reported_state,
              "reason": d.reason, "release_serial": d.release_serial}
             for d in r.devices
@@ -386,17 +400,30 @@ def _print_rollout(r: admin_pb2.Rollout, as_json: bool) -> None:
         print_json(rollout_json(r))
         return
     print(f"rollout {r.model} -> version {r.version} ({r.state}), selector "
-          f"{_labels_text(dict(r.selector))}, {len(r.devices)} devices")
-    print_table(("DEVICE", "DESIRED", "SERVING", "STATE", "RELEASE", "REASON"), [
-        (d.device_id, d.desired_version, d.reported_version or "-", d.reported_state,
+          f"{_labels_text(dict(r.selector))}, {len(r.devices)} devices, step {r.step} of "
+          f"{len(r.steps)} ({','.join(str(s) for s in r.steps)}%), bake {r.bake_seconds:g}s, "
+          f"gates {', '.join(r.gates) or '-'}, on failure {r.on_failure}"
+          + (f"; {r.reason}" if r.reason else ""))
+    print_table(("DEVICE", "STEP", "DESIRED", "SERVING", "STATE", "RELEASE", "REASON"), [
+        (d.device_id, d.step, d.desired_version, d.reported_version or "-", d.reported_state,
          d.release_serial or "-", d.reason or "-") for d in r.devices
     ])
+    for line in r.history:
+        print(f"  - {line}")
 
 
 def _rollouts_start(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    steps = [int(s) for s in args.steps.split(",") if s.strip()]
     r = stub.StartRollout(admin_pb2.StartRolloutRequest(
-        model=args.model, version=args.version, selector=parse_label_args(args.selector)),
+        model=args.model, version=args.version, selector=parse_label_args(args.selector),
+        steps=steps, bake_seconds=args.bake, gates=args.gate, on_failure=args.on_failure),
         timeout=T)
+    _print_rollout(r, args.json)
+
+
+def _rollouts_act(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+    r = stub.ActOnRollout(admin_pb2.RolloutActionRequest(model=args.model,
+                                                         action=args.command), timeout=T)
     _print_rollout(r, args.json)
 
 
@@ -538,6 +565,10 @@ COMMANDS: dict[tuple[str, str], Callable[[Stub, argparse.Namespace, FleetConfig]
     ("models", "show"): _models_show,
     ("rollouts", "start"): _rollouts_start,
     ("rollouts", "status"): _rollouts_status,
+    ("rollouts", "pause"): _rollouts_act,
+    ("rollouts", "resume"): _rollouts_act,
+    ("rollouts", "abort"): _rollouts_act,
+    ("rollouts", "rollback"): _rollouts_act,
     ("tokens", "create"): _tokens_create,
     ("devices", "list"): _devices_list,
     ("devices", "show"): _devices_show,

@@ -11,7 +11,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,8 @@ from control_plane.domain import (
 from control_plane.experiment_stats import Decision, decide
 from control_plane.registry import Upload, manifest_json, verify_upload
 from control_plane.releases import ReleaseIssuer
+from control_plane.rollout_plan import parse_gate, parse_steps, step_devices
+from control_plane.rollouts import RolloutController
 from control_plane.storage import Store
 from control_plane.telemetry import derive
 from fleetcore import pki
@@ -102,6 +104,15 @@ class Handlers:
         self.on_device_change: Callable[[str], None] = lambda device_id: None
         self.releases = ReleaseIssuer(store, authority.release_key, config.release_ttl_seconds,
                                       on_change=self._device_changed)
+        self.rollouts = RolloutController(self, clock)
+
+    def audit_system(self, action: str, target: str, detail: Mapping[str, Any]) -> None:
+        """An action the control plane took by itself (a scheduler, a policy)."""
+        self._audit("control-plane", action, target, AuditOutcome.ALLOWED, detail)
+
+    def audit_action(self, who: pki.Identity | str, action: str, target: str,
+                     outcome: AuditOutcome, detail: Mapping[str, Any]) -> None:
+        self._audit(who, action, target, outcome, detail)
 
     def _device_changed(self, device_id: str) -> None:
         self.on_device_change(device_id)  # looked up per call: the server rebinds it
@@ -298,23 +309,44 @@ class Handlers:
         return self.store.list_model_versions(name or None)
 
     def start_rollout(
-        self, caller: pki.Identity, model: str, version: int, selector: Mapping[str, str]
+        self, caller: pki.Identity, model: str, version: int, selector: Mapping[str, str],
+        *, steps: Sequence[int] = (100,), bake_seconds: float = 0.0, gates: Sequence[str] = (),
+        on_failure: str = "pause",
     ) -> tuple[RolloutRecord, list[DeviceView]]:
         target = f"{model}:{version}"
         self._authorize(caller, "rollouts.start", target)
         if self.store.get_model_version(model, version) is None:
             raise NotFoundError(f"model {model} version {version} is not published")
         clean = validate_labels(selector)
+        plan = tuple(parse_steps(list(steps) or [100]))
+        checked = tuple(parse_gate(g).text for g in gates)
+        if on_failure not in ("pause", "rollback"):
+            raise InvalidInputError(f"on-failure must be pause or rollback; got {on_failure!r}")
+        if not 0 <= bake_seconds <= 30 * 86400:
+            raise InvalidInputError(f"bake must be 0..2592000 seconds; got {bake_seconds}")
         now = self.clock()
-        devices = [d for d in self.store.list_devices()
+        devices = [d.id for d in self.store.list_devices()
                    if d.revoked_at is None and matches(d.labels, clean)]
-        rollout = self.store.start_rollout(model, version, clean, [d.id for d in devices], now,
-                                           caller.actor)
-        for device in devices:
-            self.releases.current(device.id, now)
+        first = step_devices(model, devices, plan, 0)
+        rollout = self.store.start_rollout(
+            model, version, clean, devices, now, caller.actor, first_step=first, steps=plan,
+            bake_seconds=bake_seconds, gates=checked, on_failure=on_failure,
+            device_timeout_seconds=self.config.rollout_device_timeout_seconds,
+        )
+        for device_id in first:
+            self.releases.current(device_id, now)
         self._audit(caller, "rollouts.start", target, AuditOutcome.ALLOWED,
-                    {"selector": clean, "devices": len(devices)})
-        return rollout, [self._view(d, now) for d in devices]
+                    {"selector": clean, "devices": len(devices), "steps": list(plan),
+                     "gates": list(checked), "on_failure": on_failure})
+        views = [self._view(d, now) for d in (self.store.get_device(i) for i in devices) if d]
+        return rollout, views
+
+    def rollout_action(self, caller: pki.Identity, model: str, action: str) -> RolloutRecord:
+        self._authorize(caller, f"rollouts.{action}", model)
+        rollout = self.store.get_rollout(model)
+        if rollout is None:
+            raise NotFoundError(f"no rollout for model {model!r}")
+        return self.rollouts.act(rollout, action, caller)
 
     def get_rollout(
         self, caller: pki.Identity, model: str
@@ -471,7 +503,7 @@ class Handlers:
         if not 0.0 < weight < 1.0:
             raise InvalidInputError(f"challenger weight must be in (0, 1); got {weight}")
         rollout = self.store.get_rollout(model)
-        if rollout is None or rollout.state != "active":
+        if rollout is None or rollout.state not in ("running", "completed"):
             raise NotFoundError(f"model {model!r} has no active rollout to be the champion")
         if challenger == rollout.version:
             raise InvalidInputError(f"version {challenger} is already the champion")

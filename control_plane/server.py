@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import grpc
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from edgefleet.v1 import admin_pb2_grpc, agent_pb2_grpc
 
 from control_plane.authority import Authority
@@ -53,6 +54,7 @@ class ControlPlane:
         self.api_port = 0
         self.enroll_port = 0
         self._servers: list[grpc.aio.Server] = []
+        self.scheduler: AsyncIOScheduler | None = None
 
     @property
     def api_address(self) -> str:
@@ -88,10 +90,23 @@ class ControlPlane:
         for server in (api, enroll):
             await server.start()
             self._servers.append(server)
+        # Staged rollouts advance on a schedule; their state lives in storage, so a restarted
+        # control plane resumes them where they were.
+        self.scheduler = AsyncIOScheduler()
+        self.scheduler.add_job(self._tick_rollouts, "interval",
+                               seconds=self.config.rollout_tick_seconds, max_instances=1,
+                               coalesce=True)
+        self.scheduler.start()
         log.info("api (mTLS) listening on %s", self.api_address)
         log.info("enrollment (TLS + token) listening on %s", self.enroll_address)
 
+    async def _tick_rollouts(self) -> None:
+        self.handlers.rollouts.tick()
+
     async def stop(self, grace_seconds: float = 2.0) -> None:
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+            self.scheduler = None
         servers, self._servers = self._servers, []
         for server in servers:
             await server.stop(grace_seconds)

@@ -30,8 +30,9 @@ from control_plane.domain import (
 from control_plane.experiment_stats import TEST_NAME, Decision, wilson_interval
 from control_plane.handlers import DeviceView, Handlers
 from control_plane.notify import DeviceNotifier
+from control_plane.rollout_plan import step_devices
 from fleetcore import pki
-from fleetcore.errors import AuthenticationError, EdgefleetError
+from fleetcore.errors import AuthenticationError, EdgefleetError, InvalidInputError
 
 __all__ = ["AdminServicer", "AgentServicer", "device_to_proto", "host_from_proto", "peer_identity"]
 
@@ -127,6 +128,10 @@ def rollout_to_proto(
     rollout: RolloutRecord, views: list[DeviceView], releases: dict[str, ReleaseRecord]
 ) -> admin_pb2.Rollout:
     devices = []
+    first_step: dict[str, int] = {}
+    for k in range(len(rollout.steps)):
+        for device_id in step_devices(rollout.model, rollout.device_ids, rollout.steps, k):
+            first_step.setdefault(device_id, k + 1)
     for view in views:
         reported = [m for m in view.record.models if m.get("name") == rollout.model]
         serving = next((m for m in reported if m.get("serving")), None)
@@ -139,11 +144,15 @@ def rollout_to_proto(
             reported_state=str(desired["state"]) if desired else "pending",
             reason=str(desired.get("reason", "")) if desired else "",
             release_serial=release.serial if release else 0,
+            step=first_step.get(view.record.id, 0),
         ))
     return admin_pb2.Rollout(
         model=rollout.model, version=rollout.version, selector=rollout.selector,
         state=rollout.state, created_at=rollout.created_at, created_by=rollout.created_by,
-        devices=devices,
+        devices=devices, steps=list(rollout.steps), step=rollout.step + 1,
+        bake_seconds=rollout.bake_seconds, gates=list(rollout.gates),
+        on_failure=rollout.on_failure, previous_version=rollout.previous_version,
+        reason=rollout.reason, history=list(rollout.history),
     )
 
 
@@ -390,7 +399,22 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Rollout:
         caller = self._operator(context)
-        self.h.start_rollout(caller, request.model, request.version, dict(request.selector))
+        self.h.start_rollout(caller, request.model, request.version, dict(request.selector),
+                             steps=list(request.steps) or [100],
+                             bake_seconds=request.bake_seconds, gates=list(request.gates),
+                             on_failure=request.on_failure or "pause")
+        return rollout_to_proto(*self.h.get_rollout(caller, request.model))
+
+    @_rpc
+    async def ActOnRollout(
+        self, request: admin_pb2.RolloutActionRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Rollout:
+        caller = self._operator(context)
+        if request.action not in ("pause", "resume", "abort", "rollback"):
+            raise InvalidInputError(
+                f"action must be pause, resume, abort or rollback; got {request.action!r}"
+            )
+        self.h.rollout_action(caller, request.model, request.action)
         return rollout_to_proto(*self.h.get_rollout(caller, request.model))
 
     @_rpc

@@ -123,8 +123,27 @@ class Store(abc.ABC):
         device_ids: list[str],
         now: float,
         created_by: str,
+        *,
+        first_step: list[str] | None = None,
+        steps: tuple[int, ...] = (100,),
+        bake_seconds: float = 0.0,
+        gates: tuple[str, ...] = (),
+        on_failure: str = "pause",
+        device_timeout_seconds: float = 600.0,
     ) -> RolloutRecord:
-        """Supersede the model's active rollout and assign the version to the devices."""
+        """Supersede the model's running rollout and give the first step's devices
+        (``first_step``, default all) the version."""
+
+    @abc.abstractmethod
+    def assign_version(self, model: str, version: int, device_ids: list[str]) -> None:
+        """Give these devices one arm of ``model``: ``version`` (0: none)."""
+
+    @abc.abstractmethod
+    def update_rollout(self, rollout_id: int, **fields: Any) -> None:
+        """Change state, step, step_started_at, reason or history."""
+
+    @abc.abstractmethod
+    def running_rollouts(self) -> list[RolloutRecord]: ...
 
     @abc.abstractmethod
     def get_rollout(self, model: str) -> RolloutRecord | None:

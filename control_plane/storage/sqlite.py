@@ -199,6 +199,20 @@ MIGRATIONS: list[str] = [
     ALTER TABLE experiments ADD COLUMN decision_reason TEXT NOT NULL DEFAULT '';
     ALTER TABLE experiments ADD COLUMN decided_at REAL;
     """,
+    # 6: staged rollouts
+    """
+    ALTER TABLE rollouts ADD COLUMN steps TEXT NOT NULL DEFAULT '[100]';
+    ALTER TABLE rollouts ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE rollouts ADD COLUMN step_started_at REAL NOT NULL DEFAULT 0;
+    ALTER TABLE rollouts ADD COLUMN bake_seconds REAL NOT NULL DEFAULT 0;
+    ALTER TABLE rollouts ADD COLUMN gates TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE rollouts ADD COLUMN on_failure TEXT NOT NULL DEFAULT 'pause';
+    ALTER TABLE rollouts ADD COLUMN previous_version INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE rollouts ADD COLUMN reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE rollouts ADD COLUMN history TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE rollouts ADD COLUMN device_timeout_seconds REAL NOT NULL DEFAULT 600;
+    UPDATE rollouts SET state = 'running' WHERE state = 'active';
+    """,
 ]
 
 
@@ -454,29 +468,67 @@ class SqliteStore(Store):
         device_ids: list[str],
         now: float,
         created_by: str,
+        *,
+        first_step: list[str] | None = None,
+        steps: tuple[int, ...] = (100,),
+        bake_seconds: float = 0.0,
+        gates: tuple[str, ...] = (),
+        on_failure: str = "pause",
+        device_timeout_seconds: float = 600.0,
     ) -> RolloutRecord:
         with self._tx() as c:
+            prev = c.execute("SELECT version FROM rollouts WHERE model = ? ORDER BY id DESC"
+                             " LIMIT 1", (model,)).fetchone()
             c.execute(
-                "UPDATE rollouts SET state = 'superseded' WHERE model = ? AND state = 'active'",
+                "UPDATE rollouts SET state = 'superseded' WHERE model = ?"
+                " AND state IN ('running', 'paused')",
                 (model,),
             )
             cur = c.execute(
                 "INSERT INTO rollouts(model, version, selector, state, created_at, created_by,"
-                " device_ids) VALUES (?, ?, ?, 'active', ?, ?, ?)",
-                (model, version, _dump(dict(selector)), now, created_by, _dump(device_ids)),
+                " device_ids, steps, step, step_started_at, bake_seconds, gates, on_failure,"
+                " previous_version, device_timeout_seconds, history)"
+                " VALUES (?, ?, ?, 'running', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
+                (model, version, _dump(dict(selector)), now, created_by, _dump(device_ids),
+                 _dump(list(steps)), now, bake_seconds, _dump(list(gates)), on_failure,
+                 prev["version"] if prev else 0, device_timeout_seconds,
+                 _dump([f"step 1 of {len(steps)}: {steps[0]}% of {len(device_ids)} devices"])),
             )
-            for device_id in device_ids:
-                c.execute("DELETE FROM device_arms WHERE device_id = ? AND model = ?",
-                          (device_id, model))
+            self._assign(c, model, version, device_ids if first_step is None else first_step)
+            rollout_id = cur.lastrowid
+        record = self._rollout_by_id(int(rollout_id or 0))
+        assert record is not None
+        return record
+
+    @staticmethod
+    def _assign(c: sqlite3.Connection, model: str, version: int, device_ids: list[str]) -> None:
+        for device_id in device_ids:
+            c.execute("DELETE FROM device_arms WHERE device_id = ? AND model = ?",
+                      (device_id, model))
+            if version:
                 c.execute(
                     "INSERT INTO device_arms(device_id, model, version, weight, shadow)"
                     " VALUES (?, ?, ?, 1.0, 0)",
                     (device_id, model, version),
                 )
-            rollout_id = cur.lastrowid
-        record = self._rollout_by_id(int(rollout_id or 0))
-        assert record is not None
-        return record
+
+    def assign_version(self, model: str, version: int, device_ids: list[str]) -> None:
+        with self._tx() as c:
+            self._assign(c, model, version, device_ids)
+
+    def update_rollout(self, rollout_id: int, **fields: Any) -> None:
+        allowed = {"state", "step", "step_started_at", "reason", "history"}
+        if not set(fields) <= allowed:
+            raise ValueError(f"cannot update {sorted(set(fields) - allowed)}")
+        values = {k: _dump(list(v)) if k == "history" else v for k, v in fields.items()}
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self._tx() as c:
+            c.execute(f"UPDATE rollouts SET {sets} WHERE id = ?",  # noqa: S608 (fixed names)
+                      (*values.values(), rollout_id))
+
+    def running_rollouts(self) -> list[RolloutRecord]:
+        rows = self._query("SELECT * FROM rollouts WHERE state = 'running' ORDER BY id")
+        return [_rollout(r) for r in rows]
 
     def _rollout_by_id(self, rollout_id: int) -> RolloutRecord | None:
         rows = self._query("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
@@ -677,8 +729,13 @@ def _model_version(r: sqlite3.Row) -> ModelVersionRecord:
 
 
 def _rollout(r: sqlite3.Row) -> RolloutRecord:
-    return RolloutRecord(r["id"], r["model"], r["version"], json.loads(r["selector"]), r["state"],
-                         r["created_at"], r["created_by"], tuple(json.loads(r["device_ids"])))
+    return RolloutRecord(
+        r["id"], r["model"], r["version"], json.loads(r["selector"]), r["state"],
+        r["created_at"], r["created_by"], tuple(json.loads(r["device_ids"])),
+        tuple(json.loads(r["steps"])), r["step"], r["step_started_at"], r["bake_seconds"],
+        tuple(json.loads(r["gates"])), r["on_failure"], r["previous_version"], r["reason"],
+        tuple(json.loads(r["history"])), r["device_timeout_seconds"],
+    )
 
 
 def _device(r: sqlite3.Row) -> DeviceRecord:

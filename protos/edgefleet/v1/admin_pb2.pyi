@@ -236,7 +236,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...
 
 class StartRolloutRequest(_message.Message):
-    __slots__ = ("model", "version", "selector")
+    __slots__ = ("model", "version", "selector", "steps", "bake_seconds", "gates", "on_failure")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -247,10 +247,26 @@ class StartRolloutRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BAKE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     selector: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    bake_seconds: float
+    gates: _containers.RepeatedScalarFieldContainer[str]
+    on_failure: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., steps: _Optional[_Iterable[int]] = ..., bake_seconds: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., on_failure: _Optional[str] = ...) -> None: ...
+
+class RolloutActionRequest(_message.Message):
+    __slots__ = ("model", "action")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    action: str
+    def __init__(self, model: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("model",)
@@ -259,23 +275,25 @@ class GetRolloutRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class RolloutDevice(_message.Message):
-    __slots__ = ("device_id", "desired_version", "reported_version", "reported_state", "reason", "release_serial")
+    __slots__ = ("device_id", "desired_version", "reported_version", "reported_state", "reason", "release_serial", "step")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     DESIRED_VERSION_FIELD_NUMBER: _ClassVar[int]
     REPORTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     REPORTED_STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     RELEASE_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     desired_version: int
     reported_version: int
     reported_state: str
     reason: str
     release_serial: int
-    def __init__(self, device_id: _Optional[str] = ..., desired_version: _Optional[int] = ..., reported_version: _Optional[int] = ..., reported_state: _Optional[str] = ..., reason: _Optional[str] = ..., release_serial: _Optional[int] = ...) -> None: ...
+    step: int
+    def __init__(self, device_id: _Optional[str] = ..., desired_version: _Optional[int] = ..., reported_version: _Optional[int] = ..., reported_state: _Optional[str] = ..., reason: _Optional[str] = ..., release_serial: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("model", "version", "selector", "state", "created_at", "created_by", "devices")
+    __slots__ = ("model", "version", "selector", "state", "created_at", "created_by", "devices", "steps", "step", "bake_seconds", "gates", "on_failure", "previous_version", "reason", "history")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +308,14 @@ class Rollout(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    BAKE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     selector: _containers.ScalarMap[str, str]
@@ -297,7 +323,15 @@ class Rollout(_message.Message):
     created_at: float
     created_by: str
     devices: _containers.RepeatedCompositeFieldContainer[RolloutDevice]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., state: _Optional[str] = ..., created_at: _Optional[float] = ..., created_by: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[RolloutDevice, _Mapping]]] = ...) -> None: ...
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    step: int
+    bake_seconds: float
+    gates: _containers.RepeatedScalarFieldContainer[str]
+    on_failure: str
+    previous_version: int
+    reason: str
+    history: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., state: _Optional[str] = ..., created_at: _Optional[float] = ..., created_by: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[RolloutDevice, _Mapping]]] = ..., steps: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., bake_seconds: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., on_failure: _Optional[str] = ..., previous_version: _Optional[int] = ..., reason: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateEnrollmentTokenRequest(_message.Message):
     __slots__ = ("ttl_seconds", "labels")

@@ -87,6 +87,11 @@ class AdminServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_admin__pb2.GetRolloutRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_admin__pb2.Rollout.FromString,
                 _registered_method=True)
+        self.ActOnRollout = channel.unary_unary(
+                '/edgefleet.v1.AdminService/ActOnRollout',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.Rollout.FromString,
+                _registered_method=True)
         self.StartExperiment = channel.unary_unary(
                 '/edgefleet.v1.AdminService/StartExperiment',
                 request_serializer=edgefleet_dot_v1_dot_admin__pb2.StartExperimentRequest.SerializeToString,
@@ -186,6 +191,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ActOnRollout(self, request, context):
+        """pause|resume|abort|rollback
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StartExperiment(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -273,6 +285,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'GetRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRollout,
                     request_deserializer=edgefleet_dot_v1_dot_admin__pb2.GetRolloutRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.Rollout.SerializeToString,
+            ),
+            'ActOnRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ActOnRollout,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.RolloutActionRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_admin__pb2.Rollout.SerializeToString,
             ),
             'StartExperiment': grpc.unary_unary_rpc_method_handler(
@@ -578,6 +595,33 @@ class AdminService:
             target,
             '/edgefleet.v1.AdminService/GetRollout',
             edgefleet_dot_v1_dot_admin__pb2.GetRolloutRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActOnRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/ActOnRollout',
+            edgefleet_dot_v1_dot_admin__pb2.RolloutActionRequest.SerializeToString,
             edgefleet_dot_v1_dot_admin__pb2.Rollout.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,143 @@
+"""Staged rollouts on real agents: steps, gates, failure policies, restarts, abort, supersede."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from control_plane.domain import RolloutRecord
+from control_plane.fleet_cli import main as fleet_main
+from tests.support import LoopThread, RunningAgent, RunningControlPlane, start_agent
+from tests.support import start_control_plane as _start_cp
+from tests.test_delivery import _bundle_for, _committed, _wait_models
+from tests.trainer_support import write_pipeline
+from trainer.bundle import sign_bundle
+from trainer.config import Pipeline
+from trainer.pipeline import Run, Workdir
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("bundle")
+    pipeline = write_pipeline(base, hidden="32", epochs=2, prune=0.25)
+    Run(Pipeline.load(pipeline), Workdir(base / "work"), progress=lambda m: None).run_all()
+    return base / "work" / "bundle"
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, loop: LoopThread, trained_bundle: Path):
+    cp = _start_cp(tmp_path / "cp", loop, rollout_tick_seconds=0.2,
+                   rollout_device_timeout_seconds=30.0)
+    for version in (1, 2):
+        bundle = _bundle_for(cp, trained_bundle, tmp_path / f"v{version}", version=version)
+        assert _fleet(cp, "models", "publish", str(bundle)) == 0
+    agents = []
+    for i in range(4):
+        cp.enroll_agent(tmp_path / f"a{i}", labels={"site": "shop"})
+        agents.append(start_agent(tmp_path / f"a{i}", cp.loop, probation_seconds=0.0))
+    assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1") == 0
+    for agent in agents:
+        _wait_models(agent, _committed(1))
+    _wait_rollout(cp, agents, lambda r: r.state == "completed")
+    yield cp, agents
+    for agent in agents:
+        agent.stop()
+    cp.stop()
+
+
+def _fleet(cp: RunningControlPlane, *args: str) -> int:
+    return fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api", cp.api,
+                       *args])
+
+
+def _wait_rollout(cp: RunningControlPlane, agents: list[RunningAgent],
+                  done: Callable[[RolloutRecord], bool]) -> RolloutRecord:
+    """Wait heartbeat by heartbeat (reports arrive with them) until the rollout satisfies done."""
+    for _ in range(60):
+        rollout = cp.cp.store.get_rollout("digits")
+        if rollout is not None and done(rollout):
+            return rollout
+        agents[0].wait_for("heartbeat")
+    raise AssertionError(f"rollout never got there: {cp.cp.store.get_rollout('digits')}")
+
+
+def _arm_versions(cp: RunningControlPlane) -> dict[str, list[int]]:
+    return {d.id: [a.version for a in cp.cp.store.device_arms(d.id)]
+            for d in cp.cp.store.list_devices()}
+
+
+def test_rollout_passes_its_steps_on_healthy_agents(fleet) -> None:
+    cp, agents = fleet
+    assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "2",
+                  "--steps", "25,50,100") == 0
+    first = cp.cp.store.get_rollout("digits")
+    assert first is not None
+    assert sorted(v for vs in _arm_versions(cp).values() for v in vs) == [1, 1, 1, 2]  # canary
+    done = _wait_rollout(cp, agents, lambda r: r.state == "completed")
+    assert [h.split(":")[0] for h in done.history if "passed" in h] == [
+        "step 1 (25%, 1 devices) passed", "step 2 (50%, 2 devices) passed",
+        "step 3 (100%, 4 devices) passed"]
+    assert all(v == [2] for v in _arm_versions(cp).values())
+    assert all(a.agent.models.active("digits")[0] == 2 for a in agents)
+
+
+def test_failing_gate_rolls_the_canary_back(fleet, tmp_path: Path) -> None:
+    cp, agents = fleet
+    # v3 fails its smoke test on the device: an install failure in the first step.
+    bad = tmp_path / "v3"
+    src = tmp_path / "v1"
+    bad.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.sig":
+            (bad / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["version"] = 3
+    manifest["smoke_test"]["expected"] = [[0.5] * len(row)
+                                          for row in manifest["smoke_test"]["expected"]]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    sign_bundle(bad, cp.home / "publisher" / "publisher.key")
+    assert _fleet(cp, "models", "publish", str(bad)) == 0
+    assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "3",
+                  "--steps", "25,100", "--on-failure", "rollback") == 0
+    done = _wait_rollout(cp, agents, lambda r: r.state != "running")
+    assert done.state == "rolled-back", done
+    assert "install_failures" in done.reason
+    assert all(v == [1] for v in _arm_versions(cp).values())  # nobody left on v3
+
+
+def test_gate_without_enough_samples_does_not_pass(fleet) -> None:
+    cp, agents = fleet
+    assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "2",
+                  "--steps", "50,100", "--gate", "error_rate<0.05") == 0
+    done = _wait_rollout(cp, agents, lambda r: r.state != "running")
+    assert done.state == "paused" and "not enough data" in done.reason
+    assert sorted(v for vs in _arm_versions(cp).values() for v in vs) == [1, 1, 2, 2]
+    # An operator can take it from there: abort puts the canary back.
+    assert _fleet(cp, "rollouts", "abort", "--model", "digits") == 0
+    assert all(v == [1] for v in _arm_versions(cp).values())
+    assert cp.cp.store.get_rollout("digits").state == "aborted"
+
+
+def test_restart_mid_rollout_resumes_it(fleet) -> None:
+    cp, agents = fleet
+    assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "2",
+                  "--steps", "25,100", "--bake", "1") == 0
+    _wait_rollout(cp, agents, lambda r: r.step == 1)  # the second step has begun
+    cp.restart()
+    done = _wait_rollout(cp, agents, lambda r: r.state == "completed")
+    assert done.version == 2 and all(v == [2] for v in _arm_versions(cp).values())
+
+
+def test_superseded_rollout_leaves_no_device_in_between(fleet) -> None:
+    cp, _ = fleet
+    assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "2",
+                  "--steps", "25,100", "--bake", "3600") == 0
+    assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1") == 0
+    rollouts = cp.cp.store._query(
+        "SELECT version, state FROM rollouts ORDER BY id")
+    assert [(r["version"], r["state"]) for r in rollouts][-2:] == [(2, "superseded"),
+                                                                    (1, "running")]
+    assert all(v == [1] for v in _arm_versions(cp).values())
