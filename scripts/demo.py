@@ -196,8 +196,9 @@ def scenario(work: Path, children: list[Child]) -> int:
         time.sleep(0.2)
     print(run(*fleet, "rollouts", "status", "--model", "digits"), end="")
 
-    step("fleet audit list")
+    step("fleet audit list; fleet audit verify")
     print(run(*fleet, "audit", "list"), end="")
+    print(run(*fleet, "audit", "verify"), end="")
     return len(online)
 
 

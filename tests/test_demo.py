@@ -19,3 +19,5 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert out.count("connected to control plane") == 2
     assert out.count("digits v1 committed after probation") == 2
     assert "bundle verified with the reference tool" in out
+    assert "v1 answered" in out and "drift on digits" in out
+    assert "intact:" in out  # fleet audit verify
