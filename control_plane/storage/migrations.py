@@ -1,0 +1,189 @@
+"""The control plane's SQLite schema, as ordered migrations (each applied exactly once)."""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS"]
+
+MIGRATIONS: list[str] = [
+    # 1: registry, PKI bookkeeping, append-only audit log
+    """
+    CREATE TABLE enrollment_tokens (
+        token_hash TEXT PRIMARY KEY,
+        labels TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        created_by TEXT NOT NULL,
+        used_at REAL,
+        used_by TEXT
+    );
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        labels TEXT NOT NULL,
+        enrolled_at REAL NOT NULL,
+        last_seen REAL,
+        agent_version TEXT NOT NULL DEFAULT '',
+        host TEXT NOT NULL DEFAULT '{}',
+        models TEXT NOT NULL DEFAULT '[]',
+        revoked_at REAL,
+        cert_serial TEXT NOT NULL DEFAULT '',
+        cert_not_after REAL NOT NULL DEFAULT 0
+    );
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        not_before REAL NOT NULL,
+        not_after REAL NOT NULL,
+        issued_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    CREATE INDEX certificates_subject ON certificates(kind, subject);
+    CREATE TABLE operators (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL
+    );
+    CREATE TABLE audit_events (
+        seq INTEGER PRIMARY KEY,
+        time REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events
+    BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+    CREATE TRIGGER audit_events_no_delete BEFORE DELETE ON audit_events
+    BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+    """,
+    # 2: model registry, rollouts, per-device arms and signed release documents
+    """
+    CREATE TABLE model_versions (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        length INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        published_by TEXT NOT NULL,
+        publisher_key TEXT NOT NULL,
+        manifest TEXT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY,
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        selector TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL,
+        device_ids TEXT NOT NULL,
+        FOREIGN KEY (model, version) REFERENCES model_versions(name, version)
+    );
+    CREATE INDEX rollouts_model ON rollouts(model, id);
+    CREATE TABLE device_arms (
+        device_id TEXT NOT NULL REFERENCES devices(id),
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        weight REAL NOT NULL,
+        shadow INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (device_id, model, version)
+    );
+    CREATE TABLE releases (
+        device_id TEXT PRIMARY KEY REFERENCES devices(id),
+        serial INTEGER NOT NULL,
+        document BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        issued_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        content TEXT NOT NULL
+    );
+    """,
+    # 3: telemetry (deduplicated on (device, seq)), drift windows, arm stats, experiments
+    """
+    CREATE TABLE telemetry (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        received_at REAL NOT NULL,
+        payload BLOB NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE TABLE telemetry_status (
+        device_id TEXT PRIMARY KEY,
+        dropped INTEGER NOT NULL,
+        depth INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE drift_windows (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        start REAL NOT NULL,
+        "end" REAL NOT NULL,
+        rows INTEGER NOT NULL,
+        score REAL NOT NULL,
+        drifted INTEGER NOT NULL,
+        prediction_psi REAL NOT NULL,
+        drifted_features TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE INDEX drift_windows_model ON drift_windows(model, device_id, "end");
+    CREATE TABLE arm_stats (
+        device_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        p50_ms REAL NOT NULL,
+        p95_ms REAL NOT NULL,
+        labelled INTEGER NOT NULL,
+        correct INTEGER NOT NULL,
+        updated_at REAL NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (device_id, model, version)
+    );
+    CREATE TABLE experiments (
+        model TEXT PRIMARY KEY,
+        champion INTEGER NOT NULL,
+        challenger INTEGER NOT NULL,
+        weight REAL NOT NULL,
+        state TEXT NOT NULL,
+        selector TEXT NOT NULL,
+        device_ids TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        created_by TEXT NOT NULL
+    );
+    """,
+    # 4: the operator's role in each audit entry
+    """
+    ALTER TABLE audit_events ADD COLUMN role TEXT NOT NULL DEFAULT '';
+    """,
+    # 5: the statistical decision of an experiment
+    """
+    ALTER TABLE experiments ADD COLUMN decision TEXT NOT NULL DEFAULT '';
+    ALTER TABLE experiments ADD COLUMN p_value REAL;
+    ALTER TABLE experiments ADD COLUMN decision_reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE experiments ADD COLUMN decided_at REAL;
+    """,
+    # 6: staged rollouts
+    """
+    ALTER TABLE rollouts ADD COLUMN steps TEXT NOT NULL DEFAULT '[100]';
+    ALTER TABLE rollouts ADD COLUMN step INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE rollouts ADD COLUMN step_started_at REAL NOT NULL DEFAULT 0;
+    ALTER TABLE rollouts ADD COLUMN bake_seconds REAL NOT NULL DEFAULT 0;
+    ALTER TABLE rollouts ADD COLUMN gates TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE rollouts ADD COLUMN on_failure TEXT NOT NULL DEFAULT 'pause';
+    ALTER TABLE rollouts ADD COLUMN previous_version INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE rollouts ADD COLUMN reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE rollouts ADD COLUMN history TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE rollouts ADD COLUMN device_timeout_seconds REAL NOT NULL DEFAULT 600;
+    UPDATE rollouts SET state = 'running' WHERE state = 'active';
+    """,
+]
