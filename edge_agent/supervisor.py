@@ -137,11 +137,6 @@ class ServingSupervisor:
         if items:
             self.outbox.append_many(items, now)
 
-    def metrics_gauges(self) -> dict[str, Any]:
-        stats = self.outbox.stats()
-        return {"outbox_depth": stats.depth, "outbox_dropped": stats.dropped,
-                "drift": {m: d.get("score", 0.0) for m, d in self.last_drift.items()}}
-
     def close(self) -> None:
         self.core.close()
 
