@@ -45,6 +45,8 @@ ACTIONS: dict[str, Action] = {
         Action("experiments.stop", Role.OPERATOR, True),
         Action("experiments.status", Role.VIEWER, False),
         Action("drift.read", Role.VIEWER, False),
+        Action("retrain.policy", Role.OPERATOR, True),
+        Action("retrain.jobs", Role.VIEWER, False),
     )
 }
 

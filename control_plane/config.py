@@ -104,6 +104,9 @@ class ControlPlaneConfig:
     # Staged rollouts: how often the scheduler looks, and how long a device may stay silent
     # in a step before it counts as failed.
     rollout_tick_seconds: float = 2.0
+    # The key retraining jobs sign their bundles with (the publisher key init made; point it
+    # at the training environment's key, or run jobs on Kubernetes, to keep it off this host).
+    retrain_publisher_key: Path = field(default=Path("publisher/publisher.key"))
     rollout_device_timeout_seconds: float = 600.0
 
     @property
@@ -130,6 +133,8 @@ class ControlPlaneConfig:
         cfg.database = home / str(server.get("database", "edgefleet.db"))
         cfg.max_bundle_bytes = _positive_int(server, "max_bundle_bytes", cfg.max_bundle_bytes)
         cfg.publisher_keys = [home / p for p in pki.get("publisher_keys", [])]
+        cfg.retrain_publisher_key = home / str(doc.get("retrain", {}).get(
+            "publisher_key", "publisher/publisher.key"))
         for name in (
             "device_cert_ttl_seconds",
             "operator_cert_ttl_seconds",
@@ -188,6 +193,10 @@ class ControlPlaneConfig:
             "experiments": {
                 "min_samples": self.experiment_min_samples,
                 "alpha": self.experiment_alpha,
+            },
+            "retrain": {
+                "publisher_key": str(self.retrain_publisher_key.relative_to(self.home))
+                if self.retrain_publisher_key.is_absolute() else str(self.retrain_publisher_key),
             },
             "rollouts": {
                 "tick_seconds": self.rollout_tick_seconds,

@@ -18,6 +18,7 @@ __all__ = [
     "ExperimentRecord",
     "ModelVersionRecord",
     "ReleaseRecord",
+    "RetrainJob",
     "RolloutRecord",
     "TelemetryRecord",
 ]
@@ -173,6 +174,18 @@ class ExperimentRecord:
     p_value: float | None = None
     decision_reason: str = ""
     decided_at: float | None = None
+
+
+@dataclass(frozen=True)
+class RetrainJob:
+    id: int
+    model: str
+    state: str  # queued | running | succeeded | failed | awaiting-approval
+    reason: str
+    version: int  # the version the job's bundle gets
+    created_at: float
+    finished_at: float | None = None
+    detail: str = ""
 
 
 @dataclass(frozen=True)

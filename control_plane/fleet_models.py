@@ -76,11 +76,30 @@ def add_model_commands(sub: Any) -> None:
         e.add_argument("--model", required=True)
         e.add_argument("--json", action="store_true")
 
+    _add_retrain_commands(sub)
     drift = sub.add_parser("drift", help="drift per device and fleet-wide (latest windows)")
     drift.set_defaults(command="show")
     drift.add_argument("--model", default="")
     drift.add_argument("--json", action="store_true")
 
+
+
+def _add_retrain_commands(sub: Any) -> None:
+    retrain = sub.add_parser("retrain", help="drift-triggered retraining").add_subparsers(
+        dest="command", required=True
+    )
+    rp = retrain.add_parser("policy", help="when drift retrains a model, and with what")
+    rp.add_argument("--model", required=True)
+    rp.add_argument("--pipeline", required=True, help="PIPELINE.toml on the control-plane host")
+    rp.add_argument("--threshold", type=float, default=0.2)
+    rp.add_argument("--fraction", type=float, default=0.5, help="share of devices drifted")
+    rp.add_argument("--windows", type=int, default=2, help="consecutive drifted windows")
+    rp.add_argument("--canary-weight", type=float, default=0.1)
+    rp.add_argument("--approval", action="store_true",
+                    help="publish the retrained version but wait for an operator")
+    rj = retrain.add_parser("jobs")
+    rj.add_argument("--model", default="")
+    rj.add_argument("--json", action="store_true")
 
 
 def model_json(m: admin_pb2.ModelVersion) -> dict[str, Any]:
@@ -270,7 +289,33 @@ def _drift_show(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
 
 
 
+def _retrain_policy(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
+    p = stub.SetDriftPolicy(admin_pb2.DriftPolicy(
+        model=args.model, pipeline=str(Path(args.pipeline).resolve()), threshold=args.threshold,
+        device_fraction=args.fraction, windows=args.windows, canary_weight=args.canary_weight,
+        approval=args.approval), timeout=T)
+    print(f"drift policy for {p.model}: retrain with {p.pipeline} when {p.device_fraction:.0%} "
+          f"of devices show {p.windows} consecutive windows with drift score > "
+          f"{p.threshold:g}; then " + ("wait for approval" if p.approval else
+                                       f"canary at {p.canary_weight:.0%}"))
+
+
+def _retrain_jobs(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
+    r = stub.ListRetrainJobs(admin_pb2.ListRetrainJobsRequest(model=args.model), timeout=T)
+    jobs = [{"id": j.id, "model": j.model, "state": j.state, "version": j.version,
+             "reason": j.reason, "created_at": j.created_at,
+             "finished_at": j.finished_at or None, "detail": j.detail} for j in r.jobs]
+    if args.json:
+        print_json(jobs)
+        return
+    print_table(("JOB", "MODEL", "VERSION", "STATE", "CREATED", "REASON", "DETAIL"), [
+        (j["id"], j["model"], j["version"], j["state"], ts(j["created_at"]), j["reason"],
+         j["detail"] or "-") for j in jobs])
+
+
 MODEL_COMMANDS: dict[tuple[str, str], Callable[[Stub, argparse.Namespace, Any], None]] = {
+    ("retrain", "policy"): _retrain_policy,
+    ("retrain", "jobs"): _retrain_jobs,
     ("models", "publish"): _models_publish,
     ("models", "list"): _models_list,
     ("models", "show"): _models_show,

@@ -36,6 +36,7 @@ from control_plane.domain import (
 from control_plane.experiment_stats import Decision, decide
 from control_plane.registry import Upload, manifest_json, verify_upload
 from control_plane.releases import ReleaseIssuer
+from control_plane.retrain_service import RetrainService
 from control_plane.rollout_plan import parse_gate, parse_steps, step_devices
 from control_plane.rollouts import RolloutController
 from control_plane.storage import Store
@@ -105,10 +106,16 @@ class Handlers:
         self.releases = ReleaseIssuer(store, authority.release_key, config.release_ttl_seconds,
                                       on_change=self._device_changed)
         self.rollouts = RolloutController(self, clock)
+        self.retrain = RetrainService(self)
 
     def audit_system(self, action: str, target: str, detail: Mapping[str, Any]) -> None:
         """An action the control plane took by itself (a scheduler, a policy)."""
         self._audit("control-plane", action, target, AuditOutcome.ALLOWED, detail)
+
+    allowed = AuditOutcome.ALLOWED
+
+    def authorize(self, caller: pki.Identity, action_name: str, target: str) -> None:
+        self._authorize(caller, action_name, target)
 
     def audit_action(self, who: pki.Identity | str, action: str, target: str,
                      outcome: AuditOutcome, detail: Mapping[str, Any]) -> None:
@@ -275,7 +282,9 @@ class Handlers:
         self._authorize(caller, "models.publish", "")
         return Upload(self.config.layout.scratch, self.config.max_bundle_bytes)
 
-    def publish_model(self, caller: pki.Identity, upload: Upload) -> ModelVersionRecord:
+    def publish_model(self, caller: pki.Identity | str, upload: Upload) -> ModelVersionRecord:
+        """Verify and store an upload (``caller``: an operator, or "control-plane")."""
+        published_by = caller.actor if isinstance(caller, pki.Identity) else caller
         try:
             digest = upload.finish()
             try:
@@ -287,7 +296,7 @@ class Handlers:
             manifest = verified.manifest
             record = ModelVersionRecord(
                 name=str(manifest["name"]), version=int(manifest["version"]), digest=digest,
-                length=verified.length, created_at=self.clock(), published_by=caller.actor,
+                length=verified.length, created_at=self.clock(), published_by=published_by,
                 publisher_key=verified.publisher_key, manifest=manifest_json(manifest),
             )
             pki.validate_name(record.name, "model name")
@@ -448,6 +457,8 @@ class Handlers:
                                             depth)
         for model in {row.model for row in derived.values() if isinstance(row, ArmStatsRecord)}:
             self.evaluate_experiment(model)
+        for model in {row.model for row in derived.values() if isinstance(row, DriftWindowRecord)}:
+            self.retrain.check(model)
         return acked
 
     def _arm_counts(self, record: ExperimentRecord) -> dict[int, tuple[int, int]]:
@@ -497,8 +508,15 @@ class Handlers:
         self, caller: pki.Identity, model: str, challenger: int, weight: float,
         selector: Mapping[str, str],
     ) -> ExperimentRecord:
+        self._authorize(caller, "experiments.start", f"{model}:{challenger}")
+        return self.begin_experiment(caller, model, challenger, weight, selector)
+
+    def begin_experiment(
+        self, caller: pki.Identity | str, model: str, challenger: int, weight: float,
+        selector: Mapping[str, str],
+    ) -> ExperimentRecord:
+        """Start an experiment (authorization is the caller's business)."""
         target = f"{model}:{challenger}"
-        self._authorize(caller, "experiments.start", target)
         weight = weight or 0.1
         if not 0.0 < weight < 1.0:
             raise InvalidInputError(f"challenger weight must be in (0, 1); got {weight}")
@@ -517,8 +535,9 @@ class Handlers:
                                                                             clean):
                 devices.append(device_id)
         now = self.clock()
+        actor = caller.actor if isinstance(caller, pki.Identity) else caller
         record = ExperimentRecord(model, rollout.version, challenger, weight, "running", clean,
-                                  tuple(devices), now, caller.actor)
+                                  tuple(devices), now, actor)
         self.store.start_experiment(record)
         for device_id in devices:
             self.releases.current(device_id, now)

@@ -102,11 +102,13 @@ class ControlPlane:
 
     async def _tick_rollouts(self) -> None:
         self.handlers.rollouts.tick()
+        await self.handlers.retrain.tick()
 
     async def stop(self, grace_seconds: float = 2.0) -> None:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
+        await self.handlers.retrain.runner.stop()
         servers, self._servers = self._servers, []
         for server in servers:
             await server.stop(grace_seconds)

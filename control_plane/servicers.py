@@ -30,6 +30,7 @@ from control_plane.domain import (
 from control_plane.experiment_stats import TEST_NAME, Decision, wilson_interval
 from control_plane.handlers import DeviceView, Handlers
 from control_plane.notify import DeviceNotifier
+from control_plane.retrain import DriftPolicy
 from control_plane.rollout_plan import step_devices
 from fleetcore import pki
 from fleetcore.errors import AuthenticationError, EdgefleetError, InvalidInputError
@@ -478,6 +479,33 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.AuditCheckpoint:
         document, signature = self.h.checkpoint_audit(self._operator(context))
         return admin_pb2.AuditCheckpoint(document=document, signature=signature)
+
+    @_rpc
+    async def SetDriftPolicy(
+        self, request: admin_pb2.DriftPolicy, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.DriftPolicy:
+        policy = DriftPolicy(
+            model=request.model, pipeline=request.pipeline, threshold=request.threshold or 0.2,
+            device_fraction=request.device_fraction or 0.5, windows=request.windows or 2,
+            canary_weight=request.canary_weight or 0.1, auto_canary=not request.approval,
+        )
+        self.h.retrain.set_policy(self._operator(context), policy)
+        return admin_pb2.DriftPolicy(
+            model=policy.model, pipeline=policy.pipeline, threshold=policy.threshold,
+            device_fraction=policy.device_fraction, windows=policy.windows,
+            canary_weight=policy.canary_weight, approval=not policy.auto_canary,
+        )
+
+    @_rpc
+    async def ListRetrainJobs(
+        self, request: admin_pb2.ListRetrainJobsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListRetrainJobsResponse:
+        jobs = self.h.retrain.jobs(self._operator(context), request.model)
+        return admin_pb2.ListRetrainJobsResponse(jobs=[
+            admin_pb2.RetrainJob(id=j.id, model=j.model, state=j.state, reason=j.reason,
+                                 version=j.version, created_at=j.created_at,
+                                 finished_at=j.finished_at or 0.0, detail=j.detail)
+            for j in jobs])
 
     @_rpc
     async def ListAuditEvents(

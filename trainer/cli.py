@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="publisher private key (PEM); else [bundle] publisher_key or "
                             "$EDGEFLEET_PUBLISHER_KEY")
         s.add_argument("--json", action="store_true", help="print the report as JSON (run)")
+        s.add_argument("--bundle-version", type=int, metavar="N",
+                       help="override [bundle] version (a retraining job's next version)")
     return p
 
 
@@ -60,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"public key  {pub} (give it to the control plane: [pki] publisher_keys)")
             return 0
         pipeline = Pipeline.load(args.pipeline)
+        if args.bundle_version is not None:
+            pipeline = dataclasses.replace(
+                pipeline, bundle=dataclasses.replace(pipeline.bundle, version=args.bundle_version)
+            )
+            pipeline.validate()
         args.workdir.mkdir(parents=True, exist_ok=True)
         run = Run(pipeline, Workdir(args.workdir.resolve()), publisher_key=args.publisher_key)
         if args.command != "run":

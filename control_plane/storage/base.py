@@ -16,9 +16,11 @@ from control_plane.domain import (
     ExperimentRecord,
     ModelVersionRecord,
     ReleaseRecord,
+    RetrainJob,
     RolloutRecord,
     TelemetryRecord,
 )
+from control_plane.retrain import DriftPolicy
 
 __all__ = ["Store"]
 
@@ -198,6 +200,28 @@ class Store(abc.ABC):
     def record_decision(self, model: str, decision: str, p_value: float | None, reason: str,
                         now: float) -> None:
         """Record a running experiment's decision (promote makes it "promoted")."""
+
+    # --- retraining ---
+    @abc.abstractmethod
+    def set_policy(self, policy: DriftPolicy) -> None: ...
+
+    @abc.abstractmethod
+    def get_policy(self, model: str) -> DriftPolicy | None: ...
+
+    @abc.abstractmethod
+    def recent_drift(self, model: str, per_device: int) -> dict[str, list[DriftWindowRecord]]:
+        """Each device's newest ``per_device`` windows for ``model``, newest first."""
+
+    @abc.abstractmethod
+    def add_job(self, model: str, reason: str, version: int, now: float) -> int: ...
+
+    @abc.abstractmethod
+    def update_job(self, job_id: int, state: str, now: float | None = None,
+                   detail: str = "") -> None: ...
+
+    @abc.abstractmethod
+    def jobs(self, model: str | None = None, states: tuple[str, ...] = ()) -> list[RetrainJob]:
+        """Newest first."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

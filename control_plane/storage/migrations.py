@@ -186,4 +186,26 @@ MIGRATIONS: list[str] = [
     ALTER TABLE rollouts ADD COLUMN device_timeout_seconds REAL NOT NULL DEFAULT 600;
     UPDATE rollouts SET state = 'running' WHERE state = 'active';
     """,
+    # 7: drift policies and retraining jobs
+    """
+    CREATE TABLE drift_policies (
+        model TEXT PRIMARY KEY,
+        pipeline TEXT NOT NULL,
+        threshold REAL NOT NULL,
+        device_fraction REAL NOT NULL,
+        windows INTEGER NOT NULL,
+        canary_weight REAL NOT NULL,
+        auto_canary INTEGER NOT NULL
+    );
+    CREATE TABLE retrain_jobs (
+        id INTEGER PRIMARY KEY,
+        model TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        finished_at REAL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    """,
 ]

@@ -21,9 +21,11 @@ from control_plane.domain import (
     ExperimentRecord,
     ModelVersionRecord,
     ReleaseRecord,
+    RetrainJob,
     RolloutRecord,
     TelemetryRecord,
 )
+from control_plane.retrain import DriftPolicy
 from control_plane.storage.base import Store
 from control_plane.storage.migrations import MIGRATIONS
 from fleetcore.errors import AlreadyExistsError, NotFoundError, TokenError
@@ -519,6 +521,60 @@ class SqliteStore(Store):
     def get_experiment(self, model: str) -> ExperimentRecord | None:
         rows = self._query("SELECT * FROM experiments WHERE model = ?", (model,))
         return _experiment(rows[0]) if rows else None
+
+    # --- retraining ---
+    def set_policy(self, policy: DriftPolicy) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO drift_policies(model, pipeline, threshold,"
+                " device_fraction, windows, canary_weight, auto_canary)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (policy.model, policy.pipeline, policy.threshold, policy.device_fraction,
+                 policy.windows, policy.canary_weight, int(policy.auto_canary)),
+            )
+
+    def get_policy(self, model: str) -> DriftPolicy | None:
+        rows = self._query("SELECT * FROM drift_policies WHERE model = ?", (model,))
+        if not rows:
+            return None
+        r = rows[0]
+        return DriftPolicy(r["model"], r["pipeline"], r["threshold"], r["device_fraction"],
+                           r["windows"], r["canary_weight"], bool(r["auto_canary"]))
+
+    def recent_drift(self, model: str, per_device: int) -> dict[str, list[DriftWindowRecord]]:
+        rows = self._query(
+            "SELECT * FROM drift_windows WHERE model = ? ORDER BY device_id, seq DESC", (model,)
+        )
+        out: dict[str, list[DriftWindowRecord]] = {}
+        for r in rows:
+            windows = out.setdefault(r["device_id"], [])
+            if len(windows) < per_device:
+                windows.append(DriftWindowRecord(
+                    r["device_id"], r["model"], r["version"], r["start"], r["end"], r["rows"],
+                    r["score"], bool(r["drifted"]), r["prediction_psi"],
+                    tuple(json.loads(r["drifted_features"]))))
+        return out
+
+    def add_job(self, model: str, reason: str, version: int, now: float) -> int:
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT INTO retrain_jobs(model, state, reason, version, created_at)"
+                " VALUES (?, 'queued', ?, ?, ?)", (model, reason, version, now),
+            )
+            return int(cur.lastrowid or 0)
+
+    def update_job(self, job_id: int, state: str, now: float | None = None,
+                   detail: str = "") -> None:
+        with self._tx() as c:
+            c.execute("UPDATE retrain_jobs SET state = ?, finished_at = COALESCE(?, finished_at),"
+                      " detail = ? WHERE id = ?", (state, now, detail, job_id))
+
+    def jobs(self, model: str | None = None, states: tuple[str, ...] = ()) -> list[RetrainJob]:
+        rows = self._query("SELECT * FROM retrain_jobs ORDER BY id DESC")
+        return [RetrainJob(r["id"], r["model"], r["state"], r["reason"], r["version"],
+                           r["created_at"], r["finished_at"], r["detail"])
+                for r in rows if (not model or r["model"] == model)
+                and (not states or r["state"] in states)]
 
     def close(self) -> None:
         with self._lock:

@@ -19,6 +19,56 @@ DEVICE_STATUS_ONLINE: DeviceStatus
 DEVICE_STATUS_OFFLINE: DeviceStatus
 DEVICE_STATUS_REVOKED: DeviceStatus
 
+class DriftPolicy(_message.Message):
+    __slots__ = ("model", "pipeline", "threshold", "device_fraction", "windows", "canary_weight", "approval")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    pipeline: str
+    threshold: float
+    device_fraction: float
+    windows: int
+    canary_weight: float
+    approval: bool
+    def __init__(self, model: _Optional[str] = ..., pipeline: _Optional[str] = ..., threshold: _Optional[float] = ..., device_fraction: _Optional[float] = ..., windows: _Optional[int] = ..., canary_weight: _Optional[float] = ..., approval: _Optional[bool] = ...) -> None: ...
+
+class ListRetrainJobsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class RetrainJob(_message.Message):
+    __slots__ = ("id", "model", "state", "reason", "version", "created_at", "finished_at", "detail")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model: str
+    state: str
+    reason: str
+    version: int
+    created_at: float
+    finished_at: float
+    detail: str
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., version: _Optional[int] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ListRetrainJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[RetrainJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[RetrainJob, _Mapping]]] = ...) -> None: ...
+
 class VerifyAuditRequest(_message.Message):
     __slots__ = ("checkpoint",)
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]

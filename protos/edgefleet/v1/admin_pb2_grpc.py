@@ -122,6 +122,16 @@ class AdminServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_admin__pb2.CheckpointAuditRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_admin__pb2.AuditCheckpoint.FromString,
                 _registered_method=True)
+        self.SetDriftPolicy = channel.unary_unary(
+                '/edgefleet.v1.AdminService/SetDriftPolicy',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.DriftPolicy.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.DriftPolicy.FromString,
+                _registered_method=True)
+        self.ListRetrainJobs = channel.unary_unary(
+                '/edgefleet.v1.AdminService/ListRetrainJobs',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.ListRetrainJobsRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListRetrainJobsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -234,6 +244,18 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetDriftPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRetrainJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -321,6 +343,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.CheckpointAudit,
                     request_deserializer=edgefleet_dot_v1_dot_admin__pb2.CheckpointAuditRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_admin__pb2.AuditCheckpoint.SerializeToString,
+            ),
+            'SetDriftPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDriftPolicy,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.DriftPolicy.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.DriftPolicy.SerializeToString,
+            ),
+            'ListRetrainJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRetrainJobs,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListRetrainJobsRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.ListRetrainJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -785,6 +817,60 @@ class AdminService:
             '/edgefleet.v1.AdminService/CheckpointAudit',
             edgefleet_dot_v1_dot_admin__pb2.CheckpointAuditRequest.SerializeToString,
             edgefleet_dot_v1_dot_admin__pb2.AuditCheckpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDriftPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/SetDriftPolicy',
+            edgefleet_dot_v1_dot_admin__pb2.DriftPolicy.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.DriftPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRetrainJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/ListRetrainJobs',
+            edgefleet_dot_v1_dot_admin__pb2.ListRetrainJobsRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.ListRetrainJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,118 @@
+"""Drift-triggered retraining: the policy, the Kubernetes rendering, and a real local job."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc
+
+from control_plane.domain import DriftWindowRecord
+from control_plane.fleet_cli import main as fleet_main
+from control_plane.retrain import DriftPolicy, policy_fires, render_kubernetes_job
+from edge_agent.telemetry import encode
+from tests.support import LoopThread, RunningControlPlane, device_credentials, start_control_plane
+from tests.test_delivery import _bundle_for
+from tests.trainer_support import write_pipeline
+from trainer.config import Pipeline
+from trainer.pipeline import Run, Workdir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _window(device: str, score: float) -> DriftWindowRecord:
+    return DriftWindowRecord(device, "digits", 1, 0.0, 1.0, 200, score, score > 0.2, 0.0, ())
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    recent: dict[str, list[float]]  # device -> newest-first scores
+    fires: bool
+
+
+CASES = [
+    Case("all-drifted", {"a": [0.5, 0.6], "b": [0.9, 0.4]}, True),
+    Case("half-drifted", {"a": [0.5, 0.6], "b": [0.1, 0.1]}, True),
+    Case("one-window-only", {"a": [0.5, 0.1], "b": [0.5, 0.05]}, False),
+    Case("too-few-windows", {"a": [0.5], "b": [0.6]}, False),
+    Case("minority", {"a": [0.5, 0.6], "b": [0.1, 0.1], "c": [0.0, 0.0]}, False),
+    Case("nobody-reports", {}, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_policy(case: Case) -> None:
+    policy = DriftPolicy("digits", "p.toml", threshold=0.2, device_fraction=0.5, windows=2)
+    recent = {d: [_window(d, s) for s in scores] for d, scores in case.recent.items()}
+    assert policy_fires(policy, recent)[0] is case.fires
+
+
+def test_kubernetes_job_renders_from_the_packaging_template() -> None:
+    template = (REPO / "packaging" / "kubernetes" / "retrain-job.yaml").read_text()
+    text = render_kubernetes_job(template, job_id=7, model="digits", version=3,
+                                 pipeline="digits-mlp.toml", image="edgefleet/trainer:0.1")
+    assert "name: edgefleet-retrain-digits-7" in text
+    assert '"--bundle-version", "3"' in text and "image: edgefleet/trainer:0.1" in text
+    assert "$" not in text.split("\n", 3)[-1]  # every placeholder filled (comments aside)
+    with pytest.raises(KeyError):
+        render_kubernetes_job("$unknown", job_id=1, model="m", version=1, pipeline="p",
+                              image="i")
+    assert string.Template(template).get_identifiers()
+
+
+@pytest.mark.slow
+def test_sustained_drift_retrains_publishes_and_canaries(tmp_path: Path,
+                                                         loop: LoopThread) -> None:
+    cp: RunningControlPlane = start_control_plane(tmp_path / "cp", loop,
+                                                  rollout_tick_seconds=0.2)
+    try:
+        pipeline = write_pipeline(tmp_path / "pipe", hidden="16", epochs=1, prune=0.25,
+                                  store=str(tmp_path / "store"))
+        Run(Pipeline.load(pipeline), Workdir(tmp_path / "v1w"), progress=lambda m: None,
+            publisher_key=cp.home / "publisher" / "publisher.key").run_all()
+        v1 = _bundle_for(cp, tmp_path / "v1w" / "bundle", tmp_path / "v1", version=1)
+        admin = ["--config", str(cp.home / "operators/admin/fleet.toml"), "--api", cp.api]
+        assert fleet_main([*admin, "models", "publish", str(v1)]) == 0
+        devices = [cp.enroll_agent(tmp_path / n).device_id for n in ("a", "b")]
+        assert fleet_main([*admin, "rollouts", "start", "--model", "digits",
+                           "--version", "1"]) == 0
+        assert fleet_main([*admin, "retrain", "policy", "--model", "digits", "--pipeline",
+                           str(pipeline), "--threshold", "0.2", "--windows", "2"]) == 0
+        assert len(devices) == 2
+        assert _send_drift(cp, tmp_path) == ["queued"]
+
+        retrain = cp.cp.handlers.retrain
+        loop.run(retrain.tick())
+        job = cp.cp.store.jobs("digits")[0]
+        proc = retrain.runner.procs.get(job.id)
+        if proc is not None:
+            loop.run(proc.wait(), timeout=300)
+        loop.run(retrain.tick())
+        job = cp.cp.store.jobs("digits")[0]
+        assert job.state == "succeeded", job
+        v2 = cp.cp.store.get_model_version("digits", 2)
+        assert v2 is not None and v2.published_by == "control-plane"
+        experiment = cp.cp.store.get_experiment("digits")
+        assert experiment is not None
+        assert (experiment.champion, experiment.challenger, experiment.weight) == (1, 2, 0.1)
+        assert "retrain.start" in [e.action for e in cp.cp.store.list_audit(20)]
+    finally:
+        cp.stop()
+
+
+def _send_drift(cp: RunningControlPlane, tmp_path: Path) -> list[str]:
+    """Two drifted windows from each device: the policy's condition."""
+    for name in ("a", "b"):
+        records = [agent_pb2.TelemetryRecord(
+            seq=i, kind="drift", created_at=float(i),
+            payload=encode({"model": "digits", "version": 1, "start": float(i), "end": i + 1.0,
+                            "rows": 200, "score": 0.8, "drifted": True, "prediction_psi": 0.3,
+                            "drifted_features": ["pixel_1"]})) for i in (1, 2)]
+        with grpc.secure_channel(cp.api, device_credentials(tmp_path / name)) as channel:
+            agent_pb2_grpc.AgentServiceStub(channel).SendTelemetry(
+                agent_pb2.TelemetryBatch(records=records), timeout=30)
+    return [j.state for j in cp.cp.store.jobs("digits")]
