@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 from tests.support import LoopThread, RunningControlPlane, start_control_plane
+from tests.trainer_support import write_pipeline
+from trainer.config import Pipeline
+from trainer.pipeline import Run, Workdir
 
 
 @pytest.fixture
@@ -13,6 +16,15 @@ def loop() -> Iterator[LoopThread]:
     lt = LoopThread()
     yield lt
     lt.close()
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small signed digits bundle (trained once per test session); tests re-sign copies."""
+    base = tmp_path_factory.mktemp("bundle")
+    pipeline = write_pipeline(base, hidden="32", epochs=3, prune=0.25)
+    Run(Pipeline.load(pipeline), Workdir(base / "work"), progress=lambda m: None).run_all()
+    return base / "work" / "bundle"
 
 
 @pytest.fixture

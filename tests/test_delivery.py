@@ -33,20 +33,9 @@ from tests.support import (
     device_credentials,
     start_agent,
 )
-from tests.trainer_support import write_pipeline
 from trainer.bundle import sign_bundle
-from trainer.config import Pipeline
-from trainer.pipeline import Run, Workdir
 
 MODEL_SIGNING = str(Path(sys.executable).parent / "model_signing")
-
-
-@pytest.fixture(scope="module")
-def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("bundle")
-    pipeline = write_pipeline(base, hidden="32", epochs=2, prune=0.25)
-    Run(Pipeline.load(pipeline), Workdir(base / "work"), progress=lambda m: None).run_all()
-    return base / "work" / "bundle"
 
 
 def _bundle_for(cp: RunningControlPlane, source: Path, dest: Path, version: int = 1) -> Path:

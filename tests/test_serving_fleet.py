@@ -21,17 +21,6 @@ from edge_agent.state import StateDir
 from edge_agent.telemetry import encode
 from tests.support import RunningControlPlane, device_credentials, start_agent
 from tests.test_delivery import _bundle_for, _committed, _wait_models
-from tests.trainer_support import write_pipeline
-from trainer.config import Pipeline
-from trainer.pipeline import Run, Workdir
-
-
-@pytest.fixture(scope="module")
-def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("bundle")
-    pipeline = write_pipeline(base, hidden="32", epochs=3, prune=0.25)
-    Run(Pipeline.load(pipeline), Workdir(base / "work"), progress=lambda m: None).run_all()
-    return base / "work" / "bundle"
 
 
 def _fleet_json(cp: RunningControlPlane, capsys: pytest.CaptureFixture[str], *args: str) -> Any:

@@ -13,18 +13,7 @@ from control_plane.fleet_cli import main as fleet_main
 from tests.support import LoopThread, RunningAgent, RunningControlPlane, start_agent
 from tests.support import start_control_plane as _start_cp
 from tests.test_delivery import _bundle_for, _committed, _wait_models
-from tests.trainer_support import write_pipeline
 from trainer.bundle import sign_bundle
-from trainer.config import Pipeline
-from trainer.pipeline import Run, Workdir
-
-
-@pytest.fixture(scope="module")
-def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("bundle")
-    pipeline = write_pipeline(base, hidden="32", epochs=2, prune=0.25)
-    Run(Pipeline.load(pipeline), Workdir(base / "work"), progress=lambda m: None).run_all()
-    return base / "work" / "bundle"
 
 
 @pytest.fixture
