@@ -261,9 +261,15 @@ class ModelStore:
                          smoke_latency_us=latency_us)
         self._hook("install:active")
         logger.info("%s v%d active (probation); smoke batch %.0f us", name, version, latency_us)
+        self._retire_if_on_probation(name, old, old_state, version, "install")
+
+    def _retire_if_on_probation(self, name: str, old: int | None, old_state: str | None,
+                                version: int, step: str) -> None:
+        """The version that lost the pointer was still on probation: it is superseded (never
+        committed, so nothing would roll back to it) and its files go."""
         if old is not None and old_state == _S.ACTIVE:
             self._supersede(name, old, version)
-            self._hook("install:superseded")
+            self._hook(f"{step}:superseded")
             shutil.rmtree(self._vdir(name, old), ignore_errors=True)
 
     def commit(self, name: str, version: int) -> None:
@@ -314,10 +320,7 @@ class ModelStore:
                                                                             version)))
             self._hook("activate:pointer-swapped")
             logger.info("%s: kept v%d serving again (was v%s)", name, version, old)
-            if old is not None and old_state == _S.ACTIVE:
-                self._supersede(name, old, version)
-                self._hook("activate:superseded")
-                shutil.rmtree(self._vdir(name, old), ignore_errors=True)
+            self._retire_if_on_probation(name, old, old_state, version, "activate")
 
     def fail(self, name: str, version: int, reason: str) -> None:
         """An install failed outside the store (download, digest): record it and clean up."""

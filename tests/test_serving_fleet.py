@@ -32,6 +32,15 @@ def _fleet_json(cp: RunningControlPlane, capsys: pytest.CaptureFixture[str], *ar
     return json.loads(out.out)
 
 
+def _publish(cp: RunningControlPlane, trained_bundle: Path, tmp_path: Path,
+             *versions: int) -> None:
+    """Publish copies of the trained bundle as these versions, signed by the publisher."""
+    for version in versions:
+        bundle = _bundle_for(cp, trained_bundle, tmp_path / f"v{version}", version=version)
+        assert fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api",
+                           cp.api, "models", "publish", str(bundle)]) == 0
+
+
 def _infer(client: httpx.Client, port: int, rows: np.ndarray, request_id: str,
            key: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"id": request_id, "inputs": [
@@ -48,10 +57,7 @@ def test_serving_experiment_feedback_and_drift_reach_the_fleet(
     cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    for version in (1, 2):
-        bundle = _bundle_for(cp, trained_bundle, tmp_path / f"v{version}", version=version)
-        assert fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api",
-                           cp.api, "models", "publish", str(bundle)]) == 0
+    _publish(cp, trained_bundle, tmp_path, 1, 2)
     cfg = cp.enroll_agent(tmp_path / "a")
     agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0,
                         drift_window_requests=100)
@@ -113,9 +119,7 @@ def test_serving_continues_while_the_control_plane_is_down(
     cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    bundle = _bundle_for(cp, trained_bundle, tmp_path / "v1")
-    assert fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api",
-                       cp.api, "models", "publish", str(bundle)]) == 0
+    _publish(cp, trained_bundle, tmp_path, 1)
     cp.enroll_agent(tmp_path / "a")
     agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0)
     X = load_digits().data.astype(np.float32)
@@ -154,10 +158,7 @@ def test_experiment_decides_by_its_test_once_enough_feedback_arrived(
     cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
     capsys: pytest.CaptureFixture[str], challenger_correct: int, verdict: str, serving: int,
 ) -> None:
-    for version in (1, 2):
-        bundle = _bundle_for(cp, trained_bundle, tmp_path / f"v{version}", version=version)
-        assert fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api",
-                           cp.api, "models", "publish", str(bundle)]) == 0
+    _publish(cp, trained_bundle, tmp_path, 1, 2)
     cfg = cp.enroll_agent(tmp_path / "a")
     _fleet_json(cp, capsys, "rollouts", "start", "--model", "digits", "--version", "1")
     _fleet_json(cp, capsys, "experiments", "start", "--model", "digits", "--challenger", "2",
