@@ -177,6 +177,41 @@ class ExperimentRecord:
 
 
 @dataclass(frozen=True)
+class SampleRecord:
+    """Labelled rows a device contributed (its PII columns pseudonymized on the device)."""
+
+    device_id: str
+    model: str
+    version: int  # the model version that served the rows
+    features: list[list[float]]
+    labels: list[int]
+    pii: dict[str, list[str]]  # column -> hex HMAC per row (columns the manifest drops: absent)
+    region: str = ""  # the device's region label, set when the sample is vetted
+
+
+@dataclass(frozen=True)
+class SampleRefusal:
+    """A sample the control plane refused; only counted, never stored."""
+
+    model: str
+    region: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SampleSummary:
+    model: str
+    region: str
+    stored: int  # stored samples (rows), all jobs
+    unused: int  # rows not yet used by a retraining job
+    devices: int
+    refused: dict[str, int]  # reason -> records refused
+
+
+Derived = DriftWindowRecord | ArmStatsRecord | SampleRecord | SampleRefusal
+
+
+@dataclass(frozen=True)
 class RetrainJob:
     id: int
     model: str

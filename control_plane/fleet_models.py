@@ -97,7 +97,13 @@ def _add_retrain_commands(sub: Any) -> None:
     rp.add_argument("--canary-weight", type=float, default=0.1)
     rp.add_argument("--approval", action="store_true",
                     help="publish the retrained version but wait for an operator")
-    rj = retrain.add_parser("jobs")
+    rp.add_argument("--sample-rate", type=float, default=0.0,
+                    help="share of labelled requests devices contribute as training samples "
+                         "(PII pseudonymized or dropped on the device); 0 turns sampling off")
+    rp.add_argument("--margin", type=float, default=0.0,
+                    help="accuracy (0..1) the retrained model must gain over the current one "
+                         "on the devices' recent (drifted) samples to be published")
+    rj = retrain.add_parser("jobs", help="retraining jobs and the samples devices contributed")
     rj.add_argument("--model", default="")
     rj.add_argument("--json", action="store_true")
 
@@ -293,11 +299,14 @@ def _retrain_policy(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
     p = stub.SetDriftPolicy(admin_pb2.DriftPolicy(
         model=args.model, pipeline=str(Path(args.pipeline).resolve()), threshold=args.threshold,
         device_fraction=args.fraction, windows=args.windows, canary_weight=args.canary_weight,
-        approval=args.approval), timeout=T)
+        approval=args.approval, sample_rate=args.sample_rate, margin=args.margin), timeout=T)
     print(f"drift policy for {p.model}: retrain with {p.pipeline} when {p.device_fraction:.0%} "
           f"of devices show {p.windows} consecutive windows with drift score > "
           f"{p.threshold:g}; then " + ("wait for approval" if p.approval else
                                        f"canary at {p.canary_weight:.0%}"))
+    if p.sample_rate:
+        print(f"devices contribute {p.sample_rate:.0%} of their labelled requests as samples; "
+              f"a retrained model must gain {p.margin:.1%} on them to be published")
 
 
 def _retrain_jobs(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
@@ -305,12 +314,20 @@ def _retrain_jobs(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
     jobs = [{"id": j.id, "model": j.model, "state": j.state, "version": j.version,
              "reason": j.reason, "created_at": j.created_at,
              "finished_at": j.finished_at or None, "detail": j.detail} for j in r.jobs]
+    samples = [{"model": s.model, "region": s.region, "stored": s.stored, "unused": s.unused,
+                "devices": s.devices, "refused": dict(s.refused)} for s in r.samples]
     if args.json:
-        print_json(jobs)
+        print_json({"jobs": jobs, "samples": samples})
         return
     print_table(("JOB", "MODEL", "VERSION", "STATE", "CREATED", "REASON", "DETAIL"), [
         (j["id"], j["model"], j["version"], j["state"], ts(j["created_at"]), j["reason"],
          j["detail"] or "-") for j in jobs])
+    if samples:
+        print("\nlabelled samples from devices:")
+        print_table(("MODEL", "REGION", "ROWS", "UNUSED", "DEVICES", "REFUSED"), [
+            (s["model"], s["region"], s["stored"], s["unused"], s["devices"],
+             ", ".join(f"{n} ({why})" for why, n in s["refused"].items()) or "-")
+            for s in samples])
 
 
 MODEL_COMMANDS: dict[tuple[str, str], Callable[[Stub, argparse.Namespace, Any], None]] = {

@@ -452,7 +452,7 @@ class Handlers:
     def ingest_telemetry(
         self, caller: pki.Identity, records: list[TelemetryRecord], dropped: int, depth: int
     ) -> list[int]:
-        derived = derive(caller.name, records)
+        records, derived = self.retrain.vet(caller.name, records, derive(caller.name, records))
         acked = self.store.ingest_telemetry(caller.name, records, derived, self.clock(), dropped,
                                             depth)
         for model in {row.model for row in derived.values() if isinstance(row, ArmStatsRecord)}:
@@ -460,6 +460,15 @@ class Handlers:
         for model in {row.model for row in derived.values() if isinstance(row, DriftWindowRecord)}:
             self.retrain.check(model)
         return acked
+
+    def reissue_model(self, model: str) -> None:
+        """Re-issue the release of every device in the model's rollout (its content changed)."""
+        rollout = self.store.get_rollout(model)
+        if rollout is None:
+            return
+        now = self.clock()
+        for device_id in rollout.device_ids:
+            self.releases.current(device_id, now)
 
     def _arm_counts(self, record: ExperimentRecord) -> dict[int, tuple[int, int]]:
         devices = set(record.device_ids)

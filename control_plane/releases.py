@@ -44,7 +44,12 @@ class ReleaseIssuer:
                 Arm(version=arm.version, digest=mv.digest, length=mv.length, weight=arm.weight,
                     shadow=arm.shadow)
             )
-        return [ModelRelease(name=n, arms=tuple(a)) for n, a in sorted(by_model.items())]
+        out = []
+        for name, arms in sorted(by_model.items()):
+            policy = self.store.get_policy(name)
+            rate = policy.sample_rate if policy is not None else 0.0
+            out.append(ModelRelease(name=name, arms=tuple(arms), sample_rate=rate))
+        return out
 
     def current(self, device_id: str, now: float) -> ReleaseRecord | None:
         """The device's release, issuing or renewing it first when needed."""
@@ -53,8 +58,8 @@ class ReleaseIssuer:
         if existing is None and not models:
             return None
         content = hashlib.sha256(json.dumps(
-            [[m.name, [[a.version, a.digest, a.length, a.weight, a.shadow] for a in m.arms]]
-             for m in models]).encode()).hexdigest()
+            [[m.name, [[a.version, a.digest, a.length, a.weight, a.shadow] for a in m.arms],
+              m.sample_rate] for m in models]).encode()).hexdigest()
         if (existing is not None and existing.content == content
                 and existing.expires_at - now > self.ttl / 2):
             return existing

@@ -8,8 +8,16 @@ its bundle is published like any other (publisher signature verified), then goes
 canary experiment, or waits for an operator, per policy. ``render_kubernetes_job`` renders the
 same job for a cluster from ``packaging/kubernetes/retrain-job.yaml``.
 
-Not yet: the devices' labelled samples (PII pseudonymized on the device) joining the training
-data, and the check that the new model beats the current one on the drifted data.
+Samples: with ``sample_rate > 0`` the model's release documents let devices contribute
+labelled rows (inputs that received feedback; PII columns pseudonymized with the device's own
+HMAC key or dropped, as the bundle manifest says). The control plane vets each sample against
+the manifest of the version that served it and against the store's region policy (the
+pipeline's ``[store] allowed_regions``, else the store's ``policy.toml``): a refused sample is
+counted, never stored. A job hands its samples to ``trainer run --samples``, which ingests
+them as a new snapshot (lineage: the devices and their model versions) and trains on base data
+plus samples; ``--baseline`` makes the trainer compare the new model with the current one on
+the samples' held-out rows (the drifted data), and the job publishes only when the new model
+beats the current one by ``margin``.
 """
 
 from __future__ import annotations
@@ -23,8 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from control_plane.domain import DriftWindowRecord
+from fleetcore import tomlfile
+from trainer.config import Pipeline  # settings only: no torch
 
-__all__ = ["DriftPolicy", "LocalRunner", "policy_fires", "render_kubernetes_job"]
+__all__ = ["DriftPolicy", "LocalRunner", "policy_fires", "render_kubernetes_job",
+           "sample_regions"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +49,23 @@ class DriftPolicy:
     windows: int = 2
     canary_weight: float = 0.1
     auto_canary: bool = True  # False: the new version waits for an operator
+    sample_rate: float = 0.0  # share of labelled requests devices contribute as samples
+    margin: float = 0.0  # accuracy points (0..1) the new model must gain on the drifted data
+
+
+def sample_regions(pipeline: Path) -> list[str]:
+    """The regions the pipeline's feature store accepts data from ("*": any)."""
+    settings = Pipeline.load(pipeline)
+    if settings.store.allowed_regions is not None:
+        return list(settings.store.allowed_regions)
+    store = Path(settings.store.path)
+    policy = store / "policy.toml"
+    if store.is_absolute() and policy.is_file():
+        doc = tomlfile.load(policy)
+        regions = doc.get("allowed_regions")
+        if isinstance(regions, list):
+            return [str(r) for r in regions]
+    return ["*"]  # a new store allows any region unless the pipeline says otherwise
 
 
 def policy_fires(policy: DriftPolicy,
@@ -62,12 +90,12 @@ class LocalRunner:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
 
     async def start(self, job_id: int, pipeline: Path, workdir: Path, version: int,
-                    publisher_key: Path) -> None:
+                    publisher_key: Path, extra: Sequence[str] = ()) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         log_file = (workdir / "trainer.log").open("wb")
         self.procs[job_id] = await asyncio.create_subprocess_exec(
             str(self.trainer), "run", str(pipeline), "--workdir", str(workdir),
-            "--publisher-key", str(publisher_key), "--bundle-version", str(version),
+            "--publisher-key", str(publisher_key), "--bundle-version", str(version), *extra,
             stdout=log_file, stderr=log_file,
         )
         log_file.close()

@@ -1,23 +1,39 @@
 """Retraining jobs as the control plane runs them (the shell around ``retrain``).
 
-``check`` runs after drift telemetry arrives and may queue a job; ``tick`` (the scheduler's)
-starts queued jobs and finishes the ones whose trainer has exited: their bundle is published
-through the same verification as any upload, then started as a canary experiment against the
-current champion, or left awaiting an operator, per the model's policy.
+``vet`` checks each labelled sample a device sends against the model's manifest and the
+store's region policy (refused samples are counted, not stored). ``check`` runs after drift
+telemetry arrives and may queue a job; ``tick`` (the scheduler's) starts queued jobs (with the
+model's unused samples and the current champion's bundle as the baseline) and finishes the
+ones whose trainer has exited: a bundle the trainer found no better than the champion on the
+drifted data by the policy's margin is rejected; otherwise it is published through the same
+verification as any upload, then started as a canary experiment against the current
+champion, or left awaiting an operator, per the model's policy.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import shutil
 import tempfile
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from control_plane.domain import RetrainJob
+from control_plane.domain import (
+    Derived,
+    RetrainJob,
+    SampleRecord,
+    SampleRefusal,
+    SampleSummary,
+    TelemetryRecord,
+)
 from control_plane.registry import Upload
-from control_plane.retrain import DriftPolicy, LocalRunner, policy_fires
+from control_plane.retrain import DriftPolicy, LocalRunner, policy_fires, sample_regions
 from fleetcore import pki
-from fleetcore.archive import pack_bundle
+from fleetcore.archive import pack_bundle, safe_extract
 from fleetcore.errors import EdgefleetError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -29,6 +45,26 @@ log = logging.getLogger(__name__)
 
 SYSTEM = "control-plane"
 _ACTIVE = ("queued", "running")
+_HMAC_HEX = re.compile(r"^([0-9a-f]{64})?$")  # "": the request did not carry the column
+
+
+def _against_manifest(row: SampleRecord, manifest: dict[str, Any]) -> str:
+    """Why the sample does not fit the version that served it ("" when it does)."""
+    width = len(manifest["input"]["features"])
+    classes = len(manifest["output"]["labels"])
+    hashed = {c.get("name") for c in manifest["input"].get("pii_columns", [])
+              if c.get("action") == "hmac"}
+    if any(len(r) != width for r in row.features):
+        return f"rows must have {width} features"
+    if any(not 0 <= label < classes for label in row.labels):
+        return f"labels must be class ids below {classes}"
+    for name, values in row.pii.items():
+        # (the column's name is the device's text: it stays out of the reason)
+        if name not in hashed:
+            return "a column that is not a pseudonymized PII column of the manifest"
+        if not all(_HMAC_HEX.match(v) for v in values):
+            return "PII values that are not HMAC-SHA256 pseudonyms"
+    return ""
 
 
 class RetrainService:
@@ -46,20 +82,96 @@ class RetrainService:
         checks = [(policy.threshold > 0, "threshold must be > 0"),
                   (0 < policy.device_fraction <= 1, "fraction must be in (0, 1]"),
                   (1 <= policy.windows <= 100, "windows must be 1..100"),
-                  (0 < policy.canary_weight < 1, "canary weight must be in (0, 1)")]
+                  (0 < policy.canary_weight < 1, "canary weight must be in (0, 1)"),
+                  (0 <= policy.sample_rate <= 1, "sample rate must be in [0, 1]"),
+                  (0 <= policy.margin < 1, "margin must be in [0, 1)")]
         for ok, message in checks:
             if not ok:
                 raise InvalidInputError(f"drift policy: {message}")
+        if policy.sample_rate > 0:
+            sample_regions(Path(policy.pipeline))  # a pipeline we cannot read fails here
         self.store.set_policy(policy)
         self.h.audit_action(caller, "retrain.policy", policy.model,
                             self.h.allowed, {"threshold": policy.threshold,
                                              "fraction": policy.device_fraction,
-                                             "windows": policy.windows})
+                                             "windows": policy.windows,
+                                             "sample_rate": policy.sample_rate,
+                                             "margin": policy.margin})
+        self.h.reissue_model(policy.model)  # the sampling rate is part of the release
         return policy
 
     def jobs(self, caller: pki.Identity, model: str) -> list[RetrainJob]:
         self.h.authorize(caller, "retrain.jobs", model)
         return self.store.jobs(model or None)
+
+    def samples(self, caller: pki.Identity, model: str) -> list[SampleSummary]:
+        self.h.authorize(caller, "retrain.jobs", model)
+        return self.store.sample_summary(model or None)
+
+    # ------------------------------------------------------------------ samples
+    def vet(self, device_id: str, records: list[TelemetryRecord], derived: dict[int, Derived]
+            ) -> tuple[list[TelemetryRecord], dict[int, Derived]]:
+        """Replace each sample the fleet may not keep with a refusal (counted, not stored).
+
+        A sample's raw payload is never kept in the telemetry log: a refused one could hold
+        what must not be stored, and an accepted one lives in the samples table.
+        """
+        out = self._vet(derived)
+        kept = []
+        for record in records:
+            if record.kind == "sample":
+                row = out.get(record.seq)
+                if row is None:  # it did not parse
+                    device = self.store.get_device(device_id)
+                    region = device.labels.get("region", "") if device is not None else ""
+                    row = out[record.seq] = SampleRefusal("-", region or "-", "malformed")
+                note = (f"refused: {row.reason}" if isinstance(row, SampleRefusal)
+                        else "stored in the samples table")
+                kept.append(replace(record, payload=json.dumps({"sample": note}).encode()))
+            else:
+                kept.append(record)
+        return kept, out
+
+    def _vet(self, derived: dict[int, Derived]) -> dict[int, Derived]:
+        regions: dict[str, list[str]] = {}
+        out: dict[int, Derived] = {}
+        for seq, row in derived.items():
+            if not isinstance(row, SampleRecord):
+                out[seq] = row
+                continue
+            device = self.store.get_device(row.device_id)
+            region = device.labels.get("region", "") if device is not None else ""
+            reason = self._refusal(row, region, regions)
+            if reason:
+                log.warning("sample %s/%d for %s refused: %s", row.device_id, seq, row.model,
+                            reason)
+                out[seq] = SampleRefusal(row.model, region or "-", reason)
+            else:
+                out[seq] = SampleRecord(row.device_id, row.model, row.version, row.features,
+                                        row.labels, row.pii, region)
+        return out
+
+    def _refusal(self, row: SampleRecord, region: str, cache: dict[str, list[str]]) -> str:
+        policy = self.store.get_policy(row.model)
+        if policy is None or policy.sample_rate <= 0:
+            return "sampling is off for this model"
+        mv = self.store.get_model_version(row.model, row.version)
+        if mv is None:
+            return f"v{row.version} is not published"
+        problem = _against_manifest(row, json.loads(mv.manifest))
+        if problem:
+            return problem
+        if policy.pipeline not in cache:
+            try:
+                cache[policy.pipeline] = sample_regions(Path(policy.pipeline))
+            except (OSError, EdgefleetError) as exc:
+                log.warning("cannot read the store policy of %s: %s", policy.pipeline, exc)
+                cache[policy.pipeline] = []
+        allowed = cache[policy.pipeline]
+        if "*" not in allowed and region not in allowed:
+            return (f"region {region or '(device has no region label)'!r} is not allowed by "
+                    f"the store's policy ({', '.join(allowed) or 'none'})")
+        return ""
 
     # ------------------------------------------------------------------ triggers
     def check(self, model: str) -> RetrainJob | None:
@@ -84,8 +196,13 @@ class RetrainService:
                 self.store.update_job(job.id, "failed", self.h.clock(), "policy removed")
                 continue
             key = self.h.config.home / self.h.config.retrain_publisher_key  # absolute stays
+            try:
+                extra = self._prepare(job, policy)
+            except EdgefleetError as exc:
+                self.store.update_job(job.id, "failed", self.h.clock(), str(exc)[:500])
+                continue
             await self.runner.start(job.id, Path(policy.pipeline), self._workdir(job),
-                                    job.version, key)
+                                    job.version, key, extra)
             self.store.update_job(job.id, "running")
         for job in self.store.jobs(states=("running",)):
             code = self.runner.poll(job.id)
@@ -95,12 +212,62 @@ class RetrainService:
     def _workdir(self, job: RetrainJob) -> Path:
         return self.h.config.home / "retrain" / f"job-{job.id}"
 
+    def _prepare(self, job: RetrainJob, policy: DriftPolicy) -> list[str]:
+        """Write the job's samples and the champion's bundle; return the trainer's options."""
+        work = self._workdir(job)
+        work.mkdir(parents=True, exist_ok=True)
+        extra = ["--margin", repr(policy.margin)]
+        samples = self.store.take_samples(job.model, job.id)
+        if samples:
+            versions = Counter(f"{s.device_id}@v{s.version}" for s in samples)
+            doc = {"model": job.model, "rows": [
+                {"device": s.device_id, "version": s.version, "region": s.region,
+                 "features": s.features, "labels": s.labels, "pii": s.pii} for s in samples],
+                "devices": dict(sorted(versions.items()))}
+            (work / "samples.json").write_text(json.dumps(doc))
+            extra += ["--samples", str(work / "samples.json")]
+        rollout = self.store.get_rollout(job.model)
+        champion = (self.store.get_model_version(job.model, rollout.version)
+                    if rollout is not None else None)
+        if champion is not None:
+            baseline = work / "baseline"
+            shutil.rmtree(baseline, ignore_errors=True)
+            with tempfile.TemporaryDirectory(dir=self.h.config.layout.scratch) as tmp:
+                archive = Path(tmp) / "bundle.tar"
+                with archive.open("wb") as fh:
+                    for chunk in self.h.blobs.read(champion.digest, champion.length, 0,
+                                                   champion.length):
+                        fh.write(chunk)
+                safe_extract(archive, baseline)
+            extra += ["--baseline", str(baseline)]
+        log.info("retraining job %d: %d sample records, baseline %s", job.id, len(samples),
+                 f"v{champion.version}" if champion is not None else "none")
+        return extra
+
+    def _acceptance(self, job: RetrainJob) -> tuple[bool, str]:
+        path = self._workdir(job) / "acceptance.json"
+        if not path.is_file():
+            return True, "no baseline to compare with"
+        doc = json.loads(path.read_text())
+        text = (f"on {doc['rows']} rows of {doc['data']}: v{job.version} "
+                f"{doc['candidate_accuracy']:.3f} vs current {doc['baseline_accuracy']:.3f} "
+                f"(margin {doc['margin']:g})")
+        return bool(doc["accepted"]), text
+
     def _finish(self, job: RetrainJob, code: int) -> None:
         now = self.h.clock()
         if code != 0:
+            self.store.release_samples(job.id)
             self.store.update_job(job.id, "failed", now,
                                   f"trainer exited {code}; see {self._workdir(job)}/trainer.log")
             self.h.audit_system("retrain.failed", f"{job.model}:{job.version}", {"code": code})
+            return
+        accepted, comparison = self._acceptance(job)
+        if not accepted:
+            self.store.release_samples(job.id)  # a later job may do better with more of them
+            self.store.update_job(job.id, "rejected", now, f"not better: {comparison}")
+            self.h.audit_system("retrain.rejected", f"{job.model}:{job.version}", {})
+            log.warning("retraining job %d rejected: %s", job.id, comparison)
             return
         try:
             self._publish(self._workdir(job) / "bundle")
@@ -110,6 +277,7 @@ class RetrainService:
                 state, detail = "succeeded", f"v{job.version} published and canaried"
             else:
                 state, detail = "awaiting-approval", f"v{job.version} published"
+            detail += f"; {comparison}"
         except EdgefleetError as exc:
             state, detail = "failed", str(exc)[:500]
         self.store.update_job(job.id, state, now, detail)

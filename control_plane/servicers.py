@@ -488,24 +488,31 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             model=request.model, pipeline=request.pipeline, threshold=request.threshold or 0.2,
             device_fraction=request.device_fraction or 0.5, windows=request.windows or 2,
             canary_weight=request.canary_weight or 0.1, auto_canary=not request.approval,
+            sample_rate=request.sample_rate, margin=request.margin,
         )
         self.h.retrain.set_policy(self._operator(context), policy)
         return admin_pb2.DriftPolicy(
             model=policy.model, pipeline=policy.pipeline, threshold=policy.threshold,
             device_fraction=policy.device_fraction, windows=policy.windows,
             canary_weight=policy.canary_weight, approval=not policy.auto_canary,
+            sample_rate=policy.sample_rate, margin=policy.margin,
         )
 
     @_rpc
     async def ListRetrainJobs(
         self, request: admin_pb2.ListRetrainJobsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListRetrainJobsResponse:
-        jobs = self.h.retrain.jobs(self._operator(context), request.model)
+        caller = self._operator(context)
+        jobs = self.h.retrain.jobs(caller, request.model)
+        samples = self.h.retrain.samples(caller, request.model)
         return admin_pb2.ListRetrainJobsResponse(jobs=[
             admin_pb2.RetrainJob(id=j.id, model=j.model, state=j.state, reason=j.reason,
                                  version=j.version, created_at=j.created_at,
                                  finished_at=j.finished_at or 0.0, detail=j.detail)
-            for j in jobs])
+            for j in jobs], samples=[
+            admin_pb2.SampleSummary(model=s.model, region=s.region, stored=s.stored,
+                                    unused=s.unused, devices=s.devices, refused=s.refused)
+            for s in samples])
 
     @_rpc
     async def ListAuditEvents(

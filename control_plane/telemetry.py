@@ -1,8 +1,11 @@
 """Telemetry payloads from agents: parsed with limits into the rows the control plane queries.
 
 Payloads are JSON objects. ``drift`` carries one closed drift window, ``arm_stats`` the
-counters of one model version on the device. A payload that does not parse is still stored
-(and acknowledged: resending would not fix it) but yields no derived row.
+counters of one model version on the device, ``sample`` labelled rows the device contributed
+(``{"model", "version", "features": [[...]], "labels": [...], "pii": {column: [hex HMAC]}}``;
+checked here for shape and limits, then vetted against the model's manifest and the store's
+region policy by the retraining service). A payload that does not parse is still stored (and
+acknowledged: resending would not fix it) but yields no derived row.
 """
 
 from __future__ import annotations
@@ -12,7 +15,13 @@ import logging
 import math
 from typing import Any
 
-from control_plane.domain import ArmStatsRecord, DriftWindowRecord, TelemetryRecord
+from control_plane.domain import (
+    ArmStatsRecord,
+    Derived,
+    DriftWindowRecord,
+    SampleRecord,
+    TelemetryRecord,
+)
 from fleetcore.errors import InvalidInputError
 
 __all__ = ["MAX_BATCH_RECORDS", "MAX_PAYLOAD_BYTES", "derive"]
@@ -22,6 +31,9 @@ log = logging.getLogger(__name__)
 MAX_BATCH_RECORDS = 1000
 MAX_PAYLOAD_BYTES = 256 * 1024
 MAX_FEATURES_LISTED = 1024
+MAX_SAMPLE_ROWS = 64
+MAX_SAMPLE_FEATURES = 4096
+MAX_SAMPLE_PII_COLUMNS = 32
 
 
 def _num(doc: dict[str, Any], key: str) -> float:
@@ -45,12 +57,43 @@ def _str(doc: dict[str, Any], key: str) -> str:
     return value
 
 
-def _parse(device_id: str, record: TelemetryRecord) -> DriftWindowRecord | ArmStatsRecord | None:
-    if record.kind not in ("drift", "arm_stats"):
+def _sample(device_id: str, doc: dict[str, Any]) -> SampleRecord:
+    features, labels, pii = doc.get("features"), doc.get("labels"), doc.get("pii", {})
+    if not isinstance(labels, list) or not 0 < len(labels) <= MAX_SAMPLE_ROWS:
+        raise InvalidInputError(f"labels must be a list of 1..{MAX_SAMPLE_ROWS} class ids")
+    if any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 65536 for v in labels):
+        raise InvalidInputError("labels must be class ids in [0, 65536)")
+    if not isinstance(features, list) or len(features) != len(labels):
+        raise InvalidInputError("features must hold one row per label")
+    rows: list[list[float]] = []
+    for row in features:
+        if not isinstance(row, list) or not 0 < len(row) <= MAX_SAMPLE_FEATURES:
+            raise InvalidInputError(f"a feature row must hold 1..{MAX_SAMPLE_FEATURES} numbers")
+        if any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+               for v in row):
+            raise InvalidInputError("features must be finite numbers")
+        rows.append([float(v) for v in row])
+    if len({len(r) for r in rows}) != 1:
+        raise InvalidInputError("feature rows must have the same width")
+    if not isinstance(pii, dict) or len(pii) > MAX_SAMPLE_PII_COLUMNS:
+        raise InvalidInputError(f"pii must map at most {MAX_SAMPLE_PII_COLUMNS} columns")
+    for name, values in pii.items():
+        if (not 0 < len(name) <= 128 or not isinstance(values, list)
+                or len(values) != len(labels)
+                or not all(isinstance(v, str) and len(v) <= 128 for v in values)):
+            raise InvalidInputError("pii must map column names to one short string per row")
+    return SampleRecord(device_id, _str(doc, "model"), _int(doc, "version"), rows,
+                        list(labels), dict(pii))
+
+
+def _parse(device_id: str, record: TelemetryRecord) -> Derived | None:
+    if record.kind not in ("drift", "arm_stats", "sample"):
         return None
     doc = json.loads(record.payload)
     if not isinstance(doc, dict):
         raise InvalidInputError("payload must be a JSON object")
+    if record.kind == "sample":
+        return _sample(device_id, doc)
     if record.kind == "drift":
         features = doc.get("drifted_features", [])
         if not isinstance(features, list) or len(features) > MAX_FEATURES_LISTED:
@@ -67,15 +110,13 @@ def _parse(device_id: str, record: TelemetryRecord) -> DriftWindowRecord | ArmSt
     )
 
 
-def derive(
-    device_id: str, records: list[TelemetryRecord]
-) -> dict[int, DriftWindowRecord | ArmStatsRecord]:
+def derive(device_id: str, records: list[TelemetryRecord]) -> dict[int, Derived]:
     """The derived rows of a batch, keyed by seq; malformed payloads are logged and skipped."""
     if len(records) > MAX_BATCH_RECORDS:
         raise InvalidInputError(
             f"telemetry batch has {len(records)} records; the limit is {MAX_BATCH_RECORDS}"
         )
-    out: dict[int, DriftWindowRecord | ArmStatsRecord] = {}
+    out: dict[int, Derived] = {}
     for record in records:
         if len(record.payload) > MAX_PAYLOAD_BYTES:
             raise InvalidInputError(

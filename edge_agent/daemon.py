@@ -87,6 +87,7 @@ class Agent:
         self.sender = TelemetrySender(self.outbox)
         self.supervisor = ServingSupervisor(
             self.models, self.updater, self.outbox, clock=clock,
+            sample_key=self.state.sample_key,
             drift=DriftConfig(window_requests=int(self.config.drift_window_requests),
                               window_seconds=self.config.drift_window_seconds),
         )

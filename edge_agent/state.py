@@ -51,6 +51,11 @@ class StateDir:
         return self.root / "models"
 
     @property
+    def sample_key(self) -> Path:
+        """This device's key for pseudonymizing PII in training samples (never sent)."""
+        return self.root / "sample.key"
+
+    @property
     def outbox(self) -> Path:
         return self.root / "outbox.db"
 

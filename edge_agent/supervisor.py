@@ -8,13 +8,22 @@
 * Serving's result hook feeds the probation of the version on probation; its prediction hook
   (off the request path, batched) feeds one drift monitor per (model, version), whose closed
   windows go to the telemetry outbox. ``snapshot`` adds each arm's counters to the outbox.
+* Samples: the release's ``sample_rate`` per model sets serving's sampling; a sampled request
+  that gets its label becomes a ``sample`` record: its rows, labels and, of its parameters,
+  ONLY the PII columns the bundle manifest declares: ``hmac`` ones as HMAC-SHA256 under this
+  device's own key (``sample.key``, made here, never sent), ``drop`` ones not at all. No other
+  parameter leaves the device.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +35,9 @@ from edge_agent.outbox import Outbox
 from edge_agent.serving.core import ServingCore
 from edge_agent.telemetry import encode
 from edge_agent.updater import Updater
-from fleetcore.bundle import PROFILE
+from fleetcore.bundle import MANIFEST, PROFILE, parse_manifest
 from fleetcore.errors import EdgefleetError
+from fleetcore.files import atomic_write
 from fleetcore.release import ReleaseDocument
 
 __all__ = ["ServingSupervisor"]
@@ -35,6 +45,26 @@ __all__ = ["ServingSupervisor"]
 log = logging.getLogger(__name__)
 
 _SERVABLE = (InstallState.COMMITTED, InstallState.ACTIVE)
+SAMPLE_RECORD_BYTES = 100_000  # a sample record stays well under the control plane's limit
+SAMPLE_MAX_ROWS = 64
+
+
+def load_sample_key(path: Path) -> bytes:
+    """This device's pseudonymization key (32 random bytes, 0600), made on first use."""
+    try:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+        log.warning("%s is not a 32-byte key; making a new one", path)
+    except FileNotFoundError:
+        pass
+    key = secrets.token_bytes(32)
+    atomic_write(path, key, mode=0o600)
+    return key
+
+
+def pseudonymize(key: bytes, value: str) -> str:
+    return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 class ServingSupervisor:
@@ -46,6 +76,7 @@ class ServingSupervisor:
         *,
         drift: DriftConfig | None = None,
         clock: Callable[[], float] = time.time,
+        sample_key: Path | None = None,
     ) -> None:
         self.store = store
         self.updater = updater
@@ -55,7 +86,12 @@ class ServingSupervisor:
         self.monitors: dict[tuple[str, int], DriftMonitor | None] = {}
         self.last_drift: dict[str, dict[str, Any]] = {}
         self._last_counters: dict[tuple[str, str], tuple[int, int, int]] = {}
-        self.core = ServingCore(on_prediction=self._on_prediction, on_result=self._on_result)
+        self._sample_key_path = sample_key
+        self._sample_key: bytes | None = None
+        self._pii: dict[tuple[str, int], dict[str, str]] = {}
+        self.samples_sent = 0
+        self.core = ServingCore(on_prediction=self._on_prediction, on_result=self._on_result,
+                                on_sample=self._on_sample)
 
     # ------------------------------------------------------------------ what to serve
     def plan(self, doc: ReleaseDocument | None) -> dict[str, list[tuple[int, float, bool]]]:
@@ -78,12 +114,15 @@ class ServingSupervisor:
 
     def configure(self, doc: ReleaseDocument | None) -> None:
         """Serve what the release asks for and is installed (call from a thread: loads models)."""
+        rates = {m.name: m.sample_rate for m in doc.models} if doc is not None else {}
         for name, arms in self.plan(doc).items():
             bundles = {v: self.store.version_dir(name, v) for v, _, _ in arms}
             try:
                 self.core.set_model(name, arms, bundles)
             except (EdgefleetError, OSError) as exc:
                 log.error("cannot serve %s %s: %s", name, arms, exc)
+            rate = rates.get(name, 0.0) if self._sample_key_path is not None else 0.0
+            self.core.set_sampling(name, rate)
 
     # ------------------------------------------------------------------ hooks
     def _on_result(self, model: str, version: int, ok: bool, latency_s: float) -> None:
@@ -115,6 +154,42 @@ class ServingSupervisor:
             if window.drifted:
                 log.warning("drift on %s v%d: score %.3f, %d features", model, version,
                             window.score, len(window.drifted_features))
+
+    def _pii_columns(self, model: str, version: int) -> dict[str, str]:
+        """The manifest's PII columns of that version: name -> "hmac" | "drop"."""
+        key = (model, version)
+        if key not in self._pii:
+            data = (self.store.version_dir(model, version) / MANIFEST).read_bytes()
+            columns = parse_manifest(data)["input"].get("pii_columns", [])
+            self._pii[key] = {str(c["name"]): str(c["action"]) for c in columns
+                              if isinstance(c, dict) and "name" in c and "action" in c}
+        return self._pii[key]
+
+    def _on_sample(self, model: str, version: int, rows: np.ndarray, labels: list[int],
+                   params: Mapping[str, str]) -> None:
+        if self._sample_key_path is None:
+            return
+        if self._sample_key is None:
+            self._sample_key = load_sample_key(self._sample_key_path)
+        try:
+            columns = self._pii_columns(model, version)
+        except (EdgefleetError, OSError, KeyError) as exc:
+            log.warning("no samples from %s v%d: %s", model, version, exc)
+            return
+        pii = {name: pseudonymize(self._sample_key, params[name]) if name in params else ""
+               for name, action in columns.items() if action == "hmac"}
+        per = max(1, min(SAMPLE_MAX_ROWS, SAMPLE_RECORD_BYTES // (20 * rows.shape[1] + 80)))
+        now = self.clock()
+        items = []
+        for start in range(0, len(rows), per):
+            part = rows[start : start + per]
+            items.append(("sample", encode({
+                "model": model, "version": version, "features": part.tolist(),
+                "labels": labels[start : start + per],
+                "pii": {name: [value] * len(part) for name, value in pii.items()},
+            })))
+        self.outbox.append_many(items, now)
+        self.samples_sent += len(rows)
 
     def snapshot(self) -> None:
         """Add each served arm's counters to the outbox when they changed since the last time

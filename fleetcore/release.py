@@ -13,7 +13,8 @@ Rules (DESIGN.md section 3, modeled on python-tuf's ``trusted_metadata_set.py``)
   duplicate keys refused); exact types (a bool is not an int, an int field takes no float);
   ``serial >= 1``; ``expires_at > issued_at``; 0..MAX_MODELS models with unique names.
 * Model: a device-style name; 1..MAX_ARMS arms with unique versions; the weights of the
-  non-shadow arms sum to 1 (absolute tolerance 1e-6); a shadow arm has weight 0.
+  non-shadow arms sum to 1 (absolute tolerance 1e-6); a shadow arm has weight 0. Optional
+  ``sample_rate`` in (0, 1] (absent means 0: the device contributes no labelled samples).
 * Arm: ``version > 0``; digest ``sha256:`` + 64 lowercase hex; length 1..MAX_BUNDLE_BYTES;
   weight a finite number in [0, 1].
 * Against the trusted mark (the newest accepted document): an older serial is a rollback; the
@@ -77,6 +78,7 @@ _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 _DOCUMENT_KEYS = frozenset({"format", "device_id", "serial", "issued_at", "expires_at", "models"})
 _MODEL_KEYS = frozenset({"name", "arms"})
+_MODEL_OPTIONAL = frozenset({"sample_rate"})
 _ARM_KEYS = frozenset({"version", "digest", "length", "weight", "shadow"})
 
 
@@ -95,6 +97,9 @@ class Arm:
 class ModelRelease:
     name: str
     arms: tuple[Arm, ...]
+    # Share of the requests with feedback whose inputs the device may contribute as labelled
+    # samples (PII pseudonymized or dropped on the device, per the bundle manifest). 0: none.
+    sample_rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,7 @@ def encode_document(
         "models": [
             {
                 "name": model.name,
+                **({"sample_rate": _as_float(model.sample_rate)} if model.sample_rate else {}),
                 "arms": [
                     {
                         "version": arm.version,
@@ -223,7 +229,13 @@ def parse_document(document: bytes) -> ReleaseDocument:
 
 
 def _model(raw: object, where: str) -> ModelRelease:
-    obj = _object(raw, _MODEL_KEYS, where)
+    if isinstance(raw, dict) and "sample_rate" in raw:
+        obj = _object(raw, _MODEL_KEYS | _MODEL_OPTIONAL, where)
+        sample_rate = _number(obj["sample_rate"], f"{where}.sample_rate")
+        if not 0.0 < sample_rate <= 1.0:
+            raise InvalidInputError(f"{where}.sample_rate must be in (0, 1]; got {sample_rate!r}")
+    else:
+        obj, sample_rate = _object(raw, _MODEL_KEYS, where), 0.0
     name = validate_name(_str(obj["name"], f"{where}.name"), f"{where}.name")
     raw_arms = _list(obj["arms"], f"{where}.arms", low=1, high=MAX_ARMS)
     arms = tuple(_arm(a, f"{where}.arms[{i}]") for i, a in enumerate(raw_arms))
@@ -233,7 +245,7 @@ def _model(raw: object, where: str) -> ModelRelease:
         raise InvalidInputError(
             f"{where}: weights of the non-shadow arms must sum to 1; got {total!r}"
         )
-    return ModelRelease(name=name, arms=arms)
+    return ModelRelease(name=name, arms=arms, sample_rate=sample_rate)
 
 
 def _arm(raw: object, where: str) -> Arm:

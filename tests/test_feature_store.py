@@ -125,10 +125,14 @@ def test_lineage_is_recorded(store: FeatureStore, wine_csv: RawTable) -> None:
         "ingested_at": NOW_ISO,
         "transform": {"pii": list(PII_COLUMNS), "pii_action": "hmac"},
         "parent": None,
+        "origin": {},
     }
     later = NOW + timedelta(minutes=5)
-    child = store.ingest(wine_csv, region="eu-west-1", parent=parent.id, now=later)
+    origin = {"devices": {"dev-1@v1": 3}}
+    child = store.ingest(wine_csv, region="eu-west-1", parent=parent.id, now=later,
+                         origin=origin)
     assert child.lineage["parent"] == parent.id
+    assert child.lineage["origin"] == origin
     assert store.get(child.id).lineage == child.lineage
     assert store.list() == [
         {"id": parent.id, "region": "eu-west-1", "rows": 178, "created": NOW_ISO,

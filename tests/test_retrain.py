@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
+from sklearn.datasets import load_digits
 
-from control_plane.domain import DriftWindowRecord
+from control_plane.domain import DriftWindowRecord, RetrainJob
 from control_plane.fleet_cli import main as fleet_main
 from control_plane.retrain import DriftPolicy, policy_fires, render_kubernetes_job
 from edge_agent.telemetry import encode
@@ -18,6 +21,7 @@ from tests.support import LoopThread, RunningControlPlane, device_credentials, s
 from tests.test_delivery import _bundle_for
 from tests.trainer_support import write_pipeline
 from trainer.config import Pipeline
+from trainer.onnx_tools import run_onnx
 from trainer.pipeline import Run, Workdir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,66 +57,172 @@ def test_policy(case: Case) -> None:
 
 def test_kubernetes_job_renders_from_the_packaging_template() -> None:
     template = (REPO / "packaging" / "kubernetes" / "retrain-job.yaml").read_text()
-    text = render_kubernetes_job(template, job_id=7, model="digits", version=3,
-                                 pipeline="digits-mlp.toml", image="edgefleet/trainer:0.1")
+    text = render_kubernetes_job(
+        template,
+        job_id=7,
+        model="digits",
+        version=3,
+        pipeline="digits-mlp.toml",
+        image="edgefleet/trainer:0.1",
+    )
     assert "name: edgefleet-retrain-digits-7" in text
     assert '"--bundle-version", "3"' in text and "image: edgefleet/trainer:0.1" in text
     assert "$" not in text.split("\n", 3)[-1]  # every placeholder filled (comments aside)
     with pytest.raises(KeyError):
-        render_kubernetes_job("$unknown", job_id=1, model="m", version=1, pipeline="p",
-                              image="i")
+        render_kubernetes_job("$unknown", job_id=1, model="m", version=1, pipeline="p", image="i")
     assert string.Template(template).get_identifiers()
 
 
+def _run_jobs(cp: RunningControlPlane, loop: LoopThread) -> RetrainJob:
+    """Start the queued job, wait for its trainer, finish it; return it."""
+    retrain = cp.cp.handlers.retrain
+    loop.run(retrain.tick())
+    job = cp.cp.store.jobs("digits")[0]
+    proc = retrain.runner.procs.get(job.id)
+    if proc is not None:
+        loop.run(proc.wait(), timeout=300)
+    loop.run(retrain.tick())
+    return cp.cp.store.jobs("digits")[0]
+
+
 @pytest.mark.slow
-def test_sustained_drift_retrains_publishes_and_canaries(tmp_path: Path,
-                                                         loop: LoopThread) -> None:
-    cp: RunningControlPlane = start_control_plane(tmp_path / "cp", loop,
-                                                  rollout_tick_seconds=0.2)
+def test_drift_on_shifted_data_retrains_a_better_model_from_samples_and_canaries_it(
+    tmp_path: Path, loop: LoopThread
+) -> None:
+    cp: RunningControlPlane = start_control_plane(tmp_path / "cp", loop, rollout_tick_seconds=0.2)
+    X, y = load_digits(return_X_y=True)
+    shifted = (16.0 - X).astype(np.float32)  # the data shifts: inverted intensities
     try:
-        pipeline = write_pipeline(tmp_path / "pipe", hidden="16", epochs=1, prune=0.25,
-                                  store=str(tmp_path / "store"))
-        Run(Pipeline.load(pipeline), Workdir(tmp_path / "v1w"), progress=lambda m: None,
-            publisher_key=cp.home / "publisher" / "publisher.key").run_all()
+        pipeline = write_pipeline(
+            tmp_path / "pipe", hidden="64", epochs=10, prune=0.25, store=str(tmp_path / "store")
+        )
+        Run(
+            Pipeline.load(pipeline),
+            Workdir(tmp_path / "v1w"),
+            progress=lambda m: None,
+            publisher_key=cp.home / "publisher" / "publisher.key",
+        ).run_all()
         v1 = _bundle_for(cp, tmp_path / "v1w" / "bundle", tmp_path / "v1", version=1)
         admin = ["--config", str(cp.home / "operators/admin/fleet.toml"), "--api", cp.api]
         assert fleet_main([*admin, "models", "publish", str(v1)]) == 0
-        devices = [cp.enroll_agent(tmp_path / n).device_id for n in ("a", "b")]
-        assert fleet_main([*admin, "rollouts", "start", "--model", "digits",
-                           "--version", "1"]) == 0
-        assert fleet_main([*admin, "retrain", "policy", "--model", "digits", "--pipeline",
-                           str(pipeline), "--threshold", "0.2", "--windows", "2"]) == 0
-        assert len(devices) == 2
-        assert _send_drift(cp, tmp_path) == ["queued"]
+        devices = [
+            cp.enroll_agent(tmp_path / n, labels={"region": "eu-west"}).device_id
+            for n in ("a", "b")
+        ]
+        assert fleet_main([*admin, "rollouts", "start", "--model", "digits", "--version", "1"]) == 0
+        policy = [
+            *admin,
+            "retrain",
+            "policy",
+            "--model",
+            "digits",
+            "--pipeline",
+            str(pipeline),
+            "--threshold",
+            "0.2",
+            "--windows",
+            "2",
+            "--sample-rate",
+            "0.5",
+        ]
+        assert fleet_main([*policy, "--margin", "0.99"]) == 0  # no model can gain 99 points
+        # Each device labels 300 of the shifted rows it served (rows 0..599); 600.. stay unseen.
+        for k, name in enumerate(("a", "b")):
+            rows = range(300 * k, 300 * (k + 1), 10)
+            _send(
+                cp,
+                tmp_path / name,
+                [
+                    agent_pb2.TelemetryRecord(
+                        seq=100 + i,
+                        kind="sample",
+                        created_at=1.0,
+                        payload=encode(
+                            {
+                                "model": "digits",
+                                "version": 1,
+                                "features": shifted[i : i + 10].tolist(),
+                                "labels": y[i : i + 10].tolist(),
+                            }
+                        ),
+                    )
+                    for i in rows
+                ],
+            )
+        assert sum(s.stored for s in cp.cp.store.sample_summary("digits")) == 600
 
-        retrain = cp.cp.handlers.retrain
-        loop.run(retrain.tick())
-        job = cp.cp.store.jobs("digits")[0]
-        proc = retrain.runner.procs.get(job.id)
-        if proc is not None:
-            loop.run(proc.wait(), timeout=300)
-        loop.run(retrain.tick())
-        job = cp.cp.store.jobs("digits")[0]
+        assert _send_drift(cp, tmp_path) == ["queued"]
+        job = _run_jobs(cp, loop)
+        assert job.state == "rejected", job
+        assert "not better" in job.detail
+        assert cp.cp.store.get_model_version("digits", 2) is None  # nothing published
+        assert cp.cp.store.get_experiment("digits") is None
+
+        assert fleet_main([*policy, "--margin", "0.2"]) == 0
+        assert _send_drift(cp, tmp_path, first_seq=10) == ["queued", "rejected"]
+        job = _run_jobs(cp, loop)
         assert job.state == "succeeded", job
+        work = cp.home / "retrain" / f"job-{job.id}"
+        acceptance = json.loads((work / "acceptance.json").read_text())
+        assert acceptance["accepted"] and acceptance["data"] == "held-out device samples"
+        assert acceptance["candidate_accuracy"] >= acceptance["baseline_accuracy"] + 0.2
+        # Better on shifted rows that no device sent, too.
+        unseen, truth = shifted[600:], y[600:]
+        old = (run_onnx(v1 / "model.onnx", unseen).argmax(1) == truth).mean()
+        new = (run_onnx(work / "bundle" / "model.onnx", unseen).argmax(1) == truth).mean()
+        assert new > old + 0.2, (old, new)
+        # Lineage: the samples' snapshot names the devices and the version that served them.
+        report = json.loads((work / "report.json").read_text())
+        origins = [s["origin"]["devices"] for s in report["samples"]]
+        assert origins == [{f"{devices[0]}@v1": 300, f"{devices[1]}@v1": 300}] or origins == [
+            {f"{d}@v1": 300 for d in sorted(devices)}
+        ]
+        assert all(s.unused == 0 for s in cp.cp.store.sample_summary("digits"))
+
         v2 = cp.cp.store.get_model_version("digits", 2)
         assert v2 is not None and v2.published_by == "control-plane"
         experiment = cp.cp.store.get_experiment("digits")
         assert experiment is not None
         assert (experiment.champion, experiment.challenger, experiment.weight) == (1, 2, 0.1)
-        assert "retrain.start" in [e.action for e in cp.cp.store.list_audit(20)]
+        actions = [e.action for e in cp.cp.store.list_audit(50)]
+        assert "retrain.start" in actions and "retrain.rejected" in actions
     finally:
         cp.stop()
 
 
-def _send_drift(cp: RunningControlPlane, tmp_path: Path) -> list[str]:
+def _send(cp: RunningControlPlane, state: Path, records: list[agent_pb2.TelemetryRecord]) -> None:
+    with grpc.secure_channel(cp.api, device_credentials(state)) as channel:
+        agent_pb2_grpc.AgentServiceStub(channel).SendTelemetry(
+            agent_pb2.TelemetryBatch(records=records), timeout=30
+        )
+
+
+def _send_drift(cp: RunningControlPlane, tmp_path: Path, first_seq: int = 1) -> list[str]:
     """Two drifted windows from each device: the policy's condition."""
     for name in ("a", "b"):
-        records = [agent_pb2.TelemetryRecord(
-            seq=i, kind="drift", created_at=float(i),
-            payload=encode({"model": "digits", "version": 1, "start": float(i), "end": i + 1.0,
-                            "rows": 200, "score": 0.8, "drifted": True, "prediction_psi": 0.3,
-                            "drifted_features": ["pixel_1"]})) for i in (1, 2)]
-        with grpc.secure_channel(cp.api, device_credentials(tmp_path / name)) as channel:
-            agent_pb2_grpc.AgentServiceStub(channel).SendTelemetry(
-                agent_pb2.TelemetryBatch(records=records), timeout=30)
+        _send(
+            cp,
+            tmp_path / name,
+            [
+                agent_pb2.TelemetryRecord(
+                    seq=i,
+                    kind="drift",
+                    created_at=float(i),
+                    payload=encode(
+                        {
+                            "model": "digits",
+                            "version": 1,
+                            "start": float(i),
+                            "end": i + 1.0,
+                            "rows": 200,
+                            "score": 0.8,
+                            "drifted": True,
+                            "prediction_psi": 0.3,
+                            "drifted_features": ["pixel_1"],
+                        }
+                    ),
+                )
+                for i in (first_seq, first_seq + 1)
+            ],
+        )
     return [j.state for j in cp.cp.store.jobs("digits")]

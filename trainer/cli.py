@@ -38,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--json", action="store_true", help="print the report as JSON (run)")
         s.add_argument("--bundle-version", type=int, metavar="N",
                        help="override [bundle] version (a retraining job's next version)")
+        s.add_argument("--samples", type=Path, metavar="FILE",
+                       help="labelled samples from devices (a retraining job's samples.json): "
+                            "ingested as a snapshot per region and trained on with the base data")
+        s.add_argument("--baseline", type=Path, metavar="BUNDLE_DIR",
+                       help="the current model's bundle: after the run, compare it with the new "
+                            "model on the held-out samples and write acceptance.json")
+        s.add_argument("--margin", type=float, default=0.0,
+                       help="accuracy (0..1) the new model must gain over --baseline")
     return p
 
 
@@ -69,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             pipeline.validate()
         args.workdir.mkdir(parents=True, exist_ok=True)
-        run = Run(pipeline, Workdir(args.workdir.resolve()), publisher_key=args.publisher_key)
+        run = Run(pipeline, Workdir(args.workdir.resolve()), publisher_key=args.publisher_key,
+                  samples=args.samples, baseline=args.baseline, margin=args.margin)
         if args.command != "run":
             try:
                 run.run_step(args.command)
@@ -90,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"latency     batch64 {lat['fp32']['batch64']:.0f} -> "
                   f"{lat['compressed']['batch64']:.0f} us ({lat['ratio_batch64']:.3f}x)")
             print(f"bundle      {report['bundle']['path']}")
+            if "acceptance" in report:
+                a = report["acceptance"]
+                print(f"acceptance  {'accepted' if a['accepted'] else 'REJECTED'}: new "
+                      f"{a['candidate_accuracy']:.4f} vs current {a['baseline_accuracy']:.4f} "
+                      f"on {a['rows']} rows of {a['data']} (margin {a['margin']:g})")
             print(f"report      {run.workdir.report}")
         return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ from trainer.config import Pipeline, settings_digest
 from trainer.models import build, count_parameters, fit_scaler
 from trainer.profile import build_profile
 from trainer.prune import prune
+from trainer.samples import accept, load_samples
 from trainer.sources import load_source
 from trainer.store import FeatureStore, Snapshot
 from trainer.tflite import INPUT_KEY as TFLITE_INPUT
@@ -110,6 +112,10 @@ class Workdir:
         return self.root / "bundle"
 
     @property
+    def acceptance(self) -> Path:
+        return self.root / "acceptance.json"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.json"
 
@@ -141,6 +147,8 @@ class Split:
     y_train: np.ndarray
     X_test: np.ndarray
     y_test: np.ndarray
+    X_recent: np.ndarray  # held-out rows of the device samples (the drifted data); may be empty
+    y_recent: np.ndarray
 
 
 @dataclass
@@ -151,6 +159,9 @@ class Run:
     workdir: Workdir
     publisher_key: Path | None = None
     progress: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr))
+    samples: Path | None = None  # labelled rows from devices (trainer/samples.py)
+    baseline: Path | None = None  # the current model's bundle, to beat on the recent data
+    margin: float = 0.0
     ctx: DistContext = field(default_factory=DistContext.from_env)
     outcomes: dict[str, str] = field(default_factory=dict)
     _snapshot: Snapshot | None = None
@@ -171,7 +182,9 @@ class Run:
                 )
             upstream[dep] = state["digest"]
         sections = {s: self.pipeline.section(s) for s in SECTIONS[step]}
-        extra = self._source_digest() if step == "ingest" else None
+        extra: Any = self._source_digest() if step == "ingest" else None
+        if step == "ingest" and self.samples is not None:
+            extra = [extra, file_digest(self.samples)]
         if step == "bundle":
             extra = self._publisher_public_digest()
         return settings_digest(CODE_VERSION, step, sections, upstream, extra)
@@ -217,9 +230,28 @@ class Run:
         try:
             for step in STEPS:
                 self.run_step(step)
+            if self.baseline is not None:
+                self.compare_with_baseline()
             return self.write_report()
         finally:
             self.close()
+
+    def compare_with_baseline(self) -> dict[str, Any]:
+        """Current model vs the new one on the recent (drifted) rows; acceptance.json."""
+        assert self.baseline is not None
+        split = self.split()
+        if len(split.y_recent):
+            X, y, data = split.X_recent, split.y_recent, "held-out device samples"
+        else:
+            X, y, data = split.X_test, split.y_test, "the base test split (no device samples)"
+        result = accept(self.baseline / "model.onnx", self.workdir.export_dir / "model.onnx",
+                        X, y, self.margin, data)
+        verdict = "accepted" if result["accepted"] else "rejected"
+        self.progress(f"[accept] on {result['rows']} rows of {data}: new "
+                      f"{result['candidate_accuracy']:.4f} vs current "
+                      f"{result['baseline_accuracy']:.4f} (margin {self.margin:g}): {verdict}")
+        _write_json(self.workdir.acceptance, result)
+        return result
 
     # ------------------------------------------------------------------ data
     def _store(self) -> FeatureStore:
@@ -252,22 +284,76 @@ class Run:
             self._snapshot = snap
         return self._snapshot
 
-    def split(self) -> Split:
-        snap = self.snapshot()
+    def sample_snapshots(self) -> list[Snapshot]:
+        store = self._store()
+        snaps = [store.get(i) for i in _read_json(self.workdir.ingest).get("samples", [])]
+        for snap in snaps:
+            store.check_region(snap)
+        return snaps
+
+    def _split_one(self, snap: Snapshot) -> tuple[np.ndarray, ...]:
         idx = np.arange(len(snap.y))
-        train_idx, test_idx = train_test_split(
-            idx, test_size=self.pipeline.data.test_fraction, stratify=snap.y,
-            random_state=self.pipeline.train.seed,
-        )
-        return Split(snap.X[train_idx], snap.y[train_idx], snap.X[test_idx], snap.y[test_idx])
+        if len(idx) < 2:
+            return snap.X[idx], snap.y[idx], snap.X[:0], snap.y[:0]
+        counts = np.bincount(snap.y)
+        stratify = snap.y if counts[counts > 0].min() >= 2 else None
+        try:
+            train_idx, test_idx = train_test_split(
+                idx, test_size=self.pipeline.data.test_fraction, stratify=stratify,
+                random_state=self.pipeline.train.seed,
+            )
+        except ValueError:  # too few rows per class for a stratified split
+            train_idx, test_idx = train_test_split(
+                idx, test_size=self.pipeline.data.test_fraction,
+                random_state=self.pipeline.train.seed,
+            )
+        return snap.X[train_idx], snap.y[train_idx], snap.X[test_idx], snap.y[test_idx]
+
+    def split(self) -> Split:
+        """Base data split as configured; device samples split alike and added to both sides.
+
+        Samples are few next to the base data but are the new distribution: their training
+        rows are repeated until they number at least half the base training rows.
+        """
+        Xtr, ytr, Xte, yte = self._split_one(self.snapshot())
+        parts = [self._split_one(s) for s in self.sample_snapshots()]
+        if not parts:
+            return Split(Xtr, ytr, Xte, yte, Xte[:0], yte[:0])
+        sXtr = np.concatenate([p[0] for p in parts])
+        sytr = np.concatenate([p[1] for p in parts])
+        sXte = np.concatenate([p[2] for p in parts])
+        syte = np.concatenate([p[3] for p in parts])
+        repeat = max(1, math.ceil(len(ytr) / (2 * max(1, len(sytr)))))
+        return Split(np.concatenate([Xtr, *[sXtr] * repeat]),
+                     np.concatenate([ytr, *[sytr] * repeat]),
+                     np.concatenate([Xte, sXte]), np.concatenate([yte, syte]), sXte, syte)
 
     # ------------------------------------------------------------------ steps
     def _step_ingest(self, key: str) -> None:
         d = self.pipeline.data
-        snap = self._store().ingest(self._load_raw(), region=d.region, pii_action=d.pii_action,
-                                    parent=d.parent)
+        store = self._store()
+        snap = store.ingest(self._load_raw(), region=d.region, pii_action=d.pii_action,
+                            parent=d.parent)
         self.progress(f"[ingest] snapshot {snap.id} ({len(snap.y)} rows, region {snap.region})")
-        _write_json(self.workdir.ingest, {"snapshot": snap.id, "store": str(self._store().path)})
+        doc: dict[str, Any] = {"snapshot": snap.id, "store": str(store.path)}
+        if self.samples is not None:
+            doc["samples"], doc["refused_rows"] = [], {}
+            for group in load_samples(self.samples, feature_names=snap.feature_names,
+                                      labels=snap.labels, pii=list(d.pii),
+                                      image_shape=snap.image_shape):
+                allowed = store.allowed_regions
+                if "*" not in allowed and group.region not in allowed:
+                    doc["refused_rows"][group.region] = len(group.table.y)
+                    self.progress(f"[ingest] refused {len(group.table.y)} sample rows from "
+                                  f"region {group.region!r} (store allows {allowed})")
+                    continue
+                sample = store.ingest(group.table, region=group.region,
+                                      pii_action=d.pii_action, parent=snap.id,
+                                      origin=group.origin)
+                doc["samples"].append(sample.id)
+                self.progress(f"[ingest] device samples {sample.id} ({len(sample.y)} rows, "
+                              f"region {sample.region}, from {group.origin['devices']})")
+        _write_json(self.workdir.ingest, doc)
 
     def _spec(self, snap: Snapshot) -> dict[str, Any]:
         m = self.pipeline.model
@@ -527,7 +613,11 @@ class Run:
             "bundle": {"path": str(w.bundle), "digest": settings_digest(
                 [(p.name, file_digest(p)) for p in sorted(w.bundle.iterdir())])},
             "steps": self.outcomes,
+            "samples": [{"snapshot": s.id, "rows": len(s.y), "region": s.region,
+                         "origin": s.lineage.get("origin")} for s in self.sample_snapshots()],
         }
+        if self.workdir.acceptance.exists() and self.baseline is not None:
+            report["acceptance"] = _read_json(self.workdir.acceptance)
         _write_json(w.report, report)
         return report
 

@@ -77,6 +77,11 @@ _MIGRATIONS = [
     );
     CREATE INDEX snapshots_ingested_at ON snapshots(ingested_at);
     """,
+    # 2: where rows came from beyond the source name: for device samples, each device and
+    # the model version that served the rows (lineage, not content: not part of the id).
+    """
+    ALTER TABLE snapshots ADD COLUMN origin TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 
@@ -329,6 +334,7 @@ def _lineage(row: sqlite3.Row) -> dict[str, Any]:
         "ingested_at": row["ingested_at"],
         "transform": json.loads(row["transform"]),
         "parent": row["parent"],
+        "origin": json.loads(row["origin"]),
     }
 
 
@@ -423,8 +429,12 @@ class FeatureStore:
         pii_action: str = "hmac",
         parent: str | None = None,
         now: datetime | None = None,
+        origin: Mapping[str, Any] | None = None,
     ) -> Snapshot:
-        """Store ``table`` as a snapshot (or return the identical one stored before)."""
+        """Store ``table`` as a snapshot (or return the identical one stored before).
+
+        ``origin``: lineage beyond the source name (for device samples: which devices, on
+        which model versions); JSON-ready, kept in the catalog, not part of the id."""
         ingested_at = _utc_iso(now if now is not None else datetime.now(UTC))
         _check_region(region)
         try:
@@ -466,7 +476,8 @@ class FeatureStore:
         # ON CONFLICT: a concurrent ingest of the same data wrote the same bytes; first row wins.
         self._conn.execute(
             "INSERT INTO snapshots (id, region, rows, source, source_digest, ingested_at,"
-            " transform, parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+            " transform, parent, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(id) DO NOTHING",
             (
                 snapshot_id,
                 region,
@@ -476,6 +487,7 @@ class FeatureStore:
                 ingested_at,
                 json.dumps(content.transform(), sort_keys=True),
                 parent,
+                json.dumps(dict(origin or {}), sort_keys=True),
             ),
         )
         log.info("ingested %s as snapshot %s (%d rows)", table.source, snapshot_id, X.shape[0])

@@ -11,6 +11,7 @@ from control_plane.domain import (
     ArmStatsRecord,
     AuditRecord,
     CertificateRecord,
+    Derived,
     DeviceRecord,
     DriftWindowRecord,
     ExperimentRecord,
@@ -18,6 +19,8 @@ from control_plane.domain import (
     ReleaseRecord,
     RetrainJob,
     RolloutRecord,
+    SampleRecord,
+    SampleSummary,
     TelemetryRecord,
 )
 from control_plane.retrain import DriftPolicy
@@ -168,7 +171,7 @@ class Store(abc.ABC):
         self,
         device_id: str,
         records: list[TelemetryRecord],
-        derived: dict[int, DriftWindowRecord | ArmStatsRecord],
+        derived: dict[int, Derived],
         now: float,
         dropped: int,
         depth: int,
@@ -222,6 +225,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def jobs(self, model: str | None = None, states: tuple[str, ...] = ()) -> list[RetrainJob]:
         """Newest first."""
+
+    @abc.abstractmethod
+    def take_samples(self, model: str, job_id: int) -> list[SampleRecord]:
+        """Assign the model's unused samples to ``job_id``; return every sample it holds."""
+
+    @abc.abstractmethod
+    def release_samples(self, job_id: int) -> None:
+        """Give a failed job's samples back to the next job."""
+
+    @abc.abstractmethod
+    def sample_summary(self, model: str | None = None) -> list[SampleSummary]: ...
 
     @abc.abstractmethod
     def close(self) -> None: ...

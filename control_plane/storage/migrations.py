@@ -208,4 +208,30 @@ MIGRATIONS: list[str] = [
         detail TEXT NOT NULL DEFAULT ''
     );
     """,
+    # 8: labelled samples from devices, refused-sample counters, sampling and acceptance policy
+    """
+    ALTER TABLE drift_policies ADD COLUMN sample_rate REAL NOT NULL DEFAULT 0;
+    ALTER TABLE drift_policies ADD COLUMN margin REAL NOT NULL DEFAULT 0;
+    CREATE TABLE samples (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        region TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        features TEXT NOT NULL,   -- JSON [[float, ...], ...]
+        labels TEXT NOT NULL,     -- JSON [int, ...]
+        pii TEXT NOT NULL,        -- JSON {column: [hex HMAC, ...]} (pseudonyms made on the device)
+        job_id INTEGER,           -- the retraining job that used it
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE INDEX samples_model ON samples(model, job_id);
+    CREATE TABLE sample_refusals (
+        model TEXT NOT NULL,
+        region TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (model, region, reason)
+    );
+    """,
 ]

@@ -16,6 +16,7 @@ from control_plane.domain import (
     ArmStatsRecord,
     AuditRecord,
     CertificateRecord,
+    Derived,
     DeviceRecord,
     DriftWindowRecord,
     ExperimentRecord,
@@ -23,6 +24,9 @@ from control_plane.domain import (
     ReleaseRecord,
     RetrainJob,
     RolloutRecord,
+    SampleRecord,
+    SampleRefusal,
+    SampleSummary,
     TelemetryRecord,
 )
 from control_plane.retrain import DriftPolicy
@@ -398,7 +402,7 @@ class SqliteStore(Store):
         self,
         device_id: str,
         records: list[TelemetryRecord],
-        derived: dict[int, DriftWindowRecord | ArmStatsRecord],
+        derived: dict[int, Derived],
         now: float,
         dropped: int,
         depth: int,
@@ -411,7 +415,7 @@ class SqliteStore(Store):
                     (device_id, r.seq, r.kind, r.created_at, now, r.payload),
                 )
                 if cur.rowcount == 1 and r.seq in derived:
-                    self._insert_derived(c, r.seq, derived[r.seq])
+                    self._insert_derived(c, r.seq, derived[r.seq], now)
             c.execute(
                 "INSERT OR REPLACE INTO telemetry_status(device_id, dropped, depth, updated_at)"
                 " VALUES (?,?,?,?)", (device_id, dropped, depth, now),
@@ -419,9 +423,22 @@ class SqliteStore(Store):
         return [r.seq for r in records]
 
     @staticmethod
-    def _insert_derived(
-        c: sqlite3.Connection, seq: int, row: DriftWindowRecord | ArmStatsRecord
-    ) -> None:
+    def _insert_derived(c: sqlite3.Connection, seq: int, row: Derived, now: float) -> None:
+        if isinstance(row, SampleRecord):
+            c.execute(
+                "INSERT OR IGNORE INTO samples(device_id, seq, model, version, region,"
+                " received_at, features, labels, pii) VALUES (?,?,?,?,?,?,?,?,?)",
+                (row.device_id, seq, row.model, row.version, row.region, now,
+                 _dump(row.features), _dump(row.labels), _dump(row.pii)),
+            )
+            return
+        if isinstance(row, SampleRefusal):
+            c.execute(
+                "INSERT INTO sample_refusals(model, region, reason, count) VALUES (?,?,?,1)"
+                " ON CONFLICT(model, region, reason) DO UPDATE SET count = count + 1",
+                (row.model, row.region, row.reason),
+            )
+            return
         if isinstance(row, DriftWindowRecord):
             c.execute(
                 'INSERT INTO drift_windows(device_id, seq, model, version, start, "end", rows,'
@@ -527,10 +544,11 @@ class SqliteStore(Store):
         with self._tx() as c:
             c.execute(
                 "INSERT OR REPLACE INTO drift_policies(model, pipeline, threshold,"
-                " device_fraction, windows, canary_weight, auto_canary)"
-                " VALUES (?,?,?,?,?,?,?)",
+                " device_fraction, windows, canary_weight, auto_canary, sample_rate, margin)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
                 (policy.model, policy.pipeline, policy.threshold, policy.device_fraction,
-                 policy.windows, policy.canary_weight, int(policy.auto_canary)),
+                 policy.windows, policy.canary_weight, int(policy.auto_canary),
+                 policy.sample_rate, policy.margin),
             )
 
     def get_policy(self, model: str) -> DriftPolicy | None:
@@ -539,7 +557,8 @@ class SqliteStore(Store):
             return None
         r = rows[0]
         return DriftPolicy(r["model"], r["pipeline"], r["threshold"], r["device_fraction"],
-                           r["windows"], r["canary_weight"], bool(r["auto_canary"]))
+                           r["windows"], r["canary_weight"], bool(r["auto_canary"]),
+                           r["sample_rate"], r["margin"])
 
     def recent_drift(self, model: str, per_device: int) -> dict[str, list[DriftWindowRecord]]:
         rows = self._query(
@@ -575,6 +594,35 @@ class SqliteStore(Store):
                            r["created_at"], r["finished_at"], r["detail"])
                 for r in rows if (not model or r["model"] == model)
                 and (not states or r["state"] in states)]
+
+    def take_samples(self, model: str, job_id: int) -> list[SampleRecord]:
+        with self._tx() as c:
+            c.execute("UPDATE samples SET job_id = ? WHERE model = ? AND job_id IS NULL",
+                      (job_id, model))
+            rows = c.execute("SELECT * FROM samples WHERE model = ? AND job_id = ?"
+                             " ORDER BY device_id, seq", (model, job_id)).fetchall()
+        return [SampleRecord(r["device_id"], r["model"], r["version"], json.loads(r["features"]),
+                             json.loads(r["labels"]), json.loads(r["pii"]), r["region"])
+                for r in rows]
+
+    def release_samples(self, job_id: int) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE samples SET job_id = NULL WHERE job_id = ?", (job_id,))
+
+    def sample_summary(self, model: str | None = None) -> list[SampleSummary]:
+        stored = self._query(
+            "SELECT model, region, SUM(json_array_length(labels)) AS n,"
+            " SUM(CASE WHEN job_id IS NULL THEN json_array_length(labels) ELSE 0 END) AS unused,"
+            " COUNT(DISTINCT device_id) AS devices FROM samples"
+            " WHERE (? = '' OR model = ?) GROUP BY model, region", (model or "", model or ""))
+        out = {(r["model"], r["region"]): [r["n"], r["unused"], r["devices"], {}]
+               for r in stored}
+        for r in self._query("SELECT * FROM sample_refusals WHERE (? = '' OR model = ?)",
+                             (model or "", model or "")):
+            entry = out.setdefault((r["model"], r["region"]), [0, 0, 0, {}])
+            entry[3][r["reason"]] = r["count"]
+        return [SampleSummary(m, reg, int(n), int(u), int(d), dict(refused))
+                for (m, reg), (n, u, d, refused) in sorted(out.items())]
 
     def close(self) -> None:
         with self._lock:

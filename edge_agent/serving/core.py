@@ -22,6 +22,11 @@ Rules:
   (``_background.py``): waking it for every request had cost ~40 µs of request latency.
 * Requests that carry an id are remembered (``PredictionLog``) so that ``feedback`` can score
   the arm that answered, and every shadow whose answer arrived before the label.
+* Sampling (``set_sampling``): with a model's rate r > 0, a request with an id is kept as a
+  candidate training sample with probability r (its rows and request parameters ride in the
+  log entry); when its label arrives, ``on_sample`` gets rows, labels and parameters. What
+  leaves the device is the hook's business (the supervisor keeps only the manifest's PII
+  columns, pseudonymized or dropped).
 * Bad requests raise ``BadRequestError`` and count as the model's ``bad_requests``, not as an
   arm's errors; a runtime failure raises ``InferenceError`` and counts as the arm's error.
 """
@@ -57,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 PredictionHook = Callable[[str, int, np.ndarray, np.ndarray], None]
 ResultHook = Callable[[str, int, bool, float], None]
+# (model, version, rows, labels, request parameters) of a sampled request that got its label
+SampleHook = Callable[[str, int, np.ndarray, list[int], Mapping[str, str]], None]
 
 # The front ends run a request on the event loop when the model is this fast (a hop to a
 # thread measured ~25 µs p50, three times a small model's whole run); slower models or big
@@ -135,9 +142,13 @@ class ServingCore:
 
     def __init__(self, *, on_prediction: PredictionHook | None = None,
                  on_result: ResultHook | None = None, feedback_capacity: int = 100_000,
-                 background_capacity: int = 4096, seed: int | None = None) -> None:
+                 background_capacity: int = 4096, seed: int | None = None,
+                 on_sample: SampleHook | None = None) -> None:
         self._on_prediction = on_prediction
         self._on_result = on_result
+        self._on_sample = on_sample
+        self._sampling: dict[str, float] = {}  # replaced whole, never mutated
+        self._sample_rng = random.Random(seed)  # noqa: S311 (sampling, not security)
         self._models: dict[str, _Model] = {}  # replaced whole, never mutated
         self._counters: dict[str, _Counters] = {}
         self._set_lock = threading.Lock()
@@ -198,6 +209,15 @@ class ServingCore:
                     ", ".join(f"v{a.version}{' (shadow)' if a.shadow else f' {a.weight:g}'}"
                               for a in router.arms))
 
+    def set_sampling(self, name: str, rate: float) -> None:
+        """Keep ``rate`` of ``name``'s requests that carry an id as candidate samples."""
+        if not 0.0 <= rate <= 1.0:
+            raise InvalidInputError(f"sample rate must be in [0, 1]; got {rate}")
+        rates = {k: v for k, v in self._sampling.items() if k != name}
+        if rate > 0:
+            rates[name] = rate
+        self._sampling = rates
+
     def remove_model(self, name: str) -> None:
         with self._set_lock:
             self._models = {k: m for k, m in self._models.items() if k != name}
@@ -215,7 +235,8 @@ class ServingCore:
 
     # ------------------------------------------------------------------ requests
     def infer(self, name: str, x: np.ndarray, *, request_id: str | None = None,
-              routing_key: str | None = None, version: int | None = None) -> InferResult:
+              routing_key: str | None = None, version: int | None = None,
+              context: Mapping[str, str] | None = None) -> InferResult:
         model = self._model(name)
         x = _check_rows(model, x)
         if version is None:
@@ -241,19 +262,20 @@ class ServingCore:
         if self._on_result is not None:
             self._on_result(name, version, True, latency)
         if request_id is not None or shadows or self._on_prediction is not None:
-            self._after(model, arm, x, out, request_id, shadows)
+            self._after(model, arm, x, out, request_id, shadows, context)
         return InferResult(name, version, out, request_id)
 
     async def ainfer(self, name: str, x: np.ndarray, *, request_id: str | None = None,
-                     routing_key: str | None = None, version: int | None = None) -> InferResult:
+                     routing_key: str | None = None, version: int | None = None,
+                     context: Mapping[str, str] | None = None) -> InferResult:
         """``infer`` for an event loop: inline for fast models and small batches, else on a
         thread pool (see ``INLINE_MAX_S``)."""
         model = self._models.get(name)
         if model is None or (model.inline and len(x) <= INLINE_MAX_ROWS):
             return self.infer(name, x, request_id=request_id, routing_key=routing_key,
-                              version=version)
+                              version=version, context=context)
         call = functools.partial(self.infer, name, x, request_id=request_id,
-                                 routing_key=routing_key, version=version)
+                                 routing_key=routing_key, version=version, context=context)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def note_bad_request(self, name: str) -> None:
@@ -280,6 +302,12 @@ class ServingCore:
         pending.arm.score(_matches(pending.classes, labels), rows)
         for arm, classes in (pending.shadows or {}).values():
             arm.score(_matches(classes, labels), rows)
+        if pending.sample is not None and self._on_sample is not None:
+            try:
+                self._on_sample(name, pending.version, pending.sample[0], list(labels),
+                                pending.sample[1])
+            except Exception:
+                logger.exception("on_sample hook failed for %s v%d", name, pending.version)
         return True
 
     # ------------------------------------------------------------------ introspection
@@ -327,11 +355,15 @@ class ServingCore:
         return model
 
     def _after(self, model: _Model, arm: ArmStats, x: np.ndarray, out: np.ndarray,
-               request_id: str | None, shadows: tuple[int, ...]) -> None:
+               request_id: str | None, shadows: tuple[int, ...],
+               context: Mapping[str, str] | None = None) -> None:
         classes = out.argmax(axis=1)
         if request_id is not None:
-            self.log.put(request_id, Pending(model.name, arm.version, arm,
-                                             as_classes(classes.tolist())))
+            pending = Pending(model.name, arm.version, arm, as_classes(classes.tolist()))
+            rate = self._sampling.get(model.name)
+            if rate is not None and self._sample_rng.random() < rate:
+                pending.sample = (x.copy(), dict(context or {}))
+            self.log.put(request_id, pending)
         if not shadows and self._on_prediction is None:
             return
         rows = x.copy()  # the caller may reuse its array once we return

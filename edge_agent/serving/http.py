@@ -67,6 +67,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_PARAMETERS = 32
 SERVER_NAME = "edgefleet-agent"
 
 Scope = MutableMapping[str, Any]
@@ -186,12 +187,13 @@ class InferenceApp:
                 header_key = value.decode("latin-1")
         try:
             body = await self._read_body(receive, declared)
-            x, request_id, routing_key = parse_infer_request(body, signature)
+            x, request_id, routing_key, context = parse_infer_request(body, signature)
         except BadRequestError:
             self.core.note_bad_request(name)
             raise
         result = await self.core.ainfer(name, x, request_id=request_id,
-                                        routing_key=routing_key or header_key, version=version)
+                                        routing_key=routing_key or header_key, version=version,
+                                        context=context)
         return infer_response(result, signature)
 
     async def _feedback(self, name: str, scope: Scope,
@@ -240,9 +242,11 @@ def _content_length(scope: Scope) -> bytes | None:
     return None
 
 
-def parse_infer_request(body: bytes,
-                        signature: ModelSignature) -> tuple[np.ndarray, str | None, str | None]:
-    """(rows, request id, routing key) from a v2 infer body, or ``BadRequestError``."""
+def parse_infer_request(
+    body: bytes, signature: ModelSignature
+) -> tuple[np.ndarray, str | None, str | None, dict[str, str] | None]:
+    """(rows, request id, routing key, string parameters) from a v2 infer body, or
+    ``BadRequestError``. Parameters are kept only for a request with an id."""
     doc = _load_json(body)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -282,7 +286,22 @@ def parse_infer_request(body: bytes,
     if outputs is not None and (not isinstance(outputs, list) or any(
             not isinstance(o, dict) or o.get("name") != signature.output_name for o in outputs)):
         raise BadRequestError(f"the only output is {signature.output_name!r}")
-    return x, request_id, key
+    return x, request_id, key, _context(params) if request_id is not None else None
+
+
+def _context(params: object) -> dict[str, str] | None:
+    """The request's string parameters (where PII such as a customer id may travel).
+
+    Kept only with a sampled request, and only the manifest's PII columns, pseudonymized or
+    dropped, ever leave the device (``edge_agent/supervisor.py``)."""
+    if not isinstance(params, dict):
+        return None
+    out = {k: v for k, v in params.items()
+           if isinstance(k, str) and isinstance(v, str) and k != "routing_key"}
+    if len(out) > MAX_PARAMETERS or any(len(k) > 128 or len(v) > 1024 for k, v in out.items()):
+        raise BadRequestError(f"at most {MAX_PARAMETERS} string parameters, names up to 128 "
+                              "and values up to 1024 characters")
+    return out or None
 
 
 def infer_response(result: InferResult, signature: ModelSignature) -> bytes:

@@ -20,8 +20,11 @@ import bisect
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 __all__ = [
     "LATENCY_BOUNDS_S",
@@ -138,6 +141,8 @@ class Pending:
     arm: ArmStats  # the arm to score (even if the version is no longer served)
     classes: int | tuple[int, ...]  # predicted class: one int per request row
     shadows: dict[int, tuple[ArmStats, int | tuple[int, ...]]] | None = None
+    # Only for a request chosen as a training sample: its rows and request parameters.
+    sample: tuple[np.ndarray, Mapping[str, str]] | None = None
 
     @property
     def rows(self) -> int:

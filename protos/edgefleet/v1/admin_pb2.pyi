@@ -20,7 +20,7 @@ DEVICE_STATUS_OFFLINE: DeviceStatus
 DEVICE_STATUS_REVOKED: DeviceStatus
 
 class DriftPolicy(_message.Message):
-    __slots__ = ("model", "pipeline", "threshold", "device_fraction", "windows", "canary_weight", "approval")
+    __slots__ = ("model", "pipeline", "threshold", "device_fraction", "windows", "canary_weight", "approval", "sample_rate", "margin")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,8 @@ class DriftPolicy(_message.Message):
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
     CANARY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
     model: str
     pipeline: str
     threshold: float
@@ -35,7 +37,9 @@ class DriftPolicy(_message.Message):
     windows: int
     canary_weight: float
     approval: bool
-    def __init__(self, model: _Optional[str] = ..., pipeline: _Optional[str] = ..., threshold: _Optional[float] = ..., device_fraction: _Optional[float] = ..., windows: _Optional[int] = ..., canary_weight: _Optional[float] = ..., approval: _Optional[bool] = ...) -> None: ...
+    sample_rate: float
+    margin: float
+    def __init__(self, model: _Optional[str] = ..., pipeline: _Optional[str] = ..., threshold: _Optional[float] = ..., device_fraction: _Optional[float] = ..., windows: _Optional[int] = ..., canary_weight: _Optional[float] = ..., approval: _Optional[bool] = ..., sample_rate: _Optional[float] = ..., margin: _Optional[float] = ...) -> None: ...
 
 class ListRetrainJobsRequest(_message.Message):
     __slots__ = ("model",)
@@ -63,11 +67,36 @@ class RetrainJob(_message.Message):
     detail: str
     def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., version: _Optional[int] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
+class SampleSummary(_message.Message):
+    __slots__ = ("model", "region", "stored", "unused", "devices", "refused")
+    class RefusedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    UNUSED_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    region: str
+    stored: int
+    unused: int
+    devices: int
+    refused: _containers.ScalarMap[str, int]
+    def __init__(self, model: _Optional[str] = ..., region: _Optional[str] = ..., stored: _Optional[int] = ..., unused: _Optional[int] = ..., devices: _Optional[int] = ..., refused: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class ListRetrainJobsResponse(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "samples")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[RetrainJob]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[RetrainJob, _Mapping]]] = ...) -> None: ...
+    samples: _containers.RepeatedCompositeFieldContainer[SampleSummary]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[RetrainJob, _Mapping]]] = ..., samples: _Optional[_Iterable[_Union[SampleSummary, _Mapping]]] = ...) -> None: ...
 
 class VerifyAuditRequest(_message.Message):
     __slots__ = ("checkpoint",)
