@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from control_plane.domain import (
     Derived,
+    DriftWindowRecord,
     RetrainJob,
     SampleRecord,
     SampleRefusal,
@@ -179,7 +180,10 @@ class RetrainService:
         policy = self.store.get_policy(model)
         if policy is None or self.store.jobs(model, _ACTIVE):
             return None
-        fires, reason = policy_fires(policy, self.store.recent_drift(model, policy.windows))
+        experiment = self.store.get_experiment(model)
+        if experiment is not None and experiment.state == "running":
+            return None  # a canary is being measured: wait for its decision
+        fires, reason = policy_fires(policy, self._fresh_drift(model, policy.windows))
         if not fires:
             return None
         version = max((m.version for m in self.store.list_model_versions(model)), default=0) + 1
@@ -188,6 +192,20 @@ class RetrainService:
         log.warning("drift policy of %s fired (%s): retraining job %d for v%d", model, reason,
                     job_id, version)
         return self.store.jobs(model)[0]
+
+    def _fresh_drift(self, model: str, windows: int) -> dict[str, list[DriftWindowRecord]]:
+        """Each device's newest windows of the version now rolled out, closed after the last
+        job ended: a version being replaced, or drift a job has answered, fires nothing."""
+        rollout = self.store.get_rollout(model)
+        ended = [j.finished_at for j in self.store.jobs(model) if j.finished_at is not None]
+        since = max(ended, default=0.0)
+        out = {}
+        for device, recent in self.store.recent_drift(model, windows).items():
+            fresh = [w for w in recent if w.end > since
+                     and (rollout is None or w.version == rollout.version)]
+            if fresh:
+                out[device] = fresh
+        return out
 
     async def tick(self) -> None:
         for job in self.store.jobs(states=("queued",)):

@@ -89,6 +89,7 @@ class ServingSupervisor:
         self._sample_key_path = sample_key
         self._sample_key: bytes | None = None
         self._pii: dict[tuple[str, int], dict[str, str]] = {}
+        self._rates: dict[str, float] = {}
         self.samples_sent = 0
         self.core = ServingCore(on_prediction=self._on_prediction, on_result=self._on_result,
                                 on_sample=self._on_sample)
@@ -122,6 +123,10 @@ class ServingSupervisor:
             except (EdgefleetError, OSError) as exc:
                 log.error("cannot serve %s %s: %s", name, arms, exc)
             rate = rates.get(name, 0.0) if self._sample_key_path is not None else 0.0
+            if rate != self._rates.get(name, 0.0):
+                log.info("%s: contributing %g%% of labelled requests as training samples", name,
+                         100 * rate)
+            self._rates[name] = rate
             self.core.set_sampling(name, rate)
 
     # ------------------------------------------------------------------ hooks

@@ -1,11 +1,14 @@
 """`make demo`: the main scenario end to end on the embedded defaults (SQLite, local processes).
 
-So far: train, compress and sign the digits model (its publisher key made by `trainer keygen`),
-create a control plane that trusts that publisher, serve it, enroll two agents with one-time
-tokens, run them over mutual TLS, publish the bundle and roll it out: each agent receives its
-signed release document, downloads, verifies, smoke-tests, activates and commits the model.
-Then list the fleet and shut everything down cleanly. Later issues extend this story (serving,
-A/B, drift, retraining).
+The whole loop: train, compress and sign the digits model (its publisher key made by `trainer
+keygen`); create a control plane that trusts that publisher; enroll two agents with one-time
+tokens and run them over mutual TLS; roll v1 out in stages (each agent downloads, verifies,
+smoke-tests, activates and commits it); send real Open Inference Protocol traffic with feedback;
+shift the data (inverted intensities); the agents detect drift and contribute labelled samples;
+the drift policy fires and the control plane retrains v2 from the base data plus those samples,
+accepts it only because it beats v1 on the drifted data, canaries it in an experiment, and the
+experiment's statistical test promotes it through a rollout. Every step is shown with the
+`fleet` CLI, and everything started is shut down at the end.
 """
 
 from __future__ import annotations
@@ -34,19 +37,12 @@ PIPELINE = REPO / "examples" / "pipelines" / "digits-mlp.toml"
 
 
 def train(work: Path) -> Path:
-    """Train the digits model (v1, and a challenger v2); return the publisher's public key."""
+    """Train the digits model v1; return the publisher's public key."""
     step("trainer keygen (the publisher's model-signing key, kept with training)")
     print(run("trainer", "keygen", "--out", str(work / "publisher")), end="")
     step(f"trainer run {PIPELINE.relative_to(REPO)}  (ingest, train, prune, int8, sign)")
     print(run("trainer", "run", str(PIPELINE), "--workdir", str(work / "training"),
-              "--publisher-key", str(work / "publisher" / "publisher.key")), end="")
-    v2 = work / "digits-v2.toml"  # the challenger: less pruning, its own version number
-    v2.write_text(PIPELINE.read_text().replace("version = 1", "version = 2")
-                  .replace("prune = 0.5", "prune = 0.25").replace('path = "store"',
-                                                                  f'path = "{work / "store"}"'))
-    step("trainer run digits-v2.toml  (the challenger: 25% pruning)")
-    print(run("trainer", "run", str(v2), "--workdir", str(work / "training-v2"),
-              "--publisher-key", str(work / "publisher" / "publisher.key")), end="")
+              "--publisher-key", str(work / "publisher" / "publisher.key"), timeout=300), end="")
     run("model_signing", "verify", "key", str(work / "training" / "bundle"), "--signature",
         str(work / "training" / "bundle" / "model.sig"), "--public_key",
         str(work / "publisher" / "publisher.pub"))
@@ -65,8 +61,12 @@ def start_control_plane(
     # Trust the training environment's publisher key; heartbeat every 2 s so the demo is brisk.
     text = text.replace('publisher_keys = ["publisher/publisher.pub"]',
                         f'publisher_keys = ["publisher/publisher.pub", "{publisher_pub}"]')
+    # Brisk for a demo: 2 s heartbeats, 0.5 s scheduler ticks, experiments decided on 100
+    # labelled requests per arm.
     config.write_text(text.replace("heartbeat_interval_seconds = 10",
-                                   "heartbeat_interval_seconds = 2"))
+                                   "heartbeat_interval_seconds = 2")
+                      .replace("min_samples = 200", "min_samples = 100")
+                      .replace("tick_seconds = 2.0", "tick_seconds = 0.5"))
 
     step("control-plane serve (mTLS API + enrollment endpoint on free ports)")
     server = Child("control-plane", "control-plane", "serve", "--home", str(home),
@@ -84,8 +84,10 @@ def enroll_and_run_agents(
 ) -> list[Path]:
     agents = []
     for name, site in (("agent-1", "paris"), ("agent-2", "lyon")):
-        step(f"fleet tokens create --label site={site}; edge-agent enroll ({name})")
-        token = run(*fleet, "tokens", "create", "--label", f"site={site}", "--ttl", "600")
+        step(f"fleet tokens create --label site={site} --label region=eu-west; "
+             f"edge-agent enroll ({name})")
+        token = run(*fleet, "tokens", "create", "--label", f"site={site}", "--label",
+                    "region=eu-west", "--ttl", "600")
         print(f"one-time token {token.strip()[:12]}... (stored hashed)")
         state = work / name
         print(run("edge-agent", "enroll", "--server", enroll, "--token", token.strip(),
@@ -114,13 +116,34 @@ def deliver(work: Path, fleet: tuple[str, ...], children: list[Child]) -> None:
     step("fleet models publish (verified against the trusted publisher key, stored encrypted)")
     print(run(*fleet, "models", "publish", str(bundle)), end="")
     print(run(*fleet, "models", "list"), end="")
-    step("fleet rollouts start --model digits --version 1 --selector tier=demo")
+    step("fleet rollouts start --model digits --version 1 --selector tier=demo --steps 50,100 "
+         "--bake 2  (half the fleet first; the rest after a 2 s bake with no failures)")
     print(run(*fleet, "rollouts", "start", "--model", "digits", "--version", "1",
-              "--selector", "tier=demo"), end="")
+              "--selector", "tier=demo", "--steps", "50,100", "--bake", "2"), end="")
     for child in children[1:]:  # the agents: signed release pushed, downloaded, installed
-        print(f"{child.name}: " + child.expect(r"digits v1 active, on probation").group(0))
-    for child in children[1:]:
         print(f"{child.name}: " + child.expect(r"digits v1 committed after probation").group(0))
+    wait_rollout(fleet, 1)
+    print(run(*fleet, "rollouts", "status", "--model", "digits"), end="")
+
+
+def wait_for(what: str, check: Any, timeout: float = 120.0) -> Any:
+    """Poll ``check()`` until it returns something truthy (the demo's only waiting loop)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def wait_rollout(fleet: tuple[str, ...], version: int) -> None:
+    def done() -> bool:
+        status = json.loads(run(*fleet, "rollouts", "status", "--model", "digits", "--json"))
+        return bool(status["version"] == version and status["state"] == "completed"
+                    and all(d["state"] == "committed" for d in status["devices"]))
+    wait_for(f"the rollout of v{version} to complete", done)
 
 
 def _infer(client: httpx.Client, port: int, rows: Any, request_id: str, key: str) -> int:
@@ -132,40 +155,77 @@ def _infer(client: httpx.Client, port: int, rows: Any, request_id: str, key: str
     return int(r.json()["model_version"])
 
 
-def experiment_and_drift(work: Path, fleet: tuple[str, ...], children: list[Child]) -> None:
+def traffic(client: httpx.Client, children: list[Child], X: Any, y: Any, prefix: str,
+            count: int) -> None:
+    """``count`` labelled requests per agent (one row each, then its true label)."""
+    for child in children[1:]:
+        served: dict[int, int] = {}
+        for i in range(count):
+            rid = f"{prefix}-{child.name}-{i}"
+            k = i % len(X)
+            version = _infer(client, child.port, X[k : k + 1], rid, key=f"customer-{i}")
+            served[version] = served.get(version, 0) + 1
+            client.post(f"http://127.0.0.1:{child.port}/v2/models/digits/feedback",
+                        json={"id": rid, "label": int(y[k])}).raise_for_status()
+        print(f"{child.name}: " + ", ".join(f"v{v} answered {n}"
+                                            for v, n in sorted(served.items())))
+
+
+def drift_and_retrain(work: Path, fleet: tuple[str, ...], children: list[Child]) -> None:
     digits = load_digits()
     X, y = digits.data.astype("float32"), digits.target
-    step("fleet models publish training-v2/bundle; fleet experiments start --challenger 2 "
-         "--weight 0.1")
-    print(run(*fleet, "models", "publish", str(work / "training-v2" / "bundle")), end="")
-    print(run(*fleet, "experiments", "start", "--model", "digits", "--challenger", "2",
-              "--weight", "0.1"), end="")
-    for child in children[1:]:
-        print(f"{child.name}: " + child.expect(r"digits now serves v1 0.9, v2 0.1").group(0))
+    retrain = work / "retrain-digits.toml"  # the same pipeline, on the same feature store
+    retrain.write_text(PIPELINE.read_text().replace(
+        'path = "store"', f'path = "{work / "training" / "store"}"'))
+    step("fleet retrain policy --model digits --sample-rate 1.0 --margin 0.2  (drift score > "
+         "0.2 in 2 consecutive windows on half the devices retrains; devices contribute "
+         "their labelled requests, PII pseudonymized on the device)")
+    print(run(*fleet, "retrain", "policy", "--model", "digits", "--pipeline", str(retrain),
+              "--threshold", "0.2", "--windows", "2", "--fraction", "0.5",
+              "--sample-rate", "1.0", "--margin", "0.2"), end="")
+    for child in children[1:]:  # the release that turns sampling on
+        print(f"{child.name}: " + child.expect(r"digits: contributing .*").group(0))
 
-    step("Open Inference Protocol traffic: 600 real digits per agent, then the true labels")
     with httpx.Client(timeout=30) as client:
+        step("Open Inference Protocol traffic: 200 real digits per agent, with true labels")
+        traffic(client, children, X[:200], y[:200], "base", 200)
+        step("the data shifts: inverted intensities (16 - x) on both agents, still labelled")
+        shifted = 16.0 - X
+        traffic(client, children, shifted[:450], y[:450], "shift", 450)
         for child in children[1:]:
-            served = {1: 0, 2: 0}
-            for i in range(600):
-                version = _infer(client, child.port, X[i : i + 1], f"{child.name}-{i}",
-                                 key=f"customer-{i}")
-                served[version] += 1
-                client.post(f"http://127.0.0.1:{child.port}/v2/models/digits/feedback",
-                            json={"id": f"{child.name}-{i}", "label": int(y[i])})
-            print(f"{child.name}: v1 answered {served[1]}, v2 answered {served[2]}")
-        time.sleep(3)  # two heartbeats carry the arm counters to the control plane
-        step("fleet experiments status --model digits")
-        print(run(*fleet, "experiments", "status", "--model", "digits"), end="")
+            print(f"{child.name}: " + child.expect(r"drift on digits .*").group(0))
+        step("fleet drift --model digits")
+        wait_for("drift reports", lambda: json.loads(run(
+            *fleet, "drift", "--model", "digits", "--json"))["fleet"][0]["drifted_devices"])
+        print(run(*fleet, "drift", "--model", "digits"), end="")
 
-        step("the data shifts: inverted intensities (16 - x) on agent-1")
-        child = children[1]
-        for i in range(0, 400, 50):
-            _infer(client, child.port, 16.0 - X[i : i + 50], f"shift-{i}", key=f"s-{i}")
-        print(child.expect(r"drift on digits .*").group(0))
-    time.sleep(3)
-    step("fleet drift --model digits")
-    print(run(*fleet, "drift", "--model", "digits"), end="")
+        step("the drift policy fires: the control plane retrains v2 from base data + samples")
+        def job() -> Any:
+            jobs = json.loads(run(*fleet, "retrain", "jobs", "--model", "digits",
+                                  "--json"))["jobs"]
+            return jobs and jobs[0]["state"] not in ("queued", "running") and jobs[0]
+        finished = wait_for("the retraining job", job, timeout=300)
+        print(run(*fleet, "retrain", "jobs", "--model", "digits"), end="")
+        if finished["state"] != "succeeded":
+            raise RuntimeError(f"retraining ended {finished['state']}: {finished['detail']}")
+
+        step("v2 goes out as a canary experiment (10% of each agent's traffic)")
+        for child in children[1:]:
+            print(f"{child.name}: " + child.expect(r"digits now serves v1 0.9, v2 0.1").group(0))
+        step("more shifted traffic with labels; the experiment decides by a one-sided z-test")
+        traffic(client, children, shifted[450:], y[450:], "exp", 700)
+
+        def decided() -> Any:
+            status = json.loads(run(*fleet, "experiments", "status", "--model", "digits",
+                                    "--json"))
+            return status["state"] != "running" and status
+        result = wait_for("the experiment's decision", decided)
+        print(run(*fleet, "experiments", "status", "--model", "digits"), end="")
+        if result["state"] != "promoted":
+            raise RuntimeError(f"the experiment ended {result['state']}, not promoted")
+    step("the experiment promoted v2 through a rollout")
+    wait_rollout(fleet, 2)
+    print(run(*fleet, "rollouts", "status", "--model", "digits"), end="")
 
 
 def scenario(work: Path, children: list[Child]) -> int:
@@ -183,18 +243,11 @@ def scenario(work: Path, children: list[Child]) -> int:
     if len(online) != len(agents):
         raise RuntimeError(f"expected {len(agents)} online devices, got {devices}")
 
-    experiment_and_drift(work, fleet, children)
+    drift_and_retrain(work, fleet, children)
 
-    step("fleet rollouts status --model digits")
-    deadline = time.monotonic() + 30
-    while True:  # the commit reaches the control plane with the agents' next heartbeat
-        status = json.loads(run(*fleet, "rollouts", "status", "--model", "digits", "--json"))
-        if all(d["state"] == "committed" for d in status["devices"]):
-            break
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"rollout did not complete: {status}")
-        time.sleep(0.2)
-    print(run(*fleet, "rollouts", "status", "--model", "digits"), end="")
+    step("fleet models list; fleet devices list  (the fleet at the end)")
+    print(run(*fleet, "models", "list"), end="")
+    print(run(*fleet, "devices", "list"), end="")
 
     step("fleet audit list; fleet audit verify")
     print(run(*fleet, "audit", "list"), end="")

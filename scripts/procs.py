@@ -64,10 +64,10 @@ class Child:
         return self.proc.returncode
 
 
-def run(*args: str, check: bool = True) -> str:
+def run(*args: str, check: bool = True, timeout: float = DEFAULT_WAIT) -> str:
     """Run a command to completion and return its stdout; raise with its stderr on failure."""
     r = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True,
-                       timeout=DEFAULT_WAIT, check=False)
+                       timeout=timeout, check=False)
     if check and r.returncode != 0:
         raise RuntimeError(f"`{' '.join(args[:3])} ...` failed: {r.stderr.strip()}")
     return r.stdout

@@ -21,3 +21,9 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "bundle verified with the reference tool" in out
     assert "v1 answered" in out and "drift on digits" in out
     assert "intact:" in out  # fleet audit verify
+    # The whole loop: drift -> retrain from samples (accepted) -> canary -> promoted -> rolled out
+    assert "v2 published and canaried; on " in out and "held-out device samples" in out
+    assert "digits now serves v1 0.9, v2 0.1" in out
+    assert "decision: promote" in out
+    assert "rollout digits -> version 2 (completed)" in out
+    assert "retrain.start        digits:3" not in out  # no second job while the canary runs

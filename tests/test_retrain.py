@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import string
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,6 +185,8 @@ def test_drift_on_shifted_data_retrains_a_better_model_from_samples_and_canaries
         experiment = cp.cp.store.get_experiment("digits")
         assert experiment is not None
         assert (experiment.champion, experiment.challenger, experiment.weight) == (1, 2, 0.1)
+        # While the canary is measured, more drift from v1 starts no second job.
+        assert _send_drift(cp, tmp_path, first_seq=20) == ["succeeded", "rejected"]
         actions = [e.action for e in cp.cp.store.list_audit(50)]
         assert "retrain.start" in actions and "retrain.rejected" in actions
     finally:
@@ -198,7 +201,8 @@ def _send(cp: RunningControlPlane, state: Path, records: list[agent_pb2.Telemetr
 
 
 def _send_drift(cp: RunningControlPlane, tmp_path: Path, first_seq: int = 1) -> list[str]:
-    """Two drifted windows from each device: the policy's condition."""
+    """Two drifted windows from each device (closed now): the policy's condition."""
+    now = time.time()
     for name in ("a", "b"):
         _send(
             cp,
@@ -212,8 +216,8 @@ def _send_drift(cp: RunningControlPlane, tmp_path: Path, first_seq: int = 1) -> 
                         {
                             "model": "digits",
                             "version": 1,
-                            "start": float(i),
-                            "end": i + 1.0,
+                            "start": now + i,
+                            "end": now + i + 1.0,
                             "rows": 200,
                             "score": 0.8,
                             "drifted": True,
