@@ -80,13 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     devices = sub.add_parser("devices", help="enrolled devices").add_subparsers(
         dest="command", required=True
     )
-    dl = devices.add_parser("list")
+    dl = devices.add_parser("list", help="every device: status, labels, last seen")
     dl.add_argument("--selector", action="append", default=[], metavar="K=V")
     dl.add_argument("--json", action="store_true")
-    ds = devices.add_parser("show")
+    ds = devices.add_parser("show", help="one device: certificates, models, telemetry")
     ds.add_argument("id")
     ds.add_argument("--json", action="store_true")
-    dr = devices.add_parser("revoke")
+    dr = devices.add_parser("revoke", help="revoke a device: its certificate stops working at once")
     dr.add_argument("id")
     dr.add_argument("--reason", default="")
     dr.add_argument("--json", action="store_true")
@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(
         dest="command", required=True
     )
-    al = audit.add_parser("list")
+    al = audit.add_parser("list", help="the newest audit entries")
     al.add_argument("--limit", type=int, default=100)
     al.add_argument("--json", action="store_true")
     av = audit.add_parser("verify", help="check the hash chain (and an earlier checkpoint)")

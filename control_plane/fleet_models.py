@@ -33,16 +33,21 @@ def add_model_commands(sub: Any) -> None:
     mp = models.add_parser("publish", help="upload a signed bundle directory")
     mp.add_argument("bundle", type=Path)
     mp.add_argument("--json", action="store_true")
-    ml = models.add_parser("list")
+    ml = models.add_parser("list", help="every published version, newest first")
     ml.add_argument("--json", action="store_true")
-    ms = models.add_parser("show")
+    ms = models.add_parser("show", help="one model's versions and manifests")
     ms.add_argument("name")
     ms.add_argument("--json", action="store_true")
 
     rollouts = sub.add_parser("rollouts", help="assign model versions to devices").add_subparsers(
         dest="command", required=True
     )
-    rs = rollouts.add_parser("start")
+    rs = rollouts.add_parser(
+        "start", help="roll a version out in steps, gated on measured behaviour",
+        description="Roll VERSION of MODEL out to the devices matching --selector, step by "
+                    "step. Each step bakes, then its gates are judged on the step's devices; "
+                    "a gate with too few samples does not pass. A newer rollout of the model "
+                    "supersedes this one.")
     rs.add_argument("--model", required=True)
     rs.add_argument("--version", required=True, type=int)
     rs.add_argument("--selector", action="append", default=[], metavar="K=V")
@@ -55,24 +60,35 @@ def add_model_commands(sub: Any) -> None:
     rs.add_argument("--on-failure", choices=["pause", "rollback"], default="pause")
     rs.add_argument("--json", action="store_true")
     for action in ("pause", "resume", "abort", "rollback"):
-        ra = rollouts.add_parser(action)
+        ra = rollouts.add_parser(action, help={
+            "pause": "stop advancing (devices keep what they have)",
+            "resume": "continue a paused rollout",
+            "abort": "stop and put every device back on the previous version",
+            "rollback": "put every device back on the previous version",
+        }[action])
         ra.add_argument("--model", required=True)
         ra.add_argument("--json", action="store_true")
-    rst = rollouts.add_parser("status")
+    rst = rollouts.add_parser("status", help="per step and device: what happened and why")
     rst.add_argument("--model", required=True)
     rst.add_argument("--json", action="store_true")
 
     experiments = sub.add_parser(
         "experiments", help="champion and challenger side by side on devices"
     ).add_subparsers(dest="command", required=True)
-    es = experiments.add_parser("start")
+    es = experiments.add_parser(
+        "start", help="serve a challenger beside the champion on each selected device",
+        description="The challenger gets --weight of each device's traffic. Once both arms "
+                    "have enough labelled requests, a one-sided two-proportion z-test decides: "
+                    "promote the challenger through a rollout, or stop it.")
     es.add_argument("--model", required=True)
     es.add_argument("--challenger", required=True, type=int)
     es.add_argument("--weight", type=float, default=0.1)
     es.add_argument("--selector", action="append", default=[], metavar="K=V")
     es.add_argument("--json", action="store_true")
     for name in ("status", "stop"):
-        e = experiments.add_parser(name)
+        e = experiments.add_parser(name, help={
+            "status": "per-arm requests, errors, latency, accuracy with a 95% CI, decision",
+            "stop": "end the experiment; devices go back to the champion alone"}[name])
         e.add_argument("--model", required=True)
         e.add_argument("--json", action="store_true")
 
