@@ -15,8 +15,8 @@ from edge_agent.enroll import enroll
 from edge_agent.identity import load_credentials
 from edge_agent.model_store import ModelStore
 from edge_agent.state import AgentConfig, StateDir
+from edge_agent.transport import TRANSPORTS
 from fleetcore.cli import print_json, print_table, run_main, setup_logging
-from fleetcore.errors import InvalidInputError
 from fleetcore.labels import parse_label_args
 
 __all__ = ["main"]
@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--state-dir", required=True, type=Path)
     e.add_argument("--label", action="append", default=[], metavar="K=V")
     e.add_argument("--force", action="store_true", help="replace an existing enrollment")
+    e.add_argument("--transport", choices=TRANSPORTS, default="grpc",
+                   help="how `run` reaches the control plane (mqtt: through the fleet's broker)")
 
     r = sub.add_parser("run", help="run the agent until SIGTERM/SIGINT")
     r.add_argument("--state-dir", required=True, type=Path)
@@ -41,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Open Inference Protocol HTTP address ('' to disable; port 0: any)")
     r.add_argument("--grpc-listen", metavar="HOST:PORT", default="127.0.0.1:8081",
                    help="Open Inference Protocol gRPC address ('' to disable; port 0: any)")
-    r.add_argument("--transport", choices=["grpc", "mqtt"], default=None)
+    r.add_argument("--transport", choices=TRANSPORTS, default=None,
+                   help="override agent.transport from agent.toml for this run")
 
     s = sub.add_parser("status", help="show this agent's identity and last contact")
     s.add_argument("--state-dir", required=True, type=Path)
@@ -51,8 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _run(state_dir: Path, transport: str | None, listen: str, grpc_listen: str) -> None:
     cfg = AgentConfig.load(StateDir(state_dir))
-    if (transport or cfg.transport) != "grpc":
-        raise InvalidInputError("the mqtt transport is not available yet; use --transport grpc")
+    cfg.transport = transport or cfg.transport
     agent = Agent(state_dir, config=cfg, listen=listen or None, grpc_listen=grpc_listen or None)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -100,6 +102,8 @@ def _status(state_dir: Path, as_json: bool) -> int:
                 ("device_id", doc["device_id"]),
                 ("state", doc["state"]),
                 ("api_address", doc["api_address"]),
+                ("transport", f"{cfg.transport} {cfg.mqtt_url}".strip()
+                 if cfg.transport == "mqtt" else cfg.transport),
                 ("labels", ",".join(f"{k}={v}" for k, v in sorted(cfg.labels.items())) or "-"),
                 ("last_heartbeat", _ts(doc["last_heartbeat"])),
                 ("last_error", doc["last_error"] or "-"),
@@ -129,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.state_dir,
                 labels=parse_label_args(args.label),
                 force=args.force,
+                transport=args.transport,
             )
-            print(f"enrolled as {cfg.device_id}")
+            print(f"enrolled as {cfg.device_id} ({cfg.transport})")
             return 0
         if args.command == "run":
             asyncio.run(_run(args.state_dir, args.transport, args.listen, args.grpc_listen))

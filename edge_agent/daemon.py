@@ -1,9 +1,11 @@
-"""`edge-agent run`: stay in touch with the control plane over mTLS, through its outages.
+"""`edge-agent run`: stay in touch with the control plane, through its outages.
 
-One loop: (re)connect, renew the certificate when due, heartbeat, wait. Any failure closes the
-channel and waits an exponential, jittered delay before the next try, so a fleet that lost its
+One loop: (re)connect, renew the certificate when due, heartbeat, wait. Any failure resets the
+transport and waits an exponential, jittered delay before the next try, so a fleet that lost its
 control plane does not come back as a thundering herd, and a restarted control plane is found
-again without operator action.
+again without operator action. A second loop takes the signed release documents as they come
+and installs what they name. Both talk through ``edge_agent.transport`` (gRPC with mTLS, or
+MQTT with TLS): nothing here knows which.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
-from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from edgefleet.v1 import agent_pb2, common_pb2
 
 from edge_agent._version import __version__
 from edge_agent.backoff import Backoff
@@ -35,19 +36,18 @@ from edge_agent.serving.metrics import ServingMetrics
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.supervisor import ServingSupervisor
 from edge_agent.telemetry import TelemetrySender, encode
+from edge_agent.transport import RefusedError, Transport, make_transport
 from edge_agent.updater import Updater
 from fleetcore import pki
 from fleetcore.addresses import parse_hostport
-from fleetcore.errors import EdgefleetError, UntrustedInputError
-from fleetcore.release import ReleaseDocument, SignedRelease
+from fleetcore.errors import EdgefleetError, TransportError, UntrustedInputError
+from fleetcore.release import ReleaseDocument
 
 __all__ = ["Agent", "AgentEvent"]
 
 log = logging.getLogger(__name__)
 
-RPC_TIMEOUT_SECONDS = 10.0
 AgentEvent = Callable[[str, dict[str, Any]], None]
-_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class Agent:
@@ -94,12 +94,13 @@ class Agent:
         self.host = host_facts()
         self.started_at = clock()
         self.heartbeats = 0
-        self._channel: grpc.aio.Channel | None = None
+        self.transport: Transport = make_transport(self.config, self.state, lambda: self.creds)
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._status: dict[str, Any] = {
             "device_id": self.config.device_id,
             "api_address": self.config.api_address,
+            "transport": self.config.transport,
             "state": "starting",
             "last_heartbeat": None,
             "last_error": None,
@@ -115,8 +116,9 @@ class Agent:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        log.info("agent %s starting; control plane %s", self.config.device_id,
-                 self.config.api_address)
+        log.info("agent %s starting; control plane %s over %s", self.config.device_id,
+                 self.config.mqtt_url if self.config.transport == "mqtt"
+                 else self.config.api_address, self.config.transport)
         self._report_now = asyncio.Event()
         # Serve what is installed first: serving never waits for the control plane.
         await asyncio.to_thread(self.supervisor.configure, self.trust.current)
@@ -133,7 +135,7 @@ class Agent:
                 await sync
             for stop in servers:
                 await stop()
-            await self._close_channel()
+            await self.transport.close()
             self.supervisor.core.flush(5.0)
             self.supervisor.snapshot()  # the last counters wait in the outbox for next time
             self.supervisor.close()
@@ -173,21 +175,19 @@ class Agent:
     async def _cycle(self) -> float:
         """One attempt to stay in touch; returns how long to wait before the next one."""
         try:
-            stub = agent_pb2_grpc.AgentServiceStub(self._connect())
             if renewal_due(self.creds, self.clock(), self.config.renew_at_fraction):
-                await self._renew(stub)
-                stub = agent_pb2_grpc.AgentServiceStub(self._connect())
+                await self._renew()
             request = self._heartbeat_request()
             if self._decided:
                 self._decided = False
                 await asyncio.to_thread(self.supervisor.configure, self.trust.current)
             self.supervisor.snapshot()
-            reply = await stub.Heartbeat(request, timeout=RPC_TIMEOUT_SECONDS)
-            sent = await self.sender.send(stub)
-        except grpc.aio.AioRpcError as exc:
-            return await self._failed(exc.code(), exc.details() or "")
+            reply = await self.transport.heartbeat(request)
+            sent = await self.sender.send(self.transport)
+        except EdgefleetError as exc:
+            return await self._failed(isinstance(exc, RefusedError), str(exc))
         except (OSError, ValueError) as exc:
-            return await self._failed(None, str(exc))
+            return await self._failed(False, f"ERROR: {exc}")
         self.heartbeats += 1
         self.backoff.reset()
         if self._status["state"] != "connected":
@@ -201,11 +201,9 @@ class Agent:
                                  "telemetry_sent": sent})
         return self.config.heartbeat_interval_seconds
 
-    async def _failed(self, code: grpc.StatusCode | None, details: str) -> float:
-        await self._close_channel()
-        refused = code in _REFUSED
+    async def _failed(self, refused: bool, message: str) -> float:
+        await self.transport.reset()
         state = "refused" if refused else "disconnected"
-        message = f"{code.name if code else 'ERROR'}: {details}"
         failures = self._status["consecutive_failures"] + 1
         delay = self.backoff.next_delay()
         log.warning("control plane %s (%s); retrying in %.1fs", state, message, delay)
@@ -232,26 +230,25 @@ class Agent:
 
     # ------------------------------------------------------------------ releases
     async def _sync_loop(self) -> None:
-        """Hold a Sync stream open; verify and apply each release document it delivers."""
+        """Follow the release documents; verify and apply each one that arrives."""
         backoff = Backoff(self.config.backoff_initial_seconds, self.config.backoff_max_seconds)
         assert self._stop is not None
         while not self._stop.is_set():
-            channel = self._new_channel()
             try:
-                stub = agent_pb2_grpc.AgentServiceStub(channel)
                 if self.trust.current is not None:  # finish what a restart interrupted
-                    await self._apply(self.trust.current, stub)
+                    await self._apply(self.trust.current)
                 have = self.trust.mark.serial if self.trust.mark else 0
-                async for event in stub.Sync(agent_pb2.SyncRequest(have_serial=have)):
-                    signed = SignedRelease(event.release.document, event.release.signature)
-                    doc, changed = self.trust.accept(signed, self.clock())
-                    log.info("release serial %d accepted%s", doc.serial,
-                             "" if changed else " (unchanged)")
-                    self._emit("release", {"serial": doc.serial})
-                    await self._apply(doc, stub)
-                    backoff.reset()
-            except grpc.aio.AioRpcError as exc:
-                log.info("sync stream ended: %s", exc.code().name)
+                releases = self.transport.releases(have)
+                async with contextlib.aclosing(releases):
+                    async for signed in releases:
+                        doc, changed = self.trust.accept(signed, self.clock())
+                        log.info("release serial %d accepted%s", doc.serial,
+                                 "" if changed else " (unchanged)")
+                        self._emit("release", {"serial": doc.serial})
+                        await self._apply(doc)
+                        backoff.reset()
+            except TransportError as exc:
+                log.info("release stream ended: %s", exc)
             except UntrustedInputError as exc:
                 log.error("release refused: %s", exc)
                 self._record_error("release", str(exc))
@@ -259,14 +256,12 @@ class Agent:
             except (EdgefleetError, OSError) as exc:
                 log.warning("sync: %s", exc)
                 self._record_error("sync", str(exc))
-            finally:
-                await channel.close()
             await self._sleep(backoff.next_delay())
 
-    async def _apply(self, doc: ReleaseDocument, stub: agent_pb2_grpc.AgentServiceStub) -> None:
+    async def _apply(self, doc: ReleaseDocument) -> None:
         before = self._install_states()
         try:
-            await self.updater.apply(doc, stub)
+            await self.updater.apply(doc, self.transport)
         finally:
             self.updater.tick()
             self._record_installs(before)
@@ -275,17 +270,14 @@ class Agent:
             if self._report_now is not None:
                 self._report_now.set()  # tell the control plane without waiting a full beat
 
-    async def _renew(self, stub: agent_pb2_grpc.AgentServiceStub) -> None:
+    async def _renew(self) -> None:
         key = pki.generate_key()
-        reply = await stub.RenewCertificate(
-            agent_pb2.RenewCertificateRequest(csr_pem=pki.make_csr(key)),
-            timeout=RPC_TIMEOUT_SECONDS,
-        )
+        certificate_pem = await self.transport.renew_certificate(pki.make_csr(key))
         old = self.creds.serial
-        install_renewed(self.state, pki.private_key_pem(key), reply.certificate_pem,
+        install_renewed(self.state, pki.private_key_pem(key), certificate_pem,
                         self.config.device_id, self.clock())
         self.creds = load_credentials(self.state)
-        await self._close_channel()
+        await self.transport.reset()  # reconnect with the new certificate
         log.info("certificate renewed: %s -> %s", old, self.creds.serial)
         self._emit("renewed", {"old_serial": old, "serial": self.creds.serial})
 
@@ -305,24 +297,6 @@ class Agent:
         self.outbox.append("error", encode({"where": where, "error": error[:1000]}), self.clock())
 
     # ------------------------------------------------------------------ plumbing
-    def _new_channel(self) -> grpc.aio.Channel:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=self.creds.ca_pem,
-            private_key=self.creds.key_pem,
-            certificate_chain=self.creds.cert_pem,
-        )
-        return grpc.aio.secure_channel(self.config.api_address, creds)
-
-    def _connect(self) -> grpc.aio.Channel:
-        if self._channel is None:
-            self._channel = self._new_channel()
-        return self._channel
-
-    async def _close_channel(self) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            await channel.close()
-
     async def _sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
         """Wait ``seconds``, or less when asked to stop (or ``wake`` is set)."""
         assert self._stop is not None

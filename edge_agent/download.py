@@ -3,23 +3,24 @@
 The release document declares each bundle's digest and length. Bytes are appended at the
 offset the part file has reached (a broken connection or a restart resumes there), anything a
 server sends beyond the declared length is never written (endless-data attack), a stream that
-stalls longer than ``chunk_timeout`` is abandoned (the old model keeps serving), and the
-finished file must hash to the declared digest or it is deleted.
+stalls longer than ``chunk_timeout`` is abandoned (the transport's base class enforces it; the
+old model keeps serving), and the finished file must hash to the declared digest or it is
+deleted. The same code runs over gRPC and MQTT (``edge_agent.transport``).
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-import grpc
 from edgefleet.v1 import agent_pb2
 
+from edge_agent.transport.base import Transport
 from fleetcore.errors import EdgefleetError, TransportError, UntrustedInputError
 from fleetcore.files import file_digest
 
@@ -36,12 +37,8 @@ class DiskSpaceError(EdgefleetError):
     """Not enough free disk for the download and its unpacked copy."""
 
 
-async def _next(it: AsyncIterator[Any], timeout: float) -> Any:
-    return await asyncio.wait_for(anext(it), timeout)
-
-
 async def fetch_bundle(
-    stub: Any, digest: str, length: int, part: Path, *, chunk_timeout: float = 30.0
+    transport: Transport, digest: str, length: int, part: Path, *, chunk_timeout: float = 30.0
 ) -> Path:
     """Download the bundle into ``part`` (resuming), check its digest, return the path."""
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -57,19 +54,15 @@ async def fetch_bundle(
         )
     if have < length:
         log.info("downloading %s from offset %d of %d", digest, have, length)
-        call = stub.FetchBundle(
-            agent_pb2.FetchBundleRequest(digest=digest, offset=have, length=length - have)
-        )
-        try:
+        chunks = transport.fetch_bundle(digest, have, length - have,
+                                        chunk_timeout=chunk_timeout)
+        async with contextlib.aclosing(chunks):
             with part.open("ab") as fh:
                 try:
-                    have = await _receive(call.__aiter__(), fh, digest, have, length,
-                                          chunk_timeout)
+                    have = await _receive(chunks, fh, digest, have, length)
                 finally:
                     fh.flush()
                     os.fsync(fh.fileno())
-        finally:
-            call.cancel()
         if have < length:
             raise TransportError(f"download of {digest} ended at {have}/{length} bytes")
     actual = file_digest(part)
@@ -80,21 +73,11 @@ async def fetch_bundle(
 
 
 async def _receive(
-    it: AsyncIterator[Any], fh: BinaryIO, digest: str, have: int, length: int, timeout: float
+    chunks: AsyncIterator[agent_pb2.BundleChunk], fh: BinaryIO, digest: str, have: int,
+    length: int,
 ) -> int:
     """Append chunks to ``fh`` until ``length`` bytes are there or the stream ends."""
-    while have < length:
-        try:
-            chunk = await _next(it, timeout)
-        except StopAsyncIteration:
-            break
-        except TimeoutError:
-            raise TransportError(f"download of {digest} stalled at {have}/{length} bytes") from None
-        except grpc.aio.AioRpcError as exc:
-            raise TransportError(
-                f"download of {digest} failed at {have}/{length} bytes: "
-                f"{exc.code().name}: {exc.details()}"
-            ) from None
+    async for chunk in chunks:
         if chunk.offset != have:
             raise UntrustedInputError(f"chunk at offset {chunk.offset}; expected {have}")
         room = length - have
@@ -105,4 +88,6 @@ async def _receive(
             # stream is not read any further.
             log.warning("server sent more than the declared %d bytes of %s; ignoring the excess",
                         length, digest)
+        if have >= length:
+            break
     return have

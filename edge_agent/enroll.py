@@ -38,9 +38,16 @@ def enroll(
     *,
     labels: Mapping[str, str] | None = None,
     force: bool = False,
+    transport: str = "grpc",
 ) -> AgentConfig:
-    """Enroll this host with the control plane at ``server`` (the enrollment port)."""
+    """Enroll this host with the control plane at ``server`` (the enrollment port).
+
+    ``transport`` ("grpc" or "mqtt") is what ``edge-agent run`` will use; mqtt needs the
+    control plane to name a broker in its answer.
+    """
     state = StateDir(Path(state_dir))
+    if transport not in ("grpc", "mqtt"):
+        raise InvalidInputError(f"transport must be grpc or mqtt; got {transport!r}")
     if state.is_enrolled() and not force:
         raise AlreadyExistsError(
             f"{state.root} is already enrolled; pass --force to enroll again"
@@ -85,6 +92,10 @@ def enroll(
         raise InvalidInputError(f"more than {MAX_PUBLISHER_KEYS} publisher keys in the answer")
     for pem in reply.publisher_public_keys_pem:
         pki.load_public_key(pem)
+    if transport == "mqtt" and not reply.mqtt_url:
+        raise InvalidInputError(
+            "--transport mqtt: the control plane names no MQTT broker (start it with --mqtt URL)"
+        )
 
     ensure_private_dir(state.root)
     atomic_write(state.key, pki.private_key_pem(key), mode=0o600)
@@ -97,6 +108,7 @@ def enroll(
         device_id=reply.device_id,
         api_address=reply.api_address,
         mqtt_url=reply.mqtt_url,
+        transport=transport,
         labels=dict(reply.labels),
         heartbeat_interval_seconds=float(reply.heartbeat_interval_seconds or 10),
     )

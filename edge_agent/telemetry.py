@@ -1,10 +1,12 @@
 """Send the outbox to the control plane; delete only what it acknowledged.
 
 Called after each heartbeat: up to ``max_batches`` batches of the oldest records go out with
-the outbox's drop count and depth; the control plane stores each (device, seq) once and answers
-with the seqs it holds, and only those are deleted. A failure leaves every record in place for
-the next try, so telemetry written during an outage - or before a ``kill -9`` - arrives once
-the control plane is back, exactly once.
+the outbox's drop count and depth; only the seqs the receiver acknowledged are deleted. Over
+gRPC that is the control plane, which stores each (device, seq) once and answers with the seqs
+it holds; over MQTT it is the broker's PUBACK for the batch (QoS 1), and the control plane
+deduplicates on (device, seq) when the bridge hands the batch on. A failure leaves every
+record in place for the next try, so telemetry written during an outage - or before a
+``kill -9`` - arrives once the control plane is back, exactly once.
 """
 
 from __future__ import annotations
@@ -16,13 +18,11 @@ from typing import Any
 from edgefleet.v1 import agent_pb2
 
 from edge_agent.outbox import Outbox
+from edge_agent.transport.base import Transport
 
 __all__ = ["TelemetrySender", "encode"]
 
 log = logging.getLogger(__name__)
-
-RPC_TIMEOUT_SECONDS = 10.0
-
 
 def encode(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), default=float).encode()
@@ -36,7 +36,7 @@ class TelemetrySender:
         self.batch_bytes = batch_bytes
         self.max_batches = max_batches
 
-    async def send(self, stub: Any) -> int:
+    async def send(self, transport: Transport) -> int:
         """Send pending records; return how many were acknowledged (and deleted)."""
         sent = 0
         for _ in range(self.max_batches):
@@ -44,16 +44,15 @@ class TelemetrySender:
             if not records:
                 break
             stats = self.outbox.stats()
-            reply = await stub.SendTelemetry(
+            acked = await transport.send_telemetry(
                 agent_pb2.TelemetryBatch(
                     records=[agent_pb2.TelemetryRecord(seq=r.seq, kind=r.kind,
                                                        created_at=r.created_at,
                                                        payload=r.payload) for r in records],
                     dropped=stats.dropped, depth=stats.depth,
                 ),
-                timeout=RPC_TIMEOUT_SECONDS,
             )
-            deleted = self.outbox.ack(reply.acked)
+            deleted = self.outbox.ack(acked)
             sent += deleted
             if deleted < len(records):
                 log.warning("control plane acknowledged %d of %d telemetry records", deleted,

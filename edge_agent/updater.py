@@ -25,6 +25,7 @@ from edge_agent.download import fetch_bundle
 from edge_agent.lifecycle import InstallState
 from edge_agent.model_store import ModelStore
 from edge_agent.probation import Probation, ProbationPolicy
+from edge_agent.transport.base import Transport
 from fleetcore.archive import safe_extract
 from fleetcore.bundle_verify import verify_bundle_dir
 from fleetcore.errors import EdgefleetError, TransportError
@@ -66,7 +67,7 @@ class Updater:
     def verifier(publisher_pems: list[bytes]) -> Callable[[Path], dict[str, Any]]:
         return lambda path: verify_bundle_dir(path, publisher_pems)
 
-    async def apply(self, doc: ReleaseDocument, stub: Any) -> None:
+    async def apply(self, doc: ReleaseDocument, transport: Transport) -> None:
         for model in doc.models:
             primary = serving_arm(model.arms)
             others = [a for a in model.arms if a.version != primary.version]
@@ -78,7 +79,7 @@ class Updater:
                 if not activate and self._kept(model.name, arm.version):
                     continue  # an experiment arm already installed here
                 try:
-                    await self._install(model.name, arm, stub, activate=activate)
+                    await self._install(model.name, arm, transport, activate=activate)
                 except TransportError:
                     raise  # keep the partial download; the next sync resumes it
                 except EdgefleetError as exc:
@@ -86,7 +87,8 @@ class Updater:
                     self._failed.add(key)
                     self.store.fail(model.name, arm.version, str(exc)[:500])
 
-    async def _install(self, name: str, arm: Arm, stub: Any, *, activate: bool = True) -> None:
+    async def _install(self, name: str, arm: Arm, transport: Transport, *,
+                       activate: bool = True) -> None:
         if activate and self._kept(name, arm.version):
             log.info("switching %s to kept version %d (no download)", name, arm.version)
             self.store.activate_kept(name, arm.version)
@@ -94,7 +96,8 @@ class Updater:
             return
         self.store.begin(name, arm.version, arm.digest, arm.length)
         part = self.downloads / f"{arm.digest.removeprefix('sha256:')}.part"
-        await fetch_bundle(stub, arm.digest, arm.length, part, chunk_timeout=self.chunk_timeout)
+        await fetch_bundle(transport, arm.digest, arm.length, part,
+                           chunk_timeout=self.chunk_timeout)
         staging = self.store.staging_dir(name, arm.version)
         shutil.rmtree(staging, ignore_errors=True)
         staging.parent.mkdir(parents=True, exist_ok=True)

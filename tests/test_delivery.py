@@ -11,7 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 from control_plane.fleet_cli import main as fleet_main
 from edge_agent.cli import main as agent_main
 from edge_agent.download import fetch_bundle
+from edge_agent.transport import MAX_CHUNK_BYTES, Transport
 from fleetcore import pki
 from fleetcore.archive import pack_bundle
-from fleetcore.errors import TransportError, UntrustedInputError
+from fleetcore.errors import InvalidInputError, TransportError, UntrustedInputError
 from tests.support import (
     WAIT,
     LoopThread,
@@ -211,50 +212,55 @@ def test_device_cannot_fetch_a_bundle_outside_its_release(
 # ---------------------------------------------------------------- download behaviour
 
 
-class _Chunk:
-    def __init__(self, offset: int, data: bytes) -> None:
-        self.offset, self.data = offset, data
+class FakeBundleServer(Transport):
+    """Serves a blob like FetchBundle, misbehaving on request (in memory, no network).
 
+    A ``Transport``, so the base class's invariants (stall timeout, chunk size limit, error
+    wrapping) apply to it exactly as to gRPC and MQTT."""
 
-class _FakeCall:
-    def __init__(self, gen: AsyncIterator[_Chunk]) -> None:
-        self._gen = gen
-        self.cancelled = False
-
-    def __aiter__(self) -> AsyncIterator[_Chunk]:
-        return self._gen
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class FakeBundleServer:
-    """Serves a blob like FetchBundle, misbehaving on request (in memory, no network)."""
+    name = "fake"
 
     def __init__(self, blob: bytes, *, extra: bytes = b"", break_after: int | None = None,
                  stall_after: int | None = None, chunk: int = 1000) -> None:
+        super().__init__()
         self.blob, self.extra, self.chunk = blob, extra, chunk
         self.break_after, self.stall_after = break_after, stall_after
         self.requests: list[tuple[int, int]] = []
         self.sent = 0
 
-    def FetchBundle(self, request: agent_pb2.FetchBundleRequest) -> _FakeCall:
-        self.requests.append((request.offset, request.length))
+    async def _fetch_bundle(
+        self, digest: str, offset: int, length: int
+    ) -> AsyncGenerator[agent_pb2.BundleChunk, None]:
+        self.requests.append((offset, length))
+        data = self.blob[offset:] + self.extra
+        for chunks, i in enumerate(range(0, len(data), self.chunk)):
+            if self.stall_after is not None and chunks >= self.stall_after:
+                await asyncio.Event().wait()  # never answers again
+            if self.break_after is not None and chunks >= self.break_after:
+                self.break_after = None
+                raise ConnectionResetError("connection reset")
+            piece = data[i : i + self.chunk]
+            self.sent += len(piece)
+            yield agent_pb2.BundleChunk(offset=offset + i, data=piece)
 
-        async def gen() -> AsyncIterator[_Chunk]:
-            offset = request.offset
-            data = self.blob[offset:] + self.extra
-            for chunks, i in enumerate(range(0, len(data), self.chunk)):
-                if self.stall_after is not None and chunks >= self.stall_after:
-                    await asyncio.Event().wait()  # never answers again
-                if self.break_after is not None and chunks >= self.break_after:
-                    self.break_after = None
-                    raise TransportError("connection reset")
-                piece = data[i : i + self.chunk]
-                self.sent += len(piece)
-                yield _Chunk(offset + i, piece)
+    async def _heartbeat(self, request: Any) -> Any:
+        raise NotImplementedError
 
-        return _FakeCall(gen())
+    async def _send_telemetry(self, batch: Any) -> list[int]:
+        raise NotImplementedError
+
+    async def _renew_certificate(self, csr_pem: bytes) -> bytes:
+        raise NotImplementedError
+
+    async def _releases(self, have_serial: int) -> AsyncGenerator[Any, None]:
+        raise NotImplementedError
+        yield
+
+    async def _reset(self) -> None:
+        pass
+
+    async def _close(self) -> None:
+        pass
 
 
 def _digest(data: bytes) -> str:
@@ -298,6 +304,14 @@ def test_stalled_server_times_out_and_keeps_the_partial_download(tmp_path: Path)
     with pytest.raises(TransportError, match="stalled"):
         asyncio.run(fetch_bundle(server, _digest(blob), len(blob), part, chunk_timeout=0.2))
     assert part.stat().st_size == 2000
+
+
+def test_oversized_chunk_is_refused_by_the_transport_base(tmp_path: Path) -> None:
+    blob = b"q" * (MAX_CHUNK_BYTES + 10)
+    server = FakeBundleServer(blob, chunk=MAX_CHUNK_BYTES + 1)
+    with pytest.raises(InvalidInputError, match="limit"):
+        asyncio.run(fetch_bundle(server, _digest(blob), len(blob), tmp_path / "b.part"))
+    assert (tmp_path / "b.part").stat().st_size == 0  # nothing of it was written
 
 
 def test_failed_download_keeps_the_old_model_serving(

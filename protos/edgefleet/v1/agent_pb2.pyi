@@ -109,6 +109,14 @@ class HeartbeatRequest(_message.Message):
     uptime_seconds: int
     def __init__(self, agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., uptime_seconds: _Optional[int] = ...) -> None: ...
 
+class AgentStatus(_message.Message):
+    __slots__ = ("online", "heartbeat")
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    online: bool
+    heartbeat: HeartbeatRequest
+    def __init__(self, online: _Optional[bool] = ..., heartbeat: _Optional[_Union[HeartbeatRequest, _Mapping]] = ...) -> None: ...
+
 class HeartbeatResponse(_message.Message):
     __slots__ = ("server_time", "heartbeat_interval_seconds", "release_serial")
     SERVER_TIME_FIELD_NUMBER: _ClassVar[int]

@@ -1,0 +1,186 @@
+"""What the agent asks of the control plane, whatever carries it (gRPC or MQTT).
+
+The public methods of ``Transport`` are the only way in, and they enforce what must hold for
+every implementation (the python-tuf fetcher split):
+
+* every request-reply call has a timeout (``rpc_timeout_seconds``), and every chunk of a
+  download must arrive within the caller's ``chunk_timeout``;
+* every message from the other side is bounded: release documents and signatures by the
+  release-document limits, bundle chunks by ``MAX_CHUNK_BYTES``, certificates by the PKI limit;
+* every failure leaves as an ``EdgefleetError``: ``RefusedError`` when the other side refused
+  this device (revoked, unknown certificate), ``TransportError`` for anything that may work
+  later, ``UntrustedInputError`` for bytes we refuse. Library exceptions never escape.
+
+Subclasses implement the underscored methods and ``_wrap`` (their exceptions to ours), and stay
+short. The transport adds no trust: what it returns is verified above it exactly as before.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Awaitable
+from typing import TypeVar
+
+from edgefleet.v1 import agent_pb2, common_pb2
+
+from fleetcore.errors import EdgefleetError, InvalidInputError, TransportError
+from fleetcore.pki import MAX_CERT_BYTES
+from fleetcore.release import MAX_DOCUMENT_BYTES, MAX_SIGNATURE_BYTES, SignedRelease
+
+__all__ = ["MAX_CHUNK_BYTES", "RefusedError", "Transport"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# A bundle chunk may not be larger than this (servers send 256 KiB).
+MAX_CHUNK_BYTES = 1024 * 1024
+
+
+class RefusedError(TransportError):
+    """The control plane (or broker) refused this device: revoked or unknown certificate."""
+
+
+class Transport(abc.ABC):
+    """One connection to the control plane; ``close`` it when done."""
+
+    name = "abstract"
+
+    def __init__(self, *, rpc_timeout_seconds: float = 10.0) -> None:
+        self.rpc_timeout_seconds = rpc_timeout_seconds
+
+    # ------------------------------------------------------------------ the public surface
+    async def heartbeat(
+        self, request: agent_pb2.HeartbeatRequest
+    ) -> agent_pb2.HeartbeatResponse:
+        return await self._call("heartbeat", self._heartbeat(request))
+
+    async def send_telemetry(self, batch: agent_pb2.TelemetryBatch) -> list[int]:
+        """Send a batch; return the seqs that the receiver acknowledged (a subset)."""
+        sent = {r.seq for r in batch.records}
+        acked = await self._call("telemetry", self._send_telemetry(batch))
+        return [seq for seq in acked if seq in sent]
+
+    async def renew_certificate(self, csr_pem: bytes) -> bytes:
+        pem = await self._call("renewal", self._renew_certificate(csr_pem))
+        if len(pem) > MAX_CERT_BYTES:
+            raise InvalidInputError(
+                f"renewed certificate is {len(pem)} bytes; the limit is {MAX_CERT_BYTES}"
+            )
+        return pem
+
+    async def releases(self, have_serial: int) -> AsyncGenerator[SignedRelease, None]:
+        """Each signed release document as it arrives (the current one first), unverified."""
+        stream = self._releases(have_serial)
+        try:
+            while True:
+                try:
+                    release = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                except EdgefleetError:
+                    raise
+                except Exception as exc:
+                    raise self._wrapped("release stream", exc) from exc
+                if len(release.document) > MAX_DOCUMENT_BYTES or (
+                    len(release.signature) > MAX_SIGNATURE_BYTES
+                ):
+                    raise InvalidInputError(
+                        f"release document of {len(release.document)} bytes with a signature of "
+                        f"{len(release.signature)}; the limits are {MAX_DOCUMENT_BYTES} and "
+                        f"{MAX_SIGNATURE_BYTES}"
+                    )
+                yield SignedRelease(bytes(release.document), bytes(release.signature))
+        finally:
+            await stream.aclose()
+
+    async def fetch_bundle(
+        self, digest: str, offset: int, length: int, *, chunk_timeout: float
+    ) -> AsyncGenerator[agent_pb2.BundleChunk, None]:
+        """Chunks of bundle ``digest`` from ``offset`` (``length`` bytes are wanted)."""
+        stream = self._fetch_bundle(digest, offset, length)
+        have = offset
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(stream), chunk_timeout)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise TransportError(
+                        f"download of {digest} stalled at byte {have} (nothing for "
+                        f"{chunk_timeout:g}s)"
+                    ) from None
+                except EdgefleetError:
+                    raise
+                except Exception as exc:
+                    raise self._wrapped(f"download of {digest} at byte {have}", exc) from exc
+                if len(chunk.data) > MAX_CHUNK_BYTES:
+                    raise InvalidInputError(
+                        f"bundle chunk of {len(chunk.data)} bytes; the limit is {MAX_CHUNK_BYTES}"
+                    )
+                have = chunk.offset + len(chunk.data)
+                yield chunk
+        finally:
+            await stream.aclose()
+
+    async def reset(self) -> None:
+        """Drop the connection after a failure or a renewal; the next call connects again."""
+        with contextlib.suppress(Exception):
+            await self._reset()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._close()
+
+    # ------------------------------------------------------------------ for subclasses
+    @abc.abstractmethod
+    async def _heartbeat(
+        self, request: agent_pb2.HeartbeatRequest
+    ) -> agent_pb2.HeartbeatResponse: ...
+
+    @abc.abstractmethod
+    async def _send_telemetry(self, batch: agent_pb2.TelemetryBatch) -> list[int]: ...
+
+    @abc.abstractmethod
+    async def _renew_certificate(self, csr_pem: bytes) -> bytes: ...
+
+    @abc.abstractmethod
+    def _releases(self, have_serial: int) -> AsyncGenerator[common_pb2.SignedRelease, None]: ...
+
+    @abc.abstractmethod
+    def _fetch_bundle(
+        self, digest: str, offset: int, length: int
+    ) -> AsyncGenerator[agent_pb2.BundleChunk, None]: ...
+
+    @abc.abstractmethod
+    async def _reset(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _close(self) -> None: ...
+
+    def _wrap(self, what: str, exc: Exception) -> EdgefleetError | None:
+        """Translate a library exception; None: a plain ``TransportError``."""
+        return None
+
+    # ------------------------------------------------------------------ invariants
+    async def _call(self, what: str, call: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(call, self.rpc_timeout_seconds)
+        except TimeoutError:
+            raise TransportError(
+                f"{self.name} {what}: no answer within {self.rpc_timeout_seconds:g}s"
+            ) from None
+        except EdgefleetError:
+            raise
+        except Exception as exc:
+            raise self._wrapped(what, exc) from exc
+
+    def _wrapped(self, what: str, exc: Exception) -> EdgefleetError:
+        wrapped = self._wrap(what, exc)
+        if wrapped is not None:
+            return wrapped
+        log.debug("%s %s failed", self.name, what, exc_info=exc)
+        return TransportError(f"{self.name} {what} failed: {type(exc).__name__}: {exc}")

@@ -1,0 +1,95 @@
+"""The MQTT contract between agents and the control plane's bridge: topics, limits, URLs.
+
+Every device lives under ``edgefleet/v1/dev/{device_id}/``; the broker's ACL (written by
+``control-plane mqtt-config``) confines a device to its own subtree, so the device id in a
+topic is the one in the certificate that the broker verified. Payloads are the protobuf
+messages of agent.proto:
+
+==================  =========  ===========================================================
+leaf                written by payload
+==================  =========  ===========================================================
+``release``         bridge     ``SignedRelease``, retained (empty: cleared, e.g. revoked)
+``status``          agent      ``AgentStatus``, retained; the will says ``online=false``
+``telemetry``       agent      ``TelemetryBatch`` at QoS 1
+``bundle/request``  agent      ``FetchBundleRequest`` with MQTT 5 correlation data
+``bundle/reply``    bridge     ``BundleChunk`` (same correlation data), or an error
+``renew/request``   agent      ``RenewCertificateRequest`` with correlation data
+``renew/reply``     bridge     ``RenewCertificateResponse`` (same correlation data), or an error
+==================  =========  ===========================================================
+
+An error reply carries an empty payload and the user property ``error`` = ``CODE: message``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from fleetcore.errors import InvalidInputError
+
+__all__ = [
+    "DEVICE_PREFIX",
+    "ERROR_PROPERTY",
+    "MAX_MESSAGE_BYTES",
+    "BrokerUrl",
+    "Leaf",
+    "parse_topic",
+    "parse_url",
+    "topic",
+]
+
+DEVICE_PREFIX = "edgefleet/v1/dev"
+ERROR_PROPERTY = "error"
+# The largest MQTT message either side sends or accepts (a telemetry batch is at most 1 MiB of
+# payloads, a bundle chunk 256 KiB); the broker's max_packet_size is set a little above it.
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+DEFAULT_PORT = 8883
+_DEVICE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class Leaf(enum.StrEnum):
+    RELEASE = "release"
+    STATUS = "status"
+    TELEMETRY = "telemetry"
+    BUNDLE_REQUEST = "bundle/request"
+    BUNDLE_REPLY = "bundle/reply"
+    RENEW_REQUEST = "renew/request"
+    RENEW_REPLY = "renew/reply"
+
+
+def topic(device_id: str, leaf: Leaf) -> str:
+    return f"{DEVICE_PREFIX}/{device_id}/{leaf.value}"
+
+
+def parse_topic(name: str) -> tuple[str, Leaf] | None:
+    """(device id, leaf) of a device topic; None for anything else."""
+    prefix = DEVICE_PREFIX + "/"
+    if not name.startswith(prefix):
+        return None
+    device_id, _, rest = name[len(prefix):].partition("/")
+    if not _DEVICE_RE.match(device_id):
+        return None
+    try:
+        return device_id, Leaf(rest)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    host: str
+    port: int
+
+
+def parse_url(url: str) -> BrokerUrl:
+    """``mqtts://HOST[:PORT]`` (TLS only: devices authenticate with their certificate)."""
+    parts = urlsplit(url)
+    if parts.scheme != "mqtts" or not parts.hostname:
+        raise InvalidInputError(f"expected an MQTT URL like mqtts://HOST:PORT; got {url!r}")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError:
+        raise InvalidInputError(f"bad port in MQTT URL {url!r}") from None
+    return BrokerUrl(parts.hostname, port)
