@@ -1,4 +1,4 @@
-"""`control-plane`: init a home, serve the APIs."""
+"""`control-plane`: init a home, serve the APIs, write the MQTT broker's configuration."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ import argparse
 import asyncio
 import signal
 import sys
+import time
 from pathlib import Path
 
 from control_plane.config import ControlPlaneConfig, parse_hostport
 from control_plane.home import init_home
+from control_plane.mqtt_config import write_broker_config
 from control_plane.server import ControlPlane
+from control_plane.storage import open_store
 from fleetcore.cli import run_main, setup_logging
+from fleetcore.mqtt_wire import parse_url
 
 __all__ = ["main"]
 
@@ -31,7 +35,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--home", required=True, type=Path)
     serve.add_argument("--api", metavar="HOST:PORT", help="mTLS API address (default from config)")
     serve.add_argument("--enroll", metavar="HOST:PORT", help="enrollment address")
-    serve.add_argument("--mqtt", metavar="URL", help="MQTT broker URL given to agents")
+    serve.add_argument("--mqtt", metavar="URL",
+                       help="the fleet's MQTT broker (mqtts://HOST:PORT): the bridge connects to "
+                            "it and enrollment gives it to agents (run mqtt-config first)")
+
+    mq = sub.add_parser("mqtt-config", help="write a Mosquitto configuration for the fleet")
+    mq.add_argument("--home", required=True, type=Path)
+    mq.add_argument("--out", required=True, type=Path, help="directory for the broker's files")
+    mq.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
+    mq.add_argument("--bind", default="", metavar="ADDRESS",
+                    help="listen on this address only (default: every address)")
+    mq.add_argument("--fleet-size", type=int, default=1000, metavar="N",
+                    help="devices to size the broker's queues for (default 1000)")
     return p
 
 
@@ -59,6 +74,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"admin client config: {cfg.layout.operator_dir('admin') / 'fleet.toml'}")
             return 0
         cfg = ControlPlaneConfig.load(args.home)
+        if args.command == "mqtt-config":
+            store = open_store(cfg.database)
+            try:
+                settings = write_broker_config(cfg, store, args.out, port=args.port,
+                                               bind=args.bind, fleet_size=args.fleet_size,
+                                               now=time.time())
+            finally:
+                store.close()
+            print(f"wrote {settings.conf}")
+            print(f"run: mosquitto -c {settings.conf}")
+            print(f"then: control-plane serve --home {cfg.home} --mqtt mqtts://HOST:{args.port}")
+            return 0
         if args.api:
             parse_hostport(args.api)
             cfg.api_listen = args.api
@@ -66,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_hostport(args.enroll)
             cfg.enroll_listen = args.enroll
         if args.mqtt is not None:
+            parse_url(args.mqtt)
             cfg.mqtt_url = args.mqtt
         asyncio.run(_serve(cfg))
         return 0

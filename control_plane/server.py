@@ -1,4 +1,5 @@
-"""The control-plane process: the mTLS API port and the enrollment port, on one event loop."""
+"""The control-plane process: the mTLS API port and the enrollment port, on one event loop,
+and the MQTT bridge when the fleet has a broker (`serve --mqtt URL`)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from edgefleet.v1 import admin_pb2_grpc, agent_pb2_grpc
 from control_plane.authority import Authority
 from control_plane.config import ControlPlaneConfig, parse_hostport
 from control_plane.handlers import Handlers
+from control_plane.mqtt_bridge import MqttBridge
+from control_plane.mqtt_config import MqttSettings, refresh_crl
 from control_plane.notify import DeviceNotifier
 from control_plane.servicers import AdminServicer, AgentServicer
 from control_plane.storage import Store, open_store
+from fleetcore.errors import InvalidInputError
 
 __all__ = ["ControlPlane"]
 
@@ -23,6 +27,8 @@ log = logging.getLogger(__name__)
 
 API_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 ENROLL_MAX_MESSAGE_BYTES = 64 * 1024
+# The broker's CRL is valid for 30 days; it is rewritten on every revocation and this often.
+CRL_REFRESH_HOURS = 12
 
 
 def _options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -50,7 +56,14 @@ class ControlPlane:
         self.authority = Authority.load(config)
         self.handlers = Handlers(config, self.store, self.authority, clock=clock)
         self.notifier = DeviceNotifier()
-        self.handlers.on_device_change = self.notifier.notify
+        self.handlers.on_device_change = self._device_changed
+        self.bridge: MqttBridge | None = None
+        self.mqtt = MqttSettings.load(config.home) if config.mqtt_url else None
+        if config.mqtt_url and self.mqtt is None:
+            raise InvalidInputError(
+                f"--mqtt needs the broker's files: run `control-plane mqtt-config --home "
+                f"{config.home} --out DIR` first"
+            )
         self.api_port = 0
         self.enroll_port = 0
         self._servers: list[grpc.aio.Server] = []
@@ -90,12 +103,20 @@ class ControlPlane:
         for server in (api, enroll):
             await server.start()
             self._servers.append(server)
+        if self.mqtt is not None:
+            # Agents on MQTT: the bridge, and a CRL for the broker that is current and fresh.
+            refresh_crl(self.mqtt, self.authority, self.store, time.time())
+            self.bridge = MqttBridge(self.handlers, self.config.mqtt_url, self.config.home,
+                                     self.mqtt)
+            await self.bridge.start()
         # Staged rollouts advance on a schedule; their state lives in storage, so a restarted
         # control plane resumes them where they were.
         self.scheduler = AsyncIOScheduler()
         self.scheduler.add_job(self._tick_rollouts, "interval",
                                seconds=self.config.rollout_tick_seconds, max_instances=1,
                                coalesce=True)
+        if self.mqtt is not None:
+            self.scheduler.add_job(self._refresh_crl, "interval", hours=CRL_REFRESH_HOURS)
         self.scheduler.start()
         log.info("api (mTLS) listening on %s", self.api_address)
         log.info("enrollment (TLS + token) listening on %s", self.enroll_address)
@@ -104,10 +125,26 @@ class ControlPlane:
         self.handlers.rollouts.tick()
         await self.handlers.retrain.tick()
 
+    def _device_changed(self, device_id: str) -> None:
+        """A device's release changed or it was revoked: wake its Sync streams and the bridge."""
+        self.notifier.notify(device_id)
+        if self.bridge is not None:
+            self.bridge.device_changed(device_id)
+        device = self.store.get_device(device_id)
+        if self.mqtt is not None and device is not None and device.revoked_at is not None:
+            refresh_crl(self.mqtt, self.authority, self.store, time.time())
+
+    async def _refresh_crl(self) -> None:
+        if self.mqtt is not None:
+            refresh_crl(self.mqtt, self.authority, self.store, time.time())
+
     async def stop(self, grace_seconds: float = 2.0) -> None:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
+        if self.bridge is not None:
+            await self.bridge.stop()
+            self.bridge = None
         await self.handlers.retrain.runner.stop()
         servers, self._servers = self._servers, []
         for server in servers:

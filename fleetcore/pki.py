@@ -29,11 +29,13 @@ __all__ = [
     "IdentityKind",
     "Role",
     "certificate_pem",
+    "certificate_revocation_list",
     "create_ca",
     "generate_key",
     "identity_from_certificate",
     "issue_client_certificate",
     "issue_server_certificate",
+    "issue_service_certificate",
     "load_certificate",
     "load_private_key",
     "load_public_key",
@@ -284,8 +286,54 @@ def issue_client_certificate(
         if role is None:
             raise InvalidInputError("an operator certificate needs a role")
         sans.append(x509.UniformResourceIdentifier(f"{_URN}role:{role.label}"))
-    builder = _builder(_name(name, kind.value), ca_cert.subject, public_key, now, ttl)
+    # An MQTT broker that takes the subject CN as the username (use_identity_as_username) must
+    # see a device's id and nothing that could be mistaken for one: operators get a prefix that
+    # no device id can have.
+    common_name = name if kind is IdentityKind.DEVICE else f"{kind.value}:{name}"
+    builder = _builder(_name(common_name, kind.value), ca_cert.subject, public_key, now, ttl)
     return _leaf(builder, ca_key, ca_cert, ExtendedKeyUsageOID.CLIENT_AUTH, sans)
+
+
+def issue_service_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    public_key: ec.EllipticCurvePublicKey,
+    common_name: str,
+    now: dt.datetime,
+    ttl: dt.timedelta,
+) -> x509.Certificate:
+    """A client certificate for one of the fleet's own services (the MQTT bridge).
+
+    It names no Edgefleet identity (no URI SAN), so the gRPC APIs refuse it; its CN is meant
+    for a broker's ACL, and must not be a valid device or operator name.
+    """
+    if _NAME_RE.match(common_name):
+        raise InvalidInputError(f"service name {common_name!r} could be taken for a device id")
+    builder = _builder(_name(common_name, "service"), ca_cert.subject, public_key, now, ttl)
+    return _leaf(builder, ca_key, ca_cert, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+
+
+def certificate_revocation_list(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    revoked: list[tuple[str, dt.datetime]],
+    now: dt.datetime,
+    ttl: dt.timedelta,
+) -> bytes:
+    """A PEM CRL of the CA listing ``revoked`` (hex serial, revocation time)."""
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - _CLOCK_SKEW)
+        .next_update(now + ttl)
+    )
+    for serial, when in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(int(serial, 16))
+            .revocation_date(when).build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    return crl.public_bytes(serialization.Encoding.PEM)
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey, common_name: str = "edgefleet-agent") -> bytes:

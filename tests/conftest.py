@@ -34,6 +34,23 @@ def cp(tmp_path: Path, loop: LoopThread) -> Iterator[RunningControlPlane]:
     running.stop()
 
 
+@pytest.fixture(params=["grpc", "mqtt"])
+def cp_any(request: pytest.FixtureRequest, tmp_path: Path,
+           loop: LoopThread) -> Iterator[RunningControlPlane]:
+    """A control plane whose agents use the transport of the parameter (mqtt: a real
+    Mosquitto and the bridge); pass ``transport=cp_any.transport`` to ``start_agent``."""
+    if request.param == "grpc":
+        running = start_control_plane(tmp_path / "cp", loop)
+    else:
+        from tests.mqtt_support import start_mqtt_control_plane  # noqa: PLC0415
+
+        running = start_mqtt_control_plane(tmp_path / "cp", loop)
+    yield running
+    running.stop()
+    if running.broker is not None:
+        running.broker.stop()
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     import torch  # noqa: PLC0415 (only to describe the machine)
 

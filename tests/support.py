@@ -64,6 +64,8 @@ class RunningControlPlane:
     loop: LoopThread
     admin: FleetConfig
     clock: Any = None
+    transport: str = "grpc"  # how agents of the tests reach it ("mqtt": through `broker`)
+    broker: Any = None  # control_plane.mqtt_broker.Mosquitto, for transport "mqtt"
 
     @property
     def api(self) -> str:

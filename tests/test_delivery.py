@@ -73,9 +73,10 @@ def _committed(version: int) -> Any:
 
 
 def test_publish_rollout_installs_and_commits_on_every_matching_agent(
-    cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
+    cp_any: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    cp = cp_any  # over gRPC and over MQTT
     bundle = _bundle_for(cp, trained_bundle, tmp_path / "v1")
     assert _fleet(cp, "models", "publish", str(bundle), "--json") == 0
     published = json.loads(capsys.readouterr().out)
@@ -84,7 +85,8 @@ def test_publish_rollout_installs_and_commits_on_every_matching_agent(
     a = cp.enroll_agent(tmp_path / "a", labels={"site": "paris"})
     b = cp.enroll_agent(tmp_path / "b", labels={"site": "paris"})
     c = cp.enroll_agent(tmp_path / "c", labels={"site": "lyon"})
-    agents = [start_agent(tmp_path / n, cp.loop, probation_seconds=0.0) for n in ("a", "b", "c")]
+    agents = [start_agent(tmp_path / n, cp.loop, probation_seconds=0.0, transport=cp.transport)
+              for n in ("a", "b", "c")]
     try:
         assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1",
                       "--selector", "site=paris") == 0
@@ -105,6 +107,10 @@ def test_publish_rollout_installs_and_commits_on_every_matching_agent(
         shown = json.loads(capsys.readouterr().out)
         assert [(m["name"], int(m["version"]), m["state"], m["serving"])
                 for m in shown["models"]] == [("digits", 1, "committed", True)]
+        if cp.transport == "mqtt":  # the heartbeats came through the bridge
+            assert cp.cp.bridge is not None
+            assert cp.cp.bridge.presence.get(a.device_id) is True
+            assert agents[0].agent.transport.name == "mqtt"
     finally:
         for agent in agents:
             agent.stop()
@@ -354,13 +360,14 @@ def test_archive_digest_matches_what_the_release_declares(
 
 
 def test_rollback_to_a_kept_version_needs_no_download(
-    cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path
+    cp_any: RunningControlPlane, tmp_path: Path, trained_bundle: Path
 ) -> None:
+    cp = cp_any
     for version in (1, 2):
         bundle = _bundle_for(cp, trained_bundle, tmp_path / f"v{version}", version=version)
         assert _fleet(cp, "models", "publish", str(bundle)) == 0
     cp.enroll_agent(tmp_path / "a")
-    agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0)
+    agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0, transport=cp.transport)
     try:
         for version in (1, 2):
             assert _fleet(cp, "rollouts", "start", "--model", "digits",

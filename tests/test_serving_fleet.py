@@ -54,13 +54,14 @@ def _infer(client: httpx.Client, port: int, rows: np.ndarray, request_id: str,
 
 
 def test_serving_experiment_feedback_and_drift_reach_the_fleet(
-    cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
+    cp_any: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    cp = cp_any  # over gRPC and over MQTT
     _publish(cp, trained_bundle, tmp_path, 1, 2)
     cfg = cp.enroll_agent(tmp_path / "a")
     agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0,
-                        drift_window_requests=100)
+                        drift_window_requests=100, transport=cp.transport)
     digits = load_digits()
     X, y = digits.data.astype(np.float32), digits.target
     try:

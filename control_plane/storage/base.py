@@ -84,6 +84,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_certificate(self, serial: str) -> CertificateRecord | None: ...
 
+    @abc.abstractmethod
+    def revoked_certificates(self, now: float) -> list[CertificateRecord]:
+        """Revoked certificates that have not expired at ``now`` (what a CRL must list)."""
+
     # --- operators ---
     @abc.abstractmethod
     def add_operator(self, name: str, role: str, now: float, created_by: str) -> None: ...

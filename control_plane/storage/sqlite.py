@@ -187,6 +187,12 @@ class SqliteStore(Store):
             ),
         )
 
+    def revoked_certificates(self, now: float) -> list[CertificateRecord]:
+        rows = self._query("SELECT serial FROM certificates WHERE revoked_at IS NOT NULL "
+                           "AND not_after > ? ORDER BY serial", (now,))
+        found = (self.get_certificate(r["serial"]) for r in rows)
+        return [c for c in found if c is not None]
+
     def get_certificate(self, serial: str) -> CertificateRecord | None:
         rows = self._query("SELECT * FROM certificates WHERE serial = ?", (serial,))
         if not rows:

@@ -1,0 +1,226 @@
+"""`control-plane mqtt-config`: a Mosquitto 2.0 configuration for the fleet, and its CRL.
+
+What it writes under ``--out``:
+
+* ``mosquitto.conf``: one TLS listener that requires a client certificate from the fleet CA,
+  ``use_identity_as_username`` (the certificate's CN, which is the device id for a device) and
+  ``use_username_as_clientid`` (so no client can take over another's session), persistence,
+  and queue limits sized for the fleet;
+* ``acl``: each device may read only its release and reply topics and write only its
+  telemetry, status and request topics (patterns with ``%u``); the bridge may do everything;
+* ``ca.pem``, ``server.pem``/``server.key`` (the control plane's server certificate, whose SANs
+  the agents check), ``crl.pem`` (the fleet CA's revocation list);
+* ``data/`` for Mosquitto's persistence, and ``mosquitto.pid``.
+
+The bridge's own client certificate goes to ``HOME/pki/mqtt-bridge.{pem,key}``, and
+``HOME/mqtt.toml`` records where all this lives so that ``control-plane serve --mqtt`` finds it.
+
+Revocation: Mosquitto checks client certificates against ``crl.pem`` at each TLS handshake and
+reads the file at start-up and on SIGHUP. The control plane rewrites it (atomically) whenever it
+revokes a device, and then sends SIGHUP to the PID in ``mosquitto.pid``; a broker that runs
+elsewhere needs the file copied and the signal sent by the operator's tooling. A connection
+that is already open stays open: the bridge ignores what a revoked device sends on it, clears
+its retained release, and the broker refuses its next connect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import pwd
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from control_plane.authority import Authority
+from control_plane.config import ControlPlaneConfig
+from control_plane.storage import Store
+from fleetcore import pki, tomlfile
+from fleetcore.errors import InvalidInputError
+from fleetcore.files import atomic_write, ensure_private_dir
+from fleetcore.mqtt_wire import DEVICE_PREFIX, MAX_MESSAGE_BYTES, Leaf
+
+__all__ = ["BRIDGE_NAME", "MqttSettings", "refresh_crl", "write_broker_config", "write_crl"]
+
+log = logging.getLogger(__name__)
+
+# The bridge's CN: the ':' keeps it from ever being a device id or an operator name.
+BRIDGE_NAME = "edgefleet:bridge"
+BRIDGE_CERT_DAYS = 365
+CRL_DAYS = 30
+# Per-client queue: a device gets releases and bundle replies; the bridge gets what every device
+# sends while the control plane is away (heartbeats and telemetry batches), so its queue grows
+# with the fleet: about ten minutes of a device's traffic at one message every five seconds.
+QUEUED_PER_DEVICE = 120
+MIN_QUEUED_MESSAGES = 1000
+
+_DEVICE_READS = (Leaf.RELEASE, Leaf.BUNDLE_REPLY, Leaf.RENEW_REPLY)
+_DEVICE_WRITES = (Leaf.TELEMETRY, Leaf.STATUS, Leaf.BUNDLE_REQUEST, Leaf.RENEW_REQUEST)
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Where the broker's files are (``HOME/mqtt.toml``), for the bridge and CRL refreshes."""
+
+    out: Path
+    port: int
+
+    @property
+    def conf(self) -> Path:
+        return self.out / "mosquitto.conf"
+
+    @property
+    def acl(self) -> Path:
+        return self.out / "acl"
+
+    @property
+    def ca(self) -> Path:
+        return self.out / "ca.pem"
+
+    @property
+    def crl(self) -> Path:
+        return self.out / "crl.pem"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.out / "mosquitto.pid"
+
+    @staticmethod
+    def bridge_cert(home: Path) -> Path:
+        return home / "pki" / "mqtt-bridge.pem"
+
+    @staticmethod
+    def bridge_key(home: Path) -> Path:
+        return home / "pki" / "mqtt-bridge.key"
+
+    @staticmethod
+    def path(home: Path) -> Path:
+        return home / "mqtt.toml"
+
+    @classmethod
+    def load(cls, home: Path) -> MqttSettings | None:
+        path = cls.path(home)
+        if not path.exists():
+            return None
+        doc = tomlfile.load(path).get("broker", {})
+        port = doc.get("port")
+        if not isinstance(port, int) or not 0 < port < 65536 or "out" not in doc:
+            raise InvalidInputError(f"{path}: broker.out and broker.port (1-65535) are needed")
+        return cls(out=Path(str(doc["out"])), port=port)
+
+
+def write_broker_config(
+    cfg: ControlPlaneConfig, store: Store, out: Path, *, port: int = 8883, bind: str = "",
+    fleet_size: int = 0, now: float,
+) -> MqttSettings:
+    """Write the broker's files under ``out`` and the bridge's certificate under the home."""
+    if not 0 < port < 65536:
+        raise InvalidInputError(f"port must be 1-65535; got {port}")
+    authority = Authority.load(cfg)
+    out = Path(out).resolve()
+    ensure_private_dir(out)
+    (out / "data").mkdir(exist_ok=True)
+    settings = MqttSettings(out=out, port=port)
+    lay = cfg.layout
+    atomic_write(settings.ca, authority.ca_pem)
+    atomic_write(out / "server.pem", authority.server_cert_pem)
+    atomic_write(out / "server.key", authority.server_key_pem, mode=0o600)
+    write_crl(authority, store, settings.crl, now)
+
+    key = pki.generate_key()
+    when = dt.datetime.fromtimestamp(now, dt.UTC)
+    cert = pki.issue_service_certificate(authority.ca_key, authority.ca_cert, key.public_key(),
+                                         BRIDGE_NAME, when, dt.timedelta(days=BRIDGE_CERT_DAYS))
+    atomic_write(settings.bridge_key(lay.home), pki.private_key_pem(key), mode=0o600)
+    atomic_write(settings.bridge_cert(lay.home), pki.certificate_pem(cert))
+
+    devices = max(fleet_size, len(store.list_devices()), 1)
+    atomic_write(settings.acl, _acl().encode())
+    atomic_write(settings.conf, _conf(settings, bind, devices).encode())
+    tomlfile.write(settings.path(lay.home), {"broker": {"out": str(out), "port": port}})
+    log.info("wrote a Mosquitto configuration for about %d devices to %s", devices, out)
+    return settings
+
+
+def _acl() -> str:
+    lines = [
+        "# Written by `control-plane mqtt-config`. A client's username is the CN of its",
+        "# certificate: a device id for devices, so each device is confined to its own subtree.",
+    ]
+    lines += [f"pattern read {DEVICE_PREFIX}/%u/{leaf.value}" for leaf in _DEVICE_READS]
+    lines += [f"pattern write {DEVICE_PREFIX}/%u/{leaf.value}" for leaf in _DEVICE_WRITES]
+    lines += ["", "# The control plane's bridge: every device's topics.", f"user {BRIDGE_NAME}",
+              f"topic readwrite {DEVICE_PREFIX}/#", ""]
+    return "\n".join(lines)
+
+
+def _conf(s: MqttSettings, bind: str, devices: int) -> str:
+    user = pwd.getpwuid(os.getuid()).pw_name
+    queued = max(MIN_QUEUED_MESSAGES, devices * QUEUED_PER_DEVICE)
+    return "\n".join([
+        "# Written by `control-plane mqtt-config`; run it again rather than editing by hand.",
+        f"# Sized for about {devices} devices (--fleet-size).",
+        "per_listener_settings false",
+        f"user {user}",
+        f"pid_file {s.pid_file}",
+        "allow_anonymous false",
+        f"acl_file {s.acl}",
+        "persistence true",
+        f"persistence_location {s.out / 'data'}/",
+        "autosave_interval 10",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "connection_messages true",
+        f"max_packet_size {MAX_MESSAGE_BYTES + 64 * 1024}",
+        "max_inflight_messages 100",
+        f"max_queued_messages {queued}",
+        # Sessions of devices that stay away longer than this are dropped (they resubscribe).
+        "persistent_client_expiration 14d",
+        "",
+        f"listener {s.port}{' ' + bind if bind else ''}",
+        "protocol mqtt",
+        f"cafile {s.ca}",
+        f"certfile {s.out / 'server.pem'}",
+        f"keyfile {s.out / 'server.key'}",
+        f"crlfile {s.crl}",
+        "tls_version tlsv1.2",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        "",
+    ])
+
+
+def write_crl(authority: Authority, store: Store, path: Path, now: float) -> int:
+    """Write the fleet CA's CRL with every revoked, unexpired certificate; return how many."""
+    revoked = store.revoked_certificates(now)
+    when = dt.datetime.fromtimestamp(now, dt.UTC)
+    pem = pki.certificate_revocation_list(
+        authority.ca_key, authority.ca_cert,
+        [(c.serial, dt.datetime.fromtimestamp(c.revoked_at or now, dt.UTC)) for c in revoked],
+        when, dt.timedelta(days=CRL_DAYS))
+    atomic_write(path, pem)
+    return len(revoked)
+
+
+def refresh_crl(settings: MqttSettings, authority: Authority, store: Store, now: float) -> bool:
+    """Rewrite the CRL and tell the broker (SIGHUP); True if a broker was signalled."""
+    count = write_crl(authority, store, settings.crl, now)
+    try:
+        pid = int(settings.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        log.info("CRL rewritten (%d revoked); no broker PID in %s to signal", count,
+                 settings.pid_file)
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGHUP)
+        log.info("CRL rewritten (%d revoked); broker %d reloads it", count, pid)
+        return True
+    log.warning("CRL rewritten, but broker PID %d from %s is not running", pid,
+                settings.pid_file)
+    return False

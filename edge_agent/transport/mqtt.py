@@ -1,0 +1,309 @@
+"""The agent's transport over MQTT 5 with TLS and its device certificate (paho-mqtt 2.x).
+
+paho runs its network loop in its own thread and reconnects by itself with a growing delay;
+its callbacks only hand what arrived to the agent's event loop (``call_soon_threadsafe``), so
+everything else here runs on that loop. The session is persistent (``clean_start=False`` and a
+session expiry), so the broker keeps the subscriptions and what was queued while the agent was
+away. Messages are published at QoS 1 and a call returns only after the broker's PUBACK: the
+telemetry sender deletes outbox records only then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import ssl
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from edgefleet.v1 import agent_pb2, common_pb2
+from google.protobuf.message import DecodeError, Message
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_agent.state import StateDir
+from edge_agent.transport.base import RefusedError, Transport
+from fleetcore import pki
+from fleetcore.errors import EdgefleetError, InvalidInputError, TransportError
+from fleetcore.mqtt_wire import ERROR_PROPERTY, MAX_MESSAGE_BYTES, Leaf, parse_url, topic
+
+__all__ = ["MqttTransport"]
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
+KEEPALIVE_SECONDS = 30
+# A bundle is requested in windows of this many bytes; the next window is asked for once the
+# chunks of this one have arrived, so neither the broker nor paho holds a whole bundle.
+WINDOW_BYTES = 1024 * 1024
+# CONNACK reason codes that mean "not this device" rather than "not now".
+_REFUSED_CONNACK = {"Not authorized", "Bad user name or password", "Banned",
+                    "Client identifier not valid"}
+
+
+def _reason(reply_error: str) -> EdgefleetError:
+    code = reply_error.partition(":")[0]
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return RefusedError(reply_error)
+    return TransportError(reply_error)
+
+
+def _parse(message: type[Message], payload: bytes, what: str) -> Any:
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise InvalidInputError(f"{what} of {len(payload)} bytes; the limit is "
+                                f"{MAX_MESSAGE_BYTES}")
+    try:
+        return message.FromString(payload)
+    except DecodeError as exc:
+        raise InvalidInputError(f"{what} is not a valid {message.__name__}: {exc}") from None
+
+
+class MqttTransport(Transport):
+    name = "mqtt"
+
+    def __init__(self, url: str, device_id: str, state: StateDir, *,
+                 rpc_timeout_seconds: float = 10.0, reconnect_min_seconds: float = 1.0,
+                 reconnect_max_seconds: float = 30.0) -> None:
+        super().__init__(rpc_timeout_seconds=rpc_timeout_seconds)
+        self.broker = parse_url(url)
+        self.device_id = device_id
+        self.state = state
+        self.reconnect = (max(1, round(reconnect_min_seconds)),
+                          max(1, round(reconnect_max_seconds)))
+        self._client: mqtt.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._serial = ""
+        self._connected = asyncio.Event()
+        self._last_error = "not connected yet"
+        self._refused = False
+        self._acks: dict[int, asyncio.Future[ReasonCode]] = {}
+        self._releases_q: asyncio.Queue[bytes] = asyncio.Queue(maxsize=16)
+        self._replies: dict[bytes, asyncio.Queue[tuple[bytes, str]]] = {}
+
+    # ------------------------------------------------------------------ connection
+    def _ensure_started(self) -> mqtt.Client:
+        if self._client is not None:
+            return self._client
+        self._loop = asyncio.get_running_loop()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_verify_locations(cadata=self.state.ca.read_text())
+        ctx.load_cert_chain(self.state.cert, self.state.key)
+        self._serial = pki.serial_hex(pki.load_certificate(self.state.cert.read_bytes()))
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id,
+                             protocol=mqtt.MQTTv5)
+        client.tls_set_context(ctx)
+        client.will_set(topic(self.device_id, Leaf.STATUS),
+                        agent_pb2.AgentStatus(online=False).SerializeToString(), qos=1,
+                        retain=True)
+        client.reconnect_delay_set(*self.reconnect)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
+        props.MaximumPacketSize = MAX_MESSAGE_BYTES + 64 * 1024
+        client.connect_async(self.broker.host, self.broker.port, keepalive=KEEPALIVE_SECONDS,
+                             clean_start=False, properties=props)
+        client.loop_start()
+        self._client = client
+        return client
+
+    async def _ready(self) -> mqtt.Client:
+        client = self._ensure_started()
+        if not self._connected.is_set():
+            try:
+                await asyncio.wait_for(self._connected.wait(),
+                                       min(5.0, self.rpc_timeout_seconds))
+            except TimeoutError:
+                error = f"broker {self.broker.host}:{self.broker.port}: {self._last_error}"
+                raise RefusedError(error) if self._refused else TransportError(error) from None
+        return client
+
+    def _to_loop(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(fn, *args)
+
+    # paho's thread from here ...
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                    reason: ReasonCode, properties: Any) -> None:
+        if reason.is_failure:
+            self._to_loop(self._set_down, f"refused: {reason}", str(reason) in _REFUSED_CONNACK)
+            return
+        client.subscribe([(topic(self.device_id, leaf), 1)
+                          for leaf in (Leaf.RELEASE, Leaf.BUNDLE_REPLY, Leaf.RENEW_REPLY)])
+        self._to_loop(self._set_up)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._to_loop(self._set_down, "cannot connect", False)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                       reason: ReasonCode, properties: Any) -> None:
+        self._to_loop(self._set_down, f"disconnected: {reason}", False)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        correlation = bytes(getattr(props, "CorrelationData", b"") or b"")
+        error = dict(getattr(props, "UserProperty", []) or []).get(ERROR_PROPERTY, "")
+        self._to_loop(self._arrived, msg.topic, bytes(msg.payload), correlation, error)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
+                    properties: Any) -> None:
+        self._to_loop(self._acked, mid, reason)
+
+    # ... and back on the event loop
+    def _set_up(self) -> None:
+        self._refused = False
+        self._connected.set()
+        log.info("connected to MQTT broker %s:%d as %s", self.broker.host, self.broker.port,
+                 self.device_id)
+
+    def _set_down(self, error: str, refused: bool) -> None:
+        self._connected.clear()
+        self._last_error, self._refused = error, refused
+
+    def _acked(self, mid: int, reason: ReasonCode) -> None:
+        future = self._acks.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(reason)
+
+    def _arrived(self, name: str, payload: bytes, correlation: bytes, error: str) -> None:
+        if name == topic(self.device_id, Leaf.RELEASE):
+            if self._releases_q.full():  # only the newest documents matter
+                self._releases_q.get_nowait()
+            self._releases_q.put_nowait(payload)
+        elif correlation in self._replies:
+            self._replies[correlation].put_nowait((payload, error))
+        else:
+            log.debug("dropped an MQTT message on %s (no request waits for it)", name)
+
+    # ------------------------------------------------------------------ publishing
+    async def _publish(self, leaf: Leaf, payload: bytes, *, retain: bool = False,
+                       correlation: bytes = b"") -> None:
+        """Publish at QoS 1 and wait for the broker's PUBACK."""
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise InvalidInputError(f"message of {len(payload)} bytes; the limit is "
+                                    f"{MAX_MESSAGE_BYTES}")
+        client = await self._ready()
+        props = Properties(PacketTypes.PUBLISH)
+        if correlation:
+            props.CorrelationData = correlation
+        info = client.publish(topic(self.device_id, leaf), payload, qos=1, retain=retain,
+                              properties=props)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish on {leaf.value} failed: {mqtt.error_string(info.rc)}")
+        # The PUBACK is handed to this loop by call_soon_threadsafe, so it cannot be seen
+        # before the future below is registered.
+        future = asyncio.get_running_loop().create_future()
+        self._acks[info.mid] = future
+        try:
+            reason = await future
+        finally:
+            self._acks.pop(info.mid, None)
+        if reason.is_failure:
+            cls = RefusedError if str(reason) == "Not authorized" else TransportError
+            raise cls(f"broker refused the message on {leaf.value}: {reason}")
+
+    async def _request(self, leaf: Leaf, payload: bytes) -> tuple[bytes, asyncio.Queue[
+            tuple[bytes, str]], bytes]:
+        correlation = secrets.token_bytes(12)
+        replies: asyncio.Queue[tuple[bytes, str]] = asyncio.Queue()
+        self._replies[correlation] = replies
+        try:
+            await self._publish(leaf, payload, correlation=correlation)
+        except BaseException:
+            del self._replies[correlation]
+            raise
+        return correlation, replies, payload
+
+    # ------------------------------------------------------------------ the transport
+    async def _heartbeat(
+        self, request: agent_pb2.HeartbeatRequest
+    ) -> agent_pb2.HeartbeatResponse:
+        status = agent_pb2.AgentStatus(online=True, heartbeat=request)
+        await self._publish(Leaf.STATUS, status.SerializeToString(), retain=True)
+        return agent_pb2.HeartbeatResponse()
+
+    async def _send_telemetry(self, batch: agent_pb2.TelemetryBatch) -> list[int]:
+        await self._publish(Leaf.TELEMETRY, batch.SerializeToString())
+        return [r.seq for r in batch.records]  # the broker has it: PUBACK is the receipt
+
+    async def _renew_certificate(self, csr_pem: bytes) -> bytes:
+        request = agent_pb2.RenewCertificateRequest(csr_pem=csr_pem).SerializeToString()
+        correlation, replies, _ = await self._request(Leaf.RENEW_REQUEST, request)
+        try:
+            payload, error = await replies.get()
+        finally:
+            self._replies.pop(correlation, None)
+        if error:
+            raise _reason(error)
+        reply = _parse(agent_pb2.RenewCertificateResponse, payload, "renewal reply")
+        return bytes(reply.certificate_pem)
+
+    async def _releases(self, have_serial: int) -> AsyncGenerator[common_pb2.SignedRelease, None]:
+        self._ensure_started()
+        while True:
+            payload = await self._releases_q.get()
+            if not payload:
+                continue  # the retained document was cleared
+            yield _parse(common_pb2.SignedRelease, payload, "release message")
+
+    async def _fetch_bundle(
+        self, digest: str, offset: int, length: int
+    ) -> AsyncGenerator[agent_pb2.BundleChunk, None]:
+        have, end = offset, offset + length
+        while have < end:
+            want = min(WINDOW_BYTES, end - have)
+            request = agent_pb2.FetchBundleRequest(digest=digest, offset=have, length=want)
+            correlation, replies, _ = await self._request(Leaf.BUNDLE_REQUEST,
+                                                          request.SerializeToString())
+            try:
+                window_end = have + want
+                while have < window_end:
+                    payload, error = await replies.get()
+                    if error:
+                        raise _reason(error)
+                    chunk = _parse(agent_pb2.BundleChunk, payload, "bundle chunk")
+                    if chunk.offset < have and chunk.offset + len(chunk.data) <= have:
+                        continue  # a QoS 1 duplicate of what is already here
+                    if chunk.offset != have:
+                        raise TransportError(f"bundle chunk at {chunk.offset}; expected {have}")
+                    if not chunk.data:
+                        return  # the server has nothing more
+                    have += len(chunk.data)
+                    yield chunk
+            finally:
+                self._replies.pop(correlation, None)
+
+    async def _reset(self) -> None:
+        """Reconnect only when the certificate changed (paho reconnects by itself)."""
+        if self._client is None:
+            return
+        serial = pki.serial_hex(pki.load_certificate(self.state.cert.read_bytes()))
+        if serial != self._serial:
+            await self._stop_client(say_offline=False)
+
+    async def _close(self) -> None:
+        await self._stop_client(say_offline=True)
+
+    async def _stop_client(self, *, say_offline: bool) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if say_offline and self._connected.is_set():
+            info = client.publish(topic(self.device_id, Leaf.STATUS),
+                                  agent_pb2.AgentStatus(online=False).SerializeToString(),
+                                  qos=1, retain=True)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(info.wait_for_publish, 2.0)
+        self._connected.clear()
+        client.disconnect()
+        await asyncio.to_thread(client.loop_stop)
