@@ -34,6 +34,7 @@ from control_plane.domain import (
     TelemetryRecord,
 )
 from control_plane.experiment_stats import Decision, decide
+from control_plane.heartbeats import HeartbeatWriter
 from control_plane.registry import Upload, manifest_json, verify_upload
 from control_plane.releases import ReleaseIssuer
 from control_plane.retrain_service import RetrainService
@@ -106,6 +107,7 @@ class Handlers:
         self.releases = ReleaseIssuer(store, authority.release_key, config.release_ttl_seconds,
                                       on_change=self._device_changed)
         self.rollouts = RolloutController(self, clock)
+        self.heartbeats = HeartbeatWriter(store)
         self.retrain = RetrainService(self)
 
     def audit_system(self, action: str, target: str, detail: Mapping[str, Any]) -> None:
@@ -254,6 +256,19 @@ class Handlers:
         """Record the device's report; return (server time, interval, release serial)."""
         now = self.clock()
         self.store.record_heartbeat(caller.name, now, agent_version, host, models)
+        release = self.releases.current(caller.name, now)  # renews it when due
+        return now, self.config.heartbeat_interval_seconds, release.serial if release else 0
+
+    async def heartbeat_grouped(
+        self,
+        caller: pki.Identity,
+        agent_version: str,
+        host: Mapping[str, Any],
+        models: list[dict[str, Any]],
+    ) -> tuple[float, int, int]:
+        """``heartbeat`` with its write group-committed with the others of this moment."""
+        now = self.clock()
+        await self.heartbeats.record(caller.name, now, agent_version, host, models)
         release = self.releases.current(caller.name, now)  # renews it when due
         return now, self.config.heartbeat_interval_seconds, release.serial if release else 0
 

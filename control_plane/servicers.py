@@ -267,7 +267,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Heartbeat(
         self, request: agent_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.HeartbeatResponse:
-        now, interval, serial = self.h.heartbeat(
+        now, interval, serial = await self.h.heartbeat_grouped(
             self._device(context),
             _text(request.agent_version),
             host_from_proto(request.host),

@@ -249,6 +249,8 @@ async def _device_loop(dev: SimDevice, stop_at: float, interval: float, batch: i
         except grpc.aio.AioRpcError as exc:
             dev.errors.append(f"heartbeat/telemetry: {exc.code().name}")
         tick += interval
+        if tick >= stop_at:
+            break  # the phase ends with the last answer, not after another interval
         await asyncio.sleep(max(0.0, tick - loop.time()))
 
 

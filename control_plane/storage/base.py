@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from control_plane.domain import (
@@ -24,6 +24,7 @@ from control_plane.domain import (
     TelemetryRecord,
 )
 from control_plane.retrain import DriftPolicy
+from fleetcore.errors import NotFoundError
 
 __all__ = ["Store"]
 
@@ -72,6 +73,20 @@ class Store(abc.ABC):
         host: Mapping[str, Any],
         models: list[dict[str, Any]],
     ) -> None: ...
+
+    def record_heartbeats(
+        self, beats: Sequence[tuple[str, float, str, Mapping[str, Any], list[dict[str, Any]]]]
+    ) -> list[Exception | None]:
+        """Record several heartbeats (arguments of ``record_heartbeat``), in one transaction
+        where the store can; one error (or None) per heartbeat, in order."""
+        errors: list[Exception | None] = []
+        for beat in beats:
+            try:
+                self.record_heartbeat(*beat)
+                errors.append(None)
+            except NotFoundError as exc:
+                errors.append(exc)
+        return errors
 
     @abc.abstractmethod
     def revoke_device(self, device_id: str, now: float) -> DeviceRecord:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,21 @@ class SqliteStore(Store):
             )
             if cur.rowcount != 1:
                 raise NotFoundError(f"no device {device_id!r}")
+
+    def record_heartbeats(
+        self, beats: Sequence[tuple[str, float, str, Mapping[str, Any], list[dict[str, Any]]]]
+    ) -> list[Exception | None]:
+        errors: list[Exception | None] = []
+        with self._tx() as c:  # one commit (one fsync) for all of them
+            for device_id, now, agent_version, host, models in beats:
+                cur = c.execute(
+                    "UPDATE devices SET last_seen = ?, agent_version = ?, host = ?, models = ?"
+                    " WHERE id = ?",
+                    (now, agent_version, _dump(dict(host)), _dump(models), device_id),
+                )
+                errors.append(None if cur.rowcount == 1
+                              else NotFoundError(f"no device {device_id!r}"))
+        return errors
 
     def revoke_device(self, device_id: str, now: float) -> DeviceRecord:
         with self._tx() as c:
