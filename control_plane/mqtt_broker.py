@@ -13,11 +13,14 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
-from control_plane.mqtt_config import MqttSettings
+from control_plane.config import ControlPlaneConfig
+from control_plane.mqtt_config import MqttSettings, write_broker_config
+from control_plane.storage import open_store
 
-__all__ = ["Mosquitto", "find_mosquitto", "start_mosquitto"]
+__all__ = ["Mosquitto", "find_mosquitto", "start_fleet_broker", "start_mosquitto"]
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +120,20 @@ def start_mosquitto(settings: MqttSettings, binary: str | None = None) -> Mosqui
     if found is None:
         raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
     return Mosquitto(settings, found).start()
+
+
+def start_fleet_broker(home: Path, out: Path, port: int, *, bind: str = "127.0.0.1",
+                       fleet_size: int = 0) -> Mosquitto:
+    """`control-plane mqtt-config` for the home, then Mosquitto on it (for the demo).
+
+    Start the control plane afterwards with ``--mqtt`` set to the returned broker's ``url``
+    (``mqtts://127.0.0.1:PORT``) so that its bridge connects and enrollment hands agents the URL.
+    """
+    cfg = ControlPlaneConfig.load(home)
+    store = open_store(cfg.database)
+    try:
+        settings = write_broker_config(cfg, store, out, port=port, bind=bind,
+                                       fleet_size=fleet_size, now=time.time())
+    finally:
+        store.close()
+    return start_mosquitto(settings)

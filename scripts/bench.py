@@ -33,6 +33,7 @@ from control_plane.server import ControlPlane
 from edge_agent.enroll import enroll
 from edge_agent.state import StateDir
 from scripts.bench_fleet import bench_fleet
+from scripts.bench_mqtt import bench_mqtt
 from scripts.bench_serving import bench_serving
 from scripts.machine import machine_info
 from trainer.cli import keygen
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = bench_heartbeat(Path(tmp) / "heartbeat", args.n)
         rows += bench_compression(Path(tmp) / "compression")
         rows += bench_fleet(Path(tmp) / "fleet").rows  # 1,000 simulated agents
+        rows += bench_mqtt(Path(tmp) / "mqtt")  # Mosquitto: telemetry, release fan-out
     _print(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "results": rows,

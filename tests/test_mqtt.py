@@ -27,6 +27,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.state import StateDir
 from edge_agent.telemetry import encode
 from fleetcore import pki
+from fleetcore.errors import AuthenticationError
 from fleetcore.mqtt_wire import Leaf, topic
 from tests.mqtt_support import connect, connected, start_mqtt_control_plane
 from tests.support import WAIT, LoopThread, RunningControlPlane, start_agent
@@ -327,3 +328,27 @@ def test_telemetry_through_broker_outage_restart_and_kill_9_arrives_exactly_once
     payloads = mq.cp.store._query(  # type: ignore[attr-defined]
         "SELECT payload FROM telemetry WHERE device_id = ? AND seq = 7", (device,))
     assert json.loads(payloads[0]["payload"])["error"] == "7"
+
+
+def test_mqtt_config_writes_a_broker_configuration(tmp_path: Path) -> None:
+    from control_plane.cli import main as cp_main  # noqa: PLC0415
+
+    assert cp_main(["init", "--home", str(tmp_path / "cp")]) == 0
+    assert cp_main(["mqtt-config", "--home", str(tmp_path / "cp"), "--out",
+                    str(tmp_path / "broker"), "--port", "18883", "--fleet-size", "50"]) == 0
+    settings = MqttSettings.load(tmp_path / "cp")
+    assert settings is not None and settings.port == 18883
+    conf = settings.conf.read_text().splitlines()
+    for line in ("require_certificate true", "use_identity_as_username true",
+                 "use_username_as_clientid true", "persistence true", "allow_anonymous false",
+                 f"crlfile {settings.crl}", "listener 18883", "max_queued_messages 6000"):
+        assert line in conf, line
+    acl = settings.acl.read_text().splitlines()
+    assert "pattern read edgefleet/v1/dev/%u/release" in acl
+    assert "pattern write edgefleet/v1/dev/%u/telemetry" in acl
+    assert not any(line.startswith("pattern readwrite") for line in acl)
+    assert (settings.out / "server.key").stat().st_mode & 0o777 == 0o600
+    bridge = pki.load_certificate(settings.bridge_cert(tmp_path / "cp").read_bytes())
+    with pytest.raises(AuthenticationError):  # no Edgefleet identity: the APIs refuse it
+        pki.identity_from_certificate(bridge)
+    assert cp_main(["serve", "--home", str(tmp_path / "cp"), "--mqtt", "tcp://x:1"]) == 1

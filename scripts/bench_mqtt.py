@@ -1,0 +1,333 @@
+"""MQTT figures for `make bench`: telemetry throughput and release fan-out through Mosquitto.
+
+``python -m scripts.bench_mqtt [--records 20000] [--agents 200]`` configures a real Mosquitto
+with ``control-plane mqtt-config``, starts it, and runs the control plane (with its bridge) in
+this process. Every baseline is measured in the same run, against the same broker:
+
+* telemetry: ``--records`` records written to a device's SQLite outbox are sent by the agent's
+  own ``TelemetrySender`` over its ``MqttTransport`` (batches of up to 500 records at QoS 1,
+  deleted after each PUBACK) and timed until the control plane has stored every one. Baseline:
+  raw paho-mqtt publishing the same records at QoS 1 (one message per record, all PUBACKs
+  awaited) from the same device certificate, before the bridge exists (so nobody consumes them).
+  A second row compares with raw paho publishing the same 500-record batches, for context.
+  Target: >= 0.8x of the per-record baseline.
+* release fan-out: ``--agents`` simulated agents (paho clients with their own enrolled device
+  certificates, subscribed to their release topic) and a rollout to all of them; the figure is
+  the time from the rollout call until the last one has received its signed release (each is
+  verified afterwards). Baseline: the same fan-out to 10 agents. Target: all within 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import resource
+import shutil
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from edgefleet.v1 import agent_pb2
+
+from control_plane.config import ControlPlaneConfig
+from control_plane.home import init_home
+from control_plane.mqtt_broker import Mosquitto, start_mosquitto
+from control_plane.mqtt_config import write_broker_config
+from control_plane.server import ControlPlane
+from control_plane.storage import open_store
+from edge_agent.outbox import Outbox
+from edge_agent.state import AgentConfig, StateDir
+from edge_agent.telemetry import TelemetrySender, encode
+from edge_agent.transport.mqtt import MqttTransport
+from fleetcore import pki
+from fleetcore.mqtt_wire import Leaf, topic
+from fleetcore.release import SignedRelease, verify_release
+from tests.mqtt_support import free_port
+from tests.support import LoopThread, RunningControlPlane
+from tests.trainer_support import write_pipeline
+from trainer.bundle import sign_bundle
+from trainer.config import Pipeline
+from trainer.pipeline import Run, Workdir
+
+TIMEOUT = 120.0
+
+
+def _control_plane(work: Path, loop: LoopThread) -> tuple[RunningControlPlane, Mosquitto]:
+    port = free_port()
+    cfg = ControlPlaneConfig(home=work / "cp", api_listen="127.0.0.1:0",
+                             enroll_listen="127.0.0.1:0", mqtt_url=f"mqtts://127.0.0.1:{port}")
+    cfg = init_home(work / "cp", config=cfg)
+    store = open_store(cfg.database)
+    try:
+        settings = write_broker_config(cfg, store, work / "broker", port=port, bind="127.0.0.1",
+                                       fleet_size=2000, now=time.time())
+    finally:
+        store.close()
+    broker = start_mosquitto(settings)
+    from control_plane.fleet_cli import FleetConfig  # noqa: PLC0415
+
+    running = RunningControlPlane(home=cfg.home, cp=ControlPlane(cfg), loop=loop,
+                                  admin=FleetConfig.load(cfg.home / "operators/admin/fleet.toml"))
+    running.transport, running.broker = "mqtt", broker
+    return running, broker
+
+
+def _tls(state: StateDir) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cadata=state.ca.read_text())
+    ctx.load_cert_chain(state.cert, state.key)
+    return ctx
+
+
+def _records(n: int) -> list[bytes]:
+    return [encode({"where": "bench", "error": f"record {i:08d} " + "x" * 64}) for i in range(n)]
+
+
+def _raw_paho(state: StateDir, device: str, port: int, payloads: list[bytes]) -> float:
+    """Seconds for raw paho to publish ``payloads`` at QoS 1 and see every PUBACK."""
+    done = threading.Event()
+    acked = [0]
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv5)
+    c.tls_set_context(_tls(state))
+    c.max_inflight_messages_set(100)
+    c.max_queued_messages_set(0)
+
+    def on_publish(*_: Any) -> None:
+        acked[0] += 1
+        if acked[0] == len(payloads):
+            done.set()
+
+    c.on_publish = on_publish
+    connected = threading.Event()
+    c.on_connect = lambda *a: connected.set()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    connected.wait(TIMEOUT)
+    name = topic(device, Leaf.TELEMETRY)
+    t0 = time.perf_counter()
+    for p in payloads:
+        c.publish(name, p, qos=1)
+    if not done.wait(TIMEOUT):
+        raise RuntimeError("raw paho: PUBACKs missing")
+    elapsed = time.perf_counter() - t0
+    c.disconnect()
+    c.loop_stop()
+    return elapsed
+
+
+def bench_telemetry(work: Path, records: int) -> list[dict[str, Any]]:
+    loop = LoopThread()
+    cp, broker = _control_plane(work, loop)
+    try:
+        # The device enrolls while the control plane runs; the baselines run with it stopped.
+        loop.run(cp.cp.start())
+        cfg = cp.enroll_agent(work / "agent")
+        loop.run(cp.cp.stop(0))
+        _forget_bridge_session(cp, broker.settings.port)
+        state = StateDir(work / "agent")
+        payloads = _records(records)
+        per_record = [agent_pb2.TelemetryRecord(seq=i + 1, kind="error", created_at=1.0,
+                                                payload=p).SerializeToString()
+                      for i, p in enumerate(payloads)]
+        raw_single = _raw_paho(state, cfg.device_id, broker.settings.port, per_record)
+        batches = [agent_pb2.TelemetryBatch(records=[
+            agent_pb2.TelemetryRecord(seq=i + j + 1, kind="error", created_at=1.0, payload=p)
+            for j, p in enumerate(payloads[i:i + 500])]).SerializeToString()
+            for i in range(0, records, 500)]
+        raw_batched = _raw_paho(state, cfg.device_id, broker.settings.port, batches)
+        # The bridge never subscribed before now: what the baselines published is gone.
+        cp.restart()
+        assert cp.cp.bridge is not None
+        loop.run(asyncio.wait_for(cp.cp.bridge.connected.wait(), TIMEOUT))
+        stored = threading.Event()
+
+        def counted(what: str, device: str) -> None:
+            if what == "telemetry" and _count(cp, device) >= records:
+                stored.set()
+
+        cp.cp.bridge.on_event = counted
+        with Outbox(state.outbox) as outbox:
+            outbox.append_many([("error", p) for p in payloads], 1.0)
+            config = AgentConfig.load(state)
+            transport = MqttTransport(config.mqtt_url, cfg.device_id, state)
+            sender = TelemetrySender(outbox, max_batches=1000)
+
+            async def send_all() -> float:
+                t0 = time.perf_counter()
+                while outbox.stats().depth:
+                    await sender.send(transport)
+                await asyncio.to_thread(stored.wait, TIMEOUT)
+                elapsed = time.perf_counter() - t0
+                await transport.close()
+                return elapsed
+
+            ours = loop.run(send_all(), timeout=TIMEOUT * 2)
+        assert _count(cp, cfg.device_id) == records
+    finally:
+        cp.stop()
+        broker.stop()
+        loop.close()
+    rate, single, batched = records / ours, records / raw_single, records / raw_batched
+    return [
+        {"name": f"MQTT telemetry outbox -> Mosquitto -> control plane ({records:,} records)",
+         "figure": round(rate), "baseline": round(single), "unit": "records/s",
+         "baseline_name": "raw paho QoS 1, one message per record, same broker",
+         "ratio": round(rate / single, 2), "target": ">= 0.8x", "pass": rate / single >= 0.8},
+        {"name": "MQTT telemetry vs raw paho QoS 1 with the same 500-record batches",
+         "figure": round(rate), "baseline": round(batched), "unit": "records/s",
+         "baseline_name": "raw paho QoS 1, same batches, nobody consuming",
+         "ratio": round(rate / batched, 2), "target": "-", "pass": None},
+    ]
+
+
+def _forget_bridge_session(cp: RunningControlPlane, port: int) -> None:
+    """Connect as the bridge with a clean start and no session expiry: its queue is dropped,
+    so what the baselines publish reaches nobody."""
+    assert cp.cp.mqtt is not None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(cp.cp.mqtt.ca))
+    ctx.load_cert_chain(cp.cp.mqtt.bridge_cert(cp.home), cp.cp.mqtt.bridge_key(cp.home))
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.tls_set_context(ctx)
+    c.connect("127.0.0.1", port, clean_start=True)
+    c.loop_start()
+    c.disconnect()
+    c.loop_stop()
+
+
+def _count(cp: RunningControlPlane, device: str) -> int:
+    rows = cp.cp.store._query(  # type: ignore[attr-defined]
+        "SELECT count(*) AS n FROM telemetry WHERE device_id = ?", (device,))
+    return int(rows[0]["n"])
+
+
+class _SimAgent:
+    """A paho client with an enrolled device's certificate, waiting for its release."""
+
+    def __init__(self, state: StateDir, device: str, port: int) -> None:
+        self.device, self.state = device, state
+        self.got = threading.Event()
+        self.payload = b""
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device,
+                                  protocol=mqtt.MQTTv5)
+        self.client.tls_set_context(_tls(state))
+        self.client.on_connect = lambda c, *a: c.subscribe(topic(device, Leaf.RELEASE), qos=1)
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        self.client.on_message = self._message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.payload and not self.got.is_set():
+            self.payload = bytes(msg.payload)
+            self.got.set()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def bench_fanout(work: Path, agents: int, base: int = 10) -> list[dict[str, Any]]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # a socket per simulated agent here, and one each in the broker (a child)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    loop = LoopThread()
+    cp, broker = _control_plane(work, loop)
+    sims: list[_SimAgent] = []
+    try:
+        loop.run(cp.cp.start())
+        assert cp.cp.bridge is not None
+        loop.run(asyncio.wait_for(cp.cp.bridge.connected.wait(), TIMEOUT))
+        key = cp.home / "publisher" / "publisher.key"
+        pipeline = write_pipeline(work, hidden="32", epochs=2, prune=0.25)
+        Run(Pipeline.load(pipeline), Workdir(work / "train"), publisher_key=key,
+            progress=lambda m: None).run_all()
+        bundle = work / "train" / "bundle"
+        from control_plane.fleet_cli import main as fleet_cli  # noqa: PLC0415
+
+        def fleet(args: list[str]) -> int:
+            with contextlib.redirect_stdout(io.StringIO()):
+                return fleet_cli(args)
+
+        conf = str(cp.home / "operators/admin/fleet.toml")
+        assert fleet(["--config", conf, "--api", cp.api, "models", "publish", str(bundle)]) == 0
+        v2 = work / "v2"
+        shutil.copytree(bundle, v2)
+        manifest = json.loads((v2 / "manifest.json").read_text())
+        manifest["version"] = 2
+        (v2 / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        sign_bundle(v2, key)
+        assert fleet(["--config", conf, "--api", cp.api, "models", "publish", str(v2)]) == 0
+        release_key = pki.load_public_key(cp.cp.authority.release_public_pem)
+        timings = {}
+        for label, n, version in (("base", base, 1), ("fleet", agents, 2)):
+            group = []
+            for i in range(n):
+                cfg = cp.enroll_agent(work / f"{label}-{i}", labels={"bench": label})
+                group.append(_SimAgent(StateDir(work / f"{label}-{i}"), cfg.device_id,
+                                       broker.settings.port))
+            sims += group
+            for sim in group:
+                if not sim.subscribed.wait(TIMEOUT):
+                    raise RuntimeError("a simulated agent never subscribed")
+            t0 = time.perf_counter()
+            assert fleet(["--config", conf, "--api", cp.api, "rollouts", "start", "--model",
+                          "digits", "--version", str(version), "--selector",
+                          f"bench={label}"]) == 0
+            for sim in group:
+                if not sim.got.wait(TIMEOUT):
+                    raise RuntimeError("a simulated agent never got its release")
+            timings[label] = time.perf_counter() - t0
+            for sim in group:  # every one is a valid signed release for that device
+                from edgefleet.v1 import common_pb2  # noqa: PLC0415
+
+                signed = common_pb2.SignedRelease.FromString(sim.payload)
+                verify_release(SignedRelease(signed.document, signed.signature),
+                               public_key=release_key, device_id=sim.device, now=time.time(),
+                               trusted=None)
+    finally:
+        for sim in sims:
+            sim.close()
+        cp.stop()
+        broker.stop()
+        loop.close()
+    fleet_s, base_s = timings["fleet"], timings["base"]
+    return [{"name": f"MQTT release fan-out to {agents} connected agents", "figure":
+             round(fleet_s, 3), "baseline": round(base_s, 3), "unit": "s",
+             "baseline_name": f"the same fan-out to {base} agents",
+             "ratio": round(fleet_s / base_s, 2), "target": "all within 10 s",
+             "pass": fleet_s < 10}]
+
+
+def bench_mqtt(work: Path, records: int = 20_000, agents: int = 200) -> list[dict[str, Any]]:
+    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+        print("mosquitto is not installed: MQTT benchmarks skipped", file=sys.stderr)
+        return []
+    return [*bench_telemetry(work / "telemetry", records),
+            *bench_fanout(work / "fanout", agents)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--records", type=int, default=20_000)
+    p.add_argument("--agents", type=int, default=200)
+    args = p.parse_args(argv)
+    from scripts.bench import _print  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = bench_mqtt(Path(tmp), args.records, args.agents)
+    _print(rows)
+    return 1 if any(r["pass"] is False for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
