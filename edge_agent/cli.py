@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 force=args.force,
                 transport=args.transport,
             )
-            print(f"enrolled as {cfg.device_id} ({cfg.transport})")
+            print(f"enrolled as {cfg.device_id}")
             return 0
         if args.command == "run":
             asyncio.run(_run(args.state_dir, args.transport, args.listen, args.grpc_listen))
