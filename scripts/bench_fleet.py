@@ -9,8 +9,9 @@ its own client certificate and holds an open ``Sync`` stream throughout. Then, i
 
 1. baseline phase: 10 devices heartbeat every 0.5 s for 5 s, each heartbeat followed by a
    small ``TelemetryBatch`` (as the agent sends its outbox after each heartbeat);
-2. heartbeat phase: all N devices heartbeat every 2 s (5x the default 10 s interval: 500
-   heartbeats/s at N=1000) for ``--duration`` seconds, each followed by a 5-record batch;
+2. heartbeat phase: all N devices heartbeat at the control plane's default interval (10 s:
+   100 heartbeats/s at N=1000; ``--interval 2`` for 5x that) for ``--duration`` seconds, each
+   followed by a 5-record batch;
 3. ingest phase: within ``--duration`` seconds every device sends one 500-record batch (the
    agent's batch size) after a heartbeat: N x 500 records offered over the window;
 4. fan-out: two versions of a tiny digits bundle are published; a rollout of v1 to the 10
@@ -352,7 +353,7 @@ def bench_fleet(
     *,
     devices: int = 1000,
     duration: float = 10.0,
-    interval: float = 2.0,
+    interval: float = 10.0,
     batch: int = 5,
     ingest_batch: int = 500,
     baseline_devices: int = 10,
@@ -506,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", "--devices", type=int, default=1000, help="simulated agents")
     p.add_argument("--duration", type=float, default=10.0,
                    help="seconds of each fleet phase (heartbeats, then ingest)")
-    p.add_argument("--interval", type=float, default=2.0, help="heartbeat interval, seconds")
+    p.add_argument("--interval", type=float, default=10.0,
+                   help="heartbeat interval, seconds (the control plane's default: 10)")
     p.add_argument("--batch", type=int, default=5,
                    help="telemetry records after each heartbeat in the heartbeat phase")
     p.add_argument("--ingest-batch", type=int, default=500,
