@@ -191,8 +191,9 @@ class Agent:
         self.heartbeats += 1
         self.backoff.reset()
         if self._status["state"] != "connected":
-            log.info("connected to control plane %s as %s", self.config.api_address,
-                     self.config.device_id)
+            where = (f"via MQTT broker {self.config.mqtt_url}" if self.config.transport == "mqtt"
+                     else self.config.api_address)
+            log.info("connected to control plane %s as %s", where, self.config.device_id)
         if reply.heartbeat_interval_seconds:
             self.config.heartbeat_interval_seconds = float(reply.heartbeat_interval_seconds)
         self._set_status(state="connected", last_heartbeat=self.clock(), last_error=None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ from typing import Any
 import httpx
 from sklearn.datasets import load_digits
 
+from control_plane.mqtt_broker import Mosquitto, start_fleet_broker
 from scripts.procs import Child, run
 
 
@@ -51,7 +53,7 @@ def train(work: Path) -> Path:
 
 
 def start_control_plane(
-    work: Path, publisher_pub: Path, children: list[Child]
+    work: Path, publisher_pub: Path, children: list[Child], brokers: list[Mosquitto]
 ) -> tuple[Path, str, str]:
     home = work / "control-plane"
     step(f"control-plane init --home {home}")
@@ -68,9 +70,16 @@ def start_control_plane(
                       .replace("min_samples = 200", "min_samples = 100")
                       .replace("tick_seconds = 2.0", "tick_seconds = 0.5"))
 
-    step("control-plane serve (mTLS API + enrollment endpoint on free ports)")
+    step("control-plane mqtt-config; mosquitto (TLS, client certificates from the fleet CA, "
+         "per-device ACL, CRL)")
+    broker = start_fleet_broker(home, work / "mosquitto", free_port(), fleet_size=10)
+    brokers.append(broker)
+    print(f"mosquitto listening on {broker.url}; config in {work / 'mosquitto'}")
+
+    step("control-plane serve --mqtt (mTLS API + enrollment endpoint on free ports, "
+         "MQTT bridge)")
     server = Child("control-plane", "control-plane", "serve", "--home", str(home),
-                   "--api", "127.0.0.1:0", "--enroll", "127.0.0.1:0",
+                   "--api", "127.0.0.1:0", "--enroll", "127.0.0.1:0", "--mqtt", broker.url,
                    log=work / "logs" / "control-plane.log")
     children.append(server)
     api = server.expect(r"api \(mTLS\) listening on (\S+)").group(1)
@@ -83,23 +92,23 @@ def enroll_and_run_agents(
     work: Path, home: Path, fleet: tuple[str, ...], enroll: str, children: list[Child]
 ) -> list[Path]:
     agents = []
-    for name, site in (("agent-1", "paris"), ("agent-2", "lyon")):
+    for name, site, transport in (("agent-1", "paris", "grpc"), ("agent-2", "lyon", "mqtt")):
         step(f"fleet tokens create --label site={site} --label region=eu-west; "
-             f"edge-agent enroll ({name})")
+             f"edge-agent enroll --transport {transport} ({name})")
         token = run(*fleet, "tokens", "create", "--label", f"site={site}", "--label",
                     "region=eu-west", "--ttl", "600")
         print(f"one-time token {token.strip()[:12]}... (stored hashed)")
         state = work / name
         print(run("edge-agent", "enroll", "--server", enroll, "--token", token.strip(),
                   "--ca", str(home / "pki/ca.pem"), "--state-dir", str(state),
-                  "--label", "tier=demo"), end="")
+                  "--label", "tier=demo", "--transport", transport), end="")
         config = state / "agent.toml"  # short probation and drift windows for the demo
         config.write_text(config.read_text().replace("probation_seconds = 300.0",
                                                      "probation_seconds = 2.0")
                           .replace("drift_window_requests = 500", "drift_window_requests = 200"))
         agents.append(state)
 
-    step("edge-agent run (two agents, heartbeating over mutual TLS)")
+    step("edge-agent run (agent-1 over gRPC, agent-2 over MQTT; both mutual TLS)")
     for state in agents:
         child = Child(state.name, "edge-agent", "run", "--state-dir", str(state),
                       "--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0",
@@ -228,10 +237,32 @@ def drift_and_retrain(work: Path, fleet: tuple[str, ...], children: list[Child])
     print(run(*fleet, "rollouts", "status", "--model", "digits"), end="")
 
 
-def scenario(work: Path, children: list[Child]) -> int:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def summary(fleet: tuple[str, ...], transports: dict[str, str]) -> None:
+    """The fleet at the end: one row per device."""
+    devices = json.loads(run(*fleet, "devices", "list", "--json"))
+    rows = [("DEVICE", "SITE", "TRANSPORT", "STATUS", "SERVING", "INSTALLED")]
+    for d in devices:
+        models = [m for m in d["models"] if m.get("name") == "digits"]
+        serving = ", ".join(f"digits v{m['version']}" for m in models if m.get("serving"))
+        installed = ", ".join(f"v{m['version']} {m.get('state', '-')}" for m in models)
+        site = d["labels"].get("site", "-")
+        rows.append((d["id"], site, transports.get(site, "?"), d["status"], serving or "-",
+                     installed or "-"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def scenario(work: Path, children: list[Child], brokers: list[Mosquitto]) -> int:
     """Run the story; return how many devices ended online."""
     publisher_pub = train(work)
-    home, api, enroll = start_control_plane(work, publisher_pub, children)
+    home, api, enroll = start_control_plane(work, publisher_pub, children, brokers)
     fleet = ("fleet", "--config", str(home / "operators/admin/fleet.toml"), "--api", api)
     agents = enroll_and_run_agents(work, home, fleet, enroll, children)
     deliver(work, fleet, children)
@@ -245,13 +276,14 @@ def scenario(work: Path, children: list[Child]) -> int:
 
     drift_and_retrain(work, fleet, children)
 
-    step("fleet models list; fleet devices list  (the fleet at the end)")
+    step("fleet models list  (the registry at the end)")
     print(run(*fleet, "models", "list"), end="")
-    print(run(*fleet, "devices", "list"), end="")
 
     step("fleet audit list; fleet audit verify")
     print(run(*fleet, "audit", "list"), end="")
     print(run(*fleet, "audit", "verify"), end="")
+    step("the fleet at the end (fleet devices list --json)")
+    summary(fleet, {"paris": "grpc", "lyon": "mqtt"})
     return len(online)
 
 
@@ -265,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     (work / "logs").mkdir(parents=True)
     children: list[Child] = []
+    brokers: list[Mosquitto] = []
     online = 0
     try:
-        online = scenario(work, children)
+        online = scenario(work, children, brokers)
     except (RuntimeError, OSError) as exc:
         print(f"\ndemo failed: {exc}\nlogs: {work / 'logs'}", file=sys.stderr)
         keep = True  # leave the logs for a look
@@ -275,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         step("shutting down")
         codes = {c.name: c.stop() for c in reversed(children)}
-        print(", ".join(f"{n} exited {rc}" for n, rc in codes.items()))
+        for broker in brokers:
+            broker.stop()
+        print(", ".join(f"{n} exited {rc}" for n, rc in codes.items())
+              + (", mosquitto stopped" if brokers else ""))
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     if any(codes.values()):

@@ -17,6 +17,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "demo OK: 2 devices online" in out
     assert "control-plane exited 0" in out
     assert out.count("connected to control plane") == 2
+    assert "connected to control plane via MQTT broker mqtts://" in out  # agent-2 over MQTT
+    assert "mosquitto stopped" in out
     assert out.count("digits v1 committed after probation") == 2
     assert "bundle verified with the reference tool" in out
     assert "v1 answered" in out and "drift on digits" in out
@@ -27,3 +29,5 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "decision: promote" in out
     assert "rollout digits -> version 2 (completed)" in out
     assert "retrain.start        digits:3" not in out  # no second job while the canary runs
+    table = out.split("the fleet at the end")[1]
+    assert table.count("digits v2") == 2 and "grpc" in table and "mqtt" in table
