@@ -12,7 +12,10 @@ Rules, checked in this order; the first failure raises and the bundle is never m
    unsigned file must not ride along into an install.
 3. Manifest: ``fleetcore.bundle.parse_manifest``; when it has a ``files`` table
    (``{name: {"sha256": hex, "size": bytes}}``), each listed file must exist with that size and
-   SHA-256 digest.
+   SHA-256 digest. When the verified statement hashed with SHA-256, its digests are the files'
+   digests (the library hashed the files on disk to check them), so the table is compared with
+   them instead of hashing every file a second time (`make bench`: verification of a 64 MiB
+   bundle against `openssl dgst -sha256`).
 
 The library reads the signature from a private copy of ``model.sig``, the same bytes that the
 file list is taken from, so what was verified is what is compared.
@@ -58,6 +61,7 @@ class _Statement:
 
     hash_type: _HashType
     names: frozenset[str]
+    sha256: dict[str, str]  # name -> hex digest, when the statement hashed with SHA-256
 
 
 def verify_bundle_dir(bundle: Path, publisher_keys: Sequence[bytes]) -> dict[str, Any]:
@@ -86,7 +90,7 @@ def verify_bundle_dir(bundle: Path, publisher_keys: Sequence[bytes]) -> dict[str
 
     manifest = parse_manifest(_read_bounded(bundle / MANIFEST, MAX_MANIFEST_BYTES, "manifest"))
     if "files" in manifest:
-        _check_files_table(bundle, files, manifest["files"])
+        _check_files_table(bundle, files, manifest["files"], statement.sha256)
     return manifest
 
 
@@ -144,6 +148,8 @@ def _parse_statement(signature: bytes) -> _Statement:
         resources = statement["predicate"]["resources"]
         method, hash_type = serialization["method"], serialization["hash_type"]
         names = [resource["name"] for resource in resources]
+        sha256 = {str(r["name"]): str(r["digest"]).lower() for r in resources
+                  if r.get("algorithm") == "sha256" and isinstance(r.get("digest"), str)}
     except KeyError as exc:
         raise BadSignatureError(f"signature is malformed: it lacks the field {exc}") from None
     except (ValueError, TypeError, binascii.Error) as exc:
@@ -154,10 +160,13 @@ def _parse_statement(signature: bytes) -> _Statement:
         raise BadSignatureError(f"signature uses the unknown hash {hash_type!r}")
     if not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
         raise BadSignatureError("signature lists a file name twice or a name that is not text")
-    return _Statement(hash_type=_HASH_TYPES[hash_type], names=frozenset(names))
+    return _Statement(hash_type=_HASH_TYPES[hash_type], names=frozenset(names),
+                      sha256=sha256 if hash_type == "sha256" else {})
 
 
-def _check_files_table(bundle: Path, files: set[str], table: object) -> None:
+def _check_files_table(bundle: Path, files: set[str], table: object,
+                       verified: dict[str, str]) -> None:
+    """``verified``: SHA-256 digests the signature check already established, by name."""
     if not isinstance(table, dict):
         raise InvalidInputError("manifest field 'files' must be an object")
     for name, entry in table.items():
@@ -174,7 +183,7 @@ def _check_files_table(bundle: Path, files: set[str], table: object) -> None:
         if size != entry["size"]:
             raise InvalidInputError(f"{name} is {size} bytes; the manifest says {entry['size']}")
         expected = entry["sha256"].removeprefix("sha256:").lower()
-        actual = _sha256_file(bundle / name)
+        actual = verified.get(name) or _sha256_file(bundle / name)
         if actual != expected:
             raise InvalidInputError(f"{name} has SHA-256 {actual}; the manifest says {expected}")
 
