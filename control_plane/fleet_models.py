@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,16 +13,21 @@ from typing import Any
 from edgefleet.v1 import admin_pb2
 
 from control_plane.fleet_common import RPC_TIMEOUT_SECONDS as T
-from control_plane.fleet_common import Stub, labels_text, ts
+from control_plane.fleet_common import Progress, Stub, labels_text, ts
 from fleetcore.archive import pack_bundle
 from fleetcore.cli import print_json, print_table
-from fleetcore.errors import InvalidInputError
+from fleetcore.errors import EdgefleetError, InvalidInputError
 from fleetcore.labels import parse_label_args
 
 __all__ = ["MODEL_COMMANDS", "add_model_commands", "experiment_json", "model_json",
            "rollout_json"]
 
 PUBLISH_CHUNK_BYTES = 1024 * 1024
+
+
+class RolloutNotCompleted(EdgefleetError):
+    """``--wait`` saw the rollout end paused, rolled back or aborted (exit 1)."""
+
 PUBLISH_TIMEOUT_SECONDS = 3600.0
 
 
@@ -59,6 +65,10 @@ def add_model_commands(sub: Any) -> None:
                          "accuracy_delta>=-0.01, install_failures<=0 (repeatable)")
     rs.add_argument("--on-failure", choices=["pause", "rollback"], default="pause")
     rs.add_argument("--json", action="store_true")
+    rs.add_argument("--wait", action="store_true",
+                    help="wait until the rollout completes (exit 0), or pauses, rolls back or "
+                         "is aborted (exit 1), showing its progress")
+    rs.add_argument("--wait-timeout", type=float, default=3600.0, metavar="SECONDS")
     for action in ("pause", "resume", "abort", "rollback"):
         ra = rollouts.add_parser(action, help={
             "pause": "stop advancing (devices keep what they have)",
@@ -71,6 +81,9 @@ def add_model_commands(sub: Any) -> None:
     rst = rollouts.add_parser("status", help="per step and device: what happened and why")
     rst.add_argument("--model", required=True)
     rst.add_argument("--json", action="store_true")
+    rst.add_argument("--wait", action="store_true",
+                     help="wait until the rollout is no longer running (as for start --wait)")
+    rst.add_argument("--wait-timeout", type=float, default=3600.0, metavar="SECONDS")
 
     experiments = sub.add_parser(
         "experiments", help="champion and challenger side by side on devices"
@@ -152,12 +165,22 @@ def _models_publish(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
         archive = Path(tmp) / "bundle.tar"
         pack_bundle(args.bundle, archive)
 
+        total = archive.stat().st_size
+        progress = Progress()
+
         def chunks() -> Iterator[admin_pb2.PublishModelChunk]:
+            sent = 0
             with archive.open("rb") as fh:
                 while data := fh.read(PUBLISH_CHUNK_BYTES):
                     yield admin_pb2.PublishModelChunk(data=data)
+                    sent += len(data)
+                    progress.bar(f"uploading {args.bundle.name}", sent, total)
+            progress.show("uploaded; the control plane verifies the signature ...")
 
-        m = stub.PublishModel(chunks(), timeout=PUBLISH_TIMEOUT_SECONDS)
+        try:
+            m = stub.PublishModel(chunks(), timeout=PUBLISH_TIMEOUT_SECONDS)
+        finally:
+            progress.done()
     if args.json:
         print_json(model_json(m))
     else:
@@ -215,7 +238,42 @@ def _rollouts_start(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
         model=args.model, version=args.version, selector=parse_label_args(args.selector),
         steps=steps, bake_seconds=args.bake, gates=args.gate, on_failure=args.on_failure),
         timeout=T)
+    if args.wait:
+        r = _wait_rollout(stub, r, args.wait_timeout)
     _print_rollout(r, args.json)
+    _exit_for(r, args.wait)
+
+
+WAIT_POLL_SECONDS = 1.0
+
+
+def _wait_rollout(stub: Stub, r: admin_pb2.Rollout, timeout: float) -> admin_pb2.Rollout:
+    """Poll until the rollout leaves "running"; show step and device counts meanwhile."""
+    progress = Progress()
+    deadline = time.monotonic() + timeout
+    try:
+        while r.state == "running":
+            committed = sum(d.reported_state == "committed" and d.reported_version == r.version
+                            for d in r.devices)
+            progress.bar(f"rollout {r.model} v{r.version}: step {r.step}/{len(r.steps)}, "
+                         "committed", committed, len(r.devices), unit=1, suffix="devices")
+            if time.monotonic() > deadline:
+                raise InvalidInputError(
+                    f"rollout of {r.model} still running after {timeout:g}s; see `fleet "
+                    f"rollouts status --model {r.model}` (it carries on without you)")
+            time.sleep(WAIT_POLL_SECONDS)
+            r = stub.GetRollout(admin_pb2.GetRolloutRequest(model=r.model), timeout=T)
+    finally:
+        progress.done()
+    return r
+
+
+def _exit_for(r: admin_pb2.Rollout, waited: bool) -> None:
+    if waited and r.state != "completed":
+        hint = ("`fleet rollouts resume` once fixed, or `fleet rollouts rollback`"
+                if r.state == "paused" else "`fleet rollouts status` for why")
+        raise RolloutNotCompleted(f"rollout of {r.model} v{r.version} ended {r.state}: "
+                                  f"{r.reason or 'see its history'}; next: {hint}")
 
 
 def _rollouts_act(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
@@ -225,8 +283,11 @@ def _rollouts_act(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
 
 
 def _rollouts_status(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
-    _print_rollout(stub.GetRollout(admin_pb2.GetRolloutRequest(model=args.model), timeout=T),
-                   args.json)
+    r = stub.GetRollout(admin_pb2.GetRolloutRequest(model=args.model), timeout=T)
+    if args.wait:
+        r = _wait_rollout(stub, r, args.wait_timeout)
+    _print_rollout(r, args.json)
+    _exit_for(r, args.wait)
 
 
 def experiment_json(e: admin_pb2.Experiment) -> dict[str, Any]:

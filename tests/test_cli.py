@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from control_plane.fleet_common import Progress
 from tests.support import WAIT
 
 BIN = Path(sys.executable).parent
@@ -135,3 +137,15 @@ def test_fleet_without_config_fails_with_one_line(tmp_path: Path) -> None:
                        env=env, timeout=WAIT, check=False)
     assert r.returncode == 1
     assert r.stderr.strip() == "error: no client config: pass --config FILE or set $FLEET_CONFIG"
+
+
+def test_progress_draws_on_a_terminal_and_stays_silent_otherwise() -> None:
+    shown = io.StringIO()
+    bar = Progress(shown, enabled=True)
+    bar.bar("uploading bundle", 3 * 2**20, 4 * 2**20)
+    assert "uploading bundle [" in shown.getvalue() and "3.0/4.0 MiB (75%)" in shown.getvalue()
+    bar.done()
+    assert shown.getvalue().endswith("\r")
+    quiet = io.StringIO()  # not a terminal: scripts and --json output stay clean
+    Progress(quiet).bar("uploading bundle", 1, 2)
+    assert quiet.getvalue() == ""

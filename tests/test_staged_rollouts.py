@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from control_plane.domain import RolloutRecord
+from control_plane import fleet_models
 from control_plane.fleet_cli import main as fleet_main
 from tests.support import LoopThread, RunningAgent, RunningControlPlane, start_agent
 from tests.support import start_control_plane as _start_cp
@@ -58,13 +59,22 @@ def _arm_versions(cp: RunningControlPlane) -> dict[str, list[int]]:
             for d in cp.cp.store.list_devices()}
 
 
-def test_rollout_passes_its_steps_on_healthy_agents(fleet) -> None:
+def test_rollout_passes_its_steps_on_healthy_agents(fleet, monkeypatch, capsys) -> None:
     cp, agents = fleet
+    monkeypatch.setattr(fleet_models, "WAIT_POLL_SECONDS", 0.05)
+    seen: list[list[int]] = []
+    real_get = fleet_models._wait_rollout
+
+    def spy(stub, r, timeout):  # the arms right after start: one canary of four
+        seen.append(sorted(v for vs in _arm_versions(cp).values() for v in vs))
+        return real_get(stub, r, timeout)
+
+    monkeypatch.setattr(fleet_models, "_wait_rollout", spy)
+    capsys.readouterr()
     assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "2",
-                  "--steps", "25,50,100") == 0
-    first = cp.cp.store.get_rollout("digits")
-    assert first is not None
-    assert sorted(v for vs in _arm_versions(cp).values() for v in vs) == [1, 1, 1, 2]  # canary
+                  "--steps", "25,50,100", "--wait") == 0  # returns once it has completed
+    assert seen == [[1, 1, 1, 2]]
+    assert "(completed)" in capsys.readouterr().out
     done = _wait_rollout(cp, agents, lambda r: r.state == "completed")
     assert [h.split(":")[0] for h in done.history if "passed" in h] == [
         "step 1 (25%, 1 devices) passed", "step 2 (50%, 2 devices) passed",
@@ -97,10 +107,15 @@ def test_failing_gate_rolls_the_canary_back(fleet, tmp_path: Path) -> None:
     assert all(v == [1] for v in _arm_versions(cp).values())  # nobody left on v3
 
 
-def test_gate_without_enough_samples_does_not_pass(fleet) -> None:
+def test_gate_without_enough_samples_does_not_pass(fleet, monkeypatch, capsys) -> None:
     cp, agents = fleet
+    monkeypatch.setattr(fleet_models, "WAIT_POLL_SECONDS", 0.05)
     assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "2",
                   "--steps", "50,100", "--gate", "error_rate<0.05") == 0
+    capsys.readouterr()
+    assert _fleet(cp, "rollouts", "status", "--model", "digits", "--wait") == 1
+    err = capsys.readouterr().err
+    assert "ended paused" in err and "fleet rollouts resume" in err  # says what to do next
     done = _wait_rollout(cp, agents, lambda r: r.state != "running")
     assert done.state == "paused" and "not enough data" in done.reason
     assert sorted(v for vs in _arm_versions(cp).values() for v in vs) == [1, 1, 2, 2]
