@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="listen on this address only (default: every address)")
     mq.add_argument("--fleet-size", type=int, default=1000, metavar="N",
                     help="devices to size the broker's queues for (default 1000)")
+    mq.add_argument("--broker-dir", type=Path, metavar="DIR",
+                    help="where the broker sees these files, when not at --out (a container "
+                         "mount such as /mosquitto/config)")
+    mq.add_argument("--data-dir", type=Path, metavar="DIR",
+                    help="writable directory for the broker's persistence and pid file "
+                         "(default: BROKER_DIR/data)")
     return p
 
 
@@ -79,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 settings = write_broker_config(cfg, store, args.out, port=args.port,
                                                bind=args.bind, fleet_size=args.fleet_size,
-                                               now=time.time())
+                                               now=time.time(), broker_dir=args.broker_dir,
+                                               data_dir=args.data_dir)
             finally:
                 store.close()
-            print(f"wrote {settings.conf}")
+            print(f"wrote {settings.conf} and, beside it, acl, ca.pem, crl.pem, server.pem, "
+                  "server.key")
             print(f"run: mosquitto -c {settings.conf}")
             print(f"then: control-plane serve --home {cfg.home} --mqtt mqtts://HOST:{args.port}")
             return 0

@@ -113,9 +113,15 @@ class MqttSettings:
 
 def write_broker_config(
     cfg: ControlPlaneConfig, store: Store, out: Path, *, port: int = 8883, bind: str = "",
-    fleet_size: int = 0, now: float,
+    fleet_size: int = 0, now: float, broker_dir: Path | None = None,
+    data_dir: Path | None = None,
 ) -> MqttSettings:
-    """Write the broker's files under ``out`` and the bridge's certificate under the home."""
+    """Write the broker's files under ``out`` and the bridge's certificate under the home.
+
+    ``broker_dir``: where the broker will see these files when that is not ``out`` (a
+    container mounting them, e.g. ``/mosquitto/config``); ``data_dir``: a writable directory
+    for its persistence and pid file (default ``BROKER_DIR/data``).
+    """
     if not 0 < port < 65536:
         raise InvalidInputError(f"port must be 1-65535; got {port}")
     authority = Authority.load(cfg)
@@ -138,7 +144,9 @@ def write_broker_config(
 
     devices = max(fleet_size, len(store.list_devices()), 1)
     atomic_write(settings.acl, _acl().encode())
-    atomic_write(settings.conf, _conf(settings, bind, devices).encode())
+    seen = MqttSettings(out=Path(broker_dir), port=port) if broker_dir is not None else settings
+    data = Path(data_dir) if data_dir is not None else seen.out / "data"
+    atomic_write(settings.conf, _conf(seen, bind, devices, data).encode())
     tomlfile.write(settings.path(lay.home), {"broker": {"out": str(out), "port": port}})
     log.info("wrote a Mosquitto configuration for about %d devices to %s", devices, out)
     return settings
@@ -156,7 +164,7 @@ def _acl() -> str:
     return "\n".join(lines)
 
 
-def _conf(s: MqttSettings, bind: str, devices: int) -> str:
+def _conf(s: MqttSettings, bind: str, devices: int, data: Path) -> str:
     user = pwd.getpwuid(os.getuid()).pw_name
     queued = max(MIN_QUEUED_MESSAGES, devices * QUEUED_PER_DEVICE)
     return "\n".join([
@@ -164,11 +172,11 @@ def _conf(s: MqttSettings, bind: str, devices: int) -> str:
         f"# Sized for about {devices} devices (--fleet-size).",
         "per_listener_settings false",
         f"user {user}",
-        f"pid_file {s.pid_file}",
+        f"pid_file {s.pid_file if data == s.out / 'data' else data / 'mosquitto.pid'}",
         "allow_anonymous false",
         f"acl_file {s.acl}",
         "persistence true",
-        f"persistence_location {s.out / 'data'}/",
+        f"persistence_location {data}/",
         "autosave_interval 10",
         "log_dest stderr",
         "log_type error",

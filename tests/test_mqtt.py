@@ -352,3 +352,20 @@ def test_mqtt_config_writes_a_broker_configuration(tmp_path: Path) -> None:
     with pytest.raises(AuthenticationError):  # no Edgefleet identity: the APIs refuse it
         pki.identity_from_certificate(bridge)
     assert cp_main(["serve", "--home", str(tmp_path / "cp"), "--mqtt", "tcp://x:1"]) == 1
+
+
+def test_mqtt_config_for_a_container_names_the_paths_the_broker_sees(tmp_path: Path) -> None:
+    from control_plane.cli import main as cp_main  # noqa: PLC0415
+
+    assert cp_main(["init", "--home", str(tmp_path / "cp")]) == 0
+    assert cp_main(["mqtt-config", "--home", str(tmp_path / "cp"), "--out",
+                    str(tmp_path / "secret"), "--broker-dir", "/mosquitto/config",
+                    "--data-dir", "/mosquitto/data"]) == 0
+    conf = (tmp_path / "secret" / "mosquitto.conf").read_text().splitlines()
+    for line in ("cafile /mosquitto/config/ca.pem", "crlfile /mosquitto/config/crl.pem",
+                 "keyfile /mosquitto/config/server.key", "acl_file /mosquitto/config/acl",
+                 "persistence_location /mosquitto/data/", "pid_file /mosquitto/data/mosquitto.pid"):
+        assert line in conf, line
+    assert not any(str(tmp_path) in line for line in conf)
+    written = sorted(p.name for p in (tmp_path / "secret").iterdir() if p.is_file())
+    assert written == ["acl", "ca.pem", "crl.pem", "mosquitto.conf", "server.key", "server.pem"]
