@@ -252,11 +252,15 @@ class Handlers:
         agent_version: str,
         host: Mapping[str, Any],
         models: list[dict[str, Any]],
+        have: tuple[int, str] = (0, ""),
     ) -> tuple[float, int, int]:
-        """Record the device's report; return (server time, interval, release serial)."""
+        """Record the device's report; return (server time, interval, release serial).
+
+        ``have``: (serial, digest) of the newest release the device holds; when it is not one
+        we issued (a restored backup), the release is re-issued above it."""
         now = self.clock()
         self.store.record_heartbeat(caller.name, now, agent_version, host, models)
-        release = self.releases.current(caller.name, now)  # renews it when due
+        release = self.releases.current(caller.name, now, have=have)
         return now, self.config.heartbeat_interval_seconds, release.serial if release else 0
 
     async def heartbeat_grouped(
@@ -265,15 +269,16 @@ class Handlers:
         agent_version: str,
         host: Mapping[str, Any],
         models: list[dict[str, Any]],
+        have: tuple[int, str] = (0, ""),
     ) -> tuple[float, int, int]:
         """``heartbeat`` with its write group-committed with the others of this moment."""
         now = self.clock()
         await self.heartbeats.record(caller.name, now, agent_version, host, models)
-        release = self.releases.current(caller.name, now)  # renews it when due
+        release = self.releases.current(caller.name, now, have=have)
         return now, self.config.heartbeat_interval_seconds, release.serial if release else 0
 
-    def current_release(self, caller: pki.Identity) -> ReleaseRecord | None:
-        return self.releases.current(caller.name, self.clock())
+    def current_release(self, caller: pki.Identity, have_serial: int = 0) -> ReleaseRecord | None:
+        return self.releases.current(caller.name, self.clock(), have=(have_serial, ""))
 
     def bundle_for_device(
         self, caller: pki.Identity, digest: str, offset: int, length: int

@@ -226,7 +226,8 @@ class MqttBridge:
         if status.online:
             beat = status.heartbeat
             self.h.heartbeat(caller, beat.agent_version[:256], host_from_proto(beat.host),
-                             _models_from_proto(beat.models))
+                             _models_from_proto(beat.models),
+                             (beat.release_serial, beat.release_digest))
             self._publish_release(caller.name)  # a heartbeat may have renewed it
         else:
             log.info("device %s went offline (MQTT)", caller.name)

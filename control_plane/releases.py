@@ -4,6 +4,8 @@ A device's document changes (new serial) when its arms change, and is renewed (n
 expiry, same content) once less than half of its lifetime is left, so a device in touch never
 sees its release expire, while one cut off for longer than the lifetime is frozen out of
 installing anything stale. ``content`` (a digest of the arms) tells a renewal from a change.
+A device that reports holding a newer serial than ours (the control plane was restored from an
+older backup) gets the same content re-issued above it: agents refuse lower serials.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from control_plane.domain import ReleaseRecord
 from control_plane.storage import Store
 from fleetcore.release import Arm, ModelRelease, encode_document, sign_release
 
-__all__ = ["ReleaseIssuer"]
+__all__ = ["MAX_FLOOR", "ReleaseIssuer"]
+
+
+def _digest(record: ReleaseRecord) -> str:
+    return "sha256:" + hashlib.sha256(record.document).hexdigest()
+
+MAX_FLOOR = 2**62  # a device's claim above this is ignored (serials stay far from overflow)
 
 
 class ReleaseIssuer:
@@ -51,8 +59,13 @@ class ReleaseIssuer:
             out.append(ModelRelease(name=name, arms=tuple(arms), sample_rate=rate))
         return out
 
-    def current(self, device_id: str, now: float) -> ReleaseRecord | None:
-        """The device's release, issuing or renewing it first when needed."""
+    def current(self, device_id: str, now: float,
+                have: tuple[int, str] = (0, "")) -> ReleaseRecord | None:
+        """The device's release, issuing or renewing it first when needed. ``have``: the
+        (serial, digest) of the newest release the device says it holds ("" digest: unknown);
+        a serial above ours, or ours with another digest, is not something we issued: ours
+        must go above it."""
+        floor, digest = have if 0 <= have[0] < MAX_FLOOR else (0, "")
         models = self._models(device_id)
         existing = self.store.get_release(device_id)
         if existing is None and not models:
@@ -60,15 +73,19 @@ class ReleaseIssuer:
         content = hashlib.sha256(json.dumps(
             [[m.name, [[a.version, a.digest, a.length, a.weight, a.shadow] for a in m.arms],
               m.sample_rate] for m in models]).encode()).hexdigest()
-        if (existing is not None and existing.content == content
+        behind = existing is not None and (
+            existing.serial < floor
+            or (existing.serial == floor and bool(digest) and digest != _digest(existing)))
+        if (existing is not None and existing.content == content and not behind
                 and existing.expires_at - now > self.ttl / 2):
             return existing
-        serial = existing.serial + 1 if existing else 1
+        serial = max(existing.serial if existing else 0, floor) + 1
         document = encode_document(device_id, serial, now, now + self.ttl, models)
         signed = sign_release(document, self.key)
         record = ReleaseRecord(device_id, serial, signed.document, signed.signature, now,
                                now + self.ttl, content)
         self.store.put_release(record)
-        if self.on_change is not None and (existing is None or existing.content != content):
+        if self.on_change is not None and (existing is None or existing.content != content
+                                           or behind):
             self.on_change(device_id)
         return record

@@ -272,6 +272,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             _text(request.agent_version),
             host_from_proto(request.host),
             _models_from_proto(request.models),
+            (request.release_serial, request.release_digest),
         )
         return agent_pb2.HeartbeatResponse(server_time=now, heartbeat_interval_seconds=interval,
                                            release_serial=serial)
@@ -289,7 +290,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     # Clear before looking: a change notified from here on is not lost.
                     wake.clear()
                     self._device(context)  # a revoked device's stream ends here
-                    release = self.h.current_release(caller)
+                    release = self.h.current_release(caller, request.have_serial)
                     if release is not None and release.serial > sent:
                         sent = release.serial
                         yield agent_pb2.SyncEvent(release=common_pb2.SignedRelease(

@@ -227,6 +227,8 @@ class Agent:
                 for m in self.updater.report()
             ],
             uptime_seconds=int(max(0.0, self.clock() - self.started_at)),
+            release_serial=self.trust.mark.serial if self.trust.mark is not None else 0,
+            release_digest=self.trust.mark.digest if self.trust.mark is not None else "",
         )
 
     # ------------------------------------------------------------------ releases

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from control_plane.domain import ModelVersionRecord
@@ -41,3 +42,23 @@ def test_release_is_issued_on_change_and_renewed_before_expiry(tmp_path: Path) -
     doc = verify_release(SignedRelease(new.document, new.signature), public_key=key.public_key(),
                          device_id="dev-1", now=70, trusted=None)
     assert [(a.version, a.length, a.weight) for a in doc.models[0].arms] == [(2, 1002, 1.0)]
+
+
+def test_a_device_holding_a_release_we_did_not_issue_gets_one_above_it(tmp_path: Path) -> None:
+    """After a restore from an older backup, devices hold serials the control plane forgot."""
+    store = _store(tmp_path)
+    key = pki.generate_key()
+    changed: list[str] = []
+    issuer = ReleaseIssuer(store, key, ttl_seconds=100, on_change=changed.append)
+    store.start_rollout("digits", 1, {}, ["dev-1"], 0, "test")
+    ours = issuer.current("dev-1", now=10)
+    assert ours is not None and ours.serial == 1
+    digest = "sha256:" + hashlib.sha256(ours.document).hexdigest()
+    assert issuer.current("dev-1", now=11, have=(1, digest)) == ours  # it holds ours
+    assert issuer.current("dev-1", now=11, have=(1, "")) == ours  # digest unknown: trust ours
+    assert issuer.current("dev-1", now=11, have=(2**62, "")) == ours  # absurd claims ignored
+    above = issuer.current("dev-1", now=12, have=(7, "sha256:" + "0" * 64))
+    assert above is not None and above.serial == 8 and changed == ["dev-1", "dev-1"]
+    same = issuer.current("dev-1", now=13, have=(8, "sha256:" + "1" * 64))  # same serial,
+    assert same is not None and same.serial == 9  # another document: ours goes above it too
+    assert issuer.current("dev-1", now=14, have=(9, "")) == same

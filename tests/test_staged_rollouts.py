@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -145,3 +147,30 @@ def test_superseded_rollout_leaves_no_device_in_between(fleet) -> None:
     assert [(r["version"], r["state"]) for r in rollouts][-2:] == [(2, "superseded"),
                                                                     (1, "running")]
     assert all(v == [1] for v in _arm_versions(cp).values())
+
+
+def test_control_plane_restored_from_an_older_backup_issues_serials_agents_accept(
+    fleet, tmp_path: Path
+) -> None:
+    """Agents refuse a release serial at or below the one they hold (rollback protection);
+    a control plane restored from an older backup must not strand them."""
+    cp, agents = fleet
+    backup = tmp_path / "backup.db"
+    with sqlite3.connect(cp.home / "edgefleet.db") as live, sqlite3.connect(backup) as copy:
+        live.backup(copy)  # SQLite's online backup, as the operator guide says
+    held = agents[0].agent.trust.mark.serial
+    assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "2") == 0
+    _wait_rollout(cp, agents, lambda r: r.state == "completed")
+    newer = agents[0].agent.trust.mark.serial
+    assert newer > held
+    cp.stop()
+    for suffix in ("", "-wal", "-shm"):
+        (cp.home / f"edgefleet.db{suffix}").unlink(missing_ok=True)
+    shutil.copyfile(backup, cp.home / "edgefleet.db")
+    cp.restart()  # believes v1 is rolled out and that each device's serial is `held`
+    assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "2") == 0
+    for agent in agents:  # a release the agent accepts, above what it held
+        while agent.wait_for("models")["serial"] <= newer:
+            pass
+    assert all(a.agent.trust.mark.serial > newer for a in agents)
+    assert all(a.agent.models.active("digits")[0] == 2 for a in agents)

@@ -98,16 +98,20 @@ class RenewCertificateResponse(_message.Message):
     def __init__(self, certificate_pem: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("agent_version", "host", "models", "uptime_seconds")
+    __slots__ = ("agent_version", "host", "models", "uptime_seconds", "release_serial", "release_digest")
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     agent_version: str
     host: _common_pb2.HostFacts
     models: _containers.RepeatedCompositeFieldContainer[_common_pb2.InstalledModel]
     uptime_seconds: int
-    def __init__(self, agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., uptime_seconds: _Optional[int] = ...) -> None: ...
+    release_serial: int
+    release_digest: str
+    def __init__(self, agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., uptime_seconds: _Optional[int] = ..., release_serial: _Optional[int] = ..., release_digest: _Optional[str] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
     __slots__ = ("online", "heartbeat")
