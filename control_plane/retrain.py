@@ -32,7 +32,7 @@ from pathlib import Path
 
 from control_plane.domain import DriftWindowRecord
 from fleetcore import tomlfile
-from trainer.config import Pipeline  # settings only: no torch
+from fleetcore.errors import InvalidInputError
 
 __all__ = ["DriftPolicy", "LocalRunner", "policy_fires", "render_kubernetes_job",
            "sample_regions"]
@@ -54,17 +54,22 @@ class DriftPolicy:
 
 
 def sample_regions(pipeline: Path) -> list[str]:
-    """The regions the pipeline's feature store accepts data from ("*": any)."""
-    settings = Pipeline.load(pipeline)
-    if settings.store.allowed_regions is not None:
-        return list(settings.store.allowed_regions)
-    store = Path(settings.store.path)
+    """The regions the pipeline's feature store accepts data from ("*": any).
+
+    Read from the pipeline's ``[store]`` table (the trainer's own format; the control plane
+    does not import the trainer), else from the store's ``policy.toml``."""
+    store_table = tomlfile.load(pipeline).get("store", {})
+    if not isinstance(store_table, dict):
+        raise InvalidInputError(f"{pipeline}: [store] must be a table")
+    regions = store_table.get("allowed_regions")
+    if isinstance(regions, list):
+        return [str(r) for r in regions]
+    store = Path(str(store_table.get("path", "store")))
     policy = store / "policy.toml"
     if store.is_absolute() and policy.is_file():
-        doc = tomlfile.load(policy)
-        regions = doc.get("allowed_regions")
-        if isinstance(regions, list):
-            return [str(r) for r in regions]
+        stored = tomlfile.load(policy).get("allowed_regions")
+        if isinstance(stored, list):
+            return [str(r) for r in stored]
     return ["*"]  # a new store allows any region unless the pipeline says otherwise
 
 
