@@ -379,7 +379,10 @@ def bench_fleet(
     try:
         api = cp.expect(r"api \(mTLS\) listening on (\S+)").group(1)
         enroll = cp.expect(r"enrollment .* listening on (\S+)").group(1)
-        return asyncio.run(_bench(
+        # Not asyncio.run: grpc.aio's poller thread keeps calling into the loop after the
+        # channels close, and a closed loop turns each call into a logged traceback.
+        loop = asyncio.new_event_loop()
+        return loop.run_until_complete(_bench(
             home, api, enroll, ProcStats(cp.proc.pid), work, v1, v2, devices=devices,
             duration=duration, interval=interval, batch=batch, ingest_batch=ingest_batch,
             baseline_devices=min(baseline_devices, devices), baseline_interval=baseline_interval,
