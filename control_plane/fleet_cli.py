@@ -313,6 +313,20 @@ COMMANDS: dict[tuple[str, str], Callable[[Stub, argparse.Namespace, FleetConfig]
 }
 
 
+# What to do next, per gRPC status (printed after the error).
+NEXT_STEPS = {
+    grpc.StatusCode.UNAVAILABLE: "is `control-plane serve` running and listening on {api}? "
+                                 "pass --api HOST:PORT to reach another address",
+    grpc.StatusCode.UNAUTHENTICATED: "the operator certificate in {config} was refused "
+                                     "(expired, revoked or from another fleet); ask an admin for "
+                                     "a new one (`fleet operators create`)",
+    grpc.StatusCode.PERMISSION_DENIED: "your operator role does not allow this; `fleet audit "
+                                       "list` (viewer) shows the denial; ask an admin",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the control plane did not answer in time; retry, or "
+                                       "check its load and log",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
@@ -336,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
             else:
                 print(f"error: {code.name}: {exc.details()}", file=sys.stderr)
+            hint = NEXT_STEPS.get(code, "")
+            if hint:
+                print(f"hint: {hint.format(api=cfg.api, config=path)}", file=sys.stderr)
             return 1
 
     return run_main(body)

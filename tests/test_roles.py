@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,3 +135,20 @@ def test_operator_names_are_unique(cp: RunningControlPlane, tmp_path: Path) -> N
             timeout=WAIT,
         )
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_fleet_errors_say_what_to_do_next(cp: RunningControlPlane, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(cp.home / "operators/admin/fleet.toml")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    capsys.readouterr()
+    assert fleet_main(["--config", config, "--api", closed, "devices", "list"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the control plane" in err and "hint: is `control-plane serve`" in err
+    _operator(cp, tmp_path, "val", "viewer")
+    viewer = tmp_path / "op-val" / "fleet.toml"
+    assert fleet_main(["--config", str(viewer), "--api", cp.api, "rollouts", "start",
+                       "--model", "digits", "--version", "1"]) == 1
+    assert "hint: your operator role does not allow this" in capsys.readouterr().err
