@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import importlib
 import shutil
 from pathlib import Path
 from typing import Any
-
-import model_signing
 
 from fleetcore.bundle import (
     BUNDLE_FORMAT,
@@ -28,6 +27,9 @@ def sign_bundle(bundle: Path, private_key: Path) -> Path:
     """Sign every file of ``bundle`` into ``bundle/model.sig`` (Sigstore bundle v0.3, DSSE)."""
     signature = bundle / SIGNATURE
     signature.unlink(missing_ok=True)
+    # Imported here: training workers (torchrun, a GPU image) never sign, and the library with
+    # its dependencies is heavy; only the bundle step needs it.
+    model_signing = importlib.import_module("model_signing")
     model_signing.signing.Config().use_elliptic_key_signer(private_key=private_key).sign(
         bundle, signature
     )
