@@ -139,6 +139,7 @@ def device_json(d: admin_pb2.Device) -> dict[str, Any]:
         "certificate_serial": d.certificate_serial,
         "certificate_expires_at": d.certificate_expires_at,
         "revoked_at": d.revoked_at or None,
+        "transport": d.transport or None,
     }
 
 
@@ -156,6 +157,7 @@ def _show_device(d: admin_pb2.Device, as_json: bool) -> None:
         ("last_seen", ts(d.last_seen)),
         ("enrolled_at", ts(d.enrolled_at)),
         ("agent_version", doc["agent_version"] or "-"),
+        ("transport", doc["transport"] or "-"),
         ("hostname", d.host.hostname or "-"),
         ("platform", f"{d.host.os} {d.host.arch}".strip() or "-"),
         ("certificate", f"{d.certificate_serial} (expires {ts(d.certificate_expires_at)})"),
@@ -194,11 +196,12 @@ def _devices_list(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> Non
         print_json([device_json(d) for d in r.devices])
         return
     print_table(
-        ("ID", "STATUS", "LABELS", "LAST SEEN", "HOST", "AGENT"),
+        ("ID", "STATUS", "TRANSPORT", "LABELS", "LAST SEEN", "HOST", "AGENT"),
         [
             (
                 d.id,
                 _STATUS_NAMES.get(d.status, "unknown"),
+                d.transport or "-",
                 labels_text(dict(d.labels)),
                 ts(d.last_seen),
                 d.host.hostname or "-",

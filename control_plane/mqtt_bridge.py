@@ -225,7 +225,8 @@ class MqttBridge:
         self.presence[caller.name] = status.online
         if status.online:
             beat = status.heartbeat
-            self.h.heartbeat(caller, beat.agent_version[:256], host_from_proto(beat.host),
+            self.h.heartbeat(caller, beat.agent_version[:256],
+                             {**host_from_proto(beat.host), "transport": "mqtt"},
                              _models_from_proto(beat.models),
                              (beat.release_serial, beat.release_digest))
             self._publish_release(caller.name)  # a heartbeat may have renewed it

@@ -222,6 +222,7 @@ def device_to_proto(view: DeviceView) -> admin_pb2.Device:
         certificate_serial=d.cert_serial,
         certificate_expires_at=d.cert_not_after,
         revoked_at=d.revoked_at or 0.0,
+        transport=str(d.host.get("transport", "")),
     )
 
 
@@ -270,7 +271,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         now, interval, serial = await self.h.heartbeat_grouped(
             self._device(context),
             _text(request.agent_version),
-            host_from_proto(request.host),
+            {**host_from_proto(request.host), "transport": "grpc"},  # how it came, not a claim
             _models_from_proto(request.models),
             (request.release_serial, request.release_digest),
         )

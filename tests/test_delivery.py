@@ -103,6 +103,10 @@ def test_publish_rollout_installs_and_commits_on_every_matching_agent(
         }
         assert c.device_id not in {d["id"] for d in status["devices"]}
         assert agents[2].agent.models.active("digits") is None
+        # The fleet shows how each device reaches it (from the path, not the agent's word).
+        assert _fleet(cp, "devices", "list", "--json") == 0
+        seen = {d["id"]: d["transport"] for d in json.loads(capsys.readouterr().out)}
+        assert seen[a.device_id] == seen[b.device_id] == cp.transport
         assert _fleet(cp, "devices", "show", a.device_id, "--json") == 0
         shown = json.loads(capsys.readouterr().out)
         assert [(m["name"], int(m["version"]), m["state"], m["serving"])

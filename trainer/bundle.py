@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import importlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any

@@ -436,7 +436,7 @@ class CreateEnrollmentTokenResponse(_message.Message):
     def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[float] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("id", "labels", "status", "enrolled_at", "last_seen", "agent_version", "host", "models", "certificate_serial", "certificate_expires_at", "revoked_at")
+    __slots__ = ("id", "labels", "status", "enrolled_at", "last_seen", "agent_version", "host", "models", "certificate_serial", "certificate_expires_at", "revoked_at", "transport")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -455,6 +455,7 @@ class Device(_message.Message):
     CERTIFICATE_SERIAL_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     id: str
     labels: _containers.ScalarMap[str, str]
     status: DeviceStatus
@@ -466,7 +467,8 @@ class Device(_message.Message):
     certificate_serial: str
     certificate_expires_at: float
     revoked_at: float
-    def __init__(self, id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[DeviceStatus, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., certificate_serial: _Optional[str] = ..., certificate_expires_at: _Optional[float] = ..., revoked_at: _Optional[float] = ...) -> None: ...
+    transport: str
+    def __init__(self, id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[DeviceStatus, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., certificate_serial: _Optional[str] = ..., certificate_expires_at: _Optional[float] = ..., revoked_at: _Optional[float] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
     __slots__ = ("selector",)
