@@ -102,6 +102,9 @@ class Handlers:
         # Set by the server once the API port is bound (port 0 resolves only then).
         self.api_address = config.api_advertise or config.api_listen
         self.blobs = BlobStore(config.layout.blobs, authority.blob_key)
+        # Devices whose MQTT connection dropped (the broker published their will); the bridge
+        # keeps it, from the retained status topics, so it is rebuilt when it reconnects.
+        self.disconnected: set[str] = set()
         # Called with a device id when its release changes or it is revoked (wakes its streams).
         self.on_device_change: Callable[[str], None] = lambda device_id: None
         self.releases = ReleaseIssuer(store, authority.release_key, config.release_ttl_seconds,
@@ -418,7 +421,10 @@ class Handlers:
         return token, now + ttl
 
     def _view(self, record: DeviceRecord, now: float) -> DeviceView:
-        return DeviceView(record, record.status(now, self.config.offline_after_seconds))
+        status = record.status(now, self.config.offline_after_seconds)
+        if status is DeviceStatus.ONLINE and record.id in self.disconnected:
+            status = DeviceStatus.OFFLINE  # its MQTT will said so, before the heartbeats lapse
+        return DeviceView(record, status)
 
     def list_devices(
         self, caller: pki.Identity, selector: Mapping[str, str]

@@ -224,6 +224,10 @@ class MqttBridge:
         status = _parse(agent_pb2.AgentStatus, payload)
         self.presence[caller.name] = status.online
         if status.online:
+            self.h.disconnected.discard(caller.name)
+        else:
+            self.h.disconnected.add(caller.name)
+        if status.online:
             beat = status.heartbeat
             self.h.heartbeat(caller, beat.agent_version[:256],
                              {**host_from_proto(beat.host), "transport": "mqtt"},

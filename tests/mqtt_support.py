@@ -107,7 +107,8 @@ class Client:
 
 
 def connect(settings: MqttSettings, cert: Path | None, key: Path | None, *,
-            ca: Path | None = None, client_id: str = "") -> tuple[Client, ReasonCode | str]:
+            ca: Path | None = None, client_id: str = "",
+            will: tuple[str, bytes] | None = None) -> tuple[Client, ReasonCode | str]:
     """Connect over TLS; return the client and the CONNACK reason (or why it never came)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(cafile=str(ca or settings.ca))
@@ -116,6 +117,8 @@ def connect(settings: MqttSettings, cert: Path | None, key: Path | None, *,
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                     protocol=mqtt.MQTTv5, reconnect_on_failure=False)
     c.tls_set_context(ctx)
+    if will is not None:
+        c.will_set(will[0], will[1], qos=1, retain=True)
     out = Client(c)
     c.on_connect = lambda cl, u, f, reason, p: out.connects.put(reason)
     c.on_disconnect = lambda cl, u, f, reason, p: out.connects.put(f"disconnected: {reason}")

@@ -11,11 +11,13 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -369,3 +371,34 @@ def test_mqtt_config_for_a_container_names_the_paths_the_broker_sees(tmp_path: P
     assert not any(str(tmp_path) in line for line in conf)
     written = sorted(p.name for p in (tmp_path / "secret").iterdir() if p.is_file())
     assert written == ["acl", "ca.pem", "crl.pem", "mosquitto.conf", "server.key", "server.pem"]
+
+
+def test_a_dropped_mqtt_connection_shows_offline_at_once(
+    mq: RunningControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The broker publishes the device's will when its connection drops: the fleet shows it
+    offline then, not only once its heartbeats have lapsed."""
+    device, state = _device(mq, tmp_path, "a")
+    events = _bridge_events(mq)
+    status = topic(device, Leaf.STATUS)
+    client, result = connect(_settings(mq), state.cert, state.key, client_id=device,
+                             will=(status, agent_pb2.AgentStatus(online=False).SerializeToString()))
+    assert connected(result)
+    beat = agent_pb2.AgentStatus(online=True, heartbeat=agent_pb2.HeartbeatRequest(
+        agent_version="test"))
+    assert not client.publish(status, beat.SerializeToString(), retain=True).is_failure
+    _wait_bridge(events, "online", device)
+
+    def listed() -> dict[str, Any]:
+        capsys.readouterr()
+        assert fleet_main(["--config", str(mq.home / "operators/admin/fleet.toml"), "--api",
+                           mq.api, "devices", "list", "--json"]) == 0
+        return {d["id"]: d for d in json.loads(capsys.readouterr().out)}[device]
+
+    assert (listed()["status"], listed()["transport"]) == ("online", "mqtt")
+    sock = client.client.socket()
+    assert isinstance(sock, socket.socket)  # an ssl.SSLSocket
+    sock.shutdown(socket.SHUT_RDWR)  # gone without a DISCONNECT: the broker sends the will
+    _wait_bridge(events, "offline", device)
+    assert listed()["status"] == "offline"  # its last heartbeat is seconds old
+    client.client.loop_stop()
