@@ -195,7 +195,7 @@ class MqttBridge:
             if leaf is Leaf.TELEMETRY:
                 self._telemetry(caller, payload)
             elif leaf is Leaf.STATUS:
-                self._status(caller, payload)
+                self._status(caller, payload, replayed=bool(msg.retain))
             elif len(correlation) > MAX_CORRELATION_BYTES:
                 raise InvalidInputError("correlation data over the limit")
             elif leaf is Leaf.BUNDLE_REQUEST:
@@ -220,22 +220,24 @@ class MqttBridge:
         self.h.ingest_telemetry(caller, records, batch.dropped, batch.depth)
         self._emit("telemetry", caller.name)
 
-    def _status(self, caller: pki.Identity, payload: bytes) -> None:
+    def _status(self, caller: pki.Identity, payload: bytes, *, replayed: bool = False) -> None:
+        """``replayed``: the broker's retained copy, sent when the bridge subscribes: it tells
+        presence, but is no heartbeat (it may be hours old)."""
         status = _parse(agent_pb2.AgentStatus, payload)
         self.presence[caller.name] = status.online
         if status.online:
             self.h.disconnected.discard(caller.name)
         else:
             self.h.disconnected.add(caller.name)
-        if status.online:
+        if not status.online:
+            log.info("device %s went offline (MQTT)", caller.name)
+        elif not replayed:
             beat = status.heartbeat
             self.h.heartbeat(caller, beat.agent_version[:256],
                              {**host_from_proto(beat.host), "transport": "mqtt"},
                              _models_from_proto(beat.models),
                              (beat.release_serial, beat.release_digest))
             self._publish_release(caller.name)  # a heartbeat may have renewed it
-        else:
-            log.info("device %s went offline (MQTT)", caller.name)
         self._emit("online" if status.online else "offline", caller.name)
 
     def _bundle(self, caller: pki.Identity, payload: bytes, correlation: bytes) -> None:
