@@ -12,6 +12,7 @@ champion, or left awaiting an operator, per the model's policy.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -73,6 +74,9 @@ class RetrainService:
         self.h = handlers
         self.store = handlers.store
         self.runner = runner or LocalRunner()
+        # One tick at a time: a job is marked running only after its trainer has started, so
+        # two overlapping ticks (the scheduler's and an explicit one) would start it twice.
+        self._ticking = asyncio.Lock()
 
     # ------------------------------------------------------------------ operators
     def set_policy(self, caller: pki.Identity, policy: DriftPolicy) -> DriftPolicy:
@@ -208,6 +212,10 @@ class RetrainService:
         return out
 
     async def tick(self) -> None:
+        async with self._ticking:
+            await self._tick()
+
+    async def _tick(self) -> None:
         for job in self.store.jobs(states=("queued",)):
             policy = self.store.get_policy(job.model)
             if policy is None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import string
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -16,7 +18,7 @@ from sklearn.datasets import load_digits
 
 from control_plane.domain import DriftWindowRecord, RetrainJob
 from control_plane.fleet_cli import main as fleet_main
-from control_plane.retrain import DriftPolicy, policy_fires, render_kubernetes_job
+from control_plane.retrain import DriftPolicy, LocalRunner, policy_fires, render_kubernetes_job
 from edge_agent.telemetry import encode
 from tests.support import LoopThread, RunningControlPlane, device_credentials, start_control_plane
 from tests.test_delivery import _bundle_for
@@ -230,3 +232,31 @@ def _send_drift(cp: RunningControlPlane, tmp_path: Path, first_seq: int = 1) -> 
             ],
         )
     return [j.state for j in cp.cp.store.jobs("digits")]
+
+
+def test_overlapping_ticks_start_a_job_once(tmp_path: Path, loop: LoopThread) -> None:
+    """The scheduler's tick and an explicit one may overlap: a queued job's trainer must
+    start once, not twice in the same workdir."""
+    cp = start_control_plane(tmp_path / "cp", loop)
+    try:
+        pipeline = write_pipeline(tmp_path / "pipe", store=str(tmp_path / "store"))
+        retrain = cp.cp.handlers.retrain
+        cp.cp.store.set_policy(DriftPolicy("digits", str(pipeline)))
+        job_id = cp.cp.store.add_job("digits", "test", 1, 0.0)
+        started: list[int] = []
+
+        class SlowRunner(LocalRunner):
+            async def start(self, job_id: int, *args: Any, **kwargs: Any) -> None:
+                started.append(job_id)
+                await asyncio.sleep(0)  # a yield, not a wait: the other tick runs meanwhile
+                self.procs[job_id] = await asyncio.create_subprocess_exec("true")
+
+        retrain.runner = SlowRunner()
+
+        async def both() -> None:
+            await asyncio.gather(retrain.tick(), retrain.tick())
+
+        loop.run(both())
+        assert started == [job_id]
+    finally:
+        cp.stop()
