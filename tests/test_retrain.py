@@ -92,7 +92,10 @@ def _run_jobs(cp: RunningControlPlane, loop: LoopThread) -> RetrainJob:
 def test_drift_on_shifted_data_retrains_a_better_model_from_samples_and_canaries_it(
     tmp_path: Path, loop: LoopThread
 ) -> None:
-    cp: RunningControlPlane = start_control_plane(tmp_path / "cp", loop, rollout_tick_seconds=0.2)
+    # The scheduler stays out of the way (an hour between ticks): the test ticks retraining
+    # itself, so each job's state is observed before anything advances it.
+    cp: RunningControlPlane = start_control_plane(tmp_path / "cp", loop,
+                                                  rollout_tick_seconds=3600)
     X, y = load_digits(return_X_y=True)
     shifted = (16.0 - X).astype(np.float32)  # the data shifts: inverted intensities
     try:
