@@ -151,7 +151,8 @@ def wait_rollout(fleet: tuple[str, ...], version: int) -> None:
     def done() -> bool:
         status = json.loads(run(*fleet, "rollouts", "status", "--model", "digits", "--json"))
         return bool(status["version"] == version and status["state"] == "completed"
-                    and all(d["state"] == "committed" for d in status["devices"]))
+                    and all(d["state"] == "committed" and d["serving_version"] == version
+                            for d in status["devices"]))  # serving: reported by a heartbeat
     wait_for(f"the rollout of v{version} to complete", done)
 
 
