@@ -1,4 +1,5 @@
-"""`control-plane`: init a home, serve the APIs, write the MQTT broker's configuration."""
+"""`control-plane`: init a home, serve the APIs, write the MQTT broker's configuration, back
+up and restore a home."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from control_plane.backup import backup, restore
 from control_plane.config import ControlPlaneConfig, parse_hostport
 from control_plane.home import init_home
 from control_plane.mqtt_config import write_broker_config
@@ -53,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     mq.add_argument("--data-dir", type=Path, metavar="DIR",
                     help="writable directory for the broker's persistence and pid file "
                          "(default: BROKER_DIR/data)")
+
+    bk = sub.add_parser("backup", help="archive a home while it serves (database copied with "
+                                       "SQLite's online backup); the archive holds every key")
+    bk.add_argument("--home", required=True, type=Path)
+    bk.add_argument("--out", required=True, type=Path, help="archive to write (.tar.gz, 0600)")
+    rs = sub.add_parser("restore", help="unpack and check a backup into a new home")
+    rs.add_argument("--archive", required=True, type=Path)
+    rs.add_argument("--home", required=True, type=Path, help="a new (or empty) directory")
     return p
 
 
@@ -79,7 +89,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"initialised {cfg.home}")
             print(f"admin client config: {cfg.layout.operator_dir('admin') / 'fleet.toml'}")
             return 0
+        if args.command == "restore":
+            done = restore(args.archive, args.home)
+            print(f"restored {done.files} files ({done.bytes:,} bytes) into {done.path}; audit "
+                  f"chain intact: {done.audit_entries} entries")
+            print(f"next: control-plane serve --home {done.path} (agents need nothing)")
+            return 0
         cfg = ControlPlaneConfig.load(args.home)
+        if args.command == "backup":
+            done = backup(cfg.home, args.out)
+            print(f"wrote {done.path}: {done.files} files, {done.bytes:,} bytes, audit head "
+                  f"{done.audit_head[:16]} ({done.audit_entries} entries)")
+            print("it holds the CA, release and bundle keys: encrypt it and keep it offline")
+            return 0
         if args.command == "mqtt-config":
             store = open_store(cfg.database)
             try:
