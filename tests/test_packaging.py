@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -61,17 +63,16 @@ def _parse(parser: Any, argv: list[str]) -> Any:
         pytest.fail(f"not a valid command line for {parser.prog}: {argv} ({exc})")
 
 
-@functools.cache
-def _kv() -> Any:
-    return pytest.importorskip("kubernetes_validate")
+def _tool(name: str) -> str:
+    """A command these tests need (`.ci/run` installs the ones apt has): missing fails."""
+    path = shutil.which(name)
+    assert path is not None, f"{name} is not installed; `.ci/run` installs it"
+    return path
 
 
 @functools.cache
 def _render(name: str) -> tuple[dict[str, Any], ...]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed")
-    proc = subprocess.run([kubectl, "kustomize", str(K8S / name)], capture_output=True,
+    proc = subprocess.run([_tool("kubectl"), "kustomize", str(K8S / name)], capture_output=True,
                           text=True, timeout=60, check=False,
                           env={**os.environ, "KUBECONFIG": os.devnull})
     assert proc.returncode == 0, proc.stderr
@@ -145,7 +146,7 @@ def _retrain_job() -> dict[str, Any]:
 
 
 def _validate_k8s(obj: dict[str, Any]) -> None:
-    kv = _kv()
+    kv = kubernetes_validate
     try:
         kv.validate(obj, K8S_VERSION, strict=True)
     except kv.ValidationError as exc:
@@ -161,7 +162,6 @@ def _validate_pod_template(template: dict[str, Any], where: str) -> None:
 
 
 def _validate_crd(obj: dict[str, Any]) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
     key = (obj["apiVersion"], obj["kind"])
     schema = json.loads((K8S / "schemas" / CRD_SCHEMAS[key]).read_text())
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(obj), key=str)
@@ -359,22 +359,14 @@ def _unit_copy(tmp_path: Path) -> Path:
 
 
 def _systemd_analyze(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        pytest.skip("systemd-analyze is not installed")
-    try:
-        return subprocess.run([tool, *args], capture_output=True, text=True, timeout=60,
-                              cwd=cwd, check=False)
-    except OSError as exc:
-        pytest.skip(f"systemd-analyze cannot run here: {exc}")
+    return subprocess.run([_tool("systemd-analyze"), *args], capture_output=True, text=True,
+                          timeout=60, cwd=cwd, check=False)
 
 
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     unit = _unit_copy(tmp_path)
     proc = _systemd_analyze("verify", unit.name, cwd=tmp_path)
     ours = [line for line in proc.stderr.splitlines() if unit.name in line]
-    if proc.returncode != 0 and not ours:
-        pytest.skip(f"systemd-analyze verify cannot run in this container: {proc.stderr[:200]}")
     assert proc.returncode == 0 and not ours, proc.stderr
     # The check is real: an unknown directive is reported.
     bad = tmp_path / "bad.service"
@@ -386,8 +378,7 @@ def test_systemd_unit_exposure_score_is_low(tmp_path: Path) -> None:
     unit = _unit_copy(tmp_path)
     proc = _systemd_analyze("security", "--offline=yes", "--no-pager", unit.name, cwd=tmp_path)
     m = re.search(r"Overall exposure level for [^:]+: ([0-9.]+)", proc.stdout + proc.stderr)
-    if m is None:
-        pytest.skip(f"systemd-analyze security --offline is not available: {proc.stderr[:200]}")
+    assert m is not None, proc.stdout + proc.stderr
     # 0 = fully locked down, 10 = unprotected; systemd calls anything under 2 "OK".
     assert float(m.group(1)) <= 2.0, proc.stdout
 
@@ -418,11 +409,8 @@ def test_install_script_help_and_argument_errors() -> None:
 
 @pytest.mark.parametrize("script", [INSTALL, K8S / "base" / "control-plane" / "init-home.sh"])
 def test_shell_scripts_are_shellcheck_clean(script: Path) -> None:
-    tool = shutil.which("shellcheck")
-    if tool is None:
-        pytest.skip("shellcheck is not installed")
-    proc = subprocess.run([tool, str(script)], capture_output=True, text=True, timeout=60,
-                          check=False)
+    proc = subprocess.run([_tool("shellcheck"), str(script)], capture_output=True, text=True,
+                          timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout
 
 
@@ -445,7 +433,7 @@ def test_schema_validation_catches_mistakes() -> None:
     [sts] = [o for o in _render("base") if o["kind"] == "StatefulSet"]
     broken = json.loads(json.dumps(sts))
     broken["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
-    kv = _kv()
+    kv = kubernetes_validate
     with pytest.raises(kv.ValidationError):
         kv.validate(broken, K8S_VERSION, strict=True)
     [job] = [o for o in _render("training") if o["kind"] == "PyTorchJob"]
@@ -576,8 +564,7 @@ def test_control_plane_keeps_its_home_on_a_volume_and_is_probed_on_its_api_port(
 def test_init_home_script_creates_the_home_once_and_sets_the_advertised_address(
         tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
-    if not (bin_dir / "control-plane").exists():
-        pytest.skip("control-plane is not installed next to this interpreter")
+    assert (bin_dir / "control-plane").exists()  # `make setup` installs the project
     script = K8S / "base" / "control-plane" / "init-home.sh"
     home = tmp_path / "home"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
