@@ -263,8 +263,7 @@ class Handlers:
         we issued (a restored backup), the release is re-issued above it."""
         now = self.clock()
         self.store.record_heartbeat(caller.name, now, agent_version, host, models)
-        release = self.releases.current(caller.name, now, have=have)
-        return now, self.config.heartbeat_interval_seconds, release.serial if release else 0
+        return self._heartbeat_reply(caller, now, have)
 
     async def heartbeat_grouped(
         self,
@@ -277,7 +276,11 @@ class Handlers:
         """``heartbeat`` with its write group-committed with the others of this moment."""
         now = self.clock()
         await self.heartbeats.record(caller.name, now, agent_version, host, models)
-        release = self.releases.current(caller.name, now, have=have)
+        return self._heartbeat_reply(caller, now, have)
+
+    def _heartbeat_reply(self, caller: pki.Identity, now: float,
+                         have: tuple[int, str]) -> tuple[float, int, int]:
+        release = self.releases.current(caller.name, now, have=have)  # renews it when due
         return now, self.config.heartbeat_interval_seconds, release.serial if release else 0
 
     def current_release(self, caller: pki.Identity, have_serial: int = 0) -> ReleaseRecord | None:

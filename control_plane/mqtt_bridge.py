@@ -29,7 +29,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from edgefleet.v1 import agent_pb2, common_pb2
-from google.protobuf.message import DecodeError, Message
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -46,6 +45,7 @@ from fleetcore.mqtt_wire import (
     ERROR_PROPERTY,
     MAX_MESSAGE_BYTES,
     Leaf,
+    parse_message,
     parse_topic,
     parse_url,
     topic,
@@ -60,16 +60,6 @@ SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MAX_CORRELATION_BYTES = 64
 _INBOX = (Leaf.TELEMETRY, Leaf.STATUS, Leaf.BUNDLE_REQUEST, Leaf.RENEW_REQUEST)
-
-
-def _parse(message: type[Message], payload: bytes) -> Any:
-    if len(payload) > MAX_MESSAGE_BYTES:
-        raise InvalidInputError(f"{message.__name__} of {len(payload)} bytes; the limit is "
-                                f"{MAX_MESSAGE_BYTES}")
-    try:
-        return message.FromString(payload)
-    except DecodeError as exc:
-        raise InvalidInputError(f"not a valid {message.__name__}: {exc}") from None
 
 
 class MqttBridge:
@@ -201,7 +191,7 @@ class MqttBridge:
             elif leaf is Leaf.BUNDLE_REQUEST:
                 self._bundle(caller, payload, correlation)
             else:
-                request = _parse(agent_pb2.RenewCertificateRequest, payload)
+                request = parse_message(agent_pb2.RenewCertificateRequest, payload)
                 pem = self.h.renew_certificate(caller, request.csr_pem)
                 self._publish(device_id, reply, agent_pb2.RenewCertificateResponse(
                     certificate_pem=pem).SerializeToString(), correlation=correlation)
@@ -214,7 +204,7 @@ class MqttBridge:
             self._emit("refused", device_id)
 
     def _telemetry(self, caller: pki.Identity, payload: bytes) -> None:
-        batch = _parse(agent_pb2.TelemetryBatch, payload)
+        batch = parse_message(agent_pb2.TelemetryBatch, payload)
         records = [TelemetryRecord(r.seq, r.kind[:256], r.created_at, r.payload)
                    for r in batch.records]
         self.h.ingest_telemetry(caller, records, batch.dropped, batch.depth)
@@ -223,7 +213,7 @@ class MqttBridge:
     def _status(self, caller: pki.Identity, payload: bytes, *, replayed: bool = False) -> None:
         """``replayed``: the broker's retained copy, sent when the bridge subscribes: it tells
         presence, but is no heartbeat (it may be hours old)."""
-        status = _parse(agent_pb2.AgentStatus, payload)
+        status = parse_message(agent_pb2.AgentStatus, payload)
         self.presence[caller.name] = status.online
         if status.online:
             self.h.disconnected.discard(caller.name)
@@ -241,7 +231,7 @@ class MqttBridge:
         self._emit("online" if status.online else "offline", caller.name)
 
     def _bundle(self, caller: pki.Identity, payload: bytes, correlation: bytes) -> None:
-        request = _parse(agent_pb2.FetchBundleRequest, payload)
+        request = parse_message(agent_pb2.FetchBundleRequest, payload)
         length = min(request.length or MAX_REQUEST_BYTES, MAX_REQUEST_BYTES)
         offset = request.offset
         for piece in self.h.bundle_for_device(caller, request.digest, offset, length):

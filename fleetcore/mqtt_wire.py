@@ -25,7 +25,10 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
+
+from google.protobuf.message import DecodeError, Message
 
 from fleetcore.errors import InvalidInputError
 
@@ -35,6 +38,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "BrokerUrl",
     "Leaf",
+    "parse_message",
     "parse_topic",
     "parse_url",
     "topic",
@@ -93,3 +97,15 @@ def parse_url(url: str) -> BrokerUrl:
     except ValueError:
         raise InvalidInputError(f"bad port in MQTT URL {url!r}") from None
     return BrokerUrl(parts.hostname, port)
+
+
+def parse_message(message: type[Message], payload: bytes, what: str = "") -> Any:
+    """A protobuf message from untrusted MQTT bytes: size-limited, or ``InvalidInputError``."""
+    what = what or message.__name__
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise InvalidInputError(f"{what} of {len(payload)} bytes; the limit is "
+                                f"{MAX_MESSAGE_BYTES}")
+    try:
+        return message.FromString(payload)
+    except DecodeError as exc:
+        raise InvalidInputError(f"{what} is not a valid {message.__name__}: {exc}") from None

@@ -7,7 +7,11 @@ on events (queues), never on fixed sleeps.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -15,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from edgefleet.v1 import admin_pb2, admin_pb2_grpc
+from edgefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
 from control_plane.config import ControlPlaneConfig
 from control_plane.fleet_cli import FleetConfig
@@ -170,3 +174,31 @@ def device_credentials(state_dir: Path) -> grpc.ChannelCredentials:
     s = StateDir(state_dir)
     return grpc.ssl_channel_credentials(s.ca.read_bytes(), s.key.read_bytes(),
                                         s.cert.read_bytes())
+
+
+def send_telemetry(api: str, state_dir: Path, records: list[agent_pb2.TelemetryRecord]) -> None:
+    """Send records as the device enrolled in ``state_dir`` (its own mTLS credentials)."""
+    with grpc.secure_channel(api, device_credentials(state_dir)) as channel:
+        agent_pb2_grpc.AgentServiceStub(channel).SendTelemetry(
+            agent_pb2.TelemetryBatch(records=records), timeout=30)
+
+
+def kill_agent_after_a_failed_contact(state_dir: Path, *extra: str) -> None:
+    """Run `edge-agent run` as a process until it has failed to reach its control plane (or
+    broker) once, then kill -9 it: what it wrote must survive."""
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "edge-agent"), "run",
+                             "--state-dir", str(state_dir), "--listen", "127.0.0.1:0",
+                             "--grpc-listen", "127.0.0.1:0", *extra],
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stderr or []:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    while "retrying in" not in lines.get(timeout=WAIT):
+        pass  # it tried and failed
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(WAIT) == -signal.SIGKILL

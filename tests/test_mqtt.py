@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import queue
-import signal
 import socket
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,10 +27,14 @@ from fleetcore import pki
 from fleetcore.errors import AuthenticationError
 from fleetcore.mqtt_wire import Leaf, topic
 from tests.mqtt_support import connect, connected, start_mqtt_control_plane
-from tests.support import WAIT, LoopThread, RunningControlPlane, start_agent
+from tests.support import (
+    WAIT,
+    LoopThread,
+    RunningControlPlane,
+    kill_agent_after_a_failed_contact,
+    start_agent,
+)
 from tests.test_delivery import _bundle_for, _committed, _wait_models
-
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
@@ -290,22 +289,7 @@ def test_telemetry_through_broker_outage_restart_and_kill_9_arrives_exactly_once
     with Outbox(state.outbox) as outbox:
         for i in range(1, 21):
             outbox.append("error", encode({"where": "test", "error": str(i)}), now=float(i))
-    proc = subprocess.Popen([str(BIN / "edge-agent"), "run", "--state-dir", str(state.root),
-                             "--transport", "mqtt", "--listen", "127.0.0.1:0",
-                             "--grpc-listen", "127.0.0.1:0"],
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stderr or []:
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    while "retrying in" not in lines.get(timeout=WAIT):
-        pass  # it tried the broker and failed
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(WAIT) == -signal.SIGKILL
+    kill_agent_after_a_failed_contact(state.root, "--transport", "mqtt")
     with Outbox(state.outbox) as outbox:  # written while it was dead
         for i in range(21, 26):
             outbox.append("error", encode({"where": "test", "error": str(i)}), now=float(i))

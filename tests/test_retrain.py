@@ -10,17 +10,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
-from edgefleet.v1 import agent_pb2, agent_pb2_grpc
+from edgefleet.v1 import agent_pb2
 from sklearn.datasets import load_digits
 
 from control_plane.domain import DriftWindowRecord, RetrainJob
 from control_plane.fleet_cli import main as fleet_main
 from control_plane.retrain import DriftPolicy, LocalRunner, policy_fires, render_kubernetes_job
 from edge_agent.telemetry import encode
-from tests.support import LoopThread, RunningControlPlane, device_credentials, start_control_plane
+from tests.support import (
+    LoopThread,
+    RunningControlPlane,
+    send_telemetry,
+    start_control_plane,
+)
 from tests.test_delivery import _bundle_for
 from tests.trainer_support import write_pipeline
 from trainer.config import Pipeline
@@ -94,8 +98,7 @@ def test_drift_on_shifted_data_retrains_a_better_model_from_samples_and_canaries
 ) -> None:
     # The scheduler stays out of the way (an hour between ticks): the test ticks retraining
     # itself, so each job's state is observed before anything advances it.
-    cp: RunningControlPlane = start_control_plane(tmp_path / "cp", loop,
-                                                  rollout_tick_seconds=3600)
+    cp: RunningControlPlane = start_control_plane(tmp_path / "cp", loop, rollout_tick_seconds=3600)
     X, y = load_digits(return_X_y=True)
     shifted = (16.0 - X).astype(np.float32)  # the data shifts: inverted intensities
     try:
@@ -135,8 +138,8 @@ def test_drift_on_shifted_data_retrains_a_better_model_from_samples_and_canaries
         # Each device labels 300 of the shifted rows it served (rows 0..599); 600.. stay unseen.
         for k, name in enumerate(("a", "b")):
             rows = range(300 * k, 300 * (k + 1), 10)
-            _send(
-                cp,
+            send_telemetry(
+                cp.api,
                 tmp_path / name,
                 [
                     agent_pb2.TelemetryRecord(
@@ -198,19 +201,12 @@ def test_drift_on_shifted_data_retrains_a_better_model_from_samples_and_canaries
         cp.stop()
 
 
-def _send(cp: RunningControlPlane, state: Path, records: list[agent_pb2.TelemetryRecord]) -> None:
-    with grpc.secure_channel(cp.api, device_credentials(state)) as channel:
-        agent_pb2_grpc.AgentServiceStub(channel).SendTelemetry(
-            agent_pb2.TelemetryBatch(records=records), timeout=30
-        )
-
-
 def _send_drift(cp: RunningControlPlane, tmp_path: Path, first_seq: int = 1) -> list[str]:
     """Two drifted windows from each device (closed now): the policy's condition."""
     now = time.time()
     for name in ("a", "b"):
-        _send(
-            cp,
+        send_telemetry(
+            cp.api,
             tmp_path / name,
             [
                 agent_pb2.TelemetryRecord(

@@ -12,18 +12,17 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import numpy as np
 import pytest
-from edgefleet.v1 import agent_pb2, agent_pb2_grpc
+from edgefleet.v1 import agent_pb2
 from sklearn.datasets import load_digits
 
 from control_plane.fleet_cli import main as fleet_main
 from edge_agent.telemetry import encode
 from fleetcore.errors import InvalidInputError
 from fleetcore.release import Arm, ModelRelease, encode_document, parse_document
-from tests.support import RunningControlPlane, device_credentials, start_agent
+from tests.support import RunningControlPlane, send_telemetry, start_agent
 from tests.test_delivery import _bundle_for, _committed, _wait_models
 from tests.trainer_support import write_pipeline
 from trainer.samples import load_samples
@@ -50,13 +49,6 @@ def _fleet(cp: RunningControlPlane, *args: str) -> int:
     return fleet_main(
         ["--config", str(cp.home / "operators/admin/fleet.toml"), "--api", cp.api, *args]
     )
-
-
-def _send(cp: RunningControlPlane, state: Path, records: list[agent_pb2.TelemetryRecord]) -> None:
-    with grpc.secure_channel(cp.api, device_credentials(state)) as channel:
-        agent_pb2_grpc.AgentServiceStub(channel).SendTelemetry(
-            agent_pb2.TelemetryBatch(records=records), timeout=30
-        )
 
 
 def _sample(
@@ -174,9 +166,9 @@ def test_pii_never_leaves_the_device_and_refused_samples_are_counted(
 
     # A device outside the store's regions, and one sending a raw value: refused and counted.
     good = _sample(1, X[:2], [int(y[0]), int(y[1])], {"customer_email": [expected] * 2})
-    _send(cp, tmp_path / "us", [good])
-    _send(
-        cp,
+    send_telemetry(cp.api, tmp_path / "us", [good])
+    send_telemetry(
+        cp.api,
         tmp_path / "a",
         [
             _sample(10_000, X[:1], [0], {"customer_email": [EMAIL]}),
@@ -185,7 +177,7 @@ def test_pii_never_leaves_the_device_and_refused_samples_are_counted(
             _sample(10_003, X[:1], [99], {}),
         ],
     )
-    _send(cp, tmp_path / "us", [good])  # a resend: deduplicated, not counted twice
+    send_telemetry(cp.api, tmp_path / "us", [good])  # a resend: deduplicated, not counted twice
     capsys.readouterr()
     assert _fleet(cp, "retrain", "jobs", "--model", "digits", "--json") == 0
     summary = {s["region"]: s for s in json.loads(capsys.readouterr().out)["samples"]}

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import queue
-import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import grpc
@@ -18,9 +12,13 @@ from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 from edge_agent.outbox import Outbox
 from edge_agent.state import StateDir
 from edge_agent.telemetry import encode
-from tests.support import WAIT, RunningControlPlane, device_credentials, start_agent
-
-BIN = Path(sys.executable).parent
+from tests.support import (
+    WAIT,
+    RunningControlPlane,
+    device_credentials,
+    kill_agent_after_a_failed_contact,
+    start_agent,
+)
 
 
 def _rows(cp: RunningControlPlane, device_id: str) -> list[tuple[int, str]]:
@@ -114,21 +112,7 @@ def test_telemetry_survives_kill_9_of_the_agent_and_arrives_once(
         for i in range(1, 21):
             outbox.append("drift", _drift_payload(i), now=float(i))
     # The agent runs while the control plane is down, then is killed -9.
-    proc = subprocess.Popen([str(BIN / "edge-agent"), "run", "--state-dir", str(state.root),
-                             "--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"],
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stderr or []:
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    while "retrying in" not in lines.get(timeout=WAIT):
-        pass
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(WAIT) == -signal.SIGKILL
+    kill_agent_after_a_failed_contact(state.root)
     with Outbox(state.outbox) as outbox:  # written more while it was dead
         for i in range(21, 26):
             outbox.append("drift", _drift_payload(i), now=float(i))

@@ -20,7 +20,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from edgefleet.v1 import agent_pb2, common_pb2
-from google.protobuf.message import DecodeError, Message
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -29,7 +28,14 @@ from edge_agent.state import StateDir
 from edge_agent.transport.base import RefusedError, Transport
 from fleetcore import pki
 from fleetcore.errors import EdgefleetError, InvalidInputError, TransportError
-from fleetcore.mqtt_wire import ERROR_PROPERTY, MAX_MESSAGE_BYTES, Leaf, parse_url, topic
+from fleetcore.mqtt_wire import (
+    ERROR_PROPERTY,
+    MAX_MESSAGE_BYTES,
+    Leaf,
+    parse_message,
+    parse_url,
+    topic,
+)
 
 __all__ = ["MqttTransport"]
 
@@ -50,16 +56,6 @@ def _reason(reply_error: str) -> EdgefleetError:
     if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
         return RefusedError(reply_error)
     return TransportError(reply_error)
-
-
-def _parse(message: type[Message], payload: bytes, what: str) -> Any:
-    if len(payload) > MAX_MESSAGE_BYTES:
-        raise InvalidInputError(f"{what} of {len(payload)} bytes; the limit is "
-                                f"{MAX_MESSAGE_BYTES}")
-    try:
-        return message.FromString(payload)
-    except DecodeError as exc:
-        raise InvalidInputError(f"{what} is not a valid {message.__name__}: {exc}") from None
 
 
 class MqttTransport(Transport):
@@ -245,7 +241,7 @@ class MqttTransport(Transport):
             self._replies.pop(correlation, None)
         if error:
             raise _reason(error)
-        reply = _parse(agent_pb2.RenewCertificateResponse, payload, "renewal reply")
+        reply = parse_message(agent_pb2.RenewCertificateResponse, payload, "renewal reply")
         return bytes(reply.certificate_pem)
 
     async def _releases(self, have_serial: int) -> AsyncGenerator[common_pb2.SignedRelease, None]:
@@ -254,7 +250,7 @@ class MqttTransport(Transport):
             payload = await self._releases_q.get()
             if not payload:
                 continue  # the retained document was cleared
-            yield _parse(common_pb2.SignedRelease, payload, "release message")
+            yield parse_message(common_pb2.SignedRelease, payload, "release message")
 
     async def _fetch_bundle(
         self, digest: str, offset: int, length: int
@@ -271,7 +267,7 @@ class MqttTransport(Transport):
                     payload, error = await replies.get()
                     if error:
                         raise _reason(error)
-                    chunk = _parse(agent_pb2.BundleChunk, payload, "bundle chunk")
+                    chunk = parse_message(agent_pb2.BundleChunk, payload, "bundle chunk")
                     if chunk.offset < have and chunk.offset + len(chunk.data) <= have:
                         continue  # a QoS 1 duplicate of what is already here
                     if chunk.offset != have:
