@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,13 @@ log = logging.getLogger(__name__)
 SYSTEM = "control-plane"
 _ACTIVE = ("queued", "running")
 _HMAC_HEX = re.compile(r"^([0-9a-f]{64})?$")  # "": the request did not carry the column
+
+
+@dataclass(frozen=True)
+class _Checks:
+    before: str  # a refusal that holds for every row ("" when none: then manifest is set)
+    manifest: dict[str, Any] = field(default_factory=dict)  # each row is checked against it
+    after: str = ""  # the region's refusal, reported after a row's own problems
 
 
 def _against_manifest(row: SampleRecord, manifest: dict[str, Any]) -> str:
@@ -121,14 +128,16 @@ class RetrainService:
         A sample's raw payload is never kept in the telemetry log: a refused one could hold
         what must not be stored, and an accepted one lives in the samples table.
         """
-        out = self._vet(derived)
+        if not any(r.kind == "sample" for r in records):
+            return records, derived
+        device = self.store.get_device(device_id)  # every record of a batch is this device's
+        region = device.labels.get("region", "") if device is not None else ""
+        out = self._vet(derived, region)
         kept = []
         for record in records:
             if record.kind == "sample":
                 row = out.get(record.seq)
                 if row is None:  # it did not parse
-                    device = self.store.get_device(device_id)
-                    region = device.labels.get("region", "") if device is not None else ""
                     row = out[record.seq] = SampleRefusal("-", region or "-", "malformed")
                 note = (f"refused: {row.reason}" if isinstance(row, SampleRefusal)
                         else "stored in the samples table")
@@ -137,16 +146,18 @@ class RetrainService:
                 kept.append(record)
         return kept, out
 
-    def _vet(self, derived: dict[int, Derived]) -> dict[int, Derived]:
-        regions: dict[str, list[str]] = {}
+    def _vet(self, derived: dict[int, Derived], region: str) -> dict[int, Derived]:
+        checks: dict[tuple[str, int], _Checks] = {}  # looked up once per model version
         out: dict[int, Derived] = {}
         for seq, row in derived.items():
             if not isinstance(row, SampleRecord):
                 out[seq] = row
                 continue
-            device = self.store.get_device(row.device_id)
-            region = device.labels.get("region", "") if device is not None else ""
-            reason = self._refusal(row, region, regions)
+            key = (row.model, row.version)
+            if key not in checks:
+                checks[key] = self._checks(row.model, row.version, region)
+            c = checks[key]
+            reason = c.before or _against_manifest(row, c.manifest) or c.after
             if reason:
                 log.warning("sample %s/%d for %s refused: %s", row.device_id, seq, row.model,
                             reason)
@@ -156,27 +167,24 @@ class RetrainService:
                                         row.labels, row.pii, region)
         return out
 
-    def _refusal(self, row: SampleRecord, region: str, cache: dict[str, list[str]]) -> str:
-        policy = self.store.get_policy(row.model)
+    def _checks(self, model: str, version: int, region: str) -> _Checks:
+        """What refuses a sample of this model version from this region, row aside."""
+        policy = self.store.get_policy(model)
         if policy is None or policy.sample_rate <= 0:
-            return "sampling is off for this model"
-        mv = self.store.get_model_version(row.model, row.version)
+            return _Checks("sampling is off for this model")
+        mv = self.store.get_model_version(model, version)
         if mv is None:
-            return f"v{row.version} is not published"
-        problem = _against_manifest(row, json.loads(mv.manifest))
-        if problem:
-            return problem
-        if policy.pipeline not in cache:
-            try:
-                cache[policy.pipeline] = sample_regions(Path(policy.pipeline))
-            except (OSError, EdgefleetError) as exc:
-                log.warning("cannot read the store policy of %s: %s", policy.pipeline, exc)
-                cache[policy.pipeline] = []
-        allowed = cache[policy.pipeline]
+            return _Checks(f"v{version} is not published")
+        try:
+            allowed = sample_regions(Path(policy.pipeline))
+        except (OSError, EdgefleetError) as exc:
+            log.warning("cannot read the store policy of %s: %s", policy.pipeline, exc)
+            allowed = []
+        after = ""
         if "*" not in allowed and region not in allowed:
-            return (f"region {region or '(device has no region label)'!r} is not allowed by "
-                    f"the store's policy ({', '.join(allowed) or 'none'})")
-        return ""
+            after = (f"region {region or '(device has no region label)'!r} is not allowed by "
+                     f"the store's policy ({', '.join(allowed) or 'none'})")
+        return _Checks("", json.loads(mv.manifest), after)
 
     # ------------------------------------------------------------------ triggers
     def check(self, model: str) -> RetrainJob | None:
