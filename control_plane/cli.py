@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from control_plane.backup import backup, restore
 from control_plane.config import ControlPlaneConfig, parse_hostport
-from control_plane.home import init_home
-from control_plane.mqtt_config import write_broker_config
+from control_plane.ops.backup import backup, restore
+from control_plane.ops.home import init_home
+from control_plane.ops.mqtt_config import write_broker_config
 from control_plane.server import ControlPlane
 from control_plane.storage import open_store
 from fleetcore.cli import run_main, setup_logging

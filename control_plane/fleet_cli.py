@@ -20,7 +20,7 @@ from control_plane.config import parse_hostport
 from control_plane.fleet_common import RPC_TIMEOUT_SECONDS as T
 from control_plane.fleet_common import Stub, labels_text, ts
 from control_plane.fleet_models import MODEL_COMMANDS, add_model_commands
-from control_plane.home import write_operator_config
+from control_plane.ops.home import write_operator_config
 from fleetcore import pki, tomlfile
 from fleetcore.cli import print_json, print_table, run_main
 from fleetcore.errors import InvalidInputError

@@ -1,5 +1,6 @@
-"""The control-plane process: the mTLS API port and the enrollment port, on one event loop,
-and the MQTT bridge when the fleet has a broker (`serve --mqtt URL`)."""
+"""The control-plane process: wires storage, services and the API edge together. The mTLS API
+port and the enrollment port run on one event loop, with the MQTT bridge when the fleet has a
+broker (`serve --mqtt URL`), and a scheduler that advances rollouts and retraining jobs."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import grpc
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from edgefleet.v1 import admin_pb2_grpc, agent_pb2_grpc
 
-from control_plane.authority import Authority
+from control_plane.api.grpc_admin import AdminServicer
+from control_plane.api.grpc_agent import AgentServicer
+from control_plane.api.mqtt_bridge import MqttBridge
+from control_plane.api.notify import DeviceNotifier
 from control_plane.config import ControlPlaneConfig, parse_hostport
-from control_plane.handlers import Handlers
-from control_plane.mqtt_bridge import MqttBridge
-from control_plane.mqtt_config import MqttSettings, refresh_crl
-from control_plane.notify import DeviceNotifier
-from control_plane.servicers import AdminServicer, AgentServicer
+from control_plane.services import Services
+from control_plane.services.authority import Authority
+from control_plane.services.broker import MqttSettings, refresh_crl
 from control_plane.storage import Store, open_store
 from fleetcore.errors import InvalidInputError
 
@@ -54,9 +56,9 @@ class ControlPlane:
         self.config = config
         self.store = store or open_store(config.database)
         self.authority = Authority.load(config)
-        self.handlers = Handlers(config, self.store, self.authority, clock=clock)
+        self.services = Services.build(config, self.store, self.authority, clock=clock)
         self.notifier = DeviceNotifier()
-        self.handlers.on_device_change = self._device_changed
+        self.services.ctx.on_device_change = self._device_changed
         self.bridge: MqttBridge | None = None
         self.mqtt = MqttSettings.load(config.home) if config.mqtt_url else None
         if config.mqtt_url and self.mqtt is None:
@@ -83,9 +85,9 @@ class ControlPlane:
 
         api = grpc.aio.server(options=_options(API_MAX_MESSAGE_BYTES))
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.handlers, self.notifier), api
+            AgentServicer(self.services, self.notifier), api
         )
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.handlers), api)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.services), api)
         mtls = grpc.ssl_server_credentials(
             key_pair, root_certificates=a.ca_pem, require_client_auth=True
         )
@@ -94,19 +96,19 @@ class ControlPlane:
         enroll = grpc.aio.server(options=_options(ENROLL_MAX_MESSAGE_BYTES))
         # The same AgentService: without a client certificate only Enroll can succeed here.
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.handlers, self.notifier), enroll
+            AgentServicer(self.services, self.notifier), enroll
         )
         tls = grpc.ssl_server_credentials(key_pair, require_client_auth=False)
         self.enroll_port = _bind(enroll, self.config.enroll_listen, tls)
 
-        self.handlers.api_address = self.config.api_advertise or self.api_address
+        self.services.ctx.api_address = self.config.api_advertise or self.api_address
         for server in (api, enroll):
             await server.start()
             self._servers.append(server)
         if self.mqtt is not None:
             # Agents on MQTT: the bridge, and a CRL for the broker that is current and fresh.
             refresh_crl(self.mqtt, self.authority, self.store, time.time())
-            self.bridge = MqttBridge(self.handlers, self.config.mqtt_url, self.config.home,
+            self.bridge = MqttBridge(self.services, self.config.mqtt_url, self.config.home,
                                      self.mqtt)
             await self.bridge.start()
         # Staged rollouts advance on a schedule; their state lives in storage, so a restarted
@@ -122,8 +124,8 @@ class ControlPlane:
         log.info("enrollment (TLS + token) listening on %s", self.enroll_address)
 
     async def _tick_rollouts(self) -> None:
-        self.handlers.rollouts.tick()
-        await self.handlers.retrain.tick()
+        self.services.rollouts.tick()
+        await self.services.retraining.tick()
 
     def _device_changed(self, device_id: str) -> None:
         """A device's release changed or it was revoked: wake its Sync streams and the bridge."""
@@ -145,7 +147,7 @@ class ControlPlane:
         if self.bridge is not None:
             await self.bridge.stop()
             self.bridge = None
-        await self.handlers.retrain.runner.stop()
+        await self.services.retraining.runner.stop()
         servers, self._servers = self._servers, []
         for server in servers:
             await server.stop(grace_seconds)

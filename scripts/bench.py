@@ -28,7 +28,7 @@ import grpc
 from edgefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
 from control_plane.config import ControlPlaneConfig
-from control_plane.home import init_home
+from control_plane.ops.home import init_home
 from control_plane.server import ControlPlane
 from edge_agent.enroll import enroll
 from edge_agent.state import StateDir

@@ -40,9 +40,8 @@ import paho.mqtt.client as mqtt
 from edgefleet.v1 import agent_pb2
 
 from control_plane.config import ControlPlaneConfig
-from control_plane.home import init_home
-from control_plane.mqtt_broker import Mosquitto, start_mosquitto
-from control_plane.mqtt_config import write_broker_config
+from control_plane.ops.home import init_home
+from control_plane.ops.mqtt_config import write_broker_config
 from control_plane.server import ControlPlane
 from control_plane.storage import open_store
 from edge_agent.outbox import Outbox
@@ -52,6 +51,7 @@ from edge_agent.transport.mqtt import MqttTransport
 from fleetcore import pki
 from fleetcore.mqtt_wire import Leaf, topic
 from fleetcore.release import SignedRelease, verify_release
+from scripts.broker import Mosquitto, start_mosquitto
 from tests.mqtt_support import free_port
 from tests.support import LoopThread, RunningControlPlane
 from tests.trainer_support import write_pipeline

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 from sklearn.datasets import load_digits
 
-from control_plane.mqtt_broker import Mosquitto, start_fleet_broker
+from scripts.broker import Mosquitto, start_fleet_broker
 from scripts.procs import Child, run
 
 

@@ -24,11 +24,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from control_plane.config import ControlPlaneConfig
 from control_plane.fleet_cli import FleetConfig
-from control_plane.home import init_home
-from control_plane.mqtt_broker import Mosquitto, start_mosquitto
-from control_plane.mqtt_config import MqttSettings, write_broker_config
+from control_plane.ops.home import init_home
+from control_plane.ops.mqtt_config import write_broker_config
 from control_plane.server import ControlPlane
+from control_plane.services.broker import MqttSettings
 from control_plane.storage import open_store
+from scripts.broker import Mosquitto, start_mosquitto
 from tests.support import WAIT, LoopThread, RunningControlPlane
 
 MOSQUITTO = "/usr/sbin/mosquitto"

@@ -23,7 +23,7 @@ from edgefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
 from control_plane.config import ControlPlaneConfig
 from control_plane.fleet_cli import FleetConfig
-from control_plane.home import init_home
+from control_plane.ops.home import init_home
 from control_plane.server import ControlPlane
 from edge_agent.daemon import Agent
 from edge_agent.enroll import enroll
@@ -69,7 +69,7 @@ class RunningControlPlane:
     admin: FleetConfig
     clock: Any = None
     transport: str = "grpc"  # how agents of the tests reach it ("mqtt": through `broker`)
-    broker: Any = None  # control_plane.mqtt_broker.Mosquitto, for transport "mqtt"
+    broker: Any = None  # scripts.broker.Mosquitto, for transport "mqtt"
 
     @property
     def api(self) -> str:

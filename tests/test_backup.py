@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.audit import verify_chain
-from control_plane.backup import BACKUP_MANIFEST, backup, restore
 from control_plane.cli import main as cp_main
 from control_plane.config import ControlPlaneConfig
+from control_plane.domain.audit_chain import verify_chain
 from control_plane.fleet_cli import main as fleet_main
+from control_plane.ops.backup import BACKUP_MANIFEST, backup, restore
 from control_plane.server import ControlPlane
 from fleetcore.errors import AlreadyExistsError, InvalidInputError
 from tests.support import LoopThread, RunningControlPlane, start_control_plane
@@ -52,7 +52,7 @@ def test_backup_while_serving_restores_into_a_working_home(
         assert store.get_device(device) is not None
         mv = store.get_model_version("digits", 1)
         assert mv is not None
-        data = b"".join(restored.handlers.blobs.read(mv.digest, mv.length, 0, mv.length))
+        data = b"".join(restored.services.ctx.blobs.read(mv.digest, mv.length, 0, mv.length))
         assert len(data) == mv.length  # the encrypted blob decrypts with the restored key
         chain = store.audit_chain()
         assert verify_chain(chain).ok

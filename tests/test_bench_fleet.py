@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from control_plane.domain import CertificateRecord, DeviceRecord
-from control_plane.heartbeats import HeartbeatWriter
+from control_plane.domain.records import CertificateRecord, DeviceRecord
+from control_plane.storage.heartbeats import HeartbeatWriter
 from control_plane.storage.sqlite import SqliteStore
 from fleetcore.errors import NotFoundError
 from scripts.bench_fleet import bench_fleet

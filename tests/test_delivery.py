@@ -340,7 +340,7 @@ def test_failed_download_keeps_the_old_model_serving(
         v2 = _bundle_for(cp, trained_bundle, tmp_path / "v2", version=2)
         assert _fleet(cp, "models", "publish", str(v2)) == 0
         digest = cp.cp.store.get_model_version("digits", 2).digest  # type: ignore[union-attr]
-        cp.cp.handlers.blobs.path(digest).unlink()
+        cp.cp.services.ctx.blobs.path(digest).unlink()
         assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "2") == 0
         while (event := agent.wait_for("models"))["serial"] < 2:
             pass  # events from before the v2 release
@@ -380,7 +380,7 @@ def test_rollback_to_a_kept_version_needs_no_download(
         # v1's bytes are gone from the control plane: only the copy kept on the device remains.
         v1 = cp.cp.store.get_model_version("digits", 1)
         assert v1 is not None
-        cp.cp.handlers.blobs.path(v1.digest).unlink()
+        cp.cp.services.ctx.blobs.path(v1.digest).unlink()
         assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1") == 0
         _wait_models(agent, _committed(1))
     finally:
@@ -400,7 +400,7 @@ def test_revoked_device_sync_stream_ends(
             await call.initial_metadata()  # sent once the server has subscribed the stream
             assert cp.cp.notifier.subscribers(cfg.device_id) == 1
             cp.loop.loop.call_soon_threadsafe(
-                lambda: cp.cp.handlers.revoke_device(_admin(cp), cfg.device_id, "lost"))
+                lambda: cp.cp.services.identity.revoke_device(_admin(cp), cfg.device_id, "lost"))
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 async for _ in call:
                     pass

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
-from control_plane.handlers import hash_token
+from control_plane.services.identity import hash_token
 from edge_agent.enroll import enroll
 from edge_agent.state import StateDir
 from fleetcore import pki

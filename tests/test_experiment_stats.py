@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from control_plane.experiment_stats import decide, wilson_interval
+from control_plane.domain.experiments import decide, wilson_interval
 
 RUNS = 2000
 

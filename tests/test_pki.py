@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from control_plane.config import ControlPlaneConfig
-from control_plane.home import init_home
+from control_plane.ops.home import init_home
 from fleetcore import pki, tomlfile
 from fleetcore.errors import AlreadyExistsError, AuthenticationError, InvalidInputError
 from fleetcore.labels import parse_label_args

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from control_plane.domain import ModelVersionRecord
-from control_plane.releases import ReleaseIssuer
+from control_plane.domain.records import ModelVersionRecord
+from control_plane.services.releases import ReleaseIssuer
 from control_plane.storage import SqliteStore
 from fleetcore import pki
 from fleetcore.release import SignedRelease, verify_release

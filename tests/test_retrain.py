@@ -15,9 +15,10 @@ import pytest
 from edgefleet.v1 import agent_pb2
 from sklearn.datasets import load_digits
 
-from control_plane.domain import DriftWindowRecord, RetrainJob
+from control_plane.domain.records import DriftWindowRecord, RetrainJob
+from control_plane.domain.retraining import DriftPolicy, policy_fires
 from control_plane.fleet_cli import main as fleet_main
-from control_plane.retrain import DriftPolicy, LocalRunner, policy_fires, render_kubernetes_job
+from control_plane.services.retrain_runner import LocalRunner, render_kubernetes_job
 from edge_agent.telemetry import encode
 from tests.support import (
     LoopThread,
@@ -82,7 +83,7 @@ def test_kubernetes_job_renders_from_the_packaging_template() -> None:
 
 def _run_jobs(cp: RunningControlPlane, loop: LoopThread) -> RetrainJob:
     """Start the queued job, wait for its trainer, finish it; return it."""
-    retrain = cp.cp.handlers.retrain
+    retrain = cp.cp.services.retraining
     loop.run(retrain.tick())
     job = cp.cp.store.jobs("digits")[0]
     proc = retrain.runner.procs.get(job.id)
@@ -239,7 +240,7 @@ def test_overlapping_ticks_start_a_job_once(tmp_path: Path, loop: LoopThread) ->
     cp = start_control_plane(tmp_path / "cp", loop)
     try:
         pipeline = write_pipeline(tmp_path / "pipe", store=str(tmp_path / "store"))
-        retrain = cp.cp.handlers.retrain
+        retrain = cp.cp.services.retraining
         cp.cp.store.set_policy(DriftPolicy("digits", str(pipeline)))
         job_id = cp.cp.store.add_job("digits", "test", 1, 0.0)
         started: list[int] = []

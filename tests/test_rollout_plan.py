@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from control_plane.rollout_plan import (
+from control_plane.domain.rollout_plan import (
     TRANSITIONS,
     IllegalRolloutMoveError,
     RolloutEvent,

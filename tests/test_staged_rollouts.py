@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from control_plane import fleet_models
-from control_plane.domain import RolloutRecord
+from control_plane.domain.records import RolloutRecord
 from control_plane.fleet_cli import main as fleet_main
 from tests.support import LoopThread, RunningAgent, RunningControlPlane, start_agent
 from tests.support import start_control_plane as _start_cp

@@ -1,4 +1,4 @@
-"""Storage behind an interface: handlers see ``Store``; ``open_store`` picks the implementation.
+"""Storage behind an interface: services see ``Store``; ``open_store`` picks the implementation.
 
 SQLite (WAL, synchronous=FULL, versioned migrations) is the embedded default. A PostgreSQL
 implementation for several stateless control-plane replicas plugs in behind the same interface.

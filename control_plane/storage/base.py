@@ -6,7 +6,7 @@ import abc
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from control_plane.domain import (
+from control_plane.domain.records import (
     ArmRecord,
     ArmStatsRecord,
     AuditRecord,
@@ -15,6 +15,9 @@ from control_plane.domain import (
     DeviceRecord,
     DriftWindowRecord,
     ExperimentRecord,
+    ExperimentState,
+    InstalledModel,
+    JobState,
     ModelVersionRecord,
     ReleaseRecord,
     RetrainJob,
@@ -23,14 +26,14 @@ from control_plane.domain import (
     SampleSummary,
     TelemetryRecord,
 )
-from control_plane.retrain import DriftPolicy
+from control_plane.domain.retraining import DriftPolicy
 from fleetcore.errors import NotFoundError
 
 __all__ = ["Store"]
 
 
 class Store(abc.ABC):
-    """Everything the handlers persist. Implementations serialize their own writes."""
+    """Everything the services persist. Implementations serialize their own writes."""
 
     # --- enrollment tokens ---
     @abc.abstractmethod
@@ -71,11 +74,11 @@ class Store(abc.ABC):
         now: float,
         agent_version: str,
         host: Mapping[str, Any],
-        models: list[dict[str, Any]],
+        models: Sequence[InstalledModel],
     ) -> None: ...
 
     def record_heartbeats(
-        self, beats: Sequence[tuple[str, float, str, Mapping[str, Any], list[dict[str, Any]]]]
+        self, beats: Sequence[tuple[str, float, str, Mapping[str, Any], Sequence[InstalledModel]]]
     ) -> list[Exception | None]:
         """Record several heartbeats (arguments of ``record_heartbeat``), in one transaction
         where the store can; one error (or None) per heartbeat, in order."""
@@ -220,8 +223,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def record_decision(self, model: str, decision: str, p_value: float | None, reason: str,
-                        now: float) -> None:
-        """Record a running experiment's decision (promote makes it "promoted")."""
+                        now: float, state: ExperimentState) -> None:
+        """Record a running experiment's decision and the state it moves to."""
 
     # --- retraining ---
     @abc.abstractmethod
@@ -238,11 +241,12 @@ class Store(abc.ABC):
     def add_job(self, model: str, reason: str, version: int, now: float) -> int: ...
 
     @abc.abstractmethod
-    def update_job(self, job_id: int, state: str, now: float | None = None,
+    def update_job(self, job_id: int, state: JobState, now: float | None = None,
                    detail: str = "") -> None: ...
 
     @abc.abstractmethod
-    def jobs(self, model: str | None = None, states: tuple[str, ...] = ()) -> list[RetrainJob]:
+    def jobs(self, model: str | None = None,
+             states: tuple[JobState, ...] = ()) -> list[RetrainJob]:
         """Newest first."""
 
     @abc.abstractmethod

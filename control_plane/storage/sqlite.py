@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from control_plane.audit import GENESIS_HASH, entry_hash
-from control_plane.domain import (
+from control_plane.domain.audit_chain import GENESIS_HASH, entry_hash
+from control_plane.domain.records import (
     ArmRecord,
     ArmStatsRecord,
     AuditRecord,
@@ -20,16 +20,20 @@ from control_plane.domain import (
     DeviceRecord,
     DriftWindowRecord,
     ExperimentRecord,
+    ExperimentState,
+    InstalledModel,
+    JobState,
     ModelVersionRecord,
     ReleaseRecord,
     RetrainJob,
     RolloutRecord,
+    RolloutState,
     SampleRecord,
     SampleRefusal,
     SampleSummary,
     TelemetryRecord,
 )
-from control_plane.retrain import DriftPolicy
+from control_plane.domain.retraining import DriftPolicy
 from control_plane.storage.base import Store
 from control_plane.storage.migrations import MIGRATIONS
 from fleetcore.errors import AlreadyExistsError, NotFoundError, TokenError
@@ -133,19 +137,19 @@ class SqliteStore(Store):
         now: float,
         agent_version: str,
         host: Mapping[str, Any],
-        models: list[dict[str, Any]],
+        models: Sequence[InstalledModel],
     ) -> None:
         with self._tx() as c:
             cur = c.execute(
                 "UPDATE devices SET last_seen = ?, agent_version = ?, host = ?, models = ?"
                 " WHERE id = ?",
-                (now, agent_version, _dump(dict(host)), _dump(models), device_id),
+                (now, agent_version, _dump(dict(host)), _models_json(models), device_id),
             )
             if cur.rowcount != 1:
                 raise NotFoundError(f"no device {device_id!r}")
 
     def record_heartbeats(
-        self, beats: Sequence[tuple[str, float, str, Mapping[str, Any], list[dict[str, Any]]]]
+        self, beats: Sequence[tuple[str, float, str, Mapping[str, Any], Sequence[InstalledModel]]]
     ) -> list[Exception | None]:
         errors: list[Exception | None] = []
         with self._tx() as c:  # one commit (one fsync) for all of them
@@ -153,7 +157,7 @@ class SqliteStore(Store):
                 cur = c.execute(
                     "UPDATE devices SET last_seen = ?, agent_version = ?, host = ?, models = ?"
                     " WHERE id = ?",
-                    (now, agent_version, _dump(dict(host)), _dump(models), device_id),
+                    (now, agent_version, _dump(dict(host)), _models_json(models), device_id),
                 )
                 errors.append(None if cur.rowcount == 1
                               else NotFoundError(f"no device {device_id!r}"))
@@ -547,13 +551,12 @@ class SqliteStore(Store):
         return stopped
 
     def record_decision(self, model: str, decision: str, p_value: float | None, reason: str,
-                        now: float) -> None:
+                        now: float, state: ExperimentState) -> None:
         with self._tx() as c:
             c.execute(
                 "UPDATE experiments SET decision = ?, p_value = ?, decision_reason = ?,"
-                " decided_at = ?, state = CASE ? WHEN 'promote' THEN 'promoted' ELSE state END"
-                " WHERE model = ? AND state = 'running'",
-                (decision, p_value, reason, now, decision, model),
+                " decided_at = ?, state = ? WHERE model = ? AND state = 'running'",
+                (decision, p_value, reason, now, state.value, model),
             )
 
     def get_experiment(self, model: str) -> ExperimentRecord | None:
@@ -603,15 +606,16 @@ class SqliteStore(Store):
             )
             return int(cur.lastrowid or 0)
 
-    def update_job(self, job_id: int, state: str, now: float | None = None,
+    def update_job(self, job_id: int, state: JobState, now: float | None = None,
                    detail: str = "") -> None:
         with self._tx() as c:
             c.execute("UPDATE retrain_jobs SET state = ?, finished_at = COALESCE(?, finished_at),"
                       " detail = ? WHERE id = ?", (state, now, detail, job_id))
 
-    def jobs(self, model: str | None = None, states: tuple[str, ...] = ()) -> list[RetrainJob]:
+    def jobs(self, model: str | None = None,
+             states: tuple[JobState, ...] = ()) -> list[RetrainJob]:
         rows = self._query("SELECT * FROM retrain_jobs ORDER BY id DESC")
-        return [RetrainJob(r["id"], r["model"], r["state"], r["reason"], r["version"],
+        return [RetrainJob(r["id"], r["model"], JobState(r["state"]), r["reason"], r["version"],
                            r["created_at"], r["finished_at"], r["detail"])
                 for r in rows if (not model or r["model"] == model)
                 and (not states or r["state"] in states)]
@@ -654,13 +658,18 @@ def _dump(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def _models_json(models: Sequence[InstalledModel]) -> str:
+    return _dump([m.to_json() for m in models])
+
+
 def _audit_record(r: sqlite3.Row) -> AuditRecord:
     return AuditRecord(r["seq"], r["time"], r["actor"], r["action"], r["target"], r["outcome"],
                        r["detail"], r["prev_hash"], r["hash"], r["role"])
 
 
 def _experiment(r: sqlite3.Row) -> ExperimentRecord:
-    return ExperimentRecord(r["model"], r["champion"], r["challenger"], r["weight"], r["state"],
+    return ExperimentRecord(r["model"], r["champion"], r["challenger"], r["weight"],
+                            ExperimentState(r["state"]),
                             json.loads(r["selector"]), tuple(json.loads(r["device_ids"])),
                             r["created_at"], r["created_by"], r["decision"], r["p_value"],
                             r["decision_reason"], r["decided_at"])
@@ -673,7 +682,7 @@ def _model_version(r: sqlite3.Row) -> ModelVersionRecord:
 
 def _rollout(r: sqlite3.Row) -> RolloutRecord:
     return RolloutRecord(
-        r["id"], r["model"], r["version"], json.loads(r["selector"]), r["state"],
+        r["id"], r["model"], r["version"], json.loads(r["selector"]), RolloutState(r["state"]),
         r["created_at"], r["created_by"], tuple(json.loads(r["device_ids"])),
         tuple(json.loads(r["steps"])), r["step"], r["step_started_at"], r["bake_seconds"],
         tuple(json.loads(r["gates"])), r["on_failure"], r["previous_version"], r["reason"],
@@ -689,7 +698,7 @@ def _device(r: sqlite3.Row) -> DeviceRecord:
         last_seen=r["last_seen"],
         agent_version=r["agent_version"],
         host=json.loads(r["host"]),
-        models=json.loads(r["models"]),
+        models=[InstalledModel.from_json(m) for m in json.loads(r["models"])],
         revoked_at=r["revoked_at"],
         cert_serial=r["cert_serial"],
         cert_not_after=r["cert_not_after"],

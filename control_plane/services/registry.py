@@ -11,18 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetcore.archive import safe_extract
+from control_plane.domain.records import AuditOutcome, ModelVersionRecord
+from control_plane.services.context import Context
+from fleetcore import pki
+from fleetcore.archive import pack_bundle, safe_extract
 from fleetcore.bundle_verify import verify_bundle_dir
 from fleetcore.errors import InvalidInputError, UntrustedInputError
 from fleetcore.files import ensure_private_dir
 
-__all__ = ["Upload", "VerifiedBundle", "key_fingerprint", "manifest_json", "verify_upload"]
+__all__ = ["RegistryService", "Upload", "VerifiedBundle", "key_fingerprint", "manifest_json",
+           "verify_upload"]
+
+log = logging.getLogger(__name__)
 
 
 class Upload:
@@ -94,3 +101,63 @@ def manifest_json(manifest: dict[str, Any]) -> str:
     keep = {k: manifest[k] for k in ("name", "version", "created", "input", "output", "metrics",
                                      "lineage", "compression", "runtime") if k in manifest}
     return json.dumps(keep, sort_keys=True, separators=(",", ":"))
+
+
+class RegistryService:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.store = ctx.store
+
+    def begin_upload(self, caller: pki.Identity) -> Upload:
+        self.ctx.authorize(caller, "models.publish", "")
+        return self.new_upload()
+
+    def new_upload(self) -> Upload:
+        return Upload(self.ctx.config.layout.scratch, self.ctx.config.max_bundle_bytes)
+
+    def publish(self, caller: pki.Identity | str, upload: Upload) -> ModelVersionRecord:
+        """Verify and store an upload (``caller``: an operator, or "control-plane")."""
+        audit = self.ctx.audit
+        published_by = caller.actor if isinstance(caller, pki.Identity) else caller
+        try:
+            digest = upload.finish()
+            try:
+                verified = verify_upload(upload, digest, self.ctx.keys.publisher_public_pems)
+            except UntrustedInputError as exc:
+                audit.record(caller, "models.publish", digest, AuditOutcome.DENIED,
+                             {"reason": str(exc)[:500]})
+                raise
+            manifest = verified.manifest
+            record = ModelVersionRecord(
+                name=str(manifest["name"]), version=int(manifest["version"]), digest=digest,
+                length=verified.length, created_at=self.ctx.clock(), published_by=published_by,
+                publisher_key=verified.publisher_key, manifest=manifest_json(manifest),
+            )
+            pki.validate_name(record.name, "model name")
+            self.ctx.blobs.put_file(upload.path, digest, verified.length)
+            self.store.add_model_version(record)
+        finally:
+            upload.discard()
+        audit.record(caller, "models.publish", f"{record.name}:{record.version}",
+                     AuditOutcome.ALLOWED, {"digest": digest, "length": record.length,
+                                            "publisher_key": record.publisher_key})
+        log.info("published %s v%d (%s, %d bytes)", record.name, record.version, digest,
+                 record.length)
+        stored = self.store.get_model_version(record.name, record.version)
+        assert stored is not None
+        return stored
+
+    def publish_dir(self, caller: pki.Identity | str, bundle: Path) -> ModelVersionRecord:
+        """Pack a bundle directory on this host and publish it like an upload."""
+        with tempfile.TemporaryDirectory(dir=self.ctx.config.layout.scratch) as tmp:
+            archive = Path(tmp) / "bundle.tar"
+            pack_bundle(bundle, archive)
+            upload = self.new_upload()
+            with archive.open("rb") as fh:
+                while data := fh.read(1 << 20):
+                    upload.write(data)
+            return self.publish(caller, upload)
+
+    def list_versions(self, caller: pki.Identity, name: str) -> list[ModelVersionRecord]:
+        self.ctx.authorize(caller, "models.list", name)
+        return self.store.list_model_versions(name or None)

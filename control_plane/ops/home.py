@@ -6,10 +6,10 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
-from control_plane.blobstore import load_or_create_key
 from control_plane.config import ControlPlaneConfig, HomeLayout
-from control_plane.domain import CertificateRecord
+from control_plane.domain.records import CertificateRecord
 from control_plane.storage import open_store
+from control_plane.storage.blobs import load_or_create_key
 from fleetcore import pki, tomlfile
 from fleetcore.errors import AlreadyExistsError
 from fleetcore.files import atomic_write, ensure_private_dir

@@ -11,14 +11,15 @@ still fails alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from control_plane.storage import Store
+from control_plane.domain.records import InstalledModel
+from control_plane.storage.base import Store
 
 __all__ = ["HeartbeatWriter"]
 
-Beat = tuple[str, float, str, Mapping[str, Any], list[dict[str, Any]]]
+Beat = tuple[str, float, str, Mapping[str, Any], Sequence[InstalledModel]]
 
 
 class HeartbeatWriter:
@@ -27,7 +28,7 @@ class HeartbeatWriter:
         self._pending: list[tuple[Beat, asyncio.Future[None]]] = []
 
     async def record(self, device_id: str, now: float, agent_version: str,
-                     host: Mapping[str, Any], models: list[dict[str, Any]]) -> None:
+                     host: Mapping[str, Any], models: Sequence[InstalledModel]) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._pending.append(((device_id, now, agent_version, host, models), done))

@@ -3,16 +3,17 @@
 It connects to the broker as ``edgefleet:bridge`` (a certificate from `mqtt-config`), with a
 persistent session and manual acknowledgement: a device's QoS 1 message is acknowledged to the
 broker only after its handler ran, so what arrives while the control plane is down or dies
-half-way is delivered again, and the handlers' deduplication on (device, seq) makes it count
-once. Like a servicer it translates protobuf to handler calls and nothing else; the handlers
-are the ones the gRPC servicer calls.
+half-way is delivered again, and telemetry's deduplication on (device, seq) makes it count
+once. Like the gRPC servicer it authenticates, converts and delegates through the same
+``AgentCalls``, and nothing else.
 
 Identity: the device id comes from the topic. The broker's ACL lets a client write only under
 ``edgefleet/v1/dev/<the CN of its certificate>/``, so the topic names the certificate's device;
-the bridge still refuses ids that are not registered or are revoked.
+the identity service still refuses ids that are not registered, revoked devices and revoked
+certificates, as for a TLS peer.
 
 Per device: the signed release, retained on ``release`` (published at start, on every change
-the handlers announce, and when a heartbeat renews it), bundle chunks on request, telemetry,
+the services announce, and when a heartbeat renews it), bundle chunks on request, telemetry,
 certificate renewal by request/reply, and presence from the retained ``status`` (the will says
 offline).
 """
@@ -28,18 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from edgefleet.v1 import agent_pb2, common_pb2
+from edgefleet.v1 import agent_pb2
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from control_plane._status import status_code_for
-from control_plane.domain import TelemetryRecord
-from control_plane.handlers import Handlers
-from control_plane.mqtt_config import BRIDGE_NAME, MqttSettings
-from control_plane.servicers import BUNDLE_CHUNK_BYTES, _models_from_proto, host_from_proto
+from control_plane.api.agent_calls import AgentCalls
+from control_plane.api.status import status_code_for
+from control_plane.services import Services
+from control_plane.services.broker import BRIDGE_NAME, MqttSettings
 from fleetcore import pki
-from fleetcore.errors import AuthenticationError, EdgefleetError, InvalidInputError
+from fleetcore.errors import EdgefleetError, InvalidInputError
 from fleetcore.mqtt_wire import (
     DEVICE_PREFIX,
     ERROR_PROPERTY,
@@ -63,9 +63,10 @@ _INBOX = (Leaf.TELEMETRY, Leaf.STATUS, Leaf.BUNDLE_REQUEST, Leaf.RENEW_REQUEST)
 
 
 class MqttBridge:
-    def __init__(self, handlers: Handlers, url: str, home: Path, settings: MqttSettings, *,
+    def __init__(self, services: Services, url: str, home: Path, settings: MqttSettings, *,
                  on_event: Callable[[str, str], None] | None = None) -> None:
-        self.h = handlers
+        self.s = services
+        self.calls = AgentCalls(services)
         self.broker = parse_url(url)
         self.home = home
         self.settings = settings
@@ -116,7 +117,7 @@ class MqttBridge:
         self.connected.clear()
 
     def device_changed(self, device_id: str) -> None:
-        """The handlers' change hook: republish (or clear) the device's release."""
+        """The services' change hook: republish (or clear) the device's release."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._publish_release, device_id)
 
@@ -146,14 +147,14 @@ class MqttBridge:
         log.info("MQTT bridge connected to %s:%d", self.broker.host, self.broker.port)
         self.connected.set()
         self._published.clear()  # the broker may have lost its retained messages
-        for device in self.h.store.list_devices():
+        for device in self.s.ctx.store.list_devices():
             self._publish_release(device.id)
 
     async def _work(self) -> None:
         while True:
             msg = await self._inbox.get()
             try:
-                self._handle(msg)
+                await self._handle(msg)
             except Exception:
                 log.exception("MQTT bridge: handling a message on %s failed", msg.topic)
             finally:
@@ -161,16 +162,7 @@ class MqttBridge:
                 if client is not None and msg.qos > 0:
                     client.ack(msg.mid, msg.qos)  # only now: a crash before means redelivery
 
-    def _device(self, device_id: str) -> pki.Identity:
-        device = self.h.store.get_device(device_id)
-        if device is None:
-            raise AuthenticationError(f"device {device_id} is not registered")
-        identity = pki.Identity(pki.IdentityKind.DEVICE, device_id, device.cert_serial)
-        if device.revoked_at is not None:
-            raise AuthenticationError(f"device {device_id} is revoked")
-        return identity
-
-    def _handle(self, msg: mqtt.MQTTMessage) -> None:
+    async def _handle(self, msg: mqtt.MQTTMessage) -> None:
         parsed = parse_topic(msg.topic)
         if parsed is None or parsed[1] not in _INBOX:
             log.warning("MQTT bridge: ignored a message on %r", msg.topic[:200])
@@ -181,20 +173,21 @@ class MqttBridge:
         correlation = bytes(getattr(props, "CorrelationData", b"") or b"")
         reply = Leaf.BUNDLE_REPLY if leaf is Leaf.BUNDLE_REQUEST else Leaf.RENEW_REPLY
         try:
-            caller = self._device(device_id)
+            caller = self.calls.device_by_id(device_id)
             if leaf is Leaf.TELEMETRY:
-                self._telemetry(caller, payload)
+                self.calls.telemetry(caller, parse_message(agent_pb2.TelemetryBatch, payload))
+                self._emit("telemetry", caller.name)
             elif leaf is Leaf.STATUS:
-                self._status(caller, payload, replayed=bool(msg.retain))
+                await self._status(caller, payload, replayed=bool(msg.retain))
             elif len(correlation) > MAX_CORRELATION_BYTES:
                 raise InvalidInputError("correlation data over the limit")
             elif leaf is Leaf.BUNDLE_REQUEST:
                 self._bundle(caller, payload, correlation)
             else:
                 request = parse_message(agent_pb2.RenewCertificateRequest, payload)
-                pem = self.h.renew_certificate(caller, request.csr_pem)
-                self._publish(device_id, reply, agent_pb2.RenewCertificateResponse(
-                    certificate_pem=pem).SerializeToString(), correlation=correlation)
+                response = self.calls.renew(caller, request)
+                self._publish(device_id, reply, response.SerializeToString(),
+                              correlation=correlation)
         except EdgefleetError as exc:
             log.info("MQTT bridge: %s from %s refused: %s", leaf.value, device_id, exc)
             if leaf in (Leaf.BUNDLE_REQUEST, Leaf.RENEW_REQUEST) and correlation and len(
@@ -203,59 +196,47 @@ class MqttBridge:
                               error=f"{status_code_for(exc).name}: {exc}")
             self._emit("refused", device_id)
 
-    def _telemetry(self, caller: pki.Identity, payload: bytes) -> None:
-        batch = parse_message(agent_pb2.TelemetryBatch, payload)
-        records = [TelemetryRecord(r.seq, r.kind[:256], r.created_at, r.payload)
-                   for r in batch.records]
-        self.h.ingest_telemetry(caller, records, batch.dropped, batch.depth)
-        self._emit("telemetry", caller.name)
-
-    def _status(self, caller: pki.Identity, payload: bytes, *, replayed: bool = False) -> None:
+    async def _status(self, caller: pki.Identity, payload: bytes, *,
+                      replayed: bool = False) -> None:
         """``replayed``: the broker's retained copy, sent when the bridge subscribes: it tells
         presence, but is no heartbeat (it may be hours old)."""
         status = parse_message(agent_pb2.AgentStatus, payload)
         self.presence[caller.name] = status.online
         if status.online:
-            self.h.disconnected.discard(caller.name)
+            self.s.ctx.disconnected.discard(caller.name)
         else:
-            self.h.disconnected.add(caller.name)
+            self.s.ctx.disconnected.add(caller.name)
         if not status.online:
             log.info("device %s went offline (MQTT)", caller.name)
         elif not replayed:
-            beat = status.heartbeat
-            self.h.heartbeat(caller, beat.agent_version[:256],
-                             {**host_from_proto(beat.host), "transport": "mqtt"},
-                             _models_from_proto(beat.models),
-                             (beat.release_serial, beat.release_digest))
+            await self.calls.heartbeat(caller, status.heartbeat, "mqtt")
             self._publish_release(caller.name)  # a heartbeat may have renewed it
         self._emit("online" if status.online else "offline", caller.name)
 
     def _bundle(self, caller: pki.Identity, payload: bytes, correlation: bytes) -> None:
         request = parse_message(agent_pb2.FetchBundleRequest, payload)
-        length = min(request.length or MAX_REQUEST_BYTES, MAX_REQUEST_BYTES)
-        offset = request.offset
-        for piece in self.h.bundle_for_device(caller, request.digest, offset, length):
-            for i in range(0, len(piece), BUNDLE_CHUNK_BYTES):
-                data = piece[i : i + BUNDLE_CHUNK_BYTES]
-                self._publish(caller.name, Leaf.BUNDLE_REPLY, agent_pb2.BundleChunk(
-                    offset=offset, data=data).SerializeToString(), correlation=correlation)
-                offset += len(data)
+        for chunk in self.calls.bundle_chunks(caller, request, MAX_REQUEST_BYTES):
+            self._publish(caller.name, Leaf.BUNDLE_REPLY, chunk.SerializeToString(),
+                          correlation=correlation)
 
     def _publish_release(self, device_id: str) -> None:
-        device = self.h.store.get_device(device_id)
+        device = self.s.ctx.store.get_device(device_id)
         if device is None or self._client is None:
             return
         if device.revoked_at is not None:
             self._published.pop(device_id, None)
             self._publish(device_id, Leaf.RELEASE, b"", retain=True)  # clears the retained one
             return
-        release = self.h.current_release(self._device(device_id))
-        if release is None or self._published.get(device_id) == release.serial:
+        try:
+            current = self.calls.release(self.calls.device_by_id(device_id))
+        except EdgefleetError as exc:
+            log.info("MQTT bridge: no release for %s: %s", device_id, exc)
             return
-        signed = common_pb2.SignedRelease(document=release.document,
-                                          signature=release.signature)
+        if current is None or self._published.get(device_id) == current[0]:
+            return
+        serial, signed = current
         self._publish(device_id, Leaf.RELEASE, signed.SerializeToString(), retain=True)
-        self._published[device_id] = release.serial
+        self._published[device_id] = serial
         self._emit("release", device_id)
 
     def _publish(self, device_id: str, leaf: Leaf, payload: bytes, *, retain: bool = False,

@@ -10,23 +10,20 @@ acknowledged: resending would not fix it) but yields no derived row.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from typing import Any
 
-from control_plane.domain import (
+from control_plane.domain.records import (
     ArmStatsRecord,
     Derived,
     DriftWindowRecord,
     SampleRecord,
     TelemetryRecord,
 )
+from fleetcore import strict_json
 from fleetcore.errors import InvalidInputError
 
 __all__ = ["MAX_BATCH_RECORDS", "MAX_PAYLOAD_BYTES", "derive"]
-
-log = logging.getLogger(__name__)
 
 MAX_BATCH_RECORDS = 1000
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -89,7 +86,8 @@ def _sample(device_id: str, doc: dict[str, Any]) -> SampleRecord:
 def _parse(device_id: str, record: TelemetryRecord) -> Derived | None:
     if record.kind not in ("drift", "arm_stats", "sample"):
         return None
-    doc = json.loads(record.payload)
+    doc = strict_json.loads(record.payload, what=f"{record.kind} payload",
+                            max_bytes=MAX_PAYLOAD_BYTES)
     if not isinstance(doc, dict):
         raise InvalidInputError("payload must be a JSON object")
     if record.kind == "sample":
@@ -110,13 +108,16 @@ def _parse(device_id: str, record: TelemetryRecord) -> Derived | None:
     )
 
 
-def derive(device_id: str, records: list[TelemetryRecord]) -> dict[int, Derived]:
-    """The derived rows of a batch, keyed by seq; malformed payloads are logged and skipped."""
+def derive(device_id: str,
+           records: list[TelemetryRecord]) -> tuple[dict[int, Derived], dict[int, str]]:
+    """The derived rows of a batch, keyed by seq, and why each malformed payload was skipped
+    (also keyed by seq; the caller logs them)."""
     if len(records) > MAX_BATCH_RECORDS:
         raise InvalidInputError(
             f"telemetry batch has {len(records)} records; the limit is {MAX_BATCH_RECORDS}"
         )
     out: dict[int, Derived] = {}
+    problems: dict[int, str] = {}
     for record in records:
         if len(record.payload) > MAX_PAYLOAD_BYTES:
             raise InvalidInputError(
@@ -126,9 +127,8 @@ def derive(device_id: str, records: list[TelemetryRecord]) -> dict[int, Derived]
         try:
             row = _parse(device_id, record)
         except (ValueError, InvalidInputError) as exc:
-            log.warning("telemetry %s/%d (%s) not understood: %s", device_id, record.seq,
-                        record.kind, exc)
+            problems[record.seq] = str(exc)
             continue
         if row is not None:
             out[record.seq] = row
-    return out
+    return out, problems

@@ -25,31 +25,26 @@ its retained release, and the broker refuses its next connect.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import os
 import pwd
-import signal
-from dataclasses import dataclass
 from pathlib import Path
 
-from control_plane.authority import Authority
 from control_plane.config import ControlPlaneConfig
+from control_plane.services.authority import Authority
+from control_plane.services.broker import BRIDGE_NAME, MqttSettings, write_crl
 from control_plane.storage import Store
 from fleetcore import pki, tomlfile
 from fleetcore.errors import InvalidInputError
 from fleetcore.files import atomic_write, ensure_private_dir
 from fleetcore.mqtt_wire import DEVICE_PREFIX, MAX_MESSAGE_BYTES, Leaf
 
-__all__ = ["BRIDGE_NAME", "MqttSettings", "refresh_crl", "write_broker_config", "write_crl"]
+__all__ = ["write_broker_config"]
 
 log = logging.getLogger(__name__)
 
-# The bridge's CN: the ':' keeps it from ever being a device id or an operator name.
-BRIDGE_NAME = "edgefleet:bridge"
 BRIDGE_CERT_DAYS = 365
-CRL_DAYS = 30
 # Per-client queue: a device gets releases and bundle replies; the bridge gets what every device
 # sends while the control plane is away (heartbeats and telemetry batches), so its queue grows
 # with the fleet: about ten minutes of a device's traffic at one message every five seconds.
@@ -58,57 +53,6 @@ MIN_QUEUED_MESSAGES = 1000
 
 _DEVICE_READS = (Leaf.RELEASE, Leaf.BUNDLE_REPLY, Leaf.RENEW_REPLY)
 _DEVICE_WRITES = (Leaf.TELEMETRY, Leaf.STATUS, Leaf.BUNDLE_REQUEST, Leaf.RENEW_REQUEST)
-
-
-@dataclass(frozen=True)
-class MqttSettings:
-    """Where the broker's files are (``HOME/mqtt.toml``), for the bridge and CRL refreshes."""
-
-    out: Path
-    port: int
-
-    @property
-    def conf(self) -> Path:
-        return self.out / "mosquitto.conf"
-
-    @property
-    def acl(self) -> Path:
-        return self.out / "acl"
-
-    @property
-    def ca(self) -> Path:
-        return self.out / "ca.pem"
-
-    @property
-    def crl(self) -> Path:
-        return self.out / "crl.pem"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.out / "mosquitto.pid"
-
-    @staticmethod
-    def bridge_cert(home: Path) -> Path:
-        return home / "pki" / "mqtt-bridge.pem"
-
-    @staticmethod
-    def bridge_key(home: Path) -> Path:
-        return home / "pki" / "mqtt-bridge.key"
-
-    @staticmethod
-    def path(home: Path) -> Path:
-        return home / "mqtt.toml"
-
-    @classmethod
-    def load(cls, home: Path) -> MqttSettings | None:
-        path = cls.path(home)
-        if not path.exists():
-            return None
-        doc = tomlfile.load(path).get("broker", {})
-        port = doc.get("port")
-        if not isinstance(port, int) or not 0 < port < 65536 or "out" not in doc:
-            raise InvalidInputError(f"{path}: broker.out and broker.port (1-65535) are needed")
-        return cls(out=Path(str(doc["out"])), port=port)
 
 
 def write_broker_config(
@@ -202,33 +146,3 @@ def _conf(s: MqttSettings, bind: str, devices: int, data: Path) -> str:
         "use_username_as_clientid true",
         "",
     ])
-
-
-def write_crl(authority: Authority, store: Store, path: Path, now: float) -> int:
-    """Write the fleet CA's CRL with every revoked, unexpired certificate; return how many."""
-    revoked = store.revoked_certificates(now)
-    when = dt.datetime.fromtimestamp(now, dt.UTC)
-    pem = pki.certificate_revocation_list(
-        authority.ca_key, authority.ca_cert,
-        [(c.serial, dt.datetime.fromtimestamp(c.revoked_at or now, dt.UTC)) for c in revoked],
-        when, dt.timedelta(days=CRL_DAYS))
-    atomic_write(path, pem)
-    return len(revoked)
-
-
-def refresh_crl(settings: MqttSettings, authority: Authority, store: Store, now: float) -> bool:
-    """Rewrite the CRL and tell the broker (SIGHUP); True if a broker was signalled."""
-    count = write_crl(authority, store, settings.crl, now)
-    try:
-        pid = int(settings.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        log.info("CRL rewritten (%d revoked); no broker PID in %s to signal", count,
-                 settings.pid_file)
-        return False
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGHUP)
-        log.info("CRL rewritten (%d revoked); broker %d reloads it", count, pid)
-        return True
-    log.warning("CRL rewritten, but broker PID %d from %s is not running", pid,
-                settings.pid_file)
-    return False

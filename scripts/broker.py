@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from control_plane.config import ControlPlaneConfig
-from control_plane.mqtt_config import MqttSettings, write_broker_config
+from control_plane.ops.mqtt_config import write_broker_config
+from control_plane.services.broker import MqttSettings
 from control_plane.storage import open_store
 
 __all__ = ["Mosquitto", "find_mosquitto", "start_fleet_broker", "start_mosquitto"]

@@ -22,32 +22,35 @@ import itertools
 import math
 import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from control_plane.domain.records import (
+    ArmStatsRecord,
+    DriftWindowRecord,
+    InstalledModel,
+    RolloutRecord,
+    RolloutState,
+)
 from fleetcore.errors import InvalidInputError
 
 __all__ = [
+    "FAILED_INSTALL_STATES",
     "GATE_METRICS",
     "Gate",
     "GateResult",
     "IllegalRolloutMoveError",
     "RolloutEvent",
     "RolloutState",
+    "device_progress",
+    "first_steps",
+    "gate_metrics",
+    "judge_gates",
     "next_state",
     "parse_gate",
     "parse_steps",
     "step_devices",
 ]
-
-
-class RolloutState(enum.StrEnum):
-    RUNNING = "running"
-    PAUSED = "paused"
-    COMPLETED = "completed"
-    ABORTED = "aborted"
-    ROLLED_BACK = "rolled-back"
-    SUPERSEDED = "superseded"
 
 
 class RolloutEvent(enum.StrEnum):
@@ -164,3 +167,72 @@ def parse_gate(text: str) -> Gate:
             f"of <, <=, >, >= (e.g. error_rate<0.05); got {text!r}"
         )
     return Gate(m.group(1), m.group(2), float(m.group(3)))
+
+
+# What a device reports when the version did not take (a local rollback counts as failed).
+FAILED_INSTALL_STATES = ("failed", "rolled-back")
+
+
+def first_steps(model: str, device_ids: Sequence[str], steps: Sequence[int]) -> dict[str, int]:
+    """The step (1-based) in which each device gets the new version."""
+    out: dict[str, int] = {}
+    for k in range(len(steps)):
+        for device_id in step_devices(model, device_ids, steps, k):
+            out.setdefault(device_id, k + 1)
+    return out
+
+
+@dataclass(frozen=True)
+class DeviceProgress:
+    reported_version: int  # the version it serves (0: none of this model)
+    state: str  # its install state of the rollout's version ("pending": not reported yet)
+    reason: str
+
+
+def device_progress(models: Sequence[InstalledModel], model: str,
+                    version: int) -> DeviceProgress:
+    """Where a device stands in a rollout of ``model`` to ``version``, from its report."""
+    reported = [m for m in models if m.name == model]
+    serving = next((m for m in reported if m.serving), None)
+    desired = next((m for m in reported if m.version == version), None)
+    return DeviceProgress(serving.version if serving else 0,
+                          desired.state if desired else "pending",
+                          desired.reason if desired else "")
+
+
+def gate_metrics(rollout: RolloutRecord, members: Sequence[str], failed: int,
+                 stats: Sequence[ArmStatsRecord], windows: Sequence[DriftWindowRecord],
+                 ) -> dict[str, tuple[float | None, int]]:
+    """Each gate metric of the step's devices: (value or None, samples behind it)."""
+    inside = set(members)
+    stats = [s for s in stats if s.device_id in inside]
+    new = [s for s in stats if s.version == rollout.version]
+    old = [s for s in stats if s.version == rollout.previous_version]
+    requests = sum(s.requests for s in new)
+    out: dict[str, tuple[float | None, int]] = {
+        "install_failures": (float(failed), len(members)),
+        "error_rate": (sum(s.errors for s in new) / requests if requests else None, requests),
+        "p95_ms": (sum(s.p95_ms * s.requests for s in new) / requests if requests else None,
+                   requests),
+    }
+    mine = [w for w in windows if w.device_id in inside and w.version == rollout.version]
+    out["drift_score"] = (sum(w.score for w in mine) / len(mine) if mine else None, len(mine))
+    new_l, old_l = sum(s.labelled for s in new), sum(s.labelled for s in old)
+    delta = (sum(s.correct for s in new) / new_l - sum(s.correct for s in old) / old_l
+             if new_l and old_l else None)
+    out["accuracy_delta"] = (delta, min(new_l, old_l))
+    return out
+
+
+def judge_gates(gates: Sequence[str],
+                metrics: Mapping[str, tuple[float | None, int]]) -> list[GateResult]:
+    """Every gate's verdict; ``install_failures<=0`` is always one unless a gate names it."""
+    texts = list(gates)
+    if not any(t.startswith("install_failures") for t in texts):
+        texts.insert(0, "install_failures<=0")
+    results = []
+    for text in texts:
+        gate = parse_gate(text)
+        value, samples = metrics[gate.metric]
+        results.append(gate.judge(value, samples))
+    return results

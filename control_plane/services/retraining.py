@@ -15,39 +15,45 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from control_plane.domain import (
+from control_plane.domain.records import (
+    AuditOutcome,
     Derived,
     DriftWindowRecord,
+    ExperimentState,
+    JobState,
     RetrainJob,
     SampleRecord,
     SampleRefusal,
     SampleSummary,
     TelemetryRecord,
 )
-from control_plane.registry import Upload
-from control_plane.retrain import DriftPolicy, LocalRunner, policy_fires, sample_regions
-from fleetcore import pki
-from fleetcore.archive import pack_bundle, safe_extract
+from control_plane.domain.retraining import (
+    ACTIVE_JOB_STATES,
+    DriftPolicy,
+    JobEvent,
+    check_policy,
+    next_job_state,
+    policy_fires,
+)
+from control_plane.domain.samples import against_manifest, region_refusal
+from control_plane.services.context import SYSTEM, Context
+from control_plane.services.experiments import ExperimentService
+from control_plane.services.registry import RegistryService
+from control_plane.services.retrain_runner import LocalRunner, sample_regions
+from fleetcore import pki, strict_json
+from fleetcore.archive import safe_extract
 from fleetcore.errors import EdgefleetError, InvalidInputError
-
-if TYPE_CHECKING:
-    from control_plane.handlers import Handlers
 
 __all__ = ["RetrainService"]
 
 log = logging.getLogger(__name__)
-
-SYSTEM = "control-plane"
-_ACTIVE = ("queued", "running")
-_HMAC_HEX = re.compile(r"^([0-9a-f]{64})?$")  # "": the request did not carry the column
 
 
 @dataclass(frozen=True)
@@ -57,29 +63,13 @@ class _Checks:
     after: str = ""  # the region's refusal, reported after a row's own problems
 
 
-def _against_manifest(row: SampleRecord, manifest: dict[str, Any]) -> str:
-    """Why the sample does not fit the version that served it ("" when it does)."""
-    width = len(manifest["input"]["features"])
-    classes = len(manifest["output"]["labels"])
-    hashed = {c.get("name") for c in manifest["input"].get("pii_columns", [])
-              if c.get("action") == "hmac"}
-    if any(len(r) != width for r in row.features):
-        return f"rows must have {width} features"
-    if any(not 0 <= label < classes for label in row.labels):
-        return f"labels must be class ids below {classes}"
-    for name, values in row.pii.items():
-        # (the column's name is the device's text: it stays out of the reason)
-        if name not in hashed:
-            return "a column that is not a pseudonymized PII column of the manifest"
-        if not all(_HMAC_HEX.match(v) for v in values):
-            return "PII values that are not HMAC-SHA256 pseudonyms"
-    return ""
-
-
 class RetrainService:
-    def __init__(self, handlers: Handlers, runner: LocalRunner | None = None) -> None:
-        self.h = handlers
-        self.store = handlers.store
+    def __init__(self, ctx: Context, registry: RegistryService, experiments: ExperimentService,
+                 runner: LocalRunner | None = None) -> None:
+        self.ctx = ctx
+        self.store = ctx.store
+        self.registry = registry
+        self.experiments = experiments
         self.runner = runner or LocalRunner()
         # One tick at a time: a job is marked running only after its trainer has started, so
         # two overlapping ticks (the scheduler's and an explicit one) would start it twice.
@@ -87,37 +77,27 @@ class RetrainService:
 
     # ------------------------------------------------------------------ operators
     def set_policy(self, caller: pki.Identity, policy: DriftPolicy) -> DriftPolicy:
-        self.h.authorize(caller, "retrain.policy", policy.model)
+        self.ctx.authorize(caller, "retrain.policy", policy.model)
         pki.validate_name(policy.model, "model name")
         if not Path(policy.pipeline).is_file():
             raise InvalidInputError(f"pipeline {policy.pipeline} is not a file on this host")
-        checks = [(policy.threshold > 0, "threshold must be > 0"),
-                  (0 < policy.device_fraction <= 1, "fraction must be in (0, 1]"),
-                  (1 <= policy.windows <= 100, "windows must be 1..100"),
-                  (0 < policy.canary_weight < 1, "canary weight must be in (0, 1)"),
-                  (0 <= policy.sample_rate <= 1, "sample rate must be in [0, 1]"),
-                  (0 <= policy.margin < 1, "margin must be in [0, 1)")]
-        for ok, message in checks:
-            if not ok:
-                raise InvalidInputError(f"drift policy: {message}")
+        check_policy(policy)
         if policy.sample_rate > 0:
             sample_regions(Path(policy.pipeline))  # a pipeline we cannot read fails here
         self.store.set_policy(policy)
-        self.h.audit_action(caller, "retrain.policy", policy.model,
-                            self.h.allowed, {"threshold": policy.threshold,
-                                             "fraction": policy.device_fraction,
-                                             "windows": policy.windows,
-                                             "sample_rate": policy.sample_rate,
-                                             "margin": policy.margin})
-        self.h.reissue_model(policy.model)  # the sampling rate is part of the release
+        self.ctx.audit.record(caller, "retrain.policy", policy.model, AuditOutcome.ALLOWED,
+                              {"threshold": policy.threshold, "fraction": policy.device_fraction,
+                               "windows": policy.windows, "sample_rate": policy.sample_rate,
+                               "margin": policy.margin})
+        self.ctx.reissue_model(policy.model)  # the sampling rate is part of the release
         return policy
 
     def jobs(self, caller: pki.Identity, model: str) -> list[RetrainJob]:
-        self.h.authorize(caller, "retrain.jobs", model)
+        self.ctx.authorize(caller, "retrain.jobs", model)
         return self.store.jobs(model or None)
 
     def samples(self, caller: pki.Identity, model: str) -> list[SampleSummary]:
-        self.h.authorize(caller, "retrain.jobs", model)
+        self.ctx.authorize(caller, "retrain.jobs", model)
         return self.store.sample_summary(model or None)
 
     # ------------------------------------------------------------------ samples
@@ -157,7 +137,7 @@ class RetrainService:
             if key not in checks:
                 checks[key] = self._checks(row.model, row.version, region)
             c = checks[key]
-            reason = c.before or _against_manifest(row, c.manifest) or c.after
+            reason = c.before or against_manifest(row, c.manifest) or c.after
             if reason:
                 log.warning("sample %s/%d for %s refused: %s", row.device_id, seq, row.model,
                             reason)
@@ -180,27 +160,24 @@ class RetrainService:
         except (OSError, EdgefleetError) as exc:
             log.warning("cannot read the store policy of %s: %s", policy.pipeline, exc)
             allowed = []
-        after = ""
-        if "*" not in allowed and region not in allowed:
-            after = (f"region {region or '(device has no region label)'!r} is not allowed by "
-                     f"the store's policy ({', '.join(allowed) or 'none'})")
-        return _Checks("", json.loads(mv.manifest), after)
+        return _Checks("", strict_json.loads(mv.manifest, what=f"manifest of {model} v{version}"),
+                       region_refusal(region, allowed))
 
     # ------------------------------------------------------------------ triggers
     def check(self, model: str) -> RetrainJob | None:
         """Queue a job if the model's policy fires and none is under way."""
         policy = self.store.get_policy(model)
-        if policy is None or self.store.jobs(model, _ACTIVE):
+        if policy is None or self.store.jobs(model, ACTIVE_JOB_STATES):
             return None
         experiment = self.store.get_experiment(model)
-        if experiment is not None and experiment.state == "running":
+        if experiment is not None and experiment.state is ExperimentState.RUNNING:
             return None  # a canary is being measured: wait for its decision
         fires, reason = policy_fires(policy, self._fresh_drift(model, policy.windows))
         if not fires:
             return None
         version = max((m.version for m in self.store.list_model_versions(model)), default=0) + 1
-        job_id = self.store.add_job(model, reason, version, self.h.clock())
-        self.h.audit_system("retrain.start", f"{model}:{version}", {"reason": reason})
+        job_id = self.store.add_job(model, reason, version, self.ctx.clock())
+        self.ctx.audit.system("retrain.start", f"{model}:{version}", {"reason": reason})
         log.warning("drift policy of %s fired (%s): retraining job %d for v%d", model, reason,
                     job_id, version)
         return self.store.jobs(model)[0]
@@ -224,27 +201,34 @@ class RetrainService:
             await self._tick()
 
     async def _tick(self) -> None:
-        for job in self.store.jobs(states=("queued",)):
+        for job in self.store.jobs(states=(JobState.QUEUED,)):
             policy = self.store.get_policy(job.model)
             if policy is None:
-                self.store.update_job(job.id, "failed", self.h.clock(), "policy removed")
+                self._move(job, JobEvent.FAIL, self.ctx.clock(), "policy removed")
                 continue
-            key = self.h.config.home / self.h.config.retrain_publisher_key  # absolute stays
+            key = self.ctx.config.home / self.ctx.config.retrain_publisher_key  # absolute stays
             try:
                 extra = self._prepare(job, policy)
             except EdgefleetError as exc:
-                self.store.update_job(job.id, "failed", self.h.clock(), str(exc)[:500])
+                self._move(job, JobEvent.FAIL, self.ctx.clock(), str(exc)[:500])
                 continue
             await self.runner.start(job.id, Path(policy.pipeline), self._workdir(job),
                                     job.version, key, extra)
-            self.store.update_job(job.id, "running")
-        for job in self.store.jobs(states=("running",)):
+            self._move(job, JobEvent.START)
+        for job in self.store.jobs(states=(JobState.RUNNING,)):
             code = self.runner.poll(job.id)
             if code is not None:
                 self._finish(job, code)
 
+    def _move(self, job: RetrainJob, event: JobEvent, now: float | None = None,
+              detail: str = "") -> JobState:
+        """Move a job by the job table (an illegal move raises and changes nothing)."""
+        state = next_job_state(job.state, event)
+        self.store.update_job(job.id, state, now, detail)
+        return state
+
     def _workdir(self, job: RetrainJob) -> Path:
-        return self.h.config.home / "retrain" / f"job-{job.id}"
+        return self.ctx.config.home / "retrain" / f"job-{job.id}"
 
     def _prepare(self, job: RetrainJob, policy: DriftPolicy) -> list[str]:
         """Write the job's samples and the champion's bundle; return the trainer's options."""
@@ -266,10 +250,10 @@ class RetrainService:
         if champion is not None:
             baseline = work / "baseline"
             shutil.rmtree(baseline, ignore_errors=True)
-            with tempfile.TemporaryDirectory(dir=self.h.config.layout.scratch) as tmp:
+            with tempfile.TemporaryDirectory(dir=self.ctx.config.layout.scratch) as tmp:
                 archive = Path(tmp) / "bundle.tar"
                 with archive.open("wb") as fh:
-                    for chunk in self.h.blobs.read(champion.digest, champion.length, 0,
+                    for chunk in self.ctx.blobs.read(champion.digest, champion.length, 0,
                                                    champion.length):
                         fh.write(chunk)
                 safe_extract(archive, baseline)
@@ -282,47 +266,37 @@ class RetrainService:
         path = self._workdir(job) / "acceptance.json"
         if not path.is_file():
             return True, "no baseline to compare with"
-        doc = json.loads(path.read_text())
+        doc = strict_json.loads(path.read_bytes(), what=f"{path}")
         text = (f"on {doc['rows']} rows of {doc['data']}: v{job.version} "
                 f"{doc['candidate_accuracy']:.3f} vs current {doc['baseline_accuracy']:.3f} "
                 f"(margin {doc['margin']:g})")
         return bool(doc["accepted"]), text
 
     def _finish(self, job: RetrainJob, code: int) -> None:
-        now = self.h.clock()
+        now = self.ctx.clock()
         if code != 0:
             self.store.release_samples(job.id)
-            self.store.update_job(job.id, "failed", now,
-                                  f"trainer exited {code}; see {self._workdir(job)}/trainer.log")
-            self.h.audit_system("retrain.failed", f"{job.model}:{job.version}", {"code": code})
+            self._move(job, JobEvent.FAIL, now,
+                       f"trainer exited {code}; see {self._workdir(job)}/trainer.log")
+            self.ctx.audit.system("retrain.failed", f"{job.model}:{job.version}", {"code": code})
             return
         accepted, comparison = self._acceptance(job)
         if not accepted:
             self.store.release_samples(job.id)  # a later job may do better with more of them
-            self.store.update_job(job.id, "rejected", now, f"not better: {comparison}")
-            self.h.audit_system("retrain.rejected", f"{job.model}:{job.version}", {})
+            self._move(job, JobEvent.REJECT, now, f"not better: {comparison}")
+            self.ctx.audit.system("retrain.rejected", f"{job.model}:{job.version}", {})
             log.warning("retraining job %d rejected: %s", job.id, comparison)
             return
         try:
-            self._publish(self._workdir(job) / "bundle")
+            self.registry.publish_dir(SYSTEM, self._workdir(job) / "bundle")
             policy = self.store.get_policy(job.model)
             if policy is not None and policy.auto_canary:
-                self.h.begin_experiment(SYSTEM, job.model, job.version, policy.canary_weight, {})
-                state, detail = "succeeded", f"v{job.version} published and canaried"
+                self.experiments.begin(SYSTEM, job.model, job.version, policy.canary_weight, {})
+                event, detail = JobEvent.CANARY, f"v{job.version} published and canaried"
             else:
-                state, detail = "awaiting-approval", f"v{job.version} published"
+                event, detail = JobEvent.AWAIT, f"v{job.version} published"
             detail += f"; {comparison}"
         except EdgefleetError as exc:
-            state, detail = "failed", str(exc)[:500]
-        self.store.update_job(job.id, state, now, detail)
+            event, detail = JobEvent.FAIL, str(exc)[:500]
+        state = self._move(job, event, now, detail)
         log.info("retraining job %d: %s (%s)", job.id, state, detail)
-
-    def _publish(self, bundle: Path) -> None:
-        with tempfile.TemporaryDirectory(dir=self.h.config.layout.scratch) as tmp:
-            archive = Path(tmp) / "bundle.tar"
-            pack_bundle(bundle, archive)
-            upload = Upload(self.h.config.layout.scratch, self.h.config.max_bundle_bytes)
-            with archive.open("rb") as fh:
-                while data := fh.read(1 << 20):
-                    upload.write(data)
-            self.h.publish_model(SYSTEM, upload)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from control_plane.audit import verify_chain
 from control_plane.config import ControlPlaneConfig
+from control_plane.domain.audit_chain import verify_chain
 from control_plane.storage import open_store
 from fleetcore.errors import AlreadyExistsError, InvalidInputError
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from control_plane.domain import ReleaseRecord
-from control_plane.storage import Store
+from control_plane.domain.records import ReleaseRecord
+from control_plane.storage.base import Store
 from fleetcore.release import Arm, ModelRelease, encode_document, sign_release
 
 __all__ = ["MAX_FLOOR", "ReleaseIssuer"]

@@ -1,4 +1,8 @@
-"""Domain types of the control plane: what handlers and storage exchange (no protobuf here)."""
+"""Records of the control plane: what services and storage exchange (no protobuf, no I/O).
+
+Every state is an enum (``enum.StrEnum``: stored and compared as its text); the transition
+tables that move them live beside the rules that use them (``rollout_plan``, ``experiments``,
+``retraining``)."""
 
 from __future__ import annotations
 
@@ -14,12 +18,17 @@ __all__ = [
     "CertificateRecord",
     "DeviceRecord",
     "DeviceStatus",
+    "DeviceView",
     "DriftWindowRecord",
     "ExperimentRecord",
+    "ExperimentState",
+    "InstalledModel",
+    "JobState",
     "ModelVersionRecord",
     "ReleaseRecord",
     "RetrainJob",
     "RolloutRecord",
+    "RolloutState",
     "TelemetryRecord",
 ]
 
@@ -28,6 +37,54 @@ class DeviceStatus(enum.Enum):
     ONLINE = "online"
     OFFLINE = "offline"
     REVOKED = "revoked"
+
+
+class RolloutState(enum.StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+    ROLLED_BACK = "rolled-back"
+    SUPERSEDED = "superseded"
+
+
+class ExperimentState(enum.StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+    PROMOTED = "promoted"
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # published and started as a canary
+    AWAITING_APPROVAL = "awaiting-approval"  # published; an operator starts the canary
+    REJECTED = "rejected"  # not better than the champion by the policy's margin
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """One model version as a device reports it (its words: bounded, not trusted)."""
+
+    name: str
+    version: int
+    state: str  # the agent's install state (downloading, smoke-tested, committed, failed, ...)
+    bundle_digest: str = ""
+    reason: str = ""
+    serving: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "state": self.state,
+                "bundle_digest": self.bundle_digest, "reason": self.reason,
+                "serving": self.serving}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> InstalledModel:
+        """From what storage wrote (``to_json``)."""
+        return cls(str(doc.get("name", "")), int(doc.get("version", 0)),
+                   str(doc.get("state", "")), str(doc.get("bundle_digest", "")),
+                   str(doc.get("reason", "")), bool(doc.get("serving", False)))
 
 
 class AuditOutcome(enum.Enum):
@@ -44,17 +101,26 @@ class DeviceRecord:
     last_seen: float | None = None
     agent_version: str = ""
     host: dict[str, Any] = field(default_factory=dict)
-    models: list[dict[str, Any]] = field(default_factory=list)
+    models: list[InstalledModel] = field(default_factory=list)
     revoked_at: float | None = None
     cert_serial: str = ""
     cert_not_after: float = 0.0
 
-    def status(self, now: float, offline_after_seconds: float) -> DeviceStatus:
+    def status(self, now: float, offline_after_seconds: float,
+               disconnected: bool = False) -> DeviceStatus:
+        """``disconnected``: its MQTT will said so (before the heartbeats lapse)."""
         if self.revoked_at is not None:
             return DeviceStatus.REVOKED
-        if self.last_seen is not None and now - self.last_seen <= offline_after_seconds:
+        if (self.last_seen is not None and now - self.last_seen <= offline_after_seconds
+                and not disconnected):
             return DeviceStatus.ONLINE
         return DeviceStatus.OFFLINE
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    record: DeviceRecord
+    status: DeviceStatus
 
 
 @dataclass(frozen=True)
@@ -94,7 +160,7 @@ class RolloutRecord:
     model: str
     version: int
     selector: dict[str, str]
-    state: str  # a control_plane.rollout_plan.RolloutState value
+    state: RolloutState
     created_at: float
     created_by: str
     device_ids: tuple[str, ...]  # every device the rollout targets (its last step)
@@ -165,7 +231,7 @@ class ExperimentRecord:
     champion: int
     challenger: int
     weight: float
-    state: str  # running | stopped | promoted
+    state: ExperimentState
     selector: dict[str, str]
     device_ids: tuple[str, ...]
     created_at: float
@@ -215,7 +281,7 @@ Derived = DriftWindowRecord | ArmStatsRecord | SampleRecord | SampleRefusal
 class RetrainJob:
     id: int
     model: str
-    state: str  # queued | running | succeeded | failed | awaiting-approval
+    state: JobState
     reason: str
     version: int  # the version the job's bundle gets
     created_at: float

@@ -18,7 +18,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from control_plane.domain import AuditRecord
+from control_plane.domain.records import AuditRecord
+from fleetcore import strict_json
 from fleetcore.errors import InvalidInputError
 
 __all__ = [
@@ -100,11 +101,12 @@ def check_checkpoint(document: bytes, signature: bytes, public_key: ec.EllipticC
     except InvalidSignature:
         return False, "checkpoint signature does not verify with this control plane's key"
     try:
-        doc = json.loads(document)
+        doc = strict_json.loads(document, what="audit checkpoint",
+                                max_bytes=MAX_CHECKPOINT_BYTES)
         size, head = int(doc["size"]), str(doc["hash"])
         if doc.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(doc.get("format"))
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, InvalidInputError) as exc:
         raise InvalidInputError(f"not an audit checkpoint: {exc}") from None
     if len(records) < size:
         return False, (f"the log has {len(records)} entries; the checkpoint saw {size}: "

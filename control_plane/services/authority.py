@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from control_plane.blobstore import load_or_create_key
 from control_plane.config import ControlPlaneConfig
-from control_plane.domain import CertificateRecord
+from control_plane.domain.records import CertificateRecord
+from control_plane.storage.blobs import load_or_create_key
 from fleetcore import pki
 
 __all__ = ["Authority"]

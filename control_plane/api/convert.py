@@ -1,0 +1,223 @@
+"""Every conversion between protobuf messages and the control plane's records, in one place.
+
+Text a device sends is cut to ``MAX_TEXT`` characters and lists to ``MAX_MODELS`` entries here,
+before anything else sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from edgefleet.v1 import admin_pb2, agent_pb2, common_pb2
+
+from control_plane.domain.audit_chain import ChainVerdict
+from control_plane.domain.drift import fleet_summary
+from control_plane.domain.experiments import TEST_NAME
+from control_plane.domain.records import (
+    AuditRecord,
+    DeviceStatus,
+    DeviceView,
+    DriftWindowRecord,
+    InstalledModel,
+    ModelVersionRecord,
+    RetrainJob,
+    SampleSummary,
+    TelemetryRecord,
+)
+from control_plane.domain.retraining import DriftPolicy, drift_policy
+from control_plane.domain.rollout_plan import device_progress, first_steps
+from control_plane.services.experiments import ExperimentView
+from control_plane.services.rollouts import RolloutView
+
+__all__ = [
+    "MAX_MODELS",
+    "MAX_TEXT",
+    "audit_events_to_proto",
+    "device_to_proto",
+    "drift_policy_from_proto",
+    "drift_policy_to_proto",
+    "drift_to_proto",
+    "experiment_to_proto",
+    "host_from_proto",
+    "jobs_to_proto",
+    "model_to_proto",
+    "models_from_proto",
+    "rollout_to_proto",
+    "telemetry_from_proto",
+    "verification_to_proto",
+]
+
+MAX_TEXT = 256
+MAX_MODELS = 64
+
+_STATUS = {
+    DeviceStatus.ONLINE: admin_pb2.DEVICE_STATUS_ONLINE,
+    DeviceStatus.OFFLINE: admin_pb2.DEVICE_STATUS_OFFLINE,
+    DeviceStatus.REVOKED: admin_pb2.DEVICE_STATUS_REVOKED,
+}
+
+
+def text(value: str) -> str:
+    return value[:MAX_TEXT]
+
+
+# ---------------------------------------------------------------------- from devices
+def host_from_proto(host: common_pb2.HostFacts, transport: str = "") -> dict[str, Any]:
+    """``transport``: the path the message came by (a fact of ours, not the agent's claim)."""
+    out: dict[str, Any] = {
+        "hostname": text(host.hostname),
+        "os": text(host.os),
+        "arch": text(host.arch),
+        "cpu_count": host.cpu_count,
+        "memory_bytes": host.memory_bytes,
+        "python_version": text(host.python_version),
+    }
+    if transport:
+        out["transport"] = transport
+    return out
+
+
+def models_from_proto(models: Iterable[common_pb2.InstalledModel]) -> list[InstalledModel]:
+    return [InstalledModel(name=text(m.name), version=m.version, state=text(m.state),
+                           bundle_digest=text(m.bundle_digest), reason=text(m.reason),
+                           serving=m.serving)
+            for m in list(models)[:MAX_MODELS]]
+
+
+def telemetry_from_proto(batch: agent_pb2.TelemetryBatch) -> list[TelemetryRecord]:
+    return [TelemetryRecord(r.seq, text(r.kind), r.created_at, r.payload) for r in batch.records]
+
+
+# ---------------------------------------------------------------------- to operators
+def _host_to_proto(host: dict[str, Any]) -> common_pb2.HostFacts:
+    known = {f.name for f in common_pb2.HostFacts.DESCRIPTOR.fields}
+    return common_pb2.HostFacts(**{k: v for k, v in host.items() if k in known})
+
+
+def device_to_proto(view: DeviceView) -> admin_pb2.Device:
+    d = view.record
+    return admin_pb2.Device(
+        id=d.id,
+        labels=d.labels,
+        status=_STATUS[view.status],
+        enrolled_at=d.enrolled_at,
+        last_seen=d.last_seen or 0.0,
+        agent_version=d.agent_version,
+        host=_host_to_proto(d.host),
+        models=[common_pb2.InstalledModel(**m.to_json()) for m in d.models],
+        certificate_serial=d.cert_serial,
+        certificate_expires_at=d.cert_not_after,
+        revoked_at=d.revoked_at or 0.0,
+        transport=str(d.host.get("transport", "")),
+    )
+
+
+def model_to_proto(m: ModelVersionRecord) -> admin_pb2.ModelVersion:
+    return admin_pb2.ModelVersion(
+        name=m.name, version=m.version, digest=m.digest, length=m.length,
+        created_at=m.created_at, published_by=m.published_by, publisher_key=m.publisher_key,
+        manifest_json=m.manifest,
+    )
+
+
+def rollout_to_proto(view: RolloutView) -> admin_pb2.Rollout:
+    rollout = view.rollout
+    joins = first_steps(rollout.model, rollout.device_ids, rollout.steps)
+    devices = []
+    for device in view.devices:
+        progress = device_progress(device.record.models, rollout.model, rollout.version)
+        release = view.releases.get(device.record.id)
+        devices.append(admin_pb2.RolloutDevice(
+            device_id=device.record.id,
+            desired_version=rollout.version,
+            reported_version=progress.reported_version,
+            reported_state=progress.state,
+            reason=progress.reason,
+            release_serial=release.serial if release else 0,
+            step=joins.get(device.record.id, 0),
+        ))
+    return admin_pb2.Rollout(
+        model=rollout.model, version=rollout.version, selector=rollout.selector,
+        state=rollout.state.value, created_at=rollout.created_at,
+        created_by=rollout.created_by, devices=devices, steps=list(rollout.steps),
+        step=rollout.step + 1, bake_seconds=rollout.bake_seconds, gates=list(rollout.gates),
+        on_failure=rollout.on_failure, previous_version=rollout.previous_version,
+        reason=rollout.reason, history=list(rollout.history),
+    )
+
+
+def experiment_to_proto(view: ExperimentView) -> admin_pb2.Experiment:
+    record, decision = view.record, view.decision
+    arms = [admin_pb2.ArmResult(
+        version=a.version, role=a.role, weight=a.weight, requests=a.requests, errors=a.errors,
+        p50_ms=a.p50_ms, p95_ms=a.p95_ms, labelled=a.labelled, correct=a.correct,
+        devices=a.devices, accuracy_low=a.accuracy_low, accuracy_high=a.accuracy_high,
+    ) for a in view.arms]
+    return admin_pb2.Experiment(
+        model=record.model, champion=record.champion, challenger=record.challenger,
+        weight=record.weight, state=record.state.value, selector=record.selector,
+        device_ids=list(record.device_ids), arms=arms, created_at=record.created_at,
+        decision=record.decision or decision.verdict,
+        p_value=record.p_value if record.p_value is not None else (decision.p_value or 0.0),
+        test=TEST_NAME, decision_reason=record.decision_reason or decision.reason,
+        min_samples=view.min_samples,
+    )
+
+
+def drift_to_proto(windows: list[DriftWindowRecord]) -> admin_pb2.DriftReport:
+    latest = [admin_pb2.DriftWindowReport(
+        device_id=w.device_id, model=w.model, version=w.version, start=w.start, end=w.end,
+        rows=w.rows, score=w.score, drifted=w.drifted, prediction_psi=w.prediction_psi,
+        drifted_features=list(w.drifted_features)) for w in windows]
+    fleet = [admin_pb2.DriftModelSummary(model=s.model, devices=s.devices,
+                                         drifted_devices=s.drifted_devices,
+                                         mean_score=s.mean_score)
+             for s in fleet_summary(windows)]
+    return admin_pb2.DriftReport(latest=latest, fleet=fleet)
+
+
+def drift_policy_from_proto(p: admin_pb2.DriftPolicy) -> DriftPolicy:
+    return drift_policy(p.model, p.pipeline, threshold=p.threshold,
+                        device_fraction=p.device_fraction, windows=p.windows,
+                        canary_weight=p.canary_weight, auto_canary=not p.approval,
+                        sample_rate=p.sample_rate, margin=p.margin)
+
+
+def drift_policy_to_proto(policy: DriftPolicy) -> admin_pb2.DriftPolicy:
+    return admin_pb2.DriftPolicy(
+        model=policy.model, pipeline=policy.pipeline, threshold=policy.threshold,
+        device_fraction=policy.device_fraction, windows=policy.windows,
+        canary_weight=policy.canary_weight, approval=not policy.auto_canary,
+        sample_rate=policy.sample_rate, margin=policy.margin,
+    )
+
+
+def jobs_to_proto(jobs: list[RetrainJob],
+                  samples: list[SampleSummary]) -> admin_pb2.ListRetrainJobsResponse:
+    return admin_pb2.ListRetrainJobsResponse(jobs=[
+        admin_pb2.RetrainJob(id=j.id, model=j.model, state=j.state.value, reason=j.reason,
+                             version=j.version, created_at=j.created_at,
+                             finished_at=j.finished_at or 0.0, detail=j.detail)
+        for j in jobs], samples=[
+        admin_pb2.SampleSummary(model=s.model, region=s.region, stored=s.stored,
+                                unused=s.unused, devices=s.devices, refused=s.refused)
+        for s in samples])
+
+
+def verification_to_proto(verdict: ChainVerdict,
+                          checked: tuple[bool, str] | None) -> admin_pb2.AuditVerification:
+    return admin_pb2.AuditVerification(
+        ok=verdict.ok and (checked is None or checked[0]), entries=verdict.entries,
+        first_bad_seq=verdict.first_bad_seq, reason=verdict.reason,
+        checkpoint_checked=checked is not None,
+        checkpoint_ok=bool(checked and checked[0]),
+        checkpoint_reason=checked[1] if checked else "",
+    )
+
+
+def audit_events_to_proto(events: list[AuditRecord]) -> admin_pb2.ListAuditEventsResponse:
+    return admin_pb2.ListAuditEventsResponse(events=[
+        admin_pb2.AuditEvent(seq=e.seq, time=e.time, actor=e.actor, action=e.action,
+                             target=e.target, outcome=e.outcome, detail=e.detail, role=e.role)
+        for e in events])

@@ -1,0 +1,103 @@
+"""The AgentService over gRPC: protobuf in, protobuf out; the calls themselves are
+``agent_calls.AgentCalls``, shared with the MQTT bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc
+
+from control_plane.api.agent_calls import AgentCalls
+from control_plane.api.convert import host_from_proto, text
+from control_plane.api.grpc_common import abort_with, peer_identity, rpc
+from control_plane.api.notify import DeviceNotifier
+from control_plane.services import Services
+from fleetcore import pki
+from fleetcore.errors import EdgefleetError
+
+__all__ = ["SYNC_RECHECK_SECONDS", "AgentServicer"]
+
+# A Sync stream re-checks the device now and then even without a wake-up: that renews its
+# release before expiry and notices a revocation made by another control-plane replica.
+SYNC_RECHECK_SECONDS = 30.0
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, services: Services, notifier: DeviceNotifier) -> None:
+        self.s = services
+        self.calls = AgentCalls(services)
+        self.notifier = notifier
+
+    def _device(self, context: grpc.aio.ServicerContext) -> pki.Identity:
+        return self.calls.device(peer_identity(context))
+
+    @rpc
+    async def Enroll(
+        self, request: agent_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.EnrollResponse:
+        r = self.s.identity.enroll(request.token, request.csr_pem, dict(request.labels),
+                                   host_from_proto(request.host), text(request.agent_version))
+        return agent_pb2.EnrollResponse(
+            device_id=r.device.id,
+            certificate_pem=r.certificate_pem,
+            ca_pem=r.ca_pem,
+            release_public_key_pem=r.release_public_pem,
+            publisher_public_keys_pem=list(r.publisher_public_pems),
+            api_address=r.api_address,
+            mqtt_url=r.mqtt_url,
+            labels=r.device.labels,
+            heartbeat_interval_seconds=r.heartbeat_interval_seconds,
+        )
+
+    @rpc
+    async def RenewCertificate(
+        self, request: agent_pb2.RenewCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.RenewCertificateResponse:
+        return self.calls.renew(self._device(context), request)
+
+    @rpc
+    async def Heartbeat(
+        self, request: agent_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.HeartbeatResponse:
+        return await self.calls.heartbeat(self._device(context), request, "grpc")
+
+    async def Sync(
+        self, request: agent_pb2.SyncRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.SyncEvent]:
+        try:
+            caller = self._device(context)
+            sent = request.have_serial
+            with self.notifier.subscribe(caller.name) as wake:
+                # Tells the client the stream is live (and subscribed) before any release.
+                await context.send_initial_metadata(())
+                while True:
+                    # Clear before looking: a change notified from here on is not lost.
+                    wake.clear()
+                    self._device(context)  # a revoked device's stream ends here
+                    current = self.calls.release(caller, request.have_serial)
+                    if current is not None and current[0] > sent:
+                        sent = current[0]
+                        yield agent_pb2.SyncEvent(release=current[1])
+                    with contextlib.suppress(TimeoutError):
+                        # Wake on a change, or now and then to renew the document before expiry.
+                        await asyncio.wait_for(wake.wait(), timeout=SYNC_RECHECK_SECONDS)
+        except EdgefleetError as exc:
+            await abort_with(context, exc)
+
+    @rpc
+    async def SendTelemetry(
+        self, request: agent_pb2.TelemetryBatch, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.TelemetryAck:
+        return self.calls.telemetry(self._device(context), request)
+
+    async def FetchBundle(
+        self, request: agent_pb2.FetchBundleRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.BundleChunk]:
+        try:
+            for chunk in self.calls.bundle_chunks(self._device(context), request):
+                yield chunk
+        except EdgefleetError as exc:
+            await abort_with(context, exc)
