@@ -4,7 +4,8 @@ Every parser of untrusted JSON (release documents, bundle manifests and profiles
 reports, archive indexes) goes through ``loads``: a size limit checked before parsing, UTF-8
 only, no duplicate keys (so no two parsers can read different values from one document), no
 ``NaN``/``Infinity`` (not JSON, and they poison arithmetic), and deep nesting refused (the
-parser's recursion limit, caught). Each failure is one ``InvalidInputError`` that names what was being read.
+parser's recursion limit, caught). Each failure is one ``InvalidInputError`` that names what
+was being read.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from typing import Any
 from control_plane.config import ControlPlaneConfig
 from control_plane.domain.audit_chain import verify_chain
 from control_plane.storage import open_store
+from fleetcore import strict_json
 from fleetcore.errors import AlreadyExistsError, InvalidInputError
 
 __all__ = ["BACKUP_MANIFEST", "BackupSummary", "backup", "restore"]
@@ -169,10 +170,7 @@ def _load_manifest(staging: Path) -> dict[str, Any]:
     path = staging / BACKUP_MANIFEST
     if not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
         raise InvalidInputError(f"the archive has no usable {BACKUP_MANIFEST}")
-    try:
-        doc = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{BACKUP_MANIFEST} is not JSON: {exc}") from None
+    doc = strict_json.loads(path.read_bytes(), what=BACKUP_MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
     if (not isinstance(doc, dict) or doc.get("format") != FORMAT
             or not isinstance(doc.get("files"), dict) or not isinstance(doc.get("audit"), dict)
             or not isinstance(doc.get("database"), str)):
