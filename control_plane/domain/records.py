@@ -236,7 +236,7 @@ class ExperimentRecord:
     device_ids: tuple[str, ...]
     created_at: float
     created_by: str
-    decision: str = ""  # "", promote, stop (made once; see experiment_stats)
+    decision: str = ""  # "", promote, stop (made once; see domain.experiments)
     p_value: float | None = None
     decision_reason: str = ""
     decided_at: float | None = None
