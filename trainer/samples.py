@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 
 from fleetcore.errors import InvalidInputError
-from trainer import onnx_tools
 from trainer.sources import RawTable
 
 __all__ = ["MAX_SAMPLES_BYTES", "MAX_SAMPLE_ROWS", "RegionSamples", "accept", "load_samples"]
@@ -154,6 +153,7 @@ def accept(
     """Accuracy of both models on ``X``/``y``; accepted when candidate >= baseline + margin."""
     if len(y) == 0:
         raise InvalidInputError("no rows to compare the models on")
+    from trainer import onnx_tools  # onnxruntime: only when comparing
     base = float((onnx_tools.run_onnx(baseline_onnx, X).argmax(1) == y).mean())
     cand = float((onnx_tools.run_onnx(candidate_onnx, X).argmax(1) == y).mean())
     return {
