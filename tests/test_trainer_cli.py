@@ -17,12 +17,12 @@ from trainer import cli
 HEAVY = ("torch", "sklearn", "onnx", "onnxruntime")
 
 # Runs the real CLI in a fresh interpreter, then reports which heavy modules it imported.
-WRAPPER = """
+WRAPPER = f"""
 import json, sys
 from trainer.cli import main
 rc = main(sys.argv[1:])
-print(json.dumps({"rc": rc, "imported": sorted(m for m in %r if m in sys.modules)}))
-""" % (HEAVY,)
+print(json.dumps({{"rc": rc, "imported": sorted(m for m in {HEAVY!r} if m in sys.modules)}}))
+"""
 
 
 def _trainer(*argv: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -85,9 +85,7 @@ def test_bad_pipeline_values_are_one_error_line(
 
 
 def test_cuda_without_a_gpu_is_one_error_line_from_the_real_command(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
-    import torch
-
+    torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: device = 'cuda' is valid here")
     pipeline = write_pipeline(tmp_path)
