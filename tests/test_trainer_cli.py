@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,30 @@ def test_region_outside_the_store_policy_fails_before_ingest(
     line = _one_error_line(capsys.readouterr().err)
     assert "us-east" in line and "allowed_regions" in line
     assert not (tmp_path / "work" / "store").exists()
+
+
+@pytest.mark.parametrize(("samples", "words"), [
+    (b'{"model": "digits", "rows": [], "rows": []}', "duplicate key 'rows'"),
+    (b'{"model": "digits", "rows": [{"device": "d", "version": 1, "region": "eu-west", '
+     b'"features": [[NaN]], "labels": [0]}]}', "NaN is not a JSON number"),
+], ids=["duplicate-key", "nan"])
+def test_samples_file_that_is_not_strict_json_leaves_the_store_untouched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], samples: bytes, words: str
+) -> None:
+    pipeline = write_pipeline(tmp_path)
+    bad = tmp_path / "samples.json"
+    bad.write_bytes(samples)
+    work = tmp_path / "work"
+    assert cli.main(["ingest", str(pipeline), "--workdir", str(work),
+                     "--samples", str(bad)]) == 1
+    err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert words in line and str(bad) in line
+    assert "[ingest] snapshot" not in err
+    assert not (work / "ingest.json").exists()
+    assert not list((work / "store" / "data").iterdir())
+    with sqlite3.connect(work / "store" / "catalog.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM snapshots").fetchone() == (0,)
 
 
 @pytest.mark.slow

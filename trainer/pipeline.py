@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fleetcore import pki, regions
+from fleetcore import pki, regions, strict_json
 from fleetcore.errors import EdgefleetError, InvalidInputError
 from fleetcore.files import atomic_write, file_digest
 from trainer.config import Pipeline, settings_digest
@@ -122,12 +122,22 @@ class Workdir:
         return self.root / "report.json"
 
 
+# Workdir documents (step state, ingest/train/evaluate/profile/export records) are read back
+# with the one strict loader, so they are written as strict JSON too: NaN or Infinity in one
+# fails when it is written, not steps later when it is read.
+WORKDIR_JSON_MAX_BYTES = 64 * 1024 * 1024
+
+
 def _write_json(path: Path, doc: Any) -> None:
-    atomic_write(path, json.dumps(doc, indent=2, sort_keys=True).encode())
+    try:
+        text = json.dumps(doc, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as exc:  # NaN or Infinity, e.g. the losses of a diverged training
+        raise InvalidInputError(f"{path}: cannot record {exc}") from None
+    atomic_write(path, text.encode())
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_bytes())
+    return strict_json.loads(path.read_bytes(), what=f"{path}", max_bytes=WORKDIR_JSON_MAX_BYTES)
 
 
 def _save_model(path: Path, model: torch.nn.Module, spec: dict[str, Any]) -> None:
@@ -434,17 +444,20 @@ class Run:
     def _step_ingest(self, key: str) -> None:
         d = self.pipeline.data
         store = self._store()
-        snap = store.ingest(self._load_raw(), region=d.region, pii_action=d.pii_action,
-                            parent=d.parent)
+        raw = self._load_raw()
+        # The samples file is read (strictly) before anything is ingested: a refused file
+        # leaves the store as it was.
+        groups = None if self.samples is None else load_samples(
+            self.samples, feature_names=list(raw.feature_names), labels=list(raw.labels),
+            pii=list(d.pii), image_shape=raw.image_shape)
+        snap = store.ingest(raw, region=d.region, pii_action=d.pii_action, parent=d.parent)
         self.progress(f"[ingest] snapshot {snap.id} ({len(snap.y)} rows, region {snap.region})")
         doc: dict[str, Any] = {"snapshot": snap.id, "store": str(store.path)}
-        if self.samples is not None:
+        if groups is not None:
             doc["samples"], doc["refused_rows"] = [], {}
-            for group in load_samples(self.samples, feature_names=snap.feature_names,
-                                      labels=snap.labels, pii=list(d.pii),
-                                      image_shape=snap.image_shape):
+            for group in groups:
                 allowed = store.allowed_regions
-                if "*" not in allowed and group.region not in allowed:
+                if not regions.allows(allowed, group.region):
                     doc["refused_rows"][group.region] = len(group.table.y)
                     self.progress(f"[ingest] refused {len(group.table.y)} sample rows from "
                                   f"region {group.region!r} (store allows {allowed})")
