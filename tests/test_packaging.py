@@ -28,10 +28,10 @@ import pytest
 import yaml
 
 from control_plane import cli as control_plane_cli
-from control_plane import fleet_cli
 from control_plane.config import ControlPlaneConfig
 from control_plane.services.retrain_runner import render_kubernetes_job
 from edge_agent import cli as edge_agent_cli
+from fleet import cli as fleet_cli
 from fleetcore import pki
 from trainer import cli as trainer_cli
 from trainer.pipeline import STEPS, Workdir

@@ -18,8 +18,8 @@ import pytest
 from edgefleet.v1 import agent_pb2
 from sklearn.datasets import load_digits
 
-from control_plane.fleet_cli import main as fleet_main
 from edge_agent.telemetry import encode
+from fleet.cli import main as fleet_main
 from fleetcore.errors import InvalidInputError
 from fleetcore.release import Arm, ModelRelease, encode_document, parse_document
 from tests.support import RunningControlPlane, send_telemetry, start_agent
