@@ -13,10 +13,9 @@ import pytest
 
 from control_plane import cli as control_plane_cli
 from control_plane.config import ControlPlaneConfig
-from control_plane.fleet_cli import FleetConfig
 from control_plane.services.broker import MqttSettings
 from edge_agent.state import AgentConfig, StateDir
-from fleetcore import tomlfile
+from fleetcore import operator_config, tomlfile
 from tests.trainer_support import write_pipeline
 from trainer.config import Pipeline
 from trainer.store import FeatureStore
@@ -50,7 +49,7 @@ def test_control_plane_home_under_an_astral_directory(tmp_path: Path) -> None:
     cfg = ControlPlaneConfig.load(home)
     assert cfg.home == home.resolve()
     assert [p.read_bytes()[:26] for p in cfg.publisher_keys] == [b"-----BEGIN PUBLIC KEY-----"]
-    fleet = FleetConfig.load(home / "operators" / "admin" / "fleet.toml")
+    fleet = operator_config.load(home / "operators" / "admin" / "fleet.toml")
     assert fleet.cert.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
     # The broker config holds an absolute path: the directory name itself is written.
     out = tmp_path / f"broker-{ASTRAL}"
