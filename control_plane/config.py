@@ -101,6 +101,8 @@ class ControlPlaneConfig:
     # Experiments decide once both arms have this many labelled requests, at this alpha.
     experiment_min_samples: int = 200
     experiment_alpha: float = 0.05
+    # ... and once this many devices gave feedback on each arm: no single device decides.
+    experiment_min_devices: int = 3
     # Staged rollouts: how often the scheduler looks, and how long a device may stay silent
     # in a step before it counts as failed.
     rollout_tick_seconds: float = 2.0
@@ -148,6 +150,8 @@ class ControlPlaneConfig:
         experiments = doc.get("experiments", {})
         cfg.experiment_min_samples = _positive_int(experiments, "min_samples",
                                                    cfg.experiment_min_samples)
+        cfg.experiment_min_devices = _positive_int(experiments, "min_devices",
+                                                   cfg.experiment_min_devices)
         alpha = experiments.get("alpha", cfg.experiment_alpha)
         if not isinstance(alpha, float) or not 0 < alpha < 0.5:
             raise InvalidInputError(f"config experiments.alpha must be in (0, 0.5); got {alpha!r}")
@@ -192,6 +196,7 @@ class ControlPlaneConfig:
             },
             "experiments": {
                 "min_samples": self.experiment_min_samples,
+                "min_devices": self.experiment_min_devices,
                 "alpha": self.experiment_alpha,
             },
             "retrain": {

@@ -110,9 +110,8 @@ def device_json(d: admin_pb2.Device) -> dict[str, Any]:
         "certificate_expires_at": d.certificate_expires_at,
         "revoked_at": d.revoked_at or None,
         "transport": d.transport or None,
+        "refused_reports": dict(sorted(d.refused_reports.items())),
     }
-
-
 
 
 def _show_device(d: admin_pb2.Device, as_json: bool) -> None:
@@ -134,6 +133,9 @@ def _show_device(d: admin_pb2.Device, as_json: bool) -> None:
     ]
     if d.revoked_at:
         rows.append(("revoked_at", ts(d.revoked_at)))
+    refused = sum(d.refused_reports.values())
+    rows.append(("refused_reports", ", ".join(
+        f"{k} {n}" for k, n in sorted(d.refused_reports.items())) if refused else "0"))
     print_table(("field", "value"), rows)
     if d.models:
         print()
@@ -141,8 +143,6 @@ def _show_device(d: admin_pb2.Device, as_json: bool) -> None:
             (m.name, m.version, m.state, "yes" if m.serving else "", m.reason or "-")
             for m in d.models
         ])
-
-
 
 
 def _tokens_create(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> None:

@@ -204,3 +204,17 @@ def kill_agent_after_a_failed_contact(state_dir: Path, *extra: str) -> None:
         pass  # it tried and failed
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(WAIT) == -signal.SIGKILL
+
+
+def assign_digits_v1(cp: RunningControlPlane, trained_bundle: Path, workdir: Path) -> None:
+    """Publish the trained bundle as digits v1 and roll it out to every enrolled device, so
+    that what devices report about digits v1 counts (no agent needed)."""
+    from fleet.cli import main as fleet_main  # noqa: PLC0415 - only the tests that assign
+    from tests.test_delivery import _bundle_for  # noqa: PLC0415
+
+    bundle = _bundle_for(cp, trained_bundle, workdir / "digits-v1", version=1)
+    config = str(cp.home / "operators/admin/fleet.toml")
+    assert fleet_main(["--config", config, "--api", cp.api, "models", "publish",
+                       str(bundle)]) == 0
+    assert fleet_main(["--config", config, "--api", cp.api, "rollouts", "start", "--model",
+                       "digits", "--version", "1"]) == 0

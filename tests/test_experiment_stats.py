@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from control_plane.domain.experiments import decide, wilson_interval
+from control_plane.domain.experiments import (
+    ArmEvidence,
+    arm_counts,
+    capped_sum,
+    decide,
+    wilson_interval,
+)
+from control_plane.domain.records import ArmStatsRecord, ExperimentRecord, ExperimentState
 
 RUNS = 2000
 
@@ -48,3 +55,45 @@ def test_wilson_interval() -> None:
     assert wilson_interval(0, 0) == (0.0, 1.0)
     low, high = wilson_interval(10, 10)
     assert high == pytest.approx(1.0) and 0.69 < low < 0.73
+
+
+# ---------------------------------------------------------------- one device cannot decide
+
+
+def test_one_device_weighs_at_most_as_much_as_the_median_device() -> None:
+    honest = [(97, 100), (96, 100), (98, 100)]
+    liar = (1_000_000, 1_000_000)  # claims a million perfect answers
+    evidence = capped_sum([*honest, liar])
+    assert evidence.devices == 4
+    assert evidence.labelled == 400  # the liar counts like one median device
+    assert evidence.correct == 97 + 96 + 98 + 100
+
+
+def test_capping_keeps_a_device_s_accuracy_and_ignores_devices_without_feedback() -> None:
+    evidence = capped_sum([(50, 100), (900, 1000), (0, 0)])
+    assert (evidence.correct, evidence.labelled, evidence.devices) == (50 + 90, 200, 2)
+    assert capped_sum([]) == capped_sum([(0, 0)]) == ArmEvidence(0, 0, 0)
+
+
+def test_decision_waits_for_enough_devices() -> None:
+    d = decide((270, 300), (290, 300), min_samples=200, devices=(3, 1), min_devices=3)
+    assert d.verdict == "wait" and "3 devices" in d.reason
+    assert decide((270, 300), (290, 300), min_samples=200, devices=(3, 3),
+                  min_devices=3).verdict == "promote"
+
+
+def test_one_hostile_device_among_honest_ones_does_not_move_the_decision() -> None:
+    """The attack seen in the field: one device claims the challenger is perfect and the
+    champion poor; honestly the champion is far better (97% against 14%)."""
+    record = ExperimentRecord("m", 1, 2, 0.5, ExperimentState.RUNNING, {},
+                              ("d1", "d2", "d3", "evil"), 0.0, "op")
+    stats = [ArmStatsRecord(d, "m", v, 400, 0, 1.0, 2.0, 300, c, 0.0)
+             for d in ("d1", "d2", "d3") for v, c in ((1, 291), (2, 42))]
+    stats += [ArmStatsRecord("evil", "m", 1, 10**9, 0, 1.0, 2.0, 10**9, 0, 0.0),
+              ArmStatsRecord("evil", "m", 2, 10**9, 0, 1.0, 2.0, 10**9, 10**9, 0.0)]
+    counts = arm_counts(record, stats)
+    champion, challenger = counts[1], counts[2]
+    d = decide((champion.correct, champion.labelled), (challenger.correct, challenger.labelled),
+               min_samples=200, devices=(champion.devices, challenger.devices), min_devices=3)
+    assert d.verdict == "stop", d
+    assert challenger.correct / challenger.labelled < champion.correct / champion.labelled

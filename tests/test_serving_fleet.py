@@ -163,13 +163,17 @@ def test_experiment_decides_by_its_test_once_enough_feedback_arrived(
 ) -> None:
     _publish(cp, trained_bundle, tmp_path, 1, 2)
     cfg = cp.enroll_agent(tmp_path / "a")
+    for other in ("b", "c"):  # the decision needs feedback from three devices (the default)
+        cp.enroll_agent(tmp_path / other)
     _fleet_json(cp, capsys, "rollouts", "start", "--model", "digits", "--version", "1")
     _fleet_json(cp, capsys, "experiments", "start", "--model", "digits", "--challenger", "2",
                 "--weight", "0.5")
     _send_arm_stats(cp, tmp_path / "a", 1, {1: (170, 200), 2: (180, 199)})  # too little
     status = _fleet_json(cp, capsys, "experiments", "status", "--model", "digits")
     assert status["decision"] == "wait" and status["state"] == "running"
-    _send_arm_stats(cp, tmp_path / "a", 3, {1: (255, 300), 2: (challenger_correct, 300)})
+    for device in ("a", "b", "c"):  # the same evidence, now from three devices
+        _send_arm_stats(cp, tmp_path / device, 3,
+                        {1: (85, 100), 2: (challenger_correct // 3, 100)})
     status = _fleet_json(cp, capsys, "experiments", "status", "--model", "digits")
     assert status["decision"] == verdict, status
     assert status["test"].startswith("one-sided two-proportion z-test")

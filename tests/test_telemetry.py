@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,7 @@ from edge_agent.telemetry import encode
 from tests.support import (
     WAIT,
     RunningControlPlane,
+    assign_digits_v1,
     device_credentials,
     kill_agent_after_a_failed_contact,
     start_agent,
@@ -28,19 +30,22 @@ def _rows(cp: RunningControlPlane, device_id: str) -> list[tuple[int, str]]:
     return [(r["seq"], r["kind"]) for r in rows]
 
 
-def _drift_payload(i: int) -> bytes:
-    return encode({"model": "digits", "version": 1, "start": float(i), "end": i + 1.0,
+def _drift_payload(i: int, base: float = 0.0) -> bytes:
+    return encode({"model": "digits", "version": 1, "start": base + i, "end": base + i + 1.0,
                    "rows": 200, "score": 0.01 * i, "drifted": i % 2 == 0,
                    "prediction_psi": 0.0, "drifted_features": ["pixel_3"] if i % 2 == 0 else []})
 
 
 def test_duplicates_are_stored_once_and_acknowledged(
-    cp: RunningControlPlane, tmp_path: Path
+    cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path
 ) -> None:
     cfg = cp.enroll_agent(tmp_path / "a")
+    assign_digits_v1(cp, trained_bundle, tmp_path)  # windows count for what the device runs
     creds = device_credentials(tmp_path / "a")
+    now = time.time()
     batch = agent_pb2.TelemetryBatch(records=[
-        agent_pb2.TelemetryRecord(seq=i, kind="drift", created_at=1.0, payload=_drift_payload(i))
+        agent_pb2.TelemetryRecord(seq=i, kind="drift", created_at=now,
+                                  payload=_drift_payload(i, now - 10))
         for i in (1, 2, 3)
     ])
     with grpc.secure_channel(cp.api, creds) as channel:
@@ -50,7 +55,8 @@ def test_duplicates_are_stored_once_and_acknowledged(
     assert list(first.acked) == list(again.acked) == [1, 2, 3]
     assert _rows(cp, cfg.device_id) == [(1, "drift"), (2, "drift"), (3, "drift")]
     latest = cp.cp.store.latest_drift("digits")
-    assert [(w.device_id, w.start, w.drifted) for w in latest] == [(cfg.device_id, 3.0, False)]
+    assert [(w.device_id, w.start, w.drifted) for w in latest] == [
+        (cfg.device_id, now - 10 + 3, False)]
 
 
 def test_malformed_payload_is_kept_but_not_derived(cp: RunningControlPlane,

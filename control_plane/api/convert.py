@@ -110,6 +110,7 @@ def device_to_proto(view: DeviceView) -> admin_pb2.Device:
         certificate_expires_at=d.cert_not_after,
         revoked_at=d.revoked_at or 0.0,
         transport=str(d.host.get("transport", "")),
+        refused_reports=view.refused,
     )
 
 

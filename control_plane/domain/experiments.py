@@ -25,12 +25,14 @@ from fleetcore.errors import InvalidInputError
 
 __all__ = [
     "TEST_NAME",
+    "ArmEvidence",
     "ArmResult",
     "Decision",
     "ExperimentEvent",
     "IllegalExperimentMoveError",
     "arm_counts",
     "arm_results",
+    "capped_sum",
     "decide",
     "next_state",
     "wilson_interval",
@@ -85,9 +87,15 @@ class Decision:
 
 
 def decide(champion: tuple[int, int], challenger: tuple[int, int], *, min_samples: int = 200,
-           alpha: float = 0.05) -> Decision:
-    """``champion`` and ``challenger`` are (correct, labelled) counts."""
+           alpha: float = 0.05, devices: tuple[int, int] = (1, 1),
+           min_devices: int = 1) -> Decision:
+    """``champion`` and ``challenger`` are (correct, labelled) counts (capped per device by
+    ``arm_counts``); ``devices``: how many devices gave each arm's evidence."""
     (c1, n1), (c2, n2) = champion, challenger
+    if min(devices) < min_devices:
+        return Decision("wait", None, None,
+                        f"needs feedback from {min_devices} devices per arm; has "
+                        f"{devices[0]} and {devices[1]}")
     if min(n1, n2) < min_samples:
         return Decision("wait", None, None,
                         f"needs {min_samples} labelled requests per arm; has {n1} and {n2}")
@@ -102,16 +110,38 @@ def decide(champion: tuple[int, int], challenger: tuple[int, int], *, min_sample
     return Decision("stop", p, z, f"no significant gain ({diff:+.4f}, z={z:.2f}, p={p:.4f})")
 
 
+@dataclass(frozen=True)
+class ArmEvidence:
+    correct: int
+    labelled: int
+    devices: int  # devices with labelled feedback for this arm
+
+
+def capped_sum(per_device: Sequence[tuple[int, int]]) -> ArmEvidence:
+    """Sum devices' (correct, labelled), each device weighing at most as much as the arm's
+    median device: its counts are scaled down to the median's labelled count, keeping its
+    accuracy. A device that claims a million perfect answers counts like a typical one, so
+    one device among k moves an arm's accuracy by at most about 1/k."""
+    rows = [(c, n) for c, n in per_device if n > 0]
+    if not rows:
+        return ArmEvidence(0, 0, 0)
+    cap = sorted(n for _, n in rows)[(len(rows) - 1) // 2]  # the lower median
+    correct = labelled = 0
+    for c, n in rows:
+        kept = min(n, cap)
+        correct, labelled = correct + round(c * kept / n), labelled + kept
+    return ArmEvidence(correct, labelled, len(rows))
+
+
 def arm_counts(record: ExperimentRecord,
-               stats: Sequence[ArmStatsRecord]) -> dict[int, tuple[int, int]]:
-    """(correct, labelled) per arm, from the experiment's own devices only."""
+               stats: Sequence[ArmStatsRecord]) -> dict[int, ArmEvidence]:
+    """Each arm's evidence, from the experiment's own devices only, capped per device."""
     devices = set(record.device_ids)
-    counts = {record.champion: (0, 0), record.challenger: (0, 0)}
+    per_arm: dict[int, list[tuple[int, int]]] = {record.champion: [], record.challenger: []}
     for s in stats:
-        if s.device_id in devices and s.version in counts:
-            c, n = counts[s.version]
-            counts[s.version] = (c + s.correct, n + s.labelled)
-    return counts
+        if s.device_id in devices and s.version in per_arm:
+            per_arm[s.version].append((s.correct, s.labelled))
+    return {version: capped_sum(rows) for version, rows in per_arm.items()}
 
 
 @dataclass(frozen=True)
@@ -137,13 +167,15 @@ def _weighted(values: list[tuple[float, int]], total: int) -> float:
 
 
 def arm_results(record: ExperimentRecord, stats: Sequence[ArmStatsRecord]) -> list[ArmResult]:
-    """Both arms' fleet figures: sums, request-weighted percentiles, a Wilson interval."""
+    """Both arms' fleet figures: sums, request-weighted percentiles, and the labelled evidence
+    as the decision weighs it (capped per device) with a Wilson interval."""
     out = []
     for version, role, weight in ((record.champion, "champion", 1 - record.weight),
                                   (record.challenger, "challenger", record.weight)):
         rows = [s for s in stats if s.version == version]
         requests = sum(s.requests for s in rows)
-        labelled, correct = sum(s.labelled for s in rows), sum(s.correct for s in rows)
+        evidence = capped_sum([(s.correct, s.labelled) for s in rows])
+        labelled, correct = evidence.labelled, evidence.correct
         low, high = wilson_interval(correct, labelled)
         out.append(ArmResult(
             version=version, role=role, weight=weight, requests=requests,

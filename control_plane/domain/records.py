@@ -121,6 +121,8 @@ class DeviceRecord:
 class DeviceView:
     record: DeviceRecord
     status: DeviceStatus
+    # Reports refused from this device, "kind/reason" -> count (filled where shown in full).
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,17 @@ class SampleSummary:
     refused: dict[str, int]  # reason -> records refused
 
 
-Derived = DriftWindowRecord | ArmStatsRecord | SampleRecord | SampleRefusal
+@dataclass(frozen=True)
+class ReportRefusal:
+    """A device's report the control plane refused (counted per device, never stored):
+    ``reason`` is a fixed category (``domain.telemetry.REFUSALS``), so the counters stay few."""
+
+    device_id: str
+    kind: str
+    reason: str
+
+
+Derived = DriftWindowRecord | ArmStatsRecord | SampleRecord | SampleRefusal | ReportRefusal
 
 
 @dataclass(frozen=True)

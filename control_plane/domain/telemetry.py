@@ -17,13 +17,14 @@ from control_plane.domain.records import (
     ArmStatsRecord,
     Derived,
     DriftWindowRecord,
+    ReportRefusal,
     SampleRecord,
     TelemetryRecord,
 )
 from fleetcore import strict_json
 from fleetcore.errors import InvalidInputError
 
-__all__ = ["MAX_BATCH_RECORDS", "MAX_PAYLOAD_BYTES", "derive"]
+__all__ = ["MAX_BATCH_RECORDS", "MAX_PAYLOAD_BYTES", "REFUSALS", "check_reports", "derive"]
 
 MAX_BATCH_RECORDS = 1000
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -31,6 +32,10 @@ MAX_FEATURES_LISTED = 1024
 MAX_SAMPLE_ROWS = 64
 MAX_SAMPLE_FEATURES = 4096
 MAX_SAMPLE_PII_COLUMNS = 32
+# Cumulative counters of one arm on one device: 2^40 requests is ~35 years at 1,000 req/s.
+MAX_ARM_REQUESTS = 2**40
+MAX_LATENCY_MS = 3_600_000.0
+MAX_VERSION = 2**31 - 1
 
 
 def _num(doc: dict[str, Any], key: str) -> float:
@@ -42,8 +47,8 @@ def _num(doc: dict[str, Any], key: str) -> float:
 
 def _int(doc: dict[str, Any], key: str) -> int:
     value = doc.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInputError(f"{key} must be a non-negative integer; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InvalidInputError(f"{key} must be an integer in [0, 2^63); got {value!r}")
     return value
 
 
@@ -101,11 +106,34 @@ def _parse(device_id: str, record: TelemetryRecord) -> Derived | None:
             _num(doc, "end"), _int(doc, "rows"), _num(doc, "score"), bool(doc.get("drifted")),
             _num(doc, "prediction_psi"), tuple(str(f)[:128] for f in features),
         )
-    return ArmStatsRecord(
-        device_id, _str(doc, "model"), _int(doc, "version"), _int(doc, "requests"),
-        _int(doc, "errors"), _num(doc, "p50_ms"), _num(doc, "p95_ms"), _int(doc, "labelled"),
-        _int(doc, "correct"), record.created_at,
-    )
+    return _arm_stats(device_id, doc, record.created_at)
+
+
+def _arm_stats(device_id: str, doc: dict[str, Any], created_at: float) -> ArmStatsRecord:
+    """One arm's counters, consistent with each other or refused: a device cannot claim more
+    correct answers than labels, more labels or errors than requests, or absurd latencies."""
+    requests, errors = _int(doc, "requests"), _int(doc, "errors")
+    labelled, correct = _int(doc, "labelled"), _int(doc, "correct")
+    p50, p95 = _num(doc, "p50_ms"), _num(doc, "p95_ms")
+    if requests > MAX_ARM_REQUESTS:
+        raise InvalidInputError(f"requests {requests} is beyond any device (limit "
+                                f"{MAX_ARM_REQUESTS})")
+    if not correct <= labelled <= requests or errors > requests:
+        raise InvalidInputError(
+            f"inconsistent counts: correct {correct}, labelled {labelled}, errors {errors}, "
+            f"requests {requests} (needs correct <= labelled <= requests, errors <= requests)")
+    if not 0.0 <= p50 <= p95 <= MAX_LATENCY_MS:
+        raise InvalidInputError(f"latencies p50 {p50} ms, p95 {p95} ms are not "
+                                f"0 <= p50 <= p95 <= {MAX_LATENCY_MS}")
+    return ArmStatsRecord(device_id, _str(doc, "model"), _version(doc), requests, errors, p50,
+                          p95, labelled, correct, created_at)
+
+
+def _version(doc: dict[str, Any]) -> int:
+    version = _int(doc, "version")
+    if not 1 <= version <= MAX_VERSION:
+        raise InvalidInputError(f"version must be in [1, {MAX_VERSION}]; got {version}")
+    return version
 
 
 def derive(device_id: str,
@@ -132,3 +160,41 @@ def derive(device_id: str,
         if row is not None:
             out[record.seq] = row
     return out, problems
+
+
+# Why a device's report was refused: fixed categories, so that per-device counters stay few.
+MALFORMED = "malformed"
+NOT_IN_RELEASE = "not-in-release"
+OUT_OF_TIME = "time-out-of-range"
+REFUSALS = (MALFORMED, NOT_IN_RELEASE, OUT_OF_TIME)
+# A window may end this far ahead of the control plane's clock (skew), and be this old (the
+# agent's outbox keeps reports through an outage of about this long).
+MAX_CLOCK_AHEAD_SECONDS = 300.0
+MAX_REPORT_AGE_SECONDS = 30 * 86400.0
+
+
+def check_reports(device_id: str, records: list[TelemetryRecord], derived: dict[int, Derived],
+                  problems: dict[int, str], arms: set[tuple[str, int]],
+                  now: float) -> dict[int, Derived]:
+    """Judge what a device reported against what it was told to run.
+
+    ``arms``: the (model, version) pairs of the device's current assignment. Arm statistics
+    and drift windows count only for those; a drift window must lie between
+    ``MAX_REPORT_AGE_SECONDS`` ago and ``MAX_CLOCK_AHEAD_SECONDS`` ahead of ``now``. A
+    malformed payload of a kind that derives rows is refused too. Each refusal replaces the
+    row (a ``ReportRefusal``: counted per device, never used)."""
+    kinds = {r.seq: r.kind for r in records}
+    out: dict[int, Derived] = {}
+    for seq in problems:
+        out[seq] = ReportRefusal(device_id, kinds.get(seq, "?"), MALFORMED)
+    for seq, row in derived.items():
+        reason = ""
+        if isinstance(row, ArmStatsRecord | DriftWindowRecord) and (
+                (row.model, row.version) not in arms):
+            reason = NOT_IN_RELEASE
+        elif isinstance(row, DriftWindowRecord) and not (
+                now - MAX_REPORT_AGE_SECONDS <= row.start <= row.end
+                <= now + MAX_CLOCK_AHEAD_SECONDS):
+            reason = OUT_OF_TIME
+        out[seq] = ReportRefusal(device_id, kinds.get(seq, "?"), reason) if reason else row
+    return out

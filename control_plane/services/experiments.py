@@ -117,9 +117,13 @@ class ExperimentService:
                  stats: list[ArmStatsRecord] | None = None) -> Decision:
         rows = self.store.arm_stats(record.model) if stats is None else stats
         counts = arm_counts(record, rows)
-        return decide(counts[record.champion], counts[record.challenger],
+        champion, challenger = counts[record.champion], counts[record.challenger]
+        return decide((champion.correct, champion.labelled),
+                      (challenger.correct, challenger.labelled),
                       min_samples=self.ctx.config.experiment_min_samples,
-                      alpha=self.ctx.config.experiment_alpha)
+                      alpha=self.ctx.config.experiment_alpha,
+                      devices=(champion.devices, challenger.devices),
+                      min_devices=self.ctx.config.experiment_min_devices)
 
     def evaluate(self, model: str) -> None:
         """Decide a running experiment once enough feedback is in, and act on it."""

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from control_plane.domain.records import AuditOutcome, DeviceRecord, DeviceView
@@ -151,7 +151,8 @@ class IdentityService:
         device = self.store.get_device(device_id)
         if device is None:
             raise NotFoundError(f"no device {device_id!r}")
-        return self.ctx.view(device, self.ctx.clock())
+        view = self.ctx.view(device, self.ctx.clock())
+        return replace(view, refused=self.store.report_refusals(device_id))
 
     def revoke_device(self, caller: pki.Identity, device_id: str, reason: str) -> DeviceView:
         self.ctx.authorize(caller, "devices.revoke", device_id)

@@ -28,6 +28,7 @@ from control_plane.domain.records import (
     DriftWindowRecord,
     ExperimentState,
     JobState,
+    ReportRefusal,
     RetrainJob,
     SampleRecord,
     SampleRefusal,
@@ -117,7 +118,7 @@ class RetrainService:
         for record in records:
             if record.kind == "sample":
                 row = out.get(record.seq)
-                if row is None:  # it did not parse
+                if row is None or isinstance(row, ReportRefusal):  # it did not parse
                     row = out[record.seq] = SampleRefusal("-", region or "-", "malformed")
                 note = (f"refused: {row.reason}" if isinstance(row, SampleRefusal)
                         else "stored in the samples table")

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import logging
 
-from control_plane.domain.records import ArmStatsRecord, DriftWindowRecord, TelemetryRecord
-from control_plane.domain.telemetry import derive
+from control_plane.domain.records import (
+    ArmStatsRecord,
+    DriftWindowRecord,
+    ReportRefusal,
+    TelemetryRecord,
+)
+from control_plane.domain.telemetry import MALFORMED, check_reports, derive
 from control_plane.services.context import Context
 from control_plane.services.experiments import ExperimentService
 from control_plane.services.retraining import RetrainService
@@ -33,6 +38,11 @@ class TelemetryService:
         derived, problems = derive(caller.name, records)
         for seq, problem in problems.items():
             log.warning("telemetry %s/%d not understood: %s", caller.name, seq, problem)
+        arms = {(a.model, a.version) for a in self.store.device_arms(caller.name)}
+        derived = check_reports(caller.name, records, derived, problems, arms, self.ctx.clock())
+        for seq, row in derived.items():
+            if isinstance(row, ReportRefusal) and row.reason != MALFORMED:
+                log.warning("telemetry %s/%d refused: %s", caller.name, seq, row.reason)
         records, derived = self.retraining.vet(caller.name, records, derived)
         acked = self.store.ingest_telemetry(caller.name, records, derived, self.ctx.clock(),
                                             dropped, depth)

@@ -206,6 +206,10 @@ class Store(abc.ABC):
         """The newest window per device and model."""
 
     @abc.abstractmethod
+    def report_refusals(self, device_id: str) -> dict[str, int]:
+        """How many of the device's reports were refused, by "kind/reason"."""
+
+    @abc.abstractmethod
     def arm_stats(self, model: str) -> list[ArmStatsRecord]:
         """The newest counters per device and version of ``model``."""
 

@@ -234,4 +234,16 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (model, region, reason)
     );
     """,
+    # 9: reports refused from each device (arm statistics or drift windows outside its release,
+    # out-of-range times, malformed payloads), counted per category
+    """
+    CREATE TABLE report_refusals (
+        device_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        last_at REAL NOT NULL,
+        PRIMARY KEY (device_id, kind, reason)
+    );
+    """,
 ]

@@ -25,6 +25,7 @@ from control_plane.domain.records import (
     JobState,
     ModelVersionRecord,
     ReleaseRecord,
+    ReportRefusal,
     RetrainJob,
     RolloutRecord,
     RolloutState,
@@ -457,6 +458,14 @@ class SqliteStore(Store):
                  _dump(row.features), _dump(row.labels), _dump(row.pii)),
             )
             return
+        if isinstance(row, ReportRefusal):
+            c.execute(
+                "INSERT INTO report_refusals(device_id, kind, reason, count, last_at)"
+                " VALUES (?,?,?,1,?) ON CONFLICT(device_id, kind, reason)"
+                " DO UPDATE SET count = count + 1, last_at = excluded.last_at",
+                (row.device_id, row.kind[:64], row.reason, now),
+            )
+            return
         if isinstance(row, SampleRefusal):
             c.execute(
                 "INSERT INTO sample_refusals(model, region, reason, count) VALUES (?,?,?,1)"
@@ -499,6 +508,11 @@ class SqliteStore(Store):
                               tuple(json.loads(r["drifted_features"])))
             for r in rows
         ]
+
+    def report_refusals(self, device_id: str) -> dict[str, int]:
+        rows = self._query("SELECT kind, reason, count FROM report_refusals WHERE device_id = ?"
+                           " ORDER BY kind, reason", (device_id,))
+        return {f"{r['kind']}/{r['reason']}": r["count"] for r in rows}
 
     def arm_stats(self, model: str) -> list[ArmStatsRecord]:
         rows = self._query(
