@@ -13,7 +13,7 @@ from pathlib import Path
 from edge_agent.daemon import Agent
 from edge_agent.enroll import enroll
 from edge_agent.identity import load_credentials
-from edge_agent.model_store import ModelStore
+from edge_agent.install.model_store import ModelStore
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.transport import TRANSPORTS
 from fleetcore.cli import print_json, print_table, run_main, setup_logging

@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.drift import DriftConfig, DriftMonitor, parse_profile
-from edge_agent.lifecycle import InstallState
-from edge_agent.model_store import ModelStore
-from edge_agent.outbox import Outbox
+from edge_agent.install.lifecycle import InstallState
+from edge_agent.install.model_store import ModelStore
+from edge_agent.install.updater import Updater
+from edge_agent.reporting.drift import DriftConfig, DriftMonitor, parse_profile
+from edge_agent.reporting.outbox import Outbox
+from edge_agent.reporting.telemetry import encode
 from edge_agent.serving.core import ServingCore
-from edge_agent.telemetry import encode
-from edge_agent.updater import Updater
 from fleetcore.bundle import MANIFEST, PROFILE, parse_manifest
 from fleetcore.errors import EdgefleetError
 from fleetcore.files import atomic_write

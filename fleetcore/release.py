@@ -1,7 +1,7 @@
 """The signed per-device release document: encoding, signing, strict parsing and verification.
 
 Pure: bytes and a reference time in, typed objects out or a domain error; nothing here reads
-the clock, the disk or the network (the agent's shell is ``edge_agent/release_trust.py``).
+the clock, the disk or the network (the agent's shell is ``edge_agent/install/release_trust.py``).
 
 Rules (DESIGN.md section 3, modeled on python-tuf's ``trusted_metadata_set.py``):
 

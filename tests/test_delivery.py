@@ -20,7 +20,7 @@ from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
 from control_plane.fleet_cli import main as fleet_main
 from edge_agent.cli import main as agent_main
-from edge_agent.download import fetch_bundle
+from edge_agent.install.download import fetch_bundle
 from edge_agent.transport import MAX_CHUNK_BYTES
 from fleetcore import pki
 from fleetcore.archive import pack_bundle

@@ -1,4 +1,4 @@
-"""Drift on the agent (edge_agent.drift) against a profile built by the trainer on real digits.
+"""Drift on the agent (edge_agent.reporting.drift) vs. a trainer-built profile of real digits.
 
 Unshifted held-out rows are never flagged; inverted, noisy and prediction-only shifts are. PSI
 and KS are checked against direct computations (numpy searchsorted, scipy), windows close by
@@ -19,7 +19,7 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from edge_agent.drift import (
+from edge_agent.reporting.drift import (
     EPSILON,
     MAX_FEATURES,
     PROFILE_FORMAT,

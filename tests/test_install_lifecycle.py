@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_agent.lifecycle import (
+from edge_agent.install.lifecycle import (
     FINAL_STATES,
     TRANSITIONS,
     IllegalTransitionError,
@@ -28,10 +28,10 @@ from edge_agent.lifecycle import (
     InstallState,
     next_state,
 )
-from edge_agent.model_store import CRASH_POINTS, InstallOutcome, ModelStore
-from edge_agent.probation import Probation, ProbationPolicy
-from edge_agent.smoke import run_smoke_test
-from edge_agent.updater import Updater
+from edge_agent.install.model_store import CRASH_POINTS, InstallOutcome, ModelStore
+from edge_agent.install.probation import Probation, ProbationPolicy
+from edge_agent.install.smoke import run_smoke_test
+from edge_agent.install.updater import Updater
 from fleetcore.archive import pack_bundle
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
 from fleetcore.release import Arm, ModelRelease, ReleaseDocument

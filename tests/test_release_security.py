@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edge_agent import release_trust
-from edge_agent.release_trust import ReleaseTrust
+from edge_agent.install import release_trust
+from edge_agent.install.release_trust import ReleaseTrust
 from fleetcore import release
 from fleetcore.errors import (
     BadSignatureError,

@@ -19,7 +19,7 @@ from edgefleet.v1 import agent_pb2
 from sklearn.datasets import load_digits
 
 from control_plane.fleet_cli import main as fleet_main
-from edge_agent.telemetry import encode
+from edge_agent.reporting.telemetry import encode
 from fleetcore.errors import InvalidInputError
 from fleetcore.release import Arm, ModelRelease, encode_document, parse_document
 from tests.support import RunningControlPlane, send_telemetry, start_agent

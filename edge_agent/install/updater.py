@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge_agent.download import fetch_bundle
-from edge_agent.lifecycle import InstallState
-from edge_agent.model_store import ModelStore
-from edge_agent.probation import Probation, ProbationPolicy
+from edge_agent.install.download import fetch_bundle
+from edge_agent.install.lifecycle import InstallState
+from edge_agent.install.model_store import ModelStore
+from edge_agent.install.probation import Probation, ProbationPolicy
 from edge_agent.transport.base import Transport
 from fleetcore.archive import safe_extract
 from fleetcore.bundle_verify import verify_bundle_dir

@@ -40,14 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.lifecycle import (
+from edge_agent.install.lifecycle import (
     TRANSIENT_STATES,
     IllegalTransitionError,
     InstallEvent,
     InstallState,
     next_state,
 )
-from edge_agent.smoke import SmokeResult, run_smoke_test
+from edge_agent.install.smoke import SmokeResult, run_smoke_test
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
 from fleetcore.files import atomic_write, fsync_dir
 
