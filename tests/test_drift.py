@@ -26,11 +26,11 @@ from edge_agent.reporting.drift import (
     DriftConfig,
     DriftMonitor,
     DriftWindow,
-    bench_update_cost,
     kolmogorov_sf,
     parse_profile,
 )
 from fleetcore.errors import InvalidInputError
+from scripts.bench_agent_serving import bench_update_cost
 from trainer import profile as trainer_profile
 
 # scipy ships no type stubs; it is only the reference here (the agent does not depend on it).

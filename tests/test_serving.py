@@ -34,7 +34,6 @@ from edge_agent.serving import (
     start_http,
 )
 from edge_agent.serving import core as core_module
-from edge_agent.serving.bench import bench_inprocess
 from edge_agent.serving.http import HttpServer
 from edge_agent.serving.runtime import (
     OnnxRuntime,
@@ -43,6 +42,7 @@ from edge_agent.serving.runtime import (
     onnx_session,
 )
 from edge_agent.serving.stats import ArmStats, LatencyHistogram, Pending, PredictionLog
+from scripts.bench_agent_serving import bench_inprocess
 from tests.support import LoopThread
 from tests.trainer_support import write_pipeline
 from trainer.config import Pipeline

@@ -30,7 +30,8 @@ Memory is fixed when the monitor is built: per window the bin counts (features x
 the prediction counts and the reservoir (``reservoir_size`` x features float32), plus a
 staging buffer of ``STAGE_ROWS`` rows and scratch for the KS merge. Nothing grows with the rows
 observed. Small batches (single requests) are staged and folded in ``STAGE_ROWS`` at a time, so
-their per-row cost is close to a batch's (``bench_update_cost`` measures both).
+their per-row cost is close to a batch's (``bench_update_cost`` in
+``scripts/bench_agent_serving.py`` measures both).
 
 The profile is untrusted input (it arrives inside a bundle): ``parse_profile`` and the monitor
 check it and raise ``InvalidInputError``. Arrays of the wrong shape passed to ``observe`` are a
@@ -42,9 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -64,7 +63,6 @@ __all__ = [
     "DriftConfig",
     "DriftMonitor",
     "DriftWindow",
-    "bench_update_cost",
     "kolmogorov_sf",
     "parse_profile",
 ]
@@ -581,23 +579,3 @@ def _psi(shares: np.ndarray, norm: np.ndarray | float, reference: np.ndarray,
     """PSI over axis 0 of window shares against smoothed reference shares."""
     q = (shares + EPSILON) / norm
     return ((q - reference) * (np.log(q) - log_reference)).sum(axis=0)
-
-
-def bench_update_cost(profile: dict[str, Any], rows: np.ndarray, batch: int,
-                      *, config: DriftConfig = DriftConfig(), repeats: int = 5) -> float:
-    """Median over ``repeats`` runs of µs per row fed through ``observe`` in ``batch``-row calls.
-
-    Includes the windows closed on the way (KS and PSI), amortized over their rows. The batches
-    are sliced before timing: a caller already holds each request's array.
-    """
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
-    predicted = np.zeros(len(rows), np.int64)
-    batches = [(rows[i:i + batch], predicted[i:i + batch]) for i in range(0, len(rows), batch)]
-    runs = []
-    for r in range(repeats + 1):  # the first run warms up
-        monitor = DriftMonitor("bench", 1, profile, config, seed=r)
-        t0 = time.perf_counter()
-        for x, p in batches:
-            monitor.observe(x, p, 0.0)
-        runs.append((time.perf_counter() - t0) / len(rows) * 1e6)
-    return statistics.median(runs[1:])
