@@ -316,14 +316,14 @@ class Hostile:
 
 
 HOSTILE = [
-    Hostile("not-json", "not JSON", raw=b"{format: edgefleet"),
-    Hostile("not-utf8", "not JSON", raw=b'{"format": "\xff\xfe"}'),
-    Hostile("deeply-nested", "not JSON", raw=b"[" * 200_000 + b"]" * 200_000),
+    Hostile("not-json", "not valid JSON", raw=b"{format: edgefleet"),
+    Hostile("not-utf8", "not UTF-8", raw=b'{"format": "\xff\xfe"}'),
+    Hostile("deeply-nested", "recursion depth", raw=b"[" * 200_000 + b"]" * 200_000),
     Hostile("oversized", "limit is", raw=b" " * (16 * 1024 * 1024 + 1)),
     Hostile("not-an-object", "JSON object", raw=b"[1, 2, 3]"),
-    Hostile("duplicate-keys", "duplicate keys",
+    Hostile("duplicate-keys", "duplicate key 'format'",
             raw=b'{"format": "edgefleet.profile/v1", "format": "x"}'),
-    Hostile("nan-literal", "not a number", raw=b'{"format": NaN}'),
+    Hostile("nan-literal", "NaN is not a JSON number", raw=b'{"format": NaN}'),
     Hostile("wrong-format", "format must be", _set("format", "edgefleet.profile/v9")),
     Hostile("unsorted-edges", "strictly increasing", _set("features.3.edges", [9.0, 5.0, 1.0])),
     Hostile("repeated-edges", "strictly increasing", _set("features.3.edges", [1.0, 1.0])),

@@ -40,7 +40,6 @@ caller bug and raise ``ValueError``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -49,6 +48,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from fleetcore import strict_json
 from fleetcore.errors import InvalidInputError
 
 __all__ = [
@@ -144,17 +144,6 @@ class _Reference(NamedTuple):
     proportions: list[np.ndarray]  # per feature, len(edges) + 1
     sample: np.ndarray  # [rows, features] float32
     prediction: np.ndarray  # [classes] float64
-
-
-def _reject_constant(token: str) -> Any:
-    raise InvalidInputError(f"profile: {token} is not a number JSON allows")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise InvalidInputError("profile: duplicate keys in a JSON object")
-    return out
 
 
 def _field(doc: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -259,12 +248,7 @@ def _check_profile(doc: Any) -> _Reference:
 
 def parse_profile(data: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> dict[str, Any]:
     """The checked ``profile.json`` of a bundle; ``InvalidInputError`` says what is wrong."""
-    if len(data) > max_bytes:
-        raise InvalidInputError(f"profile: is {len(data)} bytes; the limit is {max_bytes}")
-    try:
-        doc = json.loads(data, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidInputError(f"profile: is not JSON ({exc.__class__.__name__})") from exc
+    doc = strict_json.loads(data, what="profile", max_bytes=max_bytes)
     _check_profile(doc)
     return doc
 
