@@ -16,6 +16,7 @@ from control_plane.ops.home import init_home
 from control_plane.ops.mqtt_config import write_broker_config
 from control_plane.server import ControlPlane
 from control_plane.storage import open_store
+from fleetcore import operator_config
 from fleetcore.cli import run_main, setup_logging
 from fleetcore.mqtt_wire import parse_url
 
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "init":
             cfg = init_home(args.home, sans=args.san, force=args.force)
             print(f"initialised {cfg.home}")
-            print(f"admin client config: {cfg.layout.operator_dir('admin') / 'fleet.toml'}")
+            admin = cfg.layout.operator_dir("admin") / operator_config.CONFIG_FILE
+            print(f"admin client config: {admin}")
             return 0
         if args.command == "restore":
             done = restore(args.archive, args.home)

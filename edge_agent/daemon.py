@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from edge_agent.transport import RefusedError, Transport, make_transport
 from fleetcore import pki
 from fleetcore.addresses import parse_hostport
 from fleetcore.errors import EdgefleetError, TransportError, UntrustedInputError
-from fleetcore.release import ReleaseDocument
+from fleetcore.release import ReleaseDocument, SignedRelease
 
 __all__ = ["Agent", "AgentEvent"]
 
@@ -82,6 +82,10 @@ class Agent:
             chunk_timeout=self.config.download_chunk_timeout_seconds, clock=clock,
         )
         self._report_now: asyncio.Event | None = None
+        # Set by a heartbeat whose reply names a newer release than the stream delivered: the
+        # stream was lost without the transport noticing (seen after a control-plane restart).
+        self._resync: asyncio.Event | None = None
+        self._resync_for = 0  # the serial the last resync was for: one resync per serial
         self._decided = False
         self.outbox = Outbox(self.state.outbox)
         self.sender = TelemetrySender(self.outbox)
@@ -120,6 +124,7 @@ class Agent:
                  self.config.mqtt_url if self.config.transport == "mqtt"
                  else self.config.api_address, self.config.transport)
         self._report_now = asyncio.Event()
+        self._resync = asyncio.Event()
         # Serve what is installed first: serving never waits for the control plane.
         await asyncio.to_thread(self.supervisor.configure, self.trust.current)
         servers = await self._start_serving()
@@ -194,6 +199,7 @@ class Agent:
             where = (f"via MQTT broker {self.config.mqtt_url}" if self.config.transport == "mqtt"
                      else self.config.api_address)
             log.info("connected to control plane %s as %s", where, self.config.device_id)
+        self._check_stream(reply.release_serial)
         if reply.heartbeat_interval_seconds:
             self.config.heartbeat_interval_seconds = float(reply.heartbeat_interval_seconds)
         self._set_status(state="connected", last_heartbeat=self.clock(), last_error=None,
@@ -201,6 +207,14 @@ class Agent:
         self._emit("heartbeat", {"count": self.heartbeats, "server_time": reply.server_time,
                                  "telemetry_sent": sent})
         return self.config.heartbeat_interval_seconds
+
+    def _check_stream(self, newest: int) -> None:
+        """The control plane holds a newer release than the one accepted: reopen the release
+        stream, once per serial (a document this agent refuses is not fetched every beat)."""
+        have = self.trust.mark.serial if self.trust.mark is not None else 0
+        if newest > have and newest != self._resync_for and self._resync is not None:
+            self._resync_for = newest
+            self._resync.set()
 
     async def _failed(self, refused: bool, message: str) -> float:
         await self.transport.reset()
@@ -241,9 +255,11 @@ class Agent:
                 if self.trust.current is not None:  # finish what a restart interrupted
                     await self._apply(self.trust.current)
                 have = self.trust.mark.serial if self.trust.mark else 0
+                assert self._resync is not None
+                self._resync.clear()  # this new stream answers any resync asked so far
                 releases = self.transport.releases(have)
                 async with contextlib.aclosing(releases):
-                    async for signed in releases:
+                    while (signed := await self._next_release(releases)) is not None:
                         doc, changed = self.trust.accept(signed, self.clock())
                         log.info("release serial %d accepted%s", doc.serial,
                                  "" if changed else " (unchanged)")
@@ -259,7 +275,36 @@ class Agent:
             except (EdgefleetError, OSError) as exc:
                 log.warning("sync: %s", exc)
                 self._record_error("sync", str(exc))
+            except Exception as exc:
+                log.exception("sync failed unexpectedly; retrying")
+                self._record_error("sync", f"{type(exc).__name__}: {exc}")
             await self._sleep(backoff.next_delay())
+
+    async def _next_release(
+        self, releases: AsyncGenerator[SignedRelease, None]
+    ) -> SignedRelease | None:
+        """The stream's next document; None when it ends or when a heartbeat asks for a
+        resync (then the loop opens a new stream at once)."""
+        assert self._resync is not None
+        nxt = asyncio.ensure_future(anext(releases))
+        kick = asyncio.ensure_future(self._resync.wait())
+        try:
+            await asyncio.wait({nxt, kick}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this task is cancelled: the generator must be idle to close
+            kick.cancel()
+            resync = not nxt.done()
+            if resync:
+                nxt.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await nxt
+        if resync:
+            log.info("release stream reopened: the control plane holds serial %d",
+                     self._resync_for)
+            return None
+        try:
+            return nxt.result()
+        except StopAsyncIteration:
+            return None
 
     async def _apply(self, doc: ReleaseDocument) -> None:
         before = self._install_states()

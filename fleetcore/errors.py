@@ -6,7 +6,7 @@
 * ``TransportError``: the network or the peer failed; retrying later may succeed.
 
 Messages say what was expected and what was received. Servers map these to wire status codes
-in exactly one place (``control_plane/_status.py``).
+in exactly one place (``control_plane/api/status.py``).
 """
 
 from __future__ import annotations

@@ -14,12 +14,29 @@ from pathlib import Path
 from fleetcore import tomlfile
 from fleetcore.errors import InvalidInputError
 
-__all__ = ["ANY_REGION", "POLICY_FILE", "allows", "check_regions", "read_policy_file"]
+__all__ = [
+    "ANY_REGION",
+    "POLICY_FILE",
+    "allows",
+    "check_region",
+    "check_regions",
+    "read_policy_file",
+]
 
 ANY_REGION = "*"
 POLICY_FILE = "policy.toml"
 MAX_REGIONS = 256
 _REGION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_region(value: object, where: str) -> str:
+    """One concrete region name (not ``"*"``): where data lives, e.g. a snapshot's region."""
+    if not (isinstance(value, str) and _REGION_RE.match(value)):
+        raise InvalidInputError(
+            f"{where}: {value!r} is not a region name (1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit)"
+        )
+    return value
 
 
 def check_regions(value: object, where: str) -> list[str]:

@@ -1,17 +1,18 @@
 """Read and write the small TOML files the project keeps (configs, client configs).
 
-Reading uses the standard library; writing covers exactly what our files hold: tables of
-strings, integers, floats, booleans and lists of strings.
+Reading uses the standard library (``tomllib``); writing uses the maintained ``tomli-w``, which
+writes any string ``tomllib`` reads back, characters outside the Basic Multilingual Plane
+included (a home or state directory named with an emoji or a rare CJK character).
 """
 
 from __future__ import annotations
 
-import json
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from fleetcore.errors import InvalidInputError
 from fleetcore.files import atomic_write
@@ -19,7 +20,6 @@ from fleetcore.files import atomic_write
 __all__ = ["dumps", "load", "write"]
 
 MAX_TOML_BYTES = 1024 * 1024
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -32,37 +32,9 @@ def load(path: Path) -> dict[str, Any]:
         raise InvalidInputError(f"{path}: not valid TOML: {exc}") from None
 
 
-def _key(k: str) -> str:
-    return k if _BARE_KEY.match(k) else json.dumps(k)
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
 def dumps(doc: Mapping[str, Any]) -> str:
-    lines: list[str] = []
-    tables = [(k, v) for k, v in doc.items() if isinstance(v, Mapping)]
-    for key, value in doc.items():
-        if not isinstance(value, Mapping):
-            lines.append(f"{_key(key)} = {_value(value)}")
-    for name, table in tables:
-        if lines:
-            lines.append("")
-        lines.append(f"[{name}]")
-        for key, value in table.items():
-            if isinstance(value, Mapping):
-                raise TypeError("nested tables are not supported")
-            lines.append(f"{_key(key)} = {_value(value)}")
-    return "\n".join(lines) + "\n"
+    """``doc`` as TOML text; a value TOML cannot hold raises ``TypeError``."""
+    return tomli_w.dumps(doc)
 
 
 def write(path: Path, doc: Mapping[str, Any], *, mode: int = 0o644) -> None:

@@ -74,10 +74,10 @@ def _control_plane(work: Path, loop: LoopThread) -> tuple[RunningControlPlane, M
     finally:
         store.close()
     broker = start_mosquitto(settings)
-    from control_plane.fleet_cli import FleetConfig  # noqa: PLC0415
+    from fleetcore import operator_config  # noqa: PLC0415
 
-    running = RunningControlPlane(home=cfg.home, cp=ControlPlane(cfg), loop=loop,
-                                  admin=FleetConfig.load(cfg.home / "operators/admin/fleet.toml"))
+    admin = operator_config.load(cfg.home / "operators/admin/fleet.toml")
+    running = RunningControlPlane(home=cfg.home, cp=ControlPlane(cfg), loop=loop, admin=admin)
     running.transport, running.broker = "mqtt", broker
     return running, broker
 
@@ -308,7 +308,7 @@ def bench_fanout(work: Path, agents: int, base: int = 10) -> list[dict[str, Any]
         Run(Pipeline.load(pipeline), Workdir(work / "train"), publisher_key=key,
             progress=lambda m: None).run_all()
         bundle = work / "train" / "bundle"
-        from control_plane.fleet_cli import main as fleet_cli  # noqa: PLC0415
+        from fleet.cli import main as fleet_cli  # noqa: PLC0415
 
         def fleet(args: list[str]) -> int:
             with contextlib.redirect_stdout(io.StringIO()):

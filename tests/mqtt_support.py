@@ -23,12 +23,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from control_plane.config import ControlPlaneConfig
-from control_plane.fleet_cli import FleetConfig
 from control_plane.ops.home import init_home
 from control_plane.ops.mqtt_config import write_broker_config
 from control_plane.server import ControlPlane
 from control_plane.services.broker import MqttSettings
 from control_plane.storage import open_store
+from fleetcore import operator_config
 from scripts.broker import Mosquitto, start_mosquitto
 from tests.support import WAIT, LoopThread, RunningControlPlane
 
@@ -64,7 +64,7 @@ def start_mqtt_control_plane(home: Path, loop: LoopThread, clock: Any = None,
     cp = ControlPlane(cfg, **kwargs)
     loop.run(cp.start())
     running = RunningControlPlane(home=home, cp=cp, loop=loop, clock=clock,
-                                  admin=FleetConfig.load(home / "operators/admin/fleet.toml"))
+                                  admin=operator_config.load(home / "operators/admin/fleet.toml"))
     running.transport = "mqtt"
     running.broker = broker
     wait_bridge(running)

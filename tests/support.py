@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncGenerator, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,13 +22,15 @@ import grpc
 from edgefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
 from control_plane.config import ControlPlaneConfig
-from control_plane.fleet_cli import FleetConfig
 from control_plane.ops.home import init_home
 from control_plane.server import ControlPlane
 from edge_agent.daemon import Agent
 from edge_agent.enroll import enroll
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.transport import Transport
+from fleet.channel import open_channel
+from fleetcore import operator_config
+from fleetcore.operator_config import OperatorConfig
 
 T = TypeVar("T")
 WAIT = 30.0  # generous upper bound for any single event; tests normally see it in ms
@@ -67,7 +69,7 @@ class RunningControlPlane:
     home: Path
     cp: ControlPlane
     loop: LoopThread
-    admin: FleetConfig
+    admin: OperatorConfig
     clock: Any = None
     transport: str = "grpc"  # how agents of the tests reach it ("mqtt": through `broker`)
     broker: Any = None  # scripts.broker.Mosquitto, for transport "mqtt"
@@ -97,9 +99,9 @@ class RunningControlPlane:
         self.cp = ControlPlane(cfg, **kwargs)
         self.loop.run(self.cp.start())
 
-    def admin_stub(self, config: FleetConfig | None = None) -> admin_pb2_grpc.AdminServiceStub:
+    def admin_stub(self, config: OperatorConfig | None = None) -> admin_pb2_grpc.AdminServiceStub:
         cfg = config or self.admin
-        channel = FleetConfig(api=self.api, cert=cfg.cert, key=cfg.key, ca=cfg.ca).channel()
+        channel = open_channel(replace(cfg, api=self.api))
         return admin_pb2_grpc.AdminServiceStub(channel)
 
     def token(self, labels: dict[str, str] | None = None, ttl: int = 0) -> str:
@@ -127,7 +129,7 @@ def start_control_plane(
     kwargs = {"clock": clock} if clock is not None else {}
     cp = ControlPlane(cfg, **kwargs)
     loop.run(cp.start())
-    admin = FleetConfig.load(home / "operators" / "admin" / "fleet.toml")
+    admin = operator_config.load(home / "operators" / "admin" / "fleet.toml")
     return RunningControlPlane(home=home, cp=cp, loop=loop, admin=admin, clock=clock)
 
 

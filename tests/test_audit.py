@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.fleet_cli import main as fleet_main
+from fleet.cli import main as fleet_main
 from tests.support import RunningControlPlane
 
 

@@ -13,9 +13,9 @@ import pytest
 from control_plane.cli import main as cp_main
 from control_plane.config import ControlPlaneConfig
 from control_plane.domain.audit_chain import verify_chain
-from control_plane.fleet_cli import main as fleet_main
 from control_plane.ops.backup import BACKUP_MANIFEST, backup, restore
 from control_plane.server import ControlPlane
+from fleet.cli import main as fleet_main
 from fleetcore.errors import AlreadyExistsError, InvalidInputError
 from tests.support import LoopThread, RunningControlPlane, start_control_plane
 from tests.test_delivery import _bundle_for

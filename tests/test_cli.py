@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.fleet_common import Progress
+from fleet.common import Progress
 from tests.support import WAIT
 
 BIN = Path(sys.executable).parent

@@ -18,10 +18,10 @@ import grpc
 import pytest
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
-from control_plane.fleet_cli import main as fleet_main
 from edge_agent.cli import main as agent_main
 from edge_agent.install.download import fetch_bundle
 from edge_agent.transport import MAX_CHUNK_BYTES
+from fleet.cli import main as fleet_main
 from fleetcore import pki
 from fleetcore.archive import pack_bundle
 from fleetcore.errors import InvalidInputError, TransportError, UntrustedInputError

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fleetcore import regions
 from fleetcore.errors import InvalidInputError, NotFoundError
+from fleetcore.pseudonym import pseudonymize
 from scripts.make_example_csv import CSV_PATH, LABEL, PII_COLUMNS, render
 from trainer.sources import CsvLimits, RawTable, load_source
 from trainer.store import FeatureStore, RegionNotAllowedError, Snapshot
@@ -296,6 +298,58 @@ def test_a_pipeline_overriding_the_store_region_policy_is_refused(tmp_path: Path
         assert fs.allowed_regions == same.allowed_regions == ["eu-west-1"]
 
 
+# policy.toml contents that fleetcore.regions refuses (the one parser of the policy)
+BAD_POLICIES = {
+    "not-a-list": 'allowed_regions = "eu-west-1"\n',
+    "missing": "other = 1\n",
+    "bad-name": 'allowed_regions = ["eu west"]\n',
+    "not-a-string": "allowed_regions = [1]\n",
+    "too-many": f"allowed_regions = {json.dumps([f'r{i}' for i in range(257)])}\n",
+}
+
+
+@pytest.mark.parametrize("text", BAD_POLICIES.values(), ids=list(BAD_POLICIES))
+def test_a_policy_file_fleetcore_refuses_is_refused_with_its_message(
+    tmp_path: Path, text: str
+) -> None:
+    path = tmp_path / "s"
+    FeatureStore(path).close()
+    (path / regions.POLICY_FILE).write_text(text)
+    with pytest.raises(InvalidInputError) as expected:
+        regions.read_policy_file(path / regions.POLICY_FILE)
+    with pytest.raises(InvalidInputError) as refused:
+        FeatureStore(path)
+    assert str(refused.value) == str(expected.value)
+    assert str(path / regions.POLICY_FILE) in str(refused.value)
+
+
+@pytest.mark.parametrize("requested", [["eu west"], [""], [1], [f"r{i}" for i in range(257)]],
+                         ids=["space", "empty", "int", "too-many"])
+def test_a_requested_policy_fleetcore_refuses_is_refused_with_its_message(
+    tmp_path: Path, requested: list[object]
+) -> None:
+    with pytest.raises(InvalidInputError) as expected:
+        regions.check_regions(requested, "allowed_regions")
+    with pytest.raises(InvalidInputError) as refused:
+        FeatureStore(tmp_path / "s", allowed_regions=requested)  # type: ignore[arg-type]
+    assert str(refused.value) == str(expected.value)
+    assert not (tmp_path / "s" / regions.POLICY_FILE).exists()
+
+
+def test_store_pseudonyms_are_fleetcore_pseudonyms(
+    store: FeatureStore, wine_csv: RawTable
+) -> None:
+    snap = store.ingest(wine_csv, region="eu-west-1", now=NOW)
+    key = (store.path / "store.key").read_bytes()
+    assert snap.pii and set(snap.pii) == set(wine_csv.pii)
+    for name, raw in wine_csv.pii.items():
+        assert snap.pii[name].tolist() == [pseudonymize(key, v) for v in raw.tolist()]
+        # and the keyed hash it always was, so stored snapshot ids do not change
+        assert snap.pii[name][0] == hmac.new(
+            key, str(raw[0]).encode(), hashlib.sha256
+        ).hexdigest()
+
+
 def test_relabelling_a_snapshot_region_in_the_catalog_is_detected(
     tmp_path: Path, digits: RawTable
 ) -> None:
@@ -309,7 +363,7 @@ def test_relabelling_a_snapshot_region_in_the_catalog_is_detected(
             fs.get(abroad.id)
 
 
-@pytest.mark.parametrize("region", ["", "../etc", "eu west", "x" * 65])
+@pytest.mark.parametrize("region", ["", "../etc", "eu west", "x" * 65, "*", "-eu"])
 def test_malformed_region_is_refused(store: FeatureStore, digits: RawTable, region: str) -> None:
     before = state(store)
     with pytest.raises(InvalidInputError, match="region"):

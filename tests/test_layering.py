@@ -1,9 +1,13 @@
-"""The package boundaries of docs/architecture.md: the agent ships alone, the control plane
-does not carry the trainer, and fleetcore depends on neither."""
+"""The boundaries of docs/architecture.md, checked on the source: the agent ships alone, the
+control plane does not carry the trainer, fleetcore depends on no component, the `fleet`
+client needs only the wire contracts and fleetcore, the control plane's layers import one way
+(domain <- storage <- services <- api/ops <- server/cli), and no product module takes part in
+an import cycle."""
 
 from __future__ import annotations
 
 import ast
+import graphlib
 import subprocess
 import sys
 from pathlib import Path
@@ -11,38 +15,111 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+PRODUCT = ("fleetcore", "control_plane", "edge_agent", "trainer", "fleet")
 FORBIDDEN = {
-    "edge_agent": {"control_plane", "trainer", "scripts", "tests", "starlette"},
-    "control_plane": {"edge_agent", "trainer", "scripts", "tests"},
-    "fleetcore": {"edge_agent", "control_plane", "trainer", "scripts", "tests"},
-    "trainer": {"edge_agent", "control_plane", "scripts", "tests"},
+    "edge_agent": {"control_plane", "trainer", "fleet", "scripts", "tests", "starlette"},
+    "control_plane": {"edge_agent", "trainer", "fleet", "scripts", "tests"},
+    "fleetcore": {"edge_agent", "control_plane", "trainer", "fleet", "scripts", "tests"},
+    "trainer": {"edge_agent", "control_plane", "fleet", "scripts", "tests"},
+    "fleet": {"edge_agent", "control_plane", "trainer", "scripts", "tests"},
+}
+# Third-party packages the operator's client may import (anything else must come from the
+# standard library): an operator's laptop installs only the `fleet` extra.
+FLEET_ALLOWED = {"edgefleet", "fleetcore", "grpc", "google", "cryptography", "fleet"}
+# What a layer of the control plane must not import: its own upper layers, and I/O.
+_IO = {"grpc", "paho", "apscheduler", "sqlite3", "asyncio", "time", "os", "subprocess",
+       "socket", "shutil", "tempfile", "pathlib", "threading", "logging", "edgefleet"}
+_UPPER = {"control_plane.server", "control_plane.cli", "control_plane.api", "control_plane.ops"}
+LAYERS: dict[str, set[str]] = {
+    "control_plane/domain": _IO | _UPPER | {"control_plane.services", "control_plane.storage",
+                                            "control_plane.config"},
+    "control_plane/storage": _UPPER | {"control_plane.services", "grpc", "paho", "edgefleet"},
+    "control_plane/services": _UPPER | {"grpc", "paho", "edgefleet"},
+    "control_plane/api": {"control_plane.ops", "control_plane.server", "control_plane.cli"},
+    "control_plane/ops": {"control_plane.api", "control_plane.server", "control_plane.cli"},
 }
 
 
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _imports(path: Path) -> set[str]:
+    """Every dotted name the file imports, wherever (``from a.b import c`` gives ``a.b`` and
+    ``a.b.c``): a deferred import or one for type checking only is still a dependency."""
     tree = ast.parse(path.read_text(), filename=str(path))
     out: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out.update(alias.name.split(".")[0] for alias in node.names)
+            out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module.split(".")[0])
+            out.add(node.module)
+            out.update(f"{node.module}.{alias.name}" for alias in node.names)
     return out
+
+
+def _tops(names: set[str]) -> set[str]:
+    return {n.split(".")[0] for n in names}
+
+
+def _files(folder: str) -> list[Path]:
+    files = sorted((REPO / folder).rglob("*.py"))
+    assert files, f"{folder} has no Python files"
+    return files
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_package_imports_stay_inside_its_boundary(package: str) -> None:
-    files = sorted((REPO / package).rglob("*.py"))
-    assert files
-    bad = {str(f.relative_to(REPO)): sorted(_imports(f) & FORBIDDEN[package]) for f in files}
+    bad = {str(f.relative_to(REPO)): sorted(_tops(_imports(f)) & FORBIDDEN[package])
+           for f in _files(package)}
     assert {f: m for f, m in bad.items() if m} == {}
 
 
-def test_the_agent_entry_points_load_no_trainer_control_plane_or_bench_packages() -> None:
+def test_fleet_client_imports_only_protos_fleetcore_and_the_standard_library() -> None:
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    bad = {str(f.relative_to(REPO)): sorted(_tops(_imports(f)) - stdlib - FLEET_ALLOWED)
+           for f in _files("fleet")}
+    assert {f: m for f, m in bad.items() if m} == {}
+
+
+def _hits(names: set[str], forbidden: set[str]) -> list[str]:
+    return sorted(n for n in names for f in forbidden if n == f or n.startswith(f + "."))
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_control_plane_layers_import_one_way(layer: str) -> None:
+    bad = {str(f.relative_to(REPO)): _hits(_imports(f), LAYERS[layer]) for f in _files(layer)}
+    assert {f: m for f, m in bad.items() if m} == {}
+
+
+def test_no_import_cycle_among_product_modules() -> None:
+    modules = {_module_name(f): f for pkg in PRODUCT for f in _files(pkg)}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        graph[name] = {m for m in _imports(path) if m in modules and m != name}
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        pytest.fail(f"import cycle: {' -> '.join(exc.args[1])}")
+    assert set(order) == set(modules)
+
+
+def test_the_cycle_check_sees_a_cycle_hidden_behind_type_checking(tmp_path: Path) -> None:
+    """The shape the old handlers <-> rollouts cycle had: the back edge only for types."""
+    (tmp_path / "a.py").write_text("from b import x\n")
+    (tmp_path / "b.py").write_text("if TYPE_CHECKING:\n    from a import Handlers\n")
+    graph = {n: {m for m in _imports(tmp_path / f"{n}.py") if m in ("a", "b")} for n in "ab"}
+    with pytest.raises(graphlib.CycleError):
+        list(graphlib.TopologicalSorter(graph).static_order())
+
+
+def test_the_agent_entry_points_load_no_trainer_control_plane_fleet_or_bench_packages() -> None:
     """Starting the agent imports nothing that an agent-only install lacks (Starlette is only
     the serving benchmark's baseline, in scripts/) nor anything of the other components."""
     code = ("import edge_agent.cli, edge_agent.daemon, sys; print([m for m in sys.modules if "
-            "m.split('.')[0] in {'starlette','torch','sklearn','control_plane','trainer'}])")
+            "m.split('.')[0] in "
+            "{'starlette','torch','sklearn','control_plane','trainer','fleet'}])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=REPO, timeout=60)
     assert out.stdout.strip() == "[]"

@@ -18,11 +18,11 @@ import pytest
 from cryptography import x509
 from edgefleet.v1 import admin_pb2, agent_pb2, common_pb2
 
-from control_plane.fleet_cli import main as fleet_main
 from control_plane.services.broker import MqttSettings
 from edge_agent.reporting.outbox import Outbox
 from edge_agent.reporting.telemetry import encode
 from edge_agent.state import StateDir
+from fleet.cli import main as fleet_main
 from fleetcore import pki
 from fleetcore.errors import AuthenticationError
 from fleetcore.mqtt_wire import Leaf, topic

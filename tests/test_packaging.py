@@ -28,10 +28,10 @@ import pytest
 import yaml
 
 from control_plane import cli as control_plane_cli
-from control_plane import fleet_cli
 from control_plane.config import ControlPlaneConfig
 from control_plane.services.retrain_runner import render_kubernetes_job
 from edge_agent import cli as edge_agent_cli
+from fleet import cli as fleet_cli
 from fleetcore import pki
 from trainer import cli as trainer_cli
 from trainer.pipeline import STEPS, Workdir
@@ -64,9 +64,14 @@ def _parse(parser: Any, argv: list[str]) -> Any:
 
 
 def _tool(name: str) -> str:
-    """A command these tests need (`.ci/run` installs the ones apt has): missing fails."""
-    path = shutil.which(name)
-    assert path is not None, f"{name} is not installed; `.ci/run` installs it"
+    """A command these tests need: the venv's own first (the `dev` extra installs shellcheck
+    there), then PATH (`.ci/run` installs the ones apt has). Missing fails, never skips."""
+    venv_bin = Path(sys.executable).parent
+    path = shutil.which(name, path=str(venv_bin)) or shutil.which(name)
+    assert path is not None, (
+        f"{name} is not installed: neither in {venv_bin} (`make setup` installs the dev extra) "
+        "nor on PATH"
+    )
     return path
 
 

@@ -17,9 +17,9 @@ from sklearn.datasets import load_digits
 
 from control_plane.domain.records import DriftWindowRecord, RetrainJob
 from control_plane.domain.retraining import DriftPolicy, policy_fires
-from control_plane.fleet_cli import main as fleet_main
 from control_plane.services.retrain_runner import LocalRunner, render_kubernetes_job
 from edge_agent.reporting.telemetry import encode
+from fleet.cli import main as fleet_main
 from tests.support import (
     LoopThread,
     RunningControlPlane,

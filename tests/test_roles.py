@@ -15,18 +15,18 @@ import grpc
 import pytest
 from edgefleet.v1 import admin_pb2
 
-from control_plane.fleet_cli import FleetConfig
-from control_plane.fleet_cli import main as fleet_main
-from fleetcore import pki
+from fleet.cli import main as fleet_main
+from fleetcore import operator_config, pki
+from fleetcore.operator_config import OperatorConfig
 from tests.support import WAIT, RunningControlPlane
 
 
-def _operator(cp: RunningControlPlane, tmp_path: Path, name: str, role: str) -> FleetConfig:
+def _operator(cp: RunningControlPlane, tmp_path: Path, name: str, role: str) -> OperatorConfig:
     out = tmp_path / f"op-{name}"
     rc = fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api", cp.api,
                      "operators", "create", name, "--role", role, "--out", str(out)])
     assert rc == 0
-    return FleetConfig.load(out / "fleet.toml")
+    return operator_config.load(out / "fleet.toml")
 
 
 @dataclass(frozen=True)

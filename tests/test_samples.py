@@ -18,8 +18,8 @@ import pytest
 from edgefleet.v1 import agent_pb2
 from sklearn.datasets import load_digits
 
-from control_plane.fleet_cli import main as fleet_main
 from edge_agent.reporting.telemetry import encode
+from fleet.cli import main as fleet_main
 from fleetcore.errors import InvalidInputError
 from fleetcore.release import Arm, ModelRelease, encode_document, parse_document
 from tests.support import RunningControlPlane, send_telemetry, start_agent
@@ -284,3 +284,48 @@ def test_hostile_samples_files_are_refused(tmp_path: Path, bad: Any) -> None:
             pii=[],
             image_shape=None,
         )
+
+
+def _row_json(features: str = "[" + ", ".join(["1.0"] * 64) + "]") -> str:
+    return ('{"device": "d", "version": 1, "region": "eu-west", '
+            f'"features": [{features}], "labels": [0]}}')
+
+
+# Not strict JSON (fleetcore.strict_json): each is refused before any row is looked at.
+STRICT_JSON = {
+    "duplicate-top-key": b'{"model": "digits", "rows": [], "rows": [' + _row_json().encode()
+    + b"]}",
+    "duplicate-row-key": b'{"model": "digits", "rows": ['
+    + _row_json().replace('"labels": [0]', '"labels": [0], "labels": [1]').encode() + b"]}",
+    "nan": b'{"model": "digits", "rows": [' + _row_json(
+        "[" + ", ".join(["NaN"] + ["1.0"] * 63) + "]").encode() + b"]}",
+    "infinity": b'{"model": "digits", "rows": [' + _row_json(
+        "[" + ", ".join(["-Infinity"] + ["1.0"] * 63) + "]").encode() + b"]}",
+    "not-utf8": b'{"model": "digits\xff", "rows": []}',
+    "deep": b"[" * 100_000 + b"]" * 100_000,
+}
+
+
+@pytest.mark.parametrize(("data", "words"), [
+    (STRICT_JSON["duplicate-top-key"], "duplicate key 'rows'"),
+    (STRICT_JSON["duplicate-row-key"], "duplicate key 'labels'"),
+    (STRICT_JSON["nan"], "NaN is not a JSON number"),
+    (STRICT_JSON["infinity"], "-Infinity is not a JSON number"),
+    (STRICT_JSON["not-utf8"], "not UTF-8"),
+    (STRICT_JSON["deep"], "not valid JSON"),
+], ids=list(STRICT_JSON))
+def test_samples_files_that_are_not_strict_json_are_refused(
+    tmp_path: Path, data: bytes, words: str
+) -> None:
+    path = tmp_path / "s.json"
+    path.write_bytes(data)
+    with pytest.raises(InvalidInputError) as refused:
+        load_samples(
+            path,
+            feature_names=[f"p{i}" for i in range(64)],
+            labels=[str(i) for i in range(10)],
+            pii=[],
+            image_shape=None,
+        )
+    message = str(refused.value)
+    assert words in message and f"samples file {path}" in message and "\n" not in message

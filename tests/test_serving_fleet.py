@@ -15,10 +15,10 @@ import pytest
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 from sklearn.datasets import load_digits
 
-from control_plane.fleet_cli import main as fleet_main
 from edge_agent.reporting.outbox import Outbox
 from edge_agent.reporting.telemetry import encode
 from edge_agent.state import StateDir
+from fleet.cli import main as fleet_main
 from tests.support import RunningControlPlane, device_credentials, start_agent
 from tests.test_delivery import _bundle_for, _committed, _wait_models
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from control_plane import fleet_models
 from control_plane.domain.records import RolloutRecord
-from control_plane.fleet_cli import main as fleet_main
+from fleet import models as fleet_models
+from fleet.cli import main as fleet_main
 from tests.support import LoopThread, RunningAgent, RunningControlPlane, start_agent
 from tests.support import start_control_plane as _start_cp
 from tests.test_delivery import _bundle_for, _committed, _wait_models

@@ -16,7 +16,7 @@ from fleetcore.errors import InvalidInputError
 from tests.trainer_support import write_pipeline
 from trainer.config import Pipeline
 from trainer.onnx_tools import run_onnx
-from trainer.pipeline import Run, Workdir
+from trainer.pipeline import Run, Workdir, _write_json
 from trainer.store import RegionNotAllowedError
 
 MODEL_SIGNING = str(Path(sys.executable).parent / "model_signing")
@@ -205,10 +205,10 @@ def test_csv_example_pipeline(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[data]\nsource = 'sklearn:digits'\n[nope]\n", "unknown sections"),
-        ("[data]\nsource = 'sklearn:digits'\nsurprise = 1\n", "unknown keys"),
+        ("[data]\nsource = 'sklearn:digits'\n[nope]\n", "unknown section"),
+        ("[data]\nsource = 'sklearn:digits'\nsurprise = 1\n", "unknown key"),
         ("[model]\nkind = 'mlp'\n", "source is required"),
-        ("[data]\nsource = 'sklearn:digits'\n[model]\nkind = 'rnn'\n", "mlp or cnn"),
+        ("[data]\nsource = 'sklearn:digits'\n[model]\nkind = 'rnn'\n", "'mlp' or 'cnn'"),
         ("[data]\nsource = 'sklearn:digits'\n[train]\nepochs = 0\n", "epochs"),
         ("[data]\nsource = 'sklearn:digits'\n[compress]\nprune = 1.5\n", "prune"),
         ("[data]\nsource = 'sklearn:digits'\n[export]\nformats = ['pt']\n", "formats"),
@@ -228,3 +228,27 @@ def test_missing_publisher_key_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "publisher.key").unlink()
     with pytest.raises(InvalidInputError, match="publisher key"):
         _run(pipeline, tmp_path / "work")
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ('{"key": "a", "key": "b", "digest": "c"}', "duplicate key 'key'"),
+    ('{"key": NaN, "digest": "c"}', "NaN is not a JSON number"),
+    ('{"key": ', "not valid JSON"),
+], ids=["duplicate-key", "nan", "truncated"])
+def test_workdir_json_is_read_strictly(tmp_path: Path, text: str, words: str) -> None:
+    """A step's state (like every workdir document) goes through fleetcore.strict_json."""
+    run = Run(Pipeline.load(write_pipeline(tmp_path)), Workdir(tmp_path / "work"))
+    state = run.workdir.step_state("ingest")
+    state.parent.mkdir(parents=True)
+    state.write_text(text)
+    with pytest.raises(InvalidInputError, match=words) as refused:
+        run.run_step("train")
+    assert str(state) in str(refused.value)
+
+
+def test_workdir_json_is_written_strictly(tmp_path: Path) -> None:
+    """NaN is refused when a workdir document is written, not steps later when it is read."""
+    path = tmp_path / "train.json"
+    with pytest.raises(InvalidInputError, match=r"train\.json.*not JSON compliant"):
+        _write_json(path, {"losses": [0.5, float("nan")]})
+    assert not path.exists()

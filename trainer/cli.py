@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fleetcore import pki
 from fleetcore.cli import print_json, run_main
-from fleetcore.errors import AlreadyExistsError
+from fleetcore.errors import AlreadyExistsError, EdgefleetError
 from fleetcore.files import atomic_write, ensure_private_dir
 from trainer.config import Pipeline
 from trainer.pipeline import STEPS, Run, Workdir
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                   samples=args.samples, baseline=args.baseline, margin=args.margin)
         if args.command != "run":
             try:
+                run.preflight([args.command])
                 run.run_step(args.command)
             finally:
                 run.close()
@@ -107,7 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report      {run.workdir.report}")
         return 0
 
-    return run_main(body)
+    def one_line_errors() -> int:
+        # run_main prints "error: MESSAGE"; a message must stay one line (a TOML parser's or
+        # an OS error's text may hold newlines).
+        try:
+            return body()
+        except (EdgefleetError, OSError, ValueError) as exc:
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
+
+    return run_main(one_line_errors)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetcore import tomlfile
+from fleetcore import regions, tomlfile
 from fleetcore.errors import InvalidInputError
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "ExportSettings",
     "ModelSettings",
     "Pipeline",
+    "PipelineConfigError",
     "ProfileSettings",
     "StoreSettings",
     "TrainSettings",
@@ -115,16 +120,202 @@ _SECTIONS: dict[str, type] = {
     "bundle": BundleSettings,
 }
 
+# The sources that need no file: scikit-learn's bundled data sets (trainer.sources loads them).
+SKLEARN_SOURCES = ("digits", "wine", "breast_cancer")
+_SNAPSHOT_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
+_BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MAX_ROWS = 1_000_000
 
-def _build(cls: type, table: dict[str, Any], section: str) -> Any:
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(table) - set(known)
-    if unknown:
-        raise InvalidInputError(f"[{section}]: unknown keys {sorted(unknown)}")
+
+class PipelineConfigError(InvalidInputError):
+    """A pipeline file that cannot be used; the message names the file, ``section.key`` and a
+    hint on what to write instead."""
+
+
+# What each key's TOML value must be. A float key takes an integer too (``lr = 1``).
+_KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string",
+               "list[int]": "a list of integers", "list[str]": "a list of strings"}
+
+
+_VALUE_KINDS: tuple[tuple[type, str], ...] = (
+    (bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+    (list, "a list"), (dict, "a table"),
+)
+
+
+def _kind(value: Any) -> str:
+    """How a TOML value reads to a person: "a string", "an integer", "a table"..."""
+    for cls, name in _VALUE_KINDS:  # bool before int: a bool is an int to isinstance
+        if isinstance(value, cls):
+            return name
+    return type(value).__name__  # dates and times
+
+
+def _field_kinds(cls: type) -> dict[str, str]:
+    """``int``, ``float``, ``str``, ``list[int]`` or ``list[str]`` per field (an optional
+    field is simply left out of the file)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        (kind,) = [a for a in args if a is not type(None)]
+        if typing.get_origin(kind) is list:
+            out[name] = f"list[{typing.get_args(kind)[0].__name__}]"
+        else:
+            out[name] = kind.__name__
+        if out[name] not in _KIND_NAMES:  # pragma: no cover - a new field type needs a rule
+            raise TypeError(f"{cls.__name__}.{name}: no TOML rule for {hint}")
+    return out
+
+
+def _check_type(where: str, key: str, value: Any, kind: str) -> Any:
+    """``value`` as ``kind`` (an integer widened to float), or PipelineConfigError."""
+    expected = _KIND_NAMES[kind]
+    ok: bool
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif kind == "str":
+        ok = isinstance(value, str)
+    else:
+        item = int if kind == "list[int]" else str
+        ok = isinstance(value, list) and all(
+            isinstance(v, item) and not isinstance(v, bool) for v in value
+        )
+    if ok:
+        return value
+    section, _, short = key.partition(".")
+    hint = ""
+    if isinstance(value, str) and kind in ("int", "float"):
+        hint = f" (in [{section}] write {short} = {value.strip()}, without quotes)"
+    elif kind.startswith("list") and not isinstance(value, list):
+        hint = f" (in [{section}] write {short} = [{_toml(value)}])"
+    if isinstance(value, list) and kind.startswith("list"):
+        item_kind = "an integer" if kind == "list[int]" else "a string"
+        raise PipelineConfigError(
+            f"{where}: {key} = {_toml(value)} holds an item that is not {item_kind}; expected "
+            f"{expected}"
+        )
+    raise PipelineConfigError(
+        f"{where}: {key} = {_toml(value)} is {_kind(value)}; expected {expected}{hint}"
+    )
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{...}"
+    return str(value)
+
+
+def _between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Any:
+    def check(v: Any) -> bool:
+        above = v > lo if lo_open else v >= lo
+        below = v < hi if hi_open else v <= hi
+        return bool(above and below)
+    return check
+
+
+def _one_of(*choices: str) -> Any:
+    return lambda v: v in choices
+
+
+def _widths(lo: int, hi: int, *, max_len: int = 64) -> Any:
+    return lambda v: 0 < len(v) <= max_len and all(lo <= x <= hi for x in v)
+
+
+def _source_ok(v: str) -> bool:
+    scheme, sep, rest = v.partition(":")
+    if not (sep and rest):
+        return False
+    return (scheme == "sklearn" and rest in SKLEARN_SOURCES) or (
+        scheme == "csv" and bool(rest.strip())
+    )
+
+
+def _regions_ok(v: list[str]) -> bool:
     try:
-        return cls(**table)
-    except TypeError as exc:
-        raise InvalidInputError(f"[{section}]: {exc}") from None
+        regions.check_regions(v, "allowed_regions")
+    except InvalidInputError:
+        return False
+    return True
+
+
+# section.key -> (check on the typed value, what a good value is)
+_RULES: dict[str, tuple[Any, str]] = {
+    "data.source": (_source_ok, "'sklearn:NAME' (NAME one of "
+                    f"{', '.join(SKLEARN_SOURCES)}) or 'csv:PATH' (relative to the pipeline file)"),
+    "data.label": (lambda v: bool(v.strip()), "the CSV's label column name"),
+    "data.pii": (lambda v: len(set(v)) == len(v) and all(x.strip() for x in v),
+                 "distinct CSV column names"),
+    "data.pii_action": (_one_of("hmac", "drop"), "'hmac' or 'drop'"),
+    "data.test_fraction": (_between(0.0, 0.9, lo_open=True, hi_open=True),
+                           "a fraction in (0, 0.9), e.g. 0.2"),
+    "data.region": (lambda v: _regions_ok([v]) and v != regions.ANY_REGION,
+                    "a region name such as 'eu-west-1' (letters, digits, '.', '_', '-')"),
+    "data.parent": (lambda v: bool(_SNAPSHOT_ID.match(v)), "a snapshot id 'sha256:<64 hex>'"),
+    "store.path": (lambda v: bool(v.strip()), "a directory, relative to the workdir"),
+    "store.allowed_regions": (_regions_ok, 'region names or "*" (any region)'),
+    "model.kind": (_one_of("mlp", "cnn"), "'mlp' or 'cnn'"),
+    "model.hidden": (_widths(1, 65536), "a non-empty list of layer widths 1..65536, e.g. [128]"),
+    "model.channels": (_widths(1, 1024, max_len=16),
+                       "a non-empty list of channel counts 1..1024, e.g. [16, 32]"),
+    "train.epochs": (_between(1, 10_000), "an integer 1..10000"),
+    "train.batch_size": (_between(1, 65536), "an integer 1..65536"),
+    "train.lr": (_between(0, 10, lo_open=True, hi_open=True), "a number in (0, 10), e.g. 0.001"),
+    "train.seed": (_between(0, 2**32 - 1), "an integer 0..4294967295"),
+    "train.device": (_one_of("auto", "cpu", "cuda"), "'auto', 'cpu' or 'cuda'"),
+    "train.weight_decay": (_between(0, 1, hi_open=True), "a number in [0, 1)"),
+    "train.threads": (_between(0, 256), "an integer 0..256 (0: PyTorch's default)"),
+    "compress.prune": (_between(0, 1, hi_open=True), "a fraction in [0, 1)"),
+    "compress.finetune_epochs": (_between(0, 1000), "an integer 0..1000"),
+    "compress.quantize": (_one_of("none", "int8"), "'none' or 'int8'"),
+    "compress.calibration_rows": (_between(1, _MAX_ROWS), f"an integer 1..{_MAX_ROWS}"),
+    "export.formats": (lambda v: "onnx" in v and set(v) <= {"onnx", "tflite"}
+                       and len(set(v)) == len(v),
+                       '["onnx"] or ["onnx", "tflite"]'),
+    "export.check_rows": (_between(1, _MAX_ROWS), f"an integer 1..{_MAX_ROWS}"),
+    "profile.bins": (_between(2, 100), "an integer 2..100"),
+    "profile.sample_rows": (_between(1, _MAX_ROWS), f"an integer 1..{_MAX_ROWS}"),
+    "bundle.name": (lambda v: bool(_BUNDLE_NAME.match(v)),
+                    "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"),
+    "bundle.version": (_between(1, 2**31 - 1), "an integer > 0"),
+    "bundle.publisher_key": (lambda v: bool(v.strip()),
+                             "a path to the publisher's private key (PEM), relative to the "
+                             "pipeline file"),
+    "bundle.smoke_rows": (_between(1, 1000), "an integer 1..1000"),
+}
+
+
+def _check_section(where: str, section: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    """Every key of ``table`` typed and in range; returns the values to build the section."""
+    kinds = _field_kinds(_SECTIONS[section])
+    unknown = sorted(set(table) - set(kinds))
+    if unknown:
+        raise PipelineConfigError(
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(f'{section}.{k}' for k in unknown)} (known keys of [{section}]: "
+            f"{', '.join(kinds)})"
+        )
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{section}.{key}"
+        typed = _check_type(where, name, value, kinds[key])
+        check, good = _RULES[name]
+        if not check(typed):
+            what = "out of range" if kinds[key] in ("int", "float") else "not allowed"
+            raise PipelineConfigError(
+                f"{where}: {name} = {_toml(value)} is {what}; expected {good}"
+            )
+        out[key] = typed
+    return out
 
 
 @dataclass(frozen=True)
@@ -145,46 +336,59 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: Path) -> Pipeline:
+        """Read and check a pipeline file: every section and key known, every value of the
+        documented type and range; PipelineConfigError names the first one that is not."""
         path = Path(path).resolve()
-        doc = tomlfile.load(path)
-        unknown = set(doc) - set(_SECTIONS)
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise PipelineConfigError(
+                f"pipeline file {path} {what}; pass a PIPELINE.toml (see examples/pipelines/)"
+            )
+        try:
+            doc = tomlfile.load(path)
+        except InvalidInputError as exc:
+            raise PipelineConfigError(f"{exc} (check the file's TOML syntax)") from None
+        except OSError as exc:
+            raise PipelineConfigError(f"pipeline file {path}: {exc.strerror}") from None
+        where = path.name
+        unknown = sorted(set(doc) - set(_SECTIONS))
         if unknown:
-            raise InvalidInputError(f"{path}: unknown sections {sorted(unknown)}")
-        if "data" not in doc or "source" not in doc["data"]:
-            raise InvalidInputError(f"{path}: [data] source is required")
-        parts = {name: _build(kind, doc.get(name, {}), name) for name, kind in _SECTIONS.items()}
+            raise PipelineConfigError(
+                f"{where}: unknown section{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(f'[{u}]' for u in unknown)} (known: "
+                f"{', '.join(f'[{s}]' for s in _SECTIONS)})"
+            )
+        for name, table in doc.items():
+            if not isinstance(table, dict):
+                raise PipelineConfigError(
+                    f"{where}: {name} = {_toml(table)} is {_kind(table)}; expected a [{name}] "
+                    "section (a table)"
+                )
+        if "source" not in doc.get("data", {}):
+            raise PipelineConfigError(
+                f"{where}: data.source is required (e.g. [data] source = \"sklearn:digits\")"
+            )
+        parts = {name: kind(**_check_section(where, name, doc.get(name, {})))
+                 for name, kind in _SECTIONS.items()}
         pipeline = cls(path=path, **parts)
         pipeline.validate()
         return pipeline
 
     def validate(self) -> None:
-        d, m, t, c = self.data, self.model, self.train, self.compress
-        e, b = self.export, self.bundle
-        checks = [
-            (d.pii_action in ("hmac", "drop"), "[data] pii_action must be hmac or drop"),
-            (0.0 < d.test_fraction < 0.9, "[data] test_fraction must be in (0, 0.9)"),
-            (m.kind in ("mlp", "cnn"), "[model] kind must be mlp or cnn"),
-            (bool(m.hidden) and all(isinstance(h, int) and 0 < h <= 65536 for h in m.hidden),
-             "[model] hidden must be a non-empty list of layer widths (1..65536)"),
-            (all(isinstance(ch, int) and 0 < ch <= 1024 for ch in m.channels),
-             "[model] channels must be widths 1..1024"),
-            (0 < t.epochs <= 10_000, "[train] epochs must be 1..10000"),
-            (0 < t.batch_size <= 65536, "[train] batch_size must be 1..65536"),
-            (0 < t.lr < 10, "[train] lr must be in (0, 10)"),
-            (t.device in ("auto", "cpu", "cuda"), "[train] device must be auto, cpu or cuda"),
-            (0 <= t.threads <= 256, "[train] threads must be 0..256"),
-            (0.0 <= c.prune < 1.0, "[compress] prune must be in [0, 1)"),
-            (c.quantize in ("none", "int8"), "[compress] quantize must be none or int8"),
-            (0 <= c.finetune_epochs <= 1000, "[compress] finetune_epochs must be 0..1000"),
-            (bool(e.formats) and set(e.formats) <= {"onnx", "tflite"} and "onnx" in e.formats,
-             "[export] formats must include onnx and may add tflite"),
-            (isinstance(b.version, int) and b.version > 0,
-             "[bundle] version must be an integer > 0"),
-            (2 <= self.profile.bins <= 100, "[profile] bins must be 2..100"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InvalidInputError(f"{self.path.name}: {message}")
+        """Check every value again (after ``dataclasses.replace``) and across sections."""
+        where = self.path.name
+        for name in _SECTIONS:
+            values = {k: v for k, v in self.section(name).items() if v is not None}
+            _check_section(where, name, values)
+        if self.data.source.startswith("csv:") and not self.data.label:
+            raise PipelineConfigError(
+                f"{where}: data.label is required for a CSV source (the label column's name)"
+            )
+        if self.data.source.startswith("sklearn:") and self.data.pii:
+            raise PipelineConfigError(
+                f"{where}: data.pii = {_toml(self.data.pii)}, but {self.data.source} has no PII "
+                "columns; remove data.pii"
+            )
 
     def section(self, name: str) -> dict[str, Any]:
         return dataclasses.asdict(getattr(self, name))

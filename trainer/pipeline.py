@@ -14,34 +14,32 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from sklearn.model_selection import train_test_split
 
-from fleetcore import pki
-from fleetcore.errors import InvalidInputError
+from fleetcore import pki, regions, strict_json
+from fleetcore.errors import EdgefleetError, InvalidInputError
 from fleetcore.files import atomic_write, file_digest
-from trainer import onnx_tools
-from trainer.bundle import build_bundle
 from trainer.config import Pipeline, settings_digest
-from trainer.models import build, count_parameters, fit_scaler
-from trainer.profile import build_profile
-from trainer.prune import prune
+from trainer.dist import DistContext
 from trainer.samples import accept, load_samples
-from trainer.sources import load_source
-from trainer.store import FeatureStore, Snapshot
-from trainer.tflite import INPUT_KEY as TFLITE_INPUT
-from trainer.tflite import OUTPUT_KEY as TFLITE_OUTPUT
-from trainer.tflite import SIGNATURES, export_tflite, run_tflite
-from trainer.train import DistContext, accuracy, fit, pick_device, predict_proba
+from trainer.sources import load_source, source_fingerprint
+from trainer.store import FeatureStore, RegionNotAllowedError, Snapshot
 
-__all__ = ["STEPS", "Run", "Workdir"]
+if TYPE_CHECKING:
+    import torch
+
+# torch, scikit-learn, onnx and onnxruntime are imported inside the steps that use them (and
+# the helpers those steps call): a rerun with every step cached never imports them, and a
+# preflight failure costs no import time.
+
+__all__ = ["STEPS", "PreflightError", "Run", "Workdir"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +64,10 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "profile": ("profile", "train"),
     "bundle": ("bundle",),
 }
+
+
+class PreflightError(InvalidInputError):
+    """Something a run will need is missing or unusable; found before any step ran."""
 
 
 @dataclass(frozen=True)
@@ -120,21 +122,37 @@ class Workdir:
         return self.root / "report.json"
 
 
+# Workdir documents (step state, ingest/train/evaluate/profile/export records) are read back
+# with the one strict loader, so they are written as strict JSON too: NaN or Infinity in one
+# fails when it is written, not steps later when it is read.
+WORKDIR_JSON_MAX_BYTES = 64 * 1024 * 1024
+
+
 def _write_json(path: Path, doc: Any) -> None:
-    atomic_write(path, json.dumps(doc, indent=2, sort_keys=True).encode())
+    try:
+        text = json.dumps(doc, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as exc:  # NaN or Infinity, e.g. the losses of a diverged training
+        raise InvalidInputError(f"{path}: cannot record {exc}") from None
+    atomic_write(path, text.encode())
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_bytes())
+    return strict_json.loads(path.read_bytes(), what=f"{path}", max_bytes=WORKDIR_JSON_MAX_BYTES)
 
 
 def _save_model(path: Path, model: torch.nn.Module, spec: dict[str, Any]) -> None:
+    import torch
+
     buf = io.BytesIO()
     torch.save({"spec": spec, "state_dict": model.state_dict()}, buf)
     atomic_write(path, buf.getvalue())
 
 
 def _load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    import torch
+
+    from trainer.models import build
+
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = build(state["spec"])
     model.load_state_dict(state["state_dict"])
@@ -226,8 +244,98 @@ class Run:
         self.outcomes[step] = "ran"
         return "ran"
 
+    def preflight(self, steps: Sequence[str] = STEPS) -> None:
+        """Check, before the first step runs, everything ``steps`` will need that can be
+        checked cheaply, so that a run does not train for minutes and then fail on a missing
+        key: the pipeline's values, the publisher key (exists, loads), the device (CUDA
+        present when asked for), the workdir and feature store (writable), the data source
+        (the CSV file readable) and the other inputs named (samples file, baseline bundle),
+        and the region against the store's policy. Writes nothing but the workdir itself;
+        raises PreflightError naming what is wrong."""
+        try:
+            self.pipeline.validate()
+            if "bundle" in steps:
+                key = self._private_key()
+                try:
+                    pki.load_private_key(key.read_bytes())
+                except (ValueError, TypeError, InvalidInputError) as exc:
+                    raise PreflightError(
+                        f"publisher key {key} is not a usable private key ({exc}); make one "
+                        "with `trainer keygen --out DIR`"
+                    ) from None
+            if "train" in steps:
+                self._check_device()
+            self._check_writable(self.workdir.root, "workdir")
+            if "ingest" in steps:
+                self._check_writable(self._store_path(), "feature store [store] path")
+                self._check_region()
+                # Reads a CSV source under its limits; a sklearn source needs scikit-learn.
+                self._source_digest()
+                if self.samples is not None and not self.samples.is_file():
+                    raise PreflightError(f"--samples {self.samples}: no such file")
+            if self.baseline is not None and not (self.baseline / "model.onnx").is_file():
+                raise PreflightError(
+                    f"--baseline {self.baseline}: no model.onnx there; pass the current "
+                    "model's bundle directory"
+                )
+        except PreflightError:
+            raise
+        except RegionNotAllowedError:
+            raise
+        except (EdgefleetError, OSError) as exc:
+            raise PreflightError(f"preflight: {exc}") from None
+
+    def _check_device(self) -> None:
+        if self.pipeline.train.device != "cuda":
+            return
+        import torch  # only when CUDA is asked for: checking for it needs torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise PreflightError(
+                f"{self.pipeline.path.name}: train.device = 'cuda' but no CUDA device is "
+                "available here; set device = 'cpu' (or 'auto': CUDA when present) in [train]"
+            )
+        if self.ctx.local_rank >= count:
+            raise PreflightError(
+                f"LOCAL_RANK {self.ctx.local_rank} but only {count} CUDA device(s) here; run "
+                "at most one process per GPU"
+            )
+
+    @staticmethod
+    def _check_writable(path: Path, what: str) -> None:
+        """``path`` (or, if it does not exist yet, the nearest folder above it) takes a file."""
+        probe = path
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise PreflightError(f"{what} {path}: {probe} is not a directory")
+        try:
+            with tempfile.TemporaryFile(dir=probe, prefix=".preflight-"):
+                pass
+        except OSError as exc:
+            raise PreflightError(
+                f"{what} {path} is not writable ({exc.strerror} in {probe})"
+            ) from None
+
+    def _check_region(self) -> None:
+        store = self._store_path()
+        policy_file = store / regions.POLICY_FILE
+        if policy_file.exists():
+            policy = regions.read_policy_file(policy_file)
+        else:
+            policy = self.pipeline.store.allowed_regions or [regions.ANY_REGION]
+        region = self.pipeline.data.region
+        if not regions.allows(policy, region):
+            raise RegionNotAllowedError(
+                f"{self.pipeline.path.name}: data.region = {region!r} is not allowed by the "
+                f"feature store {store} (allowed_regions {policy}); the store's owner sets the "
+                f"policy in {policy_file}"
+            )
+
     def run_all(self) -> dict[str, Any]:
         try:
+            self.preflight()
             for step in STEPS:
                 self.run_step(step)
             if self.baseline is not None:
@@ -254,13 +362,14 @@ class Run:
         return result
 
     # ------------------------------------------------------------------ data
+    def _store_path(self) -> Path:
+        path = Path(self.pipeline.store.path)
+        return path if path.is_absolute() else self.workdir.root / path
+
     def _store(self) -> FeatureStore:
         if self._feature_store is None:
-            path = Path(self.pipeline.store.path)
-            if not path.is_absolute():
-                path = self.workdir.root / path
             self._feature_store = FeatureStore(
-                path, allowed_regions=self.pipeline.store.allowed_regions
+                self._store_path(), allowed_regions=self.pipeline.store.allowed_regions
             )
         return self._feature_store
 
@@ -274,7 +383,8 @@ class Run:
         return load_source(d.source, label=d.label, pii=d.pii, base_dir=self.pipeline.base_dir)
 
     def _source_digest(self) -> str:
-        return str(self._load_raw().source_digest)
+        d = self.pipeline.data
+        return source_fingerprint(d.source, base_dir=self.pipeline.base_dir)
 
     def snapshot(self) -> Snapshot:
         if self._snapshot is None:
@@ -292,6 +402,8 @@ class Run:
         return snaps
 
     def _split_one(self, snap: Snapshot) -> tuple[np.ndarray, ...]:
+        from sklearn.model_selection import train_test_split
+
         idx = np.arange(len(snap.y))
         if len(idx) < 2:
             return snap.X[idx], snap.y[idx], snap.X[:0], snap.y[:0]
@@ -332,17 +444,20 @@ class Run:
     def _step_ingest(self, key: str) -> None:
         d = self.pipeline.data
         store = self._store()
-        snap = store.ingest(self._load_raw(), region=d.region, pii_action=d.pii_action,
-                            parent=d.parent)
+        raw = self._load_raw()
+        # The samples file is read (strictly) before anything is ingested: a refused file
+        # leaves the store as it was.
+        groups = None if self.samples is None else load_samples(
+            self.samples, feature_names=list(raw.feature_names), labels=list(raw.labels),
+            pii=list(d.pii), image_shape=raw.image_shape)
+        snap = store.ingest(raw, region=d.region, pii_action=d.pii_action, parent=d.parent)
         self.progress(f"[ingest] snapshot {snap.id} ({len(snap.y)} rows, region {snap.region})")
         doc: dict[str, Any] = {"snapshot": snap.id, "store": str(store.path)}
-        if self.samples is not None:
+        if groups is not None:
             doc["samples"], doc["refused_rows"] = [], {}
-            for group in load_samples(self.samples, feature_names=snap.feature_names,
-                                      labels=snap.labels, pii=list(d.pii),
-                                      image_shape=snap.image_shape):
+            for group in groups:
                 allowed = store.allowed_regions
-                if "*" not in allowed and group.region not in allowed:
+                if not regions.allows(allowed, group.region):
                     doc["refused_rows"][group.region] = len(group.table.y)
                     self.progress(f"[ingest] refused {len(group.table.y)} sample rows from "
                                   f"region {group.region!r} (store allows {allowed})")
@@ -366,6 +481,11 @@ class Run:
         return spec
 
     def _step_train(self, key: str) -> None:
+        import torch
+
+        from trainer.models import build, count_parameters, fit_scaler
+        from trainer.train import accuracy, fit, pick_device
+
         t = self.pipeline.train
         snap, split = self.snapshot(), self.split()
         if t.threads:
@@ -398,6 +518,8 @@ class Run:
         })
 
     def _step_evaluate(self, key: str) -> None:
+        from trainer.train import accuracy
+
         model, _ = _load_model(self.workdir.model)
         split = self.split()
         acc = accuracy(model, split.X_test, split.y_test)
@@ -406,6 +528,11 @@ class Run:
                                                       "rows": len(split.y_test)}})
 
     def _step_compress(self, key: str) -> None:
+        from trainer import onnx_tools
+        from trainer.models import count_parameters
+        from trainer.prune import prune
+        from trainer.train import fit
+
         c, t = self.pipeline.compress, self.pipeline.train
         model, spec = _load_model(self.workdir.model)
         split = self.split()
@@ -450,6 +577,9 @@ class Run:
         _write_json(out / "compress.json", recipe)
 
     def _step_export(self, key: str) -> None:
+        from trainer import onnx_tools
+        from trainer.train import predict_proba
+
         e = self.pipeline.export
         comp = self.workdir.compress_dir
         out = self.workdir.export_dir
@@ -502,6 +632,8 @@ class Run:
 
     def _export_tflite(self, model: torch.nn.Module, spec: dict[str, Any], rows: np.ndarray,
                        reference: np.ndarray, out: Path) -> dict[str, Any]:
+        from trainer.tflite import export_tflite, run_tflite
+
         path = export_tflite(model, spec["features"], out / "model.tflite",
                              int8=self.pipeline.compress.quantize == "int8")
         quantized = self.pipeline.compress.quantize == "int8"
@@ -509,6 +641,9 @@ class Run:
                                    QUANTIZED if quantized else EXACT)}
 
     def _step_profile(self, key: str) -> None:
+        from trainer import onnx_tools
+        from trainer.profile import build_profile
+
         p = self.pipeline.profile
         snap, split = self.snapshot(), self.split()
         predicted = onnx_tools.run_onnx(self.workdir.export_dir / "model.onnx",
@@ -540,6 +675,12 @@ class Run:
         return settings_digest(pki.public_key_pem(key).decode())
 
     def _step_bundle(self, key: str) -> None:
+        from trainer import onnx_tools
+        from trainer.bundle import build_bundle
+        from trainer.tflite import INPUT_KEY as TFLITE_INPUT
+        from trainer.tflite import OUTPUT_KEY as TFLITE_OUTPUT
+        from trainer.tflite import SIGNATURES
+
         b = self.pipeline.bundle
         snap, split = self.snapshot(), self.split()
         export = _read_json(self.workdir.export_dir / "export.json")

@@ -6,7 +6,8 @@ The control plane writes the samples it accepted for a model into ``samples.json
      "rows": [{"device", "version", "region", "features": [[...]], "labels": [...],
                "pii": {column: [hex HMAC | "", ...]}}, ...]}
 
-``load_samples`` reads it with limits (size, rows, widths, finite numbers, class ids) into one
+``load_samples`` reads it as strict JSON (``fleetcore.strict_json``: UTF-8, no duplicate keys, no
+``NaN``/``Infinity``) with limits (size, rows, widths, finite numbers, class ids) into one
 ``RawTable`` per region, shaped like the base snapshot (same features, labels and PII
 columns), with the devices and model versions that contributed as lineage. The PII values are
 the device's pseudonyms; the feature store pseudonymizes them again with its own key, so no
@@ -19,7 +20,6 @@ one is accepted only if its accuracy is at least the current one's plus ``margin
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from fleetcore import strict_json
 from fleetcore.errors import InvalidInputError
-from trainer import onnx_tools
 from trainer.sources import RawTable
 
 __all__ = ["MAX_SAMPLES_BYTES", "MAX_SAMPLE_ROWS", "RegionSamples", "accept", "load_samples"]
@@ -100,10 +100,7 @@ def load_samples(
     if size > MAX_SAMPLES_BYTES:
         raise _fail(str(path), f"{size} bytes; the limit is {MAX_SAMPLES_BYTES}")
     data = path.read_bytes()
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _fail(str(path), f"not valid JSON: {exc}") from None
+    doc = strict_json.loads(data, what=f"samples file {path}", max_bytes=MAX_SAMPLES_BYTES)
     if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
         raise _fail(str(path), 'expected {"model": ..., "rows": [...]}')
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -154,6 +151,7 @@ def accept(
     """Accuracy of both models on ``X``/``y``; accepted when candidate >= baseline + margin."""
     if len(y) == 0:
         raise InvalidInputError("no rows to compare the models on")
+    from trainer import onnx_tools  # onnxruntime: only when comparing
     base = float((onnx_tools.run_onnx(baseline_onnx, X).argmax(1) == y).mean())
     cand = float((onnx_tools.run_onnx(candidate_onnx, X).argmax(1) == y).mean())
     return {

@@ -14,11 +14,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib
+import importlib.metadata
 import io
 import math
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,20 +28,18 @@ import numpy as np
 
 from fleetcore.errors import InvalidInputError
 
-# scikit-learn ships no type information; importing it by name keeps mypy's verdict on it
-# (ignored or not, per pyproject) from turning into an unused or missing `type: ignore` here.
-_sklearn_datasets = importlib.import_module("sklearn.datasets")
-
-__all__ = ["SKLEARN_DATASETS", "CsvLimits", "RawTable", "load_source"]
+__all__ = ["SKLEARN_DATASETS", "CsvLimits", "RawTable", "load_source", "source_fingerprint"]
 
 MIB = 1024 * 1024
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-# name after "sklearn:" -> loader returning a Bunch with data, target, feature_names, target_names
-SKLEARN_DATASETS: dict[str, Callable[[], Any]] = {
-    "digits": _sklearn_datasets.load_digits,
-    "wine": _sklearn_datasets.load_wine,
-    "breast_cancer": _sklearn_datasets.load_breast_cancer,
+# name after "sklearn:" -> the sklearn.datasets function returning a Bunch with data, target,
+# feature_names, target_names. scikit-learn is imported only when a data set is loaded: a cached
+# rerun fingerprints the source without it (source_fingerprint).
+SKLEARN_DATASETS: dict[str, str] = {
+    "digits": "load_digits",
+    "wine": "load_wine",
+    "breast_cancer": "load_breast_cancer",
 }
 _IMAGE_SHAPES: dict[str, tuple[int, int]] = {"digits": (8, 8)}
 
@@ -104,13 +103,42 @@ def load_source(
     )
 
 
+def source_fingerprint(source: str, *, base_dir: Path, limits: CsvLimits = CsvLimits()) -> str:
+    """What a source's content depends on, without loading it (the ingest step's cache key).
+
+    A scikit-learn data set ships inside scikit-learn, so its name and the installed
+    scikit-learn version identify it (read from the package metadata: scikit-learn is not
+    imported). A CSV file is identified by its bytes, read under ``limits``.
+    """
+    scheme, sep, rest = source.partition(":")
+    if scheme == "sklearn" and sep and rest in SKLEARN_DATASETS:
+        try:
+            version = importlib.metadata.version("scikit-learn")
+        except importlib.metadata.PackageNotFoundError:
+            raise InvalidInputError(
+                f"data source {source!r} needs scikit-learn, which is not installed "
+                "(pip install 'edgefleet[trainer]')"
+            ) from None
+        return _digest([source.encode(), f"scikit-learn=={version}".encode()])
+    if scheme == "csv" and sep and rest:
+        path = Path(rest)
+        if not path.is_absolute():
+            path = Path(base_dir) / path
+        data = _read_limited(path.resolve(), limits.max_bytes)
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+    # Anything else: let load_source name what is wrong.
+    return load_source(source, label="-", pii=[], base_dir=base_dir).source_digest
+
+
 def _load_sklearn(name: str) -> RawTable:
     loader = SKLEARN_DATASETS.get(name)
     if loader is None:
         raise InvalidInputError(
             f"unknown scikit-learn data set {name!r}; known: {', '.join(sorted(SKLEARN_DATASETS))}"
         )
-    bunch = loader()
+    # scikit-learn ships no type information; importing it by name keeps mypy's verdict on it
+    # (ignored or not, per pyproject) from turning into an unused or missing `type: ignore` here.
+    bunch: Any = getattr(importlib.import_module("sklearn.datasets"), loader)()
     X = np.ascontiguousarray(bunch.data, dtype=np.float32)
     y = np.ascontiguousarray(bunch.target, dtype=np.int64)
     feature_names = [str(n) for n in bunch.feature_names]

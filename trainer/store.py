@@ -6,6 +6,7 @@ Layout of a store directory (0700)::
     data/<hex>.npz    the snapshot's arrays, uncompressed NumPy archive, no pickles
     store.key         32 random bytes (0600): the HMAC key that pseudonymizes PII
     policy.toml       allowed_regions = ["eu-west-1", ...]; "*" allows any region
+                      (read and checked by fleetcore.regions, the one policy parser)
 
 A snapshot's id is ``sha256:<hex>`` over a canonical encoding of everything a model could learn
 from it (features, labels, pseudonymized PII, image shape) and of its region, transform settings
@@ -13,16 +14,16 @@ and parent; the ingest time and the source's name are lineage, not content, so r
 same data returns the existing snapshot. ``get`` recomputes the id from the data file and the
 catalog row, so an edited file or a relabelled region is refused rather than trained on.
 
-PII columns are pseudonymized (HMAC-SHA256 under the store key, hex) or dropped before anything
-is hashed or written: raw values never reach ``data/`` or the catalog. Data files are stored
-uncompressed on purpose, so a leak would be visible to a byte scan (the tests do one).
+PII columns are pseudonymized (fleetcore.pseudonym: HMAC-SHA256 under the store key, hex) or
+dropped before anything is hashed or written: raw values never reach ``data/`` or the catalog.
+Data files are stored uncompressed on purpose, so a leak would be visible to a byte scan (the
+tests do one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import io
 import json
 import logging
@@ -32,7 +33,7 @@ import secrets
 import sqlite3
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -41,9 +42,10 @@ from typing import Any
 
 import numpy as np
 
-from fleetcore import tomlfile
+from fleetcore import regions, tomlfile
 from fleetcore.errors import InvalidInputError, NotFoundError
 from fleetcore.files import atomic_write, ensure_private_dir
+from fleetcore.pseudonym import pseudonymize_all
 from fleetcore.sqlite import connect, migrate
 from trainer.sources import RawTable
 
@@ -57,10 +59,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ANY_REGION = "*"
+ANY_REGION = regions.ANY_REGION
 KEY_BYTES = 32
 _ID_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
-_REGION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ID_DOMAIN = b"edgefleet.feature-store.snapshot.v1"
 
 _MIGRATIONS = [
@@ -136,14 +137,6 @@ class _Content:
         return {"pii": list(self.pii_names), "pii_action": self.pii_action}
 
 
-def _check_region(region: str) -> str:
-    if not isinstance(region, str) or not _REGION_RE.match(region):
-        raise InvalidInputError(
-            f"region {region!r}: expected 1-64 letters, digits, '.', '_' or '-'"
-        )
-    return region
-
-
 def _check_id(snapshot_id: str) -> str:
     """Return the hex part of a well-formed id (it names a file, so nothing else gets through)."""
     m = _ID_RE.match(snapshot_id) if isinstance(snapshot_id, str) else None
@@ -195,10 +188,8 @@ def _image_shape(shape: Sequence[int] | None) -> tuple[int, int] | None:
 
 
 def _pseudonymize(key: bytes, values: np.ndarray) -> np.ndarray:
-    digests = [
-        hmac.new(key, str(v).encode("utf-8"), hashlib.sha256).hexdigest() for v in values.tolist()
-    ]
-    return np.array(digests, dtype="<U64")
+    """fleetcore.pseudonym over a column, as a fixed-width string array (no pickles)."""
+    return np.array(pseudonymize_all(key, values.tolist()), dtype="<U64")
 
 
 def _content_id(c: _Content) -> str:
@@ -354,7 +345,7 @@ class FeatureStore:
         self.path = Path(path)
         self.data_dir = self.path / "data"
         self.key_path = self.path / "store.key"
-        self.policy_path = self.path / "policy.toml"
+        self.policy_path = self.path / regions.POLICY_FILE
         ensure_private_dir(self.path)
         ensure_private_dir(self.data_dir)
         self._allowed = self._load_or_create_policy(allowed_regions)
@@ -382,18 +373,14 @@ class FeatureStore:
     # -- policy and key --
 
     def _load_or_create_policy(self, requested: Sequence[str] | None) -> list[str]:
-        wanted = None if requested is None else _check_policy(list(requested), "allowed_regions")
+        wanted = (
+            None if requested is None else regions.check_regions(list(requested), "allowed_regions")
+        )
         if not self.policy_path.exists():
             policy = wanted if wanted is not None else [ANY_REGION]
             tomlfile.write(self.policy_path, {"allowed_regions": policy})
             return policy
-        doc = tomlfile.load(self.policy_path)
-        stored = doc.get("allowed_regions")
-        if not isinstance(stored, list):
-            raise InvalidInputError(
-                f'{self.policy_path}: expected allowed_regions = [list of regions or "*"]'
-            )
-        policy = _check_policy(stored, str(self.policy_path))
+        policy = regions.read_policy_file(self.policy_path)
         if wanted is not None and sorted(set(wanted)) != sorted(set(policy)):
             raise InvalidInputError(
                 f"store {self.path} allows regions {policy}, not {wanted}; the policy belongs "
@@ -436,7 +423,7 @@ class FeatureStore:
         ``origin``: lineage beyond the source name (for device samples: which devices, on
         which model versions); JSON-ready, kept in the catalog, not part of the id."""
         ingested_at = _utc_iso(now if now is not None else datetime.now(UTC))
-        _check_region(region)
+        regions.check_region(region, "region")
         try:
             action = PiiAction(pii_action)
         except ValueError:
@@ -538,7 +525,7 @@ class FeatureStore:
 
     def check_region(self, snapshot: Snapshot) -> None:
         """Refuse a snapshot whose region the store's policy does not allow."""
-        if ANY_REGION in self._allowed or snapshot.region in self._allowed:
+        if regions.allows(self._allowed, snapshot.region):
             return
         allowed = ", ".join(repr(r) for r in self._allowed)
         raise RegionNotAllowedError(
@@ -552,15 +539,6 @@ class FeatureStore:
             "SELECT * FROM snapshots WHERE id = ?", (snapshot_id,)
         ).fetchone()
         return row
-
-
-def _check_policy(regions: Iterable[object], where: str) -> list[str]:
-    out: list[str] = []
-    for r in regions:
-        if r != ANY_REGION and not (isinstance(r, str) and _REGION_RE.match(r)):
-            raise InvalidInputError(f"{where}: {r!r} is not a region name or {ANY_REGION!r}")
-        out.append(str(r))
-    return out
 
 
 def _create_key(path: Path) -> bytes:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,30 +26,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fleetcore.errors import InvalidInputError
 from fleetcore.files import atomic_write
+from trainer.dist import DistContext
 
 __all__ = ["DistContext", "TrainOutcome", "accuracy", "fit", "pick_device", "predict_proba"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DistContext:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> DistContext:
-        return cls(
-            rank=int(os.environ.get("RANK", "0")),
-            world=int(os.environ.get("WORLD_SIZE", "1")),
-            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        )
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass
@@ -63,7 +45,10 @@ class TrainOutcome:
 def pick_device(setting: str, ctx: DistContext) -> torch.device:
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("[train] device = 'cuda' but no CUDA device is available")
+            raise InvalidInputError(
+                "train.device = 'cuda' but no CUDA device is available; set device = 'cpu' or "
+                "'auto' in [train]"
+            )
         return torch.device("cuda", ctx.local_rank)
     return torch.device("cpu")
 

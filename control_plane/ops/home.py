@@ -10,31 +10,15 @@ from control_plane.config import ControlPlaneConfig, HomeLayout
 from control_plane.domain.records import CertificateRecord
 from control_plane.storage import open_store
 from control_plane.storage.blobs import load_or_create_key
-from fleetcore import pki, tomlfile
+from fleetcore import operator_config, pki
 from fleetcore.errors import AlreadyExistsError
 from fleetcore.files import atomic_write, ensure_private_dir
 
-__all__ = ["init_home", "write_operator_config"]
+__all__ = ["init_home"]
 
 CA_TTL = dt.timedelta(days=3650)
 SERVER_TTL = dt.timedelta(days=825)
 PRIVATE = 0o600
-
-
-def write_operator_config(
-    out_dir: Path, api: str, key_pem: bytes, cert_pem: bytes, ca_pem: bytes
-) -> Path:
-    """Write a `fleet` client config (fleet.toml plus its key, certificate and CA)."""
-    out_dir = ensure_private_dir(Path(out_dir))
-    atomic_write(out_dir / "operator.key", key_pem, mode=PRIVATE)
-    atomic_write(out_dir / "operator.pem", cert_pem)
-    atomic_write(out_dir / "ca.pem", ca_pem)
-    path = out_dir / "fleet.toml"
-    tomlfile.write(
-        path,
-        {"api": api, "cert": "operator.pem", "key": "operator.key", "ca": "ca.pem"},
-    )
-    return path
 
 
 def init_home(
@@ -109,11 +93,11 @@ def init_home(
     finally:
         store.close()
     api = cfg.api_advertise or cfg.api_listen
-    write_operator_config(
+    operator_config.write(
         lay.operator_dir("admin"),
-        api,
-        pki.private_key_pem(admin_key),
-        pki.certificate_pem(admin_cert),
-        pki.certificate_pem(ca_cert),
+        api=api,
+        key_pem=pki.private_key_pem(admin_key),
+        cert_pem=pki.certificate_pem(admin_cert),
+        ca_pem=pki.certificate_pem(ca_cert),
     )
     return cfg

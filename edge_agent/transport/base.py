@@ -80,6 +80,8 @@ class Transport(abc.ABC):
                     release = await anext(stream)
                 except StopAsyncIteration:
                     return
+                except asyncio.CancelledError:
+                    raise _unless_ours("release stream") from None
                 except EdgefleetError:
                     raise
                 except Exception as exc:
@@ -113,6 +115,8 @@ class Transport(abc.ABC):
                         f"download of {digest} stalled at byte {have} (nothing for "
                         f"{chunk_timeout:g}s)"
                     ) from None
+                except asyncio.CancelledError:
+                    raise _unless_ours(f"download of {digest}") from None
                 except EdgefleetError:
                     raise
                 except Exception as exc:
@@ -173,6 +177,8 @@ class Transport(abc.ABC):
             raise TransportError(
                 f"{self.name} {what}: no answer within {self.rpc_timeout_seconds:g}s"
             ) from None
+        except asyncio.CancelledError:
+            raise _unless_ours(what) from None
         except EdgefleetError:
             raise
         except Exception as exc:
@@ -184,3 +190,14 @@ class Transport(abc.ABC):
             return wrapped
         log.debug("%s %s failed", self.name, what, exc_info=exc)
         return TransportError(f"{self.name} {what} failed: {type(exc).__name__}: {exc}")
+
+
+def _unless_ours(what: str) -> BaseException:
+    """What to raise for a CancelledError out of a call: the same cancellation when this task
+    is being cancelled, else a TransportError. gRPC's asyncio calls raise CancelledError when
+    their channel closes under them (a reset after another call failed); left alone, that
+    silently ended the agent's release loop for good."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return asyncio.CancelledError()
+    return TransportError(f"{what}: the connection was closed under the call")

@@ -1,14 +1,16 @@
-"""`fleet`: the operator CLI against the control-plane AdminService (mTLS)."""
+"""`fleet`: the operator CLI against the control-plane AdminService (mTLS): tokens, devices,
+operators and the audit log here; models, rollouts, experiments, drift and retraining in
+`fleet.models`."""
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,51 +18,19 @@ import grpc
 from edgefleet.v1 import admin_pb2
 from google.protobuf import json_format
 
-from control_plane.config import parse_hostport
-from control_plane.fleet_common import RPC_TIMEOUT_SECONDS as T
-from control_plane.fleet_common import Stub, labels_text, ts
-from control_plane.fleet_models import MODEL_COMMANDS, add_model_commands
-from control_plane.ops.home import write_operator_config
-from fleetcore import pki, tomlfile
+from fleet.channel import open_channel
+from fleet.common import RPC_TIMEOUT_SECONDS as T
+from fleet.common import Stub, labels_text, ts
+from fleet.models import MODEL_COMMANDS, add_model_commands
+from fleetcore import operator_config, pki
+from fleetcore.addresses import parse_hostport
 from fleetcore.cli import print_json, print_table, run_main
 from fleetcore.errors import InvalidInputError
 from fleetcore.files import atomic_write
 from fleetcore.labels import parse_label_args
+from fleetcore.operator_config import OperatorConfig
 
-__all__ = ["FleetConfig", "main"]
-
-
-
-@dataclass(frozen=True)
-class FleetConfig:
-    api: str
-    cert: Path
-    key: Path
-    ca: Path
-
-    @classmethod
-    def load(cls, path: Path) -> FleetConfig:
-        if not path.exists():
-            raise InvalidInputError(f"fleet config {path} does not exist")
-        doc = tomlfile.load(path)
-        base = path.parent
-        try:
-            return cls(
-                api=str(doc["api"]),
-                cert=base / str(doc["cert"]),
-                key=base / str(doc["key"]),
-                ca=base / str(doc["ca"]),
-            )
-        except KeyError as exc:
-            raise InvalidInputError(f"{path}: missing key {exc.args[0]!r}") from None
-
-    def channel(self) -> grpc.Channel:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=self.ca.read_bytes(),
-            private_key=self.key.read_bytes(),
-            certificate_chain=self.cert.read_bytes(),
-        )
-        return grpc.secure_channel(self.api, creds)
+__all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -175,7 +145,7 @@ def _show_device(d: admin_pb2.Device, as_json: bool) -> None:
 
 
 
-def _tokens_create(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+def _tokens_create(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> None:
     r = stub.CreateEnrollmentToken(
         admin_pb2.CreateEnrollmentTokenRequest(
             ttl_seconds=args.ttl, labels=parse_label_args(args.label)
@@ -188,7 +158,7 @@ def _tokens_create(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> No
         print(r.token)
 
 
-def _devices_list(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+def _devices_list(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> None:
     r = stub.ListDevices(
         admin_pb2.ListDevicesRequest(selector=parse_label_args(args.selector)), timeout=T
     )
@@ -212,16 +182,16 @@ def _devices_list(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> Non
     )
 
 
-def _devices_show(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+def _devices_show(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> None:
     _show_device(stub.GetDevice(admin_pb2.GetDeviceRequest(id=args.id), timeout=T), args.json)
 
 
-def _devices_revoke(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+def _devices_revoke(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> None:
     d = stub.RevokeDevice(admin_pb2.RevokeDeviceRequest(id=args.id, reason=args.reason), timeout=T)
     _show_device(d, args.json)
 
 
-def _operators_create(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+def _operators_create(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> None:
     pki.validate_name(args.name, "operator name")
     op_key = pki.generate_key()  # generated here; only the CSR goes to the control plane
     r = stub.CreateOperator(
@@ -230,13 +200,14 @@ def _operators_create(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) ->
         ),
         timeout=T,
     )
-    path = write_operator_config(
-        args.out, cfg.api, pki.private_key_pem(op_key), r.certificate_pem, r.ca_pem
+    path = operator_config.write(
+        args.out, api=cfg.api, key_pem=pki.private_key_pem(op_key),
+        cert_pem=r.certificate_pem, ca_pem=r.ca_pem,
     )
     print(f"operator {args.name} ({args.role}): {path}")
 
 
-def _audit_list(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+def _audit_list(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> None:
     r = stub.ListAuditEvents(admin_pb2.ListAuditEventsRequest(limit=args.limit), timeout=T)
     events = [
         {
@@ -262,7 +233,7 @@ def _audit_list(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
     )
 
 
-def _audit_checkpoint(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+def _audit_checkpoint(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> None:
     c = stub.CheckpointAudit(admin_pb2.CheckpointAuditRequest(), timeout=T)
     text = json.dumps({"document": c.document.decode(),
                        "signature": base64.b64encode(c.signature).decode()}, indent=2) + "\n"
@@ -274,7 +245,7 @@ def _audit_checkpoint(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) ->
         sys.stdout.write(text)
 
 
-def _audit_verify(stub: Stub, args: argparse.Namespace, cfg: FleetConfig) -> None:
+def _audit_verify(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> None:
     request = admin_pb2.VerifyAuditRequest()
     if args.checkpoint:
         try:
@@ -303,7 +274,7 @@ class AuditBrokenError(InvalidInputError):
     """``fleet audit verify`` found a changed, deleted, reordered or truncated log."""
 
 
-COMMANDS: dict[tuple[str, str], Callable[[Stub, argparse.Namespace, FleetConfig], None]] = {
+COMMANDS: dict[tuple[str, str], Callable[[Stub, argparse.Namespace, OperatorConfig], None]] = {
     **MODEL_COMMANDS,
     ("audit", "verify"): _audit_verify,
     ("audit", "checkpoint"): _audit_checkpoint,
@@ -338,12 +309,12 @@ def main(argv: list[str] | None = None) -> int:
                                else None)
         if path is None:
             raise InvalidInputError("no client config: pass --config FILE or set $FLEET_CONFIG")
-        cfg = FleetConfig.load(path)
+        cfg = operator_config.load(path)
         if args.api:
             parse_hostport(args.api)
-            cfg = FleetConfig(api=args.api, cert=cfg.cert, key=cfg.key, ca=cfg.ca)
+            cfg = dataclasses.replace(cfg, api=args.api)
         try:
-            with cfg.channel() as channel:
+            with open_channel(cfg) as channel:
                 COMMANDS[(args.group, args.command)](Stub(channel), args, cfg)
             return 0
         except grpc.RpcError as exc:

@@ -12,8 +12,8 @@ from typing import Any
 
 from edgefleet.v1 import admin_pb2
 
-from control_plane.fleet_common import RPC_TIMEOUT_SECONDS as T
-from control_plane.fleet_common import Progress, Stub, labels_text, ts
+from fleet.common import RPC_TIMEOUT_SECONDS as T
+from fleet.common import Progress, Stub, labels_text, ts
 from fleetcore.archive import pack_bundle
 from fleetcore.cli import print_json, print_table
 from fleetcore.errors import EdgefleetError, InvalidInputError

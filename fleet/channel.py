@@ -1,0 +1,20 @@
+"""The mTLS channel to the control-plane API that an operator config describes."""
+
+from __future__ import annotations
+
+import grpc
+
+from fleetcore.operator_config import OperatorConfig
+
+__all__ = ["open_channel"]
+
+
+def open_channel(cfg: OperatorConfig) -> grpc.Channel:
+    """A channel to ``cfg.api`` that presents the operator's certificate and trusts only the
+    fleet CA."""
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=cfg.ca.read_bytes(),
+        private_key=cfg.key.read_bytes(),
+        certificate_chain=cfg.cert.read_bytes(),
+    )
+    return grpc.secure_channel(cfg.api, creds)
