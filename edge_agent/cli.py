@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import signal
 import sys
 from pathlib import Path
@@ -13,7 +12,8 @@ from pathlib import Path
 from edge_agent.daemon import Agent
 from edge_agent.enroll import enroll
 from edge_agent.identity import load_credentials
-from edge_agent.model_store import ModelStore
+from edge_agent.install.model_store import ModelStore
+from edge_agent.install.release_trust import recorded_serial
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.transport import TRANSPORTS
 from fleetcore.cli import print_json, print_table, run_main, setup_logging
@@ -74,7 +74,6 @@ def _status(state_dir: Path, as_json: bool) -> int:
     creds = load_credentials(state)
     live = state.read_status()
     models = ModelStore(state.models).status() if state.models.exists() else []
-    release = json.loads(state.release.read_text()) if state.release.exists() else {}
     doc = {
         "device_id": cfg.device_id,
         "api_address": cfg.api_address,
@@ -86,7 +85,7 @@ def _status(state_dir: Path, as_json: bool) -> int:
         "last_heartbeat": live.get("last_heartbeat"),
         "last_error": live.get("last_error"),
         "consecutive_failures": live.get("consecutive_failures", 0),
-        "release_serial": release.get("serial", 0),
+        "release_serial": recorded_serial(state.release),
         "models": [
             {k: m.get(k) for k in ("name", "version", "state", "reason", "serving",
                                    "bundle_digest")}

@@ -23,21 +23,21 @@ from edgefleet.v1 import agent_pb2, common_pb2
 
 from edge_agent._version import __version__
 from edge_agent.backoff import Backoff
-from edge_agent.drift import DriftConfig
 from edge_agent.hostinfo import host_facts
 from edge_agent.identity import Credentials, install_renewed, load_credentials, renewal_due
-from edge_agent.model_store import ModelStore
-from edge_agent.outbox import Outbox
-from edge_agent.probation import ProbationPolicy
-from edge_agent.release_trust import ReleaseTrust
+from edge_agent.install.model_store import ModelStore
+from edge_agent.install.probation import ProbationPolicy
+from edge_agent.install.release_trust import ReleaseTrust
+from edge_agent.install.updater import Updater
+from edge_agent.reporting.drift import DriftConfig
+from edge_agent.reporting.outbox import Outbox
+from edge_agent.reporting.telemetry import TelemetrySender, encode
 from edge_agent.serving.grpc_server import start_grpc
 from edge_agent.serving.http import start_http
 from edge_agent.serving.metrics import ServingMetrics
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.supervisor import ServingSupervisor
-from edge_agent.telemetry import TelemetrySender, encode
 from edge_agent.transport import RefusedError, Transport, make_transport
-from edge_agent.updater import Updater
 from fleetcore import pki
 from fleetcore.addresses import parse_hostport
 from fleetcore.errors import EdgefleetError, TransportError, UntrustedInputError

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetcore import tomlfile
+from fleetcore import strict_json, tomlfile
 from fleetcore.errors import InvalidInputError
 from fleetcore.files import atomic_write
 
@@ -75,11 +75,11 @@ class StateDir:
 
     def read_status(self) -> dict[str, Any]:
         try:
-            doc = json.loads(self.status.read_bytes())
+            doc = strict_json.loads(self.status.read_bytes(), what="status.json")
         except FileNotFoundError:
             return {}
-        except ValueError:
-            return {"error": "status.json is not valid JSON"}
+        except InvalidInputError as exc:
+            return {"error": str(exc)}
         return doc if isinstance(doc, dict) else {}
 
     def write_status(self, doc: dict[str, Any]) -> None:

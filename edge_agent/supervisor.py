@@ -11,14 +11,12 @@
 * Samples: the release's ``sample_rate`` per model sets serving's sampling; a sampled request
   that gets its label becomes a ``sample`` record: its rows, labels and, of its parameters,
   ONLY the PII columns the bundle manifest declares: ``hmac`` ones as HMAC-SHA256 under this
-  device's own key (``sample.key``, made here, never sent), ``drop`` ones not at all. No other
-  parameter leaves the device.
+  device's own key (``fleetcore.pseudonym``; ``sample.key``, made here, never sent), ``drop``
+  ones not at all. No other parameter leaves the device.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import secrets
 import time
@@ -28,16 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.drift import DriftConfig, DriftMonitor, parse_profile
-from edge_agent.lifecycle import InstallState
-from edge_agent.model_store import ModelStore
-from edge_agent.outbox import Outbox
+from edge_agent.install.lifecycle import InstallState
+from edge_agent.install.model_store import ModelStore
+from edge_agent.install.updater import Updater
+from edge_agent.reporting.drift import DriftConfig, DriftMonitor, parse_profile
+from edge_agent.reporting.outbox import Outbox
+from edge_agent.reporting.telemetry import encode
 from edge_agent.serving.core import ServingCore
-from edge_agent.telemetry import encode
-from edge_agent.updater import Updater
 from fleetcore.bundle import MANIFEST, PROFILE, parse_manifest
 from fleetcore.errors import EdgefleetError
 from fleetcore.files import atomic_write
+from fleetcore.pseudonym import pseudonymize
 from fleetcore.release import ReleaseDocument
 
 __all__ = ["ServingSupervisor"]
@@ -61,10 +60,6 @@ def load_sample_key(path: Path) -> bytes:
     key = secrets.token_bytes(32)
     atomic_write(path, key, mode=0o600)
     return key
-
-
-def pseudonymize(key: bytes, value: str) -> str:
-    return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 class ServingSupervisor:

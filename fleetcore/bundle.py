@@ -7,9 +7,9 @@ model-signing signature over every other file, made with the publisher key).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from fleetcore import strict_json
 from fleetcore.errors import InvalidInputError
 
 __all__ = [
@@ -47,15 +47,9 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 
 
 def parse_manifest(data: bytes) -> dict[str, Any]:
-    """Parse and check a manifest from untrusted bytes (size-limited, typed fields)."""
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise InvalidInputError(
-            f"manifest is {len(data)} bytes; the limit is {MAX_MANIFEST_BYTES}"
-        )
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"manifest is not valid JSON: {exc}") from None
+    """Parse and check a manifest from untrusted bytes (strict JSON, size-limited, typed fields:
+    duplicate keys, NaN/Infinity and deep nesting are refused by ``fleetcore.strict_json``)."""
+    doc = strict_json.loads(data, what="manifest", max_bytes=MAX_MANIFEST_BYTES)
     if not isinstance(doc, dict):
         raise InvalidInputError("manifest must be a JSON object")
     for key, kind in _REQUIRED.items():

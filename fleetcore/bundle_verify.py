@@ -28,7 +28,6 @@ import binascii
 import functools
 import hashlib
 import importlib
-import json
 import logging
 import os
 import tempfile
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from fleetcore import strict_json
 from fleetcore.archive import list_regular_files
 from fleetcore.bundle import MANIFEST, MAX_MANIFEST_BYTES, MODEL_ONNX, SIGNATURE, parse_manifest
 from fleetcore.errors import BadSignatureError, InvalidInputError
@@ -142,8 +142,10 @@ def _verify_signature(
 def _parse_statement(signature: bytes) -> _Statement:
     """The hash type and file names that the signature's in-toto statement lists."""
     try:
-        envelope = _loads_strict(signature)["dsseEnvelope"]
-        statement = _loads_strict(base64.b64decode(envelope["payload"], validate=True))
+        envelope = strict_json.loads(signature, what="signature",
+                                     max_bytes=MAX_SIGNATURE_BYTES)["dsseEnvelope"]
+        statement = strict_json.loads(base64.b64decode(envelope["payload"], validate=True),
+                                      what="signature payload", max_bytes=MAX_SIGNATURE_BYTES)
         serialization = statement["predicate"]["serialization"]
         resources = statement["predicate"]["resources"]
         method, hash_type = serialization["method"], serialization["hash_type"]
@@ -152,7 +154,7 @@ def _parse_statement(signature: bytes) -> _Statement:
                   if r.get("algorithm") == "sha256" and isinstance(r.get("digest"), str)}
     except KeyError as exc:
         raise BadSignatureError(f"signature is malformed: it lacks the field {exc}") from None
-    except (ValueError, TypeError, binascii.Error) as exc:
+    except (ValueError, TypeError, binascii.Error, InvalidInputError) as exc:
         raise BadSignatureError(f"signature is malformed: {_short_reason(exc)}") from None
     if method != "files":
         raise BadSignatureError(f"signature must hash whole files; got method {method!r}")
@@ -186,18 +188,6 @@ def _check_files_table(bundle: Path, files: set[str], table: object,
         actual = verified.get(name) or _sha256_file(bundle / name)
         if actual != expected:
             raise InvalidInputError(f"{name} has SHA-256 {actual}; the manifest says {expected}")
-
-
-def _loads_strict(data: bytes) -> Any:
-    """``json.loads`` that refuses duplicate keys, so no two parsers can read different values."""
-    return json.loads(data, object_pairs_hook=_unique_pairs)
-
-
-def _unique_pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in items]
-    if len(set(keys)) != len(keys):
-        raise ValueError("duplicate key in JSON object")
-    return dict(items)
 
 
 def _read_bounded(path: Path, limit: int, what: str) -> bytes:

@@ -1,7 +1,7 @@
 """The signed per-device release document: encoding, signing, strict parsing and verification.
 
 Pure: bytes and a reference time in, typed objects out or a domain error; nothing here reads
-the clock, the disk or the network (the agent's shell is ``edge_agent/release_trust.py``).
+the clock, the disk or the network (the agent's shell is ``edge_agent/install/release_trust.py``).
 
 Rules (DESIGN.md section 3, modeled on python-tuf's ``trusted_metadata_set.py``):
 
@@ -36,6 +36,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fleetcore import strict_json
 from fleetcore.errors import (
     BadSignatureError,
     ExpiredError,
@@ -191,17 +192,7 @@ def sign_release(document: bytes, key: ec.EllipticCurvePrivateKey) -> SignedRele
 
 def parse_document(document: bytes) -> ReleaseDocument:
     """Parse and check a release document (see the rules in the module docstring)."""
-    if len(document) > MAX_DOCUMENT_BYTES:
-        raise InvalidInputError(
-            f"release document is {len(document)} bytes; the limit is {MAX_DOCUMENT_BYTES}"
-        )
-    try:
-        text = document.decode("utf-8")
-        raw = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"release document is not UTF-8: {exc}") from None
-    except (ValueError, RecursionError) as exc:
-        raise InvalidInputError(f"release document is not valid JSON: {exc}") from None
+    raw = strict_json.loads(document, what="release document", max_bytes=MAX_DOCUMENT_BYTES)
     obj = _object(raw, _DOCUMENT_KEYS, "release document")
     if obj["format"] != RELEASE_FORMAT:
         raise InvalidInputError(
@@ -269,19 +260,6 @@ def _arm(raw: object, where: str) -> Arm:
             f"got {weight!r}"
         )
     return Arm(version=version, digest=digest, length=length, weight=weight, shadow=shadow)
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise InvalidInputError(f"release document repeats the key {key!r}")
-        obj[key] = value
-    return obj
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise InvalidInputError(f"release document numbers must be finite; got {name}")
 
 
 def _wrong_type(where: str, expected: str, value: object) -> NoReturn:

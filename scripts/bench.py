@@ -1,13 +1,16 @@
 """`make bench`: figures measured against a baseline in the same run, reported as ratios.
 
-So far:
+Each row carries its target and a pass/fail column:
 * the control plane's heartbeat path (mTLS, identity from the peer certificate, revocation
   check, SQLite write with synchronous=FULL) against a bare gRPC unary call over the same mTLS
   channel to an in-process echo handler;
 * int8 + pruned vs fp32 on the digits MLP (>= 1M parameters, examples/pipelines/digits-mlp.toml):
-  ONNX size, test accuracy and batch-64 latency, both models measured in the same run.
-More benchmarks join as the issues land (DESIGN.md §9); each row carries its target and a
-pass/fail column.
+  ONNX size, test accuracy and batch-64 latency, both models measured in the same run;
+* serving (``scripts/bench_serving.py``): in-process and HTTP against bare ONNX Runtime and a
+  minimal Starlette app, gRPC, resident memory, drift update cost;
+* bundle verification against ``openssl dgst`` (``scripts/bench_verify.py``);
+* fleet scale with 1,000 simulated agents (``scripts/bench_fleet.py``);
+* MQTT telemetry and release fan-out through Mosquitto (``scripts/bench_mqtt.py``).
 """
 
 from __future__ import annotations

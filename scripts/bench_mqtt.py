@@ -44,9 +44,9 @@ from control_plane.ops.home import init_home
 from control_plane.ops.mqtt_config import write_broker_config
 from control_plane.server import ControlPlane
 from control_plane.storage import open_store
-from edge_agent.outbox import Outbox
+from edge_agent.reporting.outbox import Outbox
+from edge_agent.reporting.telemetry import TelemetrySender, encode
 from edge_agent.state import AgentConfig, StateDir
-from edge_agent.telemetry import TelemetrySender, encode
 from edge_agent.transport.mqtt import MqttTransport
 from fleetcore import pki
 from fleetcore.mqtt_wire import Leaf, topic

@@ -28,10 +28,9 @@ from edgefleet.v1 import grpc_predict_v2_pb2 as pb
 from edgefleet.v1 import grpc_predict_v2_pb2_grpc as pb_grpc
 from sklearn.datasets import load_digits
 
-from edge_agent.drift import bench_update_cost
-from edge_agent.serving.bench import bench_http, bench_inprocess
 from edge_agent.serving.core import ServingCore
 from edge_agent.serving.grpc_server import start_grpc
+from scripts.bench_agent_serving import bench_http, bench_inprocess, bench_update_cost
 from trainer.onnx_tools import session
 
 __all__ = ["bench_serving"]

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +27,7 @@ from control_plane.server import ControlPlane
 from edge_agent.daemon import Agent
 from edge_agent.enroll import enroll
 from edge_agent.state import AgentConfig, StateDir
+from edge_agent.transport import Transport
 from fleet.channel import open_channel
 from fleetcore import operator_config
 from fleetcore.operator_config import OperatorConfig
@@ -218,3 +219,54 @@ def assign_digits_v1(cp: RunningControlPlane, trained_bundle: Path, workdir: Pat
                        str(bundle)]) == 0
     assert fleet_main(["--config", config, "--api", cp.api, "rollouts", "start", "--model",
                        "digits", "--version", "1"]) == 0
+
+
+class FakeBundleServer(Transport):
+    """Serves a blob like FetchBundle, misbehaving on request (in memory, no network).
+
+    A ``Transport``, so the base class's invariants (stall timeout, chunk size limit, error
+    wrapping) apply to it exactly as to gRPC and MQTT."""
+
+    name = "fake"
+
+    def __init__(self, blob: bytes, *, extra: bytes = b"", break_after: int | None = None,
+                 stall_after: int | None = None, chunk: int = 1000) -> None:
+        super().__init__()
+        self.blob, self.extra, self.chunk = blob, extra, chunk
+        self.break_after, self.stall_after = break_after, stall_after
+        self.requests: list[tuple[int, int]] = []
+        self.sent = 0
+
+    async def _fetch_bundle(
+        self, digest: str, offset: int, length: int
+    ) -> AsyncGenerator[agent_pb2.BundleChunk, None]:
+        self.requests.append((offset, length))
+        data = self.blob[offset:] + self.extra
+        for chunks, i in enumerate(range(0, len(data), self.chunk)):
+            if self.stall_after is not None and chunks >= self.stall_after:
+                await asyncio.Event().wait()  # never answers again
+            if self.break_after is not None and chunks >= self.break_after:
+                self.break_after = None
+                raise ConnectionResetError("connection reset")
+            piece = data[i : i + self.chunk]
+            self.sent += len(piece)
+            yield agent_pb2.BundleChunk(offset=offset + i, data=piece)
+
+    async def _heartbeat(self, request: Any) -> Any:
+        raise NotImplementedError
+
+    async def _send_telemetry(self, batch: Any) -> list[int]:
+        raise NotImplementedError
+
+    async def _renew_certificate(self, csr_pem: bytes) -> bytes:
+        raise NotImplementedError
+
+    async def _releases(self, have_serial: int) -> AsyncGenerator[Any, None]:
+        raise NotImplementedError
+        yield
+
+    async def _reset(self) -> None:
+        pass
+
+    async def _close(self) -> None:
+        pass

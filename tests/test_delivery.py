@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,15 @@ import pytest
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
 from edge_agent.cli import main as agent_main
-from edge_agent.download import fetch_bundle
-from edge_agent.transport import MAX_CHUNK_BYTES, Transport
+from edge_agent.install.download import fetch_bundle
+from edge_agent.transport import MAX_CHUNK_BYTES
 from fleet.cli import main as fleet_main
 from fleetcore import pki
 from fleetcore.archive import pack_bundle
 from fleetcore.errors import InvalidInputError, TransportError, UntrustedInputError
 from tests.support import (
     WAIT,
+    FakeBundleServer,
     LoopThread,
     RunningAgent,
     RunningControlPlane,
@@ -220,57 +220,6 @@ def test_device_cannot_fetch_a_bundle_outside_its_release(
 
 
 # ---------------------------------------------------------------- download behaviour
-
-
-class FakeBundleServer(Transport):
-    """Serves a blob like FetchBundle, misbehaving on request (in memory, no network).
-
-    A ``Transport``, so the base class's invariants (stall timeout, chunk size limit, error
-    wrapping) apply to it exactly as to gRPC and MQTT."""
-
-    name = "fake"
-
-    def __init__(self, blob: bytes, *, extra: bytes = b"", break_after: int | None = None,
-                 stall_after: int | None = None, chunk: int = 1000) -> None:
-        super().__init__()
-        self.blob, self.extra, self.chunk = blob, extra, chunk
-        self.break_after, self.stall_after = break_after, stall_after
-        self.requests: list[tuple[int, int]] = []
-        self.sent = 0
-
-    async def _fetch_bundle(
-        self, digest: str, offset: int, length: int
-    ) -> AsyncGenerator[agent_pb2.BundleChunk, None]:
-        self.requests.append((offset, length))
-        data = self.blob[offset:] + self.extra
-        for chunks, i in enumerate(range(0, len(data), self.chunk)):
-            if self.stall_after is not None and chunks >= self.stall_after:
-                await asyncio.Event().wait()  # never answers again
-            if self.break_after is not None and chunks >= self.break_after:
-                self.break_after = None
-                raise ConnectionResetError("connection reset")
-            piece = data[i : i + self.chunk]
-            self.sent += len(piece)
-            yield agent_pb2.BundleChunk(offset=offset + i, data=piece)
-
-    async def _heartbeat(self, request: Any) -> Any:
-        raise NotImplementedError
-
-    async def _send_telemetry(self, batch: Any) -> list[int]:
-        raise NotImplementedError
-
-    async def _renew_certificate(self, csr_pem: bytes) -> bytes:
-        raise NotImplementedError
-
-    async def _releases(self, have_serial: int) -> AsyncGenerator[Any, None]:
-        raise NotImplementedError
-        yield
-
-    async def _reset(self) -> None:
-        pass
-
-    async def _close(self) -> None:
-        pass
 
 
 def _digest(data: bytes) -> str:

@@ -1,4 +1,4 @@
-"""Drift on the agent (edge_agent.drift) against a profile built by the trainer on real digits.
+"""Drift on the agent (edge_agent.reporting.drift) vs. a trainer-built profile of real digits.
 
 Unshifted held-out rows are never flagged; inverted, noisy and prediction-only shifts are. PSI
 and KS are checked against direct computations (numpy searchsorted, scipy), windows close by
@@ -19,18 +19,18 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from edge_agent.drift import (
+from edge_agent.reporting.drift import (
     EPSILON,
     MAX_FEATURES,
     PROFILE_FORMAT,
     DriftConfig,
     DriftMonitor,
     DriftWindow,
-    bench_update_cost,
     kolmogorov_sf,
     parse_profile,
 )
 from fleetcore.errors import InvalidInputError
+from scripts.bench_agent_serving import bench_update_cost
 from trainer import profile as trainer_profile
 
 # scipy ships no type stubs; it is only the reference here (the agent does not depend on it).
@@ -316,14 +316,14 @@ class Hostile:
 
 
 HOSTILE = [
-    Hostile("not-json", "not JSON", raw=b"{format: edgefleet"),
-    Hostile("not-utf8", "not JSON", raw=b'{"format": "\xff\xfe"}'),
-    Hostile("deeply-nested", "not JSON", raw=b"[" * 200_000 + b"]" * 200_000),
+    Hostile("not-json", "not valid JSON", raw=b"{format: edgefleet"),
+    Hostile("not-utf8", "not UTF-8", raw=b'{"format": "\xff\xfe"}'),
+    Hostile("deeply-nested", "recursion depth", raw=b"[" * 200_000 + b"]" * 200_000),
     Hostile("oversized", "limit is", raw=b" " * (16 * 1024 * 1024 + 1)),
     Hostile("not-an-object", "JSON object", raw=b"[1, 2, 3]"),
-    Hostile("duplicate-keys", "duplicate keys",
+    Hostile("duplicate-keys", "duplicate key 'format'",
             raw=b'{"format": "edgefleet.profile/v1", "format": "x"}'),
-    Hostile("nan-literal", "not a number", raw=b'{"format": NaN}'),
+    Hostile("nan-literal", "NaN is not a JSON number", raw=b'{"format": NaN}'),
     Hostile("wrong-format", "format must be", _set("format", "edgefleet.profile/v9")),
     Hostile("unsorted-edges", "strictly increasing", _set("features.3.edges", [9.0, 5.0, 1.0])),
     Hostile("repeated-edges", "strictly increasing", _set("features.3.edges", [1.0, 1.0])),

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
-from edge_agent.telemetry import encode
+from edge_agent.reporting.telemetry import encode
 from fleet.cli import main as fleet_main
 from tests.support import WAIT, RunningControlPlane, assign_digits_v1, device_credentials
 from tests.test_delivery import _bundle_for

@@ -7,6 +7,7 @@ callables stand in, and a bundle whose ``model.sig`` is not ``GOOD_SIG`` is "bad
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import shutil
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_agent.lifecycle import (
+from edge_agent.install.lifecycle import (
     FINAL_STATES,
     TRANSITIONS,
     IllegalTransitionError,
@@ -27,10 +28,14 @@ from edge_agent.lifecycle import (
     InstallState,
     next_state,
 )
-from edge_agent.model_store import CRASH_POINTS, InstallOutcome, ModelStore
-from edge_agent.probation import Probation, ProbationPolicy
-from edge_agent.smoke import run_smoke_test
+from edge_agent.install.model_store import CRASH_POINTS, InstallOutcome, ModelStore
+from edge_agent.install.probation import Probation, ProbationPolicy
+from edge_agent.install.smoke import run_smoke_test
+from edge_agent.install.updater import Updater
+from fleetcore.archive import pack_bundle
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
+from fleetcore.release import Arm, ModelRelease, ReleaseDocument
+from tests.support import FakeBundleServer
 from trainer.models import MLP
 from trainer.onnx_tools import export_onnx, run_onnx
 
@@ -590,3 +595,38 @@ def test_crash_at_every_step_leaves_old_or_new_and_recovers(
         store.commit(NAME, sc.retry)
     assert _assert_consistent(root, kit, {sc.retry}) == sc.retry
     assert _state(store, sc.retry)["state"] == "committed"
+
+
+# ---------------------------------------------------------------------------- updater
+def _release(serial: int, arm: Arm) -> ReleaseDocument:
+    return ReleaseDocument(device_id="dev-1", serial=serial, issued_at=0.0, expires_at=1e12,
+                           models=(ModelRelease(NAME, (arm,)),), digest="sha256:" + "1" * 64)
+
+
+@pytest.mark.parametrize("key", ["2-expected", "2-signature"], ids=["smoke", "signature"])
+def test_failed_install_is_not_retried_for_the_same_release(
+    sources: dict[str, Path], tmp_path: Path, key: str
+) -> None:
+    """A bundle that fails its smoke test (or verification) is downloaded and tested once per
+    release serial, not again on every resync of the same release document."""
+    digest, length = pack_bundle(sources[key], tmp_path / "bundle.tar")
+    server = FakeBundleServer((tmp_path / "bundle.tar").read_bytes())
+    smoke_runs: list[int] = []
+
+    def smoke(bundle: Path, manifest: dict[str, Any]) -> Any:
+        smoke_runs.append(manifest["version"])
+        return run_smoke_test(bundle, manifest)
+
+    store = ModelStore(tmp_path / "models", verify=verify_sig, smoke=smoke)
+    updater = Updater(store, tmp_path / "downloads", policy=POLICY)
+    arm = Arm(version=2, digest=digest, length=length, weight=1.0)
+
+    for _ in range(3):  # the first sync and two resyncs of the same document
+        asyncio.run(updater.apply(_release(7, arm), server))
+    assert len(server.requests) == 1
+    assert len(smoke_runs) == (1 if key == "2-expected" else 0)
+    assert _state(store, 2)["state"] == "failed"
+    assert store.active(NAME) is None
+
+    asyncio.run(updater.apply(_release(8, arm), server))  # a new serial retries it
+    assert len(server.requests) == 2

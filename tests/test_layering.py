@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PRODUCT = ("fleetcore", "control_plane", "edge_agent", "trainer", "fleet")
 FORBIDDEN = {
-    "edge_agent": {"control_plane", "trainer", "fleet", "scripts", "tests"},
+    "edge_agent": {"control_plane", "trainer", "fleet", "scripts", "tests", "starlette"},
     "control_plane": {"edge_agent", "trainer", "fleet", "scripts", "tests"},
     "fleetcore": {"edge_agent", "control_plane", "trainer", "fleet", "scripts", "tests"},
     "trainer": {"edge_agent", "control_plane", "fleet", "scripts", "tests"},
@@ -111,3 +112,14 @@ def test_the_cycle_check_sees_a_cycle_hidden_behind_type_checking(tmp_path: Path
     graph = {n: {m for m in _imports(tmp_path / f"{n}.py") if m in ("a", "b")} for n in "ab"}
     with pytest.raises(graphlib.CycleError):
         list(graphlib.TopologicalSorter(graph).static_order())
+
+
+def test_the_agent_entry_points_load_no_trainer_control_plane_fleet_or_bench_packages() -> None:
+    """Starting the agent imports nothing that an agent-only install lacks (Starlette is only
+    the serving benchmark's baseline, in scripts/) nor anything of the other components."""
+    code = ("import edge_agent.cli, edge_agent.daemon, sys; print([m for m in sys.modules if "
+            "m.split('.')[0] in "
+            "{'starlette','torch','sklearn','control_plane','trainer','fleet'}])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO, timeout=60)
+    assert out.stdout.strip() == "[]"

@@ -19,9 +19,9 @@ from cryptography import x509
 from edgefleet.v1 import admin_pb2, agent_pb2, common_pb2
 
 from control_plane.services.broker import MqttSettings
-from edge_agent.outbox import Outbox
+from edge_agent.reporting.outbox import Outbox
+from edge_agent.reporting.telemetry import encode
 from edge_agent.state import StateDir
-from edge_agent.telemetry import encode
 from fleet.cli import main as fleet_main
 from fleetcore import pki
 from fleetcore.errors import AuthenticationError

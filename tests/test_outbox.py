@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.outbox import Outbox, OutboxRecord
+from edge_agent.reporting.outbox import Outbox, OutboxRecord
 from fleetcore.errors import InvalidInputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,7 +105,7 @@ def test_ack_through_deletes_every_seq_up_to_it(outbox: Outbox) -> None:
 _APPEND_AND_HANG = """
 import sys
 from pathlib import Path
-from edge_agent.outbox import Outbox
+from edge_agent.reporting.outbox import Outbox
 ob = Outbox(Path(sys.argv[1]))
 for i in range(int(sys.argv[2])):
     ob.append("sample", b"record-%d" % i, 1000.0 + i)
@@ -116,7 +116,7 @@ sys.stdin.readline()
 _ACK_AND_HANG = """
 import sys
 from pathlib import Path
-from edge_agent.outbox import Outbox
+from edge_agent.reporting.outbox import Outbox
 ob = Outbox(Path(sys.argv[1]))
 ob.ack(int(s) for s in sys.argv[2].split(","))
 print("acked", flush=True)

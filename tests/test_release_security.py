@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edge_agent import release_trust
-from edge_agent.release_trust import ReleaseTrust
+from edge_agent.install import release_trust
+from edge_agent.install.release_trust import ReleaseTrust
 from fleetcore import release
 from fleetcore.errors import (
     BadSignatureError,
@@ -545,7 +545,8 @@ BAD_DOCUMENTS = [
     BadDocument("weight-negative", put(*ARM0, "weight", value=-0.25), r"in \[0, 1\]; got -0.25"),
     BadDocument("weight-above-1", put("models", 1, "arms", 0, "weight", value=1.5),
                 r"in \[0, 1\]; got 1.5"),
-    BadDocument("weight-nan", put(*ARM0, "weight", value=float("nan")), "must be finite"),
+    BadDocument("weight-nan", put(*ARM0, "weight", value=float("nan")),
+                "NaN is not a JSON number"),
     BadDocument("shadow-arm-with-weight", put("models", 0, "arms", 2, "weight", value=0.1),
                 "shadow arm must have weight 0"),
     BadDocument("duplicate-arm-versions", put("models", 0, "arms", 1, "version", value=1),
@@ -570,7 +571,7 @@ BAD_DOCUMENTS = [
     BadDocument("unknown-top-level-key", put("extra", value=1), r"got unknown \['extra'\]"),
     BadDocument("unknown-arm-key", put(*ARM0, "canary", value=True), r"unknown \['canary'\]"),
     BadDocument("missing-key", drop(*ARM0, "shadow"), r"missing \['shadow'\]"),
-    BadDocument("duplicate-json-key", lambda r: _DUPLICATE_KEY, "repeats the key 'serial'"),
+    BadDocument("duplicate-json-key", lambda r: _DUPLICATE_KEY, "duplicate key 'serial'"),
     BadDocument("bool-as-serial", put("serial", value=True), "serial must be an integer; got bool"),
     BadDocument("bool-as-version", put(*ARM0, "version", value=True), "an integer; got bool"),
     BadDocument("bool-as-length", put(*ARM0, "length", value=False), "an integer; got bool"),
@@ -594,7 +595,7 @@ BAD_DOCUMENTS = [
     BadDocument("expires-when-issued", put("expires_at", value=NOW),
                 "expires_at must be after issued_at"),
     BadDocument("time-infinite", lambda r: json.dumps(r).replace(str(NOW + HOUR), "Infinity")
-                .encode(), "must be finite; got Infinity"),
+                .encode(), "Infinity is not a JSON number"),
 ]
 
 

@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 from control_plane.domain.records import DriftWindowRecord, RetrainJob
 from control_plane.domain.retraining import DriftPolicy, policy_fires
 from control_plane.services.retrain_runner import LocalRunner, render_kubernetes_job
-from edge_agent.telemetry import encode
+from edge_agent.reporting.telemetry import encode
 from fleet.cli import main as fleet_main
 from tests.support import (
     LoopThread,

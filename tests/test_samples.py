@@ -18,7 +18,7 @@ import pytest
 from edgefleet.v1 import agent_pb2
 from sklearn.datasets import load_digits
 
-from edge_agent.telemetry import encode
+from edge_agent.reporting.telemetry import encode
 from fleet.cli import main as fleet_main
 from fleetcore.errors import InvalidInputError
 from fleetcore.release import Arm, ModelRelease, encode_document, parse_document

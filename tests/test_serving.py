@@ -34,7 +34,6 @@ from edge_agent.serving import (
     start_http,
 )
 from edge_agent.serving import core as core_module
-from edge_agent.serving.bench import bench_inprocess
 from edge_agent.serving.http import HttpServer
 from edge_agent.serving.runtime import (
     OnnxRuntime,
@@ -43,6 +42,7 @@ from edge_agent.serving.runtime import (
     onnx_session,
 )
 from edge_agent.serving.stats import ArmStats, LatencyHistogram, Pending, PredictionLog
+from scripts.bench_agent_serving import bench_inprocess
 from tests.support import LoopThread
 from tests.trainer_support import write_pipeline
 from trainer.config import Pipeline
@@ -267,7 +267,17 @@ def _tensor(**changes: Any) -> dict[str, Any]:
 
 HTTP_CASES = [
     HttpCase("malformed-json", 400, b'{"inputs": [', contains="not valid JSON"),
-    HttpCase("not-utf8", 400, b"\xff\xfe{}", contains="not valid JSON"),
+    HttpCase("not-utf8", 400, b"\xff\xfe{}", contains="not UTF-8"),
+    # The strict loader (fleetcore.strict_json): refused with a 400, never a 500.
+    HttpCase("duplicate-key", 400,
+             json.dumps(_tensor())[:-1].encode() + b', "inputs": []}',
+             contains="duplicate key 'inputs'"),
+    HttpCase("nan-data", 400, json.dumps(_tensor(data=[float("nan")] * 64)).encode(),
+             contains="NaN is not a JSON number"),
+    HttpCase("infinity-data", 400, json.dumps(_tensor(data=[float("inf")] * 64)).encode(),
+             contains="Infinity is not a JSON number"),
+    HttpCase("deeply-nested", 400, b'{"inputs": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+             contains="recursion"),
     HttpCase("json-array", 400, [1, 2], contains="JSON object"),
     HttpCase("no-inputs", 400, {"id": "x"}, contains="one tensor"),
     HttpCase("two-inputs", 400, {"inputs": _tensor()["inputs"] * 2}, contains="one tensor"),

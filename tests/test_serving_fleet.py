@@ -15,9 +15,9 @@ import pytest
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 from sklearn.datasets import load_digits
 
-from edge_agent.outbox import Outbox
+from edge_agent.reporting.outbox import Outbox
+from edge_agent.reporting.telemetry import encode
 from edge_agent.state import StateDir
-from edge_agent.telemetry import encode
 from fleet.cli import main as fleet_main
 from tests.support import RunningControlPlane, device_credentials, start_agent
 from tests.test_delivery import _bundle_for, _committed, _wait_models

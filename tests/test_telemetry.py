@@ -10,9 +10,9 @@ import grpc
 import pytest
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
-from edge_agent.outbox import Outbox
+from edge_agent.reporting.outbox import Outbox
+from edge_agent.reporting.telemetry import encode
 from edge_agent.state import StateDir
-from edge_agent.telemetry import encode
 from tests.support import (
     WAIT,
     RunningControlPlane,

@@ -53,6 +53,7 @@ from edge_agent.serving.errors import (
     PayloadTooLargeError,
 )
 from edge_agent.serving.metrics import CONTENT_TYPE, ServingMetrics
+from fleetcore import strict_json
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
 
 __all__ = [
@@ -76,7 +77,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _JSON = b"application/json"
-_DECODER = json.JSONDecoder()
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 _string = json.encoder.encode_basestring_ascii
 _MODELS = "/v2/models/"
@@ -326,10 +326,12 @@ def infer_response(result: InferResult, signature: ModelSignature) -> bytes:
 
 
 def _load_json(body: bytes) -> dict[str, Any]:
+    """The strict loader: duplicate keys, NaN/Infinity and deep nesting are a 400, not a 500.
+    Its size limit is not the one that counts: the body was read within ``max_body_bytes``."""
     try:
-        doc = _DECODER.decode(body.decode("utf-8"))
-    except ValueError as exc:  # UnicodeDecodeError is one
-        raise BadRequestError(f"body is not valid JSON: {exc}") from None
+        doc = strict_json.loads(body, what="body", max_bytes=len(body))
+    except InvalidInputError as exc:
+        raise BadRequestError(str(exc)) from None
     if not isinstance(doc, dict):
         raise BadRequestError(f"expected a JSON object; got {type(doc).__name__}")
     return doc

@@ -18,7 +18,7 @@ Rules:
   decision of the front ends.
 
 ONNX Runtime session options, measured on the 2-core development host (shared Intel Xeon VM)
-with ``python -m edge_agent.serving.bench session-options MODEL.onnx``, ranges over 2-3 runs:
+with ``python -m scripts.bench_agent_serving session-options MODEL.onnx``, ranges over 2-3 runs:
 median µs of one ``run`` at batch 1 and 64, and runs/s of batch 1 with two caller threads
 sharing the session. "tiny": the digits MLP of the tests (1.8k parameters, dynamic int8);
 "1.1M": a 64-1024-1024-10 fp32 MLP.

@@ -30,7 +30,8 @@ Memory is fixed when the monitor is built: per window the bin counts (features x
 the prediction counts and the reservoir (``reservoir_size`` x features float32), plus a
 staging buffer of ``STAGE_ROWS`` rows and scratch for the KS merge. Nothing grows with the rows
 observed. Small batches (single requests) are staged and folded in ``STAGE_ROWS`` at a time, so
-their per-row cost is close to a batch's (``bench_update_cost`` measures both).
+their per-row cost is close to a batch's (``bench_update_cost`` in
+``scripts/bench_agent_serving.py`` measures both).
 
 The profile is untrusted input (it arrives inside a bundle): ``parse_profile`` and the monitor
 check it and raise ``InvalidInputError``. Arrays of the wrong shape passed to ``observe`` are a
@@ -39,17 +40,15 @@ caller bug and raise ``ValueError``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from fleetcore import strict_json
 from fleetcore.errors import InvalidInputError
 
 __all__ = [
@@ -64,7 +63,6 @@ __all__ = [
     "DriftConfig",
     "DriftMonitor",
     "DriftWindow",
-    "bench_update_cost",
     "kolmogorov_sf",
     "parse_profile",
 ]
@@ -146,17 +144,6 @@ class _Reference(NamedTuple):
     proportions: list[np.ndarray]  # per feature, len(edges) + 1
     sample: np.ndarray  # [rows, features] float32
     prediction: np.ndarray  # [classes] float64
-
-
-def _reject_constant(token: str) -> Any:
-    raise InvalidInputError(f"profile: {token} is not a number JSON allows")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise InvalidInputError("profile: duplicate keys in a JSON object")
-    return out
 
 
 def _field(doc: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -261,12 +248,7 @@ def _check_profile(doc: Any) -> _Reference:
 
 def parse_profile(data: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> dict[str, Any]:
     """The checked ``profile.json`` of a bundle; ``InvalidInputError`` says what is wrong."""
-    if len(data) > max_bytes:
-        raise InvalidInputError(f"profile: is {len(data)} bytes; the limit is {max_bytes}")
-    try:
-        doc = json.loads(data, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidInputError(f"profile: is not JSON ({exc.__class__.__name__})") from exc
+    doc = strict_json.loads(data, what="profile", max_bytes=max_bytes)
     _check_profile(doc)
     return doc
 
@@ -581,23 +563,3 @@ def _psi(shares: np.ndarray, norm: np.ndarray | float, reference: np.ndarray,
     """PSI over axis 0 of window shares against smoothed reference shares."""
     q = (shares + EPSILON) / norm
     return ((q - reference) * (np.log(q) - log_reference)).sum(axis=0)
-
-
-def bench_update_cost(profile: dict[str, Any], rows: np.ndarray, batch: int,
-                      *, config: DriftConfig = DriftConfig(), repeats: int = 5) -> float:
-    """Median over ``repeats`` runs of µs per row fed through ``observe`` in ``batch``-row calls.
-
-    Includes the windows closed on the way (KS and PSI), amortized over their rows. The batches
-    are sliced before timing: a caller already holds each request's array.
-    """
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
-    predicted = np.zeros(len(rows), np.int64)
-    batches = [(rows[i:i + batch], predicted[i:i + batch]) for i in range(0, len(rows), batch)]
-    runs = []
-    for r in range(repeats + 1):  # the first run warms up
-        monitor = DriftMonitor("bench", 1, profile, config, seed=r)
-        t0 = time.perf_counter()
-        for x, p in batches:
-            monitor.observe(x, p, 0.0)
-        runs.append((time.perf_counter() - t0) / len(rows) * 1e6)
-    return statistics.median(runs[1:])

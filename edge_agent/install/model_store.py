@@ -40,14 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.lifecycle import (
+from edge_agent.install.lifecycle import (
     TRANSIENT_STATES,
     IllegalTransitionError,
     InstallEvent,
     InstallState,
     next_state,
 )
-from edge_agent.smoke import SmokeResult, run_smoke_test
+from edge_agent.install.smoke import SmokeResult, run_smoke_test
+from fleetcore import strict_json
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
 from fleetcore.files import atomic_write, fsync_dir
 
@@ -559,10 +560,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        raise InvalidInputError(f"{path} is not valid JSON") from None
+    doc = strict_json.loads(data, what=str(path))
     if not isinstance(doc, dict):
         raise InvalidInputError(f"{path} must hold a JSON object")
     return doc

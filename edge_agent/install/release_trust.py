@@ -23,6 +23,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fleetcore import strict_json
 from fleetcore.errors import InvalidInputError, UntrustedInputError
 from fleetcore.files import atomic_write
 from fleetcore.release import (
@@ -35,7 +36,7 @@ from fleetcore.release import (
     verify_release,
 )
 
-__all__ = ["TRUST_FILE_FORMAT", "ReleaseTrust"]
+__all__ = ["TRUST_FILE_FORMAT", "ReleaseTrust", "recorded_serial"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,13 +134,22 @@ def _encode_file(signed: SignedRelease, doc: ReleaseDocument) -> bytes:
     return json.dumps(record, sort_keys=True, indent=1).encode("ascii") + b"\n"
 
 
-def _decode_file(data: bytes) -> tuple[int, str, SignedRelease]:
-    if len(data) > _MAX_FILE_BYTES:
-        raise InvalidInputError(f"file is over the limit of {_MAX_FILE_BYTES} bytes")
+def recorded_serial(path: Path) -> int:
+    """The serial a trust file records (0 when there is none), for status displays only: the
+    file is parsed strictly but its signature is not checked (``ReleaseTrust`` does that)."""
     try:
-        record: Any = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidInputError(f"not valid JSON: {exc}") from None
+        with path.open("rb") as fh:
+            data = fh.read(_MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return 0
+    try:
+        return _decode_file(data)[0]
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"release trust file {path}: {exc}") from None
+
+
+def _decode_file(data: bytes) -> tuple[int, str, SignedRelease]:
+    record: Any = strict_json.loads(data, what="the file", max_bytes=_MAX_FILE_BYTES)
     if not isinstance(record, dict) or record.keys() != _FILE_KEYS:
         got = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise InvalidInputError(f"expected a JSON object with keys {sorted(_FILE_KEYS)}; got {got}")

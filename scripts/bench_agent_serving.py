@@ -1,4 +1,5 @@
-"""Serving benchmarks for ``make bench`` (DESIGN.md §9): ratios against a baseline in the same run.
+"""Agent serving benchmarks for ``make bench`` (DESIGN.md §9): ratios against a baseline in the
+same run. Not shipped: this is a script, so the agent never carries Starlette.
 
 * ``bench_inprocess``: p50 of ``ServingCore.infer`` against a bare ``InferenceSession.run`` on
   the same model and row (the same session options), measured in alternating blocks so that
@@ -8,13 +9,16 @@
   uvicorn with ONNX Runtime on the same model (the same session options: the stack is what is
   compared), each in its own subprocess, driven by the same keep-alive load generator,
   alternating rounds.
-* ``bench_session_options``: the ONNX Runtime thread/spinning table in ``runtime.py``.
+* ``bench_session_options``: the ONNX Runtime thread/spinning table in
+  ``edge_agent/serving/runtime.py``.
+* ``bench_update_cost``: µs per row of the drift monitor (``edge_agent.reporting.drift``), fed
+  in batches of a given size.
 
 No thresholds here: callers compare against the targets. Command line::
 
-    python -m edge_agent.serving.bench inprocess BUNDLE_DIR [-n N]
-    python -m edge_agent.serving.bench http BUNDLE_DIR [--seconds S] [--concurrency C]
-    python -m edge_agent.serving.bench session-options MODEL.onnx [MODEL.onnx ...]
+    python -m scripts.bench_agent_serving inprocess BUNDLE_DIR [-n N]
+    python -m scripts.bench_agent_serving http BUNDLE_DIR [--seconds S] [--concurrency C]
+    python -m scripts.bench_agent_serving session-options MODEL.onnx [MODEL.onnx ...]
 """
 
 from __future__ import annotations
@@ -40,12 +44,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from edge_agent.reporting.drift import DriftConfig, DriftMonitor
 from edge_agent.serving.core import ServingCore
 from edge_agent.serving.http import start_http
 from edge_agent.serving.runtime import io_names, model_dims, onnx_session
 from fleetcore.bundle import MANIFEST, MODEL_ONNX
 
-__all__ = ["bench_http", "bench_inprocess", "bench_session_options"]
+REPO = Path(__file__).resolve().parent.parent
+
+__all__ = ["bench_http", "bench_inprocess", "bench_session_options", "bench_update_cost"]
 
 _BLOCKS = 10
 _HTTP_ROUNDS = 4  # alternating, so that a shared host's drift hits both servers
@@ -157,8 +164,8 @@ async def _serve(kind: str, bundle_dir: Path) -> None:
 @contextlib.contextmanager
 def _server_process(kind: str, bundle_dir: Path) -> Iterator[int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edge_agent.serving.bench", "serve", kind, str(bundle_dir)],
-        stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "scripts.bench_agent_serving", "serve", kind, str(bundle_dir)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO,
     )
     try:
         assert proc.stdout is not None
@@ -267,8 +274,29 @@ def bench_session_options(model: Path, n: int = 2000) -> list[dict[str, Any]]:
     return out
 
 
+def bench_update_cost(profile: dict[str, Any], rows: np.ndarray, batch: int,
+                      *, config: DriftConfig | None = None, repeats: int = 5) -> float:
+    """Median over ``repeats`` runs of µs per row fed through ``observe`` in ``batch``-row calls.
+
+    Includes the windows closed on the way (KS and PSI), amortized over their rows. The batches
+    are sliced before timing: a caller already holds each request's array.
+    """
+    config = config or DriftConfig()
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    predicted = np.zeros(len(rows), np.int64)
+    batches = [(rows[i:i + batch], predicted[i:i + batch]) for i in range(0, len(rows), batch)]
+    runs = []
+    for r in range(repeats + 1):  # the first run warms up
+        monitor = DriftMonitor("bench", 1, profile, config, seed=r)
+        t0 = time.perf_counter()
+        for x, p in batches:
+            monitor.observe(x, p, 0.0)
+        runs.append((time.perf_counter() - t0) / len(rows) * 1e6)
+    return statistics.median(runs[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edge_agent.serving.bench")
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_agent_serving")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inprocess")
     p.add_argument("bundle", type=Path)

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge_agent.download import fetch_bundle
-from edge_agent.lifecycle import InstallState
-from edge_agent.model_store import ModelStore
-from edge_agent.probation import Probation, ProbationPolicy
+from edge_agent.install.download import fetch_bundle
+from edge_agent.install.lifecycle import InstallState
+from edge_agent.install.model_store import ModelStore
+from edge_agent.install.probation import Probation, ProbationPolicy
 from edge_agent.transport.base import Transport
 from fleetcore.archive import safe_extract
 from fleetcore.bundle_verify import verify_bundle_dir
@@ -79,21 +79,26 @@ class Updater:
                 if not activate and self._kept(model.name, arm.version):
                     continue  # an experiment arm already installed here
                 try:
-                    await self._install(model.name, arm, transport, activate=activate)
+                    installed = await self._install(model.name, arm, transport,
+                                                    activate=activate)
                 except TransportError:
                     raise  # keep the partial download; the next sync resumes it
                 except EdgefleetError as exc:
                     log.error("install of %s v%d failed: %s", model.name, arm.version, exc)
                     self._failed.add(key)
                     self.store.fail(model.name, arm.version, str(exc)[:500])
+                else:
+                    if not installed:  # verification or smoke test failed (store recorded it)
+                        self._failed.add(key)
 
     async def _install(self, name: str, arm: Arm, transport: Transport, *,
-                       activate: bool = True) -> None:
+                       activate: bool = True) -> bool:
+        """Install ``arm``; False when the bundle failed verification or its smoke test."""
         if activate and self._kept(name, arm.version):
             log.info("switching %s to kept version %d (no download)", name, arm.version)
             self.store.activate_kept(name, arm.version)
             self.probation.pop(name, None)
-            return
+            return True
         self.store.begin(name, arm.version, arm.digest, arm.length)
         part = self.downloads / f"{arm.digest.removeprefix('sha256:')}.part"
         await fetch_bundle(transport, arm.digest, arm.length, part,
@@ -113,7 +118,8 @@ class Updater:
             self.probation[name] = (arm.version, Probation(self.policy, self.clock()))
         else:
             log.error("%s v%d not installed: %s", name, arm.version, outcome.reason)
-            self._failed.add((name, arm.version, arm.digest, 0))
+            return False
+        return True
 
     def _kept(self, name: str, version: int) -> bool:
         return any(r["name"] == name and r["version"] == version

@@ -17,7 +17,7 @@ from typing import Any
 
 from edgefleet.v1 import agent_pb2
 
-from edge_agent.outbox import Outbox
+from edge_agent.reporting.outbox import Outbox
 from edge_agent.transport.base import Transport
 
 __all__ = ["TelemetrySender", "encode"]
