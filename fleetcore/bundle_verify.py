@@ -1,4 +1,4 @@
-"""Verify an unpacked model bundle against the trusted publisher keys (DESIGN.md §3-§4).
+"""Verify an unpacked model bundle against the trusted publisher keys (docs/design.md §3-§4).
 
 Rules, checked in this order; the first failure raises and the bundle is never modified:
 

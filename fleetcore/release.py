@@ -3,7 +3,7 @@
 Pure: bytes and a reference time in, typed objects out or a domain error; nothing here reads
 the clock, the disk or the network (the agent's shell is ``edge_agent/install/release_trust.py``).
 
-Rules (DESIGN.md section 3, modeled on python-tuf's ``trusted_metadata_set.py``):
+Rules (docs/design.md section 3, modeled on python-tuf's ``trusted_metadata_set.py``):
 
 * The control plane signs each device's document with the release key (ECDSA P-256, SHA-256,
   DER signature over the exact document bytes). The agent pins the public key at enrollment.

@@ -1,4 +1,4 @@
-"""Agent serving benchmarks for ``make bench`` (DESIGN.md §9): ratios against a baseline in the
+"""Agent serving benchmarks for ``make bench`` (docs/design.md §9): ratios against a baseline in the
 same run. Not shipped: this is a script, so the agent never carries Starlette.
 
 * ``bench_inprocess``: p50 of ``ServingCore.infer`` against a bare ``InferenceSession.run`` on

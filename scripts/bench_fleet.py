@@ -20,7 +20,8 @@ its own client certificate and holds an open ``Sync`` stream throughout. Then, i
    against the control plane's release key and the device id, and checked to name the version).
 
 Telemetry records are ``arm_stats`` plus one ``drift`` window per batch (the payloads of
-control_plane/telemetry.py). What is reported, against a baseline of the same run (DESIGN.md §9):
+control_plane/domain/telemetry.py). What is reported, against a baseline of the same run
+(docs/design.md §9):
 
 * heartbeat p50/p99 of the heartbeat phase against the baseline phase: the ratio is what the
   fleet's size and rate cost. Target: p99 < 100 ms (and no failed call).

@@ -1,4 +1,4 @@
-"""Serving benchmarks for `make bench` (DESIGN.md §9), each against a baseline in the same run.
+"""Serving benchmarks for `make bench` (docs/design.md §9), each against a baseline in the same run.
 
 * in-process predict path (ServingCore.infer) vs raw InferenceSession.run, on a tiny model and
   on a >= 100 µs model (the 1.1M-parameter digits MLP in fp32);

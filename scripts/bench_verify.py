@@ -6,7 +6,7 @@ dominates as it does for a large model. The agent's check (``verify_bundle_dir``
 OpenSSF model-signing signature with the publisher key, file list, manifest and its files
 table) is timed in-process; the baseline is the `openssl dgst -sha256` command over every
 file of the bundle, process start included. Both read from the page cache (one warm-up run
-each); the figure is the median of five runs. Target (DESIGN.md §9): <= 1.2x + 5 ms.
+each); the figure is the median of five runs. Target (docs/design.md §9): <= 1.2x + 5 ms.
 """
 
 from __future__ import annotations

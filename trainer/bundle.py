@@ -1,4 +1,4 @@
-"""Assemble and sign the model bundle (DESIGN.md §4) in the OpenSSF model-signing format."""
+"""Assemble and sign the model bundle (docs/design.md §4a) in the OpenSSF model-signing format."""
 
 from __future__ import annotations
 

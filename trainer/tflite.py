@@ -1,6 +1,6 @@
 """TFLite export (optional ``tflite`` extra: litert-torch) and inference through LiteRT.
 
-The runtime follows DESIGN.md §1: ``ai_edge_litert.interpreter`` (LiteRT), falling back to
+The runtime follows docs/design.md §1: ``ai_edge_litert.interpreter`` (LiteRT), falling back to
 ``tflite_runtime.interpreter`` when only that is installed.
 """
 

@@ -1,4 +1,4 @@
-"""The install lifecycle of one model version on an agent, as data (DESIGN.md §5).
+"""The install lifecycle of one model version on an agent, as data (docs/design.md §5).
 
 Rules (the table below is the whole truth; ``next_state`` only looks things up):
 

@@ -1,4 +1,4 @@
-"""The agent's model store: the persisted shell around the install lifecycle (DESIGN.md §5).
+"""The agent's model store: the persisted shell around the install lifecycle (docs/design.md §5).
 
 Layout under ``root`` (``STATE/models``)::
 

@@ -1,4 +1,4 @@
-"""The smoke test a staged bundle must pass before it is served (DESIGN.md §5).
+"""The smoke test a staged bundle must pass before it is served (docs/design.md §5).
 
 The manifest carries ``smoke_test = {"file": "model.onnx", "inputs": [[...]], "expected":
 [[...]], "atol": 0.02, "require_same_argmax": true}``, computed by the trainer on the model it

@@ -1,6 +1,6 @@
 """Drift of live traffic against a bundle's ``profile.json``, per window, in bounded memory.
 
-Rules (DESIGN.md §5; time is passed in, nothing here reads a clock):
+Rules (docs/design.md §5; time is passed in, nothing here reads a clock):
 
 * A window opens with the first row after the previous one closed. It closes after
   ``window_requests`` rows, or at the first ``observe``/``flush`` call at least

@@ -12,7 +12,7 @@ Use::
     await http.stop(); await grpc_server.stop(1.0); core.close()
 
 Each module's docstring states its rules; ``scripts/bench_agent_serving.py`` (not shipped)
-measures the DESIGN.md §9 targets.
+measures the docs/design.md §9 targets.
 """
 
 from edge_agent.serving.core import InferResult, ModelSignature, ServingCore

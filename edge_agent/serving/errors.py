@@ -1,4 +1,4 @@
-"""Serving errors, split by who is at fault (STYLE.md 4).
+"""Serving errors, split by who is at fault (docs/design.md, "Engineering rules").
 
 * ``BadRequestError`` (an ``InvalidInputError``): the caller sent something malformed: wrong
   shape, datatype or input name, bad JSON, a bad label. HTTP 400, gRPC INVALID_ARGUMENT.

@@ -129,7 +129,7 @@ class OnnxRuntime:
 
 
 def litert_interpreter_class() -> Any | None:
-    """LiteRT's ``Interpreter``, else tflite-runtime's (DESIGN.md §1), else None."""
+    """LiteRT's ``Interpreter``, else tflite-runtime's (docs/design.md §1), else None."""
     for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
         try:
             return importlib.import_module(module).Interpreter
