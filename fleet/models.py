@@ -15,7 +15,7 @@ from edgefleet.v1 import admin_pb2
 from fleet.common import RPC_TIMEOUT_SECONDS as T
 from fleet.common import Progress, Stub, labels_text, ts
 from fleetcore.archive import pack_bundle
-from fleetcore.cli import print_json, print_table
+from fleetcore.cli import print_json, print_table, terminal_safe
 from fleetcore.errors import EdgefleetError, InvalidInputError
 from fleetcore.labels import parse_label_args
 
@@ -229,7 +229,7 @@ def _print_rollout(r: admin_pb2.Rollout, as_json: bool) -> None:
          d.release_serial or "-", d.reason or "-") for d in r.devices
     ])
     for line in r.history:
-        print(f"  - {line}")
+        print(f"  - {terminal_safe(line)}")
 
 
 def _rollouts_start(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from fleetcore.errors import EdgefleetError
 
-__all__ = ["print_json", "print_table", "run_main", "setup_logging"]
+__all__ = ["print_json", "print_table", "run_main", "setup_logging", "terminal_safe"]
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -28,7 +29,7 @@ def run_main(fn: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         return 130
     except (EdgefleetError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {terminal_safe(str(exc))}", file=sys.stderr)
         return 1
 
 
@@ -36,8 +37,26 @@ def print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
+def terminal_safe(text: str) -> str:
+    """``text`` with every control and format character escaped (``\\x1b``, ``\\u202e``): what
+    a device or a peer reported (a hostname, a reason) cannot move the cursor, clear the
+    operator's screen, set the window title or reorder text."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or (ch == " "):
+            out.append(ch)
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:  # other separators print as a space
+            out.append(" ")
+    return "".join(out)
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(h) for h in headers], *[[str(c) for c in r] for r in rows]]
+    cells = [[terminal_safe(str(h)) for h in headers],
+             *[[terminal_safe(str(c)) for c in r] for r in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -88,3 +88,7 @@ class RollbackError(UntrustedInputError):
 
 class ReplayError(UntrustedInputError):
     """A signed document reuses a trusted serial with different content."""
+
+
+class RateLimitedError(UntrustedInputError):
+    """Too many attempts from this caller (or from everyone) just now; try again later."""

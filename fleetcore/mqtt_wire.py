@@ -36,6 +36,7 @@ __all__ = [
     "DEVICE_PREFIX",
     "ERROR_PROPERTY",
     "MAX_MESSAGE_BYTES",
+    "SESSION_EXPIRY_SECONDS",
     "BrokerUrl",
     "Leaf",
     "parse_message",
@@ -49,6 +50,8 @@ ERROR_PROPERTY = "error"
 # The largest MQTT message either side sends or accepts (a telemetry batch is at most 1 MiB of
 # payloads, a bundle chunk 256 KiB); the broker's max_packet_size is set a little above it.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+# Both ends keep persistent sessions this long: QoS 1 messages wait through a week's outage.
+SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
 DEFAULT_PORT = 8883
 _DEVICE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 

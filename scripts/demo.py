@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 from sklearn.datasets import load_digits
 
+from fleetcore import tomlfile
 from scripts.broker import Mosquitto, start_fleet_broker
 from scripts.procs import Child, run
 
@@ -59,16 +60,15 @@ def start_control_plane(
     step(f"control-plane init --home {home}")
     print(run("control-plane", "init", "--home", str(home)), end="")
     config = home / "config.toml"
-    text = config.read_text()
-    # Trust the training environment's publisher key; heartbeat every 2 s so the demo is brisk.
-    text = text.replace('publisher_keys = ["publisher/publisher.pub"]',
-                        f'publisher_keys = ["publisher/publisher.pub", "{publisher_pub}"]')
+    doc = tomlfile.load(config)
+    # Trust the training environment's publisher key.
+    doc["pki"]["publisher_keys"] = [*doc["pki"]["publisher_keys"], str(publisher_pub)]
     # Brisk for a demo: 2 s heartbeats, 0.5 s scheduler ticks, experiments decided on 100
-    # labelled requests per arm.
-    config.write_text(text.replace("heartbeat_interval_seconds = 10",
-                                   "heartbeat_interval_seconds = 2")
-                      .replace("min_samples = 200", "min_samples = 100")
-                      .replace("tick_seconds = 2.0", "tick_seconds = 0.5"))
+    # labelled requests per arm from both agents (the default asks for three devices).
+    doc["agents"]["heartbeat_interval_seconds"] = 2
+    doc["experiments"].update(min_samples=100, min_devices=2)
+    doc["rollouts"]["tick_seconds"] = 0.5
+    tomlfile.write(config, doc)
 
     step("control-plane mqtt-config; mosquitto (TLS, client certificates from the fleet CA, "
          "per-device ACL, CRL)")

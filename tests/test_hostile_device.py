@@ -11,10 +11,13 @@ from typing import Any
 
 import grpc
 import pytest
-from edgefleet.v1 import agent_pb2, agent_pb2_grpc
+from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
+from control_plane.domain.enrollment import RateLimits
 from edge_agent.reporting.telemetry import encode
 from fleet.cli import main as fleet_main
+from fleetcore import pki
+from fleetcore.cli import terminal_safe
 from tests.support import WAIT, RunningControlPlane, assign_digits_v1, device_credentials
 from tests.test_delivery import _bundle_for
 
@@ -135,3 +138,79 @@ def _device_id(cp: RunningControlPlane, state_dir: Path) -> str:
     from edge_agent.state import AgentConfig, StateDir  # noqa: PLC0415
 
     return AgentConfig.load(StateDir(state_dir)).device_id
+
+
+def test_terminal_escapes_in_a_hostname_do_not_reach_the_operator_s_terminal(
+    cp: RunningControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    cp.enroll_agent(tmp_path / "evil")
+    hostile = "shop\x1b[2J\x1b]0;owned\x07\u202etxt.exe"  # clear screen, set title, reorder
+    request = agent_pb2.HeartbeatRequest(agent_version="1\x1b[31m",
+                                         host=common_pb2.HostFacts(hostname=hostile))
+    with grpc.secure_channel(cp.api, device_credentials(tmp_path / "evil")) as channel:
+        agent_pb2_grpc.AgentServiceStub(channel).Heartbeat(request, timeout=WAIT)
+    device_id = _device_id(cp, tmp_path / "evil")
+    for args in (["devices", "list"], ["devices", "show", device_id]):
+        capsys.readouterr()
+        assert fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api",
+                           cp.api, *args]) == 0
+        out = capsys.readouterr().out
+        assert not any(ch in out for ch in "\x1b\x07\u202e"), out
+    assert "shop\\x1b[2J\\x1b]0;owned\\x07\\u202etxt.exe" in out  # shown, escaped
+
+
+def test_terminal_safe_escapes_control_and_format_characters_only() -> None:
+    assert terminal_safe("plain é 漢 📦 a-b") == "plain é 漢 📦 a-b"
+    assert terminal_safe("a\x1b[0mb\tc\r\n") == "a\\x1b[0mb\\tc\\r\\n"
+    assert terminal_safe("x\u200by\u2028z\x7f") == "x\\u200by\\u2028z\\x7f"
+
+
+# ---------------------------------------------------------------- enrollment, without a token
+
+
+def _enroll_raw(cp: RunningControlPlane, token: str, **labels: str) -> grpc.StatusCode:
+    creds = grpc.ssl_channel_credentials(root_certificates=cp.ca_pem)
+    with grpc.secure_channel(cp.enroll, creds) as channel:
+        try:
+            agent_pb2_grpc.AgentServiceStub(channel).Enroll(
+                agent_pb2.EnrollRequest(token=token, csr_pem=_csr(), labels=labels),
+                timeout=WAIT)
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def _csr() -> bytes:
+    return pki.make_csr(pki.generate_key())
+
+
+def test_bad_tokens_are_rate_limited_signed_for_never_and_audited_in_aggregate(
+    cp: RunningControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signed: list[str] = []
+    issue = pki.issue_client_certificate
+    monkeypatch.setattr(pki, "issue_client_certificate",  # counts the CA's signatures
+                        lambda *a, **k: signed.append(a[4]) or issue(*a, **k))
+    audit_before = len(cp.cp.store.list_audit(10_000))
+    codes = [_enroll_raw(cp, f"eft_guess{i}") for i in range(40)]
+    assert codes[:10] == [grpc.StatusCode.PERMISSION_DENIED] * 10  # the peer's burst
+    assert set(codes[10:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # then 1 per second
+    assert signed == []  # the CA never signed for a caller without a valid token
+    rows = cp.cp.store.list_audit(10_000)[audit_before:]
+    assert [(r.action, r.outcome) for r in rows] == [("devices.enroll", "denied")]
+    assert json.loads(rows[0].detail)["attempts"] == 1  # the next row will carry the rest
+    cp.cp.services.identity.limits = RateLimits()  # a minute later, as far as limits go
+    assert _enroll_raw(cp, cp.token()) == grpc.StatusCode.OK
+    assert len(signed) == 1  # the spy sees the signature of a real enrollment
+
+
+def test_a_device_cannot_claim_a_region_its_token_did_not_grant(
+    cp: RunningControlPlane, tmp_path: Path
+) -> None:
+    token = cp.token({"site": "shop"})
+    assert _enroll_raw(cp, token, region="eu-west") == grpc.StatusCode.INVALID_ARGUMENT
+    assert cp.cp.store.list_devices() == []
+    # The token survived the refusal; the token's labels win over the device's own.
+    assert _enroll_raw(cp, token, site="elsewhere", rack="3") == grpc.StatusCode.OK
+    (device,) = cp.cp.store.list_devices()
+    assert device.labels == {"site": "shop", "rack": "3"}

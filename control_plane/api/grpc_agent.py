@@ -12,7 +12,7 @@ from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
 from control_plane.api.agent_calls import AgentCalls
 from control_plane.api.convert import host_from_proto, text
-from control_plane.api.grpc_common import abort_with, peer_identity, rpc
+from control_plane.api.grpc_common import abort_with, peer_address, peer_identity, rpc
 from control_plane.api.notify import DeviceNotifier
 from control_plane.services import Services
 from fleetcore import pki
@@ -39,7 +39,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self, request: agent_pb2.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.EnrollResponse:
         r = self.s.identity.enroll(request.token, request.csr_pem, dict(request.labels),
-                                   host_from_proto(request.host), text(request.agent_version))
+                                   host_from_proto(request.host), text(request.agent_version),
+                                   peer_address(context.peer()))
         return agent_pb2.EnrollResponse(
             device_id=r.device.id,
             certificate_pem=r.certificate_pem,

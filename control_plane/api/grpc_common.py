@@ -58,3 +58,10 @@ def peer_identity(context: grpc.aio.ServicerContext) -> pki.Identity:
     if not pems:
         raise AuthenticationError("this call needs a client certificate from the fleet CA")
     return _identity_from_pem(bytes(pems[0]))
+
+
+def peer_address(peer: str) -> str:
+    """The caller's address without its port ("ipv4:10.0.0.5:51234" -> "ipv4:10.0.0.5"): what
+    per-caller limits count by, since every new connection has another port."""
+    head, sep, port = peer.rpartition(":")
+    return head if sep and port.isdigit() and ":" in head else peer

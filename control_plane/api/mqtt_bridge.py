@@ -44,6 +44,7 @@ from fleetcore.mqtt_wire import (
     DEVICE_PREFIX,
     ERROR_PROPERTY,
     MAX_MESSAGE_BYTES,
+    SESSION_EXPIRY_SECONDS,
     Leaf,
     parse_message,
     parse_topic,
@@ -55,7 +56,6 @@ __all__ = ["MqttBridge"]
 
 log = logging.getLogger(__name__)
 
-SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
 # One bundle request may ask for at most this much (agents ask for 1 MiB windows).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MAX_CORRELATION_BYTES = 64

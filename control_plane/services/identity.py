@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from control_plane.domain.enrollment import DenialTally, RateLimits, granted_labels
 from control_plane.domain.records import AuditOutcome, DeviceRecord, DeviceView
 from control_plane.services.context import Context
 from fleetcore import pki
@@ -22,6 +23,7 @@ from fleetcore.errors import (
     AuthenticationError,
     InvalidInputError,
     NotFoundError,
+    RateLimitedError,
     RevokedError,
     TokenError,
 )
@@ -56,6 +58,8 @@ class IdentityService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.store = ctx.store
+        self.limits = RateLimits()
+        self.denials = DenialTally()
 
     # ------------------------------------------------------------------ authentication
     def authenticate(self, identity: pki.Identity, expected: pki.IdentityKind) -> pki.Identity:
@@ -92,14 +96,24 @@ class IdentityService:
 
     # ------------------------------------------------------------------ devices
     def enroll(self, token: str, csr_pem: bytes, labels: Mapping[str, str],
-               host: Mapping[str, Any], agent_version: str) -> EnrollResult:
-        if not token or len(token) > MAX_TOKEN_BYTES:
-            raise TokenError("enrollment token is missing or malformed")
-        token_hash = hash_token(token)
-        actor = f"token:{token_hash[:12]}"
-        public_key = pki.parse_csr(csr_pem)
-        requested = validate_labels(labels)
+               host: Mapping[str, Any], agent_version: str, peer: str = "") -> EnrollResult:
+        """Enroll a device. In this order (``domain/enrollment.py``): the attempt limits, the
+        token (read only), the labels it may claim, and only then the CSR and a signature."""
         now = self.ctx.clock()
+        if not self.limits.allow(peer or "-", now):
+            self._refused(now, "rate limited", peer)
+            raise RateLimitedError("too many enrollment attempts; try again in a minute")
+        try:
+            if not token or len(token) > MAX_TOKEN_BYTES:
+                raise TokenError("enrollment token is missing or malformed")
+            token_hash = hash_token(token)
+            granted = self.store.token_labels(token_hash, now)
+        except TokenError as exc:
+            self._refused(now, str(exc), peer)
+            raise
+        actor = f"token:{token_hash[:12]}"
+        requested = granted_labels(granted, validate_labels(labels))
+        public_key = pki.parse_csr(csr_pem)
         device_id = "dev-" + secrets.token_hex(8)
         cert_pem, cert_record = self.ctx.keys.issue(
             public_key, pki.IdentityKind.DEVICE, device_id, now,
@@ -112,9 +126,8 @@ class IdentityService:
                              agent_version=agent_version, host=dict(host)),
                 cert_record,
             )
-        except TokenError as exc:
-            self.ctx.audit.record(actor, "devices.enroll", "", AuditOutcome.DENIED,
-                                  {"reason": str(exc)})
+        except TokenError as exc:  # used by a concurrent attempt since the check
+            self._refused(now, str(exc), peer)
             raise
         self.ctx.audit.record(actor, "devices.enroll", device_id, AuditOutcome.ALLOWED,
                               {"labels": device.labels, "serial": cert_record.serial})
@@ -127,6 +140,15 @@ class IdentityService:
             api_address=self.ctx.api_address, mqtt_url=self.ctx.config.mqtt_url,
             heartbeat_interval_seconds=self.ctx.config.heartbeat_interval_seconds,
         )
+
+    def _refused(self, now: float, reason: str, peer: str) -> None:
+        """Refused attempts reach the audit log in aggregate (``DenialTally``)."""
+        log.warning("enrollment refused (%s) from %s", reason, peer or "-")
+        attempts = self.denials.refused(now)
+        if attempts:
+            self.ctx.audit.record("enroll", "devices.enroll", "", AuditOutcome.DENIED,
+                                  {"reason": reason, "attempts": attempts,
+                                   "window_seconds": self.denials.window})
 
     def renew_certificate(self, caller: pki.Identity, csr_pem: bytes) -> bytes:
         public_key = pki.parse_csr(csr_pem)

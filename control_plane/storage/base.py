@@ -206,6 +206,10 @@ class Store(abc.ABC):
         """The newest window per device and model."""
 
     @abc.abstractmethod
+    def token_labels(self, token_hash: str, now: float) -> dict[str, str]:
+        """The labels an unused, unexpired token grants; TokenError otherwise (reads only)."""
+
+    @abc.abstractmethod
     def report_refusals(self, device_id: str) -> dict[str, int]:
         """How many of the device's reports were refused, by "kind/reason"."""
 

@@ -124,6 +124,18 @@ class SqliteStore(Store):
         assert enrolled is not None
         return enrolled
 
+    def token_labels(self, token_hash: str, now: float) -> dict[str, str]:
+        rows = self._query("SELECT labels, expires_at, used_at FROM enrollment_tokens"
+                           " WHERE token_hash = ?", (token_hash,))
+        if not rows:
+            raise TokenError("enrollment token is unknown")
+        if rows[0]["used_at"] is not None:
+            raise TokenError("enrollment token has already been used")
+        if now >= rows[0]["expires_at"]:
+            raise TokenError("enrollment token has expired")
+        labels: dict[str, str] = json.loads(rows[0]["labels"])
+        return labels
+
     # --- devices ---
     def get_device(self, device_id: str) -> DeviceRecord | None:
         rows = self._query("SELECT * FROM devices WHERE id = ?", (device_id,))

@@ -31,6 +31,7 @@ from fleetcore.errors import EdgefleetError, InvalidInputError, TransportError
 from fleetcore.mqtt_wire import (
     ERROR_PROPERTY,
     MAX_MESSAGE_BYTES,
+    SESSION_EXPIRY_SECONDS,
     Leaf,
     parse_message,
     parse_url,
@@ -41,7 +42,6 @@ __all__ = ["MqttTransport"]
 
 log = logging.getLogger(__name__)
 
-SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
 KEEPALIVE_SECONDS = 30
 # A bundle is requested in windows of this many bytes; the next window is asked for once the
 # chunks of this one have arrived, so neither the broker nor paho holds a whole bundle.
