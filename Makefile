@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= agent,control-plane,trainer,dev
 TFLITE ?= 'litert-torch>=0.10,<0.11' 'ai-edge-litert>=2.3,<2.4'
 
-.PHONY: setup test test-fast lint protos check-protos demo bench clean
+.PHONY: setup test test-fast fuzz lint protos check-protos demo bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The parsers of untrusted bytes, with many more Hypothesis examples than `make test` runs.
+fuzz: setup
+	EDGEFLEET_FUZZ=long $(PY) -m pytest -q tests/test_fuzz.py -o timeout=1800
 
 lint: setup
 	$(VENV)/bin/ruff check .

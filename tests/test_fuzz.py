@@ -1,0 +1,242 @@
+"""Property-based tests (Hypothesis) for every parser of untrusted bytes: whatever arrives, the
+parser returns a checked value or raises a typed error (``UntrustedInputError``), and a refusal
+leaves persisted state as it was.
+
+``make test`` runs a short pass (the ``ci`` profile); ``make fuzz`` a long one
+(``EDGEFLEET_FUZZ=long``, many more examples and a per-example deadline that catches inputs
+whose cost grows without bound). Inputs are both raw bytes and valid documents with one part
+replaced by an arbitrary JSON value, which reaches far deeper into each parser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from edgefleet.v1 import agent_pb2, common_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from control_plane.domain.records import TelemetryRecord
+from control_plane.domain.telemetry import derive
+from edge_agent.install.release_trust import ReleaseTrust
+from edge_agent.reporting.drift import parse_profile
+from fleetcore import pki, strict_json
+from fleetcore.bundle import parse_manifest
+from fleetcore.errors import UntrustedInputError
+from fleetcore.mqtt_wire import parse_message
+from fleetcore.release import (
+    Arm,
+    ModelRelease,
+    SignedRelease,
+    encode_document,
+    parse_document,
+    sign_release,
+)
+from trainer.profile import build_profile
+from trainer.sources import load_source
+
+settings.register_profile("ci", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=3000, deadline=2000,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("long" if os.environ.get("EDGEFLEET_FUZZ") == "long" else "ci")
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner,
+                                                                max_size=5),
+    max_leaves=30,
+)
+
+
+def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in a JSON tree (dict keys and list indexes), the root included."""
+    out = [prefix]
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            out += _paths(value, (*prefix, key))
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc):
+            out += _paths(value, (*prefix, i))
+    return out
+
+
+@st.composite
+def mutated(draw: st.DrawFn, valid: Any) -> bytes:
+    """``valid`` with one place replaced by any JSON value (or removed), as JSON bytes."""
+    doc = copy.deepcopy(valid)
+    path = draw(st.sampled_from(_paths(doc)))
+    value = draw(JSON)
+    if not path:
+        doc = value
+    else:
+        parent = doc
+        for step in path[:-1]:
+            parent = parent[step]
+        if isinstance(parent, dict) and draw(st.booleans()):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = value
+    return json.dumps(doc).encode()
+
+
+def bytes_or_mutation(valid: Any) -> st.SearchStrategy[bytes]:
+    return st.binary(max_size=2048) | mutated(valid)
+
+
+# ---------------------------------------------------------------- the shared JSON loader
+
+
+@given(st.binary(max_size=4096) | st.text(max_size=2048).map(str.encode))
+def test_strict_json_returns_or_refuses(data: bytes) -> None:
+    with contextlib.suppress(UntrustedInputError):
+        strict_json.loads(data, what="fuzz", max_bytes=4096)
+
+
+# ---------------------------------------------------------------- release documents
+
+
+_KEY = pki.generate_key()
+_VALID_RELEASE = json.loads(encode_document(
+    "dev-0123456789abcdef", 5, 1_000.0, 2_000.0,
+    [ModelRelease("digits", (Arm(1, "sha256:" + "a" * 64, 100, 0.9),
+                             Arm(2, "sha256:" + "b" * 64, 100, 0.1)), 0.05)]))
+
+
+@given(bytes_or_mutation(_VALID_RELEASE))
+def test_release_document_parser_returns_or_refuses(data: bytes) -> None:
+    try:
+        doc = parse_document(data)
+    except UntrustedInputError:
+        return
+    assert doc.serial >= 0 and all(0 <= a.weight <= 1 for m in doc.models for a in m.arms)
+
+
+@given(mutated(_VALID_RELEASE))
+def test_a_refused_signed_release_leaves_the_trust_state_unchanged(tmp_path_factory: Any,
+                                                                   data: bytes) -> None:
+    state = tmp_path_factory.mktemp("trust") / "release.json"
+    trust = ReleaseTrust(state, _KEY.public_key(), "dev-0123456789abcdef")
+    trust.accept(sign_release(json.dumps(_VALID_RELEASE).encode(), _KEY), 1_500.0)
+    before = state.read_bytes()
+    try:
+        trust.accept(SignedRelease(data, sign_release(data, _KEY).signature), 1_500.0)
+    except UntrustedInputError:
+        assert state.read_bytes() == before
+
+
+# ---------------------------------------------------------------- bundle manifests
+
+
+_VALID_MANIFEST = {
+    "format": "edgefleet.bundle/v1", "name": "digits", "version": 1,
+    "created": "2026-12-04T00:00:00Z",
+    "input": {"name": "input", "features": ["f0", "f1"], "dtype": "float32"},
+    "output": {"name": "probabilities", "labels": ["0", "1"]},
+    "metrics": {"accuracy": 0.9}, "lineage": {"snapshot": "sha256:" + "c" * 64},
+    "compression": {}, "runtime": {"onnx": "model.onnx"},
+    "smoke_test": {"inputs": [[0.0, 1.0]], "expected": [[0.5, 0.5]]},
+}
+
+
+@given(bytes_or_mutation(_VALID_MANIFEST))
+def test_manifest_parser_returns_or_refuses(data: bytes) -> None:
+    with contextlib.suppress(UntrustedInputError):
+        parse_manifest(data)
+
+
+# ---------------------------------------------------------------- drift profiles
+
+
+_RNG = np.random.default_rng(7)
+_VALID_PROFILE = build_profile(_RNG.normal(size=(200, 3)).astype(np.float32), ["a", "b", "c"],
+                               _RNG.integers(0, 2, size=200), ["no", "yes"], bins=10,
+                               sample_rows=32, seed=7)
+
+
+@given(bytes_or_mutation(_VALID_PROFILE))
+def test_drift_profile_parser_returns_or_refuses(data: bytes) -> None:
+    with contextlib.suppress(UntrustedInputError):
+        parse_profile(data)
+
+
+# ---------------------------------------------------------------- telemetry payloads
+
+
+_VALID_PAYLOADS = {
+    "arm_stats": {"model": "digits", "version": 1, "requests": 10, "errors": 0, "p50_ms": 0.1,
+                  "p95_ms": 0.2, "labelled": 5, "correct": 4},
+    "drift": {"model": "digits", "version": 1, "start": 1.0, "end": 2.0, "rows": 200,
+              "score": 0.1, "drifted": False, "prediction_psi": 0.0, "drifted_features": []},
+    "sample": {"model": "digits", "version": 1, "features": [[0.0, 1.0]], "labels": [1],
+               "pii": {"email": ["ab" * 16]}},
+}
+
+
+@given(st.sampled_from(sorted(_VALID_PAYLOADS)).flatmap(
+    lambda kind: st.tuples(st.just(kind), bytes_or_mutation(_VALID_PAYLOADS[kind]))))
+def test_telemetry_payloads_derive_rows_or_are_skipped(case: tuple[str, bytes]) -> None:
+    kind, payload = case
+    rows, problems = derive("dev-1", [TelemetryRecord(1, kind, 1.0, payload)])
+    assert len(rows) + len(problems) <= 1
+
+
+# ---------------------------------------------------------------- MQTT wire messages
+
+
+@pytest.mark.parametrize("message", [agent_pb2.HeartbeatRequest, agent_pb2.TelemetryBatch,
+                                     agent_pb2.FetchBundleRequest, common_pb2.SignedRelease])
+@given(data=st.binary(max_size=2048))
+def test_mqtt_messages_parse_or_are_refused(message: Any, data: bytes) -> None:
+    with contextlib.suppress(UntrustedInputError):
+        parse_message(message, data)
+
+
+# ---------------------------------------------------------------- CSV sources
+
+
+CSV_TEXT = st.lists(st.lists(st.text(st.characters(blacklist_categories=["Cs"]), max_size=8)
+                             | st.floats(allow_nan=True).map(str), min_size=1, max_size=4),
+                    max_size=12)
+
+
+@given(rows=CSV_TEXT, raw=st.binary(max_size=512), use_raw=st.booleans())
+def test_csv_source_loads_or_is_refused(tmp_path_factory: Any, rows: list[list[str]],
+                                        raw: bytes, use_raw: bool) -> None:
+    folder = tmp_path_factory.mktemp("csv")
+    path = folder / "data.csv"
+    header = "a,b,label\n"
+    body = raw if use_raw else (header + "\n".join(",".join(r) for r in rows)).encode(
+        "utf-8", "surrogatepass")
+    path.write_bytes(body)
+    try:
+        table = load_source(f"csv:{path}", label="label", pii=[], base_dir=folder)
+    except UntrustedInputError:
+        return
+    assert table.X.dtype == np.float32 and np.isfinite(table.X).all()
+    assert len(table.y) == len(table.X)
+
+
+def test_the_valid_documents_mutated_above_are_valid() -> None:
+    """Otherwise every mutation would only ever reach the parsers' first refusal."""
+    parse_manifest(json.dumps(_VALID_MANIFEST).encode())
+    parse_profile(json.dumps(_VALID_PROFILE).encode())
+    parse_document(json.dumps(_VALID_RELEASE).encode())
+    for kind, payload in _VALID_PAYLOADS.items():
+        rows, problems = derive("dev-1", [TelemetryRecord(1, kind, 1.0,
+                                                          json.dumps(payload).encode())])
+        assert len(rows) == 1 and not problems
+
+
+def test_the_fuzz_profile_is_chosen_by_the_environment() -> None:
+    assert settings().max_examples == (3000 if os.environ.get("EDGEFLEET_FUZZ") == "long"
+                                       else 60)
+    assert Path(__file__).name == "test_fuzz.py"
