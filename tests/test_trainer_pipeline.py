@@ -136,7 +136,9 @@ def test_raw_features_in_give_the_trainers_predictions(
     digits = load_digits()
     probs = run_onnx(work / "bundle" / "model.onnx", digits.data.astype(np.float32))
     assert (probs.argmax(1) == digits.target).mean() >= 0.85
-    assert np.allclose(probs.sum(1), 1, atol=1e-3)
+    # When export keeps the int8 variant (it does when it measures faster), the softmax output
+    # is quantized in steps of 1/255 per class: 10 classes may sum to 1 +- 10/510.
+    assert np.allclose(probs.sum(1), 1, atol=10 / 510 + 1e-6)
 
 
 def test_rerun_with_nothing_changed_does_no_work(trained: tuple[Path, Path, dict]) -> None:
