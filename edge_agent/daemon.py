@@ -101,6 +101,7 @@ class Agent:
         self.transport: Transport = make_transport(self.config, self.state, lambda: self.creds)
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._status_unwritable = False
         self._status: dict[str, Any] = {
             "device_id": self.config.device_id,
             "api_address": self.config.api_address,
@@ -368,7 +369,11 @@ class Agent:
         try:
             self.state.write_status(self._status)
         except OSError as exc:  # a full disk must not stop the agent from serving
-            log.error("cannot write %s: %s", self.state.status, exc)
+            if not self._status_unwritable:  # once a spell, not every heartbeat
+                log.error("cannot write %s: %s", self.state.status, exc)
+            self._status_unwritable = True
+        else:
+            self._status_unwritable = False
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.on_event is not None:

@@ -20,6 +20,11 @@ Rules:
   nothing; it is not a drop.
 * A file that is not an outbox (not SQLite, or another SQLite database) is refused with
   ``InvalidInputError`` and left untouched: recreating it would lose the telemetry in it.
+* Storage faults (a full disk, a read-only or failing file system) never escape to the caller:
+  serving and the heartbeat go on. A record that cannot be written is lost and counted in
+  memory (``stats().unwritable``, also in ``dropped``); an acknowledgement that cannot be
+  written leaves the records pending (sent again later; the control plane deduplicates). One
+  warning per spell, until a write succeeds again.
 
 One ``Outbox`` owns one connection behind a lock, so serving threads may append while the
 sender reads and acknowledges. Depth and byte counters are kept by triggers in the same file,
@@ -33,7 +38,7 @@ import math
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,10 +104,11 @@ class OutboxRecord:
 class OutboxStats:
     depth: int  # records waiting
     depth_bytes: int  # payload bytes waiting
-    dropped: int  # records ever dropped because the outbox was full (persisted)
+    dropped: int  # records dropped: the outbox was full (persisted) or the disk was (in memory)
     dropped_by_kind: dict[str, int]
     next_seq: int
     oldest_created_at: float | None  # unix seconds; None when empty
+    unwritable: int = 0  # records lost since start because storage refused the write
 
 
 class Outbox:
@@ -128,15 +134,26 @@ class Outbox:
         self.max_payload_bytes = max_payload_bytes
         self._lock = threading.Lock()
         self._warned_full = False
-        self._conn: sqlite3.Connection | None = _open(self.path)
+        self._unwritable: Counter[str] = Counter()  # lost to storage faults, by kind
+        self._storage_fault = False  # in a spell of storage faults (one warning each)
+        self._conn: sqlite3.Connection | None = None
+        self._unopened: sqlite3.Error | None = None  # storage refused to open the file
+        try:
+            self._conn = _open(self.path)
+        except sqlite3.Error as exc:
+            if not _is_storage_fault(exc):
+                raise
+            # A read-only or full state directory: serve anyway, count what cannot be kept.
+            log.error("telemetry outbox %s cannot be opened (%s); telemetry is counted as "
+                      "dropped until the agent restarts with writable storage", self.path, exc)
+            self._unopened, self._storage_fault = exc, True
 
     # -- writing --
 
-    def append(self, kind: str, payload: bytes, now: float) -> int:
-        """Store one record durably and return its seq (it always fits; older ones may drop)."""
+    def append(self, kind: str, payload: bytes, now: float) -> int | None:
+        """Store one record durably and return its seq (it always fits; older ones may drop);
+        None when storage refused the write (the record is counted as lost)."""
         (seq,) = self.append_many([(kind, payload)], now)
-        if seq is None:  # unreachable: __init__ guarantees one record fits an empty outbox
-            raise RuntimeError("outbox bound check failed: a single record did not fit")
         return seq
 
     def append_many(self, items: Iterable[tuple[str, bytes]], now: float) -> list[int | None]:
@@ -150,6 +167,16 @@ class Outbox:
             raise InvalidInputError(f"expected a finite unix time for 'now', got {now!r}")
         if not batch:
             return []
+        seqs: list[int] = []
+        dropped_through = 0
+        with self._unless_storage_fails("append", lost=batch) as outcome:
+            seqs, dropped_through = self._insert(batch, now)
+        if not outcome.ok:
+            return [None] * len(batch)
+        return [seq if seq > dropped_through else None for seq in seqs]
+
+    def _insert(self, batch: list[tuple[str, bytes]], now: float) -> tuple[list[int], int]:
+        """Insert in one transaction; return the seqs and the highest seq dropped for room."""
         seqs: list[int] = []
         dropped_through = 0
         with self._transaction("IMMEDIATE") as conn:
@@ -166,26 +193,32 @@ class Outbox:
                     (next_seq, kind, now, payload),
                 )
                 seqs.append(next_seq)
-        return [seq if seq > dropped_through else None for seq in seqs]
+        return seqs, dropped_through
 
     def ack(self, seqs: Iterable[int]) -> int:
         """Delete exactly these acknowledged records; return how many existed."""
         unique = sorted(set(seqs))
         if not unique:
             return 0
-        with self._transaction("IMMEDIATE") as conn:
+        deleted = 0
+        with self._unless_storage_fails("acknowledge") as outcome, \
+                self._transaction("IMMEDIATE") as conn:
             deleted = conn.executemany(
                 "DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in unique]
             ).rowcount
-        self._note_freed(deleted)
-        return deleted
+        if outcome.ok:
+            self._note_freed(deleted)
+        return deleted if outcome.ok else 0
 
     def ack_through(self, seq: int) -> int:
         """Delete every pending record with a seq <= ``seq``; return how many."""
-        with self._transaction("IMMEDIATE") as conn:
+        deleted = 0
+        with self._unless_storage_fails("acknowledge") as outcome, \
+                self._transaction("IMMEDIATE") as conn:
             deleted = conn.execute("DELETE FROM outbox WHERE seq <= ?", (seq,)).rowcount
-        self._note_freed(deleted)
-        return deleted
+        if outcome.ok:
+            self._note_freed(deleted)
+        return deleted if outcome.ok else 0
 
     # -- reading --
 
@@ -197,6 +230,8 @@ class Outbox:
             return []
         out: list[OutboxRecord] = []
         total = 0
+        if self._unopened is not None:
+            return out
         with self._transaction("DEFERRED") as conn:
             cursor = conn.execute(
                 "SELECT seq, kind, created_at, payload FROM outbox ORDER BY seq LIMIT ?",
@@ -213,6 +248,9 @@ class Outbox:
         return out
 
     def stats(self) -> OutboxStats:
+        if self._unopened is not None:
+            lost = dict(sorted(self._unwritable.items()))
+            return OutboxStats(0, 0, sum(lost.values()), lost, 0, None, sum(lost.values()))
         with self._transaction("DEFERRED") as conn:
             next_seq, depth, depth_bytes = conn.execute(
                 "SELECT next_seq, depth, depth_bytes FROM outbox_meta"
@@ -224,13 +262,16 @@ class Outbox:
                 )
             }
             oldest = conn.execute("SELECT created_at FROM outbox ORDER BY seq LIMIT 1").fetchone()
+        for kind, count in self._unwritable.items():
+            by_kind[kind] = by_kind.get(kind, 0) + count
         return OutboxStats(
             depth=depth,
             depth_bytes=depth_bytes,
             dropped=sum(by_kind.values()),
-            dropped_by_kind=by_kind,
+            dropped_by_kind=dict(sorted(by_kind.items())),
             next_seq=next_seq,
             oldest_created_at=None if oldest is None else oldest[0],
+            unwritable=sum(self._unwritable.values()),
         )
 
     # -- lifecycle --
@@ -305,8 +346,32 @@ class Outbox:
             self._warned_full = False
 
     @contextmanager
+    def _unless_storage_fails(
+        self, what: str, lost: Sequence[tuple[str, bytes]] = ()
+    ) -> Iterator[_Outcome]:
+        """Run a write; a storage fault is logged (once a spell), counts ``lost`` records, and
+        does not propagate: the yielded outcome's ``ok`` is False then."""
+        outcome = _Outcome()
+        try:
+            yield outcome
+        except sqlite3.Error as exc:
+            if not _is_storage_fault(exc):
+                raise
+            outcome.ok = False
+            for kind, _ in lost:
+                self._unwritable[kind] += 1
+            if not self._storage_fault:
+                log.error("telemetry outbox %s cannot %s: %s; serving goes on, records that "
+                          "cannot be stored are counted as dropped", self.path, what, exc)
+            self._storage_fault = True
+            return
+        self._storage_fault = False
+
+    @contextmanager
     def _transaction(self, mode: str) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            if self._unopened is not None:
+                raise self._unopened
             conn = self._conn
             if conn is None:
                 raise RuntimeError(f"outbox {self.path} is closed")
@@ -351,3 +416,17 @@ def _open(path: Path) -> sqlite3.Connection:
             conn.close()
         raise
     return conn
+
+
+@dataclass
+class _Outcome:
+    ok: bool = True
+
+
+# SQLite's primary result codes for a storage fault: read-only, I/O error, full, cannot open.
+_STORAGE_FAULTS = {8, 10, 13, 14}
+
+
+def _is_storage_fault(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _STORAGE_FAULTS

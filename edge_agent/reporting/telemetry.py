@@ -35,15 +35,22 @@ class TelemetrySender:
         self.batch_records = batch_records
         self.batch_bytes = batch_bytes
         self.max_batches = max_batches
+        self._reported_dropped = 0  # the drop count the control plane last acknowledged
 
     async def send(self, transport: Transport) -> int:
-        """Send pending records; return how many were acknowledged (and deleted)."""
+        """Send pending records; return how many were acknowledged (and deleted). With nothing
+        pending, a new drop count still goes out (in an empty batch): records that could not
+        even be stored (a full disk) are otherwise invisible to the fleet."""
         sent = 0
         for _ in range(self.max_batches):
             records = self.outbox.pending(self.batch_records, self.batch_bytes)
-            if not records:
-                break
             stats = self.outbox.stats()
+            if not records:
+                if stats.dropped != self._reported_dropped:
+                    await transport.send_telemetry(agent_pb2.TelemetryBatch(
+                        dropped=stats.dropped, depth=stats.depth))
+                    self._reported_dropped = stats.dropped
+                break
             acked = await transport.send_telemetry(
                 agent_pb2.TelemetryBatch(
                     records=[agent_pb2.TelemetryRecord(seq=r.seq, kind=r.kind,
@@ -52,6 +59,7 @@ class TelemetrySender:
                     dropped=stats.dropped, depth=stats.depth,
                 ),
             )
+            self._reported_dropped = stats.dropped
             deleted = self.outbox.ack(acked)
             sent += deleted
             if deleted < len(records):
