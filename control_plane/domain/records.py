@@ -259,11 +259,14 @@ class SampleRecord:
 
 @dataclass(frozen=True)
 class SampleRefusal:
-    """A sample the control plane refused; only counted, never stored."""
+    """A sample the control plane refused; only counted, never stored (per model and region
+    with its reason, and per device in ``report_refusals`` under ``category``)."""
 
     model: str
     region: str
     reason: str
+    device_id: str = ""
+    category: str = "sample-refused"  # a fixed category (``domain.telemetry.REFUSALS``)
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,7 @@ class ReportRefusal:
     device_id: str
     kind: str
     reason: str
+    count: int = 1
 
 
 Derived = DriftWindowRecord | ArmStatsRecord | SampleRecord | SampleRefusal | ReportRefusal
