@@ -145,7 +145,8 @@ class ModelVersionRecord:
     created_at: float
     published_by: str
     publisher_key: str
-    manifest: str  # JSON
+    manifest: str  # JSON: the whole manifest, or a summary (``manifest_bytes`` says how big)
+    manifest_bytes: int = 0
 
 
 @dataclass(frozen=True)

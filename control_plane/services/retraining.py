@@ -51,6 +51,7 @@ from control_plane.services.registry import RegistryService
 from control_plane.services.retrain_runner import LocalRunner, sample_regions
 from fleetcore import pki, strict_json
 from fleetcore.archive import safe_extract
+from fleetcore.bundle import MAX_MANIFEST_BYTES
 from fleetcore.errors import EdgefleetError, InvalidInputError
 
 __all__ = ["RetrainService"]
@@ -165,7 +166,9 @@ class RetrainService:
         except (OSError, EdgefleetError) as exc:
             log.warning("cannot read the store policy of %s: %s", policy.pipeline, exc)
             allowed = []
-        return _Checks("", strict_json.loads(mv.manifest, what=f"manifest of {model} v{version}"),
+        manifest = strict_json.loads(mv.manifest, what=f"manifest of {model} v{version}",
+                                     max_bytes=MAX_MANIFEST_BYTES)
+        return _Checks("", manifest,
                        region_refusal(region, allowed))
 
     # ------------------------------------------------------------------ triggers

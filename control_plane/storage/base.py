@@ -143,7 +143,10 @@ class Store(abc.ABC):
     def get_model_version(self, name: str, version: int) -> ModelVersionRecord | None: ...
 
     @abc.abstractmethod
-    def list_model_versions(self, name: str | None = None) -> list[ModelVersionRecord]: ...
+    def list_model_versions(self, name: str | None = None) -> list[ModelVersionRecord]:
+        """Every version (of one model, or of all), each with a summary of its manifest
+        (name, version, created, metrics, compression, runtime); ``get_model_version`` has the
+        whole manifest."""
 
     # --- rollouts and device arms ---
     @abc.abstractmethod

@@ -313,12 +313,17 @@ class SqliteStore(Store):
         return _model_version(rows[0]) if rows else None
 
     def list_model_versions(self, name: str | None = None) -> list[ModelVersionRecord]:
-        if name:
-            rows = self._query(
-                "SELECT * FROM model_versions WHERE name = ? ORDER BY version", (name,)
-            )
-        else:
-            rows = self._query("SELECT * FROM model_versions ORDER BY name, version")
+        # A summary of each manifest, made here: a manifest may hold megabytes of lineage.
+        rows = self._query(
+            "SELECT name, version, digest, length, created_at, published_by, publisher_key,"
+            " json_object('name', json_extract(manifest, '$.name'),"
+            " 'version', json_extract(manifest, '$.version'),"
+            " 'created', json_extract(manifest, '$.created'),"
+            " 'metrics', json_extract(manifest, '$.metrics'),"
+            " 'compression', json_extract(manifest, '$.compression'),"
+            " 'runtime', json_extract(manifest, '$.runtime')) AS manifest,"
+            " length(manifest) AS manifest_bytes FROM model_versions"
+            " WHERE (? = '' OR name = ?) ORDER BY name, version", (name or "", name or ""))
         return [_model_version(r) for r in rows]
 
     # --- rollouts ---
@@ -796,8 +801,10 @@ def _experiment(r: sqlite3.Row) -> ExperimentRecord:
 
 
 def _model_version(r: sqlite3.Row) -> ModelVersionRecord:
+    manifest = r["manifest"]
+    size = r["manifest_bytes"] if "manifest_bytes" in r.keys() else len(manifest)  # noqa: SIM118
     return ModelVersionRecord(r["name"], r["version"], r["digest"], r["length"], r["created_at"],
-                              r["published_by"], r["publisher_key"], r["manifest"])
+                              r["published_by"], r["publisher_key"], manifest, size)
 
 
 def _rollout(r: sqlite3.Row) -> RolloutRecord:
