@@ -6,23 +6,31 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import sqlite3
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from edgefleet.v1 import admin_pb2, agent_pb2, agent_pb2_grpc, common_pb2
+from edgefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2
 
+from control_plane.config import ControlPlaneConfig
 from control_plane.domain.enrollment import RateLimits
 from control_plane.domain.quota import QuotaLimits, Quotas
 from control_plane.domain.records import JobState, SampleRecord, TelemetryRecord
 from control_plane.domain.retraining import DriftPolicy
+from control_plane.services.identity import hash_token
+from edge_agent.enroll import enroll
 from edge_agent.reporting.outbox import Outbox
 from edge_agent.reporting.telemetry import encode
 from edge_agent.state import StateDir
+from fleet.channel import open_channel
 from fleet.cli import main as fleet_main
-from fleetcore import pki
+from fleetcore import operator_config, pki
 from fleetcore.cli import terminal_safe
 from tests.support import (
     WAIT,
@@ -34,6 +42,8 @@ from tests.support import (
     start_agent,
     start_control_plane,
 )
+from tests.test_cli import Proc
+from tests.test_cli import run as cli_run
 from tests.test_delivery import _bundle_for
 
 
@@ -483,3 +493,118 @@ def test_models_list_stays_small_when_manifests_hold_megabytes_of_lineage(
     assert fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api", cp.api,
                        "models", "show", "digits", "9"]) == 1
     assert "no model 'digits' version 9" in capsys.readouterr().err
+
+
+def test_quota_buckets_admit_a_prefix_and_refill_with_time() -> None:
+    """The rule alone, time passed in (no clock, no timing)."""
+    quotas = Quotas(QuotaLimits(records_per_second=1, bytes_per_second=1000, burst_records=3,
+                                burst_bytes=10_000))
+    small = [TelemetryRecord(i, "error", 0.0, b"x" * 100) for i in range(5)]
+    assert quotas.admit("d", small, now=100.0) == 3  # the record burst
+    assert quotas.admit("d", small, now=100.0) == 0
+    assert quotas.retry_after("d", small[0]) == pytest.approx(1.0)
+    assert quotas.admit("d", small, now=102.0) == 2  # two seconds: two records
+    assert quotas.admit("other", small, now=100.0) == 3  # every device has its own
+    big = [TelemetryRecord(i, "error", 0.0, b"x" * 4000) for i in range(5)]
+    assert quotas.admit("b", big, now=0.0) == 2  # the byte burst (4,000 + overhead each)
+    assert quotas.admit("b", big, now=4.0) == 1  # 4,000 bytes refilled after ~4 s
+    huge = [TelemetryRecord(1, "error", 0.0, b"x" * 50_000)]  # beyond any burst: when full
+    assert quotas.admit("h", huge, now=0.0) == 1
+    assert quotas.admit("h", huge, now=1.0) == 0
+
+
+# ---------------------------------------------------------------- storage faults
+
+
+def test_a_damaged_database_is_refused_with_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "cp"
+    assert cli_run("control-plane", "init", "--home", str(home)).returncode == 0
+    db = home / "edgefleet.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+    assert pages > 3
+    with db.open("r+b") as fh:  # garbage over every page but the header's
+        fh.seek(size)
+        fh.write(bytes(range(256)) * (size * (pages - 1) // 256))
+    served = cli_run("control-plane", "serve", "--home", str(home), "--api", "127.0.0.1:0",
+                     "--enroll", "127.0.0.1:0")
+    assert served.returncode != 0
+    assert served.stderr.strip().count("\n") == 0, served.stderr
+    assert "failed its integrity check" in served.stderr and "restore" in served.stderr
+
+
+def test_kill_9_during_a_write_burst_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """A real `control-plane serve` killed with SIGKILL while devices send telemetry and an
+    admin creates tokens: the database is sound, every acknowledged record and token is
+    there, and the audit chain verifies."""
+    home = tmp_path / "cp"
+    assert cli_run("control-plane", "init", "--home", str(home)).returncode == 0
+    config = ControlPlaneConfig.load(home)
+    config.telemetry_burst_records = config.telemetry_records_per_second = 1e9
+    config.save()
+    server = Proc("control-plane", "serve", "--home", str(home), "--api", "127.0.0.1:0",
+                  "--enroll", "127.0.0.1:0")
+    api = server.expect(r"api \(mTLS\) listening on (\S+)").group(1)
+    enroll_address = server.expect(r"enrollment .* listening on (\S+)").group(1)
+    admin = replace(operator_config.load(home / "operators/admin/fleet.toml"), api=api)
+    stub = admin_pb2_grpc.AdminServiceStub(open_channel(admin))
+    ca = (home / "pki/ca.pem").read_bytes()
+    devices = []
+    for i in range(4):
+        token = stub.CreateEnrollmentToken(admin_pb2.CreateEnrollmentTokenRequest(),
+                                           timeout=WAIT).token
+        devices.append(enroll(enroll_address, token, ca, tmp_path / f"d{i}").device_id)
+    acked: dict[str, set[int]] = {d: set() for d in devices}
+    tokens: list[str] = []
+    enough = threading.Event()
+
+    def send(i: int) -> None:
+        with grpc.secure_channel(api, device_credentials(tmp_path / f"d{i}")) as channel:
+            call = agent_pb2_grpc.AgentServiceStub(channel).SendTelemetry
+            for n in range(10_000):
+                records = [agent_pb2.TelemetryRecord(
+                    seq=n * 20 + k + 1, kind="error", created_at=time.time(),
+                    payload=encode({"where": "burst", "error": "e" * 200})) for k in range(20)]
+                try:
+                    reply = call(agent_pb2.TelemetryBatch(records=records), timeout=WAIT)
+                except grpc.RpcError:
+                    return  # the server is gone
+                acked[devices[i]].update(reply.acked)
+                if sum(len(s) for s in acked.values()) > 2000:
+                    enough.set()
+
+    def create_tokens() -> None:
+        while True:
+            try:
+                tokens.append(stub.CreateEnrollmentToken(
+                    admin_pb2.CreateEnrollmentTokenRequest(), timeout=WAIT).token)
+            except grpc.RpcError:
+                return
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    threads.append(threading.Thread(target=create_tokens))
+    for t in threads:
+        t.start()
+    assert enough.wait(WAIT)
+    server.p.send_signal(signal.SIGKILL)  # mid-burst: the senders are still sending
+    assert server.p.wait(WAIT) == -signal.SIGKILL
+    for t in threads:
+        t.join(WAIT)
+
+    with sqlite3.connect(home / "edgefleet.db") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        stored = set(conn.execute("SELECT device_id, seq FROM telemetry").fetchall())
+        hashes = {r[0] for r in conn.execute("SELECT token_hash FROM enrollment_tokens")}
+    assert {(d, s) for d, seqs in acked.items() for s in seqs} <= stored
+    assert {hash_token(t) for t in tokens} <= hashes and tokens
+    server = Proc("control-plane", "serve", "--home", str(home), "--api", "127.0.0.1:0",
+                  "--enroll", "127.0.0.1:0")
+    try:
+        api = server.expect(r"api \(mTLS\) listening on (\S+)").group(1)
+        verified = cli_run("fleet", "--config", str(home / "operators/admin/fleet.toml"),
+                           "--api", api, "audit", "verify")
+        assert verified.returncode == 0, verified.stderr
+    finally:
+        server.terminate()
