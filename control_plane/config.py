@@ -110,6 +110,15 @@ class ControlPlaneConfig:
     # at the training environment's key, or run jobs on Kubernetes, to keep it off this host).
     retrain_publisher_key: Path = field(default=Path("publisher/publisher.key"))
     rollout_device_timeout_seconds: float = 600.0
+    # Telemetry quota per device (token buckets: a rate and a burst, of records and of bytes)
+    # and retention (raw rows, then a daily roll-up; drift windows), checked this often.
+    telemetry_records_per_second: float = 2.0
+    telemetry_bytes_per_second: float = 4096.0
+    telemetry_burst_records: float = 2000.0
+    telemetry_burst_bytes: float = 4.0 * 1024 * 1024
+    telemetry_raw_retention_seconds: float = 7 * 86400.0
+    telemetry_drift_retention_seconds: float = 30 * 86400.0
+    telemetry_expire_every_seconds: float = 300.0
 
     @property
     def layout(self) -> HomeLayout:
@@ -163,6 +172,14 @@ class ControlPlaneConfig:
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise InvalidInputError(f"config rollouts.{key} must be a positive number")
             setattr(cfg, name, float(value))
+        telemetry = doc.get("telemetry", {})
+        for key in _TELEMETRY_KEYS:
+            name = f"telemetry_{key}"
+            value = telemetry.get(key, getattr(cfg, name))
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    0 < value < float("inf")):
+                raise InvalidInputError(f"config telemetry.{key} must be a positive number")
+            setattr(cfg, name, float(value))
         parse_hostport(cfg.api_listen)
         parse_hostport(cfg.enroll_listen)
         return cfg
@@ -207,10 +224,15 @@ class ControlPlaneConfig:
                 "tick_seconds": self.rollout_tick_seconds,
                 "device_timeout_seconds": self.rollout_device_timeout_seconds,
             },
+            "telemetry": {key: getattr(self, f"telemetry_{key}") for key in _TELEMETRY_KEYS},
         }
 
     def save(self) -> None:
         tomlfile.write(self.layout.config, self.to_toml())
+
+
+_TELEMETRY_KEYS = ("records_per_second", "bytes_per_second", "burst_records", "burst_bytes",
+                   "raw_retention_seconds", "drift_retention_seconds", "expire_every_seconds")
 
 
 def _positive_int(table: dict[str, Any], key: str, default: int) -> int:

@@ -1,6 +1,7 @@
 """The control-plane process: wires storage, services and the API edge together. The mTLS API
 port and the enrollment port run on one event loop, with the MQTT bridge when the fleet has a
-broker (`serve --mqtt URL`), and a scheduler that advances rollouts and retraining jobs."""
+broker (`serve --mqtt URL`), and a scheduler that advances rollouts and retraining jobs and
+expires old telemetry."""
 
 from __future__ import annotations
 
@@ -117,6 +118,10 @@ class ControlPlane:
         self.scheduler.add_job(self._tick_rollouts, "interval",
                                seconds=self.config.rollout_tick_seconds, max_instances=1,
                                coalesce=True)
+        # Raw telemetry past its retention is rolled up and deleted, as often as configured.
+        self.scheduler.add_job(self._expire_telemetry, "interval",
+                               seconds=self.config.telemetry_expire_every_seconds,
+                               max_instances=1, coalesce=True)
         if self.mqtt is not None:
             self.scheduler.add_job(self._refresh_crl, "interval", hours=CRL_REFRESH_HOURS)
         self.scheduler.start()
@@ -126,6 +131,9 @@ class ControlPlane:
     async def _tick_rollouts(self) -> None:
         self.services.rollouts.tick()
         await self.services.retraining.tick()
+
+    async def _expire_telemetry(self) -> None:
+        self.services.telemetry.expire()
 
     def _device_changed(self, device_id: str) -> None:
         """A device's release changed or it was revoked: wake its Sync streams and the bridge."""

@@ -6,7 +6,9 @@ import grpc
 
 from fleetcore.operator_config import OperatorConfig
 
-__all__ = ["open_channel"]
+__all__ = ["MAX_REPLY_BYTES", "open_channel"]
+
+MAX_REPLY_BYTES = 64 * 1024 * 1024
 
 
 def open_channel(cfg: OperatorConfig) -> grpc.Channel:
@@ -17,4 +19,7 @@ def open_channel(cfg: OperatorConfig) -> grpc.Channel:
         private_key=cfg.key.read_bytes(),
         certificate_chain=cfg.cert.read_bytes(),
     )
-    return grpc.secure_channel(cfg.api, creds)
+    # One model's whole manifest (`fleet models show NAME VERSION`) may be several megabytes
+    # of lineage; listings carry summaries only.
+    return grpc.secure_channel(cfg.api, creds, options=[
+        ("grpc.max_receive_message_length", MAX_REPLY_BYTES)])

@@ -41,8 +41,9 @@ def add_model_commands(sub: Any) -> None:
     mp.add_argument("--json", action="store_true")
     ml = models.add_parser("list", help="every published version, newest first")
     ml.add_argument("--json", action="store_true")
-    ms = models.add_parser("show", help="one model's versions and manifests")
+    ms = models.add_parser("show", help="one model's versions; with VERSION, its manifest")
     ms.add_argument("name")
+    ms.add_argument("version", nargs="?", type=int, default=0)
     ms.add_argument("--json", action="store_true")
 
     rollouts = sub.add_parser("rollouts", help="assign model versions to devices").add_subparsers(
@@ -137,11 +138,13 @@ def _add_retrain_commands(sub: Any) -> None:
     rj.add_argument("--json", action="store_true")
 
 
-def model_json(m: admin_pb2.ModelVersion) -> dict[str, Any]:
+def model_json(m: admin_pb2.ModelVersion, key: str = "summary") -> dict[str, Any]:
+    """``key``: "summary" (a listing's manifest summary) or "manifest" (the whole one)."""
     return {
         "name": m.name, "version": m.version, "digest": m.digest, "length": m.length,
         "created_at": m.created_at, "published_by": m.published_by,
-        "publisher_key": m.publisher_key, "manifest": json.loads(m.manifest_json or "{}"),
+        "publisher_key": m.publisher_key, "manifest_bytes": m.manifest_bytes,
+        key: json.loads(m.manifest_json or "{}"),
     }
 
 
@@ -193,6 +196,15 @@ def _models_list(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
 
 
 def _models_show(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
+    if args.version:
+        m = stub.GetModel(admin_pb2.GetModelRequest(name=args.name, version=args.version),
+                          timeout=T)
+        if args.json:
+            print_json(model_json(m, "manifest"))
+        else:
+            _print_models([m], False)
+            print(json.dumps(json.loads(m.manifest_json or "{}"), indent=2, sort_keys=True))
+        return
     models = list(stub.ListModels(admin_pb2.ListModelsRequest(name=args.name), timeout=T).models)
     if not models:
         raise InvalidInputError(f"no model named {args.name!r}")

@@ -10,7 +10,9 @@ Each row carries its target and a pass/fail column:
   minimal Starlette app, gRPC, resident memory, drift update cost;
 * bundle verification against ``openssl dgst`` (``scripts/bench_verify.py``);
 * fleet scale with 1,000 simulated agents (``scripts/bench_fleet.py``);
-* MQTT telemetry and release fan-out through Mosquitto (``scripts/bench_mqtt.py``).
+* MQTT telemetry and release fan-out through Mosquitto (``scripts/bench_mqtt.py``);
+* database growth under a one-device telemetry flood, with the quota against without
+  (``scripts/bench_flood.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from control_plane.server import ControlPlane
 from edge_agent.enroll import enroll
 from edge_agent.state import StateDir
 from scripts.bench_fleet import bench_fleet
+from scripts.bench_flood import bench_flood
 from scripts.bench_mqtt import bench_mqtt
 from scripts.bench_serving import bench_serving
 from scripts.bench_verify import bench_verify
@@ -229,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_compression(Path(tmp) / "compression")
         rows += bench_fleet(Path(tmp) / "fleet").rows  # 1,000 simulated agents
         rows += bench_mqtt(Path(tmp) / "mqtt")  # Mosquitto: telemetry, release fan-out
+        rows += bench_flood(Path(tmp) / "flood")  # DB growth under a one-device flood
     for row in rows:
         if row["pass"] is False:
             row["note"] = _note(row)

@@ -118,7 +118,7 @@ def model_to_proto(m: ModelVersionRecord) -> admin_pb2.ModelVersion:
     return admin_pb2.ModelVersion(
         name=m.name, version=m.version, digest=m.digest, length=m.length,
         created_at=m.created_at, published_by=m.published_by, publisher_key=m.publisher_key,
-        manifest_json=m.manifest,
+        manifest_json=m.manifest, manifest_bytes=m.manifest_bytes or len(m.manifest),
     )
 
 

@@ -89,6 +89,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ListModelsResponse(models=[convert.model_to_proto(m) for m in models])
 
     @rpc
+    async def GetModel(
+        self, request: admin_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ModelVersion:
+        return convert.model_to_proto(self.s.registry.get_version(
+            self._operator(context), request.name, request.version))
+
+    @rpc
     async def StartRollout(
         self, request: admin_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Rollout:

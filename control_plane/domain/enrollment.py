@@ -45,13 +45,18 @@ class TokenBucket:
     at: float = 0.0
 
     def take(self, now: float) -> bool:
+        return self.take_many(1.0, now)
+
+    def take_many(self, amount: float, now: float) -> bool:
+        """Refill for the time passed, then take ``amount`` if the bucket holds it (0: only
+        refill)."""
         if self.level < 0:
             self.level, self.at = self.burst, now
         self.level = min(self.burst, self.level + max(0.0, now - self.at) * self.rate)
-        self.at = now
-        if self.level < 1.0:
+        self.at = max(self.at, now)
+        if self.level < max(amount, 1.0) and amount > 0:
             return False
-        self.level -= 1.0
+        self.level -= amount
         return True
 
 
@@ -94,9 +99,10 @@ class DenialTally:
     pending: int = 0
     last_row_at: float | None = None
 
-    def refused(self, now: float) -> int:
-        """Count one refusal; return how many to write in an audit row now (0: not yet)."""
-        self.pending += 1
+    def refused(self, now: float, count: int = 1) -> int:
+        """Count ``count`` refusals; return how many to write in an audit row now (0: not
+        yet)."""
+        self.pending += count
         if self.last_row_at is not None and now - self.last_row_at < self.window:
             return 0
         count, self.pending, self.last_row_at = self.pending, 0, now

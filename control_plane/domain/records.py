@@ -145,7 +145,8 @@ class ModelVersionRecord:
     created_at: float
     published_by: str
     publisher_key: str
-    manifest: str  # JSON
+    manifest: str  # JSON: the whole manifest, or a summary (``manifest_bytes`` says how big)
+    manifest_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -259,11 +260,14 @@ class SampleRecord:
 
 @dataclass(frozen=True)
 class SampleRefusal:
-    """A sample the control plane refused; only counted, never stored."""
+    """A sample the control plane refused; only counted, never stored (per model and region
+    with its reason, and per device in ``report_refusals`` under ``category``)."""
 
     model: str
     region: str
     reason: str
+    device_id: str = ""
+    category: str = "sample-refused"  # a fixed category (``domain.telemetry.REFUSALS``)
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,7 @@ class ReportRefusal:
     device_id: str
     kind: str
     reason: str
+    count: int = 1
 
 
 Derived = DriftWindowRecord | ArmStatsRecord | SampleRecord | SampleRefusal | ReportRefusal

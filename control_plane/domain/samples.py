@@ -13,6 +13,7 @@ from typing import Any
 
 from control_plane.domain.records import SampleRecord
 from fleetcore import regions
+from fleetcore.errors import InvalidInputError
 
 __all__ = ["against_manifest", "region_refusal"]
 
@@ -39,7 +40,17 @@ def against_manifest(row: SampleRecord, manifest: dict[str, Any]) -> str:
 
 
 def region_refusal(region: str, allowed: Sequence[str]) -> str:
-    """Why the store's policy refuses data from the device's region ("" when it allows it)."""
+    """Why the store's policy refuses data from the device's region ("" when it allows it).
+
+    A device without a region label (its enrollment token granted none) or with one that is no
+    region name is refused whatever the policy: even ``"*"`` allows only data that says where
+    it comes from (such samples once broke every later retraining job)."""
+    if not region:
+        return "the device has no region label (its enrollment token granted none)"
+    try:
+        regions.check_region(region, "the device's region label")
+    except InvalidInputError:
+        return "the device's region label is not a region name"
     if regions.allows(allowed, region):
         return ""
     return (f"region {region or '(device has no region label)'!r} is not allowed by "

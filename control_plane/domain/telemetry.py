@@ -24,7 +24,8 @@ from control_plane.domain.records import (
 from fleetcore import strict_json
 from fleetcore.errors import InvalidInputError
 
-__all__ = ["MAX_BATCH_RECORDS", "MAX_PAYLOAD_BYTES", "REFUSALS", "check_reports", "derive"]
+__all__ = ["KINDS", "MAX_BATCH_RECORDS", "MAX_COUNTER", "MAX_PAYLOAD_BYTES", "REFUSALS",
+           "check_reports", "counter", "derive", "screen"]
 
 MAX_BATCH_RECORDS = 1000
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -36,6 +37,11 @@ MAX_SAMPLE_PII_COLUMNS = 32
 MAX_ARM_REQUESTS = 2**40
 MAX_LATENCY_MS = 3_600_000.0
 MAX_VERSION = 2**31 - 1
+# SQLite's INTEGER is signed 64-bit: a larger number fails the statement (and once failed the
+# whole batch with an internal error).
+MAX_COUNTER = 2**63 - 1
+# What agents send: every other kind is refused (counted, never stored).
+KINDS = frozenset({"arm_stats", "drift", "sample", "install", "error"})
 
 
 def _num(doc: dict[str, Any], key: str) -> float:
@@ -147,11 +153,6 @@ def derive(device_id: str,
     out: dict[int, Derived] = {}
     problems: dict[int, str] = {}
     for record in records:
-        if len(record.payload) > MAX_PAYLOAD_BYTES:
-            raise InvalidInputError(
-                f"telemetry record {record.seq} is {len(record.payload)} bytes; the limit is "
-                f"{MAX_PAYLOAD_BYTES}"
-            )
         try:
             row = _parse(device_id, record)
         except (ValueError, InvalidInputError) as exc:
@@ -166,7 +167,43 @@ def derive(device_id: str,
 MALFORMED = "malformed"
 NOT_IN_RELEASE = "not-in-release"
 OUT_OF_TIME = "time-out-of-range"
-REFUSALS = (MALFORMED, NOT_IN_RELEASE, OUT_OF_TIME)
+UNKNOWN_KIND = "unknown-kind"
+OUT_OF_RANGE = "out-of-range"  # a seq or time the store cannot hold
+TOO_LARGE = "too-large"
+OVER_QUOTA = "over-quota"
+REGION = "region-not-allowed"
+SAMPLE_REFUSED = "sample-refused"  # the sample does not fit its model version or policy
+REFUSALS = (MALFORMED, NOT_IN_RELEASE, OUT_OF_TIME, UNKNOWN_KIND, OUT_OF_RANGE, TOO_LARGE,
+            OVER_QUOTA, REGION, SAMPLE_REFUSED)
+
+
+def counter(value: int) -> int:
+    """A device's counter (the outbox's drop count, depth) as the store can hold it."""
+    return max(0, min(int(value), MAX_COUNTER))
+
+
+def screen(device_id: str, records: list[TelemetryRecord]
+           ) -> tuple[list[TelemetryRecord], list[ReportRefusal]]:
+    """Split a batch into the records that may be stored and the refusals of the others: a
+    seq outside [0, 2^63), a creation time that is not a finite number, an unknown kind, a
+    payload over ``MAX_PAYLOAD_BYTES``. A refused record is counted, never stored, and still
+    acknowledged (resending it would not fix it); the rest of the batch goes on."""
+    kept: list[TelemetryRecord] = []
+    refused: list[ReportRefusal] = []
+    for r in records:
+        reason = ""
+        if not 0 <= r.seq <= MAX_COUNTER or not math.isfinite(r.created_at):
+            reason = OUT_OF_RANGE
+        elif r.kind not in KINDS:
+            reason = UNKNOWN_KIND
+        elif len(r.payload) > MAX_PAYLOAD_BYTES:
+            reason = TOO_LARGE
+        if reason:
+            kind = r.kind if r.kind in KINDS else "?"  # the device's text stays out
+            refused.append(ReportRefusal(device_id, kind, reason))
+        else:
+            kept.append(r)
+    return kept, refused
 # A window may end this far ahead of the control plane's clock (skew), and be this old (the
 # agent's outbox keeps reports through an outage of about this long).
 MAX_CLOCK_AHEAD_SECONDS = 300.0

@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,16 @@ from control_plane.services.context import Context
 from fleetcore import pki
 from fleetcore.archive import pack_bundle, safe_extract
 from fleetcore.bundle_verify import verify_bundle_dir
-from fleetcore.errors import InvalidInputError, UntrustedInputError
+from fleetcore.errors import InvalidInputError, NotFoundError, UntrustedInputError
 from fleetcore.files import ensure_private_dir
 
 __all__ = ["RegistryService", "Upload", "VerifiedBundle", "key_fingerprint", "manifest_json",
            "verify_upload"]
 
 log = logging.getLogger(__name__)
+
+# What one version's manifest summary in a listing may take (its metrics are the big part).
+MAX_SUMMARY_BYTES = 16 * 1024
 
 
 class Upload:
@@ -143,9 +146,11 @@ class RegistryService:
                                             "publisher_key": record.publisher_key})
         log.info("published %s v%d (%s, %d bytes)", record.name, record.version, digest,
                  record.length)
-        stored = self.store.get_model_version(record.name, record.version)
-        assert stored is not None
-        return stored
+        # The listing's form: the whole manifest may be megabytes (`fleet models show`).
+        (stored,) = [m for m in self.store.list_model_versions(record.name)
+                     if m.version == record.version]
+        return stored if len(stored.manifest) <= MAX_SUMMARY_BYTES else replace(
+            stored, manifest="{}")
 
     def publish_dir(self, caller: pki.Identity | str, bundle: Path) -> ModelVersionRecord:
         """Pack a bundle directory on this host and publish it like an upload."""
@@ -159,5 +164,16 @@ class RegistryService:
             return self.publish(caller, upload)
 
     def list_versions(self, caller: pki.Identity, name: str) -> list[ModelVersionRecord]:
+        """Every version with a summary of its manifest, each at most ``MAX_SUMMARY_BYTES``
+        (a reply for many versions stays far below gRPC's message limit)."""
         self.ctx.authorize(caller, "models.list", name)
-        return self.store.list_model_versions(name or None)
+        return [m if len(m.manifest) <= MAX_SUMMARY_BYTES else replace(m, manifest="{}")
+                for m in self.store.list_model_versions(name or None)]
+
+    def get_version(self, caller: pki.Identity, name: str, version: int) -> ModelVersionRecord:
+        """One version with its whole manifest."""
+        self.ctx.authorize(caller, "models.list", name)
+        found = self.store.get_model_version(name, version) if 0 < version < 2**31 else None
+        if found is None:
+            raise NotFoundError(f"no model {name!r} version {version}")
+        return found

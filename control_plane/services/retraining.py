@@ -44,12 +44,14 @@ from control_plane.domain.retraining import (
     policy_fires,
 )
 from control_plane.domain.samples import against_manifest, region_refusal
+from control_plane.domain.telemetry import MALFORMED, REGION, SAMPLE_REFUSED
 from control_plane.services.context import SYSTEM, Context
 from control_plane.services.experiments import ExperimentService
 from control_plane.services.registry import RegistryService
 from control_plane.services.retrain_runner import LocalRunner, sample_regions
 from fleetcore import pki, strict_json
 from fleetcore.archive import safe_extract
+from fleetcore.bundle import MAX_MANIFEST_BYTES
 from fleetcore.errors import EdgefleetError, InvalidInputError
 
 __all__ = ["RetrainService"]
@@ -113,13 +115,14 @@ class RetrainService:
             return records, derived
         device = self.store.get_device(device_id)  # every record of a batch is this device's
         region = device.labels.get("region", "") if device is not None else ""
-        out = self._vet(derived, region)
+        out = self._vet(device_id, derived, region)
         kept = []
         for record in records:
             if record.kind == "sample":
                 row = out.get(record.seq)
                 if row is None or isinstance(row, ReportRefusal):  # it did not parse
-                    row = out[record.seq] = SampleRefusal("-", region or "-", "malformed")
+                    row = out[record.seq] = SampleRefusal("-", region or "-", "malformed",
+                                                          device_id, MALFORMED)
                 note = (f"refused: {row.reason}" if isinstance(row, SampleRefusal)
                         else "stored in the samples table")
                 kept.append(replace(record, payload=json.dumps({"sample": note}).encode()))
@@ -127,7 +130,8 @@ class RetrainService:
                 kept.append(record)
         return kept, out
 
-    def _vet(self, derived: dict[int, Derived], region: str) -> dict[int, Derived]:
+    def _vet(self, device_id: str, derived: dict[int, Derived],
+             region: str) -> dict[int, Derived]:
         checks: dict[tuple[str, int], _Checks] = {}  # looked up once per model version
         out: dict[int, Derived] = {}
         for seq, row in derived.items():
@@ -142,7 +146,8 @@ class RetrainService:
             if reason:
                 log.warning("sample %s/%d for %s refused: %s", row.device_id, seq, row.model,
                             reason)
-                out[seq] = SampleRefusal(row.model, region or "-", reason)
+                category = REGION if reason == c.after else SAMPLE_REFUSED
+                out[seq] = SampleRefusal(row.model, region or "-", reason, device_id, category)
             else:
                 out[seq] = SampleRecord(row.device_id, row.model, row.version, row.features,
                                         row.labels, row.pii, region)
@@ -161,7 +166,9 @@ class RetrainService:
         except (OSError, EdgefleetError) as exc:
             log.warning("cannot read the store policy of %s: %s", policy.pipeline, exc)
             allowed = []
-        return _Checks("", strict_json.loads(mv.manifest, what=f"manifest of {model} v{version}"),
+        manifest = strict_json.loads(mv.manifest, what=f"manifest of {model} v{version}",
+                                     max_bytes=MAX_MANIFEST_BYTES)
+        return _Checks("", manifest,
                        region_refusal(region, allowed))
 
     # ------------------------------------------------------------------ triggers
@@ -184,15 +191,16 @@ class RetrainService:
         return self.store.jobs(model)[0]
 
     def _fresh_drift(self, model: str, windows: int) -> dict[str, list[DriftWindowRecord]]:
-        """Each device's newest windows of the version now rolled out, closed after the last
-        job ended: a version being replaced, or drift a job has answered, fires nothing."""
+        """Each device's newest windows of the version now rolled out, received (by the
+        control plane's clock: a device's own times do not count) after the last job ended,
+        from devices not revoked: a version being replaced, drift a job has answered, or a
+        revoked device fires nothing."""
         rollout = self.store.get_rollout(model)
-        ended = [j.finished_at for j in self.store.jobs(model) if j.finished_at is not None]
-        since = max(ended, default=0.0)
+        since = max((j.finished_at if j.finished_at is not None else j.created_at
+                     for j in self.store.jobs(model)), default=0.0)
         out = {}
-        for device, recent in self.store.recent_drift(model, windows).items():
-            fresh = [w for w in recent if w.end > since
-                     and (rollout is None or w.version == rollout.version)]
+        for device, recent in self.store.recent_drift(model, windows, since).items():
+            fresh = [w for w in recent if rollout is None or w.version == rollout.version]
             if fresh:
                 out[device] = fresh
         return out
@@ -236,6 +244,7 @@ class RetrainService:
         work = self._workdir(job)
         work.mkdir(parents=True, exist_ok=True)
         extra = ["--margin", repr(policy.margin)]
+        self._refuse_regions(job.model, policy)
         samples = self.store.take_samples(job.model, job.id)
         if samples:
             versions = Counter(f"{s.device_id}@v{s.version}" for s in samples)
@@ -262,6 +271,19 @@ class RetrainService:
         log.info("retraining job %d: %d sample records, baseline %s", job.id, len(samples),
                  f"v{champion.version}" if champion is not None else "none")
         return extra
+
+    def _refuse_regions(self, model: str, policy: DriftPolicy) -> None:
+        """Refuse (count, delete) the unused samples whose region the store's policy does not
+        allow now: the policy may have changed since they were vetted, and samples stored
+        before regions were required have none. They never reach a job (one such sample once
+        failed every later job: a failed job gives its samples back)."""
+        allowed = sample_regions(Path(policy.pipeline))  # unreadable: the job fails here
+        reasons = {r: why for r in self.store.unused_sample_regions(model)
+                   if (why := region_refusal(r, allowed))}
+        if reasons:
+            n = self.store.refuse_samples(model, reasons, REGION, self.ctx.clock())
+            log.warning("retraining %s: %d stored sample records refused by region (%s)", model,
+                        n, "; ".join(reasons.values()))
 
     def _acceptance(self, job: RetrainJob) -> tuple[bool, str]:
         path = self._workdir(job) / "acceptance.json"

@@ -5,22 +5,42 @@ and new drift windows may start a retraining job."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
+from control_plane.domain.enrollment import DenialTally
+from control_plane.domain.quota import QuotaLimits, Quotas
 from control_plane.domain.records import (
     ArmStatsRecord,
+    AuditOutcome,
     DriftWindowRecord,
     ReportRefusal,
     TelemetryRecord,
 )
-from control_plane.domain.telemetry import MALFORMED, check_reports, derive
+from control_plane.domain.telemetry import (
+    KINDS,
+    MALFORMED,
+    MAX_BATCH_RECORDS,
+    OVER_QUOTA,
+    check_reports,
+    counter,
+    derive,
+    screen,
+)
 from control_plane.services.context import Context
 from control_plane.services.experiments import ExperimentService
 from control_plane.services.retraining import RetrainService
 from fleetcore import pki
+from fleetcore.errors import InvalidInputError, RateLimitedError
 
 __all__ = ["TelemetryService"]
 
 log = logging.getLogger(__name__)
+
+# Over-quota refusals reach the per-device counters and the audit log at most this often per
+# device (carrying how many records were refused since), so a flood cannot make the control
+# plane write for every refused batch.
+QUOTA_REPORT_SECONDS = 60.0
+EXPIRE_BATCH_ROWS = 10_000
 
 
 class TelemetryService:
@@ -30,27 +50,88 @@ class TelemetryService:
         self.store = ctx.store
         self.experiments = experiments
         self.retraining = retraining
+        cfg = ctx.config
+        self.quotas = Quotas(QuotaLimits(
+            cfg.telemetry_records_per_second, cfg.telemetry_bytes_per_second,
+            cfg.telemetry_burst_records, cfg.telemetry_burst_bytes))
+        self._over: dict[str, Counter[str]] = {}  # device -> kind -> records refused, unsaved
+        self._tallies: dict[str, DenialTally] = {}
 
     def ingest(self, caller: pki.Identity, records: list[TelemetryRecord], dropped: int,
                depth: int) -> list[int]:
-        """Store a batch; return the seqs acknowledged (a malformed payload is acknowledged
-        too: resending would not fix it)."""
-        derived, problems = derive(caller.name, records)
+        """Store a batch; return the seqs acknowledged. A device's quota admits the batch from
+        its start: what does not fit is not acknowledged (the agent sends it again later), and
+        a batch of which nothing fits is refused (``RateLimitedError``). Of what is admitted,
+        everything is acknowledged, refused records too (resending would not fix them)."""
+        if len(records) > MAX_BATCH_RECORDS:
+            raise InvalidInputError(
+                f"telemetry batch has {len(records)} records; the limit is {MAX_BATCH_RECORDS}")
+        now = self.ctx.clock()
+        admitted = self.quotas.admit(caller.name, records, now)
+        if admitted < len(records):
+            self._over_quota(caller, records[admitted:], now)
+        if records and not admitted:
+            wait = self.quotas.retry_after(caller.name, records[0])
+            raise RateLimitedError(
+                f"telemetry quota of device {caller.name} is used up ("
+                f"{self.quotas.limits.records_per_second:g} records and "
+                f"{self.quotas.limits.bytes_per_second:g} bytes a second); retry in "
+                f"{max(wait, 1.0):.0f}s")
+        records = records[:admitted]
+        kept, refused = screen(caller.name, records)
+        for r in refused:
+            log.warning("telemetry from %s refused: %s", caller.name, r.reason)
+        derived, problems = derive(caller.name, kept)
         for seq, problem in problems.items():
             log.warning("telemetry %s/%d not understood: %s", caller.name, seq, problem)
         arms = {(a.model, a.version) for a in self.store.device_arms(caller.name)}
-        derived = check_reports(caller.name, records, derived, problems, arms, self.ctx.clock())
+        derived = check_reports(caller.name, kept, derived, problems, arms, now)
         for seq, row in derived.items():
             if isinstance(row, ReportRefusal) and row.reason != MALFORMED:
                 log.warning("telemetry %s/%d refused: %s", caller.name, seq, row.reason)
-        records, derived = self.retraining.vet(caller.name, records, derived)
-        acked = self.store.ingest_telemetry(caller.name, records, derived, self.ctx.clock(),
-                                            dropped, depth)
+        kept, derived = self.retraining.vet(caller.name, kept, derived)
+        refused += self._unsaved(caller.name)
+        self.store.ingest_telemetry(caller.name, kept, derived, now, counter(dropped),
+                                    counter(depth), refused)
         for model in {r.model for r in derived.values() if isinstance(r, ArmStatsRecord)}:
             self.experiments.evaluate(model)
         for model in {r.model for r in derived.values() if isinstance(r, DriftWindowRecord)}:
             self.retraining.check(model)
-        return acked
+        return [r.seq for r in records]
+
+    def _over_quota(self, caller: pki.Identity, over: list[TelemetryRecord],
+                    now: float) -> None:
+        """Count records over the quota: in memory, then in the device's counters and one
+        audit row at most every ``QUOTA_REPORT_SECONDS`` (or with its next stored batch)."""
+        pending = self._over.setdefault(caller.name, Counter())
+        pending.update(r.kind if r.kind in KINDS else "?" for r in over)
+        tally = self._tallies.setdefault(caller.name, DenialTally(QUOTA_REPORT_SECONDS))
+        count = tally.refused(now, len(over))
+        if count:
+            log.warning("telemetry of device %s over its quota: %d records refused",
+                        caller.name, count)
+            self.store.count_refusals(self._unsaved(caller.name), now)
+            self.ctx.audit.record(caller, "telemetry.quota", caller.name, AuditOutcome.DENIED,
+                                  {"records": count})
+
+    def _unsaved(self, device_id: str) -> list[ReportRefusal]:
+        pending = self._over.pop(device_id, Counter())
+        return [ReportRefusal(device_id, kind, OVER_QUOTA, n)
+                for kind, n in sorted(pending.items())]
+
+    def expire(self) -> int:
+        """Roll up and delete telemetry past its retention (the scheduler calls this)."""
+        cfg, now, total = self.ctx.config, self.ctx.clock(), 0
+        while True:
+            removed = self.store.expire_telemetry(now - cfg.telemetry_raw_retention_seconds,
+                                                  now - cfg.telemetry_drift_retention_seconds,
+                                                  EXPIRE_BATCH_ROWS)
+            total += removed
+            if removed < EXPIRE_BATCH_ROWS:
+                break
+        if total:
+            log.info("telemetry retention: %d expired rows rolled up and deleted", total)
+        return total
 
     def drift(self, caller: pki.Identity, model: str) -> list[DriftWindowRecord]:
         """Each device's newest window (of one model, or of all)."""

@@ -20,6 +20,7 @@ from control_plane.domain.records import (
     JobState,
     ModelVersionRecord,
     ReleaseRecord,
+    ReportRefusal,
     RetrainJob,
     RolloutRecord,
     SampleRecord,
@@ -27,9 +28,13 @@ from control_plane.domain.records import (
     TelemetryRecord,
 )
 from control_plane.domain.retraining import DriftPolicy
-from fleetcore.errors import NotFoundError
+from fleetcore.errors import EdgefleetError, NotFoundError
 
-__all__ = ["Store"]
+__all__ = ["CorruptDatabaseError", "Store"]
+
+
+class CorruptDatabaseError(EdgefleetError):
+    """The database failed its integrity check at start: the control plane does not serve it."""
 
 
 class Store(abc.ABC):
@@ -138,7 +143,10 @@ class Store(abc.ABC):
     def get_model_version(self, name: str, version: int) -> ModelVersionRecord | None: ...
 
     @abc.abstractmethod
-    def list_model_versions(self, name: str | None = None) -> list[ModelVersionRecord]: ...
+    def list_model_versions(self, name: str | None = None) -> list[ModelVersionRecord]:
+        """Every version (of one model, or of all), each with a summary of its manifest
+        (name, version, created, metrics, compression, runtime); ``get_model_version`` has the
+        whole manifest."""
 
     # --- rollouts and device arms ---
     @abc.abstractmethod
@@ -197,9 +205,30 @@ class Store(abc.ABC):
         now: float,
         dropped: int,
         depth: int,
+        refused: Sequence[ReportRefusal] = (),
     ) -> list[int]:
         """Store the records not seen before (dedup on (device, seq)) and, for those only,
-        their derived rows; return every seq of the batch (stored now or before)."""
+        their derived rows; count ``refused`` (records not stored) for the device; return
+        every seq of ``records`` (stored now or before)."""
+
+    @abc.abstractmethod
+    def count_refusals(self, refused: Sequence[ReportRefusal], now: float) -> None:
+        """Count refusals of records that are not stored (a batch over its quota)."""
+
+    @abc.abstractmethod
+    def expire_telemetry(self, raw_before: float, drift_before: float,
+                         limit: int = 10_000) -> int:
+        """Roll raw telemetry received before ``raw_before`` up into per (device, kind, UTC
+        day) counts of records and bytes, and delete it; delete drift windows received before
+        ``drift_before``; at most ``limit`` rows of each per call. Return the rows deleted."""
+
+    @abc.abstractmethod
+    def telemetry_rollup(self, device_id: str) -> dict[str, tuple[int, int]]:
+        """Per kind: (records, bytes) rolled up for the device (expired raw telemetry)."""
+
+    @abc.abstractmethod
+    def telemetry_counts(self) -> dict[str, int]:
+        """Row counts of the telemetry tables (for operators and tests)."""
 
     @abc.abstractmethod
     def latest_drift(self, model: str | None) -> list[DriftWindowRecord]:
@@ -242,8 +271,10 @@ class Store(abc.ABC):
     def get_policy(self, model: str) -> DriftPolicy | None: ...
 
     @abc.abstractmethod
-    def recent_drift(self, model: str, per_device: int) -> dict[str, list[DriftWindowRecord]]:
-        """Each device's newest ``per_device`` windows for ``model``, newest first."""
+    def recent_drift(self, model: str, per_device: int,
+                     since: float = 0.0) -> dict[str, list[DriftWindowRecord]]:
+        """Each device's newest ``per_device`` windows for ``model`` received after ``since``,
+        newest first; revoked devices' windows are left out."""
 
     @abc.abstractmethod
     def add_job(self, model: str, reason: str, version: int, now: float) -> int: ...
@@ -259,7 +290,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def take_samples(self, model: str, job_id: int) -> list[SampleRecord]:
-        """Assign the model's unused samples to ``job_id``; return every sample it holds."""
+        """Assign the model's unused samples, except revoked devices', to ``job_id``; return
+        every sample it holds."""
+
+    @abc.abstractmethod
+    def unused_sample_regions(self, model: str) -> list[str]:
+        """The regions of the model's samples no job has used."""
+
+    @abc.abstractmethod
+    def refuse_samples(self, model: str, reasons: Mapping[str, str], category: str,
+                       now: float) -> int:
+        """Delete the model's unused samples of each region in ``reasons`` and count them
+        refused (per model and region with the reason; per device under ``category``)."""
 
     @abc.abstractmethod
     def release_samples(self, job_id: int) -> None:

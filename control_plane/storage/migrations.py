@@ -246,4 +246,22 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (device_id, kind, reason)
     );
     """,
+    # 10: retention: when each drift window arrived (the control plane's clock, not the
+    # device's), and what expired raw telemetry is rolled up into (records and bytes per device,
+    # kind and UTC day)
+    """
+    ALTER TABLE drift_windows ADD COLUMN received_at REAL NOT NULL DEFAULT 0;
+    UPDATE drift_windows SET received_at = COALESCE((SELECT t.received_at FROM telemetry t
+        WHERE t.device_id = drift_windows.device_id AND t.seq = drift_windows.seq), 0);
+    CREATE INDEX drift_windows_received ON drift_windows(received_at);
+    CREATE INDEX telemetry_received ON telemetry(received_at);
+    CREATE TABLE telemetry_rollup (
+        device_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        day INTEGER NOT NULL,     -- UTC days since 1970-01-01 of received_at
+        records INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,   -- payload bytes
+        PRIMARY KEY (device_id, kind, day)
+    );
+    """,
 ]

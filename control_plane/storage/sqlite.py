@@ -35,7 +35,7 @@ from control_plane.domain.records import (
     TelemetryRecord,
 )
 from control_plane.domain.retraining import DriftPolicy
-from control_plane.storage.base import Store
+from control_plane.storage.base import CorruptDatabaseError, Store
 from control_plane.storage.migrations import MIGRATIONS
 from fleetcore.errors import AlreadyExistsError, NotFoundError, TokenError
 from fleetcore.sqlite import connect, migrate
@@ -48,7 +48,7 @@ __all__ = ["MIGRATIONS", "SqliteStore"]
 class SqliteStore(Store):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._conn = connect(self.path)
+        self._conn = _open_checked(self.path)
         self._lock = threading.RLock()
         migrate(self._conn, MIGRATIONS)
 
@@ -313,12 +313,17 @@ class SqliteStore(Store):
         return _model_version(rows[0]) if rows else None
 
     def list_model_versions(self, name: str | None = None) -> list[ModelVersionRecord]:
-        if name:
-            rows = self._query(
-                "SELECT * FROM model_versions WHERE name = ? ORDER BY version", (name,)
-            )
-        else:
-            rows = self._query("SELECT * FROM model_versions ORDER BY name, version")
+        # A summary of each manifest, made here: a manifest may hold megabytes of lineage.
+        rows = self._query(
+            "SELECT name, version, digest, length, created_at, published_by, publisher_key,"
+            " json_object('name', json_extract(manifest, '$.name'),"
+            " 'version', json_extract(manifest, '$.version'),"
+            " 'created', json_extract(manifest, '$.created'),"
+            " 'metrics', json_extract(manifest, '$.metrics'),"
+            " 'compression', json_extract(manifest, '$.compression'),"
+            " 'runtime', json_extract(manifest, '$.runtime')) AS manifest,"
+            " length(manifest) AS manifest_bytes FROM model_versions"
+            " WHERE (? = '' OR name = ?) ORDER BY name, version", (name or "", name or ""))
         return [_model_version(r) for r in rows]
 
     # --- rollouts ---
@@ -444,6 +449,7 @@ class SqliteStore(Store):
         now: float,
         dropped: int,
         depth: int,
+        refused: Sequence[ReportRefusal] = (),
     ) -> list[int]:
         with self._tx() as c:
             for r in records:
@@ -454,11 +460,48 @@ class SqliteStore(Store):
                 )
                 if cur.rowcount == 1 and r.seq in derived:
                     self._insert_derived(c, r.seq, derived[r.seq], now)
+            for refusal in refused:
+                self._insert_derived(c, 0, refusal, now)
             c.execute(
                 "INSERT OR REPLACE INTO telemetry_status(device_id, dropped, depth, updated_at)"
                 " VALUES (?,?,?,?)", (device_id, dropped, depth, now),
             )
         return [r.seq for r in records]
+
+    def count_refusals(self, refused: Sequence[ReportRefusal], now: float) -> None:
+        with self._tx() as c:
+            for refusal in refused:
+                self._insert_derived(c, 0, refusal, now)
+
+    def expire_telemetry(self, raw_before: float, drift_before: float,
+                         limit: int = 10_000) -> int:
+        removed = 0
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO telemetry_rollup(device_id, kind, day, records, bytes)"
+                " SELECT device_id, kind, CAST(received_at / 86400 AS INTEGER), COUNT(*),"
+                " SUM(length(payload)) FROM telemetry WHERE rowid IN (SELECT rowid FROM telemetry"
+                " WHERE received_at < ? ORDER BY received_at, rowid LIMIT ?)"
+                " GROUP BY 1, 2, 3 ON CONFLICT(device_id, kind, day) DO UPDATE SET"
+                " records = records + excluded.records, bytes = bytes + excluded.bytes",
+                (raw_before, limit))
+            removed += c.execute(
+                "DELETE FROM telemetry WHERE rowid IN (SELECT rowid FROM telemetry"
+                " WHERE received_at < ? ORDER BY received_at, rowid LIMIT ?)",
+                (raw_before, limit)).rowcount
+            removed += c.execute(
+                "DELETE FROM drift_windows WHERE rowid IN (SELECT rowid FROM drift_windows"
+                " WHERE received_at < ? LIMIT ?)", (drift_before, limit)).rowcount
+        return removed
+
+    def telemetry_rollup(self, device_id: str) -> dict[str, tuple[int, int]]:
+        rows = self._query("SELECT kind, SUM(records) AS n, SUM(bytes) AS b FROM"
+                           " telemetry_rollup WHERE device_id = ? GROUP BY kind", (device_id,))
+        return {r["kind"]: (int(r["n"]), int(r["b"])) for r in rows}
+
+    def telemetry_counts(self) -> dict[str, int]:
+        return {table: int(self._query(f"SELECT COUNT(*) FROM {table}")[0][0])  # noqa: S608
+                for table in ("telemetry", "drift_windows", "samples", "telemetry_rollup")}
 
     @staticmethod
     def _insert_derived(c: sqlite3.Connection, seq: int, row: Derived, now: float) -> None:
@@ -473,9 +516,9 @@ class SqliteStore(Store):
         if isinstance(row, ReportRefusal):
             c.execute(
                 "INSERT INTO report_refusals(device_id, kind, reason, count, last_at)"
-                " VALUES (?,?,?,1,?) ON CONFLICT(device_id, kind, reason)"
-                " DO UPDATE SET count = count + 1, last_at = excluded.last_at",
-                (row.device_id, row.kind[:64], row.reason, now),
+                " VALUES (?,?,?,?,?) ON CONFLICT(device_id, kind, reason)"
+                " DO UPDATE SET count = count + excluded.count, last_at = excluded.last_at",
+                (row.device_id, row.kind[:64], row.reason, row.count, now),
             )
             return
         if isinstance(row, SampleRefusal):
@@ -484,15 +527,19 @@ class SqliteStore(Store):
                 " ON CONFLICT(model, region, reason) DO UPDATE SET count = count + 1",
                 (row.model, row.region, row.reason),
             )
+            if row.device_id:
+                SqliteStore._insert_derived(
+                    c, seq, ReportRefusal(row.device_id, "sample", row.category), now)
             return
         if isinstance(row, DriftWindowRecord):
+            # OR IGNORE: a window resent after its raw row expired is already here.
             c.execute(
-                'INSERT INTO drift_windows(device_id, seq, model, version, start, "end", rows,'
-                " score, drifted, prediction_psi, drifted_features)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                'INSERT OR IGNORE INTO drift_windows(device_id, seq, model, version, start,'
+                ' "end", rows, score, drifted, prediction_psi, drifted_features, received_at)'
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (row.device_id, seq, row.model, row.version, row.start, row.end, row.rows,
                  row.score, int(row.drifted), row.prediction_psi,
-                 _dump(list(row.drifted_features))),
+                 _dump(list(row.drifted_features)), now),
             )
             return
         # Counters are cumulative per agent run: keep the newest snapshot (highest seq).
@@ -610,9 +657,12 @@ class SqliteStore(Store):
                            r["windows"], r["canary_weight"], bool(r["auto_canary"]),
                            r["sample_rate"], r["margin"])
 
-    def recent_drift(self, model: str, per_device: int) -> dict[str, list[DriftWindowRecord]]:
+    def recent_drift(self, model: str, per_device: int,
+                     since: float = 0.0) -> dict[str, list[DriftWindowRecord]]:
         rows = self._query(
-            "SELECT * FROM drift_windows WHERE model = ? ORDER BY device_id, seq DESC", (model,)
+            "SELECT * FROM drift_windows WHERE model = ? AND received_at > ?"
+            " AND device_id NOT IN (SELECT id FROM devices WHERE revoked_at IS NOT NULL)"
+            " ORDER BY device_id, seq DESC", (model, since)
         )
         out: dict[str, list[DriftWindowRecord]] = {}
         for r in rows:
@@ -648,13 +698,43 @@ class SqliteStore(Store):
 
     def take_samples(self, model: str, job_id: int) -> list[SampleRecord]:
         with self._tx() as c:
-            c.execute("UPDATE samples SET job_id = ? WHERE model = ? AND job_id IS NULL",
-                      (job_id, model))
+            c.execute("UPDATE samples SET job_id = ? WHERE model = ? AND job_id IS NULL"
+                      " AND device_id NOT IN (SELECT id FROM devices WHERE revoked_at IS NOT"
+                      " NULL)", (job_id, model))
             rows = c.execute("SELECT * FROM samples WHERE model = ? AND job_id = ?"
                              " ORDER BY device_id, seq", (model, job_id)).fetchall()
         return [SampleRecord(r["device_id"], r["model"], r["version"], json.loads(r["features"]),
                              json.loads(r["labels"]), json.loads(r["pii"]), r["region"])
                 for r in rows]
+
+    def unused_sample_regions(self, model: str) -> list[str]:
+        rows = self._query("SELECT DISTINCT region FROM samples WHERE model = ?"
+                           " AND job_id IS NULL ORDER BY region", (model,))
+        return [r["region"] for r in rows]
+
+    def refuse_samples(self, model: str, reasons: Mapping[str, str], category: str,
+                       now: float) -> int:
+        refused = 0
+        with self._tx() as c:
+            for region, reason in reasons.items():
+                rows = c.execute("SELECT device_id, COUNT(*) AS n FROM samples WHERE model = ?"
+                                 " AND region = ? AND job_id IS NULL GROUP BY device_id",
+                                 (model, region)).fetchall()
+                for r in rows:
+                    c.execute(
+                        "INSERT INTO sample_refusals(model, region, reason, count)"
+                        " VALUES (?,?,?,?) ON CONFLICT(model, region, reason)"
+                        " DO UPDATE SET count = count + excluded.count",
+                        (model, region or "-", reason, r["n"]))
+                    c.execute(
+                        "INSERT INTO report_refusals(device_id, kind, reason, count, last_at)"
+                        " VALUES (?, 'sample', ?, ?, ?) ON CONFLICT(device_id, kind, reason)"
+                        " DO UPDATE SET count = count + excluded.count,"
+                        " last_at = excluded.last_at", (r["device_id"], category, r["n"], now))
+                    refused += r["n"]
+                c.execute("DELETE FROM samples WHERE model = ? AND region = ?"
+                          " AND job_id IS NULL", (model, region))
+        return refused
 
     def release_samples(self, job_id: int) -> None:
         with self._tx() as c:
@@ -680,6 +760,25 @@ class SqliteStore(Store):
             self._conn.close()
 
 
+def _open_checked(path: Path) -> sqlite3.Connection:
+    """Open the database after ``PRAGMA quick_check`` found it sound; a damaged one is refused
+    with one line that says what to do (serving it could spread the damage, or lose writes)."""
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = connect(path)
+        problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+    except sqlite3.DatabaseError as exc:
+        problems = [str(exc)]
+    if problems == ["ok"] and conn is not None:
+        return conn
+    if conn is not None:
+        conn.close()
+    found = "; ".join(p.replace("\n", " ") for p in problems)[:300]
+    raise CorruptDatabaseError(
+        f"database {path} failed its integrity check ({found}); refusing to serve it: restore "
+        "the home from a backup (control-plane restore)")
+
+
 def _dump(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
@@ -702,8 +801,10 @@ def _experiment(r: sqlite3.Row) -> ExperimentRecord:
 
 
 def _model_version(r: sqlite3.Row) -> ModelVersionRecord:
+    manifest = r["manifest"]
+    size = r["manifest_bytes"] if "manifest_bytes" in r.keys() else len(manifest)  # noqa: SIM118
     return ModelVersionRecord(r["name"], r["version"], r["digest"], r["length"], r["created_at"],
-                              r["published_by"], r["publisher_key"], r["manifest"])
+                              r["published_by"], r["publisher_key"], manifest, size)
 
 
 def _rollout(r: sqlite3.Row) -> RolloutRecord:

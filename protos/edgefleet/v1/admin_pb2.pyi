@@ -283,7 +283,7 @@ class PublishModelChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("name", "version", "digest", "length", "created_at", "published_by", "publisher_key", "manifest_json")
+    __slots__ = ("name", "version", "digest", "length", "created_at", "published_by", "publisher_key", "manifest_json", "manifest_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +292,7 @@ class ModelVersion(_message.Message):
     PUBLISHED_BY_FIELD_NUMBER: _ClassVar[int]
     PUBLISHER_KEY_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     digest: str
@@ -300,7 +301,16 @@ class ModelVersion(_message.Message):
     published_by: str
     publisher_key: str
     manifest_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[str] = ..., length: _Optional[int] = ..., created_at: _Optional[float] = ..., published_by: _Optional[str] = ..., publisher_key: _Optional[str] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+    manifest_bytes: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[str] = ..., length: _Optional[int] = ..., created_at: _Optional[float] = ..., published_by: _Optional[str] = ..., publisher_key: _Optional[str] = ..., manifest_json: _Optional[str] = ..., manifest_bytes: _Optional[int] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("name",)

@@ -77,6 +77,11 @@ class AdminServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/edgefleet.v1.AdminService/GetModel',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.ModelVersion.FromString,
+                _registered_method=True)
         self.StartRollout = channel.unary_unary(
                 '/edgefleet.v1.AdminService/StartRollout',
                 request_serializer=edgefleet_dot_v1_dot_admin__pb2.StartRolloutRequest.SerializeToString,
@@ -184,6 +189,14 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
+        """Every version without its full manifest (manifest_json holds a summary: name, version,
+        created, metrics, compression, runtime); GetModel returns one version's whole manifest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -298,6 +311,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListModelsRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_admin__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.GetModelRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.ModelVersion.SerializeToString,
             ),
             'StartRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.StartRollout,
@@ -574,6 +592,33 @@ class AdminService:
             '/edgefleet.v1.AdminService/ListModels',
             edgefleet_dot_v1_dot_admin__pb2.ListModelsRequest.SerializeToString,
             edgefleet_dot_v1_dot_admin__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/GetModel',
+            edgefleet_dot_v1_dot_admin__pb2.GetModelRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.ModelVersion.FromString,
             options,
             channel_credentials,
             insecure,
