@@ -60,6 +60,7 @@ class Leaf(enum.StrEnum):
     RELEASE = "release"
     STATUS = "status"
     TELEMETRY = "telemetry"
+    TELEMETRY_ACK = "telemetry/ack"  # the control plane stored these seqs (correlated)
     BUNDLE_REQUEST = "bundle/request"
     BUNDLE_REPLY = "bundle/reply"
     RENEW_REQUEST = "renew/request"

@@ -114,6 +114,13 @@ class Mosquitto:
         self.stop()
         self.start()
 
+    def kill(self) -> None:
+        """SIGKILL: a crash. What Mosquitto held in memory since its last autosave is gone."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
 
 def start_mosquitto(settings: MqttSettings, binary: str | None = None) -> Mosquitto:
     """Start Mosquitto on ``settings``' files; raise if it is not installed or fails."""

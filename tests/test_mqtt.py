@@ -293,23 +293,36 @@ def test_telemetry_through_broker_outage_restart_and_kill_9_arrives_exactly_once
     with Outbox(state.outbox) as outbox:  # written while it was dead
         for i in range(21, 26):
             outbox.append("error", encode({"where": "test", "error": str(i)}), now=float(i))
-    # The broker comes back but the control plane is away: the broker holds what it acked.
+    # The broker comes back but the control plane is away: the broker takes the batches
+    # (PUBACK) and queues them for the bridge's session, but no acknowledgement comes from the
+    # control plane, so the agent deletes nothing.
     mq.stop()
     mq.broker.start()
     agent = start_agent(state.root, mq.loop, transport="mqtt")
     try:
-        while True:
+        while agent.wait_for("error")["error"].find("telemetry") < 0:
+            pass  # a send that timed out waiting for the control plane
+    finally:
+        agent.stop()
+    with Outbox(state.outbox) as outbox:
+        assert outbox.stats().depth == 25
+    # The broker crashes (SIGKILL: its queue for the bridge is gone), then comes back with the
+    # control plane: the agent sends again and everything arrives, once.
+    mq.broker.kill()
+    mq.broker.start()
+    mq.restart()
+    events = _bridge_events(mq)
+    agent = start_agent(state.root, mq.loop, transport="mqtt")
+    try:
+        while len(_telemetry_seqs(mq, device)) < 25:
+            _wait_bridge(events, "telemetry", device)
+        while True:  # the acknowledgements reach the agent: its outbox empties
             agent.wait_for("heartbeat")
             with Outbox(state.outbox) as outbox:
                 if outbox.stats().depth == 0:
-                    break  # every record has its PUBACK
+                    break
     finally:
         agent.stop()
-    mq.broker.restart()  # a clean broker restart: its persistence keeps the bridge's queue
-    mq.restart()
-    events = _bridge_events(mq)
-    while len(_telemetry_seqs(mq, device)) < 25:
-        _wait_bridge(events, "telemetry", device)
     assert _telemetry_seqs(mq, device) == list(range(1, 26))
     payloads = mq.cp.store._query(  # type: ignore[attr-defined]
         "SELECT payload FROM telemetry WHERE device_id = ? AND seq = 7", (device,))

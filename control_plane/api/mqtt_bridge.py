@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MAX_CORRELATION_BYTES = 64
 _INBOX = (Leaf.TELEMETRY, Leaf.STATUS, Leaf.BUNDLE_REQUEST, Leaf.RENEW_REQUEST)
+# Where the answer to a correlated message goes (a refusal too, with the error property).
+_REPLY_TO = {Leaf.TELEMETRY: Leaf.TELEMETRY_ACK, Leaf.BUNDLE_REQUEST: Leaf.BUNDLE_REPLY,
+             Leaf.RENEW_REQUEST: Leaf.RENEW_REPLY}
 
 
 class MqttBridge:
@@ -171,11 +174,16 @@ class MqttBridge:
         payload = bytes(msg.payload)
         props = getattr(msg, "properties", None)
         correlation = bytes(getattr(props, "CorrelationData", b"") or b"")
-        reply = Leaf.BUNDLE_REPLY if leaf is Leaf.BUNDLE_REQUEST else Leaf.RENEW_REPLY
+        reply = _REPLY_TO.get(leaf, Leaf.RENEW_REPLY)
         try:
             caller = self.calls.device_by_id(device_id)
             if leaf is Leaf.TELEMETRY:
-                self.calls.telemetry(caller, parse_message(agent_pb2.TelemetryBatch, payload))
+                ack = self.calls.telemetry(caller, parse_message(agent_pb2.TelemetryBatch, payload))
+                if correlation and len(correlation) <= MAX_CORRELATION_BYTES:
+                    # Stored: the agent may delete these now (the broker's PUBACK was not
+                    # enough: a broker killed before delivering would have lost them).
+                    self._publish(device_id, Leaf.TELEMETRY_ACK, ack.SerializeToString(),
+                                  correlation=correlation)
                 self._emit("telemetry", caller.name)
             elif leaf is Leaf.STATUS:
                 await self._status(caller, payload, replayed=bool(msg.retain))
@@ -190,8 +198,7 @@ class MqttBridge:
                               correlation=correlation)
         except EdgefleetError as exc:
             log.info("MQTT bridge: %s from %s refused: %s", leaf.value, device_id, exc)
-            if leaf in (Leaf.BUNDLE_REQUEST, Leaf.RENEW_REQUEST) and correlation and len(
-                    correlation) <= MAX_CORRELATION_BYTES:
+            if leaf in _REPLY_TO and correlation and len(correlation) <= MAX_CORRELATION_BYTES:
                 self._publish(device_id, reply, b"", correlation=correlation,
                               error=f"{status_code_for(exc).name}: {exc}")
             self._emit("refused", device_id)

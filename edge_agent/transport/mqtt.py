@@ -135,7 +135,8 @@ class MqttTransport(Transport):
             self._to_loop(self._set_down, f"refused: {reason}", str(reason) in _REFUSED_CONNACK)
             return
         client.subscribe([(topic(self.device_id, leaf), 1)
-                          for leaf in (Leaf.RELEASE, Leaf.BUNDLE_REPLY, Leaf.RENEW_REPLY)])
+                          for leaf in (Leaf.RELEASE, Leaf.TELEMETRY_ACK, Leaf.BUNDLE_REPLY,
+                                       Leaf.RENEW_REPLY)])
         self._to_loop(self._set_up)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
@@ -229,8 +230,18 @@ class MqttTransport(Transport):
         return agent_pb2.HeartbeatResponse()
 
     async def _send_telemetry(self, batch: agent_pb2.TelemetryBatch) -> list[int]:
-        await self._publish(Leaf.TELEMETRY, batch.SerializeToString())
-        return [r.seq for r in batch.records]  # the broker has it: PUBACK is the receipt
+        """Publish a batch and wait for the control plane's acknowledgement (the bridge stored
+        it), not only the broker's PUBACK: a broker killed before it delivered would lose what
+        it had acknowledged. No answer in time: nothing is deleted, the batch goes again, and
+        the control plane stores each (device, seq) once."""
+        correlation, replies, _ = await self._request(Leaf.TELEMETRY, batch.SerializeToString())
+        try:
+            payload, error = await replies.get()
+        finally:
+            self._replies.pop(correlation, None)
+        if error:
+            raise _reason(error)
+        return list(parse_message(agent_pb2.TelemetryAck, payload, "telemetry ack").acked)
 
     async def _renew_certificate(self, csr_pem: bytes) -> bytes:
         request = agent_pb2.RenewCertificateRequest(csr_pem=csr_pem).SerializeToString()
