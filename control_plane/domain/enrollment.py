@@ -5,9 +5,10 @@ A token is the only thing an enrolling caller proves, so:
 * the labels that carry trust come from the token alone: a device may add descriptive labels
   of its own, but never one the token sets (the token's value wins) nor one in
   ``TOKEN_ONLY_LABELS`` (``region`` decides where the device's data may be kept);
-* attempts are rate-limited per peer address and for the whole control plane (token buckets:
-  ``burst`` at once, then ``rate`` per second), and this is checked before any work — the CSR
-  is parsed and a certificate signed only after the token checks out;
+* failed attempts are rate-limited per peer address and for the whole control plane (token
+  buckets: ``burst`` failures at once, then ``rate`` per second); an exhausted bucket refuses
+  every attempt before any work, and the CSR is parsed and a certificate signed only after the
+  token checks out;
 * refused attempts are audited in aggregate: at most one row per ``window`` seconds, carrying
   how many attempts were refused since the previous row, so callers without a token cannot grow
   the audit log faster than that.
@@ -62,8 +63,11 @@ class TokenBucket:
 
 @dataclass
 class RateLimits:
-    """A bucket per peer and one for everyone; peers are forgotten once their bucket is full
-    again, so the table stays as small as the set of recent callers (at most ``max_peers``)."""
+    """Failed attempts, limited: a bucket per peer and one for everyone, which only failures
+    empty (a valid one-time token costs nothing, so bulk enrollment through one site's address
+    is not slowed); once a bucket is empty, every attempt from there waits for it to refill.
+    Peers are forgotten once their bucket is full again, so the table stays as small as the set
+    of recent failing callers (at most ``max_peers``)."""
 
     per_peer_rate: float = 1.0
     per_peer_burst: float = 10.0
@@ -74,21 +78,37 @@ class RateLimits:
     everyone: TokenBucket | None = None
 
     def allow(self, peer: str, now: float) -> bool:
-        if self.everyone is None:
-            self.everyone = TokenBucket(self.global_rate, self.global_burst)
-        if len(self.peers) >= self.max_peers:
-            self._forget_idle(now)
+        """May ``peer`` try now? (Looks; takes nothing.)"""
+        everyone = self._everyone()
+        bucket = self.peers.get(peer)
+        if not everyone.take_many(0.0, now) or everyone.level < 1.0:
+            return False
+        if bucket is None:
+            return len(self.peers) < self.max_peers or self._forget_idle(now)
+        bucket.take_many(0.0, now)
+        return bucket.level >= 1.0
+
+    def failed(self, peer: str, now: float) -> None:
+        """Count a failed attempt from ``peer`` against its bucket and everyone's."""
+        self._everyone().take(now)
         bucket = self.peers.get(peer)
         if bucket is None:
-            if len(self.peers) >= self.max_peers:
-                return False  # too many callers at once: new ones wait
+            if len(self.peers) >= self.max_peers and not self._forget_idle(now):
+                return  # the global bucket still counts it
             bucket = self.peers[peer] = TokenBucket(self.per_peer_rate, self.per_peer_burst)
-        return bucket.take(now) and self.everyone.take(now)
+        bucket.take(now)
 
-    def _forget_idle(self, now: float) -> None:
+    def _everyone(self) -> TokenBucket:
+        if self.everyone is None:
+            self.everyone = TokenBucket(self.global_rate, self.global_burst)
+        return self.everyone
+
+    def _forget_idle(self, now: float) -> bool:
+        """Drop the peers whose bucket has refilled; True if that made room."""
         for peer, bucket in list(self.peers.items()):
             if bucket.level + (now - bucket.at) * bucket.rate >= bucket.burst:
                 del self.peers[peer]
+        return len(self.peers) < self.max_peers
 
 
 @dataclass

@@ -142,7 +142,9 @@ class IdentityService:
         )
 
     def _refused(self, now: float, reason: str, peer: str) -> None:
-        """Refused attempts reach the audit log in aggregate (``DenialTally``)."""
+        """A failed attempt: counted against the caller's limits, and in the audit log in
+        aggregate (``DenialTally``)."""
+        self.limits.failed(peer or "-", now)
         log.warning("enrollment refused (%s) from %s", reason, peer or "-")
         attempts = self.denials.refused(now)
         if attempts:
