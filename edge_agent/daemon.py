@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ from edge_agent.identity import Credentials, install_renewed, load_credentials, 
 from edge_agent.install.model_store import ModelStore
 from edge_agent.install.probation import ProbationPolicy
 from edge_agent.install.release_trust import ReleaseTrust
+from edge_agent.install.smoke import SmokeLimits, run_smoke_isolated
 from edge_agent.install.updater import Updater
 from edge_agent.reporting.drift import DriftConfig
 from edge_agent.reporting.outbox import Outbox
@@ -73,21 +75,31 @@ class Agent:
         self.trust = ReleaseTrust(self.state.release,
                                   pki.load_public_key(self.state.release_pub.read_bytes()),
                                   self.config.device_id)
+        limits = SmokeLimits(call_timeout_s=self.config.smoke_timeout_seconds,
+                             load_timeout_s=self.config.smoke_load_timeout_seconds,
+                             latency_budget_s=self.config.smoke_latency_budget_ms / 1e3)
         self.models = ModelStore(self.state.models,
-                                 verify=Updater.verifier(self.state.publisher_keys()))
+                                 verify=Updater.verifier(self.state.publisher_keys()),
+                                 smoke=functools.partial(run_smoke_isolated, limits=limits),
+                                 on_transition=self._on_transition)
         self.models.recover()
+        self.outbox = Outbox(self.state.outbox)
+        before = self._install_states()
+        # Counts this start against a version on probation (and rolls back a crash loop)
+        # before anything is served.
         self.updater = Updater(
             self.models, self.state.downloads,
-            policy=ProbationPolicy(max_seconds=self.config.probation_seconds),
+            policy=ProbationPolicy(max_seconds=self.config.probation_seconds,
+                                   max_restarts=max(1, int(self.config.probation_max_restarts))),
             chunk_timeout=self.config.download_chunk_timeout_seconds, clock=clock,
         )
+        self._record_installs(before)
         self._report_now: asyncio.Event | None = None
         # Set by a heartbeat whose reply names a newer release than the stream delivered: the
         # stream was lost without the transport noticing (seen after a control-plane restart).
         self._resync: asyncio.Event | None = None
         self._resync_for = 0  # the serial the last resync was for: one resync per serial
         self._decided = False
-        self.outbox = Outbox(self.state.outbox)
         self.sender = TelemetrySender(self.outbox)
         self.supervisor = ServingSupervisor(
             self.models, self.updater, self.outbox, clock=clock,
@@ -183,9 +195,7 @@ class Agent:
             if renewal_due(self.creds, self.clock(), self.config.renew_at_fraction):
                 await self._renew()
             request = self._heartbeat_request()
-            if self._decided:
-                self._decided = False
-                await asyncio.to_thread(self.supervisor.configure, self.trust.current)
+            await self._settle_decisions()
             self.supervisor.snapshot()
             reply = await self.transport.heartbeat(request)
             sent = await self.sender.send(self.transport)
@@ -206,7 +216,36 @@ class Agent:
                          consecutive_failures=0)
         self._emit("heartbeat", {"count": self.heartbeats, "server_time": reply.server_time,
                                  "telemetry_sent": sent})
+        # The reply is the control plane's (over MQTT: the broker's) receipt of the report:
+        # versions it listed as serving on probation may now commit (reported at once).
+        if self.updater.acknowledge([(m.name, m.version) for m in request.models
+                                     if m.serving and m.state == "active"]):
+            self._tick()
+            await self._settle_decisions()
         return self.config.heartbeat_interval_seconds
+
+    def _tick(self) -> None:
+        before = self._install_states()
+        self._decided = self.updater.tick() or self._decided
+        self._record_installs(before)
+
+    async def _settle_decisions(self) -> None:
+        """After probation decided (commit or rollback): serve accordingly, record the state
+        changes, tell listeners, and report at once."""
+        if not self._decided:
+            return
+        self._decided = False
+        await asyncio.to_thread(self.supervisor.configure, self.trust.current)
+        doc = self.trust.current
+        self._emit("models", {"models": self.updater.report(),
+                              "serial": doc.serial if doc is not None else 0})
+        if self._report_now is not None:
+            self._report_now.set()
+
+    def _on_transition(self, name: str, version: int, state: str, reason: str) -> None:
+        """Every install state change (from whichever thread made it) is an event."""
+        self._emit("install", {"name": name, "version": version, "state": state,
+                               "reason": reason})
 
     def _check_stream(self, newest: int) -> None:
         """The control plane holds a newer release than the one accepted: reopen the release
@@ -227,8 +266,7 @@ class Agent:
         return delay
 
     def _heartbeat_request(self) -> agent_pb2.HeartbeatRequest:
-        # Probation decisions ride on the heartbeat's rhythm.
-        self._decided = self.updater.tick() or self._decided
+        self._tick()  # probation decisions ride on the heartbeat's rhythm
         return agent_pb2.HeartbeatRequest(
             agent_version=__version__,
             host=common_pb2.HostFacts(**self.host),

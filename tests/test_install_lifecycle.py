@@ -236,9 +236,9 @@ def test_probation_waits_then_commits_when_healthy() -> None:
     p = Probation(POLICY, started_at=1000.0)
     for _ in range(49):
         p.record(True, 0.010)
-    assert p.decide(1010.0, baseline_p95_s=0.010) == "wait"
+    assert p.decide(1010.0, baseline_p95_s=0.010, acknowledged=True) == "wait"
     p.record(False, 0.010)  # 1 error in 50 is within 5 %
-    assert p.decide(1010.0, baseline_p95_s=0.010) == "commit"
+    assert p.decide(1010.0, baseline_p95_s=0.010, acknowledged=True) == "commit"
     assert "no regression" in p.reason
 
 
@@ -246,7 +246,7 @@ def test_probation_rolls_back_on_error_rate() -> None:
     p = Probation(POLICY, started_at=0.0)
     for i in range(100):
         p.record(i % 10 != 0, 0.010)  # 10 % errors
-    assert p.decide(1.0, baseline_p95_s=None) == "rollback"
+    assert p.decide(1.0, baseline_p95_s=None, acknowledged=True) == "rollback"
     assert "error rate 0.100" in p.reason
 
 
@@ -254,24 +254,24 @@ def test_probation_rolls_back_early_once_errors_decide_it() -> None:
     p = Probation(POLICY, started_at=0.0)
     for _ in range(3):  # 3 > 0.05 * 50: the rate at 50 requests is already over the limit
         p.record(False, 0.010)
-    assert p.decide(1.0, baseline_p95_s=None) == "rollback"
+    assert p.decide(1.0, baseline_p95_s=None, acknowledged=True) == "rollback"
 
 
 def test_probation_rolls_back_on_latency_only_with_a_baseline() -> None:
     p = Probation(POLICY, started_at=0.0)
     for _ in range(60):
         p.record(True, 0.050)
-    assert p.decide(1.0, baseline_p95_s=0.020) == "rollback"
+    assert p.decide(1.0, baseline_p95_s=0.020, acknowledged=True) == "rollback"
     assert "p95 latency" in p.reason
-    assert p.decide(1.0, baseline_p95_s=0.030) == "commit"
-    assert p.decide(1.0, baseline_p95_s=None) == "commit"
+    assert p.decide(1.0, baseline_p95_s=0.030, acknowledged=True) == "commit"
+    assert p.decide(1.0, baseline_p95_s=None, acknowledged=True) == "commit"
 
 
 def test_quiet_device_commits_after_max_seconds() -> None:
     p = Probation(POLICY, started_at=100.0)
     p.record(True, 0.5)
-    assert p.decide(699.0, baseline_p95_s=0.001) == "wait"
-    assert p.decide(700.0, baseline_p95_s=0.001) == "commit"
+    assert p.decide(699.0, baseline_p95_s=0.001, acknowledged=True) == "wait"
+    assert p.decide(700.0, baseline_p95_s=0.001, acknowledged=True) == "commit"
     assert "600 s" in p.reason
 
 
@@ -394,7 +394,7 @@ def test_probation_regression_rolls_back_locally(kit: Kit, tmp_path: Path) -> No
     probation = Probation(POLICY, started_at=clock[0])
     for i in range(60):
         probation.record(ok=i % 5 != 0, latency_s=0.002)
-    assert probation.decide(clock[0] + 30, baseline_p95_s=0.002) == "rollback"
+    assert probation.decide(clock[0] + 30, baseline_p95_s=0.002, acknowledged=True) == "rollback"
     assert store.rollback(NAME, probation.reason) == 1
 
     active = store.active(NAME)
