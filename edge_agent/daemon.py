@@ -155,6 +155,7 @@ class Agent:
             await self.transport.close()
             self.supervisor.core.flush(5.0)
             self.supervisor.snapshot()  # the last counters wait in the outbox for next time
+            self.updater.save()  # probation counters and the latency baseline survive
             self.supervisor.close()
             self.outbox.close()
             self._set_status(state="stopped")

@@ -163,6 +163,8 @@ class ModelStore:
             }
             self._save_records(name, records)
             self._hook("begin:downloading")
+            if self._on_transition is not None:
+                self._on_transition(name, version, str(_S.DOWNLOADING), "")
 
     def staging_dir(self, name: str, version: int) -> Path:
         """Where a downloader should unpack ``version`` (same file system: no copy needed)."""

@@ -250,6 +250,12 @@ class Updater:
         self._note_served()
         return decided
 
+    def save(self) -> None:
+        """Persist what probation and serving measured, deciding nothing (at shutdown)."""
+        for name, (version, probation) in list(self.probation.items()):
+            self._save(name, version, probation)
+        self._note_served()
+
     def _note_served(self) -> None:
         for name, (version, sample) in list(self.served.items()):
             p95 = sample.p95_s()
