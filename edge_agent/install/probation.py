@@ -99,13 +99,14 @@ class Probation:
     def latency_sample(self) -> LatencySample:
         """A copy of the latency sample (to go on sampling the version once committed)."""
         return LatencySample(self.policy.max_samples, samples=self._latency.samples,
-                             seen=self.requests)
+                             seen=self._latency.seen)
 
     def record(self, ok: bool, latency_s: float) -> None:
         self.requests += 1
-        if not ok:
+        if ok:  # a failure counts as an error; its latency says nothing about the model's
+            self._latency.add(latency_s)
+        else:
             self.errors += 1
-        self._latency.add(latency_s)
 
     def p95_s(self) -> float | None:
         """Nearest-rank 95th percentile of the sampled latencies; None before any request."""
@@ -176,7 +177,8 @@ class Probation:
         p.restarts = int(doc["restarts"])
         p.acknowledged = doc["acknowledged"] is True
         samples = [float(x) for x in doc.get("samples", [])]
-        if not 0 <= p.errors <= p.requests or p.restarts < 0 or len(samples) > p.requests:
+        ok = p.requests - p.errors
+        if not 0 <= p.errors <= p.requests or p.restarts < 0 or len(samples) > ok:
             raise ValueError(f"inconsistent probation document: {doc}")
-        p._latency = LatencySample(policy.max_samples, samples=samples, seen=p.requests)
+        p._latency = LatencySample(policy.max_samples, samples=samples, seen=ok)
         return p
