@@ -217,7 +217,10 @@ def _follow(proc: subprocess.Popen[bytes], limits: SmokeLimits) -> SmokeResult |
                 if len(buffer) > _MAX_LINE:
                     return SmokeResult(False, "smoke test worker wrote too much output", 0.0)
             line, buffer = buffer.split(b"\n", 1)
-            msg = json.loads(line)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                return SmokeResult(False, f"smoke test worker wrote {line[:80]!r}", 0.0)
             if msg.get("step") == "result":
                 return SmokeResult(bool(msg["ok"]), str(msg["reason"]),
                                    float(msg["latency_us"]))
