@@ -112,6 +112,7 @@ class Agent:
         self.heartbeats = 0
         self.transport: Transport = make_transport(self.config, self.state, lambda: self.creds)
         self._stop: asyncio.Event | None = None
+        self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._status: dict[str, Any] = {
             "device_id": self.config.device_id,
@@ -125,13 +126,17 @@ class Agent:
 
     # ------------------------------------------------------------------ control
     def request_stop(self) -> None:
-        """Ask ``run`` to return; safe to call from any thread."""
+        """Ask ``run`` to return; safe to call from any thread, also before ``run`` began
+        (the flag first, then the loop: ``run`` sets them in the other order)."""
+        self._stop_requested = True
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
 
     async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        if self._stop_requested:
+            self._stop.set()
         log.info("agent %s starting; control plane %s over %s", self.config.device_id,
                  self.config.mqtt_url if self.config.transport == "mqtt"
                  else self.config.api_address, self.config.transport)
