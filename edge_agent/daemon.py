@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ from edge_agent.identity import Credentials, install_renewed, load_credentials, 
 from edge_agent.install.model_store import ModelStore
 from edge_agent.install.probation import ProbationPolicy
 from edge_agent.install.release_trust import ReleaseTrust
+from edge_agent.install.smoke import SmokeLimits, run_smoke_isolated
 from edge_agent.install.updater import Updater
 from edge_agent.reporting.drift import DriftConfig
 from edge_agent.reporting.outbox import Outbox
@@ -73,21 +75,31 @@ class Agent:
         self.trust = ReleaseTrust(self.state.release,
                                   pki.load_public_key(self.state.release_pub.read_bytes()),
                                   self.config.device_id)
+        limits = SmokeLimits(call_timeout_s=self.config.smoke_timeout_seconds,
+                             load_timeout_s=self.config.smoke_load_timeout_seconds,
+                             latency_budget_s=self.config.smoke_latency_budget_ms / 1e3)
         self.models = ModelStore(self.state.models,
-                                 verify=Updater.verifier(self.state.publisher_keys()))
+                                 verify=Updater.verifier(self.state.publisher_keys()),
+                                 smoke=functools.partial(run_smoke_isolated, limits=limits),
+                                 on_transition=self._on_transition)
         self.models.recover()
+        self.outbox = Outbox(self.state.outbox)
+        before = self._install_states()
+        # Counts this start against a version on probation (and rolls back a crash loop)
+        # before anything is served.
         self.updater = Updater(
             self.models, self.state.downloads,
-            policy=ProbationPolicy(max_seconds=self.config.probation_seconds),
+            policy=ProbationPolicy(max_seconds=self.config.probation_seconds,
+                                   max_restarts=max(1, int(self.config.probation_max_restarts))),
             chunk_timeout=self.config.download_chunk_timeout_seconds, clock=clock,
         )
+        self._record_installs(before)
         self._report_now: asyncio.Event | None = None
         # Set by a heartbeat whose reply names a newer release than the stream delivered: the
         # stream was lost without the transport noticing (seen after a control-plane restart).
         self._resync: asyncio.Event | None = None
         self._resync_for = 0  # the serial the last resync was for: one resync per serial
         self._decided = False
-        self.outbox = Outbox(self.state.outbox)
         self.sender = TelemetrySender(self.outbox)
         self.supervisor = ServingSupervisor(
             self.models, self.updater, self.outbox, clock=clock,
@@ -100,6 +112,7 @@ class Agent:
         self.heartbeats = 0
         self.transport: Transport = make_transport(self.config, self.state, lambda: self.creds)
         self._stop: asyncio.Event | None = None
+        self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._status_unwritable = False
         self._status: dict[str, Any] = {
@@ -114,13 +127,17 @@ class Agent:
 
     # ------------------------------------------------------------------ control
     def request_stop(self) -> None:
-        """Ask ``run`` to return; safe to call from any thread."""
+        """Ask ``run`` to return; safe to call from any thread, also before ``run`` began
+        (the flag first, then the loop: ``run`` sets them in the other order)."""
+        self._stop_requested = True
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
 
     async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        if self._stop_requested:
+            self._stop.set()
         log.info("agent %s starting; control plane %s over %s", self.config.device_id,
                  self.config.mqtt_url if self.config.transport == "mqtt"
                  else self.config.api_address, self.config.transport)
@@ -144,6 +161,7 @@ class Agent:
             await self.transport.close()
             self.supervisor.core.flush(5.0)
             self.supervisor.snapshot()  # the last counters wait in the outbox for next time
+            self.updater.save()  # probation counters and the latency baseline survive
             self.supervisor.close()
             self.outbox.close()
             self._set_status(state="stopped")
@@ -184,9 +202,7 @@ class Agent:
             if renewal_due(self.creds, self.clock(), self.config.renew_at_fraction):
                 await self._renew()
             request = self._heartbeat_request()
-            if self._decided:
-                self._decided = False
-                await asyncio.to_thread(self.supervisor.configure, self.trust.current)
+            await self._settle_decisions()
             self.supervisor.snapshot()
             reply = await self.transport.heartbeat(request)
             sent = await self.sender.send(self.transport)
@@ -207,7 +223,36 @@ class Agent:
                          consecutive_failures=0)
         self._emit("heartbeat", {"count": self.heartbeats, "server_time": reply.server_time,
                                  "telemetry_sent": sent})
+        # The reply is the control plane's (over MQTT: the broker's) receipt of the report:
+        # versions it listed as serving on probation may now commit (reported at once).
+        if self.updater.acknowledge([(m.name, m.version) for m in request.models
+                                     if m.serving and m.state == "active"]):
+            self._tick()
+            await self._settle_decisions()
         return self.config.heartbeat_interval_seconds
+
+    def _tick(self) -> None:
+        before = self._install_states()
+        self._decided = self.updater.tick() or self._decided
+        self._record_installs(before)
+
+    async def _settle_decisions(self) -> None:
+        """After probation decided (commit or rollback): serve accordingly, record the state
+        changes, tell listeners, and report at once."""
+        if not self._decided:
+            return
+        self._decided = False
+        await asyncio.to_thread(self.supervisor.configure, self.trust.current)
+        doc = self.trust.current
+        self._emit("models", {"models": self.updater.report(),
+                              "serial": doc.serial if doc is not None else 0})
+        if self._report_now is not None:
+            self._report_now.set()
+
+    def _on_transition(self, name: str, version: int, state: str, reason: str) -> None:
+        """Every install state change (from whichever thread made it) is an event."""
+        self._emit("install", {"name": name, "version": version, "state": state,
+                               "reason": reason})
 
     def _check_stream(self, newest: int) -> None:
         """The control plane holds a newer release than the one accepted: reopen the release
@@ -228,8 +273,7 @@ class Agent:
         return delay
 
     def _heartbeat_request(self) -> agent_pb2.HeartbeatRequest:
-        # Probation decisions ride on the heartbeat's rhythm.
-        self._decided = self.updater.tick() or self._decided
+        self._tick()  # probation decisions ride on the heartbeat's rhythm
         return agent_pb2.HeartbeatRequest(
             agent_version=__version__,
             host=common_pb2.HostFacts(**self.host),

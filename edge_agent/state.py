@@ -105,6 +105,13 @@ class AgentConfig:
     # Drift windows close after this many served rows or seconds, whichever comes first.
     drift_window_requests: float = 500
     drift_window_seconds: float = 300.0
+    # Agent starts while a version is on probation before it is rolled back (a crash loop).
+    probation_max_restarts: float = 3
+    # Smoke test limits (a manifest's smoke_test may only lower them): per call, for starting
+    # the test process and loading the model, and the median smoke batch's latency budget.
+    smoke_timeout_seconds: float = 10.0
+    smoke_load_timeout_seconds: float = 60.0
+    smoke_latency_budget_ms: float = 1000.0
 
     @classmethod
     def load(cls, state: StateDir) -> AgentConfig:
@@ -124,7 +131,8 @@ class AgentConfig:
         for name in ("heartbeat_interval_seconds", "renew_at_fraction",
                      "backoff_initial_seconds", "backoff_max_seconds", "probation_seconds",
                      "download_chunk_timeout_seconds", "drift_window_requests",
-                     "drift_window_seconds"):
+                     "drift_window_seconds", "probation_max_restarts", "smoke_timeout_seconds",
+                     "smoke_load_timeout_seconds", "smoke_latency_budget_ms"):
             value = agent.get(name, getattr(cfg, name))
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise InvalidInputError(f"{state.config}: agent.{name} must be a number >= 0")
@@ -148,6 +156,10 @@ class AgentConfig:
                     "download_chunk_timeout_seconds": self.download_chunk_timeout_seconds,
                     "drift_window_requests": self.drift_window_requests,
                     "drift_window_seconds": self.drift_window_seconds,
+                    "probation_max_restarts": self.probation_max_restarts,
+                    "smoke_timeout_seconds": self.smoke_timeout_seconds,
+                    "smoke_load_timeout_seconds": self.smoke_load_timeout_seconds,
+                    "smoke_latency_budget_ms": self.smoke_latency_budget_ms,
                 },
                 "labels": self.labels,
             },

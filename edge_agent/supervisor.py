@@ -5,7 +5,8 @@
   version is on disk (committed, or active on probation) serves with its weight; arms not
   installed yet are left out and the rest renormalized; with no release (or none of its arms
   installed) the version the model store activated serves alone.
-* Serving's result hook feeds the probation of the version on probation; its prediction hook
+* Serving's result hook feeds the probation of the version on probation, or the served-latency
+  sample of the committed version (the next probation's baseline); its prediction hook
   (off the request path, batched) feeds one drift monitor per (model, version), whose closed
   windows go to the telemetry outbox. ``snapshot`` adds each arm's counters to the outbox.
 * Samples: the release's ``sample_rate`` per model sets serving's sampling; a sampled request
@@ -126,9 +127,7 @@ class ServingSupervisor:
 
     # ------------------------------------------------------------------ hooks
     def _on_result(self, model: str, version: int, ok: bool, latency_s: float) -> None:
-        entry = self.updater.probation.get(model)
-        if entry is not None and entry[0] == version:
-            self.updater.record(model, ok, latency_s)
+        self.updater.record(model, version, ok, latency_s)
 
     def _monitor(self, model: str, version: int) -> DriftMonitor | None:
         key = (model, version)

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncGenerator, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -152,7 +152,11 @@ class RunningAgent:
         self.future.result(WAIT)
 
 
-def start_agent(state_dir: Path, loop: LoopThread, **config: Any) -> RunningAgent:
+def start_agent(state_dir: Path, loop: LoopThread,
+                observe: Callable[[str, dict[str, Any]], None] | None = None,
+                **config: Any) -> RunningAgent:
+    """``observe(kind, data)``, when given, sees each event first, in the thread that emitted
+    it (an install step runs on a worker thread), before it is queued for ``wait_for``."""
     state = StateDir(state_dir)
     cfg = AgentConfig.load(state)
     cfg.backoff_initial_seconds = 0.05
@@ -160,7 +164,13 @@ def start_agent(state_dir: Path, loop: LoopThread, **config: Any) -> RunningAgen
     for key, value in config.items():
         setattr(cfg, key, value)
     events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
-    agent = Agent(state_dir, config=cfg, on_event=lambda k, d: events.put((k, d)),
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        if observe is not None:
+            observe(kind, data)
+        events.put((kind, data))
+
+    agent = Agent(state_dir, config=cfg, on_event=on_event,
                   listen="127.0.0.1:0", grpc_listen="127.0.0.1:0")
     running = RunningAgent(agent=agent, loop=loop, events=events)
     running.future = asyncio.run_coroutine_threadsafe(agent.run(), loop.loop)

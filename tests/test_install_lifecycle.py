@@ -11,6 +11,8 @@ import asyncio
 import itertools
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_agent.install import smoke as smoke_module
 from edge_agent.install.lifecycle import (
     FINAL_STATES,
     TRANSITIONS,
@@ -30,11 +33,17 @@ from edge_agent.install.lifecycle import (
 )
 from edge_agent.install.model_store import CRASH_POINTS, InstallOutcome, ModelStore
 from edge_agent.install.probation import Probation, ProbationPolicy
-from edge_agent.install.smoke import run_smoke_test
+from edge_agent.install.smoke import (
+    SmokeLimits,
+    effective_limits,
+    run_smoke_isolated,
+    run_smoke_test,
+)
 from edge_agent.install.updater import Updater
 from fleetcore.archive import pack_bundle
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
 from fleetcore.release import Arm, ModelRelease, ReleaseDocument
+from tests.onnx_delay import HANG, delayed_bundle
 from tests.support import FakeBundleServer
 from trainer.models import MLP
 from trainer.onnx_tools import export_onnx, run_onnx
@@ -236,9 +245,9 @@ def test_probation_waits_then_commits_when_healthy() -> None:
     p = Probation(POLICY, started_at=1000.0)
     for _ in range(49):
         p.record(True, 0.010)
-    assert p.decide(1010.0, baseline_p95_s=0.010) == "wait"
+    assert p.decide(1010.0, baseline_p95_s=0.010, acknowledged=True) == "wait"
     p.record(False, 0.010)  # 1 error in 50 is within 5 %
-    assert p.decide(1010.0, baseline_p95_s=0.010) == "commit"
+    assert p.decide(1010.0, baseline_p95_s=0.010, acknowledged=True) == "commit"
     assert "no regression" in p.reason
 
 
@@ -246,7 +255,7 @@ def test_probation_rolls_back_on_error_rate() -> None:
     p = Probation(POLICY, started_at=0.0)
     for i in range(100):
         p.record(i % 10 != 0, 0.010)  # 10 % errors
-    assert p.decide(1.0, baseline_p95_s=None) == "rollback"
+    assert p.decide(1.0, baseline_p95_s=None, acknowledged=True) == "rollback"
     assert "error rate 0.100" in p.reason
 
 
@@ -254,24 +263,24 @@ def test_probation_rolls_back_early_once_errors_decide_it() -> None:
     p = Probation(POLICY, started_at=0.0)
     for _ in range(3):  # 3 > 0.05 * 50: the rate at 50 requests is already over the limit
         p.record(False, 0.010)
-    assert p.decide(1.0, baseline_p95_s=None) == "rollback"
+    assert p.decide(1.0, baseline_p95_s=None, acknowledged=True) == "rollback"
 
 
 def test_probation_rolls_back_on_latency_only_with_a_baseline() -> None:
     p = Probation(POLICY, started_at=0.0)
     for _ in range(60):
         p.record(True, 0.050)
-    assert p.decide(1.0, baseline_p95_s=0.020) == "rollback"
+    assert p.decide(1.0, baseline_p95_s=0.020, acknowledged=True) == "rollback"
     assert "p95 latency" in p.reason
-    assert p.decide(1.0, baseline_p95_s=0.030) == "commit"
-    assert p.decide(1.0, baseline_p95_s=None) == "commit"
+    assert p.decide(1.0, baseline_p95_s=0.030, acknowledged=True) == "commit"
+    assert p.decide(1.0, baseline_p95_s=None, acknowledged=True) == "commit"
 
 
 def test_quiet_device_commits_after_max_seconds() -> None:
     p = Probation(POLICY, started_at=100.0)
     p.record(True, 0.5)
-    assert p.decide(699.0, baseline_p95_s=0.001) == "wait"
-    assert p.decide(700.0, baseline_p95_s=0.001) == "commit"
+    assert p.decide(699.0, baseline_p95_s=0.001, acknowledged=True) == "wait"
+    assert p.decide(700.0, baseline_p95_s=0.001, acknowledged=True) == "commit"
     assert "600 s" in p.reason
 
 
@@ -394,7 +403,7 @@ def test_probation_regression_rolls_back_locally(kit: Kit, tmp_path: Path) -> No
     probation = Probation(POLICY, started_at=clock[0])
     for i in range(60):
         probation.record(ok=i % 5 != 0, latency_s=0.002)
-    assert probation.decide(clock[0] + 30, baseline_p95_s=0.002) == "rollback"
+    assert probation.decide(clock[0] + 30, baseline_p95_s=0.002, acknowledged=True) == "rollback"
     assert store.rollback(NAME, probation.reason) == 1
 
     active = store.active(NAME)
@@ -630,3 +639,139 @@ def test_failed_install_is_not_retried_for_the_same_release(
 
     asyncio.run(updater.apply(_release(8, arm), server))  # a new serial retries it
     assert len(server.requests) == 2
+
+
+# ---------------------------------------------------------------------------- smoke limits
+def test_manifest_can_only_lower_the_agents_smoke_limits() -> None:
+    agent = SmokeLimits(call_timeout_s=10.0, load_timeout_s=60.0, latency_budget_s=1.0)
+    lower = {"smoke_test": {"timeout_seconds": 2, "latency_budget_ms": 50}}
+    assert effective_limits(lower, agent) == SmokeLimits(2.0, 60.0, 0.05)
+    higher = {"smoke_test": {"timeout_seconds": 3600, "latency_budget_ms": 10_000}}
+    assert effective_limits(higher, agent) == agent
+    for bad in (0, -1, True, "5", None):
+        odd = {"smoke_test": {"timeout_seconds": bad, "latency_budget_ms": bad}}
+        assert effective_limits(odd, agent) == agent
+    assert effective_limits({}, agent) == agent
+
+
+def test_isolated_smoke_passes_a_good_bundle(sources: dict[str, Path]) -> None:
+    result = run_smoke_isolated(sources["1"], load_manifest(sources["1"]))
+    assert result.ok, result.reason
+    assert result.latency_us > 0
+
+
+def test_isolated_smoke_stops_a_model_that_never_finishes(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    bundle = delayed_bundle(sources["1"], tmp_path / "hang", 1, HANG)
+    result = run_smoke_isolated(bundle, load_manifest(bundle),
+                                SmokeLimits(call_timeout_s=1.0))
+    assert not result.ok
+    assert result.reason == ("smoke test overran its time limit of 1 s in smoke call 1 "
+                             "(the model was stopped)")
+
+
+def test_isolated_smoke_over_its_latency_budget_fails(sources: dict[str, Path]) -> None:
+    manifest = load_manifest(sources["1"])
+    manifest["smoke_test"]["latency_budget_ms"] = 1e-6  # a nanosecond: no runtime call fits
+    result = run_smoke_isolated(sources["1"], manifest)
+    assert not result.ok
+    assert "the latency budget is 1e-06 ms" in result.reason
+
+
+def test_a_crashed_smoke_process_is_a_result_with_its_signal(tmp_path: Path) -> None:
+    """What the agent reports when the runtime dies under the smoke test: a real process
+    killed by SIGSEGV after writing to stderr (no model to hand crashes ONNX Runtime on
+    purpose; the parent's path from the exit status on is the same)."""
+    with (tmp_path / "err").open("w+b") as err:
+        proc = subprocess.run([sys.executable, "-c", "import os, signal, sys; "
+                               "sys.stderr.write('onnxruntime: fatal\\n'); sys.stderr.flush(); "
+                               "os.kill(os.getpid(), signal.SIGSEGV)"], stderr=err, check=False)
+        result = smoke_module._crashed(proc.returncode, err)
+    assert not result.ok
+    assert result.reason == ("the runtime crashed during the smoke test (signal SIGSEGV): "
+                             "onnxruntime: fatal")
+
+
+# ---------------------------------------------------------------------------- restarts, ack
+def test_probation_needs_an_acknowledged_report_to_commit() -> None:
+    p = Probation(POLICY, started_at=0.0)
+    assert p.decide(700.0, None, acknowledged=False) == "wait"  # quiet and unreported
+    assert "waiting for the control plane" in p.reason
+    for _ in range(60):
+        p.record(True, 0.010)
+    assert p.decide(1.0, 0.010, acknowledged=False) == "wait"
+    assert p.decide(1.0, 0.010, acknowledged=True) == "commit"
+    for _ in range(10):
+        p.record(False, 0.010)  # unacknowledged does not shield it from a regression
+    assert p.decide(1.0, 0.010, acknowledged=False) == "rollback"
+
+
+def test_probation_rolls_back_after_max_restarts_whatever_else() -> None:
+    p = Probation(POLICY, started_at=0.0)
+    for _ in range(60):
+        p.record(True, 0.010)
+    p.restarts = POLICY.max_restarts - 1
+    assert p.decide(1.0, None, acknowledged=True) == "commit"
+    p.restarts = POLICY.max_restarts
+    assert p.decide(1.0, None, acknowledged=True) == "rollback"
+    assert "restarted 3 times" in p.reason
+
+
+def test_probation_round_trips_through_its_document() -> None:
+    p = Probation(POLICY, started_at=123.0, baseline_p95_s=0.004)
+    for i in range(40):
+        p.record(i % 20 != 0, i / 1000)
+    p.restarts, p.acknowledged = 2, True
+    q = Probation.from_doc(POLICY, json.loads(json.dumps(p.to_doc(7))))
+    assert (q.started_at, q.baseline_p95_s, q.requests, q.errors, q.restarts,
+            q.acknowledged, q.p95_s()) == (123.0, 0.004, 40, 2, 2, True, p.p95_s())
+    for bad in ({**p.to_doc(7), "errors": 41}, {**p.to_doc(7), "restarts": -1},
+                {k: v for k, v in p.to_doc(7).items() if k != "requests"}):
+        with pytest.raises((KeyError, ValueError)):
+            Probation.from_doc(POLICY, bad)
+
+
+def test_updater_counts_restarts_on_probation_and_rolls_back_a_crash_loop(
+    kit: Kit, tmp_path: Path
+) -> None:
+    store = ModelStore(tmp_path / "models", verify=verify_sig)
+    kit.install_committed(store, 1)
+    policy = ProbationPolicy(max_seconds=3600.0, max_restarts=3)
+    updater = Updater(store, tmp_path / "downloads", policy=policy)
+    assert kit.install(store, 2).state == S.ACTIVE
+    # What the updater does after an activation, by hand (no download here).
+    updater.probation[NAME] = (2, Probation(policy, 0.0))
+    for _ in range(4):
+        updater.record(NAME, 2, True, 0.001)
+    updater.save()
+    for restart in (1, 2):
+        again = Updater(store, tmp_path / "downloads", policy=policy)
+        assert again.probation[NAME][1].restarts == restart
+        assert again.probation[NAME][1].requests == 4
+        assert store.active(NAME)[0] == 2  # type: ignore[index]
+    Updater(store, tmp_path / "downloads", policy=policy)
+    assert store.active(NAME)[0] == 1  # type: ignore[index]
+    assert _state(store, 2)["state"] == "rolled-back"
+    assert "crash loop" in _state(store, 2)["reason"]
+    assert not (tmp_path / "models" / NAME / "probation.json").exists()
+
+
+def test_served_latency_of_the_committed_version_is_the_next_baseline(
+    kit: Kit, tmp_path: Path
+) -> None:
+    store = ModelStore(tmp_path / "models", verify=verify_sig)
+    kit.install_committed(store, 1)
+    updater = Updater(store, tmp_path / "downloads", policy=POLICY)
+    assert updater.served[NAME][0] == 1
+    for i in range(POLICY.min_requests - 1):
+        updater.record(NAME, 1, True, 0.001 * (1 + i % 2))
+    updater.tick()
+    assert _state(store, 1)["served_p95_s"] is None  # too few requests to be a baseline
+    updater.record(NAME, 1, True, 0.002)
+    updater.record(NAME, 1, False, 9.0)  # a failed request is no latency sample
+    updater.tick()
+    assert _state(store, 1)["served_p95_s"] == 0.002
+    assert _state(store, 1)["served_requests"] == POLICY.min_requests
+    assert kit.install(store, 2).state == S.ACTIVE
+    assert updater._baseline_p95(NAME) == 0.002

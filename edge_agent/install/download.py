@@ -10,6 +10,7 @@ deleted. The same code runs over gRPC and MQTT (``edge_agent.transport``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -65,7 +66,7 @@ async def fetch_bundle(
                     os.fsync(fh.fileno())
         if have < length:
             raise TransportError(f"download of {digest} ended at {have}/{length} bytes")
-    actual = file_digest(part)
+    actual = await asyncio.to_thread(file_digest, part)  # a big bundle: off the event loop
     if actual != digest:
         part.unlink()
         raise UntrustedInputError(f"bundle digest is {actual}; the release declares {digest}")

@@ -6,6 +6,9 @@ Layout under ``root`` (``STATE/models``)::
     <name>/staging/<version>/    an install in progress (removed at start-up)
     <name>/installs.json         {"versions": {"<v>": record}}: state, reason, digest, ...
     <name>/active.json           {"version": v | null, "previous": [rollback targets]}
+    <name>/probation.json        the probation of the version serving in state active:
+                                 counters, restarts, acknowledgement (``edge_agent.install
+                                 .probation``); the store only keeps it, atomically
 
 Rules:
 
@@ -81,6 +84,7 @@ CRASH_POINTS: tuple[str, ...] = (
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _INSTALLS = "installs.json"
 _ACTIVE = "active.json"
+_PROBATION = "probation.json"
 _MAX_FINISHED_RECORDS = 32  # failed/rolled-back/old records kept for status, newest first
 
 _S = InstallState
@@ -116,11 +120,15 @@ class ModelStore:
         smoke: Callable[[Path, dict[str, Any]], SmokeResult] = run_smoke_test,
         crash_hook: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        on_transition: Callable[[str, int, str, str], None] | None = None,
     ) -> None:
         """``verify(bundle_dir)`` checks the signature and returns the manifest, or raises.
 
         Without ``verify`` the store can serve, commit, roll back and recover, but refuses to
-        install: there is deliberately no unverified default.
+        install: there is deliberately no unverified default. ``smoke`` runs in this process
+        by default; the agent passes ``smoke.run_smoke_isolated`` (a child with time limits).
+        ``on_transition(name, version, state, reason)`` is told of every state change, from
+        whichever thread made it.
         """
         if keep_committed < 1:
             raise ValueError(f"keep_committed must be >= 1; got {keep_committed}")
@@ -130,6 +138,7 @@ class ModelStore:
         self._smoke = smoke
         self._crash_hook = crash_hook
         self._clock = clock
+        self._on_transition = on_transition
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ install steps
@@ -154,6 +163,8 @@ class ModelStore:
             }
             self._save_records(name, records)
             self._hook("begin:downloading")
+            if self._on_transition is not None:
+                self._on_transition(name, version, str(_S.DOWNLOADING), "")
 
     def staging_dir(self, name: str, version: int) -> Path:
         """Where a downloader should unpack ``version`` (same file system: no copy needed)."""
@@ -167,6 +178,9 @@ class ModelStore:
         smoke-tested version is kept as committed without taking the pointer: the experiment,
         not local probation, judges it, and serving routes to it by the release's weights.
         A failed verification or smoke test is an outcome (state failed), not an exception.
+
+        Verification and the smoke test run without the store's lock (they can take minutes):
+        status, commit and rollback of other versions go on meanwhile; one install at a time.
         """
         extracted_dir = Path(extracted_dir)
         with self._lock:
@@ -190,19 +204,22 @@ class ModelStore:
                 raise NotFoundError(f"expected an unpacked bundle at {extracted_dir}; none there")
             self._transition(name, version, _E.DOWNLOAD_COMPLETE)
             self._hook("install:verifying")
-            try:
-                final, manifest = self._stage(name, version, extracted_dir, verify)
-                latency_us = self._smoke_test(name, version, final, manifest)
-            except _RefusedError as exc:
-                logger.warning("%s v%d not served: %s", name, version, exc)
-                return InstallOutcome(version, _S.FAILED, str(exc))
+        try:
+            final, manifest = self._stage(name, version, extracted_dir, verify)
+            latency_us = self._smoke_test(name, version, final, manifest)
+        except _RefusedError as exc:
+            logger.warning("%s v%d not served: %s", name, version, exc)
+            return InstallOutcome(version, _S.FAILED, str(exc))
+        with self._lock:
             if not activate:
                 self._transition(name, version, _E.SMOKE_PASSED, "experiment arm",
                                  smoke_latency_us=latency_us)
                 self._transition(name, version, _E.PROBATION_PASSED,
                                  "experiment arm (smoke test passed)")
                 return InstallOutcome(version, _S.COMMITTED, "experiment arm")
-            self._activate_new(name, version, pointer, records, latency_us)
+            # The pointer may have moved while the lock was free (a rollback): read it again.
+            self._activate_new(name, version, self._load_pointer(name),
+                               self._load_records(name), latency_us)
             return InstallOutcome(version, _S.ACTIVE, "in probation")
 
     def _stage(self, name: str, version: int, extracted_dir: Path,
@@ -219,35 +236,40 @@ class ModelStore:
             _check_manifest(name, version, manifest)
         except Exception as exc:
             reason = f"verification failed: {exc}"
-            self._transition(name, version, _E.FAIL, reason)
-            self._hook("install:verify-failed")
+            with self._lock:
+                self._transition(name, version, _E.FAIL, reason)
+                self._hook("install:verify-failed")
             shutil.rmtree(staged, ignore_errors=True)
             raise _RefusedError(reason) from None
 
+        _fsync_tree(staged)  # the files are durable before any rename can publish them
         final = self._vdir(name, version)
-        shutil.rmtree(final, ignore_errors=True)  # a leftover of an earlier failed try
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, final)
-        _fsync_tree(final)
-        fsync_dir(final.parent)
-        self._hook("install:moved")
-        self._transition(name, version, _E.VERIFIED)
-        self._hook("install:staged")
+        with self._lock:
+            shutil.rmtree(final, ignore_errors=True)  # a leftover of an earlier failed try
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+            fsync_dir(final)
+            fsync_dir(final.parent)
+            self._hook("install:moved")
+            self._transition(name, version, _E.VERIFIED)
+            self._hook("install:staged")
         return final, manifest
 
     def _smoke_test(self, name: str, version: int, final: Path, manifest: dict[str, Any]) -> float:
         """staged -> smoke-testing; a failure removes the version: it is never served."""
-        self._transition(name, version, _E.SMOKE_START)
-        self._hook("install:smoke-testing")
+        with self._lock:
+            self._transition(name, version, _E.SMOKE_START)
+            self._hook("install:smoke-testing")
         try:
             result = self._smoke(final, manifest)
         except Exception as exc:
             result = SmokeResult(False, f"smoke test raised {type(exc).__name__}: {exc}", 0.0)
         if not result.ok:
             reason = f"smoke test failed: {result.reason}"
-            self._transition(name, version, _E.FAIL, reason)
-            self._hook("install:smoke-failed")
-            shutil.rmtree(final, ignore_errors=True)
+            with self._lock:
+                self._transition(name, version, _E.FAIL, reason)
+                self._hook("install:smoke-failed")
+                shutil.rmtree(final, ignore_errors=True)
             raise _RefusedError(reason)
         return result.latency_us
 
@@ -333,6 +355,39 @@ class ModelStore:
                 shutil.rmtree(self._vdir(name, version), ignore_errors=True)
             logger.warning("%s v%d failed: %s", name, version, reason)
 
+    # ------------------------------------------------------------------ probation, latency
+    def load_probation(self, name: str) -> dict[str, Any] | None:
+        """The persisted probation document of ``name`` (None when there is none)."""
+        with self._lock:
+            return _read_json(self._mdir(name) / _PROBATION)
+
+    def save_probation(self, name: str, doc: dict[str, Any] | None) -> None:
+        """Replace it atomically (``None`` removes it)."""
+        with self._lock:
+            path = self._mdir(name) / _PROBATION
+            if doc is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write(path, json.dumps(doc).encode())
+
+    def note_served(self, name: str, version: int, p95_s: float, requests: int) -> None:
+        """Keep what ``version`` served: its p95 latency over ``requests`` requests (the
+        baseline the next version's probation is judged against)."""
+        with self._lock:
+            records = self._load_records(name)
+            rec = records.get(version)
+            if rec is None or (rec.get("served_p95_s"), rec.get("served_requests")) == (
+                p95_s, requests
+            ):
+                return
+            rec.update(served_p95_s=p95_s, served_requests=requests)
+            self._save_records(name, records)
+
+    def previous(self, name: str) -> list[int]:
+        """The rollback targets of ``name``, the next one first."""
+        with self._lock:
+            return list(self._load_pointer(name).previous)
+
     # ------------------------------------------------------------------ queries
     def active(self, name: str) -> tuple[int, Path] | None:
         """The version served and its directory, or None."""
@@ -351,6 +406,8 @@ class ModelStore:
                         "name": name, "version": v, "state": rec["state"],
                         "reason": rec.get("reason", ""), "updated_at": rec.get("updated_at"),
                         "smoke_latency_us": rec.get("smoke_latency_us"),
+                        "served_p95_s": rec.get("served_p95_s"),
+                        "served_requests": rec.get("served_requests", 0),
                         "bundle_digest": rec.get("digest", ""),
                         "serving": v == serving,
                     })
@@ -371,6 +428,11 @@ class ModelStore:
 
         self._settle_pointer(name)
         serving = self._load_pointer(name).version
+        probation = _read_json(mdir / _PROBATION)
+        on_probation = serving is not None and self._load_records(name).get(
+            serving, {}).get("state") == _S.ACTIVE
+        if probation is not None and (probation.get("version") != serving or not on_probation):
+            (mdir / _PROBATION).unlink(missing_ok=True)  # of a version no longer on probation
         for v, rec in sorted(self._load_records(name).items()):
             if v == serving:
                 continue
@@ -481,6 +543,8 @@ class ModelStore:
         new = next_state(_S(rec["state"]), event)
         rec.update(state=str(new), reason=reason, updated_at=self._clock(), **extra)
         self._save_records(name, records)
+        if self._on_transition is not None:
+            self._on_transition(name, version, str(new), reason)
         return new
 
     def _supersede(self, name: str, old: int, by: int | None) -> None:

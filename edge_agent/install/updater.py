@@ -8,12 +8,26 @@ smoke-test and activate it. The new version is then on probation until ``tick`` 
 rolls it back locally. The other arms of an experiment are installed the same way but kept
 without activation; serving routes to every installed arm by the release's weights.
 
+Unpacking, verification and the smoke test run on a worker thread (and the smoke test in a
+child process, when the store is given ``run_smoke_isolated``): the event loop that serves
+inference never waits for them.
+
 A failed install is recorded and not retried for the same release (a new serial retries it); a
-transport failure keeps the partial download and is retried on the next sync.
+transport failure keeps the partial download and is retried on the next sync. A version this
+device rolled back is not installed again (same digest): the control plane sees the rollback
+in the device's report and decides what comes next.
+
+Probation survives restarts: its state is saved in the model store (``probation.json``) when
+it starts, at every start of the agent (the restart counter, saved before any model is loaded)
+and at every ``tick`` that changed it. ``acknowledge`` marks the versions a heartbeat reply
+confirmed the control plane (or broker) received; only those commit. The committed version's
+served latency is sampled and kept in its install record (``served_p95_s``): the baseline for
+the next version's probation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import time
@@ -23,8 +37,8 @@ from typing import Any
 
 from edge_agent.install.download import fetch_bundle
 from edge_agent.install.lifecycle import InstallState
-from edge_agent.install.model_store import ModelStore
-from edge_agent.install.probation import Probation, ProbationPolicy
+from edge_agent.install.model_store import InstallOutcome, ModelStore
+from edge_agent.install.probation import LatencySample, Probation, ProbationPolicy
 from edge_agent.transport.base import Transport
 from fleetcore.archive import safe_extract
 from fleetcore.bundle_verify import verify_bundle_dir
@@ -51,17 +65,55 @@ class Updater:
         chunk_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """Also counts this start against every version still on probation, and rolls back
+        the ones whose restarts reached ``policy.max_restarts`` before anything serves them."""
         self.store = store
         self.downloads = downloads
         self.policy = policy
         self.chunk_timeout = chunk_timeout
         self.clock = clock
         self.probation: dict[str, tuple[int, Probation]] = {}
+        # The committed version each model serves, and a sample of its served latencies.
+        self.served: dict[str, tuple[int, LatencySample]] = {}
+        self._saved: dict[str, tuple[Any, ...]] = {}
         self._failed: set[tuple[str, int, str, int]] = set()  # (model, version, digest, serial)
         now = clock()
-        for rec in store.status():  # versions still on probation after a restart
-            if rec["serving"] and rec["state"] == InstallState.ACTIVE:
-                self.probation[rec["name"]] = (rec["version"], Probation(policy, now))
+        for rec in store.status():
+            if not rec["serving"]:
+                continue
+            name, version = rec["name"], int(rec["version"])
+            if rec["state"] == InstallState.ACTIVE:  # still on probation after a restart
+                probation = self._restore(name, version, now)
+                probation.restarts += 1
+                self._save(name, version, probation)  # before the model is loaded again
+                self.probation[name] = (version, probation)
+                log.warning("%s v%d: agent start %d while on probation", name, version,
+                            probation.restarts)
+            elif rec["state"] == InstallState.COMMITTED:
+                self.served[name] = (version, LatencySample(policy.max_samples))
+        self.tick()
+
+    def _restore(self, name: str, version: int, now: float) -> Probation:
+        doc = self.store.load_probation(name)
+        if doc is not None and doc.get("version") == version:
+            try:
+                return Probation.from_doc(self.policy, doc)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("%s v%d: probation state unreadable (%s); starting it over", name,
+                          version, exc)
+        return Probation(self.policy, now, baseline_p95_s=self._baseline_p95(name))
+
+    def _save(self, name: str, version: int, probation: Probation) -> None:
+        key = (version, probation.requests, probation.errors, probation.restarts,
+               probation.acknowledged)
+        if self._saved.get(name) != key:
+            self.store.save_probation(name, probation.to_doc(version))
+            self._saved[name] = key
+
+    def _end_probation(self, name: str) -> None:
+        self.probation.pop(name, None)
+        self._saved.pop(name, None)
+        self.store.save_probation(name, None)
 
     @staticmethod
     def verifier(publisher_pems: list[bytes]) -> Callable[[Path], dict[str, Any]]:
@@ -78,6 +130,8 @@ class Updater:
                     continue
                 if not activate and self._kept(model.name, arm.version):
                     continue  # an experiment arm already installed here
+                if self._rolled_back_here(model.name, arm):
+                    continue
                 try:
                     installed = await self._install(model.name, arm, transport,
                                                     activate=activate)
@@ -97,67 +151,130 @@ class Updater:
         if activate and self._kept(name, arm.version):
             log.info("switching %s to kept version %d (no download)", name, arm.version)
             self.store.activate_kept(name, arm.version)
-            self.probation.pop(name, None)
+            self._end_probation(name)
+            self.served[name] = (arm.version, LatencySample(self.policy.max_samples))
             return True
         self.store.begin(name, arm.version, arm.digest, arm.length)
         part = self.downloads / f"{arm.digest.removeprefix('sha256:')}.part"
         await fetch_bundle(transport, arm.digest, arm.length, part,
                            chunk_timeout=self.chunk_timeout)
-        staging = self.store.staging_dir(name, arm.version)
+        self._note_served()  # the baseline of the serving version, before it may lose the pointer
+        outcome = await asyncio.to_thread(self._unpack_and_install, name, arm.version, part,
+                                          activate)
+        if outcome.state is InstallState.COMMITTED and not activate:
+            log.info("%s v%d installed as an experiment arm", name, arm.version)
+        elif outcome.state is InstallState.ACTIVE:
+            probation = Probation(self.policy, self.clock(),
+                                  baseline_p95_s=self._baseline_p95(name))
+            self._saved.pop(name, None)
+            self._save(name, arm.version, probation)
+            self.probation[name] = (arm.version, probation)
+            self.served.pop(name, None)
+            log.info("%s v%d active, on probation (latency baseline %s)", name, arm.version,
+                     "none" if probation.baseline_p95_s is None
+                     else f"{probation.baseline_p95_s * 1e3:.3f} ms served p95")
+        else:
+            log.error("%s v%d not installed: %s", name, arm.version, outcome.reason)
+            return False
+        return True
+
+    def _unpack_and_install(self, name: str, version: int, part: Path,
+                            activate: bool) -> InstallOutcome:
+        """Unpack, verify, smoke-test, activate: blocking work, run on a worker thread."""
+        staging = self.store.staging_dir(name, version)
         shutil.rmtree(staging, ignore_errors=True)
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
             safe_extract(part, staging)
         finally:
             part.unlink(missing_ok=True)
-        outcome = self.store.install_from_dir(name, arm.version, staging, activate=activate)
-        if outcome.state is InstallState.COMMITTED and not activate:
-            log.info("%s v%d installed as an experiment arm", name, arm.version)
-        elif outcome.state is InstallState.ACTIVE:
-            log.info("%s v%d active, on probation", name, arm.version)
-            self.probation[name] = (arm.version, Probation(self.policy, self.clock()))
-        else:
-            log.error("%s v%d not installed: %s", name, arm.version, outcome.reason)
-            return False
-        return True
+        return self.store.install_from_dir(name, version, staging, activate=activate)
 
     def _kept(self, name: str, version: int) -> bool:
         return any(r["name"] == name and r["version"] == version
                    and r["state"] == InstallState.COMMITTED for r in self.store.status())
 
-    def record(self, name: str, ok: bool, latency_s: float) -> None:
-        """Serving reports each request of the version on probation here."""
+    def _rolled_back_here(self, name: str, arm: Arm) -> bool:
+        return any(r["name"] == name and r["version"] == arm.version
+                   and r["state"] == InstallState.ROLLED_BACK
+                   and r["bundle_digest"] == arm.digest for r in self.store.status())
+
+    def record(self, name: str, version: int, ok: bool, latency_s: float) -> None:
+        """Serving reports each request of the primary versions here (cheap: no I/O)."""
         entry = self.probation.get(name)
         if entry is not None:
-            entry[1].record(ok, latency_s)
+            if entry[0] == version:
+                entry[1].record(ok, latency_s)
+            return
+        served = self.served.get(name)
+        if served is not None and served[0] == version and ok:
+            served[1].add(latency_s)
+
+    def acknowledge(self, reported: list[tuple[str, int]]) -> bool:
+        """The control plane (or broker) acknowledged a report listing these (name, version)
+        as serving on probation; True when that is news for any of them."""
+        news = False
+        for name, version in reported:
+            entry = self.probation.get(name)
+            if entry is not None and entry[0] == version and not entry[1].acknowledged:
+                entry[1].acknowledged = True
+                self._save(name, version, entry[1])
+                news = True
+        return news
 
     def tick(self) -> bool:
-        """Commit or roll back versions whose probation has been decided; True if any was."""
+        """Commit or roll back versions whose probation has been decided; True if any was.
+        Saves what changed (probation counters, the served latency baseline)."""
         now = self.clock()
         decided = False
         for name, (version, probation) in list(self.probation.items()):
-            baseline = self._baseline_p95(name, version)
-            decision = probation.decide(now, baseline)
+            decision = probation.decide(now, probation.baseline_p95_s,
+                                        acknowledged=probation.acknowledged)
             decided = decided or decision in ("commit", "rollback")
             if decision == "commit":
                 self.store.commit(name, version)
-                del self.probation[name]
-                log.info("%s v%d committed after probation", name, version)
+                self._end_probation(name)
+                # What it served on probation is the start of its served-latency sample.
+                self.served[name] = (version, probation.latency_sample())
+                log.info("%s v%d committed after probation: %s", name, version,
+                         probation.reason)
             elif decision == "rollback":
                 back = self.store.rollback(name, probation.reason)
-                del self.probation[name]
+                self._end_probation(name)
+                if back is not None:
+                    self.served[name] = (back, LatencySample(self.policy.max_samples))
                 log.warning("%s v%d rolled back (%s); serving %s", name, version,
                             probation.reason, back)
+            else:
+                self._save(name, version, probation)
+        self._note_served()
         return decided
 
-    def _baseline_p95(self, name: str, version: int) -> float | None:
-        """The previous version's smoke latency stands in for its p95 (seconds)."""
-        older = [r for r in self.store.status() if r["name"] == name and r["version"] != version
-                 and r["state"] == InstallState.COMMITTED and r.get("smoke_latency_us")]
-        if not older:
+    def save(self) -> None:
+        """Persist what probation and serving measured, deciding nothing (at shutdown)."""
+        for name, (version, probation) in list(self.probation.items()):
+            self._save(name, version, probation)
+        self._note_served()
+
+    def _note_served(self) -> None:
+        for name, (version, sample) in list(self.served.items()):
+            p95 = sample.p95_s()
+            if p95 is not None and sample.seen >= self.policy.min_requests:
+                self.store.note_served(name, version, p95, sample.seen)
+
+    def _baseline_p95(self, name: str) -> float | None:
+        """The p95 latency that the version to roll back to served here (seconds), when it
+        served at least ``min_requests`` requests; else None (no latency rule)."""
+        previous = self.store.previous(name)
+        if not previous:
             return None
-        newest = max(older, key=lambda r: r["version"])
-        return float(newest["smoke_latency_us"]) / 1e6
+        rec = next((r for r in self.store.status()
+                    if r["name"] == name and r["version"] == previous[0]), None)
+        if rec is None or rec.get("served_p95_s") is None or (
+            int(rec.get("served_requests") or 0) < self.policy.min_requests
+        ):
+            return None
+        return float(rec["served_p95_s"])
 
     def report(self) -> list[dict[str, Any]]:
         return self.store.status()
