@@ -93,9 +93,16 @@ class ServingSupervisor:
     # ------------------------------------------------------------------ what to serve
     def plan(self, doc: ReleaseDocument | None) -> dict[str, list[tuple[int, float, bool]]]:
         installed: dict[str, set[int]] = {}
+        kept: dict[str, list[int]] = {}
         for rec in self.store.status():
-            if rec["state"] in _SERVABLE:
-                installed.setdefault(rec["name"], set()).add(int(rec["version"]))
+            name, version = rec["name"], int(rec["version"])
+            if rec["state"] not in _SERVABLE:
+                continue
+            if name not in kept:
+                kept[name] = self.store.kept(name)
+            if rec["state"] == InstallState.COMMITTED and version not in kept[name]:
+                continue  # pruned from disk: it has to be downloaded again first
+            installed.setdefault(name, set()).add(version)
         plans: dict[str, list[tuple[int, float, bool]]] = {}
         for model in doc.models if doc is not None else ():
             arms = [(a.version, a.weight, a.shadow) for a in model.arms

@@ -361,3 +361,27 @@ def test_revoked_device_sync_stream_ends(
 def _admin(cp: RunningControlPlane) -> pki.Identity:
     cert = pki.load_certificate(cp.admin.cert.read_bytes())
     return pki.identity_from_certificate(cert)
+
+
+def test_a_version_pruned_from_the_device_is_downloaded_again(
+    cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path
+) -> None:
+    """The agent keeps the newest three committed versions on disk; going back to an older
+    one must download it again, not try to serve files that were deleted (seen under stress:
+    'digits v3 is not a committed version kept on disk', then a missing manifest.json)."""
+    for version in range(1, 6):
+        bundle = _bundle_for(cp, trained_bundle, tmp_path / f"v{version}", version=version)
+        assert _fleet(cp, "models", "publish", str(bundle)) == 0
+    cp.enroll_agent(tmp_path / "a")
+    agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0)
+    try:
+        for version in range(1, 6):
+            assert _fleet(cp, "rollouts", "start", "--model", "digits",
+                          "--version", str(version)) == 0
+            _wait_models(agent, _committed(version))
+        assert not (tmp_path / "a" / "models" / "digits" / "versions" / "1").exists()
+        assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1") == 0
+        _wait_models(agent, _committed(1))
+        assert agent.agent.supervisor.core.stats()["models"]["digits"]["arms"].keys() == {"1"}
+    finally:
+        agent.stop()

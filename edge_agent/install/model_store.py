@@ -395,6 +395,12 @@ class ModelStore:
             v = self._load_pointer(name).version
             return None if v is None else (v, self._vdir(name, v))
 
+    def kept(self, name: str) -> list[int]:
+        """Committed versions of ``name`` still on disk, newest first (older ones are pruned:
+        their records stay, their files do not)."""
+        with self._lock:
+            return self._committed_on_disk(name, self._load_records(name))
+
     def status(self) -> list[dict[str, Any]]:
         """Every model's install records, each with ``serving`` (the pointer's version or not)."""
         with self._lock:

@@ -191,8 +191,8 @@ class Updater:
         return self.store.install_from_dir(name, version, staging, activate=activate)
 
     def _kept(self, name: str, version: int) -> bool:
-        return any(r["name"] == name and r["version"] == version
-                   and r["state"] == InstallState.COMMITTED for r in self.store.status())
+        """Committed and still on disk: a pruned version is downloaded again."""
+        return version in self.store.kept(name)
 
     def _rolled_back_here(self, name: str, arm: Arm) -> bool:
         return any(r["name"] == name and r["version"] == arm.version
