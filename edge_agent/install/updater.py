@@ -67,6 +67,7 @@ class Updater:
     ) -> None:
         """Also counts this start against every version still on probation, and rolls back
         the ones whose restarts reached ``policy.max_restarts`` before anything serves them."""
+        self._unwritable = False  # in a spell of failed probation-state writes
         self.store = store
         self.downloads = downloads
         self.policy = policy
@@ -106,9 +107,23 @@ class Updater:
     def _save(self, name: str, version: int, probation: Probation) -> None:
         key = (version, probation.requests, probation.errors, probation.restarts,
                probation.acknowledged)
-        if self._saved.get(name) != key:
-            self.store.save_probation(name, probation.to_doc(version))
+        if self._saved.get(name) != key and self._persisted(
+                self.store.save_probation, name, probation.to_doc(version)):
             self._saved[name] = key
+
+    def _persisted(self, write: Callable[..., object], *args: object) -> bool:
+        """Run a write of probation state; a full or read-only disk is logged once a spell and
+        does not stop serving or the heartbeat (the state is then only in memory)."""
+        try:
+            write(*args)
+        except OSError as exc:
+            if not self._unwritable:
+                log.error("cannot persist probation state (%s); it is kept in memory until "
+                          "the disk can be written", exc)
+            self._unwritable = True
+            return False
+        self._unwritable = False
+        return True
 
     def _end_probation(self, name: str) -> None:
         self.probation.pop(name, None)
@@ -260,7 +275,7 @@ class Updater:
         for name, (version, sample) in list(self.served.items()):
             p95 = sample.p95_s()
             if p95 is not None and sample.seen >= self.policy.min_requests:
-                self.store.note_served(name, version, p95, sample.seen)
+                self._persisted(self.store.note_served, name, version, p95, sample.seen)
 
     def _baseline_p95(self, name: str) -> float | None:
         """The p95 latency that the version to roll back to served here (seconds), when it
