@@ -178,6 +178,9 @@ async def _echo(request: bytes, context: Any) -> bytes:
 
 # What limits a figure when it misses its target (measured, see README "Figures").
 LIMITS = {
+    "resident memory after a hostile burst": "what the allocator keeps after parsing big "
+                                              "bodies, and the feedback log filling up to its "
+                                              "byte bound (docs/serving.md, Limits)",
     "resident memory": "the agent process carries its whole serving and control stack "
                        "(grpc +15 MiB, cryptography +10 MiB, uvicorn, prometheus client) beside "
                        "onnxruntime; the baseline is a bare session (README, Figures)",

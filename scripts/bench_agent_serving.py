@@ -13,12 +13,17 @@ same run. Not shipped: this is a script, so the agent never carries Starlette.
   ``edge_agent/serving/runtime.py``.
 * ``bench_update_cost``: µs per row of the drift monitor (``edge_agent.reporting.drift``), fed
   in batches of a given size.
+* ``bench_hostile_rss``: the agent's HTTP server process's resident memory after a burst of
+  hostile requests (1 MB ids, deep JSON, bodies near and over the limit, ids at the limit that
+  fill the feedback log) against its idle RSS, with a normal request's latency after the
+  burst; in a subprocess of its own.
 
 No thresholds here: callers compare against the targets. Command line::
 
     python -m scripts.bench_agent_serving inprocess BUNDLE_DIR [-n N]
     python -m scripts.bench_agent_serving http BUNDLE_DIR [--seconds S] [--concurrency C]
     python -m scripts.bench_agent_serving session-options MODEL.onnx [MODEL.onnx ...]
+    python -m scripts.bench_agent_serving hostile BUNDLE_DIR
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ from fleetcore.bundle import MANIFEST, MODEL_ONNX
 
 REPO = Path(__file__).resolve().parent.parent
 
-__all__ = ["bench_http", "bench_inprocess", "bench_session_options", "bench_update_cost"]
+__all__ = ["bench_hostile_rss", "bench_http", "bench_inprocess", "bench_session_options",
+           "bench_update_cost"]
 
 _BLOCKS = 10
 _HTTP_ROUNDS = 4  # alternating, so that a shared host's drift hits both servers
@@ -163,6 +169,13 @@ async def _serve(kind: str, bundle_dir: Path) -> None:
 
 @contextlib.contextmanager
 def _server_process(kind: str, bundle_dir: Path) -> Iterator[int]:
+    with _server(kind, bundle_dir) as (port, _):
+        yield port
+
+
+@contextlib.contextmanager
+def _server(kind: str, bundle_dir: Path) -> Iterator[tuple[int, int]]:
+    """(port, pid) of a server process of ``kind``."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "scripts.bench_agent_serving", "serve", kind, str(bundle_dir)],
         stdout=subprocess.PIPE, text=True, cwd=REPO,
@@ -172,7 +185,7 @@ def _server_process(kind: str, bundle_dir: Path) -> Iterator[int]:
         line = proc.stdout.readline()
         if not line.startswith("PORT "):
             raise RuntimeError(f"{kind} server did not start: {line!r}")
-        yield int(line.split()[1])
+        yield int(line.split()[1]), proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -230,6 +243,113 @@ def bench_http(bundle_dir: Path, seconds: float = 4.0, concurrency: int = 8) -> 
     base_rps = statistics.mean(rounds["starlette"])
     return {"agent_rps": agent_rps, "starlette_rps": base_rps, "ratio": agent_rps / base_rps,
             "rounds": rounds, "concurrency": concurrency, "seconds": seconds}
+
+
+# ---------------------------------------------------------------------------- hostile burst
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+async def _exchange(port: int, request: bytes, times: int) -> list[int]:
+    """Send ``request`` ``times`` over one keep-alive connection; the statuses (a closed
+    connection is reopened)."""
+    statuses: list[int] = []
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while len(statuses) < times:
+            writer.write(request)
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                continue
+            statuses.append(int(head.split(b" ", 2)[1]))
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            if b"connection: close" in head.lower():
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    finally:
+        writer.close()
+    return statuses
+
+
+def _post(path: str, body: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nhost: agent\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+def bench_hostile_rss(bundle_dir: Path) -> dict[str, Any]:
+    """RSS of the agent's server process idle and after a hostile burst (module docstring)."""
+    bundle_dir = Path(bundle_dir)
+    manifest = _manifest(bundle_dir)
+    input_name, _ = io_names(manifest)
+    path = f"/v2/models/{manifest['name']}/infer"
+    features, _ = model_dims(manifest)
+
+    def infer_body(rows: int, **extra: Any) -> bytes:
+        x = _row(manifest, rows).astype(np.float64).round(2)
+        return json.dumps({"inputs": [{"name": input_name, "shape": [rows, features],
+                                       "datatype": "FP32", "data": x.ravel().tolist()}],
+                           **extra}).encode()
+
+    normal = _post(path, infer_body(1))
+    burst = [  # (what, request, times, expected status)
+        ("1 MB ids", _post(path, infer_body(1, id="i" * 2**20)), 300, 400),
+        ("deep JSON", _post(path, b"[" * 200_000 + b"]" * 200_000), 300, 400),
+        ("5 MB bodies", _post(path, infer_body(12_000)), 10, 200),
+        ("declared over 8 MiB", f"POST {path} HTTP/1.1\r\nhost: agent\r\ncontent-length: "
+                                f"{9 * 2**20}\r\n\r\n".encode(), 50, 413),
+        ("ids at the limit", None, 20_000, 200),
+    ]
+    counts: dict[str, int] = {}
+    with _server("agent", bundle_dir) as (port, pid):
+        asyncio.run(_exchange(port, normal, 200))  # warm up
+        idle = _rss_bytes(pid)
+        for what, request, times, expected in burst:
+            if request is None:  # distinct ids: each takes a place in the feedback log
+                statuses: list[int] = []
+                for i in range(times // 100):
+                    batch = b"".join(_post(path, infer_body(1, id=f"{i:06d}-{j:03d}".ljust(
+                        256, "x"))) for j in range(100))
+                    statuses += asyncio.run(_exchange_batch(port, batch, 100))
+            else:
+                statuses = asyncio.run(_exchange(port, request, times))
+            if set(statuses) != {expected}:
+                raise RuntimeError(f"{what}: expected {expected}; got {sorted(set(statuses))}")
+            counts[what] = len(statuses)
+        after = _rss_bytes(pid)
+        t0 = time.perf_counter()
+        asyncio.run(_exchange(port, normal, 100))
+        normal_ms = (time.perf_counter() - t0) * 10  # per request
+    return {"idle_rss_mib": idle / 2**20, "after_rss_mib": after / 2**20,
+            "ratio": after / idle, "requests": counts, "normal_ms_after": normal_ms}
+
+
+async def _exchange_batch(port: int, requests: bytes, n: int) -> list[int]:
+    """``n`` pipelined requests in one write; their statuses."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    statuses = []
+    try:
+        writer.write(requests)
+        for _ in range(n):
+            head = await reader.readuntil(b"\r\n\r\n")
+            statuses.append(int(head.split(b" ", 2)[1]))
+            length = next(int(line[15:]) for line in head.split(b"\r\n")
+                          if line[:15].lower() == b"content-length:")
+            await reader.readexactly(length)
+    finally:
+        writer.close()
+    return statuses
 
 
 # ---------------------------------------------------------------------------- session options
@@ -307,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p = sub.add_parser("session-options")
     p.add_argument("models", type=Path, nargs="+")
+    p = sub.add_parser("hostile")
+    p.add_argument("bundle", type=Path)
     p = sub.add_parser("serve")  # internal: one server process of bench_http
     p.add_argument("kind", choices=["agent", "starlette"])
     p.add_argument("bundle", type=Path)
@@ -318,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         result: Any = bench_inprocess(args.bundle, args.n)
     elif args.command == "http":
         result = bench_http(args.bundle, args.seconds, args.concurrency)
+    elif args.command == "hostile":
+        result = bench_hostile_rss(args.bundle)
     else:
         result = {str(m): bench_session_options(m) for m in args.models}
     print(json.dumps(result, indent=2))

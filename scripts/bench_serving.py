@@ -6,7 +6,9 @@
 * gRPC ModelInfer p50 (one row, local) vs raw InferenceSession.run;
 * resident memory of the agent's serving process with one model loaded vs Python +
   onnxruntime + one session;
-* drift update cost per sample, rows one at a time and in batches of 64.
+* drift update cost per sample, rows one at a time and in batches of 64;
+* the agent's resident memory after a burst of hostile requests vs its idle RSS
+  (``bench_hostile_rss``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from sklearn.datasets import load_digits
 
 from edge_agent.serving.core import ServingCore
 from edge_agent.serving.grpc_server import start_grpc
-from scripts.bench_agent_serving import bench_http, bench_inprocess, bench_update_cost
+from scripts.bench_agent_serving import (
+    bench_hostile_rss,
+    bench_http,
+    bench_inprocess,
+    bench_update_cost,
+)
 from trainer.onnx_tools import session
 
 __all__ = ["bench_serving"]
@@ -138,6 +145,10 @@ def bench_serving(tiny_bundle: Path, big_workdir: Path, work: Path) -> list[dict
     rows.append(_row("resident memory, one 1.1M-param model loaded", agent_rss / 2**20,
                      base_rss / 2**20, "MiB", "python + onnxruntime + one session",
                      "<= 1.5x", agent_rss / base_rss <= 1.5))
+    hostile = bench_hostile_rss(tiny_bundle)
+    rows.append(_row("resident memory after a hostile burst (1 MB ids, deep JSON, big bodies, "
+                     "20k ids)", hostile["after_rss_mib"], hostile["idle_rss_mib"], "MiB",
+                     "the same process idle", "<= 2x", hostile["ratio"] <= 2.0))
     profile = json.loads((big / "profile.json").read_text())
     data = np.tile(load_digits().data.astype(np.float32), (3, 1))
     for batch in (1, 64):

@@ -277,7 +277,7 @@ HTTP_CASES = [
     HttpCase("infinity-data", 400, json.dumps(_tensor(data=[float("inf")] * 64)).encode(),
              contains="Infinity is not a JSON number"),
     HttpCase("deeply-nested", 400, b'{"inputs": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
-             contains="recursion"),
+             contains="nests deeper than 32"),
     HttpCase("json-array", 400, [1, 2], contains="JSON object"),
     HttpCase("no-inputs", 400, {"id": "x"}, contains="one tensor"),
     HttpCase("two-inputs", 400, {"inputs": _tensor()["inputs"] * 2}, contains="one tensor"),

@@ -2,7 +2,8 @@
 
 Rules:
 
-* ``submit`` never blocks: it appends to a deque; when ``capacity`` jobs are already waiting it
+* ``submit`` never blocks: it appends to a deque; when ``capacity`` jobs or ``capacity_bytes``
+  (what the caller says each job holds, e.g. its copy of the rows) are already waiting it
   refuses (returns False) and the caller counts the drop.
 * The worker is woken by the first job into an empty queue, then lingers up to ``linger_s``
   for more (or until ``wake_at`` are waiting) and runs them as one batch: waking a thread per
@@ -31,9 +32,13 @@ logger = logging.getLogger(__name__)
 
 class Background:
     def __init__(self, run: Callable[[list[Any]], None], *, capacity: int = 4096,
-                 max_batch: int = 256, linger_s: float = 0.02, wake_at: int = 64,
-                 idle_s: float = 1.0, name: str = "serving-background") -> None:
+                 capacity_bytes: int = 64 * 1024 * 1024, max_batch: int = 256,
+                 linger_s: float = 0.02, wake_at: int = 64, idle_s: float = 1.0,
+                 name: str = "serving-background") -> None:
         self.capacity = capacity
+        self.capacity_bytes = capacity_bytes
+        self.bytes = 0  # what the waiting jobs hold, as their submitters said
+        self._bytes_lock = threading.Lock()
         self._linger_s = linger_s
         self._wake_at = wake_at
         self._idle_s = idle_s
@@ -49,12 +54,16 @@ class Background:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def submit(self, job: Any) -> bool:
+    def submit(self, job: Any, nbytes: int = 0) -> bool:
         # len() then append() may let a few racing threads past capacity: bounded all the same.
         if self._closed or len(self._queue) >= self.capacity:
             return False
+        with self._bytes_lock:
+            if self.bytes + nbytes > self.capacity_bytes:
+                return False
+            self.bytes += nbytes
         queue = self._queue
-        queue.append(job)
+        queue.append((job, nbytes))
         waiting = len(queue)
         if waiting in (1, self._wake_at):
             self._wake.set()
@@ -89,9 +98,16 @@ class Background:
             while queue:
                 batch: list[Any] = []
                 markers: list[threading.Event] = []
+                freed = 0
                 while queue and len(batch) < self._max_batch:
-                    job = queue.popleft()
-                    (markers if isinstance(job, threading.Event) else batch).append(job)
+                    item = queue.popleft()
+                    if isinstance(item, threading.Event):
+                        markers.append(item)
+                    else:
+                        batch.append(item[0])
+                        freed += item[1]
+                with self._bytes_lock:
+                    self.bytes -= freed
                 if batch:
                     try:
                         self._run(batch)

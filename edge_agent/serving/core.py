@@ -29,6 +29,11 @@ Rules:
   columns, pseudonymized or dropped).
 * Bad requests raise ``BadRequestError`` and count as the model's ``bad_requests``, not as an
   arm's errors; a runtime failure raises ``InferenceError`` and counts as the arm's error.
+* Inputs must be finite: NaN or ±Inf in a row is a bad request (a model answers them with
+  confident nonsense), unless every served version's manifest says
+  ``"input": {"allow_non_finite": true}``. A request id or routing key longer than
+  ``limits.MAX_REQUEST_ID_CHARS`` / ``MAX_ROUTING_KEY_CHARS`` is a bad request. The feedback
+  log and the background queue are bounded in entries and in bytes (``limits.py``).
 """
 
 from __future__ import annotations
@@ -50,6 +55,15 @@ import numpy as np
 
 from edge_agent.serving._background import Background
 from edge_agent.serving.errors import BadRequestError, InferenceError, ModelNotFoundError
+from edge_agent.serving.limits import (
+    BACKGROUND_QUEUE_BYTES,
+    BACKGROUND_QUEUE_JOBS,
+    FEEDBACK_LOG_BYTES,
+    FEEDBACK_LOG_ENTRIES,
+    MAX_REQUEST_ID_CHARS,
+    MAX_ROUTING_KEY_CHARS,
+    shown,
+)
 from edge_agent.serving.router import Router, RouterArm
 from edge_agent.serving.runtime import Runtime, io_names, load_runtime
 from edge_agent.serving.stats import ArmStats, Pending, PredictionLog, as_classes
@@ -119,6 +133,7 @@ class _Model:
     inline: bool
     counters: _Counters
     prefer: str
+    finite_only: bool  # refuse NaN/Inf rows (unless every manifest allows them)
 
 
 @dataclass(frozen=True)
@@ -141,8 +156,11 @@ class ServingCore:
     """Serves every installed model (see the module rules). Thread-safe."""
 
     def __init__(self, *, on_prediction: PredictionHook | None = None,
-                 on_result: ResultHook | None = None, feedback_capacity: int = 100_000,
-                 background_capacity: int = 4096, seed: int | None = None,
+                 on_result: ResultHook | None = None,
+                 feedback_capacity: int = FEEDBACK_LOG_ENTRIES,
+                 feedback_bytes: int = FEEDBACK_LOG_BYTES,
+                 background_capacity: int = BACKGROUND_QUEUE_JOBS,
+                 background_bytes: int = BACKGROUND_QUEUE_BYTES, seed: int | None = None,
                  on_sample: SampleHook | None = None) -> None:
         self._on_prediction = on_prediction
         self._on_result = on_result
@@ -153,8 +171,9 @@ class ServingCore:
         self._counters: dict[str, _Counters] = {}
         self._set_lock = threading.Lock()
         self._seed = seed
-        self.log = PredictionLog(feedback_capacity)
-        self._background = Background(self._run_background, capacity=background_capacity)
+        self.log = PredictionLog(feedback_capacity, max_bytes=feedback_bytes)
+        self._background = Background(self._run_background, capacity=background_capacity,
+                                      capacity_bytes=background_bytes)
         self._executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
                                             thread_name_prefix="serving")
 
@@ -203,6 +222,7 @@ class ServingCore:
                 manifests=manifests, features=features, classes=classes,
                 inline=max(r.row_latency_s for r in runtimes.values()) <= INLINE_MAX_S,
                 counters=counters, prefer=prefer,
+                finite_only=not all(_allows_non_finite(m) for m in manifests.values()),
             )
             self._models = {**self._models, name: model}
         logger.info("%s now serves %s", name,
@@ -239,6 +259,12 @@ class ServingCore:
               context: Mapping[str, str] | None = None) -> InferResult:
         model = self._model(name)
         x = _check_rows(model, x)
+        if ((request_id is not None and len(request_id) > MAX_REQUEST_ID_CHARS)
+                or (routing_key is not None and len(routing_key) > MAX_ROUTING_KEY_CHARS)):
+            model.counters.add("bad_requests")
+            raise BadRequestError(f"a request id and a routing key have at most "
+                                  f"{MAX_REQUEST_ID_CHARS} and {MAX_ROUTING_KEY_CHARS} "
+                                  "characters")
         if version is None:
             version, shadows = model.router.choose(routing_key)
         elif version in model.runtimes:
@@ -289,13 +315,16 @@ class ServingCore:
 
         False when the id is unknown for ``name`` (never seen, already scored, or evicted).
         """
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise BadRequestError(f"a request id has at most {MAX_REQUEST_ID_CHARS} characters; "
+                                  f"got {len(request_id)}")
         labels = _check_labels(label, self._models.get(name))
         rows = self.log.peek_rows(request_id, name)
         if rows is None:
             return False
         if rows != len(labels):
-            raise BadRequestError(f"request {request_id!r} had {rows} rows; got {len(labels)} "
-                                  "labels")
+            raise BadRequestError(f"request {shown(request_id)} had {rows} rows; got "
+                                  f"{len(labels)} labels")
         pending = self.log.take(request_id, name)
         if pending is None:
             return False
@@ -330,8 +359,11 @@ class ServingCore:
                          "hook_dropped": c.hook_dropped, "arms": arms}
         return {"models": out, "feedback_log": {"size": len(self.log),
                                                 "capacity": self.log.capacity,
+                                                "bytes": self.log.bytes,
+                                                "capacity_bytes": self.log.max_bytes,
                                                 "evicted": self.log.evicted},
-                "background_queue": len(self._background)}
+                "background_queue": len(self._background),
+                "background_queue_bytes": self._background.bytes}
 
     def arm_stats(self) -> list[tuple[ArmStats, bool]]:
         """(stats, is_shadow) of every arm served now (for the metrics collector)."""
@@ -350,7 +382,7 @@ class ServingCore:
     def _model(self, name: str) -> _Model:
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFoundError(f"no model named {name!r} is served; serving: "
+            raise ModelNotFoundError(f"no model named {shown(name)} is served; serving: "
                                      f"{sorted(self._models)}")
         return model
 
@@ -367,10 +399,11 @@ class ServingCore:
         if not shadows and self._on_prediction is None:
             return
         rows = x.copy()  # the caller may reuse its array once we return
-        if shadows and not self._background.submit(_Mirror(model, shadows, rows, request_id)):
+        if shadows and not self._background.submit(_Mirror(model, shadows, rows, request_id),
+                                                   rows.nbytes):
             model.counters.add("mirror_dropped")
         if self._on_prediction is not None and not self._background.submit(
-            _Seen(model.name, arm.version, rows, classes)
+            _Seen(model.name, arm.version, rows, classes), rows.nbytes + classes.nbytes
         ):
             model.counters.add("hook_dropped")
 
@@ -417,6 +450,11 @@ def _read_manifest(path: Path, name: str, version: int) -> dict[str, Any]:
     return manifest
 
 
+def _allows_non_finite(manifest: Mapping[str, Any]) -> bool:
+    section = manifest.get("input")
+    return isinstance(section, dict) and section.get("allow_non_finite") is True
+
+
 def _check_rows(model: _Model, x: Any) -> np.ndarray:
     if (not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2
             or x.shape[1] != model.features or x.shape[0] == 0):
@@ -424,6 +462,10 @@ def _check_rows(model: _Model, x: Any) -> np.ndarray:
         got = f"{x.dtype} {list(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
         raise BadRequestError(f"{model.name} expects float32 [n, {model.features}] with n >= 1; "
                               f"got {got}")
+    if model.finite_only and not np.isfinite(x).all():
+        model.counters.add("bad_requests")
+        raise BadRequestError(f"{model.name} takes finite numbers only: the input holds NaN or "
+                              "Inf (or a number beyond float32)")
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 

@@ -14,7 +14,11 @@ Rules:
   from the ``routing_key`` string parameter or the ``x-routing-key`` metadata.
 * ModelReady answers ``ready=false`` for a model that is not served (a probe, not an error);
   ModelMetadata answers NOT_FOUND.
-* Messages are limited to ``MAX_MESSAGE_BYTES`` (the HTTP body limit).
+* The limits of ``limits.py`` hold here as over HTTP: messages up to ``MAX_MESSAGE_BYTES``
+  either way (gRPC answers RESOURCE_EXHAUSTED past it), metadata up to ``MAX_HEADER_BYTES``,
+  at most ``MAX_CONNECTIONS`` RPCs at once (RESOURCE_EXHAUSTED past it), ids, routing keys,
+  model names and versions of bounded length, finite inputs only (``ServingCore``); an error
+  message quotes at most ``MAX_SHOWN_CHARS`` of what the client sent.
 """
 
 from __future__ import annotations
@@ -30,7 +34,15 @@ from edgefleet.v1 import grpc_predict_v2_pb2_grpc as pb_grpc
 from edge_agent._version import __version__
 from edge_agent.serving.core import InferResult, ModelSignature, ServingCore
 from edge_agent.serving.errors import BadRequestError, InferenceError, ModelNotFoundError
-from edge_agent.serving.http import MAX_BODY_BYTES, SERVER_NAME
+from edge_agent.serving.http import SERVER_NAME
+from edge_agent.serving.limits import (
+    MAX_CONNECTIONS,
+    MAX_HEADER_BYTES,
+    MAX_MESSAGE_BYTES,
+    MAX_MODEL_NAME_CHARS,
+    MAX_VERSION_DIGITS,
+    shown,
+)
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
 
 __all__ = [
@@ -43,7 +55,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = MAX_BODY_BYTES
 _LE_F4 = np.dtype("<f4")
 
 # Domain errors -> gRPC status codes: the one place where that mapping lives. First match wins.
@@ -61,13 +72,15 @@ def rows_from_proto(request: pb.ModelInferRequest, signature: ModelSignature) ->
                               f"{len(request.inputs)}")
     tensor = request.inputs[0]
     if tensor.name != signature.input_name:
-        raise BadRequestError(f"expected input {signature.input_name!r}; got {tensor.name!r}")
+        raise BadRequestError(f"expected input {signature.input_name!r}; got "
+                              f"{shown(tensor.name)}")
     if tensor.datatype != "FP32":
-        raise BadRequestError(f"expected datatype 'FP32'; got {tensor.datatype!r}")
+        raise BadRequestError(f"expected datatype 'FP32'; got {shown(tensor.datatype)}")
     shape = list(tensor.shape)
     features = signature.features
     if len(shape) != 2 or shape[0] < 1 or shape[1] != features:
-        raise BadRequestError(f"expected shape [n, {features}] with n >= 1; got {shape}")
+        raise BadRequestError(f"expected shape [n, {features}] with n >= 1; got "
+                              f"{shown(shape)}")
     count = shape[0] * features
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1 or len(tensor.contents.fp32_contents):
@@ -142,6 +155,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         try:
+            _check_name(request.model_name)
             signature = self.core.signature(request.model_name)
             try:
                 x = rows_from_proto(request, signature)
@@ -170,11 +184,17 @@ def _routing_key(request: pb.ModelInferRequest, context: grpc.aio.ServicerContex
     return None
 
 
+def _check_name(name: str) -> None:
+    if len(name) > MAX_MODEL_NAME_CHARS:
+        raise ModelNotFoundError(f"no model named {shown(name)} is served (names have at most "
+                                 f"{MAX_MODEL_NAME_CHARS} characters)")
+
+
 def _version(text: str) -> int | None:
     if not text:
         return None
-    if not text.isdigit() or len(text) > 18 or int(text) <= 0:
-        raise BadRequestError(f"a version is a positive integer; got {text!r}")
+    if not text.isdigit() or len(text) > MAX_VERSION_DIGITS or int(text) <= 0:
+        raise BadRequestError(f"a version is a positive integer; got {shown(text)}")
     return int(text)
 
 
@@ -188,9 +208,10 @@ async def start_grpc(core: ServingCore, host: str = "127.0.0.1",
                      port: int = 0) -> tuple[grpc.aio.Server, int]:
     """Serve ``core`` over gRPC (plaintext, for local clients) on ``host:port``; port 0 picks
     a free one. Stop it with ``await server.stop(grace)``."""
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(maximum_concurrent_rpcs=MAX_CONNECTIONS, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_metadata_size", MAX_HEADER_BYTES),
     ])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -16,11 +16,25 @@ Rules:
   ``[n, features]`` (n >= 1) and ``data`` flat or nested (row-major) holding n * features
   numbers. ``parameters.routing_key`` (or the header ``x-routing-key``) makes the A/B choice
   sticky. A versioned path asks for that version: no routing, no mirroring.
-* The body limit (``max_body_bytes``, default 8 MiB) is enforced from Content-Length before
-  reading and again while reading a chunked body.
-* Every refusal is ``{"error": "..."}`` with a 4xx status (400 malformed, 404 unknown model,
-  version or request id, 405 wrong method, 413 too large); a runtime failure is 500. Nothing a
-  request does disturbs another.
+* Every limit is a named constant in ``limits.py`` (docs/serving.md, "Limits"). The body limit
+  (``max_body_bytes``, default ``MAX_BODY_BYTES``) is enforced from Content-Length before
+  reading and again while reading a chunked body; the body must nest at most
+  ``MAX_JSON_DEPTH`` deep (checked before parsing); ids, routing keys and parameters have
+  lengths; an error message quotes at most ``MAX_SHOWN_CHARS`` of what the client sent.
+* A body over ``PARSE_INLINE_MAX_BYTES`` is parsed on a worker thread with Python-level number
+  functions (``strict_json`` ``cooperative``), so the event loop keeps serving other clients
+  meanwhile; the C parser would hold the GIL for the whole body.
+* The connection is uvicorn's h11 protocol, configured: request line + headers at most
+  ``MAX_HEADER_BYTES`` (h11 while a head is incomplete, ``_GuardedH11`` for a whole one: 431),
+  idle keep-alive ``KEEP_ALIVE_S``,
+  at most ``MAX_CONNECTIONS`` (uvicorn answers 503 past it). uvicorn has no deadline for
+  reading a request, so ``_GuardedH11`` adds two: its head within ``HEADER_TIMEOUT_S`` of the
+  connection or of its first byte, its body within ``BODY_TIMEOUT_S`` of the head; past either
+  the client gets a 408 (or, when its answer has started, a closed connection).
+* Every refusal is ``{"error": "..."}`` (one line) with a 4xx status (400 malformed, 404
+  unknown model, version or request id, 405 wrong method, 408 too slow, 413 too large, 431
+  headers too large); a
+  runtime failure is 500. Nothing a request does disturbs another.
 * The app is written against ASGI directly, not Starlette: routing is a few string
   comparisons, and the infer response is written out by hand. Called directly with one
   64-feature row it takes ~45 µs against ~60 µs for a minimal Starlette app doing less (no
@@ -39,10 +53,12 @@ import logging
 import math
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, TypeVar
 
+import h11
 import numpy as np
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edge_agent._version import __version__
 from edge_agent.serving.core import InferResult, ModelSignature, ServingCore
@@ -52,12 +68,30 @@ from edge_agent.serving.errors import (
     ModelNotFoundError,
     PayloadTooLargeError,
 )
+from edge_agent.serving.limits import (
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    KEEP_ALIVE_S,
+    MAX_BODY_BYTES,
+    MAX_CONNECTIONS,
+    MAX_HEADER_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_MODEL_NAME_CHARS,
+    MAX_PARAMETER_NAME_CHARS,
+    MAX_PARAMETER_VALUE_CHARS,
+    MAX_PARAMETERS,
+    MAX_REQUEST_ID_CHARS,
+    MAX_ROUTING_KEY_CHARS,
+    MAX_VERSION_DIGITS,
+    PARSE_INLINE_MAX_BYTES,
+    shown,
+)
 from edge_agent.serving.metrics import CONTENT_TYPE, ServingMetrics
 from fleetcore import strict_json
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
 
 __all__ = [
-    "MAX_BODY_BYTES",
+    "MAX_BODY_BYTES",  # re-exported from limits.py
     "HttpServer",
     "InferenceApp",
     "infer_response",
@@ -67,13 +101,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
-MAX_PARAMETERS = 32
 SERVER_NAME = "edgefleet-agent"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
+_T = TypeVar("_T")
 Send = Callable[[Message], Awaitable[None]]
 
 _JSON = b"application/json"
@@ -124,9 +157,10 @@ class InferenceApp:
         except Exception as exc:
             logger.exception("%s %s failed", scope.get("method"), scope.get("path"))
             status, body, content_type = 500, _error(f"internal error: {type(exc).__name__}"), _JSON
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", content_type),
-                                (b"content-length", str(len(body)).encode())]})
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        if status == 413:  # the rest of the body is not worth reading: close the connection
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     async def _dispatch(self, scope: Scope, receive: Receive) -> tuple[int, bytes, bytes]:
@@ -135,6 +169,9 @@ class InferenceApp:
         if not path.startswith(_MODELS):
             return self._server_route(path, method)
         name, _, rest = path[len(_MODELS):].partition("/")
+        if len(name) > MAX_MODEL_NAME_CHARS:
+            raise ModelNotFoundError(f"no model named {shown(name)} is served (names have at "
+                                     f"most {MAX_MODEL_NAME_CHARS} characters)")
         version: int | None = None
         if rest.startswith("versions/"):
             text, _, rest = rest[len("versions/"):].partition("/")
@@ -149,7 +186,7 @@ class InferenceApp:
             _allow(method, "GET")
             meta = self._metadata(name, version)  # 404 when unknown
             return 200, _dump(meta if rest == "" else {"name": name, "ready": True}), _JSON
-        raise _HttpError(404, f"no route {path}")
+        raise _HttpError(404, f"no route {shown(path)}")
 
     def _server_route(self, path: str, method: str) -> tuple[int, bytes, bytes]:
         if path == "/metrics":
@@ -166,7 +203,7 @@ class InferenceApp:
             _allow(method, "GET")
             return 200, _dump({"name": SERVER_NAME, "version": __version__,
                                "extensions": []}), _JSON
-        raise _HttpError(404, f"no route {path}")
+        raise _HttpError(404, f"no route {shown(path)}")
 
     def _metadata(self, name: str, version: int | None) -> dict[str, Any]:
         meta = self.core.models().get(name)
@@ -186,8 +223,12 @@ class InferenceApp:
             elif key == b"x-routing-key":
                 header_key = value.decode("latin-1")
         try:
+            if header_key is not None and len(header_key) > MAX_ROUTING_KEY_CHARS:
+                raise BadRequestError(f"x-routing-key has {len(header_key)} characters; the "
+                                      f"limit is {MAX_ROUTING_KEY_CHARS}")
             body = await self._read_body(receive, declared)
-            x, request_id, routing_key, context = parse_infer_request(body, signature)
+            x, request_id, routing_key, context = await _off_loop_if_large(
+                parse_infer_request, body, signature)
         except BadRequestError:
             self.core.note_bad_request(name)
             raise
@@ -199,16 +240,18 @@ class InferenceApp:
     async def _feedback(self, name: str, scope: Scope,
                         receive: Receive) -> tuple[int, bytes, bytes]:
         self.core.signature(name)  # 404 for an unknown model
-        doc = _load_json(await self._read_body(receive, _content_length(scope)))
+        body = await self._read_body(receive, _content_length(scope))
+        doc = await _off_loop_if_large(_load_json, body)
         request_id, label = doc.get("id"), doc.get("label")
         if not isinstance(request_id, str):
-            raise BadRequestError(f"feedback needs a string 'id'; got {request_id!r}")
+            raise BadRequestError(f"feedback needs a string 'id'; got {shown(request_id)}")
+        _check_id(request_id)
         if not isinstance(label, int | list):
             raise BadRequestError(f"feedback needs an integer 'label' (or one per row); got "
-                                  f"{label!r}")
+                                  f"{shown(label)}")
         if not self.core.feedback(name, request_id, label):
-            raise _HttpError(404, f"no answered request {request_id!r} of {name} is waiting "
-                                  "for a label")
+            raise _HttpError(404, f"no answered request {shown(request_id)} of {name} is "
+                                  "waiting for a label")
         return 200, b'{"accepted":true}', _JSON
 
     async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes:
@@ -217,7 +260,7 @@ class InferenceApp:
             try:
                 length = int(declared)
             except ValueError:
-                raise BadRequestError(f"bad Content-Length {declared!r}") from None
+                raise BadRequestError(f"bad Content-Length {shown(declared)}") from None
             if length > limit:
                 raise PayloadTooLargeError(f"body is {length} bytes; the limit is {limit}")
         chunks: list[bytes] = []
@@ -242,12 +285,27 @@ def _content_length(scope: Scope) -> bytes | None:
     return None
 
 
+async def _off_loop_if_large(parse: Callable[..., _T], body: bytes, *args: Any) -> _T:
+    """``parse(body, *args)``: inline for a small body, else on a worker thread with the
+    cooperative JSON parser (module rules)."""
+    if len(body) <= PARSE_INLINE_MAX_BYTES:
+        return parse(body, *args)
+    return await asyncio.to_thread(parse, body, *args, cooperative=True)
+
+
+def _check_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise BadRequestError(f"a request id has at most {MAX_REQUEST_ID_CHARS} characters; got "
+                              f"{len(request_id)}")
+
+
 def parse_infer_request(
-    body: bytes, signature: ModelSignature
+    body: bytes, signature: ModelSignature, *, cooperative: bool = False
 ) -> tuple[np.ndarray, str | None, str | None, dict[str, str] | None]:
     """(rows, request id, routing key, string parameters) from a v2 infer body, or
-    ``BadRequestError``. Parameters are kept only for a request with an id."""
-    doc = _load_json(body)
+    ``BadRequestError``. Parameters are kept only for a request with an id. ``cooperative``:
+    see ``strict_json.loads`` (for a large body on a worker thread)."""
+    doc = _load_json(body, cooperative=cooperative)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequestError(f"expected 'inputs' to hold one tensor named "
@@ -255,15 +313,15 @@ def parse_infer_request(
     tensor = inputs[0]
     if tensor.get("name") != signature.input_name:
         raise BadRequestError(f"expected input {signature.input_name!r}; got "
-                              f"{tensor.get('name')!r}")
+                              f"{shown(tensor.get('name'))}")
     if tensor.get("datatype") != "FP32":
-        raise BadRequestError(f"expected datatype 'FP32'; got {tensor.get('datatype')!r}")
+        raise BadRequestError(f"expected datatype 'FP32'; got {shown(tensor.get('datatype'))}")
     shape = tensor.get("shape")
     features = signature.features
     if (not isinstance(shape, list) or len(shape) != 2
             or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
             or shape[0] < 1 or shape[1] != features):
-        raise BadRequestError(f"expected shape [n, {features}] with n >= 1; got {shape!r}")
+        raise BadRequestError(f"expected shape [n, {features}] with n >= 1; got {shown(shape)}")
     data = tensor.get("data")
     if not isinstance(data, list):
         raise BadRequestError("expected 'data' to be a list of numbers")
@@ -274,14 +332,18 @@ def parse_infer_request(
     if arr.dtype.kind not in "fiu" or arr.size != shape[0] * features:
         raise BadRequestError(f"expected 'data' to hold {shape[0] * features} numbers; got "
                               f"{arr.size} of kind {arr.dtype}")
-    x = arr.astype(np.float32).reshape(shape[0], features)
+    with np.errstate(over="ignore"):  # beyond float32 becomes Inf: ServingCore refuses it
+        x = arr.astype(np.float32).reshape(shape[0], features)
     request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise BadRequestError(f"expected 'id' to be a string; got {request_id!r}")
+    if request_id is not None:
+        if not isinstance(request_id, str):
+            raise BadRequestError(f"expected 'id' to be a string; got {shown(request_id)}")
+        _check_id(request_id)
     params = doc.get("parameters") or {}
     key = params.get("routing_key") if isinstance(params, dict) else None
-    if key is not None and not isinstance(key, str):
-        raise BadRequestError(f"expected parameters.routing_key to be a string; got {key!r}")
+    if key is not None and (not isinstance(key, str) or len(key) > MAX_ROUTING_KEY_CHARS):
+        raise BadRequestError(f"expected parameters.routing_key to be a string of at most "
+                              f"{MAX_ROUTING_KEY_CHARS} characters; got {shown(key)}")
     outputs = doc.get("outputs")
     if outputs is not None and (not isinstance(outputs, list) or any(
             not isinstance(o, dict) or o.get("name") != signature.output_name for o in outputs)):
@@ -298,9 +360,12 @@ def _context(params: object) -> dict[str, str] | None:
         return None
     out = {k: v for k, v in params.items()
            if isinstance(k, str) and isinstance(v, str) and k != "routing_key"}
-    if len(out) > MAX_PARAMETERS or any(len(k) > 128 or len(v) > 1024 for k, v in out.items()):
-        raise BadRequestError(f"at most {MAX_PARAMETERS} string parameters, names up to 128 "
-                              "and values up to 1024 characters")
+    if len(out) > MAX_PARAMETERS or any(len(k) > MAX_PARAMETER_NAME_CHARS
+                                        or len(v) > MAX_PARAMETER_VALUE_CHARS
+                                        for k, v in out.items()):
+        raise BadRequestError(f"at most {MAX_PARAMETERS} string parameters, names up to "
+                              f"{MAX_PARAMETER_NAME_CHARS} and values up to "
+                              f"{MAX_PARAMETER_VALUE_CHARS} characters")
     return out or None
 
 
@@ -325,11 +390,13 @@ def infer_response(result: InferResult, signature: ModelSignature) -> bytes:
             f'"data":[{",".join(map(float.__repr__, values))}]}}]}}').encode()
 
 
-def _load_json(body: bytes) -> dict[str, Any]:
-    """The strict loader: duplicate keys, NaN/Infinity and deep nesting are a 400, not a 500.
-    Its size limit is not the one that counts: the body was read within ``max_body_bytes``."""
+def _load_json(body: bytes, *, cooperative: bool = False) -> dict[str, Any]:
+    """The strict loader: duplicate keys, NaN/Infinity and nesting past ``MAX_JSON_DEPTH`` are
+    a 400, not a 500. Its size limit is not the one that counts: the body was read within
+    ``max_body_bytes``."""
     try:
-        doc = strict_json.loads(body, what="body", max_bytes=len(body))
+        doc = strict_json.loads(body, what="body", max_bytes=len(body), max_depth=MAX_JSON_DEPTH,
+                                cooperative=cooperative)
     except InvalidInputError as exc:
         raise BadRequestError(str(exc)) from None
     if not isinstance(doc, dict):
@@ -338,8 +405,8 @@ def _load_json(body: bytes) -> dict[str, Any]:
 
 
 def _parse_version(text: str) -> int:
-    if not text.isdigit() or len(text) > 18 or int(text) <= 0:
-        raise BadRequestError(f"a version is a positive integer; got {text!r}")
+    if not text.isdigit() or len(text) > MAX_VERSION_DIGITS or int(text) <= 0:
+        raise BadRequestError(f"a version is a positive integer; got {shown(text)}")
     return int(text)
 
 
@@ -354,6 +421,103 @@ def _dump(doc: dict[str, Any]) -> bytes:
 
 def _error(message: str) -> bytes:
     return _dump({"error": message})
+
+
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with deadlines for reading a request (module rules).
+
+    One timer per connection: armed for the head when the connection opens and when the first
+    byte of a later request arrives (uvicorn's keep-alive timer covers the idle time between
+    requests), re-armed for the body once h11 has the head, disarmed once h11 has the whole
+    request. ``head_timeout_s`` and ``body_timeout_s`` are set per server (``_protocol``).
+    """
+
+    head_timeout_s = HEADER_TIMEOUT_S
+    body_timeout_s = BODY_TIMEOUT_S
+    _deadline: asyncio.TimerHandle | None = None
+    _reading: str = ""  # "head", "body" or "" (nothing armed)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm("head")
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and self._head_too_large(data):
+            return
+        super().data_received(data)
+        self._follow()
+
+    def _head_too_large(self, data: bytes) -> bool:
+        """h11 checks its limit only while a head is incomplete: a whole head that arrives in
+        one read (up to 256 KiB) would pass. Measured here over what h11 holds plus ``data``."""
+        held = self.conn.trailing_data[0]
+        head = held + data if held else data
+        if len(head) <= MAX_HEADER_BYTES:
+            return False
+        if 0 <= head.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4) <= MAX_HEADER_BYTES:
+            return False
+        self._refuse(431, b"Request Header Fields Too Large",
+                     f"the request line and headers are over {MAX_HEADER_BYTES} bytes")
+        return True
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._follow()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._arm("")
+        super().connection_lost(exc)
+
+    def _follow(self) -> None:
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            if self.conn.trailing_data[0]:  # part of a head is in: its deadline runs
+                if self._reading != "head":
+                    self._arm("head")
+            elif self.timeout_keep_alive_task is not None:
+                self._arm("")  # idle between requests: uvicorn's keep-alive timer counts
+            # else a new connection that sent nothing yet: the head deadline runs
+        elif state is h11.SEND_BODY:
+            if self._reading != "body":
+                self._arm("body")
+        else:
+            self._arm("")
+
+    def _arm(self, reading: str) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._reading = reading
+        if reading:
+            delay = self.head_timeout_s if reading == "head" else self.body_timeout_s
+            self._deadline = self.loop.call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        reading, self._deadline, self._reading = self._reading, None, ""
+        if self.transport.is_closing():
+            return
+        if reading == "head" or self.cycle is None or not self.cycle.response_started:
+            limit = self.head_timeout_s if reading == "head" else self.body_timeout_s
+            self._refuse(408, b"Request Timeout",
+                         f"the request's {reading} did not arrive within {limit:g} s")
+        self._arm("")
+        self.transport.close()  # an ASGI app waiting for the body sees a disconnect
+
+    def _refuse(self, status: int, reason: bytes, message: str) -> None:
+        """Answer ``status`` with the one-line error body and close: written directly, since
+        h11 has no request to answer yet (or is in the middle of its body)."""
+        body = _error(message)
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                             % (status, reason, len(body), body))
+        self.transport.close()
+
+
+def _protocol(head_timeout_s: float, body_timeout_s: float) -> type[_GuardedH11]:
+    return type("GuardedH11", (_GuardedH11,), {"head_timeout_s": head_timeout_s,
+                                               "body_timeout_s": body_timeout_s})
 
 
 class HttpServer:
@@ -391,13 +555,19 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
 
 async def start_http(core: ServingCore, host: str = "127.0.0.1", port: int = 0, *,
                      metrics: ServingMetrics | None = None,
-                     max_body_bytes: int = MAX_BODY_BYTES) -> tuple[HttpServer, int]:
+                     max_body_bytes: int = MAX_BODY_BYTES,
+                     header_timeout_s: float = HEADER_TIMEOUT_S,
+                     body_timeout_s: float = BODY_TIMEOUT_S) -> tuple[HttpServer, int]:
     """Serve ``core`` over HTTP on ``host:port`` (0: any free port); return (server, port)."""
     app = InferenceApp(core, metrics, max_body_bytes=max_body_bytes)
     # No proxy-header middleware: the agent trusts no proxy, and it costs a layer per request.
+    # h11 always (not httptools when installed): the header limit and deadlines are h11's.
     config = uvicorn.Config(app, host=host, port=port, lifespan="off", access_log=False,
                             log_level="warning", server_header=False, proxy_headers=False,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5,
+                            http=_protocol(header_timeout_s, body_timeout_s),
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                            timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS)
     config.load()
     sock = _listen(host, port, config.backlog)
     server = uvicorn.Server(config)

@@ -8,9 +8,11 @@ Rules:
   100 s at 12% steps (161 bounds and an overflow bucket), so memory does not grow with traffic.
   Quantiles interpolate geometrically inside the bucket that holds them.
 * ``PredictionLog`` maps request id -> (model, version, predicted classes) for requests that
-  carried an id, least recently used first out past ``capacity`` (so the ids the agent can score
-  are the most recent ``capacity``). Shadow answers join the entry when they arrive. Feedback
-  takes the entry out: a request is scored once.
+  carried an id, least recently used first out past ``capacity`` entries or ``max_bytes``
+  accounted bytes (so the ids the agent can score are the most recent ones). An entry's bytes
+  (``entry_bytes``) count its id, classes, sampled rows and parameters and each shadow answer,
+  on top of a measured fixed overhead. Shadow answers join the entry when they arrive.
+  Feedback takes the entry out: a request is scored once.
 * Everything here is thread-safe (one lock per object, held for a few attribute updates).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -33,6 +36,7 @@ __all__ = [
     "Pending",
     "PredictionLog",
     "as_classes",
+    "entry_bytes",
 ]
 
 LATENCY_BOUNDS_S: tuple[float, ...] = tuple(10 ** (k / 20) for k in range(-120, 41))
@@ -143,10 +147,35 @@ class Pending:
     shadows: dict[int, tuple[ArmStats, int | tuple[int, ...]]] | None = None
     # Only for a request chosen as a training sample: its rows and request parameters.
     sample: tuple[np.ndarray, Mapping[str, str]] | None = None
+    cost: int = 0  # accounted bytes, kept by the log that holds it (``entry_bytes``)
 
     @property
     def rows(self) -> int:
         return 1 if isinstance(self.classes, int) else len(self.classes)
+
+
+# What an entry costs besides its id and variable parts: the ``Pending`` object, the
+# OrderedDict slot and links (the ~250 bytes per entry measured with tracemalloc, less the
+# 36-character id's 85).
+_ENTRY_BYTES = 170
+_SHADOW_BYTES = 200  # a dict slot, a tuple, an int (the dict itself is counted once more)
+
+
+def _classes_bytes(classes: int | tuple[int, ...]) -> int:
+    return 0 if isinstance(classes, int) else sys.getsizeof(classes) + 32 * len(classes)
+
+
+def entry_bytes(request_id: str, pending: Pending) -> int:
+    """The accounted bytes of one ``PredictionLog`` entry (module rules)."""
+    size = _ENTRY_BYTES + sys.getsizeof(request_id) + _classes_bytes(pending.classes)
+    if pending.sample is not None:
+        rows, params = pending.sample
+        size += rows.nbytes + 128 + sum(sys.getsizeof(k) + sys.getsizeof(v)
+                                        for k, v in params.items())
+    if pending.shadows is not None:
+        size += _SHADOW_BYTES * (1 + len(pending.shadows)) + sum(
+            _classes_bytes(classes) for _, classes in pending.shadows.values())
+    return size
 
 
 def as_classes(predicted: list[int]) -> int | tuple[int, ...]:
@@ -157,11 +186,13 @@ def as_classes(predicted: list[int]) -> int | tuple[int, ...]:
 class PredictionLog:
     """Bounded LRU of request id -> ``Pending`` (see the module rules)."""
 
-    def __init__(self, capacity: int = 100_000) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1; got {capacity}")
+    def __init__(self, capacity: int = 100_000, *, max_bytes: int = 64 * 1024 * 1024) -> None:
+        if capacity < 1 or max_bytes < 1:
+            raise ValueError(f"capacity and max_bytes must be >= 1; got {capacity}, {max_bytes}")
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.evicted = 0
+        self.bytes = 0  # accounted bytes of every entry held (``entry_bytes``)
         self._entries: OrderedDict[str, Pending] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -169,13 +200,16 @@ class PredictionLog:
         return len(self._entries)
 
     def put(self, request_id: str, pending: Pending) -> None:
+        cost = entry_bytes(request_id, pending)
         with self._lock:
             entries = self._entries
+            old = entries.pop(request_id, None)
+            if old is not None:
+                self.bytes -= old.cost
+            pending.cost = cost
             entries[request_id] = pending
-            entries.move_to_end(request_id)
-            if len(entries) > self.capacity:
-                entries.popitem(last=False)
-                self.evicted += 1
+            self.bytes += cost
+            self._shrink()
 
     def add_shadow(self, request_id: str, model: str, arm: ArmStats,
                    classes: int | tuple[int, ...]) -> None:
@@ -184,7 +218,23 @@ class PredictionLog:
             if pending is not None and pending.model == model:
                 if pending.shadows is None:
                     pending.shadows = {}
+                    pending.cost += _SHADOW_BYTES
+                    self.bytes += _SHADOW_BYTES
+                added = _SHADOW_BYTES + _classes_bytes(classes)
+                old = pending.shadows.get(arm.version)
+                if old is not None:
+                    added -= _SHADOW_BYTES + _classes_bytes(old[1])
                 pending.shadows[arm.version] = (arm, classes)
+                pending.cost += added
+                self.bytes += added
+                self._shrink()
+
+    def _shrink(self) -> None:
+        entries = self._entries
+        while entries and (len(entries) > self.capacity or self.bytes > self.max_bytes):
+            _, gone = entries.popitem(last=False)
+            self.bytes -= gone.cost
+            self.evicted += 1
 
     def peek_rows(self, request_id: str, model: str) -> int | None:
         """How many rows the request had, or None when its id is unknown for ``model``."""
@@ -198,4 +248,5 @@ class PredictionLog:
             if pending is None or pending.model != model:
                 return None
             del self._entries[request_id]
+            self.bytes -= pending.cost
             return pending
