@@ -84,8 +84,13 @@ def nests_deeper(data: bytes, limit: int) -> bool:
 
 
 def loads(data: bytes | str, *, what: str, max_bytes: int = DEFAULT_MAX_BYTES,
-          max_depth: int | None = None, cooperative: bool = False) -> Any:
-    """Parse ``data`` as strict JSON; ``what`` names it in errors ("release document")."""
+          max_depth: int | None = None, cooperative: bool = False,
+          finite: bool = True) -> Any:
+    """Parse ``data`` as strict JSON; ``what`` names it in errors ("release document").
+
+    ``finite``: refuse a number that overflows to infinity (``1e999``), at the cost of a
+    Python call per float; a caller that checks every number itself (serving, on its tensors)
+    may pass False for speed."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
     size = len(raw)
     if size > max_bytes:
@@ -100,7 +105,8 @@ def loads(data: bytes | str, *, what: str, max_bytes: int = DEFAULT_MAX_BYTES,
     else:
         text = data
     numbers: dict[str, Any] = (
-        {"parse_float": _finite_float, "parse_int": _int} if cooperative else {})
+        {"parse_float": _finite_float, "parse_int": _int} if cooperative
+        else {"parse_float": _finite_float} if finite else {})
     try:
         return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant,
                           **numbers)

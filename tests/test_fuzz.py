@@ -1,6 +1,7 @@
 """Property-based tests (Hypothesis) for every parser of untrusted bytes: whatever arrives, the
 parser returns a checked value or raises a typed error (``UntrustedInputError``), and a refusal
-leaves persisted state as it was.
+leaves persisted state as it was. Open Inference Protocol requests (HTTP bodies and gRPC
+messages) are among them.
 
 ``make test`` runs a short pass (the ``ci`` profile); ``make fuzz`` a long one
 (``EDGEFLEET_FUZZ=long``, many more examples and a per-example deadline that catches inputs
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from edgefleet.v1 import agent_pb2, common_pb2
+from edgefleet.v1 import grpc_predict_v2_pb2 as pb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,6 +29,9 @@ from control_plane.domain.records import TelemetryRecord
 from control_plane.domain.telemetry import derive
 from edge_agent.install.release_trust import ReleaseTrust
 from edge_agent.reporting.drift import parse_profile
+from edge_agent.serving.core import ModelSignature
+from edge_agent.serving.grpc_server import rows_from_proto
+from edge_agent.serving.http import parse_infer_request
 from fleetcore import pki, strict_json
 from fleetcore.bundle import parse_manifest
 from fleetcore.errors import UntrustedInputError
@@ -230,6 +235,7 @@ def test_the_valid_documents_mutated_above_are_valid() -> None:
     parse_manifest(json.dumps(_VALID_MANIFEST).encode())
     parse_profile(json.dumps(_VALID_PROFILE).encode())
     parse_document(json.dumps(_VALID_RELEASE).encode())
+    assert parse_infer_request(json.dumps(_VALID_INFER).encode(), _SIGNATURE)[0].shape == (2, 4)
     for kind, payload in _VALID_PAYLOADS.items():
         rows, problems = derive("dev-1", [TelemetryRecord(1, kind, 1.0,
                                                           json.dumps(payload).encode())])
@@ -240,3 +246,46 @@ def test_the_fuzz_profile_is_chosen_by_the_environment() -> None:
     assert settings().max_examples == (3000 if os.environ.get("EDGEFLEET_FUZZ") == "long"
                                        else 60)
     assert Path(__file__).name == "test_fuzz.py"
+
+
+@pytest.mark.parametrize("text", ["1e999", "[-1e400]", '{"a": 1E309}'])
+def test_numbers_that_overflow_to_infinity_are_refused(text: str) -> None:
+    with pytest.raises(UntrustedInputError, match="finite"):
+        strict_json.loads(text, what="fuzz")
+
+
+# ---------------------------------------------------------------- Open Inference Protocol
+
+
+_SIGNATURE = ModelSignature(input_name="input", output_name="probabilities", features=4,
+                            classes=3)
+_VALID_INFER = {"id": "r1", "inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32",
+                                        "data": [0.5] * 8}],
+                "parameters": {"routing_key": "user-7"}}
+
+
+@given(bytes_or_mutation(_VALID_INFER))
+def test_http_infer_bodies_parse_or_are_a_bad_request(data: bytes) -> None:
+    try:
+        rows, _, _, _ = parse_infer_request(data, _SIGNATURE)
+    except UntrustedInputError:
+        return
+    assert rows.dtype == np.float32 and rows.ndim == 2 and rows.shape[1] == 4
+
+
+@given(shape=st.lists(st.integers(min_value=-3, max_value=2**40), max_size=4),
+       datatype=st.sampled_from(["FP32", "FP64", "INT64", "BYTES", "fp32", ""]),
+       floats=st.lists(st.floats(width=32), max_size=16),
+       raw=st.lists(st.binary(max_size=64), max_size=2),
+       name=st.sampled_from(["input", "other", ""]))
+def test_grpc_infer_requests_convert_or_are_a_bad_request(
+    shape: list[int], datatype: str, floats: list[float], raw: list[bytes], name: str
+) -> None:
+    request = pb.ModelInferRequest(model_name="digits", raw_input_contents=raw)
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+    tensor.contents.fp32_contents.extend(floats)
+    try:
+        rows = rows_from_proto(request, _SIGNATURE)
+    except UntrustedInputError:
+        return
+    assert rows.dtype == np.float32 and rows.ndim == 2 and rows.shape[1] == 4

@@ -395,8 +395,9 @@ def _load_json(body: bytes, *, cooperative: bool = False) -> dict[str, Any]:
     a 400, not a 500. Its size limit is not the one that counts: the body was read within
     ``max_body_bytes``."""
     try:
+        # finite=False: every input number is checked against the manifest after parsing.
         doc = strict_json.loads(body, what="body", max_bytes=len(body), max_depth=MAX_JSON_DEPTH,
-                                cooperative=cooperative)
+                                cooperative=cooperative, finite=False)
     except InvalidInputError as exc:
         raise BadRequestError(str(exc)) from None
     if not isinstance(doc, dict):
