@@ -26,7 +26,7 @@ from fleet.cli import main as fleet_main
 from fleetcore import pki
 from fleetcore.errors import AuthenticationError
 from fleetcore.mqtt_wire import Leaf, topic
-from tests.mqtt_support import connect, connected, start_mqtt_control_plane
+from tests.mqtt_support import connect, connected, start_mqtt_control_plane, wait_bridge
 from tests.support import (
     WAIT,
     LoopThread,
@@ -399,3 +399,19 @@ def test_a_dropped_mqtt_connection_shows_offline_at_once(
     _wait_bridge(events, "offline", device)
     assert listed()["status"] == "offline"  # its last heartbeat is seconds old
     client.client.loop_stop()
+
+
+def test_control_plane_restarts_reload_the_broker_only_when_the_crl_changed(
+    mq: RunningControlPlane, tmp_path: Path
+) -> None:
+    """Every start used to SIGHUP the broker, and a reload is where Mosquitto has crashed
+    (seen after repeated control-plane restarts): now only a changed or aging CRL reloads."""
+    device, _ = _device(mq, tmp_path, "a")
+    mark = len(mq.broker.log)
+    for _ in range(3):
+        mq.restart()
+        wait_bridge(mq)
+    mq.admin_stub().RevokeDevice(admin_pb2.RevokeDeviceRequest(id=device), timeout=WAIT)
+    mq.broker.wait_for_log("Reloading config", after=mark)  # the revocation reloads it ...
+    reloads = [line for line in list(mq.broker.log)[mark:] if "Reloading config" in line]
+    assert len(reloads) == 1, reloads  # ... and the three restarts did not

@@ -13,13 +13,15 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from control_plane.services.authority import Authority
 from control_plane.storage import Store
 from fleetcore import pki, tomlfile
 from fleetcore.errors import InvalidInputError
 from fleetcore.files import atomic_write
 
-__all__ = ["BRIDGE_NAME", "CRL_DAYS", "MqttSettings", "refresh_crl", "write_crl"]
+__all__ = ["BRIDGE_NAME", "CRL_DAYS", "MqttSettings", "crl_is_current", "refresh_crl", "write_crl"]
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,28 @@ def write_crl(authority: Authority, store: Store, path: Path, now: float) -> int
     return len(revoked)
 
 
+def crl_is_current(path: Path, revoked_serials: set[str], now: float) -> bool:
+    """Whether the CRL at ``path`` lists exactly these serials and has more than half of its
+    life left: then neither a rewrite nor a broker reload is needed."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    listed = {r.serial_number for r in crl}
+    next_update = crl.next_update_utc
+    return (listed == {int(s, 16) for s in revoked_serials}
+            and next_update is not None
+            and next_update.timestamp() - now > CRL_DAYS * 86400 / 2)
+
+
 def refresh_crl(settings: MqttSettings, authority: Authority, store: Store, now: float) -> bool:
-    """Rewrite the CRL and tell the broker (SIGHUP); True if a broker was signalled."""
+    """Rewrite the CRL and tell the broker (SIGHUP) when it changed or is half way to expiry;
+    True if a broker was signalled. Reloads are kept to what is needed: each control-plane
+    start used to send one, and a SIGHUP is where Mosquitto has had its crashes."""
+    wanted = {c.serial for c in store.revoked_certificates(now)}
+    if crl_is_current(settings.crl, wanted, now):
+        log.info("CRL current (%d revoked); the broker is not reloaded", len(wanted))
+        return False
     count = write_crl(authority, store, settings.crl, now)
     try:
         pid = int(settings.pid_file.read_text().strip())
