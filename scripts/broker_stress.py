@@ -1,7 +1,7 @@
 """Try to crash the MQTT broker the way one crashed in the field: repeated control-plane
 restarts and broker SIGHUPs (CRL reload) while MQTT agents download bundles.
 
-    python -m scripts.broker_stress --bundle DIR [--seconds 240] [--agents 4]
+    python -m scripts.broker_stress --bundle DIR [--seconds 240] [--agents 4] [--restart-broker]
 
 DIR is a trained, signed bundle (e.g. the demo's ``training/bundle``, or ``trainer run``'s
 ``WORKDIR/bundle``); it is re-signed as versions 1-6 with a throw-away control plane's
@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--seconds", type=float, default=240.0)
     parser.add_argument("--agents", type=int, default=4)
+    parser.add_argument("--restart-broker", action="store_true",
+                        help="also restart the broker each round (it loads its persistence "
+                             "file, then gets the SIGHUP: Mosquitto's tracker has crashes there)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="broker-stress-"))
     loop = LoopThread()
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         rounds += 1
         fleet("rollouts", "start", "--model", "digits", "--version", str(1 + rounds % 6))
         time.sleep(0.3)  # agents start downloading
+        if args.restart_broker:
+            cp.broker.restart()
         cp.broker.reload()
         time.sleep(0.2)  # the broker reloads its CRL while they do
         cp.restart()
