@@ -144,8 +144,10 @@ def test_superseded_rollout_leaves_no_device_in_between(fleet) -> None:
     assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1") == 0
     rollouts = cp.cp.store._query(
         "SELECT version, state FROM rollouts ORDER BY id")
-    assert [(r["version"], r["state"]) for r in rollouts][-2:] == [(2, "superseded"),
-                                                                    (1, "running")]
+    old, new = [(r["version"], r["state"]) for r in rollouts][-2:]
+    assert old == (2, "superseded")
+    # v1 may already be done: every device but the canary still had it committed.
+    assert new in ((1, "running"), (1, "completed"))
     assert all(v == [1] for v in _arm_versions(cp).values())
 
 
