@@ -77,7 +77,8 @@ class Agent:
                                   self.config.device_id)
         limits = SmokeLimits(call_timeout_s=self.config.smoke_timeout_seconds,
                              load_timeout_s=self.config.smoke_load_timeout_seconds,
-                             latency_budget_s=self.config.smoke_latency_budget_ms / 1e3)
+                             latency_budget_s=self.config.smoke_latency_budget_ms / 1e3,
+                             memory_bytes=int(self.config.smoke_memory_mb * 1024**2))
         self.models = ModelStore(self.state.models,
                                  verify=Updater.verifier(self.state.publisher_keys()),
                                  smoke=functools.partial(run_smoke_isolated, limits=limits),

@@ -112,6 +112,7 @@ class AgentConfig:
     smoke_timeout_seconds: float = 10.0
     smoke_load_timeout_seconds: float = 60.0
     smoke_latency_budget_ms: float = 1000.0
+    smoke_memory_mb: float = 2048.0  # address space of the smoke test's child process
 
     @classmethod
     def load(cls, state: StateDir) -> AgentConfig:
@@ -132,7 +133,8 @@ class AgentConfig:
                      "backoff_initial_seconds", "backoff_max_seconds", "probation_seconds",
                      "download_chunk_timeout_seconds", "drift_window_requests",
                      "drift_window_seconds", "probation_max_restarts", "smoke_timeout_seconds",
-                     "smoke_load_timeout_seconds", "smoke_latency_budget_ms"):
+                     "smoke_load_timeout_seconds", "smoke_latency_budget_ms",
+                     "smoke_memory_mb"):
             value = agent.get(name, getattr(cfg, name))
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise InvalidInputError(f"{state.config}: agent.{name} must be a number >= 0")
@@ -160,6 +162,7 @@ class AgentConfig:
                     "smoke_timeout_seconds": self.smoke_timeout_seconds,
                     "smoke_load_timeout_seconds": self.smoke_load_timeout_seconds,
                     "smoke_latency_budget_ms": self.smoke_latency_budget_ms,
+                    "smoke_memory_mb": self.smoke_memory_mb,
                 },
                 "labels": self.labels,
             },

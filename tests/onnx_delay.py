@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["HANG", "delay_model", "delayed_bundle"]
+__all__ = ["HANG", "bloat_model", "delay_model", "delayed_bundle"]
 
 HANG = 10**12  # iterations: far beyond any time limit
 
@@ -50,6 +50,30 @@ def delay_model(src: Path, dst: Path, iterations: int) -> None:
         helper.make_node("Constant", [], ["delay_cond"],
                          value=numpy_helper.from_array(np.array(True))),
         helper.make_node("Loop", ["delay_trip", "delay_cond", source], [delayed], body=body),
+    ]
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    onnx.save(model, str(dst))
+
+
+def bloat_model(src: Path, dst: Path, floats: int) -> None:
+    """``src`` with ``floats`` float32 zeros allocated in front of it and summed into its
+    input times zero: the same outputs, ``4 * floats`` bytes more memory."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    source = graph.input[0].name
+    bloated = f"{source}__bloated"
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == source:
+                node.input[i] = bloated
+    nodes = [
+        helper.make_node("Constant", [], ["bloat_shape"],
+                         value=numpy_helper.from_array(np.array([floats], np.int64))),
+        helper.make_node("ConstantOfShape", ["bloat_shape"], ["bloat_zeros"],
+                         value=numpy_helper.from_array(np.zeros(1, np.float32))),
+        helper.make_node("ReduceSum", ["bloat_zeros"], ["bloat_sum"], keepdims=0),
+        helper.make_node("Add", [source, "bloat_sum"], [bloated]),
     ]
     for node in reversed(nodes):
         graph.node.insert(0, node)

@@ -43,7 +43,7 @@ from edge_agent.install.updater import Updater
 from fleetcore.archive import pack_bundle
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
 from fleetcore.release import Arm, ModelRelease, ReleaseDocument
-from tests.onnx_delay import HANG, delayed_bundle
+from tests.onnx_delay import HANG, bloat_model, delayed_bundle
 from tests.support import FakeBundleServer
 from trainer.models import MLP
 from trainer.onnx_tools import export_onnx, run_onnx
@@ -775,3 +775,18 @@ def test_served_latency_of_the_committed_version_is_the_next_baseline(
     assert _state(store, 1)["served_requests"] == POLICY.min_requests
     assert kit.install(store, 2).state == S.ACTIVE
     assert updater._baseline_p95(NAME) == 0.002
+
+
+def test_isolated_smoke_of_a_model_that_allocates_too_much_fails_within_its_memory_limit(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
+    """1 GB of zeros in front of the real model: the same answers, so only the child's
+    address-space limit can fail it (the smoke child of this model peaks at ~250 MB)."""
+    bundle = delayed_bundle(sources["1"], tmp_path / "bloated", 1, 1)
+    bloat_model(sources["1"] / "model.onnx", bundle / "model.onnx", 256 * 1024**2)
+    small = run_smoke_isolated(bundle, load_manifest(bundle),
+                               SmokeLimits(memory_bytes=768 * 1024**2))
+    assert not small.ok and "differ" not in small.reason, small.reason
+    roomy = run_smoke_isolated(bundle, load_manifest(bundle),
+                               SmokeLimits(memory_bytes=4 * 1024**3))
+    assert roomy.ok, roomy.reason  # the same model within a larger limit

@@ -65,6 +65,9 @@ class SmokeLimits:
     call_timeout_s: float = 10.0  # one run of the smoke batch (the child is killed after it)
     load_timeout_s: float = 60.0  # start the child, import the runtime, load the model
     latency_budget_s: float = 1.0  # median run of the smoke batch
+    # Address space of the child (RLIMIT_AS): a model that allocates without bound fails its
+    # smoke test instead of swapping the host. The digits child peaks at ~250 MB.
+    memory_bytes: int = 2 * 1024**3
 
 
 def effective_limits(manifest: dict[str, Any], agent: SmokeLimits) -> SmokeLimits:
@@ -85,6 +88,7 @@ def effective_limits(manifest: dict[str, Any], agent: SmokeLimits) -> SmokeLimit
         call_timeout_s=min(agent.call_timeout_s, timeout or agent.call_timeout_s),
         load_timeout_s=agent.load_timeout_s,
         latency_budget_s=min(agent.latency_budget_s, budget or agent.latency_budget_s),
+        memory_bytes=agent.memory_bytes,
     )
 
 
@@ -166,7 +170,8 @@ def run_smoke_isolated(bundle_dir: Path, manifest: dict[str, Any],
     model. A load or a call that overruns, a crash of the runtime, or a median batch over the
     latency budget fails it, with the reason."""
     limits = effective_limits(manifest, limits)
-    request = json.dumps({"bundle": str(bundle_dir), "manifest": manifest}).encode()
+    request = json.dumps({"bundle": str(bundle_dir), "manifest": manifest,
+                          "memory_bytes": limits.memory_bytes}).encode()
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)}
@@ -248,13 +253,16 @@ def _crashed(returncode: int, err: IO[bytes]) -> SmokeResult:
 
 def _worker() -> int:
     """The child: read {bundle, manifest} from stdin, report each step on stdout."""
+    request = json.loads(sys.stdin.buffer.read())
     try:
         import resource  # noqa: PLC0415 (POSIX only)
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash leaves no core file
+        memory = int(request.get("memory_bytes") or 0)
+        if memory > 0:  # before the runtime loads: it is what allocates
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     except (ImportError, ValueError, OSError):
         pass
-    request = json.loads(sys.stdin.buffer.read())
     out = sys.stdout
 
     def say(doc: dict[str, Any]) -> None:
