@@ -22,15 +22,22 @@ __all__ = ["HANG", "bloat_model", "delay_model", "delayed_bundle"]
 HANG = 10**12  # iterations: far beyond any time limit
 
 
-def delay_model(src: Path, dst: Path, iterations: int) -> None:
-    model = onnx.load(str(src))
-    graph = model.graph
+def _in_front(graph: onnx.GraphProto, suffix: str) -> tuple[str, str]:
+    """Make every node read the model's input from a new name; return (input, new name) for
+    the nodes put in front to produce it."""
     source = graph.input[0].name
-    delayed = f"{source}__delayed"
+    renamed = f"{source}__{suffix}"
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name == source:
-                node.input[i] = delayed
+                node.input[i] = renamed
+    return source, renamed
+
+
+def delay_model(src: Path, dst: Path, iterations: int) -> None:
+    model = onnx.load(str(src))
+    graph = model.graph
+    source, delayed = _in_front(graph, "delayed")
     for out in graph.output:  # a model that outputs its input unchanged is not expected here
         assert out.name != source
     body = helper.make_graph(
@@ -61,12 +68,7 @@ def bloat_model(src: Path, dst: Path, floats: int) -> None:
     input times zero: the same outputs, ``4 * floats`` bytes more memory."""
     model = onnx.load(str(src))
     graph = model.graph
-    source = graph.input[0].name
-    bloated = f"{source}__bloated"
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == source:
-                node.input[i] = bloated
+    source, bloated = _in_front(graph, "bloated")
     nodes = [
         helper.make_node("Constant", [], ["bloat_shape"],
                          value=numpy_helper.from_array(np.array([floats], np.int64))),

@@ -80,9 +80,10 @@ class RateLimits:
     def allow(self, peer: str, now: float) -> bool:
         """May ``peer`` try now? (Looks; takes nothing.)"""
         everyone = self._everyone()
-        bucket = self.peers.get(peer)
-        if not everyone.take_many(0.0, now) or everyone.level < 1.0:
+        everyone.take_many(0.0, now)  # refill only
+        if everyone.level < 1.0:
             return False
+        bucket = self.peers.get(peer)
         if bucket is None:
             return len(self.peers) < self.max_peers or self._forget_idle(now)
         bucket.take_many(0.0, now)
