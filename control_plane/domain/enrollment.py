@@ -48,14 +48,17 @@ class TokenBucket:
     def take(self, now: float) -> bool:
         return self.take_many(1.0, now)
 
-    def take_many(self, amount: float, now: float) -> bool:
-        """Refill for the time passed, then take ``amount`` if the bucket holds it (0: only
-        refill)."""
+    def refill(self, now: float) -> float:
+        """Add what the time passed earned (up to ``burst``); return the level."""
         if self.level < 0:
             self.level, self.at = self.burst, now
         self.level = min(self.burst, self.level + max(0.0, now - self.at) * self.rate)
         self.at = max(self.at, now)
-        if self.level < max(amount, 1.0) and amount > 0:
+        return self.level
+
+    def take_many(self, amount: float, now: float) -> bool:
+        """Refill for the time passed, then take ``amount`` if the bucket holds it."""
+        if self.refill(now) < max(amount, 1.0) and amount > 0:
             return False
         self.level -= amount
         return True
@@ -79,15 +82,12 @@ class RateLimits:
 
     def allow(self, peer: str, now: float) -> bool:
         """May ``peer`` try now? (Looks; takes nothing.)"""
-        everyone = self._everyone()
-        everyone.take_many(0.0, now)  # refill only
-        if everyone.level < 1.0:
+        if self._everyone().refill(now) < 1.0:
             return False
         bucket = self.peers.get(peer)
         if bucket is None:
             return len(self.peers) < self.max_peers or self._forget_idle(now)
-        bucket.take_many(0.0, now)
-        return bucket.level >= 1.0
+        return bucket.refill(now) >= 1.0
 
     def failed(self, peer: str, now: float) -> None:
         """Count a failed attempt from ``peer`` against its bucket and everyone's."""
@@ -107,7 +107,7 @@ class RateLimits:
     def _forget_idle(self, now: float) -> bool:
         """Drop the peers whose bucket has refilled; True if that made room."""
         for peer, bucket in list(self.peers.items()):
-            if bucket.level + (now - bucket.at) * bucket.rate >= bucket.burst:
+            if bucket.refill(now) >= bucket.burst:
                 del self.peers[peer]
         return len(self.peers) < self.max_peers
 

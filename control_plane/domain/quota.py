@@ -61,8 +61,8 @@ class DeviceQuota:
 
     def admit(self, costs: Sequence[int], now: float) -> int:
         """How many of the records (their byte costs, in order) fit now; takes their share."""
-        self.records.take_many(0.0, now)
-        self.bytes.take_many(0.0, now)
+        self.records.refill(now)
+        self.bytes.refill(now)
         admitted = 0
         for cost in costs:
             # A record larger than the whole byte burst could never fit: it is admitted when

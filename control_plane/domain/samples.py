@@ -53,5 +53,5 @@ def region_refusal(region: str, allowed: Sequence[str]) -> str:
         return "the device's region label is not a region name"
     if regions.allows(allowed, region):
         return ""
-    return (f"region {region or '(device has no region label)'!r} is not allowed by "
+    return (f"region {region!r} is not allowed by "
             f"the store's policy ({', '.join(allowed) or 'none'})")

@@ -10,11 +10,13 @@ import datetime as dt
 import logging
 import os
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 
+from control_plane.domain.records import CertificateRecord
 from control_plane.services.authority import Authority
 from control_plane.storage import Store
 from fleetcore import pki, tomlfile
@@ -81,9 +83,12 @@ class MqttSettings:
         return cls(out=Path(str(doc["out"])), port=port)
 
 
-def write_crl(authority: Authority, store: Store, path: Path, now: float) -> int:
-    """Write the fleet CA's CRL with every revoked, unexpired certificate; return how many."""
-    revoked = store.revoked_certificates(now)
+def write_crl(authority: Authority, store: Store, path: Path, now: float,
+              revoked: Sequence[CertificateRecord] | None = None) -> int:
+    """Write the fleet CA's CRL with every revoked, unexpired certificate (``revoked``, when
+    the caller already has them); return how many."""
+    if revoked is None:
+        revoked = store.revoked_certificates(now)
     when = dt.datetime.fromtimestamp(now, dt.UTC)
     pem = pki.certificate_revocation_list(
         authority.ca_key, authority.ca_cert,
@@ -111,11 +116,11 @@ def refresh_crl(settings: MqttSettings, authority: Authority, store: Store, now:
     """Rewrite the CRL and tell the broker (SIGHUP) when it changed or is half way to expiry;
     True if a broker was signalled. Reloads are kept to what is needed: each control-plane
     start used to send one, and a SIGHUP is where Mosquitto has had its crashes."""
-    wanted = {c.serial for c in store.revoked_certificates(now)}
-    if crl_is_current(settings.crl, wanted, now):
-        log.info("CRL current (%d revoked); the broker is not reloaded", len(wanted))
+    revoked = store.revoked_certificates(now)
+    if crl_is_current(settings.crl, {c.serial for c in revoked}, now):
+        log.info("CRL current (%d revoked); the broker is not reloaded", len(revoked))
         return False
-    count = write_crl(authority, store, settings.crl, now)
+    count = write_crl(authority, store, settings.crl, now, revoked)
     try:
         pid = int(settings.pid_file.read_text().strip())
     except (OSError, ValueError):

@@ -84,7 +84,9 @@ class TelemetryService:
         derived, problems = derive(caller.name, kept)
         for seq, problem in problems.items():
             log.warning("telemetry %s/%d not understood: %s", caller.name, seq, problem)
-        arms = {(a.model, a.version) for a in self.store.device_arms(caller.name)}
+        judged = any(isinstance(r, ArmStatsRecord | DriftWindowRecord) for r in derived.values())
+        arms = ({(a.model, a.version) for a in self.store.device_arms(caller.name)} if judged
+                else set())  # only arm stats and drift windows are judged against them
         derived = check_reports(caller.name, kept, derived, problems, arms, now)
         for seq, row in derived.items():
             if isinstance(row, ReportRefusal) and row.reason != MALFORMED:

@@ -91,17 +91,7 @@ class SqliteStore(Store):
         certificate: CertificateRecord,
     ) -> DeviceRecord:
         with self._tx() as c:
-            row = c.execute(
-                "SELECT labels, expires_at, used_at FROM enrollment_tokens WHERE token_hash = ?",
-                (token_hash,),
-            ).fetchone()
-            if row is None:
-                raise TokenError("enrollment token is unknown")
-            if row["used_at"] is not None:
-                raise TokenError("enrollment token has already been used")
-            if now >= row["expires_at"]:
-                raise TokenError("enrollment token has expired")
-            labels = {**device.labels, **json.loads(row["labels"])}
+            labels = {**device.labels, **_usable_token(c, token_hash, now)}
             c.execute(
                 "UPDATE enrollment_tokens SET used_at = ?, used_by = ? WHERE token_hash = ?",
                 (now, device.id, token_hash),
@@ -125,16 +115,8 @@ class SqliteStore(Store):
         return enrolled
 
     def token_labels(self, token_hash: str, now: float) -> dict[str, str]:
-        rows = self._query("SELECT labels, expires_at, used_at FROM enrollment_tokens"
-                           " WHERE token_hash = ?", (token_hash,))
-        if not rows:
-            raise TokenError("enrollment token is unknown")
-        if rows[0]["used_at"] is not None:
-            raise TokenError("enrollment token has already been used")
-        if now >= rows[0]["expires_at"]:
-            raise TokenError("enrollment token has expired")
-        labels: dict[str, str] = json.loads(rows[0]["labels"])
-        return labels
+        with self._lock:
+            return _usable_token(self._conn, token_hash, now)
 
     # --- devices ---
     def get_device(self, device_id: str) -> DeviceRecord | None:
@@ -721,17 +703,15 @@ class SqliteStore(Store):
                                  " AND region = ? AND job_id IS NULL GROUP BY device_id",
                                  (model, region)).fetchall()
                 for r in rows:
+                    self._insert_derived(c, 0, ReportRefusal(r["device_id"], "sample", category,
+                                                             r["n"]), now)
+                    refused += r["n"]
+                if rows:
                     c.execute(
                         "INSERT INTO sample_refusals(model, region, reason, count)"
                         " VALUES (?,?,?,?) ON CONFLICT(model, region, reason)"
                         " DO UPDATE SET count = count + excluded.count",
-                        (model, region or "-", reason, r["n"]))
-                    c.execute(
-                        "INSERT INTO report_refusals(device_id, kind, reason, count, last_at)"
-                        " VALUES (?, 'sample', ?, ?, ?) ON CONFLICT(device_id, kind, reason)"
-                        " DO UPDATE SET count = count + excluded.count,"
-                        " last_at = excluded.last_at", (r["device_id"], category, r["n"], now))
-                    refused += r["n"]
+                        (model, region or "-", reason, sum(r["n"] for r in rows)))
                 c.execute("DELETE FROM samples WHERE model = ? AND region = ?"
                           " AND job_id IS NULL", (model, region))
         return refused
@@ -830,3 +810,17 @@ def _device(r: sqlite3.Row) -> DeviceRecord:
         cert_serial=r["cert_serial"],
         cert_not_after=r["cert_not_after"],
     )
+
+
+def _usable_token(c: sqlite3.Connection, token_hash: str, now: float) -> dict[str, str]:
+    """The labels of an unused, unexpired enrollment token; TokenError otherwise."""
+    row = c.execute("SELECT labels, expires_at, used_at FROM enrollment_tokens"
+                    " WHERE token_hash = ?", (token_hash,)).fetchone()
+    if row is None:
+        raise TokenError("enrollment token is unknown")
+    if row["used_at"] is not None:
+        raise TokenError("enrollment token has already been used")
+    if now >= row["expires_at"]:
+        raise TokenError("enrollment token has expired")
+    labels: dict[str, str] = json.loads(row["labels"])
+    return labels
