@@ -233,6 +233,9 @@ class Agent:
         return self.config.heartbeat_interval_seconds
 
     def _tick(self) -> None:
+        if not self.updater.probation:  # nothing to decide: no state can change here
+            self._decided = self.updater.tick() or self._decided
+            return
         before = self._install_states()
         self._decided = self.updater.tick() or self._decided
         self._record_installs(before)

@@ -45,7 +45,7 @@ def terminal_safe(text: str) -> str:
         return text
     out = []
     for ch in text:
-        if ch.isprintable() or (ch == " "):
+        if ch.isprintable():
             out.append(ch)
         elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
             out.append(ch.encode("unicode_escape").decode("ascii"))

@@ -39,8 +39,8 @@ from edge_agent.serving.limits import (
     MAX_CONNECTIONS,
     MAX_HEADER_BYTES,
     MAX_MESSAGE_BYTES,
-    MAX_MODEL_NAME_CHARS,
-    MAX_VERSION_DIGITS,
+    check_model_name,
+    parse_version,
     shown,
 )
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
@@ -155,7 +155,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         try:
-            _check_name(request.model_name)
+            check_model_name(request.model_name)
             signature = self.core.signature(request.model_name)
             try:
                 x = rows_from_proto(request, signature)
@@ -184,18 +184,8 @@ def _routing_key(request: pb.ModelInferRequest, context: grpc.aio.ServicerContex
     return None
 
 
-def _check_name(name: str) -> None:
-    if len(name) > MAX_MODEL_NAME_CHARS:
-        raise ModelNotFoundError(f"no model named {shown(name)} is served (names have at most "
-                                 f"{MAX_MODEL_NAME_CHARS} characters)")
-
-
 def _version(text: str) -> int | None:
-    if not text:
-        return None
-    if not text.isdigit() or len(text) > MAX_VERSION_DIGITS or int(text) <= 0:
-        raise BadRequestError(f"a version is a positive integer; got {shown(text)}")
-    return int(text)
+    return parse_version(text) if text else None
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: EdgefleetError) -> NoReturn:

@@ -76,14 +76,14 @@ from edge_agent.serving.limits import (
     MAX_CONNECTIONS,
     MAX_HEADER_BYTES,
     MAX_JSON_DEPTH,
-    MAX_MODEL_NAME_CHARS,
     MAX_PARAMETER_NAME_CHARS,
     MAX_PARAMETER_VALUE_CHARS,
     MAX_PARAMETERS,
     MAX_REQUEST_ID_CHARS,
     MAX_ROUTING_KEY_CHARS,
-    MAX_VERSION_DIGITS,
     PARSE_INLINE_MAX_BYTES,
+    check_model_name,
+    parse_version,
     shown,
 )
 from edge_agent.serving.metrics import CONTENT_TYPE, ServingMetrics
@@ -169,13 +169,11 @@ class InferenceApp:
         if not path.startswith(_MODELS):
             return self._server_route(path, method)
         name, _, rest = path[len(_MODELS):].partition("/")
-        if len(name) > MAX_MODEL_NAME_CHARS:
-            raise ModelNotFoundError(f"no model named {shown(name)} is served (names have at "
-                                     f"most {MAX_MODEL_NAME_CHARS} characters)")
+        check_model_name(name)
         version: int | None = None
         if rest.startswith("versions/"):
             text, _, rest = rest[len("versions/"):].partition("/")
-            version = _parse_version(text)
+            version = parse_version(text)
         if rest == "infer":
             _allow(method, "POST")
             return 200, await self._infer(name, version, scope, receive), _JSON
@@ -245,7 +243,6 @@ class InferenceApp:
         request_id, label = doc.get("id"), doc.get("label")
         if not isinstance(request_id, str):
             raise BadRequestError(f"feedback needs a string 'id'; got {shown(request_id)}")
-        _check_id(request_id)
         if not isinstance(label, int | list):
             raise BadRequestError(f"feedback needs an integer 'label' (or one per row); got "
                                   f"{shown(label)}")
@@ -403,12 +400,6 @@ def _load_json(body: bytes, *, cooperative: bool = False) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise BadRequestError(f"expected a JSON object; got {type(doc).__name__}")
     return doc
-
-
-def _parse_version(text: str) -> int:
-    if not text.isdigit() or len(text) > MAX_VERSION_DIGITS or int(text) <= 0:
-        raise BadRequestError(f"a version is a positive integer; got {shown(text)}")
-    return int(text)
 
 
 def _allow(method: str, allowed: str) -> None:

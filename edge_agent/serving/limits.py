@@ -8,6 +8,8 @@ a 4xx with a one-line body. The HTTP front end (``http.py``), the gRPC front end
 
 from __future__ import annotations
 
+from edge_agent.serving.errors import BadRequestError, ModelNotFoundError
+
 __all__ = [
     "BACKGROUND_QUEUE_BYTES",
     "BACKGROUND_QUEUE_JOBS",
@@ -71,3 +73,17 @@ def shown(value: object) -> str:
         return f"{value[:MAX_SHOWN_CHARS]!r}... ({len(value)} long)"
     text = repr(value)
     return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS]}..."
+
+
+def check_model_name(name: str) -> None:
+    """A name over the limit names no served model (the same answer over HTTP and gRPC)."""
+    if len(name) > MAX_MODEL_NAME_CHARS:
+        raise ModelNotFoundError(f"no model named {shown(name)} is served (names have at most "
+                                 f"{MAX_MODEL_NAME_CHARS} characters)")
+
+
+def parse_version(text: str) -> int:
+    """A version from a path or a gRPC field: a positive integer of bounded length."""
+    if not text.isdigit() or len(text) > MAX_VERSION_DIGITS or int(text) <= 0:
+        raise BadRequestError(f"a version is a positive integer; got {shown(text)}")
+    return int(text)

@@ -221,6 +221,17 @@ class MqttTransport(Transport):
             raise
         return correlation, replies, payload
 
+    async def _ask(self, leaf: Leaf, payload: bytes) -> bytes:
+        """Publish a correlated request and wait for its one reply; a refusal raises."""
+        correlation, replies, _ = await self._request(leaf, payload)
+        try:
+            answer, error = await replies.get()
+        finally:
+            self._replies.pop(correlation, None)
+        if error:
+            raise _reason(error)
+        return answer
+
     # ------------------------------------------------------------------ the transport
     async def _heartbeat(
         self, request: agent_pb2.HeartbeatRequest
@@ -234,24 +245,12 @@ class MqttTransport(Transport):
         it), not only the broker's PUBACK: a broker killed before it delivered would lose what
         it had acknowledged. No answer in time: nothing is deleted, the batch goes again, and
         the control plane stores each (device, seq) once."""
-        correlation, replies, _ = await self._request(Leaf.TELEMETRY, batch.SerializeToString())
-        try:
-            payload, error = await replies.get()
-        finally:
-            self._replies.pop(correlation, None)
-        if error:
-            raise _reason(error)
+        payload = await self._ask(Leaf.TELEMETRY, batch.SerializeToString())
         return list(parse_message(agent_pb2.TelemetryAck, payload, "telemetry ack").acked)
 
     async def _renew_certificate(self, csr_pem: bytes) -> bytes:
         request = agent_pb2.RenewCertificateRequest(csr_pem=csr_pem).SerializeToString()
-        correlation, replies, _ = await self._request(Leaf.RENEW_REQUEST, request)
-        try:
-            payload, error = await replies.get()
-        finally:
-            self._replies.pop(correlation, None)
-        if error:
-            raise _reason(error)
+        payload = await self._ask(Leaf.RENEW_REQUEST, request)
         reply = parse_message(agent_pb2.RenewCertificateResponse, payload, "renewal reply")
         return bytes(reply.certificate_pem)
 
