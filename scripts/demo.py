@@ -20,6 +20,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,19 +121,21 @@ def enroll_and_run_agents(
     return agents
 
 
-def deliver(work: Path, fleet: tuple[str, ...], children: list[Child]) -> None:
-    bundle = work / "training" / "bundle"
+def deliver(work: Path, fleet: tuple[str, ...], children: list[Child],
+            bundle: Path | None = None, model: str = "digits") -> None:
+    bundle = bundle or work / "training" / "bundle"
     step("fleet models publish (verified against the trusted publisher key, stored encrypted)")
     print(run(*fleet, "models", "publish", str(bundle)), end="")
     print(run(*fleet, "models", "list"), end="")
-    step("fleet rollouts start --model digits --version 1 --selector tier=demo --steps 50,100 "
+    step(f"fleet rollouts start --model {model} --version 1 --selector tier=demo --steps 50,100 "
          "--bake 2  (half the fleet first; the rest after a 2 s bake with no failures)")
-    print(run(*fleet, "rollouts", "start", "--model", "digits", "--version", "1",
+    print(run(*fleet, "rollouts", "start", "--model", model, "--version", "1",
               "--selector", "tier=demo", "--steps", "50,100", "--bake", "2"), end="")
     for child in children[1:]:  # the agents: signed release pushed, downloaded, installed
-        print(f"{child.name}: " + child.expect(r"digits v1 committed after probation").group(0))
-    wait_rollout(fleet, 1)
-    print(run(*fleet, "rollouts", "status", "--model", "digits"), end="")
+        print(f"{child.name}: "
+              + child.expect(rf"{model} v1 committed after probation").group(0))
+    wait_rollout(fleet, 1, model)
+    print(run(*fleet, "rollouts", "status", "--model", model), end="")
 
 
 def wait_for(what: str, check: Any, timeout: float = 120.0) -> Any:
@@ -147,20 +150,21 @@ def wait_for(what: str, check: Any, timeout: float = 120.0) -> Any:
         time.sleep(0.5)
 
 
-def wait_rollout(fleet: tuple[str, ...], version: int) -> None:
+def wait_rollout(fleet: tuple[str, ...], version: int, model: str = "digits") -> None:
     def done() -> bool:
-        status = json.loads(run(*fleet, "rollouts", "status", "--model", "digits", "--json"))
+        status = json.loads(run(*fleet, "rollouts", "status", "--model", model, "--json"))
         return bool(status["version"] == version and status["state"] == "completed"
                     and all(d["state"] == "committed" and d["serving_version"] == version
                             for d in status["devices"]))  # serving: reported by a heartbeat
     wait_for(f"the rollout of v{version} to complete", done)
 
 
-def _infer(client: httpx.Client, port: int, rows: Any, request_id: str, key: str) -> int:
+def infer(client: httpx.Client, port: int, rows: Any, request_id: str, key: str,
+          model: str = "digits") -> int:
     body = {"id": request_id, "parameters": {"routing_key": key},
             "inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
                         "data": rows.ravel().tolist()}]}
-    r = client.post(f"http://127.0.0.1:{port}/v2/models/digits/infer", json=body)
+    r = client.post(f"http://127.0.0.1:{port}/v2/models/{model}/infer", json=body)
     r.raise_for_status()
     return int(r.json()["model_version"])
 
@@ -173,7 +177,7 @@ def traffic(client: httpx.Client, children: list[Child], X: Any, y: Any, prefix:
         for i in range(count):
             rid = f"{prefix}-{child.name}-{i}"
             k = i % len(X)
-            version = _infer(client, child.port, X[k : k + 1], rid, key=f"customer-{i}")
+            version = infer(client, child.port, X[k : k + 1], rid, key=f"customer-{i}")
             served[version] = served.get(version, 0) + 1
             client.post(f"http://127.0.0.1:{child.port}/v2/models/digits/feedback",
                         json={"id": rid, "label": int(y[k])}).raise_for_status()
@@ -244,13 +248,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def summary(fleet: tuple[str, ...]) -> None:
+def summary(fleet: tuple[str, ...], model: str = "digits") -> None:
     """The fleet at the end: one row per device."""
     devices = json.loads(run(*fleet, "devices", "list", "--json"))
     rows = [("DEVICE", "SITE", "TRANSPORT", "STATUS", "SERVING", "INSTALLED")]
     for d in devices:
-        models = [m for m in d["models"] if m.get("name") == "digits"]
-        serving = ", ".join(f"digits v{m['version']}" for m in models if m.get("serving"))
+        models = [m for m in d["models"] if m.get("name") == model]
+        serving = ", ".join(f"{model} v{m['version']}" for m in models if m.get("serving"))
         installed = ", ".join(f"v{m['version']} {m.get('state', '-')}" for m in models)
         site = d["labels"].get("site", "-")
         rows.append((d["id"], site, d["transport"] or "-", d["status"], serving or "-",
@@ -288,8 +292,12 @@ def scenario(work: Path, children: list[Child], brokers: list[Mosquitto]) -> int
     return len(online)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+Scenario = Callable[[Path, list[Child], list[Mosquitto]], int]
+
+
+def main(argv: list[str] | None = None, story: Scenario | None = None,
+         description: str | None = __doc__) -> int:
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--workdir", type=Path, help="keep everything here (default: a temp dir)")
     args = p.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
@@ -301,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     brokers: list[Mosquitto] = []
     online = 0
     try:
-        online = scenario(work, children, brokers)
+        online = (story or scenario)(work, children, brokers)
     except (RuntimeError, OSError) as exc:
         print(f"\ndemo failed: {exc}\nlogs: {work / 'logs'}", file=sys.stderr)
         keep = True  # leave the logs for a look
