@@ -1,0 +1,188 @@
+"""Reproduce the Mosquitto 2.0.11 crash seen in the field, and show that our sessions avoid it.
+
+    python -m scripts.broker_crash [--sessions persistent|ours] [--rounds N]
+
+Each round starts a broker with the configuration `control-plane mqtt-config` writes, then:
+
+1. a client whose identity is its certificate (``use_identity_as_username``) connects with a
+   persistent session (MQTT 5 session expiry > 0) and disconnects: the broker keeps its
+   session and puts it on its session-expiry list;
+2. the broker reloads (SIGHUP: what the control plane sends after rewriting the CRL, and what
+   logrotate or ``systemctl reload`` send). The reload checks every client of a listener with
+   ``use_identity_as_username`` for a TLS connection; an offline one has none, so it is
+   disconnected again (the log shows ``Client X disconnected.`` right after ``Reloading
+   config.``) and goes on the expiry list a second time;
+3. the client comes back: the broker frees its old session, and takes only one of the two list
+   entries off: the other points at freed memory (648 bytes in Debian 12's build);
+4. the next message payload of that size (632-647 bytes) reuses the memory, and the broker's
+   once-a-second expiry check reads it as a client whose session expired: SIGSEGV (the kernel
+   logs ``mosquitto[PID]: segfault at ... in libc.so.6``). This script's payloads are 0xff
+   bytes, which makes it immediate; in the field a heartbeat or telemetry batch of that size
+   did it sooner or later.
+
+``--sessions ours`` runs the same steps with the sessions the agent and the bridge use
+(``fleetcore.mqtt_wire.CLEAN_START``, ``SESSION_EXPIRY_SECONDS``): the broker keeps no
+offline session, step 2 finds nothing, and the broker lives. Exit status: 1 if any round's
+broker died, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from control_plane.config import ControlPlaneConfig
+from control_plane.ops.home import init_home
+from control_plane.ops.mqtt_config import write_broker_config
+from control_plane.services.broker import BRIDGE_NAME, MqttSettings
+from control_plane.storage import open_store
+from fleetcore.mqtt_wire import CLEAN_START, DEVICE_PREFIX, SESSION_EXPIRY_SECONDS
+from scripts.broker import Mosquitto, find_mosquitto, start_mosquitto
+
+__all__ = ["Outcome", "mosquitto_version", "reload_with_offline_session", "start_broker"]
+
+WAIT_SECONDS = 20.0
+# The broker checks session expiry once a second: a broker that outlives three checks after
+# the payloads arrived has read the memory they reused and survived it.
+EXPIRY_CHECKS_SECONDS = 3.0
+PERSISTENT_SESSION_SECONDS = 7 * 24 * 3600  # what agents and the bridge used before
+# Payload sizes whose buffers come from the same allocator bin as a freed 648-byte session.
+PAYLOAD_SIZES = range(632, 648)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    offline_session_disconnected: bool  # the reload "disconnected" a client that was away
+    status: int | None  # the broker's exit status (-11: SIGSEGV), None: still running
+
+
+def mosquitto_version(binary: str) -> str:
+    """``2.0.11`` from ``mosquitto -h``'s first line (empty when it says something else)."""
+    out = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=WAIT_SECONDS,
+                         check=False)
+    words = (out.stdout or out.stderr).split()
+    return words[2] if words[:2] == ["mosquitto", "version"] and len(words) > 2 else ""
+
+
+def start_broker(work: Path, binary: str | None = None) -> tuple[Mosquitto, Path]:
+    """A fleet home and Mosquitto on the configuration `mqtt-config` writes for it."""
+    from tests.mqtt_support import free_port  # the one free-port helper the MQTT tests use
+
+    home, port = work / "home", free_port()
+    cfg = init_home(home, config=ControlPlaneConfig(
+        home=home, api_listen="127.0.0.1:0", enroll_listen="127.0.0.1:0",
+        mqtt_url=f"mqtts://127.0.0.1:{port}"))
+    store = open_store(cfg.database)
+    try:
+        settings = write_broker_config(cfg, store, work / "broker", port=port, bind="127.0.0.1",
+                                       fleet_size=1, now=time.time())
+    finally:
+        store.close()
+    return start_mosquitto(settings, binary), home
+
+
+def _connect(settings: MqttSettings, home: Path, *, persistent: bool) -> mqtt.Client:
+    """The bridge's certificate (any certificate-identified client does); wait for CONNACK."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(settings.ca))
+    ctx.load_cert_chain(settings.bridge_cert(home), settings.bridge_key(home))
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=BRIDGE_NAME,
+                         protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+    client.tls_set_context(ctx)
+    up = threading.Event()
+    client.on_connect = lambda *_: up.set()
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = PERSISTENT_SESSION_SECONDS if persistent else \
+        SESSION_EXPIRY_SECONDS
+    client.connect("127.0.0.1", settings.port, clean_start=False if persistent else CLEAN_START,
+                   properties=props)
+    client.loop_start()
+    if not up.wait(WAIT_SECONDS):
+        client.loop_stop()
+        raise TimeoutError("no CONNACK from the broker")
+    return client
+
+
+def _close(client: mqtt.Client) -> None:
+    client.disconnect()
+    client.loop_stop()
+
+
+def reload_with_offline_session(broker: Mosquitto, home: Path, *, persistent: bool) -> Outcome:
+    """Steps 1-4 of the module's docstring against a running broker."""
+    assert broker.proc is not None
+    offline = f"Client {BRIDGE_NAME} disconnected."
+    mark = len(broker.log)
+    _close(_connect(broker.settings, home, persistent=persistent))
+    broker.wait_for_log(offline, after=mark)
+    mark = len(broker.log)
+    broker.reload()
+    broker.wait_for_log("Reloading config", after=mark)
+    client = _connect(broker.settings, home, persistent=persistent)
+    try:
+        # The reload's own lines come before the broker's answer to this connection.
+        broker.wait_for_log(f"as {BRIDGE_NAME} ", after=mark)
+        lines = list(broker.log)[mark:]
+        back = next(i for i, line in enumerate(lines) if f"as {BRIDGE_NAME} " in line)
+        twice = any(offline in line for line in lines[:back])
+        for size in PAYLOAD_SIZES:
+            client.publish(f"{DEVICE_PREFIX}/crash-probe/telemetry", b"\xff" * size, qos=1)
+        try:
+            status: int | None = broker.proc.wait(EXPIRY_CHECKS_SECONDS)
+        except subprocess.TimeoutExpired:
+            status = None
+    finally:
+        _close(client)
+    return Outcome(offline_session_disconnected=twice, status=status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", choices=("persistent", "ours"), default="persistent")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    binary = find_mosquitto()
+    if binary is None:
+        print("error: mosquitto is not installed (hint: apt-get install mosquitto)",
+              file=sys.stderr)
+        return 2
+    if args.rounds < 1:
+        print("error: --rounds must be at least 1", file=sys.stderr)
+        return 2
+    died = twice = 0
+    for _ in range(args.rounds):
+        work = Path(tempfile.mkdtemp(prefix="broker-crash-"))
+        broker, home = start_broker(work, binary)
+        try:
+            outcome = reload_with_offline_session(broker, home,
+                                                  persistent=args.sessions == "persistent")
+        finally:
+            broker.stop()
+            shutil.rmtree(work, ignore_errors=True)
+        twice += outcome.offline_session_disconnected
+        died += outcome.status is not None
+        if outcome.status is not None:
+            name = (signal.Signals(-outcome.status).name if outcome.status < 0
+                    else f"status {outcome.status}")
+            print(f"broker_crash: the broker died ({name})", file=sys.stderr)
+    print(f"broker_crash: mosquitto {mosquitto_version(binary)}, {args.sessions} sessions: "
+          f"{args.rounds} rounds, the reload disconnected the offline session in {twice}, "
+          f"the broker died in {died}", file=sys.stderr)
+    return 1 if died else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
