@@ -51,6 +51,7 @@ from control_plane.services.broker import BRIDGE_NAME, MqttSettings
 from control_plane.storage import open_store
 from fleetcore.mqtt_wire import CLEAN_START, DEVICE_PREFIX, SESSION_EXPIRY_SECONDS
 from scripts.broker import Mosquitto, find_mosquitto, start_mosquitto
+from tests.mqtt_support import free_port
 
 __all__ = ["Outcome", "mosquitto_version", "reload_with_offline_session", "start_broker"]
 
@@ -79,8 +80,6 @@ def mosquitto_version(binary: str) -> str:
 
 def start_broker(work: Path, binary: str | None = None) -> tuple[Mosquitto, Path]:
     """A fleet home and Mosquitto on the configuration `mqtt-config` writes for it."""
-    from tests.mqtt_support import free_port  # the one free-port helper the MQTT tests use
-
     home, port = work / "home", free_port()
     cfg = init_home(home, config=ControlPlaneConfig(
         home=home, api_listen="127.0.0.1:0", enroll_listen="127.0.0.1:0",
