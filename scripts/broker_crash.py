@@ -17,8 +17,12 @@ Each round starts a broker with the configuration `control-plane mqtt-config` wr
 4. the next message payload of that size (632-647 bytes) reuses the memory, and the broker's
    once-a-second expiry check reads it as a client whose session expired: SIGSEGV (the kernel
    logs ``mosquitto[PID]: segfault at ... in libc.so.6``). This script's payloads are 0xff
-   bytes, which makes it immediate; in the field a heartbeat or telemetry batch of that size
-   did it sooner or later.
+   bytes, which makes it immediate; any allocation of that size whose bytes read as a past
+   expiry time can do it (which one did in the field is not known).
+
+``--valgrind`` runs each broker under valgrind, which reports the reads of freed memory
+after step 3 (``Invalid read ... inside a block of size 648 free'd``; the crash itself needs
+the memory reused, which valgrind holds back).
 
 ``--sessions ours`` runs the same steps with the sessions the agent and the bridge use
 (``fleetcore.mqtt_wire.CLEAN_START``, ``SESSION_EXPIRY_SECONDS``): the broker keeps no
@@ -148,15 +152,41 @@ def reload_with_offline_session(broker: Mosquitto, home: Path, *, persistent: bo
     return Outcome(offline_session_disconnected=twice, status=status)
 
 
+def _under_valgrind(work: Path, binary: str) -> str:
+    wrapper = work / "mosquitto-valgrind"
+    wrapper.write_text(f'#!/bin/sh\nexec valgrind -q --log-file={work}/valgrind.log '
+                       f'{binary} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def _print_valgrind(log: Path) -> None:
+    """Each report's first frame and what the address was."""
+    lines = [line.partition(" ")[2] for line in log.read_text().splitlines()] \
+        if log.exists() else []
+    for i, line in enumerate(lines):
+        if line.startswith("Invalid "):
+            where = next((x for x in lines[i + 1:i + 3] if " at " in x), "").strip()
+            block = next((x for x in lines[i + 1:i + 12] if "block of size" in x), "").strip()
+            print(f"valgrind: {line} {where}; {block}", file=sys.stderr)
+    if not any(line.startswith("Invalid ") for line in lines):
+        print("valgrind: no invalid access reported", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", choices=("persistent", "ours"), default="persistent")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--valgrind", action="store_true",
+                        help="run the broker under valgrind and print what it reports")
     args = parser.parse_args(argv)
     binary = find_mosquitto()
     if binary is None:
         print("error: mosquitto is not installed (hint: apt-get install mosquitto)",
               file=sys.stderr)
+        return 2
+    if args.valgrind and shutil.which("valgrind") is None:
+        print("error: valgrind is not installed (hint: apt-get install valgrind)", file=sys.stderr)
         return 2
     if args.rounds < 1:
         print("error: --rounds must be at least 1", file=sys.stderr)
@@ -164,12 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     died = twice = 0
     for _ in range(args.rounds):
         work = Path(tempfile.mkdtemp(prefix="broker-crash-"))
-        broker, home = start_broker(work, binary)
+        broker, home = start_broker(work, _under_valgrind(work, binary) if args.valgrind
+                                    else binary)
         try:
             outcome = reload_with_offline_session(broker, home,
                                                   persistent=args.sessions == "persistent")
         finally:
             broker.stop()
+            if args.valgrind:
+                _print_valgrind(work / "valgrind.log")
             shutil.rmtree(work, ignore_errors=True)
         twice += outcome.offline_session_disconnected
         died += outcome.status is not None
