@@ -1,6 +1,7 @@
 """Reproduce the Mosquitto 2.0.11 crash seen in the field, and show that our sessions avoid it.
 
-    python -m scripts.broker_crash [--sessions persistent|ours] [--rounds N]
+    python -m scripts.broker_crash [--sessions persistent|ours] [--returns persistent|ours]
+        [--restart-first [--drop-persistence]] [--valgrind] [--rounds N]
 
 Each round starts a broker with the configuration `control-plane mqtt-config` writes, then:
 
@@ -24,6 +25,13 @@ Each round starts a broker with the configuration `control-plane mqtt-config` wr
 after step 3 (``Invalid read ... inside a block of size 648 free'd``; the crash itself needs
 the memory reused, which valgrind holds back).
 
+``--restart-first`` restarts the broker after step 1 and reloads it twice: a session restored
+from the persistence file is disconnected by every reload too (it fails the username/password
+check, having no TLS listener), so two reloads list it twice, and its client coming back, even
+with a clean start (``--returns ours``), frees it: the same crash. That is the case of
+sessions left in a broker by agents older than the clean sessions; ``--drop-persistence``
+deletes the persistence file during the restart (the upgrade step in docs/mqtt.md).
+
 ``--sessions ours`` runs the same steps with the sessions the agent and the bridge use
 (``fleetcore.mqtt_wire.CLEAN_START``, ``SESSION_EXPIRY_SECONDS``): the broker keeps no
 offline session, step 2 finds nothing, and the broker lives. Exit status: 1 if any round's
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -124,19 +133,50 @@ def _close(client: mqtt.Client) -> None:
     client.loop_stop()
 
 
-def reload_with_offline_session(broker: Mosquitto, home: Path, *, persistent: bool) -> Outcome:
-    """Steps 1-4 of the module's docstring against a running broker."""
-    assert broker.proc is not None
-    offline = f"Client {BRIDGE_NAME} disconnected."
-    mark = len(broker.log)
-    _close(_connect(broker.settings, home, persistent=persistent))
-    broker.wait_for_log(offline, after=mark)
+def _reload(broker: Mosquitto, *, wait_until_done: bool) -> None:
+    """SIGHUP; ``wait_until_done`` before another one (a signal during a reload is lost)."""
     mark = len(broker.log)
     broker.reload()
     broker.wait_for_log("Reloading config", after=mark)
-    client = _connect(broker.settings, home, persistent=persistent)
+    if wait_until_done:
+        # A connection is logged by a later turn of the broker's loop than the reload; it is
+        # gone before the caller goes on, so that it does not take the freed session's place.
+        with socket.create_connection(("127.0.0.1", broker.settings.port), WAIT_SECONDS):
+            broker.wait_for_log("New connection from", after=mark)
+        broker.wait_for_log("Client <unknown> disconnected", after=mark)
+
+
+def reload_with_offline_session(broker: Mosquitto, home: Path, *, persistent: bool,
+                                returns_persistent: bool | None = None,
+                                restart_first: bool = False,
+                                drop_persistence: bool = False) -> Outcome:
+    """Steps 1-4 of the module's docstring against a running broker.
+
+    ``returns_persistent``: how the client comes back (default: as it left).
+    ``restart_first``: restart the broker once the client has left, then reload twice: the
+    session comes back from the persistence file, and the first reload puts it on the expiry
+    list, the second a second time (the case of sessions left by older agents).
+    ``drop_persistence``: delete the broker's persistence file during that restart (the upgrade
+    step in docs/mqtt.md).
+    """
+    assert broker.proc is not None
+    offline = f"Client {BRIDGE_NAME} disconnected."
+    back_persistent = persistent if returns_persistent is None else returns_persistent
+    mark = len(broker.log)
+    _close(_connect(broker.settings, home, persistent=persistent))
+    broker.wait_for_log(offline, after=mark)
+    if restart_first:
+        broker.stop()
+        if drop_persistence:
+            (broker.settings.out / "data" / "mosquitto.db").unlink()
+        broker.start()
+    mark = len(broker.log)
+    if restart_first:
+        _reload(broker, wait_until_done=True)
+    _reload(broker, wait_until_done=False)
+    client = _connect(broker.settings, home, persistent=back_persistent)
     try:
-        # The reload's own lines come before the broker's answer to this connection.
+        # The reloads' own lines come before the broker's answer to this connection.
         broker.wait_for_log(f"as {BRIDGE_NAME} ", after=mark)
         lines = list(broker.log)[mark:]
         back = next(i for i, line in enumerate(lines) if f"as {BRIDGE_NAME} " in line)
@@ -175,7 +215,14 @@ def _print_valgrind(log: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sessions", choices=("persistent", "ours"), default="persistent")
+    parser.add_argument("--sessions", choices=("persistent", "ours"), default="persistent",
+                        help="how the client connects (persistent: as agents did before)")
+    parser.add_argument("--returns", choices=("persistent", "ours"),
+                        help="how the client comes back (default: as --sessions)")
+    parser.add_argument("--restart-first", action="store_true",
+                        help="restart the broker after the client left, then reload twice")
+    parser.add_argument("--drop-persistence", action="store_true",
+                        help="with --restart-first: delete mosquitto.db during the restart")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--valgrind", action="store_true",
                         help="run the broker under valgrind and print what it reports")
@@ -188,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.valgrind and shutil.which("valgrind") is None:
         print("error: valgrind is not installed (hint: apt-get install valgrind)", file=sys.stderr)
         return 2
+    if args.drop_persistence and not args.restart_first:
+        print("error: --drop-persistence needs --restart-first", file=sys.stderr)
+        return 2
     if args.rounds < 1:
         print("error: --rounds must be at least 1", file=sys.stderr)
         return 2
@@ -197,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         broker, home = start_broker(work, _under_valgrind(work, binary) if args.valgrind
                                     else binary)
         try:
-            outcome = reload_with_offline_session(broker, home,
-                                                  persistent=args.sessions == "persistent")
+            outcome = reload_with_offline_session(
+                broker, home, persistent=args.sessions == "persistent",
+                returns_persistent=None if args.returns is None
+                else args.returns == "persistent", restart_first=args.restart_first,
+                drop_persistence=args.drop_persistence)
         finally:
             broker.stop()
             if args.valgrind:
@@ -210,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             name = (signal.Signals(-outcome.status).name if outcome.status < 0
                     else f"status {outcome.status}")
             print(f"broker_crash: the broker died ({name})", file=sys.stderr)
-    print(f"broker_crash: mosquitto {mosquitto_version(binary)}, {args.sessions} sessions: "
+    how = f"{args.sessions} sessions" + (f", back as {args.returns}" if args.returns else "") \
+        + (", broker restarted first" if args.restart_first else "") \
+        + (" without its persistence file" if args.drop_persistence else "")
+    print(f"broker_crash: mosquitto {mosquitto_version(binary)}, {how}: "
           f"{args.rounds} rounds, the reload disconnected the offline session in {twice}, "
           f"the broker died in {died}", file=sys.stderr)
     return 1 if died else 0

@@ -33,25 +33,59 @@ pytestmark = pytest.mark.skipif(not Path(MOSQUITTO).exists(),
 ROUNDS = 3  # fresh brokers; in our runs the first one has always crashed
 
 
-def test_mosquitto_2_0_11_segfaults_once_a_reloaded_offline_session_comes_back(
-    tmp_path: Path,
-) -> None:
+def _needs_2_0_11() -> None:
     version = mosquitto_version(MOSQUITTO)
     if version != "2.0.11":
         pytest.skip(f"the crash was found in Debian 12's mosquitto 2.0.11; this is {version!r}")
+
+
+def _until_it_dies(tmp_path: Path, **steps: bool) -> list[int | None]:
     statuses = []
     for i in range(ROUNDS):
         broker, home = start_broker(tmp_path / str(i), MOSQUITTO)
         try:
-            outcome = reload_with_offline_session(broker, home, persistent=True)
+            outcome = reload_with_offline_session(broker, home, **steps)
         finally:
             broker.stop()
-        # The cause, every time: the reload "disconnects" a client that was already away.
+        # The cause, every time: a reload "disconnects" a client that was already away.
         assert outcome.offline_session_disconnected
         statuses.append(outcome.status)
         if outcome.status is not None:
             break
+    return statuses
+
+
+def test_mosquitto_2_0_11_segfaults_once_a_reloaded_offline_session_comes_back(
+    tmp_path: Path,
+) -> None:
+    _needs_2_0_11()
+    statuses = _until_it_dies(tmp_path, persistent=True)
     assert statuses[-1] == -signal.SIGSEGV, statuses
+
+
+def test_sessions_left_by_older_agents_still_crash_it_when_they_come_back_clean(
+    tmp_path: Path,
+) -> None:
+    """Why upgrading needs the persistence file dropped (docs/mqtt.md): a session restored
+    from it is listed twice by two reloads, and its client's clean start frees it."""
+    _needs_2_0_11()
+    statuses = _until_it_dies(tmp_path, persistent=True, returns_persistent=False,
+                              restart_first=True)
+    assert statuses[-1] == -signal.SIGSEGV, statuses
+
+
+def test_dropping_the_persistence_file_on_upgrade_leaves_nothing_to_crash_on(
+    tmp_path: Path,
+) -> None:
+    broker, home = start_broker(tmp_path, MOSQUITTO)
+    try:
+        outcome = reload_with_offline_session(broker, home, persistent=True,
+                                              returns_persistent=False, restart_first=True,
+                                              drop_persistence=True)
+        assert not outcome.offline_session_disconnected
+        assert outcome.status is None
+    finally:
+        broker.stop()
 
 
 def test_the_same_steps_with_our_sessions_leave_the_broker_running(tmp_path: Path) -> None:
