@@ -17,9 +17,9 @@ Each round starts a broker with the configuration `control-plane mqtt-config` wr
    entries off: the other points at freed memory (648 bytes in Debian 12's build);
 4. the next message payload of that size (632-647 bytes) reuses the memory, and the broker's
    once-a-second expiry check reads it as a client whose session expired: SIGSEGV (the kernel
-   logs ``mosquitto[PID]: segfault at ... in libc.so.6``). This script's payloads are 0xff
-   bytes, which makes it immediate; any allocation of that size whose bytes read as a past
-   expiry time can do it (which one did in the field is not known).
+   logs ``mosquitto[PID]: segfault at ...``, in libc.so.6 or in mosquitto). This script's
+   payloads are 0xff bytes, which makes it immediate; any allocation of that size whose bytes
+   read as a past expiry time can do it (which one did in the field is not known).
 
 ``--valgrind`` runs each broker under valgrind, which reports the reads of freed memory
 after step 3 (``Invalid read ... inside a block of size 648 free'd``; the crash itself needs

@@ -123,10 +123,10 @@ def test_a_revocation_while_an_agent_is_away_leaves_no_session_to_trip_over(
             lines = list(broker.log)[mark:]
             assert not [line for line in lines if f"Client {away} disconnected" in line]
             assert any(f"as {BRIDGE_NAME} (p5, c1," in line for line in broker.log)
-            # What set the freed memory off in 2.0.11: payloads of the freed session's size.
-            state = StateDir(tmp_path / "other")
-            client, result = connect(cp.cp.mqtt, state.cert, state.key,  # type: ignore[arg-type]
-                                     client_id=other)
+            # What sets freed session memory off in 2.0.11: payloads of its size.
+            state, settings = StateDir(tmp_path / "other"), cp.cp.mqtt
+            assert settings is not None
+            client, result = connect(settings, state.cert, state.key, client_id=other)
             assert connected(result)
             for size in PAYLOAD_SIZES:
                 assert not client.publish(topic(other, Leaf.TELEMETRY), b"\xff" * size).is_failure
