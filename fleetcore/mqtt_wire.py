@@ -33,6 +33,7 @@ from google.protobuf.message import DecodeError, Message
 from fleetcore.errors import InvalidInputError
 
 __all__ = [
+    "CLEAN_START",
     "DEVICE_PREFIX",
     "ERROR_PROPERTY",
     "MAX_MESSAGE_BYTES",
@@ -50,8 +51,14 @@ ERROR_PROPERTY = "error"
 # The largest MQTT message either side sends or accepts (a telemetry batch is at most 1 MiB of
 # payloads, a bundle chunk 256 KiB); the broker's max_packet_size is set a little above it.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
-# Both ends keep persistent sessions this long: QoS 1 messages wait through a week's outage.
-SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
+# Both ends start a clean session that ends with the connection: the broker keeps no session of
+# a client that is away. Mosquitto 2.0.11 (Debian 12) crashes on a reload (SIGHUP: the CRL) that
+# finds an offline session of a certificate-identified client, once that client comes back (see
+# docs/mqtt.md and scripts/broker_crash.py). Nothing depends on a queue in the broker: agents keep
+# telemetry until the control plane acknowledges it, releases and presence are retained, and a
+# request without an answer is asked again.
+CLEAN_START = True
+SESSION_EXPIRY_SECONDS = 0
 DEFAULT_PORT = 8883
 _DEVICE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 

@@ -7,6 +7,8 @@ DIR is a trained, signed bundle (e.g. the demo's ``training/bundle``, or ``train
 ``WORKDIR/bundle``); it is re-signed as versions 1-6 with a throw-away control plane's
 publisher key. Each round starts a rollout of another version, sends SIGHUP to Mosquitto and
 restarts the control plane; the script stops at the first broker exit and prints its status.
+It never crashed the broker; the cause was found by reading Mosquitto's source, and
+``scripts/broker_crash.py`` reproduces it in seconds (docs/mqtt.md).
 """
 
 from __future__ import annotations

@@ -294,8 +294,8 @@ def test_telemetry_through_broker_outage_restart_and_kill_9_arrives_exactly_once
         for i in range(21, 26):
             outbox.append("error", encode({"where": "test", "error": str(i)}), now=float(i))
     # The broker comes back but the control plane is away: the broker takes the batches
-    # (PUBACK) and queues them for the bridge's session, but no acknowledgement comes from the
-    # control plane, so the agent deletes nothing.
+    # (PUBACK) and keeps nothing for the absent bridge (clean sessions), and no acknowledgement
+    # comes from the control plane, so the agent deletes nothing.
     mq.stop()
     mq.broker.start()
     agent = start_agent(state.root, mq.loop, transport="mqtt")
@@ -306,8 +306,8 @@ def test_telemetry_through_broker_outage_restart_and_kill_9_arrives_exactly_once
         agent.stop()
     with Outbox(state.outbox) as outbox:
         assert outbox.stats().depth == 25
-    # The broker crashes (SIGKILL: its queue for the bridge is gone), then comes back with the
-    # control plane: the agent sends again and everything arrives, once.
+    # The broker crashes (SIGKILL), then comes back with the control plane: the agent sends
+    # again and everything arrives, once.
     mq.broker.kill()
     mq.broker.start()
     mq.restart()

@@ -1,11 +1,12 @@
 """The control plane's MQTT bridge: the AgentService's job for agents that speak MQTT.
 
 It connects to the broker as ``edgefleet:bridge`` (a certificate from `mqtt-config`), with a
-persistent session and manual acknowledgement: a device's QoS 1 message is acknowledged to the
-broker only after its handler ran, so what arrives while the control plane is down or dies
-half-way is delivered again, and telemetry's deduplication on (device, seq) makes it count
-once. Like the gRPC servicer it authenticates, converts and delegates through the same
-``AgentCalls``, and nothing else.
+clean session (the broker queues nothing while the control plane is away: why in
+``fleetcore.mqtt_wire``; agents send again what was not answered) and manual acknowledgement:
+a device's QoS 1 message is acknowledged to the broker only after its handler ran, and
+telemetry's deduplication on (device, seq) makes redeliveries and resends count once. Like
+the gRPC servicer it authenticates, converts and delegates through the same ``AgentCalls``,
+and nothing else.
 
 Identity: the device id comes from the topic. The broker's ACL lets a client write only under
 ``edgefleet/v1/dev/<the CN of its certificate>/``, so the topic names the certificate's device;
@@ -41,6 +42,7 @@ from control_plane.services.broker import BRIDGE_NAME, MqttSettings
 from fleetcore import pki
 from fleetcore.errors import EdgefleetError, InvalidInputError
 from fleetcore.mqtt_wire import (
+    CLEAN_START,
     DEVICE_PREFIX,
     ERROR_PROPERTY,
     MAX_MESSAGE_BYTES,
@@ -102,7 +104,7 @@ class MqttBridge:
         props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
         props.MaximumPacketSize = MAX_MESSAGE_BYTES + 64 * 1024
         client.connect_async(self.broker.host, self.broker.port, keepalive=30,
-                             clean_start=False, properties=props)
+                             clean_start=CLEAN_START, properties=props)
         self._client = client
         self._worker = asyncio.create_task(self._work())
         client.loop_start()

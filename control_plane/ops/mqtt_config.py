@@ -45,9 +45,11 @@ __all__ = ["write_broker_config"]
 log = logging.getLogger(__name__)
 
 BRIDGE_CERT_DAYS = 365
-# Per-client queue: a device gets releases and bundle replies; the bridge gets what every device
-# sends while the control plane is away (heartbeats and telemetry batches), so its queue grows
-# with the fleet: about ten minutes of a device's traffic at one message every five seconds.
+# Per-client queue beyond the 100 messages in flight: a device gets releases and bundle replies;
+# the bridge gets what every device sends (heartbeats and telemetry batches), so its backlog
+# grows with the fleet: about ten minutes of a device's traffic at one message every five
+# seconds. Sessions are clean (fleetcore.mqtt_wire.CLEAN_START): nothing queues for a client
+# that is away.
 QUEUED_PER_DEVICE = 120
 MIN_QUEUED_MESSAGES = 1000
 
@@ -131,7 +133,7 @@ def _conf(s: MqttSettings, bind: str, devices: int, data: Path) -> str:
         f"max_packet_size {MAX_MESSAGE_BYTES + 64 * 1024}",
         "max_inflight_messages 100",
         f"max_queued_messages {queued}",
-        # Sessions of devices that stay away longer than this are dropped (they resubscribe).
+        # Agents and the bridge keep no session; this bounds any left by older agents.
         "persistent_client_expiration 14d",
         "",
         f"listener {s.port}{' ' + bind if bind else ''}",

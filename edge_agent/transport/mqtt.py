@@ -2,10 +2,11 @@
 
 paho runs its network loop in its own thread and reconnects by itself with a growing delay;
 its callbacks only hand what arrived to the agent's event loop (``call_soon_threadsafe``), so
-everything else here runs on that loop. The session is persistent (``clean_start=False`` and a
-session expiry), so the broker keeps the subscriptions and what was queued while the agent was
-away. Messages are published at QoS 1 and a call returns only after the broker's PUBACK: the
-telemetry sender deletes outbox records only then.
+everything else here runs on that loop. The session is clean (``CLEAN_START``, no session
+expiry: why in ``fleetcore.mqtt_wire``): the broker keeps nothing of an agent that is away, so
+the agent subscribes on every connect (the retained release comes with the subscription) and
+asks again for what was not answered; telemetry stays in the outbox until the control plane
+acknowledges it. Messages are published at QoS 1 and a call returns after the broker's PUBACK.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from edge_agent.transport.base import RefusedError, Transport
 from fleetcore import pki
 from fleetcore.errors import EdgefleetError, InvalidInputError, TransportError
 from fleetcore.mqtt_wire import (
+    CLEAN_START,
     ERROR_PROPERTY,
     MAX_MESSAGE_BYTES,
     SESSION_EXPIRY_SECONDS,
@@ -106,7 +108,7 @@ class MqttTransport(Transport):
         props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
         props.MaximumPacketSize = MAX_MESSAGE_BYTES + 64 * 1024
         client.connect_async(self.broker.host, self.broker.port, keepalive=KEEPALIVE_SECONDS,
-                             clean_start=False, properties=props)
+                             clean_start=CLEAN_START, properties=props)
         client.loop_start()
         self._client = client
         return client
