@@ -11,7 +11,10 @@ State machine (a table; an illegal move raises and changes nothing)::
 Step membership is deterministic and stable: devices are ordered by SHA-256(model, device id)
 and step k takes the first ceil(percent_k / 100 * N) of them, so the canary devices stay in
 every later step. Gates (``metric op value``) are judged on the step's devices; a gate whose
-metric lacks its minimum sample count does not pass.
+metric lacks its minimum sample count does not pass. ``accuracy_delta`` (a classifier) is the
+new version's accuracy minus the previous one's; ``mae_delta`` (a regression model) is the new
+version's mean absolute error minus the previous one's, in the target's units (``mae_delta<=0``:
+no worse than before), from the error sums of labelled requests.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "IllegalRolloutMoveError",
     "RolloutEvent",
     "RolloutState",
+    "check_gates_for_task",
     "device_progress",
     "first_steps",
     "gate_metrics",
@@ -121,6 +125,7 @@ GATE_METRICS: dict[str, tuple[int, str]] = {
     "p95_ms": (50, "requests"),
     "drift_score": (1, "windows"),
     "accuracy_delta": (50, "labelled requests per version"),
+    "mae_delta": (50, "labelled requests per version"),
 }
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt,
@@ -167,6 +172,21 @@ def parse_gate(text: str) -> Gate:
             f"of <, <=, >, >= (e.g. error_rate<0.05); got {text!r}"
         )
     return Gate(m.group(1), m.group(2), float(m.group(3)))
+
+
+# Gates that mean something for one task only: a classifier has no error sums, a regression
+# model no correct answers (its accuracy_delta would be a constant 0).
+_TASK_METRICS = {"accuracy_delta": "classification", "mae_delta": "regression"}
+
+
+def check_gates_for_task(gates: Sequence[Gate], task: str) -> None:
+    """Refuse a gate whose metric the model's task does not have."""
+    for gate in gates:
+        wanted = _TASK_METRICS.get(gate.metric)
+        if wanted is not None and wanted != task:
+            other = "mae_delta" if task == "regression" else "accuracy_delta"
+            raise InvalidInputError(f"gate {gate.text} needs a {wanted} model; this one is "
+                                    f"a {task} model (use {other})")
 
 
 # What a device reports when the version did not take (a local rollback counts as failed).
@@ -221,6 +241,9 @@ def gate_metrics(rollout: RolloutRecord, members: Sequence[str], failed: int,
     delta = (sum(s.correct for s in new) / new_l - sum(s.correct for s in old) / old_l
              if new_l and old_l else None)
     out["accuracy_delta"] = (delta, min(new_l, old_l))
+    mae_delta = (sum(s.abs_error_sum for s in new) / new_l - sum(s.abs_error_sum for s in old)
+                 / old_l if new_l and old_l else None)
+    out["mae_delta"] = (mae_delta, min(new_l, old_l))
     return out
 
 

@@ -28,6 +28,7 @@ from control_plane.domain.rollout_plan import (
     FAILED_INSTALL_STATES,
     GateResult,
     RolloutEvent,
+    check_gates_for_task,
     device_progress,
     gate_metrics,
     judge_gates,
@@ -37,6 +38,7 @@ from control_plane.domain.rollout_plan import (
     step_devices,
 )
 from control_plane.services.context import Context
+from control_plane.services.registry import version_task
 from fleetcore import pki
 from fleetcore.errors import InvalidInputError, NotFoundError
 from fleetcore.labels import matches, validate_labels
@@ -68,11 +70,14 @@ class RolloutService:
               on_failure: str = "pause") -> RolloutView:
         target = f"{model}:{version}"
         self.ctx.authorize(caller, "rollouts.start", target)
-        if self.store.get_model_version(model, version) is None:
+        published = self.store.get_model_version(model, version)
+        if published is None:
             raise NotFoundError(f"model {model} version {version} is not published")
         clean = validate_labels(selector)
         plan = tuple(parse_steps(list(steps) or [100]))
-        checked = tuple(parse_gate(g).text for g in gates)
+        parsed = [parse_gate(g) for g in gates]
+        check_gates_for_task(parsed, version_task(published))
+        checked = tuple(g.text for g in parsed)
         if on_failure not in ("pause", "rollback"):
             raise InvalidInputError(f"on-failure must be pause or rollback; got {on_failure!r}")
         if not 0 <= bake_seconds <= MAX_BAKE_SECONDS:
