@@ -38,6 +38,7 @@ from control_plane.domain.records import ArmStatsRecord, ExperimentRecord, Exper
 from fleetcore.errors import InvalidInputError
 
 __all__ = [
+    "ERROR_CLIP",
     "TEST_NAME",
     "WELCH_TEST_NAME",
     "ArmEvidence",
@@ -163,18 +164,29 @@ def capped_sum(per_device: Sequence[tuple[int, int]]) -> ArmEvidence:
     return ArmEvidence(correct, labelled, len(rows))
 
 
+# A device's mean absolute error counts as at most this many times the arm's median device's.
+ERROR_CLIP = 2.0
+
+
 def capped_errors(per_device: Sequence[tuple[int, float, float]]) -> ArmEvidence:
     """``capped_sum`` for a regression arm: devices' (labelled, sum |e|, sum e^2), each
     device's rows capped at the median device's labelled count and its sums scaled by the
-    share it keeps (its mean |e| and mean e^2 stay what it reported)."""
+    share it keeps (its mean |e| and mean e^2 stay what it reported). Errors, unlike right
+    answers, are unbounded: a device's errors are also scaled down (sum |e| by f, sum e^2 by
+    f^2) so that its mean |e| is at most ``ERROR_CLIP`` times the median device's. One device
+    among k then moves an arm's MAE by at most about ``ERROR_CLIP``/k of the median's, whether
+    it claims perfect answers or huge errors."""
     rows = [(n, a, s) for n, a, s in per_device if n > 0]
     if not rows:
         return ArmEvidence(0, 0, 0)
     cap = _cap([n for n, _, _ in rows])
+    ceiling = ERROR_CLIP * sorted(a / n for n, a, _ in rows)[(len(rows) - 1) // 2]
     labelled, abs_sum, sq_sum = 0, 0.0, 0.0
     for n, a, s in rows:
         kept = min(n, cap)
-        labelled, abs_sum, sq_sum = labelled + kept, abs_sum + a * kept / n, sq_sum + s * kept / n
+        f = min(1.0, ceiling / (a / n)) if a > 0 else 1.0
+        labelled, abs_sum = labelled + kept, abs_sum + f * a * kept / n
+        sq_sum += f * f * s * kept / n
     return ArmEvidence(0, labelled, len(rows), abs_sum, sq_sum)
 
 
