@@ -301,6 +301,7 @@ class SqliteStore(Store):
             " json_object('name', json_extract(manifest, '$.name'),"
             " 'version', json_extract(manifest, '$.version'),"
             " 'created', json_extract(manifest, '$.created'),"
+            " 'task', COALESCE(json_extract(manifest, '$.task'), 'classification'),"
             " 'metrics', json_extract(manifest, '$.metrics'),"
             " 'compression', json_extract(manifest, '$.compression'),"
             " 'runtime', json_extract(manifest, '$.runtime')) AS manifest,"
