@@ -287,3 +287,39 @@ def test_experiment_between_regression_versions_is_decided_by_the_error_test(
         for agent in agents:
             agent.stop()
         cp.stop()
+
+
+def _arm(version: int, labelled: int, abs_sum: float, sq_sum: float,
+         **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "version": version, "shadow": False, "requests": 1000, "errors": 0,
+            "p50_ms": 1.0, "p95_ms": 2.0, "labelled": labelled, "correct": 0,
+            "abs_error_sum": abs_sum, "sq_error_sum": sq_sum, **extra}
+
+
+def test_hostile_regression_reports_are_refused_and_counted_per_device(
+        cp: RunningControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_hostile_device import _send  # noqa: PLC0415
+
+    _publish(cp, capsys, tmp_path, 1)
+    _publish(cp, capsys, tmp_path, 2, shift=10.0)
+    evil = cp.enroll_agent(tmp_path / "evil").device_id
+    _fleet(cp, capsys, "rollouts", "start", "--model", MODEL, "--version", "1")
+    _fleet(cp, capsys, "experiments", "start", "--model", MODEL, "--challenger", "2",
+           "--weight", "0.5")
+    _send(cp, tmp_path / "evil", "arm_stats",
+          _arm(2, 10, 30.0, 10.0),  # sum e^2 below (sum|e|)^2 / n
+          _arm(2, 10, 30.0, 1000.0),  # sum e^2 above (sum|e|)^2
+          _arm(2, 10, -1.0, 1.0),
+          _arm(2, 0, 5.0, 25.0),  # errors without labels
+          _arm(2, 10, 1e160, 1e300),  # beyond any label
+          _arm(2, 10, 30.0, 100.0, correct=10))  # right answers from a regression arm
+    assert cp.cp.store.arm_stats(MODEL) == []
+    status = _fleet(cp, capsys, "experiments", "status", "--model", MODEL)
+    assert status["decision"] == "wait" and status["arms"][0]["mae"] is None
+    device = _fleet(cp, capsys, "devices", "show", evil)
+    assert device["refused_reports"] == {"arm_stats/malformed": 6}
+    _send(cp, tmp_path / "evil", "arm_stats", _arm(2, 10, 30.0, 100.0), seq=10)  # consistent
+    (row,) = cp.cp.store.arm_stats(MODEL)
+    assert (row.labelled, row.abs_error_sum, row.sq_error_sum) == (10, 30.0, 100.0)
+    status = _fleet(cp, capsys, "experiments", "status", "--model", MODEL)
+    assert status["arms"][1]["mae"] == pytest.approx(3.0)
