@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from edgefleet.v1 import grpc_predict_v2_pb2 as pb
 from edgefleet.v1 import grpc_predict_v2_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.install.smoke import run_smoke_isolated
 from edge_agent.reporting.drift import DriftConfig, DriftMonitor, parse_profile
@@ -123,6 +124,11 @@ def test_numeric_feedback_sums_absolute_and_squared_errors(
     assert arm["feedback_sq_error_sum"] == pytest.approx(sum(e * e for e in errors))
     assert arm["mae"] == pytest.approx(sum(abs(e) for e in errors) / 6)
     assert served.feedback({"id": "one", "label": 1.0}).status_code == 404  # scored once
+    families = {f.name: f for f in text_string_to_metric_families(
+        served.http.get("/metrics").text)}
+    (sample,) = [s for s in families["edgefleet_serving_feedback_abs_error"].samples
+                 if s.name.endswith("_total")]
+    assert sample.value == pytest.approx(sum(abs(e) for e in errors))
 
 
 @pytest.mark.parametrize("body", [
@@ -237,3 +243,19 @@ def test_hostile_value_profiles_are_refused(diabetes: RegressionBundle,
     profile["prediction"] = prediction
     with pytest.raises(InvalidInputError):
         parse_profile(json.dumps(profile).encode())
+
+
+def test_sampled_requests_leave_with_float_labels(diabetes: RegressionBundle) -> None:
+    got: list[tuple[Any, ...]] = []
+    core = ServingCore(seed=0, on_sample=lambda *a: got.append(a))
+    try:
+        core.set_model("diabetes", [(1, 1.0, False)], {1: diabetes.path})
+        core.set_sampling("diabetes", 1.0)
+        core.infer("diabetes", diabetes.X_test[:2], request_id="s")
+        assert core.feedback("diabetes", "s", [151, 75.5])
+        ((model, version, rows, labels, params),) = got
+        assert (model, version, params) == ("diabetes", 1, {})
+        assert labels == [151.0, 75.5] and all(type(v) is float for v in labels)
+        np.testing.assert_array_equal(rows, diabetes.X_test[:2])
+    finally:
+        core.close()
