@@ -228,7 +228,8 @@ def rollout_json(r: admin_pb2.Rollout) -> dict[str, Any]:
         "created_at": r.created_at, "created_by": r.created_by, "steps": list(r.steps),
         "step": r.step, "bake_seconds": r.bake_seconds, "gates": list(r.gates),
         "on_failure": r.on_failure, "previous_version": r.previous_version or None,
-        "reason": r.reason, "history": list(r.history),
+        "reason": r.reason, "history": list(r.history), "task": r.task or "classification",
+        "quality": [_version_quality(q, r.task == "regression") for q in r.quality],
         "devices": [
             {"id": d.device_id, "step": d.step, "desired_version": d.desired_version,
              "serving_version": d.reported_version or None, "state": d.reported_state,
@@ -236,6 +237,17 @@ def rollout_json(r: admin_pb2.Rollout) -> dict[str, Any]:
             for d in r.devices
         ],
     }
+
+
+def _version_quality(q: admin_pb2.VersionQuality, regression: bool) -> dict[str, Any]:
+    """A version's feedback on the rollout's devices: accuracy or MAE, with a 95% CI."""
+    if regression:
+        return {"version": q.version, "labelled": q.labelled,
+                "mae": q.mae if q.HasField("mae") else None,
+                "mae_ci95": [q.mae_low, q.mae_high if math.isfinite(q.mae_high) else None]}
+    return {"version": q.version, "labelled": q.labelled,
+            "accuracy": q.accuracy if q.HasField("accuracy") else None,
+            "accuracy_ci95": [q.accuracy_low, q.accuracy_high]}
 
 
 def _print_rollout(r: admin_pb2.Rollout, as_json: bool) -> None:
@@ -253,6 +265,13 @@ def _print_rollout(r: admin_pb2.Rollout, as_json: bool) -> None:
     ])
     for line in r.history:
         print(f"  - {terminal_safe(line)}")
+    doc = rollout_json(r)
+    for q in doc["quality"]:
+        if q["labelled"]:
+            value, ci = _quality_cells(q)
+            kind = "MAE" if "mae" in q else "accuracy"
+            print(f"  v{q['version']}: {kind} {value} (95% CI {ci}) on {q['labelled']} "
+                  "labelled requests")
 
 
 def _rollouts_start(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:

@@ -224,6 +224,18 @@ def test_staged_rollout_is_judged_by_the_mae_gate(
     assert delta == pytest.approx(mae[2] - mae[1], rel=1e-3)  # the same rows, both versions
     _wait_reported(cp, agents[1 - k], ids[1 - k], 2)
     assert _tick(cp).state == "completed"
+    view = _fleet(cp, capsys, "rollouts", "status", "--model", MODEL)
+    assert view["task"] == "regression"
+    quality = {q["version"]: q for q in view["quality"]}
+    for version in (1, 2):
+        assert quality[version]["labelled"] == len(v1.y_test)
+        assert quality[version]["mae"] == pytest.approx(mae[version], rel=1e-3)
+        low, high = quality[version]["mae_ci95"]
+        assert low < quality[version]["mae"] < high
+    capsys.readouterr()
+    assert _fleet_rc(cp, "rollouts", "status", "--model", MODEL) == 0
+    printed = capsys.readouterr().out
+    assert "v2: MAE " in printed and "v1: MAE " in printed and "95% CI" in printed
 
     # v3 answers 60 too high: its canary step fails the gate and rolls back to v2.
     _fleet(cp, capsys, "rollouts", "start", "--model", MODEL, "--version", "3", "--steps",

@@ -144,7 +144,11 @@ def rollout_to_proto(view: RolloutView) -> admin_pb2.Rollout:
         created_by=rollout.created_by, devices=devices, steps=list(rollout.steps),
         step=rollout.step + 1, bake_seconds=rollout.bake_seconds, gates=list(rollout.gates),
         on_failure=rollout.on_failure, previous_version=rollout.previous_version,
-        reason=rollout.reason, history=list(rollout.history),
+        reason=rollout.reason, history=list(rollout.history), task=view.task,
+        quality=[admin_pb2.VersionQuality(
+            version=q.version, labelled=q.labelled, accuracy=q.accuracy,
+            accuracy_low=q.accuracy_low, accuracy_high=q.accuracy_high, mae=q.mae,
+            mae_low=q.mae_low, mae_high=q.mae_high) for q in view.quality],
     )
 
 

@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from control_plane.domain.experiments import ArmEvidence, mae_interval, wilson_interval
 from control_plane.domain.records import (
     ArmStatsRecord,
     DriftWindowRecord,
@@ -45,6 +46,7 @@ __all__ = [
     "IllegalRolloutMoveError",
     "RolloutEvent",
     "RolloutState",
+    "VersionQuality",
     "check_gates_for_task",
     "device_progress",
     "first_steps",
@@ -54,6 +56,7 @@ __all__ = [
     "parse_gate",
     "parse_steps",
     "step_devices",
+    "version_quality",
 ]
 
 
@@ -245,6 +248,38 @@ def gate_metrics(rollout: RolloutRecord, members: Sequence[str], failed: int,
                  / old_l if new_l and old_l else None)
     out["mae_delta"] = (mae_delta, min(new_l, old_l))
     return out
+
+
+@dataclass(frozen=True)
+class VersionQuality:
+    """What feedback says of one version on a rollout's devices (plain sums, as the gates
+    take them): a classifier's accuracy with its Wilson interval, or a regression model's MAE
+    with its t interval; None before any labelled request."""
+
+    version: int
+    labelled: int
+    accuracy: float | None
+    accuracy_low: float
+    accuracy_high: float
+    mae: float | None
+    mae_low: float
+    mae_high: float
+
+
+def version_quality(stats: Sequence[ArmStatsRecord], devices: Sequence[str], version: int,
+                    task: str) -> VersionQuality:
+    inside = set(devices)
+    rows = [s for s in stats if s.device_id in inside and s.version == version]
+    evidence = ArmEvidence(sum(s.correct for s in rows), sum(s.labelled for s in rows),
+                           len(rows), math.fsum(s.abs_error_sum for s in rows),
+                           math.fsum(s.sq_error_sum for s in rows))
+    n = evidence.labelled
+    low, high = wilson_interval(evidence.correct, n)
+    mae_low, mae_high = mae_interval(evidence)
+    regression = task == "regression"
+    return VersionQuality(
+        version, n, evidence.correct / n if n and not regression else None, low, high,
+        evidence.abs_error_sum / n if n and regression else None, mae_low, mae_high)
 
 
 def judge_gates(gates: Sequence[str],

@@ -28,6 +28,7 @@ from control_plane.domain.rollout_plan import (
     FAILED_INSTALL_STATES,
     GateResult,
     RolloutEvent,
+    VersionQuality,
     check_gates_for_task,
     device_progress,
     gate_metrics,
@@ -36,6 +37,7 @@ from control_plane.domain.rollout_plan import (
     parse_gate,
     parse_steps,
     step_devices,
+    version_quality,
 )
 from control_plane.services.context import Context
 from control_plane.services.registry import version_task
@@ -56,6 +58,8 @@ class RolloutView:
     rollout: RolloutRecord
     devices: list[DeviceView]
     releases: dict[str, ReleaseRecord]  # device id -> its current release
+    task: str = "classification"
+    quality: tuple[VersionQuality, ...] = ()  # the new version, then the previous one
 
 
 class RolloutService:
@@ -142,7 +146,11 @@ class RolloutService:
             release = self.store.get_release(device_id)
             if release is not None:
                 releases[device_id] = release
-        return RolloutView(rollout, views, releases)
+        task = version_task(self.store.get_model_version(model, rollout.version))
+        stats = self.store.arm_stats(model)
+        quality = tuple(version_quality(stats, rollout.device_ids, v, task)
+                        for v in (rollout.version, rollout.previous_version) if v)
+        return RolloutView(rollout, views, releases, task, quality)
 
     # ------------------------------------------------------------------ scheduler
     def tick(self) -> None:
