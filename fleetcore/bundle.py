@@ -70,12 +70,15 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     if not isinstance(features, list) or not features:
         raise InvalidInputError("manifest input.features must be a non-empty list")
     task = doc.get("task", "classification")
-    if task not in TASKS:
-        raise InvalidInputError(f"manifest task must be one of {list(TASKS)}; got {task!r}")
+    if task not in ("classification", "regression"):
+        raise InvalidInputError(
+            f"manifest task must be 'classification' or 'regression'; got {task!r}")
     if task == "regression":
-        if doc["output"].get("kind") != "value" or "labels" in doc["output"]:
-            raise InvalidInputError('a regression manifest\'s output has kind "value" and no '
-                                    "labels")
+        out = doc["output"]
+        if out.get("kind") != "value" or not isinstance(out.get("name"), str) or not out["name"]:
+            raise InvalidInputError(
+                "manifest output of a regression model must be {\"kind\": \"value\", "
+                "\"name\": ...}")
         return doc
     labels = doc["output"].get("labels")
     if not isinstance(labels, list) or not labels:

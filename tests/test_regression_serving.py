@@ -191,7 +191,7 @@ def test_regression_manifest_checks(diabetes: RegressionBundle) -> None:
     doc = json.loads((diabetes.path / "manifest.json").read_text())
     assert parse_manifest(json.dumps(doc).encode())["task"] == "regression"
     for change in ({"task": "ranking"}, {"output": {**doc["output"], "kind": "probabilities"}},
-                   {"output": {**doc["output"], "labels": ["a"]}}):
+                   {"output": {**doc["output"], "name": ""}}):
         with pytest.raises(InvalidInputError):
             parse_manifest(json.dumps({**doc, **change}).encode())
 

@@ -32,7 +32,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scipy import stats as scipy_stats  # type: ignore[import-untyped]
+from scipy import stats as scipy_stats
 
 from control_plane.domain.records import ArmStatsRecord, ExperimentRecord, ExperimentState
 from fleetcore.errors import InvalidInputError
