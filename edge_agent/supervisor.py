@@ -171,8 +171,8 @@ class ServingSupervisor:
                               if isinstance(c, dict) and "name" in c and "action" in c}
         return self._pii[key]
 
-    def _on_sample(self, model: str, version: int, rows: np.ndarray, labels: list[int],
-                   params: Mapping[str, str]) -> None:
+    def _on_sample(self, model: str, version: int, rows: np.ndarray,
+                   labels: list[int] | list[float], params: Mapping[str, str]) -> None:
         if self._sample_key_path is None:
             return
         if self._sample_key is None:
@@ -208,13 +208,17 @@ class ServingSupervisor:
                 if self._last_counters.get((name, version)) == counters:
                     continue
                 self._last_counters[(name, version)] = counters
-                items.append(("arm_stats", encode({
+                doc = {
                     "model": name, "version": int(version), "shadow": arm["shadow"],
                     "requests": arm["requests"], "errors": arm["errors"],
                     "p50_ms": 1000 * (arm["latency_p50_s"] or 0.0),
                     "p95_ms": 1000 * (arm["latency_p95_s"] or 0.0),
                     "labelled": arm["feedback_rows"], "correct": arm["feedback_correct"],
-                })))
+                }
+                if model.get("task") == "regression":  # docs/design.md, "arm statistics"
+                    doc["abs_error_sum"] = arm["feedback_abs_error_sum"]
+                    doc["sq_error_sum"] = arm["feedback_sq_error_sum"]
+                items.append(("arm_stats", encode(doc)))
         if items:
             self.outbox.append_many(items, now)
 

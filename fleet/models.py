@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -63,7 +64,8 @@ def add_model_commands(sub: Any) -> None:
                     help="how long each step runs before its gates are judged")
     rs.add_argument("--gate", action="append", default=[], metavar="EXPR",
                     help="e.g. error_rate<0.05, p95_ms<50, drift_score<0.3, "
-                         "accuracy_delta>=-0.01, install_failures<=0 (repeatable)")
+                         "accuracy_delta>=-0.01, install_failures<=0 (repeatable); a regression "
+                         "model's error gate: mae_delta<=0 (new MAE minus previous)")
     rs.add_argument("--on-failure", choices=["pause", "rollback"], default="pause")
     rs.add_argument("--json", action="store_true")
     rs.add_argument("--wait", action="store_true",
@@ -101,7 +103,8 @@ def add_model_commands(sub: Any) -> None:
     es.add_argument("--json", action="store_true")
     for name in ("status", "stop"):
         e = experiments.add_parser(name, help={
-            "status": "per-arm requests, errors, latency, accuracy with a 95% CI, decision",
+            "status": "per-arm requests, errors, latency, accuracy (regression: MAE) with a "
+                      "95% CI, decision",
             "stop": "end the experiment; devices go back to the champion alone"}[name])
         e.add_argument("--model", required=True)
         e.add_argument("--json", action="store_true")
@@ -132,7 +135,8 @@ def _add_retrain_commands(sub: Any) -> None:
                          "(PII pseudonymized or dropped on the device); 0 turns sampling off")
     rp.add_argument("--margin", type=float, default=0.0,
                     help="accuracy (0..1) the retrained model must gain over the current one "
-                         "on the devices' recent (drifted) samples to be published")
+                         "on the devices' recent (drifted) samples to be published; for a "
+                         "regression model the MAE reduction, in the target's units")
     rj = retrain.add_parser("jobs", help="retraining jobs and the samples devices contributed")
     rj.add_argument("--model", default="")
     rj.add_argument("--json", action="store_true")
@@ -154,11 +158,18 @@ def _print_models(models: list[admin_pb2.ModelVersion], as_json: bool) -> None:
         return
     rows = []
     for m in models:
-        metrics = json.loads(m.manifest_json or "{}").get("metrics", {})
-        acc = metrics.get("compressed", {}).get("accuracy")
-        rows.append((m.name, m.version, m.digest[:19], f"{m.length:,}",
-                     f"{acc:.4f}" if isinstance(acc, float) else "-", ts(m.created_at)))
-    print_table(("NAME", "VERSION", "DIGEST", "BYTES", "ACCURACY", "PUBLISHED"), rows)
+        manifest = json.loads(m.manifest_json or "{}")
+        compressed = manifest.get("metrics", {}).get("compressed", {})
+        if manifest.get("task") == "regression":
+            mae = compressed.get("mae") if isinstance(compressed, dict) else None
+            quality = f"MAE {mae:.4g}" if isinstance(mae, float) else "-"
+        else:
+            acc = compressed.get("accuracy") if isinstance(compressed, dict) else None
+            quality = f"{acc:.4f}" if isinstance(acc, float) else "-"
+        rows.append((m.name, m.version, manifest.get("task", "classification"),
+                     m.digest[:19], f"{m.length:,}", quality, ts(m.created_at)))
+    print_table(("NAME", "VERSION", "TASK", "DIGEST", "BYTES", "ACCURACY/MAE", "PUBLISHED"),
+                rows)
 
 
 def _models_publish(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
@@ -217,7 +228,8 @@ def rollout_json(r: admin_pb2.Rollout) -> dict[str, Any]:
         "created_at": r.created_at, "created_by": r.created_by, "steps": list(r.steps),
         "step": r.step, "bake_seconds": r.bake_seconds, "gates": list(r.gates),
         "on_failure": r.on_failure, "previous_version": r.previous_version or None,
-        "reason": r.reason, "history": list(r.history),
+        "reason": r.reason, "history": list(r.history), "task": r.task or "classification",
+        "quality": [_version_quality(q, r.task == "regression") for q in r.quality],
         "devices": [
             {"id": d.device_id, "step": d.step, "desired_version": d.desired_version,
              "serving_version": d.reported_version or None, "state": d.reported_state,
@@ -225,6 +237,17 @@ def rollout_json(r: admin_pb2.Rollout) -> dict[str, Any]:
             for d in r.devices
         ],
     }
+
+
+def _version_quality(q: admin_pb2.VersionQuality, regression: bool) -> dict[str, Any]:
+    """A version's feedback on the rollout's devices: accuracy or MAE, with a 95% CI."""
+    if regression:
+        return {"version": q.version, "labelled": q.labelled,
+                "mae": q.mae if q.HasField("mae") else None,
+                "mae_ci95": [q.mae_low, q.mae_high if math.isfinite(q.mae_high) else None]}
+    return {"version": q.version, "labelled": q.labelled,
+            "accuracy": q.accuracy if q.HasField("accuracy") else None,
+            "accuracy_ci95": [q.accuracy_low, q.accuracy_high]}
 
 
 def _print_rollout(r: admin_pb2.Rollout, as_json: bool) -> None:
@@ -242,6 +265,13 @@ def _print_rollout(r: admin_pb2.Rollout, as_json: bool) -> None:
     ])
     for line in r.history:
         print(f"  - {terminal_safe(line)}")
+    doc = rollout_json(r)
+    for q in doc["quality"]:
+        if q["labelled"]:
+            value, ci = _quality_cells(q)
+            kind = "MAE" if "mae" in q else "accuracy"
+            print(f"  v{q['version']}: {kind} {value} (95% CI {ci}) on {q['labelled']} "
+                  "labelled requests")
 
 
 def _rollouts_start(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
@@ -311,13 +341,32 @@ def experiment_json(e: admin_pb2.Experiment) -> dict[str, Any]:
             {"version": a.version, "role": a.role, "weight": a.weight, "requests": a.requests,
              "errors": a.errors, "p50_ms": a.p50_ms, "p95_ms": a.p95_ms,
              "labelled": a.labelled, "correct": a.correct,
-             "accuracy": a.correct / a.labelled if a.labelled else None,
-             "accuracy_ci95": [a.accuracy_low, a.accuracy_high], "devices": a.devices}
+             **_arm_quality(a), "devices": a.devices}
             for a in e.arms
         ],
+        "task": e.task or "classification",
         "decision": e.decision, "p_value": e.p_value or None, "test": e.test,
         "decision_reason": e.decision_reason, "min_samples": e.min_samples,
     }
+
+
+def _arm_quality(a: admin_pb2.ArmResult) -> dict[str, Any]:
+    """A classifier arm's accuracy with its Wilson interval, or a regression arm's MAE with
+    its t interval (None before any feedback)."""
+    if a.task == "regression":
+        return {"mae": a.mae if a.HasField("mae") else None,
+                "mae_ci95": [a.mae_low, a.mae_high if math.isfinite(a.mae_high) else None]}
+    return {"accuracy": a.correct / a.labelled if a.labelled else None,
+            "accuracy_ci95": [a.accuracy_low, a.accuracy_high]}
+
+
+def _quality_cells(a: dict[str, Any]) -> tuple[str, str]:
+    if "mae" in a:
+        low, high = a["mae_ci95"]
+        return (f"{a['mae']:.4g}" if a["mae"] is not None else "-",
+                f"{low:.4g}-{high:.4g}" if high is not None else "-")
+    return (f"{a['accuracy']:.4f}" if a["accuracy"] is not None else "-",
+            f"{a['accuracy_ci95'][0]:.3f}-{a['accuracy_ci95'][1]:.3f}")
 
 
 def _print_experiment(e: admin_pb2.Experiment, as_json: bool) -> None:
@@ -327,12 +376,11 @@ def _print_experiment(e: admin_pb2.Experiment, as_json: bool) -> None:
         return
     print(f"experiment {e.model}: champion v{e.champion} vs challenger v{e.challenger} "
           f"({e.weight:.0%} of traffic), {e.state}, {len(e.device_ids)} devices")
+    regression = doc["task"] == "regression"
     print_table(("ARM", "VERSION", "WEIGHT", "REQUESTS", "ERRORS", "P50 MS", "P95 MS",
-                 "LABELLED", "ACCURACY", "95% CI"), [
+                 "LABELLED", "MAE" if regression else "ACCURACY", "95% CI"), [
         (a["role"], a["version"], f"{a['weight']:.2f}", a["requests"], a["errors"],
-         f"{a['p50_ms']:.2f}", f"{a['p95_ms']:.2f}", a["labelled"],
-         f"{a['accuracy']:.4f}" if a["accuracy"] is not None else "-",
-         f"{a['accuracy_ci95'][0]:.3f}-{a['accuracy_ci95'][1]:.3f}")
+         f"{a['p50_ms']:.2f}", f"{a['p95_ms']:.2f}", a["labelled"], *_quality_cells(a))
         for a in doc["arms"]
     ])
     print(f"decision: {doc['decision']} — {doc['decision_reason']} ({doc['test']}, "
@@ -374,10 +422,11 @@ def _drift_show(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
         for f in doc["fleet"]
     ])
     print()
-    print_table(("DEVICE", "MODEL", "VERSION", "WINDOW END", "ROWS", "SCORE", "DRIFTED",
-                 "FEATURES"), [
+    # PREDICTION PSI: the predicted class (or, for a regression model, value) distribution.
+    print_table(("DEVICE", "MODEL", "VERSION", "WINDOW END", "ROWS", "SCORE", "PREDICTION PSI",
+                 "DRIFTED", "FEATURES"), [
         (w["device_id"], w["model"], w["version"], ts(w["end"]), w["rows"],
-         f"{w['score']:.3f}", "yes" if w["drifted"] else "no",
+         f"{w['score']:.3f}", f"{w['prediction_psi']:.3f}", "yes" if w["drifted"] else "no",
          len(w["drifted_features"])) for w in doc["devices"]
     ])
 

@@ -20,6 +20,8 @@ __all__ = [
     "MODEL_TFLITE",
     "PROFILE",
     "SIGNATURE",
+    "TASKS",
+    "manifest_task",
     "parse_manifest",
 ]
 
@@ -30,6 +32,9 @@ MODEL_TFLITE = "model.tflite"
 PROFILE = "profile.json"
 SIGNATURE = "model.sig"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# What a model predicts: a class (``output.labels``, probabilities ``[n, classes]``) or a number
+# (``output.kind == "value"``, float32 ``[n, 1]``). A manifest without ``task`` is a classifier.
+TASKS = ("classification", "regression")
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "format": str,
@@ -64,7 +69,23 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     features = doc["input"].get("features")
     if not isinstance(features, list) or not features:
         raise InvalidInputError("manifest input.features must be a non-empty list")
+    task = doc.get("task", "classification")
+    if task not in ("classification", "regression"):
+        raise InvalidInputError(
+            f"manifest task must be 'classification' or 'regression'; got {task!r}")
+    if task == "regression":
+        out = doc["output"]
+        if out.get("kind") != "value" or not isinstance(out.get("name"), str) or not out["name"]:
+            raise InvalidInputError(
+                "manifest output of a regression model must be {\"kind\": \"value\", "
+                "\"name\": ...}")
+        return doc
     labels = doc["output"].get("labels")
     if not isinstance(labels, list) or not labels:
         raise InvalidInputError("manifest output.labels must be a non-empty list")
     return doc
+
+
+def manifest_task(doc: dict[str, Any]) -> str:
+    """The task of a manifest ``parse_manifest`` accepted: "classification" or "regression"."""
+    return "regression" if doc.get("task") == "regression" else "classification"

@@ -13,7 +13,7 @@ from edgefleet.v1 import admin_pb2, agent_pb2, common_pb2
 
 from control_plane.domain.audit_chain import ChainVerdict
 from control_plane.domain.drift import fleet_summary
-from control_plane.domain.experiments import TEST_NAME
+from control_plane.domain.experiments import experiment_test_name
 from control_plane.domain.records import (
     AuditRecord,
     DeviceStatus,
@@ -144,7 +144,11 @@ def rollout_to_proto(view: RolloutView) -> admin_pb2.Rollout:
         created_by=rollout.created_by, devices=devices, steps=list(rollout.steps),
         step=rollout.step + 1, bake_seconds=rollout.bake_seconds, gates=list(rollout.gates),
         on_failure=rollout.on_failure, previous_version=rollout.previous_version,
-        reason=rollout.reason, history=list(rollout.history),
+        reason=rollout.reason, history=list(rollout.history), task=view.task,
+        quality=[admin_pb2.VersionQuality(
+            version=q.version, labelled=q.labelled, accuracy=q.accuracy,
+            accuracy_low=q.accuracy_low, accuracy_high=q.accuracy_high, mae=q.mae,
+            mae_low=q.mae_low, mae_high=q.mae_high) for q in view.quality],
     )
 
 
@@ -154,6 +158,7 @@ def experiment_to_proto(view: ExperimentView) -> admin_pb2.Experiment:
         version=a.version, role=a.role, weight=a.weight, requests=a.requests, errors=a.errors,
         p50_ms=a.p50_ms, p95_ms=a.p95_ms, labelled=a.labelled, correct=a.correct,
         devices=a.devices, accuracy_low=a.accuracy_low, accuracy_high=a.accuracy_high,
+        task=a.task, mae=a.mae, mae_low=a.mae_low, mae_high=a.mae_high,
     ) for a in view.arms]
     return admin_pb2.Experiment(
         model=record.model, champion=record.champion, challenger=record.challenger,
@@ -161,8 +166,9 @@ def experiment_to_proto(view: ExperimentView) -> admin_pb2.Experiment:
         device_ids=list(record.device_ids), arms=arms, created_at=record.created_at,
         decision=record.decision or decision.verdict,
         p_value=record.p_value if record.p_value is not None else (decision.p_value or 0.0),
-        test=TEST_NAME, decision_reason=record.decision_reason or decision.reason,
-        min_samples=view.min_samples,
+        test=experiment_test_name(view.task),
+        decision_reason=record.decision_reason or decision.reason,
+        min_samples=view.min_samples, task=view.task,
     )
 
 

@@ -226,6 +226,10 @@ class ArmStatsRecord:
     labelled: int
     correct: int
     updated_at: float
+    # A regression model's arm: sums of |error| and error^2 over the labelled rows (0 for a
+    # classifier, whose evidence is ``correct``).
+    abs_error_sum: float = 0.0
+    sq_error_sum: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -253,7 +257,7 @@ class SampleRecord:
     model: str
     version: int  # the model version that served the rows
     features: list[list[float]]
-    labels: list[int]
+    labels: list[int] | list[float]  # class ids, or a regression model's finite targets
     pii: dict[str, list[str]]  # column -> hex HMAC per row (columns the manifest drops: absent)
     region: str = ""  # the device's region label, set when the sample is vetted
 

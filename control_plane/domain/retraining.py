@@ -28,6 +28,7 @@ beats the current one by ``margin``.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -57,7 +58,9 @@ class DriftPolicy:
     canary_weight: float = 0.1
     auto_canary: bool = True  # False: the new version waits for an operator
     sample_rate: float = 0.0  # share of labelled requests devices contribute as samples
-    margin: float = 0.0  # accuracy points (0..1) the new model must gain on the drifted data
+    # What the new model must gain on the drifted data: accuracy points in [0, 1) for a
+    # classifier; for a regression model the MAE reduction, in the target's units (>= 0).
+    margin: float = 0.0
 
 
 def policy_fires(policy: DriftPolicy,
@@ -89,14 +92,18 @@ def drift_policy(model: str, pipeline: str, *, threshold: float = 0.0,
                        auto_canary=auto_canary, sample_rate=sample_rate, margin=margin)
 
 
-def check_policy(policy: DriftPolicy) -> DriftPolicy:
-    """Refuse a policy whose numbers are out of range (the pipeline file is the service's)."""
+def check_policy(policy: DriftPolicy, task: str = "classification") -> DriftPolicy:
+    """Refuse a policy whose numbers are out of range (the pipeline file is the service's);
+    ``task``: the model's (its margin is accuracy points or target units)."""
     checks = [(policy.threshold > 0, "threshold must be > 0"),
               (0 < policy.device_fraction <= 1, "fraction must be in (0, 1]"),
               (1 <= policy.windows <= 100, "windows must be 1..100"),
               (0 < policy.canary_weight < 1, "canary weight must be in (0, 1)"),
               (0 <= policy.sample_rate <= 1, "sample rate must be in [0, 1]"),
-              (0 <= policy.margin < 1, "margin must be in [0, 1)")]
+              (0 <= policy.margin < 1 if task != "regression" else
+               0 <= policy.margin < math.inf,
+               "margin must be in [0, 1)" if task != "regression" else
+               "margin must be a finite MAE reduction >= 0 (target units)")]
     for ok, message in checks:
         if not ok:
             raise InvalidInputError(f"drift policy: {message}")

@@ -11,7 +11,10 @@ State machine (a table; an illegal move raises and changes nothing)::
 Step membership is deterministic and stable: devices are ordered by SHA-256(model, device id)
 and step k takes the first ceil(percent_k / 100 * N) of them, so the canary devices stay in
 every later step. Gates (``metric op value``) are judged on the step's devices; a gate whose
-metric lacks its minimum sample count does not pass.
+metric lacks its minimum sample count does not pass. ``accuracy_delta`` (a classifier) is the
+new version's accuracy minus the previous one's; ``mae_delta`` (a regression model) is the new
+version's mean absolute error minus the previous one's, in the target's units (``mae_delta<=0``:
+no worse than before), from the error sums of labelled requests.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from control_plane.domain.experiments import ArmEvidence, mae_interval, wilson_interval
 from control_plane.domain.records import (
     ArmStatsRecord,
     DriftWindowRecord,
@@ -42,6 +46,8 @@ __all__ = [
     "IllegalRolloutMoveError",
     "RolloutEvent",
     "RolloutState",
+    "VersionQuality",
+    "check_gates_for_task",
     "device_progress",
     "first_steps",
     "gate_metrics",
@@ -50,6 +56,7 @@ __all__ = [
     "parse_gate",
     "parse_steps",
     "step_devices",
+    "version_quality",
 ]
 
 
@@ -121,6 +128,7 @@ GATE_METRICS: dict[str, tuple[int, str]] = {
     "p95_ms": (50, "requests"),
     "drift_score": (1, "windows"),
     "accuracy_delta": (50, "labelled requests per version"),
+    "mae_delta": (50, "labelled requests per version"),
 }
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt,
@@ -167,6 +175,21 @@ def parse_gate(text: str) -> Gate:
             f"of <, <=, >, >= (e.g. error_rate<0.05); got {text!r}"
         )
     return Gate(m.group(1), m.group(2), float(m.group(3)))
+
+
+# Gates that mean something for one task only: a classifier has no error sums, a regression
+# model no correct answers (its accuracy_delta would be a constant 0).
+_TASK_METRICS = {"accuracy_delta": "classification", "mae_delta": "regression"}
+
+
+def check_gates_for_task(gates: Sequence[Gate], task: str) -> None:
+    """Refuse a gate whose metric the model's task does not have."""
+    for gate in gates:
+        wanted = _TASK_METRICS.get(gate.metric)
+        if wanted is not None and wanted != task:
+            other = "mae_delta" if task == "regression" else "accuracy_delta"
+            raise InvalidInputError(f"gate {gate.text} needs a {wanted} model; this one is "
+                                    f"a {task} model (use {other})")
 
 
 # What a device reports when the version did not take (a local rollback counts as failed).
@@ -221,7 +244,42 @@ def gate_metrics(rollout: RolloutRecord, members: Sequence[str], failed: int,
     delta = (sum(s.correct for s in new) / new_l - sum(s.correct for s in old) / old_l
              if new_l and old_l else None)
     out["accuracy_delta"] = (delta, min(new_l, old_l))
+    mae_delta = (sum(s.abs_error_sum for s in new) / new_l - sum(s.abs_error_sum for s in old)
+                 / old_l if new_l and old_l else None)
+    out["mae_delta"] = (mae_delta, min(new_l, old_l))
     return out
+
+
+@dataclass(frozen=True)
+class VersionQuality:
+    """What feedback says of one version on a rollout's devices (plain sums, as the gates
+    take them): a classifier's accuracy with its Wilson interval, or a regression model's MAE
+    with its t interval; None before any labelled request."""
+
+    version: int
+    labelled: int
+    accuracy: float | None
+    accuracy_low: float
+    accuracy_high: float
+    mae: float | None
+    mae_low: float
+    mae_high: float
+
+
+def version_quality(stats: Sequence[ArmStatsRecord], devices: Sequence[str], version: int,
+                    task: str) -> VersionQuality:
+    inside = set(devices)
+    rows = [s for s in stats if s.device_id in inside and s.version == version]
+    evidence = ArmEvidence(sum(s.correct for s in rows), sum(s.labelled for s in rows),
+                           len(rows), math.fsum(s.abs_error_sum for s in rows),
+                           math.fsum(s.sq_error_sum for s in rows))
+    n = evidence.labelled
+    low, high = wilson_interval(evidence.correct, n)
+    mae_low, mae_high = mae_interval(evidence)
+    regression = task == "regression"
+    return VersionQuality(
+        version, n, evidence.correct / n if n and not regression else None, low, high,
+        evidence.abs_error_sum / n if n and regression else None, mae_low, mae_high)
 
 
 def judge_gates(gates: Sequence[str],

@@ -1,18 +1,21 @@
 """Vetting a labelled sample a device sent, pure: does it fit the version that served it?
 
-The manifest of that version says how many features a row has, how many classes there are and
+The manifest of that version says how many features a row has, how many classes there are (or
+that the model is a regression model: its labels are finite numbers, not class ids) and
 which PII columns the device must pseudonymize (HMAC-SHA256, hex). The store's region policy
 says which regions' data may be kept. A refused sample is counted, never stored.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from control_plane.domain.records import SampleRecord
 from fleetcore import regions
+from fleetcore.bundle import manifest_task
 from fleetcore.errors import InvalidInputError
 
 __all__ = ["against_manifest", "region_refusal"]
@@ -23,13 +26,20 @@ _HMAC_HEX = re.compile(r"^([0-9a-f]{64})?$")  # "": the request did not carry th
 def against_manifest(row: SampleRecord, manifest: dict[str, Any]) -> str:
     """Why the sample does not fit the version that served it ("" when it does)."""
     width = len(manifest["input"]["features"])
-    classes = len(manifest["output"]["labels"])
     hashed = {c.get("name") for c in manifest["input"].get("pii_columns", [])
               if c.get("action") == "hmac"}
     if any(len(r) != width for r in row.features):
         return f"rows must have {width} features"
-    if any(not 0 <= label < classes for label in row.labels):
-        return f"labels must be class ids below {classes}"
+    if manifest_task(manifest) == "regression":
+        # telemetry parsing let only finite numbers of bounded size through
+        if any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+               for v in row.labels):
+            return "labels must be finite numbers (a regression model)"
+    else:
+        classes = len(manifest["output"]["labels"])
+        if any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < classes
+               for v in row.labels):
+            return f"labels must be class ids below {classes}"
     for name, values in row.pii.items():
         # (the column's name is the device's text: it stays out of the reason)
         if name not in hashed:

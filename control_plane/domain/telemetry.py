@@ -1,8 +1,11 @@
 """Telemetry payloads from agents: parsed with limits into the rows the control plane queries.
 
 Payloads are JSON objects. ``drift`` carries one closed drift window, ``arm_stats`` the
-counters of one model version on the device, ``sample`` labelled rows the device contributed
-(``{"model", "version", "features": [[...]], "labels": [...], "pii": {column: [hex HMAC]}}``;
+counters of one model version on the device (a regression model's arm adds ``abs_error_sum``
+and ``sq_error_sum``, the sums of |error| and error^2 over its labelled rows, with ``correct``
+0), ``sample`` labelled rows the device contributed
+(``{"model", "version", "features": [[...]], "labels": [...], "pii": {column: [hex HMAC]}}``:
+class ids, or a regression model's finite targets;
 checked here for shape and limits, then vetted against the model's manifest and the store's
 region policy by the retraining service). A payload that does not parse is still stored (and
 acknowledged: resending would not fix it) but yields no derived row.
@@ -36,6 +39,11 @@ MAX_SAMPLE_PII_COLUMNS = 32
 # Cumulative counters of one arm on one device: 2^40 requests is ~35 years at 1,000 req/s.
 MAX_ARM_REQUESTS = 2**40
 MAX_LATENCY_MS = 3_600_000.0
+# A regression label or error beyond this is no measurement (the agent refuses labels past
+# 1e150; a float32 prediction is below 3.5e38): it bounds an arm's mean absolute error.
+MAX_ABS_ERROR = 1e151
+# Cauchy-Schwarz holds exactly for real sums; float sums of equal errors may miss it by ulps.
+_SUM_SLACK = 1e-9
 MAX_VERSION = 2**31 - 1
 # SQLite's INTEGER is signed 64-bit: a larger number fails the statement (and once failed the
 # whole batch with an internal error).
@@ -68,9 +76,12 @@ def _str(doc: dict[str, Any], key: str) -> str:
 def _sample(device_id: str, doc: dict[str, Any]) -> SampleRecord:
     features, labels, pii = doc.get("features"), doc.get("labels"), doc.get("pii", {})
     if not isinstance(labels, list) or not 0 < len(labels) <= MAX_SAMPLE_ROWS:
-        raise InvalidInputError(f"labels must be a list of 1..{MAX_SAMPLE_ROWS} class ids")
-    if any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 65536 for v in labels):
-        raise InvalidInputError("labels must be class ids in [0, 65536)")
+        raise InvalidInputError(f"labels must be a list of 1..{MAX_SAMPLE_ROWS} labels")
+    # Class ids, or a regression model's targets: which one the model takes is checked against
+    # its manifest when the sample is vetted (domain/samples.py).
+    if any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+           or abs(v) > MAX_ABS_ERROR for v in labels):
+        raise InvalidInputError("labels must be class ids or finite numbers")
     if not isinstance(features, list) or len(features) != len(labels):
         raise InvalidInputError("features must hold one row per label")
     rows: list[list[float]] = []
@@ -131,8 +142,32 @@ def _arm_stats(device_id: str, doc: dict[str, Any], created_at: float) -> ArmSta
     if not 0.0 <= p50 <= p95 <= MAX_LATENCY_MS:
         raise InvalidInputError(f"latencies p50 {p50} ms, p95 {p95} ms are not "
                                 f"0 <= p50 <= p95 <= {MAX_LATENCY_MS}")
+    abs_sum, sq_sum = _error_sums(doc, labelled, correct)
     return ArmStatsRecord(device_id, _str(doc, "model"), _version(doc), requests, errors, p50,
-                          p95, labelled, correct, created_at)
+                          p95, labelled, correct, created_at, abs_sum, sq_sum)
+
+
+def _error_sums(doc: dict[str, Any], labelled: int, correct: int) -> tuple[float, float]:
+    """A regression arm's (sum |e|, sum e^2), consistent or refused: both finite and >= 0,
+    0 without labels, |e| at most ``MAX_ABS_ERROR`` on average, and sum|e|^2 / n <= sum e^2
+    <= (sum|e|)^2 (Cauchy-Schwarz both ways). Absent: a classifier's arm (0, 0)."""
+    if "abs_error_sum" not in doc and "sq_error_sum" not in doc:
+        return 0.0, 0.0
+    abs_sum, sq_sum = _num(doc, "abs_error_sum"), _num(doc, "sq_error_sum")
+    if correct:
+        raise InvalidInputError(f"a regression arm counts no correct answers; got {correct}")
+    if abs_sum < 0 or sq_sum < 0 or (labelled == 0 and (abs_sum or sq_sum)):
+        raise InvalidInputError(f"error sums {abs_sum}, {sq_sum} must be >= 0, and 0 with no "
+                                "labelled rows")
+    if labelled and abs_sum / labelled > MAX_ABS_ERROR:
+        raise InvalidInputError(f"a mean absolute error of {abs_sum / labelled:.4g} is beyond "
+                                f"any label (limit {MAX_ABS_ERROR:g})")
+    if labelled and not (abs_sum / labelled) * (abs_sum / (1 + _SUM_SLACK)) <= sq_sum <= (
+            abs_sum * abs_sum * (1 + _SUM_SLACK)):
+        raise InvalidInputError(
+            f"inconsistent error sums: sum|e| {abs_sum:.6g}, sum e^2 {sq_sum:.6g} over "
+            f"{labelled} rows (needs sum|e|^2 / n <= sum e^2 <= sum|e|^2)")
+    return abs_sum, sq_sum
 
 
 def _version(doc: dict[str, Any]) -> int:

@@ -14,6 +14,7 @@ from control_plane.domain.experiments import (
     arm_counts,
     arm_results,
     decide,
+    decide_errors,
     next_state,
 )
 from control_plane.domain.records import (
@@ -24,6 +25,7 @@ from control_plane.domain.records import (
     RolloutState,
 )
 from control_plane.services.context import SYSTEM, Context
+from control_plane.services.registry import version_task
 from fleetcore import pki
 from fleetcore.errors import InvalidInputError, NotFoundError
 from fleetcore.labels import matches, validate_labels
@@ -41,6 +43,7 @@ class ExperimentView:
     arms: list[ArmResult]
     decision: Decision  # as of now (the recorded one, once made, is in ``record``)
     min_samples: int
+    task: str = "classification"
 
 
 class ExperimentService:
@@ -69,8 +72,13 @@ class ExperimentService:
             raise NotFoundError(f"model {model!r} has no active rollout to be the champion")
         if challenger == rollout.version:
             raise InvalidInputError(f"version {challenger} is already the champion")
-        if self.store.get_model_version(model, challenger) is None:
+        published = self.store.get_model_version(model, challenger)
+        if published is None:
             raise NotFoundError(f"model {model} version {challenger} is not published")
+        champion_task = version_task(self.store.get_model_version(model, rollout.version))
+        if version_task(published) != champion_task:
+            raise InvalidInputError(f"v{challenger} is a {version_task(published)} model and "
+                                    f"the champion v{rollout.version} a {champion_task} one")
         clean = validate_labels(selector)
         devices = []
         for device_id in rollout.device_ids:
@@ -109,15 +117,28 @@ class ExperimentService:
         devices = set(record.device_ids)
         stats = [s for s in self.store.arm_stats(model) if s.device_id in devices
                  and s.version in (record.champion, record.challenger)]
-        return ExperimentView(record, arm_results(record, stats), self.decision(record, stats),
-                              self.ctx.config.experiment_min_samples)
+        task = self.task(record)
+        return ExperimentView(record, arm_results(record, stats, task),
+                              self.decision(record, stats), self.ctx.config.experiment_min_samples,
+                              task)
+
+    def task(self, record: ExperimentRecord) -> str:
+        """The experiment's task: the challenger's (a champion of another task cannot be one:
+        ``begin`` refuses that)."""
+        return version_task(self.store.get_model_version(record.model, record.challenger))
 
     # ------------------------------------------------------------------ decisions
     def decision(self, record: ExperimentRecord,
                  stats: list[ArmStatsRecord] | None = None) -> Decision:
         rows = self.store.arm_stats(record.model) if stats is None else stats
-        counts = arm_counts(record, rows)
+        task = self.task(record)
+        counts = arm_counts(record, rows, task)
         champion, challenger = counts[record.champion], counts[record.challenger]
+        if task == "regression":
+            return decide_errors(champion, challenger,
+                                 min_samples=self.ctx.config.experiment_min_samples,
+                                 alpha=self.ctx.config.experiment_alpha,
+                                 min_devices=self.ctx.config.experiment_min_devices)
         return decide((champion.correct, champion.labelled),
                       (challenger.correct, challenger.labelled),
                       min_samples=self.ctx.config.experiment_min_samples,

@@ -20,14 +20,15 @@ from typing import Any
 
 from control_plane.domain.records import AuditOutcome, ModelVersionRecord
 from control_plane.services.context import Context
-from fleetcore import pki
+from fleetcore import pki, strict_json
 from fleetcore.archive import pack_bundle, safe_extract
+from fleetcore.bundle import MAX_MANIFEST_BYTES, manifest_task
 from fleetcore.bundle_verify import verify_bundle_dir
 from fleetcore.errors import InvalidInputError, NotFoundError, UntrustedInputError
 from fleetcore.files import ensure_private_dir
 
 __all__ = ["RegistryService", "Upload", "VerifiedBundle", "key_fingerprint", "manifest_json",
-           "verify_upload"]
+           "verify_upload", "version_task"]
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,19 @@ def verify_upload(upload: Upload, digest: str, publisher_keys: tuple[bytes, ...]
 
 
 def manifest_json(manifest: dict[str, Any]) -> str:
-    keep = {k: manifest[k] for k in ("name", "version", "created", "input", "output", "metrics",
-                                     "lineage", "compression", "runtime") if k in manifest}
+    keep = {k: manifest[k] for k in ("name", "version", "created", "task", "input", "output",
+                                     "metrics", "lineage", "compression", "runtime")
+            if k in manifest}
     return json.dumps(keep, sort_keys=True, separators=(",", ":"))
+
+
+def version_task(record: ModelVersionRecord | None) -> str:
+    """A published version's task ("classification" unless its manifest says "regression")."""
+    if record is None or '"task"' not in record.manifest:
+        return "classification"
+    doc = strict_json.loads(record.manifest, what=f"manifest of {record.name} v{record.version}",
+                            max_bytes=MAX_MANIFEST_BYTES)
+    return manifest_task(doc) if isinstance(doc, dict) else "classification"
 
 
 class RegistryService:

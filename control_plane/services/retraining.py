@@ -47,7 +47,7 @@ from control_plane.domain.samples import against_manifest, region_refusal
 from control_plane.domain.telemetry import MALFORMED, REGION, SAMPLE_REFUSED
 from control_plane.services.context import SYSTEM, Context
 from control_plane.services.experiments import ExperimentService
-from control_plane.services.registry import RegistryService
+from control_plane.services.registry import RegistryService, version_task
 from control_plane.services.retrain_runner import LocalRunner, sample_regions
 from fleetcore import pki, strict_json
 from fleetcore.archive import safe_extract
@@ -84,7 +84,9 @@ class RetrainService:
         pki.validate_name(policy.model, "model name")
         if not Path(policy.pipeline).is_file():
             raise InvalidInputError(f"pipeline {policy.pipeline} is not a file on this host")
-        check_policy(policy)
+        versions = self.store.list_model_versions(policy.model)
+        check_policy(policy, version_task(max(versions, key=lambda m: m.version))
+                     if versions else "classification")
         if policy.sample_rate > 0:
             sample_regions(Path(policy.pipeline))  # a pipeline we cannot read fails here
         self.store.set_policy(policy)
@@ -290,10 +292,7 @@ class RetrainService:
         if not path.is_file():
             return True, "no baseline to compare with"
         doc = strict_json.loads(path.read_bytes(), what=f"{path}")
-        text = (f"on {doc['rows']} rows of {doc['data']}: v{job.version} "
-                f"{doc['candidate_accuracy']:.3f} vs current {doc['baseline_accuracy']:.3f} "
-                f"(margin {doc['margin']:g})")
-        return bool(doc["accepted"]), text
+        return acceptance_text(doc, job.version)
 
     def _finish(self, job: RetrainJob, code: int) -> None:
         now = self.ctx.clock()
@@ -323,3 +322,22 @@ class RetrainService:
             event, detail = JobEvent.FAIL, str(exc)[:500]
         state = self._move(job, event, now, detail)
         log.info("retraining job %d: %s (%s)", job.id, state, detail)
+
+
+def acceptance_text(doc: object, version: int) -> tuple[bool, str]:
+    """(accepted, the line shown) of the trainer's ``acceptance.json``: its ``summary`` as is;
+    a file from before summaries (accuracy, or a regression model's MAE) is described here."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("accepted"), bool):
+        return False, "acceptance.json has no 'accepted' verdict"
+    summary = doc.get("summary")
+    if isinstance(summary, str) and summary:
+        return doc["accepted"], summary[:500]
+    kind, fmt, word = (("mae", ".4g", "MAE ") if "candidate_mae" in doc
+                       else ("accuracy", ".3f", ""))
+    try:
+        text = (f"on {doc['rows']} rows of {doc['data']}: v{version} "
+                f"{word}{doc[f'candidate_{kind}']:{fmt}} vs current "
+                f"{doc[f'baseline_{kind}']:{fmt}} (margin {doc['margin']:g})")
+    except (KeyError, TypeError, ValueError):
+        text = "acceptance.json lacks the figures to describe it"
+    return doc["accepted"], text

@@ -28,6 +28,8 @@ from control_plane.domain.rollout_plan import (
     FAILED_INSTALL_STATES,
     GateResult,
     RolloutEvent,
+    VersionQuality,
+    check_gates_for_task,
     device_progress,
     gate_metrics,
     judge_gates,
@@ -35,8 +37,10 @@ from control_plane.domain.rollout_plan import (
     parse_gate,
     parse_steps,
     step_devices,
+    version_quality,
 )
 from control_plane.services.context import Context
+from control_plane.services.registry import version_task
 from fleetcore import pki
 from fleetcore.errors import InvalidInputError, NotFoundError
 from fleetcore.labels import matches, validate_labels
@@ -54,6 +58,8 @@ class RolloutView:
     rollout: RolloutRecord
     devices: list[DeviceView]
     releases: dict[str, ReleaseRecord]  # device id -> its current release
+    task: str = "classification"
+    quality: tuple[VersionQuality, ...] = ()  # the new version, then the previous one
 
 
 class RolloutService:
@@ -68,11 +74,14 @@ class RolloutService:
               on_failure: str = "pause") -> RolloutView:
         target = f"{model}:{version}"
         self.ctx.authorize(caller, "rollouts.start", target)
-        if self.store.get_model_version(model, version) is None:
+        published = self.store.get_model_version(model, version)
+        if published is None:
             raise NotFoundError(f"model {model} version {version} is not published")
         clean = validate_labels(selector)
         plan = tuple(parse_steps(list(steps) or [100]))
-        checked = tuple(parse_gate(g).text for g in gates)
+        parsed = [parse_gate(g) for g in gates]
+        check_gates_for_task(parsed, version_task(published))
+        checked = tuple(g.text for g in parsed)
         if on_failure not in ("pause", "rollback"):
             raise InvalidInputError(f"on-failure must be pause or rollback; got {on_failure!r}")
         if not 0 <= bake_seconds <= MAX_BAKE_SECONDS:
@@ -137,7 +146,11 @@ class RolloutService:
             release = self.store.get_release(device_id)
             if release is not None:
                 releases[device_id] = release
-        return RolloutView(rollout, views, releases)
+        task = version_task(self.store.get_model_version(model, rollout.version))
+        stats = self.store.arm_stats(model)
+        quality = tuple(version_quality(stats, rollout.device_ids, v, task)
+                        for v in (rollout.version, rollout.previous_version) if v)
+        return RolloutView(rollout, views, releases, task, quality)
 
     # ------------------------------------------------------------------ scheduler
     def tick(self) -> None:

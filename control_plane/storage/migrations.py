@@ -264,4 +264,9 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (device_id, kind, day)
     );
     """,
+    # 11: a regression model's arms: the sums of absolute and squared errors of labelled rows
+    """
+    ALTER TABLE arm_stats ADD COLUMN abs_error_sum REAL NOT NULL DEFAULT 0;
+    ALTER TABLE arm_stats ADD COLUMN sq_error_sum REAL NOT NULL DEFAULT 0;
+    """,
 ]

@@ -301,6 +301,7 @@ class SqliteStore(Store):
             " json_object('name', json_extract(manifest, '$.name'),"
             " 'version', json_extract(manifest, '$.version'),"
             " 'created', json_extract(manifest, '$.created'),"
+            " 'task', COALESCE(json_extract(manifest, '$.task'), 'classification'),"
             " 'metrics', json_extract(manifest, '$.metrics'),"
             " 'compression', json_extract(manifest, '$.compression'),"
             " 'runtime', json_extract(manifest, '$.runtime')) AS manifest,"
@@ -527,13 +528,16 @@ class SqliteStore(Store):
         # Counters are cumulative per agent run: keep the newest snapshot (highest seq).
         c.execute(
             "INSERT INTO arm_stats(device_id, model, version, requests, errors, p50_ms, p95_ms,"
-            " labelled, correct, updated_at, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+            " labelled, correct, updated_at, seq, abs_error_sum, sq_error_sum)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT(device_id, model, version) DO UPDATE SET requests=excluded.requests,"
             " errors=excluded.errors, p50_ms=excluded.p50_ms, p95_ms=excluded.p95_ms,"
             " labelled=excluded.labelled, correct=excluded.correct,"
+            " abs_error_sum=excluded.abs_error_sum, sq_error_sum=excluded.sq_error_sum,"
             " updated_at=excluded.updated_at, seq=excluded.seq WHERE excluded.seq > arm_stats.seq",
             (row.device_id, row.model, row.version, row.requests, row.errors, row.p50_ms,
-             row.p95_ms, row.labelled, row.correct, row.updated_at, seq),
+             row.p95_ms, row.labelled, row.correct, row.updated_at, seq, row.abs_error_sum,
+             row.sq_error_sum),
         )
 
     def latest_drift(self, model: str | None) -> list[DriftWindowRecord]:
@@ -562,7 +566,7 @@ class SqliteStore(Store):
         return [
             ArmStatsRecord(r["device_id"], r["model"], r["version"], r["requests"], r["errors"],
                            r["p50_ms"], r["p95_ms"], r["labelled"], r["correct"],
-                           r["updated_at"])
+                           r["updated_at"], r["abs_error_sum"], r["sq_error_sum"])
             for r in rows
         ]
 

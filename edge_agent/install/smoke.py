@@ -5,7 +5,9 @@ The manifest carries ``smoke_test = {"file": "model.onnx", "inputs": [[...]], "e
 signed, and optionally ``"timeout_seconds"`` (a limit per call) and ``"latency_budget_ms"``
 (for the median smoke batch). The agent runs the inputs through ONNX Runtime exactly as it will
 serve (CPU, one intra-op thread) and requires the outputs to match within ``atol`` (and, if
-asked, the same predicted class per row). A bad model is an expected outcome here, not a bug:
+asked, the same predicted class per row). ``atol`` is absolute: for a regression model
+(``[n, 1]`` values, ``require_same_argmax`` false) it is in the target's units. A bad model
+is an expected outcome here, not a bug:
 every failure, whatever raised it, becomes ``SmokeResult(ok=False, reason=...)``.
 
 Two ways to run it:

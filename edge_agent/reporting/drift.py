@@ -17,7 +17,10 @@ Rules (docs/design.md §5; time is passed in, nothing here reads a clock):
   float32 precision, the precision of model inputs. A feature constant and equal in both samples
   has D = 0, p = 1: not drifted.
 * Prediction PSI: the predicted-class counts against ``prediction.proportions``, plus one bucket
-  for class ids outside the profile's labels (reference share 0, so they read as drift).
+  for class ids outside the profile's labels (reference share 0, so they read as drift). For a
+  regression model the profile's ``prediction`` has ``"kind": "value"`` and quantile ``edges``
+  of the predicted value on the training split: each predicted value counts in its bin
+  (``searchsorted(edges, v, "right")``, as for features) and NaN in the outside bucket.
 * A feature drifted when its PSI > ``psi_threshold`` or its KS p < ``ks_alpha``. The window is
   flagged when more than ``feature_fraction`` of the features drifted, or the prediction PSI is
   over ``prediction_psi_threshold``. ``score`` = max(mean feature PSI, prediction PSI): one
@@ -143,7 +146,8 @@ class _Reference(NamedTuple):
     edges: list[np.ndarray]  # per feature, float64, strictly increasing
     proportions: list[np.ndarray]  # per feature, len(edges) + 1
     sample: np.ndarray  # [rows, features] float32
-    prediction: np.ndarray  # [classes] float64
+    prediction: np.ndarray  # [classes] float64 (the value bins' shares for kind "value")
+    prediction_edges: np.ndarray | None  # kind "value": the bins' edges; None for classes
 
 
 def _field(doc: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -232,7 +236,24 @@ def _check_profile(doc: Any) -> _Reference:
             )
     sample = _numbers([v for row in rows for v in row], "reference_sample.rows",
                       limit=MAX_SAMPLE_CELLS).reshape(len(rows), width)
-    prediction = _field(doc, "prediction", dict, "")
+    with np.errstate(over="ignore"):  # beyond float32: +-inf, still ordered
+        sample32 = sample.astype(np.float32)
+    shares, value_edges = _prediction(_field(doc, "prediction", dict, ""))
+    return _Reference(names, edges, proportions, sample32, shares, value_edges)
+
+
+def _prediction(prediction: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The reference shares of the predictions, and the value bins' edges (kind "value")."""
+    kind = prediction.get("kind", "classes")
+    if kind == "value":
+        value_edges = _numbers(prediction.get("edges"), "prediction.edges", limit=MAX_EDGES)
+        if (np.diff(value_edges) <= 0).any():
+            raise InvalidInputError("profile: prediction.edges must be strictly increasing")
+        return _shares(prediction.get("proportions"), "prediction.proportions",
+                       length=len(value_edges) + 1), value_edges
+    if kind != "classes":
+        raise InvalidInputError(f"profile: prediction.kind must be 'classes' or 'value'; got "
+                                f"{str(kind)[:MAX_NAME_CHARS]!r}")
     labels = _field(prediction, "labels", list, "prediction.")
     if not 1 <= len(labels) <= MAX_CLASSES:
         raise InvalidInputError(
@@ -240,10 +261,8 @@ def _check_profile(doc: Any) -> _Reference:
         )
     for i, label in enumerate(labels):
         _name(label, f"prediction.labels[{i}]")
-    shares = _shares(prediction.get("proportions"), "prediction.proportions", length=len(labels))
-    with np.errstate(over="ignore"):  # beyond float32: +-inf, still ordered
-        sample32 = sample.astype(np.float32)
-    return _Reference(names, edges, proportions, sample32, shares)
+    return _shares(prediction.get("proportions"), "prediction.proportions",
+                   length=len(labels)), None
 
 
 def parse_profile(data: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> dict[str, Any]:
@@ -403,6 +422,7 @@ class DriftMonitor:
         self._shares = (shares + EPSILON) / self._norm
         self._log_shares = np.log(self._shares)
         self._classes = len(ref.prediction)
+        self._value_edges = ref.prediction_edges
         class_norm = 1.0 + EPSILON * (self._classes + 1)  # + ids outside the labels (share 0)
         self._class_shares = (np.append(ref.prediction, 0.0) + EPSILON) / class_norm
         self._log_class_shares = np.log(self._class_shares)
@@ -438,7 +458,9 @@ class DriftMonitor:
         """
         if rows.dtype is not _F32:
             rows = np.asarray(rows, dtype=np.float32)
-        if predicted.dtype is not _I64:
+        if self._value_edges is not None:
+            predicted = self._value_bins(predicted)
+        elif predicted.dtype is not _I64:
             predicted = _class_ids(predicted)
         if rows.ndim != 2 or rows.shape[1] != self._features or predicted.shape != rows.shape[:1]:
             raise ValueError(f"observe: expected rows [n, {self._features}] and predicted [n]; "
@@ -471,6 +493,16 @@ class DriftMonitor:
             if self._rows >= self._window_requests:
                 self._close(now, closed)
         return closed
+
+    def _value_bins(self, predicted: np.ndarray) -> np.ndarray:
+        """A regression model's predicted values -> their bin ids (NaN: the outside bucket)."""
+        assert self._value_edges is not None
+        if predicted.dtype.kind not in "fiu":
+            raise ValueError(f"observe: predicted must hold values; got {predicted.dtype}")
+        values = predicted.astype(np.float64)
+        ids = np.searchsorted(self._value_edges, values, side="right").astype(np.int64)
+        ids[np.isnan(values)] = self._classes
+        return ids
 
     def flush(self, now: float) -> DriftWindow | None:
         """Close the current window early if it has ``min_rows`` rows; else keep it open."""

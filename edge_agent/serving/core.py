@@ -7,15 +7,18 @@ Rules:
   in with one assignment. A request reads the snapshot once, so it finishes on the runtime it
   started with; a version nobody references any more is freed when its last request returns.
   No request fails because of a switch.
-* All arms of a model must take the same input width and give the same number of classes
-  (one request is valid for every arm).
+* All arms of a model must take the same input width, have the same task and give the same
+  number of classes (one request is valid for every arm). A regression model
+  (``task = "regression"`` in its manifest) answers one value per row, ``[n, 1]``; feedback
+  then takes numbers (finite; not booleans) and scores absolute and squared errors.
 * ``infer`` checks the input (float32 ``[n, features]``, n >= 1), routes (or takes the version
   asked for; then no mirroring), runs, and records the arm's numbers. Latency is the runtime's.
   ``on_result(model, version, ok, latency_s)`` runs inline for every request a caller got an
   answer (or an error) from: it must be cheap (the probation counters are).
 * Off the request path, on one worker thread with a bounded queue (drops are counted per
   model): shadow arms answer a copy of the rows (their answers only reach their stats and the
-  feedback log), and ``on_prediction(model, version, rows, classes)`` gets the primary's rows,
+  feedback log), and ``on_prediction(model, version, rows, classes)`` gets the primary's rows
+  (``classes``: the predicted class ids, or the float32 values of a regression model),
   coalesced per (model, version) into one call per worker batch. Measured with
   ``bench_inprocess`` on the tiny digits model: p50 8.4 µs raw ``run``, 10.8 µs ``infer``,
   13.1 µs with both hooks set, 12.8 µs with a request id. The worker lingers for a batch
@@ -41,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import random
 import threading
@@ -60,14 +64,15 @@ from edge_agent.serving.limits import (
     BACKGROUND_QUEUE_JOBS,
     FEEDBACK_LOG_BYTES,
     FEEDBACK_LOG_ENTRIES,
+    MAX_LABEL_MAGNITUDE,
     MAX_REQUEST_ID_CHARS,
     MAX_ROUTING_KEY_CHARS,
     shown,
 )
 from edge_agent.serving.router import Router, RouterArm
 from edge_agent.serving.runtime import Runtime, io_names, load_runtime
-from edge_agent.serving.stats import ArmStats, Pending, PredictionLog, as_classes
-from fleetcore.bundle import MANIFEST, parse_manifest
+from edge_agent.serving.stats import ArmStats, Pending, Predicted, PredictionLog, as_classes
+from fleetcore.bundle import MANIFEST, manifest_task, parse_manifest
 from fleetcore.errors import InvalidInputError
 
 __all__ = ["INLINE_MAX_ROWS", "INLINE_MAX_S", "InferResult", "ModelSignature", "ServingCore"]
@@ -77,7 +82,8 @@ logger = logging.getLogger(__name__)
 PredictionHook = Callable[[str, int, np.ndarray, np.ndarray], None]
 ResultHook = Callable[[str, int, bool, float], None]
 # (model, version, rows, labels, request parameters) of a sampled request that got its label
-SampleHook = Callable[[str, int, np.ndarray, list[int], Mapping[str, str]], None]
+SampleHook = Callable[[str, int, np.ndarray, list[int] | list[float], Mapping[str, str]], None]
+Labels = list[int] | list[float]
 
 # The front ends run a request on the event loop when the model is this fast (a hop to a
 # thread measured ~25 µs p50, three times a small model's whole run); slower models or big
@@ -91,7 +97,7 @@ _PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "litert_tflite"}
 class InferResult:
     model: str
     version: int
-    outputs: np.ndarray  # float32 [n, classes]
+    outputs: np.ndarray  # float32 [n, classes] ([n, 1] for regression)
     request_id: str | None
 
 
@@ -117,6 +123,7 @@ class ModelSignature:
     output_name: str
     features: int
     classes: int
+    task: str = "classification"
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,7 @@ class _Model:
     counters: _Counters
     prefer: str
     finite_only: bool  # refuse NaN/Inf rows (unless every manifest allows them)
+    task: str  # "classification" | "regression": the same for every arm
 
 
 @dataclass(frozen=True)
@@ -205,7 +213,14 @@ class ServingCore:
                     manifests[v] = _read_manifest(path, name, v)
                     runtimes[v] = load_runtime(path, manifests[v], prefer=prefer)
                 dirs[v] = path
-                stats[v] = old.arms[v] if old is not None and v in old.arms else ArmStats(name, v)
+            tasks = {manifest_task(m) for m in manifests.values()}
+            if len(tasks) != 1:
+                raise InvalidInputError(f"{name}: every arm must have the same task; got "
+                                        f"{sorted(tasks)}")
+            task = tasks.pop()
+            for v in router.versions:
+                kept = old.arms.get(v) if old is not None and old.task == task else None
+                stats[v] = kept if kept is not None else ArmStats(name, v, task)
             dims = {(r.features, r.classes) for r in runtimes.values()}
             if len(dims) != 1:
                 raise InvalidInputError(f"{name}: every arm must take the same features and "
@@ -217,12 +232,14 @@ class ServingCore:
                                         f"alike; got {sorted(names)}")
             input_name, output_name = names.pop()
             model = _Model(
-                name=name, signature=ModelSignature(input_name, output_name, features, classes),
+                name=name,
+                signature=ModelSignature(input_name, output_name, features, classes, task),
                 router=router, runtimes=runtimes, arms=stats, dirs=dirs,
                 manifests=manifests, features=features, classes=classes,
                 inline=max(r.row_latency_s for r in runtimes.values()) <= INLINE_MAX_S,
                 counters=counters, prefer=prefer,
                 finite_only=not all(_allows_non_finite(m) for m in manifests.values()),
+                task=task,
             )
             self._models = {**self._models, name: model}
         logger.info("%s now serves %s", name,
@@ -310,8 +327,10 @@ class ServingCore:
         if counters is not None:
             counters.add("bad_requests")
 
-    def feedback(self, name: str, request_id: str, label: int | Sequence[int]) -> bool:
-        """Score the answer to ``request_id`` against the true ``label`` (one per row).
+    def feedback(self, name: str, request_id: str,
+                 label: float | Sequence[float]) -> bool:
+        """Score the answer to ``request_id`` against the true ``label`` (one per row): class
+        indices, or finite numbers for a regression model.
 
         False when the id is unknown for ``name`` (never seen, already scored, or evicted).
         """
@@ -328,9 +347,9 @@ class ServingCore:
         pending = self.log.take(request_id, name)
         if pending is None:
             return False
-        pending.arm.score(_matches(pending.classes, labels), rows)
+        _score(pending.arm, pending.classes, labels)
         for arm, classes in (pending.shadows or {}).values():
-            arm.score(_matches(classes, labels), rows)
+            _score(arm, classes, labels)
         if pending.sample is not None and self._on_sample is not None:
             try:
                 self._on_sample(name, pending.version, pending.sample[0], list(labels),
@@ -355,7 +374,8 @@ class ServingCore:
                     "shadow": a.shadow, "weight": a.weight, "share": model.router.share(a.version),
                     "runtime": model.runtimes[a.version].kind, **model.arms[a.version].snapshot(),
                 }
-            out[name] = {"bad_requests": c.bad_requests, "mirror_dropped": c.mirror_dropped,
+            out[name] = {"task": model.task, "bad_requests": c.bad_requests,
+                         "mirror_dropped": c.mirror_dropped,
                          "hook_dropped": c.hook_dropped, "arms": arms}
         return {"models": out, "feedback_log": {"size": len(self.log),
                                                 "capacity": self.log.capacity,
@@ -389,7 +409,7 @@ class ServingCore:
     def _after(self, model: _Model, arm: ArmStats, x: np.ndarray, out: np.ndarray,
                request_id: str | None, shadows: tuple[int, ...],
                context: Mapping[str, str] | None = None) -> None:
-        classes = out.argmax(axis=1)
+        classes = _predicted(model, out)
         if request_id is not None:
             pending = Pending(model.name, arm.version, arm, as_classes(classes.tolist()))
             rate = self._sampling.get(model.name)
@@ -439,7 +459,7 @@ class ServingCore:
             arm.record(True, time.perf_counter() - t0)
             if job.request_id is not None:
                 self.log.add_shadow(job.request_id, job.model.name, arm,
-                                    as_classes(out.argmax(axis=1).tolist()))
+                                    as_classes(_predicted(job.model, out).tolist()))
 
 
 def _read_manifest(path: Path, name: str, version: int) -> dict[str, Any]:
@@ -469,21 +489,58 @@ def _check_rows(model: _Model, x: Any) -> np.ndarray:
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
-def _check_labels(label: int | Sequence[int], model: _Model | None) -> list[int]:
-    labels = [label] if isinstance(label, int) else list(label)
+def _predicted(model: _Model, out: np.ndarray) -> np.ndarray:
+    """What an answer predicted, per row: class ids, or the values of a regression model."""
+    if model.task == "regression":
+        return out[:, 0].astype(np.float32)  # a copy: the hooks keep it
+    return out.argmax(axis=1)
+
+
+def _check_labels(label: object, model: _Model | None) -> Labels:
+    if model is not None and model.task == "regression":
+        return _check_values(label)
     limit = model.classes if model is not None else None
+    if not isinstance(label, int | list | tuple):
+        raise BadRequestError(f"labels must be class indices in [0, {limit}); got "
+                              f"{shown(label)}")
+    labels = [label] if isinstance(label, int) else list(label)
     for value in labels:
         if (not isinstance(value, int) or isinstance(value, bool) or value < 0
                 or (limit is not None and value >= limit)):
-            raise BadRequestError(f"labels must be class indices in [0, {limit}); got {value!r}")
+            raise BadRequestError(f"labels must be class indices in [0, {limit}); got "
+                                  f"{shown(value)}")
     if not labels:
         raise BadRequestError("feedback needs at least one label")
     return labels
 
 
-def _matches(classes: int | tuple[int, ...], labels: list[int]) -> int:
-    predicted = (classes,) if isinstance(classes, int) else classes
-    return sum(1 for c, y in zip(predicted, labels, strict=True) if c == y)
+def _check_values(label: object) -> list[float]:
+    """A regression model's labels: one finite number per row (not a boolean, not a string)."""
+    if isinstance(label, int | float) and not isinstance(label, bool):
+        values: list[object] = [label]
+    elif isinstance(label, list | tuple):
+        values = list(label)
+    else:
+        raise BadRequestError(f"a regression label is a finite number (or one per row); got "
+                              f"{shown(label)}")
+    out: list[float] = []
+    for value in values:
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or abs(value) > MAX_LABEL_MAGNITUDE):
+            raise BadRequestError(f"regression labels must be finite numbers of magnitude at "
+                                  f"most {MAX_LABEL_MAGNITUDE:g}; got {shown(value)}")
+        out.append(float(value))
+    if not out:
+        raise BadRequestError("feedback needs at least one label")
+    return out
+
+
+def _score(arm: ArmStats, predicted: Predicted, labels: Labels) -> None:
+    rows = predicted if isinstance(predicted, tuple) else (predicted,)
+    if arm.regression:
+        arm.score_errors(tuple(float(p) for p in rows), [float(y) for y in labels])
+    else:
+        arm.score(sum(1 for c, y in zip(rows, labels, strict=True) if c == y), len(rows))
 
 
 def _metadata(model: _Model) -> dict[str, Any]:
@@ -496,7 +553,8 @@ def _metadata(model: _Model) -> dict[str, Any]:
         "platform": _PLATFORMS[model.runtimes[primary.version].kind],
         "inputs": [{"name": sig.input_name, "datatype": "FP32", "shape": [-1, sig.features]}],
         "outputs": [{"name": sig.output_name, "datatype": "FP32", "shape": [-1, sig.classes]}],
-        "labels": list(manifest["output"]["labels"]),
+        "task": model.task,
+        "labels": list(manifest["output"].get("labels", [])),
         "arms": [{"version": a.version, "weight": a.weight, "shadow": a.shadow,
                   "runtime": model.runtimes[a.version].kind} for a in model.router.arms],
     }

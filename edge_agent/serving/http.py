@@ -237,13 +237,17 @@ class InferenceApp:
 
     async def _feedback(self, name: str, scope: Scope,
                         receive: Receive) -> tuple[int, bytes, bytes]:
-        self.core.signature(name)  # 404 for an unknown model
+        signature = self.core.signature(name)  # 404 for an unknown model
         body = await self._read_body(receive, _content_length(scope))
         doc = await _off_loop_if_large(_load_json, body)
         request_id, label = doc.get("id"), doc.get("label")
         if not isinstance(request_id, str):
             raise BadRequestError(f"feedback needs a string 'id'; got {shown(request_id)}")
-        if not isinstance(label, int | list):
+        if signature.task == "regression":
+            if isinstance(label, bool) or not isinstance(label, int | float | list):
+                raise BadRequestError(f"feedback needs a numeric 'label' (or one per row); "
+                                      f"got {shown(label)}")
+        elif not isinstance(label, int | list):
             raise BadRequestError(f"feedback needs an integer 'label' (or one per row); got "
                                   f"{shown(label)}")
         if not self.core.feedback(name, request_id, label):

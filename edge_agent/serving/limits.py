@@ -22,6 +22,7 @@ __all__ = [
     "MAX_CONNECTIONS",
     "MAX_HEADER_BYTES",
     "MAX_JSON_DEPTH",
+    "MAX_LABEL_MAGNITUDE",
     "MAX_MESSAGE_BYTES",
     "MAX_MODEL_NAME_CHARS",
     "MAX_PARAMETERS",
@@ -55,6 +56,9 @@ MAX_PARAMETERS = 32  # string parameters kept with a sampled request: 400 past a
 MAX_PARAMETER_NAME_CHARS = 128
 MAX_PARAMETER_VALUE_CHARS = 1024
 MAX_SHOWN_CHARS = 64  # a client's value quoted in an error message is cut to this
+# A regression label (feedback): finite and at most this large, so that the squared errors an
+# arm sums stay finite in float64 (1e150 squared is 1e300) whatever a client sends.
+MAX_LABEL_MAGNITUDE = 1e150
 
 # ---------------------------------------------------------------- what outlives a request
 # The feedback log (request id -> answer, for scoring) and the background queue (copies of

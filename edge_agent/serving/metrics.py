@@ -76,6 +76,9 @@ class _ServingCollector:
             f.errors.add_metric(labels, snap["errors"])
             f.feedback_rows.add_metric(labels, snap["feedback_rows"])
             f.feedback_correct.add_metric(labels, snap["feedback_correct"])
+            if arm.regression:
+                f.abs_error.add_metric(labels, snap["feedback_abs_error_sum"])
+                f.sq_error.add_metric(labels, snap["feedback_sq_error_sum"])
             buckets, total = arm.histogram(PROMETHEUS_BOUNDS_S)
             f.latency.add_metric(labels, [(_le(b), float(n)) for b, n in buckets], total)
         stats = self._core.stats()
@@ -93,6 +96,8 @@ class _Families(NamedTuple):
     latency: HistogramMetricFamily
     feedback_rows: CounterMetricFamily
     feedback_correct: CounterMetricFamily
+    abs_error: CounterMetricFamily
+    sq_error: CounterMetricFamily
     bad_requests: CounterMetricFamily
     dropped: CounterMetricFamily
     log_size: GaugeMetricFamily
@@ -110,6 +115,12 @@ class _Families(NamedTuple):
                                 "Answered rows that got a ground-truth label", labels=_LABELS),
             CounterMetricFamily("edgefleet_serving_feedback_correct",
                                 "Labelled rows the arm predicted correctly", labels=_LABELS),
+            CounterMetricFamily("edgefleet_serving_feedback_abs_error",
+                                "Regression: sum of |prediction - label| over labelled rows",
+                                labels=_LABELS),
+            CounterMetricFamily("edgefleet_serving_feedback_squared_error",
+                                "Regression: sum of (prediction - label)^2 over labelled rows",
+                                labels=_LABELS),
             CounterMetricFamily("edgefleet_serving_bad_requests",
                                 "Malformed requests refused before routing", labels=["model"]),
             CounterMetricFamily("edgefleet_serving_background_dropped",

@@ -1,9 +1,11 @@
-"""Model runtimes: one loaded bundle version that turns rows into class probabilities.
+"""Model runtimes: one loaded bundle version that turns rows into class probabilities (a
+classifier) or into one value per row (a regression model: ``task = "regression"``).
 
 Rules:
 
 * ``Runtime.predict(x)`` takes float32 ``[n, features]`` (already checked by the caller) and
-  returns float32 ``[n, classes]``. It is safe to call from several threads at once.
+  returns float32 ``[n, classes]`` (``[n, 1]`` for regression: ``classes`` is the output's
+  width). It is safe to call from several threads at once.
 * ONNX Runtime is the default. LiteRT runs ``model.tflite`` when the bundle carries one and the
   manifest's ``runtime.preferred`` or the caller's ``prefer`` says "tflite"; when no LiteRT
   interpreter is installed (the ``agent`` extra does not pull one in) it falls back to ONNX
@@ -58,7 +60,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from fleetcore.bundle import MODEL_ONNX, MODEL_TFLITE
+from fleetcore.bundle import MODEL_ONNX, MODEL_TFLITE, manifest_task
 from fleetcore.errors import InvalidInputError
 
 __all__ = [
@@ -209,22 +211,26 @@ def load_runtime(bundle_dir: Path, manifest: dict[str, Any], *,
 
 
 def model_dims(manifest: dict[str, Any]) -> tuple[int, int]:
-    """(features, classes) from a manifest: ``input.shape[1]`` or the feature list's length."""
+    """(features, outputs) from a manifest: ``input.shape[1]`` or the feature list's length;
+    the number of classes, or 1 for a regression model (one value per row)."""
     section = manifest["input"]
     shape = section.get("shape")
     if isinstance(shape, list) and len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
         features = shape[1]
     else:
         features = len(section["features"])
+    if manifest_task(manifest) == "regression":
+        return features, 1
     return features, len(manifest["output"]["labels"])
 
 
 def io_names(manifest: dict[str, Any]) -> tuple[str, str]:
     """The ONNX input and output tensor names declared by the manifest (trainer defaults)."""
     inp = manifest["input"].get("name", "input")
-    out = manifest["output"].get("name", "probabilities")
+    default = "prediction" if manifest_task(manifest) == "regression" else "probabilities"
+    out = manifest["output"].get("name", default)
     return (inp if isinstance(inp, str) else "input",
-            out if isinstance(out, str) else "probabilities")
+            out if isinstance(out, str) else default)
 
 
 def _bundle_file(bundle_dir: Path, name: object) -> Path:

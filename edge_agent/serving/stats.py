@@ -3,11 +3,14 @@
 Rules:
 
 * ``ArmStats`` counts requests, errors, a latency histogram and feedback (correct / scored
-  rows) for one (model, version). Shadow arms count the mirrored requests they answered.
+  rows; for a regression model the sums of absolute and squared errors of the scored rows
+  instead of correct ones) for one (model, version). Shadow arms count the mirrored requests
+  they answered.
 * ``LatencyHistogram`` has fixed buckets: bounds 10**(k/20) s for k in -120..40, i.e. 1 µs to
   100 s at 12% steps (161 bounds and an overflow bucket), so memory does not grow with traffic.
   Quantiles interpolate geometrically inside the bucket that holds them.
-* ``PredictionLog`` maps request id -> (model, version, predicted classes) for requests that
+* ``PredictionLog`` maps request id -> (model, version, predicted classes or values) for
+  requests that
   carried an id, least recently used first out past ``capacity`` entries or ``max_bytes``
   accounted bytes (so the ids the agent can score are the most recent ones). An entry's bytes
   (``entry_bytes``) count its id, classes, sampled rows and parameters and each shadow answer,
@@ -34,12 +37,15 @@ __all__ = [
     "ArmStats",
     "LatencyHistogram",
     "Pending",
+    "Predicted",
     "PredictionLog",
     "as_classes",
     "entry_bytes",
 ]
 
 LATENCY_BOUNDS_S: tuple[float, ...] = tuple(10 ** (k / 20) for k in range(-120, 41))
+# What a request was answered with, one entry per row: class ids, or values (regression).
+Predicted = int | float | tuple[int, ...] | tuple[float, ...]
 
 
 class LatencyHistogram:
@@ -90,14 +96,17 @@ class LatencyHistogram:
 class ArmStats:
     """Counters for one arm of one model (see the module rules)."""
 
-    def __init__(self, model: str, version: int) -> None:
+    def __init__(self, model: str, version: int, task: str = "classification") -> None:
         self.model = model
         self.version = version
+        self.regression = task == "regression"
         self.requests = 0
         self.errors = 0
         self.latency = LatencyHistogram()
         self.scored = 0  # rows that got a ground-truth label
         self.correct = 0
+        self.abs_error_sum = 0.0  # regression: sum |predicted - label| over scored rows
+        self.sq_error_sum = 0.0  # regression: sum (predicted - label)^2 over scored rows
         self._lock = threading.Lock()
 
     def record(self, ok: bool, latency_s: float) -> None:
@@ -113,9 +122,23 @@ class ArmStats:
             self.correct += correct
             self.scored += scored
 
-    def snapshot(self) -> dict[str, Any]:
-        """JSON-ready numbers (latencies in seconds; accuracy None before any feedback)."""
+    def score_errors(self, predicted: tuple[float, ...], labels: list[float]) -> None:
+        """Score a regression answer: one predicted value and one true value per row (labels
+        are finite and bounded by the caller, so the sums stay finite)."""
+        # A row the model answered with NaN or Inf is not scored (its error has no size).
+        errors = [p - y for p, y in zip(predicted, labels, strict=True) if math.isfinite(p)]
+        absolute = math.fsum(abs(e) for e in errors)
+        squared = math.fsum(e * e for e in errors)
         with self._lock:
+            self.abs_error_sum += absolute
+            self.sq_error_sum += squared
+            self.scored += len(errors)
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready numbers (latencies in seconds; accuracy and MAE None before any
+        feedback; a regression arm's accuracy stays None, a classifier's MAE too)."""
+        with self._lock:
+            regression = self.regression
             return {
                 "requests": self.requests,
                 "errors": self.errors,
@@ -123,7 +146,11 @@ class ArmStats:
                 "latency_p95_s": self.latency.quantile(0.95),
                 "feedback_rows": self.scored,
                 "feedback_correct": self.correct,
-                "accuracy": self.correct / self.scored if self.scored else None,
+                "accuracy": (self.correct / self.scored
+                             if self.scored and not regression else None),
+                "feedback_abs_error_sum": self.abs_error_sum,
+                "feedback_sq_error_sum": self.sq_error_sum,
+                "mae": self.abs_error_sum / self.scored if regression and self.scored else None,
             }
 
     def histogram(self, bounds: tuple[float, ...]) -> tuple[list[tuple[float, int]], float]:
@@ -143,15 +170,15 @@ class Pending:
     model: str
     version: int
     arm: ArmStats  # the arm to score (even if the version is no longer served)
-    classes: int | tuple[int, ...]  # predicted class: one int per request row
-    shadows: dict[int, tuple[ArmStats, int | tuple[int, ...]]] | None = None
+    classes: Predicted  # predicted class (or value, for regression): one per request row
+    shadows: dict[int, tuple[ArmStats, Predicted]] | None = None
     # Only for a request chosen as a training sample: its rows and request parameters.
     sample: tuple[np.ndarray, Mapping[str, str]] | None = None
     cost: int = 0  # accounted bytes, kept by the log that holds it (``entry_bytes``)
 
     @property
     def rows(self) -> int:
-        return 1 if isinstance(self.classes, int) else len(self.classes)
+        return 1 if isinstance(self.classes, int | float) else len(self.classes)
 
 
 # What an entry costs besides its id and variable parts: the ``Pending`` object, the
@@ -161,8 +188,8 @@ _ENTRY_BYTES = 170
 _SHADOW_BYTES = 200  # a dict slot, a tuple, an int (the dict itself is counted once more)
 
 
-def _classes_bytes(classes: int | tuple[int, ...]) -> int:
-    return 0 if isinstance(classes, int) else sys.getsizeof(classes) + 32 * len(classes)
+def _classes_bytes(classes: Predicted) -> int:
+    return 0 if isinstance(classes, int | float) else sys.getsizeof(classes) + 32 * len(classes)
 
 
 def entry_bytes(request_id: str, pending: Pending) -> int:
@@ -178,8 +205,8 @@ def entry_bytes(request_id: str, pending: Pending) -> int:
     return size
 
 
-def as_classes(predicted: list[int]) -> int | tuple[int, ...]:
-    """The compact form ``Pending`` stores: an int for one row, else a tuple."""
+def as_classes(predicted: list[int] | list[float]) -> Predicted:
+    """The compact form ``Pending`` stores: an int (float) for one row, else a tuple."""
     return predicted[0] if len(predicted) == 1 else tuple(predicted)
 
 
@@ -212,7 +239,7 @@ class PredictionLog:
             self._shrink()
 
     def add_shadow(self, request_id: str, model: str, arm: ArmStats,
-                   classes: int | tuple[int, ...]) -> None:
+                   classes: Predicted) -> None:
         with self._lock:
             pending = self._entries.get(request_id)
             if pending is not None and pending.model == model:

@@ -160,7 +160,7 @@ class GetExperimentRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ArmResult(_message.Message):
-    __slots__ = ("version", "role", "weight", "requests", "errors", "p50_ms", "p95_ms", "labelled", "correct", "devices", "accuracy_low", "accuracy_high")
+    __slots__ = ("version", "role", "weight", "requests", "errors", "p50_ms", "p95_ms", "labelled", "correct", "devices", "accuracy_low", "accuracy_high", "task", "mae", "mae_low", "mae_high")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,10 @@ class ArmResult(_message.Message):
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_LOW_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_HIGH_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    MAE_FIELD_NUMBER: _ClassVar[int]
+    MAE_LOW_FIELD_NUMBER: _ClassVar[int]
+    MAE_HIGH_FIELD_NUMBER: _ClassVar[int]
     version: int
     role: str
     weight: float
@@ -185,10 +189,14 @@ class ArmResult(_message.Message):
     devices: int
     accuracy_low: float
     accuracy_high: float
-    def __init__(self, version: _Optional[int] = ..., role: _Optional[str] = ..., weight: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., labelled: _Optional[int] = ..., correct: _Optional[int] = ..., devices: _Optional[int] = ..., accuracy_low: _Optional[float] = ..., accuracy_high: _Optional[float] = ...) -> None: ...
+    task: str
+    mae: float
+    mae_low: float
+    mae_high: float
+    def __init__(self, version: _Optional[int] = ..., role: _Optional[str] = ..., weight: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., labelled: _Optional[int] = ..., correct: _Optional[int] = ..., devices: _Optional[int] = ..., accuracy_low: _Optional[float] = ..., accuracy_high: _Optional[float] = ..., task: _Optional[str] = ..., mae: _Optional[float] = ..., mae_low: _Optional[float] = ..., mae_high: _Optional[float] = ...) -> None: ...
 
 class Experiment(_message.Message):
-    __slots__ = ("model", "champion", "challenger", "weight", "state", "selector", "device_ids", "arms", "created_at", "decision", "p_value", "test", "decision_reason", "min_samples")
+    __slots__ = ("model", "champion", "challenger", "weight", "state", "selector", "device_ids", "arms", "created_at", "decision", "p_value", "test", "decision_reason", "min_samples", "task")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +218,7 @@ class Experiment(_message.Message):
     TEST_FIELD_NUMBER: _ClassVar[int]
     DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     MIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     model: str
     champion: int
     challenger: int
@@ -224,7 +233,8 @@ class Experiment(_message.Message):
     test: str
     decision_reason: str
     min_samples: int
-    def __init__(self, model: _Optional[str] = ..., champion: _Optional[int] = ..., challenger: _Optional[int] = ..., weight: _Optional[float] = ..., state: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., device_ids: _Optional[_Iterable[str]] = ..., arms: _Optional[_Iterable[_Union[ArmResult, _Mapping]]] = ..., created_at: _Optional[float] = ..., decision: _Optional[str] = ..., p_value: _Optional[float] = ..., test: _Optional[str] = ..., decision_reason: _Optional[str] = ..., min_samples: _Optional[int] = ...) -> None: ...
+    task: str
+    def __init__(self, model: _Optional[str] = ..., champion: _Optional[int] = ..., challenger: _Optional[int] = ..., weight: _Optional[float] = ..., state: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., device_ids: _Optional[_Iterable[str]] = ..., arms: _Optional[_Iterable[_Union[ArmResult, _Mapping]]] = ..., created_at: _Optional[float] = ..., decision: _Optional[str] = ..., p_value: _Optional[float] = ..., test: _Optional[str] = ..., decision_reason: _Optional[str] = ..., min_samples: _Optional[int] = ..., task: _Optional[str] = ...) -> None: ...
 
 class GetDriftRequest(_message.Message):
     __slots__ = ("model",)
@@ -382,7 +392,7 @@ class RolloutDevice(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., desired_version: _Optional[int] = ..., reported_version: _Optional[int] = ..., reported_state: _Optional[str] = ..., reason: _Optional[str] = ..., release_serial: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("model", "version", "selector", "state", "created_at", "created_by", "devices", "steps", "step", "bake_seconds", "gates", "on_failure", "previous_version", "reason", "history")
+    __slots__ = ("model", "version", "selector", "state", "created_at", "created_by", "devices", "steps", "step", "bake_seconds", "gates", "on_failure", "previous_version", "reason", "history", "task", "quality")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -405,6 +415,8 @@ class Rollout(_message.Message):
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     selector: _containers.ScalarMap[str, str]
@@ -420,7 +432,29 @@ class Rollout(_message.Message):
     previous_version: int
     reason: str
     history: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., state: _Optional[str] = ..., created_at: _Optional[float] = ..., created_by: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[RolloutDevice, _Mapping]]] = ..., steps: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., bake_seconds: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., on_failure: _Optional[str] = ..., previous_version: _Optional[int] = ..., reason: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ...) -> None: ...
+    task: str
+    quality: _containers.RepeatedCompositeFieldContainer[VersionQuality]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., selector: _Optional[_Mapping[str, str]] = ..., state: _Optional[str] = ..., created_at: _Optional[float] = ..., created_by: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[RolloutDevice, _Mapping]]] = ..., steps: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., bake_seconds: _Optional[float] = ..., gates: _Optional[_Iterable[str]] = ..., on_failure: _Optional[str] = ..., previous_version: _Optional[int] = ..., reason: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., quality: _Optional[_Iterable[_Union[VersionQuality, _Mapping]]] = ...) -> None: ...
+
+class VersionQuality(_message.Message):
+    __slots__ = ("version", "labelled", "accuracy", "accuracy_low", "accuracy_high", "mae", "mae_low", "mae_high")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_LOW_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_HIGH_FIELD_NUMBER: _ClassVar[int]
+    MAE_FIELD_NUMBER: _ClassVar[int]
+    MAE_LOW_FIELD_NUMBER: _ClassVar[int]
+    MAE_HIGH_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    labelled: int
+    accuracy: float
+    accuracy_low: float
+    accuracy_high: float
+    mae: float
+    mae_low: float
+    mae_high: float
+    def __init__(self, version: _Optional[int] = ..., labelled: _Optional[int] = ..., accuracy: _Optional[float] = ..., accuracy_low: _Optional[float] = ..., accuracy_high: _Optional[float] = ..., mae: _Optional[float] = ..., mae_low: _Optional[float] = ..., mae_high: _Optional[float] = ...) -> None: ...
 
 class CreateEnrollmentTokenRequest(_message.Message):
     __slots__ = ("ttl_seconds", "labels")
