@@ -64,6 +64,17 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     features = doc["input"].get("features")
     if not isinstance(features, list) or not features:
         raise InvalidInputError("manifest input.features must be a non-empty list")
+    task = doc.get("task", "classification")
+    if task not in ("classification", "regression"):
+        raise InvalidInputError(
+            f"manifest task must be 'classification' or 'regression'; got {task!r}")
+    if task == "regression":
+        out = doc["output"]
+        if out.get("kind") != "value" or not isinstance(out.get("name"), str) or not out["name"]:
+            raise InvalidInputError(
+                "manifest output of a regression model must be {\"kind\": \"value\", "
+                "\"name\": ...}")
+        return doc
     labels = doc["output"].get("labels")
     if not isinstance(labels, list) or not labels:
         raise InvalidInputError("manifest output.labels must be a non-empty list")
