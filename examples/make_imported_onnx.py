@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 
-def make(out_dir: Path, name: str = "wine-logreg.onnx") -> Path:
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
+def build_model() -> Any:
+    """The scikit-learn model the ONNX file holds (deterministic: lbfgs, no randomness)."""
     from sklearn.datasets import load_wine
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -23,7 +23,17 @@ def make(out_dir: Path, name: str = "wine-logreg.onnx") -> Path:
 
     data = load_wine()
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    model.fit(data.data.astype("float32"), data.target)
+    return model.fit(data.data.astype("float32"), data.target)
+
+
+def make(out_dir: Path, name: str = "wine-logreg.onnx") -> Path:
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.datasets import load_wine
+    from sklearn.linear_model import LogisticRegression
+
+    data = load_wine()
+    model = build_model()
     onx = convert_sklearn(
         model, initial_types=[("float_input", FloatTensorType([None, data.data.shape[1]]))],
         options={LogisticRegression: {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3},

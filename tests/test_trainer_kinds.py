@@ -1,0 +1,261 @@
+"""The sklearn, torch and onnx model kinds, for classification and regression, end to end on
+scikit-learn's bundled data: each run ends in a signed bundle that the reference verifier
+accepts, whose ONNX model answers what the original estimator / module answers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fleetcore.bundle import parse_manifest
+from tests.trainer_support import verify_bundle, write_kind_pipeline
+from trainer.config import Pipeline
+from trainer.onnx_tools import run_onnx
+from trainer.pipeline import Run, Workdir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(pipeline: Path, workdir: Path) -> tuple[Run, dict[str, Any]]:
+    run = Run(Pipeline.load(pipeline), Workdir(workdir), progress=lambda m: None)
+    return run, run.run_all()
+
+
+def _bundle(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    manifest = parse_manifest((work / "bundle" / "manifest.json").read_bytes())
+    profile = json.loads((work / "bundle" / "profile.json").read_text())
+    return manifest, profile
+
+
+def _split(run: Run) -> Any:
+    run2 = Run(run.pipeline, run.workdir, progress=lambda m: None)
+    try:
+        return run2.split()
+    finally:
+        run2.close()
+
+
+def _make_imported() -> Any:
+    spec = importlib.util.spec_from_file_location("make_imported_onnx",
+                                                  REPO / "examples/make_imported_onnx.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------- sklearn classification
+HGB = """kind = "sklearn"
+estimator = "sklearn.ensemble.HistGradientBoostingClassifier"
+params = { max_iter = 30, max_leaf_nodes = 8 }"""
+
+
+@pytest.fixture(scope="module")
+def hgb(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Run, dict[str, Any]]:
+    base = tmp_path_factory.mktemp("hgb")
+    pipeline = write_kind_pipeline(base, source="sklearn:breast_cancer", task="classification",
+                                   model=HGB)
+    run, report = _run(pipeline, base / "work")
+    return base, run, report
+
+
+def test_sklearn_classifier_bundle_verifies_and_matches_predict_proba(
+    hgb: tuple[Path, Run, dict[str, Any]],
+) -> None:
+    from sklearn.datasets import load_breast_cancer  # noqa: PLC0415
+    from sklearn.ensemble import HistGradientBoostingClassifier  # noqa: PLC0415
+
+    base, run, report = hgb
+    work = base / "work"
+    assert verify_bundle(work / "bundle", base / "publisher.pub").returncode == 0
+    manifest, profile = _bundle(work)
+    assert manifest["task"] == "classification"
+    assert manifest["output"] == {"name": "probabilities", "kind": "probabilities",
+                                  "labels": ["malignant", "benign"]}
+    assert manifest["lineage"]["model_kind"] == "sklearn"
+    assert manifest["lineage"]["estimator"] == "sklearn.ensemble.HistGradientBoostingClassifier"
+    assert manifest["smoke_test"]["require_same_argmax"] is True
+    assert profile["prediction"]["labels"] == ["malignant", "benign"]
+    # Same estimator, same params and seed, same training rows: scikit-learn's answer.
+    split = _split(run)
+    est = HistGradientBoostingClassifier(max_iter=30, max_leaf_nodes=8, random_state=0)
+    est.fit(split.X_train, split.y_train)
+    X = load_breast_cancer().data.astype(np.float32)
+    got = run_onnx(work / "bundle" / "model.onnx", X)
+    # Tolerance: float32 tree thresholds and sums in ONNX Runtime vs float64 in scikit-learn.
+    np.testing.assert_allclose(got, est.predict_proba(X), atol=1e-5)
+    assert (got.argmax(1) == est.predict(X)).all()
+    assert report["metrics"]["compressed"]["accuracy"] > 0.9
+    recipe = report["compression"]
+    assert recipe["prune"] == {"applies": False, "reason": recipe["prune"]["reason"]}
+    assert recipe["quantize"]["applies"] is False
+    assert "TreeEnsembleClassifier" in recipe["quantize"]["reason"]
+    assert manifest["compression"] == recipe
+
+
+def test_sklearn_unchanged_rerun_is_cached(hgb: tuple[Path, Run, dict[str, Any]]) -> None:
+    base, _, _ = hgb
+    run, _ = _run(base / "pipeline.toml", base / "work")
+    assert set(run.outcomes.values()) == {"cached"}
+
+
+# ---------------------------------------------------------------- sklearn regression
+def test_sklearn_regressor_bundle(tmp_path: Path) -> None:
+    from sklearn.datasets import load_diabetes  # noqa: PLC0415
+    from sklearn.linear_model import Ridge  # noqa: PLC0415
+    from sklearn.pipeline import make_pipeline  # noqa: PLC0415
+    from sklearn.preprocessing import StandardScaler  # noqa: PLC0415
+
+    pipeline = write_kind_pipeline(tmp_path, source="sklearn:diabetes", task="regression",
+                                   model='kind = "sklearn"\n'
+                                         'estimator = "sklearn.linear_model.Ridge"\n'
+                                         "params = { alpha = 0.5 }")
+    run, report = _run(pipeline, tmp_path / "work")
+    work = tmp_path / "work"
+    assert verify_bundle(work / "bundle", tmp_path / "publisher.pub").returncode == 0
+    manifest, profile = _bundle(work)
+    assert manifest["task"] == "regression"
+    assert manifest["output"] == {"name": "prediction", "kind": "value", "shape": [-1, 1],
+                                  "dtype": "float32", "target": "target"}
+    smoke = manifest["smoke_test"]
+    assert smoke["require_same_argmax"] is False
+    assert smoke["atol"] == pytest.approx(max(1e-3, 1e-4 * 346.0))  # max |y| of diabetes
+    assert np.asarray(smoke["expected"]).shape == (len(smoke["inputs"]), 1)
+    for key in ("mae", "rmse", "r2"):
+        assert key in manifest["metrics"]["fp32"] and key in manifest["metrics"]["compressed"]
+    assert 30 < report["metrics"]["fp32"]["mae"] < 60 and report["metrics"]["fp32"]["r2"] > 0.3
+    pred = profile["prediction"]
+    assert pred["kind"] == "value" and len(pred["proportions"]) == len(pred["edges"]) + 1
+    assert sum(pred["proportions"]) == pytest.approx(1.0)
+    # Ridge is scale-sensitive: the StandardScaler is inside the graph; raw features in.
+    assert report["model"]["scaled"] is True
+    split = _split(run)
+    ref = make_pipeline(StandardScaler(), __import__("sklearn.linear_model").linear_model
+                        .Ridge(alpha=0.5)).fit(split.X_train, split.y_train)
+    X = load_diabetes().data.astype(np.float32)
+    got = run_onnx(work / "bundle" / "model.onnx", X)
+    assert got.shape == (len(X), 1) and got.dtype == np.float32
+    # float32 graph vs float64 scikit-learn on values of ~25..350: within 1e-3.
+    np.testing.assert_allclose(got[:, 0], ref.predict(X), atol=1e-3)
+    del Ridge
+
+
+# ---------------------------------------------------------------- torch (user module)
+NET = """
+from torch import nn
+
+
+def build(features, outputs):
+    return nn.Sequential(nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                         nn.Linear(16, outputs))
+"""
+
+
+def test_torch_user_module_regression_matches_forward_and_reruns_on_edit(
+    tmp_path: Path,
+) -> None:
+    import torch  # noqa: PLC0415
+
+    from trainer.kinds.torchnet import load_model  # noqa: PLC0415
+    from trainer.models import serving  # noqa: PLC0415
+
+    (tmp_path / "nets").mkdir()
+    (tmp_path / "nets" / "net.py").write_text(NET)
+    pipeline = write_kind_pipeline(tmp_path, source="sklearn:diabetes", task="regression",
+                                   model='kind = "torch"\nmodule = "nets/net.py:build"',
+                                   extra='quantize = "none"')
+    run, report = _run(pipeline, tmp_path / "work")
+    work = tmp_path / "work"
+    assert verify_bundle(work / "bundle", tmp_path / "publisher.pub").returncode == 0
+    manifest, _ = _bundle(work)
+    lineage = manifest["lineage"]
+    assert lineage["model_kind"] == "torch" and lineage["module"] == "nets/net.py:build"
+    import hashlib  # noqa: PLC0415
+
+    assert lineage["module_sha256"] == hashlib.sha256(NET.encode()).hexdigest()
+    # The defaults converge on diabetes (target standardized in training, mapped back in the
+    # graph): clearly better than predicting the mean (R² 0).
+    assert report["metrics"]["fp32"]["r2"] > 0.15
+    model, spec = load_model(work / "train" / "model.pt")
+    X = _split(run).X_test
+    with torch.no_grad():
+        want = serving(model, spec)(torch.as_tensor(X)).numpy()
+    got = run_onnx(work / "bundle" / "model.onnx", X)
+    np.testing.assert_allclose(got, want, atol=1e-3)  # values ~25..350, float32
+    # Editing the user's file reruns train (and what follows), nothing before it.
+    (tmp_path / "nets" / "net.py").write_text(NET.replace("32", "24"))
+    run2, _ = _run(pipeline, work)
+    assert run2.outcomes["ingest"] == "cached" and run2.outcomes["train"] == "ran"
+    assert _bundle(work)[0]["lineage"]["module_sha256"] != lineage["module_sha256"]
+
+
+def test_torch_user_module_classification_is_pruned_where_it_can_be(tmp_path: Path) -> None:
+    (tmp_path / "net.py").write_text(NET + """
+
+class Odd(nn.Module):
+    def __init__(self, features, outputs):
+        super().__init__()
+        self.body = build(features, 16)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, outputs)
+
+    def forward(self, x):
+        return self.head(self.norm(self.body(x)))
+
+
+def odd(features, outputs):
+    return Odd(features, outputs)
+""")
+    pipeline = write_kind_pipeline(tmp_path, source="sklearn:wine", task="classification",
+                                   model='kind = "torch"\nmodule = "net.py:odd"',
+                                   extra="prune = 0.5\nfinetune_epochs = 2")
+    _, report = _run(pipeline, tmp_path / "work")
+    prune = report["compression"]["prune"]
+    assert prune["pruned_layers"] == ["net.body.0", "net.body.2"]
+    skipped = {s["module"]: s["reason"] for s in prune["skipped"]}
+    assert set(skipped) == {"net.norm", "net.head"}  # body.4 lost input columns only
+    assert prune["parameters_after"] < prune["parameters_before"]
+    assert report["checks"]["onnx_pruned_fp32"]["ok"]
+    assert report["metrics"]["compressed"]["accuracy"] > 0.8
+    assert verify_bundle(tmp_path / "work" / "bundle", tmp_path / "publisher.pub").returncode == 0
+
+
+# ---------------------------------------------------------------- imported ONNX
+def test_imported_onnx_bundle_matches_the_original_and_reruns_on_change(tmp_path: Path) -> None:
+    from sklearn.datasets import load_wine  # noqa: PLC0415
+
+    maker = _make_imported()
+    maker.make(tmp_path)
+    pipeline = write_kind_pipeline(tmp_path, source="sklearn:wine", task="classification",
+                                   model='kind = "onnx"\npath = "wine-logreg.onnx"')
+    run, report = _run(pipeline, tmp_path / "work")
+    work = tmp_path / "work"
+    assert verify_bundle(work / "bundle", tmp_path / "publisher.pub").returncode == 0
+    manifest, _ = _bundle(work)
+    import hashlib  # noqa: PLC0415
+
+    digest = hashlib.sha256((tmp_path / "wine-logreg.onnx").read_bytes()).hexdigest()
+    assert manifest["lineage"]["model_kind"] == "onnx"
+    assert manifest["lineage"]["imported_onnx_sha256"] == digest
+    import onnx  # noqa: PLC0415
+
+    graph = onnx.load(str(work / "bundle" / "model.onnx")).graph
+    assert [o.name for o in graph.output] == ["probabilities"]  # the label output is gone
+    assert [i.name for i in graph.input] == ["input"]
+    X = load_wine().data.astype(np.float32)
+    np.testing.assert_allclose(run_onnx(work / "bundle" / "model.onnx", X),
+                               maker.build_model().predict_proba(X), atol=1e-5)
+    assert report["steps"]["train"] == "ran"
+    # Another file at the same path: the import reruns.
+    rerun, _ = _run(pipeline, work)
+    assert set(rerun.outcomes.values()) == {"cached"}
+    data = onnx.load(str(tmp_path / "wine-logreg.onnx"))
+    data.producer_version = "changed"
+    onnx.save(data, str(tmp_path / "wine-logreg.onnx"))
+    rerun, _ = _run(pipeline, work)
+    assert rerun.outcomes["train"] == "ran"
