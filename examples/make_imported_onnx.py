@@ -13,25 +13,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from skl2onnx import convert_sklearn
+from skl2onnx.common.data_types import FloatTensorType
+from sklearn.datasets import load_wine
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
 
 def build_model() -> Any:
     """The scikit-learn model the ONNX file holds (deterministic: lbfgs, no randomness)."""
-    from sklearn.datasets import load_wine
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     data = load_wine()
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     return model.fit(data.data.astype("float32"), data.target)
 
 
 def make(out_dir: Path, name: str = "wine-logreg.onnx") -> Path:
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.datasets import load_wine
-    from sklearn.linear_model import LogisticRegression
-
     data = load_wine()
     model = build_model()
     onx = convert_sklearn(

@@ -233,7 +233,7 @@ def test_imported_onnx_bundle_matches_the_original_and_reruns_on_change(tmp_path
     maker.make(tmp_path)
     pipeline = write_kind_pipeline(tmp_path, source="sklearn:wine", task="classification",
                                    model='kind = "onnx"\npath = "wine-logreg.onnx"')
-    run, report = _run(pipeline, tmp_path / "work")
+    _, report = _run(pipeline, tmp_path / "work")
     work = tmp_path / "work"
     assert verify_bundle(work / "bundle", tmp_path / "publisher.pub").returncode == 0
     manifest, _ = _bundle(work)

@@ -129,13 +129,20 @@ def normalize(model: onnx.ModelProto, *, task: str, features: int, classes: int,
     ``out_name`` ([?, classes] or [?, 1]), with the original input and output names chosen;
     InvalidInputError says what does not fit."""
     import onnx
-    from onnx import helper
 
-    from trainer.onnx_tools import INPUT_NAME
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     inits = {i.name for i in graph.initializer}
+    inp = _pick_input(graph, inits, input_name, features, where)
+    out = _pick_output(graph, output_name, task, classes, where)
+    chosen_in, chosen_out = inp.name, out.name
+    _wire(graph, inits, inp, out, out_name, task, classes)
+    return model, chosen_in, chosen_out
+
+
+def _pick_input(graph: Any, inits: set[str], input_name: str | None, features: int,
+                where: str) -> Any:
     inputs = [i for i in graph.input if i.name not in inits]
     if input_name is not None:
         inputs = [i for i in inputs if i.name == input_name]
@@ -153,6 +160,11 @@ def normalize(model: onnx.ModelProto, *, task: str, features: int, classes: int,
     if dims[0] is not None:
         raise _fail(where, f"input {inp.name!r} has a fixed batch size {dims[0]}; export it "
                            "with a dynamic batch dimension")
+    return inp
+
+
+def _pick_output(graph: Any, output_name: str | None, task: str, classes: int,
+                 where: str) -> Any:
     candidates = list(graph.output)
     if output_name is not None:
         candidates = [o for o in candidates if o.name == output_name]
@@ -169,8 +181,18 @@ def normalize(model: onnx.ModelProto, *, task: str, features: int, classes: int,
                            f"(outputs: {found}); "
                            + ("name one with model.output" if fitting
                               else "check data.task and the model"))
-    out = fitting[0]
-    chosen_in, chosen_out = inp.name, out.name
+    return fitting[0]
+
+
+def _wire(graph: Any, inits: set[str], inp: Any, out: Any, out_name: str, task: str,
+          classes: int) -> None:
+    """Rename the input to ``input``; expose ``out`` (reshaped to [?, 1] for regression) as
+    the one output ``out_name``; drop what only other outputs needed."""
+    import onnx
+    from onnx import helper
+
+    from trainer.onnx_tools import INPUT_NAME
+
     # Free the two names the bundle uses, then wire them.
     for name, keep in ((INPUT_NAME, inp.name), (out_name, out.name)):
         taken = {n for node in graph.node for n in (*node.input, *node.output)} | \
@@ -192,7 +214,6 @@ def normalize(model: onnx.ModelProto, *, task: str, features: int, classes: int,
     graph.output.append(helper.make_tensor_value_info(
         out_name, onnx.TensorProto.FLOAT, ["batch", 1 if task == "regression" else classes]))
     _drop_dead_nodes(graph)
-    return model, chosen_in, chosen_out
 
 
 def _describe(vi: Any) -> str:

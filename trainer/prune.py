@@ -145,6 +145,7 @@ def prune_sequential(model: nn.Module, fraction: float) -> tuple[nn.Module, dict
                 continue
             nxt_name, nxt = items[j]
             cur = getattr(seq, name)  # may have lost input columns already
+            assert isinstance(cur, nn.Linear) and isinstance(nxt, nn.Linear)
             keep = _keep(cur.weight.detach().norm(dim=1) * nxt.weight.detach().norm(dim=0),
                          fraction)
             setattr(seq, name, _linear_any(cur, keep, None))

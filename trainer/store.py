@@ -173,17 +173,7 @@ def _check_table(table: RawTable) -> tuple[np.ndarray, np.ndarray]:
     X = np.ascontiguousarray(X, dtype="<f4")
     if not np.isfinite(X).all():
         raise InvalidInputError("X holds NaN or infinite values")
-    if regression:
-        y = np.ascontiguousarray(y, dtype="<f8")
-        if not np.isfinite(y).all():
-            raise InvalidInputError("y holds NaN or infinite values")
-        if not (isinstance(table.target, str) and table.target):
-            raise InvalidInputError("the regression target needs a non-empty name")
-    elif int(y.min()) < 0 or int(y.max()) >= len(table.labels):
-        raise InvalidInputError(
-            f"y holds class ids in [{int(y.min())}, {int(y.max())}]; "
-            f"expected [0, {len(table.labels) - 1}]"
-        )
+    y = _check_labels(table, y)
     for what, names in (("column", [*table.feature_names, *table.pii]), ("label", table.labels)):
         if len(set(names)) != len(names) or not all(isinstance(s, str) and s for s in names):
             raise InvalidInputError(f"{what} names must be unique non-empty strings: {names}")
@@ -197,6 +187,22 @@ def _check_table(table: RawTable) -> tuple[np.ndarray, np.ndarray]:
                 f"image shape {table.image_shape} does not fit {X.shape[1]} features"
             )
     return X, np.ascontiguousarray(y, dtype="<f8" if regression else "<i8")
+
+
+def _check_labels(table: RawTable, y: np.ndarray) -> np.ndarray:
+    """Regression: finite values and a target name; classification: ids of known classes."""
+    if table.target is not None:
+        y = np.ascontiguousarray(y, dtype="<f8")
+        if not np.isfinite(y).all():
+            raise InvalidInputError("y holds NaN or infinite values")
+        if not (isinstance(table.target, str) and table.target):
+            raise InvalidInputError("the regression target needs a non-empty name")
+    elif int(y.min()) < 0 or int(y.max()) >= len(table.labels):
+        raise InvalidInputError(
+            f"y holds class ids in [{int(y.min())}, {int(y.max())}]; "
+            f"expected [0, {len(table.labels) - 1}]"
+        )
+    return y
 
 
 def _image_shape(shape: Sequence[int] | None) -> tuple[int, int] | None:
