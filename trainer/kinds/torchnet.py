@@ -244,8 +244,9 @@ class TorchKind:
     def lineage(self, run: Run) -> dict[str, Any]:
         m = run.pipeline.model
         doc: dict[str, Any] = {"model_kind": m.kind}
-        if m.kind == "torch":
-            doc.update(module=m.module, module_sha256=self.fingerprint(run.pipeline))
+        if m.kind == "torch":  # what was trained (train.json), not the file as it is now
+            spec = run.read_json(run.workdir.train_json)["spec"]
+            doc.update(module=spec["module"], module_sha256=spec["module_sha256"])
         return doc
 
     def describe(self, run: Run) -> dict[str, Any]:
