@@ -684,9 +684,11 @@ class Run:
     def _report_metrics(self, m: dict[str, Any], evaluate: dict[str, Any]) -> dict[str, Any]:
         framework = {k: v for k, v in evaluate["fp32"].items() if k != "rows"}
         if self.task == "classification":
+            fp32 = {"accuracy": m["fp32"]["accuracy"], "framework": framework}
+            if self.pipeline.model.kind in ("mlp", "cnn", "torch"):
+                fp32["torch_accuracy"] = framework["accuracy"]
             return {
-                "fp32": {"accuracy": m["fp32"]["accuracy"],
-                         "torch_accuracy": framework["accuracy"]},
+                "fp32": fp32,
                 "compressed": {"accuracy": m["compressed"]["accuracy"]},
                 "accuracy_drop_points": 100 * (m["fp32"]["accuracy"]
                                                - m["compressed"]["accuracy"]),
