@@ -7,8 +7,8 @@ its image inside the graph.
 
 ``spec`` is a plain dict (kind, sizes) from which ``build`` recreates the module; pruning
 changes the spec, so a checkpoint always says which shapes its tensors have. A ``torch`` kind
-spec names the user's module function (trainer.kinds.user_module); its network sits after the
-same ``Standardize`` layer (``UserNet``).
+spec names the user's module function, and trainer.kinds.user_module rebuilds it; its network
+sits after the same ``Standardize`` layer (``UserNet``).
 
 Regression (``spec["task"] == "regression"``): the network has one output and learns the
 standardized target; ``ValueServing`` maps it back (y * std + mean, with the training split's
@@ -142,10 +142,6 @@ def serving(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
 
 
 def build(spec: dict[str, Any]) -> nn.Module:
-    if spec["kind"] == "torch":
-        from trainer.kinds.user_module import build_user_net  # noqa: PLC0415
-
-        return build_user_net(spec)
     if spec["kind"] == "mlp":
         return MLP(spec["features"], list(spec["hidden"]), spec["classes"])
     if spec["kind"] == "cnn":

@@ -32,6 +32,7 @@ from trainer.kinds import Kind, kind_of
 from trainer.samples import accept, load_samples
 from trainer.sources import load_source, source_fingerprint
 from trainer.store import FeatureStore, RegionNotAllowedError, Snapshot
+from trainer.workdir import Workdir
 
 # torch, scikit-learn, onnx and onnxruntime are imported inside the steps that use them (and
 # the helpers those steps call): a rerun with every step cached never imports them, and a
@@ -66,58 +67,6 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 
 class PreflightError(InvalidInputError):
     """Something a run will need is missing or unusable; found before any step ran."""
-
-
-@dataclass(frozen=True)
-class Workdir:
-    root: Path
-
-    def step_state(self, step: str) -> Path:
-        return self.root / ".steps" / f"{step}.json"
-
-    @property
-    def ingest(self) -> Path:
-        return self.root / "ingest.json"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "train" / "model.pt"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "train" / "checkpoint.pt"
-
-    @property
-    def train_json(self) -> Path:
-        return self.root / "train" / "train.json"
-
-    @property
-    def evaluate(self) -> Path:
-        return self.root / "evaluate.json"
-
-    @property
-    def compress_dir(self) -> Path:
-        return self.root / "compress"
-
-    @property
-    def export_dir(self) -> Path:
-        return self.root / "export"
-
-    @property
-    def profile(self) -> Path:
-        return self.root / "profile.json"
-
-    @property
-    def bundle(self) -> Path:
-        return self.root / "bundle"
-
-    @property
-    def acceptance(self) -> Path:
-        return self.root / "acceptance.json"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.json"
 
 
 # Workdir documents (step state, ingest/train/evaluate/profile/export records) are read back

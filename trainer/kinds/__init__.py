@@ -14,47 +14,9 @@ its heavy libraries inside the functions that need them.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from trainer.kinds.base import Kind, RunContext
 
-import numpy as np
-
-if TYPE_CHECKING:
-    from trainer.config import Pipeline
-    from trainer.pipeline import Run
-
-__all__ = ["Kind", "kind_of"]
-
-
-class Kind(Protocol):
-    """What the pipeline asks of a model kind."""
-
-    def fingerprint(self, pipeline: Pipeline) -> Any:
-        """Extra input of the train step's cache key (a user file's digest); stdlib only."""
-
-    def preflight(self, pipeline: Pipeline) -> None:
-        """Cheap checks before any step runs (files exist, sizes); stdlib only."""
-
-    def train_outputs(self, run: Run) -> list[Path]: ...
-
-    def train(self, run: Run, key: str) -> None: ...
-
-    def evaluate(self, run: Run) -> dict[str, Any]:
-        """Metrics of the trained model on the test split, in its own framework."""
-
-    def compress(self, run: Run, key: str) -> None:
-        """Write compress/fp32.onnx, compress/compressed.onnx and compress/compress.json."""
-
-    def compress_outputs(self, run: Run) -> list[Path]: ...
-
-    def export_checks(self, run: Run, rows: np.ndarray, final: Path) -> dict[str, Any]:
-        """Compare the exported files with the trained model on ``rows``."""
-
-    def lineage(self, run: Run) -> dict[str, Any]:
-        """What the manifest's lineage says about the model (model_kind and its source)."""
-
-    def describe(self, run: Run) -> dict[str, Any]:
-        """The report's "model" section."""
+__all__ = ["Kind", "RunContext", "kind_of"]
 
 
 def kind_of(name: str) -> Kind:

@@ -19,7 +19,7 @@ import numpy as np
 from trainer import metrics
 
 if TYPE_CHECKING:
-    from trainer.pipeline import Run
+    from trainer.kinds.base import RunContext as Run
 
 __all__ = ["OnnxFamily"]
 

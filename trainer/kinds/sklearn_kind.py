@@ -25,7 +25,7 @@ from trainer.kinds.onnx_family import OnnxFamily
 
 if TYPE_CHECKING:
     from trainer.config import Pipeline
-    from trainer.pipeline import Run
+    from trainer.kinds.base import RunContext as Run
 
 __all__ = ["SCALED_MODULES", "SklearnKind", "estimator_class", "fit_estimator", "to_onnx"]
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from trainer.config import Pipeline
-    from trainer.pipeline import Run
+    from trainer.kinds.base import RunContext as Run
 
 __all__ = ["TorchKind", "load_model", "save_model"]
 
@@ -36,10 +36,12 @@ def save_model(path: Path, model: torch.nn.Module, spec: dict[str, Any]) -> None
 def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     import torch
 
+    from trainer.kinds.user_module import build_user_net
     from trainer.models import build
 
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model = build(state["spec"])
+    spec = state["spec"]
+    model = build_user_net(spec) if spec["kind"] == "torch" else build(spec)
     model.load_state_dict(state["state_dict"])
     return model.eval(), state["spec"]
 
