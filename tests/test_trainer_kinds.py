@@ -259,3 +259,62 @@ def test_imported_onnx_bundle_matches_the_original_and_reruns_on_change(tmp_path
     onnx.save(data, str(tmp_path / "wine-logreg.onnx"))
     rerun, _ = _run(pipeline, work)
     assert rerun.outcomes["train"] == "ran"
+
+
+# ---------------------------------------------------------------- more estimators, int8 rule
+@pytest.mark.parametrize("estimator", ["RandomForestRegressor", "HistGradientBoostingRegressor"])
+def test_tree_regressors_match_predict(tmp_path: Path, estimator: str) -> None:
+    from sklearn import ensemble  # noqa: PLC0415
+    from sklearn.datasets import load_diabetes  # noqa: PLC0415
+
+    params = {"RandomForestRegressor": {"n_estimators": 20, "max_depth": 5},
+              "HistGradientBoostingRegressor": {"max_iter": 40}}[estimator]
+    table = ", ".join(f"{k} = {v}" for k, v in params.items())
+    pipeline = write_kind_pipeline(
+        tmp_path, source="sklearn:diabetes", task="regression",
+        model=f'kind = "sklearn"\nestimator = "sklearn.ensemble.{estimator}"\n'
+              f"params = {{ {table} }}")
+    run, report = _run(pipeline, tmp_path / "work")
+    assert report["checks"]["onnx_vs_sklearn"]["ok"]
+    split = _split(run)
+    ref = getattr(ensemble, estimator)(random_state=0, **params).fit(split.X_train,
+                                                                     split.y_train)
+    X = load_diabetes().data.astype(np.float32)
+    got = run_onnx(tmp_path / "work" / "bundle" / "model.onnx", X)
+    # float32 thresholds and leaf sums in ONNX Runtime vs float64 in scikit-learn.
+    np.testing.assert_allclose(got[:, 0], ref.predict(X), atol=1e-3)
+
+
+def test_int8_is_tried_where_it_applies_and_kept_only_by_the_rule(tmp_path: Path) -> None:
+    pipeline = write_kind_pipeline(
+        tmp_path, source="sklearn:wine", task="classification",
+        model='kind = "sklearn"\nestimator = "sklearn.neural_network.MLPClassifier"\n'
+              "params = { hidden_layer_sizes = [32], max_iter = 300 }")
+    _, report = _run(pipeline, tmp_path / "work")
+    q = report["compression"]["quantize"]
+    assert q["applies"] is True and "MatMul" in q["reason"]
+    assert set(q["candidates"]) == {"none", "static-qdq", "dynamic"}
+    assert q["calibration"]["rows"] == 128 and q["calibration"]["split"] == "train"
+    c = q["candidates"]
+    if q["mode"] != "none":  # kept only if faster than fp32 and within one accuracy point
+        assert c[q["mode"]]["latency_us_batch64"] < c["none"]["latency_us_batch64"]
+        assert c[q["mode"]]["accuracy_drop"] <= 0.01
+    assert report["model"]["scaled"] is True  # a StandardScaler in front, inside the graph
+    assert report["metrics"]["compressed"]["accuracy"] > 0.9
+
+
+def test_csv_regression_source(tmp_path: Path) -> None:
+    from fleetcore.errors import InvalidInputError  # noqa: PLC0415
+    from trainer.sources import load_source  # noqa: PLC0415
+
+    (tmp_path / "d.csv").write_text("a,b,wait_minutes\n1,2,3.5\n2,3,4.25\n3,4,-1e2\n")
+    table = load_source("csv:d.csv", label="wait_minutes", pii=[], base_dir=tmp_path,
+                        task="regression")
+    assert table.task == "regression" and table.target == "wait_minutes"
+    assert table.labels == [] and table.y.tolist() == [3.5, 4.25, -100.0]
+    (tmp_path / "bad.csv").write_text("a,b,wait_minutes\n1,2,3.5\n2,3,late\n")
+    with pytest.raises(InvalidInputError, match="line 3, column 'wait_minutes'"):
+        load_source("csv:bad.csv", label="wait_minutes", pii=[], base_dir=tmp_path,
+                    task="regression")
+    with pytest.raises(InvalidInputError, match="regression data set"):
+        load_source("sklearn:diabetes", label=None, pii=[], base_dir=tmp_path)

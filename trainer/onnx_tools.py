@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import (
@@ -125,14 +126,46 @@ def optimize(src: Path, out: Path) -> Path:
 
 def int8_applies(path: Path) -> tuple[bool, str]:
     """Whether int8 quantization has anything to rewrite in ``path``, and why (not)."""
-    import onnx  # noqa: PLC0415  only compress needs the graph itself
-
     ops = sorted({n.op_type for n in onnx.load(str(path)).graph.node})
     found = sorted(QUANTIZABLE_OPS & set(ops))
     if found:
         return True, f"graph has {', '.join(found)}"
     return False, (f"no {'/'.join(sorted(QUANTIZABLE_OPS))} ops to quantize (ops: "
                    f"{', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''})")
+
+
+def _quantize_both(fp32: Path, tmpd: Path, calibration: np.ndarray, *,
+                   tolerate_failure: bool) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """Static QDQ and dynamic int8 variants of ``fp32`` in ``tmpd``; those that failed, with
+    the reason (only when ``tolerate_failure``)."""
+    pre = tmpd / "pre.onnx"
+    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    # A converted model's ai.onnx.ml ops can leave tensors without an inferred type.
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    jobs = {
+        "static-qdq": lambda out: quantize_static(
+            str(pre), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+            calibrate_method=CalibrationMethod.MinMax, extra_options=extra),
+        "dynamic": lambda out: quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8,
+                                                per_channel=True, extra_options=extra),
+    }
+    paths: dict[str, Path] = {}
+    failed: dict[str, dict[str, Any]] = {}
+    for mode, job in jobs.items():
+        out = tmpd / f"{mode}.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                job(out)
+            session(out)  # it must load, too
+        except Exception as exc:
+            if not tolerate_failure:
+                raise
+            failed[mode] = {"failed": " ".join(f"{type(exc).__name__}: {exc}".split())[:300]}
+            continue
+        paths[mode] = out
+    return paths, failed
 
 
 class _Calibration(CalibrationDataReader):
@@ -168,28 +201,18 @@ def quantize_int8(
 
     ``keep_fp32``: the fp32 model is a candidate too ("none"), and an int8 one wins only when
     it is faster at batch 64 and within the task's tolerance (trainer.metrics); otherwise the
-    fastest int8 variant within the tolerance (the fastest overall if none is) is kept."""
+    fastest int8 variant within the tolerance (the fastest overall if none is) is kept. With
+    ``keep_fp32`` a quantizer that fails on the graph (a converted model's ai.onnx.ml ops can
+    defeat its type inference) is recorded as failed instead of failing the step."""
     if task == "classification":
         base_acc = float((run_onnx(fp32, X_val).argmax(1) == y_val).mean())
     base = metrics.measure(task, run_onnx(fp32, X_val), y_val)
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
-        pre = tmpd / "pre.onnx"
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        paths = {"static-qdq": tmpd / "static.onnx", "dynamic": tmpd / "dynamic.onnx"}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_static(
-                str(pre), str(paths["static-qdq"]), _Calibration(calibration),
-                quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8, per_channel=True,
-                calibrate_method=CalibrationMethod.MinMax,
-            )
-            quantize_dynamic(str(pre), str(paths["dynamic"]), weight_type=QuantType.QInt8,
-                             per_channel=True)
+        paths, failed = _quantize_both(fp32, tmpd, calibration, tolerate_failure=keep_fp32)
         if keep_fp32:
             paths = {"none": fp32, **paths}
-        candidates: dict[str, dict[str, Any]] = {}
+        candidates: dict[str, dict[str, Any]] = dict(failed)
         within: dict[str, bool] = {}
         for mode, path in paths.items():
             measured = metrics.measure(task, run_onnx(path, X_val), y_val)
