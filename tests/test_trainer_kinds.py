@@ -318,3 +318,38 @@ def test_csv_regression_source(tmp_path: Path) -> None:
                     task="regression")
     with pytest.raises(InvalidInputError, match="regression data set"):
         load_source("sklearn:diabetes", label=None, pii=[], base_dir=tmp_path)
+
+
+def test_imported_regression_model_with_a_flat_output(tmp_path: Path) -> None:
+    """An ONNX regressor answering [batch] (not [batch, 1]), with two inputs' worth of names
+    to pick from: reshaped to [batch, 1] under the manifest's name."""
+    import onnx  # noqa: PLC0415
+    from onnx import helper, numpy_helper  # noqa: PLC0415
+    from sklearn.datasets import load_diabetes  # noqa: PLC0415
+
+    data = load_diabetes()
+    w = np.linalg.lstsq(np.c_[data.data, np.ones(len(data.data))], data.target, rcond=None)[0]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["features", "w"], ["xw"]),
+         helper.make_node("Add", ["xw", "b"], ["y"])], "linear",
+        [helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["n", 10])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n"])],
+        initializer=[numpy_helper.from_array(w[:10].astype(np.float32), "w"),
+                     numpy_helper.from_array(np.float32(w[10]), "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "linear.onnx"))
+    pipeline = write_kind_pipeline(tmp_path, source="sklearn:diabetes", task="regression",
+                                   model='kind = "onnx"\npath = "linear.onnx"',
+                                   extra='quantize = "none"')
+    _, report = _run(pipeline, tmp_path / "work")
+    manifest, profile = _bundle(tmp_path / "work")
+    assert manifest["output"]["name"] == "prediction" and manifest["output"]["kind"] == "value"
+    assert profile["prediction"]["kind"] == "value"
+    X = data.data.astype(np.float32)
+    got = run_onnx(tmp_path / "work" / "bundle" / "model.onnx", X)
+    assert got.shape == (len(X), 1)
+    np.testing.assert_allclose(got[:, 0], X @ w[:10].astype(np.float32) + w[10], rtol=1e-4,
+                               atol=1e-2)
+    assert report["metrics"]["fp32"]["r2"] > 0.3  # least squares, measured on the test split
+    assert report["compression"]["quantize"]["mode"] == "none"
+    assert verify_bundle(tmp_path / "work" / "bundle", tmp_path / "publisher.pub").returncode == 0

@@ -158,7 +158,7 @@ def _quantize_both(fp32: Path, tmpd: Path, calibration: np.ndarray, *,
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 job(out)
-            session(out)  # it must load, too
+            run_onnx(out, calibration[:2])  # it must load and run, too
         except Exception as exc:
             if not tolerate_failure:
                 raise

@@ -88,8 +88,10 @@ class OnnxFamily:
             choice = onnx_tools.quantize_int8(
                 optimized, out / "compressed.onnx", split.X_train[np.sort(rows)], split.X_test,
                 split.y_test, task=run.task, keep_fp32=True)
-            measured = ", ".join(f"{mode}: {v['latency_us_batch64']:.0f} us/batch64"
-                                 for mode, v in choice.candidates.items())
+            measured = ", ".join(
+                f"{mode}: failed" if "failed" in v else
+                f"{mode}: {v['latency_us_batch64']:.0f} us/batch64"
+                for mode, v in choice.candidates.items())
             run.progress(f"[compress] kept {choice.mode} ({measured})")
             recipe["quantize"] = {
                 "mode": choice.mode, "applies": True, "reason": why,
