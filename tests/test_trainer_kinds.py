@@ -353,3 +353,23 @@ def test_imported_regression_model_with_a_flat_output(tmp_path: Path) -> None:
     assert report["metrics"]["fp32"]["r2"] > 0.3  # least squares, measured on the test split
     assert report["compression"]["quantize"]["mode"] == "none"
     assert verify_bundle(tmp_path / "work" / "bundle", tmp_path / "publisher.pub").returncode == 0
+
+
+def test_torch_user_module_exports_tflite(tmp_path: Path) -> None:
+    from trainer.tflite import converter_available  # noqa: PLC0415
+
+    if not converter_available():
+        pytest.skip("litert-torch is not installed (make setup installs it)")
+    (tmp_path / "net.py").write_text(NET)
+    pipeline = write_kind_pipeline(tmp_path, source="sklearn:diabetes", task="regression",
+                                   model='kind = "torch"\nmodule = "net.py:build"')
+    pipeline.write_text(pipeline.read_text() + '\n[export]\nformats = ["onnx", "tflite"]\n')
+    _, report = _run(pipeline, tmp_path / "work")
+    assert report["checks"]["tflite"]["ok"]
+    manifest, _ = _bundle(tmp_path / "work")
+    assert manifest["runtime"]["tflite"]["file"] == "model.tflite"
+    # The smoke tolerance covers the TFLite file's distance from the model too.
+    checks = report["checks"]
+    assert manifest["smoke_test"]["atol"] >= min(
+        checks["onnx_compressed"]["max_abs_diff"] + checks["tflite"]["max_abs_diff"],
+        0.01 * 346.0)
