@@ -373,3 +373,23 @@ def test_torch_user_module_exports_tflite(tmp_path: Path) -> None:
     assert manifest["smoke_test"]["atol"] >= min(
         checks["onnx_compressed"]["max_abs_diff"] + checks["tflite"]["max_abs_diff"],
         0.01 * 346.0)
+
+
+def test_logistic_regression_with_its_capital_c(tmp_path: Path) -> None:
+    from sklearn.datasets import load_wine  # noqa: PLC0415
+    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
+    from sklearn.pipeline import make_pipeline  # noqa: PLC0415
+    from sklearn.preprocessing import StandardScaler  # noqa: PLC0415
+
+    pipeline = write_kind_pipeline(
+        tmp_path, source="sklearn:wine", task="classification",
+        model='kind = "sklearn"\nestimator = "sklearn.linear_model.LogisticRegression"\n'
+              "params = { C = 0.5, max_iter = 500 }")
+    run, _ = _run(pipeline, tmp_path / "work")
+    split = _split(run)
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=500,
+                                                             random_state=0))
+    ref.fit(split.X_train, split.y_train)
+    X = load_wine().data.astype(np.float32)
+    np.testing.assert_allclose(run_onnx(tmp_path / "work" / "bundle" / "model.onnx", X),
+                               ref.predict_proba(X), atol=1e-5)

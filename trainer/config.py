@@ -142,7 +142,7 @@ _KIND_KEYS = {"estimator": "sklearn", "params": "sklearn", "module": "torch", "p
 _ESTIMATOR = re.compile(r"^sklearn(\.[a-z_][a-z0-9_]*)+\.[A-Z][A-Za-z0-9_]*$")
 _MODULE = re.compile(r"^(?:[^:]+\.py|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)"
                      r":[A-Za-z_][A-Za-z0-9_]*$")
-_PARAM = re.compile(r"^[a-z_][a-z0-9_]*$")
+_PARAM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # LogisticRegression's C, say
 _SNAPSHOT_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
 _BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MAX_ROWS = 1_000_000

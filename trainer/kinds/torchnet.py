@@ -221,7 +221,6 @@ class TorchKind:
         comp = run.workdir.compress_dir
         original, spec = load_model(run.workdir.model)
         pruned, pspec = load_model(comp / "model.pt")
-        task = spec.get("task", "classification")
         quantized = run.pipeline.compress.quantize == "int8"
         want_fp32, want_pruned = predict(original, spec, rows), predict(pruned, pspec, rows)
         tol = run.tolerances()
@@ -240,7 +239,6 @@ class TorchKind:
                                  "model.tflite", int8=quantized, spec=pspec)
             checks["tflite"] = run.compare(run_tflite(path, rows), want_pruned,
                                            tol["quantized" if quantized else "exact"])
-        del task
         return checks
 
     def lineage(self, run: Run) -> dict[str, Any]:
