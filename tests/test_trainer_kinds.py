@@ -393,3 +393,25 @@ def test_logistic_regression_with_its_capital_c(tmp_path: Path) -> None:
     X = load_wine().data.astype(np.float32)
     np.testing.assert_allclose(run_onnx(tmp_path / "work" / "bundle" / "model.onnx", X),
                                ref.predict_proba(X), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "examples/pipelines")
+                                        .glob("*.toml")))
+def test_example_pipelines_load(name: str) -> None:
+    pipeline = Pipeline.load(REPO / "examples/pipelines" / name)
+    assert pipeline.model.kind in ("mlp", "cnn", "sklearn", "torch", "onnx")
+    if pipeline.model.kind == "torch":
+        from trainer.kinds.user_module import module_file  # noqa: PLC0415
+
+        assert module_file(pipeline.model.module or "", pipeline.base_dir).is_file()
+
+
+def test_breast_cancer_example_runs(tmp_path: Path) -> None:
+    from tests.trainer_support import write_publisher_key  # noqa: PLC0415
+
+    key = write_publisher_key(tmp_path)
+    run = Run(Pipeline.load(REPO / "examples/pipelines/breast-cancer-hgb.toml"),
+              Workdir(tmp_path / "w"), publisher_key=key, progress=lambda m: None)
+    report = run.run_all()
+    assert report["metrics"]["compressed"]["accuracy"] >= 0.93
+    assert verify_bundle(tmp_path / "w" / "bundle", tmp_path / "publisher.pub").returncode == 0
