@@ -335,7 +335,7 @@ def test_imported_regression_model_with_a_flat_output(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["n", 10])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n"])],
         initializer=[numpy_helper.from_array(w[:10].astype(np.float32), "w"),
-                     numpy_helper.from_array(np.float32(w[10]), "b")])
+                     numpy_helper.from_array(np.asarray(w[10], dtype=np.float32), "b")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
               str(tmp_path / "linear.onnx"))
     pipeline = write_kind_pipeline(tmp_path, source="sklearn:diabetes", task="regression",
