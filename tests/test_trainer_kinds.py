@@ -415,3 +415,30 @@ def test_breast_cancer_example_runs(tmp_path: Path) -> None:
     report = run.run_all()
     assert report["metrics"]["compressed"]["accuracy"] >= 0.93
     assert verify_bundle(tmp_path / "w" / "bundle", tmp_path / "publisher.pub").returncode == 0
+
+
+@pytest.mark.slow
+def test_torch_user_module_trains_under_torchrun(tmp_path: Path) -> None:
+    """The user's network goes through the same DDP path (gloo on CPU): two processes give
+    a model as good as one."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    bin_dir = Path(sys.executable).parent
+    (tmp_path / "net.py").write_text(NET)
+    pipeline = write_kind_pipeline(tmp_path, source="sklearn:diabetes", task="regression",
+                                   model='kind = "torch"\nmodule = "net.py:build"')
+    pipeline.write_text(pipeline.read_text().replace('path = "store"', 'path = "../store"'))
+    maes = {}
+    for name, launcher in (("single", []), ("double", [
+            str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python"])):
+        work = tmp_path / name
+        for step in ("ingest", "train", "evaluate"):
+            cmd = [str(bin_dir / "trainer"), step, str(pipeline), "--workdir", str(work)]
+            r = subprocess.run([*launcher, *cmd] if step == "train" else cmd,
+                               capture_output=True, text=True, timeout=300, check=False)
+            assert r.returncode == 0, r.stderr[-3000:]
+        maes[name] = json.loads((work / "evaluate.json").read_text())["fp32"]["mae"]
+        info = json.loads((work / "train" / "train.json").read_text())
+        assert info["world_size"] == (2 if name == "double" else 1)
+    assert abs(maes["single"] - maes["double"]) <= 0.05 * maes["single"], maes
