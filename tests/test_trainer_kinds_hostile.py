@@ -163,19 +163,17 @@ def test_an_onnx_output_that_does_not_fit_the_classes(
     assert "no output fits float [batch, 3]" in line and "'label' int64" in line
 
 
-def test_external_data_outside_the_models_folder(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
-) -> None:
+def _external_model(model_dir: Path, location: str) -> Path:
+    """A MatMul model [?, 13] -> [?, 3] whose weights live in external data at ``location``."""
+    import numpy as np  # noqa: PLC0415
     import onnx  # noqa: PLC0415
     from onnx import helper, numpy_helper  # noqa: PLC0415
 
-    model_dir = tmp_path / "models"
-    model_dir.mkdir()
-    (tmp_path / "secret.bin").write_bytes(b"\x00" * 64)
-    weights = numpy_helper.from_array(__import__("numpy").zeros((13, 3), dtype="float32"), "w")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    weights = numpy_helper.from_array(np.zeros((13, 3), dtype="float32"), "w")
     weights.ClearField("raw_data")
     weights.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "156")):
+    for key, value in (("location", location), ("offset", "0"), ("length", "156")):
         entry = weights.external_data.add()
         entry.key, entry.value = key, value
     graph = helper.make_graph(
@@ -183,7 +181,33 @@ def test_external_data_outside_the_models_folder(
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 13])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 3])],
         initializer=[weights])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-              str(model_dir / "m.onnx"))
+    path = model_dir / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_external_data_outside_the_models_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "secret.bin").write_bytes(b"\x00" * 156)
+    _external_model(tmp_path / "models", "../secret.bin")
     line = _error_line(tmp_path, capsys, _onnx_pipeline(tmp_path, path="models/m.onnx"))
     assert "'../secret.bin'" in line and "outside the model's folder" in line
+
+
+def test_external_data_inside_the_models_folder_is_loaded(tmp_path: Path) -> None:
+    import numpy as np  # noqa: PLC0415
+
+    weights = np.arange(39, dtype="<f4").reshape(13, 3) / 100
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "weights.bin").write_bytes(weights.tobytes())
+    _external_model(tmp_path / "models", "weights.bin")
+    rc = cli.main(["run", str(_onnx_pipeline(tmp_path, path="models/m.onnx", more="")),
+                   "--workdir", str(tmp_path / "work")])
+    assert rc == 0
+    from trainer.onnx_tools import run_onnx  # noqa: PLC0415
+
+    rows = np.ones((2, 13), dtype=np.float32)
+    # The bundle's model carries the weights inside it: no file next to it is needed.
+    got = run_onnx(tmp_path / "work" / "bundle" / "model.onnx", rows)
+    np.testing.assert_allclose(got, rows @ weights, atol=0.05)  # int8 may be kept
