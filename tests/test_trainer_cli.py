@@ -202,3 +202,31 @@ def test_cached_rerun_imports_no_ml_library(tmp_path: Path) -> None:
     changed = _trainer("run", pipeline, "--workdir", tmp_path / "work")
     assert "[profile] running" in changed.stderr and "[train] cached" in changed.stderr
     assert json.loads(changed.stdout.splitlines()[-1])["rc"] == 0, changed.stderr
+
+
+@pytest.mark.parametrize("kind", ["sklearn", "torch", "onnx"])
+def test_cached_rerun_of_the_new_kinds_imports_no_ml_library(tmp_path: Path, kind: str) -> None:
+    from tests.trainer_support import write_kind_pipeline  # noqa: PLC0415
+
+    model = {
+        "sklearn": 'kind = "sklearn"\nestimator = "sklearn.linear_model.Ridge"',
+        "torch": 'kind = "torch"\nmodule = "net.py:build"',
+        "onnx": 'kind = "onnx"\npath = "m.onnx"',
+    }[kind]
+    if kind == "torch":
+        (tmp_path / "net.py").write_text(
+            "from torch import nn\n\ndef build(f, o):\n    return nn.Linear(f, o)\n")
+    if kind == "onnx":  # the first run's own export, imported by a second pipeline
+        first = write_kind_pipeline(tmp_path / "src", source="sklearn:diabetes",
+                                    task="regression", model='kind = "sklearn"\n'
+                                    'estimator = "sklearn.linear_model.Ridge"')
+        assert cli.main(["run", str(first), "--workdir", str(tmp_path / "src-work")]) == 0
+        (tmp_path / "m.onnx").write_bytes((tmp_path / "src-work/bundle/model.onnx").read_bytes())
+    pipeline = write_kind_pipeline(tmp_path, source="sklearn:diabetes", task="regression",
+                                   model=model)
+    first_run = _trainer("run", pipeline, "--workdir", tmp_path / "work")
+    assert json.loads(first_run.stdout.splitlines()[-1])["rc"] == 0, first_run.stderr
+    again = _trainer("run", pipeline, "--workdir", tmp_path / "work")
+    assert json.loads(again.stdout.splitlines()[-1]) == {"rc": 0, "imported": []}, again.stderr
+    assert "running" not in again.stderr
+    assert "mae " in again.stdout and "r2 " in again.stdout

@@ -210,7 +210,7 @@ def test_csv_example_pipeline(tmp_path: Path) -> None:
         ("[data]\nsource = 'sklearn:digits'\n[nope]\n", "unknown section"),
         ("[data]\nsource = 'sklearn:digits'\nsurprise = 1\n", "unknown key"),
         ("[model]\nkind = 'mlp'\n", "source is required"),
-        ("[data]\nsource = 'sklearn:digits'\n[model]\nkind = 'rnn'\n", "'mlp' or 'cnn'"),
+        ("[data]\nsource = 'sklearn:digits'\n[model]\nkind = 'rnn'\n", "'torch' or 'onnx'"),
         ("[data]\nsource = 'sklearn:digits'\n[train]\nepochs = 0\n", "epochs"),
         ("[data]\nsource = 'sklearn:digits'\n[compress]\nprune = 1.5\n", "prune"),
         ("[data]\nsource = 'sklearn:digits'\n[export]\nformats = ['pt']\n", "formats"),

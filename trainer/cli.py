@@ -16,6 +16,8 @@ from trainer.pipeline import STEPS, Run, Workdir
 
 __all__ = ["main"]
 
+MAX_ERROR_CHARS = 2000  # one readable line, even from a library's long message
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -45,8 +47,22 @@ def _parser() -> argparse.ArgumentParser:
                        help="the current model's bundle: after the run, compare it with the new "
                             "model on the held-out samples and write acceptance.json")
         s.add_argument("--margin", type=float, default=0.0,
-                       help="accuracy (0..1) the new model must gain over --baseline")
+                       help="minimum effect over --baseline: accuracy points (0..1) for "
+                            "classification, MAE reduction in the target's units for regression")
+        s.add_argument("--alpha", type=_alpha, default=0.05,
+                       help="significance of the paired acceptance test (McNemar exact for "
+                            "classification, Wilcoxon signed-rank for regression); default 0.05")
     return p
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1), e.g. 0.05")
+    return value
 
 
 def keygen(out: Path, *, force: bool = False) -> tuple[Path, Path]:
@@ -78,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.validate()
         args.workdir.mkdir(parents=True, exist_ok=True)
         run = Run(pipeline, Workdir(args.workdir.resolve()), publisher_key=args.publisher_key,
-                  samples=args.samples, baseline=args.baseline, margin=args.margin)
+                  samples=args.samples, baseline=args.baseline, margin=args.margin,
+                  alpha=args.alpha)
         if args.command != "run":
             try:
                 run.preflight([args.command])
@@ -92,9 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             m, s, lat = report["metrics"], report["sizes"], report["latency_us"]
             print(f"snapshot    {report['dataset']['snapshot']}")
-            print(f"accuracy    fp32 {m['fp32']['accuracy']:.4f}  compressed "
-                  f"{m['compressed']['accuracy']:.4f}  (drop {m['accuracy_drop_points']:.2f} "
-                  "points)")
+            if report["task"] == "classification":
+                print(f"accuracy    fp32 {m['fp32']['accuracy']:.4f}  compressed "
+                      f"{m['compressed']['accuracy']:.4f}  (drop "
+                      f"{m['accuracy_drop_points']:.2f} points)")
+            else:
+                f, c = m["fp32"], m["compressed"]
+                print(f"mae         fp32 {f['mae']:.4f}  compressed {c['mae']:.4f}")
+                print(f"rmse        fp32 {f['rmse']:.4f}  compressed {c['rmse']:.4f}")
+                print(f"r2          fp32 {f['r2']:.4f}  compressed {c['r2']:.4f}")
             print(f"size        fp32 {s['onnx_fp32']:,} B  compressed {s['onnx_compressed']:,} B"
                   f"  ({s['ratio']:.3f}x)")
             print(f"latency     batch64 {lat['fp32']['batch64']:.0f} -> "
@@ -102,9 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bundle      {report['bundle']['path']}")
             if "acceptance" in report:
                 a = report["acceptance"]
-                print(f"acceptance  {'accepted' if a['accepted'] else 'REJECTED'}: new "
-                      f"{a['candidate_accuracy']:.4f} vs current {a['baseline_accuracy']:.4f} "
-                      f"on {a['rows']} rows of {a['data']} (margin {a['margin']:g})")
+                print(f"acceptance  {'accepted' if a['accepted'] else 'REJECTED'}: "
+                      f"{a['summary']} ({a['data']})")
             print(f"report      {run.workdir.report}")
         return 0
 
@@ -114,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return body()
         except (EdgefleetError, OSError, ValueError) as exc:
-            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            text = " ".join(str(exc).split())
+            if len(text) > MAX_ERROR_CHARS:
+                text = text[:MAX_ERROR_CHARS] + " ..."
+            print(f"error: {text}", file=sys.stderr)
             return 1
 
     return run_main(one_line_errors)

@@ -1,10 +1,12 @@
 """The pipeline file (TOML): typed sections with defaults and checked values.
 
 Sections and keys (see examples/pipelines/*.toml):
-  [data]     source, label, pii, pii_action, test_fraction, region, parent
+  [data]     source, task (classification | regression), label, pii, pii_action,
+             test_fraction, region, parent
   [store]    path, allowed_regions (written to the store's policy.toml when the store is
              created; afterwards it must match that file, which the data owner edits)
-  [model]    kind (mlp | cnn), hidden
+  [model]    kind (mlp | cnn | sklearn | torch | onnx), hidden, channels (mlp, cnn),
+             estimator, params (sklearn), module (torch), path, input, output (onnx)
   [train]    epochs, batch_size, lr, seed, device (auto | cpu | cuda), weight_decay, threads
   [compress] prune, finetune_epochs, quantize (none | int8), calibration_rows
   [export]   formats (onnx, tflite), check_rows
@@ -29,6 +31,7 @@ from fleetcore import regions, tomlfile
 from fleetcore.errors import InvalidInputError
 
 __all__ = [
+    "MODEL_KINDS",
     "BundleSettings",
     "CompressSettings",
     "DataSettings",
@@ -46,6 +49,7 @@ __all__ = [
 @dataclass(frozen=True)
 class DataSettings:
     source: str
+    task: str = "classification"  # classification | regression
     label: str | None = None
     pii: list[str] = field(default_factory=list)
     pii_action: str = "hmac"  # hmac | drop
@@ -62,9 +66,15 @@ class StoreSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    kind: str = "mlp"  # mlp | cnn
+    kind: str = "mlp"  # mlp | cnn | sklearn | torch | onnx
     hidden: list[int] = field(default_factory=lambda: [128])
     channels: list[int] = field(default_factory=lambda: [16, 32])  # cnn only
+    estimator: str | None = None  # sklearn: "sklearn.ensemble.HistGradientBoostingClassifier"
+    params: dict[str, Any] = field(default_factory=dict)  # sklearn: the estimator's arguments
+    module: str | None = None  # torch: "PATH.py:function" or "package.module:function"
+    path: str | None = None  # onnx: the model file, relative to the pipeline file
+    input: str | None = None  # onnx: the graph input to feed (default: its only input)
+    output: str | None = None  # onnx: the graph output to serve (default: the one that fits)
 
 
 @dataclass(frozen=True)
@@ -121,7 +131,18 @@ _SECTIONS: dict[str, type] = {
 }
 
 # The sources that need no file: scikit-learn's bundled data sets (trainer.sources loads them).
-SKLEARN_SOURCES = ("digits", "wine", "breast_cancer")
+SKLEARN_SOURCES = ("digits", "wine", "breast_cancer", "diabetes")
+REGRESSION_SOURCES = ("diabetes",)  # the others are classification data sets
+MODEL_KINDS = ("mlp", "cnn", "sklearn", "torch", "onnx")
+# The keys of [model] that only one kind reads.
+_KIND_KEYS = {"estimator": "sklearn", "params": "sklearn", "module": "torch", "path": "onnx",
+              "input": "onnx", "output": "onnx"}
+# "sklearn.ensemble.HistGradientBoostingClassifier": a class in scikit-learn, nothing else (a
+# pipeline file must not be able to import arbitrary code through this key).
+_ESTIMATOR = re.compile(r"^sklearn(\.[a-z_][a-z0-9_]*)+\.[A-Z][A-Za-z0-9_]*$")
+_MODULE = re.compile(r"^(?:[^:]+\.py|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)"
+                     r":[A-Za-z_][A-Za-z0-9_]*$")
+_PARAM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # LogisticRegression's C, say
 _SNAPSHOT_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
 _BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MAX_ROWS = 1_000_000
@@ -134,7 +155,8 @@ class PipelineConfigError(InvalidInputError):
 
 # What each key's TOML value must be. A float key takes an integer too (``lr = 1``).
 _KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string",
-               "list[int]": "a list of integers", "list[str]": "a list of strings"}
+               "list[int]": "a list of integers", "list[str]": "a list of strings",
+               "dict": "a table"}
 
 
 _VALUE_KINDS: tuple[tuple[type, str], ...] = (
@@ -160,6 +182,8 @@ def _field_kinds(cls: type) -> dict[str, str]:
         (kind,) = [a for a in args if a is not type(None)]
         if typing.get_origin(kind) is list:
             out[name] = f"list[{typing.get_args(kind)[0].__name__}]"
+        elif typing.get_origin(kind) is dict:
+            out[name] = "dict"
         else:
             out[name] = kind.__name__
         if out[name] not in _KIND_NAMES:  # pragma: no cover - a new field type needs a rule
@@ -179,6 +203,8 @@ def _check_type(where: str, key: str, value: Any, kind: str) -> Any:
             value = float(value)
     elif kind == "str":
         ok = isinstance(value, str)
+    elif kind == "dict":
+        ok = isinstance(value, dict)
     else:
         item = int if kind == "list[int]" else str
         ok = isinstance(value, list) and all(
@@ -252,6 +278,7 @@ def _regions_ok(v: list[str]) -> bool:
 _RULES: dict[str, tuple[Any, str]] = {
     "data.source": (_source_ok, "'sklearn:NAME' (NAME one of "
                     f"{', '.join(SKLEARN_SOURCES)}) or 'csv:PATH' (relative to the pipeline file)"),
+    "data.task": (_one_of("classification", "regression"), "'classification' or 'regression'"),
     "data.label": (lambda v: bool(v.strip()), "the CSV's label column name"),
     "data.pii": (lambda v: len(set(v)) == len(v) and all(x.strip() for x in v),
                  "distinct CSV column names"),
@@ -263,7 +290,19 @@ _RULES: dict[str, tuple[Any, str]] = {
     "data.parent": (lambda v: bool(_SNAPSHOT_ID.match(v)), "a snapshot id 'sha256:<64 hex>'"),
     "store.path": (lambda v: bool(v.strip()), "a directory, relative to the workdir"),
     "store.allowed_regions": (_regions_ok, 'region names or "*" (any region)'),
-    "model.kind": (_one_of("mlp", "cnn"), "'mlp' or 'cnn'"),
+    "model.kind": (_one_of(*MODEL_KINDS), "'mlp', 'cnn', 'sklearn', 'torch' or 'onnx'"),
+    "model.estimator": (lambda v: bool(_ESTIMATOR.match(v)),
+                        "a scikit-learn estimator class, e.g. "
+                        "'sklearn.ensemble.HistGradientBoostingClassifier'"),
+    "model.params": (lambda v: len(v) <= 64 and all(_PARAM.match(k) for k in v),
+                     "a table of the estimator's keyword arguments, e.g. {max_iter = 100}"),
+    "model.module": (lambda v: bool(_MODULE.match(v)),
+                     "'PATH.py:function' (relative to the pipeline file) or "
+                     "'package.module:function'"),
+    "model.path": (lambda v: bool(v.strip()) and v.endswith(".onnx"),
+                   "an .onnx file, relative to the pipeline file"),
+    "model.input": (lambda v: 0 < len(v) <= 256, "the name of the ONNX graph's input"),
+    "model.output": (lambda v: 0 < len(v) <= 256, "the name of the ONNX graph's output"),
     "model.hidden": (_widths(1, 65536), "a non-empty list of layer widths 1..65536, e.g. [128]"),
     "model.channels": (_widths(1, 1024, max_len=16),
                        "a non-empty list of channel counts 1..1024, e.g. [16, 32]"),
@@ -389,6 +428,46 @@ class Pipeline:
                 f"{where}: data.pii = {_toml(self.data.pii)}, but {self.data.source} has no PII "
                 "columns; remove data.pii"
             )
+        if self.data.source.startswith("sklearn:"):
+            task = ("regression" if self.data.source.partition(":")[2] in REGRESSION_SOURCES
+                    else "classification")
+            if task != self.data.task:
+                raise PipelineConfigError(
+                    f"{where}: data.task = {_toml(self.data.task)}, but {self.data.source} is a "
+                    f"{task} data set; set data.task = {_toml(task)}"
+                )
+        self._validate_model(where)
+
+    def _validate_model(self, where: str) -> None:
+        m = self.model
+        defaults = ModelSettings()
+        for key, kind in _KIND_KEYS.items():
+            if getattr(m, key) != getattr(defaults, key) and m.kind != kind:
+                raise PipelineConfigError(
+                    f"{where}: model.{key} applies to model.kind = {_toml(kind)} only (this "
+                    f"pipeline has kind = {_toml(m.kind)}); remove it"
+                )
+        required = {"sklearn": "estimator", "torch": "module", "onnx": "path"}.get(m.kind)
+        if required and getattr(m, required) is None:
+            example = {"estimator": '"sklearn.ensemble.HistGradientBoostingClassifier"',
+                       "module": '"models/net.py:build"', "path": '"model.onnx"'}[required]
+            raise PipelineConfigError(
+                f"{where}: model.{required} is required for model.kind = {_toml(m.kind)} "
+                f"(e.g. {required} = {example})"
+            )
+        if m.kind in ("sklearn", "onnx"):
+            if "tflite" in self.export.formats:
+                raise PipelineConfigError(
+                    f"{where}: export.formats lists \"tflite\", which is not available for "
+                    f"model.kind = {_toml(m.kind)} (TFLite export converts PyTorch models); "
+                    'use formats = ["onnx"]'
+                )
+            if self.compress.prune > 0:
+                raise PipelineConfigError(
+                    f"{where}: compress.prune = {self.compress.prune:g} does not apply to "
+                    f"model.kind = {_toml(m.kind)} (pruning removes units of PyTorch layers); "
+                    "remove it or set prune = 0"
+                )
 
     def section(self, name: str) -> dict[str, Any]:
         return dataclasses.asdict(getattr(self, name))

@@ -6,7 +6,14 @@ source data holds gets the trainer's predictions. A CNN also reshapes the flat f
 its image inside the graph.
 
 ``spec`` is a plain dict (kind, sizes) from which ``build`` recreates the module; pruning
-changes the spec, so a checkpoint always says which shapes its tensors have.
+changes the spec, so a checkpoint always says which shapes its tensors have. A ``torch`` kind
+spec names the user's module function, and trainer.kinds.user_module rebuilds it; its network
+sits after the same ``Standardize`` layer (``UserNet``).
+
+Regression (``spec["task"] == "regression"``): the network has one output and learns the
+standardized target; ``ValueServing`` maps it back (y * std + mean, with the training split's
+target mean and std from the spec), so the exported graph returns the value in the target's
+units as a float32 [n, 1] tensor.
 """
 
 from __future__ import annotations
@@ -17,7 +24,18 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CNN", "MLP", "Serving", "Standardize", "build", "count_parameters", "fit_scaler"]
+__all__ = [
+    "CNN",
+    "MLP",
+    "Serving",
+    "Standardize",
+    "UserNet",
+    "ValueServing",
+    "build",
+    "count_parameters",
+    "fit_scaler",
+    "serving",
+]
 
 
 class Standardize(nn.Module):
@@ -90,6 +108,37 @@ class Serving(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(x), dim=1)
+
+
+class ValueServing(nn.Module):
+    """What gets exported for regression: raw features in, the value [n, 1] out."""
+
+    def __init__(self, model: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.model = model
+        self.mean, self.std = float(mean), float(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).reshape(-1, 1) * self.std + self.mean
+
+
+class UserNet(nn.Module):
+    """The user's network (kind "torch") after the trainer's input standardization."""
+
+    def __init__(self, features: int, net: nn.Module) -> None:
+        super().__init__()
+        self.scale = Standardize(features)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.scale(x))
+
+
+def serving(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """The exported form of ``model``: probabilities, or the value in the target's units."""
+    if spec.get("task", "classification") == "regression":
+        return ValueServing(model.cpu(), spec["target_mean"], spec["target_std"]).eval()
+    return Serving(model.cpu()).eval()
 
 
 def build(spec: dict[str, Any]) -> nn.Module:

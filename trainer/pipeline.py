@@ -8,7 +8,6 @@ the keys of the steps after it.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -19,21 +18,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from fleetcore import pki, regions, strict_json
 from fleetcore.errors import EdgefleetError, InvalidInputError
 from fleetcore.files import atomic_write, file_digest
+from trainer import metrics
 from trainer.config import Pipeline, settings_digest
 from trainer.dist import DistContext
+from trainer.kinds import Kind, kind_of
 from trainer.samples import accept, load_samples
 from trainer.sources import load_source, source_fingerprint
 from trainer.store import FeatureStore, RegionNotAllowedError, Snapshot
-
-if TYPE_CHECKING:
-    import torch
+from trainer.workdir import Workdir
 
 # torch, scikit-learn, onnx and onnxruntime are imported inside the steps that use them (and
 # the helpers those steps call): a rerun with every step cached never imports them, and a
@@ -44,7 +43,7 @@ __all__ = ["STEPS", "PreflightError", "Run", "Workdir"]
 log = logging.getLogger(__name__)
 
 # Bump when a step's code changes what it produces, so caches from older code are not reused.
-CODE_VERSION = 1
+CODE_VERSION = 2
 STEPS = ("ingest", "train", "evaluate", "compress", "export", "profile", "bundle")
 DEPS: dict[str, tuple[str, ...]] = {
     "ingest": (),
@@ -70,58 +69,6 @@ class PreflightError(InvalidInputError):
     """Something a run will need is missing or unusable; found before any step ran."""
 
 
-@dataclass(frozen=True)
-class Workdir:
-    root: Path
-
-    def step_state(self, step: str) -> Path:
-        return self.root / ".steps" / f"{step}.json"
-
-    @property
-    def ingest(self) -> Path:
-        return self.root / "ingest.json"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "train" / "model.pt"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "train" / "checkpoint.pt"
-
-    @property
-    def train_json(self) -> Path:
-        return self.root / "train" / "train.json"
-
-    @property
-    def evaluate(self) -> Path:
-        return self.root / "evaluate.json"
-
-    @property
-    def compress_dir(self) -> Path:
-        return self.root / "compress"
-
-    @property
-    def export_dir(self) -> Path:
-        return self.root / "export"
-
-    @property
-    def profile(self) -> Path:
-        return self.root / "profile.json"
-
-    @property
-    def bundle(self) -> Path:
-        return self.root / "bundle"
-
-    @property
-    def acceptance(self) -> Path:
-        return self.root / "acceptance.json"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.json"
-
-
 # Workdir documents (step state, ingest/train/evaluate/profile/export records) are read back
 # with the one strict loader, so they are written as strict JSON too: NaN or Infinity in one
 # fails when it is written, not steps later when it is read.
@@ -138,25 +85,6 @@ def _write_json(path: Path, doc: Any) -> None:
 
 def _read_json(path: Path) -> Any:
     return strict_json.loads(path.read_bytes(), what=f"{path}", max_bytes=WORKDIR_JSON_MAX_BYTES)
-
-
-def _save_model(path: Path, model: torch.nn.Module, spec: dict[str, Any]) -> None:
-    import torch
-
-    buf = io.BytesIO()
-    torch.save({"spec": spec, "state_dict": model.state_dict()}, buf)
-    atomic_write(path, buf.getvalue())
-
-
-def _load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    import torch
-
-    from trainer.models import build
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = build(state["spec"])
-    model.load_state_dict(state["state_dict"])
-    return model.eval(), state["spec"]
 
 
 @dataclass
@@ -180,10 +108,41 @@ class Run:
     samples: Path | None = None  # labelled rows from devices (trainer/samples.py)
     baseline: Path | None = None  # the current model's bundle, to beat on the recent data
     margin: float = 0.0
+    alpha: float = 0.05  # significance of the paired acceptance test
     ctx: DistContext = field(default_factory=DistContext.from_env)
     outcomes: dict[str, str] = field(default_factory=dict)
     _snapshot: Snapshot | None = None
     _feature_store: FeatureStore | None = None
+
+    # ------------------------------------------------------------------ kind and task
+    @property
+    def kind(self) -> Kind:
+        return kind_of(self.pipeline.model.kind)
+
+    @property
+    def task(self) -> str:
+        return self.pipeline.data.task
+
+    write_json = staticmethod(_write_json)
+    read_json = staticmethod(_read_json)
+
+    def tolerances(self) -> dict[str, dict[str, float]]:
+        """How closely an exported model must match what it was made from (see _compare)."""
+        if self.task == "classification":
+            return {"exact": EXACT, "quantized": QUANTIZED, "converted": CONVERTED}
+        scale = max(1.0, float(np.abs(self.split().y_train).max()))
+        std = float(np.std(self.split().y_train)) or 1.0
+        exact = {"max_atol": max(1e-3, 1e-4 * scale), "mean_atol": max(1e-4, 1e-5 * scale)}
+        # A tree's thresholds are float32 in ONNX, float64 in scikit-learn: a row whose
+        # feature sits between the two may take the other branch. Most rows must match.
+        converted = {"max_atol": std, "mean_atol": 0.01 * std,
+                     "row_atol": exact["max_atol"], "min_rows_within": 0.99}
+        return {"exact": exact, "quantized": {"max_atol": std, "mean_atol": 0.05 * std},
+                "converted": converted}
+
+    def compare(self, got: np.ndarray, want: np.ndarray,
+                tolerance: dict[str, float]) -> dict[str, Any]:
+        return _compare(got, want, tolerance, self.task)
 
     # ------------------------------------------------------------------ caching
     def _state(self, step: str) -> dict[str, Any] | None:
@@ -201,6 +160,8 @@ class Run:
             upstream[dep] = state["digest"]
         sections = {s: self.pipeline.section(s) for s in SECTIONS[step]}
         extra: Any = self._source_digest() if step == "ingest" else None
+        if step == "train":
+            extra = self.kind.fingerprint(self.pipeline)
         if step == "ingest" and self.samples is not None:
             extra = [extra, file_digest(self.samples)]
         if step == "bundle":
@@ -211,10 +172,9 @@ class Run:
         w = self.workdir
         return {
             "ingest": [w.ingest],
-            "train": [w.model, w.train_json],
+            "train": self.kind.train_outputs(self),
             "evaluate": [w.evaluate],
-            "compress": [w.compress_dir / n for n in ("model.pt", "fp32.onnx", "compressed.onnx",
-                                                      "compress.json")],
+            "compress": self.kind.compress_outputs(self),
             "export": sorted(w.export_dir.glob("*")) if w.export_dir.exists() else [],
             "profile": [w.profile],
             "bundle": sorted(w.bundle.glob("*")) if w.bundle.exists() else [],
@@ -265,6 +225,7 @@ class Run:
                     ) from None
             if "train" in steps:
                 self._check_device()
+                self.kind.preflight(self.pipeline)
             self._check_writable(self.workdir.root, "workdir")
             if "ingest" in steps:
                 self._check_writable(self._store_path(), "feature store [store] path")
@@ -353,11 +314,8 @@ class Run:
         else:
             X, y, data = split.X_test, split.y_test, "the base test split (no device samples)"
         result = accept(self.baseline / "model.onnx", self.workdir.export_dir / "model.onnx",
-                        X, y, self.margin, data)
-        verdict = "accepted" if result["accepted"] else "rejected"
-        self.progress(f"[accept] on {result['rows']} rows of {data}: new "
-                      f"{result['candidate_accuracy']:.4f} vs current "
-                      f"{result['baseline_accuracy']:.4f} (margin {self.margin:g}): {verdict}")
+                        X, y, self.margin, data, task=self.task, alpha=self.alpha)
+        self.progress(f"[accept] {result['summary']} ({data})")
         _write_json(self.workdir.acceptance, result)
         return result
 
@@ -380,7 +338,8 @@ class Run:
 
     def _load_raw(self) -> Any:
         d = self.pipeline.data
-        return load_source(d.source, label=d.label, pii=d.pii, base_dir=self.pipeline.base_dir)
+        return load_source(d.source, label=d.label, pii=d.pii, base_dir=self.pipeline.base_dir,
+                           task=d.task)
 
     def _source_digest(self) -> str:
         d = self.pipeline.data
@@ -407,8 +366,10 @@ class Run:
         idx = np.arange(len(snap.y))
         if len(idx) < 2:
             return snap.X[idx], snap.y[idx], snap.X[:0], snap.y[:0]
-        counts = np.bincount(snap.y)
-        stratify = snap.y if counts[counts > 0].min() >= 2 else None
+        stratify = None
+        if snap.task == "classification":  # stratified only where there are classes
+            counts = np.bincount(snap.y)
+            stratify = snap.y if counts[counts > 0].min() >= 2 else None
         try:
             train_idx, test_idx = train_test_split(
                 idx, test_size=self.pipeline.data.test_fraction, stratify=stratify,
@@ -449,7 +410,7 @@ class Run:
         # leaves the store as it was.
         groups = None if self.samples is None else load_samples(
             self.samples, feature_names=list(raw.feature_names), labels=list(raw.labels),
-            pii=list(d.pii), image_shape=raw.image_shape)
+            pii=list(d.pii), image_shape=raw.image_shape, target=raw.target)
         snap = store.ingest(raw, region=d.region, pii_action=d.pii_action, parent=d.parent)
         self.progress(f"[ingest] snapshot {snap.id} ({len(snap.y)} rows, region {snap.region})")
         doc: dict[str, Any] = {"snapshot": snap.id, "store": str(store.path)}
@@ -470,115 +431,21 @@ class Run:
                               f"region {sample.region}, from {group.origin['devices']})")
         _write_json(self.workdir.ingest, doc)
 
-    def _spec(self, snap: Snapshot) -> dict[str, Any]:
-        m = self.pipeline.model
-        spec: dict[str, Any] = {"kind": m.kind, "features": len(snap.feature_names),
-                                "hidden": list(m.hidden), "classes": len(snap.labels)}
-        if m.kind == "cnn":
-            if snap.image_shape is None:
-                raise InvalidInputError("[model] kind = 'cnn' needs image data (e.g. digits)")
-            spec.update(image=list(snap.image_shape), channels=list(self.pipeline.model.channels))
-        return spec
-
     def _step_train(self, key: str) -> None:
-        import torch
-
-        from trainer.models import build, count_parameters, fit_scaler
-        from trainer.train import accuracy, fit, pick_device
-
-        t = self.pipeline.train
-        snap, split = self.snapshot(), self.split()
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        torch.manual_seed(t.seed)
-        spec = self._spec(snap)
-        model = build(spec)
-        fit_scaler(model, torch.as_tensor(split.X_train))
-        device = pick_device(t.device, self.ctx)
-        if self.ctx.world > 1:
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend)
-        self.progress(f"[train] {spec['kind']} {count_parameters(model):,} parameters on {device}"
-                      f" ({self.ctx.world} process{'es' if self.ctx.world > 1 else ''})")
-        outcome = fit(
-            model, split.X_train, split.y_train, epochs=t.epochs, batch_size=t.batch_size,
-            lr=t.lr, seed=t.seed, weight_decay=t.weight_decay, device=device,
-            checkpoint=self.workdir.checkpoint, key=key, ctx=self.ctx, progress=self.progress,
-        )
-        if self.ctx.world > 1:
-            torch.distributed.destroy_process_group()
-        if not self.ctx.is_main:
-            return
-        _save_model(self.workdir.model, model, spec)
-        _write_json(self.workdir.train_json, {
-            "spec": spec, "parameters": count_parameters(model), "epochs": t.epochs,
-            "resumed_from_epoch": outcome.resumed_from, "losses": outcome.losses,
-            "world_size": self.ctx.world, "device": str(device),
-            "train_accuracy": accuracy(model, split.X_train, split.y_train),
-        })
+        self.kind.train(self, key)
 
     def _step_evaluate(self, key: str) -> None:
-        from trainer.train import accuracy
-
-        model, _ = _load_model(self.workdir.model)
-        split = self.split()
-        acc = accuracy(model, split.X_test, split.y_test)
-        self.progress(f"[evaluate] fp32 test accuracy {acc:.4f} on {len(split.y_test)} rows")
-        _write_json(self.workdir.evaluate, {"fp32": {"accuracy": acc,
-                                                      "rows": len(split.y_test)}})
+        measured = self.kind.evaluate(self)
+        rows = len(self.split().y_test)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in measured.items())
+        self.progress(f"[evaluate] fp32 test {shown} on {rows} rows")
+        _write_json(self.workdir.evaluate, {"fp32": {**measured, "rows": rows}})
 
     def _step_compress(self, key: str) -> None:
-        from trainer import onnx_tools
-        from trainer.models import count_parameters
-        from trainer.prune import prune
-        from trainer.train import fit
-
-        c, t = self.pipeline.compress, self.pipeline.train
-        model, spec = _load_model(self.workdir.model)
-        split = self.split()
-        out = self.workdir.compress_dir
-        out.mkdir(parents=True, exist_ok=True)
-        pruned, pruned_spec = prune(model, spec, c.prune)
-        before, after = count_parameters(model), count_parameters(pruned)
-        self.progress(f"[compress] pruned {c.prune:.0%} of units: {before:,} -> {after:,} "
-                      "parameters")
-        if c.prune > 0 and c.finetune_epochs > 0:
-            fit(pruned, split.X_train, split.y_train, epochs=c.finetune_epochs,
-                batch_size=t.batch_size, lr=t.lr / 2, seed=t.seed + 1, progress=self.progress)
-        _save_model(out / "model.pt", pruned, pruned_spec)
-        features = spec["features"]
-        onnx_tools.export_onnx(model, features, out / "fp32.onnx")
-        pruned_onnx = onnx_tools.export_onnx(pruned, features, out / "pruned_fp32.onnx")
-        recipe: dict[str, Any] = {
-            "prune": {"fraction": c.prune, "method": "structured (L2 in x out importance)",
-                      "parameters_before": before, "parameters_after": after,
-                      "spec_before": spec, "spec_after": pruned_spec,
-                      "finetune_epochs": c.finetune_epochs if c.prune > 0 else 0},
-            "quantize": {"mode": "none"},
-        }
-        if c.quantize == "int8":
-            rng = np.random.default_rng(t.seed)
-            rows = rng.choice(len(split.X_train), min(c.calibration_rows, len(split.X_train)),
-                              replace=False)
-            choice = onnx_tools.quantize_int8(
-                pruned_onnx, out / "compressed.onnx", split.X_train[np.sort(rows)],
-                split.X_test, split.y_test,
-            )
-            measured = ", ".join(f"{mode}: {v['latency_us_batch64']:.0f} us/batch64"
-                                 for mode, v in choice.candidates.items())
-            self.progress(f"[compress] int8 {choice.mode} chosen ({measured})")
-            recipe["quantize"] = {
-                "mode": choice.mode, "calibration": {"snapshot": self.snapshot().id,
-                                                     "rows": len(rows), "split": "train"},
-                "candidates": choice.candidates, "rule": "fastest at batch 64 within 1 point",
-            }
-        else:
-            (out / "compressed.onnx").write_bytes(pruned_onnx.read_bytes())
-        _write_json(out / "compress.json", recipe)
+        self.kind.compress(self, key)
 
     def _step_export(self, key: str) -> None:
         from trainer import onnx_tools
-        from trainer.train import predict_proba
 
         e = self.pipeline.export
         comp = self.workdir.compress_dir
@@ -588,31 +455,18 @@ class Run:
             stale.unlink()
         split = self.split()
         rows = split.X_test[: e.check_rows]
-        original, _ = _load_model(self.workdir.model)
-        pruned, spec = _load_model(comp / "model.pt")
-        checks: dict[str, Any] = {}
-        torch_fp32 = predict_proba(original, rows)
-        torch_pruned = predict_proba(pruned, rows)
-        checks["onnx_fp32"] = _compare(onnx_tools.run_onnx(comp / "fp32.onnx", rows), torch_fp32,
-                                       EXACT)
-        checks["onnx_pruned_fp32"] = _compare(
-            onnx_tools.run_onnx(comp / "pruned_fp32.onnx", rows), torch_pruned, EXACT)
         final = out / "model.onnx"
         final.write_bytes((comp / "compressed.onnx").read_bytes())
-        quantized = self.pipeline.compress.quantize == "int8"
-        checks["onnx_compressed"] = _compare(onnx_tools.run_onnx(final, rows), torch_pruned,
-                                             QUANTIZED if quantized else EXACT)
-        if "tflite" in e.formats:
-            checks.update(self._export_tflite(pruned, spec, rows, torch_pruned, out))
+        checks = self.kind.export_checks(self, rows, final)
         failed = [name for name, c in checks.items() if not c["ok"]]
         if failed:
             raise InvalidInputError(f"export check failed for {failed}: {checks}")
         fp32_path = comp / "fp32.onnx"
-        metrics = {
-            "fp32": {"accuracy": float((onnx_tools.run_onnx(fp32_path, split.X_test).argmax(1)
-                                        == split.y_test).mean())},
-            "compressed": {"accuracy": float((onnx_tools.run_onnx(final, split.X_test).argmax(1)
-                                              == split.y_test).mean())},
+        measured = {
+            "fp32": metrics.measure(self.task, onnx_tools.run_onnx(fp32_path, split.X_test),
+                                    split.y_test),
+            "compressed": metrics.measure(self.task, onnx_tools.run_onnx(final, split.X_test),
+                                          split.y_test),
         }
         latency = {
             name: {f"batch{b}": onnx_tools.latency_us(path, split.X_test, b) for b in (1, 64)}
@@ -623,32 +477,25 @@ class Run:
             sizes["tflite"] = (out / "model.tflite").stat().st_size
         size_ratio = sizes["onnx_compressed"] / sizes["onnx_fp32"]
         latency_ratio = latency["compressed"]["batch64"] / latency["fp32"]["batch64"]
-        self.progress(f"[export] compressed accuracy {metrics['compressed']['accuracy']:.4f}, "
-                      f"size {size_ratio:.3f}x, batch-64 latency {latency_ratio:.3f}x")
-        _write_json(out / "export.json", {"checks": checks, "metrics": metrics,
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in measured["compressed"].items())
+        self.progress(f"[export] compressed {shown}, size {size_ratio:.3f}x, batch-64 latency "
+                      f"{latency_ratio:.3f}x")
+        _write_json(out / "export.json", {"checks": checks, "metrics": measured,
                                           "latency_us": latency, "sizes": sizes,
                                           "latency_note": "median of 200 runs, 1 intra-op "
                                                           "thread, ONNX Runtime CPU"})
 
-    def _export_tflite(self, model: torch.nn.Module, spec: dict[str, Any], rows: np.ndarray,
-                       reference: np.ndarray, out: Path) -> dict[str, Any]:
-        from trainer.tflite import export_tflite, run_tflite
-
-        path = export_tflite(model, spec["features"], out / "model.tflite",
-                             int8=self.pipeline.compress.quantize == "int8")
-        quantized = self.pipeline.compress.quantize == "int8"
-        return {"tflite": _compare(run_tflite(path, rows), reference,
-                                   QUANTIZED if quantized else EXACT)}
-
     def _step_profile(self, key: str) -> None:
         from trainer import onnx_tools
-        from trainer.profile import build_profile
+        from trainer.profile import build_profile, class_prediction, value_prediction
 
         p = self.pipeline.profile
         snap, split = self.snapshot(), self.split()
-        predicted = onnx_tools.run_onnx(self.workdir.export_dir / "model.onnx",
-                                        split.X_train).argmax(1)
-        profile = build_profile(split.X_train, snap.feature_names, predicted, snap.labels,
+        output = onnx_tools.run_onnx(self.workdir.export_dir / "model.onnx", split.X_train)
+        prediction = (class_prediction(output.argmax(1), snap.labels)
+                      if self.task == "classification"
+                      else value_prediction(metrics.values(output), p.bins))
+        profile = build_profile(split.X_train, snap.feature_names, prediction=prediction,
                                 bins=p.bins, sample_rows=p.sample_rows,
                                 seed=self.pipeline.train.seed)
         profile["snapshot"] = snap.id
@@ -692,6 +539,7 @@ class Run:
         manifest = {
             "name": b.name,
             "version": b.version,
+            "task": self.task,
             "input": {
                 "name": onnx_tools.INPUT_NAME, "dtype": "float32",
                 "shape": [-1, len(snap.feature_names)],
@@ -699,14 +547,14 @@ class Run:
                              for n in snap.feature_names],
                 "pii_columns": snap.schema.get("pii", []),
             },
-            "output": {"name": onnx_tools.OUTPUT_NAME, "kind": "probabilities",
-                       "labels": snap.labels},
+            "output": self._manifest_output(snap),
             "metrics": {**export["metrics"], "latency_us": export["latency_us"],
                         "sizes": export["sizes"]},
             "lineage": {"snapshot": snap.id, "parent_snapshot": snap.lineage.get("parent"),
                         "source": snap.lineage.get("source"), "region": snap.region,
                         "pipeline": self.pipeline.path.name, "train_key": self._state("train")
-                        and self._state("train")["key"]},  # type: ignore[index]
+                        and self._state("train")["key"],  # type: ignore[index]
+                        **self.kind.lineage(self)},
             "compression": recipe,
             "runtime": {"onnx": {"file": "model.onnx", "intra_op_num_threads": 1},
                         "tflite": {"file": "model.tflite", "signatures": SIGNATURES,
@@ -716,12 +564,39 @@ class Run:
             "smoke_test": {"file": "model.onnx",
                            "inputs": smoke.astype(float).tolist(),
                            "expected": expected.astype(float).tolist(),
-                           "atol": 0.02, "require_same_argmax": True},
+                           **self._smoke_tolerance(export, recipe)},
         }
         build_bundle(self.workdir.bundle, manifest=manifest, onnx_model=final,
                      profile=_read_json(self.workdir.profile), private_key=self._private_key(),
                      tflite_model=tflite if tflite.exists() else None)
         self.progress(f"[bundle] signed {b.name} v{b.version} -> {self.workdir.bundle}")
+
+    def _manifest_output(self, snap: Snapshot) -> dict[str, Any]:
+        from trainer import onnx_tools
+
+        if self.task == "classification":
+            return {"name": onnx_tools.OUTPUT_NAME, "kind": "probabilities",
+                    "labels": snap.labels}
+        return {"name": onnx_tools.VALUE_OUTPUT_NAME, "kind": "value", "shape": [-1, 1],
+                "dtype": "float32", "target": snap.target}
+
+    def _smoke_tolerance(self, export: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+        """Classification: probabilities within 0.02 and the same top class. Regression: an
+        absolute tolerance, max(1e-3, 1e-4 * max|y_train|); a quantized model gets what export
+        measured between it (ONNX, plus TFLite when there is one) and the model it was made
+        from, bounded by 1% of max|y_train|."""
+        if self.task == "classification":
+            return {"atol": 0.02, "require_same_argmax": True}
+        scale = float(np.abs(self.split().y_train).max())
+        atol = max(1e-3, 1e-4 * scale)
+        if recipe.get("quantize", {}).get("mode", "none") != "none":
+            # Both runtimes' distance from the model they were made from, so a TFLite answer
+            # also passes against the ONNX model's expected values.
+            checks = export["checks"]
+            measured = sum(float(checks[c]["max_abs_diff"]) for c in ("onnx_compressed", "tflite")
+                           if c in checks)
+            atol = min(max(atol, measured), max(atol, 0.01 * scale))
+        return {"atol": atol, "require_same_argmax": False}
 
     # ------------------------------------------------------------------ report
     def write_report(self) -> dict[str, Any]:
@@ -730,21 +605,14 @@ class Run:
         export = _read_json(w.export_dir / "export.json")
         recipe = _read_json(w.compress_dir / "compress.json")
         evaluate = _read_json(w.evaluate)
-        train = _read_json(w.train_json)
         m, lat, sizes = export["metrics"], export["latency_us"], export["sizes"]
         report = {
             "pipeline": str(self.pipeline.path),
             "dataset": {"snapshot": snap.id, "region": snap.region, "rows": len(snap.y),
                         "features": len(snap.feature_names), "lineage": snap.lineage},
-            "model": {"spec": train["spec"], "parameters": train["parameters"],
-                      "world_size": train["world_size"], "device": train["device"]},
-            "metrics": {
-                "fp32": {"accuracy": m["fp32"]["accuracy"],
-                         "torch_accuracy": evaluate["fp32"]["accuracy"]},
-                "compressed": {"accuracy": m["compressed"]["accuracy"]},
-                "accuracy_drop_points": 100 * (m["fp32"]["accuracy"]
-                                               - m["compressed"]["accuracy"]),
-            },
+            "task": self.task,
+            "model": self.kind.describe(self),
+            "metrics": self._report_metrics(m, evaluate),
             "sizes": {**sizes, "ratio": sizes["onnx_compressed"] / sizes["onnx_fp32"]},
             "latency_us": {**lat, "ratio_batch64": lat["compressed"]["batch64"]
                            / lat["fp32"]["batch64"],
@@ -762,19 +630,51 @@ class Run:
         _write_json(w.report, report)
         return report
 
+    def _report_metrics(self, m: dict[str, Any], evaluate: dict[str, Any]) -> dict[str, Any]:
+        framework = {k: v for k, v in evaluate["fp32"].items() if k != "rows"}
+        if self.task == "classification":
+            fp32 = {"accuracy": m["fp32"]["accuracy"], "framework": framework}
+            if self.pipeline.model.kind in ("mlp", "cnn", "torch"):
+                fp32["torch_accuracy"] = framework["accuracy"]
+            return {
+                "fp32": fp32,
+                "compressed": {"accuracy": m["compressed"]["accuracy"]},
+                "accuracy_drop_points": 100 * (m["fp32"]["accuracy"]
+                                               - m["compressed"]["accuracy"]),
+            }
+        return {"fp32": {**m["fp32"], "framework": framework}, "compressed": m["compressed"],
+                "mae_increase": m["compressed"]["mae"] - m["fp32"]["mae"]}
+
 
 # An fp32 export must match PyTorch to float rounding. An int8 export legitimately moves
 # probabilities near a decision boundary, so it is held to top-1 agreement and a mean bound.
+# A skl2onnx conversion of a tree ensemble compares float32 thresholds where scikit-learn
+# compares float64 ones, so a rare row near a threshold may differ: held to top-1 agreement
+# on 99% of rows and a mean bound.
 EXACT = {"max_atol": 1e-4, "mean_atol": 1e-5, "min_agreement": 1.0}
 QUANTIZED = {"max_atol": 1.0, "mean_atol": 0.02, "min_agreement": 0.97}
+CONVERTED = {"max_atol": 1.0, "mean_atol": 0.01, "min_agreement": 0.99}
 
 
-def _compare(got: np.ndarray, want: np.ndarray, tolerance: dict[str, float]) -> dict[str, Any]:
+def _compare(got: np.ndarray, want: np.ndarray, tolerance: dict[str, float],
+             task: str = "classification") -> dict[str, Any]:
+    got = np.asarray(got, dtype=np.float64).reshape(len(got), -1)
+    want = np.asarray(want, dtype=np.float64).reshape(len(want), -1)
+    if got.shape != want.shape:
+        return {"ok": False, "shape": [list(got.shape), list(want.shape)], "rows": len(want),
+                **tolerance}
     diff = np.abs(got - want)
-    agreement = float((got.argmax(1) == want.argmax(1)).mean())
-    out = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-           "argmax_agreement": agreement, "rows": len(want), **tolerance}
-    out["ok"] = (out["max_abs_diff"] <= tolerance["max_atol"]
-                 and out["mean_abs_diff"] <= tolerance["mean_atol"]
-                 and agreement >= tolerance["min_agreement"])
+    out: dict[str, Any] = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                           "rows": len(want), **tolerance}
+    ok = (out["max_abs_diff"] <= tolerance["max_atol"]
+          and out["mean_abs_diff"] <= tolerance["mean_atol"])
+    if task == "classification":
+        agreement = float((got.argmax(1) == want.argmax(1)).mean())
+        out["argmax_agreement"] = agreement
+        ok = ok and agreement >= tolerance["min_agreement"]
+    elif "min_rows_within" in tolerance:
+        within = float((diff.max(1) <= tolerance["row_atol"]).mean())
+        out["rows_within_row_atol"] = within
+        ok = ok and within >= tolerance["min_rows_within"]
+    out["ok"] = bool(ok)
     return out

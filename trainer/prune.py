@@ -3,6 +3,11 @@
 A unit's importance is the L2 norm of its incoming weights times that of its outgoing weights;
 the lowest ``fraction`` of each layer's units go, and the next layer loses the matching input
 columns. The result is a new, smaller model built from an updated spec.
+
+A user's network (kind "torch") is pruned where the same rule is safe without knowing the
+code: in each ``nn.Sequential``, a ``Linear`` followed (through elementwise activations or
+dropout only) by another ``Linear`` loses hidden units; every other layer is left as is and
+named in the recipe with the reason.
 """
 
 from __future__ import annotations
@@ -15,7 +20,11 @@ from torch import nn
 
 from trainer.models import CNN, MLP, build
 
-__all__ = ["prune"]
+__all__ = ["prune", "prune_sequential"]
+
+# Modules that act on each unit separately: a unit removed before one is removed after it too.
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+                nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Dropout, nn.Identity)
 
 
 def _keep(importance: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -112,3 +121,65 @@ def prune(model: nn.Module, spec: dict[str, Any], fraction: float) -> tuple[nn.M
     if isinstance(model, CNN):
         return _prune_cnn(model, spec, fraction)
     raise TypeError(f"cannot prune {type(model).__name__}")
+
+
+def prune_sequential(model: nn.Module, fraction: float) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune Linear -> (elementwise)* -> Linear chains inside every nn.Sequential of a copy of
+    ``model``; returns it and {"linear_shapes": {path: [out, in]}, "pruned": [paths],
+    "skipped": [{"module": path, "reason": ...}]}."""
+    model = copy.deepcopy(model).cpu()
+    pruned: list[str] = []
+    chained: set[str] = set()
+    shapes: dict[str, list[int]] = {}
+    for seq_name, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        items = list(seq.named_children())
+        for i, (name, layer) in enumerate(items):
+            if not isinstance(layer, nn.Linear):
+                continue
+            j = i + 1
+            while j < len(items) and isinstance(items[j][1], _ELEMENTWISE):
+                j += 1
+            if j >= len(items) or not isinstance(items[j][1], nn.Linear):
+                continue
+            nxt_name, nxt = items[j]
+            cur = getattr(seq, name)  # may have lost input columns already
+            assert isinstance(cur, nn.Linear) and isinstance(nxt, nn.Linear)
+            keep = _keep(cur.weight.detach().norm(dim=1) * nxt.weight.detach().norm(dim=0),
+                         fraction)
+            setattr(seq, name, _linear_any(cur, keep, None))
+            setattr(seq, nxt_name, _linear_any(nxt, None, keep))
+            prefix = f"{seq_name}." if seq_name else ""
+            pruned.append(f"{prefix}{name}")
+            chained.update({f"{prefix}{name}", f"{prefix}{nxt_name}"})
+    for path, layer in model.named_modules():
+        if isinstance(layer, nn.Linear):
+            shapes[path] = [layer.out_features, layer.in_features]
+    skipped = [
+        {"module": path, "type": type(layer).__name__,
+         "reason": "a Linear outside a Linear -> (activation) -> Linear chain of an "
+                   "nn.Sequential (pruning it would change the network's input or output)"
+         if isinstance(layer, nn.Linear) else "only Linear layers are pruned in torch modules"}
+        for path, layer in model.named_modules()
+        if path and not list(layer.children()) and path not in chained
+        and (isinstance(layer, nn.Linear) or any(True for _ in layer.parameters(recurse=False)))
+        and not path.startswith("scale")
+    ]
+    return model, {"linear_shapes": shapes, "pruned": pruned, "skipped": skipped}
+
+
+def _linear_any(layer: nn.Linear, rows: torch.Tensor | None,
+                cols: torch.Tensor | None) -> nn.Linear:
+    """``_linear`` for a Linear that may have no bias."""
+    if layer.bias is not None:
+        return _linear(layer, rows, cols)
+    w = layer.weight.detach()
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        w = w[:, cols]
+    new = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        new.weight.copy_(w)
+    return new

@@ -13,8 +13,12 @@ columns), with the devices and model versions that contributed as lineage. The P
 the device's pseudonyms; the feature store pseudonymizes them again with its own key, so no
 value that left a device is stored as is.
 
-``accept`` compares the current model with the new one on the held-out recent rows: the new
-one is accepted only if its accuracy is at least the current one's plus ``margin``.
+``accept`` compares the current model with the new one on the held-out recent rows with a
+paired test (``trainer.acceptance``): McNemar's exact test for classification, the Wilcoxon
+signed-rank test on absolute errors for regression, at ``alpha``, with ``margin`` as the minimum
+effect.
+
+For a regression model, ``labels`` are finite numbers (the target's values).
 """
 
 from __future__ import annotations
@@ -49,9 +53,18 @@ def _fail(where: str, message: str) -> InvalidInputError:
     return InvalidInputError(f"{where}: {message}")
 
 
+def _label_ok(y: object, classes: int) -> bool:
+    """A class id below ``classes``; for regression (``classes`` 0) a finite number."""
+    if isinstance(y, bool):
+        return False
+    if classes == 0:
+        return isinstance(y, int | float) and math.isfinite(y)
+    return isinstance(y, int) and 0 <= y < classes
+
+
 def _check_record(
     where: str, record: object, width: int, classes: int, pii: list[str]
-) -> tuple[str, str, int, list[list[float]], list[int], dict[str, list[str]]]:
+) -> tuple[str, str, int, list[list[float]], list[float], dict[str, list[str]]]:
     if not isinstance(record, dict):
         raise _fail(where, "must be an object")
     features, ys = record.get("features"), record.get("labels")
@@ -73,8 +86,9 @@ def _check_record(
             )
         ):
             raise _fail(where, f"feature rows must be {width} finite numbers")
-    if not all(isinstance(y, int) and not isinstance(y, bool) and 0 <= y < classes for y in ys):
-        raise _fail(where, f"labels must be class ids below {classes}")
+    if not all(_label_ok(y, classes) for y in ys):
+        raise _fail(where, f"labels must be class ids below {classes}" if classes
+                    else "labels must be finite numbers (regression targets)")
     values = record.get("pii", {})
     if not isinstance(values, dict) or any(
         name not in pii
@@ -94,8 +108,10 @@ def load_samples(
     labels: list[str],
     pii: list[str],
     image_shape: tuple[int, int] | None,
+    target: str | None = None,
 ) -> list[RegionSamples]:
-    """Samples grouped by region, each a table shaped like the base data (see module doc)."""
+    """Samples grouped by region, each a table shaped like the base data (see module doc).
+    ``target``: the regression target's name (then ``labels`` is empty)."""
     size = path.stat().st_size
     if size > MAX_SAMPLES_BYTES:
         raise _fail(str(path), f"{size} bytes; the limit is {MAX_SAMPLES_BYTES}")
@@ -106,7 +122,8 @@ def load_samples(
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     model = str(doc.get("model", ""))[:128]
     width, classes = len(feature_names), len(labels)
-    by_region: dict[str, tuple[list[list[float]], list[int], dict[str, list[str]], Counter[str]]]
+    by_region: dict[str, tuple[list[list[float]], list[float], dict[str, list[str]],
+                               Counter[str]]]
     by_region = {}
     total = 0
     for i, record in enumerate(doc["rows"]):
@@ -127,12 +144,13 @@ def load_samples(
         table = RawTable(
             feature_names=list(feature_names),
             X=np.asarray(X, dtype=np.float32).reshape(-1, width),
-            y=np.asarray(y, dtype=np.int64),
+            y=np.asarray(y, dtype=np.int64 if target is None else np.float64),
             labels=list(labels),
             pii={name: np.asarray(v, dtype=str) for name, v in p.items()},
             source=f"device-samples:{model}",
             source_digest=digest,
             image_shape=image_shape,
+            target=target,
         )
         out.append(
             RegionSamples(region, table, {"model": model, "devices": dict(sorted(devices.items()))})
@@ -147,18 +165,16 @@ def accept(
     y: np.ndarray,
     margin: float,
     data: str,
+    *,
+    task: str = "classification",
+    alpha: float = 0.05,
 ) -> dict[str, Any]:
-    """Accuracy of both models on ``X``/``y``; accepted when candidate >= baseline + margin."""
+    """Both models on ``X``/``y``, decided by the paired test of ``trainer.acceptance``."""
     if len(y) == 0:
         raise InvalidInputError("no rows to compare the models on")
     from trainer import onnx_tools  # onnxruntime: only when comparing
-    base = float((onnx_tools.run_onnx(baseline_onnx, X).argmax(1) == y).mean())
-    cand = float((onnx_tools.run_onnx(candidate_onnx, X).argmax(1) == y).mean())
-    return {
-        "data": data,
-        "rows": len(y),
-        "baseline_accuracy": base,
-        "candidate_accuracy": cand,
-        "margin": margin,
-        "accepted": cand >= base + margin,
-    }
+    from trainer.acceptance import decide
+
+    return decide(task, onnx_tools.run_onnx(baseline_onnx, X),
+                  onnx_tools.run_onnx(candidate_onnx, X), y, margin=margin, alpha=alpha,
+                  data=data)

@@ -1,12 +1,13 @@
 """Training data sources: scikit-learn's bundled data sets and CSV files, read into a RawTable.
 
-A source is named by a string: ``sklearn:digits``, ``sklearn:wine``, ``sklearn:breast_cancer``
-(bundled with scikit-learn, nothing is downloaded) or ``csv:PATH`` (relative paths resolve
-against ``base_dir``). A CSV file is untrusted input: it is read once, under the size, row and
-column limits of ``CsvLimits``, with the standard library's ``csv`` module, and anything that is
-not a clean numeric table with a label column raises ``InvalidInputError`` naming the row and
-column at fault. PII columns are carried through as raw strings; pseudonymizing them is the
-feature store's job (``trainer.store``), which does it before anything is hashed or written.
+A source is named by a string: ``sklearn:digits``, ``sklearn:wine``, ``sklearn:breast_cancer``,
+``sklearn:diabetes`` (regression; all bundled with scikit-learn, nothing is downloaded) or
+``csv:PATH`` (relative paths resolve against ``base_dir``). A CSV file is untrusted input: it is
+read once, under the size, row and column limits of ``CsvLimits``, with the standard library's
+``csv`` module, and anything that is not a clean numeric table with a label column raises
+``InvalidInputError`` naming the row and column at fault. PII columns are carried through as raw
+strings; pseudonymizing them is the feature store's job (``trainer.store``), which does it before
+anything is hashed or written.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import numpy as np
 
 from fleetcore.errors import InvalidInputError
 
-__all__ = ["SKLEARN_DATASETS", "CsvLimits", "RawTable", "load_source", "source_fingerprint"]
+__all__ = ["REGRESSION_DATASETS", "SKLEARN_DATASETS", "CsvLimits", "RawTable", "load_source",
+           "source_fingerprint"]
 
 MIB = 1024 * 1024
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -40,7 +42,10 @@ SKLEARN_DATASETS: dict[str, str] = {
     "digits": "load_digits",
     "wine": "load_wine",
     "breast_cancer": "load_breast_cancer",
+    "diabetes": "load_diabetes",
 }
+# The data sets whose target is a number, not a class.
+REGRESSION_DATASETS = frozenset({"diabetes"})
 _IMAGE_SHAPES: dict[str, tuple[int, int]] = {"digits": (8, 8)}
 
 
@@ -55,16 +60,22 @@ class CsvLimits:
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy arrays do not compare to a single bool
 class RawTable:
-    """A source's rows as read: numeric features, class labels and raw PII strings."""
+    """A source's rows as read: numeric features, labels (class ids or target values) and raw
+    PII strings."""
 
     feature_names: list[str]  # numeric, non-PII columns, in source order
     X: np.ndarray  # float32 [n, len(feature_names)], raw values (no scaling)
-    y: np.ndarray  # int64 class indices [n]
-    labels: list[str]  # class names; index = class id
+    y: np.ndarray  # int64 class indices [n]; regression: float64 target values [n]
+    labels: list[str]  # class names; index = class id (empty for regression)
     pii: dict[str, np.ndarray]  # PII column -> raw values (str array), NOT yet pseudonymized
     source: str  # "sklearn:digits" or "csv:/abs/path.csv"
     source_digest: str  # "sha256:<hex>" of the source bytes
     image_shape: tuple[int, int] | None  # (8, 8) for digits, else None
+    target: str | None = None  # regression: the target's (label column's) name
+
+    @property
+    def task(self) -> str:
+        return "regression" if self.target is not None else "classification"
 
 
 def load_source(
@@ -74,8 +85,12 @@ def load_source(
     pii: Sequence[str],
     base_dir: Path,
     limits: CsvLimits = CsvLimits(),
+    task: str = "classification",
 ) -> RawTable:
     """Read ``source`` into a RawTable.
+
+    ``task``: "classification" (labels are class names, mapped to ids in sorted order) or
+    "regression" (labels are finite numbers; the CSV label column must be numeric).
 
     ``label`` names the CSV's label column (required for CSV; scikit-learn sources carry their
     own target and ignore it). ``pii`` lists the CSV columns holding personal data; they are
@@ -90,14 +105,21 @@ def load_source(
             raise InvalidInputError(
                 f"data source {source!r} has no PII columns, but pii lists {list(pii)}"
             )
-        return _load_sklearn(rest)
+        table = _load_sklearn(rest)
+        if table.task != task:
+            raise InvalidInputError(
+                f"data source {source!r} is a {table.task} data set; set data.task = "
+                f"{table.task!r}"
+            )
+        return table
     if scheme == "csv":
         if not label:
             raise InvalidInputError(f"data source {source!r}: a CSV source needs a label column")
         path = Path(rest)
         if not path.is_absolute():
             path = Path(base_dir) / path
-        return _load_csv(path.resolve(), label=label, pii=list(pii), limits=limits)
+        return _load_csv(path.resolve(), label=label, pii=list(pii), limits=limits,
+                         regression=task == "regression")
     raise InvalidInputError(
         f"data source {source!r}: unknown kind {scheme!r}; expected 'sklearn' or 'csv'"
     )
@@ -140,16 +162,17 @@ def _load_sklearn(name: str) -> RawTable:
     # (ignored or not, per pyproject) from turning into an unused or missing `type: ignore` here.
     bunch: Any = getattr(importlib.import_module("sklearn.datasets"), loader)()
     X = np.ascontiguousarray(bunch.data, dtype=np.float32)
-    y = np.ascontiguousarray(bunch.target, dtype=np.int64)
+    regression = name in REGRESSION_DATASETS
+    y = np.ascontiguousarray(bunch.target, dtype=np.float64 if regression else np.int64)
     feature_names = [str(n) for n in bunch.feature_names]
-    labels = [str(n) for n in bunch.target_names]
+    labels = [] if regression else [str(n) for n in bunch.target_names]
     digest = _digest(
         [
             f"sklearn:{name}".encode(),
             "\n".join(feature_names).encode(),
             "\n".join(labels).encode(),
             X.astype("<f4").tobytes(),
-            y.astype("<i8").tobytes(),
+            y.astype("<f8" if regression else "<i8").tobytes(),
         ]
     )
     return RawTable(
@@ -161,6 +184,7 @@ def _load_sklearn(name: str) -> RawTable:
         source=f"sklearn:{name}",
         source_digest=digest,
         image_shape=_IMAGE_SHAPES.get(name),
+        target="target" if regression else None,
     )
 
 
@@ -204,7 +228,8 @@ def _read_limited(path: Path, max_bytes: int) -> bytes:
     return data
 
 
-def _load_csv(path: Path, *, label: str, pii: list[str], limits: CsvLimits) -> RawTable:
+def _load_csv(path: Path, *, label: str, pii: list[str], limits: CsvLimits,
+              regression: bool = False) -> RawTable:
     data = _read_limited(path, limits.max_bytes)
     where = str(path)
     try:
@@ -230,9 +255,15 @@ def _load_csv(path: Path, *, label: str, pii: list[str], limits: CsvLimits) -> R
     for (line, _), value in zip(rows, raw_labels, strict=True):
         if not value:
             raise InvalidInputError(f"{where}: line {line}, column {label!r}: empty label")
-    labels = sorted(set(raw_labels))
-    class_of = {name: k for k, name in enumerate(labels)}
-    y = np.fromiter((class_of[v] for v in raw_labels), dtype=np.int64, count=len(rows))
+    if regression:
+        labels: list[str] = []
+        y = np.fromiter((_parse_float(where, line, label, v)
+                         for (line, _), v in zip(rows, raw_labels, strict=True)),
+                        dtype=np.float64, count=len(rows))
+    else:
+        labels = sorted(set(raw_labels))
+        class_of = {name: k for k, name in enumerate(labels)}
+        y = np.fromiter((class_of[v] for v in raw_labels), dtype=np.int64, count=len(rows))
 
     pii_values = {header[i]: np.array([row[i] for _, row in rows], dtype=str) for i in pii_indices}
     return RawTable(
@@ -244,6 +275,7 @@ def _load_csv(path: Path, *, label: str, pii: list[str], limits: CsvLimits) -> R
         source=f"csv:{path}",
         source_digest="sha256:" + hashlib.sha256(data).hexdigest(),
         image_shape=None,
+        target=label if regression else None,
     )
 
 

@@ -105,14 +105,19 @@ class Snapshot:
     region: str
     feature_names: list[str]
     X: np.ndarray  # float32 [n, features], raw values
-    y: np.ndarray  # int64 [n]
-    labels: list[str]
+    y: np.ndarray  # int64 class ids [n] (classification) or float64 values [n] (regression)
+    labels: list[str]  # class names; empty for regression
     pii: dict[str, np.ndarray]  # hex HMAC strings (hmac mode); empty in drop mode
     pii_action: str  # a PiiAction value
     image_shape: tuple[int, int] | None
     schema: dict[str, Any]
     stats: dict[str, Any]
     lineage: dict[str, Any]
+    target: str | None = None  # regression: the label column's name
+
+    @property
+    def task(self) -> str:
+        return "regression" if self.target is not None else "classification"
 
 
 # --- pure core: validation, pseudonymization, content id, schema and statistics -------------
@@ -132,6 +137,7 @@ class _Content:
     region: str
     pii_action: str
     parent: str | None
+    target: str | None = None  # regression only
 
     def transform(self) -> dict[str, Any]:
         return {"pii": list(self.pii_names), "pii_action": self.pii_action}
@@ -156,18 +162,18 @@ def _check_table(table: RawTable) -> tuple[np.ndarray, np.ndarray]:
     n = X.shape[0]
     if n == 0:
         raise InvalidInputError("the table has no rows")
-    if X.dtype.kind not in "fiu" or y.dtype.kind not in "iu":
-        raise InvalidInputError(f"X must be numeric and y integer; got {X.dtype} and {y.dtype}")
+    regression = table.target is not None
+    if regression and table.labels:
+        raise InvalidInputError("a regression table has a target and no class labels")
+    if X.dtype.kind not in "fiu" or y.dtype.kind not in ("fiu" if regression else "iu"):
+        raise InvalidInputError(f"X must be numeric and y {'numeric' if regression else 'integer'}"
+                                f"; got {X.dtype} and {y.dtype}")
     if y.shape != (n,):
         raise InvalidInputError(f"y has shape {y.shape}; expected [{n}]")
     X = np.ascontiguousarray(X, dtype="<f4")
     if not np.isfinite(X).all():
         raise InvalidInputError("X holds NaN or infinite values")
-    if int(y.min()) < 0 or int(y.max()) >= len(table.labels):
-        raise InvalidInputError(
-            f"y holds class ids in [{int(y.min())}, {int(y.max())}]; "
-            f"expected [0, {len(table.labels) - 1}]"
-        )
+    y = _check_labels(table, y)
     for what, names in (("column", [*table.feature_names, *table.pii]), ("label", table.labels)):
         if len(set(names)) != len(names) or not all(isinstance(s, str) and s for s in names):
             raise InvalidInputError(f"{what} names must be unique non-empty strings: {names}")
@@ -180,7 +186,23 @@ def _check_table(table: RawTable) -> tuple[np.ndarray, np.ndarray]:
             raise InvalidInputError(
                 f"image shape {table.image_shape} does not fit {X.shape[1]} features"
             )
-    return X, np.ascontiguousarray(y, dtype="<i8")
+    return X, np.ascontiguousarray(y, dtype="<f8" if regression else "<i8")
+
+
+def _check_labels(table: RawTable, y: np.ndarray) -> np.ndarray:
+    """Regression: finite values and a target name; classification: ids of known classes."""
+    if table.target is not None:
+        y = np.ascontiguousarray(y, dtype="<f8")
+        if not np.isfinite(y).all():
+            raise InvalidInputError("y holds NaN or infinite values")
+        if not (isinstance(table.target, str) and table.target):
+            raise InvalidInputError("the regression target needs a non-empty name")
+    elif int(y.min()) < 0 or int(y.max()) >= len(table.labels):
+        raise InvalidInputError(
+            f"y holds class ids in [{int(y.min())}, {int(y.max())}]; "
+            f"expected [0, {len(table.labels) - 1}]"
+        )
+    return y
 
 
 def _image_shape(shape: Sequence[int] | None) -> tuple[int, int] | None:
@@ -204,11 +226,13 @@ def _content_id(c: _Content) -> str:
         "rows": int(c.X.shape[0]),
         "pii_kept": list(c.pii),
     }
+    if c.target is not None:  # only then: classification ids stay what they were
+        header["target"] = c.target
     parts = [
         _ID_DOMAIN,
         json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(),
         np.ascontiguousarray(c.X, dtype="<f4").tobytes(),
-        np.ascontiguousarray(c.y, dtype="<i8").tobytes(),
+        np.ascontiguousarray(c.y, dtype="<i8" if c.target is None else "<f8").tobytes(),
         *(json.dumps(c.pii[name].tolist(), ensure_ascii=False).encode() for name in c.pii),
     ]
     h = hashlib.sha256()
@@ -222,7 +246,8 @@ def _schema(c: _Content) -> dict[str, Any]:
     return {
         "features": [{"name": n, "dtype": "float32", "pii": False} for n in c.feature_names],
         "pii": [{"name": n, "action": c.pii_action} for n in c.pii_names],
-        "label": {"dtype": "int64", "classes": list(c.labels)},
+        "label": {"dtype": "int64", "classes": list(c.labels)} if c.target is None
+        else {"dtype": "float64", "target": c.target},
         "rows": int(c.X.shape[0]),
     }
 
@@ -231,7 +256,13 @@ def _stats(c: _Content) -> dict[str, Any]:
     # float64 accumulators, without a float64 copy of X
     mins, maxs = c.X.min(0), c.X.max(0)
     means, stds = c.X.mean(0, dtype=np.float64), c.X.std(0, dtype=np.float64)
-    counts = np.bincount(c.y, minlength=len(c.labels))
+    if c.target is None:
+        counts = np.bincount(c.y, minlength=len(c.labels))
+        labels: dict[str, Any] = {
+            "class_counts": {label: int(counts[k]) for k, label in enumerate(c.labels)}}
+    else:
+        labels = {"target": {"min": float(c.y.min()), "max": float(c.y.max()),
+                             "mean": float(c.y.mean()), "std": float(c.y.std())}}
     return {
         "features": {
             name: {
@@ -243,7 +274,7 @@ def _stats(c: _Content) -> dict[str, Any]:
             }
             for i, name in enumerate(c.feature_names)
         },
-        "class_counts": {label: int(counts[k]) for k, label in enumerate(c.labels)},
+        **labels,
     }
 
 
@@ -266,6 +297,7 @@ def _to_snapshot(snapshot_id: str, c: _Content, lineage: dict[str, Any]) -> Snap
         schema=_schema(c),
         stats=_stats(c),
         lineage=lineage,
+        target=c.target,
     )
 
 
@@ -280,6 +312,8 @@ def _encode_npz(c: _Content) -> bytes:
         "image_shape": np.array(c.image_shape or (), dtype="<i8"),
         "pii_kept": np.array(list(c.pii), dtype=str),
     }
+    if c.target is not None:
+        arrays["target"] = np.array([c.target], dtype=str)
     for k, name in enumerate(c.pii):
         arrays[f"pii_{k}"] = c.pii[name]
     buf = io.BytesIO()
@@ -292,8 +326,12 @@ def _decode_npz(data: Mapping[str, np.ndarray], row: sqlite3.Row) -> _Content:
     transform = json.loads(row["transform"])
     X, y = data["X"], data["y"]
     feature_names = [str(s) for s in data["feature_names"].tolist()]
-    if X.dtype != np.dtype("<f4") or y.dtype != np.dtype("<i8"):
-        raise ValueError(f"arrays of {X.dtype} and {y.dtype}, expected float32 and int64")
+    target = [str(s) for s in data["target"].tolist()] if "target" in data else None
+    if target is not None and len(target) != 1:
+        raise ValueError("the target name is not one string")
+    want_y = "<i8" if target is None else "<f8"
+    if X.dtype != np.dtype("<f4") or y.dtype != np.dtype(want_y):
+        raise ValueError(f"arrays of {X.dtype} and {y.dtype}, expected float32 and {want_y}")
     if X.ndim != 2 or y.shape != (X.shape[0],) or X.shape[1] != len(feature_names):
         raise ValueError(f"arrays of shapes {X.shape} and {y.shape} do not fit together")
     shape = [int(v) for v in data["image_shape"].tolist()]
@@ -315,6 +353,7 @@ def _decode_npz(data: Mapping[str, np.ndarray], row: sqlite3.Row) -> _Content:
         region=row["region"],
         pii_action=str(transform["pii_action"]),
         parent=row["parent"],
+        target=target[0] if target else None,
     )
 
 
@@ -452,6 +491,7 @@ class FeatureStore:
             region=region,
             pii_action=action.value,
             parent=parent,
+            target=table.target,
         )
         snapshot_id = _content_id(content)
         if self._row(snapshot_id) is not None:

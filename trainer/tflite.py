@@ -18,6 +18,7 @@ from torch import nn
 
 from fleetcore.errors import InvalidInputError
 from trainer.models import Serving
+from trainer.models import serving as serving_of
 
 __all__ = [
     "SIGNATURES",
@@ -54,8 +55,10 @@ INPUT_KEY = "args_0"
 OUTPUT_KEY = "output_0"
 
 
-def export_tflite(model: nn.Module, features: int, path: Path, *, int8: bool) -> Path:
-    """Convert raw features -> probabilities to .tflite (int8 weights when ``int8``)."""
+def export_tflite(model: nn.Module, features: int, path: Path, *, int8: bool,
+                  spec: dict[str, Any] | None = None) -> Path:
+    """Convert raw features -> probabilities (or values, for a regression ``spec``) to .tflite
+    (int8 weights when ``int8``)."""
     if not converter_available():
         raise InvalidInputError(
             "[export] formats lists tflite but litert-torch is not installed; "
@@ -63,7 +66,7 @@ def export_tflite(model: nn.Module, features: int, path: Path, *, int8: bool) ->
         )
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "0")
     litert_torch = importlib.import_module("litert_torch")
-    serving = Serving(model.cpu()).eval()
+    serving = Serving(model.cpu()).eval() if spec is None else serving_of(model, spec)
     converter: Any = litert_torch
     for name, batch in SIGNATURES.items():
         converter = converter.signature(name, serving, (torch.zeros(batch, features),))

@@ -29,8 +29,10 @@ from torch.nn.parallel import DistributedDataParallel
 from fleetcore.errors import InvalidInputError
 from fleetcore.files import atomic_write
 from trainer.dist import DistContext
+from trainer.models import serving
 
-__all__ = ["DistContext", "TrainOutcome", "accuracy", "fit", "pick_device", "predict_proba"]
+__all__ = ["DistContext", "TrainOutcome", "accuracy", "fit", "pick_device", "predict",
+           "predict_proba"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,26 @@ def _load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
     return state
 
 
+def _targets_and_loss(
+    y: np.ndarray, target: tuple[float, float] | None, device: torch.device
+) -> tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """Class ids under cross-entropy, or the standardized target under MSE."""
+    if target is None:
+        return torch.as_tensor(y, dtype=torch.long, device=device), nn.CrossEntropyLoss()
+    ys = (torch.as_tensor(y, dtype=torch.float32, device=device) - target[0]) / target[1]
+    mse = nn.MSELoss()
+
+    def loss_fn(out: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+        if out.numel() != want.numel():
+            raise InvalidInputError(
+                f"a regression model must give one value per row; it gave output of shape "
+                f"{list(out.shape)} for {len(want)} rows"
+            )
+        return mse(out.reshape(-1), want)
+
+    return ys, loss_fn
+
+
 def fit(
     model: nn.Module,
     X: np.ndarray,
@@ -89,8 +111,13 @@ def fit(
     key: str = "",
     ctx: DistContext | None = None,
     progress: Callable[[str], None] | None = None,
+    target: tuple[float, float] | None = None,
 ) -> TrainOutcome:
-    """Train ``model`` in place on (X, y); resume from ``checkpoint`` when it matches ``key``."""
+    """Train ``model`` in place on (X, y); resume from ``checkpoint`` when it matches ``key``.
+
+    Classification (``target`` None): cross-entropy on class ids. Regression: ``target`` is
+    the training target's (mean, std) and the model learns the standardized value under MSE
+    (the exported graph maps it back, trainer.models.ValueServing)."""
     ctx = ctx or DistContext()
     device = device or torch.device("cpu")
     model.to(device)
@@ -109,10 +136,9 @@ def fit(
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                       else None)
     xs = torch.as_tensor(X, dtype=torch.float32, device=device)
-    ys = torch.as_tensor(y, dtype=torch.long, device=device)
+    ys, loss_fn = _targets_and_loss(y, target, device)
     n = len(xs) - len(xs) % ctx.world  # equal shares keep DDP ranks in lock-step
     per_rank = max(1, batch_size // ctx.world)
-    loss_fn = nn.CrossEntropyLoss()
     outcome = TrainOutcome(epochs_run=0, resumed_from=start)
     tty = sys.stderr.isatty()
     for epoch in range(start, epochs):
@@ -162,3 +188,12 @@ def predict_proba(model: nn.Module, X: np.ndarray, batch: int = 4096) -> np.ndar
 
 def accuracy(model: nn.Module, X: np.ndarray, y: np.ndarray) -> float:
     return float((predict_proba(model, X).argmax(axis=1) == y).mean())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, spec: dict[str, Any], X: np.ndarray,
+            batch: int = 4096) -> np.ndarray:
+    """What the exported model answers: probabilities, or values [n, 1] for regression."""
+    wrapped = serving(model, spec)
+    xs = torch.as_tensor(X, dtype=torch.float32)
+    return torch.cat([wrapped(xs[i : i + batch]) for i in range(0, len(xs), batch)]).numpy()
