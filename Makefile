@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= agent,control-plane,trainer,dev
 TFLITE ?= 'litert-torch>=0.10,<0.11' 'ai-edge-litert>=2.3,<2.4'
 
-.PHONY: setup test test-fast fuzz lint protos check-protos demo bench clean
+.PHONY: setup test test-fast fuzz lint protos check-protos demo demo-regression bench clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ protos: setup
 
 demo: setup
 	$(PY) -m scripts.demo
+
+# A regression model (diabetes): rollout, then an experiment decided on absolute errors.
+demo-regression: setup
+	$(PY) -m scripts.demo_regression
 
 bench: setup
 	$(PY) -m scripts.bench

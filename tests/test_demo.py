@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import demo
+from scripts import demo, demo_regression
 
 # The whole scenario takes ~100 s on a 2-core host (training included): more than the
 # suite-wide 120 s leaves room for under load.
@@ -33,3 +33,19 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "retrain.start        digits:3" not in out  # no second job while the canary runs
     table = out.split("the fleet at the end")[1]
     assert table.count("digits v2") == 2 and "grpc" in table and "mqtt" in table
+
+
+def test_regression_demo_decides_by_errors(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo_regression.main(["--workdir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "demo OK: 2 devices online" in out and "control-plane exited 0" in out
+    assert out.count("diabetes v1 committed after probation") == 2
+    assert out.count("bundle verified with model_signing") == 2
+    assert "TASK" in out and "regression" in out
+    assert "diabetes now serves v1 0.5, v2 0.5" in out
+    assert "decision: promote — challenger's MAE lower by" in out
+    assert "Welch's t-test on absolute errors" in out
+    assert "rollout diabetes -> version 2 (completed)" in out
+    table = out.split("the fleet at the end")[1]
+    assert table.count("diabetes v2") == 2
