@@ -7,6 +7,7 @@ on events (queues), never on fixed sleeps.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import queue
 import signal
@@ -117,6 +118,18 @@ class RunningControlPlane:
     def enroll_agent(self, state_dir: Path, labels: dict[str, str] | None = None) -> AgentConfig:
         return enroll(self.enroll, self.token(labels), self.ca_pem, state_dir)
 
+
+
+def fleet_json(cp: RunningControlPlane, capsys: Any, *args: str) -> Any:
+    """``fleet ARGS --json`` as the control plane's admin; its parsed output (exit 0 asserted)."""
+    from fleet.cli import main as fleet_main  # noqa: PLC0415  (the CLI, only for tests using it)
+
+    capsys.readouterr()
+    rc = fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api", cp.api,
+                     *args, "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return json.loads(out.out)
 
 def start_control_plane(
     home: Path, loop: LoopThread, clock: Any = None, **overrides: Any

@@ -26,7 +26,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "v1 answered" in out and "drift on digits" in out
     assert "intact:" in out  # fleet audit verify
     # The whole loop: drift -> retrain from samples (accepted) -> canary -> promoted -> rolled out
-    assert "v2 published and canaried; on " in out and "held-out device samples" in out
+    assert "v2 published and canaried; McNemar exact p=" in out
+    assert "rows of held-out device samples" in out and "): accepted" in out
     assert "digits now serves v1 0.9, v2 0.1" in out
     assert "decision: promote" in out
     assert "rollout digits -> version 2 (completed)" in out

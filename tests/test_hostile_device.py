@@ -39,6 +39,7 @@ from tests.support import (
     RunningControlPlane,
     assign_digits_v1,
     device_credentials,
+    fleet_json,
     start_agent,
     start_control_plane,
 )
@@ -58,13 +59,7 @@ def _send(cp: RunningControlPlane, state_dir: Path, kind: str, *payloads: dict[s
     assert list(reply.acked) == [r.seq for r in records]  # acknowledged: resending won't help
 
 
-def _fleet(cp: RunningControlPlane, capsys: pytest.CaptureFixture[str], *args: str) -> Any:
-    capsys.readouterr()
-    rc = fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api", cp.api,
-                     *args, "--json"])
-    out = capsys.readouterr()
-    assert rc == 0, out.err
-    return json.loads(out.out)
+_fleet = fleet_json
 
 
 def _arm(version: int, requests: int, labelled: int, correct: int) -> dict[str, Any]:

@@ -5,7 +5,6 @@ experiment decided by the error test."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tests.support import (
     LoopThread,
     RunningAgent,
     RunningControlPlane,
+    fleet_json,
     start_agent,
     start_control_plane,
 )
@@ -32,13 +32,7 @@ from tests.support import (
 MODEL = "diabetes"
 
 
-def _fleet(cp: RunningControlPlane, capsys: pytest.CaptureFixture[str], *args: str) -> Any:
-    capsys.readouterr()
-    rc = fleet_main(["--config", str(cp.home / "operators/admin/fleet.toml"), "--api", cp.api,
-                     *args, "--json"])
-    out = capsys.readouterr()
-    assert rc == 0, out.err
-    return json.loads(out.out)
+_fleet = fleet_json
 
 
 def _fleet_rc(cp: RunningControlPlane, *args: str) -> int:

@@ -74,12 +74,7 @@ def write_pipeline(
     name: str = "pipeline.toml",
     formats: str = '"onnx"',
 ) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    key = directory / "publisher.key"
-    if not key.exists():
-        private = pki.generate_key()
-        key.write_bytes(pki.private_key_pem(private))
-        (directory / "publisher.pub").write_bytes(pki.public_key_pem(private))
+    write_publisher_key(directory)
     path = directory / name
     path.write_text(SMALL_DIGITS.format(kind=kind, hidden=hidden, epochs=epochs, prune=prune,
                                         region=region, store=store, formats=formats))
