@@ -229,17 +229,21 @@ def drift_and_retrain(work: Path, fleet: tuple[str, ...], children: list[Child])
         step("more shifted traffic with labels; the experiment decides by a one-sided z-test")
         traffic(client, children, shifted[450:], y[450:], "exp", 700)
 
-        def decided() -> Any:
-            status = json.loads(run(*fleet, "experiments", "status", "--model", "digits",
-                                    "--json"))
-            return status["state"] != "running" and status
-        result = wait_for("the experiment's decision", decided)
-        print(run(*fleet, "experiments", "status", "--model", "digits"), end="")
-        if result["state"] != "promoted":
-            raise RuntimeError(f"the experiment ended {result['state']}, not promoted")
+        wait_promoted(fleet)
+
+
+def wait_promoted(fleet: tuple[str, ...], model: str = "digits") -> None:
+    """Wait for the experiment's decision, show it, and the promotion's rollout of v2."""
+    def decided() -> Any:
+        status = json.loads(run(*fleet, "experiments", "status", "--model", model, "--json"))
+        return status["state"] != "running" and status
+    result = wait_for("the experiment's decision", decided)
+    print(run(*fleet, "experiments", "status", "--model", model), end="")
+    if result["state"] != "promoted":
+        raise RuntimeError(f"the experiment ended {result['state']}, not promoted")
     step("the experiment promoted v2 through a rollout")
-    wait_rollout(fleet, 2)
-    print(run(*fleet, "rollouts", "status", "--model", "digits"), end="")
+    wait_rollout(fleet, 2, model)
+    print(run(*fleet, "rollouts", "status", "--model", model), end="")
 
 
 def free_port() -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -31,7 +30,7 @@ from sklearn.model_selection import train_test_split
 from fleetcore import tomlfile
 from scripts import demo
 from scripts.broker import Mosquitto
-from scripts.demo import REPO, step, wait_for, wait_rollout
+from scripts.demo import REPO, step
 from scripts.procs import Child, run
 
 MODEL = "diabetes"
@@ -139,17 +138,8 @@ def scenario(work: Path, children: list[Child], brokers: list[Mosquitto]) -> int
              "each answer followed by the true value (POST .../feedback {\"label\": 151.0})")
         traffic(client, children, X, y, "exp")
 
-    def decided() -> Any:
-        status = json.loads(run(*fleet, "experiments", "status", "--model", MODEL, "--json"))
-        return status["state"] != "running" and status
     step("the experiment decides by a one-sided Welch's t-test on absolute errors")
-    result = wait_for("the experiment's decision", decided)
-    print(run(*fleet, "experiments", "status", "--model", MODEL), end="")
-    if result["state"] != "promoted":
-        raise RuntimeError(f"the experiment ended {result['state']}, not promoted")
-    step("the experiment promoted v2 through a rollout")
-    wait_rollout(fleet, 2, MODEL)
-    print(run(*fleet, "rollouts", "status", "--model", MODEL), end="")
+    demo.wait_promoted(fleet, MODEL)
     step("the fleet at the end")
     demo.summary(fleet, MODEL)
     devices = json.loads(run(*fleet, "devices", "list", "--json"))

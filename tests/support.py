@@ -23,6 +23,7 @@ import grpc
 from edgefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
 from control_plane.config import ControlPlaneConfig
+from control_plane.domain.records import RetrainJob
 from control_plane.ops.home import init_home
 from control_plane.server import ControlPlane
 from edge_agent.daemon import Agent
@@ -130,6 +131,18 @@ def fleet_json(cp: RunningControlPlane, capsys: Any, *args: str) -> Any:
     out = capsys.readouterr()
     assert rc == 0, out.err
     return json.loads(out.out)
+
+
+def run_retrain_job(cp: RunningControlPlane, loop: LoopThread, model: str) -> RetrainJob:
+    """Start the model's queued retraining job, wait for its trainer, finish it; return it."""
+    retrain = cp.cp.services.retraining
+    loop.run(retrain.tick())
+    job = cp.cp.store.jobs(model)[0]
+    proc = retrain.runner.procs.get(job.id)
+    if proc is not None:
+        loop.run(proc.wait(), timeout=300)
+    loop.run(retrain.tick())
+    return cp.cp.store.jobs(model)[0]
 
 def start_control_plane(
     home: Path, loop: LoopThread, clock: Any = None, **overrides: Any

@@ -19,10 +19,15 @@ import pytest
 from edgefleet.v1 import agent_pb2
 from sklearn.datasets import load_diabetes
 
-from control_plane.domain.records import RetrainJob
 from edge_agent.reporting.telemetry import encode
 from fleet.cli import main as fleet_main
-from tests.support import LoopThread, RunningControlPlane, send_telemetry, start_control_plane
+from tests.support import (
+    LoopThread,
+    RunningControlPlane,
+    run_retrain_job,
+    send_telemetry,
+    start_control_plane,
+)
 from tests.test_delivery import _bundle_for
 from trainer.config import Pipeline
 from trainer.onnx_tools import run_onnx
@@ -90,17 +95,6 @@ def _send_drift(cp: RunningControlPlane, tmp_path: Path, first_seq: int) -> list
     return [j.state for j in cp.cp.store.jobs("diabetes")]
 
 
-def _run_job(cp: RunningControlPlane, loop: LoopThread) -> RetrainJob:
-    retrain = cp.cp.services.retraining
-    loop.run(retrain.tick())
-    job = cp.cp.store.jobs("diabetes")[0]
-    proc = retrain.runner.procs.get(job.id)
-    if proc is not None:
-        loop.run(proc.wait(), timeout=300)
-    loop.run(retrain.tick())
-    return cp.cp.store.jobs("diabetes")[0]
-
-
 def test_drift_retrains_a_regression_model_accepted_by_the_paired_test(
     tmp_path: Path, loop: LoopThread
 ) -> None:
@@ -126,13 +120,13 @@ def test_drift_retrains_a_regression_model_accepted_by_the_paired_test(
         assert sum(s.stored for s in cp.cp.store.sample_summary("diabetes")) == 300
 
         assert _send_drift(cp, tmp_path, first_seq=1) == ["queued"]
-        job = _run_job(cp, loop)
+        job = run_retrain_job(cp, loop, "diabetes")
         assert job.state == "rejected", job
         assert cp.cp.store.get_model_version("diabetes", 2) is None
 
         assert fleet_main([*policy, "--margin", "5"]) == 0
         assert _send_drift(cp, tmp_path, first_seq=10) == ["queued", "rejected"]
-        job = _run_job(cp, loop)
+        job = run_retrain_job(cp, loop, "diabetes")
         assert job.state == "succeeded", job
         work = cp.home / "retrain" / f"job-{job.id}"
         acceptance = json.loads((work / "acceptance.json").read_text())

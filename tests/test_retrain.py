@@ -15,7 +15,7 @@ import pytest
 from edgefleet.v1 import agent_pb2
 from sklearn.datasets import load_digits
 
-from control_plane.domain.records import DriftWindowRecord, RetrainJob
+from control_plane.domain.records import DriftWindowRecord
 from control_plane.domain.retraining import DriftPolicy, policy_fires
 from control_plane.services.retrain_runner import LocalRunner, render_kubernetes_job
 from edge_agent.reporting.telemetry import encode
@@ -23,6 +23,7 @@ from fleet.cli import main as fleet_main
 from tests.support import (
     LoopThread,
     RunningControlPlane,
+    run_retrain_job,
     send_telemetry,
     start_control_plane,
 )
@@ -79,18 +80,6 @@ def test_kubernetes_job_renders_from_the_packaging_template() -> None:
     with pytest.raises(KeyError):
         render_kubernetes_job("$unknown", job_id=1, model="m", version=1, pipeline="p", image="i")
     assert string.Template(template).get_identifiers()
-
-
-def _run_jobs(cp: RunningControlPlane, loop: LoopThread) -> RetrainJob:
-    """Start the queued job, wait for its trainer, finish it; return it."""
-    retrain = cp.cp.services.retraining
-    loop.run(retrain.tick())
-    job = cp.cp.store.jobs("digits")[0]
-    proc = retrain.runner.procs.get(job.id)
-    if proc is not None:
-        loop.run(proc.wait(), timeout=300)
-    loop.run(retrain.tick())
-    return cp.cp.store.jobs("digits")[0]
 
 
 @pytest.mark.slow
@@ -162,7 +151,7 @@ def test_drift_on_shifted_data_retrains_a_better_model_from_samples_and_canaries
         assert sum(s.stored for s in cp.cp.store.sample_summary("digits")) == 600
 
         assert _send_drift(cp, tmp_path) == ["queued"]
-        job = _run_jobs(cp, loop)
+        job = run_retrain_job(cp, loop, "digits")
         assert job.state == "rejected", job
         assert "not better" in job.detail
         assert cp.cp.store.get_model_version("digits", 2) is None  # nothing published
@@ -170,7 +159,7 @@ def test_drift_on_shifted_data_retrains_a_better_model_from_samples_and_canaries
 
         assert fleet_main([*policy, "--margin", "0.2"]) == 0
         assert _send_drift(cp, tmp_path, first_seq=10) == ["queued", "rejected"]
-        job = _run_jobs(cp, loop)
+        job = run_retrain_job(cp, loop, "digits")
         assert job.state == "succeeded", job
         work = cp.home / "retrain" / f"job-{job.id}"
         acceptance = json.loads((work / "acceptance.json").read_text())
