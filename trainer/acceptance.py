@@ -84,6 +84,6 @@ def decide(task: str, baseline_out: np.ndarray, candidate_out: np.ndarray, y: np
     else:
         why = "rejected (gain below the margin)"
     what = "accuracy" if task == "classification" else "MAE"
-    doc["summary"] = (f"{name} p={p:.3g} on {len(y)} rows of {data}: new {what} {cand:{fmt}} vs current "
-                      f"{base:{fmt}} (margin {margin:g}): {why}")
+    doc["summary"] = (f"{name} p={p:.3g} on {len(y)} rows of {data}: new {what} "
+                      f"{cand:{fmt}} vs current {base:{fmt}} (margin {margin:g}): {why}")
     return doc
