@@ -7,6 +7,7 @@ Servers run on a LoopThread on 127.0.0.1 port 0; tests wait on results and ``cor
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -174,6 +175,39 @@ def _http_outputs(response: httpx.Response) -> np.ndarray:
     out = response.json()["outputs"][0]
     assert out["name"] == "probabilities" and out["datatype"] == "FP32"
     return np.array(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+class _RecordingHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record.getMessage())
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
+
+
+def test_starting_the_http_server_leaves_the_process_logging_alone(
+    serve: Callable[..., Served],
+) -> None:
+    """uvicorn's default logging setup (dictConfig) closed every handler of the process:
+    the agent's own and, after LiteRT's conversion imported absl, sys.stderr itself."""
+    handler = _RecordingHandler()
+    logger = logging.getLogger("edgefleet.test.serving")
+    logger.addHandler(handler)
+    try:
+        served = serve([(1, 1.0, False)])
+        assert served.http.get("/v2/health/ready").status_code == 200
+        assert not handler.closed
+        logger.warning("still here")
+        assert handler.records == ["still here"]
+        assert logging.getLogger("edgefleet.test.serving").handlers == [handler]
+    finally:
+        logger.removeHandler(handler)
 
 
 # ------------------------------------------------------------------ round trips

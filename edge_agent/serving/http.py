@@ -558,8 +558,13 @@ async def start_http(core: ServingCore, host: str = "127.0.0.1", port: int = 0, 
     app = InferenceApp(core, metrics, max_body_bytes=max_body_bytes)
     # No proxy-header middleware: the agent trusts no proxy, and it costs a layer per request.
     # h11 always (not httptools when installed): the header limit and deadlines are h11's.
+    # log_config=None: uvicorn's default applies logging.config.dictConfig, which closes every
+    # handler of the process (the agent's own, and any a library installed: absl's closes the
+    # stream it writes to, sys.stderr included). The agent configures logging; uvicorn's
+    # loggers propagate to it.
     config = uvicorn.Config(app, host=host, port=port, lifespan="off", access_log=False,
-                            log_level="warning", server_header=False, proxy_headers=False,
+                            log_config=None, log_level="warning", server_header=False,
+                            proxy_headers=False,
                             timeout_graceful_shutdown=5,
                             http=_protocol(header_timeout_s, body_timeout_s),
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES,
