@@ -356,10 +356,6 @@ def test_imported_regression_model_with_a_flat_output(tmp_path: Path) -> None:
 
 
 def test_torch_user_module_exports_tflite(tmp_path: Path) -> None:
-    from trainer.tflite import converter_available  # noqa: PLC0415
-
-    if not converter_available():
-        pytest.skip("litert-torch is not installed (make setup installs it)")
     (tmp_path / "net.py").write_text(NET)
     pipeline = write_kind_pipeline(tmp_path, source="sklearn:diabetes", task="regression",
                                    model='kind = "torch"\nmodule = "net.py:build"')

@@ -15,7 +15,6 @@ import pytest
 
 from edge_agent.install.smoke import run_smoke_isolated
 from edge_agent.serving import ServingCore, start_http
-from fleetcore import bundle as fleet_bundle
 from fleetcore.bundle import parse_manifest
 from tests.support import LoopThread
 from tests.trainer_support import write_kind_pipeline
@@ -23,9 +22,6 @@ from trainer.config import Pipeline
 from trainer.pipeline import Run, Workdir
 
 REPO = Path(__file__).resolve().parent.parent
-# The agent's side of regression (fleetcore.bundle.manifest_task, [n, 1] outputs) comes with
-# the loop's branch; until both are merged, the regression cases here cannot be served.
-AGENT_SERVES_REGRESSION = hasattr(fleet_bundle, "manifest_task")
 
 NET = """
 from torch import nn
@@ -141,8 +137,6 @@ def test_torch_module_classifier_is_served_as_its_forward_answers(tmp_path: Path
     np.testing.assert_allclose(np.asarray(out["data"]).reshape(out["shape"]), want, atol=1e-5)
 
 
-@pytest.mark.skipif(not AGENT_SERVES_REGRESSION,
-                    reason="the agent's regression serving is not on this branch yet")
 @pytest.mark.parametrize("prefer", ["onnx", "tflite"])
 def test_regression_bundles_are_served_with_their_values(tmp_path: Path, serve: Any,
                                                          prefer: str) -> None:
@@ -150,10 +144,6 @@ def test_regression_bundles_are_served_with_their_values(tmp_path: Path, serve: 
 
     from trainer.kinds.torchnet import load_model  # noqa: PLC0415
     from trainer.models import serving  # noqa: PLC0415
-    from trainer.tflite import converter_available  # noqa: PLC0415
-
-    if prefer == "tflite" and not converter_available():
-        pytest.skip("litert-torch is not installed")
     (tmp_path / "net.py").write_text(NET)
     formats = '["onnx", "tflite"]' if prefer == "tflite" else '["onnx"]'
     bundle, run = _train(tmp_path, source="sklearn:diabetes", task="regression",
