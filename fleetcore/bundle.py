@@ -70,7 +70,7 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     if not isinstance(features, list) or not features:
         raise InvalidInputError("manifest input.features must be a non-empty list")
     task = doc.get("task", "classification")
-    if task not in ("classification", "regression"):
+    if task not in TASKS:
         raise InvalidInputError(
             f"manifest task must be 'classification' or 'regression'; got {task!r}")
     if task == "regression":

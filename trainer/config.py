@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetcore import regions, tomlfile
+from fleetcore.bundle import TASKS
 from fleetcore.errors import InvalidInputError
 
 __all__ = [
@@ -278,7 +279,7 @@ def _regions_ok(v: list[str]) -> bool:
 _RULES: dict[str, tuple[Any, str]] = {
     "data.source": (_source_ok, "'sklearn:NAME' (NAME one of "
                     f"{', '.join(SKLEARN_SOURCES)}) or 'csv:PATH' (relative to the pipeline file)"),
-    "data.task": (_one_of("classification", "regression"), "'classification' or 'regression'"),
+    "data.task": (_one_of(*TASKS), " or ".join(repr(t) for t in TASKS)),
     "data.label": (lambda v: bool(v.strip()), "the CSV's label column name"),
     "data.pii": (lambda v: len(set(v)) == len(v) and all(x.strip() for x in v),
                  "distinct CSV column names"),

@@ -18,14 +18,12 @@ import numpy as np
 __all__ = [
     "MAX_ACCURACY_DROP",
     "MAX_MAE_INCREASE",
-    "TASKS",
     "measure",
     "primary",
     "values",
     "within_tolerance",
 ]
 
-TASKS = ("classification", "regression")
 MAX_ACCURACY_DROP = 0.01  # one accuracy point
 MAX_MAE_INCREASE = 0.02  # 2% of the reference MAE
 

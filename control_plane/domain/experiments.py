@@ -19,7 +19,7 @@ evidence is what devices can report in constant space, (n, sum |e|, sum e^2) per
 is exactly what a two-sample t-test needs (mean and variance of |e| per arm); Welch's form
 does not assume the arms' variances are equal (a worse model usually has more spread), and
 with at least ``min_samples`` rows per arm the mean of |e| is close to normal even though |e|
-itself is skewed (the seeded simulation in tests/test_experiment_stats.py measures the
+itself is skewed (the seeded simulation in tests/test_regression_stats.py measures the
 false-positive rate on skewed errors). A paired test would be stronger but needs both arms'
 answers on the same rows, which A/B traffic does not give. Each arm's MAE is shown with a 95%
 t interval.

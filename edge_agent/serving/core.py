@@ -81,9 +81,9 @@ logger = logging.getLogger(__name__)
 
 PredictionHook = Callable[[str, int, np.ndarray, np.ndarray], None]
 ResultHook = Callable[[str, int, bool, float], None]
+Labels = list[int] | list[float]  # class ids, or a regression model's values
 # (model, version, rows, labels, request parameters) of a sampled request that got its label
-SampleHook = Callable[[str, int, np.ndarray, list[int] | list[float], Mapping[str, str]], None]
-Labels = list[int] | list[float]
+SampleHook = Callable[[str, int, np.ndarray, Labels, Mapping[str, str]], None]
 
 # The front ends run a request on the event loop when the model is this fast (a hop to a
 # thread measured ~25 µs p50, three times a small model's whole run); slower models or big
