@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.serving._background import Background
+from edge_agent.serving.categorical import Categories, ClampedRuntime, from_manifests
 from edge_agent.serving.errors import BadRequestError, InferenceError, ModelNotFoundError
 from edge_agent.serving.limits import (
     BACKGROUND_QUEUE_BYTES,
@@ -124,6 +125,8 @@ class ModelSignature:
     features: int
     classes: int
     task: str = "classification"
+    # per feature: its vocabulary (value -> code) when categorical (serving/categorical.py)
+    categories: Categories | None = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,7 @@ class ServingCore:
                 path = Path(bundles[v]).resolve()
                 if old is not None and old.dirs.get(v) == path and old.prefer == prefer:
                     runtimes[v], manifests[v] = old.runtimes[v], old.manifests[v]
+                    runtimes[v] = getattr(runtimes[v], "inner", runtimes[v])  # unclamped
                 else:
                     manifests[v] = _read_manifest(path, name, v)
                     runtimes[v] = load_runtime(path, manifests[v], prefer=prefer)
@@ -231,9 +235,13 @@ class ServingCore:
                 raise InvalidInputError(f"{name}: every arm must name its input and output "
                                         f"alike; got {sorted(names)}")
             input_name, output_name = names.pop()
+            categories, clamps = from_manifests(name, manifests)
+            for v, lengths in clamps.items():
+                runtimes[v] = ClampedRuntime(runtimes[v], lengths)
             model = _Model(
                 name=name,
-                signature=ModelSignature(input_name, output_name, features, classes, task),
+                signature=ModelSignature(input_name, output_name, features, classes, task,
+                                         categories),
                 router=router, runtimes=runtimes, arms=stats, dirs=dirs,
                 manifests=manifests, features=features, classes=classes,
                 inline=max(r.row_latency_s for r in runtimes.values()) <= INLINE_MAX_S,

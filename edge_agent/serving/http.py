@@ -61,6 +61,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edge_agent._version import __version__
+from edge_agent.serving.categorical import encode
 from edge_agent.serving.core import InferResult, ModelSignature, ServingCore
 from edge_agent.serving.errors import (
     BadRequestError,
@@ -315,8 +316,12 @@ def parse_infer_request(
     if tensor.get("name") != signature.input_name:
         raise BadRequestError(f"expected input {signature.input_name!r}; got "
                               f"{shown(tensor.get('name'))}")
-    if tensor.get("datatype") != "FP32":
-        raise BadRequestError(f"expected datatype 'FP32'; got {shown(tensor.get('datatype'))}")
+    raw = tensor.get("datatype") == "BYTES" and signature.categories is not None
+    if tensor.get("datatype") != "FP32" and not raw:
+        also = " (or 'BYTES' with raw values: the model has categorical inputs)" \
+            if signature.categories is not None else ""
+        raise BadRequestError(f"expected datatype 'FP32'{also}; got "
+                              f"{shown(tensor.get('datatype'))}")
     shape = tensor.get("shape")
     features = signature.features
     if (not isinstance(shape, list) or len(shape) != 2
@@ -326,6 +331,10 @@ def parse_infer_request(
     data = tensor.get("data")
     if not isinstance(data, list):
         raise BadRequestError("expected 'data' to be a list of numbers")
+    if raw:
+        assert signature.categories is not None
+        x = encode(_flat(data, shape[0]), shape[0], signature.categories)
+        return (x, *_request_fields(doc, signature))
     try:
         arr = np.array(data)
     except ValueError:
@@ -335,6 +344,19 @@ def parse_infer_request(
                               f"{arr.size} of kind {arr.dtype}")
     with np.errstate(over="ignore"):  # beyond float32 becomes Inf: ServingCore refuses it
         x = arr.astype(np.float32).reshape(shape[0], features)
+    return (x, *_request_fields(doc, signature))
+
+
+def _flat(data: list[Any], rows: int) -> list[Any]:
+    """A BYTES tensor's values, row-major: a flat list or one list per row."""
+    if len(data) == rows and all(isinstance(r, list) for r in data):
+        return [v for r in data for v in r]
+    return data
+
+
+def _request_fields(doc: dict[str, Any], signature: ModelSignature
+                    ) -> tuple[str | None, str | None, dict[str, str] | None]:
+    """The request id, routing key and (with an id) string parameters of an infer body."""
     request_id = doc.get("id")
     if request_id is not None:
         if not isinstance(request_id, str):
@@ -349,7 +371,7 @@ def parse_infer_request(
     if outputs is not None and (not isinstance(outputs, list) or any(
             not isinstance(o, dict) or o.get("name") != signature.output_name for o in outputs)):
         raise BadRequestError(f"the only output is {signature.output_name!r}")
-    return x, request_id, key, _context(params) if request_id is not None else None
+    return request_id, key, _context(params) if request_id is not None else None
 
 
 def _context(params: object) -> dict[str, str] | None:

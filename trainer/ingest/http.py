@@ -152,7 +152,7 @@ def _pages(client: Any, source: str, params: dict[str, Any], rows: list[Any], *,
 
 
 def _get(client: Any, url: str, params: dict[str, Any], where: str, budget: Budget) -> bytes:
-    with client.stream("GET", url, params=params) as response:
+    with client.stream("GET", url, params=params or None) as response:
         if response.status_code in (401, 403):
             raise InvalidInputError(f"{where}: HTTP {response.status_code}: not authorized; "
                                     "check data.headers (e.g. Authorization = \"env:API_TOKEN\")")
