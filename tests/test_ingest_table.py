@@ -5,6 +5,7 @@ checked with the column and row named; vocabularies that only grow along a chain
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,8 +26,10 @@ def _columns(**extra: list[object]) -> dict[str, list[object]]:
             "label": ["no", "yes", "no"], **extra}
 
 
-def _build(columns: dict[str, list[object]], spec: TableSpec = SPEC, **kw: object) -> tuple:
-    return build_table(columns, spec, where="src", source="src", source_digest="d", **kw)
+def _build(columns: dict[str, list[object]], spec: TableSpec = SPEC,
+           prior: Encoding | None = None, prior_labels: tuple[str, ...] = ()) -> Any:
+    return build_table(columns, spec, where="src", source="src", source_digest="d",
+                       prior=prior, prior_labels=prior_labels)
 
 
 def test_missing_values_categories_and_timestamp() -> None:
@@ -42,7 +45,7 @@ def test_missing_values_categories_and_timestamp() -> None:
 def test_a_later_snapshot_keeps_codes_and_fill_values() -> None:
     _, first, _ = _build(_columns())
     columns = _columns(shop=["z", "y", "a"], a=[None, 10.0, 20.0])
-    table, enc, _ = _build(columns, prior=first, prior_labels=["maybe", "no", "yes"])
+    table, enc, _ = _build(columns, prior=first, prior_labels=("maybe", "no", "yes"))
     assert enc.categories == {"shop": ["x", "y", "a", "z"]}  # new ones appended, sorted
     np.testing.assert_array_equal(table.X[:, 2], [4, 2, 3])
     assert table.X[0, 0] == 2.0  # the chain's fill value, not this batch's mean
@@ -91,8 +94,8 @@ def test_urls_are_checked_and_redacted() -> None:
         "https://u:REDACTED@api.example/x?api_key=REDACTED&page=2"
 
 
-def _manifest(*vocab: str | None) -> dict[str, object]:
-    features = [{"name": "n", "dtype": "float32"}]
+def _manifest(*vocab: str | None) -> dict[str, Any]:
+    features: list[dict[str, Any]] = [{"name": "n", "dtype": "float32"}]
     if vocab != (None,):
         features.append({"name": "shop", "dtype": "float32", "categories": list(vocab)})
     return {"input": {"features": features}}
