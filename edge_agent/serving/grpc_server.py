@@ -34,7 +34,6 @@ from edgefleet.v1 import grpc_predict_v2_pb2_grpc as pb_grpc
 from edge_agent._version import __version__
 from edge_agent.serving.core import InferResult, ModelSignature, ServingCore
 from edge_agent.serving.errors import BadRequestError, InferenceError, ModelNotFoundError
-from edge_agent.serving.http import SERVER_NAME
 from edge_agent.serving.limits import (
     MAX_CONNECTIONS,
     MAX_HEADER_BYTES,
@@ -43,6 +42,7 @@ from edge_agent.serving.limits import (
     parse_version,
     shown,
 )
+from edge_agent.serving.repository import EXTENSIONS, SERVER_NAME
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
 
 __all__ = [
@@ -133,7 +133,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
+                                         extensions=list(EXTENSIONS))
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:

@@ -8,14 +8,19 @@ Routes::
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer
     POST /v2/models/{name}/feedback            {"id": request id, "label": int | [int, ...]}
+    GET  /v2/models/stats | /v2/models/{name}[/versions/{v}]/stats   statistics (repository.py)
+    POST /v2/repository/index                  served versions; load/unload: 403
     GET  /metrics                              Prometheus text
 
 Rules:
 
 * An infer request has exactly one input, named as the model's input, datatype "FP32", shape
   ``[n, features]`` (n >= 1) and ``data`` flat or nested (row-major) holding n * features
-  numbers. ``parameters.routing_key`` (or the header ``x-routing-key``) makes the A/B choice
-  sticky. A versioned path asks for that version: no routing, no mirroring.
+  numbers, or, with the binary data extension (``binary.py``), ``parameters.binary_data_size``
+  and its bytes after the JSON part; the answer is binary when the request asks
+  (``binary_data`` on the output, or ``parameters.binary_data_output``).
+  ``parameters.routing_key`` (or the header ``x-routing-key``) makes the A/B choice sticky.
+  A versioned path asks for that version: no routing, no mirroring.
 * Every limit is a named constant in ``limits.py`` (docs/serving.md, "Limits"). The body limit
   (``max_body_bytes``, default ``MAX_BODY_BYTES``) is enforced from Content-Length before
   reading and again while reading a chunked body; the body must nest at most
@@ -53,7 +58,7 @@ import logging
 import math
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import h11
 import numpy as np
@@ -61,6 +66,15 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edge_agent._version import __version__
+from edge_agent.serving.binary import (
+    BINARY_DATA_SIZE,
+    HEADER,
+    binary_size,
+    check_all_used,
+    split_body,
+    tensor_from_bytes,
+    wants_binary_output,
+)
 from edge_agent.serving.core import InferResult, ModelSignature, ServingCore
 from edge_agent.serving.errors import (
     BadRequestError,
@@ -75,6 +89,7 @@ from edge_agent.serving.limits import (
     MAX_BODY_BYTES,
     MAX_CONNECTIONS,
     MAX_HEADER_BYTES,
+    MAX_HEADER_LENGTH_DIGITS,
     MAX_JSON_DEPTH,
     MAX_PARAMETER_NAME_CHARS,
     MAX_PARAMETER_VALUE_CHARS,
@@ -87,13 +102,22 @@ from edge_agent.serving.limits import (
     shown,
 )
 from edge_agent.serving.metrics import CONTENT_TYPE, ServingMetrics
+from edge_agent.serving.repository import (
+    EXTENSIONS,
+    REPOSITORY_REFUSAL,
+    SERVER_NAME,
+    repository_index,
+    statistics,
+)
 from fleetcore import strict_json
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
 
 __all__ = [
     "MAX_BODY_BYTES",  # re-exported from limits.py
     "HttpServer",
+    "InferRequest",
     "InferenceApp",
+    "binary_infer_response",
     "infer_response",
     "parse_infer_request",
     "start_http",
@@ -101,7 +125,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SERVER_NAME = "edgefleet-agent"
+
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -110,9 +134,12 @@ _T = TypeVar("_T")
 Send = Callable[[Message], Awaitable[None]]
 
 _JSON = b"application/json"
+_OCTETS = b"application/octet-stream"
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 _string = json.encoder.encode_basestring_ascii
 _MODELS = "/v2/models/"
+_ALL_STATS = "/v2/models/stats"  # as in Triton: a model named "stats" has no metadata route
+_REPOSITORY = "/v2/repository/models/"
 
 # Domain errors -> HTTP status: the one place where that mapping lives. First match wins.
 _STATUS: tuple[tuple[type[EdgefleetError], int], ...] = (
@@ -145,8 +172,9 @@ class InferenceApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # lifespan is off; websockets are not served
+        extra: list[tuple[bytes, bytes]] = []
         try:
-            status, body, content_type = await self._dispatch(scope, receive)
+            status, body, content_type = await self._dispatch(scope, receive, extra)
         except _Disconnected:
             return
         except _HttpError as exc:
@@ -158,15 +186,19 @@ class InferenceApp:
             logger.exception("%s %s failed", scope.get("method"), scope.get("path"))
             status, body, content_type = 500, _error(f"internal error: {type(exc).__name__}"), _JSON
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        if status == 200 and extra:
+            headers += extra
         if status == 413:  # the rest of the body is not worth reading: close the connection
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _dispatch(self, scope: Scope, receive: Receive) -> tuple[int, bytes, bytes]:
+    async def _dispatch(self, scope: Scope, receive: Receive,
+                        extra: list[tuple[bytes, bytes]]) -> tuple[int, bytes, bytes]:
+        """(status, body, content type); headers of a 200 beyond those go into ``extra``."""
         path: str = scope["path"]
         method: str = scope["method"]
-        if not path.startswith(_MODELS):
+        if not path.startswith(_MODELS) or path == _ALL_STATS:
             return self._server_route(path, method)
         name, _, rest = path[len(_MODELS):].partition("/")
         check_model_name(name)
@@ -176,10 +208,17 @@ class InferenceApp:
             version = parse_version(text)
         if rest == "infer":
             _allow(method, "POST")
-            return 200, await self._infer(name, version, scope, receive), _JSON
+            body, json_length = await self._infer(name, version, scope, receive)
+            if json_length is None:
+                return 200, body, _JSON
+            extra.append((HEADER, str(json_length).encode()))
+            return 200, body, _OCTETS
         if rest == "feedback" and version is None:
             _allow(method, "POST")
             return await self._feedback(name, scope, receive)
+        if rest == "stats":
+            _allow(method, "GET")
+            return 200, _dump(statistics(self.core.stats(), name, version)), _JSON
         if rest in {"", "ready"}:
             _allow(method, "GET")
             meta = self._metadata(name, version)  # 404 when unknown
@@ -197,10 +236,19 @@ class InferenceApp:
             _allow(method, "GET")
             ready = self.core.ready()
             return (200 if ready else 503), _dump({"ready": ready}), _JSON
+        if path == _ALL_STATS:
+            _allow(method, "GET")
+            return 200, _dump(statistics(self.core.stats())), _JSON
+        if path == "/v2/repository/index":
+            _allow(method, "POST")
+            return 200, _ENCODER.encode(repository_index(self.core.models())).encode(), _JSON
+        if path.startswith(_REPOSITORY) and path.endswith(("/load", "/unload")):
+            _allow(method, "POST")
+            raise _HttpError(403, REPOSITORY_REFUSAL)
         if path in {"/v2", "/v2/"}:
             _allow(method, "GET")
             return 200, _dump({"name": SERVER_NAME, "version": __version__,
-                               "extensions": []}), _JSON
+                               "extensions": list(EXTENSIONS)}), _JSON
         raise _HttpError(404, f"no route {shown(path)}")
 
     def _metadata(self, name: str, version: int | None) -> dict[str, Any]:
@@ -211,29 +259,39 @@ class InferenceApp:
         return meta
 
     async def _infer(self, name: str, version: int | None, scope: Scope,
-                     receive: Receive) -> bytes:
+                     receive: Receive) -> tuple[bytes, int | None]:
+        """(body, length of its JSON part when the answer is binary, else None)."""
         signature = self.core.signature(name)  # 404 before reading the body
         header_key = None
         declared = None
+        header_length = None
         for key, value in scope["headers"]:
             if key == b"content-length":
                 declared = value
             elif key == b"x-routing-key":
                 header_key = value.decode("latin-1")
+            elif key == HEADER:
+                header_length = value
         try:
             if header_key is not None and len(header_key) > MAX_ROUTING_KEY_CHARS:
                 raise BadRequestError(f"x-routing-key has {len(header_key)} characters; the "
                                       f"limit is {MAX_ROUTING_KEY_CHARS}")
             body = await self._read_body(receive, declared)
-            x, request_id, routing_key, context = await _off_loop_if_large(
-                parse_infer_request, body, signature)
+            json_bytes = len(body) if header_length is None else _json_length(header_length)
+            if json_bytes <= PARSE_INLINE_MAX_BYTES:
+                request = parse_infer_request(body, signature, header_length=header_length)
+            else:
+                request = await asyncio.to_thread(parse_infer_request, body, signature,
+                                                  cooperative=True, header_length=header_length)
         except BadRequestError:
             self.core.note_bad_request(name)
             raise
-        result = await self.core.ainfer(name, x, request_id=request_id,
-                                        routing_key=routing_key or header_key, version=version,
-                                        context=context)
-        return infer_response(result, signature)
+        result = await self.core.ainfer(name, request.rows, request_id=request.request_id,
+                                        routing_key=request.routing_key or header_key,
+                                        version=version, context=request.context)
+        if request.binary_output:
+            return binary_infer_response(result, signature)
+        return infer_response(result, signature), None
 
     async def _feedback(self, name: str, scope: Scope,
                         receive: Receive) -> tuple[int, bytes, bytes]:
@@ -294,19 +352,39 @@ async def _off_loop_if_large(parse: Callable[..., _T], body: bytes, *args: Any) 
     return await asyncio.to_thread(parse, body, *args, cooperative=True)
 
 
+def _json_length(header_length: bytes) -> int:
+    """The JSON part's length a binary request declares (checked again by ``split_body``);
+    0 when it is not a number, so that the refusal happens inline."""
+    text = header_length.strip()
+    return int(text) if text.isdigit() and len(text) <= MAX_HEADER_LENGTH_DIGITS else 0
+
+
 def _check_id(request_id: str) -> None:
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise BadRequestError(f"a request id has at most {MAX_REQUEST_ID_CHARS} characters; got "
                               f"{len(request_id)}")
 
 
+class InferRequest(NamedTuple):
+    """A parsed v2 infer request (``parse_infer_request``)."""
+
+    rows: np.ndarray  # float32 [n, features]
+    request_id: str | None
+    routing_key: str | None
+    context: dict[str, str] | None  # string parameters, kept only with an id
+    binary_output: bool = False  # answer with the binary data extension
+
+
 def parse_infer_request(
-    body: bytes, signature: ModelSignature, *, cooperative: bool = False
-) -> tuple[np.ndarray, str | None, str | None, dict[str, str] | None]:
-    """(rows, request id, routing key, string parameters) from a v2 infer body, or
-    ``BadRequestError``. Parameters are kept only for a request with an id. ``cooperative``:
-    see ``strict_json.loads`` (for a large body on a worker thread)."""
-    doc = _load_json(body, cooperative=cooperative)
+    body: bytes, signature: ModelSignature, *, cooperative: bool = False,
+    header_length: bytes | None = None,
+) -> InferRequest:
+    """(rows, request id, routing key, string parameters, binary output) from a v2 infer body,
+    or ``BadRequestError``. Parameters are kept only for a request with an id. ``cooperative``:
+    see ``strict_json.loads`` (for a large body on a worker thread). ``header_length``: the
+    ``Inference-Header-Content-Length`` header of a body with binary tensors (``binary.py``)."""
+    text, binary = split_body(body, header_length)
+    doc = _load_json(text, cooperative=cooperative)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequestError(f"expected 'inputs' to hold one tensor named "
@@ -323,18 +401,13 @@ def parse_infer_request(
             or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
             or shape[0] < 1 or shape[1] != features):
         raise BadRequestError(f"expected shape [n, {features}] with n >= 1; got {shown(shape)}")
-    data = tensor.get("data")
-    if not isinstance(data, list):
-        raise BadRequestError("expected 'data' to be a list of numbers")
-    try:
-        arr = np.array(data)
-    except ValueError:
-        raise BadRequestError("'data' is ragged: rows of different lengths") from None
-    if arr.dtype.kind not in "fiu" or arr.size != shape[0] * features:
-        raise BadRequestError(f"expected 'data' to hold {shape[0] * features} numbers; got "
-                              f"{arr.size} of kind {arr.dtype}")
-    with np.errstate(over="ignore"):  # beyond float32 becomes Inf: ServingCore refuses it
-        x = arr.astype(np.float32).reshape(shape[0], features)
+    size = binary_size(tensor)
+    if size is not None:
+        x = tensor_from_bytes(binary, 0, size, "FP32", shape)
+        check_all_used(binary, size)
+    else:
+        check_all_used(binary, 0)
+        x = _rows_from_json(tensor.get("data"), shape[0], features)
     request_id = doc.get("id")
     if request_id is not None:
         if not isinstance(request_id, str):
@@ -349,7 +422,23 @@ def parse_infer_request(
     if outputs is not None and (not isinstance(outputs, list) or any(
             not isinstance(o, dict) or o.get("name") != signature.output_name for o in outputs)):
         raise BadRequestError(f"the only output is {signature.output_name!r}")
-    return x, request_id, key, _context(params) if request_id is not None else None
+    binary_output = wants_binary_output(params, outputs[0] if outputs else None)
+    return InferRequest(x, request_id, key, _context(params) if request_id is not None else None,
+                        binary_output)
+
+
+def _rows_from_json(data: object, rows: int, features: int) -> np.ndarray:
+    if not isinstance(data, list):
+        raise BadRequestError("expected 'data' to be a list of numbers")
+    try:
+        arr = np.array(data)
+    except ValueError:
+        raise BadRequestError("'data' is ragged: rows of different lengths") from None
+    if arr.dtype.kind not in "fiu" or arr.size != rows * features:
+        raise BadRequestError(f"expected 'data' to hold {rows * features} numbers; got "
+                              f"{arr.size} of kind {arr.dtype}")
+    with np.errstate(over="ignore"):  # beyond float32 becomes Inf: ServingCore refuses it
+        return arr.astype(np.float32).reshape(rows, features)
 
 
 def _context(params: object) -> dict[str, str] | None:
@@ -389,6 +478,19 @@ def infer_response(result: InferResult, signature: ModelSignature) -> bytes:
             f'"outputs":[{{"name":{_string(signature.output_name)},"datatype":"FP32",'
             f'"shape":[{out.shape[0]},{out.shape[1]}],'
             f'"data":[{",".join(map(float.__repr__, values))}]}}]}}').encode()
+
+
+def binary_infer_response(result: InferResult, signature: ModelSignature) -> tuple[bytes, int]:
+    """(body, length of its JSON part): the answer with the output as binary data (``binary``
+    module rules): the JSON document, then the output's little-endian float32 bytes."""
+    data = result.outputs.astype("<f4", copy=False).tobytes()
+    rid = "" if result.request_id is None else f',"id":{_string(result.request_id)}'
+    out = result.outputs
+    head = (f'{{"model_name":{_string(result.model)},"model_version":"{result.version}"{rid},'
+            f'"outputs":[{{"name":{_string(signature.output_name)},"datatype":"FP32",'
+            f'"shape":[{out.shape[0]},{out.shape[1]}],'
+            f'"parameters":{{"{BINARY_DATA_SIZE}":{len(data)}}}}}]}}').encode()
+    return head + data, len(head)
 
 
 def _load_json(body: bytes, *, cooperative: bool = False) -> dict[str, Any]:
