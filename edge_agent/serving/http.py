@@ -29,13 +29,13 @@ Rules:
 * A body over ``PARSE_INLINE_MAX_BYTES`` is parsed on a worker thread with Python-level number
   functions (``strict_json`` ``cooperative``), so the event loop keeps serving other clients
   meanwhile; the C parser would hold the GIL for the whole body.
-* The connection is uvicorn's h11 protocol, configured: request line + headers at most
-  ``MAX_HEADER_BYTES`` (h11 while a head is incomplete, ``_GuardedH11`` for a whole one: 431),
-  idle keep-alive ``KEEP_ALIVE_S``,
-  at most ``MAX_CONNECTIONS`` (uvicorn answers 503 past it). uvicorn has no deadline for
-  reading a request, so ``_GuardedH11`` adds two: its head within ``HEADER_TIMEOUT_S`` of the
-  connection or of its first byte, its body within ``BODY_TIMEOUT_S`` of the head; past either
-  the client gets a 408 (or, when its answer has started, a closed connection).
+* The connection is uvicorn's httptools protocol when ``httptools`` is importable, else its
+  h11 protocol (``parser``: "auto", "httptools", "h11"), each guarded
+  (``http_protocols.py``): request line + headers at most ``MAX_HEADER_BYTES`` (431), its
+  head within ``HEADER_TIMEOUT_S`` of the connection or of its first byte, its body within
+  ``BODY_TIMEOUT_S`` of the head (408); idle keep-alive ``KEEP_ALIVE_S``, at most
+  ``MAX_CONNECTIONS`` (uvicorn answers 503 past it). The event loop is the caller's (the CLI
+  runs the agent on uvloop when it is importable: ``edge_agent/cli.py``).
 * Every refusal is ``{"error": "..."}`` (one line) with a 4xx status (400 malformed, 404
   unknown model, version or request id, 405 wrong method, 408 too slow, 413 too large, 431
   headers too large); a
@@ -44,7 +44,8 @@ Rules:
   comparisons, and the infer response is written out by hand. Called directly with one
   64-feature row it takes ~45 µs against ~60 µs for a minimal Starlette app doing less (no
   checks, no stats); through uvicorn (h11) ``bench_http`` measured 1.09-1.13x the Starlette
-  app's requests/s on the 2-core host. Most of a request's time is uvicorn's h11 parser.
+  app's requests/s on the 2-core host. Most of a request's time was uvicorn's h11 parser,
+  hence httptools (``make bench`` measures both stacks in the same run).
 * ``start_http`` runs uvicorn on the caller's event loop without taking over its signal
   handlers (the daemon owns those) and returns the bound port (port 0 picks a free one).
 """
@@ -60,10 +61,8 @@ import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, NamedTuple, TypeVar
 
-import h11
 import numpy as np
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edge_agent._version import __version__
 from edge_agent.serving.binary import (
@@ -82,6 +81,7 @@ from edge_agent.serving.errors import (
     ModelNotFoundError,
     PayloadTooLargeError,
 )
+from edge_agent.serving.http_protocols import Parser, parser_available, protocol_class
 from edge_agent.serving.limits import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
@@ -118,6 +118,7 @@ __all__ = [
     "InferRequest",
     "InferenceApp",
     "binary_infer_response",
+    "choose_parser",
     "infer_response",
     "parse_infer_request",
     "start_http",
@@ -523,101 +524,6 @@ def _error(message: str) -> bytes:
 
 
 
-class _GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol with deadlines for reading a request (module rules).
-
-    One timer per connection: armed for the head when the connection opens and when the first
-    byte of a later request arrives (uvicorn's keep-alive timer covers the idle time between
-    requests), re-armed for the body once h11 has the head, disarmed once h11 has the whole
-    request. ``head_timeout_s`` and ``body_timeout_s`` are set per server (``_protocol``).
-    """
-
-    head_timeout_s = HEADER_TIMEOUT_S
-    body_timeout_s = BODY_TIMEOUT_S
-    _deadline: asyncio.TimerHandle | None = None
-    _reading: str = ""  # "head", "body" or "" (nothing armed)
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm("head")
-
-    def data_received(self, data: bytes) -> None:
-        if self.conn.their_state is h11.IDLE and self._head_too_large(data):
-            return
-        super().data_received(data)
-        self._follow()
-
-    def _head_too_large(self, data: bytes) -> bool:
-        """h11 checks its limit only while a head is incomplete: a whole head that arrives in
-        one read (up to 256 KiB) would pass. Measured here over what h11 holds plus ``data``."""
-        held = self.conn.trailing_data[0]
-        head = held + data if held else data
-        if len(head) <= MAX_HEADER_BYTES:
-            return False
-        if 0 <= head.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4) <= MAX_HEADER_BYTES:
-            return False
-        self._refuse(431, b"Request Header Fields Too Large",
-                     f"the request line and headers are over {MAX_HEADER_BYTES} bytes")
-        return True
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._follow()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._arm("")
-        super().connection_lost(exc)
-
-    def _follow(self) -> None:
-        state = self.conn.their_state
-        if state is h11.IDLE:
-            if self.conn.trailing_data[0]:  # part of a head is in: its deadline runs
-                if self._reading != "head":
-                    self._arm("head")
-            elif self.timeout_keep_alive_task is not None:
-                self._arm("")  # idle between requests: uvicorn's keep-alive timer counts
-            # else a new connection that sent nothing yet: the head deadline runs
-        elif state is h11.SEND_BODY:
-            if self._reading != "body":
-                self._arm("body")
-        else:
-            self._arm("")
-
-    def _arm(self, reading: str) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        self._reading = reading
-        if reading:
-            delay = self.head_timeout_s if reading == "head" else self.body_timeout_s
-            self._deadline = self.loop.call_later(delay, self._expired)
-
-    def _expired(self) -> None:
-        reading, self._deadline, self._reading = self._reading, None, ""
-        if self.transport.is_closing():
-            return
-        if reading == "head" or self.cycle is None or not self.cycle.response_started:
-            limit = self.head_timeout_s if reading == "head" else self.body_timeout_s
-            self._refuse(408, b"Request Timeout",
-                         f"the request's {reading} did not arrive within {limit:g} s")
-        self._arm("")
-        self.transport.close()  # an ASGI app waiting for the body sees a disconnect
-
-    def _refuse(self, status: int, reason: bytes, message: str) -> None:
-        """Answer ``status`` with the one-line error body and close: written directly, since
-        h11 has no request to answer yet (or is in the middle of its body)."""
-        body = _error(message)
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                             % (status, reason, len(body), body))
-        self.transport.close()
-
-
-def _protocol(head_timeout_s: float, body_timeout_s: float) -> type[_GuardedH11]:
-    return type("GuardedH11", (_GuardedH11,), {"head_timeout_s": head_timeout_s,
-                                               "body_timeout_s": body_timeout_s})
-
-
 class HttpServer:
     """A running uvicorn server on the caller's loop; ``stop`` closes it."""
 
@@ -627,12 +533,23 @@ class HttpServer:
         self._sock = sock
         self._ticker = ticker
         self.port: int = sock.getsockname()[1]
+        self.parser: Parser = "h11"
 
     async def stop(self) -> None:
         self._server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await self._ticker
         await self._server.shutdown(sockets=[self._sock])
+
+
+def choose_parser(parser: str) -> Parser:
+    """The HTTP parser for ``parser`` ("auto": httptools when importable, else h11)."""
+    if parser == "auto":
+        return "httptools" if parser_available("httptools") else "h11"
+    if parser not in ("httptools", "h11") or not parser_available(parser):
+        raise InvalidInputError(f"HTTP parser {parser!r} is not available; use auto, h11"
+                                f"{' or httptools' if parser_available('httptools') else ''}")
+    return "httptools" if parser == "httptools" else "h11"
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
@@ -655,11 +572,13 @@ async def start_http(core: ServingCore, host: str = "127.0.0.1", port: int = 0, 
                      metrics: ServingMetrics | None = None,
                      max_body_bytes: int = MAX_BODY_BYTES,
                      header_timeout_s: float = HEADER_TIMEOUT_S,
-                     body_timeout_s: float = BODY_TIMEOUT_S) -> tuple[HttpServer, int]:
-    """Serve ``core`` over HTTP on ``host:port`` (0: any free port); return (server, port)."""
+                     body_timeout_s: float = BODY_TIMEOUT_S,
+                     parser: str = "auto") -> tuple[HttpServer, int]:
+    """Serve ``core`` over HTTP on ``host:port`` (0: any free port); return (server, port).
+    ``parser``: "auto" (httptools when importable, else h11), "httptools" or "h11"."""
+    chosen = choose_parser(parser)
     app = InferenceApp(core, metrics, max_body_bytes=max_body_bytes)
     # No proxy-header middleware: the agent trusts no proxy, and it costs a layer per request.
-    # h11 always (not httptools when installed): the header limit and deadlines are h11's.
     # log_config=None: uvicorn's default applies logging.config.dictConfig, which closes every
     # handler of the process (the agent's own, and any a library installed: absl's closes the
     # stream it writes to, sys.stderr included). The agent configures logging; uvicorn's
@@ -668,7 +587,7 @@ async def start_http(core: ServingCore, host: str = "127.0.0.1", port: int = 0, 
                             log_config=None, log_level="warning", server_header=False,
                             proxy_headers=False,
                             timeout_graceful_shutdown=5,
-                            http=_protocol(header_timeout_s, body_timeout_s),
+                            http=protocol_class(chosen, header_timeout_s, body_timeout_s),
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                             timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS)
     config.load()
@@ -680,5 +599,7 @@ async def start_http(core: ServingCore, host: str = "127.0.0.1", port: int = 0, 
     await server.startup(sockets=[sock])
     ticker = asyncio.create_task(server.main_loop(), name="uvicorn-ticker")
     running = HttpServer(server, sock, ticker)
-    logger.info("inference HTTP listening on %s:%d", host, running.port)
+    running.parser = chosen
+    logger.info("inference HTTP listening on %s:%d (%s, %s)", host, running.port, chosen,
+                type(asyncio.get_running_loop()).__module__.split(".")[0])
     return running, running.port
