@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent.daemon import Agent
@@ -17,6 +18,7 @@ from edge_agent.install.release_trust import recorded_serial
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.transport import TRANSPORTS
 from fleetcore.cli import print_json, print_table, run_main, setup_logging
+from fleetcore.errors import InvalidInputError
 from fleetcore.labels import parse_label_args
 
 __all__ = ["main"]
@@ -45,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="Open Inference Protocol gRPC address ('' to disable; port 0: any)")
     r.add_argument("--transport", choices=TRANSPORTS, default=None,
                    help="override agent.transport from agent.toml for this run")
+    r.add_argument("--http-parser", choices=("auto", "httptools", "h11"), default="auto",
+                   help="HTTP/1.1 parser (auto: httptools when installed, else h11)")
+    r.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="event loop (auto: uvloop when installed, else asyncio's)")
 
     s = sub.add_parser("status", help="show this agent's identity and last contact")
     s.add_argument("--state-dir", required=True, type=Path)
@@ -52,10 +58,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _run(state_dir: Path, transport: str | None, listen: str, grpc_listen: str) -> None:
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory for "uvloop" (and for "auto" when importable), else None
+    (asyncio's own loop). "uvloop" where it is not installed is an error with a hint."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop  # noqa: PLC0415 (optional: the agent extra installs it where it builds)
+    except ImportError:
+        if choice == "uvloop":
+            raise InvalidInputError("--event-loop uvloop: uvloop is not installed (pip "
+                                    "install uvloop, or use --event-loop asyncio)") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+async def _run(state_dir: Path, transport: str | None, listen: str, grpc_listen: str,
+               http_parser: str = "auto") -> None:
     cfg = AgentConfig.load(StateDir(state_dir))
     cfg.transport = transport or cfg.transport
-    agent = Agent(state_dir, config=cfg, listen=listen or None, grpc_listen=grpc_listen or None)
+    agent = Agent(state_dir, config=cfg, listen=listen or None, grpc_listen=grpc_listen or None,
+                  http_parser=http_parser)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.request_stop)
@@ -137,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"enrolled as {cfg.device_id}")
             return 0
         if args.command == "run":
-            asyncio.run(_run(args.state_dir, args.transport, args.listen, args.grpc_listen))
+            with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
+                runner.run(_run(args.state_dir, args.transport, args.listen, args.grpc_listen,
+                                args.http_parser))
             return 0
         return _status(args.state_dir, args.json)
 

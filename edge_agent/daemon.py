@@ -62,9 +62,11 @@ class Agent:
         config: AgentConfig | None = None,
         listen: str | None = "127.0.0.1:8080",
         grpc_listen: str | None = "127.0.0.1:8081",
+        http_parser: str = "auto",
     ) -> None:
         self.state = StateDir(Path(state_dir))
         self.listen, self.grpc_listen = listen, grpc_listen
+        self.http_parser = http_parser  # serving/http.py: auto, httptools or h11
         self.http_port = 0
         self.grpc_port = 0
         self.config = config or AgentConfig.load(self.state)
@@ -187,7 +189,7 @@ class Agent:
         if self.listen:
             host, port = parse_hostport(self.listen)
             http, self.http_port = await start_http(self.supervisor.core, host, port,
-                                                    metrics=metrics)
+                                                    metrics=metrics, parser=self.http_parser)
             stops.append(http.stop)
         if self.grpc_listen:
             host, port = parse_hostport(self.grpc_listen)

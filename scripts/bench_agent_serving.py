@@ -7,7 +7,8 @@ same run. Not shipped: this is a script, so the agent never carries Starlette.
   which add the off-path queueing and the feedback log.
 * ``bench_http``: requests/s of the agent's HTTP server against a minimal Starlette app on
   uvicorn with ONNX Runtime on the same model (the same session options: the stack is what is
-  compared), each in its own subprocess, driven by the same keep-alive load generator,
+  compared), and of the agent on its default stack (httptools + uvloop) against the plain one
+  (h11 + asyncio), each in its own subprocess, driven by the same keep-alive load generator,
   alternating rounds.
 * ``bench_session_options``: the ONNX Runtime thread/spinning table in
   ``edge_agent/serving/runtime.py``.
@@ -22,6 +23,7 @@ No thresholds here: callers compare against the targets. Command line::
 
     python -m scripts.bench_agent_serving inprocess BUNDLE_DIR [-n N]
     python -m scripts.bench_agent_serving http BUNDLE_DIR [--seconds S] [--concurrency C]
+        [--kinds agent agent-plain starlette]
     python -m scripts.bench_agent_serving session-options MODEL.onnx [MODEL.onnx ...]
     python -m scripts.bench_agent_serving hostile BUNDLE_DIR
 """
@@ -49,6 +51,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from edge_agent.cli import event_loop_factory
 from edge_agent.reporting.drift import DriftConfig, DriftMonitor
 from edge_agent.serving.core import ServingCore
 from edge_agent.serving.http import start_http
@@ -147,13 +150,25 @@ def starlette_baseline(bundle_dir: Path) -> Starlette:
     return Starlette(routes=[Route("/v2/models/{name}/infer", infer, methods=["POST"])])
 
 
+# Server kinds: the agent on its default stack (httptools and uvloop where installed), the
+# agent on the plain stack (h11 and asyncio's loop), the minimal Starlette app.
+SERVER_KINDS = ("agent", "agent-plain", "starlette")
+
+
+def _serve_process(kind: str, bundle_dir: Path) -> None:
+    factory = event_loop_factory("auto" if kind == "agent" else "asyncio")
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_serve(kind, bundle_dir))
+
+
 async def _serve(kind: str, bundle_dir: Path) -> None:
-    if kind == "agent":
+    if kind.startswith("agent"):
         manifest = _manifest(bundle_dir)
         core = ServingCore()
         core.set_model(manifest["name"], [(manifest["version"], 1.0, False)],
                        {manifest["version"]: bundle_dir})
-        _, port = await start_http(core, "127.0.0.1", 0)
+        _, port = await start_http(core, "127.0.0.1", 0,
+                                   parser="auto" if kind == "agent" else "h11")
         print(f"PORT {port}", flush=True)
         await asyncio.Event().wait()
     config = uvicorn.Config(starlette_baseline(bundle_dir), host="127.0.0.1", port=0,
@@ -220,8 +235,11 @@ async def _load(port: int, body: bytes, path: str, seconds: float, concurrency: 
     return sum(counts) / (time.perf_counter() - start)
 
 
-def bench_http(bundle_dir: Path, seconds: float = 4.0, concurrency: int = 8) -> dict[str, Any]:
-    """Requests/s of the agent's HTTP server vs the Starlette baseline (alternating rounds)."""
+def bench_http(bundle_dir: Path, seconds: float = 4.0, concurrency: int = 8,
+               kinds: tuple[str, ...] = ("agent", "starlette")) -> dict[str, Any]:
+    """Requests/s of each server kind (``SERVER_KINDS``) on the same requests, alternating
+    rounds; ``ratio``: the agent against the Starlette baseline, ``stack_ratio``: the agent's
+    default stack against its plain one (when both ran)."""
     bundle_dir = Path(bundle_dir)
     manifest = _manifest(bundle_dir)
     input_name, _ = io_names(manifest)
@@ -229,20 +247,22 @@ def bench_http(bundle_dir: Path, seconds: float = 4.0, concurrency: int = 8) -> 
     body = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape),
                                    "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
     path = f"/v2/models/{manifest['name']}/infer"
-    rounds: dict[str, list[float]] = {"agent": [], "starlette": []}
-    with _server_process("agent", bundle_dir) as agent, \
-            _server_process("starlette", bundle_dir) as baseline:
-        ports = {"agent": agent, "starlette": baseline}
+    rounds: dict[str, list[float]] = {kind: [] for kind in kinds}
+    with contextlib.ExitStack() as stack:
+        ports = {kind: stack.enter_context(_server_process(kind, bundle_dir)) for kind in kinds}
         for port in ports.values():
             asyncio.run(_load(port, body, path, 0.3, concurrency))  # warm up
         for _ in range(_HTTP_ROUNDS):
             for kind, port in ports.items():
-                rounds[kind].append(asyncio.run(_load(port, body, path,
-                                                      seconds / (2 * _HTTP_ROUNDS), concurrency)))
-    agent_rps = statistics.mean(rounds["agent"])
-    base_rps = statistics.mean(rounds["starlette"])
-    return {"agent_rps": agent_rps, "starlette_rps": base_rps, "ratio": agent_rps / base_rps,
-            "rounds": rounds, "concurrency": concurrency, "seconds": seconds}
+                rounds[kind].append(asyncio.run(_load(
+                    port, body, path, seconds / (len(kinds) * _HTTP_ROUNDS), concurrency)))
+    rps = {kind: statistics.mean(r) for kind, r in rounds.items()}
+    out: dict[str, Any] = {f"{kind.replace('-', '_')}_rps": v for kind, v in rps.items()}
+    if "starlette" in rps and "agent" in rps:
+        out["ratio"] = rps["agent"] / rps["starlette"]
+    if "agent-plain" in rps and "agent" in rps:
+        out["stack_ratio"] = rps["agent"] / rps["agent-plain"]
+    return {**out, "rounds": rounds, "concurrency": concurrency, "seconds": seconds}
 
 
 # ---------------------------------------------------------------------------- hostile burst
@@ -425,21 +445,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle", type=Path)
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--kinds", nargs="+", choices=SERVER_KINDS, default=list(SERVER_KINDS))
     p = sub.add_parser("session-options")
     p.add_argument("models", type=Path, nargs="+")
     p = sub.add_parser("hostile")
     p.add_argument("bundle", type=Path)
     p = sub.add_parser("serve")  # internal: one server process of bench_http
-    p.add_argument("kind", choices=["agent", "starlette"])
+    p.add_argument("kind", choices=SERVER_KINDS)
     p.add_argument("bundle", type=Path)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        asyncio.run(_serve(args.kind, args.bundle))
+        _serve_process(args.kind, args.bundle)
         return 0
     if args.command == "inprocess":
         result: Any = bench_inprocess(args.bundle, args.n)
     elif args.command == "http":
-        result = bench_http(args.bundle, args.seconds, args.concurrency)
+        result = bench_http(args.bundle, args.seconds, args.concurrency, tuple(args.kinds))
     elif args.command == "hostile":
         result = bench_hostile_rss(args.bundle)
     else:

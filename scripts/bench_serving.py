@@ -134,10 +134,23 @@ def bench_serving(tiny_bundle: Path, big_workdir: Path, work: Path) -> list[dict
     rows.append(_row("in-process predict p50, 1.1M-param fp32 model", large["core_p50_us"],
                      large["raw_p50_us"], "us", "raw InferenceSession.run", "<= 1.2x",
                      large["ratio"] <= 1.2))
-    http = bench_http(tiny_bundle, seconds=6.0, concurrency=8)
+    http = bench_http(tiny_bundle, seconds=9.0, concurrency=8,
+                      kinds=("agent", "agent-plain", "starlette"))
     rows.append(_row("HTTP infer throughput, tiny model, 8 connections", http["agent_rps"],
                      http["starlette_rps"], "req/s", "minimal Starlette/uvicorn + ORT app",
                      ">= 1.0x", http["ratio"] >= 1.0))
+    plain = "the agent on h11 + asyncio (the plain stack)"
+    rows.append(_row("HTTP stack httptools + uvloop, tiny model, 8 connections",
+                     http["agent_rps"], http["agent_plain_rps"], "req/s", plain, ">= 1.0x",
+                     http["stack_ratio"] >= 1.0))
+    one = bench_http(tiny_bundle, seconds=6.0, concurrency=1, kinds=("agent", "agent-plain"))
+    rows.append(_row("HTTP stack httptools + uvloop, tiny model, 1 connection",
+                     one["agent_rps"], one["agent_plain_rps"], "req/s", plain, ">= 1.0x",
+                     one["stack_ratio"] >= 1.0))
+    large_http = bench_http(big, seconds=6.0, concurrency=8, kinds=("agent", "agent-plain"))
+    rows.append(_row("HTTP stack httptools + uvloop, 1.1M-param model, 8 connections",
+                     large_http["agent_rps"], large_http["agent_plain_rps"], "req/s", plain,
+                     ">= 1.0x", large_http["stack_ratio"] >= 1.0))
     grpc_p50, raw_p50 = _grpc_p50_us(tiny_bundle)
     rows.append(_row("gRPC ModelInfer p50, tiny model", grpc_p50, raw_p50, "us",
                      "raw InferenceSession.run", "-", None))

@@ -236,6 +236,9 @@ def test_the_valid_documents_mutated_above_are_valid() -> None:
     parse_profile(json.dumps(_VALID_PROFILE).encode())
     parse_document(json.dumps(_VALID_RELEASE).encode())
     assert parse_infer_request(json.dumps(_VALID_INFER).encode(), _SIGNATURE)[0].shape == (2, 4)
+    binary = np.arange(8, dtype="<f4").tobytes()
+    assert parse_infer_request(_BINARY_HEAD + binary, _SIGNATURE,
+                               header_length=str(len(_BINARY_HEAD)).encode()).rows.shape == (2, 4)
     for kind, payload in _VALID_PAYLOADS.items():
         rows, problems = derive("dev-1", [TelemetryRecord(1, kind, 1.0,
                                                           json.dumps(payload).encode())])
@@ -267,10 +270,32 @@ _VALID_INFER = {"id": "r1", "inputs": [{"name": "input", "shape": [2, 4], "datat
 @given(bytes_or_mutation(_VALID_INFER))
 def test_http_infer_bodies_parse_or_are_a_bad_request(data: bytes) -> None:
     try:
-        rows, _, _, _ = parse_infer_request(data, _SIGNATURE)
+        rows = parse_infer_request(data, _SIGNATURE).rows
     except UntrustedInputError:
         return
     assert rows.dtype == np.float32 and rows.ndim == 2 and rows.shape[1] == 4
+
+
+_BINARY_HEAD = json.dumps({"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": 32}}]}).encode()
+
+
+@given(head=bytes_or_mutation(json.loads(_BINARY_HEAD)),
+       binary=st.binary(max_size=80),
+       declared=st.one_of(st.none(), st.integers(min_value=-10, max_value=400).map(str),
+                          st.text(max_size=24)))
+def test_binary_infer_bodies_parse_or_are_a_bad_request(head: bytes, binary: bytes,
+                                                        declared: str | None) -> None:
+    """The binary data extension: any JSON part, any bytes after it, any header value."""
+    header = str(len(head)) if declared is None else declared
+    try:
+        request = parse_infer_request(head + binary, _SIGNATURE,
+                                      header_length=header.encode("utf-8", "surrogatepass"))
+    except UntrustedInputError:
+        return
+    rows = request.rows
+    assert rows.dtype == np.float32 and rows.shape[1] == 4
+    assert rows.nbytes <= len(head) + len(binary) or rows.nbytes == 0
 
 
 @given(shape=st.lists(st.integers(min_value=-3, max_value=2**40), max_size=4),

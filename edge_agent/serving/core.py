@@ -309,7 +309,7 @@ class ServingCore:
             logger.warning("%s v%d failed on %d rows: %s", name, version, len(x), exc)
             raise InferenceError(f"{name} v{version} failed: {exc}") from exc
         latency = time.perf_counter() - t0
-        arm.record(True, latency)
+        arm.record(True, latency, len(x))
         if self._on_result is not None:
             self._on_result(name, version, True, latency)
         if request_id is not None or shadows or self._on_prediction is not None:
@@ -464,7 +464,7 @@ class ServingCore:
                 arm.record(False, time.perf_counter() - t0)
                 logger.warning("shadow %s v%d failed: %s", job.model.name, version, exc)
                 continue
-            arm.record(True, time.perf_counter() - t0)
+            arm.record(True, time.perf_counter() - t0, len(job.rows))
             if job.request_id is not None:
                 self.log.add_shadow(job.request_id, job.model.name, arm,
                                     as_classes(_predicted(job.model, out).tolist()))

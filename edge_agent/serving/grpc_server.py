@@ -35,7 +35,6 @@ from edge_agent._version import __version__
 from edge_agent.serving.categorical import encode
 from edge_agent.serving.core import InferResult, ModelSignature, ServingCore
 from edge_agent.serving.errors import BadRequestError, InferenceError, ModelNotFoundError
-from edge_agent.serving.http import SERVER_NAME
 from edge_agent.serving.limits import (
     MAX_CONNECTIONS,
     MAX_HEADER_BYTES,
@@ -44,6 +43,7 @@ from edge_agent.serving.limits import (
     parse_version,
     shown,
 )
+from edge_agent.serving.repository import EXTENSIONS, SERVER_NAME
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
 
 __all__ = [
@@ -138,7 +138,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
+                                         extensions=list(EXTENSIONS))
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:

@@ -8,14 +8,19 @@ Routes::
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer
     POST /v2/models/{name}/feedback            {"id": request id, "label": int | [int, ...]}
+    GET  /v2/models/stats | /v2/models/{name}[/versions/{v}]/stats   statistics (repository.py)
+    POST /v2/repository/index                  served versions; load/unload: 403
     GET  /metrics                              Prometheus text
 
 Rules:
 
 * An infer request has exactly one input, named as the model's input, datatype "FP32", shape
   ``[n, features]`` (n >= 1) and ``data`` flat or nested (row-major) holding n * features
-  numbers. ``parameters.routing_key`` (or the header ``x-routing-key``) makes the A/B choice
-  sticky. A versioned path asks for that version: no routing, no mirroring.
+  numbers, or, with the binary data extension (``binary.py``), ``parameters.binary_data_size``
+  and its bytes after the JSON part; the answer is binary when the request asks
+  (``binary_data`` on the output, or ``parameters.binary_data_output``).
+  ``parameters.routing_key`` (or the header ``x-routing-key``) makes the A/B choice sticky.
+  A versioned path asks for that version: no routing, no mirroring.
 * Every limit is a named constant in ``limits.py`` (docs/serving.md, "Limits"). The body limit
   (``max_body_bytes``, default ``MAX_BODY_BYTES``) is enforced from Content-Length before
   reading and again while reading a chunked body; the body must nest at most
@@ -24,13 +29,13 @@ Rules:
 * A body over ``PARSE_INLINE_MAX_BYTES`` is parsed on a worker thread with Python-level number
   functions (``strict_json`` ``cooperative``), so the event loop keeps serving other clients
   meanwhile; the C parser would hold the GIL for the whole body.
-* The connection is uvicorn's h11 protocol, configured: request line + headers at most
-  ``MAX_HEADER_BYTES`` (h11 while a head is incomplete, ``_GuardedH11`` for a whole one: 431),
-  idle keep-alive ``KEEP_ALIVE_S``,
-  at most ``MAX_CONNECTIONS`` (uvicorn answers 503 past it). uvicorn has no deadline for
-  reading a request, so ``_GuardedH11`` adds two: its head within ``HEADER_TIMEOUT_S`` of the
-  connection or of its first byte, its body within ``BODY_TIMEOUT_S`` of the head; past either
-  the client gets a 408 (or, when its answer has started, a closed connection).
+* The connection is uvicorn's httptools protocol when ``httptools`` is importable, else its
+  h11 protocol (``parser``: "auto", "httptools", "h11"), each guarded
+  (``http_protocols.py``): request line + headers at most ``MAX_HEADER_BYTES`` (431), its
+  head within ``HEADER_TIMEOUT_S`` of the connection or of its first byte, its body within
+  ``BODY_TIMEOUT_S`` of the head (408); idle keep-alive ``KEEP_ALIVE_S``, at most
+  ``MAX_CONNECTIONS`` (uvicorn answers 503 past it). The event loop is the caller's (the CLI
+  runs the agent on uvloop when it is importable: ``edge_agent/cli.py``).
 * Every refusal is ``{"error": "..."}`` (one line) with a 4xx status (400 malformed, 404
   unknown model, version or request id, 405 wrong method, 408 too slow, 413 too large, 431
   headers too large); a
@@ -39,7 +44,8 @@ Rules:
   comparisons, and the infer response is written out by hand. Called directly with one
   64-feature row it takes ~45 µs against ~60 µs for a minimal Starlette app doing less (no
   checks, no stats); through uvicorn (h11) ``bench_http`` measured 1.09-1.13x the Starlette
-  app's requests/s on the 2-core host. Most of a request's time is uvicorn's h11 parser.
+  app's requests/s on the 2-core host. Most of a request's time was uvicorn's h11 parser,
+  hence httptools (``make bench`` measures both stacks in the same run).
 * ``start_http`` runs uvicorn on the caller's event loop without taking over its signal
   handlers (the daemon owns those) and returns the bound port (port 0 picks a free one).
 """
@@ -53,14 +59,21 @@ import logging
 import math
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
-import h11
 import numpy as np
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edge_agent._version import __version__
+from edge_agent.serving.binary import (
+    BINARY_DATA_SIZE,
+    HEADER,
+    binary_size,
+    check_all_used,
+    split_body,
+    tensor_from_bytes,
+    wants_binary_output,
+)
 from edge_agent.serving.categorical import encode
 from edge_agent.serving.core import InferResult, ModelSignature, ServingCore
 from edge_agent.serving.errors import (
@@ -69,6 +82,7 @@ from edge_agent.serving.errors import (
     ModelNotFoundError,
     PayloadTooLargeError,
 )
+from edge_agent.serving.http_protocols import Parser, parser_available, protocol_class
 from edge_agent.serving.limits import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
@@ -76,6 +90,7 @@ from edge_agent.serving.limits import (
     MAX_BODY_BYTES,
     MAX_CONNECTIONS,
     MAX_HEADER_BYTES,
+    MAX_HEADER_LENGTH_DIGITS,
     MAX_JSON_DEPTH,
     MAX_PARAMETER_NAME_CHARS,
     MAX_PARAMETER_VALUE_CHARS,
@@ -88,13 +103,23 @@ from edge_agent.serving.limits import (
     shown,
 )
 from edge_agent.serving.metrics import CONTENT_TYPE, ServingMetrics
+from edge_agent.serving.repository import (
+    EXTENSIONS,
+    REPOSITORY_REFUSAL,
+    SERVER_NAME,
+    repository_index,
+    statistics,
+)
 from fleetcore import strict_json
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
 
 __all__ = [
     "MAX_BODY_BYTES",  # re-exported from limits.py
     "HttpServer",
+    "InferRequest",
     "InferenceApp",
+    "binary_infer_response",
+    "choose_parser",
     "infer_response",
     "parse_infer_request",
     "start_http",
@@ -102,7 +127,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SERVER_NAME = "edgefleet-agent"
+
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -111,9 +136,12 @@ _T = TypeVar("_T")
 Send = Callable[[Message], Awaitable[None]]
 
 _JSON = b"application/json"
+_OCTETS = b"application/octet-stream"
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 _string = json.encoder.encode_basestring_ascii
 _MODELS = "/v2/models/"
+_ALL_STATS = "/v2/models/stats"  # as in Triton: a model named "stats" has no metadata route
+_REPOSITORY = "/v2/repository/models/"
 
 # Domain errors -> HTTP status: the one place where that mapping lives. First match wins.
 _STATUS: tuple[tuple[type[EdgefleetError], int], ...] = (
@@ -146,8 +174,9 @@ class InferenceApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # lifespan is off; websockets are not served
+        extra: list[tuple[bytes, bytes]] = []
         try:
-            status, body, content_type = await self._dispatch(scope, receive)
+            status, body, content_type = await self._dispatch(scope, receive, extra)
         except _Disconnected:
             return
         except _HttpError as exc:
@@ -159,15 +188,19 @@ class InferenceApp:
             logger.exception("%s %s failed", scope.get("method"), scope.get("path"))
             status, body, content_type = 500, _error(f"internal error: {type(exc).__name__}"), _JSON
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        if status == 200 and extra:
+            headers += extra
         if status == 413:  # the rest of the body is not worth reading: close the connection
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _dispatch(self, scope: Scope, receive: Receive) -> tuple[int, bytes, bytes]:
+    async def _dispatch(self, scope: Scope, receive: Receive,
+                        extra: list[tuple[bytes, bytes]]) -> tuple[int, bytes, bytes]:
+        """(status, body, content type); headers of a 200 beyond those go into ``extra``."""
         path: str = scope["path"]
         method: str = scope["method"]
-        if not path.startswith(_MODELS):
+        if not path.startswith(_MODELS) or path == _ALL_STATS:
             return self._server_route(path, method)
         name, _, rest = path[len(_MODELS):].partition("/")
         check_model_name(name)
@@ -177,10 +210,17 @@ class InferenceApp:
             version = parse_version(text)
         if rest == "infer":
             _allow(method, "POST")
-            return 200, await self._infer(name, version, scope, receive), _JSON
+            body, json_length = await self._infer(name, version, scope, receive)
+            if json_length is None:
+                return 200, body, _JSON
+            extra.append((HEADER, str(json_length).encode()))
+            return 200, body, _OCTETS
         if rest == "feedback" and version is None:
             _allow(method, "POST")
             return await self._feedback(name, scope, receive)
+        if rest == "stats":
+            _allow(method, "GET")
+            return 200, _dump(statistics(self.core.stats(), name, version)), _JSON
         if rest in {"", "ready"}:
             _allow(method, "GET")
             meta = self._metadata(name, version)  # 404 when unknown
@@ -198,10 +238,19 @@ class InferenceApp:
             _allow(method, "GET")
             ready = self.core.ready()
             return (200 if ready else 503), _dump({"ready": ready}), _JSON
+        if path == _ALL_STATS:
+            _allow(method, "GET")
+            return 200, _dump(statistics(self.core.stats())), _JSON
+        if path == "/v2/repository/index":
+            _allow(method, "POST")
+            return 200, _ENCODER.encode(repository_index(self.core.models())).encode(), _JSON
+        if path.startswith(_REPOSITORY) and path.endswith(("/load", "/unload")):
+            _allow(method, "POST")
+            raise _HttpError(403, REPOSITORY_REFUSAL)
         if path in {"/v2", "/v2/"}:
             _allow(method, "GET")
             return 200, _dump({"name": SERVER_NAME, "version": __version__,
-                               "extensions": []}), _JSON
+                               "extensions": list(EXTENSIONS)}), _JSON
         raise _HttpError(404, f"no route {shown(path)}")
 
     def _metadata(self, name: str, version: int | None) -> dict[str, Any]:
@@ -212,29 +261,39 @@ class InferenceApp:
         return meta
 
     async def _infer(self, name: str, version: int | None, scope: Scope,
-                     receive: Receive) -> bytes:
+                     receive: Receive) -> tuple[bytes, int | None]:
+        """(body, length of its JSON part when the answer is binary, else None)."""
         signature = self.core.signature(name)  # 404 before reading the body
         header_key = None
         declared = None
+        header_length = None
         for key, value in scope["headers"]:
             if key == b"content-length":
                 declared = value
             elif key == b"x-routing-key":
                 header_key = value.decode("latin-1")
+            elif key == HEADER:
+                header_length = value
         try:
             if header_key is not None and len(header_key) > MAX_ROUTING_KEY_CHARS:
                 raise BadRequestError(f"x-routing-key has {len(header_key)} characters; the "
                                       f"limit is {MAX_ROUTING_KEY_CHARS}")
             body = await self._read_body(receive, declared)
-            x, request_id, routing_key, context = await _off_loop_if_large(
-                parse_infer_request, body, signature)
+            json_bytes = len(body) if header_length is None else _json_length(header_length)
+            if json_bytes <= PARSE_INLINE_MAX_BYTES:
+                request = parse_infer_request(body, signature, header_length=header_length)
+            else:
+                request = await asyncio.to_thread(parse_infer_request, body, signature,
+                                                  cooperative=True, header_length=header_length)
         except BadRequestError:
             self.core.note_bad_request(name)
             raise
-        result = await self.core.ainfer(name, x, request_id=request_id,
-                                        routing_key=routing_key or header_key, version=version,
-                                        context=context)
-        return infer_response(result, signature)
+        result = await self.core.ainfer(name, request.rows, request_id=request.request_id,
+                                        routing_key=request.routing_key or header_key,
+                                        version=version, context=request.context)
+        if request.binary_output:
+            return binary_infer_response(result, signature)
+        return infer_response(result, signature), None
 
     async def _feedback(self, name: str, scope: Scope,
                         receive: Receive) -> tuple[int, bytes, bytes]:
@@ -295,19 +354,39 @@ async def _off_loop_if_large(parse: Callable[..., _T], body: bytes, *args: Any) 
     return await asyncio.to_thread(parse, body, *args, cooperative=True)
 
 
+def _json_length(header_length: bytes) -> int:
+    """The JSON part's length a binary request declares (checked again by ``split_body``);
+    0 when it is not a number, so that the refusal happens inline."""
+    text = header_length.strip()
+    return int(text) if text.isdigit() and len(text) <= MAX_HEADER_LENGTH_DIGITS else 0
+
+
 def _check_id(request_id: str) -> None:
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise BadRequestError(f"a request id has at most {MAX_REQUEST_ID_CHARS} characters; got "
                               f"{len(request_id)}")
 
 
+class InferRequest(NamedTuple):
+    """A parsed v2 infer request (``parse_infer_request``)."""
+
+    rows: np.ndarray  # float32 [n, features]
+    request_id: str | None
+    routing_key: str | None
+    context: dict[str, str] | None  # string parameters, kept only with an id
+    binary_output: bool = False  # answer with the binary data extension
+
+
 def parse_infer_request(
-    body: bytes, signature: ModelSignature, *, cooperative: bool = False
-) -> tuple[np.ndarray, str | None, str | None, dict[str, str] | None]:
-    """(rows, request id, routing key, string parameters) from a v2 infer body, or
-    ``BadRequestError``. Parameters are kept only for a request with an id. ``cooperative``:
-    see ``strict_json.loads`` (for a large body on a worker thread)."""
-    doc = _load_json(body, cooperative=cooperative)
+    body: bytes, signature: ModelSignature, *, cooperative: bool = False,
+    header_length: bytes | None = None,
+) -> InferRequest:
+    """(rows, request id, routing key, string parameters, binary output) from a v2 infer body,
+    or ``BadRequestError``. Parameters are kept only for a request with an id. ``cooperative``:
+    see ``strict_json.loads`` (for a large body on a worker thread). ``header_length``: the
+    ``Inference-Header-Content-Length`` header of a body with binary tensors (``binary.py``)."""
+    text, binary = split_body(body, header_length)
+    doc = _load_json(text, cooperative=cooperative)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequestError(f"expected 'inputs' to hold one tensor named "
@@ -328,35 +407,7 @@ def parse_infer_request(
             or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
             or shape[0] < 1 or shape[1] != features):
         raise BadRequestError(f"expected shape [n, {features}] with n >= 1; got {shown(shape)}")
-    data = tensor.get("data")
-    if not isinstance(data, list):
-        raise BadRequestError("expected 'data' to be a list of numbers")
-    if raw:
-        assert signature.categories is not None
-        x = encode(_flat(data, shape[0]), shape[0], signature.categories)
-        return (x, *_request_fields(doc, signature))
-    try:
-        arr = np.array(data)
-    except ValueError:
-        raise BadRequestError("'data' is ragged: rows of different lengths") from None
-    if arr.dtype.kind not in "fiu" or arr.size != shape[0] * features:
-        raise BadRequestError(f"expected 'data' to hold {shape[0] * features} numbers; got "
-                              f"{arr.size} of kind {arr.dtype}")
-    with np.errstate(over="ignore"):  # beyond float32 becomes Inf: ServingCore refuses it
-        x = arr.astype(np.float32).reshape(shape[0], features)
-    return (x, *_request_fields(doc, signature))
-
-
-def _flat(data: list[Any], rows: int) -> list[Any]:
-    """A BYTES tensor's values, row-major: a flat list or one list per row."""
-    if len(data) == rows and all(isinstance(r, list) for r in data):
-        return [v for r in data for v in r]
-    return data
-
-
-def _request_fields(doc: dict[str, Any], signature: ModelSignature
-                    ) -> tuple[str | None, str | None, dict[str, str] | None]:
-    """The request id, routing key and (with an id) string parameters of an infer body."""
+    x = _input_rows(tensor, binary, shape, signature, raw=raw)
     request_id = doc.get("id")
     if request_id is not None:
         if not isinstance(request_id, str):
@@ -371,7 +422,52 @@ def _request_fields(doc: dict[str, Any], signature: ModelSignature
     if outputs is not None and (not isinstance(outputs, list) or any(
             not isinstance(o, dict) or o.get("name") != signature.output_name for o in outputs)):
         raise BadRequestError(f"the only output is {signature.output_name!r}")
-    return request_id, key, _context(params) if request_id is not None else None
+    binary_output = wants_binary_output(params, outputs[0] if outputs else None)
+    return InferRequest(x, request_id, key, _context(params) if request_id is not None else None,
+                        binary_output)
+
+
+def _input_rows(tensor: dict[str, Any], binary: Any, shape: list[int],
+                signature: ModelSignature, *, raw: bool) -> np.ndarray:
+    """The input tensor's rows: binary FP32, JSON numbers, or (``raw``) JSON raw values that
+    the model's categories encode."""
+    size = binary_size(tensor)
+    if raw and size is not None:
+        raise BadRequestError("raw values of categorical inputs go in the tensor's JSON 'data'; "
+                              "binary tensor data carries FP32 codes")
+    if size is not None:
+        x = tensor_from_bytes(binary, 0, size, "FP32", shape)
+        check_all_used(binary, size)
+        return x
+    check_all_used(binary, 0)
+    if not raw:
+        return _rows_from_json(tensor.get("data"), shape[0], signature.features)
+    assert signature.categories is not None
+    data = tensor.get("data")
+    if not isinstance(data, list):
+        raise BadRequestError("expected 'data' to be a list of values")
+    return encode(_flat(data, shape[0]), shape[0], signature.categories)
+
+
+def _flat(data: list[Any], rows: int) -> list[Any]:
+    """A BYTES tensor's values, row-major: a flat list or one list per row."""
+    if len(data) == rows and all(isinstance(r, list) for r in data):
+        return [v for r in data for v in r]
+    return data
+
+
+def _rows_from_json(data: object, rows: int, features: int) -> np.ndarray:
+    if not isinstance(data, list):
+        raise BadRequestError("expected 'data' to be a list of numbers")
+    try:
+        arr = np.array(data)
+    except ValueError:
+        raise BadRequestError("'data' is ragged: rows of different lengths") from None
+    if arr.dtype.kind not in "fiu" or arr.size != rows * features:
+        raise BadRequestError(f"expected 'data' to hold {rows * features} numbers; got "
+                              f"{arr.size} of kind {arr.dtype}")
+    with np.errstate(over="ignore"):  # beyond float32 becomes Inf: ServingCore refuses it
+        return arr.astype(np.float32).reshape(rows, features)
 
 
 def _context(params: object) -> dict[str, str] | None:
@@ -413,6 +509,19 @@ def infer_response(result: InferResult, signature: ModelSignature) -> bytes:
             f'"data":[{",".join(map(float.__repr__, values))}]}}]}}').encode()
 
 
+def binary_infer_response(result: InferResult, signature: ModelSignature) -> tuple[bytes, int]:
+    """(body, length of its JSON part): the answer with the output as binary data (``binary``
+    module rules): the JSON document, then the output's little-endian float32 bytes."""
+    data = result.outputs.astype("<f4", copy=False).tobytes()
+    rid = "" if result.request_id is None else f',"id":{_string(result.request_id)}'
+    out = result.outputs
+    head = (f'{{"model_name":{_string(result.model)},"model_version":"{result.version}"{rid},'
+            f'"outputs":[{{"name":{_string(signature.output_name)},"datatype":"FP32",'
+            f'"shape":[{out.shape[0]},{out.shape[1]}],'
+            f'"parameters":{{"{BINARY_DATA_SIZE}":{len(data)}}}}}]}}').encode()
+    return head + data, len(head)
+
+
 def _load_json(body: bytes, *, cooperative: bool = False) -> dict[str, Any]:
     """The strict loader: duplicate keys, NaN/Infinity and nesting past ``MAX_JSON_DEPTH`` are
     a 400, not a 500. Its size limit is not the one that counts: the body was read within
@@ -443,101 +552,6 @@ def _error(message: str) -> bytes:
 
 
 
-class _GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol with deadlines for reading a request (module rules).
-
-    One timer per connection: armed for the head when the connection opens and when the first
-    byte of a later request arrives (uvicorn's keep-alive timer covers the idle time between
-    requests), re-armed for the body once h11 has the head, disarmed once h11 has the whole
-    request. ``head_timeout_s`` and ``body_timeout_s`` are set per server (``_protocol``).
-    """
-
-    head_timeout_s = HEADER_TIMEOUT_S
-    body_timeout_s = BODY_TIMEOUT_S
-    _deadline: asyncio.TimerHandle | None = None
-    _reading: str = ""  # "head", "body" or "" (nothing armed)
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm("head")
-
-    def data_received(self, data: bytes) -> None:
-        if self.conn.their_state is h11.IDLE and self._head_too_large(data):
-            return
-        super().data_received(data)
-        self._follow()
-
-    def _head_too_large(self, data: bytes) -> bool:
-        """h11 checks its limit only while a head is incomplete: a whole head that arrives in
-        one read (up to 256 KiB) would pass. Measured here over what h11 holds plus ``data``."""
-        held = self.conn.trailing_data[0]
-        head = held + data if held else data
-        if len(head) <= MAX_HEADER_BYTES:
-            return False
-        if 0 <= head.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4) <= MAX_HEADER_BYTES:
-            return False
-        self._refuse(431, b"Request Header Fields Too Large",
-                     f"the request line and headers are over {MAX_HEADER_BYTES} bytes")
-        return True
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._follow()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._arm("")
-        super().connection_lost(exc)
-
-    def _follow(self) -> None:
-        state = self.conn.their_state
-        if state is h11.IDLE:
-            if self.conn.trailing_data[0]:  # part of a head is in: its deadline runs
-                if self._reading != "head":
-                    self._arm("head")
-            elif self.timeout_keep_alive_task is not None:
-                self._arm("")  # idle between requests: uvicorn's keep-alive timer counts
-            # else a new connection that sent nothing yet: the head deadline runs
-        elif state is h11.SEND_BODY:
-            if self._reading != "body":
-                self._arm("body")
-        else:
-            self._arm("")
-
-    def _arm(self, reading: str) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        self._reading = reading
-        if reading:
-            delay = self.head_timeout_s if reading == "head" else self.body_timeout_s
-            self._deadline = self.loop.call_later(delay, self._expired)
-
-    def _expired(self) -> None:
-        reading, self._deadline, self._reading = self._reading, None, ""
-        if self.transport.is_closing():
-            return
-        if reading == "head" or self.cycle is None or not self.cycle.response_started:
-            limit = self.head_timeout_s if reading == "head" else self.body_timeout_s
-            self._refuse(408, b"Request Timeout",
-                         f"the request's {reading} did not arrive within {limit:g} s")
-        self._arm("")
-        self.transport.close()  # an ASGI app waiting for the body sees a disconnect
-
-    def _refuse(self, status: int, reason: bytes, message: str) -> None:
-        """Answer ``status`` with the one-line error body and close: written directly, since
-        h11 has no request to answer yet (or is in the middle of its body)."""
-        body = _error(message)
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                             % (status, reason, len(body), body))
-        self.transport.close()
-
-
-def _protocol(head_timeout_s: float, body_timeout_s: float) -> type[_GuardedH11]:
-    return type("GuardedH11", (_GuardedH11,), {"head_timeout_s": head_timeout_s,
-                                               "body_timeout_s": body_timeout_s})
-
-
 class HttpServer:
     """A running uvicorn server on the caller's loop; ``stop`` closes it."""
 
@@ -547,12 +561,23 @@ class HttpServer:
         self._sock = sock
         self._ticker = ticker
         self.port: int = sock.getsockname()[1]
+        self.parser: Parser = "h11"
 
     async def stop(self) -> None:
         self._server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await self._ticker
         await self._server.shutdown(sockets=[self._sock])
+
+
+def choose_parser(parser: str) -> Parser:
+    """The HTTP parser for ``parser`` ("auto": httptools when importable, else h11)."""
+    if parser == "auto":
+        return "httptools" if parser_available("httptools") else "h11"
+    if parser not in ("httptools", "h11") or not parser_available(parser):
+        raise InvalidInputError(f"HTTP parser {parser!r} is not available; use auto, h11"
+                                f"{' or httptools' if parser_available('httptools') else ''}")
+    return "httptools" if parser == "httptools" else "h11"
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
@@ -575,11 +600,13 @@ async def start_http(core: ServingCore, host: str = "127.0.0.1", port: int = 0, 
                      metrics: ServingMetrics | None = None,
                      max_body_bytes: int = MAX_BODY_BYTES,
                      header_timeout_s: float = HEADER_TIMEOUT_S,
-                     body_timeout_s: float = BODY_TIMEOUT_S) -> tuple[HttpServer, int]:
-    """Serve ``core`` over HTTP on ``host:port`` (0: any free port); return (server, port)."""
+                     body_timeout_s: float = BODY_TIMEOUT_S,
+                     parser: str = "auto") -> tuple[HttpServer, int]:
+    """Serve ``core`` over HTTP on ``host:port`` (0: any free port); return (server, port).
+    ``parser``: "auto" (httptools when importable, else h11), "httptools" or "h11"."""
+    chosen = choose_parser(parser)
     app = InferenceApp(core, metrics, max_body_bytes=max_body_bytes)
     # No proxy-header middleware: the agent trusts no proxy, and it costs a layer per request.
-    # h11 always (not httptools when installed): the header limit and deadlines are h11's.
     # log_config=None: uvicorn's default applies logging.config.dictConfig, which closes every
     # handler of the process (the agent's own, and any a library installed: absl's closes the
     # stream it writes to, sys.stderr included). The agent configures logging; uvicorn's
@@ -588,7 +615,7 @@ async def start_http(core: ServingCore, host: str = "127.0.0.1", port: int = 0, 
                             log_config=None, log_level="warning", server_header=False,
                             proxy_headers=False,
                             timeout_graceful_shutdown=5,
-                            http=_protocol(header_timeout_s, body_timeout_s),
+                            http=protocol_class(chosen, header_timeout_s, body_timeout_s),
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                             timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS)
     config.load()
@@ -600,5 +627,7 @@ async def start_http(core: ServingCore, host: str = "127.0.0.1", port: int = 0, 
     await server.startup(sockets=[sock])
     ticker = asyncio.create_task(server.main_loop(), name="uvicorn-ticker")
     running = HttpServer(server, sock, ticker)
-    logger.info("inference HTTP listening on %s:%d", host, running.port)
+    running.parser = chosen
+    logger.info("inference HTTP listening on %s:%d (%s, %s)", host, running.port, chosen,
+                type(asyncio.get_running_loop()).__module__.split(".")[0])
     return running, running.port

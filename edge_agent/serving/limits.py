@@ -21,6 +21,7 @@ __all__ = [
     "MAX_BODY_BYTES",
     "MAX_CONNECTIONS",
     "MAX_HEADER_BYTES",
+    "MAX_HEADER_LENGTH_DIGITS",
     "MAX_JSON_DEPTH",
     "MAX_LABEL_MAGNITUDE",
     "MAX_MESSAGE_BYTES",
@@ -46,6 +47,9 @@ MAX_CONNECTIONS = 512  # open connections + running requests; past it uvicorn an
 # ---------------------------------------------------------------- one request
 MAX_BODY_BYTES = 8 * 1024 * 1024  # HTTP body: from Content-Length, and while reading: 413
 MAX_MESSAGE_BYTES = MAX_BODY_BYTES  # gRPC message, either way: RESOURCE_EXHAUSTED
+# Inference-Header-Content-Length (the binary data extension): a decimal of at most this many
+# digits, and at most the body's length: 400
+MAX_HEADER_LENGTH_DIGITS = 10
 MAX_JSON_DEPTH = 32  # nesting of arrays and objects (a v2 infer body needs 5): 400
 PARSE_INLINE_MAX_BYTES = 64 * 1024  # larger bodies are parsed on a worker thread
 MAX_REQUEST_ID_CHARS = 256  # "id" of infer and feedback, gRPC ``id``: 400

@@ -25,6 +25,7 @@ import bisect
 import math
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -102,6 +103,9 @@ class ArmStats:
         self.regression = task == "regression"
         self.requests = 0
         self.errors = 0
+        self.rows = 0  # rows answered (the protocol's inference_count)
+        self.executions = 0  # runtime calls (fewer than requests when batched)
+        self.last_inference_s = 0.0  # wall clock of the last answer (0: none yet)
         self.latency = LatencyHistogram()
         self.scored = 0  # rows that got a ground-truth label
         self.correct = 0
@@ -109,10 +113,16 @@ class ArmStats:
         self.sq_error_sum = 0.0  # regression: sum (predicted - label)^2 over scored rows
         self._lock = threading.Lock()
 
-    def record(self, ok: bool, latency_s: float) -> None:
+    def record(self, ok: bool, latency_s: float, rows: int = 1, executions: int = 1) -> None:
+        """One request of ``rows`` rows; ``executions``: the runtime calls it started (0 for
+        a request answered as part of another's batch)."""
+        now = time.time()
         with self._lock:
             self.requests += 1
+            self.executions += executions
+            self.last_inference_s = now
             if ok:
+                self.rows += rows
                 self.latency.record(latency_s)
             else:
                 self.errors += 1
@@ -142,6 +152,10 @@ class ArmStats:
             return {
                 "requests": self.requests,
                 "errors": self.errors,
+                "rows": self.rows,
+                "executions": self.executions,
+                "last_inference_s": self.last_inference_s,
+                "latency_sum_s": self.latency.sum_s,
                 "latency_p50_s": self.latency.quantile(0.50),
                 "latency_p95_s": self.latency.quantile(0.95),
                 "feedback_rows": self.scored,
