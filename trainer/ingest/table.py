@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -151,6 +151,25 @@ def _cell(where: str, name: str, v: Any, row: int, hint: str) -> float:
     return f
 
 
+def _texts(where: str, name: str, values: Sequence[Any] | np.ndarray, first_row: int,
+           *, missing_ok: bool) -> list[str | None]:
+    """Each value as stripped text (None where missing, when ``missing_ok``); a column of
+    strings takes the fast path, anything else is checked value by value."""
+    if all(type(v) is str for v in values):
+        texts: list[str | None] = [v.strip() or None for v in values]
+        longest = max((len(t) for t in texts if t is not None), default=0)
+        if longest > MAX_CELL_CHARS or any("\x00" in t for t in texts if t is not None):
+            texts = [None if _missing(v) else _text(where, name, v, first_row + i)
+                     for i, v in enumerate(values)]  # names the row at fault
+    else:
+        texts = [None if _missing(v) else _text(where, name, v, first_row + i)
+                 for i, v in enumerate(values)]
+    if not missing_ok and None in texts:
+        raise InvalidInputError(f"{where}: column {name!r}, row {first_row + texts.index(None)}: "
+                                "missing label")
+    return texts
+
+
 def _text(where: str, name: str, v: Any, row: int) -> str:
     if isinstance(v, str | int | Decimal | bool | np.integer) or (
             isinstance(v, float) and math.isfinite(v)):
@@ -262,8 +281,8 @@ def build_table(columns: Mapping[str, Sequence[Any] | np.ndarray], spec: TableSp
             col[holes] = fill[name]
         X[:, j] = col
     y, labels, target = _labels(where, spec, columns[spec.label], prior_labels, first_row)
-    pii = {name: np.array([("" if _missing(v) else _text(where, name, v, first_row + i))
-                           for i, v in enumerate(columns[name])], dtype=str)
+    pii = {name: np.array([t or "" for t in _texts(where, name, columns[name], first_row,
+                                                   missing_ok=True)], dtype=str)
            for name in spec.pii}
     stamps = (timestamp_seconds(where, spec.timestamp, list(columns[spec.timestamp]), first_row)
               if spec.timestamp else None)
@@ -277,8 +296,7 @@ def build_table(columns: Mapping[str, Sequence[Any] | np.ndarray], spec: TableSp
 
 def _encode_categories(where: str, name: str, values: Sequence[Any] | np.ndarray,
                        categories: dict[str, list[str]], first_row: int) -> np.ndarray:
-    texts = [None if _missing(v) else _text(where, name, v, first_row + i)
-             for i, v in enumerate(values)]
+    texts = _texts(where, name, values, first_row, missing_ok=True)
     vocab = categories.setdefault(name, [])
     known = {c: k + 1 for k, c in enumerate(vocab)}
     new = sorted({t for t in texts if t is not None and t not in known})
@@ -301,12 +319,7 @@ def _labels(where: str, spec: TableSpec, values: Sequence[Any] | np.ndarray,
             raise InvalidInputError(f"{where}: column {spec.label!r}, row "
                                     f"{first_row + int(holes[0])}: missing label")
         return y, [], spec.label
-    texts = []
-    for i, v in enumerate(values):
-        if _missing(v):
-            raise InvalidInputError(f"{where}: column {spec.label!r}, row {first_row + i}: "
-                                    "missing label")
-        texts.append(_text(where, spec.label, v, first_row + i))
+    texts = cast(list[str], _texts(where, spec.label, values, first_row, missing_ok=False))
     labels = sorted(set(prior_labels) | set(texts))
     class_of = {name: k for k, name in enumerate(labels)}
     return np.fromiter((class_of[t] for t in texts), dtype=np.int64, count=len(texts)), labels, None
