@@ -40,8 +40,8 @@ from control_plane.server import ControlPlane
 from edge_agent.enroll import enroll
 from edge_agent.state import StateDir
 from scripts.bench_fleet import bench_fleet
-from scripts.bench_ingest import bench_ingest
 from scripts.bench_flood import bench_flood
+from scripts.bench_ingest import bench_ingest
 from scripts.bench_mqtt import bench_mqtt
 from scripts.bench_serving import bench_serving
 from scripts.bench_verify import bench_verify
