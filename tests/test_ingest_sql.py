@@ -5,6 +5,7 @@ nowhere, and every failure is one `error:` line naming the source with the store
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from pathlib import Path
@@ -234,3 +235,38 @@ def test_a_query_cannot_write(pg_url: str, tmp_path: Path,
         rc, _, err = _cli(capsys, "ingest", str(pipeline), "--workdir", str(tmp_path / "w"))
         assert rc == 1 and why in err, err
     assert len(_table_rows(pg_url)) == 10
+
+
+@pytest.mark.slow
+def test_retraining_reads_new_rows_and_the_devices_samples(
+        pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A retraining job (a new workdir, as the control plane gives each) on a pipeline whose
+    store is shared reads only the rows added since the last snapshot, plus the samples."""
+    load(pg_url, "wine_sales", rows=150)
+    store_dir = tmp_path / "store"
+    pipeline = write_pipeline(tmp_path, {"source": pg_url, **WINE},
+                              store={"path": str(store_dir), "allowed_regions": ["eu-west"]})
+    key = _key(tmp_path)
+    rc, _, err = _cli(capsys, "run", str(pipeline), "--workdir", str(tmp_path / "job-1"),
+                      "--publisher-key", str(key), "--json")
+    assert rc == 0, err
+    load(pg_url, "wine_sales", rows=28, offset=150)
+    with FeatureStore(store_dir) as store:
+        base = store.get(store.cursor(source_key(Pipeline.load(pipeline).data))[0])  # type: ignore[index]
+    rows = [{"device": "dev-a", "version": 1, "region": "eu-west",
+             "features": base.X[:12].astype(float).tolist(), "labels": base.y[:12].tolist(),
+             "pii": {"customer_email": ["" for _ in range(12)]}}]
+    samples = tmp_path / "samples.json"
+    samples.write_text(json.dumps({"model": "ingest-test", "rows": rows}))
+    rc, out, err = _cli(capsys, "run", str(pipeline), "--workdir", str(tmp_path / "job-2"),
+                        "--publisher-key", str(key), "--samples", str(samples),
+                        "--bundle-version", "2", "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    dataset = report["dataset"]
+    assert dataset["rows"] == 178 and dataset["lineage"]["parent"] == base.id
+    assert dataset["lineage"]["origin"]["rows_new"] == 28
+    assert [s["rows"] for s in report["samples"]] == [12]
+    with FeatureStore(store_dir) as store:
+        (sample,) = report["samples"]
+        assert store.get(sample["snapshot"]).lineage["parent"] == dataset["snapshot"]
