@@ -36,7 +36,7 @@ from trainer.ingest.batch import cut_inbox, source_key, spec_of
 from trainer.ingest.table import Encoding, build_table, columns_from_rows
 from trainer.store import FeatureStore
 
-__all__ = ["FollowStats", "follow", "parse_message"]
+__all__ = ["FollowStats", "check_rows", "follow", "parse_message"]
 
 FETCH_MAX = 500  # messages per fetch
 MAX_ROWS_PER_MESSAGE = 10_000
@@ -64,7 +64,7 @@ def parse_message(payload: bytes, *, where: str, max_columns: int) -> list[dict[
     return rows
 
 
-def _check(d: DataSettings, rows: list[dict[str, Any]], where: str) -> None:
+def check_rows(d: DataSettings, rows: list[dict[str, Any]], where: str) -> None:
     """The rows would build a table (types, label, missing values where refused)."""
     spec = spec_of(d)
     columns = columns_from_rows(rows, where=where, max_columns=d.max_columns)
@@ -150,7 +150,7 @@ def _stage(store: FeatureStore, d: DataSettings, key: str, source: Any, messages
     for m in messages:
         try:
             rows = parse_message(m.payload, where=f"{where} message", max_columns=d.max_columns)
-            _check(d, rows, f"{where} message")
+            check_rows(d, rows, f"{where} message")
         except InvalidInputError as exc:
             malformed += 1
             progress(f"[follow] skipped a malformed message: {exc}")
