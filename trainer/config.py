@@ -85,6 +85,7 @@ class DataSettings:
     tls_key: str | None = None
     snapshot_rows: int = 10_000
     snapshot_seconds: float = 60.0
+    ack_wait_s: float = 30.0  # NATS: a message not acknowledged this long is delivered again
     # limits on what one read takes from a source
     max_rows: int = 1_000_000
     max_bytes: int = 256 * 1024 * 1024
@@ -367,6 +368,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "data.tls_key": (lambda v: bool(v.strip()), "a path to a PEM file"),
     "data.snapshot_rows": (_between(1, 10_000_000), "an integer 1..10000000"),
     "data.snapshot_seconds": (_between(0.1, 86_400), "seconds, 0.1..86400"),
+    "data.ack_wait_s": (_between(1, 3600), "seconds, 1..3600"),
     "data.max_rows": (_between(1, 100_000_000), "an integer 1..100000000"),
     "data.max_bytes": (_between(1, 1 << 40), "a number of bytes"),
     "data.max_columns": (_between(1, 100_000), "an integer 1..100000"),
@@ -602,6 +604,7 @@ _KEY_SOURCES: dict[str, tuple[str, ...]] = {
     "watermark_param": ("http",), "stream": ("stream",), "username": ("stream",),
     "tls_ca": ("stream",), "tls_cert": ("stream",), "tls_key": ("stream",),
     "snapshot_rows": ("stream",), "snapshot_seconds": ("stream",), "max_pages": ("http",),
+    "ack_wait_s": ("stream",),
 }
 _DATA_DEFAULTS = DataSettings(source="sklearn:digits")
 

@@ -695,8 +695,10 @@ class FeatureStore:
         return added
 
     def inbox_rows(self, source_key: str) -> int:
-        (n,) = self._conn.execute("SELECT COUNT(*) FROM inbox WHERE source_key = ?",
-                                  (source_key,)).fetchone()
+        """Rows (not messages) staged for the source and not yet in a snapshot."""
+        (n,) = self._conn.execute(
+            "SELECT COALESCE(SUM(json_array_length(rows)), 0) FROM inbox WHERE source_key = ?",
+            (source_key,)).fetchone()
         return int(n)
 
     def inbox(self, source_key: str) -> InboxBatch | None:

@@ -95,7 +95,8 @@ def stream_settings(d: DataSettings, base_dir: Path) -> dict[str, Any]:
     def path(p: str | None) -> str | None:
         return None if p is None else str(p if Path(p).is_absolute() else base_dir / p)
     return {"tls_ca": path(d.tls_ca), "tls_cert": path(d.tls_cert), "tls_key": path(d.tls_key),
-            "username": d.username, "password_env": d.password_env, "stream": d.stream}
+            "username": d.username, "password_env": d.password_env, "stream": d.stream,
+            "ack_wait_seconds": d.ack_wait_s}
 
 
 def follow(store: FeatureStore, d: DataSettings, base_dir: Path, stop: threading.Event,
