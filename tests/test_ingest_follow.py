@@ -21,7 +21,14 @@ import pytest
 from examples.pipelines.publish_stream import payloads, publish, wine_rows
 from tests.ingest_support import files_containing, write_pipeline
 from tests.support import WAIT
-from tests.test_ingest_streams import Broker, JetStream, broker, jetstream, password_env
+from tests.test_ingest_streams import (
+    PASSWORD,
+    Broker,
+    JetStream,
+    broker,
+    jetstream,
+    password_env,
+)
 from trainer.config import Pipeline
 from trainer.ingest.batch import source_key
 from trainer.ingest.follow import follow
@@ -124,6 +131,8 @@ def test_sigkill_and_restart_lose_and_duplicate_nothing(kind: str, request: pyte
     assert len(snap.y) == 200
     assert _ids_of(snap, range(200), work) == [1] * 200  # every row exactly once
     assert files_containing(work, b"customer7@example.com") == []
+    assert files_containing(tmp_path, PASSWORD.encode()) == []
+    assert PASSWORD not in "".join([*first.seen, *second.seen])
     origins = [s["origin"] for s in _chain(work, snap)]
     assert all(o["kind"] == "stream" for o in origins)
     assert sum(o["rows_new"] for o in origins) == 200
