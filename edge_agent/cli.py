@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent.daemon import Agent
-from edge_agent.enroll import enroll
 from edge_agent.identity import load_credentials
 from edge_agent.install.model_store import ModelStore
 from edge_agent.install.release_trust import recorded_serial
@@ -149,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if args.command == "enroll":
+            from edge_agent.enroll import enroll  # noqa: PLC0415 (grpc: only to enroll)
+
             cfg = enroll(
                 args.server,
                 args.token,

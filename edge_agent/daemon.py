@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.v1 import agent_pb2, common_pb2
 
@@ -34,9 +34,6 @@ from edge_agent.install.updater import Updater
 from edge_agent.reporting.drift import DriftConfig
 from edge_agent.reporting.outbox import Outbox
 from edge_agent.reporting.telemetry import TelemetrySender, encode
-from edge_agent.serving.grpc_server import start_grpc
-from edge_agent.serving.http import start_http
-from edge_agent.serving.metrics import ServingMetrics
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.supervisor import ServingSupervisor
 from edge_agent.transport import RefusedError, Transport, make_transport
@@ -44,6 +41,9 @@ from fleetcore import pki
 from fleetcore.addresses import parse_hostport
 from fleetcore.errors import EdgefleetError, TransportError, UntrustedInputError
 from fleetcore.release import ReleaseDocument, SignedRelease
+
+if TYPE_CHECKING:
+    from edge_agent.serving.metrics import ServingMetrics
 
 __all__ = ["Agent", "AgentEvent"]
 
@@ -170,7 +170,10 @@ class Agent:
             self._set_status(state="stopped")
             log.info("agent %s stopped", self.config.device_id)
 
-    async def _start_serving(self) -> list[Callable[[], Awaitable[None]]]:
+    def _metrics(self) -> ServingMetrics:
+        """The Prometheus collector behind the HTTP listener's /metrics."""
+        from edge_agent.serving.metrics import ServingMetrics  # noqa: PLC0415
+
         metrics = ServingMetrics(self.supervisor.core)
         metrics.add_gauge("edgefleet_outbox_depth", "Telemetry records waiting to be sent",
                           lambda: float(self.outbox.stats().depth))
@@ -185,13 +188,24 @@ class Agent:
                           lambda: {(m["name"], str(m["state"])): float(m["version"])
                                    for m in self.models.status() if m["serving"]},
                           labelnames=("model", "state"))
+        return metrics
+
+    async def _start_serving(self) -> list[Callable[[], Awaitable[None]]]:
         stops: list[Callable[[], Awaitable[None]]] = []
+        # Each front end is imported only when its listener is configured (docs/serving.md,
+        # "Agent footprint"): uvicorn and prometheus_client for HTTP; grpc and the v2 protobuf
+        # for gRPC.
         if self.listen:
+            from edge_agent.serving.http import start_http  # noqa: PLC0415
+
             host, port = parse_hostport(self.listen)
             http, self.http_port = await start_http(self.supervisor.core, host, port,
-                                                    metrics=metrics, parser=self.http_parser)
+                                                    metrics=self._metrics(),
+                                                    parser=self.http_parser)
             stops.append(http.stop)
         if self.grpc_listen:
+            from edge_agent.serving.grpc_server import start_grpc  # noqa: PLC0415
+
             host, port = parse_hostport(self.grpc_listen)
             grpc_server, self.grpc_port = await start_grpc(self.supervisor.core, host, port)
             stops.append(lambda: grpc_server.stop(1.0))

@@ -181,9 +181,10 @@ LIMITS = {
     "resident memory after a hostile burst": "what the allocator keeps after parsing big "
                                               "bodies, and the feedback log filling up to its "
                                               "byte bound (docs/serving.md, Limits)",
-    "resident memory": "the agent process carries its whole serving and control stack "
-                       "(grpc +15 MiB, cryptography +10 MiB, uvicorn, prometheus client) beside "
-                       "onnxruntime; the baseline is a bare session (README, Figures)",
+    "resident memory": "cryptography (+13 MiB: mTLS identity, signed releases), the agent's own "
+                       "modules (+12 MiB), a transport (paho +4.5 / grpc +15 MiB) and the HTTP "
+                       "stack (+6 MiB) beside numpy and onnxruntime; measured import by import "
+                       "with scripts.agent_footprint --by-import (docs/serving.md)",
     "HTTP infer throughput": "uvicorn's HTTP handling dominates a tiny model; the agent adds "
                              "routing, per-arm stats and the feedback log per request",
     "in-process predict": "per-request Python work (routing, stats) around the session",

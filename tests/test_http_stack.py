@@ -21,8 +21,7 @@ import pytest
 import uvloop
 
 from edge_agent.cli import event_loop_factory
-from edge_agent.serving import ServingCore, start_http
-from edge_agent.serving import http_protocols
+from edge_agent.serving import ServingCore, http_protocols, start_http
 from edge_agent.serving.http import HttpServer, choose_parser
 from edge_agent.serving.limits import MAX_HEADER_BYTES
 from fleetcore.errors import InvalidInputError
