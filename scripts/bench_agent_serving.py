@@ -61,7 +61,7 @@ from fleetcore.bundle import MANIFEST, MODEL_ONNX
 REPO = Path(__file__).resolve().parent.parent
 
 __all__ = ["bench_hostile_rss", "bench_http", "bench_inprocess", "bench_session_options",
-           "bench_update_cost"]
+           "bench_update_cost", "grpc_servers"]
 
 _BLOCKS = 10
 _HTTP_ROUNDS = 4  # alternating, so that a shared host's drift hits both servers
@@ -180,6 +180,49 @@ async def _serve(kind: str, bundle_dir: Path) -> None:
         await asyncio.sleep(0.01)
     print(f"PORT {server.servers[0].sockets[0].getsockname()[1]}", flush=True)
     await task
+
+
+async def _echo(request: bytes, context: Any) -> bytes:
+    return request
+
+
+async def _serve_grpc(bundle_dir: Path) -> None:
+    """The agent's gRPC server and a bare echo server (a generic handler, bytes in and out) on
+    one loop, in one process: ``PORT agent echo``."""
+    import grpc  # noqa: PLC0415 (only this server process needs it)
+
+    from edge_agent.serving.grpc_server import start_grpc  # noqa: PLC0415
+
+    manifest = _manifest(bundle_dir)
+    core = ServingCore()
+    core.set_model(manifest["name"], [(manifest["version"], 1.0, False)],
+                   {manifest["version"]: bundle_dir})
+    _, port = await start_grpc(core, "127.0.0.1", 0)
+    echo = grpc.aio.server()
+    echo.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Ping": grpc.unary_unary_rpc_method_handler(_echo)}),))
+    echo_port = echo.add_insecure_port("127.0.0.1:0")
+    await echo.start()
+    print(f"PORT {port} {echo_port}", flush=True)
+    await asyncio.Event().wait()
+
+
+@contextlib.contextmanager
+def grpc_servers(bundle_dir: Path) -> Iterator[tuple[int, int]]:
+    """(agent port, echo port) of a ``serve-grpc`` process (``_serve_grpc``)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.bench_agent_serving", "serve-grpc", str(bundle_dir)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"gRPC servers did not start: {line!r}")
+        _, port, echo_port = line.split()
+        yield int(port), int(echo_port)
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @contextlib.contextmanager
@@ -450,12 +493,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("models", type=Path, nargs="+")
     p = sub.add_parser("hostile")
     p.add_argument("bundle", type=Path)
+    p = sub.add_parser("serve-grpc")  # internal: the gRPC servers of grpc_servers
+    p.add_argument("bundle", type=Path)
     p = sub.add_parser("serve")  # internal: one server process of bench_http
     p.add_argument("kind", choices=SERVER_KINDS)
     p.add_argument("bundle", type=Path)
     args = parser.parse_args(argv)
     if args.command == "serve":
         _serve_process(args.kind, args.bundle)
+        return 0
+    if args.command == "serve-grpc":
+        with asyncio.Runner(loop_factory=event_loop_factory("auto")) as runner:
+            runner.run(_serve_grpc(args.bundle))
         return 0
     if args.command == "inprocess":
         result: Any = bench_inprocess(args.bundle, args.n)
