@@ -34,6 +34,7 @@ from edge_agent.install.updater import Updater
 from edge_agent.reporting.drift import DriftConfig
 from edge_agent.reporting.outbox import Outbox
 from edge_agent.reporting.telemetry import TelemetrySender, encode
+from edge_agent.serving.batching import policy as batch_policy
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.supervisor import ServingSupervisor
 from edge_agent.transport import RefusedError, Transport, make_transport
@@ -110,6 +111,9 @@ class Agent:
             drift=DriftConfig(window_requests=int(self.config.drift_window_requests),
                               window_seconds=self.config.drift_window_seconds),
         )
+        for name, rule in self.config.batching.items():  # checked here: a bad one stops start
+            self.supervisor.core.set_batching(name, batch_policy(
+                rule.get("max_batch_size"), rule.get("max_queue_delay_us", 0)))
         self.host = host_facts()
         self.started_at = clock()
         self.heartbeats = 0

@@ -53,6 +53,7 @@ from starlette.routing import Route
 
 from edge_agent.cli import event_loop_factory
 from edge_agent.reporting.drift import DriftConfig, DriftMonitor
+from edge_agent.serving.batching import policy as batch_policy
 from edge_agent.serving.core import ServingCore
 from edge_agent.serving.http import start_http
 from edge_agent.serving.runtime import io_names, model_dims, onnx_session
@@ -152,11 +153,14 @@ def starlette_baseline(bundle_dir: Path) -> Starlette:
 
 # Server kinds: the agent on its default stack (httptools and uvloop where installed), the
 # agent on the plain stack (h11 and asyncio's loop), the minimal Starlette app.
-SERVER_KINDS = ("agent", "agent-plain", "starlette")
+# "agent-batched": the default stack with dynamic batching (max_batch_size 32, no queue delay:
+# a batch holds what arrived while the previous one ran); "agent-batched-500us": waiting up to
+# 500 µs for a batch to fill.
+SERVER_KINDS = ("agent", "agent-plain", "agent-batched", "agent-batched-500us", "starlette")
 
 
 def _serve_process(kind: str, bundle_dir: Path) -> None:
-    factory = event_loop_factory("auto" if kind == "agent" else "asyncio")
+    factory = event_loop_factory("asyncio" if kind in ("agent-plain", "starlette") else "auto")
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(_serve(kind, bundle_dir))
 
@@ -167,8 +171,11 @@ async def _serve(kind: str, bundle_dir: Path) -> None:
         core = ServingCore()
         core.set_model(manifest["name"], [(manifest["version"], 1.0, False)],
                        {manifest["version"]: bundle_dir})
+        if kind.startswith("agent-batched"):
+            core.set_batching(manifest["name"], batch_policy(
+                32, 500 if kind.endswith("500us") else 0))
         _, port = await start_http(core, "127.0.0.1", 0,
-                                   parser="auto" if kind == "agent" else "h11")
+                                   parser="h11" if kind == "agent-plain" else "auto")
         print(f"PORT {port}", flush=True)
         await asyncio.Event().wait()
     config = uvicorn.Config(starlette_baseline(bundle_dir), host="127.0.0.1", port=0,

@@ -156,6 +156,15 @@ def bench_serving(tiny_bundle: Path, big_workdir: Path, work: Path) -> list[dict
     rows.append(_row("HTTP stack httptools + uvloop, tiny model, 1 connection",
                      one["agent_rps"], one["agent_plain_rps"], "req/s", plain, ">= 1.0x",
                      one["stack_ratio"] >= 1.0))
+    for connections in (1, 8, 32):  # dynamic batching, max 32 rows, no queue delay
+        batched = bench_http(big, seconds=6.0, concurrency=connections,
+                             kinds=("agent-batched", "agent"))
+        rows.append(_row(f"HTTP dynamic batching, 1.1M-param model, {connections} "
+                         f"connection{'s' if connections > 1 else ''}",
+                         batched["agent_batched_rps"], batched["agent_rps"], "req/s",
+                         "the same agent without batching", "-" if connections == 1
+                         else ">= 1.0x", None if connections == 1
+                         else batched["agent_batched_rps"] >= batched["agent_rps"]))
     large_http = bench_http(big, seconds=6.0, concurrency=8, kinds=("agent", "agent-plain"))
     rows.append(_row("HTTP stack httptools + uvloop, 1.1M-param model, 8 connections",
                      large_http["agent_rps"], large_http["agent_plain_rps"], "req/s", plain,
