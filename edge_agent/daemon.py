@@ -430,6 +430,7 @@ class Agent:
         self._status.update(changes)
         self._status.update(
             pid=os.getpid(),
+            runtimes=self.supervisor.core.runtimes(),  # variant, threads, ... per version
             updated_at=self.clock(),
             certificate_serial=self.creds.serial,
             certificate_expires_at=self.creds.not_after,

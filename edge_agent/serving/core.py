@@ -45,7 +45,6 @@ import asyncio
 import functools
 import logging
 import math
-import os
 import random
 import threading
 import time
@@ -71,12 +70,13 @@ from edge_agent.serving.limits import (
     shown,
 )
 from edge_agent.serving.router import Router, RouterArm
-from edge_agent.serving.runtime import Runtime, io_names, load_runtime
+from edge_agent.serving.runtime import Runtime, io_names, load_runtime, usable_cores
 from edge_agent.serving.stats import ArmStats, Pending, Predicted, PredictionLog, as_classes
 from fleetcore.bundle import MANIFEST, manifest_task, parse_manifest
 from fleetcore.errors import InvalidInputError
 
-__all__ = ["INLINE_MAX_ROWS", "INLINE_MAX_S", "InferResult", "ModelSignature", "ServingCore"]
+__all__ = ["INLINE_MAX_ROWS", "INLINE_MAX_S", "InferResult", "ModelSignature", "ServingCore",
+           "runtime_facts"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class ServingCore:
         self.log = PredictionLog(feedback_capacity, max_bytes=feedback_bytes)
         self._background = Background(self._run_background, capacity=background_capacity,
                                       capacity_bytes=background_bytes)
-        self._executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+        self._executor = ThreadPoolExecutor(max_workers=max(2, usable_cores()),
                                             thread_name_prefix="serving")
         self._batching: dict[str, BatchPolicy] = {}  # the agent's config; replaced whole
         self._batcher = Batcher(self)
@@ -422,7 +422,9 @@ class ServingCore:
             for a in model.router.arms:
                 arms[str(a.version)] = {
                     "shadow": a.shadow, "weight": a.weight, "share": model.router.share(a.version),
-                    "runtime": model.runtimes[a.version].kind, **model.arms[a.version].snapshot(),
+                    "runtime": model.runtimes[a.version].kind,
+                    **runtime_facts(model.runtimes[a.version]),
+                    **model.arms[a.version].snapshot(),
                 }
             out[name] = {"task": model.task, "bad_requests": c.bad_requests,
                          "mirror_dropped": c.mirror_dropped,
@@ -434,6 +436,12 @@ class ServingCore:
                                                 "evicted": self.log.evicted},
                 "background_queue": len(self._background),
                 "background_queue_bytes": self._background.bytes}
+
+    def runtimes(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per model and served version, what runs it (``runtime_facts``)."""
+        return {name: {str(v): {"kind": r.kind, **runtime_facts(r)}
+                       for v, r in sorted(model.runtimes.items())}
+                for name, model in self._models.items()}
 
     def arm_stats(self) -> list[tuple[ArmStats, bool]]:
         """(stats, is_shadow) of every arm served now (for the metrics collector)."""
@@ -591,6 +599,17 @@ def _score(arm: ArmStats, predicted: Predicted, labels: Labels) -> None:
         arm.score_errors(tuple(float(p) for p in rows), [float(y) for y in labels])
     else:
         arm.score(sum(1 for c, y in zip(rows, labels, strict=True) if c == y), len(rows))
+
+
+def runtime_facts(runtime: Runtime) -> dict[str, Any]:
+    """What the agent chose for this host (docs/serving.md, "Hardware fit"): the file (the
+    variant), its precision, intra-op threads, graph optimisation, and what it measured."""
+    facts: dict[str, Any] = {"row_latency_us": round(runtime.row_latency_s * 1e6, 2)}
+    for key in ("file", "precision", "threads", "graph_optimization", "variants"):
+        value = getattr(runtime, key, None)
+        if value not in (None, "", {}):
+            facts[key] = value
+    return facts
 
 
 def _primary(router: Router) -> RouterArm:
