@@ -214,6 +214,21 @@ async def _serve_grpc(bundle_dir: Path) -> None:
     await asyncio.Event().wait()
 
 
+async def _serve_both(bundle_dir: Path, http_port: int, grpc_port: int) -> None:
+    """The agent's HTTP and gRPC servers on given ports (``scripts/bench_peers.py``: its cold
+    start counts from the process start to the model's readiness)."""
+    from edge_agent.serving.grpc_server import start_grpc  # noqa: PLC0415
+
+    manifest = _manifest(bundle_dir)
+    core = ServingCore()
+    core.set_model(manifest["name"], [(manifest["version"], 1.0, False)],
+                   {manifest["version"]: bundle_dir})
+    servers = (await start_grpc(core, "127.0.0.1", grpc_port),  # kept: a dropped grpc.aio
+               await start_http(core, "127.0.0.1", http_port))  # server stops
+    await asyncio.Event().wait()
+    del servers
+
+
 @contextlib.contextmanager
 def grpc_servers(bundle_dir: Path) -> Iterator[tuple[int, int]]:
     """(agent port, echo port) of a ``serve-grpc`` process (``_serve_grpc``)."""
@@ -500,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("models", type=Path, nargs="+")
     p = sub.add_parser("hostile")
     p.add_argument("bundle", type=Path)
+    p = sub.add_parser("serve-both")  # internal: the agent of scripts/bench_peers.py
+    p.add_argument("bundle", type=Path)
+    p.add_argument("http_port", type=int)
+    p.add_argument("grpc_port", type=int)
     p = sub.add_parser("serve-grpc")  # internal: the gRPC servers of grpc_servers
     p.add_argument("bundle", type=Path)
     p = sub.add_parser("serve")  # internal: one server process of bench_http
@@ -508,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         _serve_process(args.kind, args.bundle)
+        return 0
+    if args.command == "serve-both":
+        with asyncio.Runner(loop_factory=event_loop_factory("auto")) as runner:
+            runner.run(_serve_both(args.bundle, args.http_port, args.grpc_port))
         return 0
     if args.command == "serve-grpc":
         with asyncio.Runner(loop_factory=event_loop_factory("auto")) as runner:
