@@ -20,4 +20,6 @@ def pseudonymize(key: bytes, value: object) -> str:
 
 
 def pseudonymize_all(key: bytes, values: Iterable[object]) -> list[str]:
-    return [pseudonymize(key, v) for v in values]
+    # hmac.digest: the one-shot C path, several times faster than hmac.new per value
+    # (measured by scripts/bench_ingest.py); the same bytes as ``pseudonymize``.
+    return [hmac.digest(key, str(v).encode("utf-8"), "sha256").hex() for v in values]

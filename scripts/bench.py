@@ -16,7 +16,9 @@ Each row carries its target and a pass/fail column:
 * fleet scale with 1,000 simulated agents (``scripts/bench_fleet.py``);
 * MQTT telemetry and release fan-out through Mosquitto (``scripts/bench_mqtt.py``);
 * database growth under a one-device telemetry flood, with the quota against without
-  (``scripts/bench_flood.py``).
+  (``scripts/bench_flood.py``);
+* ingest rates of the trainer's sources against each one's bare client
+  (``scripts/bench_ingest.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from edge_agent.enroll import enroll
 from edge_agent.state import StateDir
 from scripts.bench_fleet import bench_fleet
 from scripts.bench_flood import bench_flood
+from scripts.bench_ingest import bench_ingest
 from scripts.bench_mqtt import bench_mqtt
 from scripts.bench_peers import bench_peers
 from scripts.bench_serving import bench_serving
@@ -247,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_fleet(Path(tmp) / "fleet").rows  # 1,000 simulated agents
         rows += bench_mqtt(Path(tmp) / "mqtt")  # Mosquitto: telemetry, release fan-out
         rows += bench_flood(Path(tmp) / "flood")  # DB growth under a one-device flood
+        rows += bench_ingest(Path(tmp) / "ingest")  # trainer ingest: SQL, Parquet, HTTP
     for row in rows:
         if row["pass"] is False:
             row["note"] = _note(row)

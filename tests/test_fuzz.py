@@ -44,6 +44,9 @@ from fleetcore.release import (
     parse_document,
     sign_release,
 )
+from trainer.config import DataSettings
+from trainer.ingest.follow import check_rows as check_stream_rows
+from trainer.ingest.follow import parse_message as parse_stream_message
 from trainer.profile import build_profile
 from trainer.sources import load_source
 
@@ -314,3 +317,39 @@ def test_grpc_infer_requests_convert_or_are_a_bad_request(
     except UntrustedInputError:
         return
     assert rows.dtype == np.float32 and rows.ndim == 2 and rows.shape[1] == 4
+
+
+# ---------------------------------------------------------------- trainer sources and raw rows
+
+_CATEGORICAL_SIGNATURE = ModelSignature(
+    input_name="input", output_name="probabilities", features=3, classes=2,
+    categories=(None, {"harbour": 1, "station": 2}, None))
+_VALID_RAW_INFER = {"inputs": [{"name": "input", "shape": [2, 3], "datatype": "BYTES",
+                                "data": [[1.5, "harbour", "2"], [0, "airport", 3]]}]}
+
+
+@given(bytes_or_mutation(_VALID_RAW_INFER))
+def test_raw_rows_of_a_categorical_model_encode_or_are_a_bad_request(data: bytes) -> None:
+    try:
+        rows = parse_infer_request(data, _CATEGORICAL_SIGNATURE).rows
+    except UntrustedInputError:
+        return
+    assert rows.dtype == np.float32 and rows.shape[1] == 3 and np.isfinite(rows).all()
+
+
+_STREAM_DATA = DataSettings(source="nats://127.0.0.1:4222/rows", label="y", pii=["email"],
+                            categorical=["shop"], impute={"a": "mean"})
+_VALID_STREAM_MESSAGE = [{"a": 1.5, "b": 2, "shop": "x", "email": "p@example.com", "y": "yes"},
+                         {"a": None, "b": "3", "shop": None, "email": None, "y": "no"}]
+
+
+@given(bytes_or_mutation(_VALID_STREAM_MESSAGE))
+def test_stream_messages_parse_and_check_or_are_counted_malformed(data: bytes) -> None:
+    """What the follower does with each message: rows that would build the table, or an
+    InvalidInputError (the message is then counted as malformed and skipped)."""
+    try:
+        rows = parse_stream_message(data, where="fuzz", max_columns=16)
+        check_stream_rows(_STREAM_DATA, rows, "fuzz")
+    except UntrustedInputError:
+        return
+    assert rows and all(isinstance(r, dict) for r in rows)

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from fleetcore import pki
+from fleetcore import pki, regions
 from fleetcore.cli import print_json, run_main
-from fleetcore.errors import AlreadyExistsError, EdgefleetError
+from fleetcore.errors import AlreadyExistsError, EdgefleetError, NotFoundError
 from fleetcore.files import atomic_write, ensure_private_dir
 from trainer.config import Pipeline
+from trainer.ingest.batch import source_key
+from trainer.ingest.follow import follow
 from trainer.pipeline import STEPS, Run, Workdir
+from trainer.store import FeatureStore, RegionNotAllowedError
 
 __all__ = ["main"]
 
@@ -52,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--alpha", type=_alpha, default=0.05,
                        help="significance of the paired acceptance test (McNemar exact for "
                             "classification, Wilcoxon signed-rank for regression); default 0.05")
+        if name == "ingest":
+            s.add_argument("--follow", action="store_true",
+                           help="consume the pipeline's stream (mqtt://, nats://) until SIGTERM, "
+                                "cutting a snapshot every data.snapshot_rows rows or "
+                                "data.snapshot_seconds seconds")
+    lin = sub.add_parser("lineage", help="the snapshots of the pipeline's source, newest first, "
+                                         "with where each came from")
+    lin.add_argument("pipeline", type=Path, help="PIPELINE.toml")
+    lin.add_argument("--workdir", required=True, type=Path)
+    lin.add_argument("--json", action="store_true")
     return p
 
 
@@ -77,6 +92,52 @@ def keygen(out: Path, *, force: bool = False) -> tuple[Path, Path]:
     return key_path, pub_path
 
 
+def _store(pipeline: Pipeline, workdir: Path) -> FeatureStore:
+    path = Path(pipeline.store.path)
+    return FeatureStore(path if path.is_absolute() else workdir.resolve() / path,
+                        allowed_regions=pipeline.store.allowed_regions)
+
+
+def _follow(pipeline: Pipeline, workdir: Path) -> int:
+    workdir.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with _store(pipeline, workdir) as store:
+        if not regions.allows(store.allowed_regions, pipeline.data.region):
+            raise RegionNotAllowedError(
+                f"{pipeline.path.name}: data.region = {pipeline.data.region!r} is not allowed by "
+                f"the feature store {store.path} (allowed_regions {store.allowed_regions})")
+        follow(store, pipeline.data, pipeline.base_dir, stop,
+               lambda m: print(m, file=sys.stderr, flush=True))
+    return 0
+
+
+def _lineage(pipeline: Pipeline, workdir: Path, *, as_json: bool) -> int:
+    with _store(pipeline, workdir) as store:
+        found = store.cursor(source_key(pipeline.data))
+        if found is None:
+            ingest = workdir / "ingest.json"
+            head = Run.read_json(ingest)["snapshot"] if ingest.exists() else None
+        else:
+            head = found[0]
+        if head is None:
+            raise NotFoundError(f"no snapshot of {pipeline.path.name}'s source in {store.path} "
+                                "yet; run `trainer ingest` first")
+        chain = store.chain(head)
+    if as_json:
+        print_json({"cursor": found[1] if found else None, "snapshots": chain})
+        return 0
+    for snap in chain:
+        origin = snap.get("origin") or {}
+        extra = ", ".join(f"{k} {v}" for k, v in origin.items()
+                          if k in ("rows_new", "malformed", "watermark", "positions", "files",
+                                   "pages", "query_digest", "request_digest") and v is not None)
+        print(f"{snap['id']}  {snap['rows']} rows  {snap['ingested_at']}  {snap['source']}"
+              f"{'  ' + extra if extra else ''}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
@@ -87,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"public key  {pub} (give it to the control plane: [pki] publisher_keys)")
             return 0
         pipeline = Pipeline.load(args.pipeline)
+        if args.command == "lineage":
+            return _lineage(pipeline, args.workdir, as_json=args.json)
+        if args.command == "ingest" and args.follow:
+            return _follow(pipeline, args.workdir)
         if args.bundle_version is not None:
             pipeline = dataclasses.replace(
                 pipeline, bundle=dataclasses.replace(pipeline.bundle, version=args.bundle_version)

@@ -30,6 +30,8 @@ from typing import Any
 from fleetcore import regions, tomlfile
 from fleetcore.bundle import TASKS
 from fleetcore.errors import InvalidInputError
+from trainer.ingest import urls
+from trainer.ingest.table import IMPUTE_STRATEGIES
 
 __all__ = [
     "MODEL_KINDS",
@@ -57,6 +59,38 @@ class DataSettings:
     test_fraction: float = 0.2
     region: str = "local"
     parent: str | None = None
+    # tables as businesses have them (trainer/ingest/table.py)
+    features: list[str] | None = None  # default: every column not used otherwise
+    categorical: list[str] = field(default_factory=list)
+    timestamp: str | None = None
+    impute: dict[str, Any] = field(default_factory=dict)  # column or "*" -> strategy
+    window: int | None = None  # keep only the most recent rows for training
+    # SQL sources
+    query: str | None = None
+    table: str | None = None
+    watermark: str | None = None
+    password_env: str | None = None
+    # HTTP JSON API sources
+    records: str | None = None  # dotted path to the rows in each response ("" = the body)
+    next: str | None = None  # dotted path to the next page's URL
+    page_param: str | None = None  # or: a page-number query parameter
+    page_start: int = 1
+    headers: dict[str, Any] = field(default_factory=dict)  # value "env:NAME": from $NAME
+    watermark_param: str | None = None  # query parameter that sends the last watermark
+    # streams
+    stream: str | None = None  # NATS JetStream stream name (default: found by subject)
+    username: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    snapshot_rows: int = 10_000
+    snapshot_seconds: float = 60.0
+    # limits on what one read takes from a source
+    max_rows: int = 1_000_000
+    max_bytes: int = 256 * 1024 * 1024
+    max_columns: int = 1024
+    timeout_s: float = 30.0
+    max_pages: int = 1000
 
 
 @dataclass(frozen=True)
@@ -262,9 +296,24 @@ def _source_ok(v: str) -> bool:
     scheme, sep, rest = v.partition(":")
     if not (sep and rest):
         return False
-    return (scheme == "sklearn" and rest in SKLEARN_SOURCES) or (
-        scheme == "csv" and bool(rest.strip())
-    )
+    if scheme in ("csv", "parquet"):
+        return bool(rest.strip())
+    if scheme == "sklearn":
+        return rest in SKLEARN_SOURCES
+    try:
+        return urls.check_source(v) in ("sql", "http", "stream")
+    except InvalidInputError:
+        return False
+
+
+def _names(v: list[str]) -> bool:
+    return 0 < len(v) <= 4096 and len(set(v)) == len(v) and all(
+        x.strip() and len(x) <= 256 for x in v)
+
+
+_DOTTED = re.compile(r"^$|^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
 
 def _regions_ok(v: list[str]) -> bool:
@@ -278,7 +327,51 @@ def _regions_ok(v: list[str]) -> bool:
 # section.key -> (check on the typed value, what a good value is)
 _RULES: dict[str, tuple[Any, str]] = {
     "data.source": (_source_ok, "'sklearn:NAME' (NAME one of "
-                    f"{', '.join(SKLEARN_SOURCES)}) or 'csv:PATH' (relative to the pipeline file)"),
+                    f"{', '.join(SKLEARN_SOURCES)}), 'csv:PATH' or 'parquet:PATH' (relative to "
+                    "the pipeline file), 'postgresql://USER@HOST:PORT/DB', "
+                    "'mysql://USER@HOST:PORT/DB', 'https://...', 'mqtt(s)://HOST:PORT/TOPIC' or "
+                    "'nats://HOST:PORT/SUBJECT', with no password in the URL (data.password_env)"),
+    "data.features": (_names, "distinct column names"),
+    "data.categorical": (lambda v: not v or _names(v), "distinct column names"),
+    "data.timestamp": (lambda v: bool(v.strip()), "a column name"),
+    "data.impute": (lambda v: len(v) <= 4096 and all(
+        isinstance(x, str) and x in IMPUTE_STRATEGIES for x in v.values()),
+        "a table of column (or \"*\") = \"mean\" | \"median\" | \"most_frequent\" | "
+        "\"zero\" | \"none\""),
+    "data.window": (_between(1, 100_000_000), "a number of rows 1..100000000"),
+    "data.query": (lambda v: 0 < len(v.strip()) <= 100_000, "a SELECT statement"),
+    "data.table": (lambda v: bool(re.match(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$",
+                                           v)), "a table name, optionally schema.table"),
+    "data.watermark": (lambda v: bool(v.strip()) and len(v) <= 256, "a column name"),
+    "data.password_env": (lambda v: bool(_ENV.match(v)),
+                          "the name of an environment variable, e.g. PGPASSWORD"),
+    "data.records": (lambda v: bool(_DOTTED.match(v)),
+                     "a dotted path to the rows in each response, e.g. \"data.items\" "
+                     "(\"\" when the body is the list)"),
+    "data.next": (lambda v: bool(_DOTTED.match(v)) and bool(v),
+                  "a dotted path to the next page's URL, e.g. \"links.next\""),
+    "data.page_param": (lambda v: bool(re.match(r"^[A-Za-z0-9_.-]{1,64}$", v)),
+                        "a query parameter name, e.g. \"page\""),
+    "data.page_start": (_between(0, 1_000_000), "an integer 0..1000000"),
+    "data.headers": (lambda v: len(v) <= 64 and all(
+        _HEADER.match(k) and isinstance(x, str) and "\n" not in x and "\r" not in x
+        for k, x in v.items()),
+        "a table of header = \"value\" (or \"env:NAME\" to read it from $NAME)"),
+    "data.watermark_param": (lambda v: bool(re.match(r"^[A-Za-z0-9_.-]{1,64}$", v)),
+                             "a query parameter name, e.g. \"since\""),
+    "data.stream": (lambda v: bool(re.match(r"^[A-Za-z0-9_-]{1,256}$", v)),
+                    "a JetStream stream name"),
+    "data.username": (lambda v: 0 < len(v) <= 256, "a user name"),
+    "data.tls_ca": (lambda v: bool(v.strip()), "a path to a PEM file"),
+    "data.tls_cert": (lambda v: bool(v.strip()), "a path to a PEM file"),
+    "data.tls_key": (lambda v: bool(v.strip()), "a path to a PEM file"),
+    "data.snapshot_rows": (_between(1, 10_000_000), "an integer 1..10000000"),
+    "data.snapshot_seconds": (_between(0.1, 86_400), "seconds, 0.1..86400"),
+    "data.max_rows": (_between(1, 100_000_000), "an integer 1..100000000"),
+    "data.max_bytes": (_between(1, 1 << 40), "a number of bytes"),
+    "data.max_columns": (_between(1, 100_000), "an integer 1..100000"),
+    "data.timeout_s": (_between(0.1, 86_400), "seconds, 0.1..86400"),
+    "data.max_pages": (_between(1, 1_000_000), "an integer 1..1000000"),
     "data.task": (_one_of(*TASKS), " or ".join(repr(t) for t in TASKS)),
     "data.label": (lambda v: bool(v.strip()), "the CSV's label column name"),
     "data.pii": (lambda v: len(set(v)) == len(v) and all(x.strip() for x in v),
@@ -349,6 +442,12 @@ def _check_section(where: str, section: str, table: Mapping[str, Any]) -> dict[s
         name = f"{section}.{key}"
         typed = _check_type(where, name, value, kinds[key])
         check, good = _RULES[name]
+        if name == "data.source" and "://" in typed:
+            # A URL is shown redacted, with what exactly is wrong with it.
+            try:
+                urls.check_source(typed)
+            except InvalidInputError as exc:
+                raise PipelineConfigError(f"{where}: {exc}") from None
         if not check(typed):
             what = "out of range" if kinds[key] in ("int", "float") else "not allowed"
             raise PipelineConfigError(
@@ -420,10 +519,31 @@ class Pipeline:
         for name in _SECTIONS:
             values = {k: v for k, v in self.section(name).items() if v is not None}
             _check_section(where, name, values)
-        if self.data.source.startswith("csv:") and not self.data.label:
+        kind = urls.source_kind(self.data.source)
+        if kind != "sklearn" and not self.data.label:
             raise PipelineConfigError(
-                f"{where}: data.label is required for a CSV source (the label column's name)"
+                f"{where}: data.label is required for a {kind} source (the label column's name)"
             )
+        if kind == "sql" and (self.data.query is None) == (self.data.table is None):
+            raise PipelineConfigError(
+                f"{where}: a SQL source needs exactly one of data.query (a SELECT) or data.table")
+        if kind == "sql" and self.data.query and self.data.query.strip().rstrip(";").count(";"):
+            raise PipelineConfigError(f"{where}: data.query holds more than one statement")
+        if self.data.next and self.data.page_param:
+            raise PipelineConfigError(
+                f"{where}: data.next and data.page_param both set; an API pages one way")
+        for key, kinds in _KEY_SOURCES.items():
+            value = getattr(self.data, key)
+            if value not in (None, [], {}) and kind not in kinds and value != getattr(
+                    _DATA_DEFAULTS, key):
+                raise PipelineConfigError(
+                    f"{where}: data.{key} applies to {' and '.join(kinds)} sources only (this "
+                    f"pipeline reads a {kind} source); remove it")
+        if kind in ("sklearn", "csv") and _uses_table_keys(self.data):
+            raise PipelineConfigError(
+                f"{where}: data.features, categorical, timestamp, impute and window apply to "
+                "parquet, SQL, HTTP and stream sources; a CSV source is read strictly as a "
+                "numeric table (load it with a parquet: or SQL source to use them)")
         if self.data.source.startswith("sklearn:") and self.data.pii:
             raise PipelineConfigError(
                 f"{where}: data.pii = {_toml(self.data.pii)}, but {self.data.source} has no PII "
@@ -472,6 +592,22 @@ class Pipeline:
 
     def section(self, name: str) -> dict[str, Any]:
         return dataclasses.asdict(getattr(self, name))
+
+
+# [data] keys that only some kinds of source read
+_KEY_SOURCES: dict[str, tuple[str, ...]] = {
+    "query": ("sql",), "table": ("sql",), "password_env": ("sql", "http", "stream"),
+    "watermark": ("sql", "http"), "records": ("http",), "next": ("http",),
+    "page_param": ("http",), "page_start": ("http",), "headers": ("http",),
+    "watermark_param": ("http",), "stream": ("stream",), "username": ("stream",),
+    "tls_ca": ("stream",), "tls_cert": ("stream",), "tls_key": ("stream",),
+    "snapshot_rows": ("stream",), "snapshot_seconds": ("stream",), "max_pages": ("http",),
+}
+_DATA_DEFAULTS = DataSettings(source="sklearn:digits")
+
+
+def _uses_table_keys(d: DataSettings) -> bool:
+    return bool(d.features or d.categorical or d.timestamp or d.impute or d.window)
 
 
 def settings_digest(*parts: Any) -> str:

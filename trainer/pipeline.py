@@ -28,6 +28,7 @@ from fleetcore.files import atomic_write, file_digest
 from trainer import metrics
 from trainer.config import Pipeline, settings_digest
 from trainer.dist import DistContext
+from trainer.ingest import urls
 from trainer.kinds import Kind, kind_of
 from trainer.samples import accept, load_samples
 from trainer.sources import load_source, source_fingerprint
@@ -343,7 +344,16 @@ class Run:
 
     def _source_digest(self) -> str:
         d = self.pipeline.data
+        if urls.source_kind(d.source) not in ("sklearn", "csv"):
+            # A database, an API, a folder or a stream may have new rows at any time: the
+            # step always runs, and gives back the same snapshot when nothing is new (so
+            # the steps after it stay cached).
+            return f"live:{time.time_ns()}"
         return source_fingerprint(d.source, base_dir=self.pipeline.base_dir)
+
+    def _source_key(self) -> str:
+        from trainer.ingest.batch import source_key
+        return source_key(self.pipeline.data)
 
     def snapshot(self) -> Snapshot:
         if self._snapshot is None:
@@ -405,13 +415,24 @@ class Run:
     def _step_ingest(self, key: str) -> None:
         d = self.pipeline.data
         store = self._store()
-        raw = self._load_raw()
+        if urls.source_kind(d.source) in ("sklearn", "csv"):
+            raw: Any = self._load_raw()
+            snap = None
+        else:
+            from trainer.ingest.batch import ingest_source
+            raw = None
+            if self.samples is not None:  # checked against the current chain's columns
+                found = store.cursor(self._source_key())
+                raw = store.get(found[0]) if found else None
+            snap = ingest_source(store, d, self.pipeline.base_dir, self.progress)
+            raw = raw or snap
         # The samples file is read (strictly) before anything is ingested: a refused file
         # leaves the store as it was.
         groups = None if self.samples is None else load_samples(
             self.samples, feature_names=list(raw.feature_names), labels=list(raw.labels),
             pii=list(d.pii), image_shape=raw.image_shape, target=raw.target)
-        snap = store.ingest(raw, region=d.region, pii_action=d.pii_action, parent=d.parent)
+        if snap is None:
+            snap = store.ingest(raw, region=d.region, pii_action=d.pii_action, parent=d.parent)
         self.progress(f"[ingest] snapshot {snap.id} ({len(snap.y)} rows, region {snap.region})")
         doc: dict[str, Any] = {"snapshot": snap.id, "store": str(store.path)}
         if groups is not None:
@@ -543,8 +564,7 @@ class Run:
             "input": {
                 "name": onnx_tools.INPUT_NAME, "dtype": "float32",
                 "shape": [-1, len(snap.feature_names)],
-                "features": [{"name": n, "dtype": "float32", "pii": False}
-                             for n in snap.feature_names],
+                "features": _manifest_features(snap),
                 "pii_columns": snap.schema.get("pii", []),
             },
             "output": self._manifest_output(snap),
@@ -552,6 +572,7 @@ class Run:
                         "sizes": export["sizes"]},
             "lineage": {"snapshot": snap.id, "parent_snapshot": snap.lineage.get("parent"),
                         "source": snap.lineage.get("source"), "region": snap.region,
+                        **_ingest_lineage(snap),
                         "pipeline": self.pipeline.path.name, "train_key": self._state("train")
                         and self._state("train")["key"],  # type: ignore[index]
                         **self.kind.lineage(self)},
@@ -644,6 +665,31 @@ class Run:
             }
         return {"fp32": {**m["fp32"], "framework": framework}, "compressed": m["compressed"],
                 "mae_increase": m["compressed"]["mae"] - m["fp32"]["mae"]}
+
+
+def _manifest_features(snap: Snapshot) -> list[dict[str, Any]]:
+    """The model's input columns; a categorical one carries its vocabulary (code k is the
+    k-th category, 0 is missing or unseen): the agent encodes raw values with it."""
+    categories = (snap.encoding or {}).get("categories", {})
+    out: list[dict[str, Any]] = []
+    for name in snap.feature_names:
+        feature: dict[str, Any] = {"name": name, "dtype": "float32", "pii": False}
+        if name in categories:
+            feature["categories"] = list(categories[name])
+        out.append(feature)
+    return out
+
+
+def _ingest_lineage(snap: Snapshot) -> dict[str, Any]:
+    """What the ingest recorded about where the rows came from (no credentials: sources are
+    recorded redacted), without per-file lists."""
+    origin = snap.lineage.get("origin") or {}
+    if origin.get("kind") not in ("sql", "parquet", "http", "stream"):
+        return {}
+    summary = {k: v for k, v in origin.items() if k != "files"}
+    if "files" in origin:
+        summary["files_read"] = len(origin["files"])
+    return {"ingest": summary}
 
 
 # An fp32 export must match PyTorch to float rounding. An int8 export legitimately moves

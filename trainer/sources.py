@@ -72,6 +72,9 @@ class RawTable:
     source_digest: str  # "sha256:<hex>" of the source bytes
     image_shape: tuple[int, int] | None  # (8, 8) for digits, else None
     target: str | None = None  # regression: the target's (label column's) name
+    # trainer.ingest.table.Encoding.to_json(): categorical vocabularies and imputed fill values
+    encoding: dict[str, Any] | None = None
+    pii_pseudonymized: bool = False  # PII values are already HMACs (rows staged from a stream)
 
     @property
     def task(self) -> str:

@@ -23,6 +23,7 @@ tests do one).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -83,7 +84,42 @@ _MIGRATIONS = [
     """
     ALTER TABLE snapshots ADD COLUMN origin TEXT NOT NULL DEFAULT '{}';
     """,
+    # 3: incremental and continuous ingest (trainer.ingest). A cursor records, per source
+    # (a digest of the pipeline's [data] settings), the newest snapshot of its chain and how
+    # far the source was read (watermark, files, stream positions); it is written in the same
+    # transaction as that snapshot. The inbox holds stream rows that are durable but not yet in
+    # a snapshot (PII already pseudonymized); inbox_seen the recent message keys, so that a
+    # message redelivered after a crash is not staged twice.
+    """
+    CREATE TABLE cursors (
+        source_key TEXT PRIMARY KEY,
+        snapshot   TEXT NOT NULL REFERENCES snapshots(id),
+        cursor     TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE inbox (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        source_key  TEXT NOT NULL,
+        rows        TEXT NOT NULL,   -- JSON list of row objects
+        position    INTEGER,         -- the stream's sequence number, where it has one
+        received_at TEXT NOT NULL
+    );
+    CREATE INDEX inbox_source ON inbox(source_key, id);
+    CREATE TABLE inbox_seen (
+        source_key TEXT NOT NULL,
+        key        TEXT NOT NULL,
+        id         INTEGER NOT NULL,
+        PRIMARY KEY (source_key, key)
+    );
+    CREATE INDEX inbox_seen_id ON inbox_seen(source_key, id);
+    CREATE TABLE inbox_counts (
+        source_key TEXT PRIMARY KEY,
+        malformed  INTEGER NOT NULL DEFAULT 0,
+        oversized  INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 ]
+SEEN_KEEP = 100_000  # message keys kept per source for redelivery checks
 
 
 class RegionNotAllowedError(InvalidInputError):
@@ -114,10 +150,24 @@ class Snapshot:
     stats: dict[str, Any]
     lineage: dict[str, Any]
     target: str | None = None  # regression: the label column's name
+    encoding: dict[str, Any] | None = None  # categorical vocabularies, imputed fill values
 
     @property
     def task(self) -> str:
         return "regression" if self.target is not None else "classification"
+
+
+@dataclass(frozen=True)
+class InboxBatch:
+    """Rows staged from a stream and not yet in a snapshot."""
+
+    rows: list[dict[str, Any]]
+    upto: int  # the last inbox id included
+    messages: int
+    positions: tuple[int, int] | None  # first and last stream position, where there are any
+    received: tuple[str, str]  # first and last receive time
+    malformed: int
+    oversized: int
 
 
 # --- pure core: validation, pseudonymization, content id, schema and statistics -------------
@@ -138,6 +188,7 @@ class _Content:
     pii_action: str
     parent: str | None
     target: str | None = None  # regression only
+    encoding: dict[str, Any] | None = None
 
     def transform(self) -> dict[str, Any]:
         return {"pii": list(self.pii_names), "pii_action": self.pii_action}
@@ -228,6 +279,8 @@ def _content_id(c: _Content) -> str:
     }
     if c.target is not None:  # only then: classification ids stay what they were
         header["target"] = c.target
+    if c.encoding:  # only then: snapshots without categories or imputation keep their ids
+        header["encoding"] = c.encoding
     parts = [
         _ID_DOMAIN,
         json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(),
@@ -248,12 +301,14 @@ def _schema(c: _Content) -> dict[str, Any]:
         "pii": [{"name": n, "action": c.pii_action} for n in c.pii_names],
         "label": {"dtype": "int64", "classes": list(c.labels)} if c.target is None
         else {"dtype": "float64", "target": c.target},
+        **({"encoding": c.encoding} if c.encoding else {}),
         "rows": int(c.X.shape[0]),
     }
 
 
 def _stats(c: _Content) -> dict[str, Any]:
     # float64 accumulators, without a float64 copy of X
+    fill = (c.encoding or {}).get("fill", {})
     mins, maxs = c.X.min(0), c.X.max(0)
     means, stds = c.X.mean(0, dtype=np.float64), c.X.std(0, dtype=np.float64)
     if c.target is None:
@@ -270,12 +325,39 @@ def _stats(c: _Content) -> dict[str, Any]:
                 "max": float(maxs[i]),
                 "mean": float(means[i]),
                 "std": float(stds[i]),
-                "missing": 0,  # sources refuse missing values
+                "missing": 0,  # missing values are refused or imputed before this point
+                **({"imputed_with": fill[name]} if name in fill else {}),
             }
             for i, name in enumerate(c.feature_names)
         },
         **labels,
     }
+
+
+def _extend(parent: Snapshot, new: _Content, window: int | None) -> _Content:
+    """``parent``'s rows followed by ``new``'s (the last ``window`` of them, when set)."""
+    if list(parent.feature_names) != list(new.feature_names) or parent.target != new.target \
+            or set(parent.pii) != set(new.pii) or parent.pii_action != new.pii_action:
+        raise InvalidInputError(
+            f"the new rows do not fit snapshot {parent.id}: its features, label or PII columns "
+            "differ; a changed table starts a new chain (change the pipeline's [data] settings "
+            "or use a new store)")
+    if new.target is None:
+        missing = sorted(set(parent.labels) - set(new.labels))
+        if missing:
+            raise InvalidInputError(f"the new rows' classes lack {missing} of snapshot {parent.id}")
+        remap = np.array([new.labels.index(c) for c in parent.labels], dtype=np.int64)
+        parent_y = remap[parent.y] if len(parent.y) else parent.y.astype("<i8")
+    else:
+        parent_y = parent.y
+    X = np.concatenate([parent.X, new.X]).astype("<f4")
+    y = np.concatenate([parent_y, new.y]).astype(new.y.dtype)
+    pii = {name: np.concatenate([parent.pii[name], new.pii[name]]).astype("<U64")
+           for name in new.pii}
+    if window is not None and len(y) > window:
+        X, y = X[-window:], y[-window:]
+        pii = {name: v[-window:] for name, v in pii.items()}
+    return dataclasses.replace(new, X=np.ascontiguousarray(X), y=np.ascontiguousarray(y), pii=pii)
 
 
 def _freeze(a: np.ndarray) -> np.ndarray:
@@ -298,6 +380,7 @@ def _to_snapshot(snapshot_id: str, c: _Content, lineage: dict[str, Any]) -> Snap
         stats=_stats(c),
         lineage=lineage,
         target=c.target,
+        encoding=c.encoding,
     )
 
 
@@ -314,6 +397,8 @@ def _encode_npz(c: _Content) -> bytes:
     }
     if c.target is not None:
         arrays["target"] = np.array([c.target], dtype=str)
+    if c.encoding:
+        arrays["encoding"] = np.array([json.dumps(c.encoding, sort_keys=True)], dtype=str)
     for k, name in enumerate(c.pii):
         arrays[f"pii_{k}"] = c.pii[name]
     buf = io.BytesIO()
@@ -342,7 +427,14 @@ def _decode_npz(data: Mapping[str, np.ndarray], row: sqlite3.Row) -> _Content:
         if values.dtype.kind != "U" or values.shape != y.shape:
             raise ValueError(f"PII column {name!r} is not {y.shape[0]} strings")
         pii[name] = values
+    encoding = None
+    if "encoding" in data:
+        (text,) = [str(s) for s in data["encoding"].tolist()]
+        encoding = json.loads(text)
+        if not isinstance(encoding, dict):
+            raise ValueError("the encoding is not an object")
     return _Content(
+        encoding=encoding,
         feature_names=feature_names,
         X=X,
         y=y,
@@ -456,11 +548,21 @@ class FeatureStore:
         parent: str | None = None,
         now: datetime | None = None,
         origin: Mapping[str, Any] | None = None,
+        extend: bool = False,
+        window: int | None = None,
+        cursor: tuple[str, Mapping[str, Any]] | None = None,
+        inbox: tuple[str, int] | None = None,
     ) -> Snapshot:
         """Store ``table`` as a snapshot (or return the identical one stored before).
 
         ``origin``: lineage beyond the source name (for device samples: which devices, on
-        which model versions); JSON-ready, kept in the catalog, not part of the id."""
+        which model versions; for ingested sources: the query digest, watermark or stream
+        range, row counts); JSON-ready, kept in the catalog, not part of the id.
+
+        ``extend``: the snapshot holds ``parent``'s rows followed by ``table``'s (an
+        incremental read), keeping only the last ``window`` rows when set. ``cursor`` =
+        (source key, position) and ``inbox`` = (source key, last inbox id consumed) are
+        recorded in the same transaction as the snapshot: a crash leaves both or neither."""
         ingested_at = _utc_iso(now if now is not None else datetime.now(UTC))
         regions.check_region(region, "region")
         try:
@@ -473,10 +575,14 @@ class FeatureStore:
             _check_id(parent)
             if self._row(parent) is None:
                 raise NotFoundError(f"parent snapshot {parent} is not in store {self.path}")
+        if extend and parent is None:
+            raise InvalidInputError("an extending snapshot needs a parent")
         X, y = _check_table(table)
         # PII is transformed first: nothing below ever sees a raw value.
         pii = (
-            {name: _pseudonymize(self._key, np.asarray(v)) for name, v in table.pii.items()}
+            {name: (np.asarray(v, dtype="<U64") if table.pii_pseudonymized
+                    else _pseudonymize(self._key, np.asarray(v)))
+             for name, v in table.pii.items()}
             if action is PiiAction.HMAC
             else {}
         )
@@ -492,33 +598,143 @@ class FeatureStore:
             pii_action=action.value,
             parent=parent,
             target=table.target,
+            encoding=table.encoding or None,
         )
+        if extend:
+            assert parent is not None
+            content = _extend(self.get(parent), content, window)
         snapshot_id = _content_id(content)
-        if self._row(snapshot_id) is not None:
-            log.info("snapshot %s exists already; not rewriting it", snapshot_id)
-            return self.get(snapshot_id)
-
         hex_id = _check_id(snapshot_id)
-        atomic_write(self.data_dir / f"{hex_id}.npz", _encode_npz(content), mode=0o600)
-        # ON CONFLICT: a concurrent ingest of the same data wrote the same bytes; first row wins.
-        self._conn.execute(
-            "INSERT INTO snapshots (id, region, rows, source, source_digest, ingested_at,"
-            " transform, parent, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT(id) DO NOTHING",
-            (
-                snapshot_id,
-                region,
-                int(X.shape[0]),
-                table.source,
-                table.source_digest,
-                ingested_at,
-                json.dumps(content.transform(), sort_keys=True),
-                parent,
-                json.dumps(dict(origin or {}), sort_keys=True),
-            ),
-        )
-        log.info("ingested %s as snapshot %s (%d rows)", table.source, snapshot_id, X.shape[0])
+        exists = self._row(snapshot_id) is not None
+        if not exists:
+            atomic_write(self.data_dir / f"{hex_id}.npz", _encode_npz(content), mode=0o600)
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            # ON CONFLICT: a concurrent ingest of the same data wrote the same bytes; first
+            # row wins.
+            self._conn.execute(
+                "INSERT INTO snapshots (id, region, rows, source, source_digest, ingested_at,"
+                " transform, parent, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(id) DO NOTHING",
+                (snapshot_id, region, int(content.X.shape[0]), table.source,
+                 table.source_digest, ingested_at,
+                 json.dumps(content.transform(), sort_keys=True), parent,
+                 json.dumps(dict(origin or {}), sort_keys=True, default=str)),
+            )
+            if cursor is not None:
+                self._conn.execute(
+                    "INSERT INTO cursors (source_key, snapshot, cursor, updated_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT(source_key) DO UPDATE SET"
+                    " snapshot = excluded.snapshot, cursor = excluded.cursor,"
+                    " updated_at = excluded.updated_at",
+                    (cursor[0], snapshot_id, json.dumps(dict(cursor[1]), sort_keys=True,
+                                                        default=str), ingested_at))
+            if inbox is not None:
+                self._conn.execute("DELETE FROM inbox WHERE source_key = ? AND id <= ?", inbox)
+                self._conn.execute("DELETE FROM inbox_counts WHERE source_key = ?",
+                                   (inbox[0],))
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        if exists:
+            log.info("snapshot %s exists already; not rewriting it", snapshot_id)
+        else:
+            log.info("ingested %s as snapshot %s (%d rows)", table.source, snapshot_id,
+                     content.X.shape[0])
         return self.get(snapshot_id)
+
+    # -- incremental state: cursors and the stream inbox --
+
+    def cursor(self, source_key: str) -> tuple[str, dict[str, Any]] | None:
+        """(newest snapshot, position) of the source's chain, or None before its first."""
+        row = self._conn.execute("SELECT snapshot, cursor FROM cursors WHERE source_key = ?",
+                                 (source_key,)).fetchone()
+        return None if row is None else (row["snapshot"], json.loads(row["cursor"]))
+
+    def stage(self, source_key: str,
+              messages: Sequence[tuple[str | None, bool, int | None, list[dict[str, Any]]]],
+              *, malformed: int = 0, oversized: int = 0, now: datetime | None = None) -> int:
+        """Make stream rows durable in one transaction; returns how many messages were new.
+
+        Each message is (key, check, position, rows): ``key`` is remembered for every message;
+        with ``check``, a message whose key was staged before (a redelivery after a crash) is
+        left out. Rows must carry pseudonymized PII only (trainer.ingest.follow does that
+        before calling)."""
+        received = _utc_iso(now if now is not None else datetime.now(UTC))
+        added = 0
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            for key, check, position, rows in messages:
+                if key is not None and check and self._conn.execute(
+                        "SELECT 1 FROM inbox_seen WHERE source_key = ? AND key = ?",
+                        (source_key, key)).fetchone():
+                    continue
+                cur = self._conn.execute(
+                    "INSERT INTO inbox (source_key, rows, position, received_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (source_key, json.dumps(rows, ensure_ascii=False, separators=(",", ":")),
+                     position, received))
+                if key is not None:
+                    self._conn.execute("INSERT OR REPLACE INTO inbox_seen (source_key, key, id)"
+                                       " VALUES (?, ?, ?)", (source_key, key, cur.lastrowid))
+                added += 1
+            if malformed or oversized:
+                self._conn.execute(
+                    "INSERT INTO inbox_counts (source_key, malformed, oversized) VALUES (?,?,?)"
+                    " ON CONFLICT(source_key) DO UPDATE SET malformed = malformed +"
+                    " excluded.malformed, oversized = oversized + excluded.oversized",
+                    (source_key, malformed, oversized))
+            self._conn.execute(
+                "DELETE FROM inbox_seen WHERE source_key = ? AND id <= (SELECT MAX(id) FROM"
+                " inbox_seen WHERE source_key = ?) - ?", (source_key, source_key, SEEN_KEEP))
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        return added
+
+    def inbox_rows(self, source_key: str) -> int:
+        (n,) = self._conn.execute("SELECT COUNT(*) FROM inbox WHERE source_key = ?",
+                                  (source_key,)).fetchone()
+        return int(n)
+
+    def inbox(self, source_key: str) -> InboxBatch | None:
+        """Everything staged for the source and not yet in a snapshot (None when empty)."""
+        rows: list[dict[str, Any]] = []
+        found = self._conn.execute(
+            "SELECT id, rows, position, received_at FROM inbox WHERE source_key = ?"
+            " ORDER BY id", (source_key,)).fetchall()
+        counts = self._conn.execute(
+            "SELECT malformed, oversized FROM inbox_counts WHERE source_key = ?",
+            (source_key,)).fetchone()
+        if not found:
+            return None
+        positions = [r["position"] for r in found if r["position"] is not None]
+        for r in found:
+            rows.extend(json.loads(r["rows"]))
+        return InboxBatch(rows=rows, upto=int(found[-1]["id"]), messages=len(found),
+                          positions=(min(positions), max(positions)) if positions else None,
+                          received=(found[0]["received_at"], found[-1]["received_at"]),
+                          malformed=int(counts["malformed"]) if counts else 0,
+                          oversized=int(counts["oversized"]) if counts else 0)
+
+    def pseudonymize(self, values: Sequence[object]) -> list[str]:
+        """The store's HMAC of each value (what a snapshot keeps of a PII column)."""
+        return pseudonymize_all(self._key, list(values))
+
+    def chain(self, snapshot_id: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """The snapshot and its ancestors, newest first, with their lineage."""
+        out: list[dict[str, Any]] = []
+        current: str | None = snapshot_id
+        while current is not None and len(out) < limit:
+            row = self._row(current)
+            if row is None:
+                break
+            out.append({"id": row["id"], "rows": row["rows"], "region": row["region"],
+                        **_lineage(row)})
+            current = row["parent"]
+        return out
 
     def get(self, snapshot_id: str) -> Snapshot:
         """Load a snapshot, refusing one whose data no longer matches its id."""

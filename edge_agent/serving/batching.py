@@ -30,15 +30,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from edge_agent.serving.errors import InferenceError
 from fleetcore.errors import InvalidInputError
 
-if TYPE_CHECKING:
-    from edge_agent.serving.core import InferResult, ServingCore, _Model
+
+class _Core(Protocol):
+    """What the batcher needs of ``ServingCore`` (which imports this module, not the reverse:
+    tests/test_layering.py keeps the product free of import cycles)."""
+
+    async def _run_batch(self, model: Any, version: int, rows: np.ndarray) -> tuple[
+        np.ndarray, float]: ...
+
+    def _failed(self, model: Any, version: int, latency: float, rows: int, exc: Exception,
+                executions: int = 1) -> None: ...
+
+    def _answered(self, model: Any, arm: Any, x: np.ndarray, out: np.ndarray, latency: float,
+                  request_id: str | None, shadows: tuple[int, ...], context: Any,
+                  executions: int = 1) -> Any: ...
 
 __all__ = ["MAX_BATCH_ROWS", "MAX_QUEUE_DELAY_US", "BatchPolicy", "Batcher", "manifest_policy",
            "policy"]
@@ -84,10 +96,9 @@ def manifest_policy(manifest: dict[str, Any]) -> BatchPolicy | None:
 
 @dataclass
 class _Batch:
-    model: _Model
+    model: Any  # core._Model: a snapshot of the model
     version: int
-    items: list[tuple[np.ndarray, asyncio.Future[InferResult], Any]] = field(
-        default_factory=list)
+    items: list[tuple[np.ndarray, asyncio.Future[Any], Any]] = field(default_factory=list)
     rows: int = 0
     timer: asyncio.Handle | None = None
 
@@ -96,13 +107,13 @@ class Batcher:
     """The open batches of one ``ServingCore``, per (loop, model snapshot's runtime, version).
     Used from event loops only (no lock: each loop touches only its own batches)."""
 
-    def __init__(self, core: ServingCore) -> None:
+    def __init__(self, core: _Core) -> None:
         self._core = core
         self._open: dict[tuple[int, int, int], _Batch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, model: _Model, version: int, x: np.ndarray, policy: BatchPolicy,
-                     request: tuple[str | None, tuple[int, ...], Any]) -> InferResult:
+    async def submit(self, model: Any, version: int, x: np.ndarray, policy: BatchPolicy,
+                     request: tuple[str | None, tuple[int, ...], Any]) -> Any:
         """Join ``x`` (checked, routed to ``version``) to its open batch; its answer."""
         loop = asyncio.get_running_loop()
         key = (id(loop), id(model.runtimes[version]), version)
@@ -117,7 +128,7 @@ class Batcher:
                 batch.timer = loop.call_later(policy.max_queue_delay_s, self._send, key, batch)
             else:
                 batch.timer = loop.call_soon(self._send, key, batch)
-        future: asyncio.Future[InferResult] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         batch.items.append((x, future, request))
         batch.rows += len(x)
         if batch.rows >= policy.max_batch_size:

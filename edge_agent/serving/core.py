@@ -58,6 +58,7 @@ import numpy as np
 
 from edge_agent.serving._background import Background
 from edge_agent.serving.batching import Batcher, BatchPolicy, manifest_policy
+from edge_agent.serving.categorical import Categories, ClampedRuntime, from_manifests
 from edge_agent.serving.errors import BadRequestError, InferenceError, ModelNotFoundError
 from edge_agent.serving.limits import (
     BACKGROUND_QUEUE_BYTES,
@@ -125,6 +126,8 @@ class ModelSignature:
     features: int
     classes: int
     task: str = "classification"
+    # per feature: its vocabulary (value -> code) when categorical (serving/categorical.py)
+    categories: Categories | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,7 @@ class ServingCore:
                 path = Path(bundles[v]).resolve()
                 if old is not None and old.dirs.get(v) == path and old.prefer == prefer:
                     runtimes[v], manifests[v] = old.runtimes[v], old.manifests[v]
+                    runtimes[v] = getattr(runtimes[v], "inner", runtimes[v])  # unclamped
                 else:
                     manifests[v] = _read_manifest(path, name, v)
                     runtimes[v] = load_runtime(path, manifests[v], prefer=prefer)
@@ -235,9 +239,13 @@ class ServingCore:
                 raise InvalidInputError(f"{name}: every arm must name its input and output "
                                         f"alike; got {sorted(names)}")
             input_name, output_name = names.pop()
+            categories, clamps = from_manifests(name, manifests)
+            for v, lengths in clamps.items():
+                runtimes[v] = ClampedRuntime(runtimes[v], lengths)
             model = _Model(
                 name=name,
-                signature=ModelSignature(input_name, output_name, features, classes, task),
+                signature=ModelSignature(input_name, output_name, features, classes, task,
+                                         categories),
                 router=router, runtimes=runtimes, arms=stats, dirs=dirs,
                 manifests=manifests, features=features, classes=classes,
                 inline=max(r.row_latency_s for r in runtimes.values()) <= INLINE_MAX_S,
@@ -605,8 +613,9 @@ def runtime_facts(runtime: Runtime) -> dict[str, Any]:
     """What the agent chose for this host (docs/serving.md, "Hardware fit"): the file (the
     variant), its precision, intra-op threads, graph optimisation, and what it measured."""
     facts: dict[str, Any] = {"row_latency_us": round(runtime.row_latency_s * 1e6, 2)}
+    loaded = getattr(runtime, "inner", runtime)  # under a categorical model's clamp
     for key in ("file", "precision", "threads", "graph_optimization", "variants"):
-        value = getattr(runtime, key, None)
+        value = getattr(loaded, key, None)
         if value not in (None, "", {}):
             facts[key] = value
     return facts

@@ -33,6 +33,7 @@ from edgefleet.v1 import grpc_predict_v2_pb2 as pb
 from edgefleet.v1 import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from edge_agent._version import __version__
+from edge_agent.serving.categorical import encode
 from edge_agent.serving.core import InferResult, ModelSignature, ServingCore
 from edge_agent.serving.errors import BadRequestError, InferenceError, ModelNotFoundError
 from edge_agent.serving.limits import (
@@ -81,7 +82,8 @@ def rows_from_proto(request: pb.ModelInferRequest, signature: ModelSignature) ->
     if tensor.name != signature.input_name:
         raise BadRequestError(f"expected input {signature.input_name!r}; got "
                               f"{shown(tensor.name)}")
-    if tensor.datatype != "FP32":
+    raw_values = tensor.datatype == "BYTES" and signature.categories is not None
+    if tensor.datatype != "FP32" and not raw_values:
         raise BadRequestError(f"expected datatype 'FP32'; got {shown(tensor.datatype)}")
     shape = tensor.shape
     features = signature.features
@@ -90,6 +92,9 @@ def rows_from_proto(request: pb.ModelInferRequest, signature: ModelSignature) ->
                               f"{shown(list(shape))}")
     rows = shape[0]
     count = rows * features
+    if raw_values:  # raw values of a model with categorical inputs: UTF-8 text per value
+        assert signature.categories is not None
+        return encode(list(tensor.contents.bytes_contents), rows, signature.categories)
     raw_inputs = request.raw_input_contents
     if raw_inputs:
         if len(raw_inputs) != 1 or (tensor.HasField("contents")

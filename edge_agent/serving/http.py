@@ -74,6 +74,7 @@ from edge_agent.serving.binary import (
     tensor_from_bytes,
     wants_binary_output,
 )
+from edge_agent.serving.categorical import encode
 from edge_agent.serving.core import InferResult, ModelSignature, ServingCore
 from edge_agent.serving.errors import (
     BadRequestError,
@@ -394,21 +395,19 @@ def parse_infer_request(
     if tensor.get("name") != signature.input_name:
         raise BadRequestError(f"expected input {signature.input_name!r}; got "
                               f"{shown(tensor.get('name'))}")
-    if tensor.get("datatype") != "FP32":
-        raise BadRequestError(f"expected datatype 'FP32'; got {shown(tensor.get('datatype'))}")
+    raw = tensor.get("datatype") == "BYTES" and signature.categories is not None
+    if tensor.get("datatype") != "FP32" and not raw:
+        also = " (or 'BYTES' with raw values: the model has categorical inputs)" \
+            if signature.categories is not None else ""
+        raise BadRequestError(f"expected datatype 'FP32'{also}; got "
+                              f"{shown(tensor.get('datatype'))}")
     shape = tensor.get("shape")
     features = signature.features
     if (not isinstance(shape, list) or len(shape) != 2
             or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
             or shape[0] < 1 or shape[1] != features):
         raise BadRequestError(f"expected shape [n, {features}] with n >= 1; got {shown(shape)}")
-    size = binary_size(tensor)
-    if size is not None:
-        x = tensor_from_bytes(binary, 0, size, "FP32", shape)
-        check_all_used(binary, size)
-    else:
-        check_all_used(binary, 0)
-        x = _rows_from_json(tensor.get("data"), shape[0], features)
+    x = _input_rows(tensor, binary, shape, signature, raw=raw)
     request_id = doc.get("id")
     if request_id is not None:
         if not isinstance(request_id, str):
@@ -426,6 +425,35 @@ def parse_infer_request(
     binary_output = wants_binary_output(params, outputs[0] if outputs else None)
     return InferRequest(x, request_id, key, _context(params) if request_id is not None else None,
                         binary_output)
+
+
+def _input_rows(tensor: dict[str, Any], binary: Any, shape: list[int],
+                signature: ModelSignature, *, raw: bool) -> np.ndarray:
+    """The input tensor's rows: binary FP32, JSON numbers, or (``raw``) JSON raw values that
+    the model's categories encode."""
+    size = binary_size(tensor)
+    if raw and size is not None:
+        raise BadRequestError("raw values of categorical inputs go in the tensor's JSON 'data'; "
+                              "binary tensor data carries FP32 codes")
+    if size is not None:
+        x = tensor_from_bytes(binary, 0, size, "FP32", shape)
+        check_all_used(binary, size)
+        return x
+    check_all_used(binary, 0)
+    if not raw:
+        return _rows_from_json(tensor.get("data"), shape[0], signature.features)
+    assert signature.categories is not None
+    data = tensor.get("data")
+    if not isinstance(data, list):
+        raise BadRequestError("expected 'data' to be a list of values")
+    return encode(_flat(data, shape[0]), shape[0], signature.categories)
+
+
+def _flat(data: list[Any], rows: int) -> list[Any]:
+    """A BYTES tensor's values, row-major: a flat list or one list per row."""
+    if len(data) == rows and all(isinstance(r, list) for r in data):
+        return [v for r in data for v in r]
+    return data
 
 
 def _rows_from_json(data: object, rows: int, features: int) -> np.ndarray:
