@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent.daemon import Agent
-from edge_agent.enroll import enroll
 from edge_agent.identity import load_credentials
 from edge_agent.install.model_store import ModelStore
 from edge_agent.install.release_trust import recorded_serial
@@ -110,6 +109,9 @@ def _status(state_dir: Path, as_json: bool) -> int:
         "last_error": live.get("last_error"),
         "consecutive_failures": live.get("consecutive_failures", 0),
         "release_serial": recorded_serial(state.release),
+        # What the running agent serves each version with (variant, threads, graph
+        # optimisation), as of its last status write.
+        "runtimes": live.get("runtimes", {}),
         "models": [
             {k: m.get(k) for k in ("name", "version", "state", "reason", "serving",
                                    "bundle_digest")}
@@ -135,12 +137,26 @@ def _status(state_dir: Path, as_json: bool) -> int:
             ],
         )
         if models:
+            runtimes = doc["runtimes"] if isinstance(doc["runtimes"], dict) else {}
             print()
-            print_table(("MODEL", "VERSION", "STATE", "SERVING", "REASON"), [
+            print_table(("MODEL", "VERSION", "STATE", "SERVING", "RUNS ON", "REASON"), [
                 (m["name"], m["version"], m["state"], "yes" if m["serving"] else "",
+                 _runs_on(runtimes.get(m["name"], {}).get(str(m["version"]))),
                  m.get("reason") or "-") for m in models
             ])
     return 0
+
+
+def _runs_on(facts: object) -> str:
+    """``onnx model.fp32.onnx (fp32), 2 threads``: what the running agent chose, or "-"."""
+    if not isinstance(facts, dict):
+        return "-"
+    what = f"{facts.get('kind', '?')} {facts.get('file', '')}".strip()
+    if facts.get("precision"):
+        what += f" ({facts['precision']})"
+    if facts.get("threads"):
+        what += f", {facts['threads']} thread{'s' if facts['threads'] != 1 else ''}"
+    return what
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if args.command == "enroll":
+            from edge_agent.enroll import enroll  # noqa: PLC0415 (grpc: only to enroll)
+
             cfg = enroll(
                 args.server,
                 args.token,

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.v1 import agent_pb2, common_pb2
 
@@ -34,9 +34,7 @@ from edge_agent.install.updater import Updater
 from edge_agent.reporting.drift import DriftConfig
 from edge_agent.reporting.outbox import Outbox
 from edge_agent.reporting.telemetry import TelemetrySender, encode
-from edge_agent.serving.grpc_server import start_grpc
-from edge_agent.serving.http import start_http
-from edge_agent.serving.metrics import ServingMetrics
+from edge_agent.serving.batching import policy as batch_policy
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.supervisor import ServingSupervisor
 from edge_agent.transport import RefusedError, Transport, make_transport
@@ -44,6 +42,9 @@ from fleetcore import pki
 from fleetcore.addresses import parse_hostport
 from fleetcore.errors import EdgefleetError, TransportError, UntrustedInputError
 from fleetcore.release import ReleaseDocument, SignedRelease
+
+if TYPE_CHECKING:
+    from edge_agent.serving.metrics import ServingMetrics
 
 __all__ = ["Agent", "AgentEvent"]
 
@@ -110,6 +111,9 @@ class Agent:
             drift=DriftConfig(window_requests=int(self.config.drift_window_requests),
                               window_seconds=self.config.drift_window_seconds),
         )
+        for name, rule in self.config.batching.items():  # checked here: a bad one stops start
+            self.supervisor.core.set_batching(name, batch_policy(
+                rule.get("max_batch_size"), rule.get("max_queue_delay_us", 0)))
         self.host = host_facts()
         self.started_at = clock()
         self.heartbeats = 0
@@ -170,7 +174,10 @@ class Agent:
             self._set_status(state="stopped")
             log.info("agent %s stopped", self.config.device_id)
 
-    async def _start_serving(self) -> list[Callable[[], Awaitable[None]]]:
+    def _metrics(self) -> ServingMetrics:
+        """The Prometheus collector behind the HTTP listener's /metrics."""
+        from edge_agent.serving.metrics import ServingMetrics  # noqa: PLC0415
+
         metrics = ServingMetrics(self.supervisor.core)
         metrics.add_gauge("edgefleet_outbox_depth", "Telemetry records waiting to be sent",
                           lambda: float(self.outbox.stats().depth))
@@ -185,13 +192,24 @@ class Agent:
                           lambda: {(m["name"], str(m["state"])): float(m["version"])
                                    for m in self.models.status() if m["serving"]},
                           labelnames=("model", "state"))
+        return metrics
+
+    async def _start_serving(self) -> list[Callable[[], Awaitable[None]]]:
         stops: list[Callable[[], Awaitable[None]]] = []
+        # Each front end is imported only when its listener is configured (docs/serving.md,
+        # "Agent footprint"): uvicorn and prometheus_client for HTTP; grpc and the v2 protobuf
+        # for gRPC.
         if self.listen:
+            from edge_agent.serving.http import start_http  # noqa: PLC0415
+
             host, port = parse_hostport(self.listen)
             http, self.http_port = await start_http(self.supervisor.core, host, port,
-                                                    metrics=metrics, parser=self.http_parser)
+                                                    metrics=self._metrics(),
+                                                    parser=self.http_parser)
             stops.append(http.stop)
         if self.grpc_listen:
+            from edge_agent.serving.grpc_server import start_grpc  # noqa: PLC0415
+
             host, port = parse_hostport(self.grpc_listen)
             grpc_server, self.grpc_port = await start_grpc(self.supervisor.core, host, port)
             stops.append(lambda: grpc_server.stop(1.0))
@@ -412,6 +430,7 @@ class Agent:
         self._status.update(changes)
         self._status.update(
             pid=os.getpid(),
+            runtimes=self.supervisor.core.runtimes(),  # variant, threads, ... per version
             updated_at=self.clock(),
             certificate_serial=self.creds.serial,
             certificate_expires_at=self.creds.not_after,

@@ -113,6 +113,9 @@ class AgentConfig:
     smoke_load_timeout_seconds: float = 60.0
     smoke_latency_budget_ms: float = 1000.0
     smoke_memory_mb: float = 2048.0  # address space of the smoke test's child process
+    # Dynamic batching per model (edge_agent/serving/batching.py), over a manifest's hint:
+    # [batching.MODEL] max_batch_size = 32, max_queue_delay_us = 500. Off when absent.
+    batching: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, state: StateDir) -> AgentConfig:
@@ -139,6 +142,14 @@ class AgentConfig:
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise InvalidInputError(f"{state.config}: agent.{name} must be a number >= 0")
             setattr(cfg, name, float(value))
+        batching = doc.get("batching", {})
+        if not isinstance(batching, dict) or not all(
+                isinstance(v, dict) and set(v) <= {"max_batch_size", "max_queue_delay_us"}
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in v.values())
+                for v in batching.values()):
+            raise InvalidInputError(f"{state.config}: [batching.MODEL] takes the integers "
+                                    "max_batch_size and max_queue_delay_us")
+        cfg.batching = {str(k): dict(v) for k, v in batching.items()}
         return cfg
 
     def save(self, state: StateDir) -> None:
@@ -165,5 +176,6 @@ class AgentConfig:
                     "smoke_memory_mb": self.smoke_memory_mb,
                 },
                 "labels": self.labels,
+                **({"batching": self.batching} if self.batching else {}),
             },
         )

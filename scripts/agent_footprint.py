@@ -9,6 +9,10 @@ the same virtual environment, put it first on the path:
     PYTHONPATH=/tmp/agent-before .venv/bin/python -m scripts.agent_footprint
 
 The report says which ``edge_agent`` was measured (``edge_agent_file``).
+
+``--by-import``: resident memory import by import, in one fresh interpreter, in the order an
+MQTT agent serving HTTP loads them (numpy and ONNX Runtime first: the bare baseline holds
+them too); each line is what that import added on top of the ones before it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,39 @@ agent = sys.modules.get("edge_agent")
 print(json.dumps({{"seconds": seconds, "rss_kib": rss_kib, "modules": mods,
                   "edge_agent_file": getattr(agent, "__file__", None)}}))
 """
+
+
+# What an agent loads, in load order; the transport and listeners as configured.
+BY_IMPORT = ("numpy", "onnxruntime", "cryptography.x509", "google.protobuf.message",
+             "edgefleet.v1.agent_pb2", "edge_agent.state", "edge_agent.identity",
+             "edge_agent.install.smoke", "edge_agent.install.updater", "edge_agent.reporting.drift",
+             "edge_agent.serving.core", "edge_agent.daemon", "edge_agent.cli",
+             "edge_agent.transport.mqtt", "edge_agent.transport.grpc", "uvicorn", "httptools",
+             "uvloop", "edge_agent.serving.http", "prometheus_client",
+             "edge_agent.serving.metrics", "edge_agent.serving.grpc_server", "model_signing")
+
+_BY_IMPORT = """
+import importlib, json, sys
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+rows, prev = [], rss()
+rows.append(("(bare interpreter)", prev, prev))
+for name in {modules!r}:
+    importlib.import_module(name)
+    now = rss()
+    rows.append((name, round(now - prev, 1), round(now, 1)))
+    prev = now
+print(json.dumps(rows))
+"""
+
+
+def by_import(modules: tuple[str, ...] = BY_IMPORT) -> list[tuple[str, float, float]]:
+    """(module, MiB its import added, MiB resident after it), in one fresh interpreter."""
+    out = subprocess.run([sys.executable, "-P", "-c", _BY_IMPORT.format(modules=modules)],
+                         capture_output=True, text=True, check=True)
+    return [tuple(row) for row in json.loads(out.stdout)]
 
 
 def _probe(modules: tuple[str, ...]) -> dict[str, Any]:
@@ -74,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--modules", action="store_true",
                         help="also list every module the import loads")
+    parser.add_argument("--by-import", action="store_true",
+                        help="resident memory import by import (module docstring)")
     args = parser.parse_args(argv)
+    if args.by_import:
+        for name, added, total in by_import():
+            print(f"{name:36s} +{added:6.1f} MiB  {total:6.1f} MiB")
+        return 0
     report = measure(args.runs)
     if args.modules:
         probe = _probe(ENTRY_POINTS)

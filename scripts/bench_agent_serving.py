@@ -53,6 +53,7 @@ from starlette.routing import Route
 
 from edge_agent.cli import event_loop_factory
 from edge_agent.reporting.drift import DriftConfig, DriftMonitor
+from edge_agent.serving.batching import policy as batch_policy
 from edge_agent.serving.core import ServingCore
 from edge_agent.serving.http import start_http
 from edge_agent.serving.runtime import io_names, model_dims, onnx_session
@@ -61,7 +62,7 @@ from fleetcore.bundle import MANIFEST, MODEL_ONNX
 REPO = Path(__file__).resolve().parent.parent
 
 __all__ = ["bench_hostile_rss", "bench_http", "bench_inprocess", "bench_session_options",
-           "bench_update_cost"]
+           "bench_update_cost", "grpc_servers"]
 
 _BLOCKS = 10
 _HTTP_ROUNDS = 4  # alternating, so that a shared host's drift hits both servers
@@ -152,11 +153,14 @@ def starlette_baseline(bundle_dir: Path) -> Starlette:
 
 # Server kinds: the agent on its default stack (httptools and uvloop where installed), the
 # agent on the plain stack (h11 and asyncio's loop), the minimal Starlette app.
-SERVER_KINDS = ("agent", "agent-plain", "starlette")
+# "agent-batched": the default stack with dynamic batching (max_batch_size 32, no queue delay:
+# a batch holds what arrived while the previous one ran); "agent-batched-500us": waiting up to
+# 500 µs for a batch to fill.
+SERVER_KINDS = ("agent", "agent-plain", "agent-batched", "agent-batched-500us", "starlette")
 
 
 def _serve_process(kind: str, bundle_dir: Path) -> None:
-    factory = event_loop_factory("auto" if kind == "agent" else "asyncio")
+    factory = event_loop_factory("asyncio" if kind in ("agent-plain", "starlette") else "auto")
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(_serve(kind, bundle_dir))
 
@@ -167,8 +171,11 @@ async def _serve(kind: str, bundle_dir: Path) -> None:
         core = ServingCore()
         core.set_model(manifest["name"], [(manifest["version"], 1.0, False)],
                        {manifest["version"]: bundle_dir})
+        if kind.startswith("agent-batched"):
+            core.set_batching(manifest["name"], batch_policy(
+                32, 500 if kind.endswith("500us") else 0))
         _, port = await start_http(core, "127.0.0.1", 0,
-                                   parser="auto" if kind == "agent" else "h11")
+                                   parser="h11" if kind == "agent-plain" else "auto")
         print(f"PORT {port}", flush=True)
         await asyncio.Event().wait()
     config = uvicorn.Config(starlette_baseline(bundle_dir), host="127.0.0.1", port=0,
@@ -180,6 +187,64 @@ async def _serve(kind: str, bundle_dir: Path) -> None:
         await asyncio.sleep(0.01)
     print(f"PORT {server.servers[0].sockets[0].getsockname()[1]}", flush=True)
     await task
+
+
+async def _echo(request: bytes, context: Any) -> bytes:
+    return request
+
+
+async def _serve_grpc(bundle_dir: Path) -> None:
+    """The agent's gRPC server and a bare echo server (a generic handler, bytes in and out) on
+    one loop, in one process: ``PORT agent echo``."""
+    import grpc  # noqa: PLC0415 (only this server process needs it)
+
+    from edge_agent.serving.grpc_server import start_grpc  # noqa: PLC0415
+
+    manifest = _manifest(bundle_dir)
+    core = ServingCore()
+    core.set_model(manifest["name"], [(manifest["version"], 1.0, False)],
+                   {manifest["version"]: bundle_dir})
+    _, port = await start_grpc(core, "127.0.0.1", 0)
+    echo = grpc.aio.server()
+    echo.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Ping": grpc.unary_unary_rpc_method_handler(_echo)}),))
+    echo_port = echo.add_insecure_port("127.0.0.1:0")
+    await echo.start()
+    print(f"PORT {port} {echo_port}", flush=True)
+    await asyncio.Event().wait()
+
+
+async def _serve_both(bundle_dir: Path, http_port: int, grpc_port: int) -> None:
+    """The agent's HTTP and gRPC servers on given ports (``scripts/bench_peers.py``: its cold
+    start counts from the process start to the model's readiness)."""
+    from edge_agent.serving.grpc_server import start_grpc  # noqa: PLC0415
+
+    manifest = _manifest(bundle_dir)
+    core = ServingCore()
+    core.set_model(manifest["name"], [(manifest["version"], 1.0, False)],
+                   {manifest["version"]: bundle_dir})
+    servers = (await start_grpc(core, "127.0.0.1", grpc_port),  # kept: a dropped grpc.aio
+               await start_http(core, "127.0.0.1", http_port))  # server stops
+    await asyncio.Event().wait()
+    del servers
+
+
+@contextlib.contextmanager
+def grpc_servers(bundle_dir: Path) -> Iterator[tuple[int, int]]:
+    """(agent port, echo port) of a ``serve-grpc`` process (``_serve_grpc``)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.bench_agent_serving", "serve-grpc", str(bundle_dir)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"gRPC servers did not start: {line!r}")
+        _, port, echo_port = line.split()
+        yield int(port), int(echo_port)
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @contextlib.contextmanager
@@ -450,12 +515,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("models", type=Path, nargs="+")
     p = sub.add_parser("hostile")
     p.add_argument("bundle", type=Path)
+    p = sub.add_parser("serve-both")  # internal: the agent of scripts/bench_peers.py
+    p.add_argument("bundle", type=Path)
+    p.add_argument("http_port", type=int)
+    p.add_argument("grpc_port", type=int)
+    p = sub.add_parser("serve-grpc")  # internal: the gRPC servers of grpc_servers
+    p.add_argument("bundle", type=Path)
     p = sub.add_parser("serve")  # internal: one server process of bench_http
     p.add_argument("kind", choices=SERVER_KINDS)
     p.add_argument("bundle", type=Path)
     args = parser.parse_args(argv)
     if args.command == "serve":
         _serve_process(args.kind, args.bundle)
+        return 0
+    if args.command == "serve-both":
+        with asyncio.Runner(loop_factory=event_loop_factory("auto")) as runner:
+            runner.run(_serve_both(args.bundle, args.http_port, args.grpc_port))
+        return 0
+    if args.command == "serve-grpc":
+        with asyncio.Runner(loop_factory=event_loop_factory("auto")) as runner:
+            runner.run(_serve_grpc(args.bundle))
         return 0
     if args.command == "inprocess":
         result: Any = bench_inprocess(args.bundle, args.n)

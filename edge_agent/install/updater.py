@@ -39,9 +39,9 @@ from edge_agent.install.download import fetch_bundle
 from edge_agent.install.lifecycle import InstallState
 from edge_agent.install.model_store import InstallOutcome, ModelStore
 from edge_agent.install.probation import LatencySample, Probation, ProbationPolicy
+from edge_agent.install.verify_child import verify_isolated
 from edge_agent.transport.base import Transport
 from fleetcore.archive import safe_extract
-from fleetcore.bundle_verify import verify_bundle_dir
 from fleetcore.errors import EdgefleetError, TransportError
 from fleetcore.release import Arm, ReleaseDocument
 
@@ -132,7 +132,8 @@ class Updater:
 
     @staticmethod
     def verifier(publisher_pems: list[bytes]) -> Callable[[Path], dict[str, Any]]:
-        return lambda path: verify_bundle_dir(path, publisher_pems)
+        # In a child process: model_signing never stays in the agent (verify_child.py).
+        return lambda path: verify_isolated(path, publisher_pems)
 
     async def apply(self, doc: ReleaseDocument, transport: Transport) -> None:
         for model in doc.models:

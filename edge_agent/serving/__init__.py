@@ -11,22 +11,47 @@ Use::
     ...
     await http.stop(); await grpc_server.stop(1.0); core.close()
 
-Each module's docstring states its rules; ``scripts/bench_agent_serving.py`` (not shipped)
-measures the docs/design.md §9 targets.
+The names are loaded on first use (``__getattr__``): importing one module of the package
+does not import the others. Each module's docstring states its rules;
+``scripts/bench_agent_serving.py`` (not shipped) measures the docs/design.md §9 targets.
 """
 
-from edge_agent.serving.core import InferResult, ModelSignature, ServingCore
-from edge_agent.serving.errors import (
-    BadRequestError,
-    InferenceError,
-    ModelNotFoundError,
-    PayloadTooLargeError,
-)
-from edge_agent.serving.grpc_server import start_grpc
-from edge_agent.serving.http import HttpServer, start_http
-from edge_agent.serving.metrics import ServingMetrics
-from edge_agent.serving.router import Router, RouterArm
-from edge_agent.serving.runtime import Runtime, load_runtime
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names below are loaded on first use (module rules)
+    from edge_agent.serving.core import InferResult, ModelSignature, ServingCore
+    from edge_agent.serving.errors import (
+        BadRequestError,
+        InferenceError,
+        ModelNotFoundError,
+        PayloadTooLargeError,
+    )
+    from edge_agent.serving.grpc_server import start_grpc
+    from edge_agent.serving.http import HttpServer, start_http
+    from edge_agent.serving.metrics import ServingMetrics
+    from edge_agent.serving.router import Router, RouterArm
+    from edge_agent.serving.runtime import Runtime, load_runtime
+
+# name -> module: importing the package loads none of them, so an agent that serves only
+# HTTP never loads the gRPC front end (and its protobuf and grpc modules), and one that serves
+# none never loads uvicorn (docs/serving.md, "Agent footprint").
+_WHERE = {
+    "InferResult": "core", "ModelSignature": "core", "ServingCore": "core",
+    "BadRequestError": "errors", "InferenceError": "errors", "ModelNotFoundError": "errors",
+    "PayloadTooLargeError": "errors", "start_grpc": "grpc_server", "HttpServer": "http",
+    "start_http": "http", "ServingMetrics": "metrics", "Router": "router",
+    "RouterArm": "router", "Runtime": "runtime", "load_runtime": "runtime",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edge_agent.serving' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"edge_agent.serving.{module}"), name)
 
 __all__ = [
     "BadRequestError",

@@ -45,7 +45,6 @@ import asyncio
 import functools
 import logging
 import math
-import os
 import random
 import threading
 import time
@@ -58,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.serving._background import Background
+from edge_agent.serving.batching import Batcher, BatchPolicy, manifest_policy
 from edge_agent.serving.categorical import Categories, ClampedRuntime, from_manifests
 from edge_agent.serving.errors import BadRequestError, InferenceError, ModelNotFoundError
 from edge_agent.serving.limits import (
@@ -71,12 +71,13 @@ from edge_agent.serving.limits import (
     shown,
 )
 from edge_agent.serving.router import Router, RouterArm
-from edge_agent.serving.runtime import Runtime, io_names, load_runtime
+from edge_agent.serving.runtime import Runtime, io_names, load_runtime, usable_cores
 from edge_agent.serving.stats import ArmStats, Pending, Predicted, PredictionLog, as_classes
 from fleetcore.bundle import MANIFEST, manifest_task, parse_manifest
 from fleetcore.errors import InvalidInputError
 
-__all__ = ["INLINE_MAX_ROWS", "INLINE_MAX_S", "InferResult", "ModelSignature", "ServingCore"]
+__all__ = ["INLINE_MAX_ROWS", "INLINE_MAX_S", "InferResult", "ModelSignature", "ServingCore",
+           "runtime_facts"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class _Model:
     prefer: str
     finite_only: bool  # refuse NaN/Inf rows (unless every manifest allows them)
     task: str  # "classification" | "regression": the same for every arm
+    batching: BatchPolicy | None = None  # the primary's manifest hint (``batching.py``)
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,10 @@ class ServingCore:
         self.log = PredictionLog(feedback_capacity, max_bytes=feedback_bytes)
         self._background = Background(self._run_background, capacity=background_capacity,
                                       capacity_bytes=background_bytes)
-        self._executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+        self._executor = ThreadPoolExecutor(max_workers=max(2, usable_cores()),
                                             thread_name_prefix="serving")
+        self._batching: dict[str, BatchPolicy] = {}  # the agent's config; replaced whole
+        self._batcher = Batcher(self)
 
     # ------------------------------------------------------------------ models
     def set_model(self, name: str, arms: Sequence[tuple[int, float, bool]],
@@ -248,6 +252,7 @@ class ServingCore:
                 counters=counters, prefer=prefer,
                 finite_only=not all(_allows_non_finite(m) for m in manifests.values()),
                 task=task,
+                batching=manifest_policy(manifests[_primary(router).version]),
             )
             self._models = {**self._models, name: model}
         logger.info("%s now serves %s", name,
@@ -283,6 +288,20 @@ class ServingCore:
               routing_key: str | None = None, version: int | None = None,
               context: Mapping[str, str] | None = None) -> InferResult:
         model = self._model(name)
+        x, version, shadows = self._route(model, x, request_id, routing_key, version)
+        arm = model.arms[version]
+        t0 = time.perf_counter()
+        try:
+            out = model.runtimes[version].predict(x)
+        except Exception as exc:
+            self._failed(model, version, time.perf_counter() - t0, len(x), exc)
+            raise InferenceError(f"{name} v{version} failed: {exc}") from exc
+        return self._answered(model, arm, x, out, time.perf_counter() - t0, request_id,
+                              shadows, context)
+
+    def _route(self, model: _Model, x: Any, request_id: str | None, routing_key: str | None,
+               version: int | None) -> tuple[np.ndarray, int, tuple[int, ...]]:
+        """Check a request and choose its version (the A/B router, or the one asked for)."""
         x = _check_rows(model, x)
         if ((request_id is not None and len(request_id) > MAX_REQUEST_ID_CHARS)
                 or (routing_key is not None and len(routing_key) > MAX_ROUTING_KEY_CHARS)):
@@ -292,42 +311,73 @@ class ServingCore:
                                   "characters")
         if version is None:
             version, shadows = model.router.choose(routing_key)
-        elif version in model.runtimes:
-            shadows = ()
-        else:
-            raise ModelNotFoundError(f"{name} v{version} is not served; versions: "
-                                     f"{sorted(model.runtimes)}")
-        arm = model.arms[version]
-        t0 = time.perf_counter()
-        try:
-            out = model.runtimes[version].predict(x)
-        except Exception as exc:
-            latency = time.perf_counter() - t0
-            arm.record(False, latency)
-            if self._on_result is not None:
-                self._on_result(name, version, False, latency)
-            logger.warning("%s v%d failed on %d rows: %s", name, version, len(x), exc)
-            raise InferenceError(f"{name} v{version} failed: {exc}") from exc
-        latency = time.perf_counter() - t0
-        arm.record(True, latency, len(x))
+            return x, version, shadows
+        if version in model.runtimes:
+            return x, version, ()
+        raise ModelNotFoundError(f"{model.name} v{version} is not served; versions: "
+                                 f"{sorted(model.runtimes)}")
+
+    def _failed(self, model: _Model, version: int, latency: float, rows: int,
+                exc: Exception, executions: int = 1) -> None:
+        model.arms[version].record(False, latency, rows, executions)
         if self._on_result is not None:
-            self._on_result(name, version, True, latency)
+            self._on_result(model.name, version, False, latency)
+        logger.warning("%s v%d failed on %d rows: %s", model.name, version, rows, exc)
+
+    def _answered(self, model: _Model, arm: ArmStats, x: np.ndarray, out: np.ndarray,
+                  latency: float, request_id: str | None, shadows: tuple[int, ...],
+                  context: Mapping[str, str] | None, executions: int = 1) -> InferResult:
+        """Everything a request's answer updates: the arm's numbers, the result hook, the
+        feedback log, shadows and the prediction hook (the same with or without batching)."""
+        arm.record(True, latency, len(x), executions)
+        if self._on_result is not None:
+            self._on_result(model.name, arm.version, True, latency)
         if request_id is not None or shadows or self._on_prediction is not None:
             self._after(model, arm, x, out, request_id, shadows, context)
-        return InferResult(name, version, out, request_id)
+        return InferResult(model.name, arm.version, out, request_id)
 
     async def ainfer(self, name: str, x: np.ndarray, *, request_id: str | None = None,
                      routing_key: str | None = None, version: int | None = None,
                      context: Mapping[str, str] | None = None) -> InferResult:
         """``infer`` for an event loop: inline for fast models and small batches, else on a
-        thread pool (see ``INLINE_MAX_S``)."""
+        thread pool (see ``INLINE_MAX_S``); with dynamic batching on for the model
+        (``batching.py``), joined with other requests to the same version first."""
         model = self._models.get(name)
+        policy = None if model is None else self._batching.get(name, model.batching)
+        if model is not None and policy is not None and len(x) < policy.max_batch_size:
+            x, chosen, shadows = self._route(model, x, request_id, routing_key, version)
+            return await self._batcher.submit(model, chosen, x, policy, (request_id, shadows,
+                                                                         context))
         if model is None or (model.inline and len(x) <= INLINE_MAX_ROWS):
             return self.infer(name, x, request_id=request_id, routing_key=routing_key,
                               version=version, context=context)
         call = functools.partial(self.infer, name, x, request_id=request_id,
                                  routing_key=routing_key, version=version, context=context)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def set_batching(self, name: str, policy: BatchPolicy | None) -> None:
+        """Dynamic batching for ``name`` (the agent's config), over the manifest's runtime
+        hint; None goes back to the manifest's (off when it has none)."""
+        rules = {k: v for k, v in self._batching.items() if k != name}
+        if policy is not None:
+            rules[name] = policy
+        self._batching = rules
+
+    async def _run_batch(self, model: _Model, version: int, rows: np.ndarray) -> tuple[
+            np.ndarray, float]:
+        """One runtime call for a joined batch: (outputs, latency); inline when it is cheap."""
+        runtime = model.runtimes[version]
+        if model.inline and len(rows) <= INLINE_MAX_ROWS:
+            t0 = time.perf_counter()
+            out = runtime.predict(rows)
+            return out, time.perf_counter() - t0
+
+        def timed() -> tuple[np.ndarray, float]:
+            t0 = time.perf_counter()
+            out = runtime.predict(rows)
+            return out, time.perf_counter() - t0
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
 
     def note_bad_request(self, name: str) -> None:
         """Count a request to ``name`` that a front end refused before it reached ``infer``."""
@@ -380,7 +430,9 @@ class ServingCore:
             for a in model.router.arms:
                 arms[str(a.version)] = {
                     "shadow": a.shadow, "weight": a.weight, "share": model.router.share(a.version),
-                    "runtime": model.runtimes[a.version].kind, **model.arms[a.version].snapshot(),
+                    "runtime": model.runtimes[a.version].kind,
+                    **runtime_facts(model.runtimes[a.version]),
+                    **model.arms[a.version].snapshot(),
                 }
             out[name] = {"task": model.task, "bad_requests": c.bad_requests,
                          "mirror_dropped": c.mirror_dropped,
@@ -392,6 +444,12 @@ class ServingCore:
                                                 "evicted": self.log.evicted},
                 "background_queue": len(self._background),
                 "background_queue_bytes": self._background.bytes}
+
+    def runtimes(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per model and served version, what runs it (``runtime_facts``)."""
+        return {name: {str(v): {"kind": r.kind, **runtime_facts(r)}
+                       for v, r in sorted(model.runtimes.items())}
+                for name, model in self._models.items()}
 
     def arm_stats(self) -> list[tuple[ArmStats, bool]]:
         """(stats, is_shadow) of every arm served now (for the metrics collector)."""
@@ -551,8 +609,24 @@ def _score(arm: ArmStats, predicted: Predicted, labels: Labels) -> None:
         arm.score(sum(1 for c, y in zip(rows, labels, strict=True) if c == y), len(rows))
 
 
+def runtime_facts(runtime: Runtime) -> dict[str, Any]:
+    """What the agent chose for this host (docs/serving.md, "Hardware fit"): the file (the
+    variant), its precision, intra-op threads, graph optimisation, and what it measured."""
+    facts: dict[str, Any] = {"row_latency_us": round(runtime.row_latency_s * 1e6, 2)}
+    loaded = getattr(runtime, "inner", runtime)  # under a categorical model's clamp
+    for key in ("file", "precision", "threads", "graph_optimization", "variants"):
+        value = getattr(loaded, key, None)
+        if value not in (None, "", {}):
+            facts[key] = value
+    return facts
+
+
+def _primary(router: Router) -> RouterArm:
+    return max(router.arms, key=lambda a: (not a.shadow, a.weight))
+
+
 def _metadata(model: _Model) -> dict[str, Any]:
-    primary = max(model.router.arms, key=lambda a: (not a.shadow, a.weight))
+    primary = _primary(model.router)
     manifest = model.manifests[primary.version]
     sig = model.signature
     return {

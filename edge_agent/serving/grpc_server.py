@@ -24,6 +24,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+import sys
 from typing import NoReturn
 
 import grpc
@@ -57,6 +58,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _LE_F4 = np.dtype("<f4")
+_NATIVE_LE = sys.byteorder == "little"
 
 # Domain errors -> gRPC status codes: the one place where that mapping lives. First match wins.
 _STATUS: tuple[tuple[type[EdgefleetError], grpc.StatusCode], ...] = (
@@ -67,40 +69,49 @@ _STATUS: tuple[tuple[type[EdgefleetError], grpc.StatusCode], ...] = (
 
 
 def rows_from_proto(request: pb.ModelInferRequest, signature: ModelSignature) -> np.ndarray:
-    """The request's rows as float32 ``[n, features]``, or ``BadRequestError``."""
-    if len(request.inputs) != 1:
+    """The request's rows as float32 ``[n, features]``, or ``BadRequestError``.
+
+    ``raw_input_contents`` is not copied: the rows are a read-only view of the request's bytes
+    (little-endian float32 is the host's float32 on every platform the agent runs on; a
+    big-endian host gets a native copy). ``ServingCore`` copies what it keeps."""
+    inputs = request.inputs
+    if len(inputs) != 1:
         raise BadRequestError(f"expected one input tensor named {signature.input_name!r}; got "
-                              f"{len(request.inputs)}")
-    tensor = request.inputs[0]
+                              f"{len(inputs)}")
+    tensor = inputs[0]
     if tensor.name != signature.input_name:
         raise BadRequestError(f"expected input {signature.input_name!r}; got "
                               f"{shown(tensor.name)}")
     raw_values = tensor.datatype == "BYTES" and signature.categories is not None
     if tensor.datatype != "FP32" and not raw_values:
         raise BadRequestError(f"expected datatype 'FP32'; got {shown(tensor.datatype)}")
-    shape = list(tensor.shape)
+    shape = tensor.shape
     features = signature.features
     if len(shape) != 2 or shape[0] < 1 or shape[1] != features:
         raise BadRequestError(f"expected shape [n, {features}] with n >= 1; got "
-                              f"{shown(shape)}")
-    count = shape[0] * features
+                              f"{shown(list(shape))}")
+    rows = shape[0]
+    count = rows * features
     if raw_values:  # raw values of a model with categorical inputs: UTF-8 text per value
         assert signature.categories is not None
-        return encode(list(tensor.contents.bytes_contents), shape[0], signature.categories)
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1 or len(tensor.contents.fp32_contents):
+        return encode(list(tensor.contents.bytes_contents), rows, signature.categories)
+    raw_inputs = request.raw_input_contents
+    if raw_inputs:
+        if len(raw_inputs) != 1 or (tensor.HasField("contents")
+                                    and len(tensor.contents.fp32_contents)):
             raise BadRequestError("give the input either as one raw_input_contents buffer or in "
                                   "contents, not both")
-        raw = request.raw_input_contents[0]
+        raw = raw_inputs[0]
         if len(raw) != count * 4:
             raise BadRequestError(f"expected {count * 4} raw bytes ({count} FP32); got "
                                   f"{len(raw)}")
-        return np.frombuffer(raw, dtype=_LE_F4).astype(np.float32).reshape(shape[0], features)
+        x = np.frombuffer(raw, dtype=_LE_F4).reshape(rows, features)
+        return x if _NATIVE_LE else x.astype(np.float32)
     values = tensor.contents.fp32_contents
     if len(values) != count:
         raise BadRequestError(f"expected {count} values in contents.fp32_contents; got "
                               f"{len(values)}")
-    return np.array(values, dtype=np.float32).reshape(shape[0], features)
+    return np.array(values, dtype=np.float32).reshape(rows, features)
 
 
 def response_to_proto(result: InferResult, signature: ModelSignature, *,

@@ -15,6 +15,13 @@ Rules:
   remainder is at least ``t(b64) / t(b1)`` rows (measured at load), in which case it is padded
   to 64 and sliced, which is then cheaper. An interpreter is not thread-safe, so calls take a
   lock.
+* Hardware fit (docs/serving.md, "Hardware fit"): intra-op threads are the manifest's, clamped
+  to the cores this process may use (``usable_cores``: its CPU affinity, so a container's or
+  taskset's limit counts, not the machine's core count); graph optimisation ``ORT_ENABLE_ALL``
+  (which includes the layout passes specific to the host's instruction set). A bundle may offer
+  several ONNX files for one version (``runtime.onnx.variants``, e.g. int8 and fp32): each is
+  loaded, checked against the manifest's smoke test, timed here, and the fastest that passes is
+  served (``_fastest_variant``); the runtime says which (``file``, ``precision``, ``variants``).
 * Every runtime runs one warm-up row at load, so the first request after a switch is not slow,
   and remembers ``row_latency_s`` (median of a few one-row runs) for the inline-or-thread
   decision of the front ends.
@@ -74,6 +81,7 @@ __all__ = [
     "load_runtime",
     "model_dims",
     "onnx_session",
+    "usable_cores",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,6 +91,7 @@ INTRA_OP_THREADS = 1  # the default; see the table above
 _ORT_LOG_ERROR = 3
 _TIMED_ROWS = 5  # one-row runs timed at load for ``row_latency_s``
 _TFLITE_BATCH = 64
+_MAX_VARIANTS = 4  # ONNX files a bundle may offer for one version (the rest are ignored)
 
 
 class Runtime(Protocol):
@@ -95,6 +104,15 @@ class Runtime(Protocol):
     row_latency_s: float  # median of a one-row predict, measured at load
 
     def predict(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a taskset's
+    limit), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity call on this platform
+        return os.cpu_count() or 1
 
 
 def onnx_session(path: Path, *, threads: int = INTRA_OP_THREADS,
@@ -112,13 +130,18 @@ def onnx_session(path: Path, *, threads: int = INTRA_OP_THREADS,
 
 class OnnxRuntime:
     kind: RuntimeKind = "onnx"
+    graph_optimization = "all"  # ORT_ENABLE_ALL: includes the host-specific layout passes
 
     def __init__(self, path: Path, version: int, features: int, classes: int,
-                 input_name: str, output_name: str, threads: int = INTRA_OP_THREADS) -> None:
+                 input_name: str, output_name: str, threads: int = INTRA_OP_THREADS,
+                 precision: str = "") -> None:
         self.version = version
         self.features = features
         self.classes = classes
         self.threads = threads
+        self.file = path.name
+        self.precision = precision  # as the manifest names it ("" when it does not)
+        self.variants: dict[str, Any] = {}  # what load_runtime measured of each candidate
         self._session = onnx_session(path, threads=threads)
         self._outputs = [output_name]
         self._input = input_name
@@ -205,9 +228,82 @@ def load_runtime(bundle_dir: Path, manifest: dict[str, Any], *,
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         threads = INTRA_OP_THREADS
     input_name, output_name = io_names(manifest)
-    return OnnxRuntime(_bundle_file(bundle_dir, onnx_spec.get("file", MODEL_ONNX)), version,
-                       features, classes, input_name, output_name,
-                       threads=min(threads, os.cpu_count() or 1))
+    threads = min(threads, usable_cores())
+    candidates = _variants(onnx_spec)
+    if len(candidates) == 1:
+        file, precision = candidates[0]
+        return OnnxRuntime(_bundle_file(bundle_dir, file), version, features, classes,
+                           input_name, output_name, threads=threads, precision=precision)
+    return _fastest_variant(bundle_dir, manifest, candidates, features, classes, input_name,
+                            output_name, threads)
+
+
+def _variants(onnx_spec: dict[str, Any]) -> list[tuple[str, str]]:
+    """(file, precision) of the main ONNX file and of each ``runtime.onnx.variants`` entry
+    (``[{"file": "model.fp32.onnx", "precision": "fp32"}, ...]``), in that order."""
+    main = onnx_spec.get("file", MODEL_ONNX)
+    precision = onnx_spec.get("precision", "")
+    out = [(main, precision if isinstance(precision, str) else "")]
+    listed = onnx_spec.get("variants")
+    for entry in listed if isinstance(listed, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+            label = entry.get("precision", "")
+            if entry["file"] not in {f for f, _ in out}:
+                out.append((entry["file"], label if isinstance(label, str) else ""))
+    return out[:_MAX_VARIANTS]
+
+
+def _fastest_variant(bundle_dir: Path, manifest: dict[str, Any],
+                     candidates: list[tuple[str, str]], features: int, classes: int,
+                     input_name: str, output_name: str, threads: int) -> OnnxRuntime:
+    """Load each variant, check it against the manifest's smoke test (the main file passed
+    it in the install's isolated child; a variant that does not is skipped), time it on this
+    host (median one-row ``predict`` and smoke batch), and keep the fastest by the one-row
+    time. The others are let go."""
+    spec = _section(manifest, "smoke_test")
+    best: OnnxRuntime | None = None
+    report: dict[str, Any] = {}
+    for file, precision in candidates:
+        try:
+            runtime = OnnxRuntime(_bundle_file(bundle_dir, file), int(manifest["version"]),
+                                  features, classes, input_name, output_name,
+                                  threads=threads, precision=precision)
+            reason = _smoke_mismatch(runtime, spec)
+        except Exception as exc:  # a variant that does not load is not served
+            report[file] = {"precision": precision, "accepted": False,
+                            "reason": f"{type(exc).__name__}: {exc}"[:200]}
+            continue
+        entry: dict[str, Any] = {"precision": precision, "accepted": reason is None,
+                                 "row_latency_us": round(runtime.row_latency_s * 1e6, 2)}
+        if reason is not None:
+            entry["reason"] = reason
+        report[file] = entry
+        if reason is None and (best is None or runtime.row_latency_s < best.row_latency_s):
+            best = runtime
+    if best is None:
+        raise InvalidInputError(f"{manifest.get('name')} v{manifest.get('version')}: no ONNX "
+                                f"variant passes the smoke test: {report}")
+    best.variants = report
+    logger.info("%s v%s serves %s (%s) of %s", manifest.get("name"), manifest.get("version"),
+                best.file, best.precision or "?", report)
+    return best
+
+
+def _smoke_mismatch(runtime: OnnxRuntime, spec: dict[str, Any]) -> str | None:
+    """Why ``runtime`` fails the manifest's smoke test (outputs within ``atol`` of expected,
+    the same class per row if asked), or None when it passes (or there is none to run)."""
+    inputs, expected = spec.get("inputs"), spec.get("expected")
+    if not isinstance(inputs, list) or not isinstance(expected, list):
+        return None
+    x = np.ascontiguousarray(np.asarray(inputs, dtype=np.float32))
+    want = np.asarray(expected, dtype=np.float64)
+    got = np.asarray(runtime.predict(x), dtype=np.float64)
+    atol = float(spec.get("atol", 0.0))
+    if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=0.0):
+        return f"outputs differ from the smoke test's expected (atol {atol:g})"
+    if spec.get("require_same_argmax") and not (got.argmax(-1) == want.argmax(-1)).all():
+        return "a predicted class differs from the smoke test's"
+    return None
 
 
 def model_dims(manifest: dict[str, Any]) -> tuple[int, int]:
