@@ -180,6 +180,9 @@ class MqttSource:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
                        reason: ReasonCode, props: Properties | None) -> None:
         self._events.put(("disconnect", reason))
+        if reason.value == 0x8E:  # Session taken over
+            log.warning("%s: another client connected with this ingest's client id %s (two "
+                        "followers of one pipeline?); reconnecting", self.url, self._client_id)
         with self._unsubacked:
             self._generation_lost = True  # an ack waiting for its round trip stops waiting
             self._unsubacked.notify_all()
