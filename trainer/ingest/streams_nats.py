@@ -175,6 +175,9 @@ class NatsSource:
             log.warning("%s: fetch: %s (reconnecting)", self.url, self._describe(exc))
             await asyncio.sleep(min(timeout_s, RECONNECT_WAIT_S))
             return []
+        except nats.errors.Error as exc:  # e.g. the consumer or the stream was deleted
+            raise TransportError(f"{self._where}: fetch from the consumer {self._durable!r} "
+                                 f"failed: {self._describe(exc)}") from None
         out = []
         for msg in msgs:
             if len(msg.data) > self._limits.max_message_bytes:
