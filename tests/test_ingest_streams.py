@@ -33,7 +33,7 @@ import pytest
 
 from control_plane.services.broker import MqttSettings
 from fleetcore import pki
-from fleetcore.errors import InvalidInputError
+from fleetcore.errors import InvalidInputError, TransportError
 from scripts.broker import Mosquitto
 from tests.mqtt_support import MOSQUITTO, free_port
 from tests.support import WAIT
@@ -778,3 +778,27 @@ def test_bench_measures_both_clients_and_their_baselines(tmp_path: Path) -> None
     assert [r["name"].split(" stream client")[0] for r in rows_] == ["MQTT", "NATS JetStream"]
     for r in rows_:
         assert r["figure"] > 0 and r["baseline"] > 0 and r["unit"] == "msg/s"
+
+
+def test_nats_a_deleted_consumer_is_reported_in_one_line(
+        jetstream: JetStream, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.ingest import streams_nats  # noqa: PLC0415
+
+    monkeypatch.setattr(streams_nats, "CONSUMER_CHECK_S", 0.0)
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    source = open_stream(jetstream.url, name=name, settings={})
+    source.open()
+    try:
+        assert source.fetch(10, 0.2) == []  # idle, and the consumer is there
+
+        async def delete() -> None:
+            nc = await nats.connect(NATS_URL)
+            await nc.jetstream().delete_consumer(jetstream.stream, name)
+            await nc.close()
+
+        nats_run(delete())
+        with pytest.raises(TransportError) as exc:
+            source.fetch(10, 0.2)
+        assert "\n" not in str(exc.value) and f"durable consumer {name!r}" in str(exc.value)
+    finally:
+        source.close()
