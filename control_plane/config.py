@@ -119,6 +119,9 @@ class ControlPlaneConfig:
     telemetry_raw_retention_seconds: float = 7 * 86400.0
     telemetry_drift_retention_seconds: float = 30 * 86400.0
     telemetry_expire_every_seconds: float = 300.0
+    # Prometheus /metrics, /healthz and /readyz (HTTP, no TLS: bind it where only the
+    # monitoring network reaches); empty: not served.
+    metrics_listen: str = ""
 
     @property
     def layout(self) -> HomeLayout:
@@ -141,6 +144,7 @@ class ControlPlaneConfig:
         cfg.api_advertise = str(server.get("api_advertise", cfg.api_advertise))
         cfg.enroll_listen = str(server.get("enroll", cfg.enroll_listen))
         cfg.mqtt_url = str(server.get("mqtt", cfg.mqtt_url))
+        cfg.metrics_listen = str(server.get("metrics", cfg.metrics_listen))
         cfg.database = home / str(server.get("database", "edgefleet.db"))
         cfg.max_bundle_bytes = _positive_int(server, "max_bundle_bytes", cfg.max_bundle_bytes)
         cfg.publisher_keys = [home / p for p in pki.get("publisher_keys", [])]
@@ -182,6 +186,8 @@ class ControlPlaneConfig:
             setattr(cfg, name, float(value))
         parse_hostport(cfg.api_listen)
         parse_hostport(cfg.enroll_listen)
+        if cfg.metrics_listen:
+            parse_hostport(cfg.metrics_listen)
         return cfg
 
     def to_toml(self) -> dict[str, Any]:
@@ -191,6 +197,7 @@ class ControlPlaneConfig:
                 "api_advertise": self.api_advertise,
                 "enroll": self.enroll_listen,
                 "mqtt": self.mqtt_url,
+                "metrics": self.metrics_listen,
                 "database": str(self.database.relative_to(self.home))
                 if self.database.is_absolute()
                 else str(self.database),

@@ -12,15 +12,24 @@ from collections.abc import Callable
 import grpc
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from edgefleet.v1 import admin_pb2_grpc, agent_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from control_plane.api.grpc_admin import AdminServicer
 from control_plane.api.grpc_agent import AgentServicer
 from control_plane.api.mqtt_bridge import MqttBridge
 from control_plane.api.notify import DeviceNotifier
 from control_plane.config import ControlPlaneConfig, parse_hostport
+from control_plane.observability import (
+    MetricsServer,
+    Readiness,
+    RpcMetricsInterceptor,
+    ServerMetrics,
+)
 from control_plane.services import Services
 from control_plane.services.authority import Authority
 from control_plane.services.broker import MqttSettings, refresh_crl
+from control_plane.services.fleet_metrics import FleetMetrics
 from control_plane.storage import Store, open_store
 from fleetcore.errors import InvalidInputError
 
@@ -32,6 +41,10 @@ API_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 ENROLL_MAX_MESSAGE_BYTES = 64 * 1024
 # The broker's CRL is valid for 30 days; it is rewritten on every revocation and this often.
 CRL_REFRESH_HOURS = 12
+# The gRPC health service's status is refreshed from the readiness checks this often.
+HEALTH_REFRESH_SECONDS = 5.0
+# The services the health service answers for, besides "" (the whole server).
+HEALTH_SERVICES = ("edgefleet.v1.AgentService", "edgefleet.v1.AdminService")
 
 
 def _options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -71,6 +84,12 @@ class ControlPlane:
         self.enroll_port = 0
         self._servers: list[grpc.aio.Server] = []
         self.scheduler: AsyncIOScheduler | None = None
+        # Observability: fleet metrics read at scrape time, the process's counters, readiness.
+        self.fleet_metrics = FleetMetrics(self.services.ctx)
+        self.readiness = Readiness(self.store, config.rollout_tick_seconds)
+        self.metrics = ServerMetrics(self.fleet_metrics, self.readiness)
+        self.metrics_server: MetricsServer | None = None
+        self._health: list[health_aio.HealthServicer] = []
 
     @property
     def api_address(self) -> str:
@@ -83,8 +102,13 @@ class ControlPlane:
     async def start(self) -> None:
         a = self.authority
         key_pair = [(a.server_key_pem, a.server_cert_pem)]
+        if self.config.metrics_listen:  # bound first: a taken address fails before the rest
+            self.metrics_server = MetricsServer(self.config.metrics_listen, self.metrics,
+                                                self.readiness)
 
-        api = grpc.aio.server(options=_options(API_MAX_MESSAGE_BYTES))
+        interceptors = [RpcMetricsInterceptor(self.metrics)]
+        api = grpc.aio.server(options=_options(API_MAX_MESSAGE_BYTES),
+                              interceptors=interceptors)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(self.services, self.notifier), api
         )
@@ -94,7 +118,8 @@ class ControlPlane:
         )
         self.api_port = _bind(api, self.config.api_listen, mtls)
 
-        enroll = grpc.aio.server(options=_options(ENROLL_MAX_MESSAGE_BYTES))
+        enroll = grpc.aio.server(options=_options(ENROLL_MAX_MESSAGE_BYTES),
+                                 interceptors=interceptors)
         # The same AgentService: without a client certificate only Enroll can succeed here.
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(self.services, self.notifier), enroll
@@ -103,6 +128,11 @@ class ControlPlane:
         self.enroll_port = _bind(enroll, self.config.enroll_listen, tls)
 
         self.services.ctx.api_address = self.config.api_advertise or self.api_address
+        for server in (api, enroll):
+            # grpc.health.v1 on both ports (the API port's needs a client certificate too).
+            health = health_aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health, server)
+            self._health.append(health)
         for server in (api, enroll):
             await server.start()
             self._servers.append(server)
@@ -124,16 +154,42 @@ class ControlPlane:
                                max_instances=1, coalesce=True)
         if self.mqtt is not None:
             self.scheduler.add_job(self._refresh_crl, "interval", hours=CRL_REFRESH_HOURS)
+        health_every = min(HEALTH_REFRESH_SECONDS, self.config.rollout_tick_seconds)
+        self.scheduler.add_job(self._refresh_health, "interval", seconds=health_every,
+                               max_instances=1, coalesce=True)
         self.scheduler.start()
+        self.readiness.scheduler_started()
+        await self._refresh_health()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         log.info("api (mTLS) listening on %s", self.api_address)
         log.info("enrollment (TLS + token) listening on %s", self.enroll_address)
 
     async def _tick_rollouts(self) -> None:
-        self.services.rollouts.tick()
-        await self.services.retraining.tick()
+        self.metrics.job_runs.labels("rollouts").inc()
+        try:
+            self.services.rollouts.tick()
+            await self.services.retraining.tick()
+        except Exception:
+            self.metrics.job_failures.labels("rollouts").inc()
+            raise
+        self.readiness.ticked()
 
     async def _expire_telemetry(self) -> None:
-        self.services.telemetry.expire()
+        self.metrics.job_runs.labels("telemetry-retention").inc()
+        try:
+            self.services.telemetry.expire()
+        except Exception:
+            self.metrics.job_failures.labels("telemetry-retention").inc()
+            raise
+
+    async def _refresh_health(self) -> None:
+        """The gRPC health service says what the readiness checks say."""
+        status = (health_pb2.HealthCheckResponse.SERVING if self.readiness.ready()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for health in self._health:
+            for service in ("", *HEALTH_SERVICES):
+                await health.set(service, status)
 
     def _device_changed(self, device_id: str) -> None:
         """A device's release changed or it was revoked: wake its Sync streams and the bridge."""
@@ -152,6 +208,13 @@ class ControlPlane:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
+        self.readiness.scheduler_stopped()
+        for health in self._health:
+            await health.enter_graceful_shutdown()
+        self._health = []
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
         if self.bridge is not None:
             await self.bridge.stop()
             self.bridge = None

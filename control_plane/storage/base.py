@@ -312,3 +312,20 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    # --- observability: metrics and readiness ---
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """A trivial read: raises when the database cannot answer (readiness)."""
+
+    @abc.abstractmethod
+    def all_arm_stats(self) -> list[ArmStatsRecord]:
+        """Every device's newest counters of every arm (model, version)."""
+
+    @abc.abstractmethod
+    def outbox_status(self) -> dict[str, tuple[int, int]]:
+        """Device id -> (records its outbox dropped, records waiting in it), as last sent."""
+
+    @abc.abstractmethod
+    def refusal_totals(self) -> dict[str, int]:
+        """Device id -> reports refused from it, all kinds and reasons."""

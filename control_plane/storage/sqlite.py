@@ -743,6 +743,28 @@ class SqliteStore(Store):
         with self._lock:
             self._conn.close()
 
+    # --- observability: metrics and readiness ---
+    def ping(self) -> None:
+        self._query("SELECT 1")
+
+    def all_arm_stats(self) -> list[ArmStatsRecord]:
+        rows = self._query("SELECT * FROM arm_stats ORDER BY model, version, device_id")
+        return [
+            ArmStatsRecord(r["device_id"], r["model"], r["version"], r["requests"], r["errors"],
+                           r["p50_ms"], r["p95_ms"], r["labelled"], r["correct"],
+                           r["updated_at"], r["abs_error_sum"], r["sq_error_sum"])
+            for r in rows
+        ]
+
+    def outbox_status(self) -> dict[str, tuple[int, int]]:
+        rows = self._query("SELECT device_id, dropped, depth FROM telemetry_status")
+        return {r["device_id"]: (int(r["dropped"]), int(r["depth"])) for r in rows}
+
+    def refusal_totals(self) -> dict[str, int]:
+        rows = self._query("SELECT device_id, SUM(count) AS n FROM report_refusals"
+                           " GROUP BY device_id")
+        return {r["device_id"]: int(r["n"]) for r in rows}
+
 
 def _open_checked(path: Path) -> sqlite3.Connection:
     """Open the database after ``PRAGMA quick_check`` found it sound; a damaged one is refused
