@@ -11,10 +11,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 from edgefleet.v1 import admin_pb2
 
 from fleet.common import RPC_TIMEOUT_SECONDS as T
 from fleet.common import Progress, Stub, labels_text, ts
+from fleet.history import (
+    add_arm_history_args,
+    add_drift_history_args,
+    arm_history,
+    drift_history,
+    print_arm_history,
+)
 from fleetcore.archive import pack_bundle
 from fleetcore.cli import print_json, print_table, terminal_safe
 from fleetcore.errors import EdgefleetError, InvalidInputError
@@ -108,12 +116,16 @@ def add_model_commands(sub: Any) -> None:
             "stop": "end the experiment; devices go back to the champion alone"}[name])
         e.add_argument("--model", required=True)
         e.add_argument("--json", action="store_true")
+        if name == "status":
+            add_arm_history_args(e)
 
     _add_retrain_commands(sub)
-    drift = sub.add_parser("drift", help="drift per device and fleet-wide (latest windows)")
+    drift = sub.add_parser("drift", help="drift per device and fleet-wide (latest windows; "
+                                         "--since: every window since then)")
     drift.set_defaults(command="show")
     drift.add_argument("--model", default="")
     drift.add_argument("--json", action="store_true")
+    add_drift_history_args(drift)
 
 
 
@@ -395,8 +407,27 @@ def _experiments_start(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
 
 
 def _experiments_status(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
-    _print_experiment(stub.GetExperiment(admin_pb2.GetExperimentRequest(model=args.model),
-                                         timeout=T), args.json)
+    if not args.history:
+        _print_experiment(stub.GetExperiment(admin_pb2.GetExperimentRequest(model=args.model),
+                                             timeout=T), args.json)
+        return
+    try:  # the arms' history is the model's, with or without an experiment
+        e: admin_pb2.Experiment | None = stub.GetExperiment(
+            admin_pb2.GetExperimentRequest(model=args.model), timeout=T)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        e = None
+    history = arm_history(stub, args)
+    if args.json:
+        print_json({**(experiment_json(e) if e else {"model": args.model}),
+                    "history": history})
+        return
+    if e is not None:
+        _print_experiment(e, False)
+    else:
+        print(f"no experiment for {args.model}; its arms' history:")
+    print_arm_history(history)
 
 
 def _experiments_stop(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
@@ -405,6 +436,11 @@ def _experiments_stop(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
 
 
 def _drift_show(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
+    if args.since:
+        drift_history(stub, args)
+        return
+    if args.device or args.limit:
+        raise InvalidInputError("--device and --limit go with --since (e.g. --since 24h)")
     r = stub.GetDrift(admin_pb2.GetDriftRequest(model=args.model), timeout=T)
     doc = {
         "fleet": [{"model": f.model, "devices": f.devices, "drifted_devices": f.drifted_devices,
