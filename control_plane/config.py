@@ -122,6 +122,9 @@ class ControlPlaneConfig:
     # Prometheus /metrics, /healthz and /readyz (HTTP, no TLS: bind it where only the
     # monitoring network reaches); empty: not served.
     metrics_listen: str = ""
+    # The [otel] section as written (fleetcore.otel.OtelSettings checks it at start); the
+    # standard OTEL_* variables work without it.
+    otel: dict[str, Any] = field(default_factory=dict)
 
     @property
     def layout(self) -> HomeLayout:
@@ -145,6 +148,10 @@ class ControlPlaneConfig:
         cfg.enroll_listen = str(server.get("enroll", cfg.enroll_listen))
         cfg.mqtt_url = str(server.get("mqtt", cfg.mqtt_url))
         cfg.metrics_listen = str(server.get("metrics", cfg.metrics_listen))
+        otel = doc.get("otel", {})
+        if not isinstance(otel, dict):
+            raise InvalidInputError("config [otel] must be a table")
+        cfg.otel = dict(otel)
         cfg.database = home / str(server.get("database", "edgefleet.db"))
         cfg.max_bundle_bytes = _positive_int(server, "max_bundle_bytes", cfg.max_bundle_bytes)
         cfg.publisher_keys = [home / p for p in pki.get("publisher_keys", [])]
@@ -232,6 +239,7 @@ class ControlPlaneConfig:
                 "device_timeout_seconds": self.rollout_device_timeout_seconds,
             },
             "telemetry": {key: getattr(self, f"telemetry_{key}") for key in _TELEMETRY_KEYS},
+            **({"otel": self.otel} if self.otel else {}),
         }
 
     def save(self) -> None:

@@ -30,10 +30,12 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from control_plane.config import parse_hostport
-from control_plane.services.fleet_metrics import FleetMetrics
+from control_plane.services.fleet_metrics import FAMILIES, FleetMetrics
 from control_plane.storage import Store
+from fleetcore.otel import Otel
 
-__all__ = ["MetricsServer", "Readiness", "RpcMetricsInterceptor", "ServerMetrics"]
+__all__ = ["MetricsServer", "Readiness", "RpcMetricsInterceptor", "ServerMetrics",
+           "export_fleet_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -256,3 +258,40 @@ def _handler(metrics: ServerMetrics, readiness: Readiness) -> type[BaseHTTPReque
             log.debug("metrics http: " + format, *args)
 
     return Handler
+
+
+def export_fleet_metrics(otel: Otel, fleet: FleetMetrics, *, max_age_seconds: float = 1.0,
+                         ) -> None:
+    """Re-export the fleet's families through OpenTelemetry: one observable instrument per
+    family, each sample's labels as attributes (``device``, ``model``, ``version``, ...), so
+    one Collector sees what every device reported. One collection serves every instrument of
+    an export (it is reused for ``max_age_seconds``)."""
+    from opentelemetry.metrics import CallbackOptions, Observation  # noqa: PLC0415
+
+    cache: dict[str, Any] = {"at": -1.0, "families": {}}
+    lock = threading.Lock()
+
+    def families() -> dict[str, Any]:
+        with lock:
+            now = time.monotonic()
+            if now - cache["at"] > max_age_seconds:
+                cache["families"] = {f.spec.name: f for f in fleet.collect()}
+                cache["at"] = now
+            return dict(cache["families"])
+
+    def callback(name: str) -> Callable[[CallbackOptions], list[Observation]]:
+        def observe(options: CallbackOptions) -> list[Observation]:
+            family = families().get(name)
+            if family is None:
+                return []
+            return [Observation(value, dict(zip(family.spec.labels, labels, strict=True)))
+                    for labels, value in family.samples]
+        return observe
+
+    for spec in FAMILIES.values():
+        if spec.kind == "counter":
+            otel.meter.create_observable_counter(spec.name, [callback(spec.name)],
+                                                 description=spec.help)
+        else:
+            otel.meter.create_observable_gauge(spec.name, [callback(spec.name)],
+                                               description=spec.help)

@@ -6,6 +6,7 @@ expires old telemetry."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -19,18 +20,21 @@ from control_plane.api.grpc_admin import AdminServicer
 from control_plane.api.grpc_agent import AgentServicer
 from control_plane.api.mqtt_bridge import MqttBridge
 from control_plane.api.notify import DeviceNotifier
+from control_plane.api.tracing import Tracing, TracingInterceptor
 from control_plane.config import ControlPlaneConfig, parse_hostport
 from control_plane.observability import (
     MetricsServer,
     Readiness,
     RpcMetricsInterceptor,
     ServerMetrics,
+    export_fleet_metrics,
 )
 from control_plane.services import Services
 from control_plane.services.authority import Authority
 from control_plane.services.broker import MqttSettings, refresh_crl
 from control_plane.services.fleet_metrics import FleetMetrics
 from control_plane.storage import Store, open_store
+from fleetcore import otel as otel_setup
 from fleetcore.errors import InvalidInputError
 
 __all__ = ["ControlPlane"]
@@ -90,6 +94,13 @@ class ControlPlane:
         self.metrics = ServerMetrics(self.fleet_metrics, self.readiness)
         self.metrics_server: MetricsServer | None = None
         self._health: list[health_aio.HealthServicer] = []
+        # OpenTelemetry, when on ([otel] or the OTEL_* variables): the fleet's metrics
+        # re-exported with device and model attributes, traces continued from callers.
+        self.otel = otel_setup.start(otel_setup.OtelSettings.load(config.otel, os.environ),
+                                     "edgefleet-control-plane")
+        self.tracing = Tracing(self.otel)
+        if self.otel is not None:
+            export_fleet_metrics(self.otel, self.fleet_metrics)
 
     @property
     def api_address(self) -> str:
@@ -106,11 +117,13 @@ class ControlPlane:
             self.metrics_server = MetricsServer(self.config.metrics_listen, self.metrics,
                                                 self.readiness)
 
-        interceptors = [RpcMetricsInterceptor(self.metrics)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor(self.metrics)]
+        if self.otel is not None:
+            interceptors.append(TracingInterceptor(self.otel))
         api = grpc.aio.server(options=_options(API_MAX_MESSAGE_BYTES),
                               interceptors=interceptors)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.services, self.notifier), api
+            AgentServicer(self.services, self.notifier, self.tracing), api
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.services), api)
         mtls = grpc.ssl_server_credentials(
@@ -140,7 +153,7 @@ class ControlPlane:
             # Agents on MQTT: the bridge, and a CRL for the broker that is current and fresh.
             refresh_crl(self.mqtt, self.authority, self.store, time.time())
             self.bridge = MqttBridge(self.services, self.config.mqtt_url, self.config.home,
-                                     self.mqtt)
+                                     self.mqtt, tracing=self.tracing)
             await self.bridge.start()
         # Staged rollouts advance on a schedule; their state lives in storage, so a restarted
         # control plane resumes them where they were.
@@ -193,6 +206,7 @@ class ControlPlane:
 
     def _device_changed(self, device_id: str) -> None:
         """A device's release changed or it was revoked: wake its Sync streams and the bridge."""
+        self.tracing.capture(device_id)  # inside a traced call: the push continues its trace
         self.notifier.notify(device_id)
         if self.bridge is not None:
             self.bridge.device_changed(device_id)
@@ -223,6 +237,9 @@ class ControlPlane:
         for server in servers:
             await server.stop(grace_seconds)
         self.store.close()
+        if self.otel is not None:
+            self.otel.shutdown()  # flushes what is queued
+            self.otel = None
         log.info("control plane stopped")
 
     async def wait_for_termination(self) -> None:

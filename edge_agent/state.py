@@ -113,6 +113,8 @@ class AgentConfig:
     smoke_load_timeout_seconds: float = 60.0
     smoke_latency_budget_ms: float = 1000.0
     smoke_memory_mb: float = 2048.0  # address space of the smoke test's child process
+    # The [otel] section of agent.toml (fleetcore.otel; the OTEL_* variables work without it).
+    otel: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, state: StateDir) -> AgentConfig:
@@ -139,6 +141,10 @@ class AgentConfig:
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise InvalidInputError(f"{state.config}: agent.{name} must be a number >= 0")
             setattr(cfg, name, float(value))
+        otel = doc.get("otel", {})
+        if not isinstance(otel, dict):
+            raise InvalidInputError(f"{state.config}: [otel] must be a table")
+        cfg.otel = dict(otel)
         return cfg
 
     def save(self, state: StateDir) -> None:
@@ -165,5 +171,6 @@ class AgentConfig:
                     "smoke_memory_mb": self.smoke_memory_mb,
                 },
                 "labels": self.labels,
+                **({"otel": self.otel} if self.otel else {}),
             },
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +29,7 @@ from fleetcore.archive import pack_bundle
 from fleetcore.cli import print_json, print_table, terminal_safe
 from fleetcore.errors import EdgefleetError, InvalidInputError
 from fleetcore.labels import parse_label_args
+from fleetcore.otel import check_carrier, new_traceparent, trace_id_of
 
 __all__ = ["MODEL_COMMANDS", "add_model_commands", "experiment_json", "model_json",
            "rollout_json"]
@@ -288,10 +291,16 @@ def _print_rollout(r: admin_pb2.Rollout, as_json: bool) -> None:
 
 def _rollouts_start(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
+    # W3C trace context: the rollout's trace starts here (or continues $TRACEPARENT) and runs
+    # through the control plane to each device's install, where OpenTelemetry is on.
+    traceparent = check_carrier({"traceparent": os.environ.get("TRACEPARENT", "")}).get(
+        "traceparent") or new_traceparent()
     r = stub.StartRollout(admin_pb2.StartRolloutRequest(
         model=args.model, version=args.version, selector=parse_label_args(args.selector),
         steps=steps, bake_seconds=args.bake, gates=args.gate, on_failure=args.on_failure),
-        timeout=T)
+        timeout=T, metadata=(("traceparent", traceparent),))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("TRACEPARENT"):
+        print(f"trace id: {trace_id_of(traceparent)}", file=sys.stderr)
     if args.wait:
         r = _wait_rollout(stub, r, args.wait_timeout)
     _print_rollout(r, args.json)
