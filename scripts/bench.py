@@ -14,7 +14,9 @@ Each row carries its target and a pass/fail column:
 * database growth under a one-device telemetry flood, with the quota against without
   (``scripts/bench_flood.py``);
 * ingest rates of the trainer's sources against each one's bare client
-  (``scripts/bench_ingest.py``).
+  (``scripts/bench_ingest.py``);
+* OpenTelemetry on against off: the control plane's heartbeat path, a traced call, the agent's
+  resident memory (``scripts/bench_otel.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from scripts.bench_fleet import bench_fleet
 from scripts.bench_flood import bench_flood
 from scripts.bench_ingest import bench_ingest
 from scripts.bench_mqtt import bench_mqtt
+from scripts.bench_otel import bench_otel
 from scripts.bench_serving import bench_serving
 from scripts.bench_verify import bench_verify
 from scripts.machine import machine_info
@@ -199,6 +202,9 @@ LIMITS = {
     "bundle verification": "hashing speed: Python's hashlib vs openssl's CLI on these bytes",
     "compressed": "pruning and int8 quantization settings of the pipeline",
     "drift update": "per-row Python work when rows arrive one at a time",
+    "heartbeat p50 with OpenTelemetry": "the SDK's periodic metric collection reads the whole "
+                                        "fleet from the database on the event loop's thread",
+    "traced heartbeat": "a span per call: creation, attributes and the batch processor's queue",
 }
 
 
@@ -240,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_mqtt(Path(tmp) / "mqtt")  # Mosquitto: telemetry, release fan-out
         rows += bench_flood(Path(tmp) / "flood")  # DB growth under a one-device flood
         rows += bench_ingest(Path(tmp) / "ingest")  # trainer ingest: SQL, Parquet, HTTP
+        rows += bench_otel(Path(tmp) / "otel")  # OpenTelemetry on against off
     for row in rows:
         if row["pass"] is False:
             row["note"] = _note(row)
