@@ -8,6 +8,7 @@ are written to docs/console/ (docs/console.md shows them)."""
 from __future__ import annotations
 
 import http.client
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from tests.test_delivery import _bundle_for, _committed, _fleet, _wait_models
 from tests.test_roles import _operator
 
 CHROMIUM = "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
+# Screenshots go to a temporary folder, or where $EDGEFLEET_SCREENSHOTS says (docs/console.md:
+# `EDGEFLEET_SCREENSHOTS=docs/console pytest tests/test_console.py` refreshes the docs' images).
+SHOTS_DIR = os.environ.get("EDGEFLEET_SCREENSHOTS", "")
 pytestmark = pytest.mark.slow
 
 
@@ -74,7 +77,8 @@ def test_the_console_as_an_operator_and_as_a_viewer(
     operator = _start_console(cp, cp.admin, "admin", "admin")
     viewer_cfg = _operator(cp, tmp_path, "vera", "viewer")
     viewer = _start_console(cp, viewer_cfg, "viewer", "vera")
-    SHOTS.mkdir(exist_ok=True)
+    shots = Path(SHOTS_DIR) if SHOTS_DIR else tmp_path / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
@@ -87,12 +91,12 @@ def test_the_console_as_an_operator_and_as_a_viewer(
             for device_id in ids:
                 expect(page.get_by_role("link", name=device_id)).to_be_visible()
             expect(page.locator("#who")).to_have_text("admin (admin)")
-            page.screenshot(path=str(SHOTS / "fleet.png"), full_page=True)
+            page.screenshot(path=str(shots / "fleet.png"), full_page=True)
 
             page.goto(f"{operator.base}/#/device/{ids[0]}")
             expect(page.locator("h1")).to_have_text(f"Device {ids[0]}")
             expect(page.get_by_text("site=north")).to_be_visible()
-            page.screenshot(path=str(SHOTS / "device.png"), full_page=True)
+            page.screenshot(path=str(shots / "device.png"), full_page=True)
 
             page.goto(f"{operator.base}/#/models")
             expect(page.locator("main td").first).to_have_text("digits")
@@ -102,7 +106,17 @@ def test_the_console_as_an_operator_and_as_a_viewer(
             assert _fleet(cp, "models", "publish", str(bundle)) == 0
             page.reload()  # (the same address: only a reload asks again)
             expect(page.locator("main tr")).to_have_count(3)
-            page.screenshot(path=str(SHOTS / "models.png"), full_page=True)
+            page.screenshot(path=str(shots / "models.png"), full_page=True)
+
+            # v2 as a challenger beside v1: the experiment's arms, then the operator stops it.
+            assert _fleet(cp, "experiments", "start", "--model", "digits", "--challenger", "2",
+                          "--weight", "0.5") == 0
+            page.goto(f"{operator.base}/#/experiments")
+            experiment = page.locator(".experiment[data-model=digits]")
+            expect(experiment.locator("table tr")).to_have_count(3)  # header, two arms
+            page.screenshot(path=str(shots / "experiments.png"), full_page=True)
+            experiment.locator("button[data-action='experiments.stop']").click()
+            expect(experiment.locator("h2 .pill")).to_have_text("stopped", timeout=WAIT * 1000)
             page.goto(f"{operator.base}/#/rollouts")
             assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "2",
                           "--steps", "50,100", "--bake", "3600") == 0
@@ -110,7 +124,7 @@ def test_the_console_as_an_operator_and_as_a_viewer(
             expect(card.locator("h2")).to_contain_text("v2", timeout=WAIT * 1000)
             expect(card.locator(".progress")).to_have_text(" 1 of 2 devices committed",
                                                            timeout=WAIT * 1000)
-            page.screenshot(path=str(SHOTS / "rollouts.png"), full_page=True)
+            page.screenshot(path=str(shots / "rollouts.png"), full_page=True)
 
             # A viewer sees the same rollout without any action button.
             vpage = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -137,12 +151,12 @@ def test_the_console_as_an_operator_and_as_a_viewer(
             expect(plot).to_be_visible(timeout=WAIT * 1000)
             series = page.locator(".drift[data-model=digits] svg.plot g.series")
             expect(series.first).to_be_attached()
-            page.screenshot(path=str(SHOTS / "drift.png"), full_page=True)
+            page.screenshot(path=str(shots / "drift.png"), full_page=True)
 
-            for name in ("experiments", "jobs", "audit"):
+            for name in ("jobs", "audit"):
                 page.goto(f"{operator.base}/#/{name}")
                 expect(page.locator("main")).to_have_attribute("data-page", name)
-                page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+                page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
             expect(page.locator(".verify .pill")).to_have_text("ok")
             browser.close()
     finally:
