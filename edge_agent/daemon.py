@@ -193,6 +193,7 @@ class Agent:
                           lambda: {(m["name"], str(m["state"])): float(m["version"])
                                    for m in self.models.status() if m["serving"]},
                           labelnames=("model", "state"))
+        self.tracing.export_metrics(metrics.registry)  # where OpenTelemetry is on
         stops: list[Callable[[], Awaitable[None]]] = []
         if self.listen:
             host, port = parse_hostport(self.listen)

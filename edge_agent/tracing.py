@@ -124,6 +124,51 @@ class AgentTracing:
         finally:
             otel_context.detach(token)
 
+    def export_metrics(self, registry: Any, max_age_seconds: float = 1.0) -> None:
+        """The agent's own Prometheus registry (serving counters, outbox, drift, versions)
+        through OpenTelemetry too, each sample's labels as attributes, under the agent's
+        resource (``service.instance.id`` = the device id). The durable path for fleet numbers
+        stays the outbox; this is a Collector's live view of the device."""
+        if self.otel is None:
+            return
+        import time  # noqa: PLC0415
+
+        from opentelemetry.metrics import CallbackOptions, Observation  # noqa: PLC0415
+
+        cache: dict[str, Any] = {"at": -1.0, "samples": {}}
+        lock = threading.Lock()
+
+        def samples() -> dict[str, list[tuple[dict[str, str], float]]]:
+            with lock:
+                if time.monotonic() - cache["at"] > max_age_seconds:
+                    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+                    for family in registry.collect():
+                        for sample in family.samples:
+                            out.setdefault(sample.name, []).append(
+                                (dict(sample.labels), float(sample.value)))
+                    cache["samples"], cache["at"] = out, time.monotonic()
+                return dict(cache["samples"])
+
+        def callback(name: str) -> Any:
+            def observe(options: CallbackOptions) -> list[Observation]:
+                return [Observation(value, labels) for labels, value in samples().get(name, [])]
+            return observe
+
+        for family in registry.collect():
+            if family.type == "counter":
+                names = [(family.name + "_total", True)]
+            elif family.type == "histogram":  # buckets stay on /metrics
+                names = [(family.name + "_count", True), (family.name + "_sum", True)]
+            else:
+                names = [(family.name, False)]
+            for name, monotonic in names:
+                if monotonic:
+                    self.otel.meter.create_observable_counter(
+                        name, [callback(name)], description=family.documentation)
+                else:
+                    self.otel.meter.create_observable_gauge(
+                        name, [callback(name)], description=family.documentation)
+
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The current span's W3C context as gRPC metadata (empty when none or off)."""
         if self.otel is None:

@@ -122,6 +122,12 @@ def test_one_trace_from_the_operator_through_the_control_plane_to_the_agent(
             assert receiver.wait(lambda r: any(
                 p.metric == "edgefleet_rollout_devices" and p.attributes.get("state") ==
                 "committed" for p in r.points))
+            # The agent exports its own registry too, under its device's resource.
+            assert receiver.wait(lambda r: any(
+                p.service == "edgefleet-agent" and p.metric == "edgefleet_model_serving_version"
+                and p.resource.get("service.instance.id") == device
+                and p.attributes.get("model") == "digits" and p.value == 1.0
+                for p in r.points))
             # And logs go through the SDK's logging bridge (INFO and up, where the process's
             # logging lets them through).
             logging.getLogger("control_plane.server").warning("otel log bridge check")
