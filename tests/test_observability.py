@@ -222,3 +222,25 @@ def test_dashboards_query_only_metrics_the_control_plane_exports(
             query = variable.get("query", "")
             text = query if isinstance(query, str) else query.get("query", "")
             assert set(_METRIC.findall(text)) <= exported, (path.name, variable["name"])
+
+
+def test_the_metrics_address_survives_hostile_requests(cpm: RunningControlPlane) -> None:
+    """The standard library's parser bounds what a client sends; refused, the server goes on."""
+    import socket  # noqa: PLC0415
+
+    server = cpm.cp.metrics_server
+    assert server is not None
+
+    def raw(data: bytes) -> bytes:
+        with socket.create_connection((server.host, server.port), timeout=WAIT) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            return s.recv(200)
+
+    assert raw(b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 414")
+    headers = b"".join(b"X-%d: y\r\n" % i for i in range(200))
+    assert raw(b"GET /metrics HTTP/1.1\r\n" + headers + b"\r\n").startswith(b"HTTP/1.0 431")
+    assert b"Error code: 400" in raw(b"\x16\x03\x01 garbage\r\n\r\n")  # a TLS hello
+    assert raw(b"POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello").startswith(
+        b"HTTP/1.0 501")
+    assert _get(cpm, "/healthz")[0] == 200
