@@ -16,12 +16,19 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from edgefleet.v1 import admin_pb2
+from edgefleet.v1 import admin_pb2, agent_pb2
 from sklearn.datasets import load_digits
 
 from fleet.console.api import ConsoleApi
 from fleet.console.server import ACTION_HEADER, ConsoleServer
-from tests.support import WAIT, LoopThread, RunningAgent, start_agent, start_control_plane
+from tests.support import (
+    WAIT,
+    LoopThread,
+    RunningAgent,
+    send_telemetry,
+    start_agent,
+    start_control_plane,
+)
 from tests.test_delivery import _bundle_for, _committed, _fleet, _wait_models
 from tests.test_roles import _operator
 
@@ -85,12 +92,18 @@ def test_the_console_as_an_operator_and_as_a_viewer(
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("dialog", lambda dialog: dialog.accept())  # the confirmation
 
+            # One device sent a report of a kind no agent sends: refused, and counted.
+            send_telemetry(cp.api, tmp_path / "a", [agent_pb2.TelemetryRecord(
+                seq=10**9, kind="nonsense", created_at=1.0, payload=b"{}")])
+
             # The printed URL opens a session; the fleet page lists both agents.
             page.goto(operator.url)
             assert "token=" not in page.url  # the token left the address bar
             for device_id in ids:
                 expect(page.get_by_role("link", name=device_id)).to_be_visible()
             expect(page.locator("#who")).to_have_text("admin (admin)")
+            row = page.locator("main tr", has=page.get_by_role("link", name=ids[0]))
+            expect(row.locator("td").last).to_have_text("1")  # its refused reports
             page.screenshot(path=str(shots / "fleet.png"), full_page=True)
 
             page.goto(f"{operator.base}/#/device/{ids[0]}")

@@ -331,6 +331,11 @@ class Store(abc.ABC):
     def refusal_totals(self) -> dict[str, int]:
         """Device id -> reports refused from it, all kinds and reasons."""
 
+    @abc.abstractmethod
+    def all_report_refusals(self) -> dict[str, dict[str, int]]:
+        """Device id -> its refused reports, "kind/reason" -> count (``report_refusals`` of
+        every device in one read)."""
+
     # --- history ---
     @abc.abstractmethod
     def drift_history(self, model: str, device_id: str, since: float,

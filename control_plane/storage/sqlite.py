@@ -806,6 +806,13 @@ class SqliteStore(Store):
                            " GROUP BY device_id")
         return {r["device_id"]: int(r["n"]) for r in rows}
 
+    def all_report_refusals(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in self._query("SELECT device_id, kind, reason, count FROM report_refusals"
+                             " ORDER BY device_id, kind, reason"):
+            out.setdefault(r["device_id"], {})[f"{r['kind']}/{r['reason']}"] = r["count"]
+        return out
+
     # --- history ---
     def drift_history(self, model: str, device_id: str, since: float,
                       limit: int) -> tuple[list[DriftWindowRecord], bool]:

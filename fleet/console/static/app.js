@@ -68,13 +68,15 @@ pages.fleet = async () => {
   return [h("h1", {}, "Fleet"),
     h("p", {}, `${devices.length} devices: ${count("DEVICE_STATUS_ONLINE")} online, `
       + `${count("DEVICE_STATUS_OFFLINE")} offline, ${count("DEVICE_STATUS_REVOKED")} revoked`),
-    table(["device", "status", "serving", "transport", "labels", "last seen", "agent"],
+    table(["device", "status", "serving", "transport", "labels", "last seen", "agent",
+           "refused"],
       devices.map((d) => [
         h("a", { href: `#/device/${encodeURIComponent(d.id)}` }, d.id),
         pill(d.status.replace("DEVICE_STATUS_", "").toLowerCase()),
         (d.models || []).filter((m) => m.serving).map((m) => `${m.name} v${m.version}`)
           .join(", ") || "-",
-        d.transport || "-", labels(d.labels), ts(d.last_seen), d.agent_version || "-"]))];
+        d.transport || "-", labels(d.labels), ts(d.last_seen), d.agent_version || "-",
+        Object.values(d.refused_reports || {}).reduce((a, n) => a + Number(n), 0) || "-"]))];
 };
 
 pages.device = async (id) => {
