@@ -85,7 +85,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     if current is not None and current[0] > sent:
                         sent = current[0]
                         yield agent_pb2.SyncEvent(release=current[1],
-                                                  trace_context=self.tracing.carrier(caller.name))
+                                                  trace_context=self.tracing.take(caller.name))
                     with contextlib.suppress(TimeoutError):
                         # Wake on a change, or now and then to renew the document before expiry.
                         await asyncio.wait_for(wake.wait(), timeout=SYNC_RECHECK_SECONDS)

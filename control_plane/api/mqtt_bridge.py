@@ -248,7 +248,7 @@ class MqttBridge:
             return
         serial, signed = current
         self._publish(device_id, Leaf.RELEASE, signed.SerializeToString(), retain=True,
-                      trace=self.tracing.carrier(device_id))
+                      trace=self.tracing.take(device_id))
         self._published[device_id] = serial
         self._emit("release", device_id)
 

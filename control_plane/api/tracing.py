@@ -3,9 +3,10 @@
 * A call whose gRPC metadata carries W3C trace context (``fleet rollouts start``, an agent's
   ``FetchBundle``) runs inside a server span that continues that trace.
 * When a device's release changes inside a traced call (a rollout started, paused, rolled
-  back), the device's carrier is kept (in memory: a restart forgets it) and goes with the next
-  release pushed to it: beside the signed document in the ``SyncEvent`` (``trace_context``), or
-  as MQTT 5 user properties on the release message. Never inside the signed document.
+  back), the device's carrier is kept (in memory: a restart forgets it) and goes, once, with
+  the next release pushed to it: beside the signed document in the ``SyncEvent``
+  (``trace_context``), or as MQTT 5 user properties on the release message. Never inside the
+  signed document.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ class Tracing:
             while len(self._devices) > MAX_TRACED_DEVICES:
                 self._devices.pop(next(iter(self._devices)))
 
-    def carrier(self, device_id: str) -> dict[str, str]:
-        return dict(self._devices.get(device_id, {}))
+    def take(self, device_id: str) -> dict[str, str]:
+        """The carrier for the release about to be sent to this device, once: a later push
+        for another reason (a renewal, a scheduler step) does not reuse an old trace."""
+        return self._devices.pop(device_id, {})
 
 
 class TracingInterceptor(grpc.aio.ServerInterceptor):
