@@ -98,7 +98,8 @@ class ControlPlane:
         # re-exported with device and model attributes, traces continued from callers.
         self.otel = otel_setup.start(otel_setup.OtelSettings.load(config.otel, os.environ),
                                      "edgefleet-control-plane")
-        self.tracing = Tracing(self.otel)
+        self.tracing = Tracing(self.otel, lambda device_id: {
+            arm.model for arm in self.store.device_arms(device_id)})
         if self.otel is not None:
             export_fleet_metrics(self.otel, self.fleet_metrics)
 
@@ -119,7 +120,7 @@ class ControlPlane:
 
         interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor(self.metrics)]
         if self.otel is not None:
-            interceptors.append(TracingInterceptor(self.otel))
+            interceptors.append(TracingInterceptor(self.otel, self.tracing))
         api = grpc.aio.server(options=_options(API_MAX_MESSAGE_BYTES),
                               interceptors=interceptors)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(

@@ -154,6 +154,44 @@ def test_one_trace_from_the_operator_through_the_control_plane_to_the_agent(
 
 
 @pytest.mark.slow
+def test_a_step_the_scheduler_starts_continues_the_rollouts_trace(
+    tmp_path: Path, loop: LoopThread, trained_bundle: Path, receiver: OtlpReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cp = start_control_plane(tmp_path / "cp", loop, otel=_otel(receiver),
+                             rollout_tick_seconds=0.5)
+    agents = []
+    try:
+        for name in ("a", "b"):
+            cp.enroll_agent(tmp_path / name)
+            agents.append(start_agent(tmp_path / name, loop, probation_seconds=0.0,
+                                      otel=_otel(receiver)))
+        bundle = _bundle_for(cp, trained_bundle, tmp_path / "b1")
+        assert _fleet(cp, "models", "publish", str(bundle)) == 0
+        parent = new_traceparent()
+        monkeypatch.setenv("TRACEPARENT", parent)
+        assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1",
+                      "--steps", "50,100") == 0  # one device now, the other by the scheduler
+        for agent in agents:
+            _wait_models(agent, _committed(1))
+        for agent in agents:
+            assert agent.agent.tracing.otel is not None
+            agent.agent.tracing.otel.flush()
+        trace = trace_id_of(parent)
+        ids = {a.agent.config.device_id for a in agents}
+
+        def installs(r: OtlpReceiver) -> list[Any]:
+            return [s for s in r.spans if s.trace_id == trace and s.name == "install digits"]
+
+        assert receiver.wait(lambda r: {s.resource["service.instance.id"]
+                                        for s in installs(r)} == ids)
+    finally:
+        for agent in agents:
+            agent.stop()
+        cp.stop()
+
+
+@pytest.mark.slow
 def test_training_steps_are_spans_of_one_run(tmp_path: Path, receiver: OtlpReceiver,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.trainer_support import write_pipeline  # noqa: PLC0415
