@@ -185,6 +185,14 @@ def test_a_step_the_scheduler_starts_continues_the_rollouts_trace(
 
         assert receiver.wait(lambda r: {s.resource["service.instance.id"]
                                         for s in installs(r)} == ids)
+        assert cp.cp.otel is not None
+        cp.cp.otel.flush()
+        # Each device's bundle download, the scheduler's step too, reached the control plane.
+        downloads = {s.span_id for s in receiver.spans
+                     if s.trace_id == trace and s.name == "download"}
+        assert receiver.wait(lambda r: {s.parent_id for s in r.spans if s.trace_id == trace
+                                        and s.name.endswith("/FetchBundle")} == downloads)
+        assert len(downloads) == 2
     finally:
         for agent in agents:
             agent.stop()
