@@ -237,10 +237,11 @@ class ControlPlane:
         servers, self._servers = self._servers, []
         for server in servers:
             await server.stop(grace_seconds)
-        self.store.close()
         if self.otel is not None:
+            # Before the store closes: shutting down collects the fleet's metrics once more.
             self.otel.shutdown()  # flushes what is queued
             self.otel = None
+        self.store.close()
         log.info("control plane stopped")
 
     async def wait_for_termination(self) -> None:

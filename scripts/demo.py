@@ -61,6 +61,10 @@ class _Otel:
         services = sorted({s.service for s in r.spans})
         print(f"{len(r.spans)} spans from {', '.join(services) or 'nobody'}; "
               f"{len(r.points)} metric points; {len(r.logs)} log records")
+        names: dict[str, int] = {}
+        for span in r.spans:
+            names[f"{span.service}: {span.name}"] = names.get(f"{span.service}: {span.name}", 0) + 1
+        print("spans by name: " + ", ".join(f"{n} x{c}" for n, c in sorted(names.items())))
         trace = trace_id_of(self.traceparent)
         mine = [s for s in r.spans if s.trace_id == trace]
         print(f"rollout trace {trace}: {len(mine)} spans "

@@ -153,6 +153,18 @@ def test_one_trace_from_the_operator_through_the_control_plane_to_the_agent(
             cp.broker.stop()
 
 
+def test_the_control_plane_stops_cleanly_with_opentelemetry_on(
+    tmp_path: Path, loop: LoopThread, receiver: OtlpReceiver, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Shutting the SDK down collects the fleet's metrics once more: before the store closes."""
+    cp = start_control_plane(tmp_path / "cp", loop, otel=_otel(receiver))
+    cp.enroll_agent(tmp_path / "a")
+    with caplog.at_level(logging.WARNING):
+        cp.stop()
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")] == []
+    assert receiver.wait(lambda r: any(p.metric == "edgefleet_devices" for p in r.points))
+
+
 @pytest.mark.slow
 def test_a_step_the_scheduler_starts_continues_the_rollouts_trace(
     tmp_path: Path, loop: LoopThread, trained_bundle: Path, receiver: OtlpReceiver,
