@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from control_plane import cli as control_plane_cli
-from control_plane.config import ControlPlaneConfig
-from control_plane.services.retrain_runner import render_kubernetes_job
+from control_plane.config import ControlPlaneConfig, RetrainCluster
+from control_plane.services.cluster_runner import job_manifest
 from edge_agent import cli as edge_agent_cli
 from fleet import cli as fleet_cli
 from fleetcore import pki
@@ -138,16 +138,14 @@ def _pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
                 "containers": [template["container"]],
                 "volumes": wf["spec"]["volumes"],
             }
-    yield "retrain-job.yaml", _retrain_job()["spec"]["template"]["spec"]
+    yield "cluster_runner Job", _retrain_job()["spec"]["template"]["spec"]
 
 
 def _retrain_job() -> dict[str, Any]:
-    text = render_kubernetes_job((K8S / "retrain-job.yaml").read_text(), job_id=3,
-                                 model="digits", version=4, pipeline="digits-mlp.toml",
-                                 image="edgefleet/trainer:0.1.0")
-    doc = yaml.safe_load(text)
-    assert isinstance(doc, dict)
-    return doc
+    """The Job the control plane submits with ``[retrain] runner = "kubernetes"`` (built in
+    control_plane/services/cluster_runner.py; tests/test_retrain_cluster.py submits it)."""
+    return job_manifest(RetrainCluster(), job_id=3, model="digits", version=4,
+                        work_root=Path("/var/lib/edgefleet/home/retrain"))
 
 
 def _validate_k8s(obj: dict[str, Any]) -> None:
@@ -588,6 +586,19 @@ def test_init_home_script_creates_the_home_once_and_sets_the_advertised_address(
     assert second.returncode == 0, second.stderr
     assert (home / "pki" / "ca.pem").read_bytes() == ca_before, "the home is never re-created"
     assert ControlPlaneConfig.load(home).api_advertise == "other.example.com:7443"
+    assert ControlPlaneConfig.load(home).retrain_runner == "local"
+    third = subprocess.run(["/bin/sh", str(script)],
+                           env={**env, "EDGEFLEET_RETRAIN_RUNNER": "kubernetes",
+                                "EDGEFLEET_TRAINER_IMAGE": "registry.example.com/t:1"},
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert third.returncode == 0, third.stderr
+    cfg = ControlPlaneConfig.load(home)
+    assert cfg.retrain_runner == "kubernetes"
+    assert cfg.retrain_cluster.image == "registry.example.com/t:1"
+    bad = subprocess.run(["/bin/sh", str(script)], env={**env, "EDGEFLEET_RETRAIN_RUNNER": "x"},
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode != 0 and "EDGEFLEET_RETRAIN_RUNNER" in bad.stderr
+    assert ControlPlaneConfig.load(home).retrain_runner == "kubernetes"
 
 
 def test_mosquitto_runs_the_generated_config_from_a_secret() -> None:
