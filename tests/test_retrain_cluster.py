@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from control_plane.config import ControlPlaneConfig, RetrainCluster
 from control_plane.domain.records import JobState
@@ -330,3 +331,41 @@ def test_the_runner_is_chosen_by_config(tmp_path: Path, loop: LoopThread) -> Non
     finally:
         cp.stop()
     assert asyncio.iscoroutinefunction(LocalRunner.check)
+
+
+def _rbac_request(method: str, path: str) -> tuple[str, str, str]:
+    """(API group, resource, verb) of a request, as RBAC sees it."""
+    parts = path.strip("/").split("/")
+    group = "" if parts[0] == "api" else parts[1]
+    rest = parts[parts.index("namespaces") + 2:]
+    resource = "/".join([rest[0], *rest[2:]])
+    named = len(rest) > 1
+    verb = {"POST": "create", "DELETE": "delete"}.get(method, "get" if named else "list")
+    return group, resource, verb
+
+
+def test_the_control_plane_role_allows_exactly_what_the_runners_call(
+        fake: FakeKube, tmp_path: Path, loop: LoopThread) -> None:
+    """Every request both runners make through a job's life (submit, follow, read the log,
+    delete a failure, find a job again after a restart) is allowed by the control plane's
+    Role in packaging/, and the Role allows nothing they do not use."""
+    for kind, collection in (("kubernetes", "jobs"), ("argo", "workflows")):
+        runner = _runner(fake, tmp_path, kind)
+        _start(loop, runner, tmp_path, job_id=1 if kind == "argo" else 9)
+        job_id = 1 if kind == "argo" else 9
+        [obj] = [o for o in fake.objects[collection].values()
+                 if o["metadata"]["labels"][JOB_LABEL] == str(job_id)]
+        assert loop.run(_runner(fake, tmp_path, kind).check(job_id)) is None  # by label
+        fake.set_pod(obj, f"{collection}-pod", {"containerStatuses": [{"state": {
+            "terminated": {"exitCode": 1, "reason": "Error"}}}]}, log=b"x")
+        status = ({"phase": "Failed"} if kind == "argo" else
+                  {"conditions": [{"type": "Failed", "status": "True"}]})
+        fake.set_status(collection, obj["metadata"]["name"], status)
+        assert loop.run(runner.check(job_id)) is not None
+    used = {_rbac_request(m, p) for m, p in fake.calls}
+    rbac = Path(__file__).resolve().parent.parent / "packaging" / "kubernetes" / "base" / \
+        "control-plane" / "rbac.yaml"
+    [role] = [d for d in yaml.safe_load_all(rbac.read_text()) if d["kind"] == "Role"]
+    allowed = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    assert used == allowed
