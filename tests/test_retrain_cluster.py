@@ -201,6 +201,9 @@ def test_a_restarted_control_plane_finds_its_job_by_label_and_a_deleted_one_is_l
     _start(loop, _runner(fake, tmp_path), tmp_path)
     [job] = fake.objects["jobs"].values()
     again = _runner(fake, tmp_path)  # no memory of the job
+    _start(loop, again, tmp_path)  # submitted again (the start was never recorded): followed
+    assert len(fake.objects["jobs"]) == 1
+    again = _runner(fake, tmp_path)
     assert loop.run(again.check(1)) is None
     fake.set_status("jobs", job["metadata"]["name"], {"conditions": [
         {"type": "Failed", "status": "True", "reason": "DeadlineExceeded",

@@ -305,8 +305,15 @@ class ClusterRunner:
         build = workflow_manifest if self.kind == "argo" else job_manifest
         manifest = build(self.settings, job_id=job_id, model=model or "model", version=version,
                          work_root=self.work_root, extra=extra)
-        await asyncio.to_thread(self._call, "POST", self._collection(), manifest)
         name = manifest["metadata"]["name"]
+        try:
+            await asyncio.to_thread(self._call, "POST", self._collection(), manifest)
+        except client.ApiException as exc:
+            if exc.status != 409:  # AlreadyExists
+                raise
+            # Submitted before the control plane stopped, before it could record the start:
+            # follow that one rather than fail the job.
+            log.warning("retraining job %d: %s exists already; following it", job_id, name)
         self.jobs[job_id] = _Followed(name, self.clock())
         log.info("retraining job %d submitted as %s %s/%s", job_id, manifest["kind"],
                  self.settings.namespace, name)
