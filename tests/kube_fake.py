@@ -72,6 +72,7 @@ class FakeKube:
         self.calls: list[tuple[str, str]] = []
         self.deleted: list[str] = []
         self.refused: list[list[str]] = []
+        self.namespaces = {"edgefleet"}
         self.on_create: Callable[[str, dict[str, Any]], None] = lambda kind, obj: None
         self.lock = threading.Lock()
         fake = self
@@ -139,6 +140,11 @@ class FakeKube:
         body = json.loads(h.rfile.read(length)) if length else None
         for kind, pattern in ROUTES:
             m = pattern.match(url.path)
+            if m and m.group(1) not in self.namespaces:  # RBAC: a Role in these only
+                return self._send(h, 403, _status(403, "Forbidden", (
+                    f'{kind} is forbidden: User "system:serviceaccount:edgefleet:'
+                    f'edgefleet-control-plane" cannot {method.lower()} resource "{kind}" in '
+                    f'the namespace "{m.group(1)}"')))
             if m:
                 return self._route(h, method, kind, m.group(2), query, body)
         return self._send(h, 404, _status(404, "NotFound", url.path))

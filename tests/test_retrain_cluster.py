@@ -259,6 +259,28 @@ def test_argo_runner_submits_a_valid_workflow_and_reads_its_phase(
     assert fake.deleted == [wf2["metadata"]["name"]]
 
 
+def test_a_forbidden_submission_fails_the_job_with_the_api_s_reason(
+        fake: FakeKube, tmp_path: Path, loop: LoopThread) -> None:
+    """The cluster refuses the job (RBAC: no Role in that namespace): the job ends failed with
+    the API's message in one line, without running, and its samples go back to the pool."""
+    cp = start_control_plane(tmp_path / "cp", loop, rollout_tick_seconds=3600,
+                             retrain_runner="kubernetes",
+                             retrain_cluster=_settings(fake, tmp_path, namespace="other"))
+    try:
+        pipeline = write_pipeline(tmp_path / "pipe", store=str(tmp_path / "store"))
+        cp.cp.store.set_policy(DriftPolicy("digits", str(pipeline), auto_canary=False))
+        cp.cp.store.add_job("digits", "test", 1, 0.0)
+        loop.run(cp.cp.services.retraining.tick())
+        [job] = cp.cp.store.jobs("digits")
+        assert job.state is JobState.FAILED and "\n" not in job.detail
+        assert job.detail.startswith("could not start: the cluster refused Job "
+                                     "edgefleet-retrain-digits-1: 403 Forbidden: jobs is "
+                                     "forbidden: User"), job.detail
+        assert not fake.objects["jobs"]
+    finally:
+        cp.stop()
+
+
 def test_a_refused_submission_fails_the_job_without_starting_it(
         fake: FakeKube, tmp_path: Path, loop: LoopThread) -> None:
     """The job cannot be submitted (here: the API does not answer): it ends failed with the

@@ -239,6 +239,18 @@ def workflow_outcome(wf: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome 
 
 # ---------------------------------------------------------------------- the I/O
 
+def _api_error(exc: Any) -> str:
+    """An API error in one line: its status and the Status object's message, not the
+    client's dump of headers and body."""
+    message = ""
+    try:
+        body = strict_json.loads(exc.body or b"{}", what="API error", max_bytes=64 * 1024)
+        message = str(body.get("message", "")) if isinstance(body, dict) else ""
+    except Exception:  # not JSON: the reason alone
+        message = ""
+    return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
+
+
 class _Followed:
     def __init__(self, name: str, started: float) -> None:
         self.name = name
@@ -310,7 +322,8 @@ class ClusterRunner:
             await asyncio.to_thread(self._call, "POST", self._collection(), manifest)
         except client.ApiException as exc:
             if exc.status != 409:  # AlreadyExists
-                raise
+                raise RuntimeError(f"the cluster refused {manifest['kind']} {name}: "
+                                   f"{_api_error(exc)}") from None
             # Submitted before the control plane stopped, before it could record the start:
             # follow that one rather than fail the job.
             log.warning("retraining job %d: %s exists already; following it", job_id, name)
