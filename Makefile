@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgefleet-installed
 # Installed first so that the project's torch range is already met by the local CPU build.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= agent,control-plane,trainer,dev
+EXTRAS ?= agent,control-plane,trainer,otel,dev
 TFLITE ?= 'litert-torch>=0.10,<0.11' 'ai-edge-litert>=2.3,<2.4'
 
 .PHONY: setup test test-fast fuzz lint protos check-protos demo demo-regression bench clean

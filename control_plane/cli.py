@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--mqtt", metavar="URL",
                        help="the fleet's MQTT broker (mqtts://HOST:PORT): the bridge connects to "
                             "it and enrollment gives it to agents (run mqtt-config first)")
+    serve.add_argument("--metrics", metavar="HOST:PORT",
+                       help="serve Prometheus /metrics, /healthz and /readyz over plain HTTP "
+                            "here (e.g. 127.0.0.1:9464; default from config: off)")
 
     mq = sub.add_parser("mqtt-config", help="write a Mosquitto configuration for the fleet")
     mq.add_argument("--home", required=True, type=Path)
@@ -127,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.mqtt is not None:
             parse_url(args.mqtt)
             cfg.mqtt_url = args.mqtt
+        if args.metrics:
+            parse_hostport(args.metrics)
+            cfg.metrics_listen = args.metrics
         asyncio.run(_serve(cfg))
         return 0
 

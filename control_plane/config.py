@@ -184,6 +184,12 @@ class ControlPlaneConfig:
     telemetry_raw_retention_seconds: float = 7 * 86400.0
     telemetry_drift_retention_seconds: float = 30 * 86400.0
     telemetry_expire_every_seconds: float = 300.0
+    # Prometheus /metrics, /healthz and /readyz (HTTP, no TLS: bind it where only the
+    # monitoring network reaches); empty: not served.
+    metrics_listen: str = ""
+    # The [otel] section as written (fleetcore.otel.OtelSettings checks it at start); the
+    # standard OTEL_* variables work without it.
+    otel: dict[str, Any] = field(default_factory=dict)
 
     @property
     def layout(self) -> HomeLayout:
@@ -206,6 +212,11 @@ class ControlPlaneConfig:
         cfg.api_advertise = str(server.get("api_advertise", cfg.api_advertise))
         cfg.enroll_listen = str(server.get("enroll", cfg.enroll_listen))
         cfg.mqtt_url = str(server.get("mqtt", cfg.mqtt_url))
+        cfg.metrics_listen = str(server.get("metrics", cfg.metrics_listen))
+        otel = doc.get("otel", {})
+        if not isinstance(otel, dict):
+            raise InvalidInputError("config [otel] must be a table")
+        cfg.otel = dict(otel)
         cfg.database = home / str(server.get("database", "edgefleet.db"))
         cfg.max_bundle_bytes = _positive_int(server, "max_bundle_bytes", cfg.max_bundle_bytes)
         cfg.publisher_keys = [home / p for p in pki.get("publisher_keys", [])]
@@ -253,6 +264,8 @@ class ControlPlaneConfig:
             setattr(cfg, name, float(value))
         parse_hostport(cfg.api_listen)
         parse_hostport(cfg.enroll_listen)
+        if cfg.metrics_listen:
+            parse_hostport(cfg.metrics_listen)
         return cfg
 
     def to_toml(self) -> dict[str, Any]:
@@ -262,6 +275,7 @@ class ControlPlaneConfig:
                 "api_advertise": self.api_advertise,
                 "enroll": self.enroll_listen,
                 "mqtt": self.mqtt_url,
+                "metrics": self.metrics_listen,
                 "database": str(self.database.relative_to(self.home))
                 if self.database.is_absolute()
                 else str(self.database),
@@ -298,6 +312,7 @@ class ControlPlaneConfig:
                 "device_timeout_seconds": self.rollout_device_timeout_seconds,
             },
             "telemetry": {key: getattr(self, f"telemetry_{key}") for key in _TELEMETRY_KEYS},
+            **({"otel": self.otel} if self.otel else {}),
         }
 
     def save(self) -> None:

@@ -6,22 +6,35 @@ expires old telemetry."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
 import grpc
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from edgefleet.v1 import admin_pb2_grpc, agent_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 
 from control_plane.api.grpc_admin import AdminServicer
 from control_plane.api.grpc_agent import AgentServicer
 from control_plane.api.mqtt_bridge import MqttBridge
 from control_plane.api.notify import DeviceNotifier
+from control_plane.api.tracing import Tracing, TracingInterceptor
 from control_plane.config import ControlPlaneConfig, parse_hostport
+from control_plane.observability import (
+    MetricsServer,
+    Readiness,
+    RpcMetricsInterceptor,
+    ServerMetrics,
+    export_fleet_metrics,
+)
 from control_plane.services import Services
 from control_plane.services.authority import Authority
 from control_plane.services.broker import MqttSettings, refresh_crl
+from control_plane.services.fleet_metrics import FleetMetrics
 from control_plane.storage import Store, open_store
+from fleetcore import otel as otel_setup
 from fleetcore.errors import InvalidInputError
 
 __all__ = ["ControlPlane"]
@@ -32,6 +45,10 @@ API_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 ENROLL_MAX_MESSAGE_BYTES = 64 * 1024
 # The broker's CRL is valid for 30 days; it is rewritten on every revocation and this often.
 CRL_REFRESH_HOURS = 12
+# The gRPC health service's status is refreshed from the readiness checks this often.
+HEALTH_REFRESH_SECONDS = 5.0
+# The services the health service answers for, besides "" (the whole server).
+HEALTH_SERVICES = ("edgefleet.v1.AgentService", "edgefleet.v1.AdminService")
 
 
 def _options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -71,6 +88,20 @@ class ControlPlane:
         self.enroll_port = 0
         self._servers: list[grpc.aio.Server] = []
         self.scheduler: AsyncIOScheduler | None = None
+        # Observability: fleet metrics read at scrape time, the process's counters, readiness.
+        self.fleet_metrics = FleetMetrics(self.services.ctx)
+        self.readiness = Readiness(self.store, config.rollout_tick_seconds)
+        self.metrics = ServerMetrics(self.fleet_metrics, self.readiness)
+        self.metrics_server: MetricsServer | None = None
+        self._health: list[health_aio.HealthServicer] = []
+        # OpenTelemetry, when on ([otel] or the OTEL_* variables): the fleet's metrics
+        # re-exported with device and model attributes, traces continued from callers.
+        self.otel = otel_setup.start(otel_setup.OtelSettings.load(config.otel, os.environ),
+                                     "edgefleet-control-plane")
+        self.tracing = Tracing(self.otel, lambda device_id: {
+            arm.model for arm in self.store.device_arms(device_id)})
+        if self.otel is not None:
+            export_fleet_metrics(self.otel, self.fleet_metrics)
 
     @property
     def api_address(self) -> str:
@@ -83,10 +114,17 @@ class ControlPlane:
     async def start(self) -> None:
         a = self.authority
         key_pair = [(a.server_key_pem, a.server_cert_pem)]
+        if self.config.metrics_listen:  # bound first: a taken address fails before the rest
+            self.metrics_server = MetricsServer(self.config.metrics_listen, self.metrics,
+                                                self.readiness)
 
-        api = grpc.aio.server(options=_options(API_MAX_MESSAGE_BYTES))
+        interceptors: list[grpc.aio.ServerInterceptor] = [RpcMetricsInterceptor(self.metrics)]
+        if self.otel is not None:
+            interceptors.append(TracingInterceptor(self.otel, self.tracing))
+        api = grpc.aio.server(options=_options(API_MAX_MESSAGE_BYTES),
+                              interceptors=interceptors)
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentServicer(self.services, self.notifier), api
+            AgentServicer(self.services, self.notifier, self.tracing), api
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.services), api)
         mtls = grpc.ssl_server_credentials(
@@ -94,7 +132,8 @@ class ControlPlane:
         )
         self.api_port = _bind(api, self.config.api_listen, mtls)
 
-        enroll = grpc.aio.server(options=_options(ENROLL_MAX_MESSAGE_BYTES))
+        enroll = grpc.aio.server(options=_options(ENROLL_MAX_MESSAGE_BYTES),
+                                 interceptors=interceptors)
         # The same AgentService: without a client certificate only Enroll can succeed here.
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(self.services, self.notifier), enroll
@@ -104,13 +143,18 @@ class ControlPlane:
 
         self.services.ctx.api_address = self.config.api_advertise or self.api_address
         for server in (api, enroll):
+            # grpc.health.v1 on both ports (the API port's needs a client certificate too).
+            health = health_aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health, server)
+            self._health.append(health)
+        for server in (api, enroll):
             await server.start()
             self._servers.append(server)
         if self.mqtt is not None:
             # Agents on MQTT: the bridge, and a CRL for the broker that is current and fresh.
             refresh_crl(self.mqtt, self.authority, self.store, time.time())
             self.bridge = MqttBridge(self.services, self.config.mqtt_url, self.config.home,
-                                     self.mqtt)
+                                     self.mqtt, tracing=self.tracing)
             await self.bridge.start()
         # Staged rollouts advance on a schedule; their state lives in storage, so a restarted
         # control plane resumes them where they were.
@@ -124,19 +168,46 @@ class ControlPlane:
                                max_instances=1, coalesce=True)
         if self.mqtt is not None:
             self.scheduler.add_job(self._refresh_crl, "interval", hours=CRL_REFRESH_HOURS)
+        health_every = min(HEALTH_REFRESH_SECONDS, self.config.rollout_tick_seconds)
+        self.scheduler.add_job(self._refresh_health, "interval", seconds=health_every,
+                               max_instances=1, coalesce=True)
         self.scheduler.start()
+        self.readiness.scheduler_started()
+        await self._refresh_health()
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         log.info("api (mTLS) listening on %s", self.api_address)
         log.info("enrollment (TLS + token) listening on %s", self.enroll_address)
 
     async def _tick_rollouts(self) -> None:
-        self.services.rollouts.tick()
-        await self.services.retraining.tick()
+        self.metrics.job_runs.labels("rollouts").inc()
+        try:
+            self.services.rollouts.tick()
+            await self.services.retraining.tick()
+        except Exception:
+            self.metrics.job_failures.labels("rollouts").inc()
+            raise
+        self.readiness.ticked()
 
     async def _expire_telemetry(self) -> None:
-        self.services.telemetry.expire()
+        self.metrics.job_runs.labels("telemetry-retention").inc()
+        try:
+            self.services.telemetry.expire()
+        except Exception:
+            self.metrics.job_failures.labels("telemetry-retention").inc()
+            raise
+
+    async def _refresh_health(self) -> None:
+        """The gRPC health service says what the readiness checks say."""
+        status = (health_pb2.HealthCheckResponse.SERVING if self.readiness.ready()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for health in self._health:
+            for service in ("", *HEALTH_SERVICES):
+                await health.set(service, status)
 
     def _device_changed(self, device_id: str) -> None:
         """A device's release changed or it was revoked: wake its Sync streams and the bridge."""
+        self.tracing.capture(device_id)  # inside a traced call: the push continues its trace
         self.notifier.notify(device_id)
         if self.bridge is not None:
             self.bridge.device_changed(device_id)
@@ -152,6 +223,13 @@ class ControlPlane:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
+        self.readiness.scheduler_stopped()
+        for health in self._health:
+            await health.enter_graceful_shutdown()
+        self._health = []
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
         if self.bridge is not None:
             await self.bridge.stop()
             self.bridge = None
@@ -160,6 +238,9 @@ class ControlPlane:
         for server in servers:
             await server.stop(grace_seconds)
         self.store.close()
+        if self.otel is not None:
+            self.otel.shutdown()  # flushes what is queued
+            self.otel = None
         log.info("control plane stopped")
 
     async def wait_for_termination(self) -> None:

@@ -37,6 +37,7 @@ from edge_agent.reporting.telemetry import TelemetrySender, encode
 from edge_agent.serving.batching import policy as batch_policy
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.supervisor import ServingSupervisor
+from edge_agent.tracing import AgentTracing
 from edge_agent.transport import RefusedError, Transport, make_transport
 from fleetcore import pki
 from fleetcore.addresses import parse_hostport
@@ -73,6 +74,9 @@ class Agent:
         self.config = config or AgentConfig.load(self.state)
         self.clock = clock
         self.on_event = on_event
+        # OpenTelemetry hooks: no-ops (and nothing imported) unless [otel] or OTEL_* is set.
+        self.tracing = AgentTracing.start(self.config.otel, self.config.device_id,
+                                          self.config.labels)
         self.backoff = Backoff(self.config.backoff_initial_seconds, self.config.backoff_max_seconds)
         self.creds: Credentials = load_credentials(self.state)
         self.trust = ReleaseTrust(self.state.release,
@@ -98,6 +102,7 @@ class Agent:
             chunk_timeout=self.config.download_chunk_timeout_seconds, clock=clock,
         )
         self._record_installs(before)
+        self.updater.tracing = self.tracing
         self._report_now: asyncio.Event | None = None
         # Set by a heartbeat whose reply names a newer release than the stream delivered: the
         # stream was lost without the transport noticing (seen after a control-plane restart).
@@ -118,6 +123,8 @@ class Agent:
         self.started_at = clock()
         self.heartbeats = 0
         self.transport: Transport = make_transport(self.config, self.state, lambda: self.creds)
+        if self.tracing.enabled:
+            self.transport.trace_metadata = self.tracing.metadata
         self._stop: asyncio.Event | None = None
         self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -171,6 +178,7 @@ class Agent:
             self.updater.save()  # probation counters and the latency baseline survive
             self.supervisor.close()
             self.outbox.close()
+            self.tracing.shutdown()
             self._set_status(state="stopped")
             log.info("agent %s stopped", self.config.device_id)
 
@@ -192,6 +200,7 @@ class Agent:
                           lambda: {(m["name"], str(m["state"])): float(m["version"])
                                    for m in self.models.status() if m["serving"]},
                           labelnames=("model", "state"))
+        self.tracing.export_metrics(metrics.registry)  # where OpenTelemetry is on
         return metrics
 
     async def _start_serving(self) -> list[Callable[[], Awaitable[None]]]:
@@ -275,6 +284,7 @@ class Agent:
 
     def _on_transition(self, name: str, version: int, state: str, reason: str) -> None:
         """Every install state change (from whichever thread made it) is an event."""
+        self.tracing.transition(name, version, state, reason)
         self._emit("install", {"name": name, "version": version, "state": state,
                                "reason": reason})
 
@@ -330,6 +340,7 @@ class Agent:
                 async with contextlib.aclosing(releases):
                     while (signed := await self._next_release(releases)) is not None:
                         doc, changed = self.trust.accept(signed, self.clock())
+                        self.tracing.release(doc, dict(signed.trace_context))
                         log.info("release serial %d accepted%s", doc.serial,
                                  "" if changed else " (unchanged)")
                         self._emit("release", {"serial": doc.serial})

@@ -116,6 +116,8 @@ class AgentConfig:
     # Dynamic batching per model (edge_agent/serving/batching.py), over a manifest's hint:
     # [batching.MODEL] max_batch_size = 32, max_queue_delay_us = 500. Off when absent.
     batching: dict[str, dict[str, int]] = field(default_factory=dict)
+    # The [otel] section of agent.toml (fleetcore.otel; the OTEL_* variables work without it).
+    otel: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, state: StateDir) -> AgentConfig:
@@ -150,6 +152,10 @@ class AgentConfig:
             raise InvalidInputError(f"{state.config}: [batching.MODEL] takes the integers "
                                     "max_batch_size and max_queue_delay_us")
         cfg.batching = {str(k): dict(v) for k, v in batching.items()}
+        otel = doc.get("otel", {})
+        if not isinstance(otel, dict):
+            raise InvalidInputError(f"{state.config}: [otel] must be a table")
+        cfg.otel = dict(otel)
         return cfg
 
     def save(self, state: StateDir) -> None:
@@ -177,5 +183,6 @@ class AgentConfig:
                 },
                 "labels": self.labels,
                 **({"batching": self.batching} if self.batching else {}),
+                **({"otel": self.otel} if self.otel else {}),
             },
         )

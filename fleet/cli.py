@@ -21,6 +21,7 @@ from google.protobuf import json_format
 from fleet.channel import open_channel
 from fleet.common import RPC_TIMEOUT_SECONDS as T
 from fleet.common import Stub, labels_text, ts
+from fleet.console import add_console_command, run_console
 from fleet.models import MODEL_COMMANDS, add_model_commands
 from fleetcore import operator_config, pki
 from fleetcore.addresses import parse_hostport
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     oc.add_argument("--out", required=True, type=Path)
 
     add_model_commands(sub)
+    add_console_command(sub)
 
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(
         dest="command", required=True
@@ -276,6 +278,7 @@ class AuditBrokenError(InvalidInputError):
 
 COMMANDS: dict[tuple[str, str], Callable[[Stub, argparse.Namespace, OperatorConfig], None]] = {
     **MODEL_COMMANDS,
+    ("console", "serve"): run_console,
     ("audit", "verify"): _audit_verify,
     ("audit", "checkpoint"): _audit_checkpoint,
     ("tokens", "create"): _tokens_create,

@@ -5,20 +5,31 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 from edgefleet.v1 import admin_pb2
 
 from fleet.common import RPC_TIMEOUT_SECONDS as T
 from fleet.common import Progress, Stub, labels_text, ts
+from fleet.history import (
+    add_arm_history_args,
+    add_drift_history_args,
+    arm_history,
+    drift_history,
+    print_arm_history,
+)
 from fleetcore.archive import pack_bundle
 from fleetcore.cli import print_json, print_table, terminal_safe
 from fleetcore.errors import EdgefleetError, InvalidInputError
 from fleetcore.labels import parse_label_args
+from fleetcore.otel import check_carrier, new_traceparent, trace_id_of
 
 __all__ = ["MODEL_COMMANDS", "add_model_commands", "experiment_json", "model_json",
            "rollout_json"]
@@ -108,12 +119,16 @@ def add_model_commands(sub: Any) -> None:
             "stop": "end the experiment; devices go back to the champion alone"}[name])
         e.add_argument("--model", required=True)
         e.add_argument("--json", action="store_true")
+        if name == "status":
+            add_arm_history_args(e)
 
     _add_retrain_commands(sub)
-    drift = sub.add_parser("drift", help="drift per device and fleet-wide (latest windows)")
+    drift = sub.add_parser("drift", help="drift per device and fleet-wide (latest windows; "
+                                         "--since: every window since then)")
     drift.set_defaults(command="show")
     drift.add_argument("--model", default="")
     drift.add_argument("--json", action="store_true")
+    add_drift_history_args(drift)
 
 
 
@@ -276,10 +291,16 @@ def _print_rollout(r: admin_pb2.Rollout, as_json: bool) -> None:
 
 def _rollouts_start(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
+    # W3C trace context: the rollout's trace starts here (or continues $TRACEPARENT) and runs
+    # through the control plane to each device's install, where OpenTelemetry is on.
+    traceparent = check_carrier({"traceparent": os.environ.get("TRACEPARENT", "")}).get(
+        "traceparent") or new_traceparent()
     r = stub.StartRollout(admin_pb2.StartRolloutRequest(
         model=args.model, version=args.version, selector=parse_label_args(args.selector),
         steps=steps, bake_seconds=args.bake, gates=args.gate, on_failure=args.on_failure),
-        timeout=T)
+        timeout=T, metadata=(("traceparent", traceparent),))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("TRACEPARENT"):
+        print(f"trace id: {trace_id_of(traceparent)}", file=sys.stderr)
     if args.wait:
         r = _wait_rollout(stub, r, args.wait_timeout)
     _print_rollout(r, args.json)
@@ -395,8 +416,27 @@ def _experiments_start(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
 
 
 def _experiments_status(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
-    _print_experiment(stub.GetExperiment(admin_pb2.GetExperimentRequest(model=args.model),
-                                         timeout=T), args.json)
+    if not args.history:
+        _print_experiment(stub.GetExperiment(admin_pb2.GetExperimentRequest(model=args.model),
+                                             timeout=T), args.json)
+        return
+    try:  # the arms' history is the model's, with or without an experiment
+        e: admin_pb2.Experiment | None = stub.GetExperiment(
+            admin_pb2.GetExperimentRequest(model=args.model), timeout=T)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        e = None
+    history = arm_history(stub, args)
+    if args.json:
+        print_json({**(experiment_json(e) if e else {"model": args.model}),
+                    "history": history})
+        return
+    if e is not None:
+        _print_experiment(e, False)
+    else:
+        print(f"no experiment for {args.model}; its arms' history:")
+    print_arm_history(history)
 
 
 def _experiments_stop(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
@@ -405,6 +445,11 @@ def _experiments_stop(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
 
 
 def _drift_show(stub: Stub, args: argparse.Namespace, cfg: Any) -> None:
+    if args.since:
+        drift_history(stub, args)
+        return
+    if args.device or args.limit:
+        raise InvalidInputError("--device and --limit go with --since (e.g. --since 24h)")
     r = stub.GetDrift(admin_pb2.GetDriftRequest(model=args.model), timeout=T)
     doc = {
         "fleet": [{"model": f.model, "devices": f.devices, "drifted_devices": f.drifted_devices,

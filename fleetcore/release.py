@@ -29,7 +29,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from cryptography.exceptions import InvalidSignature
@@ -125,6 +125,9 @@ class ReleaseDocument:
 class SignedRelease:
     document: bytes  # canonical JSON bytes
     signature: bytes  # DER ECDSA-SHA256 over ``document``
+    # W3C trace context that came beside the document (never signed, never trusted for
+    # anything but tracing; checked by fleetcore.otel.check_carrier).
+    trace_context: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ Each row carries its target and a pass/fail column:
 * database growth under a one-device telemetry flood, with the quota against without
   (``scripts/bench_flood.py``);
 * ingest rates of the trainer's sources against each one's bare client
-  (``scripts/bench_ingest.py``).
+  (``scripts/bench_ingest.py``);
+* OpenTelemetry on against off: the control plane's heartbeat path, a traced call, the agent's
+  resident memory (``scripts/bench_otel.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from scripts.bench_fleet import bench_fleet
 from scripts.bench_flood import bench_flood
 from scripts.bench_ingest import bench_ingest
 from scripts.bench_mqtt import bench_mqtt
+from scripts.bench_otel import bench_otel
 from scripts.bench_peers import bench_peers
 from scripts.bench_serving import bench_serving
 from scripts.bench_verify import bench_verify
@@ -210,6 +213,9 @@ LIMITS = {
     "HTTP stack": "the load generator shares the 2 cores with the server; judge over runs",
     "HTTP dynamic batching": "a lone request pays the join's extra loop turn; batching pays "
                              "off only when requests overlap",
+    "heartbeat p50 with OpenTelemetry": "the SDK's periodic metric collection reads the whole "
+                                        "fleet from the database on the event loop's thread",
+    "traced heartbeat": "a span per call: creation, attributes and the batch processor's queue",
 }
 
 
@@ -251,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_mqtt(Path(tmp) / "mqtt")  # Mosquitto: telemetry, release fan-out
         rows += bench_flood(Path(tmp) / "flood")  # DB growth under a one-device flood
         rows += bench_ingest(Path(tmp) / "ingest")  # trainer ingest: SQL, Parquet, HTTP
+        rows += bench_otel(Path(tmp) / "otel")  # OpenTelemetry on against off
     for row in rows:
         if row["pass"] is False:
             row["note"] = _note(row)

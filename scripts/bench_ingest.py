@@ -10,7 +10,12 @@
 * HTTP: a JSON API on 127.0.0.1 paged by next link, against httpx fetching the same pages and
   parsing them with ``json.loads``.
 
-The stream rates (the follower against a raw subscriber) are in ``scripts/bench_ingest_streams``.
+* NATS JetStream: ``trainer ingest --follow``'s whole path (fetch, strict JSON, the table check,
+  PII pseudonymized, rows staged in SQLite, acks, the snapshot cut) against a raw nats-py pull
+  consumer of the same messages (``scripts/bench_ingest_streams.raw_rate``), one row per message.
+  The stream clients alone against raw subscribers (MQTT and NATS) are in
+  ``scripts/bench_ingest_streams``.
+
 Figures are rows per second; no target (the issue asks for the measured rate).
 """
 
@@ -169,9 +174,42 @@ def bench_http(work: Path, rows: int, page: int = 1000) -> dict[str, Any]:
                 "httpx GET of the same pages + json.loads")
 
 
+FOLLOW_FEATURES = ["alcohol", "malic_acid", "ash", "alcalinity_of_ash", "magnesium",
+                   "total_phenols", "flavanoids", "nonflavanoid_phenols", "proanthocyanins",
+                   "color_intensity", "hue", "od280_od315_of_diluted_wines", "proline", "shop"]
+
+
+def bench_follow(work: Path, rows: int = 10_000) -> dict[str, Any]:
+    from examples.pipelines.publish_stream import publish  # noqa: PLC0415
+    from scripts.bench_ingest_streams import _messages, _nats_stream, raw_rate  # noqa: PLC0415
+    from trainer.ingest.follow import follow  # noqa: PLC0415
+
+    url = "nats://127.0.0.1:4222/bench.follow.rows"
+    with _nats_stream(url):
+        base = rows / raw_rate(url, rows)
+    with _nats_stream(url) as stream:
+        publish(url, _messages(rows))
+        work.mkdir(parents=True, exist_ok=True)
+        path = work / "p.toml"
+        data = {"source": url, "stream": stream, "features": FOLLOW_FEATURES,
+                "timestamp": "created_at", "snapshot_rows": rows, "snapshot_seconds": 3600,
+                "region": "local", **DATA}
+        path.write_text("[data]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in data.items())
+                        + '\n[store]\npath = "store"\n')
+        pipeline = Pipeline.load(path)
+        stop = threading.Event()
+        with FeatureStore(work / "store") as store:
+            t0 = time.perf_counter()
+            follow(store, pipeline.data, work, stop,
+                   lambda line: stop.set() if "[follow] snapshot" in line else None)
+            ours = time.perf_counter() - t0
+    return _row(f"ingest NATS JetStream with --follow ({rows:,} rows)", rows, ours, base,
+                "raw nats-py pull consumer of the same messages")
+
+
 def bench_ingest(work: Path, rows: int = 50_000) -> list[dict[str, Any]]:
     return [bench_postgres(work / "pg", rows), bench_parquet(work / "parquet", rows),
-            bench_http(work / "http", rows)]
+            bench_http(work / "http", rows), bench_follow(work / "follow", rows // 5)]
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import sys
@@ -28,8 +29,47 @@ import httpx
 from sklearn.datasets import load_digits
 
 from fleetcore import tomlfile
+from fleetcore.otel import new_traceparent, trace_id_of
 from scripts.broker import Mosquitto, start_fleet_broker
 from scripts.procs import Child, run
+
+
+class _Otel:
+    """With OTEL_EXPORTER_OTLP_ENDPOINT set, the demo starts an OTLP receiver of its own and
+    points every process it starts at it (docs/observability.md)."""
+
+    receiver: Any = None
+    traceparent = ""
+
+    def start(self) -> None:
+        if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            return
+        from scripts.otlp_receiver import OtlpReceiver  # noqa: PLC0415 (only when asked)
+
+        self.receiver = OtlpReceiver().start()
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.receiver.endpoint
+        os.environ["OTEL_EXPORTER_OTLP_PROTOCOL"] = "grpc"
+        os.environ.setdefault("OTEL_METRIC_EXPORT_INTERVAL", "2000")
+        step(f"OpenTelemetry on: an OTLP/gRPC receiver at {self.receiver.endpoint} for every "
+             "process")
+
+    def report(self) -> None:
+        r = self.receiver
+        if r is None:
+            return
+        step("what the OTLP receiver got")
+        services = sorted({s.service for s in r.spans})
+        print(f"{len(r.spans)} spans from {', '.join(services) or 'nobody'}; "
+              f"{len(r.points)} metric points; {len(r.logs)} log records")
+        trace = trace_id_of(self.traceparent)
+        mine = [s for s in r.spans if s.trace_id == trace]
+        print(f"rollout trace {trace}: {len(mine)} spans "
+              f"({', '.join(sorted({s.service for s in mine})) or '-'}): "
+              + ", ".join(sorted({s.name for s in mine})))
+        r.stop()
+
+
+OTEL = _Otel()
 
 
 def step(text: str) -> None:
@@ -129,8 +169,16 @@ def deliver(work: Path, fleet: tuple[str, ...], children: list[Child],
     print(run(*fleet, "models", "list"), end="")
     step(f"fleet rollouts start --model {model} --version 1 --selector tier=demo --steps 50,100 "
          "--bake 2  (half the fleet first; the rest after a 2 s bake with no failures)")
-    print(run(*fleet, "rollouts", "start", "--model", model, "--version", "1",
-              "--selector", "tier=demo", "--steps", "50,100", "--bake", "2"), end="")
+    traced = OTEL.receiver is not None and model == "digits"
+    if traced:  # the operator's command starts the rollout's trace
+        os.environ["TRACEPARENT"] = OTEL.traceparent = new_traceparent()
+    try:
+        print(run(*fleet, "rollouts", "start", "--model", model, "--version", "1",
+                  "--selector", "tier=demo", "--steps", "50,100", "--bake", "2"), end="")
+    finally:
+        os.environ.pop("TRACEPARENT", None)
+    if traced:
+        print(f"rollout trace id: {trace_id_of(OTEL.traceparent)}")
     for child in children[1:]:  # the agents: signed release pushed, downloaded, installed
         print(f"{child.name}: "
               + child.expect(rf"{model} v1 committed after probation").group(0))
@@ -313,6 +361,7 @@ def main(argv: list[str] | None = None, story: Scenario | None = None,
     brokers: list[Mosquitto] = []
     online = 0
     try:
+        OTEL.start()
         online = (story or scenario)(work, children, brokers)
     except (RuntimeError, OSError) as exc:
         print(f"\ndemo failed: {exc}\nlogs: {work / 'logs'}", file=sys.stderr)
@@ -325,6 +374,7 @@ def main(argv: list[str] | None = None, story: Scenario | None = None,
             broker.stop()
         print(", ".join(f"{n} exited {rc}" for n, rc in codes.items())
               + (", mosquitto stopped" if brokers else ""))
+        OTEL.report()  # after the processes stopped: each flushed what it had
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     if any(codes.values()):

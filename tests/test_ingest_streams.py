@@ -33,7 +33,7 @@ import pytest
 
 from control_plane.services.broker import MqttSettings
 from fleetcore import pki
-from fleetcore.errors import InvalidInputError
+from fleetcore.errors import InvalidInputError, TransportError
 from scripts.broker import Mosquitto
 from tests.mqtt_support import MOSQUITTO, free_port
 from tests.support import WAIT
@@ -722,3 +722,83 @@ def test_no_client_thread_is_left_behind(jetstream: JetStream, broker: Broker,
     left = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
     assert not left, left
 
+
+
+# -- the publisher and the bench ------------------------------------------------------------
+
+def test_publisher_sends_wine_rows_with_column_names(
+        broker: Broker, jetstream: JetStream, password_env: dict[str, Any]) -> None:
+    from examples.pipelines.publish_stream import payloads, publish, wine_rows  # noqa: PLC0415
+
+    rows_ = wine_rows(12, offset=170)
+    assert [r["id"] for r in rows_] == list(range(170, 182))  # past the 178 rows: ids go on
+    assert {"customer_email", "shop", "cultivar", "alcohol", "od280_od315_of_diluted_wines"} \
+        <= set(rows_[0])
+    messages = list(payloads(rows_, 5, bad=1))
+    assert len(messages) == 4 and b"{not json" in messages
+
+    topic, name = f"ingest/{uuid.uuid4().hex[:8]}/rows", f"t-{uuid.uuid4().hex[:12]}"
+    source = open_stream(broker.url(topic), name=name, settings=password_env)
+    source.open()
+    try:
+        assert publish(broker.url(topic), messages, password_env) == 4
+        got = fetch_n(source, 4)
+        good = [json.loads(m.payload) for m in got if m.payload != b"{not json"]
+        assert [r for batch in good for r in batch] == rows_
+        source.ack(got)
+    finally:
+        source.close()
+        clear_session(broker, name)
+
+    assert publish(jetstream.url, list(payloads(rows_, 1))) == 12
+    nats_source = open_stream(jetstream.url, name=f"t-{uuid.uuid4().hex[:12]}", settings={})
+    nats_source.open()
+    try:
+        assert [json.loads(m.payload) for m in fetch_n(nats_source, 12)] == rows_
+    finally:
+        nats_source.close()
+
+
+def test_publisher_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from examples.pipelines.publish_stream import main  # noqa: PLC0415
+
+    assert main([f"mqtt://127.0.0.1:{free_port()}/rows", "--rows", "1"]) == 1
+    assert main([f"{NATS_URL}/eftest.nothing-here.rows", "--rows", "1"]) == 1
+    assert main(["mqtt://127.0.0.1:1883/rows/#", "--rows", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+    assert "--create-stream" in err[1]
+
+
+@pytest.mark.slow
+def test_bench_measures_both_clients_and_their_baselines(tmp_path: Path) -> None:
+    from scripts.bench_ingest_streams import bench_streams  # noqa: PLC0415
+
+    rows_ = bench_streams(tmp_path, 300, progress=lambda m: None)
+    assert [r["name"].split(" stream client")[0] for r in rows_] == ["MQTT", "NATS JetStream"]
+    for r in rows_:
+        assert r["figure"] > 0 and r["baseline"] > 0 and r["unit"] == "msg/s"
+
+
+def test_nats_a_deleted_consumer_is_reported_in_one_line(
+        jetstream: JetStream, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.ingest import streams_nats  # noqa: PLC0415
+
+    monkeypatch.setattr(streams_nats, "CONSUMER_CHECK_S", 0.0)
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    source = open_stream(jetstream.url, name=name, settings={})
+    source.open()
+    try:
+        assert source.fetch(10, 0.2) == []  # idle, and the consumer is there
+
+        async def delete() -> None:
+            nc = await nats.connect(NATS_URL)
+            await nc.jetstream().delete_consumer(jetstream.stream, name)
+            await nc.close()
+
+        nats_run(delete())
+        with pytest.raises(TransportError) as exc:
+            source.fetch(10, 0.2)
+        assert "\n" not in str(exc.value) and f"durable consumer {name!r}" in str(exc.value)
+    finally:
+        source.close()

@@ -85,6 +85,8 @@ def test_urls_are_checked_and_redacted() -> None:
     assert check_source("postgresql+psycopg://root@db:5432/sales") == "sql"
     assert check_source("https://api.example/rows") == "http"
     assert check_source("nats://127.0.0.1:4222/till.rows") == "stream"
+    assert check_source("mqtt://127.0.0.1:1883/#") == "stream"  # MQTT's wildcard, not a fragment
+    assert redact("mqtt://h/sensors/#") == "mqtt://h/sensors/#"
     for bad, why in [("postgresql://u:pw@db/x", "password_env"), ("mqtt://host:1883", "topic"),
                      ("ftp://host/x", "unknown kind"), ("postgresql://db:99999/x", "port")]:
         with pytest.raises(InvalidInputError, match=why) as exc:

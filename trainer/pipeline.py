@@ -33,6 +33,7 @@ from trainer.kinds import Kind, kind_of
 from trainer.samples import accept, load_samples
 from trainer.sources import load_source, source_fingerprint
 from trainer.store import FeatureStore, RegionNotAllowedError, Snapshot
+from trainer.tracing import TrainerTracing
 from trainer.workdir import Workdir
 
 # torch, scikit-learn, onnx and onnxruntime are imported inside the steps that use them (and
@@ -296,13 +297,18 @@ class Run:
             )
 
     def run_all(self) -> dict[str, Any]:
+        tracing = TrainerTracing(self.pipeline.path.name)  # spans only where OTEL_* asks
         try:
-            self.preflight()
-            for step in STEPS:
-                self.run_step(step)
-            if self.baseline is not None:
-                self.compare_with_baseline()
-            return self.write_report()
+            with tracing.run():
+                self.preflight()
+                for step in STEPS:
+                    with tracing.step(step) as span:
+                        outcome = self.run_step(step)
+                        if span is not None:
+                            span.set_attribute("edgefleet.outcome", outcome)
+                if self.baseline is not None:
+                    self.compare_with_baseline()
+                return self.write_report()
         finally:
             self.close()
 

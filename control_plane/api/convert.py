@@ -28,13 +28,16 @@ from control_plane.domain.records import (
 from control_plane.domain.retraining import DriftPolicy, drift_policy
 from control_plane.domain.rollout_plan import device_progress, first_steps
 from control_plane.services.experiments import ExperimentView
+from control_plane.services.history import ArmHistory, DriftHistory
 from control_plane.services.rollouts import RolloutView
 
 __all__ = [
     "MAX_MODELS",
     "MAX_TEXT",
+    "arm_history_to_proto",
     "audit_events_to_proto",
     "device_to_proto",
+    "drift_history_to_proto",
     "drift_policy_from_proto",
     "drift_policy_to_proto",
     "drift_to_proto",
@@ -228,3 +231,29 @@ def audit_events_to_proto(events: list[AuditRecord]) -> admin_pb2.ListAuditEvent
         admin_pb2.AuditEvent(seq=e.seq, time=e.time, actor=e.actor, action=e.action,
                              target=e.target, outcome=e.outcome, detail=e.detail, role=e.role)
         for e in events])
+
+
+# --- history ---
+def _window_to_proto(w: DriftWindowRecord) -> admin_pb2.DriftWindowReport:
+    return admin_pb2.DriftWindowReport(
+        device_id=w.device_id, model=w.model, version=w.version, start=w.start, end=w.end,
+        rows=w.rows, score=w.score, drifted=w.drifted, prediction_psi=w.prediction_psi,
+        drifted_features=list(w.drifted_features), feature_psi=w.feature_psi)
+
+
+def drift_history_to_proto(h: DriftHistory) -> admin_pb2.DriftHistory:
+    return admin_pb2.DriftHistory(
+        since=h.since, windows=[_window_to_proto(w) for w in h.windows], truncated=h.truncated,
+        days=[admin_pb2.DriftDay(device_id=d.device_id, model=d.model, version=d.version,
+                                 day=d.day, windows=d.windows, drifted=d.drifted, rows=d.rows,
+                                 mean_score=d.mean_score, max_score=d.max_score)
+              for d in h.days])
+
+
+def arm_history_to_proto(h: ArmHistory) -> admin_pb2.ArmHistory:
+    return admin_pb2.ArmHistory(
+        model=h.model, since=h.since, step_seconds=h.step,
+        points=[admin_pb2.ArmPoint(time=p.time, version=p.version, requests=p.requests,
+                                   errors=p.errors, labelled=p.labelled, correct=p.correct,
+                                   abs_error_sum=p.abs_error_sum, p95_ms=p.p95_ms,
+                                   devices=p.devices) for p in h.points])

@@ -11,6 +11,7 @@ from edgefleet.v1 import admin_pb2, admin_pb2_grpc
 from control_plane.api import convert
 from control_plane.api.grpc_common import abort_with, peer_identity, rpc
 from control_plane.services import Services
+from control_plane.services.history import HistoryService
 from fleetcore import pki
 from fleetcore.errors import EdgefleetError
 
@@ -20,6 +21,7 @@ __all__ = ["AdminServicer"]
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, services: Services) -> None:
         self.s = services
+        self.history = HistoryService(services.ctx)
 
     def _operator(self, context: grpc.aio.ServicerContext) -> pki.Identity:
         return self.s.identity.authenticate(peer_identity(context), pki.IdentityKind.OPERATOR)
@@ -187,3 +189,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListAuditEventsResponse:
         return convert.audit_events_to_proto(self.s.audit.list_events(self._operator(context),
                                                                       request.limit))
+
+    @rpc
+    async def GetDriftHistory(
+        self, request: admin_pb2.GetDriftHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.DriftHistory:
+        return convert.drift_history_to_proto(self.history.drift(
+            self._operator(context), request.model, request.device_id, request.since,
+            request.limit))
+
+    @rpc
+    async def GetArmHistory(
+        self, request: admin_pb2.GetArmHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ArmHistory:
+        return convert.arm_history_to_proto(self.history.arms(
+            self._operator(context), request.model, request.since, request.step_seconds))

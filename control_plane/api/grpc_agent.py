@@ -14,6 +14,7 @@ from control_plane.api.agent_calls import AgentCalls
 from control_plane.api.convert import host_from_proto, text
 from control_plane.api.grpc_common import abort_with, peer_address, peer_identity, rpc
 from control_plane.api.notify import DeviceNotifier
+from control_plane.api.tracing import Tracing
 from control_plane.services import Services
 from fleetcore import pki
 from fleetcore.errors import EdgefleetError
@@ -26,10 +27,12 @@ SYNC_RECHECK_SECONDS = 30.0
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, services: Services, notifier: DeviceNotifier) -> None:
+    def __init__(self, services: Services, notifier: DeviceNotifier,
+                 tracing: Tracing | None = None) -> None:
         self.s = services
         self.calls = AgentCalls(services)
         self.notifier = notifier
+        self.tracing = tracing or Tracing(None)
 
     def _device(self, context: grpc.aio.ServicerContext) -> pki.Identity:
         return self.calls.device(peer_identity(context))
@@ -81,7 +84,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     current = self.calls.release(caller, request.have_serial)
                     if current is not None and current[0] > sent:
                         sent = current[0]
-                        yield agent_pb2.SyncEvent(release=current[1])
+                        yield agent_pb2.SyncEvent(release=current[1],
+                                                  trace_context=self.tracing.take(caller.name))
                     with contextlib.suppress(TimeoutError):
                         # Wake on a change, or now and then to renew the document before expiry.
                         await asyncio.wait_for(wake.wait(), timeout=SYNC_RECHECK_SECONDS)

@@ -37,6 +37,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from control_plane.api.agent_calls import AgentCalls
 from control_plane.api.status import status_code_for
+from control_plane.api.tracing import Tracing
 from control_plane.services import Services
 from control_plane.services.broker import BRIDGE_NAME, MqttSettings
 from fleetcore import pki
@@ -69,8 +70,10 @@ _REPLY_TO = {Leaf.TELEMETRY: Leaf.TELEMETRY_ACK, Leaf.BUNDLE_REQUEST: Leaf.BUNDL
 
 class MqttBridge:
     def __init__(self, services: Services, url: str, home: Path, settings: MqttSettings, *,
-                 on_event: Callable[[str, str], None] | None = None) -> None:
+                 on_event: Callable[[str, str], None] | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.s = services
+        self.tracing = tracing or Tracing(None)
         self.calls = AgentCalls(services)
         self.broker = parse_url(url)
         self.home = home
@@ -244,20 +247,24 @@ class MqttBridge:
         if current is None or self._published.get(device_id) == current[0]:
             return
         serial, signed = current
-        self._publish(device_id, Leaf.RELEASE, signed.SerializeToString(), retain=True)
+        self._publish(device_id, Leaf.RELEASE, signed.SerializeToString(), retain=True,
+                      trace=self.tracing.take(device_id))
         self._published[device_id] = serial
         self._emit("release", device_id)
 
     def _publish(self, device_id: str, leaf: Leaf, payload: bytes, *, retain: bool = False,
-                 correlation: bytes = b"", error: str = "") -> None:
+                 correlation: bytes = b"", error: str = "",
+                 trace: dict[str, str] | None = None) -> None:
         client = self._client
         if client is None:
             return
         props = Properties(PacketTypes.PUBLISH)
         if correlation:
             props.CorrelationData = correlation
-        if error:
-            props.UserProperty = (ERROR_PROPERTY, error[:1000])
+        user = [(ERROR_PROPERTY, error[:1000])] if error else []
+        user += sorted((trace or {}).items())  # W3C trace context as MQTT 5 user properties
+        if user:
+            props.UserProperty = user
         client.publish(topic(device_id, leaf), payload, qos=1, retain=retain, properties=props)
 
     def _emit(self, what: str, device_id: str) -> None:

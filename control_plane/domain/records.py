@@ -210,6 +210,8 @@ class DriftWindowRecord:
     drifted: bool
     prediction_psi: float
     drifted_features: tuple[str, ...]
+    # Each feature's PSI against the bundle's profile (kept for history and plots).
+    feature_psi: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

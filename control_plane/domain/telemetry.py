@@ -122,8 +122,30 @@ def _parse(device_id: str, record: TelemetryRecord) -> Derived | None:
             device_id, _str(doc, "model"), _int(doc, "version"), _num(doc, "start"),
             _num(doc, "end"), _int(doc, "rows"), _num(doc, "score"), bool(doc.get("drifted")),
             _num(doc, "prediction_psi"), tuple(str(f)[:128] for f in features),
+            _feature_psi(doc),
         )
     return _arm_stats(device_id, doc, record.created_at)
+
+
+def _feature_psi(doc: dict[str, Any]) -> dict[str, float]:
+    """A window's per-feature PSI (optional; older agents send none): names of 1..128
+    characters, each a finite number >= 0 (PSI is a sum of non-negative terms). A wider model
+    keeps its ``MAX_FEATURES_LISTED`` largest (the payload's size limit bounds the parse)."""
+    value = doc.get("feature_psi", {})
+    if not isinstance(value, dict):
+        raise InvalidInputError("feature_psi must map feature names to numbers")
+    out: dict[str, float] = {}
+    for name, psi in value.items():
+        if not 0 < len(name) <= 128:
+            raise InvalidInputError("feature_psi names must be 1..128 characters")
+        if (isinstance(psi, bool) or not isinstance(psi, int | float) or not math.isfinite(psi)
+                or psi < 0):
+            raise InvalidInputError(f"feature_psi of {name[:32]!r} must be a finite number >= 0")
+        out[name] = float(psi)
+    if len(out) > MAX_FEATURES_LISTED:
+        top = sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_FEATURES_LISTED]
+        out = dict(top)
+    return out
 
 
 def _arm_stats(device_id: str, doc: dict[str, Any], created_at: float) -> ArmStatsRecord:

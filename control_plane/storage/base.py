@@ -6,6 +6,7 @@ import abc
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from control_plane.domain.history import DriftDay
 from control_plane.domain.records import (
     ArmRecord,
     ArmStatsRecord,
@@ -312,3 +313,43 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    # --- observability: metrics and readiness ---
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """A trivial read: raises when the database cannot answer (readiness)."""
+
+    @abc.abstractmethod
+    def all_arm_stats(self) -> list[ArmStatsRecord]:
+        """Every device's newest counters of every arm (model, version)."""
+
+    @abc.abstractmethod
+    def outbox_status(self) -> dict[str, tuple[int, int]]:
+        """Device id -> (records its outbox dropped, records waiting in it), as last sent."""
+
+    @abc.abstractmethod
+    def refusal_totals(self) -> dict[str, int]:
+        """Device id -> reports refused from it, all kinds and reasons."""
+
+    @abc.abstractmethod
+    def all_report_refusals(self) -> dict[str, dict[str, int]]:
+        """Device id -> its refused reports, "kind/reason" -> count (``report_refusals`` of
+        every device in one read)."""
+
+    # --- history ---
+    @abc.abstractmethod
+    def drift_history(self, model: str, device_id: str, since: float,
+                      limit: int) -> tuple[list[DriftWindowRecord], bool]:
+        """Drift windows that ended at or after ``since`` (of one model and device, or every
+        one where empty), oldest first: the newest ``limit``, and whether more were left out."""
+
+    @abc.abstractmethod
+    def drift_days(self, model: str, device_id: str, since: float) -> list[DriftDay]:
+        """Daily roll-ups of expired drift windows from ``since``'s day on, oldest first."""
+
+    @abc.abstractmethod
+    def arm_history(self, model: str, since: float,
+                    limit: int) -> tuple[list[ArmStatsRecord], bool]:
+        """The model's arm snapshots taken from ``since`` on, with each device's newest one
+        before it (where the series starts); more than ``limit`` taken from ``since`` on:
+        ``True`` (the caller refuses such a range)."""

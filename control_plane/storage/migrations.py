@@ -269,4 +269,56 @@ MIGRATIONS: list[str] = [
     ALTER TABLE arm_stats ADD COLUMN abs_error_sum REAL NOT NULL DEFAULT 0;
     ALTER TABLE arm_stats ADD COLUMN sq_error_sum REAL NOT NULL DEFAULT 0;
     """,
+    # 12: history (docs/observability.md): each drift window's per-feature PSI; every arm
+    # snapshot a device sent, kept as long as drift windows; daily roll-ups of both once they
+    # pass that retention
+    """
+    ALTER TABLE drift_windows ADD COLUMN feature_psi TEXT NOT NULL DEFAULT '{}';
+    CREATE INDEX drift_windows_history ON drift_windows(model, "end");
+    CREATE TABLE arm_stats_history (
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        p50_ms REAL NOT NULL,
+        p95_ms REAL NOT NULL,
+        labelled INTEGER NOT NULL,
+        correct INTEGER NOT NULL,
+        abs_error_sum REAL NOT NULL,
+        sq_error_sum REAL NOT NULL,
+        created_at REAL NOT NULL,   -- the device's clock: when the snapshot was taken
+        received_at REAL NOT NULL,  -- the control plane's: retention counts from it
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE INDEX arm_stats_history_model ON arm_stats_history(model, created_at);
+    CREATE INDEX arm_stats_history_received ON arm_stats_history(received_at);
+    CREATE TABLE drift_rollup (
+        device_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        day INTEGER NOT NULL,       -- UTC days since 1970-01-01 of the windows' end
+        windows INTEGER NOT NULL,
+        drifted INTEGER NOT NULL,
+        rows INTEGER NOT NULL,
+        score_sum REAL NOT NULL,
+        score_max REAL NOT NULL,
+        PRIMARY KEY (device_id, model, version, day)
+    );
+    CREATE TABLE arm_stats_rollup (   -- each arm's last snapshot of the day on each device
+        device_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        day INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        labelled INTEGER NOT NULL,
+        correct INTEGER NOT NULL,
+        abs_error_sum REAL NOT NULL,
+        p95_ms REAL NOT NULL,
+        PRIMARY KEY (device_id, model, version, day)
+    );
+    """,
 ]

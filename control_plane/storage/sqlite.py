@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from control_plane.domain.audit_chain import GENESIS_HASH, entry_hash
+from control_plane.domain.history import DriftDay
 from control_plane.domain.records import (
     ArmRecord,
     ArmStatsRecord,
@@ -41,6 +42,29 @@ from fleetcore.errors import AlreadyExistsError, NotFoundError, TokenError
 from fleetcore.sqlite import connect, migrate
 
 __all__ = ["MIGRATIONS", "SqliteStore"]
+
+# Expired history rolled up per UTC day (the same rows the DELETE after each removes).
+_ROLL_UP_DRIFT = (
+    "INSERT INTO drift_rollup(device_id, model, version, day, windows, drifted, rows, score_sum,"
+    ' score_max) SELECT device_id, model, version, CAST("end" / 86400 AS INTEGER), COUNT(*),'
+    " SUM(drifted), SUM(rows), SUM(score), MAX(score) FROM drift_windows WHERE rowid IN"
+    " (SELECT rowid FROM drift_windows WHERE received_at < ? ORDER BY received_at, rowid"
+    " LIMIT ?) GROUP BY 1, 2, 3, 4 ON CONFLICT(device_id, model, version, day) DO UPDATE SET"
+    " windows = windows + excluded.windows, drifted = drifted + excluded.drifted,"
+    " rows = rows + excluded.rows, score_sum = score_sum + excluded.score_sum,"
+    " score_max = MAX(score_max, excluded.score_max)")
+# Each arm's last snapshot of the day (SQLite takes the bare columns from the MAX(seq) row).
+_ROLL_UP_ARMS = (
+    "INSERT INTO arm_stats_rollup(device_id, model, version, day, seq, requests, errors,"
+    " labelled, correct, abs_error_sum, p95_ms) SELECT device_id, model, version, day, MAX(seq),"
+    " requests, errors, labelled, correct, abs_error_sum, p95_ms FROM (SELECT *,"
+    " CAST(created_at / 86400 AS INTEGER) AS day FROM arm_stats_history WHERE rowid IN"
+    " (SELECT rowid FROM arm_stats_history WHERE received_at < ? ORDER BY received_at, rowid"
+    " LIMIT ?)) GROUP BY 1, 2, 3, 4 ON CONFLICT(device_id, model, version, day) DO UPDATE SET"
+    " seq = excluded.seq, requests = excluded.requests, errors = excluded.errors,"
+    " labelled = excluded.labelled, correct = excluded.correct,"
+    " abs_error_sum = excluded.abs_error_sum, p95_ms = excluded.p95_ms"
+    " WHERE excluded.seq > arm_stats_rollup.seq")
 
 
 
@@ -472,9 +496,17 @@ class SqliteStore(Store):
                 "DELETE FROM telemetry WHERE rowid IN (SELECT rowid FROM telemetry"
                 " WHERE received_at < ? ORDER BY received_at, rowid LIMIT ?)",
                 (raw_before, limit)).rowcount
+            # History past its retention: a daily roll-up per device and arm, then deleted.
+            c.execute(_ROLL_UP_DRIFT, (drift_before, limit))
             removed += c.execute(
                 "DELETE FROM drift_windows WHERE rowid IN (SELECT rowid FROM drift_windows"
-                " WHERE received_at < ? LIMIT ?)", (drift_before, limit)).rowcount
+                " WHERE received_at < ? ORDER BY received_at, rowid LIMIT ?)",
+                (drift_before, limit)).rowcount
+            c.execute(_ROLL_UP_ARMS, (drift_before, limit))
+            removed += c.execute(
+                "DELETE FROM arm_stats_history WHERE rowid IN (SELECT rowid FROM"
+                " arm_stats_history WHERE received_at < ? ORDER BY received_at, rowid LIMIT ?)",
+                (drift_before, limit)).rowcount
         return removed
 
     def telemetry_rollup(self, device_id: str) -> dict[str, tuple[int, int]]:
@@ -518,13 +550,22 @@ class SqliteStore(Store):
             # OR IGNORE: a window resent after its raw row expired is already here.
             c.execute(
                 'INSERT OR IGNORE INTO drift_windows(device_id, seq, model, version, start,'
-                ' "end", rows, score, drifted, prediction_psi, drifted_features, received_at)'
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                ' "end", rows, score, drifted, prediction_psi, drifted_features, received_at,'
+                " feature_psi) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (row.device_id, seq, row.model, row.version, row.start, row.end, row.rows,
                  row.score, int(row.drifted), row.prediction_psi,
-                 _dump(list(row.drifted_features)), now),
+                 _dump(list(row.drifted_features)), now, _dump(row.feature_psi)),
             )
             return
+        # Every snapshot is history (kept as long as drift windows, then rolled up daily).
+        c.execute(
+            "INSERT OR IGNORE INTO arm_stats_history(device_id, seq, model, version, requests,"
+            " errors, p50_ms, p95_ms, labelled, correct, abs_error_sum, sq_error_sum,"
+            " created_at, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (row.device_id, seq, row.model, row.version, row.requests, row.errors, row.p50_ms,
+             row.p95_ms, row.labelled, row.correct, row.abs_error_sum, row.sq_error_sum,
+             row.updated_at, now),
+        )
         # Counters are cumulative per agent run: keep the newest snapshot (highest seq).
         c.execute(
             "INSERT INTO arm_stats(device_id, model, version, requests, errors, p50_ms, p95_ms,"
@@ -743,6 +784,70 @@ class SqliteStore(Store):
         with self._lock:
             self._conn.close()
 
+    # --- observability: metrics and readiness ---
+    def ping(self) -> None:
+        self._query("SELECT 1")
+
+    def all_arm_stats(self) -> list[ArmStatsRecord]:
+        rows = self._query("SELECT * FROM arm_stats ORDER BY model, version, device_id")
+        return [
+            ArmStatsRecord(r["device_id"], r["model"], r["version"], r["requests"], r["errors"],
+                           r["p50_ms"], r["p95_ms"], r["labelled"], r["correct"],
+                           r["updated_at"], r["abs_error_sum"], r["sq_error_sum"])
+            for r in rows
+        ]
+
+    def outbox_status(self) -> dict[str, tuple[int, int]]:
+        rows = self._query("SELECT device_id, dropped, depth FROM telemetry_status")
+        return {r["device_id"]: (int(r["dropped"]), int(r["depth"])) for r in rows}
+
+    def refusal_totals(self) -> dict[str, int]:
+        rows = self._query("SELECT device_id, SUM(count) AS n FROM report_refusals"
+                           " GROUP BY device_id")
+        return {r["device_id"]: int(r["n"]) for r in rows}
+
+    def all_report_refusals(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in self._query("SELECT device_id, kind, reason, count FROM report_refusals"
+                             " ORDER BY device_id, kind, reason"):
+            out.setdefault(r["device_id"], {})[f"{r['kind']}/{r['reason']}"] = r["count"]
+        return out
+
+    # --- history ---
+    def drift_history(self, model: str, device_id: str, since: float,
+                      limit: int) -> tuple[list[DriftWindowRecord], bool]:
+        rows = self._query(
+            'SELECT * FROM drift_windows WHERE "end" >= ? AND (? = \'\' OR model = ?)'
+            " AND (? = '' OR device_id = ?) ORDER BY \"end\" DESC, device_id LIMIT ?",
+            (since, model, model, device_id, device_id, limit + 1))
+        windows = [_drift_window(r) for r in rows[:limit]]
+        windows.reverse()
+        return windows, len(rows) > limit
+
+    def drift_days(self, model: str, device_id: str, since: float) -> list[DriftDay]:
+        rows = self._query(
+            "SELECT * FROM drift_rollup WHERE day >= ? AND (? = '' OR model = ?)"
+            " AND (? = '' OR device_id = ?) ORDER BY day, model, device_id, version",
+            (int(since // 86400), model, model, device_id, device_id))
+        return [DriftDay(r["device_id"], r["model"], r["version"], r["day"], r["windows"],
+                         r["drifted"], r["rows"], r["score_sum"] / r["windows"],
+                         r["score_max"]) for r in rows]
+
+    def arm_history(self, model: str, since: float,
+                    limit: int) -> tuple[list[ArmStatsRecord], bool]:
+        rows = self._query(
+            "SELECT * FROM (SELECT * FROM arm_stats_history WHERE model = ? AND created_at >= ?"
+            " ORDER BY created_at DESC LIMIT ?) UNION ALL SELECT * FROM arm_stats_history h"
+            " WHERE model = ? AND created_at < ? AND seq = (SELECT MAX(seq) FROM"
+            " arm_stats_history e WHERE e.device_id = h.device_id AND e.model = h.model"
+            " AND e.version = h.version AND e.created_at < ?)",
+            (model, since, limit + 1, model, since, since))
+        cut = sum(1 for r in rows if r["created_at"] >= since) > limit
+        return [ArmStatsRecord(r["device_id"], r["model"], r["version"], r["requests"],
+                               r["errors"], r["p50_ms"], r["p95_ms"], r["labelled"],
+                               r["correct"], r["created_at"], r["abs_error_sum"],
+                               r["sq_error_sum"]) for r in rows], cut
+
 
 def _open_checked(path: Path) -> sqlite3.Connection:
     """Open the database after ``PRAGMA quick_check`` found it sound; a damaged one is refused
@@ -769,6 +874,13 @@ def _dump(value: Any) -> str:
 
 def _models_json(models: Sequence[InstalledModel]) -> str:
     return _dump([m.to_json() for m in models])
+
+
+def _drift_window(r: sqlite3.Row) -> DriftWindowRecord:
+    return DriftWindowRecord(r["device_id"], r["model"], r["version"], r["start"], r["end"],
+                             r["rows"], r["score"], bool(r["drifted"]), r["prediction_psi"],
+                             tuple(json.loads(r["drifted_features"])),
+                             json.loads(r["feature_psi"]))
 
 
 def _audit_record(r: sqlite3.Row) -> AuditRecord:

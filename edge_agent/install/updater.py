@@ -40,6 +40,7 @@ from edge_agent.install.lifecycle import InstallState
 from edge_agent.install.model_store import InstallOutcome, ModelStore
 from edge_agent.install.probation import LatencySample, Probation, ProbationPolicy
 from edge_agent.install.verify_child import verify_isolated
+from edge_agent.tracing import AgentTracing
 from edge_agent.transport.base import Transport
 from fleetcore.archive import safe_extract
 from fleetcore.errors import EdgefleetError, TransportError
@@ -73,6 +74,7 @@ class Updater:
         self.policy = policy
         self.chunk_timeout = chunk_timeout
         self.clock = clock
+        self.tracing = AgentTracing(None)  # the daemon sets its own (edge_agent/tracing.py)
         self.probation: dict[str, tuple[int, Probation]] = {}
         # The committed version each model serves, and a sample of its served latencies.
         self.served: dict[str, tuple[int, LatencySample]] = {}
@@ -172,8 +174,9 @@ class Updater:
             return True
         self.store.begin(name, arm.version, arm.digest, arm.length)
         part = self.downloads / f"{arm.digest.removeprefix('sha256:')}.part"
-        await fetch_bundle(transport, arm.digest, arm.length, part,
-                           chunk_timeout=self.chunk_timeout)
+        with self.tracing.current_step(name, arm.version):  # bundle requests carry it
+            await fetch_bundle(transport, arm.digest, arm.length, part,
+                               chunk_timeout=self.chunk_timeout)
         self._note_served()  # the baseline of the serving version, before it may lose the pointer
         outcome = await asyncio.to_thread(self._unpack_and_install, name, arm.version, part,
                                           activate)

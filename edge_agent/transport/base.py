@@ -21,12 +21,13 @@ import abc
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TypeVar
 
 from edgefleet.v1 import agent_pb2, common_pb2
 
 from fleetcore.errors import EdgefleetError, InvalidInputError, TransportError
+from fleetcore.otel import check_carrier
 from fleetcore.pki import MAX_CERT_BYTES
 from fleetcore.release import MAX_DOCUMENT_BYTES, MAX_SIGNATURE_BYTES, SignedRelease
 
@@ -50,6 +51,10 @@ class Transport(abc.ABC):
 
     def __init__(self, *, rpc_timeout_seconds: float = 10.0) -> None:
         self.rpc_timeout_seconds = rpc_timeout_seconds
+        # Tracing (edge_agent/tracing.py): the W3C context that came with the release the
+        # implementation yielded last, and what bundle requests carry (nothing when off).
+        self.last_trace_context: dict[str, str] = {}
+        self.trace_metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple
 
     # ------------------------------------------------------------------ the public surface
     async def heartbeat(
@@ -94,7 +99,9 @@ class Transport(abc.ABC):
                         f"{len(release.signature)}; the limits are {MAX_DOCUMENT_BYTES} and "
                         f"{MAX_SIGNATURE_BYTES}"
                     )
-                yield SignedRelease(bytes(release.document), bytes(release.signature))
+                trace = tuple(sorted(check_carrier(self.last_trace_context).items()))
+                self.last_trace_context = {}
+                yield SignedRelease(bytes(release.document), bytes(release.signature), trace)
         finally:
             await stream.aclose()
 

@@ -53,6 +53,7 @@ class GrpcTransport(Transport):
         call = self._stub().Sync(agent_pb2.SyncRequest(have_serial=have_serial))
         try:
             async for event in call:
+                self.last_trace_context = dict(event.trace_context)
                 yield event.release
         finally:
             call.cancel()
@@ -61,7 +62,8 @@ class GrpcTransport(Transport):
         self, digest: str, offset: int, length: int
     ) -> AsyncGenerator[agent_pb2.BundleChunk, None]:
         call = self._stub().FetchBundle(
-            agent_pb2.FetchBundleRequest(digest=digest, offset=offset, length=length))
+            agent_pb2.FetchBundleRequest(digest=digest, offset=offset, length=length),
+            metadata=self.trace_metadata() or None)
         try:
             async for chunk in call:
                 yield chunk

@@ -39,6 +39,7 @@ from fleetcore.mqtt_wire import (
     parse_url,
     topic,
 )
+from fleetcore.otel import check_carrier
 
 __all__ = ["MqttTransport"]
 
@@ -79,7 +80,9 @@ class MqttTransport(Transport):
         self._last_error = "not connected yet"
         self._refused = False
         self._acks: dict[int, asyncio.Future[ReasonCode]] = {}
-        self._releases_q: asyncio.Queue[bytes] = asyncio.Queue(maxsize=16)
+        # (payload, W3C trace context from its MQTT 5 user properties)
+        self._releases_q: asyncio.Queue[tuple[bytes, dict[str, str]]] = asyncio.Queue(
+            maxsize=16)
         self._replies: dict[bytes, asyncio.Queue[tuple[bytes, str]]] = {}
 
     # ------------------------------------------------------------------ connection
@@ -151,8 +154,10 @@ class MqttTransport(Transport):
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
         correlation = bytes(getattr(props, "CorrelationData", b"") or b"")
-        error = dict(getattr(props, "UserProperty", []) or []).get(ERROR_PROPERTY, "")
-        self._to_loop(self._arrived, msg.topic, bytes(msg.payload), correlation, error)
+        user = dict(getattr(props, "UserProperty", []) or [])
+        error = user.get(ERROR_PROPERTY, "")
+        trace = check_carrier(user)  # bounded: the W3C keys only, well-formed
+        self._to_loop(self._arrived, msg.topic, bytes(msg.payload), correlation, error, trace)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
                     properties: Any) -> None:
@@ -174,11 +179,12 @@ class MqttTransport(Transport):
         if future is not None and not future.done():
             future.set_result(reason)
 
-    def _arrived(self, name: str, payload: bytes, correlation: bytes, error: str) -> None:
+    def _arrived(self, name: str, payload: bytes, correlation: bytes, error: str,
+                 trace: dict[str, str] | None = None) -> None:
         if name == topic(self.device_id, Leaf.RELEASE):
             if self._releases_q.full():  # only the newest documents matter
                 self._releases_q.get_nowait()
-            self._releases_q.put_nowait(payload)
+            self._releases_q.put_nowait((payload, trace or {}))
         elif correlation in self._replies:
             self._replies[correlation].put_nowait((payload, error))
         else:
@@ -259,9 +265,10 @@ class MqttTransport(Transport):
     async def _releases(self, have_serial: int) -> AsyncGenerator[common_pb2.SignedRelease, None]:
         self._ensure_started()
         while True:
-            payload = await self._releases_q.get()
+            payload, trace = await self._releases_q.get()
             if not payload:
                 continue  # the retained document was cleared
+            self.last_trace_context = trace
             yield parse_message(common_pb2.SignedRelease, payload, "release message")
 
     async def _fetch_bundle(

@@ -146,16 +146,31 @@ def _stage(store: FeatureStore, d: DataSettings, key: str, source: Any, messages
            progress: Callable[[str], None]) -> int:
     """Parse, check and stage one fetch's messages, then acknowledge them; returns the
     source's count of oversized messages so far."""
-    staged: list[tuple[str | None, bool, int | None, list[dict[str, Any]]]] = []
+    parsed: list[tuple[Any, list[dict[str, Any]]]] = []
     malformed = 0
     for m in messages:
         try:
-            rows = parse_message(m.payload, where=f"{where} message", max_columns=d.max_columns)
-            check_rows(d, rows, f"{where} message")
+            parsed.append((m, parse_message(m.payload, where=f"{where} message",
+                                            max_columns=d.max_columns)))
         except InvalidInputError as exc:
             malformed += 1
             progress(f"[follow] skipped a malformed message: {exc}")
-            continue
+    try:  # the whole fetch at once; only when that fails, message by message
+        if parsed:
+            check_rows(d, [row for _, rows in parsed for row in rows], f"{where} message")
+    except InvalidInputError:
+        good = []
+        for m, rows in parsed:
+            try:
+                check_rows(d, rows, f"{where} message")
+            except InvalidInputError as exc:
+                malformed += 1
+                progress(f"[follow] skipped a malformed message: {exc}")
+            else:
+                good.append((m, rows))
+        parsed = good
+    staged: list[tuple[str | None, bool, int | None, list[dict[str, Any]]]] = []
+    for m, rows in parsed:
         if m.position is not None:
             mkey, check = f"seq:{m.position}", True
         else:

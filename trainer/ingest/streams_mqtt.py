@@ -79,6 +79,7 @@ class MqttSource:
         self._deliveries = 0
         self._outstanding: dict[int, int] = {}  # mid -> delivery, on the current connection
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()  # open()'s connect/suback
+        self._opening = False  # events are recorded only while open() waits for them
         self._unsubacked = threading.Condition()
         self._unsub_done: set[int] = set()  # UNSUBACKs received (mids), until _sync sees them
         self._generation_lost = False
@@ -107,6 +108,7 @@ class MqttSource:
         props.MaximumPacketSize = (self._limits.max_message_bytes * PACKET_CAP_FACTOR
                                    + PACKET_OVERHEAD)
         self._client = client
+        self._drain_events()
         try:
             client.connect(self._target.host, self._target.port, keepalive=KEEPALIVE_S,
                            clean_start=False, properties=props)
@@ -114,12 +116,16 @@ class MqttSource:
             self._client = None
             raise InvalidInputError(f"{where}: cannot connect: {_describe(exc, self._creds)}"
                                     ) from None
+        self._opening = True
         client.loop_start()
         try:
             self._await_open(where)
         except BaseException:
             self.close()
             raise
+        finally:
+            self._opening = False
+            self._drain_events()
 
     def fetch(self, max_messages: int, timeout_s: float) -> list[StreamMessage]:
         try:
@@ -164,7 +170,7 @@ class MqttSource:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
                     reason: ReasonCode, props: Properties | None) -> None:
         if reason.is_failure:
-            self._events.put(("connect", reason))
+            self._event(("connect", reason))
             log.warning("%s: the broker refused the connection: %s", self.url, reason)
             return
         with self._lock:
@@ -175,18 +181,21 @@ class MqttSource:
                 self._drain()
         options = SubscribeOptions(qos=self._qos, retainHandling=1)
         client.subscribe(self._target.topic, options=options)
-        self._events.put(("connect", reason))
+        self._event(("connect", reason))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
                        reason: ReasonCode, props: Properties | None) -> None:
-        self._events.put(("disconnect", reason))
+        self._event(("disconnect", reason))
+        if reason.value == 0x8E:  # Session taken over
+            log.warning("%s: another client connected with this ingest's client id %s (two "
+                        "followers of one pipeline?); reconnecting", self.url, self._client_id)
         with self._unsubacked:
             self._generation_lost = True  # an ack waiting for its round trip stops waiting
             self._unsubacked.notify_all()
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reasons: list[ReasonCode], props: Properties | None) -> None:
-        self._events.put(("suback", reasons[0] if reasons else None))
+        self._event(("suback", reasons[0] if reasons else None))
 
     def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                         reasons: list[ReasonCode], props: Properties | None) -> None:
@@ -235,6 +244,17 @@ class MqttSource:
                 if reason is None or reason.is_failure:
                     raise InvalidInputError(f"{where}: the broker refused the subscription to "
                                             f"{self._target.topic!r}: {reason}")
+                return
+
+    def _event(self, event: tuple[str, Any]) -> None:
+        if self._opening:
+            self._events.put(event)
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                self._events.get_nowait()
+            except queue.Empty:
                 return
 
     def _drain(self) -> None:

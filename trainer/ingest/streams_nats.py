@@ -16,6 +16,7 @@ import asyncio
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -42,6 +43,7 @@ MAX_ACK_PENDING = 20_000  # fetched and unacknowledged messages the server allow
 FLUSH_TIMEOUT_S = 10.0
 CALL_GRACE_S = 15.0  # beyond a call's own timeout, before the loop thread counts as stuck
 RECONNECT_WAIT_S = 2
+CONSUMER_CHECK_S = 30.0  # idle this long, ask whether the consumer still exists
 
 
 class NatsSource:
@@ -69,6 +71,8 @@ class NatsSource:
         self._thread: threading.Thread | None = None
         self._nc: Nats | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
+        self._js: JetStreamContext | None = None
+        self._checked = time.monotonic()
 
     # -- the interface ----------------------------------------------------------------------
 
@@ -134,7 +138,7 @@ class NatsSource:
         # read by nats-py when a connection drops: from now on, ride out any outage
         nc.options["allow_reconnect"] = True
         nc.options["max_reconnect_attempts"] = -1
-        js = nc.jetstream()
+        js = self._js = nc.jetstream()
         subject = self._target.topic
         try:
             if self.stream is None:
@@ -169,12 +173,16 @@ class NatsSource:
         try:
             msgs = await sub.fetch(batch=batch, timeout=timeout_s)
         except (TimeoutError, nats.errors.TimeoutError):
+            await self._check_consumer()
             return []
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
                 nats.errors.StaleConnectionError) as exc:
             log.warning("%s: fetch: %s (reconnecting)", self.url, self._describe(exc))
             await asyncio.sleep(min(timeout_s, RECONNECT_WAIT_S))
             return []
+        except nats.errors.Error as exc:  # e.g. the consumer or the stream was deleted
+            raise TransportError(f"{self._where}: fetch from the consumer {self._durable!r} "
+                                 f"failed: {self._describe(exc)}") from None
         out = []
         for msg in msgs:
             if len(msg.data) > self._limits.max_message_bytes:
@@ -187,6 +195,22 @@ class NatsSource:
             out.append(StreamMessage(payload=msg.data, position=int(meta.sequence.stream),
                                      redelivered=int(meta.num_delivered) > 1, token=msg))
         return out
+
+    async def _check_consumer(self) -> None:
+        """An idle fetch looks the same whether nothing was published or the consumer (or its
+        stream) was deleted: every CONSUMER_CHECK_S of idling, ask."""
+        now = time.monotonic()
+        if now - self._checked < CONSUMER_CHECK_S or self._js is None or self.stream is None:
+            return
+        self._checked = now
+        try:
+            await self._js.consumer_info(self.stream, self._durable)
+        except nats.js.errors.NotFoundError:
+            raise TransportError(f"{self._where}: the durable consumer {self._durable!r} on "
+                                 f"stream {self.stream!r} is gone (deleted?); start again to "
+                                 "create it (it reads the stream from its start)") from None
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.debug("%s: consumer check: %s", self.url, self._describe(exc))
 
     async def _ack(self, msgs: list[Msg]) -> None:
         try:

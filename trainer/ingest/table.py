@@ -124,7 +124,7 @@ def _numeric(where: str, name: str, values: Sequence[Any] | np.ndarray, first_ro
             if not np.isfinite(out[~np.isnan(out)]).all():
                 for i, v in enumerate(values):
                     _cell(where, name, v, first_row + i, hint)
-    bad = np.flatnonzero(np.isinf(out) | (np.abs(np.nan_to_num(out)) > _FLOAT32_MAX))
+    bad = np.flatnonzero(np.abs(out) > _FLOAT32_MAX)  # Inf too; NaN (missing) compares False
     if bad.size:
         raise InvalidInputError(f"{where}: column {name!r}, row {first_row + int(bad[0])}: "
                                 f"{values[int(bad[0])]!r} is not a finite float32")

@@ -10,7 +10,7 @@ URL is shown or recorded (logs, errors, lineage, manifests).
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from fleetcore.errors import InvalidInputError
 
@@ -31,7 +31,7 @@ def source_kind(source: str) -> str:
     """'sklearn', 'csv', 'parquet', 'sql', 'http' or 'stream' (InvalidInputError otherwise)."""
     if source.startswith(("sklearn:", "csv:", "parquet:")):
         return source.partition(":")[0]
-    scheme = urlsplit(source).scheme.lower()
+    scheme = _split(source).scheme.lower()
     base = scheme.partition("+")[0]  # postgresql+psycopg://: a SQLAlchemy driver suffix
     kind = _SCHEMES.get(base)
     if kind is None or (scheme != base and kind != "sql"):
@@ -47,7 +47,7 @@ def check_source(source: str) -> str:
     """The source's kind, after refusing a URL that holds a password or lacks a host."""
     kind = source_kind(source)
     if kind in ("sql", "http", "stream"):
-        parts = urlsplit(source)
+        parts = _split(source)
         if parts.password is not None:
             raise InvalidInputError(
                 f"data source {redact(source)!r} holds a password; remove it from the URL and "
@@ -70,12 +70,18 @@ def check_source(source: str) -> str:
     return kind
 
 
+def _split(source: str) -> SplitResult:
+    """A URL's parts; in a stream URL '#' is MQTT's wildcard, not a fragment."""
+    stream = source.partition("://")[0].lower() in ("mqtt", "mqtts")
+    return urlsplit(source, allow_fragments=not stream)
+
+
 def redact(source: str) -> str:
     """``source`` with any password and credential-like query values replaced."""
     if source.startswith(("sklearn:", "csv:", "parquet:")) or "://" not in source:
         return source
     try:
-        parts = urlsplit(source)
+        parts = _split(source)
         netloc = parts.netloc
         if "@" in netloc:
             userinfo, _, hostport = netloc.rpartition("@")
@@ -84,7 +90,7 @@ def redact(source: str) -> str:
         query = urlencode([(k, REDACTED if _SECRET_PARAM.search(k) else v)
                            for k, v in parse_qsl(parts.query, keep_blank_values=True)],
                           safe="/:")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:
         return "<unparsable URL>"
 

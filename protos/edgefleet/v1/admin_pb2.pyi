@@ -243,7 +243,14 @@ class GetDriftRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class DriftWindowReport(_message.Message):
-    __slots__ = ("device_id", "model", "version", "start", "end", "rows", "score", "drifted", "prediction_psi", "drifted_features")
+    __slots__ = ("device_id", "model", "version", "start", "end", "rows", "score", "drifted", "prediction_psi", "drifted_features", "feature_psi")
+    class FeaturePsiEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +261,7 @@ class DriftWindowReport(_message.Message):
     DRIFTED_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_PSI_FIELD_NUMBER: _ClassVar[int]
     DRIFTED_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_PSI_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     model: str
     version: int
@@ -264,7 +272,8 @@ class DriftWindowReport(_message.Message):
     drifted: bool
     prediction_psi: float
     drifted_features: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, device_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., rows: _Optional[int] = ..., score: _Optional[float] = ..., drifted: _Optional[bool] = ..., prediction_psi: _Optional[float] = ..., drifted_features: _Optional[_Iterable[str]] = ...) -> None: ...
+    feature_psi: _containers.ScalarMap[str, float]
+    def __init__(self, device_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., rows: _Optional[int] = ..., score: _Optional[float] = ..., drifted: _Optional[bool] = ..., prediction_psi: _Optional[float] = ..., drifted_features: _Optional[_Iterable[str]] = ..., feature_psi: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class DriftModelSummary(_message.Message):
     __slots__ = ("model", "devices", "drifted_devices", "mean_score")
@@ -605,3 +614,93 @@ class ListAuditEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
     def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ...) -> None: ...
+
+class GetDriftHistoryRequest(_message.Message):
+    __slots__ = ("model", "device_id", "since", "limit")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    device_id: str
+    since: float
+    limit: int
+    def __init__(self, model: _Optional[str] = ..., device_id: _Optional[str] = ..., since: _Optional[float] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class DriftDay(_message.Message):
+    __slots__ = ("device_id", "model", "version", "day", "windows", "drifted", "rows", "mean_score", "max_score")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    DRIFTED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    model: str
+    version: int
+    day: int
+    windows: int
+    drifted: int
+    rows: int
+    mean_score: float
+    max_score: float
+    def __init__(self, device_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., day: _Optional[int] = ..., windows: _Optional[int] = ..., drifted: _Optional[int] = ..., rows: _Optional[int] = ..., mean_score: _Optional[float] = ..., max_score: _Optional[float] = ...) -> None: ...
+
+class DriftHistory(_message.Message):
+    __slots__ = ("since", "windows", "days", "truncated")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    since: float
+    windows: _containers.RepeatedCompositeFieldContainer[DriftWindowReport]
+    days: _containers.RepeatedCompositeFieldContainer[DriftDay]
+    truncated: bool
+    def __init__(self, since: _Optional[float] = ..., windows: _Optional[_Iterable[_Union[DriftWindowReport, _Mapping]]] = ..., days: _Optional[_Iterable[_Union[DriftDay, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class GetArmHistoryRequest(_message.Message):
+    __slots__ = ("model", "since", "step_seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    since: float
+    step_seconds: float
+    def __init__(self, model: _Optional[str] = ..., since: _Optional[float] = ..., step_seconds: _Optional[float] = ...) -> None: ...
+
+class ArmPoint(_message.Message):
+    __slots__ = ("time", "version", "requests", "errors", "labelled", "correct", "abs_error_sum", "p95_ms", "devices")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    ABS_ERROR_SUM_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    version: int
+    requests: int
+    errors: int
+    labelled: int
+    correct: int
+    abs_error_sum: float
+    p95_ms: float
+    devices: int
+    def __init__(self, time: _Optional[float] = ..., version: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., labelled: _Optional[int] = ..., correct: _Optional[int] = ..., abs_error_sum: _Optional[float] = ..., p95_ms: _Optional[float] = ..., devices: _Optional[int] = ...) -> None: ...
+
+class ArmHistory(_message.Message):
+    __slots__ = ("model", "since", "step_seconds", "points")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    since: float
+    step_seconds: float
+    points: _containers.RepeatedCompositeFieldContainer[ArmPoint]
+    def __init__(self, model: _Optional[str] = ..., since: _Optional[float] = ..., step_seconds: _Optional[float] = ..., points: _Optional[_Iterable[_Union[ArmPoint, _Mapping]]] = ...) -> None: ...

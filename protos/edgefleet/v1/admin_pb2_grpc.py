@@ -137,6 +137,16 @@ class AdminServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_admin__pb2.ListRetrainJobsRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListRetrainJobsResponse.FromString,
                 _registered_method=True)
+        self.GetDriftHistory = channel.unary_unary(
+                '/edgefleet.v1.AdminService/GetDriftHistory',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.GetDriftHistoryRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.DriftHistory.FromString,
+                _registered_method=True)
+        self.GetArmHistory = channel.unary_unary(
+                '/edgefleet.v1.AdminService/GetArmHistory',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.GetArmHistoryRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.ArmHistory.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -269,6 +279,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDriftHistory(self, request, context):
+        """History (docs/observability.md): drift windows over time with per-feature PSI, and
+        per-arm statistics as a series.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetArmHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -371,6 +395,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListRetrainJobs,
                     request_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListRetrainJobsRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_admin__pb2.ListRetrainJobsResponse.SerializeToString,
+            ),
+            'GetDriftHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDriftHistory,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.GetDriftHistoryRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.DriftHistory.SerializeToString,
+            ),
+            'GetArmHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetArmHistory,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.GetArmHistoryRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.ArmHistory.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -916,6 +950,60 @@ class AdminService:
             '/edgefleet.v1.AdminService/ListRetrainJobs',
             edgefleet_dot_v1_dot_admin__pb2.ListRetrainJobsRequest.SerializeToString,
             edgefleet_dot_v1_dot_admin__pb2.ListRetrainJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDriftHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/GetDriftHistory',
+            edgefleet_dot_v1_dot_admin__pb2.GetDriftHistoryRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.DriftHistory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArmHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/GetArmHistory',
+            edgefleet_dot_v1_dot_admin__pb2.GetArmHistoryRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.ArmHistory.FromString,
             options,
             channel_credentials,
             insecure,

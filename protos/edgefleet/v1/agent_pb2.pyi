@@ -138,10 +138,19 @@ class SyncRequest(_message.Message):
     def __init__(self, have_serial: _Optional[int] = ...) -> None: ...
 
 class SyncEvent(_message.Message):
-    __slots__ = ("release",)
+    __slots__ = ("release", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     release: _common_pb2.SignedRelease
-    def __init__(self, release: _Optional[_Union[_common_pb2.SignedRelease, _Mapping]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, release: _Optional[_Union[_common_pb2.SignedRelease, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class FetchBundleRequest(_message.Message):
     __slots__ = ("digest", "offset", "length")

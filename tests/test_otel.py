@@ -1,0 +1,212 @@
+"""OpenTelemetry, off by default: settings the standard way, bounded trace context from peers,
+the agent importing nothing of it when off, and, against a real OTLP/gRPC receiver on
+127.0.0.1, the control plane's re-exported fleet metrics (with device attributes) and one trace
+from `fleet rollouts start` through the control plane to the agent's install steps."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetcore.errors import InvalidInputError
+from fleetcore.otel import OtelSettings, check_carrier, new_traceparent, trace_id_of
+from scripts.otlp_receiver import OtlpReceiver
+from tests.support import LoopThread, start_agent, start_control_plane
+from tests.test_delivery import _bundle_for, _committed, _fleet, _wait_models
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_settings_follow_the_standard_variables_and_the_section() -> None:
+    assert not OtelSettings.load({}, {}).enabled  # off by default
+    assert OtelSettings.load({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}).enabled
+    assert OtelSettings.load({}, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317"}).enabled
+    on = OtelSettings.load({"enabled": True, "endpoint": "http://127.0.0.1:4317"}, {})
+    assert on.enabled and on.endpoint == "http://127.0.0.1:4317" and on.protocol == "grpc"
+    assert not OtelSettings.load({"enabled": True}, {"OTEL_SDK_DISABLED": "true"}).enabled
+    assert OtelSettings.load({}, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}).protocol == (
+        "http/protobuf")
+    for bad in ({"enabled": "yes"}, {"endpoint": "127.0.0.1:4317"}, {"protocol": "thrift"},
+                {"metric_interval_seconds": -1}, {"resource": {"a": 1}}, {"logs": 1}):
+        with pytest.raises(InvalidInputError):
+            OtelSettings.load(bad, {})
+
+
+def test_trace_context_from_peers_is_bounded() -> None:
+    good = new_traceparent()
+    assert check_carrier({"traceparent": good, "tracestate": "a=b"}) == {
+        "traceparent": good, "tracestate": "a=b"}
+    assert len(trace_id_of(good)) == 32
+    for hostile in ({"traceparent": "00-" + "0" * 32 + "-" + "1" * 16 + "-01"},  # invalid id
+                    {"traceparent": good.upper()}, {"traceparent": good + "-extra"},
+                    {"traceparent": "x" * 10_000}, {"other": good}):
+        assert check_carrier(hostile) == {}
+    assert check_carrier({"traceparent": good, "tracestate": "x" * 513}) == {"traceparent": good}
+    assert check_carrier({"traceparent": good, "tracestate": "a=\x1b[2J"}) == {
+        "traceparent": good}
+
+
+def test_the_agent_imports_no_opentelemetry_when_it_is_off(tmp_path: Path) -> None:
+    code = ("import sys; import edge_agent.cli, edge_agent.daemon, edge_agent.tracing; "
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    r = OtlpReceiver().start()
+    yield r
+    r.stop()
+
+
+def _otel(receiver: OtlpReceiver) -> dict[str, Any]:
+    return {"enabled": True, "endpoint": receiver.endpoint, "metric_interval_seconds": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["grpc", "mqtt"])
+def test_one_trace_from_the_operator_through_the_control_plane_to_the_agent(
+    tmp_path: Path, loop: LoopThread, trained_bundle: Path, receiver: OtlpReceiver,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], transport: str,
+) -> None:
+    """Over gRPC the context rides in the SyncEvent beside the signed release and in
+    FetchBundle's metadata; over MQTT in the release message's MQTT 5 user properties (the
+    bundle requests there are not traced)."""
+    if transport == "grpc":
+        cp = start_control_plane(tmp_path / "cp", loop, otel=_otel(receiver))
+    else:
+        from tests.mqtt_support import start_mqtt_control_plane  # noqa: PLC0415
+
+        cp = start_mqtt_control_plane(tmp_path / "cp", loop, otel=_otel(receiver))
+    try:
+        cp.enroll_agent(tmp_path / "a", labels={"site": "north"})
+        agent = start_agent(tmp_path / "a", loop, probation_seconds=0.0,
+                            otel=_otel(receiver), transport=cp.transport)
+        device = agent.agent.config.device_id
+        try:
+            bundle = _bundle_for(cp, trained_bundle, tmp_path / "b1")
+            assert _fleet(cp, "models", "publish", str(bundle)) == 0
+            parent = new_traceparent()
+            monkeypatch.setenv("TRACEPARENT", parent)  # the operator's own trace, continued
+            assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1") == 0
+            trace = trace_id_of(parent)
+            assert f"trace id: {trace}" in capsys.readouterr().err
+            _wait_models(agent, _committed(1))
+            assert agent.agent.tracing.otel is not None and cp.cp.otel is not None
+            agent.agent.tracing.otel.flush()
+            cp.cp.otel.flush()
+
+            def traced(r: OtlpReceiver) -> set[tuple[str, str]]:
+                return {(s.service, s.name) for s in r.spans if s.trace_id == trace}
+
+            fetch = ("edgefleet-control-plane", "edgefleet.v1.AgentService/FetchBundle")
+            want = {("edgefleet-control-plane", "edgefleet.v1.AdminService/StartRollout"),
+                    *([fetch] if transport == "grpc" else []),
+                    *(("edgefleet-agent", name) for name in (
+                        "install digits", "download", "verify", "stage", "smoke test",
+                        "activate and probation", "commit"))}
+            assert receiver.wait(lambda r: want <= traced(r)), sorted(traced(receiver))
+            spans = {s.name: s for s in receiver.spans if s.trace_id == trace}
+            install = spans["install digits"]
+            assert install.parent_id == spans[
+                "edgefleet.v1.AdminService/StartRollout"].span_id
+            assert spans["download"].parent_id == install.span_id
+            if transport == "grpc":
+                assert spans["edgefleet.v1.AgentService/FetchBundle"].parent_id == spans[
+                    "download"].span_id
+            assert install.resource["service.instance.id"] == device
+            assert install.resource["edgefleet.label.site"] == "north"
+
+            # The control plane re-exports what devices report, with device attributes.
+            assert receiver.wait(lambda r: any(
+                p.service == "edgefleet-control-plane" and p.metric == "edgefleet_device_up"
+                and p.attributes.get("device") == device for p in r.points))
+            assert receiver.wait(lambda r: any(
+                p.metric == "edgefleet_rollout_devices" and p.attributes.get("state") ==
+                "committed" for p in r.points))
+            # The agent exports its own registry too, under its device's resource.
+            assert receiver.wait(lambda r: any(
+                p.service == "edgefleet-agent" and p.metric == "edgefleet_model_serving_version"
+                and p.resource.get("service.instance.id") == device
+                and p.attributes.get("model") == "digits" and p.value == 1.0
+                for p in r.points))
+            # And logs go through the SDK's logging bridge (INFO and up, where the process's
+            # logging lets them through).
+            logging.getLogger("control_plane.server").warning("otel log bridge check")
+            cp.cp.otel.flush()
+            assert receiver.wait(lambda r: ("edgefleet-control-plane", "otel log bridge check")
+                                 in r.logs)
+        finally:
+            agent.stop()
+    finally:
+        cp.stop()
+        if cp.broker is not None:
+            cp.broker.stop()
+
+
+@pytest.mark.slow
+def test_a_step_the_scheduler_starts_continues_the_rollouts_trace(
+    tmp_path: Path, loop: LoopThread, trained_bundle: Path, receiver: OtlpReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cp = start_control_plane(tmp_path / "cp", loop, otel=_otel(receiver),
+                             rollout_tick_seconds=0.5)
+    agents = []
+    try:
+        for name in ("a", "b"):
+            cp.enroll_agent(tmp_path / name)
+            agents.append(start_agent(tmp_path / name, loop, probation_seconds=0.0,
+                                      otel=_otel(receiver)))
+        bundle = _bundle_for(cp, trained_bundle, tmp_path / "b1")
+        assert _fleet(cp, "models", "publish", str(bundle)) == 0
+        parent = new_traceparent()
+        monkeypatch.setenv("TRACEPARENT", parent)
+        assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1",
+                      "--steps", "50,100") == 0  # one device now, the other by the scheduler
+        for agent in agents:
+            _wait_models(agent, _committed(1))
+        for agent in agents:
+            assert agent.agent.tracing.otel is not None
+            agent.agent.tracing.otel.flush()
+        trace = trace_id_of(parent)
+        ids = {a.agent.config.device_id for a in agents}
+
+        def installs(r: OtlpReceiver) -> list[Any]:
+            return [s for s in r.spans if s.trace_id == trace and s.name == "install digits"]
+
+        assert receiver.wait(lambda r: {s.resource["service.instance.id"]
+                                        for s in installs(r)} == ids)
+    finally:
+        for agent in agents:
+            agent.stop()
+        cp.stop()
+
+
+@pytest.mark.slow
+def test_training_steps_are_spans_of_one_run(tmp_path: Path, receiver: OtlpReceiver,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.trainer_support import write_pipeline  # noqa: PLC0415
+    from trainer.config import Pipeline  # noqa: PLC0415
+    from trainer.pipeline import Run, Workdir  # noqa: PLC0415
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    parent = new_traceparent()
+    monkeypatch.setenv("TRACEPARENT", parent)  # a retraining job's trace, continued
+    pipeline = write_pipeline(tmp_path, hidden="8", epochs=1, prune=0.0)
+    Run(Pipeline.load(pipeline), Workdir(tmp_path / "work"), progress=lambda m: None).run_all()
+    trace = trace_id_of(parent)
+    names = {"trainer run", "step ingest", "step train", "step bundle"}
+    assert receiver.wait(lambda r: names <= {s.name for s in r.spans if s.trace_id == trace})
+    spans = {s.name: s for s in receiver.spans if s.trace_id == trace}
+    assert spans["step train"].parent_id == spans["trainer run"].span_id
+    assert spans["step train"].attributes["edgefleet.outcome"] == "ran"
+    assert spans["trainer run"].service == "edgefleet-trainer"
