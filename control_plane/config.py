@@ -220,14 +220,7 @@ class ControlPlaneConfig:
         cfg.database = home / str(server.get("database", "edgefleet.db"))
         cfg.max_bundle_bytes = _positive_int(server, "max_bundle_bytes", cfg.max_bundle_bytes)
         cfg.publisher_keys = [home / p for p in pki.get("publisher_keys", [])]
-        retrain = doc.get("retrain", {})
-        cfg.retrain_publisher_key = home / str(retrain.get(
-            "publisher_key", "publisher/publisher.key"))
-        cfg.retrain_runner = str(retrain.get("runner", cfg.retrain_runner))
-        if cfg.retrain_runner not in RETRAIN_RUNNERS:
-            raise InvalidInputError(f"config retrain.runner must be one of "
-                                    f"{', '.join(RETRAIN_RUNNERS)}; got {cfg.retrain_runner!r}")
-        cfg.retrain_cluster = RetrainCluster.from_toml(retrain)
+        _load_retrain(cfg, doc.get("retrain", {}))
         for name in (
             "device_cert_ttl_seconds",
             "operator_cert_ttl_seconds",
@@ -321,6 +314,17 @@ class ControlPlaneConfig:
 
 _TELEMETRY_KEYS = ("records_per_second", "bytes_per_second", "burst_records", "burst_bytes",
                    "raw_retention_seconds", "drift_retention_seconds", "expire_every_seconds")
+
+
+def _load_retrain(cfg: ControlPlaneConfig, retrain: dict[str, Any]) -> None:
+    """[retrain]: the jobs' signing key, where they run, and how on a cluster."""
+    cfg.retrain_publisher_key = cfg.home / str(retrain.get(
+        "publisher_key", "publisher/publisher.key"))
+    cfg.retrain_runner = str(retrain.get("runner", cfg.retrain_runner))
+    if cfg.retrain_runner not in RETRAIN_RUNNERS:
+        raise InvalidInputError(f"config retrain.runner must be one of "
+                                f"{', '.join(RETRAIN_RUNNERS)}; got {cfg.retrain_runner!r}")
+    cfg.retrain_cluster = RetrainCluster.from_toml(retrain)
 
 
 def _positive_int(table: dict[str, Any], key: str, default: int) -> int:

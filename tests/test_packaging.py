@@ -36,6 +36,7 @@ from control_plane.services.cluster_runner import job_manifest
 from edge_agent import cli as edge_agent_cli
 from fleet import cli as fleet_cli
 from fleetcore import pki
+from tests.support import LoopThread, start_control_plane
 from trainer import cli as trainer_cli
 from trainer.pipeline import STEPS, Workdir
 
@@ -626,6 +627,21 @@ def test_production_control_plane_is_a_deployment_with_a_pdb_and_health_readines
                    and o["metadata"]["name"] == "edgefleet-control-plane"]
     assert any(r.get("to", [{}])[0].get("podSelector", {}).get("matchLabels") == {
         "cnpg.io/cluster": db["metadata"]["name"]} for r in cp_policy["spec"]["egress"])
+
+
+def test_the_readiness_probe_passes_against_a_real_control_plane(
+        tmp_path: Path, loop: LoopThread) -> None:
+    """health-probe.py, as the kubelet runs it, against a real control plane's enrollment
+    port: its grpc.health.v1 service answers SERVING for "" once it is up."""
+    cp = start_control_plane(tmp_path / "cp", loop)
+    script = K8S / "overlays" / "production" / "health-probe.py"
+    try:
+        out = subprocess.run([sys.executable, str(script), str(tmp_path / "cp"),
+                              cp.cp.enroll_address, "localhost"], capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert out.returncode == 0, out.stderr
+    finally:
+        cp.stop()
 
 
 def test_the_readiness_probe_script_checks_grpc_health_over_tls(tmp_path: Path) -> None:
