@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,70 @@ from fleetcore import tomlfile
 from fleetcore.addresses import parse_hostport
 from fleetcore.errors import InvalidInputError
 
-__all__ = ["DEFAULT_API", "DEFAULT_ENROLL", "ControlPlaneConfig", "HomeLayout", "parse_hostport"]
+__all__ = ["DEFAULT_API", "DEFAULT_ENROLL", "RETRAIN_RUNNERS", "ControlPlaneConfig", "HomeLayout",
+           "RetrainCluster", "parse_hostport"]
 
 DEFAULT_API = "127.0.0.1:7443"
 DEFAULT_ENROLL = "127.0.0.1:7444"
+RETRAIN_RUNNERS = ("local", "kubernetes", "argo")
+_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
+
+
+@dataclass(frozen=True)
+class RetrainCluster:
+    """How a retraining job runs on a cluster ([retrain] with runner "kubernetes" or "argo").
+
+    The job's work directory is HOME/retrain/job-N on both sides: the control plane mounts the
+    ReadWriteMany claim ``work_claim`` (sub-path ``work_subpath``) at HOME/retrain, and the
+    job mounts job-N of it at the same path, so it reads the samples and baseline the control
+    plane wrote and leaves its bundle where the control plane publishes it from."""
+
+    namespace: str = "edgefleet"
+    image: str = "edgefleet/trainer:0.1.0"
+    kubeconfig: str = ""  # empty: the pod's in-cluster service account
+    work_claim: str = "edgefleet-training"
+    work_subpath: str = "retrain"
+    # The Secret (a name, not a secret) holding publisher.key, mounted in the pod at /keys.
+    publisher_secret: str = "edgefleet-publisher"  # noqa: S105
+    service_account: str = "edgefleet-workflow"  # the Argo executor's (runner "argo")
+    deadline_seconds: int = 6 * 3600
+    cpu: str = "4"
+    memory: str = "8Gi"
+    gpus: int = 0
+
+    @classmethod
+    def from_toml(cls, table: dict[str, Any]) -> RetrainCluster:
+        d = cls()
+        out: dict[str, Any] = {}
+        for name in ("namespace", "work_claim", "publisher_secret", "service_account"):
+            value = table.get(name, getattr(d, name))
+            if not isinstance(value, str) or not _K8S_NAME.match(value):
+                raise InvalidInputError(f"config retrain.{name} must be a Kubernetes name "
+                                        f"(a-z, 0-9, '-'); got {value!r}")
+            out[name] = value
+        for name in ("image", "kubeconfig", "work_subpath"):
+            value = table.get(name, getattr(d, name))
+            if not isinstance(value, str) or any(c.isspace() for c in value) or (
+                    name != "kubeconfig" and not value) or ".." in value.split("/"):
+                raise InvalidInputError(f"config retrain.{name} must be a string without "
+                                        f"spaces; got {value!r}")
+            out[name] = value
+        for name in ("cpu", "memory"):
+            value = table.get(name, getattr(d, name))
+            if not isinstance(value, str) or not _QUANTITY.match(value):
+                raise InvalidInputError(f"config retrain.{name} must be a Kubernetes quantity "
+                                        f"such as \"4\" or \"8Gi\"; got {value!r}")
+            out[name] = value
+        out["deadline_seconds"] = _positive_int(table, "deadline_seconds", d.deadline_seconds)
+        gpus = table.get("gpus", d.gpus)
+        if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
+            raise InvalidInputError(f"config retrain.gpus must be an integer >= 0; got {gpus!r}")
+        out["gpus"] = gpus
+        return cls(**out)
+
+    def to_toml(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -109,6 +170,10 @@ class ControlPlaneConfig:
     # The key retraining jobs sign their bundles with (the publisher key init made; point it
     # at the training environment's key, or run jobs on Kubernetes, to keep it off this host).
     retrain_publisher_key: Path = field(default=Path("publisher/publisher.key"))
+    # Where retraining jobs run: "local" (a child process), "kubernetes" (a batch/v1 Job) or
+    # "argo" (an Argo Workflow); the last two are described by retrain_cluster.
+    retrain_runner: str = "local"
+    retrain_cluster: RetrainCluster = field(default_factory=RetrainCluster)
     rollout_device_timeout_seconds: float = 600.0
     # Telemetry quota per device (token buckets: a rate and a burst, of records and of bytes)
     # and retention (raw rows, then a daily roll-up; drift windows), checked this often.
@@ -155,8 +220,7 @@ class ControlPlaneConfig:
         cfg.database = home / str(server.get("database", "edgefleet.db"))
         cfg.max_bundle_bytes = _positive_int(server, "max_bundle_bytes", cfg.max_bundle_bytes)
         cfg.publisher_keys = [home / p for p in pki.get("publisher_keys", [])]
-        cfg.retrain_publisher_key = home / str(doc.get("retrain", {}).get(
-            "publisher_key", "publisher/publisher.key"))
+        _load_retrain(cfg, doc.get("retrain", {}))
         for name in (
             "device_cert_ttl_seconds",
             "operator_cert_ttl_seconds",
@@ -233,6 +297,8 @@ class ControlPlaneConfig:
             "retrain": {
                 "publisher_key": str(self.retrain_publisher_key.relative_to(self.home))
                 if self.retrain_publisher_key.is_absolute() else str(self.retrain_publisher_key),
+                "runner": self.retrain_runner,
+                **self.retrain_cluster.to_toml(),
             },
             "rollouts": {
                 "tick_seconds": self.rollout_tick_seconds,
@@ -248,6 +314,17 @@ class ControlPlaneConfig:
 
 _TELEMETRY_KEYS = ("records_per_second", "bytes_per_second", "burst_records", "burst_bytes",
                    "raw_retention_seconds", "drift_retention_seconds", "expire_every_seconds")
+
+
+def _load_retrain(cfg: ControlPlaneConfig, retrain: dict[str, Any]) -> None:
+    """[retrain]: the jobs' signing key, where they run, and how on a cluster."""
+    cfg.retrain_publisher_key = cfg.home / str(retrain.get(
+        "publisher_key", "publisher/publisher.key"))
+    cfg.retrain_runner = str(retrain.get("runner", cfg.retrain_runner))
+    if cfg.retrain_runner not in RETRAIN_RUNNERS:
+        raise InvalidInputError(f"config retrain.runner must be one of "
+                                f"{', '.join(RETRAIN_RUNNERS)}; got {cfg.retrain_runner!r}")
+    cfg.retrain_cluster = RetrainCluster.from_toml(retrain)
 
 
 def _positive_int(table: dict[str, Any], key: str, default: int) -> int:

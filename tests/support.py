@@ -26,6 +26,7 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.domain.records import RetrainJob
 from control_plane.ops.home import init_home
 from control_plane.server import ControlPlane
+from control_plane.services.retrain_runner import LocalRunner
 from edge_agent.daemon import Agent
 from edge_agent.enroll import enroll
 from edge_agent.state import AgentConfig, StateDir
@@ -138,7 +139,9 @@ def run_retrain_job(cp: RunningControlPlane, loop: LoopThread, model: str) -> Re
     retrain = cp.cp.services.retraining
     loop.run(retrain.tick())
     job = cp.cp.store.jobs(model)[0]
-    proc = retrain.runner.procs.get(job.id)
+    runner = retrain.runner
+    assert isinstance(runner, LocalRunner)
+    proc = runner.procs.get(job.id)
     if proc is not None:
         loop.run(proc.wait(), timeout=300)
     loop.run(retrain.tick())

@@ -93,6 +93,15 @@ def test_control_plane_layers_import_one_way(layer: str) -> None:
     assert {f: m for f, m in bad.items() if m} == {}
 
 
+def test_only_the_cluster_runner_talks_to_kubernetes() -> None:
+    """The Kubernetes client is one module's business (control_plane/services/
+    cluster_runner.py): nothing else in the product imports it."""
+    runner = REPO / "control_plane" / "services" / "cluster_runner.py"
+    users = sorted(str(f.relative_to(REPO)) for pkg in PRODUCT for f in _files(pkg)
+                   if _hits(_imports(f), {"kubernetes"}))
+    assert users == [str(runner.relative_to(REPO))]
+
+
 # The trainer's sources sit below its pipeline: they know the store and the table rules, not
 # the steps that train. Their pure rules (URLs, tables, watermarks) do no I/O at all.
 _INGEST_IO = {"sqlalchemy", "httpx", "pyarrow", "paho", "nats", "os", "pathlib", "sqlite3",

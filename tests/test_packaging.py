@@ -19,20 +19,24 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
 from control_plane import cli as control_plane_cli
-from control_plane.config import ControlPlaneConfig
-from control_plane.services.retrain_runner import render_kubernetes_job
+from control_plane.config import ControlPlaneConfig, RetrainCluster
+from control_plane.ops.home import init_home
+from control_plane.services.cluster_runner import job_manifest
 from edge_agent import cli as edge_agent_cli
 from fleet import cli as fleet_cli
 from fleetcore import pki
+from tests.support import LoopThread, start_control_plane
 from trainer import cli as trainer_cli
 from trainer.pipeline import STEPS, Workdir
 
@@ -47,6 +51,8 @@ KUSTOMIZATIONS = ["base", "overlays/production", "training"]
 CRD_SCHEMAS = {
     ("kubeflow.org/v1", "PyTorchJob"): "pytorchjob-kubeflow-v1.json",
     ("argoproj.io/v1alpha1", "WorkflowTemplate"): "workflowtemplate-argoproj-v1alpha1.json",
+    ("argoproj.io/v1alpha1", "Workflow"): "workflow-argoproj-v1alpha1.json",
+    ("postgresql.cnpg.io/v1", "Cluster"): "cluster-postgresql-cnpg-v1.json",
 }
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 SECRET_PATTERN = re.compile(r"\.(key|pem|p12|pfx|db)$|secret|token|password|operators/|home/",
@@ -138,16 +144,14 @@ def _pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
                 "containers": [template["container"]],
                 "volumes": wf["spec"]["volumes"],
             }
-    yield "retrain-job.yaml", _retrain_job()["spec"]["template"]["spec"]
+    yield "cluster_runner Job", _retrain_job()["spec"]["template"]["spec"]
 
 
 def _retrain_job() -> dict[str, Any]:
-    text = render_kubernetes_job((K8S / "retrain-job.yaml").read_text(), job_id=3,
-                                 model="digits", version=4, pipeline="digits-mlp.toml",
-                                 image="edgefleet/trainer:0.1.0")
-    doc = yaml.safe_load(text)
-    assert isinstance(doc, dict)
-    return doc
+    """The Job the control plane submits with ``[retrain] runner = "kubernetes"`` (built in
+    control_plane/services/cluster_runner.py; tests/test_retrain_cluster.py submits it)."""
+    return job_manifest(RetrainCluster(), job_id=3, model="digits", version=4,
+                        work_root=Path("/var/lib/edgefleet/home/retrain"))
 
 
 def _validate_k8s(obj: dict[str, Any]) -> None:
@@ -543,27 +547,137 @@ def _container_env(obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 # ---------------------------------------------------------------------- Kubernetes: behaviour
 
-def test_control_plane_keeps_its_home_on_a_volume_and_is_probed_on_its_api_port() -> None:
-    objects = _render("overlays/production")
-    [sts] = [o for o in objects if o["kind"] == "StatefulSet"]
-    pod = sts["spec"]["template"]["spec"]
+def _home_on_a_claim(pod: dict[str, Any], claims: set[str]) -> tuple[Any, dict[str, Any]]:
+    """The control plane's parsed args and container; asserts its home is on a claim."""
     [container] = pod["containers"]
     args = _parse(control_plane_cli._parser(), container["args"])
-    claims = {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     home_mount = [p for p in mounts if str(args.home).startswith(p + "/")]
     assert home_mount and mounts[home_mount[0]] in claims, "the home is on a persistent volume"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert args.api.endswith(f":{ports['api']}") and args.enroll.endswith(f":{ports['enroll']}")
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert container[probe]["tcpSocket"]["port"] == "api", probe
     [init] = pod["initContainers"]
     env = {e["name"]: e["value"] for e in init["env"]}
     assert env["EDGEFLEET_HOME"] == str(args.home)
+    return args, container
+
+
+def test_base_control_plane_keeps_its_home_on_a_volume_and_is_probed_on_its_api_port() -> None:
+    [sts] = [o for o in _render("base") if o["kind"] == "StatefulSet"]
+    claims = {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
+    _, container = _home_on_a_claim(sts["spec"]["template"]["spec"], claims)
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["tcpSocket"]["port"] == "api", probe
+    assert sts["spec"]["replicas"] == 1  # SQLite
+
+
+def test_production_control_plane_is_a_deployment_with_a_pdb_and_health_readiness() -> None:
+    objects = _render("overlays/production")
+    assert not [o for o in objects if o["kind"] == "StatefulSet"]
+    [deploy] = [o for o in objects if o["kind"] == "Deployment"
+                and o["metadata"]["name"] == "edgefleet-control-plane"]
+    spec = deploy["spec"]
+    pod = spec["template"]["spec"]
+    pvcs = {o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claims = {n for n, v in volumes.items()
+              if v.get("persistentVolumeClaim", {}).get("claimName") in pvcs}
+    args, container = _home_on_a_claim(pod, claims)
+    # One replica until the PostgreSQL store lands: the SQLite home must never have two
+    # writers, so no rolling update either. The budget and the spread are ready for more.
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    [pdb] = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= (
+        spec["template"]["metadata"]["labels"].items())
+    assert pdb["spec"]["maxUnavailable"] == 1  # never blocks a drain, keeps n-1 of n
+    assert {c["topologyKey"] for c in pod["topologySpreadConstraints"]} == {
+        "kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    # Readiness: the gRPC health service through the probe script, on the enrollment port,
+    # with the home's CA; startup and liveness stay TCP checks of the API port.
+    probe = container["readinessProbe"]["exec"]["command"]
+    script_mount = next(m for m in container["volumeMounts"] if m["name"] == "probe")
+    assert probe[:2] == ["python", script_mount["mountPath"] + "/health-probe.py"]
+    assert probe[2] == str(args.home) and probe[3].endswith(args.enroll.rsplit(":", 1)[1])
+    [init] = pod["initContainers"]
+    env = {e["name"]: e["value"] for e in init["env"]}
+    assert probe[4] in env["EDGEFLEET_SANS"].split()
+    for name in ("livenessProbe", "startupProbe"):
+        assert container[name]["tcpSocket"]["port"] == "api", name
     assert env["EDGEFLEET_API_ADVERTISE"].endswith(":7443")
     assert env["EDGEFLEET_API_ADVERTISE"].split(":")[0] in env["EDGEFLEET_SANS"].split()
     services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
     assert services["edgefleet-control-plane"]["spec"]["type"] == "LoadBalancer"
+    # Retraining on the cluster: the runner, the work claim at HOME/retrain from the sub-path
+    # the runner mounts in its Jobs, and the service-account token (bound to the Role).
+    settings = RetrainCluster()
+    assert env["EDGEFLEET_RETRAIN_RUNNER"] == "kubernetes"
+    assert env["EDGEFLEET_TRAINER_IMAGE"].startswith("registry.example.com/")
+    [work] = [m for m in container["volumeMounts"] if m["name"] == "training"]
+    assert work["mountPath"] == f"{args.home}/retrain" and work["subPath"] == (
+        settings.work_subpath)
+    assert volumes["training"]["persistentVolumeClaim"]["claimName"] == settings.work_claim
+    assert pod["automountServiceAccountToken"] is True
+    [binding] = [o for o in objects if o["kind"] == "RoleBinding"
+                 and o["metadata"]["name"] == "edgefleet-control-plane"]
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
+    # The database: CloudNativePG, three instances, reachable from the control plane only.
+    [db] = [o for o in objects if o["kind"] == "Cluster"]
+    assert db["spec"]["instances"] == 3 and db["spec"]["enableSuperuserAccess"] is False
+    [cp_policy] = [o for o in objects if o["kind"] == "NetworkPolicy"
+                   and o["metadata"]["name"] == "edgefleet-control-plane"]
+    assert any(r.get("to", [{}])[0].get("podSelector", {}).get("matchLabels") == {
+        "cnpg.io/cluster": db["metadata"]["name"]} for r in cp_policy["spec"]["egress"])
+
+
+def test_the_readiness_probe_passes_against_a_real_control_plane(
+        tmp_path: Path, loop: LoopThread) -> None:
+    """health-probe.py, as the kubelet runs it, against a real control plane's enrollment
+    port: its grpc.health.v1 service answers SERVING for "" once it is up."""
+    cp = start_control_plane(tmp_path / "cp", loop)
+    script = K8S / "overlays" / "production" / "health-probe.py"
+    try:
+        out = subprocess.run([sys.executable, str(script), str(tmp_path / "cp"),
+                              cp.cp.enroll_address, "localhost"], capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert out.returncode == 0, out.stderr
+    finally:
+        cp.stop()
+
+
+def test_the_readiness_probe_script_checks_grpc_health_over_tls(tmp_path: Path) -> None:
+    """health-probe.py against a real TLS gRPC server with the home's server certificate:
+    exit 0 on SERVING only; NOT_SERVING, no health service or no server: non-zero."""
+    home = tmp_path / "home"
+    init_home(home)
+    script = K8S / "overlays" / "production" / "health-probe.py"
+    status = [b"\x08\x01"]
+
+    def check(request: bytes, context: Any) -> bytes:
+        assert request == b""  # service "": the whole server
+        return status[0]
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)})])
+    creds = grpc.ssl_server_credentials([((home / "pki" / "server.key").read_bytes(),
+                                          (home / "pki" / "server.pem").read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+
+    def probe() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(script), str(home), f"127.0.0.1:{port}",
+                               "localhost"], capture_output=True, text=True, timeout=60,
+                              check=False)
+
+    try:
+        assert probe().returncode == 0
+        status[0] = b"\x08\x02"  # NOT_SERVING
+        out = probe()
+        assert out.returncode == 1 and "not ready" in out.stderr
+    finally:
+        server.stop(None)
+    out = probe()
+    assert out.returncode == 1 and "UNAVAILABLE" in out.stderr
 
 
 def test_init_home_script_creates_the_home_once_and_sets_the_advertised_address(
@@ -588,6 +702,19 @@ def test_init_home_script_creates_the_home_once_and_sets_the_advertised_address(
     assert second.returncode == 0, second.stderr
     assert (home / "pki" / "ca.pem").read_bytes() == ca_before, "the home is never re-created"
     assert ControlPlaneConfig.load(home).api_advertise == "other.example.com:7443"
+    assert ControlPlaneConfig.load(home).retrain_runner == "local"
+    third = subprocess.run(["/bin/sh", str(script)],
+                           env={**env, "EDGEFLEET_RETRAIN_RUNNER": "kubernetes",
+                                "EDGEFLEET_TRAINER_IMAGE": "registry.example.com/t:1"},
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert third.returncode == 0, third.stderr
+    cfg = ControlPlaneConfig.load(home)
+    assert cfg.retrain_runner == "kubernetes"
+    assert cfg.retrain_cluster.image == "registry.example.com/t:1"
+    bad = subprocess.run(["/bin/sh", str(script)], env={**env, "EDGEFLEET_RETRAIN_RUNNER": "x"},
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode != 0 and "EDGEFLEET_RETRAIN_RUNNER" in bad.stderr
+    assert ControlPlaneConfig.load(home).retrain_runner == "kubernetes"
 
 
 def test_mosquitto_runs_the_generated_config_from_a_secret() -> None:

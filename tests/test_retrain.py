@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import string
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from sklearn.datasets import load_digits
 
 from control_plane.domain.records import DriftWindowRecord
 from control_plane.domain.retraining import DriftPolicy, policy_fires
-from control_plane.services.retrain_runner import LocalRunner, render_kubernetes_job
+from control_plane.services.retrain_runner import LocalRunner
 from edge_agent.reporting.telemetry import encode
 from fleet.cli import main as fleet_main
 from tests.support import (
@@ -62,24 +61,6 @@ def test_policy(case: Case) -> None:
     policy = DriftPolicy("digits", "p.toml", threshold=0.2, device_fraction=0.5, windows=2)
     recent = {d: [_window(d, s) for s in scores] for d, scores in case.recent.items()}
     assert policy_fires(policy, recent)[0] is case.fires
-
-
-def test_kubernetes_job_renders_from_the_packaging_template() -> None:
-    template = (REPO / "packaging" / "kubernetes" / "retrain-job.yaml").read_text()
-    text = render_kubernetes_job(
-        template,
-        job_id=7,
-        model="digits",
-        version=3,
-        pipeline="digits-mlp.toml",
-        image="edgefleet/trainer:0.1",
-    )
-    assert "name: edgefleet-retrain-digits-7" in text
-    assert '"--bundle-version", "3"' in text and "image: edgefleet/trainer:0.1" in text
-    assert "$" not in text.split("\n", 3)[-1]  # every placeholder filled (comments aside)
-    with pytest.raises(KeyError):
-        render_kubernetes_job("$unknown", job_id=1, model="m", version=1, pipeline="p", image="i")
-    assert string.Template(template).get_identifiers()
 
 
 @pytest.mark.slow

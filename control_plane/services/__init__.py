@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from control_plane.config import ControlPlaneConfig
 from control_plane.services.audit import AuditService
 from control_plane.services.authority import Authority
+from control_plane.services.cluster_runner import ClusterRunner
 from control_plane.services.context import Context
 from control_plane.services.delivery import DeliveryService
 from control_plane.services.experiments import ExperimentService
 from control_plane.services.identity import IdentityService
 from control_plane.services.registry import RegistryService
+from control_plane.services.retrain_runner import LocalRunner, Runner
 from control_plane.services.retraining import RetrainService
 from control_plane.services.rollouts import RolloutService
 from control_plane.services.telemetry import TelemetryService
@@ -49,7 +51,10 @@ class Services:
         ctx = Context(config, store, keys, clock=clock)
         registry = RegistryService(ctx)
         experiments = ExperimentService(ctx)
-        retraining = RetrainService(ctx, registry, experiments)
+        runner: Runner = (LocalRunner() if config.retrain_runner == "local" else
+                          ClusterRunner(config.retrain_cluster, config.retrain_runner,
+                                        config.home / "retrain"))
+        retraining = RetrainService(ctx, registry, experiments, runner)
         return cls(ctx=ctx, identity=IdentityService(ctx), delivery=DeliveryService(ctx),
                    registry=registry, rollouts=RolloutService(ctx), experiments=experiments,
                    retraining=retraining, telemetry=TelemetryService(ctx, experiments, retraining),

@@ -165,6 +165,7 @@ class RegistryService:
 
     def publish_dir(self, caller: pki.Identity | str, bundle: Path) -> ModelVersionRecord:
         """Pack a bundle directory on this host and publish it like an upload."""
+        ensure_private_dir(self.ctx.config.layout.scratch)  # the first bundle of a fleet
         with tempfile.TemporaryDirectory(dir=self.ctx.config.layout.scratch) as tmp:
             archive = Path(tmp) / "bundle.tar"
             pack_bundle(bundle, archive)

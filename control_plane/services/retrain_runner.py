@@ -1,24 +1,26 @@
 """How retraining jobs run and where their data may come from (I/O around the pure policy).
 
 ``LocalRunner`` executes ``trainer run PIPELINE --bundle-version N`` as a child process of the
-control plane. ``render_kubernetes_job`` renders the same job for a cluster from
-``packaging/kubernetes/retrain-job.yaml``. ``sample_regions`` reads the data-locality policy
-of the pipeline's feature store with the one region-policy parser (``fleetcore.regions``).
+control plane (the default); ``cluster_runner.ClusterRunner`` submits the same command as a
+Kubernetes Job or an Argo Workflow (``[retrain] runner``); both follow the ``Runner``
+protocol. ``sample_regions`` reads the data-locality policy of the pipeline's feature store
+with the one region-policy parser (``fleetcore.regions``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import string
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from fleetcore import regions, tomlfile
 from fleetcore.errors import InvalidInputError
 
-__all__ = ["LocalRunner", "render_kubernetes_job", "sample_regions"]
+__all__ = ["LocalRunner", "Outcome", "Runner", "sample_regions"]
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +42,40 @@ def sample_regions(pipeline: Path) -> list[str]:
     return [regions.ANY_REGION]  # a new store allows any region unless the pipeline says so
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a job's trainer ended: its exit code (0: it wrote its bundle and verdict) and,
+    when it failed, why, in a line for the job's detail."""
+
+    code: int
+    detail: str
+
+
+class Runner(Protocol):
+    """Where retraining jobs run: ``LocalRunner`` or ``cluster_runner.ClusterRunner``."""
+
+    async def start(self, job_id: int, pipeline: Path, workdir: Path, version: int,
+                    publisher_key: Path, extra: Sequence[str] = (), *,
+                    model: str = "") -> None: ...
+
+    async def check(self, job_id: int) -> Outcome | None: ...
+
+    async def stop(self) -> None: ...
+
+
 class LocalRunner:
     """Runs ``trainer run`` as a child process of the control plane."""
 
     def __init__(self, trainer: Path | None = None) -> None:
         self.trainer = trainer or Path(sys.executable).parent / "trainer"
         self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.workdirs: dict[int, Path] = {}
 
     async def start(self, job_id: int, pipeline: Path, workdir: Path, version: int,
-                    publisher_key: Path, extra: Sequence[str] = ()) -> None:
+                    publisher_key: Path, extra: Sequence[str] = (), *,
+                    model: str = "") -> None:
         workdir.mkdir(parents=True, exist_ok=True)
+        self.workdirs[job_id] = workdir
         log_file = (workdir / "trainer.log").open("wb")
         self.procs[job_id] = await asyncio.create_subprocess_exec(
             str(self.trainer), "run", str(pipeline), "--workdir", str(workdir),
@@ -68,6 +94,14 @@ class LocalRunner:
         del self.procs[job_id]
         return proc.returncode
 
+    async def check(self, job_id: int) -> Outcome | None:
+        code = self.poll(job_id)
+        if code is None:
+            return None
+        workdir = self.workdirs.pop(job_id, None)
+        where = f"; see {workdir}/trainer.log" if workdir is not None else ""
+        return Outcome(code, "" if code == 0 else f"trainer exited {code}{where}")
+
     async def stop(self) -> None:
         for proc in self.procs.values():
             if proc.returncode is None:
@@ -75,11 +109,3 @@ class LocalRunner:
                 await proc.wait()
         self.procs.clear()
 
-
-def render_kubernetes_job(template: str, *, job_id: int, model: str, version: int,
-                          pipeline: str, image: str) -> str:
-    """Fill the Job template (``$name`` placeholders; unknown ones are an error)."""
-    return string.Template(template).substitute(
-        job_name=f"edgefleet-retrain-{model}-{job_id}", model=model, version=version,
-        pipeline=pipeline, image=image,
-    )

@@ -48,7 +48,7 @@ from control_plane.domain.telemetry import MALFORMED, REGION, SAMPLE_REFUSED
 from control_plane.services.context import SYSTEM, Context
 from control_plane.services.experiments import ExperimentService
 from control_plane.services.registry import RegistryService, version_task
-from control_plane.services.retrain_runner import LocalRunner, sample_regions
+from control_plane.services.retrain_runner import LocalRunner, Outcome, Runner, sample_regions
 from fleetcore import pki, strict_json
 from fleetcore.archive import safe_extract
 from fleetcore.bundle import MAX_MANIFEST_BYTES
@@ -68,12 +68,12 @@ class _Checks:
 
 class RetrainService:
     def __init__(self, ctx: Context, registry: RegistryService, experiments: ExperimentService,
-                 runner: LocalRunner | None = None) -> None:
+                 runner: Runner | None = None) -> None:
         self.ctx = ctx
         self.store = ctx.store
         self.registry = registry
         self.experiments = experiments
-        self.runner = runner or LocalRunner()
+        self.runner: Runner = runner or LocalRunner()
         # One tick at a time: a job is marked running only after its trainer has started, so
         # two overlapping ticks (the scheduler's and an explicit one) would start it twice.
         self._ticking = asyncio.Lock()
@@ -223,13 +223,20 @@ class RetrainService:
             except EdgefleetError as exc:
                 self._move(job, JobEvent.FAIL, self.ctx.clock(), str(exc)[:500])
                 continue
-            await self.runner.start(job.id, Path(policy.pipeline), self._workdir(job),
-                                    job.version, key, extra)
+            try:
+                await self.runner.start(job.id, Path(policy.pipeline), self._workdir(job),
+                                        job.version, key, extra, model=job.model)
+            except Exception as exc:  # e.g. the cluster refused the job: it never started
+                log.warning("retraining job %d could not start: %s", job.id, exc)
+                self.store.release_samples(job.id)
+                self._move(job, JobEvent.FAIL, self.ctx.clock(),
+                           f"could not start: {exc}"[:500])
+                continue
             self._move(job, JobEvent.START)
         for job in self.store.jobs(states=(JobState.RUNNING,)):
-            code = self.runner.poll(job.id)
-            if code is not None:
-                self._finish(job, code)
+            outcome = await self.runner.check(job.id)
+            if outcome is not None:
+                self._finish(job, outcome)
 
     def _move(self, job: RetrainJob, event: JobEvent, now: float | None = None,
               detail: str = "") -> JobState:
@@ -294,13 +301,13 @@ class RetrainService:
         doc = strict_json.loads(path.read_bytes(), what=f"{path}")
         return acceptance_text(doc, job.version)
 
-    def _finish(self, job: RetrainJob, code: int) -> None:
+    def _finish(self, job: RetrainJob, outcome: Outcome) -> None:
         now = self.ctx.clock()
-        if code != 0:
+        if outcome.code != 0:
             self.store.release_samples(job.id)
-            self._move(job, JobEvent.FAIL, now,
-                       f"trainer exited {code}; see {self._workdir(job)}/trainer.log")
-            self.ctx.audit.system("retrain.failed", f"{job.model}:{job.version}", {"code": code})
+            self._move(job, JobEvent.FAIL, now, outcome.detail[:500])
+            self.ctx.audit.system("retrain.failed", f"{job.model}:{job.version}",
+                                  {"code": outcome.code, "reason": outcome.detail[:200]})
             return
         accepted, comparison = self._acceptance(job)
         if not accepted:

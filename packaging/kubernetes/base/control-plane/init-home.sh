@@ -13,18 +13,29 @@ if [ ! -f "${home}/config.toml" ]; then
   done
   control-plane init --home "${home}" "$@"
 fi
-if [ -n "${EDGEFLEET_API_ADVERTISE:-}" ]; then
-  python - "${home}" "${EDGEFLEET_API_ADVERTISE}" <<'PY'
+# Every start, when set: where retraining jobs run ([retrain] runner: local, kubernetes or argo)
+# and the trainer image a cluster job runs (the overlay names both; unset leaves the config).
+python - "${home}" "${EDGEFLEET_API_ADVERTISE:-}" "${EDGEFLEET_RETRAIN_RUNNER:-}" \
+  "${EDGEFLEET_TRAINER_IMAGE:-}" <<'PY'
+import dataclasses
 import sys
 
-from control_plane.config import ControlPlaneConfig, parse_hostport
+from control_plane.config import RETRAIN_RUNNERS, ControlPlaneConfig, parse_hostport
 
-home, advertise = sys.argv[1], sys.argv[2]
-parse_hostport(advertise)
+home, advertise, runner, image = sys.argv[1:5]
 cfg = ControlPlaneConfig.load(home)
-if cfg.api_advertise != advertise:
+before = cfg.to_toml()
+if advertise:
+    parse_hostport(advertise)
     cfg.api_advertise = advertise
+if runner:
+    if runner not in RETRAIN_RUNNERS:
+        sys.exit(f"EDGEFLEET_RETRAIN_RUNNER must be one of {', '.join(RETRAIN_RUNNERS)}")
+    cfg.retrain_runner = runner
+if image:
+    cfg.retrain_cluster = dataclasses.replace(cfg.retrain_cluster, image=image)
+if cfg.to_toml() != before:
     cfg.save()
-    print(f"api_advertise = {advertise}")
+    ControlPlaneConfig.load(home)  # what was written reads back (bad values fail here)
+    print(f"api_advertise = {cfg.api_advertise}; retrain.runner = {cfg.retrain_runner}")
 PY
-fi
