@@ -56,6 +56,14 @@ def _best(fn: Callable[[], Any], repeat: int = 3) -> float:
     return best
 
 
+def _pipeline(base: Path, data: dict[str, Any]) -> Pipeline:
+    """A pipeline file of just ``[data]`` and a store in ``base``."""
+    path = base / "p.toml"
+    path.write_text("[data]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in data.items())
+                    + '\n[store]\npath = "store"\n')
+    return Pipeline.load(path)
+
+
 def _ours(work: Path, data: dict[str, Any]) -> Callable[[], Any]:
     """One full ingest into a fresh store per call."""
     counter = iter(range(1_000_000))
@@ -63,10 +71,7 @@ def _ours(work: Path, data: dict[str, Any]) -> Callable[[], Any]:
     def run() -> None:
         base = work / f"run{next(counter)}"
         base.mkdir(parents=True)
-        path = base / "p.toml"
-        lines = [f"{k} = {json.dumps(v)}" for k, v in {**data, "region": "local"}.items()]
-        path.write_text("[data]\n" + "\n".join(lines) + '\n[store]\npath = "store"\n')
-        pipeline = Pipeline.load(path)
+        pipeline = _pipeline(base, {**data, "region": "local"})
         with FeatureStore(base / "store") as store:
             ingest_source(store, pipeline.data, base, lambda m: None)
     return run
@@ -190,13 +195,10 @@ def bench_follow(work: Path, rows: int = 10_000) -> dict[str, Any]:
     with _nats_stream(url) as stream:
         publish(url, _messages(rows))
         work.mkdir(parents=True, exist_ok=True)
-        path = work / "p.toml"
         data = {"source": url, "stream": stream, "features": FOLLOW_FEATURES,
                 "timestamp": "created_at", "snapshot_rows": rows, "snapshot_seconds": 3600,
                 "region": "local", **DATA}
-        path.write_text("[data]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in data.items())
-                        + '\n[store]\npath = "store"\n')
-        pipeline = Pipeline.load(path)
+        pipeline = _pipeline(work, data)
         stop = threading.Event()
         with FeatureStore(work / "store") as store:
             t0 = time.perf_counter()

@@ -76,8 +76,7 @@ def read_http(source: str, *, records: str | None, next_path: str | None,
     rows: list[dict[str, Any]] = []
     params: dict[str, Any] = {}
     if watermark_param and after is not None:
-        params[watermark_param] = str((cursor or {}).get("watermark") if not isinstance(
-            (cursor or {}).get("watermark"), dict) else after)
+        params[watermark_param] = str(after)
     try:
         with httpx.Client(timeout=timeout_s, follow_redirects=False, headers=sent) as client:
             pages = _pages(client, source, params, rows, records=records, next_path=next_path,
