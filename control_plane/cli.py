@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from control_plane.config import ControlPlaneConfig, parse_hostport
+from control_plane.ops import rotate
 from control_plane.ops.backup import backup, restore
 from control_plane.ops.home import init_home
 from control_plane.ops.mqtt_config import write_broker_config
@@ -60,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="writable directory for the broker's persistence and pid file "
                          "(default: BROKER_DIR/data)")
 
+    rot = sub.add_parser("rotate", help="rotate a key or certificate beside a serving control "
+                                        "plane (docs/operator-guide.md, Rotate)")
+    rotate.add_parsers(rot.add_subparsers(dest="what", required=True, metavar="WHAT"))
+
     bk = sub.add_parser("backup", help="archive a home while it serves (database copied with "
                                        "SQLite's online backup); the archive holds every key")
     bk.add_argument("--home", required=True, type=Path)
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"chain intact: {done.audit_entries} entries")
             print(f"next: control-plane serve --home {done.path} (agents need nothing)")
             return 0
+        if args.command == "rotate":
+            return rotate.run(args)
         cfg = ControlPlaneConfig.load(args.home)
         if args.command == "backup":
             done = backup(cfg.home, args.out)

@@ -33,6 +33,7 @@ from control_plane.services import Services
 from control_plane.services.authority import Authority
 from control_plane.services.broker import MqttSettings, refresh_crl
 from control_plane.services.fleet_metrics import FleetMetrics
+from control_plane.services.keywatch import KeyWatch
 from control_plane.storage import Store, open_store
 from fleetcore import otel as otel_setup
 from fleetcore.errors import InvalidInputError
@@ -49,6 +50,8 @@ CRL_REFRESH_HOURS = 12
 HEALTH_REFRESH_SECONDS = 5.0
 # The services the health service answers for, besides "" (the whole server).
 HEALTH_SERVICES = ("edgefleet.v1.AgentService", "edgefleet.v1.AdminService")
+# How often the home's key files are checked for a rotation (control_plane/services/keywatch.py).
+KEY_RELOAD_SECONDS = 1.0
 
 
 def _options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -76,6 +79,9 @@ class ControlPlane:
         self.authority = Authority.load(config)
         self.services = Services.build(config, self.store, self.authority, clock=clock)
         self.notifier = DeviceNotifier()
+        self.keywatch = KeyWatch(config)
+        # Called with the new Authority after a rotation was loaded (e.g. the broker's files).
+        self.on_keys_changed: list[Callable[[Authority], None]] = []
         self.services.ctx.on_device_change = self._device_changed
         self.bridge: MqttBridge | None = None
         self.mqtt = MqttSettings.load(config.home) if config.mqtt_url else None
@@ -171,6 +177,8 @@ class ControlPlane:
         health_every = min(HEALTH_REFRESH_SECONDS, self.config.rollout_tick_seconds)
         self.scheduler.add_job(self._refresh_health, "interval", seconds=health_every,
                                max_instances=1, coalesce=True)
+        self.scheduler.add_job(self._reload_keys, "interval", seconds=KEY_RELOAD_SECONDS,
+                               max_instances=1, coalesce=True)
         self.scheduler.start()
         self.readiness.scheduler_started()
         await self._refresh_health()
@@ -196,6 +204,16 @@ class ControlPlane:
         except Exception:
             self.metrics.job_failures.labels("telemetry-retention").inc()
             raise
+
+    async def _reload_keys(self) -> None:
+        """A rotation command changed the home's keys: use them from now on."""
+        loaded = self.keywatch.poll()
+        if loaded is None:
+            return
+        self.authority = loaded
+        self.services.ctx.set_keys(loaded)
+        for hook in self.on_keys_changed:
+            hook(loaded)
 
     async def _refresh_health(self) -> None:
         """The gRPC health service says what the readiness checks say."""

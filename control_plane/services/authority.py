@@ -12,6 +12,7 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.domain.records import CertificateRecord
 from control_plane.storage.blobs import load_or_create_key
 from fleetcore import pki
+from fleetcore.errors import InvalidInputError
 
 __all__ = ["Authority"]
 
@@ -32,15 +33,27 @@ class Authority:
     def load(cls, config: ControlPlaneConfig) -> Authority:
         lay = config.layout
         ca_pem = lay.ca_cert.read_bytes()
+        server_cert_pem = lay.server_cert.read_bytes()
+        server_key_pem = lay.server_key.read_bytes()
+        release_key = pki.load_private_key(lay.release_key.read_bytes())
+        release_public_pem = lay.release_pub.read_bytes()
+        # Pairs must match: a rotation caught half-way (KeyWatch) is not loaded.
+        if pki.load_certificate(server_cert_pem).public_key() != pki.load_private_key(
+                server_key_pem).public_key():
+            raise InvalidInputError(f"{lay.server_cert} is not the certificate of "
+                                    f"{lay.server_key}")
+        if pki.load_public_key(release_public_pem) != release_key.public_key():
+            raise InvalidInputError(f"{lay.release_pub} is not the public half of "
+                                    f"{lay.release_key}")
         return cls(
             ca_key=pki.load_private_key(lay.ca_key.read_bytes()),
             ca_cert=pki.load_certificate(ca_pem),
             ca_pem=ca_pem,
-            server_cert_pem=lay.server_cert.read_bytes(),
-            server_key_pem=lay.server_key.read_bytes(),
-            release_public_pem=lay.release_pub.read_bytes(),
+            server_cert_pem=server_cert_pem,
+            server_key_pem=server_key_pem,
+            release_public_pem=release_public_pem,
             publisher_public_pems=tuple(p.read_bytes() for p in config.publisher_keys),
-            release_key=pki.load_private_key(lay.release_key.read_bytes()),
+            release_key=release_key,
             blob_key=load_or_create_key(lay.blob_key),
         )
 

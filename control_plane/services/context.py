@@ -69,6 +69,12 @@ class Context:
         self.releases = ReleaseIssuer(store, keys.release_key, config.release_ttl_seconds,
                                       on_change=self.device_changed)
 
+    def set_keys(self, keys: Authority) -> None:
+        """Use newly loaded key material (a rotation ran beside this process; KeyWatch)."""
+        self.keys = keys
+        self.releases.key = keys.release_key
+        self.blobs = BlobStore(self.config.layout.blobs, keys.blob_key)
+
     def device_changed(self, device_id: str) -> None:
         self.on_device_change(device_id)  # looked up per call: the server rebinds it
 
