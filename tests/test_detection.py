@@ -373,3 +373,47 @@ def test_a_drip_fed_download_is_aborted_reported_and_changes_nothing(
     finally:
         if agent is not None:
             agent.stop()
+
+
+# ---------------------------------------------------------------------------- the pure rules
+def test_clone_rules_two_sessions_taking_turns_are_a_clone_a_restart_is_not() -> None:
+    from control_plane.domain.clones import CloneDetector  # noqa: PLC0415
+
+    d = CloneDetector(window_seconds=3.0)
+    # A restart: s1, then s2 from then on.
+    assert d.heartbeat("dev", "s1", "ipv4:10.0.0.1:1", 0.0) is None
+    assert d.heartbeat("dev", "s1", "ipv4:10.0.0.1:1", 1.0) is None
+    assert all(d.heartbeat("dev", "s2", "ipv4:10.0.0.1:2", t) is None for t in (2.0, 3.0, 4.0))
+    # s1 again, but long after it was last seen: outside the window, not a clone.
+    assert d.heartbeat("dev", "s1", "ipv4:10.0.0.9:1", 20.0) is None
+    # Taking turns within the window: a clone, with both peers.
+    assert d.heartbeat("dev", "s2", "ipv4:10.0.0.1:2", 20.5) is None
+    suspicion = d.heartbeat("dev", "s1", "ipv4:10.0.0.9:1", 21.0)
+    assert suspicion is not None and suspicion.how == "heartbeats"
+    assert suspicion.detail()["peers"] == ["ipv4:10.0.0.1:2", "ipv4:10.0.0.9:1"]
+    # Agents from before session ids (empty) are not compared; another device is apart.
+    assert d.heartbeat("dev", "", "mqtt", 22.0) is None
+    assert d.heartbeat("other", "s1", "mqtt", 22.0) is None
+
+
+def test_clone_rules_concurrent_sync_streams_of_two_sessions() -> None:
+    from control_plane.domain.clones import CloneDetector  # noqa: PLC0415
+
+    d = CloneDetector(window_seconds=3.0)
+    first, other = d.stream_opened("dev", "s1", "ipv4:10.0.0.1:1", 0.0)
+    assert other is None
+    # The same session reopening its stream is no clone.
+    again, other = d.stream_opened("dev", "s1", "ipv4:10.0.0.1:1", 0.5)
+    assert other is None
+    d.stream_closed("dev", again)
+    # A restart: the old stream closed before the grace ran out.
+    second, other = d.stream_opened("dev", "s2", "ipv4:10.0.0.1:2", 1.0)
+    assert other is not None
+    d.stream_closed("dev", first)
+    assert d.still_concurrent("dev", second, 3.0) is None
+    # A clone: both stay open.
+    third, other = d.stream_opened("dev", "s3", "ipv4:10.0.0.7:3", 4.0)
+    assert other is not None
+    suspicion = d.still_concurrent("dev", third, 6.0)
+    assert suspicion is not None and suspicion.how == "sync-streams"
+    assert {suspicion.first.session, suspicion.second.session} == {"s2", "s3"}
