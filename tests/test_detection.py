@@ -35,7 +35,7 @@ from tests.support import (
 T = TypeVar("T")
 
 
-def _until(check: Callable[[], T], timeout: float = WAIT) -> T:
+def _until(check: Callable[[], T | None], timeout: float = WAIT) -> T:
     """Wait for ``check()`` to return something true (a condition, polled), and return it."""
     deadline = time.monotonic() + timeout
     while True:
@@ -354,7 +354,7 @@ def test_a_drip_fed_download_is_aborted_reported_and_changes_nothing(
         agent.stop()
         drip["on"] = True
         installed = agent.agent.updater.report()
-        rules = ({"download_min_bytes_per_second": 64 * 1024.0,
+        rules: dict[str, Any] = ({"download_min_bytes_per_second": 64 * 1024.0,
                   "download_rate_window_seconds": 0.5} if limit == "rate" else
                  {"download_min_bytes_per_second": 0.0, "download_deadline_seconds": 0.5})
         agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0, **rules)
