@@ -109,3 +109,30 @@ def test_a_second_rotation_after_a_finished_one_makes_another_key(
     assert not first.resumed and not second.resumed
     assert second.previous_key_id == first.key_id != second.key_id
     assert (first.resealed, second.resealed) == (1, 1)
+
+
+def test_blobs_written_before_key_ids_are_read_and_re_encrypted(tmp_path: Path) -> None:
+    """An EFB1 blob (no key id in its header: what stores held before rotation existed)."""
+    import secrets  # noqa: PLC0415
+    import struct  # noqa: PLC0415
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
+
+    from control_plane.storage.blobs import HEADER_V1, MAGIC_V1, BlobStore  # noqa: PLC0415
+
+    old, new = secrets.token_bytes(32), secrets.token_bytes(32)
+    data = secrets.token_bytes(2500)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    prefix = secrets.token_bytes(8)
+    sealed = [AESGCM(old).encrypt(prefix + struct.pack(">I", i), data[i * 1000:(i + 1) * 1000],
+                                  digest.encode() + struct.pack(">I?", i, i == 2))
+              for i in range(3)]
+    (tmp_path / digest[7:]).write_bytes(HEADER_V1.pack(MAGIC_V1, 1000, prefix) + b"".join(sealed))
+    store = BlobStore(tmp_path, new, chunk_size=1000)
+    store.use_key(old)
+    assert b"".join(store.read(digest, 2500, 1500, 1000)) == data[1500:2500]
+    store.use_key(new)
+    assert store.key_of(digest) == b""
+    assert store.reseal(digest) and store.key_of(digest) == key_id(new)
+    assert not store.reseal(digest)
+    assert b"".join(BlobStore(tmp_path, new, chunk_size=1000).read(digest, 2500, 0, 2500)) == data
