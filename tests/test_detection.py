@@ -17,6 +17,7 @@ from cryptography import x509
 from edgefleet.v1 import admin_pb2, agent_pb2, agent_pb2_grpc
 
 from control_plane.services.broker import MqttSettings
+from edge_agent.cli import main as agent_main
 from edge_agent.state import StateDir
 from fleet.cli import main as fleet_main
 from fleetcore import pki
@@ -297,6 +298,11 @@ def test_a_freeze_is_reported_and_the_agent_keeps_serving(
         assert any(m["serving"] and m["version"] == 1 for m in agent.agent.updater.report())
         assert agent.agent.trust.mark is not None and agent.agent.trust.mark.serial == serial
         assert _release_bytes(tmp_path / "a") == held
+        # The device says so too (`edge-agent status`).
+        agent.wait_for("heartbeat")
+        capsys.readouterr()
+        assert agent_main(["status", "--state-dir", str(tmp_path / "a"), "--json"]) == 0
+        assert "freeze" in json.loads(capsys.readouterr().out)["delivery_problems"]
     finally:
         agent.stop()
     assert f"release serial {serial} expired" in json.loads(alert.detail)["detail"]
