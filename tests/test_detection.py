@@ -17,6 +17,7 @@ from cryptography import x509
 from edgefleet.v1 import admin_pb2, agent_pb2, agent_pb2_grpc
 
 from control_plane.services.broker import MqttSettings
+from control_plane.services.detection import STREAM_GRACE_SECONDS
 from edge_agent.cli import main as agent_main
 from edge_agent.state import StateDir
 from fleet.cli import main as fleet_main
@@ -191,6 +192,52 @@ def test_a_plain_agent_restart_is_not_flagged_as_a_clone(
     assert device.revoked_at == 0
     assert list(device.alerts) == []
     assert _audit(cp, "devices.clone-suspected") == []
+
+
+def test_a_cloned_certificate_holding_two_sync_streams_open_is_flagged(
+    plane: Callable[..., RunningControlPlane], tmp_path: Path,
+) -> None:
+    """Two Sync streams of one device, different sessions, both kept open (no heartbeats)."""
+    cp = plane("grpc")
+    device, original, _ = _clone(cp, tmp_path)
+    with grpc.secure_channel(cp.api, _credentials(original)) as first, \
+            grpc.secure_channel(cp.api, _credentials(tmp_path / "clone")) as second:
+        streams = [agent_pb2_grpc.AgentServiceStub(channel).Sync(
+            agent_pb2.SyncRequest(session_id=session), timeout=WAIT)
+            for channel, session in ((first, "a" * 32), (second, "b" * 32))]
+        try:
+            for stream in streams:
+                stream.initial_metadata()  # each is open and subscribed
+            alert = _until(lambda: _alerts(cp, device).get("clone-suspected"))
+        finally:
+            for stream in streams:
+                stream.cancel()
+    detail = json.loads(alert.detail)
+    assert detail["how"] == "sync-streams"
+    assert sorted(detail["sessions"]) == ["a" * 32, "b" * 32]
+
+
+def test_one_session_reopening_its_sync_stream_is_not_a_clone(
+    plane: Callable[..., RunningControlPlane], tmp_path: Path,
+) -> None:
+    cp = plane("grpc", on_clone="revoke")
+    device, original, _ = _clone(cp, tmp_path)
+    with grpc.secure_channel(cp.api, _credentials(original)) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        streams = [stub.Sync(agent_pb2.SyncRequest(session_id="a" * 32), timeout=WAIT)
+                   for _ in range(2)]
+        try:
+            for stream in streams:
+                stream.initial_metadata()
+            stub.Heartbeat(agent_pb2.HeartbeatRequest(session_id="a" * 32), timeout=WAIT)
+            # An absence: shown only by letting the grace for concurrent streams run out.
+            time.sleep(STREAM_GRACE_SECONDS + 0.5)
+            stub.Heartbeat(agent_pb2.HeartbeatRequest(session_id="a" * 32), timeout=WAIT)
+        finally:
+            for stream in streams:
+                stream.cancel()
+    assert cp.device(device).revoked_at == 0
+    assert _alerts(cp, device) == {}
 
 
 def _broker_refuses(cp: RunningControlPlane, state_dir: Path) -> bool:

@@ -136,3 +136,36 @@ def test_blobs_written_before_key_ids_are_read_and_re_encrypted(tmp_path: Path) 
     assert store.reseal(digest) and store.key_of(digest) == key_id(new)
     assert not store.reseal(digest)
     assert b"".join(BlobStore(tmp_path, new, chunk_size=1000).read(digest, 2500, 0, 2500)) == data
+
+
+def test_rotate_bundle_key_killed_with_sigkill_midway_is_finished_by_a_rerun(
+    cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
+) -> None:
+    """kill -9 of the rotation process right after its first blob: a rerun finishes it."""
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    for version in (1, 2):
+        bundle = _bundle_for(cp, trained_bundle, tmp_path / f"v{version}", version=version)
+        assert _fleet(cp, "models", "publish", str(bundle)) == 0
+    script = (
+        "import os, signal, sys\n"
+        "from control_plane.config import ControlPlaneConfig\n"
+        "from control_plane.ops.rotate_bundle_key import rotate_bundle_key\n"
+        "rotate_bundle_key(ControlPlaneConfig.load(sys.argv[1]),\n"
+        "                  after_each=lambda d: os.kill(os.getpid(), signal.SIGKILL))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(cp.home)], check=False,
+                          timeout=WAIT)
+    assert proc.returncode == -signal.SIGKILL
+    key_file = ControlPlaneConfig.load(cp.home).layout.blob_key
+    assert old_key_path(key_file).exists()
+    store = cp.cp.services.ctx.blobs
+    digests = [m.digest for m in cp.cp.store.list_model_versions()]
+    assert len({store.key_of(d) for d in digests}) == 2  # half done
+    assert cp_main(["rotate", "bundle-key", "--home", str(cp.home)]) == 0
+    assert not old_key_path(key_file).exists()
+    assert {store.key_of(d) for d in digests} == {key_id(key_file.read_bytes())}
+    for m in cp.cp.store.list_model_versions():
+        assert _served(cp, m.digest, m.length) == m.digest

@@ -7,6 +7,7 @@ before anything else sees it.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -129,7 +130,7 @@ def delivery_problems_from_proto(
     problems: Iterable[agent_pb2.DeliveryProblem],
 ) -> list[tuple[str, str, float]]:
     """(kind, detail, since) of each reported problem, at most ``MAX_DELIVERY_PROBLEMS``."""
-    return [(text(p.kind)[:32], text(p.detail), p.since)
+    return [(text(p.kind)[:32], text(p.detail), p.since if math.isfinite(p.since) else 0.0)
             for p in itertools.islice(problems, MAX_DELIVERY_PROBLEMS)]
 
 
