@@ -31,6 +31,7 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.services.context import AuditLog
 from control_plane.storage import open_store
 from control_plane.storage.blobs import BlobStore, key_id, load_or_create_key, old_key_path
+from fleetcore.errors import EdgefleetError
 from fleetcore.files import atomic_write
 
 __all__ = ["RotationResult", "rotate_bundle_key"]
@@ -94,8 +95,9 @@ def rotate_bundle_key(cfg: ControlPlaneConfig, *,
                 if after_each is not None:
                     after_each(digest)
     else:
-        raise RuntimeError(f"blobs are still being written under the old key after "
-                           f"{MAX_PASSES} passes; run the rotation again")
+        raise EdgefleetError(f"bundles are still being stored under the old key after "
+                             f"{MAX_PASSES} passes; run `control-plane rotate bundle-key "
+                             f"--home {cfg.home}` again (it continues where it stopped)")
     result = RotationResult(key_id(current).hex(), key_id(previous).hex(), resealed,
                             len(digests), resumed)
     db = open_store(cfg.database)
