@@ -76,6 +76,10 @@ class DetectionService:
         key = tuple(sorted((kind, detail) for kind, (detail, _) in known.items()))
         if self._reported.get(device_id) == key:
             return
+        if not key and device_id not in self._reported and not any(
+                a.kind in DELIVERY_PROBLEMS for a in self.store.device_alerts(device_id)):
+            self._reported[device_id] = key  # nothing to clear: no write (a read, no fsync)
+            return
         now = self.ctx.clock()
         for kind, (detail, since) in known.items():
             if self.store.flag_device(device_id, kind, json.dumps(
