@@ -159,6 +159,9 @@ class ControlPlaneConfig:
     max_bundle_bytes: int = 2 * 1024**3
     # A device not heard from for this long is shown offline.
     offline_after_seconds: int = 35
+    # What a suspected cloned device certificate leads to: "flag" (flagged and audited) or
+    # "revoke" (also revoked). docs/security.md, "Detection".
+    on_clone: str = "flag"
     # Experiments decide once both arms have this many labelled requests, at this alpha.
     experiment_min_samples: int = 200
     experiment_alpha: float = 0.05
@@ -231,6 +234,10 @@ class ControlPlaneConfig:
         for name in ("heartbeat_interval_seconds", "offline_after_seconds",
                      "release_ttl_seconds"):
             setattr(cfg, name, _positive_int(agents, name, getattr(cfg, name)))
+        cfg.on_clone = str(agents.get("on_clone", cfg.on_clone))
+        if cfg.on_clone not in ON_CLONE:
+            raise InvalidInputError(f"config agents.on_clone must be one of "
+                                    f"{', '.join(ON_CLONE)}; got {cfg.on_clone!r}")
         experiments = doc.get("experiments", {})
         cfg.experiment_min_samples = _positive_int(experiments, "min_samples",
                                                    cfg.experiment_min_samples)
@@ -288,6 +295,7 @@ class ControlPlaneConfig:
                 "heartbeat_interval_seconds": self.heartbeat_interval_seconds,
                 "offline_after_seconds": self.offline_after_seconds,
                 "release_ttl_seconds": self.release_ttl_seconds,
+                "on_clone": self.on_clone,
             },
             "experiments": {
                 "min_samples": self.experiment_min_samples,
@@ -312,6 +320,7 @@ class ControlPlaneConfig:
         tomlfile.write(self.layout.config, self.to_toml())
 
 
+ON_CLONE = ("flag", "revoke")
 _TELEMETRY_KEYS = ("records_per_second", "bytes_per_second", "burst_records", "burst_bytes",
                    "raw_retention_seconds", "drift_retention_seconds", "expire_every_seconds")
 

@@ -109,6 +109,8 @@ def _status(state_dir: Path, as_json: bool) -> int:
         "last_error": live.get("last_error"),
         "consecutive_failures": live.get("consecutive_failures", 0),
         "release_serial": recorded_serial(state.release),
+        # Freeze, slow retrieval (docs/security.md, "Detection"), as last reported.
+        "delivery_problems": live.get("delivery_problems", {}),
         # What the running agent serves each version with (variant, threads, graph
         # optimisation), as of its last status write.
         "runtimes": live.get("runtimes", {}),
@@ -134,6 +136,8 @@ def _status(state_dir: Path, as_json: bool) -> int:
                 ("last_error", doc["last_error"] or "-"),
                 ("certificate", f"{creds.serial} (expires {_ts(creds.not_after)})"),
                 ("release_serial", doc["release_serial"] or "-"),
+                ("delivery_problems", "; ".join(
+                    f"{k}: {v}" for k, v in sorted(doc["delivery_problems"].items())) or "-"),
             ],
         )
         if models:

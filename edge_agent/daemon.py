@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import os
+import secrets
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from edge_agent._version import __version__
 from edge_agent.backoff import Backoff
 from edge_agent.hostinfo import host_facts
 from edge_agent.identity import Credentials, install_renewed, load_credentials, renewal_due
+from edge_agent.install.download import RetrievalPolicy, SlowRetrievalError
 from edge_agent.install.model_store import ModelStore
 from edge_agent.install.probation import ProbationPolicy
 from edge_agent.install.release_trust import ReleaseTrust
@@ -100,6 +102,9 @@ class Agent:
             policy=ProbationPolicy(max_seconds=self.config.probation_seconds,
                                    max_restarts=max(1, int(self.config.probation_max_restarts))),
             chunk_timeout=self.config.download_chunk_timeout_seconds, clock=clock,
+            retrieval=RetrievalPolicy(self.config.download_min_bytes_per_second,
+                                      self.config.download_rate_window_seconds,
+                                      self.config.download_deadline_seconds),
         )
         self._record_installs(before)
         self.updater.tracing = self.tracing
@@ -123,6 +128,12 @@ class Agent:
         self.started_at = clock()
         self.heartbeats = 0
         self.transport: Transport = make_transport(self.config, self.state, lambda: self.creds)
+        # This process's session (memory only): a second process with a copy of this state
+        # directory has another one, which is how the control plane tells a clone.
+        self.session_id = secrets.token_hex(16)
+        self.transport.session_id = self.session_id
+        # Delivery problems reported with every heartbeat: kind -> (detail, since).
+        self.problems: dict[str, tuple[str, float]] = {}
         if self.tracing.enabled:
             self.transport.trace_metadata = self.tracing.metadata
         self._stop: asyncio.Event | None = None
@@ -322,7 +333,24 @@ class Agent:
             uptime_seconds=int(max(0.0, self.clock() - self.started_at)),
             release_serial=self.trust.mark.serial if self.trust.mark is not None else 0,
             release_digest=self.trust.mark.digest if self.trust.mark is not None else "",
+            session_id=self.session_id,
+            delivery_problems=[
+                agent_pb2.DeliveryProblem(kind=kind, detail=detail[:500], since=since)
+                for kind, (detail, since) in sorted(self._delivery_problems().items())
+            ],
         )
+
+    def _delivery_problems(self) -> dict[str, tuple[str, float]]:
+        """What keeps releases from reaching this device now: a slow retrieval aborted, and a
+        freeze (the newest release document held has expired; it is still served)."""
+        problems = dict(self.problems)
+        doc = self.trust.current
+        if doc is not None and doc.expires_at <= self.clock():
+            problems["freeze"] = (f"release serial {doc.serial} expired at "
+                                  f"{doc.expires_at:.0f}; no newer one has arrived",
+                                  doc.expires_at)
+        self._status["delivery_problems"] = {k: v[0] for k, v in problems.items()}
+        return problems
 
     # ------------------------------------------------------------------ releases
     async def _sync_loop(self) -> None:
@@ -390,6 +418,15 @@ class Agent:
         before = self._install_states()
         try:
             await self.updater.apply(doc, self.transport)
+        except SlowRetrievalError as exc:
+            log.warning("%s", exc)
+            since = self.problems.get("slow-retrieval", ("", self.clock()))[1]
+            self.problems["slow-retrieval"] = (str(exc), since)
+            self._record_error("download", str(exc))
+            self._emit("slow-retrieval", {"error": str(exc)})
+            raise
+        else:
+            self.problems.pop("slow-retrieval", None)
         finally:
             self.updater.tick()
             self._record_installs(before)

@@ -102,6 +102,11 @@ class AgentConfig:
     # regression shows first); a download chunk that takes longer than the timeout is a stall.
     probation_seconds: float = 300.0
     download_chunk_timeout_seconds: float = 30.0
+    # Slow retrieval (docs/security.md, "Detection"): a download below this rate over each
+    # window, or running past the deadline, is aborted, retried later and reported (0: off).
+    download_min_bytes_per_second: float = 1024.0
+    download_rate_window_seconds: float = 30.0
+    download_deadline_seconds: float = 3600.0
     # Drift windows close after this many served rows or seconds, whichever comes first.
     drift_window_requests: float = 500
     drift_window_seconds: float = 300.0
@@ -136,7 +141,9 @@ class AgentConfig:
         cfg.labels = {str(k): str(v) for k, v in doc.get("labels", {}).items()}
         for name in ("heartbeat_interval_seconds", "renew_at_fraction",
                      "backoff_initial_seconds", "backoff_max_seconds", "probation_seconds",
-                     "download_chunk_timeout_seconds", "drift_window_requests",
+                     "download_chunk_timeout_seconds", "download_min_bytes_per_second",
+                     "download_rate_window_seconds", "download_deadline_seconds",
+                     "drift_window_requests",
                      "drift_window_seconds", "probation_max_restarts", "smoke_timeout_seconds",
                      "smoke_load_timeout_seconds", "smoke_latency_budget_ms",
                      "smoke_memory_mb"):
@@ -173,6 +180,9 @@ class AgentConfig:
                     "backoff_max_seconds": self.backoff_max_seconds,
                     "probation_seconds": self.probation_seconds,
                     "download_chunk_timeout_seconds": self.download_chunk_timeout_seconds,
+                    "download_min_bytes_per_second": self.download_min_bytes_per_second,
+                    "download_rate_window_seconds": self.download_rate_window_seconds,
+                    "download_deadline_seconds": self.download_deadline_seconds,
                     "drift_window_requests": self.drift_window_requests,
                     "drift_window_seconds": self.drift_window_seconds,
                     "probation_max_restarts": self.probation_max_restarts,

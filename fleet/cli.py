@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     oc.add_argument("name")
     oc.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
     oc.add_argument("--out", required=True, type=Path)
+    ol = ops.add_parser("list", help="every operator: role, certificates, revoked or not")
+    ol.add_argument("--json", action="store_true")
+    orv = ops.add_parser("revoke", help="revoke an operator: its certificates are refused from "
+                                        "its next call")
+    orv.add_argument("name")
+    orv.add_argument("--reason", default="")
+    orv.add_argument("--json", action="store_true")
 
     add_model_commands(sub)
     add_console_command(sub)
@@ -113,7 +120,14 @@ def device_json(d: admin_pb2.Device) -> dict[str, Any]:
         "revoked_at": d.revoked_at or None,
         "transport": d.transport or None,
         "refused_reports": dict(sorted(d.refused_reports.items())),
+        "alerts": [{"kind": a.kind, "detail": json.loads(a.detail or "{}"),
+                    "since": a.since, "updated_at": a.updated_at} for a in d.alerts],
     }
+
+
+def _alerts_text(d: admin_pb2.Device) -> str:
+    """The LIST column: what detection flagged (clone-suspected, freeze, slow-retrieval)."""
+    return ",".join(a.kind for a in d.alerts) or "-"
 
 
 def _show_device(d: admin_pb2.Device, as_json: bool) -> None:
@@ -138,6 +152,8 @@ def _show_device(d: admin_pb2.Device, as_json: bool) -> None:
     refused = sum(d.refused_reports.values())
     rows.append(("refused_reports", ", ".join(
         f"{k} {n}" for k, n in sorted(d.refused_reports.items())) if refused else "0"))
+    for a in d.alerts:
+        rows.append((f"alert {a.kind}", f"since {ts(a.since)}: {_alert_detail(a.detail)}"))
     print_table(("field", "value"), rows)
     if d.models:
         print()
@@ -145,6 +161,16 @@ def _show_device(d: admin_pb2.Device, as_json: bool) -> None:
             (m.name, m.version, m.state, "yes" if m.serving else "", m.reason or "-")
             for m in d.models
         ])
+
+
+def _alert_detail(detail: str) -> str:
+    try:
+        doc = json.loads(detail or "{}")
+    except ValueError:
+        return detail
+    if "peers" in doc:
+        return f"{doc.get('how', '')} from {' and '.join(map(str, doc['peers']))}"
+    return str(doc.get("detail", detail))
 
 
 def _tokens_create(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> None:
@@ -168,7 +194,7 @@ def _devices_list(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> 
         print_json([device_json(d) for d in r.devices])
         return
     print_table(
-        ("ID", "STATUS", "TRANSPORT", "LABELS", "LAST SEEN", "HOST", "AGENT"),
+        ("ID", "STATUS", "TRANSPORT", "LABELS", "LAST SEEN", "HOST", "AGENT", "ALERTS"),
         [
             (
                 d.id,
@@ -178,6 +204,7 @@ def _devices_list(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> 
                 ts(d.last_seen),
                 d.host.hostname or "-",
                 d.agent_version or "-",
+                _alerts_text(d),
             )
             for d in r.devices
         ],
@@ -207,6 +234,33 @@ def _operators_create(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig)
         cert_pem=r.certificate_pem, ca_pem=r.ca_pem,
     )
     print(f"operator {args.name} ({args.role}): {path}")
+
+
+def _operator_json(o: admin_pb2.Operator) -> dict[str, Any]:
+    return {"name": o.name, "role": o.role, "created_at": o.created_at,
+            "created_by": o.created_by, "revoked_at": o.revoked_at or None,
+            "certificate_serials": list(o.certificate_serials)}
+
+
+def _operators_list(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> None:
+    r = stub.ListOperators(admin_pb2.ListOperatorsRequest(), timeout=T)
+    if args.json:
+        print_json([_operator_json(o) for o in r.operators])
+        return
+    print_table(("NAME", "ROLE", "CREATED", "BY", "REVOKED", "CERTIFICATES"), [
+        (o.name, o.role, ts(o.created_at), o.created_by,
+         ts(o.revoked_at) if o.revoked_at else "-", len(o.certificate_serials))
+        for o in r.operators])
+
+
+def _operators_revoke(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> None:
+    o = stub.RevokeOperator(admin_pb2.RevokeOperatorRequest(name=args.name,
+                                                            reason=args.reason), timeout=T)
+    if args.json:
+        print_json(_operator_json(o))
+    else:
+        print(f"operator {o.name} revoked at {ts(o.revoked_at)}: "
+              f"{len(o.certificate_serials)} certificate(s) refused from now on")
 
 
 def _audit_list(stub: Stub, args: argparse.Namespace, cfg: OperatorConfig) -> None:
@@ -286,6 +340,8 @@ COMMANDS: dict[tuple[str, str], Callable[[Stub, argparse.Namespace, OperatorConf
     ("devices", "show"): _devices_show,
     ("devices", "revoke"): _devices_revoke,
     ("operators", "create"): _operators_create,
+    ("operators", "list"): _operators_list,
+    ("operators", "revoke"): _operators_revoke,
     ("audit", "list"): _audit_list,
 }
 

@@ -13,7 +13,12 @@ from collections.abc import Iterator
 
 from edgefleet.v1 import agent_pb2, common_pb2
 
-from control_plane.api.convert import host_from_proto, models_from_proto, telemetry_from_proto
+from control_plane.api.convert import (
+    delivery_problems_from_proto,
+    host_from_proto,
+    models_from_proto,
+    telemetry_from_proto,
+)
 from control_plane.services import Services
 from fleetcore import pki
 
@@ -33,7 +38,12 @@ class AgentCalls:
         return self.s.identity.device_by_id(device_id)
 
     async def heartbeat(self, caller: pki.Identity, request: agent_pb2.HeartbeatRequest,
-                        transport: str) -> agent_pb2.HeartbeatResponse:
+                        transport: str, peer: str = "") -> agent_pb2.HeartbeatResponse:
+        """``peer``: where it came from (a gRPC peer address; "mqtt"), for clone detection."""
+        detection = self.s.detection
+        detection.heartbeat(caller.name, request.session_id, peer or transport)
+        detection.delivery_problems(caller.name,
+                                    delivery_problems_from_proto(request.delivery_problems))
         now, interval, serial = await self.s.delivery.heartbeat(
             caller, request.agent_version[:256], host_from_proto(request.host, transport),
             models_from_proto(request.models), (request.release_serial, request.release_digest),

@@ -6,6 +6,8 @@ before anything else sees it.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,11 +18,13 @@ from control_plane.domain.drift import fleet_summary
 from control_plane.domain.experiments import experiment_test_name
 from control_plane.domain.records import (
     AuditRecord,
+    DeviceAlert,
     DeviceStatus,
     DeviceView,
     DriftWindowRecord,
     InstalledModel,
     ModelVersionRecord,
+    OperatorRecord,
     RetrainJob,
     SampleSummary,
     TelemetryRecord,
@@ -34,8 +38,10 @@ from control_plane.services.rollouts import RolloutView
 __all__ = [
     "MAX_MODELS",
     "MAX_TEXT",
+    "alert_to_proto",
     "arm_history_to_proto",
     "audit_events_to_proto",
+    "delivery_problems_from_proto",
     "device_to_proto",
     "drift_history_to_proto",
     "drift_policy_from_proto",
@@ -46,6 +52,7 @@ __all__ = [
     "jobs_to_proto",
     "model_to_proto",
     "models_from_proto",
+    "operator_to_proto",
     "rollout_to_proto",
     "telemetry_from_proto",
     "verification_to_proto",
@@ -53,6 +60,7 @@ __all__ = [
 
 MAX_TEXT = 256
 MAX_MODELS = 64
+MAX_DELIVERY_PROBLEMS = 8
 
 _STATUS = {
     DeviceStatus.ONLINE: admin_pb2.DEVICE_STATUS_ONLINE,
@@ -114,7 +122,27 @@ def device_to_proto(view: DeviceView) -> admin_pb2.Device:
         revoked_at=d.revoked_at or 0.0,
         transport=str(d.host.get("transport", "")),
         refused_reports=view.refused,
+        alerts=[alert_to_proto(a) for a in view.alerts],
     )
+
+
+def delivery_problems_from_proto(
+    problems: Iterable[agent_pb2.DeliveryProblem],
+) -> list[tuple[str, str, float]]:
+    """(kind, detail, since) of each reported problem, at most ``MAX_DELIVERY_PROBLEMS``."""
+    return [(text(p.kind)[:32], text(p.detail), p.since if math.isfinite(p.since) else 0.0)
+            for p in itertools.islice(problems, MAX_DELIVERY_PROBLEMS)]
+
+
+def alert_to_proto(a: DeviceAlert) -> admin_pb2.DeviceAlert:
+    return admin_pb2.DeviceAlert(kind=a.kind, detail=a.detail, since=a.since,
+                                 updated_at=a.updated_at)
+
+
+def operator_to_proto(o: OperatorRecord) -> admin_pb2.Operator:
+    return admin_pb2.Operator(name=o.name, role=o.role, created_at=o.created_at,
+                              created_by=o.created_by, revoked_at=o.revoked_at or 0.0,
+                              certificate_serials=list(o.certificate_serials))
 
 
 def model_to_proto(m: ModelVersionRecord) -> admin_pb2.ModelVersion:

@@ -204,3 +204,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ArmHistory:
         return convert.arm_history_to_proto(self.history.arms(
             self._operator(context), request.model, request.since, request.step_seconds))
+
+    @rpc
+    async def ListOperators(
+        self, request: admin_pb2.ListOperatorsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListOperatorsResponse:
+        records = self.s.identity.list_operators(self._operator(context))
+        return admin_pb2.ListOperatorsResponse(
+            operators=[convert.operator_to_proto(o) for o in records])
+
+    @rpc
+    async def RevokeOperator(
+        self, request: admin_pb2.RevokeOperatorRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Operator:
+        return convert.operator_to_proto(self.s.identity.revoke_operator(
+            self._operator(context), request.name, request.reason))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
@@ -16,6 +16,7 @@ from control_plane.api.grpc_common import abort_with, peer_address, peer_identit
 from control_plane.api.notify import DeviceNotifier
 from control_plane.api.tracing import Tracing
 from control_plane.services import Services
+from control_plane.services.detection import STREAM_GRACE_SECONDS
 from fleetcore import pki
 from fleetcore.errors import EdgefleetError
 
@@ -66,7 +67,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Heartbeat(
         self, request: agent_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.HeartbeatResponse:
-        return await self.calls.heartbeat(self._device(context), request, "grpc")
+        return await self.calls.heartbeat(self._device(context), request, "grpc",
+                                          context.peer())
 
     async def Sync(
         self, request: agent_pb2.SyncRequest, context: grpc.aio.ServicerContext
@@ -74,7 +76,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         try:
             caller = self._device(context)
             sent = request.have_serial
-            with self.notifier.subscribe(caller.name) as wake:
+            with self.notifier.subscribe(caller.name) as wake, self._stream(
+                    caller.name, request.session_id[:64], context.peer()[:128]):
                 # Tells the client the stream is live (and subscribed) before any release.
                 await context.send_initial_metadata(())
                 while True:
@@ -91,6 +94,30 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         await asyncio.wait_for(wake.wait(), timeout=SYNC_RECHECK_SECONDS)
         except EdgefleetError as exc:
             await abort_with(context, exc)
+
+    @contextlib.contextmanager
+    def _stream(self, device_id: str, session: str, peer: str) -> Iterator[None]:
+        """Register a Sync stream for clone detection; two of different sessions that both
+        stay open past the grace flag the device (``services/detection.py``)."""
+        clones = self.s.detection.clones
+        token, other = clones.stream_opened(device_id, session, peer, self.s.ctx.clock())
+        check = None
+        if other is not None:
+            check = asyncio.get_running_loop().call_later(
+                STREAM_GRACE_SECONDS, self._streams_concurrent, device_id, token)
+        try:
+            yield
+        finally:
+            if check is not None:
+                check.cancel()
+            clones.stream_closed(device_id, token)
+
+    def _streams_concurrent(self, device_id: str, token: int) -> None:
+        suspicion = self.s.detection.clones.still_concurrent(device_id, token,
+                                                              self.s.ctx.clock())
+        if suspicion is not None:
+            with contextlib.suppress(EdgefleetError):  # revoked: the streams end on the wake
+                self.s.detection.clone_suspected(suspicion)
 
     @rpc
     async def SendTelemetry(

@@ -221,7 +221,7 @@ class MqttBridge:
         if not status.online:
             log.info("device %s went offline (MQTT)", caller.name)
         elif not replayed:
-            await self.calls.heartbeat(caller, status.heartbeat, "mqtt")
+            await self.calls.heartbeat(caller, status.heartbeat, "mqtt", "mqtt")
             self._publish_release(caller.name)  # a heartbeat may have renewed it
         self._emit("online" if status.online else "offline", caller.name)
 

@@ -30,6 +30,8 @@ ACTIONS: dict[str, Action] = {
         Action("devices.show", Role.VIEWER, False),
         Action("devices.revoke", Role.ADMIN, True),
         Action("operators.create", Role.ADMIN, True),
+        Action("operators.list", Role.ADMIN, False),
+        Action("operators.revoke", Role.ADMIN, True),
         Action("audit.list", Role.VIEWER, False),
         Action("audit.verify", Role.VIEWER, False),
         Action("audit.checkpoint", Role.VIEWER, False),

@@ -123,6 +123,8 @@ class DeviceView:
     status: DeviceStatus
     # Reports refused from this device, "kind/reason" -> count (filled where shown in full).
     refused: dict[str, int] = field(default_factory=dict)
+    # What detection flagged on it (clone-suspected, freeze, slow-retrieval).
+    alerts: tuple[DeviceAlert, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -324,3 +326,26 @@ class AuditRecord:
     prev_hash: str
     hash: str
     role: str = ""  # the operator's role when the actor is an operator
+
+
+@dataclass(frozen=True)
+class DeviceAlert:
+    """What detection flagged on a device (docs/security.md, "Detection"): ``kind`` is
+    clone-suspected (by the control plane) or a delivery problem the device reported (freeze,
+    slow-retrieval); ``detail`` a JSON object."""
+
+    device_id: str
+    kind: str
+    detail: str
+    since: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class OperatorRecord:
+    name: str
+    role: str
+    created_at: float
+    created_by: str
+    revoked_at: float | None = None
+    certificate_serials: tuple[str, ...] = ()

@@ -21,6 +21,7 @@ from control_plane.services.authority import Authority
 from control_plane.services.cluster_runner import ClusterRunner
 from control_plane.services.context import Context
 from control_plane.services.delivery import DeliveryService
+from control_plane.services.detection import DetectionService
 from control_plane.services.experiments import ExperimentService
 from control_plane.services.identity import IdentityService
 from control_plane.services.registry import RegistryService
@@ -44,6 +45,7 @@ class Services:
     retraining: RetrainService
     telemetry: TelemetryService
     audit: AuditService
+    detection: DetectionService
 
     @classmethod
     def build(cls, config: ControlPlaneConfig, store: Store, keys: Authority, *,
@@ -58,4 +60,4 @@ class Services:
         return cls(ctx=ctx, identity=IdentityService(ctx), delivery=DeliveryService(ctx),
                    registry=registry, rollouts=RolloutService(ctx), experiments=experiments,
                    retraining=retraining, telemetry=TelemetryService(ctx, experiments, retraining),
-                   audit=AuditService(ctx))
+                   audit=AuditService(ctx), detection=DetectionService(ctx))

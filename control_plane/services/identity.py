@@ -16,7 +16,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from control_plane.domain.enrollment import DenialTally, RateLimits, granted_labels
-from control_plane.domain.records import AuditOutcome, DeviceRecord, DeviceView
+from control_plane.domain.records import (
+    AuditOutcome,
+    DeviceAlert,
+    DeviceRecord,
+    DeviceView,
+    OperatorRecord,
+)
 from control_plane.services.context import Context
 from fleetcore import pki
 from fleetcore.errors import (
@@ -83,6 +89,8 @@ class IdentityService:
                 raise RevokedError(f"device {identity.name} is revoked")
         elif self.store.get_operator(identity.name) is None:
             raise AuthenticationError(f"operator {identity.name} is not registered")
+        elif self.store.operator_revoked(identity.name):
+            raise RevokedError(f"operator {identity.name} is revoked")
         return identity
 
     def device_by_id(self, device_id: str) -> pki.Identity:
@@ -168,7 +176,11 @@ class IdentityService:
         self.ctx.authorize(caller, "devices.list", "")
         now = self.ctx.clock()
         refused = self.store.all_report_refusals()  # one read for the whole list
-        return [replace(self.ctx.view(d, now), refused=refused.get(d.id, {}))
+        alerts: dict[str, list[DeviceAlert]] = {}
+        for alert in self.store.device_alerts():
+            alerts.setdefault(alert.device_id, []).append(alert)
+        return [replace(self.ctx.view(d, now), refused=refused.get(d.id, {}),
+                        alerts=tuple(alerts.get(d.id, ())))
                 for d in self.store.list_devices() if matches(d.labels, selector)]
 
     def get_device(self, caller: pki.Identity, device_id: str) -> DeviceView:
@@ -177,7 +189,8 @@ class IdentityService:
         if device is None:
             raise NotFoundError(f"no device {device_id!r}")
         view = self.ctx.view(device, self.ctx.clock())
-        return replace(view, refused=self.store.report_refusals(device_id))
+        return replace(view, refused=self.store.report_refusals(device_id),
+                       alerts=tuple(self.store.device_alerts(device_id)))
 
     def revoke_device(self, caller: pki.Identity, device_id: str, reason: str) -> DeviceView:
         self.ctx.authorize(caller, "devices.revoke", device_id)
@@ -230,3 +243,28 @@ class IdentityService:
         self.ctx.audit.record(caller, "operators.create", f"operator:{name}",
                               AuditOutcome.ALLOWED, {"role": role.label, "serial": record.serial})
         return cert_pem
+
+    def list_operators(self, caller: pki.Identity) -> list[OperatorRecord]:
+        self.ctx.authorize(caller, "operators.list", "")
+        return self.store.list_operators()
+
+    def revoke_operator(self, caller: pki.Identity, name: str, reason: str) -> OperatorRecord:
+        """Revoke an operator: every certificate issued to it is refused from its next call
+        (``authenticate`` runs on each one, also on an open connection)."""
+        target = f"operator:{name}"
+        self.ctx.authorize(caller, "operators.revoke", target)
+        if name == caller.name:
+            self.ctx.audit.record(caller, "operators.revoke", target, AuditOutcome.DENIED,
+                                  {"reason": "an operator cannot revoke itself"})
+            raise InvalidInputError("an operator cannot revoke itself; ask another admin")
+        try:
+            record = self.store.revoke_operator(name, self.ctx.clock())
+        except NotFoundError as exc:
+            self.ctx.audit.record(caller, "operators.revoke", target, AuditOutcome.FAILED,
+                                  {"reason": str(exc)})
+            raise
+        self.ctx.audit.record(caller, "operators.revoke", target, AuditOutcome.ALLOWED,
+                              {"reason": reason[:500],
+                               "serials": list(record.certificate_serials)})
+        log.warning("operator %s revoked by %s", name, caller.actor)
+        return record

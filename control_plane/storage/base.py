@@ -13,6 +13,7 @@ from control_plane.domain.records import (
     AuditRecord,
     CertificateRecord,
     Derived,
+    DeviceAlert,
     DeviceRecord,
     DriftWindowRecord,
     ExperimentRecord,
@@ -20,6 +21,7 @@ from control_plane.domain.records import (
     InstalledModel,
     JobState,
     ModelVersionRecord,
+    OperatorRecord,
     ReleaseRecord,
     ReportRefusal,
     RetrainJob,
@@ -119,6 +121,31 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_operator(self, name: str) -> tuple[str, float] | None:
         """(role, created_at) of the operator, or None."""
+
+    @abc.abstractmethod
+    def list_operators(self) -> list[OperatorRecord]:
+        """Every operator, by name, with the serials of the certificates issued to it."""
+
+    @abc.abstractmethod
+    def revoke_operator(self, name: str, now: float) -> OperatorRecord:
+        """Mark the operator and every certificate issued to it revoked (NotFoundError if
+        there is no such operator); revoking twice keeps the first time."""
+
+    @abc.abstractmethod
+    def operator_revoked(self, name: str) -> bool: ...
+
+    # --- detection (docs/security.md, "Detection") ---
+    @abc.abstractmethod
+    def flag_device(self, device_id: str, kind: str, detail: str, now: float) -> bool:
+        """Set the device's alert of ``kind`` (``since`` kept when it was set already); True
+        when it is new."""
+
+    @abc.abstractmethod
+    def clear_device_alerts(self, device_id: str, kinds: Sequence[str]) -> None: ...
+
+    @abc.abstractmethod
+    def device_alerts(self, device_id: str = "") -> list[DeviceAlert]:
+        """The alerts of one device (or of every device where empty), by device and kind."""
 
     # --- audit ---
     @abc.abstractmethod

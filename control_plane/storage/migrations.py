@@ -321,4 +321,17 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (device_id, model, version, day)
     );
     """,
+    # 13 (issue 16, detection; renumber at merge): what detection flagged per device (clone
+    # suspected; delivery problems the device reported), and when an operator was revoked.
+    """
+    CREATE TABLE device_alerts (
+        device_id TEXT NOT NULL REFERENCES devices(id),
+        kind TEXT NOT NULL,         -- clone-suspected | freeze | slow-retrieval
+        detail TEXT NOT NULL,       -- JSON object
+        since REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (device_id, kind)
+    );
+    ALTER TABLE operators ADD COLUMN revoked_at REAL;
+    """,
 ]

@@ -18,6 +18,7 @@ from control_plane.domain.records import (
     AuditRecord,
     CertificateRecord,
     Derived,
+    DeviceAlert,
     DeviceRecord,
     DriftWindowRecord,
     ExperimentRecord,
@@ -25,6 +26,7 @@ from control_plane.domain.records import (
     InstalledModel,
     JobState,
     ModelVersionRecord,
+    OperatorRecord,
     ReleaseRecord,
     ReportRefusal,
     RetrainJob,
@@ -260,6 +262,51 @@ class SqliteStore(Store):
     def get_operator(self, name: str) -> tuple[str, float] | None:
         rows = self._query("SELECT role, created_at FROM operators WHERE name = ?", (name,))
         return (rows[0]["role"], rows[0]["created_at"]) if rows else None
+
+    def list_operators(self) -> list[OperatorRecord]:
+        serials: dict[str, list[str]] = {}
+        for r in self._query("SELECT subject, serial FROM certificates WHERE kind = 'operator'"
+                             " ORDER BY issued_at, serial"):
+            serials.setdefault(r["subject"], []).append(r["serial"])
+        return [OperatorRecord(r["name"], r["role"], r["created_at"], r["created_by"],
+                               r["revoked_at"], tuple(serials.get(r["name"], ())))
+                for r in self._query("SELECT * FROM operators ORDER BY name")]
+
+    def revoke_operator(self, name: str, now: float) -> OperatorRecord:
+        with self._tx() as c:
+            cur = c.execute("UPDATE operators SET revoked_at = COALESCE(revoked_at, ?)"
+                            " WHERE name = ?", (now, name))
+            if cur.rowcount != 1:
+                raise NotFoundError(f"no operator {name!r}")
+            c.execute("UPDATE certificates SET revoked_at = COALESCE(revoked_at, ?)"
+                      " WHERE kind = 'operator' AND subject = ?", (now, name))
+        return next(o for o in self.list_operators() if o.name == name)
+
+    def operator_revoked(self, name: str) -> bool:
+        rows = self._query("SELECT revoked_at FROM operators WHERE name = ?", (name,))
+        return bool(rows) and rows[0]["revoked_at"] is not None
+
+    # --- detection ---
+    def flag_device(self, device_id: str, kind: str, detail: str, now: float) -> bool:
+        with self._tx() as c:
+            new = c.execute("SELECT 1 FROM device_alerts WHERE device_id = ? AND kind = ?",
+                            (device_id, kind)).fetchone() is None
+            c.execute("INSERT INTO device_alerts(device_id, kind, detail, since, updated_at)"
+                      " VALUES (?,?,?,?,?) ON CONFLICT(device_id, kind) DO UPDATE SET"
+                      " detail = excluded.detail, updated_at = excluded.updated_at",
+                      (device_id, kind, detail, now, now))
+        return new
+
+    def clear_device_alerts(self, device_id: str, kinds: Sequence[str]) -> None:
+        with self._tx() as c:
+            c.executemany("DELETE FROM device_alerts WHERE device_id = ? AND kind = ?",
+                          [(device_id, k) for k in kinds])
+
+    def device_alerts(self, device_id: str = "") -> list[DeviceAlert]:
+        rows = self._query("SELECT * FROM device_alerts WHERE ? IN ('', device_id)"
+                           " ORDER BY device_id, kind", (device_id,))
+        return [DeviceAlert(r["device_id"], r["kind"], r["detail"], r["since"], r["updated_at"])
+                for r in rows]
 
     # --- audit ---
     def append_audit(

@@ -15,7 +15,9 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,7 +27,7 @@ from edge_agent.transport.base import Transport
 from fleetcore.errors import EdgefleetError, TransportError, UntrustedInputError
 from fleetcore.files import file_digest
 
-__all__ = ["DiskSpaceError", "fetch_bundle"]
+__all__ = ["DiskSpaceError", "RetrievalPolicy", "SlowRetrievalError", "fetch_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,57 @@ class DiskSpaceError(EdgefleetError):
     """Not enough free disk for the download and its unpacked copy."""
 
 
+class SlowRetrievalError(TransportError):
+    """A download was aborted: below the minimum rate over a window, or past its deadline
+    (slow-retrieval attack, docs/security.md "Detection"). The partial file is kept; the
+    next try resumes it."""
+
+
+@dataclass(frozen=True)
+class RetrievalPolicy:
+    """The slowest a download may be: ``min_bytes_per_second`` measured over each
+    ``window_seconds`` (0: no minimum), and ``deadline_seconds`` for one attempt (0: none)."""
+
+    min_bytes_per_second: float = 1024.0
+    window_seconds: float = 30.0
+    deadline_seconds: float = 3600.0
+
+
+@dataclass
+class _Pace:
+    policy: RetrievalPolicy
+    digest: str
+    started: float = field(default_factory=time.monotonic)
+    window_start: float = 0.0
+    window_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.window_start = self.started
+
+    def check(self, received: int) -> None:
+        """``received``: bytes received by this attempt so far."""
+        now = time.monotonic()
+        p = self.policy
+        if p.deadline_seconds and now - self.started > p.deadline_seconds:
+            raise SlowRetrievalError(
+                f"download of {self.digest} passed its deadline of {p.deadline_seconds:g}s "
+                f"({received} bytes received); aborted, to be retried")
+        elapsed = now - self.window_start
+        if p.min_bytes_per_second and p.window_seconds and elapsed >= p.window_seconds:
+            rate = (received - self.window_bytes) / elapsed
+            if rate < p.min_bytes_per_second:
+                raise SlowRetrievalError(
+                    f"download of {self.digest} at {rate:.0f} B/s over {elapsed:.1f}s, below "
+                    f"the minimum of {p.min_bytes_per_second:g} B/s; aborted, to be retried")
+            self.window_start, self.window_bytes = now, received
+
+
 async def fetch_bundle(
-    transport: Transport, digest: str, length: int, part: Path, *, chunk_timeout: float = 30.0
+    transport: Transport, digest: str, length: int, part: Path, *, chunk_timeout: float = 30.0,
+    retrieval: RetrievalPolicy | None = None,
 ) -> Path:
-    """Download the bundle into ``part`` (resuming), check its digest, return the path."""
+    """Download the bundle into ``part`` (resuming), check its digest, return the path.
+    ``retrieval``: abort (``SlowRetrievalError``) a download slower than it allows."""
     part.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.exists() else 0
     if have > length:
@@ -60,7 +109,8 @@ async def fetch_bundle(
         async with contextlib.aclosing(chunks):
             with part.open("ab") as fh:
                 try:
-                    have = await _receive(chunks, fh, digest, have, length)
+                    have = await _receive(chunks, fh, digest, have, length,
+                                          _Pace(retrieval or RetrievalPolicy(0, 0, 0), digest))
                 finally:
                     fh.flush()
                     os.fsync(fh.fileno())
@@ -75,9 +125,10 @@ async def fetch_bundle(
 
 async def _receive(
     chunks: AsyncIterator[agent_pb2.BundleChunk], fh: BinaryIO, digest: str, have: int,
-    length: int,
+    length: int, pace: _Pace,
 ) -> int:
     """Append chunks to ``fh`` until ``length`` bytes are there or the stream ends."""
+    start = have
     async for chunk in chunks:
         if chunk.offset != have:
             raise UntrustedInputError(f"chunk at offset {chunk.offset}; expected {have}")
@@ -91,4 +142,5 @@ async def _receive(
                         length, digest)
         if have >= length:
             break
+        pace.check(have - start)
     return have

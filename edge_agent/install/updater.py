@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge_agent.install.download import fetch_bundle
+from edge_agent.install.download import RetrievalPolicy, fetch_bundle
 from edge_agent.install.lifecycle import InstallState
 from edge_agent.install.model_store import InstallOutcome, ModelStore
 from edge_agent.install.probation import LatencySample, Probation, ProbationPolicy
@@ -65,6 +65,7 @@ class Updater:
         policy: ProbationPolicy,
         chunk_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
+        retrieval: RetrievalPolicy | None = None,
     ) -> None:
         """Also counts this start against every version still on probation, and rolls back
         the ones whose restarts reached ``policy.max_restarts`` before anything serves them."""
@@ -73,6 +74,7 @@ class Updater:
         self.downloads = downloads
         self.policy = policy
         self.chunk_timeout = chunk_timeout
+        self.retrieval = retrieval or RetrievalPolicy()
         self.clock = clock
         self.tracing = AgentTracing(None)  # the daemon sets its own (edge_agent/tracing.py)
         self.probation: dict[str, tuple[int, Probation]] = {}
@@ -176,7 +178,7 @@ class Updater:
         part = self.downloads / f"{arm.digest.removeprefix('sha256:')}.part"
         with self.tracing.current_step(name, arm.version):  # bundle requests carry it
             await fetch_bundle(transport, arm.digest, arm.length, part,
-                               chunk_timeout=self.chunk_timeout)
+                               chunk_timeout=self.chunk_timeout, retrieval=self.retrieval)
         self._note_served()  # the baseline of the serving version, before it may lose the pointer
         outcome = await asyncio.to_thread(self._unpack_and_install, name, arm.version, part,
                                           activate)

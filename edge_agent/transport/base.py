@@ -55,6 +55,9 @@ class Transport(abc.ABC):
         # implementation yielded last, and what bundle requests carry (nothing when off).
         self.last_trace_context: dict[str, str] = {}
         self.trace_metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple
+        # This agent process's random session id (the daemon sets it), sent where a request
+        # has room for it (the Sync stream): the control plane tells clones apart by it.
+        self.session_id = ""
 
     # ------------------------------------------------------------------ the public surface
     async def heartbeat(

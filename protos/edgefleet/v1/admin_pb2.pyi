@@ -489,7 +489,7 @@ class CreateEnrollmentTokenResponse(_message.Message):
     def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[float] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("id", "labels", "status", "enrolled_at", "last_seen", "agent_version", "host", "models", "certificate_serial", "certificate_expires_at", "revoked_at", "transport", "refused_reports")
+    __slots__ = ("id", "labels", "status", "enrolled_at", "last_seen", "agent_version", "host", "models", "certificate_serial", "certificate_expires_at", "revoked_at", "transport", "refused_reports", "alerts")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -517,6 +517,7 @@ class Device(_message.Message):
     REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     REFUSED_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     labels: _containers.ScalarMap[str, str]
     status: DeviceStatus
@@ -530,7 +531,20 @@ class Device(_message.Message):
     revoked_at: float
     transport: str
     refused_reports: _containers.ScalarMap[str, int]
-    def __init__(self, id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[DeviceStatus, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., certificate_serial: _Optional[str] = ..., certificate_expires_at: _Optional[float] = ..., revoked_at: _Optional[float] = ..., transport: _Optional[str] = ..., refused_reports: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    alerts: _containers.RepeatedCompositeFieldContainer[DeviceAlert]
+    def __init__(self, id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[DeviceStatus, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., certificate_serial: _Optional[str] = ..., certificate_expires_at: _Optional[float] = ..., revoked_at: _Optional[float] = ..., transport: _Optional[str] = ..., refused_reports: _Optional[_Mapping[str, int]] = ..., alerts: _Optional[_Iterable[_Union[DeviceAlert, _Mapping]]] = ...) -> None: ...
+
+class DeviceAlert(_message.Message):
+    __slots__ = ("kind", "detail", "since", "updated_at")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    detail: str
+    since: float
+    updated_at: float
+    def __init__(self, kind: _Optional[str] = ..., detail: _Optional[str] = ..., since: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
     __slots__ = ("selector",)
@@ -582,6 +596,40 @@ class CreateOperatorResponse(_message.Message):
     certificate_pem: bytes
     ca_pem: bytes
     def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ...) -> None: ...
+
+class Operator(_message.Message):
+    __slots__ = ("name", "role", "created_at", "created_by", "revoked_at", "certificate_serials")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_SERIALS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    created_at: float
+    created_by: str
+    revoked_at: float
+    certificate_serials: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., created_at: _Optional[float] = ..., created_by: _Optional[str] = ..., revoked_at: _Optional[float] = ..., certificate_serials: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListOperatorsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListOperatorsResponse(_message.Message):
+    __slots__ = ("operators",)
+    OPERATORS_FIELD_NUMBER: _ClassVar[int]
+    operators: _containers.RepeatedCompositeFieldContainer[Operator]
+    def __init__(self, operators: _Optional[_Iterable[_Union[Operator, _Mapping]]] = ...) -> None: ...
+
+class RevokeOperatorRequest(_message.Message):
+    __slots__ = ("name", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListAuditEventsRequest(_message.Message):
     __slots__ = ("limit",)

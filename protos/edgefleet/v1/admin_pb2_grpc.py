@@ -147,6 +147,16 @@ class AdminServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_admin__pb2.GetArmHistoryRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_admin__pb2.ArmHistory.FromString,
                 _registered_method=True)
+        self.ListOperators = channel.unary_unary(
+                '/edgefleet.v1.AdminService/ListOperators',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.ListOperatorsRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListOperatorsResponse.FromString,
+                _registered_method=True)
+        self.RevokeOperator = channel.unary_unary(
+                '/edgefleet.v1.AdminService/RevokeOperator',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.RevokeOperatorRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.Operator.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -293,6 +303,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListOperators(self, request, context):
+        """Operators (admin only): every operator with its role and whether it is revoked; a
+        revoked operator's certificates are refused from its next call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeOperator(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -405,6 +429,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetArmHistory,
                     request_deserializer=edgefleet_dot_v1_dot_admin__pb2.GetArmHistoryRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_admin__pb2.ArmHistory.SerializeToString,
+            ),
+            'ListOperators': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperators,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListOperatorsRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.ListOperatorsResponse.SerializeToString,
+            ),
+            'RevokeOperator': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeOperator,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.RevokeOperatorRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.Operator.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1004,6 +1038,60 @@ class AdminService:
             '/edgefleet.v1.AdminService/GetArmHistory',
             edgefleet_dot_v1_dot_admin__pb2.GetArmHistoryRequest.SerializeToString,
             edgefleet_dot_v1_dot_admin__pb2.ArmHistory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperators(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/ListOperators',
+            edgefleet_dot_v1_dot_admin__pb2.ListOperatorsRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.ListOperatorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeOperator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/RevokeOperator',
+            edgefleet_dot_v1_dot_admin__pb2.RevokeOperatorRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.Operator.FromString,
             options,
             channel_credentials,
             insecure,

@@ -98,20 +98,34 @@ class RenewCertificateResponse(_message.Message):
     def __init__(self, certificate_pem: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("agent_version", "host", "models", "uptime_seconds", "release_serial", "release_digest")
+    __slots__ = ("agent_version", "host", "models", "uptime_seconds", "release_serial", "release_digest", "session_id", "delivery_problems")
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_SERIAL_FIELD_NUMBER: _ClassVar[int]
     RELEASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_PROBLEMS_FIELD_NUMBER: _ClassVar[int]
     agent_version: str
     host: _common_pb2.HostFacts
     models: _containers.RepeatedCompositeFieldContainer[_common_pb2.InstalledModel]
     uptime_seconds: int
     release_serial: int
     release_digest: str
-    def __init__(self, agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., uptime_seconds: _Optional[int] = ..., release_serial: _Optional[int] = ..., release_digest: _Optional[str] = ...) -> None: ...
+    session_id: str
+    delivery_problems: _containers.RepeatedCompositeFieldContainer[DeliveryProblem]
+    def __init__(self, agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., uptime_seconds: _Optional[int] = ..., release_serial: _Optional[int] = ..., release_digest: _Optional[str] = ..., session_id: _Optional[str] = ..., delivery_problems: _Optional[_Iterable[_Union[DeliveryProblem, _Mapping]]] = ...) -> None: ...
+
+class DeliveryProblem(_message.Message):
+    __slots__ = ("kind", "detail", "since")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    detail: str
+    since: float
+    def __init__(self, kind: _Optional[str] = ..., detail: _Optional[str] = ..., since: _Optional[float] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
     __slots__ = ("online", "heartbeat")
@@ -132,10 +146,12 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, server_time: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[int] = ..., release_serial: _Optional[int] = ...) -> None: ...
 
 class SyncRequest(_message.Message):
-    __slots__ = ("have_serial",)
+    __slots__ = ("have_serial", "session_id")
     HAVE_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     have_serial: int
-    def __init__(self, have_serial: _Optional[int] = ...) -> None: ...
+    session_id: str
+    def __init__(self, have_serial: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class SyncEvent(_message.Message):
     __slots__ = ("release", "trace_context")
