@@ -15,7 +15,6 @@ from control_plane.ops import rotate
 from control_plane.ops.backup import backup, restore
 from control_plane.ops.home import init_home
 from control_plane.ops.mqtt_config import write_broker_config
-from control_plane.ops.rotate_bundle_key import rotate_bundle_key
 from control_plane.server import ControlPlane
 from control_plane.storage import open_store
 from fleetcore import operator_config
@@ -74,12 +73,6 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("--archive", required=True, type=Path)
     rs.add_argument("--home", required=True, type=Path, help="a new (or empty) directory")
 
-    rotate = sub.add_parser("rotate", help="replace a key (docs/operator-guide.md, Rotate)")
-    what = rotate.add_subparsers(dest="what", required=True)
-    rb = what.add_parser("bundle-key", help="a new key for bundles at rest; every stored "
-                                            "bundle re-encrypted (resumable: run it again "
-                                            "after an interruption)")
-    rb.add_argument("--home", required=True, type=Path)
     return p
 
 
@@ -121,13 +114,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {done.path}: {done.files} files, {done.bytes:,} bytes, audit head "
                   f"{done.audit_head[:16]} ({done.audit_entries} entries)")
             print("it holds the CA, release and bundle keys: encrypt it and keep it offline")
-            return 0
-        if args.command == "rotate" and args.what == "bundle-key":
-            rotated = rotate_bundle_key(cfg)
-            how = " (an interrupted rotation finished)" if rotated.resumed else ""
-            print(f"bundle key rotated{how}: {rotated.previous_key_id} -> {rotated.key_id}; "
-                  f"{rotated.resealed} of {rotated.blobs} stored bundles re-encrypted; the old key "
-                  "is deleted")
             return 0
         if args.command == "mqtt-config":
             store = open_store(cfg.database)

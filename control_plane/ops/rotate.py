@@ -11,11 +11,32 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from control_plane.config import ControlPlaneConfig
+from control_plane.ops.rotate_bundle_key import rotate_bundle_key
+
 __all__ = ["ROTATIONS", "add_parsers", "run"]
+
+
+def _bundle_key(args: argparse.Namespace) -> int:
+    cfg = ControlPlaneConfig.load(args.home)
+    rotated = rotate_bundle_key(cfg)
+    how = " (an interrupted rotation finished)" if rotated.resumed else ""
+    print(f"bundle key rotated{how}: {rotated.previous_key_id} -> {rotated.key_id}; "
+          f"{rotated.resealed} of {rotated.blobs} stored bundles re-encrypted; the old key "
+          "is deleted")
+    return 0
+
+
+def _no_options(parser: argparse.ArgumentParser) -> None:
+    del parser
+
 
 # what -> (help, add its options, run it: args -> exit status)
 ROTATIONS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
-                           Callable[[argparse.Namespace], int]]] = {}
+                           Callable[[argparse.Namespace], int]]] = {
+    "bundle-key": ("a new key for bundles at rest; every stored bundle re-encrypted "
+                   "(resumable: run it again after an interruption)", _no_options, _bundle_key),
+}
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -73,7 +73,7 @@ class Context:
         """Use newly loaded key material (a rotation ran beside this process; KeyWatch)."""
         self.keys = keys
         self.releases.key = keys.release_key
-        self.blobs = BlobStore(self.config.layout.blobs, keys.blob_key)
+        self.blobs.use_key(keys.blob_key)  # the keys held before stay readable
 
     def device_changed(self, device_id: str) -> None:
         self.on_device_change(device_id)  # looked up per call: the server rebinds it
