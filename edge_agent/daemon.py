@@ -121,6 +121,7 @@ class Agent:
             drift=DriftConfig(window_requests=int(self.config.drift_window_requests),
                               window_seconds=self.config.drift_window_seconds),
         )
+        self.supervisor.core.spans = self.tracing.inference_spans()
         for name, rule in self.config.batching.items():  # checked here: a bad one stops start
             self.supervisor.core.set_batching(name, batch_policy(
                 rule.get("max_batch_size"), rule.get("max_queue_delay_us", 0)))

@@ -54,6 +54,16 @@ class AgentTracing:
     def enabled(self) -> bool:
         return self.otel is not None
 
+    def inference_spans(self) -> Any:
+        """The serving front ends' span maker (edge_agent/serving/spans.py), or None: off, or
+        ``[otel] inference_sample_ratio`` 0 (then a request costs one attribute check)."""
+        if self.otel is None or not self.otel.settings.inference_sample_ratio:
+            return None
+        from edge_agent.serving.spans import InferenceSpans  # noqa: PLC0415
+
+        return InferenceSpans(self.otel.sampled_tracer(self.otel.settings.inference_sample_ratio),
+                              self.otel.extract)
+
     def release(self, doc: ReleaseDocument, carrier: Mapping[str, str]) -> None:
         """A release arrived with this trace context: its versions' installs continue it."""
         if self.otel is None or not carrier:

@@ -71,6 +71,9 @@ class OtelSettings:
     metric_interval_seconds: float = 0.0  # 0: OTEL_METRIC_EXPORT_INTERVAL or the SDK's 60 s
     logs: bool = True  # the logging bridge (records of INFO and up go out as OTLP logs)
     resource: dict[str, str] = field(default_factory=dict)
+    # The agent's inference spans: the share of requests traced (0: none, not even a caller's
+    # sampled traceparent; docs/observability.md "Inference spans").
+    inference_sample_ratio: float = 0.0
 
     @classmethod
     def load(cls, section: Mapping[str, Any] | None = None,
@@ -87,6 +90,10 @@ class OtelSettings:
         interval = section.get("metric_interval_seconds", 0.0)
         logs = section.get("logs", True)
         resource = section.get("resource", {})
+        ratio = section.get("inference_sample_ratio", 0.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not (
+                0 <= ratio <= 1):
+            raise InvalidInputError("[otel] inference_sample_ratio must be 0..1")
         if not isinstance(endpoint, str) or (endpoint and not endpoint.startswith(
                 ("http://", "https://"))):
             raise InvalidInputError("[otel] endpoint must be an http:// or https:// URL")
@@ -102,7 +109,8 @@ class OtelSettings:
                 isinstance(k, str) and isinstance(v, str) for k, v in resource.items()):
             raise InvalidInputError("[otel] resource must map names to strings")
         on = enabled or any(env.get(name) for name in _ENDPOINT_VARS)
-        return cls(bool(on), endpoint, protocol, float(interval), logs, dict(resource))
+        return cls(bool(on), endpoint, protocol, float(interval), logs, dict(resource),
+                   float(ratio))
 
 
 def start(settings: OtelSettings, service_name: str,
@@ -132,7 +140,8 @@ class Otel:
         self.resource = Resource.create(base)
         span_exporter, metric_exporter, log_exporter = _exporters(settings)
         self.tracer_provider = TracerProvider(resource=self.resource)
-        self.tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+        self.span_processor = BatchSpanProcessor(span_exporter)
+        self.tracer_provider.add_span_processor(self.span_processor)
         if settings.metric_interval_seconds:
             self.metric_reader = PeriodicExportingMetricReader(
                 metric_exporter, export_interval_millis=settings.metric_interval_seconds * 1000)
@@ -156,6 +165,22 @@ class Otel:
             self.log_handler = LoggingHandler(level=logging.INFO,
                                               logger_provider=self.logger_provider)
             logging.getLogger().addHandler(self.log_handler)
+
+    def sampled_tracer(self, ratio: float) -> Any:
+        """A tracer whose spans are sampled: a caller's sampled context is continued, an
+        unsampled one is not, and a request without one is sampled at ``ratio`` (by trace id).
+        Its spans go out through the component's one span processor and exporter."""
+        from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+        from opentelemetry.sdk.trace.sampling import (  # noqa: PLC0415
+            ParentBased,
+            TraceIdRatioBased,
+        )
+
+        provider = TracerProvider(resource=self.resource,
+                                  sampler=ParentBased(TraceIdRatioBased(ratio)),
+                                  shutdown_on_exit=False)
+        provider.add_span_processor(self.span_processor)  # shut down with the main provider
+        return provider.get_tracer("edgefleet.inference")
 
     # --- context ----------------------------------------------------------------------------
     @staticmethod

@@ -230,3 +230,105 @@ def test_training_steps_are_spans_of_one_run(tmp_path: Path, receiver: OtlpRecei
     assert spans["step train"].parent_id == spans["trainer run"].span_id
     assert spans["step train"].attributes["edgefleet.outcome"] == "ran"
     assert spans["trainer run"].service == "edgefleet-trainer"
+
+
+def _two_versions(trained_bundle: Path, base: Path) -> dict[int, Path]:
+    import json  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    out = {}
+    for version in (1, 2):
+        dest = base / f"v{version}"
+        shutil.copytree(trained_bundle, dest)
+        manifest = json.loads((dest / "manifest.json").read_text())
+        manifest["version"] = version
+        (dest / "manifest.json").write_text(json.dumps(manifest))
+        out[version] = dest
+    return out
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0])
+def test_inference_spans_only_when_sampled_on(
+    tmp_path: Path, loop: LoopThread, trained_bundle: Path, receiver: OtlpReceiver,
+    ratio: float,
+) -> None:
+    """At ratio 1 a request over HTTP or gRPC makes one server span, continuing the caller's
+    sampled traceparent, with the arm that answered; a caller's unsampled traceparent is not
+    traced. At ratio 0 (the default) the front ends have no span maker at all."""
+    import grpc  # noqa: PLC0415
+    import httpx  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    from edgefleet.v1 import grpc_predict_v2_pb2 as pb  # noqa: PLC0415
+    from edgefleet.v1 import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: PLC0415
+
+    from edge_agent.serving import ServingCore, start_grpc, start_http  # noqa: PLC0415
+    from edge_agent.tracing import AgentTracing  # noqa: PLC0415
+    from fleetcore import otel as otel_setup  # noqa: PLC0415
+
+    settings = otel_setup.OtelSettings.load({**_otel(receiver),
+                                             "inference_sample_ratio": ratio}, {})
+    tracing = AgentTracing(otel_setup.start(settings, "edgefleet-agent",
+                                            {"service.instance.id": "dev-1"}))
+    core = ServingCore(seed=0)
+    core.set_model("digits", [(1, 0.5, False), (2, 0.5, False)],
+                   _two_versions(trained_bundle, tmp_path))
+    core.spans = tracing.inference_spans()
+    assert (core.spans is None) == (ratio == 0)
+
+    async def up() -> tuple[Any, int, Any, int]:
+        http, http_port = await start_http(core, "127.0.0.1", 0)
+        server, grpc_port = await start_grpc(core, "127.0.0.1", 0)
+        return http, http_port, server, grpc_port
+
+    http, http_port, server, grpc_port = loop.run(up())
+    x = np.zeros((3, 64), dtype=np.float32)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=10) as client, \
+                grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            body = {"inputs": [{"name": "input", "shape": [3, 64], "datatype": "FP32",
+                                "data": x.ravel().tolist()}]}
+            http_parent, grpc_parent = new_traceparent(), new_traceparent()
+            unsampled = new_traceparent()[:-2] + "00"
+            answer = client.post("/v2/models/digits/infer", json=body,
+                                 headers={"traceparent": http_parent})
+            assert answer.status_code == 200
+            http_version = int(answer.json()["model_version"])
+            assert client.post("/v2/models/digits/infer", json=body,
+                               headers={"traceparent": unsampled}).status_code == 200
+            bad = client.post("/v2/models/digits/infer", json={"inputs": []},
+                              headers={"traceparent": http_parent})
+            assert bad.status_code == 400
+            request = pb.ModelInferRequest(model_name="digits")
+            request.inputs.add(name="input", datatype="FP32", shape=[3, 64]).contents \
+                .fp32_contents.extend(x.ravel().tolist())
+            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, metadata=(("traceparent", grpc_parent),))
+            grpc_version = int(reply.model_version)
+        assert tracing.otel is not None
+        tracing.otel.flush()
+        spans = [s for s in receiver.spans if s.name == "infer digits"]
+        if ratio == 0:
+            assert spans == []
+            return
+        by_trace: dict[str, list[Any]] = {}
+        for s in spans:
+            by_trace.setdefault(s.trace_id, []).append(s)
+        assert set(by_trace) == {trace_id_of(http_parent), trace_id_of(grpc_parent)}
+        ok, refused = sorted(by_trace[trace_id_of(http_parent)],
+                             key=lambda s: s.attributes["edgefleet.outcome"] != "ok")
+        assert ok.parent_id == http_parent[36:52]
+        assert ok.attributes == {"edgefleet.model": "digits", "edgefleet.protocol": "http",
+                                 "edgefleet.version": http_version, "edgefleet.batch_size": 3,
+                                 "edgefleet.outcome": "ok"}
+        assert refused.attributes["edgefleet.outcome"] == "bad request"
+        (over_grpc,) = by_trace[trace_id_of(grpc_parent)]
+        assert over_grpc.parent_id == grpc_parent[36:52]
+        assert over_grpc.attributes["edgefleet.protocol"] == "grpc"
+        assert over_grpc.attributes["edgefleet.version"] == grpc_version
+        assert over_grpc.attributes["edgefleet.batch_size"] == 3
+        assert over_grpc.resource["service.instance.id"] == "dev-1"
+    finally:
+        loop.run(http.stop())
+        loop.run(server.stop(0))
+        core.close()
+        tracing.shutdown()

@@ -72,6 +72,7 @@ from edge_agent.serving.limits import (
 )
 from edge_agent.serving.router import Router, RouterArm
 from edge_agent.serving.runtime import Runtime, io_names, load_runtime, usable_cores
+from edge_agent.serving.spans import InferenceSpans
 from edge_agent.serving.stats import ArmStats, Pending, Predicted, PredictionLog, as_classes
 from fleetcore.bundle import MANIFEST, manifest_task, parse_manifest
 from fleetcore.errors import InvalidInputError
@@ -191,6 +192,8 @@ class ServingCore:
                                             thread_name_prefix="serving")
         self._batching: dict[str, BatchPolicy] = {}  # the agent's config; replaced whole
         self._batcher = Batcher(self)
+        # Inference spans (spans.py): the front ends' one check; None while they are off.
+        self.spans: InferenceSpans | None = None
 
     # ------------------------------------------------------------------ models
     def set_model(self, name: str, arms: Sequence[tuple[int, float, bool]],

@@ -45,7 +45,9 @@ from edge_agent.serving.limits import (
     shown,
 )
 from edge_agent.serving.repository import EXTENSIONS, SERVER_NAME
+from edge_agent.serving.spans import Served
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
+from fleetcore.otel import TRACE_KEYS
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -171,6 +173,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        spans = self.core.spans  # None: inference spans off (the one check)
+        if spans is None:
+            return await self._infer(request, context)
+        carrier = {str(k): str(v) for k, v in context.invocation_metadata() or ()
+                   if k in TRACE_KEYS}
+        with spans.request(request.model_name, "grpc", carrier) as served:
+            return await self._infer(request, context, served)
+
+    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext,
+                     served: Served | None = None) -> pb.ModelInferResponse:
         try:
             check_model_name(request.model_name)
             signature = self.core.signature(request.model_name)
@@ -184,6 +196,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 routing_key=_routing_key(request, context),
                 version=_version(request.model_version),
             )
+            if served is not None:
+                served.version, served.rows = result.version, len(x)
         except EdgefleetError as exc:
             await _abort(context, exc)
         return response_to_proto(result, signature, raw=bool(request.raw_input_contents))

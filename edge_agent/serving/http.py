@@ -110,6 +110,7 @@ from edge_agent.serving.repository import (
     repository_index,
     statistics,
 )
+from edge_agent.serving.spans import Served
 from fleetcore import strict_json
 from fleetcore.errors import EdgefleetError, InvalidInputError, NotFoundError
 
@@ -210,7 +211,13 @@ class InferenceApp:
             version = parse_version(text)
         if rest == "infer":
             _allow(method, "POST")
-            body, json_length = await self._infer(name, version, scope, receive)
+            spans = self.core.spans  # None: inference spans off (the one check)
+            if spans is None:
+                body, json_length = await self._infer(name, version, scope, receive)
+            else:
+                with spans.request(name, "http", _trace_headers(scope)) as served:
+                    body, json_length = await self._infer(name, version, scope, receive,
+                                                          served)
             if json_length is None:
                 return 200, body, _JSON
             extra.append((HEADER, str(json_length).encode()))
@@ -261,7 +268,8 @@ class InferenceApp:
         return meta
 
     async def _infer(self, name: str, version: int | None, scope: Scope,
-                     receive: Receive) -> tuple[bytes, int | None]:
+                     receive: Receive, served: Served | None = None,
+                     ) -> tuple[bytes, int | None]:
         """(body, length of its JSON part when the answer is binary, else None)."""
         signature = self.core.signature(name)  # 404 before reading the body
         header_key = None
@@ -291,6 +299,8 @@ class InferenceApp:
         result = await self.core.ainfer(name, request.rows, request_id=request.request_id,
                                         routing_key=request.routing_key or header_key,
                                         version=version, context=request.context)
+        if served is not None:
+            served.version, served.rows = result.version, len(request.rows)
         if request.binary_output:
             return binary_infer_response(result, signature)
         return infer_response(result, signature), None
@@ -337,6 +347,12 @@ class InferenceApp:
             if not message.get("more_body", False):
                 return chunk if not chunks else b"".join([*chunks, chunk])
             chunks.append(chunk)
+
+
+def _trace_headers(scope: Scope) -> dict[str, str]:
+    """A request's W3C trace headers (check_carrier bounds them)."""
+    return {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]
+            if key in (b"traceparent", b"tracestate")}
 
 
 def _content_length(scope: Scope) -> bytes | None:
