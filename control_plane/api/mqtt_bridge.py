@@ -54,6 +54,7 @@ from fleetcore.mqtt_wire import (
     parse_url,
     topic,
 )
+from fleetcore.otel import check_carrier
 
 __all__ = ["MqttBridge"]
 
@@ -66,6 +67,8 @@ _INBOX = (Leaf.TELEMETRY, Leaf.STATUS, Leaf.BUNDLE_REQUEST, Leaf.RENEW_REQUEST)
 # Where the answer to a correlated message goes (a refusal too, with the error property).
 _REPLY_TO = {Leaf.TELEMETRY: Leaf.TELEMETRY_ACK, Leaf.BUNDLE_REQUEST: Leaf.BUNDLE_REPLY,
              Leaf.RENEW_REQUEST: Leaf.RENEW_REPLY}
+# A traced bundle request's span: the name of gRPC's, so one query finds both transports.
+_FETCH_SPAN = "edgefleet.v1.AgentService/FetchBundle"
 
 
 class MqttBridge:
@@ -195,7 +198,15 @@ class MqttBridge:
             elif len(correlation) > MAX_CORRELATION_BYTES:
                 raise InvalidInputError("correlation data over the limit")
             elif leaf is Leaf.BUNDLE_REQUEST:
-                self._bundle(caller, payload, correlation)
+                carrier = check_carrier(dict(getattr(props, "UserProperty", []) or []))
+                if carrier and self.tracing.otel is not None:
+                    # The agent's download span, as over gRPC: its bundle request's span.
+                    with self.tracing.otel.span(_FETCH_SPAN, carrier, {
+                            "rpc.system": "mqtt", "edgefleet.device": device_id},
+                            kind="server"):
+                        self._bundle(caller, payload, correlation)
+                else:
+                    self._bundle(caller, payload, correlation)
             else:
                 request = parse_message(agent_pb2.RenewCertificateRequest, payload)
                 response = self.calls.renew(caller, request)

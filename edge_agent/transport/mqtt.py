@@ -192,7 +192,8 @@ class MqttTransport(Transport):
 
     # ------------------------------------------------------------------ publishing
     async def _publish(self, leaf: Leaf, payload: bytes, *, retain: bool = False,
-                       correlation: bytes = b"") -> None:
+                       correlation: bytes = b"",
+                       trace: tuple[tuple[str, str], ...] = ()) -> None:
         """Publish at QoS 1 and wait for the broker's PUBACK."""
         if len(payload) > MAX_MESSAGE_BYTES:
             raise InvalidInputError(f"message of {len(payload)} bytes; the limit is "
@@ -201,6 +202,8 @@ class MqttTransport(Transport):
         props = Properties(PacketTypes.PUBLISH)
         if correlation:
             props.CorrelationData = correlation
+        if trace:  # W3C trace context as MQTT 5 user properties
+            props.UserProperty = list(trace)
         info = client.publish(topic(self.device_id, leaf), payload, qos=1, retain=retain,
                               properties=props)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
@@ -217,13 +220,14 @@ class MqttTransport(Transport):
             cls = RefusedError if str(reason) == "Not authorized" else TransportError
             raise cls(f"broker refused the message on {leaf.value}: {reason}")
 
-    async def _request(self, leaf: Leaf, payload: bytes) -> tuple[bytes, asyncio.Queue[
-            tuple[bytes, str]], bytes]:
+    async def _request(self, leaf: Leaf, payload: bytes,
+                       trace: tuple[tuple[str, str], ...] = ()) -> tuple[
+            bytes, asyncio.Queue[tuple[bytes, str]], bytes]:
         correlation = secrets.token_bytes(12)
         replies: asyncio.Queue[tuple[bytes, str]] = asyncio.Queue()
         self._replies[correlation] = replies
         try:
-            await self._publish(leaf, payload, correlation=correlation)
+            await self._publish(leaf, payload, correlation=correlation, trace=trace)
         except BaseException:
             del self._replies[correlation]
             raise
@@ -275,11 +279,12 @@ class MqttTransport(Transport):
         self, digest: str, offset: int, length: int
     ) -> AsyncGenerator[agent_pb2.BundleChunk, None]:
         have, end = offset, offset + length
+        trace = self.trace_metadata()  # the download span's context (nothing when off)
         while have < end:
             want = min(WINDOW_BYTES, end - have)
             request = agent_pb2.FetchBundleRequest(digest=digest, offset=have, length=want)
             correlation, replies, _ = await self._request(Leaf.BUNDLE_REQUEST,
-                                                          request.SerializeToString())
+                                                          request.SerializeToString(), trace)
             try:
                 window_end = have + want
                 while have < window_end:
