@@ -108,6 +108,7 @@ class ControlPlane:
             arm.model for arm in self.store.device_arms(device_id)})
         if self.otel is not None:
             export_fleet_metrics(self.otel, self.fleet_metrics)
+            self.services.ctx.traced = self.tracing.root
 
     @property
     def api_address(self) -> str:

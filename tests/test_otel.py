@@ -332,3 +332,76 @@ def test_inference_spans_only_when_sampled_on(
         loop.run(server.stop(0))
         core.close()
         tracing.shutdown()
+
+
+@pytest.mark.slow
+def test_a_retrained_canary_and_its_promotion_are_traces_of_their_own(
+    tmp_path: Path, loop: LoopThread, trained_bundle: Path, receiver: OtlpReceiver,
+) -> None:
+    """What the control plane starts by itself: the retrained version's canary is a root span
+    whose release push the agent's install continues; the promotion that the experiment's
+    decision starts is another root, and the release it pushes carries it to the agent."""
+    import shutil  # noqa: PLC0415
+
+    from control_plane.domain.records import JobState  # noqa: PLC0415
+    from control_plane.domain.retraining import DriftPolicy  # noqa: PLC0415
+    from control_plane.services.retrain_runner import Outcome  # noqa: PLC0415
+    from tests.test_serving_fleet import _send_arm_stats  # noqa: PLC0415
+
+    cp = start_control_plane(tmp_path / "cp", loop, otel=_otel(receiver))
+    try:
+        cp.enroll_agent(tmp_path / "a")
+        for other in ("b", "c", "d"):  # the decision wants feedback from three devices
+            cp.enroll_agent(tmp_path / other)
+        agent = start_agent(tmp_path / "a", loop, probation_seconds=0.0, otel=_otel(receiver))
+        try:
+            assert _fleet(cp, "models", "publish",
+                          str(_bundle_for(cp, trained_bundle, tmp_path / "b1"))) == 0
+            assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1") == 0
+            _wait_models(agent, _committed(1))
+            # A retraining job that succeeded: its bundle is v2 (the trainer's run is
+            # test_retrain's business); the service publishes and canaries it.
+            store, retraining = cp.cp.store, cp.cp.services.retraining
+            store.set_policy(DriftPolicy("digits", str(tmp_path / "PIPELINE.toml")))
+            job_id = store.add_job("digits", "drift", 2, 0.0)
+            store.update_job(job_id, JobState.RUNNING, 1.0)
+            job = next(j for j in store.jobs("digits") if j.id == job_id)
+            work = cp.home / "retrain" / f"job-{job_id}"
+            work.mkdir(parents=True)
+            shutil.copytree(_bundle_for(cp, trained_bundle, tmp_path / "b2", version=2),
+                            work / "bundle")
+            retraining._finish(job, Outcome(0, ""))
+            assert store.get_experiment("digits") is not None
+
+            def named(name: str) -> list[Any]:
+                return [s for s in receiver.spans if s.name == name]
+
+            assert cp.cp.otel is not None and agent.agent.tracing.otel is not None
+            cp.cp.otel.flush()
+            assert receiver.wait(lambda r: len(named("retrain canary digits v2")) == 1)
+            (canary,) = named("retrain canary digits v2")
+            assert canary.parent_id == "" and canary.service == "edgefleet-control-plane"
+            assert receiver.wait(lambda r: any(
+                s.trace_id == canary.trace_id and s.name == "commit" for s in r.spans))
+            install = next(s for s in named("install digits") if s.trace_id == canary.trace_id)
+            assert install.parent_id == canary.span_id
+            assert install.attributes["edgefleet.version"] == 2
+
+            # The challenger is clearly better on three devices: the control plane promotes.
+            for seq, device in enumerate(("b", "c", "d")):
+                _send_arm_stats(cp, tmp_path / device, 1000 + 10 * seq,
+                                {1: (85, 100), 2: (97, 100)})
+            assert store.list_audit(1)[0].action == "experiments.promote"
+            cp.cp.otel.flush()
+            assert receiver.wait(lambda r: len(named("promote digits v2")) == 1)
+            (promote,) = named("promote digits v2")
+            assert promote.parent_id == "" and promote.trace_id != canary.trace_id
+            # The agent's release of the promotion came with the promotion's trace.
+            parents = agent.agent.tracing._parents  # what the agent's installs would continue
+            while trace_id_of(parents.get(("digits", 2), {}).get("traceparent", "")) != (
+                    promote.trace_id):
+                agent.wait_for("release")
+        finally:
+            agent.stop()
+    finally:
+        cp.stop()

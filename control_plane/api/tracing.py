@@ -11,7 +11,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -50,6 +51,23 @@ class Tracing:
             self._rollouts[model] = carrier
             while len(self._rollouts) > MAX_TRACED_MODELS:
                 self._rollouts.pop(next(iter(self._rollouts)))
+
+    @contextlib.contextmanager
+    def root(self, name: str, model: str, rollout: bool) -> Iterator[None]:
+        """A new trace for a change the control plane starts itself (a retrained version's
+        canary, a promotion): devices whose release changes inside it keep its context, and,
+        for a ``rollout``, the rollout's later steps continue it."""
+        if self.otel is None:
+            yield
+            return
+        from opentelemetry import context as otel_context  # noqa: PLC0415
+
+        with self.otel.tracer.start_as_current_span(
+                name, context=otel_context.Context(),  # a root, whatever is current
+                attributes={"edgefleet.model": model}):
+            if rollout:
+                self.rollout_call(model)
+            yield
 
     def capture(self, device_id: str) -> None:
         """Why this device's release changed: the current span, or else (a step the scheduler

@@ -7,9 +7,11 @@ the context, storage and the pure rules in ``control_plane.domain``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 from control_plane.config import ControlPlaneConfig
@@ -25,6 +27,11 @@ from fleetcore.errors import PermissionDeniedError
 __all__ = ["SYSTEM", "AuditLog", "Context"]
 
 SYSTEM = "control-plane"  # the actor of what the control plane does by itself
+
+
+@contextlib.contextmanager
+def _untraced(name: str, model: str, rollout: bool) -> Iterator[None]:
+    yield
 
 
 class AuditLog:
@@ -66,6 +73,11 @@ class Context:
         # Called with a device id when its release changes or it is revoked (the server binds
         # it to wake the device's Sync streams and the MQTT bridge).
         self.on_device_change: Callable[[str], None] = lambda device_id: None
+        # A root span around a change the control plane starts by itself (a retrained
+        # version's canary, a promotion): the releases it pushes carry that trace to the
+        # agents. ``traced(name, model, rollout)``; the server binds it when OpenTelemetry is
+        # on (control_plane/api/tracing.py), a no-op otherwise.
+        self.traced: Callable[[str, str, bool], AbstractContextManager[None]] = _untraced
         self.releases = ReleaseIssuer(store, keys.release_key, config.release_ttl_seconds,
                                       on_change=self.device_changed)
 

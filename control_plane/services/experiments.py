@@ -159,13 +159,17 @@ class ExperimentService:
         if event is ExperimentEvent.PROMOTE:
             self.store.record_decision(model, decision.verdict, decision.p_value,
                                        decision.reason, now, next_state(record.state, event))
-            self.store.start_rollout(model, record.challenger, record.selector,
-                                     list(record.device_ids), now, SYSTEM)
+            # A rollout the control plane starts itself: a trace of its own, which the
+            # releases it pushes (and the rollout's later steps) carry to the agents.
+            with self.ctx.traced(f"promote {model} v{record.challenger}", model, True):
+                self.store.start_rollout(model, record.challenger, record.selector,
+                                         list(record.device_ids), now, SYSTEM)
+                self.ctx.push(record.device_ids, now)
         else:
             self.store.record_decision(model, decision.verdict, decision.p_value,
                                        decision.reason, now, record.state)
             self.store.stop_experiment(model, now)  # running -> stopped, the champion stays
-        self.ctx.push(record.device_ids, now)
+            self.ctx.push(record.device_ids, now)
         self.ctx.audit.record(SYSTEM, f"experiments.{decision.verdict}",
                               f"{model}:{record.challenger}", AuditOutcome.ALLOWED,
                               {"p_value": decision.p_value, "reason": decision.reason})

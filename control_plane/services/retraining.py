@@ -320,7 +320,11 @@ class RetrainService:
             self.registry.publish_dir(SYSTEM, self._workdir(job) / "bundle")
             policy = self.store.get_policy(job.model)
             if policy is not None and policy.auto_canary:
-                self.experiments.begin(SYSTEM, job.model, job.version, policy.canary_weight, {})
+                # Its own trace: the canary's release pushes carry it to the agents' installs.
+                with self.ctx.traced(f"retrain canary {job.model} v{job.version}", job.model,
+                                     False):
+                    self.experiments.begin(SYSTEM, job.model, job.version,
+                                           policy.canary_weight, {})
                 event, detail = JobEvent.CANARY, f"v{job.version} published and canaried"
             else:
                 event, detail = JobEvent.AWAIT, f"v{job.version} published"
