@@ -5,7 +5,10 @@
 * a call that carries a traceparent (a server span each) against the same call without one, on
   the control plane with OTel on;
 * the agent process's resident memory after its tracing hooks start, with OTel off (nothing is
-  imported) and on (the SDK and the OTLP exporters are).
+  imported) and on (the SDK and the OTLP exporters are);
+* the agent's inference over HTTP (p50 and throughput of sequential requests on one keep-alive
+  connection) with inference spans off, on at ``inference_sample_ratio`` 0 (the default: the
+  front end's one attribute check) and on at ratio 1.0 (a span for every request, exported).
 
 Run alone: ``python -m scripts.bench_otel``; ``make bench`` includes it.
 """
@@ -110,6 +113,67 @@ def _agent_rss(endpoint: str) -> int:
     return int(out[0])
 
 
+def _digits_bundle(work: Path) -> Path:
+    """A small trained digits bundle (what the agent serves in the inference figures)."""
+    from trainer.config import Pipeline  # noqa: PLC0415
+    from trainer.pipeline import Run, Workdir  # noqa: PLC0415
+
+    text = (REPO / "examples" / "pipelines" / "digits-mlp.toml").read_text()
+    text = text.replace("hidden = [1024, 1024]", "hidden = [32]").replace("epochs = 20",
+                                                                           "epochs = 3")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "tiny.toml").write_text(text)
+    Run(Pipeline.load(work / "tiny.toml"), Workdir(work / "tiny"),
+        progress=lambda m: None).run_all()
+    return work / "tiny" / "bundle"
+
+
+def _inference(work: Path, endpoint: str, n: int) -> dict[str, tuple[float, float]]:
+    """{mode: (p50 seconds, requests per second)} of HTTP inference, one row per request, for
+    spans off, on at ratio 0 and on at ratio 1.0; the same server and client throughout."""
+    import httpx  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from edge_agent.serving import ServingCore, start_http  # noqa: PLC0415
+    from edge_agent.tracing import AgentTracing  # noqa: PLC0415
+    from fleetcore import otel as otel_setup  # noqa: PLC0415
+
+    bundle = _digits_bundle(work)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def on_loop(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
+
+    core = ServingCore()
+    core.set_model("digits", [(1, 1.0, False)], {1: bundle})
+    http, port = on_loop(start_http(core, "127.0.0.1", 0))
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                        "data": np.zeros(64).tolist()}]}
+    tracings = {mode: AgentTracing(otel_setup.start(otel_setup.OtelSettings.load(
+        {"enabled": True, "endpoint": endpoint, "inference_sample_ratio": ratio}, {}),
+        "edgefleet-agent")) for mode, ratio in (("ratio 0", 0.0), ("ratio 1", 1.0))}
+    out: dict[str, tuple[float, float]] = {}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            def call() -> None:
+                client.post("/v2/models/digits/infer", json=body).raise_for_status()
+
+            for mode, spans in (("off", None), *((m, t.inference_spans())
+                                                 for m, t in tracings.items())):
+                core.spans = spans
+                t0 = time.perf_counter()
+                p50 = _p50(call, n)
+                out[mode] = (p50, (n + min(50, n)) / (time.perf_counter() - t0))
+    finally:
+        for tracing in tracings.values():
+            tracing.shutdown()
+        on_loop(http.stop())
+        core.close()
+        loop.call_soon_threadsafe(loop.stop)
+    return out
+
+
 def bench_otel(work: Path, n: int = 1000) -> list[dict[str, Any]]:
     receiver = OtlpReceiver().start()
     try:
@@ -117,8 +181,12 @@ def bench_otel(work: Path, n: int = 1000) -> list[dict[str, Any]]:
         on, traced = _heartbeats(work / "on", {"enabled": True, "endpoint": receiver.endpoint,
                                                "metric_interval_seconds": 1}, n)
         rss_off, rss_on = _agent_rss(""), _agent_rss(receiver.endpoint)
+        infer = _inference(work / "inference", receiver.endpoint, 2 * n)
+        spans = sum(1 for s in receiver.spans if s.name == "infer digits")
     finally:
         receiver.stop()
+    (off_p50, off_rps), (zero_p50, zero_rps), (one_p50, one_rps) = (
+        infer["off"], infer["ratio 0"], infer["ratio 1"])
     return [
         {"name": "heartbeat p50 with OpenTelemetry on (metrics 1/s, logs)", "unit": "ms",
          "figure": round(on * 1e3, 3), "baseline": round(off * 1e3, 3),
@@ -132,6 +200,20 @@ def bench_otel(work: Path, n: int = 1000) -> list[dict[str, Any]]:
          "figure": round(rss_on / 2**20, 1), "baseline": round(rss_off / 2**20, 1),
          "baseline_name": "the agent's imports with OpenTelemetry off (nothing of it loaded)",
          "ratio": round(rss_on / rss_off, 2), "target": "-", "pass": None},
+        {"name": "agent HTTP inference p50, inference spans on at ratio 0", "unit": "ms",
+         "figure": round(zero_p50 * 1e3, 3), "baseline": round(off_p50 * 1e3, 3),
+         "baseline_name": "the same requests with OpenTelemetry off",
+         "ratio": round(zero_p50 / off_p50, 2), "target": "<= 1.05x",
+         "pass": zero_p50 / off_p50 <= 1.05},
+        {"name": f"agent HTTP inference p50, a span per request (ratio 1.0; {spans} exported)",
+         "unit": "ms", "figure": round(one_p50 * 1e3, 3), "baseline": round(off_p50 * 1e3, 3),
+         "baseline_name": "the same requests with OpenTelemetry off",
+         "ratio": round(one_p50 / off_p50, 2), "target": "-", "pass": None},
+        {"name": "agent HTTP inference throughput, ratio 0 / ratio 1.0", "unit": "req/s",
+         "figure": f"{round(zero_rps)} / {round(one_rps)}", "baseline": round(off_rps),
+         "baseline_name": "sequential requests with OpenTelemetry off",
+         "ratio": f"{round(zero_rps / off_rps, 2)} / {round(one_rps / off_rps, 2)}",
+         "target": "-", "pass": None},
     ]
 
 

@@ -70,6 +70,19 @@ class _Otel:
         print(f"rollout trace {trace}: {len(mine)} spans "
               f"({', '.join(sorted({s.service for s in mine})) or '-'}): "
               + ", ".join(sorted({s.name for s in mine})))
+        # Every trace that reached an agent, with each span's device (the control plane's
+        # rollouts, canaries and promotions): where each agent's install and download went.
+        roots = {s.trace_id: s.name for s in r.spans if not s.parent_id}
+        for tid in sorted({s.trace_id for s in r.spans if s.service == "edgefleet-agent"}):
+            spans = [s for s in r.spans if s.trace_id == tid]
+            per: dict[str, int] = {}
+            for s in spans:
+                who = str(s.resource.get("service.instance.id", "control plane"))
+                key = f"{who}: {s.name}" + (f" ({s.attributes['rpc.system']})"
+                                            if "rpc.system" in s.attributes else "")
+                per[key] = per.get(key, 0) + 1
+            print(f"trace {tid} ({roots.get(tid, 'root not received')}): "
+                  + ", ".join(f"{k}" + (f" x{c}" if c > 1 else "") for k, c in sorted(per.items())))
         r.stop()
 
 
