@@ -162,6 +162,7 @@ class ControlPlane:
             refresh_crl(self.mqtt, self.authority, self.store, time.time())
             self.bridge = MqttBridge(self.services, self.config.mqtt_url, self.config.home,
                                      self.mqtt, tracing=self.tracing)
+            self.bridge.grpc_streams = self.notifier.subscribers
             await self.bridge.start()
         # Staged rollouts advance on a schedule; their state lives in storage, so a restarted
         # control plane resumes them where they were.

@@ -73,11 +73,13 @@ class _Otel:
         # Every trace that reached an agent, with each span's device (the control plane's
         # rollouts, canaries and promotions): where each agent's install and download went.
         roots = {s.trace_id: s.name for s in r.spans if not s.parent_id}
+        roots.setdefault(trace, "the rollout")
         for tid in sorted({s.trace_id for s in r.spans if s.service == "edgefleet-agent"}):
             spans = [s for s in r.spans if s.trace_id == tid]
             per: dict[str, int] = {}
             for s in spans:
-                who = str(s.resource.get("service.instance.id", "control plane"))
+                who = ("control plane" if s.service == "edgefleet-control-plane"
+                       else str(s.resource.get("service.instance.id", s.service)))
                 key = f"{who}: {s.name}" + (f" ({s.attributes['rpc.system']})"
                                             if "rpc.system" in s.attributes else "")
                 per[key] = per.get(key, 0) + 1

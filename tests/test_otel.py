@@ -73,7 +73,7 @@ def _otel(receiver: OtlpReceiver) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["grpc", "mqtt"])
+@pytest.mark.parametrize("transport", ["grpc", "mqtt", "grpc beside mqtt"])
 def test_one_trace_from_the_operator_through_the_control_plane_to_the_agent(
     tmp_path: Path, loop: LoopThread, trained_bundle: Path, receiver: OtlpReceiver,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], transport: str,
@@ -83,6 +83,11 @@ def test_one_trace_from_the_operator_through_the_control_plane_to_the_agent(
     of the agent's bundle requests (the bridge's bundle-serving span joins the trace)."""
     if transport == "grpc":
         cp = start_control_plane(tmp_path / "cp", loop, otel=_otel(receiver))
+    elif transport == "grpc beside mqtt":  # the MQTT bridge must leave the gRPC push its trace
+        from tests.mqtt_support import start_mqtt_control_plane  # noqa: PLC0415
+
+        cp = start_mqtt_control_plane(tmp_path / "cp", loop, otel=_otel(receiver))
+        cp.transport = transport = "grpc"  # its agent enrolls on gRPC
     else:
         from tests.mqtt_support import start_mqtt_control_plane  # noqa: PLC0415
 
@@ -90,7 +95,7 @@ def test_one_trace_from_the_operator_through_the_control_plane_to_the_agent(
     try:
         cp.enroll_agent(tmp_path / "a", labels={"site": "north"})
         agent = start_agent(tmp_path / "a", loop, probation_seconds=0.0,
-                            otel=_otel(receiver), transport=cp.transport)
+                            otel=_otel(receiver), transport=transport)
         device = agent.agent.config.device_id
         try:
             bundle = _bundle_for(cp, trained_bundle, tmp_path / "b1")

@@ -77,6 +77,8 @@ class MqttBridge:
                  tracing: Tracing | None = None) -> None:
         self.s = services
         self.tracing = tracing or Tracing(None)
+        # How many gRPC Sync streams a device has open (the server binds its notifier's).
+        self.grpc_streams: Callable[[str], int] = lambda device_id: 0
         self.calls = AgentCalls(services)
         self.broker = parse_url(url)
         self.home = home
@@ -258,8 +260,12 @@ class MqttBridge:
         if current is None or self._published.get(device_id) == current[0]:
             return
         serial, signed = current
+        # The trace context is not for a device with a gRPC Sync stream open: taking it here
+        # would leave that stream's push without it (the bridge retains every device's
+        # release, whatever its transport).
+        trace = {} if self.grpc_streams(device_id) else self.tracing.take(device_id)
         self._publish(device_id, Leaf.RELEASE, signed.SerializeToString(), retain=True,
-                      trace=self.tracing.take(device_id))
+                      trace=trace)
         self._published[device_id] = serial
         self._emit("release", device_id)
 
