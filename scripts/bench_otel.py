@@ -211,11 +211,11 @@ def bench_otel(work: Path, n: int = 1000) -> list[dict[str, Any]]:
          "unit": "ms", "figure": round(one_p50 * 1e3, 3), "baseline": round(off_p50 * 1e3, 3),
          "baseline_name": "the same requests with OpenTelemetry off",
          "ratio": round(one_p50 / off_p50, 2), "target": "-", "pass": None},
-        {"name": "agent HTTP inference throughput, ratio 0 / ratio 1.0", "unit": "req/s",
-         "figure": f"{round(zero_rps)} / {round(one_rps)}", "baseline": round(off_rps),
-         "baseline_name": "sequential requests with OpenTelemetry off",
-         "ratio": f"{round(zero_rps / off_rps, 2)} / {round(one_rps / off_rps, 2)}",
-         "target": "-", "pass": None},
+        *({"name": f"agent HTTP inference throughput, inference spans on at {mode}",
+           "unit": "req/s", "figure": round(rps), "baseline": round(off_rps),
+           "baseline_name": "sequential requests with OpenTelemetry off",
+           "ratio": round(rps / off_rps, 2), "target": "-", "pass": None}
+          for mode, rps in (("ratio 0", zero_rps), ("ratio 1.0", one_rps))),
     ]
 
 
