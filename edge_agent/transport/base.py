@@ -29,7 +29,13 @@ from edgefleet.v1 import agent_pb2, common_pb2
 from fleetcore.errors import EdgefleetError, InvalidInputError, TransportError
 from fleetcore.otel import check_carrier
 from fleetcore.pki import MAX_CERT_BYTES
-from fleetcore.release import MAX_DOCUMENT_BYTES, MAX_SIGNATURE_BYTES, SignedRelease
+from fleetcore.release import (
+    MAX_DOCUMENT_BYTES,
+    MAX_SIGNATURE_BYTES,
+    MAX_SIGNATURES,
+    SignedRelease,
+)
+from fleetcore.signing import KeySignature
 
 __all__ = ["MAX_CHUNK_BYTES", "RefusedError", "Transport"]
 
@@ -93,6 +99,9 @@ class Transport(abc.ABC):
                     raise self._wrapped("release stream", exc) from exc
                 if len(release.document) > MAX_DOCUMENT_BYTES or (
                     len(release.signature) > MAX_SIGNATURE_BYTES
+                ) or len(release.signatures) > MAX_SIGNATURES or any(
+                    len(s.keyid) > 64 or len(s.sig) > MAX_SIGNATURE_BYTES
+                    for s in release.signatures
                 ):
                     raise InvalidInputError(
                         f"release document of {len(release.document)} bytes with a signature of "
@@ -101,7 +110,10 @@ class Transport(abc.ABC):
                     )
                 trace = tuple(sorted(check_carrier(self.last_trace_context).items()))
                 self.last_trace_context = {}
-                yield SignedRelease(bytes(release.document), bytes(release.signature), trace)
+                yield SignedRelease(
+                    bytes(release.document), bytes(release.signature), trace,
+                    tuple(KeySignature(s.keyid, bytes(s.sig)) for s in release.signatures),
+                )
         finally:
             await stream.aclose()
 
