@@ -19,8 +19,9 @@ from edge_agent.install.root_trust import RootTrust
 from edge_agent.state import StateDir
 from fleetcore import pki, signing
 from fleetcore import root as fleet_root
-from fleetcore.errors import BadSignatureError, RollbackError
+from fleetcore.errors import BadSignatureError, InvalidInputError, RollbackError
 from fleetcore.release import sign_release
+from fleetcore.signing import TrustedKeys
 from tests.support import RunningAgent, RunningControlPlane, start_agent
 from tests.test_delivery import _bundle_for, _committed, _fleet, _wait_models
 
@@ -193,3 +194,43 @@ def test_root_attacks_on_a_live_agent_leave_its_state_unchanged(
         assert agent.agent.roots.version == 2 and _snapshot(tmp_path / "a") == after_v2
     finally:
         agent.stop()
+
+
+def test_an_agent_enrolled_before_roots_accepts_only_a_first_root_listing_its_release_key(
+        tmp_path: Path) -> None:
+    release, other = pki.generate_key(), pki.generate_key()
+    root_keys = [pki.generate_key() for _ in range(2)]
+
+    def first_root(release_key: Any) -> bytes:
+        now = time.time()
+        pubs = [k.public_key() for k in root_keys]
+        return fleet_root.sign_root(fleet_root.build_root(1, now, now + 3600, {
+            "root": (pubs, 2), "release": ([release_key.public_key()], 1),
+            "publisher": ([release_key.public_key()], 1), "audit": (pubs[:1], 1)}), root_keys)
+
+    trust = RootTrust(tmp_path / "root.json")
+    with pytest.raises(BadSignatureError, match="does not list the release key pinned"):
+        trust.pin(first_root(other), pinned_release_key=release.public_key())
+    assert trust.version == 0 and not (tmp_path / "root.json").exists()
+    trust.pin(first_root(release), pinned_release_key=release.public_key())
+    assert RootTrust(tmp_path / "root.json").version == 1  # persisted, re-verified on load
+
+
+def test_a_corrupt_root_file_is_an_error_never_a_reset(tmp_path: Path) -> None:
+    path = tmp_path / "root.json"
+    path.write_text('{"format": "edgefleet.root-trust/v1", "chain": ["e30="]}')
+    with pytest.raises(InvalidInputError, match="refusing to forget"):
+        RootTrust(path)
+
+
+def test_a_release_signed_by_a_threshold_of_release_keys_survives_a_restart(
+        tmp_path: Path) -> None:
+    keys = [pki.generate_key() for _ in range(2)]
+    trusted = TrustedKeys({signing.keyid(k.public_key()): k.public_key() for k in keys}, 2)
+    doc = json.dumps({"format": "edgefleet.release/v1", "device_id": "dev-1", "serial": 3,
+                      "issued_at": time.time(), "expires_at": time.time() + 60,
+                      "models": []}).encode()
+    trust = ReleaseTrust(tmp_path / "release.json", trusted, "dev-1")
+    trust.accept(sign_release(doc, keys), time.time())
+    again = ReleaseTrust(tmp_path / "release.json", trusted, "dev-1")
+    assert again.mark == trust.mark and again.mark is not None and again.mark.serial == 3

@@ -36,13 +36,14 @@ from fleetcore.files import atomic_write
 from fleetcore.release import (
     MAX_DOCUMENT_BYTES,
     MAX_SIGNATURE_BYTES,
+    MAX_SIGNATURES,
     ReleaseDocument,
     SignedRelease,
     TrustedMark,
     reverify_release,
     verify_release,
 )
-from fleetcore.signing import TrustedKeys
+from fleetcore.signing import KeySignature, TrustedKeys
 
 __all__ = ["TRUST_FILE_FORMAT", "ReleaseTrust", "recorded_serial"]
 
@@ -50,8 +51,11 @@ logger = logging.getLogger(__name__)
 
 TRUST_FILE_FORMAT = "edgefleet.release-trust/v1"
 # Base64 grows data by 4/3; leave room for the JSON around it.
-_MAX_FILE_BYTES = 2 * (MAX_DOCUMENT_BYTES + MAX_SIGNATURE_BYTES) + 4096
+_MAX_FILE_BYTES = 2 * (MAX_DOCUMENT_BYTES + (1 + MAX_SIGNATURES) * (MAX_SIGNATURE_BYTES + 100)) \
+    + 4096
 _FILE_KEYS = frozenset({"format", "serial", "digest", "document", "signature"})
+# Written since releases carry key ids (k-of-n); files without it still load.
+_SIGNATURES_KEY = "signatures"
 
 
 class ReleaseTrust:
@@ -169,6 +173,8 @@ def _encode_file(signed: SignedRelease, doc: ReleaseDocument) -> bytes:
         "digest": doc.digest,
         "document": base64.b64encode(signed.document).decode("ascii"),
         "signature": base64.b64encode(signed.signature).decode("ascii"),
+        _SIGNATURES_KEY: [{"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")}
+                          for s in signed.signatures],
     }
     return json.dumps(record, sort_keys=True, indent=1).encode("ascii") + b"\n"
 
@@ -189,7 +195,7 @@ def recorded_serial(path: Path) -> int:
 
 def _decode_file(data: bytes) -> tuple[int, str, SignedRelease]:
     record: Any = strict_json.loads(data, what="the file", max_bytes=_MAX_FILE_BYTES)
-    if not isinstance(record, dict) or record.keys() != _FILE_KEYS:
+    if not isinstance(record, dict) or record.keys() - {_SIGNATURES_KEY} != _FILE_KEYS:
         got = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise InvalidInputError(f"expected a JSON object with keys {sorted(_FILE_KEYS)}; got {got}")
     if record["format"] != TRUST_FILE_FORMAT:
@@ -202,9 +208,24 @@ def _decode_file(data: bytes) -> tuple[int, str, SignedRelease]:
     try:
         document = base64.b64decode(_ascii(record["document"], "document"), validate=True)
         signature = base64.b64decode(_ascii(record["signature"], "signature"), validate=True)
+        signatures = _signatures(record.get(_SIGNATURES_KEY, []))
     except binascii.Error as exc:
         raise InvalidInputError(f"document or signature is not valid base64: {exc}") from None
-    return serial, digest, SignedRelease(document=document, signature=signature)
+    return serial, digest, SignedRelease(document=document, signature=signature,
+                                         signatures=signatures)
+
+
+def _signatures(raw: object) -> tuple[KeySignature, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_SIGNATURES:
+        raise InvalidInputError(f"signatures must be a list of at most {MAX_SIGNATURES}")
+    out = []
+    for entry in raw:
+        if not isinstance(entry, dict) or entry.keys() != {"keyid", "sig"} or not isinstance(
+                entry["keyid"], str) or len(entry["keyid"]) > 64:
+            raise InvalidInputError("each signature must be {keyid, sig}")
+        out.append(KeySignature(entry["keyid"],
+                                base64.b64decode(_ascii(entry["sig"], "sig"), validate=True)))
+    return tuple(out)
 
 
 def _ascii(value: object, where: str) -> bytes:
