@@ -111,6 +111,7 @@ def _status(state_dir: Path, as_json: bool) -> int:
         "consecutive_failures": live.get("consecutive_failures", 0),
         "release_serial": recorded_serial(state.release),
         "root_version": recorded_root_version(state.root_file),
+        "root_expires_at": live.get("root_expires_at"),
         # What the running agent serves each version with (variant, threads, graph
         # optimisation), as of its last status write.
         "runtimes": live.get("runtimes", {}),

@@ -147,6 +147,9 @@ class Agent:
             "last_error": None,
             "consecutive_failures": 0,
             "root_version": self.roots.version,
+            # TUF 5.3.10: past this, no new release is accepted (the agent keeps serving).
+            "root_expires_at": (self.roots.current.root.expires_at
+                                if self.roots.current is not None else None),
         }
 
     # ------------------------------------------------------------------ control
@@ -365,7 +368,9 @@ class Agent:
             self.trust.use_keys(after, forget=before is not None
                                 or self.pinned_release_key not in after.keys.values())
         self.transport.have_root_version = self.roots.version
-        self._set_status(root_version=self.roots.version)
+        self._set_status(root_version=self.roots.version,
+                         root_expires_at=(self.roots.current.root.expires_at
+                                          if self.roots.current is not None else None))
         if error is not None:
             log.error("root refused: %s", error)
             self._record_error("root", str(error))

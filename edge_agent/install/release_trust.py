@@ -30,7 +30,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fleetcore import strict_json
+from fleetcore import signing, strict_json
 from fleetcore.errors import BadSignatureError, InvalidInputError, UntrustedInputError
 from fleetcore.files import atomic_write
 from fleetcore.release import (
@@ -111,7 +111,7 @@ class ReleaseTrust:
             if self._mark is not None and doc.serial == self._mark.serial:
                 # verify_release has checked that the digest matches: a re-delivery.
                 return doc, False
-            atomic_write(self._path, _encode_file(signed, doc))
+            atomic_write(self._path, _encode_file(_verified_only(signed, self._public_key), doc))
             previous = self._mark
             self._current = doc
             self._mark = TrustedMark(serial=doc.serial, digest=doc.digest)
@@ -138,9 +138,14 @@ class ReleaseTrust:
                 self._path.unlink(missing_ok=True)
                 return None
             # legacy: a release stored before signatures carried their purpose still loads.
+            legacy = _SIGNATURES_KEY not in strict_json.loads(
+                data, what="the file", max_bytes=_MAX_FILE_BYTES)
             doc = reverify_release(
-                signed, public_key=self._public_key, device_id=self._device_id, legacy=True
+                signed, public_key=self._public_key, device_id=self._device_id, legacy=legacy
             )
+            if not legacy and _verified_only(signed, self._public_key) != signed:
+                raise InvalidInputError("a stored signature does not verify (only verified "
+                                        "signatures are written)")
         except UntrustedInputError as exc:
             raise InvalidInputError(
                 f"release trust file {self._path} is corrupted or tampered with ({exc}); "
@@ -152,6 +157,26 @@ class ReleaseTrust:
                 f"but its signed document has serial {doc.serial} and digest {doc.digest}"
             )
         return doc
+
+
+def _verified_only(signed: SignedRelease,
+                   keys: ec.EllipticCurvePublicKey | TrustedKeys) -> SignedRelease:
+    """``signed`` with only the signatures that verify with ``keys`` (what is persisted)."""
+    trusted = keys if isinstance(keys, TrustedKeys) else TrustedKeys.single(keys)
+
+    def good(sig: bytes, keyids: list[str]) -> bool:
+        for kid in keyids:
+            try:
+                signing.verify(trusted.keys[kid], "release", signed.document, sig)
+            except (BadSignatureError, InvalidInputError):
+                continue
+            return True
+        return False
+
+    legacy = signed.signature if good(signed.signature, list(trusted.keys)) else b""
+    keyed = tuple(s for s in signed.signatures
+                  if s.keyid in trusted.keys and good(s.sig, [s.keyid]))
+    return SignedRelease(signed.document, legacy, signatures=keyed)
 
 
 def _signed_only_by(signed: SignedRelease, retired: Sequence[ec.EllipticCurvePublicKey],
