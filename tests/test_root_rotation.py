@@ -234,3 +234,17 @@ def test_a_release_signed_by_a_threshold_of_release_keys_survives_a_restart(
     trust.accept(sign_release(doc, keys), time.time())
     again = ReleaseTrust(tmp_path / "release.json", trusted, "dev-1")
     assert again.mark == trust.mark and again.mark is not None and again.mark.serial == 3
+
+
+def test_an_agent_enrolled_before_roots_adopts_the_fleets_root_live(
+        cp: RunningControlPlane, tmp_path: Path) -> None:
+    cp.enroll_agent(tmp_path / "a")
+    StateDir(tmp_path / "a").root_file.unlink()  # as enrolled by an agent older than roots
+    agent = start_agent(tmp_path / "a", cp.loop)
+    try:
+        _wait_root(agent, 1)
+        assert RootTrust(StateDir(tmp_path / "a").root_file).version == 1
+        _rotate(cp)
+        _wait_root(agent, 2)
+    finally:
+        agent.stop()
