@@ -14,6 +14,7 @@ from edge_agent.daemon import Agent
 from edge_agent.identity import load_credentials
 from edge_agent.install.model_store import ModelStore
 from edge_agent.install.release_trust import recorded_serial
+from edge_agent.install.root_trust import recorded_root_version
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.transport import TRANSPORTS
 from fleetcore.cli import print_json, print_table, run_main, setup_logging
@@ -111,6 +112,8 @@ def _status(state_dir: Path, as_json: bool) -> int:
         "release_serial": recorded_serial(state.release),
         # Freeze, slow retrieval (docs/security.md, "Detection"), as last reported.
         "delivery_problems": live.get("delivery_problems", {}),
+        "root_version": recorded_root_version(state.root_file),
+        "root_expires_at": live.get("root_expires_at"),
         # What the running agent serves each version with (variant, threads, graph
         # optimisation), as of its last status write.
         "runtimes": live.get("runtimes", {}),
@@ -138,6 +141,7 @@ def _status(state_dir: Path, as_json: bool) -> int:
                 ("release_serial", doc["release_serial"] or "-"),
                 ("delivery_problems", "; ".join(
                     f"{k}: {v}" for k, v in sorted(doc["delivery_problems"].items())) or "-"),
+                ("root_version", doc["root_version"] or "- (keys pinned at enrollment)"),
             ],
         )
         if models:

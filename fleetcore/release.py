@@ -5,8 +5,11 @@ the clock, the disk or the network (the agent's shell is ``edge_agent/install/re
 
 Rules (docs/design.md section 3, modeled on python-tuf's ``trusted_metadata_set.py``):
 
-* The control plane signs each device's document with the release key (ECDSA P-256, SHA-256,
-  DER signature over the exact document bytes). The agent pins the public key at enrollment.
+* The control plane signs each device's document with the release key(s) (ECDSA P-256,
+  SHA-256, DER signatures over DSSE's PAE of the exact document bytes with purpose "release":
+  ``fleetcore.signing``). The agent checks them against the release role of its root of trust
+  (``fleetcore.root``): a threshold of distinct release keys, each counted once. Before a root
+  arrives an agent uses the release key pinned at enrollment (threshold 1).
 * ``verify_release`` checks, in this order: sizes -> signature -> parse -> device id ->
   expiry -> serial. Nothing beyond the size check touches bytes that are not authenticated.
 * Document: format ``edgefleet.release/v1``; exact key sets (unknown or missing keys refused,
@@ -36,7 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fleetcore import strict_json
+from fleetcore import signing, strict_json
 from fleetcore.errors import (
     BadSignatureError,
     ExpiredError,
@@ -46,12 +49,14 @@ from fleetcore.errors import (
     WrongDeviceError,
 )
 from fleetcore.pki import validate_name
+from fleetcore.signing import KeySignature, SigningKey, TrustedKeys
 
 __all__ = [
     "MAX_ARMS",
     "MAX_BUNDLE_BYTES",
     "MAX_DOCUMENT_BYTES",
     "MAX_MODELS",
+    "MAX_SIGNATURES",
     "MAX_SIGNATURE_BYTES",
     "RELEASE_FORMAT",
     "Arm",
@@ -69,6 +74,7 @@ __all__ = [
 RELEASE_FORMAT = "edgefleet.release/v1"
 MAX_DOCUMENT_BYTES = 256 * 1024
 MAX_SIGNATURE_BYTES = 512
+MAX_SIGNATURES = 16
 MAX_MODELS = 64
 MAX_ARMS = 8
 MAX_BUNDLE_BYTES = 8 * 1024**3
@@ -124,10 +130,18 @@ class ReleaseDocument:
 @dataclass(frozen=True)
 class SignedRelease:
     document: bytes  # canonical JSON bytes
-    signature: bytes  # DER ECDSA-SHA256 over ``document``
+    # DER ECDSA-SHA256 over PAE("release", document) by the first release key, or b"" when
+    # only ``signatures`` are given; tried against every trusted release key.
+    signature: bytes
     # W3C trace context that came beside the document (never signed, never trusted for
     # anything but tracing; checked by fleetcore.otel.check_carrier).
     trace_context: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    # One signature per release key, with its key id (k-of-n under the root's release role).
+    signatures: tuple[KeySignature, ...] = ()
+
+    def all_signatures(self) -> tuple[KeySignature, ...]:
+        legacy = (KeySignature("", self.signature),) if self.signature else ()
+        return legacy + self.signatures
 
 
 @dataclass(frozen=True)
@@ -184,10 +198,13 @@ def encode_document(
     return data
 
 
-def sign_release(document: bytes, key: ec.EllipticCurvePrivateKey) -> SignedRelease:
-    return SignedRelease(
-        document=document, signature=key.sign(document, ec.ECDSA(hashes.SHA256()))
-    )
+def sign_release(document: bytes, key: SigningKey | Sequence[SigningKey]) -> SignedRelease:
+    """Sign with purpose "release" by one key or several (each listed with its key id)."""
+    keys = [key] if isinstance(key, SigningKey) else list(key)
+    if not keys:
+        raise InvalidInputError("a release needs at least one signing key")
+    sigs = tuple(signing.sign_with_id(k, "release", document) for k in keys)
+    return SignedRelease(document=document, signature=sigs[0].sig, signatures=sigs)
 
 
 # --- parsing -----------------------------------------------------------------------------
@@ -340,7 +357,7 @@ def _as_float(value: object) -> object:
 def verify_release(
     signed: SignedRelease,
     *,
-    public_key: ec.EllipticCurvePublicKey,
+    public_key: ec.EllipticCurvePublicKey | TrustedKeys,
     device_id: str,
     now: float,
     trusted: TrustedMark | None,
@@ -370,16 +387,21 @@ def verify_release(
 
 
 def reverify_release(
-    signed: SignedRelease, *, public_key: ec.EllipticCurvePublicKey, device_id: str
+    signed: SignedRelease,
+    *,
+    public_key: ec.EllipticCurvePublicKey | TrustedKeys,
+    device_id: str,
+    legacy: bool = False,
 ) -> ReleaseDocument:
     """Sizes, signature, parse and device id; no expiry or serial checks.
 
     For a document that was accepted before (e.g. reloaded from disk): a restarted agent keeps
     serving its last release even after it expires. New deliveries go through
-    ``verify_release``.
+    ``verify_release``. ``legacy``: also accept a single signature over the bare document
+    (releases an agent accepted and stored before signatures carried their purpose).
     """
     _check_sizes(signed)
-    _check_signature(signed, public_key)
+    _check_signature(signed, public_key, legacy=legacy)
     doc = parse_document(signed.document)
     if doc.device_id != device_id:
         raise WrongDeviceError(
@@ -399,24 +421,46 @@ def _check_sizes(signed: SignedRelease) -> None:
             f"release document must be 1..{MAX_DOCUMENT_BYTES} bytes; "
             f"got {len(signed.document)}"
         )
-    if not 0 < len(signed.signature) <= MAX_SIGNATURE_BYTES:
+    if len(signed.signatures) > MAX_SIGNATURES:
         raise InvalidInputError(
-            f"release signature must be 1..{MAX_SIGNATURE_BYTES} bytes; "
-            f"got {len(signed.signature)}"
+            f"a release carries at most {MAX_SIGNATURES} signatures; got {len(signed.signatures)}"
+        )
+    sizes = [len(s.sig) for s in signed.all_signatures()]
+    if not sizes or not all(0 < n <= MAX_SIGNATURE_BYTES for n in sizes):
+        raise InvalidInputError(
+            f"release signatures (at least one) must be 1..{MAX_SIGNATURE_BYTES} bytes; "
+            f"got {sizes or 0}"
         )
 
 
-def _check_signature(signed: SignedRelease, public_key: ec.EllipticCurvePublicKey) -> None:
-    if not isinstance(public_key, ec.EllipticCurvePublicKey) or (
-        public_key.curve.name != "secp256r1"
-    ):
+def _check_signature(signed: SignedRelease, public_key: ec.EllipticCurvePublicKey | TrustedKeys,
+                     *, legacy: bool = False) -> None:
+    if isinstance(public_key, TrustedKeys):
+        trusted = public_key
+    elif isinstance(public_key, ec.EllipticCurvePublicKey) and (
+            public_key.curve.name == "secp256r1"):
+        trusted = TrustedKeys.single(public_key)
+    else:
         raise InvalidInputError(
             f"the pinned release key must be ECDSA P-256; got {type(public_key).__name__}"
         )
     try:
-        public_key.verify(signed.signature, signed.document, ec.ECDSA(hashes.SHA256()))
-    except (InvalidSignature, ValueError):
+        signing.verify_threshold(trusted, "release", signed.document, signed.all_signatures(),
+                                 role="release")
+    except BadSignatureError as exc:
+        if legacy and trusted.threshold == 1 and _legacy_verifies(signed, trusted):
+            return
         raise BadSignatureError(
             f"release signature ({len(signed.signature)} bytes) does not verify with the "
-            "pinned release key"
+            f"pinned release key or the root's release keys: {exc}"
         ) from None
+
+
+def _legacy_verifies(signed: SignedRelease, trusted: TrustedKeys) -> bool:
+    for key in trusted.keys.values():
+        try:
+            key.verify(signed.signature, signed.document, ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, ValueError):
+            continue
+        return True
+    return False

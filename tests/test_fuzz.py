@@ -11,6 +11,7 @@ replaced by an arbitrary JSON value, which reaches far deeper into each parser.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -32,7 +33,8 @@ from edge_agent.reporting.drift import parse_profile
 from edge_agent.serving.core import ModelSignature
 from edge_agent.serving.grpc_server import rows_from_proto
 from edge_agent.serving.http import parse_infer_request
-from fleetcore import pki, strict_json
+from fleetcore import pki, signing, strict_json
+from fleetcore import root as fleet_root
 from fleetcore.bundle import parse_manifest
 from fleetcore.errors import UntrustedInputError
 from fleetcore.mqtt_wire import parse_message
@@ -139,6 +141,49 @@ def test_a_refused_signed_release_leaves_the_trust_state_unchanged(tmp_path_fact
         trust.accept(SignedRelease(data, sign_release(data, _KEY).signature), 1_500.0)
     except UntrustedInputError:
         assert state.read_bytes() == before
+
+
+# ---------------------------------------------------------------- roots of trust
+
+
+_ROOT_KEYS = [pki.generate_key() for _ in range(2)]
+_ROOT_V1 = fleet_root.verify_initial_root(fleet_root.sign_root(fleet_root.build_root(
+    1, 1_000.0, 9_000.0, {"root": ([k.public_key() for k in _ROOT_KEYS], 2),
+                          "release": ([_KEY.public_key()], 1),
+                          "publisher": ([_KEY.public_key()], 1),
+                          "audit": ([_ROOT_KEYS[0].public_key()], 1)}), _ROOT_KEYS))
+_VALID_ROOT_DOC = json.loads(fleet_root.parse_envelope(_ROOT_V1.envelope).payload)
+_VALID_ROOT_ENVELOPE = json.loads(_ROOT_V1.envelope)
+
+
+@given(bytes_or_mutation(_VALID_ROOT_DOC))
+def test_root_document_parser_returns_or_refuses(data: bytes) -> None:
+    try:
+        doc = fleet_root.parse_root(data)
+    except UntrustedInputError:
+        return
+    assert all(1 <= r.threshold <= len(r.keyids) for r in doc.roles.values())
+
+
+def _signed_by_the_root_keys(payload: bytes) -> bytes:
+    """An envelope around any payload, validly signed by both root keys: reaches the parser
+    behind the signature check."""
+    return json.dumps({"payloadType": signing.PURPOSES["root"],
+                       "payload": base64.b64encode(payload).decode(),
+                       "signatures": [{"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode()}
+                                      for s in (signing.sign_with_id(k, "root", payload)
+                                                for k in _ROOT_KEYS)]}).encode()
+
+
+@given(bytes_or_mutation(_VALID_ROOT_ENVELOPE)
+       | mutated(_VALID_ROOT_DOC).map(_signed_by_the_root_keys))
+def test_a_hostile_root_envelope_is_refused_and_the_trusted_root_stays(data: bytes) -> None:
+    try:
+        result = fleet_root.verify_root_update(_ROOT_V1, data, 1_500.0)
+    except UntrustedInputError:
+        return
+    # Only a properly signed next version (or the trusted root itself) gets through.
+    assert result == _ROOT_V1 or result.version == 2
 
 
 # ---------------------------------------------------------------- bundle manifests

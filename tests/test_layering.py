@@ -152,3 +152,15 @@ def test_the_agent_entry_points_load_no_trainer_control_plane_fleet_or_bench_pac
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=REPO, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+# The trust cores are pure: bytes, keys and a time in, typed objects or an error out. The
+# agent's and the control plane's shells do the I/O (files, clock, network).
+_PURE_IO = {"os", "pathlib", "socket", "sqlite3", "time", "grpc", "paho", "threading",
+            "subprocess", "shutil", "tempfile", "io", "urllib", "http"}
+PURE_TRUST = ("fleetcore/signing.py", "fleetcore/root.py", "fleetcore/release.py")
+
+
+@pytest.mark.parametrize("module", PURE_TRUST)
+def test_the_trust_cores_do_no_io(module: str) -> None:
+    assert _hits(_imports(REPO / module), _PURE_IO) == []

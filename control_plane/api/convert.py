@@ -123,6 +123,7 @@ def device_to_proto(view: DeviceView) -> admin_pb2.Device:
         transport=str(d.host.get("transport", "")),
         refused_reports=view.refused,
         alerts=[alert_to_proto(a) for a in view.alerts],
+        root_version=view.root_version,
     )
 
 

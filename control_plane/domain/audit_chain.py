@@ -2,9 +2,12 @@
 
 Each entry's hash covers the previous entry's hash, its sequence number and its fields, so
 changing, deleting or reordering any row breaks the chain at that row, and ``verify_chain``
-names the first such row. A checkpoint signs the head (size, last hash, time) with the control
-plane's signing key; kept elsewhere, it shows a later truncation (or a rewritten chain): the
-current chain must still contain the checkpoint's head at the same position.
+names the first such row. A checkpoint signs the head (size, last hash, time) with the audit
+key (HOME/keys/audit.key, listed in the root's audit role), purpose "audit-checkpoint"
+(``fleetcore.signing``: a release signature is never a checkpoint signature, nor the reverse);
+kept elsewhere, it shows a later truncation (or a rewritten chain): the current chain must
+still contain the checkpoint's head at the same position. A checkpoint verifies with any audit
+key the root chain ever listed, so one made before an audit-key rotation still verifies.
 """
 
 from __future__ import annotations
@@ -14,13 +17,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from control_plane.domain.records import AuditRecord
-from fleetcore import strict_json
-from fleetcore.errors import InvalidInputError
+from fleetcore import signing, strict_json
+from fleetcore.errors import BadSignatureError, InvalidInputError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -81,25 +82,31 @@ def _canonical(doc: dict[str, object]) -> bytes:
 
 
 def make_checkpoint(records: Sequence[AuditRecord], now: float,
-                    key: ec.EllipticCurvePrivateKey) -> tuple[bytes, bytes]:
-    """A signed head of the chain: (document, DER ECDSA-SHA256 signature)."""
+                    key: signing.SigningKey) -> tuple[bytes, bytes]:
+    """A signed head of the chain: (document, DER ECDSA-SHA256 signature, purpose
+    "audit-checkpoint")."""
     head = records[-1] if records else None
     doc = _canonical({
         "format": CHECKPOINT_FORMAT, "size": len(records),
         "hash": head.hash if head else GENESIS_HASH, "time": now,
     })
-    return doc, key.sign(doc, ec.ECDSA(hashes.SHA256()))
+    return doc, signing.sign(key, "audit-checkpoint", doc)
 
 
-def check_checkpoint(document: bytes, signature: bytes, public_key: ec.EllipticCurvePublicKey,
+def check_checkpoint(document: bytes, signature: bytes,
+                     audit_keys: ec.EllipticCurvePublicKey | Sequence[ec.EllipticCurvePublicKey],
                      records: Sequence[AuditRecord]) -> tuple[bool, str]:
-    """Does the current chain still contain the checkpoint's head where it was?"""
-    if len(document) > MAX_CHECKPOINT_BYTES or len(signature) > 512:
+    """Does the current chain still contain the checkpoint's head where it was?
+    ``audit_keys``: every audit key of the root chain (any one of them may have signed)."""
+    if len(document) > MAX_CHECKPOINT_BYTES or len(signature) > signing.MAX_SIGNATURE_BYTES:
         raise InvalidInputError("checkpoint is larger than any this control plane writes")
+    keys = [audit_keys] if isinstance(audit_keys, ec.EllipticCurvePublicKey) else audit_keys
+    trusted = signing.TrustedKeys({signing.keyid(k): k for k in keys}, 1)
     try:
-        public_key.verify(signature, document, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        return False, "checkpoint signature does not verify with this control plane's key"
+        signing.verify_threshold(trusted, "audit-checkpoint", document,
+                                 [signing.KeySignature("", signature)], role="audit")
+    except BadSignatureError:
+        return False, "checkpoint signature does not verify with any audit key of the root"
     try:
         doc = strict_json.loads(document, what="audit checkpoint",
                                 max_bytes=MAX_CHECKPOINT_BYTES)

@@ -125,6 +125,7 @@ class DeviceView:
     refused: dict[str, int] = field(default_factory=dict)
     # What detection flagged on it (clone-suspected, freeze, slow-retrieval).
     alerts: tuple[DeviceAlert, ...] = ()
+    root_version: int = 0  # the root of trust version its last heartbeat reported
 
 
 @dataclass(frozen=True)

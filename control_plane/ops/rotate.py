@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from control_plane.config import ControlPlaneConfig
+from control_plane.ops import rotate_release_key
 from control_plane.ops.rotate_bundle_key import rotate_bundle_key
 
 __all__ = ["ROTATIONS", "add_parsers", "run"]
@@ -36,6 +37,7 @@ ROTATIONS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                            Callable[[argparse.Namespace], int]]] = {
     "bundle-key": ("a new key for bundles at rest; every stored bundle re-encrypted "
                    "(resumable: run it again after an interruption)", _no_options, _bundle_key),
+    "release-key": rotate_release_key.ROTATION,
 }
 
 

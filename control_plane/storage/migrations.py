@@ -321,7 +321,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (device_id, model, version, day)
     );
     """,
-    # 13 (issue 16, detection; renumber at merge): what detection flagged per device (clone
+    # 13, issue 16 (detection): what detection flagged per device (clone
     # suspected; delivery problems the device reported), and when an operator was revoked.
     """
     CREATE TABLE device_alerts (
@@ -333,5 +333,20 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (device_id, kind)
     );
     ALTER TABLE operators ADD COLUMN revoked_at REAL;
+    """,
+    # 14, issue 16 (root of trust): every signed root, published or staged for offline signing
+    # ("pending": not yet signed by both thresholds); the root version each device reported.
+    """
+    CREATE TABLE roots (
+        version INTEGER PRIMARY KEY,
+        envelope BLOB NOT NULL,
+        state TEXT NOT NULL,        -- published | pending
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE device_roots (
+        device_id TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        reported_at REAL NOT NULL
+    );
     """,
 ]

@@ -9,6 +9,12 @@ A thin shell around the pure ``fleetcore.release`` core (the python-tuf updater 
   for expiry: a restarted agent keeps serving an expired release; it only refuses older ones.
 * A missing file means "nothing accepted yet". A corrupted or tampered file is an error, never
   a silent reset, because forgetting the mark would re-open rollback.
+* The trusted keys are the root's release keys (``root_trust.py``), or the key pinned at
+  enrollment before a root arrives. ``use_keys(..., forget=True)``: the agent adopted a root
+  whose release keys changed, and forgets its high-water mark (TUF's rule for rotated
+  timestamp/snapshot keys): after a compromise (a stolen key signed serial 99999) legitimate
+  releases flow again. A stored release signed only by a retired key counts as forgotten on
+  load (a crash between adopting the root and forgetting).
 """
 
 from __future__ import annotations
@@ -18,23 +24,26 @@ import binascii
 import json
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fleetcore import strict_json
-from fleetcore.errors import InvalidInputError, UntrustedInputError
+from fleetcore import signing, strict_json
+from fleetcore.errors import BadSignatureError, InvalidInputError, UntrustedInputError
 from fleetcore.files import atomic_write
 from fleetcore.release import (
     MAX_DOCUMENT_BYTES,
     MAX_SIGNATURE_BYTES,
+    MAX_SIGNATURES,
     ReleaseDocument,
     SignedRelease,
     TrustedMark,
     reverify_release,
     verify_release,
 )
+from fleetcore.signing import KeySignature, TrustedKeys
 
 __all__ = ["TRUST_FILE_FORMAT", "ReleaseTrust", "recorded_serial"]
 
@@ -42,21 +51,25 @@ logger = logging.getLogger(__name__)
 
 TRUST_FILE_FORMAT = "edgefleet.release-trust/v1"
 # Base64 grows data by 4/3; leave room for the JSON around it.
-_MAX_FILE_BYTES = 2 * (MAX_DOCUMENT_BYTES + MAX_SIGNATURE_BYTES) + 4096
+_MAX_FILE_BYTES = 2 * (MAX_DOCUMENT_BYTES + (1 + MAX_SIGNATURES) * (MAX_SIGNATURE_BYTES + 100)) \
+    + 4096
 _FILE_KEYS = frozenset({"format", "serial", "digest", "document", "signature"})
+# Written since releases carry key ids (k-of-n); files without it still load.
+_SIGNATURES_KEY = "signatures"
 
 
 class ReleaseTrust:
     """The release state of one device, kept in ``path`` (e.g. ``STATE/release.json``)."""
 
-    def __init__(self, path: Path, public_key: ec.EllipticCurvePublicKey, device_id: str) -> None:
+    def __init__(self, path: Path, public_key: ec.EllipticCurvePublicKey | TrustedKeys,
+                 device_id: str, *, retired: Sequence[ec.EllipticCurvePublicKey] = ()) -> None:
         self._path = Path(path)
         self._public_key = public_key
         self._device_id = device_id
         self._lock = threading.Lock()
         self._mark: TrustedMark | None = None
         self._current: ReleaseDocument | None = None
-        loaded = self._load()
+        loaded = self._load(retired)
         if loaded is not None:
             self._current = loaded
             self._mark = TrustedMark(serial=loaded.serial, digest=loaded.digest)
@@ -68,6 +81,18 @@ class ReleaseTrust:
     @property
     def current(self) -> ReleaseDocument | None:
         return self._current
+
+    def use_keys(self, keys: ec.EllipticCurvePublicKey | TrustedKeys, *, forget: bool) -> None:
+        """Verify from now on with ``keys``; ``forget``: drop the high-water mark and the
+        stored release (signed by a key that is retired now). Installed models keep serving."""
+        with self._lock:
+            self._public_key = keys
+            if forget and self._mark is not None:
+                log_serial = self._mark.serial
+                self._path.unlink(missing_ok=True)
+                self._mark, self._current = None, None
+                logger.warning("release keys changed with the root: forgot serial %d",
+                               log_serial)
 
     def accept(self, signed: SignedRelease, now: float) -> tuple[ReleaseDocument, bool]:
         """Verify ``signed`` at ``now``; persist it if it is newer. Returns (document, changed).
@@ -86,7 +111,7 @@ class ReleaseTrust:
             if self._mark is not None and doc.serial == self._mark.serial:
                 # verify_release has checked that the digest matches: a re-delivery.
                 return doc, False
-            atomic_write(self._path, _encode_file(signed, doc))
+            atomic_write(self._path, _encode_file(_verified_only(signed, self._public_key), doc))
             previous = self._mark
             self._current = doc
             self._mark = TrustedMark(serial=doc.serial, digest=doc.digest)
@@ -99,7 +124,7 @@ class ReleaseTrust:
         )
         return doc, True
 
-    def _load(self) -> ReleaseDocument | None:
+    def _load(self, retired: Sequence[ec.EllipticCurvePublicKey]) -> ReleaseDocument | None:
         try:
             with self._path.open("rb") as fh:
                 data = fh.read(_MAX_FILE_BYTES + 1)
@@ -107,9 +132,20 @@ class ReleaseTrust:
             return None
         try:
             serial, digest, signed = _decode_file(data)
+            if retired and _signed_only_by(signed, retired, self._public_key, self._device_id):
+                logger.warning("stored release serial %d was signed by a retired release key; "
+                               "forgetting it", serial)
+                self._path.unlink(missing_ok=True)
+                return None
+            # legacy: a release stored before signatures carried their purpose still loads.
+            legacy = _SIGNATURES_KEY not in strict_json.loads(
+                data, what="the file", max_bytes=_MAX_FILE_BYTES)
             doc = reverify_release(
-                signed, public_key=self._public_key, device_id=self._device_id
+                signed, public_key=self._public_key, device_id=self._device_id, legacy=legacy
             )
+            if not legacy and _verified_only(signed, self._public_key) != signed:
+                raise InvalidInputError("a stored signature does not verify (only verified "
+                                        "signatures are written)")
         except UntrustedInputError as exc:
             raise InvalidInputError(
                 f"release trust file {self._path} is corrupted or tampered with ({exc}); "
@@ -123,6 +159,38 @@ class ReleaseTrust:
         return doc
 
 
+def _verified_only(signed: SignedRelease,
+                   keys: ec.EllipticCurvePublicKey | TrustedKeys) -> SignedRelease:
+    """``signed`` with only the signatures that verify with ``keys`` (what is persisted)."""
+    trusted = keys if isinstance(keys, TrustedKeys) else TrustedKeys.single(keys)
+
+    def good(sig: bytes, keyids: list[str]) -> bool:
+        for kid in keyids:
+            try:
+                signing.verify(trusted.keys[kid], "release", signed.document, sig)
+            except (BadSignatureError, InvalidInputError):
+                continue
+            return True
+        return False
+
+    legacy = signed.signature if good(signed.signature, list(trusted.keys)) else b""
+    keyed = tuple(s for s in signed.signatures
+                  if s.keyid in trusted.keys and good(s.sig, [s.keyid]))
+    return SignedRelease(signed.document, legacy, signatures=keyed)
+
+
+def _signed_only_by(signed: SignedRelease, retired: Sequence[ec.EllipticCurvePublicKey],
+                    current: ec.EllipticCurvePublicKey | TrustedKeys, device_id: str) -> bool:
+    def verifies(keys: ec.EllipticCurvePublicKey | TrustedKeys) -> bool:
+        try:
+            reverify_release(signed, public_key=keys, device_id=device_id, legacy=True)
+        except BadSignatureError:
+            return False
+        return True
+
+    return not verifies(current) and any(verifies(k) for k in retired)
+
+
 def _encode_file(signed: SignedRelease, doc: ReleaseDocument) -> bytes:
     record = {
         "format": TRUST_FILE_FORMAT,
@@ -130,6 +198,8 @@ def _encode_file(signed: SignedRelease, doc: ReleaseDocument) -> bytes:
         "digest": doc.digest,
         "document": base64.b64encode(signed.document).decode("ascii"),
         "signature": base64.b64encode(signed.signature).decode("ascii"),
+        _SIGNATURES_KEY: [{"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")}
+                          for s in signed.signatures],
     }
     return json.dumps(record, sort_keys=True, indent=1).encode("ascii") + b"\n"
 
@@ -150,7 +220,7 @@ def recorded_serial(path: Path) -> int:
 
 def _decode_file(data: bytes) -> tuple[int, str, SignedRelease]:
     record: Any = strict_json.loads(data, what="the file", max_bytes=_MAX_FILE_BYTES)
-    if not isinstance(record, dict) or record.keys() != _FILE_KEYS:
+    if not isinstance(record, dict) or record.keys() - {_SIGNATURES_KEY} != _FILE_KEYS:
         got = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise InvalidInputError(f"expected a JSON object with keys {sorted(_FILE_KEYS)}; got {got}")
     if record["format"] != TRUST_FILE_FORMAT:
@@ -163,9 +233,24 @@ def _decode_file(data: bytes) -> tuple[int, str, SignedRelease]:
     try:
         document = base64.b64decode(_ascii(record["document"], "document"), validate=True)
         signature = base64.b64decode(_ascii(record["signature"], "signature"), validate=True)
+        signatures = _signatures(record.get(_SIGNATURES_KEY, []))
     except binascii.Error as exc:
         raise InvalidInputError(f"document or signature is not valid base64: {exc}") from None
-    return serial, digest, SignedRelease(document=document, signature=signature)
+    return serial, digest, SignedRelease(document=document, signature=signature,
+                                         signatures=signatures)
+
+
+def _signatures(raw: object) -> tuple[KeySignature, ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_SIGNATURES:
+        raise InvalidInputError(f"signatures must be a list of at most {MAX_SIGNATURES}")
+    out = []
+    for entry in raw:
+        if not isinstance(entry, dict) or entry.keys() != {"keyid", "sig"} or not isinstance(
+                entry["keyid"], str) or len(entry["keyid"]) > 64:
+            raise InvalidInputError("each signature must be {keyid, sig}")
+        out.append(KeySignature(entry["keyid"],
+                                base64.b64decode(_ascii(entry["sig"], "sig"), validate=True)))
+    return tuple(out)
 
 
 def _ascii(value: object, where: str) -> bytes:

@@ -29,7 +29,16 @@ from edgefleet.v1 import agent_pb2, common_pb2
 from fleetcore.errors import EdgefleetError, InvalidInputError, TransportError
 from fleetcore.otel import check_carrier
 from fleetcore.pki import MAX_CERT_BYTES
-from fleetcore.release import MAX_DOCUMENT_BYTES, MAX_SIGNATURE_BYTES, SignedRelease
+from fleetcore.release import (
+    MAX_DOCUMENT_BYTES,
+    MAX_SIGNATURE_BYTES,
+    MAX_SIGNATURES,
+    SignedRelease,
+)
+from fleetcore.root import MAX_ENVELOPE_BYTES
+from fleetcore.signing import KeySignature
+
+MAX_ROOTS = 16  # roots in one event (the control plane sends at most 8)
 
 __all__ = ["MAX_CHUNK_BYTES", "RefusedError", "Transport"]
 
@@ -58,6 +67,11 @@ class Transport(abc.ABC):
         # This agent process's random session id (the daemon sets it), sent where a request
         # has room for it (the Sync stream): the control plane tells clones apart by it.
         self.session_id = ""
+        # Signed roots of trust that came with the event the implementation yielded last
+        # (unverified envelopes); ``releases`` hands them to ``on_roots`` before the release.
+        self.last_roots: list[bytes] = []
+        self.on_roots: Callable[[list[bytes]], None] = lambda roots: None
+        self.have_root_version = 0  # the agent's root version, sent when a stream opens
 
     # ------------------------------------------------------------------ the public surface
     async def heartbeat(
@@ -96,15 +110,31 @@ class Transport(abc.ABC):
                     raise self._wrapped("release stream", exc) from exc
                 if len(release.document) > MAX_DOCUMENT_BYTES or (
                     len(release.signature) > MAX_SIGNATURE_BYTES
+                ) or len(release.signatures) > MAX_SIGNATURES or any(
+                    len(s.keyid) > 64 or len(s.sig) > MAX_SIGNATURE_BYTES
+                    for s in release.signatures
                 ):
                     raise InvalidInputError(
                         f"release document of {len(release.document)} bytes with a signature of "
                         f"{len(release.signature)}; the limits are {MAX_DOCUMENT_BYTES} and "
                         f"{MAX_SIGNATURE_BYTES}"
                     )
+                roots, self.last_roots = self.last_roots, []
+                if len(roots) > MAX_ROOTS or any(
+                        len(r) > MAX_ENVELOPE_BYTES for r in roots):
+                    raise InvalidInputError(
+                        f"{len(roots)} roots of up to {max(map(len, roots))} bytes; the limits "
+                        f"are {MAX_ROOTS} and {MAX_ENVELOPE_BYTES}")
+                if roots:
+                    self.on_roots(roots)  # verified (and persisted) before the release
+                if not release.document and not release.signature:
+                    continue  # only the root changed
                 trace = tuple(sorted(check_carrier(self.last_trace_context).items()))
                 self.last_trace_context = {}
-                yield SignedRelease(bytes(release.document), bytes(release.signature), trace)
+                yield SignedRelease(
+                    bytes(release.document), bytes(release.signature), trace,
+                    tuple(KeySignature(s.keyid, bytes(s.sig)) for s in release.signatures),
+                )
         finally:
             await stream.aclose()
 

@@ -489,7 +489,7 @@ class CreateEnrollmentTokenResponse(_message.Message):
     def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[float] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("id", "labels", "status", "enrolled_at", "last_seen", "agent_version", "host", "models", "certificate_serial", "certificate_expires_at", "revoked_at", "transport", "refused_reports", "alerts")
+    __slots__ = ("id", "labels", "status", "enrolled_at", "last_seen", "agent_version", "host", "models", "certificate_serial", "certificate_expires_at", "revoked_at", "transport", "refused_reports", "alerts", "root_version")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -518,6 +518,7 @@ class Device(_message.Message):
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     REFUSED_REPORTS_FIELD_NUMBER: _ClassVar[int]
     ALERTS_FIELD_NUMBER: _ClassVar[int]
+    ROOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     id: str
     labels: _containers.ScalarMap[str, str]
     status: DeviceStatus
@@ -532,7 +533,8 @@ class Device(_message.Message):
     transport: str
     refused_reports: _containers.ScalarMap[str, int]
     alerts: _containers.RepeatedCompositeFieldContainer[DeviceAlert]
-    def __init__(self, id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[DeviceStatus, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., certificate_serial: _Optional[str] = ..., certificate_expires_at: _Optional[float] = ..., revoked_at: _Optional[float] = ..., transport: _Optional[str] = ..., refused_reports: _Optional[_Mapping[str, int]] = ..., alerts: _Optional[_Iterable[_Union[DeviceAlert, _Mapping]]] = ...) -> None: ...
+    root_version: int
+    def __init__(self, id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[DeviceStatus, str]] = ..., enrolled_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., certificate_serial: _Optional[str] = ..., certificate_expires_at: _Optional[float] = ..., revoked_at: _Optional[float] = ..., transport: _Optional[str] = ..., refused_reports: _Optional[_Mapping[str, int]] = ..., alerts: _Optional[_Iterable[_Union[DeviceAlert, _Mapping]]] = ..., root_version: _Optional[int] = ...) -> None: ...
 
 class DeviceAlert(_message.Message):
     __slots__ = ("kind", "detail", "since", "updated_at")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64gefleet/v1/common.proto\x12\x0c\x65\x64gefleet.v1\"x\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\n\n\x02os\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x11\n\tcpu_count\x18\x04 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x16\n\x0epython_version\x18\x06 \x01(\t\"v\n\x0eInstalledModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05state\x18\x03 \x01(\t\x12\x15\n\rbundle_digest\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07serving\x18\x06 \x01(\x08\"4\n\rSignedRelease\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64gefleet/v1/common.proto\x12\x0c\x65\x64gefleet.v1\"x\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\n\n\x02os\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x11\n\tcpu_count\x18\x04 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x16\n\x0epython_version\x18\x06 \x01(\t\"v\n\x0eInstalledModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05state\x18\x03 \x01(\t\x12\x15\n\rbundle_digest\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07serving\x18\x06 \x01(\x08\"d\n\rSignedRelease\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12.\n\nsignatures\x18\x03 \x03(\x0b\x32\x1a.edgefleet.v1.KeySignature\"*\n\x0cKeySignature\x12\r\n\x05keyid\x18\x01 \x01(\t\x12\x0b\n\x03sig\x18\x02 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,5 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INSTALLEDMODEL']._serialized_start=165
   _globals['_INSTALLEDMODEL']._serialized_end=283
   _globals['_SIGNEDRELEASE']._serialized_start=285
-  _globals['_SIGNEDRELEASE']._serialized_end=337
+  _globals['_SIGNEDRELEASE']._serialized_end=385
+  _globals['_KEYSIGNATURE']._serialized_start=387
+  _globals['_KEYSIGNATURE']._serialized_end=429
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -37,9 +39,19 @@ class InstalledModel(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., bundle_digest: _Optional[str] = ..., reason: _Optional[str] = ..., serving: _Optional[bool] = ...) -> None: ...
 
 class SignedRelease(_message.Message):
-    __slots__ = ("document", "signature")
+    __slots__ = ("document", "signature", "signatures")
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
     document: bytes
     signature: bytes
-    def __init__(self, document: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    signatures: _containers.RepeatedCompositeFieldContainer[KeySignature]
+    def __init__(self, document: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signatures: _Optional[_Iterable[_Union[KeySignature, _Mapping]]] = ...) -> None: ...
+
+class KeySignature(_message.Message):
+    __slots__ = ("keyid", "sig")
+    KEYID_FIELD_NUMBER: _ClassVar[int]
+    SIG_FIELD_NUMBER: _ClassVar[int]
+    keyid: str
+    sig: bytes
+    def __init__(self, keyid: _Optional[str] = ..., sig: _Optional[bytes] = ...) -> None: ...
