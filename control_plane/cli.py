@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"next: control-plane serve --home {done.path} (agents need nothing)")
             return 0
         if args.command in ("rotate", "root"):
-            return rotate.run(args) if args.command == "rotate" else roots_cli.run(args)
+            return rotate.run(args)
         cfg = ControlPlaneConfig.load(args.home)
         if args.command == "backup":
             done = backup(cfg.home, args.out)

@@ -29,7 +29,8 @@ from fleetcore.errors import InvalidInputError, NotFoundError
 from fleetcore.files import atomic_write
 from fleetcore.signing import SigningKey
 
-__all__ = ["add_parsers", "install_pending_release_key", "root_keys_from", "run"]
+__all__ = ["add_parsers", "install_pending_keys", "install_pending_release_key", "root_key_paths",
+           "root_keys_from", "run"]
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                         "published once both thresholds hold")
     sign.add_argument("--home", required=True, type=Path)
     add_root_key_option(sign)
+    renew = what.add_parser("renew", help="the same keys in a new root version with a new "
+                                          "expiry (before the current one expires)")
+    renew.add_argument("--home", required=True, type=Path)
+    add_root_key_option(renew)
+    init = what.add_parser("init", help="a root of trust for a home made before roots existed")
+    init.add_argument("--home", required=True, type=Path)
+    init.add_argument("--count", type=int, default=3, help="root keys (default 3)")
+    init.add_argument("--threshold", type=int, default=2,
+                      help="signatures a later root needs from them (default 2)")
 
 
 def add_root_key_option(p: argparse.ArgumentParser) -> None:
@@ -65,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         result = sign_pending(store, root_keys_from(args, cfg), time.time())
         report(result)
         if result.published:
-            install_pending_release_key(cfg, store)
+            install_pending_keys(cfg, store)
         return 0
     finally:
         store.close()
@@ -85,19 +95,37 @@ def install_pending_release_key(cfg: ControlPlaneConfig, store: Store) -> bool:
     """Once a root listing the staged release key is published, make it the release key (the
     serving control plane picks it up: KeyWatch)."""
     lay = cfg.layout
-    pending = lay.release_key.with_name("pending-release.key")
+    return _install_pending(store, "release", lay.release_key, lay.release_pub)
+
+
+def install_pending_keys(cfg: ControlPlaneConfig, store: Store) -> None:
+    """Install every staged key (release, audit) that the published root now lists."""
+    lay = cfg.layout
+    _install_pending(store, "release", lay.release_key, lay.release_pub)
+    _install_pending(store, "audit", lay.audit_key, lay.audit_pub)
+
+
+def root_key_paths(folder: Path) -> list[Path]:
+    """Every root key file (private and public halves) in ``folder``."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".key", ".pub"))
+
+
+def _install_pending(store: Store, role: str, key_path: Path, pub_path: Path) -> bool:
+    pending = key_path.with_name(f"pending-{role}.key")
     if not pending.exists():
         return False
     key = pki.load_private_key(pending.read_bytes())
     current = RootBook(store).current()
     if current is None or fleet_root.keyid(key.public_key()) not in (
-            current.root.roles["release"].keyids):
+            current.root.roles[role].keyids):
         return False
     # Private half first: KeyWatch loads only a matching pair, so never a mixed one.
-    atomic_write(lay.release_key, pki.private_key_pem(key), mode=0o600)
-    atomic_write(lay.release_pub, pki.public_key_pem(key))
+    atomic_write(key_path, pki.private_key_pem(key), mode=0o600)
+    atomic_write(pub_path, pki.public_key_pem(key))
     os.unlink(pending)
-    print(f"release key {fleet_root.keyid(key.public_key())[:16]} installed in {lay.release_key}")
+    print(f"{role} key {fleet_root.keyid(key.public_key())[:16]} installed in {key_path}")
     return True
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from control_plane.config import ControlPlaneConfig
-from control_plane.ops import rotate_release_key
+from control_plane.ops import roots_cli, rotate_release_key, rotate_roots
 from control_plane.ops.rotate_bundle_key import rotate_bundle_key
 
 __all__ = ["ROTATIONS", "add_parsers", "run"]
@@ -38,6 +38,8 @@ ROTATIONS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
     "bundle-key": ("a new key for bundles at rest; every stored bundle re-encrypted "
                    "(resumable: run it again after an interruption)", _no_options, _bundle_key),
     "release-key": rotate_release_key.ROTATION,
+    "audit-key": rotate_roots.AUDIT_KEY_ROTATION,
+    "root-keys": rotate_roots.ROOT_KEYS_ROTATION,
 }
 
 
@@ -49,4 +51,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`rotate WHAT` and `root show|sign|renew|init`."""
+    if args.command == "root":
+        if args.root_command == "renew":
+            return rotate_roots.renew_root(args)
+        if args.root_command == "init":
+            return rotate_roots.init_root(args)
+        return roots_cli.run(args)
     return ROTATIONS[args.what][2](args)
