@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from control_plane.config import ControlPlaneConfig, parse_hostport
-from control_plane.ops import rotate
+from control_plane.ops import roots_cli, rotate
 from control_plane.ops.backup import backup, restore
 from control_plane.ops.home import init_home
 from control_plane.ops.mqtt_config import write_broker_config
@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--san", action="append", default=[], metavar="NAME",
                       help="extra DNS name or IP for the server certificate (repeatable)")
     init.add_argument("--force", action="store_true", help="replace an existing home")
+    init.add_argument("--root-keys", type=int, default=3, metavar="N",
+                      help="root keys to make under HOME/root-keys/ (default 3; move them "
+                           "offline afterwards)")
+    init.add_argument("--root-threshold", type=int, default=2, metavar="K",
+                      help="root keys that must sign a new root (default 2)")
 
     serve = sub.add_parser("serve", help="serve the mTLS API and the enrollment endpoint")
     serve.add_argument("--home", required=True, type=Path)
@@ -60,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     mq.add_argument("--data-dir", type=Path, metavar="DIR",
                     help="writable directory for the broker's persistence and pid file "
                          "(default: BROKER_DIR/data)")
+
+    roots_cli.add_parsers(sub)
 
     rot = sub.add_parser("rotate", help="rotate a key or certificate beside a serving control "
                                         "plane (docs/operator-guide.md, Rotate)")
@@ -94,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if args.command == "init":
-            cfg = init_home(args.home, sans=args.san, force=args.force)
+            cfg = init_home(args.home, sans=args.san, force=args.force,
+                            root_keys=args.root_keys, root_threshold=args.root_threshold)
             print(f"initialised {cfg.home}")
             admin = cfg.layout.operator_dir("admin") / operator_config.CONFIG_FILE
             print(f"admin client config: {admin}")
@@ -105,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"chain intact: {done.audit_entries} entries")
             print(f"next: control-plane serve --home {done.path} (agents need nothing)")
             return 0
-        if args.command == "rotate":
-            return rotate.run(args)
+        if args.command in ("rotate", "root"):
+            return rotate.run(args) if args.command == "rotate" else roots_cli.run(args)
         cfg = ControlPlaneConfig.load(args.home)
         if args.command == "backup":
             done = backup(cfg.home, args.out)

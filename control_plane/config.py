@@ -112,6 +112,19 @@ class HomeLayout:
         return self.home / "keys" / "release.pub"
 
     @property
+    def audit_key(self) -> Path:
+        return self.home / "keys" / "audit.key"
+
+    @property
+    def audit_pub(self) -> Path:
+        return self.home / "keys" / "audit.pub"
+
+    @property
+    def root_keys(self) -> Path:
+        """The root keys made by init (move them offline: only signed roots are needed)."""
+        return self.home / "root-keys"
+
+    @property
     def publisher_key(self) -> Path:
         return self.home / "publisher" / "publisher.key"
 

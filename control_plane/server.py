@@ -80,6 +80,8 @@ class ControlPlane:
         self.services = Services.build(config, self.store, self.authority, clock=clock)
         self.notifier = DeviceNotifier()
         self.keywatch = KeyWatch(config)
+        self._root_version = -1  # the root version devices were last told about
+        self.on_root_changed: list[Callable[[], None]] = []
         # Called with the new Authority after a rotation was loaded (e.g. the broker's files).
         self.on_keys_changed: list[Callable[[Authority], None]] = []
         self.services.ctx.on_device_change = self._device_changed
@@ -161,6 +163,7 @@ class ControlPlane:
             refresh_crl(self.mqtt, self.authority, self.store, time.time())
             self.bridge = MqttBridge(self.services, self.config.mqtt_url, self.config.home,
                                      self.mqtt, tracing=self.tracing)
+            self.on_root_changed.append(self.bridge.roots_changed)
             await self.bridge.start()
         # Staged rollouts advance on a schedule; their state lives in storage, so a restarted
         # control plane resumes them where they were.
@@ -206,7 +209,17 @@ class ControlPlane:
             raise
 
     async def _reload_keys(self) -> None:
-        """A rotation command changed the home's keys: use them from now on."""
+        """A rotation command changed the home's keys: use them from now on. A new root
+        (published by a command beside this process) goes to every device first: a release
+        signed by a new key must never reach an agent before the root that lists the key."""
+        ctx = self.services.ctx
+        version = ctx.roots.version()
+        if version != self._root_version:
+            self._root_version = version
+            for notify in self.on_root_changed:
+                notify()
+            for device in self.store.list_devices():
+                ctx.device_changed(device.id)
         loaded = self.keywatch.poll()
         if loaded is None:
             return

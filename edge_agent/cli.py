@@ -14,6 +14,7 @@ from edge_agent.daemon import Agent
 from edge_agent.identity import load_credentials
 from edge_agent.install.model_store import ModelStore
 from edge_agent.install.release_trust import recorded_serial
+from edge_agent.install.root_trust import recorded_root_version
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.transport import TRANSPORTS
 from fleetcore.cli import print_json, print_table, run_main, setup_logging
@@ -109,6 +110,7 @@ def _status(state_dir: Path, as_json: bool) -> int:
         "last_error": live.get("last_error"),
         "consecutive_failures": live.get("consecutive_failures", 0),
         "release_serial": recorded_serial(state.release),
+        "root_version": recorded_root_version(state.root_file),
         # What the running agent serves each version with (variant, threads, graph
         # optimisation), as of its last status write.
         "runtimes": live.get("runtimes", {}),
@@ -134,6 +136,7 @@ def _status(state_dir: Path, as_json: bool) -> int:
                 ("last_error", doc["last_error"] or "-"),
                 ("certificate", f"{creds.serial} (expires {_ts(creds.not_after)})"),
                 ("release_serial", doc["release_serial"] or "-"),
+                ("root_version", doc["root_version"] or "- (keys pinned at enrollment)"),
             ],
         )
         if models:

@@ -29,6 +29,7 @@ from edge_agent.identity import Credentials, install_renewed, load_credentials, 
 from edge_agent.install.model_store import ModelStore
 from edge_agent.install.probation import ProbationPolicy
 from edge_agent.install.release_trust import ReleaseTrust
+from edge_agent.install.root_trust import RootTrust
 from edge_agent.install.smoke import SmokeLimits, run_smoke_isolated
 from edge_agent.install.updater import Updater
 from edge_agent.reporting.drift import DriftConfig
@@ -40,6 +41,7 @@ from edge_agent.supervisor import ServingSupervisor
 from edge_agent.tracing import AgentTracing
 from edge_agent.transport import RefusedError, Transport, make_transport
 from fleetcore import pki
+from fleetcore import root as fleet_root
 from fleetcore.addresses import parse_hostport
 from fleetcore.errors import EdgefleetError, TransportError, UntrustedInputError
 from fleetcore.release import ReleaseDocument, SignedRelease
@@ -79,15 +81,20 @@ class Agent:
                                           self.config.labels)
         self.backoff = Backoff(self.config.backoff_initial_seconds, self.config.backoff_max_seconds)
         self.creds: Credentials = load_credentials(self.state)
+        # The root of trust names the release and publisher keys; an agent enrolled before
+        # roots uses the keys pinned at enrollment until its first root arrives.
+        self.pinned_release_key = pki.load_public_key(self.state.release_pub.read_bytes())
+        self.roots = RootTrust(self.state.root_file)
         self.trust = ReleaseTrust(self.state.release,
-                                  pki.load_public_key(self.state.release_pub.read_bytes()),
-                                  self.config.device_id)
+                                  self.roots.release_keys() or self.pinned_release_key,
+                                  self.config.device_id,
+                                  retired=self.roots.retired_release_keys())
         limits = SmokeLimits(call_timeout_s=self.config.smoke_timeout_seconds,
                              load_timeout_s=self.config.smoke_load_timeout_seconds,
                              latency_budget_s=self.config.smoke_latency_budget_ms / 1e3,
                              memory_bytes=int(self.config.smoke_memory_mb * 1024**2))
         self.models = ModelStore(self.state.models,
-                                 verify=Updater.verifier(self.state.publisher_keys()),
+                                 verify=self._verify_bundle,
                                  smoke=functools.partial(run_smoke_isolated, limits=limits),
                                  on_transition=self._on_transition)
         self.models.recover()
@@ -123,6 +130,8 @@ class Agent:
         self.started_at = clock()
         self.heartbeats = 0
         self.transport: Transport = make_transport(self.config, self.state, lambda: self.creds)
+        self.transport.on_roots = self._adopt_roots
+        self.transport.have_root_version = self.roots.version
         if self.tracing.enabled:
             self.transport.trace_metadata = self.tracing.metadata
         self._stop: asyncio.Event | None = None
@@ -137,6 +146,7 @@ class Agent:
             "last_heartbeat": None,
             "last_error": None,
             "consecutive_failures": 0,
+            "root_version": self.roots.version,
         }
 
     # ------------------------------------------------------------------ control
@@ -322,7 +332,46 @@ class Agent:
             uptime_seconds=int(max(0.0, self.clock() - self.started_at)),
             release_serial=self.trust.mark.serial if self.trust.mark is not None else 0,
             release_digest=self.trust.mark.digest if self.trust.mark is not None else "",
+            root_version=self.roots.version,
         )
+
+    # ------------------------------------------------------------------ roots of trust
+    def _publisher_pems(self) -> list[bytes]:
+        from_root = self.roots.publisher_pems()
+        return from_root if from_root is not None else self.state.publisher_keys()
+
+    def _verify_bundle(self, path: Path) -> dict[str, Any]:
+        """Bundles verify with the current root's publisher keys (read per bundle)."""
+        return Updater.verifier(self._publisher_pems())(path)
+
+    def _adopt_roots(self, envelopes: list[bytes]) -> None:
+        """Verify and persist delivered roots; move the release trust to the new release keys
+        (forgetting the serial when they changed). A refused root leaves everything as it was
+        and is reported; the stream goes on."""
+        before = self.roots.release_keys()
+        error: UntrustedInputError | None = None
+        try:
+            if self.roots.current is None:  # enrolled before roots: TOFU-free first pin
+                ordered = sorted(envelopes, key=fleet_root.envelope_version)
+                self.roots.pin(ordered[0], pinned_release_key=self.pinned_release_key)
+                envelopes = ordered[1:]
+            if envelopes:
+                error = self.roots.update(envelopes, self.clock()).error
+        except UntrustedInputError as exc:
+            error = exc
+        after = self.roots.release_keys()
+        if after is not None and (before is None or set(after.keys) != set(before.keys)
+                                  or after.threshold != before.threshold):
+            self.trust.use_keys(after, forget=before is not None
+                                or self.pinned_release_key not in after.keys.values())
+        self.transport.have_root_version = self.roots.version
+        self._set_status(root_version=self.roots.version)
+        if error is not None:
+            log.error("root refused: %s", error)
+            self._record_error("root", str(error))
+            self._emit("root-refused", {"error": str(error)})
+        else:
+            self._emit("root", {"version": self.roots.version})
 
     # ------------------------------------------------------------------ releases
     async def _sync_loop(self) -> None:
@@ -339,6 +388,8 @@ class Agent:
                 releases = self.transport.releases(have)
                 async with contextlib.aclosing(releases):
                     while (signed := await self._next_release(releases)) is not None:
+                        if self.roots.current is not None:  # TUF 5.3.10: expired, frozen
+                            fleet_root.check_current(self.roots.current.root, self.clock())
                         doc, changed = self.trust.accept(signed, self.clock())
                         self.tracing.release(doc, dict(signed.trace_context))
                         log.info("release serial %d accepted%s", doc.serial,

@@ -11,8 +11,10 @@ from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 from edge_agent._version import __version__
 from edge_agent.hostinfo import host_facts
+from edge_agent.install.root_trust import RootTrust
 from edge_agent.state import AgentConfig, StateDir
-from fleetcore import pki
+from fleetcore import pki, signing
+from fleetcore import root as fleet_root
 from fleetcore.errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -87,11 +89,7 @@ def enroll(
         )
     if cert.public_key() != key.public_key():
         raise InvalidInputError("enrollment answer certificate is not for the key we sent")
-    pki.load_public_key(reply.release_public_key_pem)
-    if len(reply.publisher_public_keys_pem) > MAX_PUBLISHER_KEYS:
-        raise InvalidInputError(f"more than {MAX_PUBLISHER_KEYS} publisher keys in the answer")
-    for pem in reply.publisher_public_keys_pem:
-        pki.load_public_key(pem)
+    pinned_root = _check_keys(reply)
     if transport == "mqtt" and not reply.mqtt_url:
         raise InvalidInputError(
             "--transport mqtt: the control plane names no MQTT broker (start it with --mqtt URL)"
@@ -104,6 +102,9 @@ def enroll(
     atomic_write(state.release_pub, reply.release_public_key_pem)
     for i, pem in enumerate(reply.publisher_public_keys_pem):
         atomic_write(state.publishers_dir / f"publisher-{i}.pub", pem)
+    state.root_file.unlink(missing_ok=True)  # --force: a new enrollment, a new chain
+    if pinned_root is not None:
+        RootTrust(state.root_file).pin(pinned_root.envelope)
     cfg = AgentConfig(
         device_id=reply.device_id,
         api_address=reply.api_address,
@@ -115,3 +116,20 @@ def enroll(
     cfg.save(state)
     log.info("enrolled as %s; API %s", cfg.device_id, cfg.api_address)
     return cfg
+
+
+def _check_keys(reply: agent_pb2.EnrollResponse) -> fleet_root.SignedRoot | None:
+    """Check the answer's keys; return the root to pin (None from a control plane older than
+    roots): self-signed by a threshold of its root keys, listing the answer's release key."""
+    pki.load_public_key(reply.release_public_key_pem)
+    if len(reply.publisher_public_keys_pem) > MAX_PUBLISHER_KEYS:
+        raise InvalidInputError(f"more than {MAX_PUBLISHER_KEYS} publisher keys in the answer")
+    for pem in reply.publisher_public_keys_pem:
+        pki.load_public_key(pem)
+    if not reply.root:
+        return None
+    pinned = fleet_root.verify_initial_root(reply.root)
+    if signing.keyid(pki.load_public_key(reply.release_public_key_pem)) not in (
+            pinned.root.roles["release"].keyids):
+        raise InvalidInputError("enrollment answer's root does not list its release key")
+    return pinned

@@ -35,6 +35,11 @@ class StateDir:
         return self.root / "trust" / "release.pub"
 
     @property
+    def root_file(self) -> Path:
+        """The chain of accepted roots of trust (``install/root_trust.py``)."""
+        return self.root / "trust" / "root.json"
+
+    @property
     def publishers_dir(self) -> Path:
         return self.root / "trust" / "publishers"
 

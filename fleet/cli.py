@@ -113,6 +113,7 @@ def device_json(d: admin_pb2.Device) -> dict[str, Any]:
         "revoked_at": d.revoked_at or None,
         "transport": d.transport or None,
         "refused_reports": dict(sorted(d.refused_reports.items())),
+        "root_version": d.root_version,
     }
 
 
@@ -132,6 +133,7 @@ def _show_device(d: admin_pb2.Device, as_json: bool) -> None:
         ("hostname", d.host.hostname or "-"),
         ("platform", f"{d.host.os} {d.host.arch}".strip() or "-"),
         ("certificate", f"{d.certificate_serial} (expires {ts(d.certificate_expires_at)})"),
+        ("root_version", d.root_version or "-"),
     ]
     if d.revoked_at:
         rows.append(("revoked_at", ts(d.revoked_at)))

@@ -37,6 +37,7 @@ __all__ = [
     "DEVICE_PREFIX",
     "ERROR_PROPERTY",
     "MAX_MESSAGE_BYTES",
+    "ROOTS_TOPIC",
     "SESSION_EXPIRY_SECONDS",
     "BrokerUrl",
     "Leaf",
@@ -47,6 +48,9 @@ __all__ = [
 ]
 
 DEVICE_PREFIX = "edgefleet/v1/dev"
+# Retained, fleet-wide, readable by every device: a SyncEvent holding only ``roots``, the
+# latest signed roots of trust (oldest first; fleetcore/root.py verifies them on the agent).
+ROOTS_TOPIC = "edgefleet/v1/fleet/roots"
 ERROR_PROPERTY = "error"
 # The largest MQTT message either side sends or accepts (a telemetry batch is at most 1 MiB of
 # payloads, a bundle chunk 256 KiB); the broker's max_packet_size is set a little above it.

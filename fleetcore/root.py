@@ -60,6 +60,7 @@ __all__ = [
     "encode_root",
     "envelope_version",
     "keyid",
+    "next_root",
     "parse_envelope",
     "parse_root",
     "role_keys",
@@ -190,6 +191,18 @@ def build_root(
         raise InvalidInputError(f"unknown roles {sorted(unknown)}; expected {list(ROLES)}")
     root = RootDocument(version, float(issued_at), float(expires_at), keys, specs)
     return parse_root(encode_root(root))  # one set of rules
+
+
+def next_root(root: RootDocument, issued_at: float, expires_at: float,
+              changes: Mapping[str, tuple[Sequence[ec.EllipticCurvePublicKey], int]]
+              ) -> RootDocument:
+    """The root after ``root``: version + 1, new times, ``changes`` {role: (keys, threshold)}
+    replacing those roles; the other roles keep their keys and thresholds."""
+    roles: dict[str, tuple[Sequence[ec.EllipticCurvePublicKey], int]] = {
+        name: ([root.keys[kid] for kid in spec.keyids], spec.threshold)
+        for name, spec in root.roles.items()}
+    roles.update(changes)
+    return build_root(root.version + 1, issued_at, expires_at, roles)
 
 
 def encode_root(root: RootDocument) -> bytes:

@@ -25,7 +25,7 @@ from edge_agent.state import StateDir
 from fleet.cli import main as fleet_main
 from fleetcore import pki
 from fleetcore.errors import AuthenticationError
-from fleetcore.mqtt_wire import Leaf, topic
+from fleetcore.mqtt_wire import ROOTS_TOPIC, Leaf, topic
 from tests.mqtt_support import connect, connected, start_mqtt_control_plane, wait_bridge
 from tests.support import (
     WAIT,
@@ -112,11 +112,15 @@ def test_device_cannot_subscribe_or_publish_on_another_devices_topics(
         _bridge_publish(mq, a, Leaf.BUNDLE_REPLY, b"marker")
         # Delivery keeps the broker's order: had anything of b's reached a, it came first.
         first = client.messages.get(timeout=WAIT)
+        while first.topic == ROOTS_TOPIC:  # the fleet's signed roots: every device reads them
+            first = client.messages.get(timeout=WAIT)
         assert (first.topic, first.payload) == (topic(a, Leaf.BUNDLE_REPLY), b"marker")
         while not client.messages.empty():  # the same marker again, through "#"
-            assert client.messages.get_nowait().topic == topic(a, Leaf.BUNDLE_REPLY)
+            assert client.messages.get_nowait().topic in (topic(a, Leaf.BUNDLE_REPLY),
+                                                          ROOTS_TOPIC)
         for leaf in Leaf:  # nothing of b's can be written either
             assert client.publish(topic(b, leaf), _batch(2)).is_failure, leaf
+        assert client.publish(ROOTS_TOPIC, b"forged roots", retain=True).is_failure
         # Its own topics work as the ACL says: it may not forge its own release either.
         assert client.publish(topic(a, Leaf.RELEASE), b"forged", retain=True).is_failure
         assert not client.publish(topic(a, Leaf.TELEMETRY), _batch(7)).is_failure

@@ -37,6 +37,7 @@ class AgentCalls:
         now, interval, serial = await self.s.delivery.heartbeat(
             caller, request.agent_version[:256], host_from_proto(request.host, transport),
             models_from_proto(request.models), (request.release_serial, request.release_digest),
+            request.root_version if request.root_version else None,
         )
         return agent_pb2.HeartbeatResponse(server_time=now, heartbeat_interval_seconds=interval,
                                            release_serial=serial)
@@ -52,10 +53,13 @@ class AgentCalls:
         pem = self.s.identity.renew_certificate(caller, request.csr_pem)
         return agent_pb2.RenewCertificateResponse(certificate_pem=pem)
 
-    def release(self, caller: pki.Identity,
-                have_serial: int = 0) -> tuple[int, common_pb2.SignedRelease] | None:
+    def roots_after(self, version: int) -> list[bytes]:
+        return self.s.delivery.roots_after(version)
+
+    def release(self, caller: pki.Identity, have_serial: int = 0,
+                have_root: int = 0) -> tuple[int, common_pb2.SignedRelease] | None:
         """The device's current signed release and its serial (None: it has none)."""
-        record = self.s.delivery.current_release(caller, have_serial)
+        record = self.s.delivery.current_release(caller, have_serial, have_root or None)
         if record is None:
             return None
         return record.serial, common_pb2.SignedRelease(document=record.document,

@@ -114,6 +114,7 @@ def device_to_proto(view: DeviceView) -> admin_pb2.Device:
         revoked_at=d.revoked_at or 0.0,
         transport=str(d.host.get("transport", "")),
         refused_reports=view.refused,
+        root_version=view.root_version,
     )
 
 

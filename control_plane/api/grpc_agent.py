@@ -54,6 +54,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             mqtt_url=r.mqtt_url,
             labels=r.device.labels,
             heartbeat_interval_seconds=r.heartbeat_interval_seconds,
+            root=r.root,
         )
 
     @rpc
@@ -74,6 +75,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         try:
             caller = self._device(context)
             sent = request.have_serial
+            root_sent = request.have_root_version
             with self.notifier.subscribe(caller.name) as wake:
                 # Tells the client the stream is live (and subscribed) before any release.
                 await context.send_initial_metadata(())
@@ -81,11 +83,18 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     # Clear before looking: a change notified from here on is not lost.
                     wake.clear()
                     self._device(context)  # a revoked device's stream ends here
-                    current = self.calls.release(caller, request.have_serial)
+                    # Roots first: a release signed by a new key follows the root listing it.
+                    roots = self.calls.roots_after(root_sent)
+                    current = self.calls.release(caller, request.have_serial,
+                                                 request.have_root_version)
+                    if roots:
+                        root_sent += len(roots)
                     if current is not None and current[0] > sent:
                         sent = current[0]
-                        yield agent_pb2.SyncEvent(release=current[1],
+                        yield agent_pb2.SyncEvent(release=current[1], roots=roots,
                                                   trace_context=self.tracing.take(caller.name))
+                    elif roots:
+                        yield agent_pb2.SyncEvent(roots=roots)
                     with contextlib.suppress(TimeoutError):
                         # Wake on a change, or now and then to renew the document before expiry.
                         await asyncio.wait_for(wake.wait(), timeout=SYNC_RECHECK_SECONDS)

@@ -47,6 +47,7 @@ from fleetcore.mqtt_wire import (
     DEVICE_PREFIX,
     ERROR_PROPERTY,
     MAX_MESSAGE_BYTES,
+    ROOTS_TOPIC,
     SESSION_EXPIRY_SECONDS,
     Leaf,
     parse_message,
@@ -124,6 +125,19 @@ class MqttBridge:
             await asyncio.to_thread(client.loop_stop)
         self.connected.clear()
 
+    def roots_changed(self) -> None:
+        """A new root was published: retain the latest roots for every device."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._publish_roots)
+
+    def _publish_roots(self) -> None:
+        client = self._client
+        roots = self.s.ctx.roots.latest()
+        if client is None or not roots:
+            return
+        payload = agent_pb2.SyncEvent(roots=roots).SerializeToString()
+        client.publish(ROOTS_TOPIC, payload, qos=1, retain=True)
+
     def device_changed(self, device_id: str) -> None:
         """The services' change hook: republish (or clear) the device's release."""
         if self._loop is not None:
@@ -155,6 +169,7 @@ class MqttBridge:
         log.info("MQTT bridge connected to %s:%d", self.broker.host, self.broker.port)
         self.connected.set()
         self._published.clear()  # the broker may have lost its retained messages
+        self._publish_roots()  # before any release signed by a key only a new root lists
         for device in self.s.ctx.store.list_devices():
             self._publish_release(device.id)
 

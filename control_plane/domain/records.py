@@ -123,6 +123,7 @@ class DeviceView:
     status: DeviceStatus
     # Reports refused from this device, "kind/reason" -> count (filled where shown in full).
     refused: dict[str, int] = field(default_factory=dict)
+    root_version: int = 0  # the root of trust version its last heartbeat reported
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,16 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from control_plane.config import ControlPlaneConfig, HomeLayout
 from control_plane.domain.records import CertificateRecord
+from control_plane.services.roots import ROOT_TTL_SECONDS
 from control_plane.storage import open_store
 from control_plane.storage.blobs import load_or_create_key
 from fleetcore import operator_config, pki
-from fleetcore.errors import AlreadyExistsError
+from fleetcore import root as fleet_root
+from fleetcore.errors import AlreadyExistsError, InvalidInputError
 from fleetcore.files import atomic_write, ensure_private_dir
 
 __all__ = ["init_home"]
@@ -28,7 +32,13 @@ def init_home(
     force: bool = False,
     now: dt.datetime | None = None,
     config: ControlPlaneConfig | None = None,
+    root_keys: int = 3,
+    root_threshold: int = 2,
 ) -> ControlPlaneConfig:
+    if not 1 <= root_threshold <= root_keys <= 16:
+        raise InvalidInputError(
+            f"need 1 <= --root-threshold <= --root-keys <= 16; got {root_threshold} of {root_keys}"
+        )
     home = Path(home).resolve()
     lay = HomeLayout(home)
     if home.exists() and any(home.iterdir()):
@@ -63,6 +73,9 @@ def init_home(
     atomic_write(lay.publisher_key, pki.private_key_pem(publisher_key), mode=PRIVATE)
     atomic_write(lay.publisher_pub, pki.public_key_pem(publisher_key))
 
+    root_envelope = _make_root(lay, now.timestamp(), release_key, publisher_key, root_keys,
+                               root_threshold)
+
     cfg = config or ControlPlaneConfig(home=home)
     cfg.home = home
     cfg.database = lay.database
@@ -89,6 +102,7 @@ def init_home(
             ),
             current_for_device=False,
         )
+        store.put_root(1, root_envelope, "published", ts)
         store.append_audit(ts, "init", "control-plane.init", str(home), "allowed", "{}")
     finally:
         store.close()
@@ -101,3 +115,29 @@ def init_home(
         ca_pem=pki.certificate_pem(ca_cert),
     )
     return cfg
+
+
+def _make_root(lay: HomeLayout, ts0: float, release_key: ec.EllipticCurvePrivateKey,
+               publisher_key: ec.EllipticCurvePrivateKey, root_keys: int,
+               root_threshold: int) -> bytes:
+    """The audit key, the root keys and root v1 (its signed envelope)."""
+    # The audit key signs checkpoints (purpose "audit-checkpoint"), never releases.
+    audit_key = pki.generate_key()
+    atomic_write(lay.audit_key, pki.private_key_pem(audit_key), mode=PRIVATE)
+    atomic_write(lay.audit_pub, pki.public_key_pem(audit_key))
+
+    # Root keys: only their signatures on root documents are needed here; move them offline.
+    ensure_private_dir(lay.root_keys)
+    roots = [pki.generate_key() for _ in range(root_keys)]
+    for i, key in enumerate(roots, start=1):
+        atomic_write(lay.root_keys / f"root-{i}.key", pki.private_key_pem(key), mode=PRIVATE)
+        atomic_write(lay.root_keys / f"root-{i}.pub", pki.public_key_pem(key))
+    root_v1 = fleet_root.build_root(1, ts0, ts0 + ROOT_TTL_SECONDS, {
+        "root": ([k.public_key() for k in roots], root_threshold),
+        "release": ([release_key.public_key()], 1),
+        "publisher": ([publisher_key.public_key()], 1),
+        "audit": ([audit_key.public_key()], 1),
+    })
+    root_envelope = fleet_root.sign_root(root_v1, roots)
+
+    return root_envelope

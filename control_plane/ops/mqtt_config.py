@@ -38,7 +38,7 @@ from control_plane.storage import Store
 from fleetcore import pki, tomlfile
 from fleetcore.errors import InvalidInputError
 from fleetcore.files import atomic_write, ensure_private_dir
-from fleetcore.mqtt_wire import DEVICE_PREFIX, MAX_MESSAGE_BYTES, Leaf
+from fleetcore.mqtt_wire import DEVICE_PREFIX, MAX_MESSAGE_BYTES, ROOTS_TOPIC, Leaf
 
 __all__ = ["write_broker_config"]
 
@@ -105,8 +105,10 @@ def _acl() -> str:
     ]
     lines += [f"pattern read {DEVICE_PREFIX}/%u/{leaf.value}" for leaf in _DEVICE_READS]
     lines += [f"pattern write {DEVICE_PREFIX}/%u/{leaf.value}" for leaf in _DEVICE_WRITES]
+    lines += ["# Every device reads the fleet's signed roots of trust (retained).",
+              f"pattern read {ROOTS_TOPIC}"]
     lines += ["", "# The control plane's bridge: every device's topics.", f"user {BRIDGE_NAME}",
-              f"topic readwrite {DEVICE_PREFIX}/#", ""]
+              f"topic readwrite {DEVICE_PREFIX}/#", f"topic readwrite {ROOTS_TOPIC}", ""]
     return "\n".join(lines)
 
 

@@ -11,11 +11,15 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from control_plane.ops import rotate_release_key
+
 __all__ = ["ROTATIONS", "add_parsers", "run"]
 
 # what -> (help, add its options, run it: args -> exit status)
 ROTATIONS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
-                           Callable[[argparse.Namespace], int]]] = {}
+                           Callable[[argparse.Namespace], int]]] = {
+    "release-key": rotate_release_key.ROTATION,
+}
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

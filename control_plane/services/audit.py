@@ -30,14 +30,14 @@ class AuditService:
         chain = self.store.audit_chain()
         checked = None
         if checkpoint:
-            checked = check_checkpoint(checkpoint, signature,
-                                       self.ctx.keys.release_key.public_key(), chain)
+            keys = self.ctx.roots.audit_keys() or [self.ctx.audit_key().public_key()]
+            checked = check_checkpoint(checkpoint, signature, keys, chain)
         return verify_chain(chain), checked
 
     def checkpoint(self, caller: pki.Identity) -> tuple[bytes, bytes]:
         self.ctx.authorize(caller, "audit.checkpoint", "")
         return make_checkpoint(self.store.audit_chain(), self.ctx.clock(),
-                               self.ctx.keys.release_key)
+                               self.ctx.audit_key())
 
     def list_events(self, caller: pki.Identity, limit: int) -> list[AuditRecord]:
         self.ctx.authorize(caller, "audit.list", "")

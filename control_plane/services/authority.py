@@ -28,6 +28,9 @@ class Authority:
     publisher_public_pems: tuple[bytes, ...]
     release_key: ec.EllipticCurvePrivateKey
     blob_key: bytes
+    # Signs audit checkpoints (purpose "audit-checkpoint"); a home made before the audit key
+    # existed uses its release key (the signature's purpose still tells them apart).
+    audit_key: ec.EllipticCurvePrivateKey | None = None
 
     @classmethod
     def load(cls, config: ControlPlaneConfig) -> Authority:
@@ -55,6 +58,8 @@ class Authority:
             publisher_public_pems=tuple(p.read_bytes() for p in config.publisher_keys),
             release_key=release_key,
             blob_key=load_or_create_key(lay.blob_key),
+            audit_key=(pki.load_private_key(lay.audit_key.read_bytes())
+                       if lay.audit_key.exists() else None),
         )
 
     def issue(

@@ -17,6 +17,7 @@ from control_plane.domain import authz
 from control_plane.domain.records import AuditOutcome, DeviceRecord, DeviceView
 from control_plane.services.authority import Authority
 from control_plane.services.releases import ReleaseIssuer
+from control_plane.services.roots import RootBook
 from control_plane.storage import Store
 from control_plane.storage.blobs import BlobStore
 from fleetcore import pki
@@ -66,14 +67,23 @@ class Context:
         # Called with a device id when its release changes or it is revoked (the server binds
         # it to wake the device's Sync streams and the MQTT bridge).
         self.on_device_change: Callable[[str], None] = lambda device_id: None
+        self.roots = RootBook(store)
         self.releases = ReleaseIssuer(store, keys.release_key, config.release_ttl_seconds,
-                                      on_change=self.device_changed)
+                                      on_change=self.device_changed, roots=self.roots)
+
+    def audit_key(self) -> Any:
+        return self.keys.audit_key or self.keys.release_key
 
     def set_keys(self, keys: Authority) -> None:
-        """Use newly loaded key material (a rotation ran beside this process; KeyWatch)."""
+        """Use newly loaded key material (a rotation ran beside this process; KeyWatch).
+        A new release key re-issues every device's release signed by it (the devices adopt
+        the root listing it first: it goes out before the release)."""
+        old = self.keys.release_key.public_key()
         self.keys = keys
         self.releases.key = keys.release_key
         self.blobs = BlobStore(self.config.layout.blobs, keys.blob_key)
+        if keys.release_key.public_key() != old:
+            self.releases.reissue_all(self.clock())
 
     def device_changed(self, device_id: str) -> None:
         self.on_device_change(device_id)  # looked up per call: the server rebinds it
@@ -92,7 +102,7 @@ class Context:
     def view(self, record: DeviceRecord, now: float) -> DeviceView:
         status = record.status(now, self.config.offline_after_seconds,
                                disconnected=record.id in self.disconnected)
-        return DeviceView(record, status)
+        return DeviceView(record, status, root_version=self.store.device_root(record.id))
 
     def push(self, device_ids: Iterable[str], now: float) -> None:
         """Issue each device's release again (its arms may have changed)."""

@@ -23,7 +23,8 @@ class DeliveryService:
 
     async def heartbeat(self, caller: pki.Identity, agent_version: str, host: Mapping[str, Any],
                         models: Sequence[InstalledModel],
-                        have: tuple[int, str] = (0, "")) -> tuple[float, int, int]:
+                        have: tuple[int, str] = (0, ""),
+                        root_version: int | None = None) -> tuple[float, int, int]:
         """Record the device's report; return (server time, interval, release serial).
 
         The write is group-committed with the other heartbeats of this moment. ``have``:
@@ -31,12 +32,21 @@ class DeliveryService:
         (a restored backup), the release is re-issued above it."""
         now = self.ctx.clock()
         await self.heartbeats.record(caller.name, now, agent_version, host, models)
-        release = self.ctx.releases.current(caller.name, now, have=have)  # renews it when due
+        if root_version is not None and root_version != self.store.device_root(caller.name):
+            self.store.set_device_root(caller.name, root_version, now)
+        release = self.ctx.releases.current(caller.name, now, have=have,  # renews it when due
+                                            have_root=root_version)
         return (now, self.ctx.config.heartbeat_interval_seconds,
                 release.serial if release else 0)
 
-    def current_release(self, caller: pki.Identity, have_serial: int = 0) -> ReleaseRecord | None:
-        return self.ctx.releases.current(caller.name, self.ctx.clock(), have=(have_serial, ""))
+    def current_release(self, caller: pki.Identity, have_serial: int = 0,
+                        have_root: int | None = None) -> ReleaseRecord | None:
+        return self.ctx.releases.current(caller.name, self.ctx.clock(), have=(have_serial, ""),
+                                         have_root=have_root)
+
+    def roots_after(self, version: int) -> list[bytes]:
+        """The signed roots an agent holding root ``version`` lacks, oldest first."""
+        return self.ctx.roots.newer_than(version)
 
     def bundle(self, caller: pki.Identity, digest: str, offset: int,
                length: int) -> Iterator[bytes]:

@@ -52,6 +52,7 @@ class EnrollResult:
     api_address: str
     mqtt_url: str
     heartbeat_interval_seconds: int
+    root: bytes = b""  # the newest signed root, pinned by the agent ("" before roots exist)
 
 
 class IdentityService:
@@ -139,6 +140,7 @@ class IdentityService:
             publisher_public_pems=keys.publisher_public_pems,
             api_address=self.ctx.api_address, mqtt_url=self.ctx.config.mqtt_url,
             heartbeat_interval_seconds=self.ctx.config.heartbeat_interval_seconds,
+            root=(current.envelope if (current := self.ctx.roots.current()) else b""),
         )
 
     def _refused(self, now: float, reason: str, peer: str) -> None:

@@ -196,6 +196,26 @@ class Store(abc.ABC):
     def put_release(self, record: ReleaseRecord) -> None:
         """Store a device's new release; its serial must exceed the stored one."""
 
+    # --- roots of trust (fleetcore/root.py envelopes) ---
+    @abc.abstractmethod
+    def published_roots(self) -> list[tuple[int, bytes]]:
+        """Every published root as (version, envelope), oldest first."""
+
+    @abc.abstractmethod
+    def pending_root(self) -> tuple[int, bytes] | None:
+        """The staged next root waiting for signatures, if any."""
+
+    @abc.abstractmethod
+    def put_root(self, version: int, envelope: bytes, state: str, now: float) -> None:
+        """Store (or replace the pending) root ``version``; a published one is never replaced."""
+
+    @abc.abstractmethod
+    def set_device_root(self, device_id: str, version: int, now: float) -> None: ...
+
+    @abc.abstractmethod
+    def device_root(self, device_id: str) -> int:
+        """The root version the device last reported (0: none)."""
+
     # --- telemetry ---
     @abc.abstractmethod
     def ingest_telemetry(

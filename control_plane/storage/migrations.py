@@ -321,4 +321,19 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (device_id, model, version, day)
     );
     """,
+    # Issue 16 (root of trust): every signed root, published or staged for offline signing
+    # ("pending": not yet signed by both thresholds); the root version each device reported.
+    """
+    CREATE TABLE roots (
+        version INTEGER PRIMARY KEY,
+        envelope BLOB NOT NULL,
+        state TEXT NOT NULL,        -- published | pending
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE device_roots (
+        device_id TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        reported_at REAL NOT NULL
+    );
+    """,
 ]

@@ -447,6 +447,35 @@ class SqliteStore(Store):
                  record.issued_at, record.expires_at, record.content),
             )
 
+    # --- roots of trust ---
+    def published_roots(self) -> list[tuple[int, bytes]]:
+        rows = self._query("SELECT version, envelope FROM roots WHERE state = 'published' "
+                           "ORDER BY version", ())
+        return [(r["version"], bytes(r["envelope"])) for r in rows]
+
+    def pending_root(self) -> tuple[int, bytes] | None:
+        rows = self._query("SELECT version, envelope FROM roots WHERE state = 'pending' "
+                           "ORDER BY version DESC LIMIT 1", ())
+        return (rows[0]["version"], bytes(rows[0]["envelope"])) if rows else None
+
+    def put_root(self, version: int, envelope: bytes, state: str, now: float) -> None:
+        with self._tx() as c:
+            row = c.execute("SELECT state FROM roots WHERE version = ?", (version,)).fetchone()
+            if row is not None and row["state"] == "published":
+                raise AlreadyExistsError(f"root version {version} is published already")
+            c.execute("DELETE FROM roots WHERE state = 'pending' AND version <> ?", (version,))
+            c.execute("INSERT OR REPLACE INTO roots(version, envelope, state, created_at)"
+                      " VALUES (?,?,?,?)", (version, envelope, state, now))
+
+    def set_device_root(self, device_id: str, version: int, now: float) -> None:
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO device_roots(device_id, version, reported_at)"
+                      " VALUES (?,?,?)", (device_id, version, now))
+
+    def device_root(self, device_id: str) -> int:
+        rows = self._query("SELECT version FROM device_roots WHERE device_id = ?", (device_id,))
+        return int(rows[0]["version"]) if rows else 0
+
     # --- telemetry ---
     def ingest_telemetry(
         self,

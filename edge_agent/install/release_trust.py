@@ -9,6 +9,12 @@ A thin shell around the pure ``fleetcore.release`` core (the python-tuf updater 
   for expiry: a restarted agent keeps serving an expired release; it only refuses older ones.
 * A missing file means "nothing accepted yet". A corrupted or tampered file is an error, never
   a silent reset, because forgetting the mark would re-open rollback.
+* The trusted keys are the root's release keys (``root_trust.py``), or the key pinned at
+  enrollment before a root arrives. ``use_keys(..., forget=True)``: the agent adopted a root
+  whose release keys changed, and forgets its high-water mark (TUF's rule for rotated
+  timestamp/snapshot keys): after a compromise (a stolen key signed serial 99999) legitimate
+  releases flow again. A stored release signed only by a retired key counts as forgotten on
+  load (a crash between adopting the root and forgetting).
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ import binascii
 import json
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetcore import strict_json
-from fleetcore.errors import InvalidInputError, UntrustedInputError
+from fleetcore.errors import BadSignatureError, InvalidInputError, UntrustedInputError
 from fleetcore.files import atomic_write
 from fleetcore.release import (
     MAX_DOCUMENT_BYTES,
@@ -35,6 +42,7 @@ from fleetcore.release import (
     reverify_release,
     verify_release,
 )
+from fleetcore.signing import TrustedKeys
 
 __all__ = ["TRUST_FILE_FORMAT", "ReleaseTrust", "recorded_serial"]
 
@@ -49,14 +57,15 @@ _FILE_KEYS = frozenset({"format", "serial", "digest", "document", "signature"})
 class ReleaseTrust:
     """The release state of one device, kept in ``path`` (e.g. ``STATE/release.json``)."""
 
-    def __init__(self, path: Path, public_key: ec.EllipticCurvePublicKey, device_id: str) -> None:
+    def __init__(self, path: Path, public_key: ec.EllipticCurvePublicKey | TrustedKeys,
+                 device_id: str, *, retired: Sequence[ec.EllipticCurvePublicKey] = ()) -> None:
         self._path = Path(path)
         self._public_key = public_key
         self._device_id = device_id
         self._lock = threading.Lock()
         self._mark: TrustedMark | None = None
         self._current: ReleaseDocument | None = None
-        loaded = self._load()
+        loaded = self._load(retired)
         if loaded is not None:
             self._current = loaded
             self._mark = TrustedMark(serial=loaded.serial, digest=loaded.digest)
@@ -68,6 +77,18 @@ class ReleaseTrust:
     @property
     def current(self) -> ReleaseDocument | None:
         return self._current
+
+    def use_keys(self, keys: ec.EllipticCurvePublicKey | TrustedKeys, *, forget: bool) -> None:
+        """Verify from now on with ``keys``; ``forget``: drop the high-water mark and the
+        stored release (signed by a key that is retired now). Installed models keep serving."""
+        with self._lock:
+            self._public_key = keys
+            if forget and self._mark is not None:
+                log_serial = self._mark.serial
+                self._path.unlink(missing_ok=True)
+                self._mark, self._current = None, None
+                logger.warning("release keys changed with the root: forgot serial %d",
+                               log_serial)
 
     def accept(self, signed: SignedRelease, now: float) -> tuple[ReleaseDocument, bool]:
         """Verify ``signed`` at ``now``; persist it if it is newer. Returns (document, changed).
@@ -99,7 +120,7 @@ class ReleaseTrust:
         )
         return doc, True
 
-    def _load(self) -> ReleaseDocument | None:
+    def _load(self, retired: Sequence[ec.EllipticCurvePublicKey]) -> ReleaseDocument | None:
         try:
             with self._path.open("rb") as fh:
                 data = fh.read(_MAX_FILE_BYTES + 1)
@@ -107,6 +128,11 @@ class ReleaseTrust:
             return None
         try:
             serial, digest, signed = _decode_file(data)
+            if retired and _signed_only_by(signed, retired, self._public_key, self._device_id):
+                logger.warning("stored release serial %d was signed by a retired release key; "
+                               "forgetting it", serial)
+                self._path.unlink(missing_ok=True)
+                return None
             # legacy: a release stored before signatures carried their purpose still loads.
             doc = reverify_release(
                 signed, public_key=self._public_key, device_id=self._device_id, legacy=True
@@ -122,6 +148,18 @@ class ReleaseTrust:
                 f"but its signed document has serial {doc.serial} and digest {doc.digest}"
             )
         return doc
+
+
+def _signed_only_by(signed: SignedRelease, retired: Sequence[ec.EllipticCurvePublicKey],
+                    current: ec.EllipticCurvePublicKey | TrustedKeys, device_id: str) -> bool:
+    def verifies(keys: ec.EllipticCurvePublicKey | TrustedKeys) -> bool:
+        try:
+            reverify_release(signed, public_key=keys, device_id=device_id, legacy=True)
+        except BadSignatureError:
+            return False
+        return True
+
+    return not verifies(current) and any(verifies(k) for k in retired)
 
 
 def _encode_file(signed: SignedRelease, doc: ReleaseDocument) -> bytes:

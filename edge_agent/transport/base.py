@@ -35,7 +35,10 @@ from fleetcore.release import (
     MAX_SIGNATURES,
     SignedRelease,
 )
+from fleetcore.root import MAX_ENVELOPE_BYTES
 from fleetcore.signing import KeySignature
+
+MAX_ROOTS = 16  # roots in one event (the control plane sends at most 8)
 
 __all__ = ["MAX_CHUNK_BYTES", "RefusedError", "Transport"]
 
@@ -61,6 +64,11 @@ class Transport(abc.ABC):
         # implementation yielded last, and what bundle requests carry (nothing when off).
         self.last_trace_context: dict[str, str] = {}
         self.trace_metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple
+        # Signed roots of trust that came with the event the implementation yielded last
+        # (unverified envelopes); ``releases`` hands them to ``on_roots`` before the release.
+        self.last_roots: list[bytes] = []
+        self.on_roots: Callable[[list[bytes]], None] = lambda roots: None
+        self.have_root_version = 0  # the agent's root version, sent when a stream opens
 
     # ------------------------------------------------------------------ the public surface
     async def heartbeat(
@@ -108,6 +116,16 @@ class Transport(abc.ABC):
                         f"{len(release.signature)}; the limits are {MAX_DOCUMENT_BYTES} and "
                         f"{MAX_SIGNATURE_BYTES}"
                     )
+                roots, self.last_roots = self.last_roots, []
+                if len(roots) > MAX_ROOTS or any(
+                        len(r) > MAX_ENVELOPE_BYTES for r in roots):
+                    raise InvalidInputError(
+                        f"{len(roots)} roots of up to {max(map(len, roots))} bytes; the limits "
+                        f"are {MAX_ROOTS} and {MAX_ENVELOPE_BYTES}")
+                if roots:
+                    self.on_roots(roots)  # verified (and persisted) before the release
+                if not release.document and not release.signature:
+                    continue  # only the root changed
                 trace = tuple(sorted(check_carrier(self.last_trace_context).items()))
                 self.last_trace_context = {}
                 yield SignedRelease(

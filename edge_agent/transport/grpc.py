@@ -50,10 +50,12 @@ class GrpcTransport(Transport):
         return bytes(reply.certificate_pem)
 
     async def _releases(self, have_serial: int) -> AsyncGenerator[common_pb2.SignedRelease, None]:
-        call = self._stub().Sync(agent_pb2.SyncRequest(have_serial=have_serial))
+        call = self._stub().Sync(agent_pb2.SyncRequest(
+            have_serial=have_serial, have_root_version=self.have_root_version))
         try:
             async for event in call:
                 self.last_trace_context = dict(event.trace_context)
+                self.last_roots = [bytes(r) for r in event.roots]
                 yield event.release
         finally:
             call.cancel()

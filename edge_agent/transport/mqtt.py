@@ -33,6 +33,7 @@ from fleetcore.mqtt_wire import (
     CLEAN_START,
     ERROR_PROPERTY,
     MAX_MESSAGE_BYTES,
+    ROOTS_TOPIC,
     SESSION_EXPIRY_SECONDS,
     Leaf,
     parse_message,
@@ -46,6 +47,7 @@ __all__ = ["MqttTransport"]
 log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 30
+_ROOTS_MARK = b"\0roots"  # in the release queue: the retained roots changed (never a release)
 # A bundle is requested in windows of this many bytes; the next window is asked for once the
 # chunks of this one have arrived, so neither the broker nor paho holds a whole bundle.
 WINDOW_BYTES = 1024 * 1024
@@ -83,6 +85,7 @@ class MqttTransport(Transport):
         # (payload, W3C trace context from its MQTT 5 user properties)
         self._releases_q: asyncio.Queue[tuple[bytes, dict[str, str]]] = asyncio.Queue(
             maxsize=16)
+        self._roots_payload = b""  # the newest retained roots message (ROOTS_TOPIC)
         self._replies: dict[bytes, asyncio.Queue[tuple[bytes, str]]] = {}
 
     # ------------------------------------------------------------------ connection
@@ -141,7 +144,7 @@ class MqttTransport(Transport):
             return
         client.subscribe([(topic(self.device_id, leaf), 1)
                           for leaf in (Leaf.RELEASE, Leaf.TELEMETRY_ACK, Leaf.BUNDLE_REPLY,
-                                       Leaf.RENEW_REPLY)])
+                                       Leaf.RENEW_REPLY)] + [(ROOTS_TOPIC, 1)])
         self._to_loop(self._set_up)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
@@ -181,7 +184,9 @@ class MqttTransport(Transport):
 
     def _arrived(self, name: str, payload: bytes, correlation: bytes, error: str,
                  trace: dict[str, str] | None = None) -> None:
-        if name == topic(self.device_id, Leaf.RELEASE):
+        if name == topic(self.device_id, Leaf.RELEASE) or name == ROOTS_TOPIC:
+            if name == ROOTS_TOPIC:  # kept aside (the newest only); the queue gets a marker
+                self._roots_payload, payload = payload, _ROOTS_MARK
             if self._releases_q.full():  # only the newest documents matter
                 self._releases_q.get_nowait()
             self._releases_q.put_nowait((payload, trace or {}))
@@ -264,12 +269,21 @@ class MqttTransport(Transport):
 
     async def _releases(self, have_serial: int) -> AsyncGenerator[common_pb2.SignedRelease, None]:
         self._ensure_started()
+        last: common_pb2.SignedRelease | None = None
         while True:
             payload, trace = await self._releases_q.get()
+            if payload is _ROOTS_MARK:
+                event = parse_message(agent_pb2.SyncEvent, self._roots_payload, "roots message")
+                self.last_roots = [bytes(r) for r in event.roots]
+                # The release seen last again: refused before its root arrived, it may verify
+                # now (the two retained messages come in no set order).
+                yield last if last is not None else common_pb2.SignedRelease()
+                continue
             if not payload:
                 continue  # the retained document was cleared
             self.last_trace_context = trace
-            yield parse_message(common_pb2.SignedRelease, payload, "release message")
+            last = parse_message(common_pb2.SignedRelease, payload, "release message")
+            yield last
 
     async def _fetch_bundle(
         self, digest: str, offset: int, length: int

@@ -57,7 +57,7 @@ class EnrollRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., labels: _Optional[_Mapping[str, str]] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., agent_version: _Optional[str] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("device_id", "certificate_pem", "ca_pem", "release_public_key_pem", "publisher_public_keys_pem", "api_address", "mqtt_url", "labels", "heartbeat_interval_seconds")
+    __slots__ = ("device_id", "certificate_pem", "ca_pem", "release_public_key_pem", "publisher_public_keys_pem", "api_address", "mqtt_url", "labels", "heartbeat_interval_seconds", "root")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class EnrollResponse(_message.Message):
     MQTT_URL_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     certificate_pem: bytes
     ca_pem: bytes
@@ -83,7 +84,8 @@ class EnrollResponse(_message.Message):
     mqtt_url: str
     labels: _containers.ScalarMap[str, str]
     heartbeat_interval_seconds: int
-    def __init__(self, device_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., release_public_key_pem: _Optional[bytes] = ..., publisher_public_keys_pem: _Optional[_Iterable[bytes]] = ..., api_address: _Optional[str] = ..., mqtt_url: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., heartbeat_interval_seconds: _Optional[int] = ...) -> None: ...
+    root: bytes
+    def __init__(self, device_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., release_public_key_pem: _Optional[bytes] = ..., publisher_public_keys_pem: _Optional[_Iterable[bytes]] = ..., api_address: _Optional[str] = ..., mqtt_url: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., heartbeat_interval_seconds: _Optional[int] = ..., root: _Optional[bytes] = ...) -> None: ...
 
 class RenewCertificateRequest(_message.Message):
     __slots__ = ("csr_pem",)
@@ -98,20 +100,22 @@ class RenewCertificateResponse(_message.Message):
     def __init__(self, certificate_pem: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("agent_version", "host", "models", "uptime_seconds", "release_serial", "release_digest")
+    __slots__ = ("agent_version", "host", "models", "uptime_seconds", "release_serial", "release_digest", "root_version")
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_SERIAL_FIELD_NUMBER: _ClassVar[int]
     RELEASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ROOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     agent_version: str
     host: _common_pb2.HostFacts
     models: _containers.RepeatedCompositeFieldContainer[_common_pb2.InstalledModel]
     uptime_seconds: int
     release_serial: int
     release_digest: str
-    def __init__(self, agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., uptime_seconds: _Optional[int] = ..., release_serial: _Optional[int] = ..., release_digest: _Optional[str] = ...) -> None: ...
+    root_version: int
+    def __init__(self, agent_version: _Optional[str] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.InstalledModel, _Mapping]]] = ..., uptime_seconds: _Optional[int] = ..., release_serial: _Optional[int] = ..., release_digest: _Optional[str] = ..., root_version: _Optional[int] = ...) -> None: ...
 
 class AgentStatus(_message.Message):
     __slots__ = ("online", "heartbeat")
@@ -132,13 +136,15 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, server_time: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[int] = ..., release_serial: _Optional[int] = ...) -> None: ...
 
 class SyncRequest(_message.Message):
-    __slots__ = ("have_serial",)
+    __slots__ = ("have_serial", "have_root_version")
     HAVE_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    HAVE_ROOT_VERSION_FIELD_NUMBER: _ClassVar[int]
     have_serial: int
-    def __init__(self, have_serial: _Optional[int] = ...) -> None: ...
+    have_root_version: int
+    def __init__(self, have_serial: _Optional[int] = ..., have_root_version: _Optional[int] = ...) -> None: ...
 
 class SyncEvent(_message.Message):
-    __slots__ = ("release", "trace_context")
+    __slots__ = ("release", "trace_context", "roots")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,9 +154,11 @@ class SyncEvent(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    ROOTS_FIELD_NUMBER: _ClassVar[int]
     release: _common_pb2.SignedRelease
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, release: _Optional[_Union[_common_pb2.SignedRelease, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    roots: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, release: _Optional[_Union[_common_pb2.SignedRelease, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., roots: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class FetchBundleRequest(_message.Message):
     __slots__ = ("digest", "offset", "length")
