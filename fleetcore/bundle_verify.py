@@ -160,10 +160,14 @@ def publisher_keyid(pem: bytes) -> str:
 
 
 def _distinct_keys(publisher_keys: Sequence[bytes]) -> dict[str, bytes]:
-    """{keyid: PEM}, one entry per key however many times (or forms) it is listed."""
+    """{keyid: PEM}, one entry per key however many times (or forms) it is listed; a key
+    that does not load verifies nothing and is left out."""
     keys: dict[str, bytes] = {}
-    for pem in publisher_keys:
-        keys.setdefault(publisher_keyid(pem), pem)
+    for index, pem in enumerate(publisher_keys):
+        try:
+            keys.setdefault(publisher_keyid(pem), pem)
+        except InvalidInputError as exc:
+            logger.debug("publisher key %d left out: %s", index, exc)
     return keys
 
 
