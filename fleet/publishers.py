@@ -43,7 +43,8 @@ def add_publisher_commands(sub: Any) -> None:
 
 def _print(r: admin_pb2.ListPublishersResponse, args: argparse.Namespace) -> None:
     if args.json:
-        print_json(json_format.MessageToDict(r, preserving_proto_field_name=True))
+        print_json(json_format.MessageToDict(r, preserving_proto_field_name=True,
+                                             always_print_fields_with_no_presence=True))
         return
     if r.changed_keyid:
         state = ("published: agents adopt it at their next sync" if r.change_published else
