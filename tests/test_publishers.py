@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -72,7 +71,7 @@ def test_k_of_n_bundle_signatures_each_distinct_key_counts_once(
     bundle = _resign(trained_bundle, tmp_path / "bundle", 1, a_key)
 
     # 1 of 2 required signatures: refused.
-    with pytest.raises(BadSignatureError, match="1 distinct trusted publisher key.*2 are required"):
+    with pytest.raises(BadSignatureError, match=r"1 distinct trusted .*2 are required"):
         verify_bundle_dir(bundle, trusted, 2)
     # The same key twice (a second signature by A, A listed twice): still one key.
     cosign_bundle(bundle, a_key)

@@ -12,10 +12,10 @@ from typing import Any
 from fleetcore.bundle import (
     BUNDLE_FORMAT,
     MANIFEST,
+    MAX_BUNDLE_SIGNATURES,
     MODEL_ONNX,
     MODEL_TFLITE,
     PROFILE,
-    MAX_BUNDLE_SIGNATURES,
     SIGNATURE,
     parse_manifest,
     signature_names,

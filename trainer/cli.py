@@ -143,21 +143,26 @@ def _lineage(pipeline: Pipeline, workdir: Path, *, as_json: bool) -> int:
     return 0
 
 
+def _key_command(args: argparse.Namespace) -> int:
+    if args.command == "keygen":
+        key, pub = keygen(args.out, force=args.force)
+        print(f"private key {key} (0600; keep it in the training environment)")
+        print(f"public key  {pub} (give it to the control plane: [pki] publisher_keys, or "
+              "`fleet publishers add`)")
+        return 0
+    if not (args.bundle / "model.sig").is_file():
+        raise NotFoundError(f"{args.bundle} is not a signed bundle (no model.sig); "
+                            "hint: `trainer run` or `trainer bundle` signs it first")
+    print(f"co-signed: {cosign_bundle(args.bundle, args.key)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def body() -> int:
-        if args.command == "keygen":
-            key, pub = keygen(args.out, force=args.force)
-            print(f"private key {key} (0600; keep it in the training environment)")
-            print(f"public key  {pub} (give it to the control plane: [pki] publisher_keys)")
-            return 0
-        if args.command == "cosign":
-            if not (args.bundle / "model.sig").is_file():
-                raise NotFoundError(f"{args.bundle} is not a signed bundle (no model.sig); "
-                                    "hint: `trainer run` or `trainer bundle` signs it first")
-            print(f"co-signed: {cosign_bundle(args.bundle, args.key)}")
-            return 0
+        if args.command in ("keygen", "cosign"):
+            return _key_command(args)
         pipeline = Pipeline.load(args.pipeline)
         if args.command == "lineage":
             return _lineage(pipeline, args.workdir, as_json=args.json)

@@ -4,8 +4,9 @@ by content.
 An upload is written to a private scratch directory while it is hashed and counted (the size
 limit is enforced as bytes arrive), unpacked with the archive safety rules, and verified
 against the current root's publisher keys and threshold (``services/publishers.py``: a revoked
-publisher's bundle is refused from the root that drops its key on). Only then is it encrypted into the blob store and
-recorded; a refused upload leaves nothing behind.
+publisher's bundle is refused from the root that drops its key on). Only then is it encrypted
+into the blob store and recorded, with the ids of the keys that signed it; a refused upload
+leaves nothing behind.
 """
 
 from __future__ import annotations
