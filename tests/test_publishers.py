@@ -131,8 +131,9 @@ def test_fleet_publishers_add_makes_a_new_root_and_a_threshold_of_2_is_enforced_
 
 
 def test_a_revoked_publisher_s_bundle_is_refused_at_publish_and_by_agents(
-        cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
+        cp_any: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
+    cp = cp_any  # the revocation reaches the agent through the root over gRPC and over MQTT
     b_key, b_pub = _publisher(tmp_path / "keys", "b")
     assert _fleet(cp, "publishers", "add", str(b_pub)) == 0
     v1 = _bundle_for(cp, trained_bundle, tmp_path / "v1")                   # signed by A
@@ -140,7 +141,8 @@ def test_a_revoked_publisher_s_bundle_is_refused_at_publish_and_by_agents(
     assert _fleet(cp, "models", "publish", str(v1)) == 0
     assert _fleet(cp, "models", "publish", str(v2)) == 0
     device = cp.enroll_agent(tmp_path / "a").device_id
-    agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0)
+    agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0,
+                        transport=cp.transport)
     try:
         assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1") == 0
         _wait_models(agent, _committed(1))

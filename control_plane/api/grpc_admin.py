@@ -211,7 +211,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListPublishers(
         self, request: admin_pb2.ListPublishersRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListPublishersResponse:
-        return convert.publishers_to_proto(self.publishers.list(self._operator(context)))
+        return convert.publishers_to_proto(self.publishers.listing(self._operator(context)))
 
     @rpc
     async def AddPublisher(
@@ -219,7 +219,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListPublishersResponse:
         caller = self._operator(context)
         change = self.publishers.add(caller, request.public_key_pem, request.threshold)
-        return convert.publishers_to_proto(self.publishers.list(caller), change)
+        return convert.publishers_to_proto(self.publishers.listing(caller), change)
 
     @rpc
     async def RevokePublisher(
@@ -228,4 +228,4 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         caller = self._operator(context)
         change = self.publishers.revoke(caller, request.keyid, rollback=request.rollback,
                                         threshold=request.threshold)
-        return convert.publishers_to_proto(self.publishers.list(caller), change)
+        return convert.publishers_to_proto(self.publishers.listing(caller), change)

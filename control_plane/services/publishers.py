@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from control_plane.domain.records import AuditOutcome
+from control_plane.domain.records import AuditOutcome, RolloutState
 from control_plane.services.context import Context
 from control_plane.services.roots import (
     ROOT_TTL_SECONDS,
@@ -111,7 +111,7 @@ class PublisherService:
         self.ctx = ctx
         self.store = ctx.store
 
-    def list(self, caller: pki.Identity) -> PublisherList:
+    def listing(self, caller: pki.Identity) -> PublisherList:
         self.ctx.authorize(caller, "publishers.list", "")
         trust = publisher_trust(self.ctx)
         pending = self.store.pending_root()
@@ -119,9 +119,13 @@ class PublisherService:
                              trust.root_version, pending[0] if pending else 0)
 
     def add(self, caller: pki.Identity, pem: bytes, threshold: int = 0) -> PublisherChange:
-        key = _load_pem(pem)
-        kid = fleet_root.keyid(key)
+        try:
+            key: ec.EllipticCurvePublicKey | None = _load_pem(pem)
+        except InvalidInputError:
+            key = None  # refused below, once the caller is known to be allowed
+        kid = fleet_root.keyid(key) if key is not None else ""
         self.ctx.authorize(caller, "publishers.add", kid)
+        key = key or _load_pem(pem)
         root = self._current()
         spec = root.roles["publisher"]
         if kid in spec.keyids:
@@ -136,7 +140,10 @@ class PublisherService:
 
     def revoke(self, caller: pki.Identity, keyid: str, *, rollback: bool = False,
                threshold: int = 0) -> PublisherChange:
-        self.ctx.authorize(caller, "publishers.revoke", keyid)
+        self.ctx.authorize(caller, "publishers.revoke", keyid[:64])
+        if not 1 <= len(keyid) <= 64 or any(c not in "0123456789abcdefABCDEF" for c in keyid):
+            raise InvalidInputError(f"a key id is 1..64 hex digits; got {keyid[:80]!r}; hint: "
+                                    "`fleet publishers list` shows them")
         root = self._current()
         spec = root.roles["publisher"]
         matches = [k for k in spec.keyids if keyid and k.startswith(keyid.lower())]
@@ -163,9 +170,11 @@ class PublisherService:
                 f"revoking leaves {len(keys)} publisher key(s) for a threshold of "
                 f"{spec.threshold}; hint: pass --threshold {len(keys)} or add a key first")
         result = self._stage(keys, k)
+        paused = self._pause_untrusted_rollouts(kid) if result.published else []
         moved = self._rollback(self.ctx.clock()) if rollback and result.published else ()
         self.ctx.audit.record(caller, "publishers.revoke", kid, AuditOutcome.ALLOWED,
-                              {**_details(result, k), "rollback": list(moved)})
+                              {**_details(result, k), "rollback": list(moved),
+                               "paused_rollouts": paused})
         log.warning("publisher key %s revoked (root v%d %s)", kid[:16], result.version,
                     "published" if result.published else "staged")
         return PublisherChange(kid, result.version, result.published, result.signatures, k,
@@ -191,6 +200,18 @@ class PublisherService:
                                         {"publisher": (list(keys), k)})
 
         return stage_root(self.store, change, at_hand, self.ctx.clock())
+
+    def _pause_untrusted_rollouts(self, kid: str) -> list[str]:
+        """A running rollout of a version no longer trusted gives it to no more devices."""
+        paused = []
+        for r in self.store.running_rollouts():
+            if r.state is RolloutState.RUNNING and not version_trusted(self.ctx, r.model,
+                                                                       r.version):
+                reason = f"publisher key {kid[:16]}... revoked"
+                self.store.update_rollout(r.id, state=RolloutState.PAUSED.value, reason=reason,
+                                          history=[*r.history, reason])
+                paused.append(f"{r.model}:{r.version}")
+        return paused
 
     def _rollback(self, now: float) -> tuple[str, ...]:
         """Release every device serving an untrusted version back to the newest trusted

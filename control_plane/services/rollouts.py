@@ -118,6 +118,10 @@ class RolloutService:
             raise NotFoundError(f"no rollout for model {model!r}")
         now = self.ctx.clock()
         event = RolloutEvent(action)
+        if event is RolloutEvent.RESUME and not version_trusted(self.ctx, r.model, r.version):
+            raise PermissionDeniedError(
+                f"model {r.model} version {r.version} is no longer signed by the publisher "
+                "threshold (a publisher key was revoked); hint: roll out a trusted version")
         history = [*r.history, f"{action} by {caller.actor}"]
         if event in (RolloutEvent.ABORT, RolloutEvent.ROLLBACK):
             members = step_devices(r.model, r.device_ids, r.steps, r.step)
