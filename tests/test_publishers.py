@@ -230,3 +230,24 @@ def test_publisher_commands_refuse_bad_input_with_one_error_line(
     garbage.write_bytes(b"not a key")
     assert _fleet(cp, "publishers", "add", str(garbage)) == 1
     assert "PEM" in capsys.readouterr().err
+
+
+def test_revoking_a_publisher_pauses_a_running_rollout_of_its_version_and_refuses_resume(
+        cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    b_key, b_pub = _publisher(tmp_path / "keys", "b")
+    assert _fleet(cp, "publishers", "add", str(b_pub)) == 0
+    assert _fleet(cp, "models", "publish",
+                  str(_resign(trained_bundle, tmp_path / "v1", 1, b_key))) == 0
+    for name in ("a", "b"):
+        cp.enroll_agent(tmp_path / name)  # not started: the rollout waits on its first step
+    assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "1",
+                  "--steps", "50,100", "--bake", "3600") == 0
+    assert cp.cp.store.get_rollout("digits").state.value == "running"  # type: ignore[union-attr]
+    assert _fleet(cp, "publishers", "revoke", _keyid(b_pub)) == 0
+    rollout = cp.cp.store.get_rollout("digits")
+    assert rollout is not None and rollout.state.value == "paused"
+    assert "revoked" in rollout.reason
+    capsys.readouterr()
+    assert _fleet(cp, "rollouts", "resume", "--model", "digits") == 1
+    assert "no longer signed" in capsys.readouterr().err
