@@ -373,8 +373,9 @@ class Agent:
         return from_root if from_root is not None else self.state.publisher_keys()
 
     def _verify_bundle(self, path: Path) -> dict[str, Any]:
-        """Bundles verify with the current root's publisher keys (read per bundle)."""
-        return Updater.verifier(self._publisher_pems())(path)
+        """Bundles verify with the current root's publisher keys and threshold (read per
+        bundle: a revoked publisher's key is gone from the next bundle check on)."""
+        return Updater.verifier(self._publisher_pems(), self.roots.publisher_threshold())(path)
 
     def _adopt_roots(self, envelopes: list[bytes]) -> None:
         """Verify and persist delivered roots; move the release trust to the new release keys

@@ -23,6 +23,7 @@ from fleet.common import RPC_TIMEOUT_SECONDS as T
 from fleet.common import Stub, labels_text, ts
 from fleet.console import add_console_command, run_console
 from fleet.models import MODEL_COMMANDS, add_model_commands
+from fleet.publishers import PUBLISHER_COMMANDS, add_publisher_commands
 from fleetcore import operator_config, pki
 from fleetcore.addresses import parse_hostport
 from fleetcore.cli import print_json, print_table, run_main
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     orv.add_argument("--json", action="store_true")
 
     add_model_commands(sub)
+    add_publisher_commands(sub)
     add_console_command(sub)
 
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(
@@ -334,6 +336,7 @@ class AuditBrokenError(InvalidInputError):
 
 COMMANDS: dict[tuple[str, str], Callable[[Stub, argparse.Namespace, OperatorConfig], None]] = {
     **MODEL_COMMANDS,
+    **PUBLISHER_COMMANDS,
     ("console", "serve"): run_console,
     ("audit", "verify"): _audit_verify,
     ("audit", "checkpoint"): _audit_checkpoint,

@@ -2,11 +2,14 @@
 
 A bundle is a directory: ``manifest.json``, ``model.onnx`` (what agents serve), optionally
 ``model.tflite``, ``profile.json`` (the drift reference) and ``model.sig`` (the OpenSSF
-model-signing signature over every other file, made with the publisher key).
+model-signing signature over every other file, made with the publisher key). A fleet whose
+root asks for k-of-n publisher signatures takes co-signatures beside it: ``model.sig.2`` ..
+``model.sig.8`` (``trainer cosign``), each over the same files, none over another signature.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from fleetcore import strict_json
@@ -15,6 +18,7 @@ from fleetcore.errors import InvalidInputError
 __all__ = [
     "BUNDLE_FORMAT",
     "MANIFEST",
+    "MAX_BUNDLE_SIGNATURES",
     "MAX_MANIFEST_BYTES",
     "MODEL_ONNX",
     "MODEL_TFLITE",
@@ -23,6 +27,7 @@ __all__ = [
     "TASKS",
     "manifest_task",
     "parse_manifest",
+    "signature_names",
 ]
 
 BUNDLE_FORMAT = "edgefleet.bundle/v1"
@@ -31,6 +36,7 @@ MODEL_ONNX = "model.onnx"
 MODEL_TFLITE = "model.tflite"
 PROFILE = "profile.json"
 SIGNATURE = "model.sig"
+MAX_BUNDLE_SIGNATURES = 8  # model.sig and model.sig.2 .. model.sig.8
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 # What a model predicts: a class (``output.labels``, probabilities ``[n, classes]``) or a number
 # (``output.kind == "value"``, float32 ``[n, 1]``). A manifest without ``task`` is a classifier.
@@ -89,3 +95,22 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
 def manifest_task(doc: dict[str, Any]) -> str:
     """The task of a manifest ``parse_manifest`` accepted: "classification" or "regression"."""
     return "regression" if doc.get("task") == "regression" else "classification"
+
+
+def signature_names(files: Iterable[str]) -> list[str]:
+    """The signature files among a bundle's ``files`` (top-level names), ``model.sig`` first.
+
+    A name that looks like a signature but is not one of ``model.sig.2`` ..
+    ``model.sig.<MAX_BUNDLE_SIGNATURES>`` is refused rather than treated as data.
+    """
+    names = set(files)
+    found = [SIGNATURE] if SIGNATURE in names else []
+    allowed = {f"{SIGNATURE}.{n}": n for n in range(2, MAX_BUNDLE_SIGNATURES + 1)}
+    for name in sorted(names):
+        if name.startswith(SIGNATURE + "."):
+            if name not in allowed:
+                raise InvalidInputError(
+                    f"bundle file {name!r} looks like a signature but is not one of "
+                    f"{SIGNATURE}.2 .. {SIGNATURE}.{MAX_BUNDLE_SIGNATURES}")
+            found.append(name)
+    return sorted(found, key=lambda n: allowed.get(n, 1))

@@ -12,27 +12,50 @@ from typing import Any
 from fleetcore.bundle import (
     BUNDLE_FORMAT,
     MANIFEST,
+    MAX_BUNDLE_SIGNATURES,
     MODEL_ONNX,
     MODEL_TFLITE,
     PROFILE,
     SIGNATURE,
     parse_manifest,
+    signature_names,
 )
+from fleetcore.errors import InvalidInputError
 from fleetcore.files import file_digest
 
-__all__ = ["build_bundle", "sign_bundle"]
+__all__ = ["build_bundle", "cosign_bundle", "sign_bundle"]
 
 
 def sign_bundle(bundle: Path, private_key: Path) -> Path:
-    """Sign every file of ``bundle`` into ``bundle/model.sig`` (Sigstore bundle v0.3, DSSE)."""
+    """Sign every file of ``bundle`` into ``bundle/model.sig`` (Sigstore bundle v0.3, DSSE).
+    Signing again starts over: co-signatures (``model.sig.N``) are removed with it."""
     signature = bundle / SIGNATURE
-    signature.unlink(missing_ok=True)
+    for name in signature_names(p.name for p in bundle.iterdir()):
+        (bundle / name).unlink()
     # Imported here: training workers (torchrun, a GPU image) never sign, and the library with
     # its dependencies is heavy; only the bundle step needs it.
     model_signing = importlib.import_module("model_signing")
     model_signing.signing.Config().use_elliptic_key_signer(private_key=private_key).sign(
         bundle, signature
     )
+    return signature
+
+
+def cosign_bundle(bundle: Path, private_key: Path) -> Path:
+    """Add a co-signature (``model.sig.N``, the next free N) by another publisher key over the
+    same files as ``model.sig`` (a fleet whose root asks for k-of-n publisher signatures)."""
+    present = signature_names(p.name for p in bundle.iterdir())
+    if SIGNATURE not in present:
+        raise InvalidInputError(f"bundle {bundle} has no {SIGNATURE} yet; sign it first")
+    free = [n for n in range(2, MAX_BUNDLE_SIGNATURES + 1) if f"{SIGNATURE}.{n}" not in present]
+    if not free:
+        raise InvalidInputError(
+            f"bundle {bundle} already carries {MAX_BUNDLE_SIGNATURES} signatures")
+    signature = bundle / f"{SIGNATURE}.{free[0]}"
+    model_signing = importlib.import_module("model_signing")
+    hashing = model_signing.hashing.Config().set_ignored_paths(paths=present)
+    model_signing.signing.Config().use_elliptic_key_signer(
+        private_key=private_key).set_hashing_config(hashing).sign(bundle, signature)
     return signature
 
 

@@ -13,6 +13,7 @@ from fleetcore import pki, regions
 from fleetcore.cli import print_json, run_main
 from fleetcore.errors import AlreadyExistsError, EdgefleetError, NotFoundError
 from fleetcore.files import atomic_write, ensure_private_dir
+from trainer.bundle import cosign_bundle
 from trainer.config import Pipeline
 from trainer.ingest.batch import source_key
 from trainer.ingest.follow import follow
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keygen", help="create a publisher (model-signing) key pair")
     k.add_argument("--out", required=True, type=Path, help="directory for publisher.key/.pub")
     k.add_argument("--force", action="store_true")
+    c = sub.add_parser("cosign", help="add a co-signature by another publisher key to a signed "
+                       "bundle (model.sig.N; for a fleet whose root asks for k-of-n publishers)")
+    c.add_argument("bundle", type=Path, help="the bundle directory (signed: it has model.sig)")
+    c.add_argument("--key", required=True, type=Path, help="publisher private key (PEM)")
     for name in ("run", *STEPS):
         s = sub.add_parser(name, help="every step, then report.json" if name == "run"
                            else f"only the {name} step (its inputs must exist)")
@@ -138,15 +143,26 @@ def _lineage(pipeline: Pipeline, workdir: Path, *, as_json: bool) -> int:
     return 0
 
 
+def _key_command(args: argparse.Namespace) -> int:
+    if args.command == "keygen":
+        key, pub = keygen(args.out, force=args.force)
+        print(f"private key {key} (0600; keep it in the training environment)")
+        print(f"public key  {pub} (give it to the control plane: [pki] publisher_keys, or "
+              "`fleet publishers add`)")
+        return 0
+    if not (args.bundle / "model.sig").is_file():
+        raise NotFoundError(f"{args.bundle} is not a signed bundle (no model.sig); "
+                            "hint: `trainer run` or `trainer bundle` signs it first")
+    print(f"co-signed: {cosign_bundle(args.bundle, args.key)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def body() -> int:
-        if args.command == "keygen":
-            key, pub = keygen(args.out, force=args.force)
-            print(f"private key {key} (0600; keep it in the training environment)")
-            print(f"public key  {pub} (give it to the control plane: [pki] publisher_keys)")
-            return 0
+        if args.command in ("keygen", "cosign"):
+            return _key_command(args)
         pipeline = Pipeline.load(args.pipeline)
         if args.command == "lineage":
             return _lineage(pipeline, args.workdir, as_json=args.json)

@@ -33,6 +33,7 @@ from control_plane.domain.retraining import DriftPolicy, drift_policy
 from control_plane.domain.rollout_plan import device_progress, first_steps
 from control_plane.services.experiments import ExperimentView
 from control_plane.services.history import ArmHistory, DriftHistory
+from control_plane.services.publishers import PublisherChange, PublisherList
 from control_plane.services.rollouts import RolloutView
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "model_to_proto",
     "models_from_proto",
     "operator_to_proto",
+    "publishers_to_proto",
     "rollout_to_proto",
     "telemetry_from_proto",
     "verification_to_proto",
@@ -286,3 +288,18 @@ def arm_history_to_proto(h: ArmHistory) -> admin_pb2.ArmHistory:
                                    errors=p.errors, labelled=p.labelled, correct=p.correct,
                                    abs_error_sum=p.abs_error_sum, p95_ms=p.p95_ms,
                                    devices=p.devices) for p in h.points])
+
+
+def publishers_to_proto(listing: PublisherList, change: PublisherChange | None = None
+                        ) -> admin_pb2.ListPublishersResponse:
+    out = admin_pb2.ListPublishersResponse(
+        publishers=[admin_pb2.Publisher(keyid=kid, public_key_pem=pem)
+                    for kid, pem in listing.publishers],
+        threshold=listing.threshold, root_version=listing.root_version,
+        pending_version=listing.pending_version)
+    if change is not None:
+        out.changed_keyid = change.keyid
+        out.change_root_version = change.root_version
+        out.change_published = change.published
+        out.rolled_back.extend(change.rolled_back)
+    return out

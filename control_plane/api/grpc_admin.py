@@ -12,6 +12,7 @@ from control_plane.api import convert
 from control_plane.api.grpc_common import abort_with, peer_identity, rpc
 from control_plane.services import Services
 from control_plane.services.history import HistoryService
+from control_plane.services.publishers import PublisherService
 from fleetcore import pki
 from fleetcore.errors import EdgefleetError
 
@@ -22,6 +23,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, services: Services) -> None:
         self.s = services
         self.history = HistoryService(services.ctx)
+        self.publishers = PublisherService(services.ctx)
 
     def _operator(self, context: grpc.aio.ServicerContext) -> pki.Identity:
         return self.s.identity.authenticate(peer_identity(context), pki.IdentityKind.OPERATOR)
@@ -219,3 +221,26 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.Operator:
         return convert.operator_to_proto(self.s.identity.revoke_operator(
             self._operator(context), request.name, request.reason))
+
+    @rpc
+    async def ListPublishers(
+        self, request: admin_pb2.ListPublishersRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListPublishersResponse:
+        return convert.publishers_to_proto(self.publishers.listing(self._operator(context)))
+
+    @rpc
+    async def AddPublisher(
+        self, request: admin_pb2.AddPublisherRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListPublishersResponse:
+        caller = self._operator(context)
+        change = self.publishers.add(caller, request.public_key_pem, request.threshold)
+        return convert.publishers_to_proto(self.publishers.listing(caller), change)
+
+    @rpc
+    async def RevokePublisher(
+        self, request: admin_pb2.RevokePublisherRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListPublishersResponse:
+        caller = self._operator(context)
+        change = self.publishers.revoke(caller, request.keyid, rollback=request.rollback,
+                                        threshold=request.threshold)
+        return convert.publishers_to_proto(self.publishers.listing(caller), change)

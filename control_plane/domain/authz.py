@@ -49,6 +49,9 @@ ACTIONS: dict[str, Action] = {
         Action("drift.read", Role.VIEWER, False),
         Action("retrain.policy", Role.OPERATOR, True),
         Action("retrain.jobs", Role.VIEWER, False),
+        Action("publishers.list", Role.VIEWER, False),
+        Action("publishers.add", Role.ADMIN, True),
+        Action("publishers.revoke", Role.ADMIN, True),
     )
 }
 

@@ -3,8 +3,10 @@ by content.
 
 An upload is written to a private scratch directory while it is hashed and counted (the size
 limit is enforced as bytes arrive), unpacked with the archive safety rules, and verified
-against the trusted publisher keys. Only then is it encrypted into the blob store and
-recorded; a refused upload leaves nothing behind.
+against the current root's publisher keys and threshold (``services/publishers.py``: a revoked
+publisher's bundle is refused from the root that drops its key on). Only then is it encrypted
+into the blob store and recorded, with the ids of the keys that signed it; a refused upload
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from typing import Any
 
 from control_plane.domain.records import AuditOutcome, ModelVersionRecord
 from control_plane.services.context import Context
+from control_plane.services.publishers import publisher_trust
 from fleetcore import pki, strict_json
 from fleetcore.archive import pack_bundle, safe_extract
 from fleetcore.bundle import MAX_MANIFEST_BYTES, manifest_task
-from fleetcore.bundle_verify import verify_bundle_dir
+from fleetcore.bundle_verify import publisher_keyid, verify_bundle_signers
 from fleetcore.errors import InvalidInputError, NotFoundError, UntrustedInputError
 from fleetcore.files import ensure_private_dir
 
@@ -75,30 +78,34 @@ class VerifiedBundle:
     length: int
     manifest: dict[str, Any] = field(hash=False)
     publisher_key: str  # fingerprint of the key that verified it
+    signer_keyids: tuple[str, ...] = ()  # every distinct trusted key that signed it
 
 
 def key_fingerprint(pem: bytes) -> str:
     return "sha256:" + hashlib.sha256(pem.strip()).hexdigest()[:16]
 
 
-def verify_upload(upload: Upload, digest: str, publisher_keys: tuple[bytes, ...]) -> VerifiedBundle:
-    """Unpack and verify an upload; raise an UntrustedInputError subclass if refused."""
+def verify_upload(upload: Upload, digest: str, publisher_keys: tuple[bytes, ...],
+                  threshold: int = 1) -> VerifiedBundle:
+    """Unpack and verify an upload; raise an UntrustedInputError subclass if refused: at
+    least ``threshold`` distinct ``publisher_keys`` must have signed it (each counts once)."""
     if not publisher_keys:
         raise InvalidInputError("the control plane trusts no publisher key ([pki] publisher_keys)")
     extracted = upload.path.parent / "bundle"
     safe_extract(upload.path, extracted)
-    errors = []
-    for pem in publisher_keys:
-        try:
-            manifest = verify_bundle_dir(extracted, [pem])
-        except UntrustedInputError as exc:
-            errors.append(str(exc))
-            continue
-        return VerifiedBundle(digest, upload.length, manifest, key_fingerprint(pem))
-    detail = errors[0] if len(set(errors)) == 1 else "; ".join(errors)
-    raise UntrustedInputError(
-        f"bundle does not verify with any of the {len(errors)} trusted publisher keys: {detail}"
-    )
+    verified = verify_bundle_signers(extracted, publisher_keys, threshold)
+    by_id = {publisher_keyid(pem): pem for pem in publisher_keys if _loads(pem)}
+    first = by_id[verified.keyids[0]]
+    return VerifiedBundle(digest, upload.length, verified.manifest, key_fingerprint(first),
+                          verified.keyids)
+
+
+def _loads(pem: bytes) -> bool:
+    try:
+        publisher_keyid(pem)
+    except InvalidInputError:
+        return False
+    return True
 
 
 def manifest_json(manifest: dict[str, Any]) -> str:
@@ -135,8 +142,9 @@ class RegistryService:
         published_by = caller.actor if isinstance(caller, pki.Identity) else caller
         try:
             digest = upload.finish()
+            trust = publisher_trust(self.ctx)
             try:
-                verified = verify_upload(upload, digest, self.ctx.keys.publisher_public_pems)
+                verified = verify_upload(upload, digest, trust.pems, trust.threshold)
             except UntrustedInputError as exc:
                 audit.record(caller, "models.publish", digest, AuditOutcome.DENIED,
                              {"reason": str(exc)[:500]})
@@ -150,11 +158,13 @@ class RegistryService:
             pki.validate_name(record.name, "model name")
             self.ctx.blobs.put_file(upload.path, digest, verified.length)
             self.store.add_model_version(record)
+            self.store.set_version_signers(record.name, record.version, verified.signer_keyids)
         finally:
             upload.discard()
         audit.record(caller, "models.publish", f"{record.name}:{record.version}",
                      AuditOutcome.ALLOWED, {"digest": digest, "length": record.length,
-                                            "publisher_key": record.publisher_key})
+                                            "publisher_key": record.publisher_key,
+                                            "signer_keyids": list(verified.signer_keyids)})
         log.info("published %s v%d (%s, %d bytes)", record.name, record.version, digest,
                  record.length)
         # The listing's form: the whole manifest may be megabytes (`fleet models show`).

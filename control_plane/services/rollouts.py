@@ -40,9 +40,10 @@ from control_plane.domain.rollout_plan import (
     version_quality,
 )
 from control_plane.services.context import Context
+from control_plane.services.publishers import version_trusted
 from control_plane.services.registry import version_task
 from fleetcore import pki
-from fleetcore.errors import InvalidInputError, NotFoundError
+from fleetcore.errors import InvalidInputError, NotFoundError, PermissionDeniedError
 from fleetcore.labels import matches, validate_labels
 
 __all__ = ["ACTIONS", "RolloutService", "RolloutView"]
@@ -77,6 +78,11 @@ class RolloutService:
         published = self.store.get_model_version(model, version)
         if published is None:
             raise NotFoundError(f"model {model} version {version} is not published")
+        if not version_trusted(self.ctx, model, version):
+            raise PermissionDeniedError(
+                f"model {model} version {version} is signed only by revoked publisher keys "
+                "(or by fewer than the publisher threshold); hint: publish a version signed "
+                "by a trusted key (`fleet publishers list`)")
         clean = validate_labels(selector)
         plan = tuple(parse_steps(list(steps) or [100]))
         parsed = [parse_gate(g) for g in gates]
@@ -112,6 +118,10 @@ class RolloutService:
             raise NotFoundError(f"no rollout for model {model!r}")
         now = self.ctx.clock()
         event = RolloutEvent(action)
+        if event is RolloutEvent.RESUME and not version_trusted(self.ctx, r.model, r.version):
+            raise PermissionDeniedError(
+                f"model {r.model} version {r.version} is no longer signed by the publisher "
+                "threshold (a publisher key was revoked); hint: roll out a trusted version")
         history = [*r.history, f"{action} by {caller.actor}"]
         if event in (RolloutEvent.ABORT, RolloutEvent.ROLLBACK):
             members = step_devices(r.model, r.device_ids, r.steps, r.step)

@@ -178,6 +178,14 @@ class Store(abc.ABC):
 
     # --- rollouts and device arms ---
     @abc.abstractmethod
+    def set_version_signers(self, name: str, version: int, keyids: Sequence[str]) -> None:
+        """Record which publisher keys (ids) signed a published version."""
+
+    @abc.abstractmethod
+    def version_signers(self) -> dict[tuple[str, int], tuple[str, ...]]:
+        """{(model, version): signer key ids} of every version published with them known."""
+
+    @abc.abstractmethod
     def start_rollout(
         self,
         model: str,

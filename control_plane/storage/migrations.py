@@ -349,4 +349,9 @@ MIGRATIONS: list[str] = [
         reported_at REAL NOT NULL
     );
     """,
+    # Issue 16 (publishers): the ids of the publisher keys whose signatures verified each
+    # version at publish ("" for versions published before: unknown, left alone by --rollback).
+    """
+    ALTER TABLE model_versions ADD COLUMN signer_keyids TEXT NOT NULL DEFAULT '';
+    """,
 ]

@@ -359,6 +359,16 @@ class SqliteStore(Store):
                  record.published_by, record.publisher_key, record.manifest),
             )
 
+    def set_version_signers(self, name: str, version: int, keyids: Sequence[str]) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE model_versions SET signer_keyids = ? WHERE name = ? AND version = ?",
+                      (" ".join(keyids), name, version))
+
+    def version_signers(self) -> dict[tuple[str, int], tuple[str, ...]]:
+        rows = self._query("SELECT name, version, signer_keyids FROM model_versions"
+                           " WHERE signer_keyids <> ''", ())
+        return {(r["name"], int(r["version"])): tuple(r["signer_keyids"].split()) for r in rows}
+
     def get_model_version(self, name: str, version: int) -> ModelVersionRecord | None:
         rows = self._query(
             "SELECT * FROM model_versions WHERE name = ? AND version = ?", (name, version)

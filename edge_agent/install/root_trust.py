@@ -81,6 +81,11 @@ class RootTrust:
 
         return [pki.public_key_pem(k) for k in fleet_root.role_keys(current.root, "publisher")]
 
+    def publisher_threshold(self) -> int:
+        """Distinct publisher keys a bundle needs (the root's publisher role; 1 without one)."""
+        current = self.current
+        return fleet_root.threshold(current.root, "publisher") if current else 1
+
     def pin(self, envelope: bytes, *, pinned_release_key: ec.EllipticCurvePublicKey | None
             = None) -> SignedRoot:
         """Accept a first root (at enrollment, or the first to reach an agent enrolled before

@@ -135,9 +135,11 @@ class Updater:
         self.store.save_probation(name, None)
 
     @staticmethod
-    def verifier(publisher_pems: list[bytes]) -> Callable[[Path], dict[str, Any]]:
+    def verifier(publisher_pems: list[bytes], threshold: int = 1
+                 ) -> Callable[[Path], dict[str, Any]]:
         # In a child process: model_signing never stays in the agent (verify_child.py).
-        return lambda path: verify_isolated(path, publisher_pems)
+        # ``threshold``: distinct publisher keys required (the root's publisher role).
+        return lambda path: verify_isolated(path, publisher_pems, threshold=threshold)
 
     async def apply(self, doc: ReleaseDocument, transport: Transport) -> None:
         for model in doc.models:

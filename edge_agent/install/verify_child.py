@@ -39,10 +39,11 @@ _REFUSALS: dict[str, type[EdgefleetError]] = {
 }
 
 
-def verify_isolated(bundle: Path, publisher_keys: Sequence[bytes], *,
+def verify_isolated(bundle: Path, publisher_keys: Sequence[bytes], *, threshold: int = 1,
                     timeout_s: float = VERIFY_TIMEOUT_S) -> dict[str, Any]:
-    """``verify_bundle_dir(bundle, publisher_keys)`` run in a child process (module rules)."""
-    request = json.dumps({"bundle": str(bundle),
+    """``verify_bundle_dir(bundle, publisher_keys, threshold)`` run in a child process
+    (module rules): at least ``threshold`` distinct keys must have signed the bundle."""
+    request = json.dumps({"bundle": str(bundle), "threshold": int(threshold),
                           "keys": [pem.decode("ascii") for pem in publisher_keys]})
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -82,7 +83,8 @@ def main() -> int:
     request = json.loads(sys.stdin.buffer.read())
     try:
         verify_bundle_dir(Path(request["bundle"]),
-                          [pem.encode("ascii") for pem in request["keys"]])
+                          [pem.encode("ascii") for pem in request["keys"]],
+                          int(request.get("threshold", 1)))
     except (BadSignatureError, InvalidInputError) as exc:
         kind = "BadSignatureError" if isinstance(exc, BadSignatureError) else "InvalidInputError"
         print(json.dumps({"error": kind, "message": str(exc)}))

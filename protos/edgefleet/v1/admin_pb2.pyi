@@ -754,3 +754,53 @@ class ArmHistory(_message.Message):
     step_seconds: float
     points: _containers.RepeatedCompositeFieldContainer[ArmPoint]
     def __init__(self, model: _Optional[str] = ..., since: _Optional[float] = ..., step_seconds: _Optional[float] = ..., points: _Optional[_Iterable[_Union[ArmPoint, _Mapping]]] = ...) -> None: ...
+
+class Publisher(_message.Message):
+    __slots__ = ("keyid", "public_key_pem")
+    KEYID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    keyid: str
+    public_key_pem: bytes
+    def __init__(self, keyid: _Optional[str] = ..., public_key_pem: _Optional[bytes] = ...) -> None: ...
+
+class ListPublishersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPublishersResponse(_message.Message):
+    __slots__ = ("publishers", "threshold", "root_version", "pending_version", "changed_keyid", "change_root_version", "change_published", "rolled_back")
+    PUBLISHERS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ROOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PENDING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_KEYID_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_ROOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    publishers: _containers.RepeatedCompositeFieldContainer[Publisher]
+    threshold: int
+    root_version: int
+    pending_version: int
+    changed_keyid: str
+    change_root_version: int
+    change_published: bool
+    rolled_back: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, publishers: _Optional[_Iterable[_Union[Publisher, _Mapping]]] = ..., threshold: _Optional[int] = ..., root_version: _Optional[int] = ..., pending_version: _Optional[int] = ..., changed_keyid: _Optional[str] = ..., change_root_version: _Optional[int] = ..., change_published: _Optional[bool] = ..., rolled_back: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AddPublisherRequest(_message.Message):
+    __slots__ = ("public_key_pem", "threshold")
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    public_key_pem: bytes
+    threshold: int
+    def __init__(self, public_key_pem: _Optional[bytes] = ..., threshold: _Optional[int] = ...) -> None: ...
+
+class RevokePublisherRequest(_message.Message):
+    __slots__ = ("keyid", "rollback", "threshold")
+    KEYID_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    keyid: str
+    rollback: bool
+    threshold: int
+    def __init__(self, keyid: _Optional[str] = ..., rollback: _Optional[bool] = ..., threshold: _Optional[int] = ...) -> None: ...

@@ -157,6 +157,21 @@ class AdminServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_admin__pb2.RevokeOperatorRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_admin__pb2.Operator.FromString,
                 _registered_method=True)
+        self.ListPublishers = channel.unary_unary(
+                '/edgefleet.v1.AdminService/ListPublishers',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.ListPublishersRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListPublishersResponse.FromString,
+                _registered_method=True)
+        self.AddPublisher = channel.unary_unary(
+                '/edgefleet.v1.AdminService/AddPublisher',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.AddPublisherRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListPublishersResponse.FromString,
+                _registered_method=True)
+        self.RevokePublisher = channel.unary_unary(
+                '/edgefleet.v1.AdminService/RevokePublisher',
+                request_serializer=edgefleet_dot_v1_dot_admin__pb2.RevokePublisherRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListPublishersResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -317,6 +332,27 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPublishers(self, request, context):
+        """Publishers (the root's "publisher" role): adding or revoking makes the next root, signed
+        with the root keys at hand or staged for `control-plane root sign`. The answer is the
+        trust after the change (and what changed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddPublisher(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokePublisher(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -439,6 +475,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeOperator,
                     request_deserializer=edgefleet_dot_v1_dot_admin__pb2.RevokeOperatorRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_admin__pb2.Operator.SerializeToString,
+            ),
+            'ListPublishers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPublishers,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.ListPublishersRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.ListPublishersResponse.SerializeToString,
+            ),
+            'AddPublisher': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddPublisher,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.AddPublisherRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.ListPublishersResponse.SerializeToString,
+            ),
+            'RevokePublisher': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokePublisher,
+                    request_deserializer=edgefleet_dot_v1_dot_admin__pb2.RevokePublisherRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_admin__pb2.ListPublishersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1092,6 +1143,87 @@ class AdminService:
             '/edgefleet.v1.AdminService/RevokeOperator',
             edgefleet_dot_v1_dot_admin__pb2.RevokeOperatorRequest.SerializeToString,
             edgefleet_dot_v1_dot_admin__pb2.Operator.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPublishers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/ListPublishers',
+            edgefleet_dot_v1_dot_admin__pb2.ListPublishersRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.ListPublishersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddPublisher(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/AddPublisher',
+            edgefleet_dot_v1_dot_admin__pb2.AddPublisherRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.ListPublishersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokePublisher(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.v1.AdminService/RevokePublisher',
+            edgefleet_dot_v1_dot_admin__pb2.RevokePublisherRequest.SerializeToString,
+            edgefleet_dot_v1_dot_admin__pb2.ListPublishersResponse.FromString,
             options,
             channel_credentials,
             insecure,
