@@ -33,9 +33,10 @@ def _root_keys(cp: RunningControlPlane) -> set[str]:
 
 
 def test_rotated_root_keys_sign_the_next_root_and_the_old_ones_no_longer_can(
-        cp: RunningControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        cp_any: RunningControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cp = cp_any  # the live agent follows over gRPC and over MQTT
     cp.enroll_agent(tmp_path / "a")
-    agent = start_agent(tmp_path / "a", cp.loop)
+    agent = start_agent(tmp_path / "a", cp.loop, transport=cp.transport)
     try:
         old_files = {p.name: p.read_bytes() for p in (cp.home / "root-keys").glob("*.key")}
         before = _root_keys(cp)

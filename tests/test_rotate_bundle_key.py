@@ -32,9 +32,10 @@ def _served(cp: RunningControlPlane, digest: str, length: int) -> str:
 
 
 def test_rotate_bundle_key_resumes_after_an_interruption_and_agents_still_install(
-    cp: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
+    cp_any: RunningControlPlane, tmp_path: Path, trained_bundle: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    cp = cp_any  # the agent at the end installs over gRPC and over MQTT
     for version in (1, 2, 3):
         bundle = _bundle_for(cp, trained_bundle, tmp_path / f"v{version}", version=version)
         assert _fleet(cp, "models", "publish", str(bundle)) == 0
@@ -86,7 +87,7 @@ def test_rotate_bundle_key_resumes_after_an_interruption_and_agents_still_instal
     # sealed with the new key.
     cp.enroll_agent(tmp_path / "a")
     assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "3") == 0
-    agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0)
+    agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0, transport=cp.transport)
     try:
         _wait_models(agent, _committed(3))
     finally:
