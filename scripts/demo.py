@@ -121,8 +121,6 @@ def start_control_plane(
     print(run("control-plane", "init", "--home", str(home)), end="")
     config = home / "config.toml"
     doc = tomlfile.load(config)
-    # Trust the training environment's publisher key.
-    doc["pki"]["publisher_keys"] = [*doc["pki"]["publisher_keys"], str(publisher_pub)]
     # Brisk for a demo: 2 s heartbeats, 0.5 s scheduler ticks, experiments decided on 100
     # labelled requests per arm from both agents (the default asks for three devices).
     doc["agents"]["heartbeat_interval_seconds"] = 2
@@ -145,6 +143,10 @@ def start_control_plane(
     api = server.expect(r"api \(mTLS\) listening on (\S+)").group(1)
     enroll = server.expect(r"enrollment .* listening on (\S+)").group(1)
     print(f"api {api}   enrollment {enroll}")
+    step("fleet publishers add (trust the training environment's publisher key: a new root of "
+         "trust, signed with the root keys, that every agent follows)")
+    print(run("fleet", "--config", str(home / "operators/admin/fleet.toml"), "--api", api,
+              "publishers", "add", str(publisher_pub)), end="")
     return home, api, enroll
 
 
