@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from control_plane.config import ControlPlaneConfig, parse_hostport
-from control_plane.ops import rotate
+from control_plane.ops import rotate, rotate_server_cert  # noqa: F401  (registers its rotation)
 from control_plane.ops.backup import backup, restore
 from control_plane.ops.home import init_home
 from control_plane.ops.mqtt_config import write_broker_config

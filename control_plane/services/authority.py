@@ -57,6 +57,16 @@ class Authority:
             blob_key=load_or_create_key(lay.blob_key),
         )
 
+    def issue_server(self, key: ec.EllipticCurvePrivateKey, names: list[str], now: float,
+                     ttl: dt.timedelta) -> x509.Certificate:
+        """A server certificate for ``names`` (DNS names or IPs) from the current CA."""
+        return pki.issue_server_certificate(self.ca_key, self.ca_cert, key, names,
+                                            dt.datetime.fromtimestamp(now, dt.UTC), ttl)
+
+    def server_chain(self, cert: x509.Certificate) -> bytes:
+        """What the server presents for ``cert``: the certificate (PEM)."""
+        return pki.certificate_pem(cert)
+
     def issue(
         self,
         public_key: ec.EllipticCurvePublicKey,

@@ -23,7 +23,8 @@ from fleetcore import pki, tomlfile
 from fleetcore.errors import InvalidInputError
 from fleetcore.files import atomic_write
 
-__all__ = ["BRIDGE_NAME", "CRL_DAYS", "MqttSettings", "crl_is_current", "refresh_crl", "write_crl"]
+__all__ = ["BRIDGE_NAME", "CRL_DAYS", "MqttSettings", "crl_is_current", "refresh_crl",
+           "reload_broker", "sync_broker_keys", "write_crl"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,14 @@ class MqttSettings:
     @property
     def ca(self) -> Path:
         return self.out / "ca.pem"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.out / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.out / "server.key"
 
     @property
     def crl(self) -> Path:
@@ -121,16 +130,38 @@ def refresh_crl(settings: MqttSettings, authority: Authority, store: Store, now:
         log.info("CRL current (%d revoked); the broker is not reloaded", len(revoked))
         return False
     count = write_crl(authority, store, settings.crl, now, revoked)
+    return reload_broker(settings, f"CRL rewritten ({count} revoked)")
+
+
+def reload_broker(settings: MqttSettings, why: str) -> bool:
+    """SIGHUP the broker in ``mosquitto.pid`` (it rereads its CRL, CA file and listener
+    certificate); True if one was signalled."""
     try:
         pid = int(settings.pid_file.read_text().strip())
     except (OSError, ValueError):
-        log.info("CRL rewritten (%d revoked); no broker PID in %s to signal", count,
-                 settings.pid_file)
+        log.info("%s; no broker PID in %s to signal", why, settings.pid_file)
         return False
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGHUP)
-        log.info("CRL rewritten (%d revoked); broker %d reloads it", count, pid)
+        log.info("%s; broker %d reloads", why, pid)
         return True
-    log.warning("CRL rewritten, but broker PID %d from %s is not running", pid,
-                settings.pid_file)
+    log.warning("%s, but broker PID %d from %s is not running", why, pid, settings.pid_file)
     return False
+
+
+def sync_broker_keys(settings: MqttSettings, authority: Authority) -> bool:
+    """Give the broker the control plane's current server certificate (chain), key and client
+    CA bundle, and reload it when any of them changed; True if it was signalled."""
+    wanted = [(settings.ca, authority.ca_pem, 0o644),
+              (settings.server_cert, authority.server_cert_pem, 0o644),
+              (settings.server_key, authority.server_key_pem, 0o600)]
+    changed = False
+    for path, data, mode in wanted:
+        try:
+            same = path.read_bytes() == data
+        except OSError:
+            same = False
+        if not same:
+            atomic_write(path, data, mode=mode)
+            changed = True
+    return changed and reload_broker(settings, "server certificate or CA changed")
