@@ -11,7 +11,11 @@ import time
 from pathlib import Path
 
 from control_plane.config import ControlPlaneConfig, parse_hostport
-from control_plane.ops import rotate, rotate_server_cert  # noqa: F401  (registers its rotation)
+from control_plane.ops import (  # noqa: F401  (rotate_*: each registers its rotation)
+    rotate,
+    rotate_ca,
+    rotate_server_cert,
+)
 from control_plane.ops.backup import backup, restore
 from control_plane.ops.home import init_home
 from control_plane.ops.mqtt_config import write_broker_config

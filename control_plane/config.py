@@ -104,6 +104,15 @@ class HomeLayout:
         return self.home / "pki" / "server.key"
 
     @property
+    def old_ca_cert(self) -> Path:
+        """The previous fleet CA while a CA rotation is in transition (until --retire-old)."""
+        return self.home / "pki" / "ca-old.pem"
+
+    @property
+    def old_ca_key(self) -> Path:
+        return self.home / "pki" / "ca-old.key"
+
+    @property
     def release_key(self) -> Path:
         return self.home / "keys" / "release.key"
 

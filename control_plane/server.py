@@ -234,7 +234,7 @@ class ControlPlane:
     def _sync_broker(self, keys: Authority) -> None:
         """The broker serves the rotated server certificate and trusts the current CAs."""
         if self.mqtt is not None:
-            sync_broker_keys(self.mqtt, keys)
+            sync_broker_keys(self.mqtt, keys, self.store, time.time())
 
     async def _refresh_health(self) -> None:
         """The gRPC health service says what the readiness checks say."""

@@ -36,6 +36,7 @@ __all__ = [
     "issue_client_certificate",
     "issue_server_certificate",
     "issue_service_certificate",
+    "key_id",
     "load_certificate",
     "load_private_key",
     "load_public_key",
@@ -211,6 +212,11 @@ def create_ca(
         .sign(key, hashes.SHA256())
     )
     return key, cert
+
+
+def key_id(cert: x509.Certificate) -> str:
+    """A CA certificate's subject key identifier (hex): names the CA that issued a record."""
+    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
 
 
 def _leaf(

@@ -49,8 +49,8 @@ class AgentCalls:
 
     def renew(self, caller: pki.Identity, request: agent_pb2.RenewCertificateRequest
               ) -> agent_pb2.RenewCertificateResponse:
-        pem = self.s.identity.renew_certificate(caller, request.csr_pem)
-        return agent_pb2.RenewCertificateResponse(certificate_pem=pem)
+        pem, ca_pem = self.s.identity.renew_certificate(caller, request.csr_pem)
+        return agent_pb2.RenewCertificateResponse(certificate_pem=pem, ca_pem=ca_pem)
 
     def release(self, caller: pki.Identity,
                 have_serial: int = 0) -> tuple[int, common_pb2.SignedRelease] | None:

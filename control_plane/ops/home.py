@@ -86,6 +86,7 @@ def init_home(
                 not_before=admin_cert.not_valid_before_utc.timestamp(),
                 not_after=admin_cert.not_valid_after_utc.timestamp(),
                 issued_at=ts,
+                issuer=pki.key_id(ca_cert),
             ),
             current_for_device=False,
         )

@@ -50,13 +50,13 @@ def rotate_server_cert(cfg: ControlPlaneConfig, extra_sans: list[str], now: floa
     key = pki.generate_key()
     cert = authority.issue_server(key, names, now, SERVER_TTL)
     atomic_write(lay.server_key, pki.private_key_pem(key), mode=PRIVATE)
-    atomic_write(lay.server_cert, authority.server_chain(cert))
-    mqtt = MqttSettings.load(cfg.home)
-    if mqtt is not None:
-        sync_broker_keys(mqtt, Authority.load(cfg))
+    atomic_write(lay.server_cert, pki.certificate_pem(cert))
     serial = pki.serial_hex(cert)
     store = open_store(cfg.database)
     try:
+        mqtt = MqttSettings.load(cfg.home)
+        if mqtt is not None:
+            sync_broker_keys(mqtt, Authority.load(cfg), store, now)
         store.append_audit(now, ACTOR, ACTION, str(cfg.home), "allowed", json.dumps(
             {"old_serial": pki.serial_hex(old), "serial": serial, "names": list(dict.fromkeys(
                 names))}, sort_keys=True, separators=(",", ":")))

@@ -1,4 +1,10 @@
-"""The control plane's signing material, loaded from its home."""
+"""The control plane's signing material, loaded from its home.
+
+During a CA rotation (``control_plane/ops/rotate_ca.py``) the home also holds the previous CA
+(``pki/ca-old.{pem,key}``): then ``ca_pem`` is the bundle of both (trusted for client
+certificates, handed to agents), client certificates come from the current CA, the server
+certificate from the old one (which every agent trusts), and the CRLs of both are published.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from control_plane.config import ControlPlaneConfig
@@ -28,11 +35,41 @@ class Authority:
     publisher_public_pems: tuple[bytes, ...]
     release_key: ec.EllipticCurvePrivateKey
     blob_key: bytes
+    # The previous CA and its key while a rotation is in transition; its CRL is still needed.
+    old_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
+
+    @property
+    def ca_id(self) -> str:
+        """The current (issuing) CA's key id: recorded with each certificate it issues."""
+        return pki.key_id(self.ca_cert)
+
+    @property
+    def crl_signers(self) -> list[tuple[ec.EllipticCurvePrivateKey, x509.Certificate]]:
+        """Each CA still trusted, with its key: each publishes a CRL."""
+        signers = [(self.ca_key, self.ca_cert)]
+        if self.old_ca is not None:
+            signers.append((self.old_ca[1], self.old_ca[0]))
+        return signers
 
     @classmethod
     def load(cls, config: ControlPlaneConfig) -> Authority:
         lay = config.layout
         ca_pem = lay.ca_cert.read_bytes()
+        ca_cert = pki.load_certificate(ca_pem)
+        ca_key = pki.load_private_key(lay.ca_key.read_bytes())
+        if ca_cert.public_key() != ca_key.public_key():
+            raise InvalidInputError(f"{lay.ca_cert} is not the certificate of {lay.ca_key}")
+        old_ca = None
+        if lay.old_ca_cert.exists():  # a CA rotation in transition
+            old_pem = lay.old_ca_cert.read_bytes()
+            old_cert = pki.load_certificate(old_pem)
+            old_key = pki.load_private_key(lay.old_ca_key.read_bytes())
+            if old_cert.public_key() != old_key.public_key():
+                raise InvalidInputError(f"{lay.old_ca_cert} is not the certificate of "
+                                        f"{lay.old_ca_key}")
+            if old_cert.fingerprint(hashes.SHA256()) != ca_cert.fingerprint(hashes.SHA256()):
+                old_ca = (old_cert, old_key)
+                ca_pem = ca_pem + old_pem
         server_cert_pem = lay.server_cert.read_bytes()
         server_key_pem = lay.server_key.read_bytes()
         release_key = pki.load_private_key(lay.release_key.read_bytes())
@@ -46,8 +83,8 @@ class Authority:
             raise InvalidInputError(f"{lay.release_pub} is not the public half of "
                                     f"{lay.release_key}")
         return cls(
-            ca_key=pki.load_private_key(lay.ca_key.read_bytes()),
-            ca_cert=pki.load_certificate(ca_pem),
+            ca_key=ca_key,
+            ca_cert=ca_cert,
             ca_pem=ca_pem,
             server_cert_pem=server_cert_pem,
             server_key_pem=server_key_pem,
@@ -55,17 +92,17 @@ class Authority:
             publisher_public_pems=tuple(p.read_bytes() for p in config.publisher_keys),
             release_key=release_key,
             blob_key=load_or_create_key(lay.blob_key),
+            old_ca=old_ca,
         )
 
     def issue_server(self, key: ec.EllipticCurvePrivateKey, names: list[str], now: float,
                      ttl: dt.timedelta) -> x509.Certificate:
-        """A server certificate for ``names`` (DNS names or IPs) from the current CA."""
-        return pki.issue_server_certificate(self.ca_key, self.ca_cert, key, names,
+        """A server certificate for ``names`` (DNS names or IPs) from the CA that every agent
+        trusts: during a CA rotation the old one (agents that have not renewed trust only it;
+        a cross-certified chain does not verify under its ``pathlen:0``), else the current."""
+        ca_cert, ca_key = self.old_ca or (self.ca_cert, self.ca_key)
+        return pki.issue_server_certificate(ca_key, ca_cert, key, names,
                                             dt.datetime.fromtimestamp(now, dt.UTC), ttl)
-
-    def server_chain(self, cert: x509.Certificate) -> bytes:
-        """What the server presents for ``cert``: the certificate (PEM)."""
-        return pki.certificate_pem(cert)
 
     def issue(
         self,
@@ -94,5 +131,6 @@ class Authority:
             not_before=cert.not_valid_before_utc.timestamp(),
             not_after=cert.not_valid_after_utc.timestamp(),
             issued_at=now,
+            issuer=self.ca_id,
         )
         return pki.certificate_pem(cert), record

@@ -321,4 +321,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (device_id, model, version, day)
     );
     """,
+    # issue 16, CA rotation: which fleet CA issued each certificate ('' = the first one).
+    """
+    ALTER TABLE certificates ADD COLUMN issuer TEXT NOT NULL DEFAULT '';
+    """,
 ]
