@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from control_plane.config import ControlPlaneConfig, parse_hostport
+from control_plane.config import ControlPlaneConfig, Pkcs11Settings, parse_hostport
 from control_plane.ops import (  # noqa: F401  (rotate_*: each registers its rotation)
     rotate,
     rotate_ca,
@@ -23,6 +23,7 @@ from control_plane.server import ControlPlane
 from control_plane.storage import open_store
 from fleetcore import operator_config
 from fleetcore.cli import run_main, setup_logging
+from fleetcore.errors import InvalidInputError
 from fleetcore.mqtt_wire import parse_url
 
 __all__ = ["main"]
@@ -38,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--san", action="append", default=[], metavar="NAME",
                       help="extra DNS name or IP for the server certificate (repeatable)")
     init.add_argument("--force", action="store_true", help="replace an existing home")
+    init.add_argument("--pkcs11-module", type=Path, metavar="PATH",
+                      help="keep the CA and release keys in a PKCS#11 token: its library")
+    init.add_argument("--pkcs11-token", metavar="LABEL", help="the token's label")
+    init.add_argument("--pkcs11-pin-env", metavar="VAR",
+                      help="the environment variable that holds the token's user PIN")
+    init.add_argument("--pkcs11-keys", default="ca,release", metavar="NAMES",
+                      help="which keys go in the token (default ca,release)")
 
     serve = sub.add_parser("serve", help="serve the mTLS API and the enrollment endpoint")
     serve.add_argument("--home", required=True, type=Path)
@@ -79,6 +87,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _init_config(args: argparse.Namespace) -> ControlPlaneConfig | None:
+    """The config `init` writes: the defaults, with [pki.pkcs11] when --pkcs11-* are given."""
+    given = [args.pkcs11_module, args.pkcs11_token, args.pkcs11_pin_env]
+    if not any(given):
+        return None
+    if not all(given):
+        raise InvalidInputError("--pkcs11-module, --pkcs11-token and --pkcs11-pin-env go "
+                                "together")
+    cfg = ControlPlaneConfig(home=args.home)
+    cfg.pkcs11 = Pkcs11Settings.parse({
+        "module": str(args.pkcs11_module), "token": args.pkcs11_token,
+        "pin_env": args.pkcs11_pin_env, "keys": args.pkcs11_keys.split(",")})
+    return cfg
+
+
 async def _serve(cfg: ControlPlaneConfig) -> None:
     cp = ControlPlane(cfg)
     await cp.start()
@@ -98,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if args.command == "init":
-            cfg = init_home(args.home, sans=args.san, force=args.force)
+            cfg = init_home(args.home, sans=args.san, force=args.force,
+                            config=_init_config(args))
             print(f"initialised {cfg.home}")
             admin = cfg.layout.operator_dir("admin") / operator_config.CONFIG_FILE
             print(f"admin client config: {admin}")

@@ -45,7 +45,7 @@ from fleetcore.errors import (
     RollbackError,
     WrongDeviceError,
 )
-from fleetcore.pki import validate_name
+from fleetcore.pki import SigningKey, validate_name
 
 __all__ = [
     "MAX_ARMS",
@@ -184,7 +184,7 @@ def encode_document(
     return data
 
 
-def sign_release(document: bytes, key: ec.EllipticCurvePrivateKey) -> SignedRelease:
+def sign_release(document: bytes, key: SigningKey) -> SignedRelease:
     return SignedRelease(
         document=document, signature=key.sign(document, ec.ECDSA(hashes.SHA256()))
     )

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from control_plane.domain.records import AuditRecord
 from fleetcore import strict_json
 from fleetcore.errors import InvalidInputError
+from fleetcore.pki import SigningKey
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -81,7 +82,7 @@ def _canonical(doc: dict[str, object]) -> bytes:
 
 
 def make_checkpoint(records: Sequence[AuditRecord], now: float,
-                    key: ec.EllipticCurvePrivateKey) -> tuple[bytes, bytes]:
+                    key: SigningKey) -> tuple[bytes, bytes]:
     """A signed head of the chain: (document, DER ECDSA-SHA256 signature)."""
     head = records[-1] if records else None
     doc = _canonical({

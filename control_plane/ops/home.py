@@ -6,7 +6,7 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
-from control_plane.config import ControlPlaneConfig, HomeLayout
+from control_plane.config import ControlPlaneConfig, HomeLayout, Pkcs11Settings
 from control_plane.domain.records import CertificateRecord
 from control_plane.storage import open_store
 from control_plane.storage.blobs import load_or_create_key
@@ -39,9 +39,10 @@ def init_home(
         shutil.rmtree(home)
     ensure_private_dir(home)
     now = now or dt.datetime.now(dt.UTC)
+    hsm = config.pkcs11 if config is not None else None
 
-    ca_key, ca_cert = pki.create_ca("Edgefleet fleet CA", now, CA_TTL)
-    atomic_write(lay.ca_key, pki.private_key_pem(ca_key), mode=PRIVATE)
+    ca_key = _new_key(hsm, "ca", lay.ca_key)
+    ca_cert = pki.ca_certificate(ca_key, "Edgefleet fleet CA", now, CA_TTL)
     atomic_write(lay.ca_cert, pki.certificate_pem(ca_cert))
 
     server_key = pki.generate_key()
@@ -52,9 +53,8 @@ def init_home(
     atomic_write(lay.server_key, pki.private_key_pem(server_key), mode=PRIVATE)
     atomic_write(lay.server_cert, pki.certificate_pem(server_cert))
 
-    release_key = pki.generate_key()
-    atomic_write(lay.release_key, pki.private_key_pem(release_key), mode=PRIVATE)
-    atomic_write(lay.release_pub, pki.public_key_pem(release_key))
+    release_key = _new_key(hsm, "release", lay.release_key)
+    atomic_write(lay.release_pub, pki.public_key_pem(release_key.public_key()))
     load_or_create_key(lay.blob_key)  # AES-256-GCM key for bundles at rest
 
     # Convenience only: the control plane reads just the public half; move the private key
@@ -102,3 +102,15 @@ def init_home(
         ca_pem=pki.certificate_pem(ca_cert),
     )
     return cfg
+
+
+def _new_key(hsm: Pkcs11Settings | None, name: str, path: Path) -> pki.SigningKey:
+    """Key ``name``: generated inside the PKCS#11 token when [pki.pkcs11] keeps it there (no
+    file is written), else a new key file at ``path``."""
+    if hsm is not None and hsm.holds(name):
+        from control_plane.services.hsm import generate_key  # noqa: PLC0415  (token homes)
+
+        return generate_key(hsm, name)
+    key = pki.generate_key()
+    atomic_write(path, pki.private_key_pem(key), mode=PRIVATE)
+    return key

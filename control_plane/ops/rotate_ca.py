@@ -32,6 +32,8 @@ import secrets
 import time
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from control_plane.config import ControlPlaneConfig
 from control_plane.domain.records import CertificateRecord
 from control_plane.ops import rotate
@@ -59,6 +61,9 @@ def rotate_ca(cfg: ControlPlaneConfig, now: float) -> str:
     """Start the transition to a new CA; return its key id."""
     lay = cfg.layout
     old = Authority.load(cfg)
+    if not isinstance(old.ca_key, ec.EllipticCurvePrivateKey):
+        raise CaRotationError("the CA key is in a PKCS#11 token: rotating it is not supported "
+                              "yet (rotate ca works with a CA key file)")
     if old.old_ca is not None:
         raise CaRotationError(
             "a CA rotation is already in transition; finish it first: control-plane rotate ca "

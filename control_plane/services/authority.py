@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -21,22 +22,32 @@ from control_plane.storage.blobs import load_or_create_key
 from fleetcore import pki
 from fleetcore.errors import InvalidInputError
 
-__all__ = ["Authority"]
+__all__ = ["Authority", "load_signing_key"]
+
+
+def load_signing_key(config: ControlPlaneConfig, name: str, path: Path) -> pki.SigningKey:
+    """Key ``name`` ("ca", "release", "audit"): from the PKCS#11 token when [pki.pkcs11] puts
+    it there (control_plane/services/hsm.py), else from its file ``path``."""
+    if config.pkcs11 is not None and config.pkcs11.holds(name):
+        from control_plane.services.hsm import load_key  # noqa: PLC0415  (homes with a token)
+
+        return load_key(config.pkcs11, name)
+    return pki.load_private_key(path.read_bytes())
 
 
 @dataclass(frozen=True)
 class Authority:
-    ca_key: ec.EllipticCurvePrivateKey
+    ca_key: pki.SigningKey
     ca_cert: x509.Certificate
     ca_pem: bytes
     server_cert_pem: bytes
     server_key_pem: bytes
     release_public_pem: bytes
     publisher_public_pems: tuple[bytes, ...]
-    release_key: ec.EllipticCurvePrivateKey
+    release_key: pki.SigningKey
     blob_key: bytes
     # The previous CA and its key while a rotation is in transition; its CRL is still needed.
-    old_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
+    old_ca: tuple[x509.Certificate, pki.SigningKey] | None = None
 
     @property
     def ca_id(self) -> str:
@@ -44,7 +55,7 @@ class Authority:
         return pki.key_id(self.ca_cert)
 
     @property
-    def crl_signers(self) -> list[tuple[ec.EllipticCurvePrivateKey, x509.Certificate]]:
+    def crl_signers(self) -> list[tuple[pki.SigningKey, x509.Certificate]]:
         """Each CA still trusted, with its key: each publishes a CRL."""
         signers = [(self.ca_key, self.ca_cert)]
         if self.old_ca is not None:
@@ -56,7 +67,7 @@ class Authority:
         lay = config.layout
         ca_pem = lay.ca_cert.read_bytes()
         ca_cert = pki.load_certificate(ca_pem)
-        ca_key = pki.load_private_key(lay.ca_key.read_bytes())
+        ca_key = load_signing_key(config, "ca", lay.ca_key)
         if ca_cert.public_key() != ca_key.public_key():
             raise InvalidInputError(f"{lay.ca_cert} is not the certificate of {lay.ca_key}")
         old_ca = None
@@ -72,7 +83,7 @@ class Authority:
                 ca_pem = ca_pem + old_pem
         server_cert_pem = lay.server_cert.read_bytes()
         server_key_pem = lay.server_key.read_bytes()
-        release_key = pki.load_private_key(lay.release_key.read_bytes())
+        release_key = load_signing_key(config, "release", lay.release_key)
         release_public_pem = lay.release_pub.read_bytes()
         # Pairs must match: a rotation caught half-way (KeyWatch) is not loaded.
         if pki.load_certificate(server_cert_pem).public_key() != pki.load_private_key(

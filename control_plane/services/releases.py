@@ -14,10 +14,9 @@ import hashlib
 import json
 from collections.abc import Callable
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from control_plane.domain.records import ReleaseRecord
 from control_plane.storage.base import Store
+from fleetcore.pki import SigningKey
 from fleetcore.release import Arm, ModelRelease, encode_document, sign_release
 
 __all__ = ["MAX_FLOOR", "ReleaseIssuer"]
@@ -33,7 +32,7 @@ class ReleaseIssuer:
     def __init__(
         self,
         store: Store,
-        key: ec.EllipticCurvePrivateKey,
+        key: SigningKey,
         ttl_seconds: float,
         on_change: Callable[[str], None] | None = None,
     ) -> None:
