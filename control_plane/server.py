@@ -235,6 +235,8 @@ class ControlPlane:
         """The broker serves the rotated server certificate and trusts the current CAs."""
         if self.mqtt is not None:
             sync_broker_keys(self.mqtt, keys, self.store, time.time())
+        if self.bridge is not None:
+            self.bridge.reload_tls()
 
     async def _refresh_health(self) -> None:
         """The gRPC health service says what the readiness checks say."""

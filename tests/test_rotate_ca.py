@@ -4,6 +4,7 @@ certificates refused once the old CA is retired."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from cryptography import x509
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
+from control_plane.api.mqtt_bridge import MqttBridge
 from control_plane.cli import main as cp_main
 from edge_agent.identity import check_ca_bundle, install_renewed, load_credentials
 from edge_agent.state import StateDir
@@ -41,6 +43,12 @@ def _heartbeat_refused(cp: RunningControlPlane, cert: Path, key: Path, ca: Path)
         except grpc.RpcError as exc:
             return exc.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake fails
     return False
+
+
+async def _reconnected(bridge: MqttBridge) -> None:
+    while bridge.connected.is_set():  # until it saw the broker go
+        await asyncio.sleep(0.01)
+    await bridge.connected.wait()
 
 
 def _issuer(state: StateDir) -> x509.Name:
@@ -102,6 +110,12 @@ def test_a_ca_rotation_moves_live_agents_to_the_new_ca_and_retiring_refuses_the_
         # A new connection with the renewed credentials works on every port.
         for port in ports:
             served_serial("127.0.0.1", port, a.ca.read_bytes(), a)
+        if cp.broker is not None:  # the bridge reconnects with its re-issued certificate
+            bridge = cp.cp.bridge
+            assert bridge is not None
+            cp.broker.restart()
+            cp.loop.run(asyncio.wait_for(_reconnected(bridge), WAIT))
+            agent.wait_for("heartbeat")
     finally:
         agent.stop()
 
