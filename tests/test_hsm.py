@@ -21,6 +21,7 @@ from control_plane.services.authority import Authority
 from control_plane.services.broker import write_crl
 from edge_agent.state import StateDir
 from fleetcore import pki
+from fleetcore.errors import InvalidInputError
 from tests.support import LoopThread, assign_digits_v1, start_agent, start_control_plane
 
 SOFTHSM = Path("/usr/lib/softhsm/libsofthsm2.so")
@@ -127,3 +128,12 @@ def test_a_token_key_is_refused_without_its_pin(
     settings = Pkcs11Settings(module=SOFTHSM, token="not-opened-yet", pin_env=PIN_ENV)
     with pytest.raises(Exception, match=PIN_ENV):
         hsm.load_key(settings, "ca")
+
+
+def test_a_config_that_writes_the_pin_itself_is_refused() -> None:
+    with pytest.raises(InvalidInputError, match="never write the PIN"):
+        Pkcs11Settings.parse({"module": str(SOFTHSM), "token": "t", "pin_env": PIN_ENV,
+                              "pin": "1234"})
+    with pytest.raises(InvalidInputError, match="keys must list"):
+        Pkcs11Settings.parse({"module": str(SOFTHSM), "token": "t", "pin_env": PIN_ENV,
+                              "keys": ["ca", "bundle"]})
