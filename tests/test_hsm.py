@@ -126,7 +126,7 @@ def test_a_token_key_is_refused_without_its_pin(
 ) -> None:
     monkeypatch.delenv(PIN_ENV)
     settings = Pkcs11Settings(module=SOFTHSM, token="not-opened-yet", pin_env=PIN_ENV)
-    with pytest.raises(Exception, match=PIN_ENV):
+    with pytest.raises(InvalidInputError, match=PIN_ENV):
         hsm.load_key(settings, "ca")
 
 
