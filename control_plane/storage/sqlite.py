@@ -215,7 +215,7 @@ class SqliteStore(Store):
     def _insert_certificate(c: sqlite3.Connection, cert: CertificateRecord) -> None:
         c.execute(
             "INSERT INTO certificates(serial, kind, subject, not_before, not_after, issued_at,"
-            " revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " revoked_at, issuer) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 cert.serial,
                 cert.kind,
@@ -224,6 +224,7 @@ class SqliteStore(Store):
                 cert.not_after,
                 cert.issued_at,
                 cert.revoked_at,
+                cert.issuer,
             ),
         )
 
@@ -246,7 +247,19 @@ class SqliteStore(Store):
             not_after=r["not_after"],
             issued_at=r["issued_at"],
             revoked_at=r["revoked_at"],
+            issuer=r["issuer"],
         )
+
+    def current_certificates_not_from(self, issuer: str, now: float) -> list[CertificateRecord]:
+        # A device's current certificate (of a device not revoked), an operator's latest one.
+        rows = self._query(
+            "SELECT serial FROM certificates c WHERE revoked_at IS NULL AND not_after > ? "
+            "AND issuer != ? AND ((kind = 'device' AND serial IN (SELECT cert_serial FROM "
+            "devices WHERE revoked_at IS NULL)) OR (kind = 'operator' AND issued_at = (SELECT "
+            "MAX(issued_at) FROM certificates o WHERE o.kind = 'operator' AND o.subject = "
+            "c.subject))) ORDER BY kind, subject", (now, issuer))
+        found = (self.get_certificate(r["serial"]) for r in rows)
+        return [c for c in found if c is not None]
 
     # --- operators ---
     def add_operator(self, name: str, role: str, now: float, created_by: str) -> None:
