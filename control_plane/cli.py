@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--san", action="append", default=[], metavar="NAME",
                       help="extra DNS name or IP for the server certificate (repeatable)")
     init.add_argument("--force", action="store_true", help="replace an existing home")
+    init.add_argument("--database", default="", metavar="URL",
+                      help="postgresql://USER@HOST:PORT/DB instead of the home's SQLite file")
 
     serve = sub.add_parser("serve", help="serve the mTLS API and the enrollment endpoint")
     serve.add_argument("--home", required=True, type=Path)
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if args.command == "init":
-            cfg = init_home(args.home, sans=args.san, force=args.force)
+            cfg = init_home(args.home, sans=args.san, force=args.force,
+                            database_url=args.database)
             print(f"initialised {cfg.home}")
             admin = cfg.layout.operator_dir("admin") / operator_config.CONFIG_FILE
             print(f"admin client config: {admin}")
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             print("it holds the CA, release and bundle keys: encrypt it and keep it offline")
             return 0
         if args.command == "mqtt-config":
-            store = open_store(cfg.database)
+            store = open_store(cfg.store_location)
             try:
                 settings = write_broker_config(cfg, store, args.out, port=args.port,
                                                bind=args.bind, fleet_size=args.fleet_size,

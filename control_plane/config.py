@@ -148,6 +148,8 @@ class ControlPlaneConfig:
     enroll_listen: str = DEFAULT_ENROLL
     mqtt_url: str = ""
     database: Path = field(default=Path("edgefleet.db"))
+    # A database server instead of the SQLite file: postgresql://USER@HOST:PORT/DB ("" = SQLite).
+    database_url: str = ""
     publisher_keys: list[Path] = field(default_factory=list)
     device_cert_ttl_seconds: int = 7 * 24 * 3600
     operator_cert_ttl_seconds: int = 365 * 24 * 3600
@@ -198,6 +200,11 @@ class ControlPlaneConfig:
     def layout(self) -> HomeLayout:
         return HomeLayout(self.home)
 
+    @property
+    def store_location(self) -> Path | str:
+        """What ``open_store`` opens: the database URL where one is set, else the SQLite file."""
+        return self.database_url or self.database
+
     @classmethod
     def load(cls, home: Path) -> ControlPlaneConfig:
         home = Path(home).resolve()
@@ -220,7 +227,11 @@ class ControlPlaneConfig:
         if not isinstance(otel, dict):
             raise InvalidInputError("config [otel] must be a table")
         cfg.otel = dict(otel)
-        cfg.database = home / str(server.get("database", "edgefleet.db"))
+        database = str(server.get("database", "edgefleet.db"))
+        if "://" in database:
+            cfg.database_url = database
+        else:
+            cfg.database = home / database
         cfg.max_bundle_bytes = _positive_int(server, "max_bundle_bytes", cfg.max_bundle_bytes)
         cfg.publisher_keys = [home / p for p in pki.get("publisher_keys", [])]
         _load_retrain(cfg, doc.get("retrain", {}))
@@ -276,9 +287,10 @@ class ControlPlaneConfig:
                 "enroll": self.enroll_listen,
                 "mqtt": self.mqtt_url,
                 "metrics": self.metrics_listen,
-                "database": str(self.database.relative_to(self.home))
-                if self.database.is_absolute()
-                else str(self.database),
+                "database": self.database_url or (
+                    str(self.database.relative_to(self.home))
+                    if self.database.is_absolute()
+                    else str(self.database)),
                 "max_bundle_bytes": self.max_bundle_bytes,
             },
             "pki": {

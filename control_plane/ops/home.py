@@ -28,7 +28,10 @@ def init_home(
     force: bool = False,
     now: dt.datetime | None = None,
     config: ControlPlaneConfig | None = None,
+    database_url: str = "",
 ) -> ControlPlaneConfig:
+    """``database_url`` (postgresql://...) keeps the fleet in that database instead of the
+    home's SQLite file; the database must exist (empty, or an Edgefleet database)."""
     home = Path(home).resolve()
     lay = HomeLayout(home)
     if home.exists() and any(home.iterdir()):
@@ -66,10 +69,11 @@ def init_home(
     cfg = config or ControlPlaneConfig(home=home)
     cfg.home = home
     cfg.database = lay.database
+    cfg.database_url = database_url or cfg.database_url
     cfg.publisher_keys = [lay.publisher_pub]
     cfg.save()
 
-    store = open_store(lay.database)
+    store = open_store(cfg.store_location)
     try:
         admin_key = pki.generate_key()
         admin_cert = pki.issue_client_certificate(
