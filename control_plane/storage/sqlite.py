@@ -593,14 +593,16 @@ class SqliteStore(Store):
             c.execute(
                 "INSERT INTO report_refusals(device_id, kind, reason, count, last_at)"
                 " VALUES (?,?,?,?,?) ON CONFLICT(device_id, kind, reason)"
-                " DO UPDATE SET count = count + excluded.count, last_at = excluded.last_at",
+                " DO UPDATE SET count = report_refusals.count + excluded.count,"
+                " last_at = excluded.last_at",
                 (row.device_id, row.kind[:64], row.reason, row.count, now),
             )
             return
         if isinstance(row, SampleRefusal):
             c.execute(
                 "INSERT INTO sample_refusals(model, region, reason, count) VALUES (?,?,?,1)"
-                " ON CONFLICT(model, region, reason) DO UPDATE SET count = count + 1",
+                " ON CONFLICT(model, region, reason)"
+                " DO UPDATE SET count = sample_refusals.count + 1",
                 (row.model, row.region, row.reason),
             )
             if row.device_id:
@@ -827,7 +829,7 @@ class SqliteStore(Store):
                     c.execute(
                         "INSERT INTO sample_refusals(model, region, reason, count)"
                         " VALUES (?,?,?,?) ON CONFLICT(model, region, reason)"
-                        " DO UPDATE SET count = count + excluded.count",
+                        " DO UPDATE SET count = sample_refusals.count + excluded.count",
                         (model, region or "-", reason, sum(r["n"] for r in rows)))
                 c.execute("DELETE FROM samples WHERE model = ? AND region = ?"
                           " AND job_id IS NULL", (model, region))
