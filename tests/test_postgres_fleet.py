@@ -1,0 +1,61 @@
+"""A control plane on PostgreSQL serves a real agent end to end: enrollment, publish, rollout,
+telemetry (arm statistics and drift), and an audit chain `fleet audit verify` accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from control_plane.config import ControlPlaneConfig
+from control_plane.storage.postgres import PostgresStore
+from tests.store_support import pg_database  # noqa: F401 (fixture)
+from tests.support import LoopThread, fleet_json, start_agent, start_control_plane
+from tests.test_delivery import _committed, _wait_models
+from tests.test_serving_fleet import _infer, _publish
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_control_plane_on_postgresql_serves_a_real_agent(
+    tmp_path: Path, loop: LoopThread, pg_database: str, trained_bundle: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cp = start_control_plane(tmp_path / "cp", loop, database_url=pg_database)
+    try:
+        assert isinstance(cp.cp.store, PostgresStore)
+        assert ControlPlaneConfig.load(cp.home).database_url == pg_database  # recorded
+        assert not (cp.home / "edgefleet.db").exists()  # nothing went to SQLite
+        _publish(cp, trained_bundle, tmp_path, 1)
+        cfg = cp.enroll_agent(tmp_path / "a", labels={"site": "paris"})
+        agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0,
+                            drift_window_requests=100)
+        try:
+            port = agent.wait_for("serving")["http_port"]
+            fleet_json(cp, capsys, "rollouts", "start", "--model", "digits", "--version", "1")
+            _wait_models(agent, _committed(1))
+            X = load_digits().data.astype(np.float32)
+            with httpx.Client(timeout=30) as client:
+                for i in range(100):
+                    _infer(client, port, X[i : i + 1], f"req-{i}")
+            agent.agent.supervisor.core.flush(30)
+            for _ in range(10):  # each heartbeat sends the outbox
+                agent.wait_for("heartbeat")
+                stats = cp.cp.store.arm_stats("digits")
+                if stats and stats[0].requests >= 100 and cp.cp.store.latest_drift("digits"):
+                    break
+            assert [(s.device_id, s.version, s.requests) for s in stats] == [
+                (cfg.device_id, 1, 100)]
+            assert cp.cp.store.latest_drift("digits")[0].device_id == cfg.device_id
+            device = fleet_json(cp, capsys, "devices", "show", cfg.device_id)
+            assert [(m["name"], int(m["version"]), m["state"]) for m in device["models"]] == [
+                ("digits", 1, "committed")]
+        finally:
+            agent.stop()
+        verdict = fleet_json(cp, capsys, "audit", "verify")
+        assert verdict["ok"] and verdict["entries"] >= 4, verdict
+    finally:
+        cp.stop()
