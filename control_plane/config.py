@@ -227,11 +227,7 @@ class ControlPlaneConfig:
         if not isinstance(otel, dict):
             raise InvalidInputError("config [otel] must be a table")
         cfg.otel = dict(otel)
-        database = str(server.get("database", "edgefleet.db"))
-        if "://" in database:
-            cfg.database_url = database
-        else:
-            cfg.database = home / database
+        _load_database(cfg, str(server.get("database", "edgefleet.db")))
         cfg.max_bundle_bytes = _positive_int(server, "max_bundle_bytes", cfg.max_bundle_bytes)
         cfg.publisher_keys = [home / p for p in pki.get("publisher_keys", [])]
         _load_retrain(cfg, doc.get("retrain", {}))
@@ -335,6 +331,15 @@ class ControlPlaneConfig:
 ON_CLONE = ("flag", "revoke")
 _TELEMETRY_KEYS = ("records_per_second", "bytes_per_second", "burst_records", "burst_bytes",
                    "raw_retention_seconds", "drift_retention_seconds", "expire_every_seconds")
+
+
+def _load_database(cfg: ControlPlaneConfig, database: str) -> None:
+    """A URL (postgresql://...) names a database server; anything else is the SQLite file,
+    relative to the home."""
+    if "://" in database:
+        cfg.database_url = database
+    else:
+        cfg.database = cfg.home / database
 
 
 def _load_retrain(cfg: ControlPlaneConfig, retrain: dict[str, Any]) -> None:

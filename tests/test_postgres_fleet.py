@@ -12,12 +12,14 @@ from sklearn.datasets import load_digits
 
 from control_plane.config import ControlPlaneConfig
 from control_plane.storage.postgres import PostgresStore
-from tests.store_support import pg_database  # noqa: F401 (fixture)
+from tests.store_support import pg_database
 from tests.support import LoopThread, fleet_json, start_agent, start_control_plane
 from tests.test_delivery import _committed, _wait_models
 from tests.test_serving_fleet import _infer, _publish
 
 pytestmark = pytest.mark.slow
+
+__all__ = ["pg_database"]  # fixtures (tests/store_support.py)
 
 
 def test_a_control_plane_on_postgresql_serves_a_real_agent(

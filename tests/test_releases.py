@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+
 from control_plane.domain.records import ModelVersionRecord
 from control_plane.services.releases import ReleaseIssuer
 from control_plane.storage import Store
 from fleetcore import pki
 from fleetcore.release import SignedRelease, verify_release
-from tests.store_support import pg_database, store, store_url  # noqa: F401 (fixtures)
+from tests.store_support import pg_database, store, store_url
+
+__all__ = ["pg_database", "store", "store_url"]  # fixtures (tests/store_support.py)
 
 
 def _prepare(store: Store) -> Store:

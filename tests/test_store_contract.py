@@ -35,9 +35,11 @@ from control_plane.storage.pg_migrations import pg_migrations, translate
 from control_plane.storage.postgres import PostgresStore, redact
 from control_plane.storage.sqlite import SqliteStore
 from fleetcore.errors import AlreadyExistsError, NotFoundError, TokenError
-from tests.store_support import pg_database, store, store_url  # noqa: F401 (fixtures)
+from tests.store_support import pg_database, store, store_url
 
 DAY = 86400.0
+
+__all__ = ["pg_database", "store", "store_url"]  # fixtures (tests/store_support.py)
 
 
 def _device(store: Store, device_id: str = "dev-1", labels: dict[str, str] | None = None) -> None:

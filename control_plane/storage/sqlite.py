@@ -911,7 +911,8 @@ class SqliteStore(Store):
                     limit: int) -> tuple[list[ArmStatsRecord], bool]:
         rows = self._query(
             "SELECT * FROM (SELECT * FROM arm_stats_history WHERE model = ? AND created_at >= ?"
-            " ORDER BY created_at DESC LIMIT ?) AS recent UNION ALL SELECT * FROM arm_stats_history h"
+            " ORDER BY created_at DESC LIMIT ?) AS recent"
+            " UNION ALL SELECT * FROM arm_stats_history h"
             " WHERE model = ? AND created_at < ? AND seq = (SELECT MAX(seq) FROM"
             " arm_stats_history e WHERE e.device_id = h.device_id AND e.model = h.model"
             " AND e.version = h.version AND e.created_at < ?)",
