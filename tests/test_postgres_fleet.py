@@ -10,18 +10,45 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
+from control_plane.cli import main as cp_main
 from control_plane.config import ControlPlaneConfig
+from control_plane.storage import open_store
 from control_plane.storage.postgres import PostgresStore
 from tests.store_support import pg_database
 from tests.support import LoopThread, fleet_json, start_agent, start_control_plane
 from tests.test_delivery import _committed, _wait_models
 from tests.test_serving_fleet import _infer, _publish
 
-pytestmark = pytest.mark.slow
-
 __all__ = ["pg_database"]  # fixtures (tests/store_support.py)
 
 
+def test_init_on_postgresql_records_the_url_and_refuses_a_database_in_use(
+    tmp_path: Path, pg_database: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cp_main(["init", "--home", str(tmp_path / "cp"), "--database", pg_database]) == 0
+    cfg = ControlPlaneConfig.load(tmp_path / "cp")
+    assert cfg.database_url == pg_database and not (tmp_path / "cp" / "edgefleet.db").exists()
+    store = open_store(cfg.store_location)
+    try:
+        assert [o.name for o in store.list_operators()] == ["admin"]
+        assert [e.action for e in store.audit_chain()] == ["control-plane.init"]
+    finally:
+        store.close()
+    capsys.readouterr()
+    # A second home on the same database: refused before it makes a key.
+    assert cp_main(["init", "--home", str(tmp_path / "other"), "--database", pg_database]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "holds a fleet already" in err and err.count("\n") == 1
+    assert list((tmp_path / "other").iterdir()) == []
+    # A database that does not exist: one line naming it.
+    missing = pg_database.rsplit("/", 1)[0] + "/no_such_database"
+    assert cp_main(["init", "--home", str(tmp_path / "third"), "--database", missing]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot connect to PostgreSQL") and "no_such_database" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.slow
 def test_a_control_plane_on_postgresql_serves_a_real_agent(
     tmp_path: Path, loop: LoopThread, pg_database: str, trained_bundle: Path,
     capsys: pytest.CaptureFixture[str],

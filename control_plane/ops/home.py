@@ -42,6 +42,9 @@ def init_home(
         shutil.rmtree(home)
     ensure_private_dir(home)
     now = now or dt.datetime.now(dt.UTC)
+    database_url = database_url or (config.database_url if config else "")
+    if database_url:
+        _check_empty_database(database_url)
 
     ca_key, ca_cert = pki.create_ca("Edgefleet fleet CA", now, CA_TTL)
     atomic_write(lay.ca_key, pki.private_key_pem(ca_key), mode=PRIVATE)
@@ -69,7 +72,7 @@ def init_home(
     cfg = config or ControlPlaneConfig(home=home)
     cfg.home = home
     cfg.database = lay.database
-    cfg.database_url = database_url or cfg.database_url
+    cfg.database_url = database_url
     cfg.publisher_keys = [lay.publisher_pub]
     cfg.save()
 
@@ -105,3 +108,16 @@ def init_home(
         ca_pem=pki.certificate_pem(ca_cert),
     )
     return cfg
+
+
+def _check_empty_database(url: str) -> None:
+    """Before any key is made: the server answers, and holds no fleet yet (a second home on
+    the same database would issue certificates from another CA)."""
+    store = open_store(url)
+    try:
+        if store.list_operators() or store.audit_chain():
+            raise AlreadyExistsError(
+                "that database holds a fleet already; give init an empty database (CREATE "
+                "DATABASE ...), or copy the existing home to run another replica")
+    finally:
+        store.close()

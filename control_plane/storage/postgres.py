@@ -47,6 +47,14 @@ class PostgresStore(SqliteStore):
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8,
                  connect_timeout_s: float = 10.0) -> None:
         self.url = url
+        try:  # one direct connection first: its error says what is wrong (the pool's retries
+            # would only time out)
+            psycopg.connect(url, connect_timeout=max(1, int(connect_timeout_s))).close()
+        except psycopg.Error as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise EdgefleetError(
+                f"cannot connect to PostgreSQL at {redact(url)}: {reason}; check that the server "
+                "runs and the URL's user, host, port and database") from None
         self._local = threading.local()
         self._lock = threading.RLock()
         self._pool = ConnectionPool(
