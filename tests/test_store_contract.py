@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import sqlite3
+import threading
 from pathlib import Path
 
 import psycopg
@@ -336,3 +337,32 @@ def test_replicas_starting_together_migrate_once(pg_database: str) -> None:
     assert isinstance(s, PostgresStore) and s.schema_version() == len(MIGRATIONS)
     assert verify_chain(s.audit_chain()).ok
     s.close()
+
+
+def test_a_token_raced_by_concurrent_enrollments_enrolls_one_device(store: Store) -> None:
+    """Devices present the same token at once: one is enrolled, the others refused (on
+    PostgreSQL without the writer lock, most rounds enrolled several)."""
+    for round_ in range(3):
+        token = f"shared-{round_}"
+        store.add_token(token, {}, 0, 100, "admin")
+        barrier = threading.Barrier(6)
+        outcomes: list[str] = []
+
+        def enroll(device: str, token: str = token, barrier: threading.Barrier = barrier,
+                   outcomes: list[str] = outcomes) -> None:
+            barrier.wait()
+            try:
+                store.enroll(token, 1, DeviceRecord(device, {}, 1.0),
+                             CertificateRecord(f"s-{device}", "device", device, 0, 50, 1))
+                outcomes.append("enrolled")
+            except TokenError:
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=enroll, args=(f"dev-{round_}-{n}",))
+                   for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(outcomes) == ["enrolled"] + ["refused"] * 5
+    assert len(store.list_devices()) == 3

@@ -14,6 +14,12 @@ under concurrent writers, in any number of processes: each append takes a transa
 advisory lock before it reads the head, so appends are serialized and a second writer sees the
 first one's entry; ``seq`` as primary key would refuse a fork anyway. Migrations run under
 another advisory lock, so replicas starting together apply each exactly once.
+
+Writers are serialized as on SQLite: every write transaction first takes one advisory lock (what
+SQLite's ``BEGIN IMMEDIATE`` does), so the shared methods' read-then-write steps (a token used
+once, a release serial that only grows, a model version's digest) keep their meaning under
+PostgreSQL's READ COMMITTED with writers in several threads or processes. Reads take no lock.
+Finer locking (row locks per method) is for when write throughput needs it.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ __all__ = ["PostgresStore", "redact"]
 # pg_advisory_xact_lock keys (any 64-bit numbers no other application on the database uses).
 _MIGRATE_LOCK = 0x45_46_4D_49_47  # "EFMIG"
 _AUDIT_LOCK = 0x45_46_41_55_44  # "EFAUD"
+_WRITE_LOCK = 0x45_46_57_52_54  # "EFWRT"
 
 
 class PostgresStore(SqliteStore):
@@ -105,6 +112,7 @@ class PostgresStore(SqliteStore):
         with self._pool.connection() as raw, raw.transaction():
             self._local.conn = _Connection(raw)
             try:
+                self._local.conn.execute("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK,))
                 yield self._local.conn
             finally:
                 self._local.conn = None
