@@ -3,12 +3,14 @@ tests/store_support.py), and a backend that lacks a method of ``Store`` or a mig
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import multiprocessing
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -32,6 +34,7 @@ from control_plane.domain.records import (
 )
 from control_plane.domain.retraining import DriftPolicy
 from control_plane.storage import Store, open_store
+from control_plane.storage.heartbeats import HeartbeatWriter
 from control_plane.storage.migrations import MIGRATIONS
 from control_plane.storage.pg_migrations import pg_migrations, translate
 from control_plane.storage.postgres import PostgresStore, redact
@@ -387,3 +390,20 @@ def test_a_token_raced_by_concurrent_enrollments_enrolls_one_device(store: Store
             t.join(30)
         assert sorted(outcomes) == ["enrolled"] + ["refused"] * 5
     assert len(store.list_devices()) == 3
+
+
+def test_heartbeats_written_together_fail_alone(store: Store) -> None:
+    """HeartbeatWriter's group commit on both backends (the commit count on SQLite:
+    tests/test_bench_fleet.py)."""
+    for i in range(3):
+        _device(store, f"dev-{i}")
+    writer = HeartbeatWriter(store)
+
+    async def beats() -> list[Any]:
+        return await asyncio.gather(
+            *(writer.record(f"dev-{i}", 5.0, "2", {"os": "Linux"}, []) for i in range(3)),
+            writer.record("dev-unknown", 5.0, "2", {}, []), return_exceptions=True)
+
+    results = asyncio.run(beats())
+    assert results[:3] == [None, None, None] and isinstance(results[3], NotFoundError)
+    assert all(d.last_seen == 5.0 and d.agent_version == "2" for d in store.list_devices())
