@@ -49,11 +49,17 @@ def test_init_on_postgresql_records_the_url_and_refuses_a_database_in_use(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("transport", ["grpc", "mqtt"])
 def test_a_control_plane_on_postgresql_serves_a_real_agent(
     tmp_path: Path, loop: LoopThread, pg_database: str, trained_bundle: Path,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], transport: str,
 ) -> None:
-    cp = start_control_plane(tmp_path / "cp", loop, database_url=pg_database)
+    if transport == "grpc":
+        cp = start_control_plane(tmp_path / "cp", loop, database_url=pg_database)
+    else:  # a real Mosquitto and the bridge writing telemetry to PostgreSQL
+        from tests.mqtt_support import start_mqtt_control_plane  # noqa: PLC0415
+
+        cp = start_mqtt_control_plane(tmp_path / "cp", loop, database_url=pg_database)
     try:
         assert isinstance(cp.cp.store, PostgresStore)
         assert ControlPlaneConfig.load(cp.home).database_url == pg_database  # recorded
@@ -61,7 +67,7 @@ def test_a_control_plane_on_postgresql_serves_a_real_agent(
         _publish(cp, trained_bundle, tmp_path, 1)
         cfg = cp.enroll_agent(tmp_path / "a", labels={"site": "paris"})
         agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0,
-                            drift_window_requests=100)
+                            drift_window_requests=100, transport=cp.transport)
         try:
             port = agent.wait_for("serving")["http_port"]
             fleet_json(cp, capsys, "rollouts", "start", "--model", "digits", "--version", "1")
@@ -88,3 +94,5 @@ def test_a_control_plane_on_postgresql_serves_a_real_agent(
         assert verdict["ok"] and verdict["entries"] >= 4, verdict
     finally:
         cp.stop()
+        if cp.broker is not None:
+            cp.broker.stop()
