@@ -35,6 +35,12 @@ def test_init_on_postgresql_records_the_url_and_refuses_a_database_in_use(
     finally:
         store.close()
     capsys.readouterr()
+    # backup copies SQLite homes only: it says what to use instead.
+    assert cp_main(["backup", "--home", str(tmp_path / "cp"), "--out",
+                    str(tmp_path / "b.tar.gz")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "pg_dump" in err and err.count("\n") == 1
+    assert not (tmp_path / "b.tar.gz").exists()
     # A second home on the same database: refused before it makes a key.
     assert cp_main(["init", "--home", str(tmp_path / "other"), "--database", pg_database]) == 1
     err = capsys.readouterr().err
