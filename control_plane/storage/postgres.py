@@ -63,7 +63,6 @@ class PostgresStore(SqliteStore):
                 f"cannot connect to PostgreSQL at {redact(url)}: {reason}; check that the server "
                 "runs and the URL's user, host, port and database") from None
         self._local = threading.local()
-        self._lock = threading.RLock()
         self._pool = ConnectionPool(
             url, min_size=min_size, max_size=max_size, open=False, name="edgefleet",
             kwargs={"autocommit": True, "row_factory": _row_factory,
