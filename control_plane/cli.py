@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="the environment variable that holds the token's user PIN")
     init.add_argument("--pkcs11-keys", default="ca,release", metavar="NAMES",
                       help="which keys go in the token (default ca,release)")
+    init.add_argument("--database", default="", metavar="URL",
+                      help="postgresql://USER@HOST:PORT/DB instead of the home's SQLite file")
 
     serve = sub.add_parser("serve", help="serve the mTLS API and the enrollment endpoint")
     serve.add_argument("--home", required=True, type=Path)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "init":
             cfg = init_home(args.home, sans=args.san, force=args.force,
                             root_keys=args.root_keys, root_threshold=args.root_threshold,
-                            config=_init_config(args))
+                            config=_init_config(args), database_url=args.database)
             print(f"initialised {cfg.home}")
             admin = cfg.layout.operator_dir("admin") / operator_config.CONFIG_FILE
             print(f"admin client config: {admin}")
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             print("it holds the CA, release and bundle keys: encrypt it and keep it offline")
             return 0
         if args.command == "mqtt-config":
-            store = open_store(cfg.database)
+            store = open_store(cfg.store_location)
             try:
                 settings = write_broker_config(cfg, store, args.out, port=args.port,
                                                bind=args.bind, fleet_size=args.fleet_size,

@@ -207,6 +207,8 @@ class ControlPlaneConfig:
     enroll_listen: str = DEFAULT_ENROLL
     mqtt_url: str = ""
     database: Path = field(default=Path("edgefleet.db"))
+    # A database server instead of the SQLite file: postgresql://USER@HOST:PORT/DB ("" = SQLite).
+    database_url: str = ""
     publisher_keys: list[Path] = field(default_factory=list)
     device_cert_ttl_seconds: int = 7 * 24 * 3600
     operator_cert_ttl_seconds: int = 365 * 24 * 3600
@@ -259,6 +261,11 @@ class ControlPlaneConfig:
     def layout(self) -> HomeLayout:
         return HomeLayout(self.home)
 
+    @property
+    def store_location(self) -> Path | str:
+        """What ``open_store`` opens: the database URL where one is set, else the SQLite file."""
+        return self.database_url or self.database
+
     @classmethod
     def load(cls, home: Path) -> ControlPlaneConfig:
         home = Path(home).resolve()
@@ -281,7 +288,7 @@ class ControlPlaneConfig:
         if not isinstance(otel, dict):
             raise InvalidInputError("config [otel] must be a table")
         cfg.otel = dict(otel)
-        cfg.database = home / str(server.get("database", "edgefleet.db"))
+        _load_database(cfg, str(server.get("database", "edgefleet.db")))
         cfg.max_bundle_bytes = _positive_int(server, "max_bundle_bytes", cfg.max_bundle_bytes)
         cfg.publisher_keys = [home / p for p in pki.get("publisher_keys", [])]
         if "pkcs11" in pki:
@@ -331,9 +338,10 @@ class ControlPlaneConfig:
                 "enroll": self.enroll_listen,
                 "mqtt": self.mqtt_url,
                 "metrics": self.metrics_listen,
-                "database": str(self.database.relative_to(self.home))
-                if self.database.is_absolute()
-                else str(self.database),
+                "database": self.database_url or (
+                    str(self.database.relative_to(self.home))
+                    if self.database.is_absolute()
+                    else str(self.database)),
                 "max_bundle_bytes": self.max_bundle_bytes,
             },
             "pki": {
@@ -390,6 +398,15 @@ def _load_experiments(cfg: ControlPlaneConfig, experiments: dict[str, Any]) -> N
     if not isinstance(alpha, float) or not 0 < alpha < 0.5:
         raise InvalidInputError(f"config experiments.alpha must be in (0, 0.5); got {alpha!r}")
     cfg.experiment_alpha = alpha
+
+
+def _load_database(cfg: ControlPlaneConfig, database: str) -> None:
+    """A URL (postgresql://...) names a database server; anything else is the SQLite file,
+    relative to the home."""
+    if "://" in database:
+        cfg.database_url = database
+    else:
+        cfg.database = cfg.home / database
 
 
 def _load_retrain(cfg: ControlPlaneConfig, retrain: dict[str, Any]) -> None:

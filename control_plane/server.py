@@ -75,7 +75,7 @@ class ControlPlane:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.store = store or open_store(config.database)
+        self.store = store or open_store(config.store_location)
         self.authority = Authority.load(config)
         self.services = Services.build(config, self.store, self.authority, clock=clock)
         self.notifier = DeviceNotifier()

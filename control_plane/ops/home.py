@@ -34,7 +34,10 @@ def init_home(
     config: ControlPlaneConfig | None = None,
     root_keys: int = 3,
     root_threshold: int = 2,
+    database_url: str = "",
 ) -> ControlPlaneConfig:
+    """``database_url`` (postgresql://...) keeps the fleet in that database instead of the
+    home's SQLite file; the database must exist (empty, or an Edgefleet database)."""
     if not 1 <= root_threshold <= root_keys <= 16:
         raise InvalidInputError(
             f"need 1 <= --root-threshold <= --root-keys <= 16; got {root_threshold} of {root_keys}"
@@ -50,6 +53,9 @@ def init_home(
     ensure_private_dir(home)
     now = now or dt.datetime.now(dt.UTC)
     hsm = config.pkcs11 if config is not None else None
+    database_url = database_url or (config.database_url if config else "")
+    if database_url:
+        _check_empty_database(database_url)
 
     ca_key = _new_key(hsm, "ca", lay.ca_key)
     ca_cert = pki.ca_certificate(ca_key, "Edgefleet fleet CA", now, CA_TTL)
@@ -79,10 +85,11 @@ def init_home(
     cfg = config or ControlPlaneConfig(home=home)
     cfg.home = home
     cfg.database = lay.database
+    cfg.database_url = database_url
     cfg.publisher_keys = [lay.publisher_pub]
     cfg.save()
 
-    store = open_store(lay.database)
+    store = open_store(cfg.store_location)
     try:
         admin_key = pki.generate_key()
         admin_cert = pki.issue_client_certificate(
@@ -151,3 +158,16 @@ def _new_key(hsm: Pkcs11Settings | None, name: str, path: Path) -> pki.SigningKe
     key = pki.generate_key()
     atomic_write(path, pki.private_key_pem(key), mode=PRIVATE)
     return key
+
+
+def _check_empty_database(url: str) -> None:
+    """Before any key is made: the server answers, and holds no fleet yet (a second home on
+    the same database would issue certificates from another CA)."""
+    store = open_store(url)
+    try:
+        if store.list_operators() or store.audit_chain():
+            raise AlreadyExistsError(
+                "that database holds a fleet already; give init an empty database (CREATE "
+                "DATABASE ...), or copy the existing home to run another replica")
+    finally:
+        store.close()

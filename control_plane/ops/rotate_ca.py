@@ -77,7 +77,7 @@ def rotate_ca(cfg: ControlPlaneConfig, now: float) -> str:
     atomic_write(lay.ca_key, pki.private_key_pem(new_key), mode=PRIVATE)
     atomic_write(lay.ca_cert, pki.certificate_pem(new_cert))
     new = Authority.load(cfg)
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         operators = _reissue_home_operators(cfg, new, store, now)
         mqtt = MqttSettings.load(cfg.home)
@@ -99,7 +99,7 @@ def retire_old_ca(cfg: ControlPlaneConfig, now: float, *, force: bool = False) -
     if authority.old_ca is None:
         raise CaRotationError(f"no CA rotation is in transition in {cfg.home}; start one with: "
                               f"control-plane rotate ca --home {cfg.home}")
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         left = store.current_certificates_not_from(authority.ca_id, now)
     finally:
@@ -117,7 +117,7 @@ def retire_old_ca(cfg: ControlPlaneConfig, now: float, *, force: bool = False) -
     for name in _home_operators(cfg):  # their CA file: the new CA alone
         atomic_write(lay.operator_dir(name) / operator_config.CA_FILE,
                      pki.certificate_pem(authority.ca_cert))
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         store.append_audit(now, ACTOR, "keys.retire-ca", str(cfg.home), "allowed", _json(
             {"old_ca": pki.key_id(authority.old_ca[0]), "forced": force,

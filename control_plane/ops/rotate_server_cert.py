@@ -52,7 +52,7 @@ def rotate_server_cert(cfg: ControlPlaneConfig, extra_sans: list[str], now: floa
     atomic_write(lay.server_key, pki.private_key_pem(key), mode=PRIVATE)
     atomic_write(lay.server_cert, pki.certificate_pem(cert))
     serial = pki.serial_hex(cert)
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         mqtt = MqttSettings.load(cfg.home)
         if mqtt is not None:
