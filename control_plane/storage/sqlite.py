@@ -545,13 +545,16 @@ class SqliteStore(Store):
             if row is not None and row["state"] == "published":
                 raise AlreadyExistsError(f"root version {version} is published already")
             c.execute("DELETE FROM roots WHERE state = 'pending' AND version <> ?", (version,))
-            c.execute("INSERT OR REPLACE INTO roots(version, envelope, state, created_at)"
-                      " VALUES (?,?,?,?)", (version, envelope, state, now))
+            c.execute("INSERT INTO roots(version, envelope, state, created_at) VALUES (?,?,?,?)"
+                      " ON CONFLICT(version) DO UPDATE SET envelope = excluded.envelope,"
+                      " state = excluded.state, created_at = excluded.created_at",
+                      (version, envelope, state, now))
 
     def set_device_root(self, device_id: str, version: int, now: float) -> None:
         with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO device_roots(device_id, version, reported_at)"
-                      " VALUES (?,?,?)", (device_id, version, now))
+            c.execute("INSERT INTO device_roots(device_id, version, reported_at) VALUES (?,?,?)"
+                      " ON CONFLICT(device_id) DO UPDATE SET version = excluded.version,"
+                      " reported_at = excluded.reported_at", (device_id, version, now))
 
     def device_root(self, device_id: str) -> int:
         rows = self._query("SELECT version FROM device_roots WHERE device_id = ?", (device_id,))
