@@ -10,8 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-from control_plane.config import ControlPlaneConfig, parse_hostport
-from control_plane.ops import roots_cli, rotate
+from control_plane.config import ControlPlaneConfig, Pkcs11Settings, parse_hostport
+from control_plane.ops import (  # noqa: F401  (rotate_*: each registers its rotation)
+    roots_cli,
+    rotate,
+    rotate_ca,
+    rotate_server_cert,
+)
 from control_plane.ops.backup import backup, restore
 from control_plane.ops.home import init_home
 from control_plane.ops.mqtt_config import write_broker_config
@@ -19,6 +24,7 @@ from control_plane.server import ControlPlane
 from control_plane.storage import open_store
 from fleetcore import operator_config
 from fleetcore.cli import run_main, setup_logging
+from fleetcore.errors import InvalidInputError
 from fleetcore.mqtt_wire import parse_url
 
 __all__ = ["main"]
@@ -39,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
                            "offline afterwards)")
     init.add_argument("--root-threshold", type=int, default=2, metavar="K",
                       help="root keys that must sign a new root (default 2)")
+    init.add_argument("--pkcs11-module", type=Path, metavar="PATH",
+                      help="keep the CA and release keys in a PKCS#11 token: its library")
+    init.add_argument("--pkcs11-token", metavar="LABEL", help="the token's label")
+    init.add_argument("--pkcs11-pin-env", metavar="VAR",
+                      help="the environment variable that holds the token's user PIN")
+    init.add_argument("--pkcs11-keys", default="ca,release", metavar="NAMES",
+                      help="which keys go in the token (default ca,release)")
+    init.add_argument("--database", default="", metavar="URL",
+                      help="postgresql://USER@HOST:PORT/DB instead of the home's SQLite file")
 
     serve = sub.add_parser("serve", help="serve the mTLS API and the enrollment endpoint")
     serve.add_argument("--home", required=True, type=Path)
@@ -83,6 +98,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _init_config(args: argparse.Namespace) -> ControlPlaneConfig | None:
+    """The config `init` writes: the defaults, with [pki.pkcs11] when --pkcs11-* are given."""
+    given = [args.pkcs11_module, args.pkcs11_token, args.pkcs11_pin_env]
+    if not any(given):
+        return None
+    if not all(given):
+        raise InvalidInputError("--pkcs11-module, --pkcs11-token and --pkcs11-pin-env go "
+                                "together")
+    cfg = ControlPlaneConfig(home=args.home)
+    cfg.pkcs11 = Pkcs11Settings.parse({
+        "module": str(args.pkcs11_module), "token": args.pkcs11_token,
+        "pin_env": args.pkcs11_pin_env, "keys": args.pkcs11_keys.split(",")})
+    return cfg
+
+
 async def _serve(cfg: ControlPlaneConfig) -> None:
     cp = ControlPlane(cfg)
     await cp.start()
@@ -103,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if args.command == "init":
             cfg = init_home(args.home, sans=args.san, force=args.force,
-                            root_keys=args.root_keys, root_threshold=args.root_threshold)
+                            root_keys=args.root_keys, root_threshold=args.root_threshold,
+                            config=_init_config(args), database_url=args.database)
             print(f"initialised {cfg.home}")
             admin = cfg.layout.operator_dir("admin") / operator_config.CONFIG_FILE
             print(f"admin client config: {admin}")
@@ -124,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             print("it holds the CA, release and bundle keys: encrypt it and keep it offline")
             return 0
         if args.command == "mqtt-config":
-            store = open_store(cfg.database)
+            store = open_store(cfg.store_location)
             try:
                 settings = write_broker_config(cfg, store, args.out, port=args.port,
                                                bind=args.bind, fleet_size=args.fleet_size,

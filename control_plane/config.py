@@ -21,6 +21,43 @@ _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
 
 
+PKCS11_KEYS = ("ca", "release", "audit")
+
+
+@dataclass(frozen=True)
+class Pkcs11Settings:
+    """[pki.pkcs11]: keys kept in a PKCS#11 token (control_plane/services/hsm.py) instead of
+    files. The PIN is read from the environment variable ``pin_env``, never from this file."""
+
+    module: Path  # the token's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so
+    token: str  # the token's label
+    pin_env: str  # the environment variable holding the user PIN
+    keys: tuple[str, ...] = ("ca", "release")  # which keys live in the token (PKCS11_KEYS)
+
+    @classmethod
+    def parse(cls, doc: Any) -> Pkcs11Settings:
+        if not isinstance(doc, dict):
+            raise InvalidInputError("config [pki.pkcs11] must be a table")
+        for name in ("module", "token", "pin_env"):
+            if not isinstance(doc.get(name), str) or not doc[name]:
+                raise InvalidInputError(f"config pki.pkcs11.{name} must be a non-empty string")
+        keys = doc.get("keys", ["ca", "release"])
+        if not isinstance(keys, list) or not set(keys) <= set(PKCS11_KEYS):
+            raise InvalidInputError(f"config pki.pkcs11.keys must list some of {PKCS11_KEYS}")
+        if "pin" in doc:
+            raise InvalidInputError("config pki.pkcs11: never write the PIN in the file; name "
+                                    "an environment variable in pin_env")
+        return cls(module=Path(doc["module"]), token=doc["token"], pin_env=doc["pin_env"],
+                   keys=tuple(dict.fromkeys(str(k) for k in keys)))
+
+    def to_toml(self) -> dict[str, Any]:
+        return {"module": str(self.module), "token": self.token, "pin_env": self.pin_env,
+                "keys": list(self.keys)}
+
+    def holds(self, name: str) -> bool:
+        return name in self.keys
+
+
 @dataclass(frozen=True)
 class RetrainCluster:
     """How a retraining job runs on a cluster ([retrain] with runner "kubernetes" or "argo").
@@ -104,6 +141,15 @@ class HomeLayout:
         return self.home / "pki" / "server.key"
 
     @property
+    def old_ca_cert(self) -> Path:
+        """The previous fleet CA while a CA rotation is in transition (until --retire-old)."""
+        return self.home / "pki" / "ca-old.pem"
+
+    @property
+    def old_ca_key(self) -> Path:
+        return self.home / "pki" / "ca-old.key"
+
+    @property
     def release_key(self) -> Path:
         return self.home / "keys" / "release.key"
 
@@ -161,6 +207,8 @@ class ControlPlaneConfig:
     enroll_listen: str = DEFAULT_ENROLL
     mqtt_url: str = ""
     database: Path = field(default=Path("edgefleet.db"))
+    # A database server instead of the SQLite file: postgresql://USER@HOST:PORT/DB ("" = SQLite).
+    database_url: str = ""
     publisher_keys: list[Path] = field(default_factory=list)
     device_cert_ttl_seconds: int = 7 * 24 * 3600
     operator_cert_ttl_seconds: int = 365 * 24 * 3600
@@ -206,10 +254,17 @@ class ControlPlaneConfig:
     # The [otel] section as written (fleetcore.otel.OtelSettings checks it at start); the
     # standard OTEL_* variables work without it.
     otel: dict[str, Any] = field(default_factory=dict)
+    # [pki.pkcs11]: the CA, release (and audit) keys in a PKCS#11 token; None: key files.
+    pkcs11: Pkcs11Settings | None = None
 
     @property
     def layout(self) -> HomeLayout:
         return HomeLayout(self.home)
+
+    @property
+    def store_location(self) -> Path | str:
+        """What ``open_store`` opens: the database URL where one is set, else the SQLite file."""
+        return self.database_url or self.database
 
     @classmethod
     def load(cls, home: Path) -> ControlPlaneConfig:
@@ -233,9 +288,11 @@ class ControlPlaneConfig:
         if not isinstance(otel, dict):
             raise InvalidInputError("config [otel] must be a table")
         cfg.otel = dict(otel)
-        cfg.database = home / str(server.get("database", "edgefleet.db"))
+        _load_database(cfg, str(server.get("database", "edgefleet.db")))
         cfg.max_bundle_bytes = _positive_int(server, "max_bundle_bytes", cfg.max_bundle_bytes)
         cfg.publisher_keys = [home / p for p in pki.get("publisher_keys", [])]
+        if "pkcs11" in pki:
+            cfg.pkcs11 = Pkcs11Settings.parse(pki["pkcs11"])
         _load_retrain(cfg, doc.get("retrain", {}))
         for name in (
             "device_cert_ttl_seconds",
@@ -251,15 +308,7 @@ class ControlPlaneConfig:
         if cfg.on_clone not in ON_CLONE:
             raise InvalidInputError(f"config agents.on_clone must be one of "
                                     f"{', '.join(ON_CLONE)}; got {cfg.on_clone!r}")
-        experiments = doc.get("experiments", {})
-        cfg.experiment_min_samples = _positive_int(experiments, "min_samples",
-                                                   cfg.experiment_min_samples)
-        cfg.experiment_min_devices = _positive_int(experiments, "min_devices",
-                                                   cfg.experiment_min_devices)
-        alpha = experiments.get("alpha", cfg.experiment_alpha)
-        if not isinstance(alpha, float) or not 0 < alpha < 0.5:
-            raise InvalidInputError(f"config experiments.alpha must be in (0, 0.5); got {alpha!r}")
-        cfg.experiment_alpha = alpha
+        _load_experiments(cfg, doc.get("experiments", {}))
         rollouts = doc.get("rollouts", {})
         for key, name in (("tick_seconds", "rollout_tick_seconds"),
                           ("device_timeout_seconds", "rollout_device_timeout_seconds")):
@@ -289,9 +338,10 @@ class ControlPlaneConfig:
                 "enroll": self.enroll_listen,
                 "mqtt": self.mqtt_url,
                 "metrics": self.metrics_listen,
-                "database": str(self.database.relative_to(self.home))
-                if self.database.is_absolute()
-                else str(self.database),
+                "database": self.database_url or (
+                    str(self.database.relative_to(self.home))
+                    if self.database.is_absolute()
+                    else str(self.database)),
                 "max_bundle_bytes": self.max_bundle_bytes,
             },
             "pki": {
@@ -303,6 +353,7 @@ class ControlPlaneConfig:
                 "operator_cert_ttl_seconds": self.operator_cert_ttl_seconds,
                 "token_ttl_seconds": self.token_ttl_seconds,
                 "max_token_ttl_seconds": self.max_token_ttl_seconds,
+                **({"pkcs11": self.pkcs11.to_toml()} if self.pkcs11 is not None else {}),
             },
             "agents": {
                 "heartbeat_interval_seconds": self.heartbeat_interval_seconds,
@@ -336,6 +387,26 @@ class ControlPlaneConfig:
 ON_CLONE = ("flag", "revoke")
 _TELEMETRY_KEYS = ("records_per_second", "bytes_per_second", "burst_records", "burst_bytes",
                    "raw_retention_seconds", "drift_retention_seconds", "expire_every_seconds")
+
+
+def _load_experiments(cfg: ControlPlaneConfig, experiments: dict[str, Any]) -> None:
+    cfg.experiment_min_samples = _positive_int(experiments, "min_samples",
+                                               cfg.experiment_min_samples)
+    cfg.experiment_min_devices = _positive_int(experiments, "min_devices",
+                                               cfg.experiment_min_devices)
+    alpha = experiments.get("alpha", cfg.experiment_alpha)
+    if not isinstance(alpha, float) or not 0 < alpha < 0.5:
+        raise InvalidInputError(f"config experiments.alpha must be in (0, 0.5); got {alpha!r}")
+    cfg.experiment_alpha = alpha
+
+
+def _load_database(cfg: ControlPlaneConfig, database: str) -> None:
+    """A URL (postgresql://...) names a database server; anything else is the SQLite file,
+    relative to the home."""
+    if "://" in database:
+        cfg.database_url = database
+    else:
+        cfg.database = cfg.home / database
 
 
 def _load_retrain(cfg: ControlPlaneConfig, retrain: dict[str, Any]) -> None:

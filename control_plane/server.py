@@ -31,7 +31,7 @@ from control_plane.observability import (
 )
 from control_plane.services import Services
 from control_plane.services.authority import Authority
-from control_plane.services.broker import MqttSettings, refresh_crl
+from control_plane.services.broker import MqttSettings, refresh_crl, sync_broker_keys
 from control_plane.services.fleet_metrics import FleetMetrics
 from control_plane.services.keywatch import KeyWatch
 from control_plane.storage import Store, open_store
@@ -75,7 +75,7 @@ class ControlPlane:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.store = store or open_store(config.database)
+        self.store = store or open_store(config.store_location)
         self.authority = Authority.load(config)
         self.services = Services.build(config, self.store, self.authority, clock=clock)
         self.notifier = DeviceNotifier()
@@ -83,7 +83,7 @@ class ControlPlane:
         self._root_version = -1  # the root version devices were last told about
         self.on_root_changed: list[Callable[[], None]] = []
         # Called with the new Authority after a rotation was loaded (e.g. the broker's files).
-        self.on_keys_changed: list[Callable[[Authority], None]] = []
+        self.on_keys_changed: list[Callable[[Authority], None]] = [self._sync_broker]
         self.services.ctx.on_device_change = self._device_changed
         self.bridge: MqttBridge | None = None
         self.mqtt = MqttSettings.load(config.home) if config.mqtt_url else None
@@ -121,8 +121,6 @@ class ControlPlane:
         return f"{parse_hostport(self.config.enroll_listen)[0]}:{self.enroll_port}"
 
     async def start(self) -> None:
-        a = self.authority
-        key_pair = [(a.server_key_pem, a.server_cert_pem)]
         if self.config.metrics_listen:  # bound first: a taken address fails before the rest
             self.metrics_server = MetricsServer(self.config.metrics_listen, self.metrics,
                                                 self.readiness)
@@ -136,10 +134,7 @@ class ControlPlane:
             AgentServicer(self.services, self.notifier, self.tracing), api
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.services), api)
-        mtls = grpc.ssl_server_credentials(
-            key_pair, root_certificates=a.ca_pem, require_client_auth=True
-        )
-        self.api_port = _bind(api, self.config.api_listen, mtls)
+        self.api_port = _bind(api, self.config.api_listen, self._credentials(client_auth=True))
 
         enroll = grpc.aio.server(options=_options(ENROLL_MAX_MESSAGE_BYTES),
                                  interceptors=interceptors)
@@ -147,8 +142,8 @@ class ControlPlane:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(self.services, self.notifier), enroll
         )
-        tls = grpc.ssl_server_credentials(key_pair, require_client_auth=False)
-        self.enroll_port = _bind(enroll, self.config.enroll_listen, tls)
+        self.enroll_port = _bind(enroll, self.config.enroll_listen,
+                                 self._credentials(client_auth=False))
 
         self.services.ctx.api_address = self.config.api_advertise or self.api_address
         for server in (api, enroll):
@@ -192,6 +187,27 @@ class ControlPlane:
         log.info("api (mTLS) listening on %s", self.api_address)
         log.info("enrollment (TLS + token) listening on %s", self.enroll_address)
 
+    def _credentials(self, *, client_auth: bool) -> grpc.ServerCredentials:
+        """TLS credentials that follow ``self.authority``: a new handshake after a rotation
+        (KeyWatch) gets the new server certificate and client CAs, without a restart; open
+        connections keep theirs."""
+        served: list[tuple[bytes, bytes, bytes] | None] = [None]
+
+        def current() -> grpc.ServerCertificateConfiguration | None:
+            a = self.authority
+            now = (a.server_key_pem, a.server_cert_pem, a.ca_pem)
+            if now == served[0]:
+                return None  # grpc keeps what it has
+            served[0] = now
+            return grpc.ssl_server_certificate_configuration(
+                [(a.server_key_pem, a.server_cert_pem)],
+                root_certificates=a.ca_pem if client_auth else None)
+
+        initial = current()
+        assert initial is not None
+        return grpc.dynamic_ssl_server_credentials(
+            initial, current, require_client_authentication=client_auth)
+
     async def _tick_rollouts(self) -> None:
         self.metrics.job_runs.labels("rollouts").inc()
         try:
@@ -229,6 +245,13 @@ class ControlPlane:
         self.services.ctx.set_keys(loaded)
         for hook in self.on_keys_changed:
             hook(loaded)
+
+    def _sync_broker(self, keys: Authority) -> None:
+        """The broker serves the rotated server certificate and trusts the current CAs."""
+        if self.mqtt is not None:
+            sync_broker_keys(self.mqtt, keys, self.store, time.time())
+        if self.bridge is not None:
+            self.bridge.reload_tls()
 
     async def _refresh_health(self) -> None:
         """The gRPC health service says what the readiness checks say."""

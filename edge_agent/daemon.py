@@ -495,10 +495,10 @@ class Agent:
 
     async def _renew(self) -> None:
         key = pki.generate_key()
-        certificate_pem = await self.transport.renew_certificate(pki.make_csr(key))
+        certificate_pem, ca_pem = await self.transport.renew_certificate(pki.make_csr(key))
         old = self.creds.serial
         install_renewed(self.state, pki.private_key_pem(key), certificate_pem,
-                        self.config.device_id, self.clock())
+                        self.config.device_id, self.clock(), ca_pem=ca_pem)
         self.creds = load_credentials(self.state)
         await self.transport.reset()  # reconnect with the new certificate
         log.info("certificate renewed: %s -> %s", old, self.creds.serial)

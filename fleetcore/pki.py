@@ -22,12 +22,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleetcore.errors import AuthenticationError, InvalidInputError
+from fleetcore.signing import SigningKey
 
 __all__ = [
     "MAX_CSR_BYTES",
     "Identity",
     "IdentityKind",
     "Role",
+    "SigningKey",
+    "ca_certificate",
     "certificate_pem",
     "certificate_revocation_list",
     "create_ca",
@@ -36,6 +39,7 @@ __all__ = [
     "issue_client_certificate",
     "issue_server_certificate",
     "issue_service_certificate",
+    "key_id",
     "load_certificate",
     "load_private_key",
     "load_public_key",
@@ -44,6 +48,7 @@ __all__ = [
     "private_key_pem",
     "public_key_pem",
     "serial_hex",
+    "sign_certificate",
     "validate_name",
 ]
 
@@ -190,8 +195,14 @@ def create_ca(
     common_name: str, now: dt.datetime, ttl: dt.timedelta
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = generate_key()
+    return key, ca_certificate(key, common_name, now, ttl)
+
+
+def ca_certificate(key: SigningKey, common_name: str, now: dt.datetime,
+                   ttl: dt.timedelta) -> x509.Certificate:
+    """The self-signed certificate of a fleet CA whose key is ``key`` (in a file or a token)."""
     name = _name(common_name, "ca")
-    cert = (
+    return sign_certificate(
         _builder(name, name, key.public_key(), now, ttl)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
@@ -207,21 +218,57 @@ def create_ca(
                 decipher_only=False,
             ),
             critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
+        ), key)
+
+
+def key_id(cert: x509.Certificate) -> str:
+    """A CA certificate's subject key identifier (hex): names the CA that issued a record."""
+    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+
+
+def sign_certificate(builder: x509.CertificateBuilder, key: SigningKey) -> x509.Certificate:
+    """``builder`` signed (ECDSA with SHA-256) by ``key``. cryptography's builders sign only
+    with its own key objects: for any other key the certificate is built with a throwaway
+    key, then its to-be-signed bytes are signed by ``key`` and the DER is put back together."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return builder.sign(key, hashes.SHA256())
+    throwaway = builder.sign(generate_key(), hashes.SHA256())
+    return x509.load_der_x509_certificate(_resigned(
+        throwaway.public_bytes(serialization.Encoding.DER), throwaway.tbs_certificate_bytes,
+        key))
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
+def _resigned(der: bytes, tbs: bytes, key: SigningKey) -> bytes:
+    """A certificate or CRL (SEQUENCE { tbs, AlgorithmIdentifier, BIT STRING signature })
+    with ``tbs`` signed again by ``key``: the same algorithm (ecdsa-with-SHA256), a new
+    signature value."""
+    start = der.index(tbs)
+    alg_at = start + len(tbs)
+    if der[alg_at] != 0x30 or der[alg_at + 1] >= 0x80:
+        raise InvalidInputError("unexpected signature algorithm encoding")
+    algorithm = der[alg_at:alg_at + 2 + der[alg_at + 1]]
+    signature = key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    bits = b"\x00" + signature  # no unused bits
+    body = tbs + algorithm + b"\x03" + _der_length(len(bits)) + bits
+    return b"\x30" + _der_length(len(body)) + body
 
 
 def _leaf(
     builder: x509.CertificateBuilder,
-    ca_key: ec.EllipticCurvePrivateKey,
+    ca_key: SigningKey,
     ca_cert: x509.Certificate,
     usage: x509.ObjectIdentifier,
     sans: list[x509.GeneralName],
 ) -> x509.Certificate:
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
+    return sign_certificate(
         builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -242,13 +289,11 @@ def _leaf(
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
             critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+        ), ca_key)
 
 
 def issue_server_certificate(
-    ca_key: ec.EllipticCurvePrivateKey,
+    ca_key: SigningKey,
     ca_cert: x509.Certificate,
     key: ec.EllipticCurvePrivateKey,
     hostnames: list[str],
@@ -268,7 +313,7 @@ def issue_server_certificate(
 
 
 def issue_client_certificate(
-    ca_key: ec.EllipticCurvePrivateKey,
+    ca_key: SigningKey,
     ca_cert: x509.Certificate,
     public_key: ec.EllipticCurvePublicKey,
     kind: IdentityKind,
@@ -295,7 +340,7 @@ def issue_client_certificate(
 
 
 def issue_service_certificate(
-    ca_key: ec.EllipticCurvePrivateKey,
+    ca_key: SigningKey,
     ca_cert: x509.Certificate,
     public_key: ec.EllipticCurvePublicKey,
     common_name: str,
@@ -314,7 +359,7 @@ def issue_service_certificate(
 
 
 def certificate_revocation_list(
-    ca_key: ec.EllipticCurvePrivateKey,
+    ca_key: SigningKey,
     ca_cert: x509.Certificate,
     revoked: list[tuple[str, dt.datetime]],
     now: dt.datetime,
@@ -332,7 +377,13 @@ def certificate_revocation_list(
             x509.RevokedCertificateBuilder().serial_number(int(serial, 16))
             .revocation_date(when).build()
         )
-    crl = builder.sign(ca_key, hashes.SHA256())
+    if isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        crl = builder.sign(ca_key, hashes.SHA256())
+    else:  # a key in a token: cryptography signs only with its own keys (sign_certificate)
+        throwaway = builder.sign(generate_key(), hashes.SHA256())
+        crl = x509.load_der_x509_crl(_resigned(
+            throwaway.public_bytes(serialization.Encoding.DER), throwaway.tbs_certlist_bytes,
+            ca_key))
     return crl.public_bytes(serialization.Encoding.PEM)
 
 

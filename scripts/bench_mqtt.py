@@ -71,7 +71,7 @@ def _control_plane(work: Path, loop: LoopThread) -> tuple[RunningControlPlane, M
     cfg.telemetry_burst_records = cfg.telemetry_records_per_second = 1e9
     cfg.telemetry_burst_bytes = cfg.telemetry_bytes_per_second = 1e12
     cfg = init_home(work / "cp", config=cfg)
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         settings = write_broker_config(cfg, store, work / "broker", port=port, bind="127.0.0.1",
                                        fleet_size=2000, now=time.time())

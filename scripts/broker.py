@@ -138,7 +138,7 @@ def start_fleet_broker(home: Path, out: Path, port: int, *, bind: str = "127.0.0
     (``mqtts://127.0.0.1:PORT``) so that its bridge connects and enrollment hands agents the URL.
     """
     cfg = ControlPlaneConfig.load(home)
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         settings = write_broker_config(cfg, store, out, port=port, bind=bind,
                                        fleet_size=fleet_size, now=time.time())

@@ -97,7 +97,7 @@ def start_broker(work: Path, binary: str | None = None) -> tuple[Mosquitto, Path
     cfg = init_home(home, config=ControlPlaneConfig(
         home=home, api_listen="127.0.0.1:0", enroll_listen="127.0.0.1:0",
         mqtt_url=f"mqtts://127.0.0.1:{port}"))
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         settings = write_broker_config(cfg, store, work / "broker", port=port, bind="127.0.0.1",
                                        fleet_size=1, now=time.time())

@@ -52,7 +52,7 @@ def start_mqtt_control_plane(home: Path, loop: LoopThread, clock: Any = None,
     for key, value in overrides.items():
         setattr(cfg, key, value)
     cfg = init_home(home, config=cfg)
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         settings = write_broker_config(cfg, store, home.parent / f"{home.name}-broker",
                                        port=port, bind="127.0.0.1", fleet_size=10,

@@ -297,7 +297,7 @@ class FakeBundleServer(Transport):
     async def _send_telemetry(self, batch: Any) -> list[int]:
         raise NotImplementedError
 
-    async def _renew_certificate(self, csr_pem: bytes) -> bytes:
+    async def _renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]:
         raise NotImplementedError
 
     async def _releases(self, have_serial: int) -> AsyncGenerator[Any, None]:

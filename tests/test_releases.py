@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 from control_plane.domain.records import ModelVersionRecord
 from control_plane.services.releases import ReleaseIssuer
-from control_plane.storage import SqliteStore
+from control_plane.storage import Store
 from fleetcore import pki
 from fleetcore.release import SignedRelease, verify_release
+from tests.store_support import pg_database, store, store_url
+
+__all__ = ["pg_database", "store", "store_url"]  # fixtures (tests/store_support.py)
 
 
-def _store(tmp_path: Path) -> SqliteStore:
-    store = SqliteStore(tmp_path / "db.sqlite")
-    with store._tx() as c:  # a device without going through enrollment
+def _prepare(store: Store) -> Store:
+    """On both backends (tests/store_support.py)."""
+    # a device without going through enrollment
+    with store._tx() as c:  # type: ignore[attr-defined]
         c.execute("INSERT INTO devices(id, labels, enrolled_at) VALUES ('dev-1', '{}', 0)")
     for version in (1, 2):
         store.add_model_version(ModelVersionRecord(
@@ -23,8 +26,8 @@ def _store(tmp_path: Path) -> SqliteStore:
     return store
 
 
-def test_release_is_issued_on_change_and_renewed_before_expiry(tmp_path: Path) -> None:
-    store = _store(tmp_path)
+def test_release_is_issued_on_change_and_renewed_before_expiry(store: Store) -> None:
+    store = _prepare(store)
     key = pki.generate_key()
     changed: list[str] = []
     issuer = ReleaseIssuer(store, key, ttl_seconds=100, on_change=changed.append)
@@ -44,9 +47,9 @@ def test_release_is_issued_on_change_and_renewed_before_expiry(tmp_path: Path) -
     assert [(a.version, a.length, a.weight) for a in doc.models[0].arms] == [(2, 1002, 1.0)]
 
 
-def test_a_device_holding_a_release_we_did_not_issue_gets_one_above_it(tmp_path: Path) -> None:
+def test_a_device_holding_a_release_we_did_not_issue_gets_one_above_it(store: Store) -> None:
     """After a restore from an older backup, devices hold serials the control plane forgot."""
-    store = _store(tmp_path)
+    store = _prepare(store)
     key = pki.generate_key()
     changed: list[str] = []
     issuer = ReleaseIssuer(store, key, ttl_seconds=100, on_change=changed.append)

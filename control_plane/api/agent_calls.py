@@ -60,8 +60,8 @@ class AgentCalls:
 
     def renew(self, caller: pki.Identity, request: agent_pb2.RenewCertificateRequest
               ) -> agent_pb2.RenewCertificateResponse:
-        pem = self.s.identity.renew_certificate(caller, request.csr_pem)
-        return agent_pb2.RenewCertificateResponse(certificate_pem=pem)
+        pem, ca_pem = self.s.identity.renew_certificate(caller, request.csr_pem)
+        return agent_pb2.RenewCertificateResponse(certificate_pem=pem, ca_pem=ca_pem)
 
     def roots_after(self, version: int) -> list[bytes]:
         return self.s.delivery.roots_after(version)

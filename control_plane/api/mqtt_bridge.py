@@ -92,15 +92,15 @@ class MqttBridge:
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._tls: ssl.SSLContext | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_verify_locations(cafile=str(self.settings.ca))
-        ctx.load_cert_chain(self.settings.bridge_cert(self.home),
-                            self.settings.bridge_key(self.home))
+        self._tls = ctx
+        self.reload_tls()
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=BRIDGE_NAME,
                              protocol=mqtt.MQTTv5, manual_ack=True)
         client.tls_set_context(ctx)
@@ -118,6 +118,14 @@ class MqttBridge:
         self._worker = asyncio.create_task(self._work())
         client.loop_start()
         log.info("MQTT bridge connecting to %s:%d", self.broker.host, self.broker.port)
+
+    def reload_tls(self) -> None:
+        """Read the broker's CA bundle and the bridge's certificate again (a CA rotation
+        re-issued them): the next (re)connection uses them; the open one is kept."""
+        if self._tls is not None:
+            self._tls.load_verify_locations(cafile=str(self.settings.ca))
+            self._tls.load_cert_chain(self.settings.bridge_cert(self.home),
+                                      self.settings.bridge_key(self.home))
 
     async def stop(self) -> None:
         client, self._client = self._client, None

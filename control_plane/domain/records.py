@@ -137,6 +137,7 @@ class CertificateRecord:
     not_after: float
     issued_at: float
     revoked_at: float | None = None
+    issuer: str = ""  # the issuing CA's key id (pki.key_id); "" for before CA rotations
 
 
 @dataclass(frozen=True)

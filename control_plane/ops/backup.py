@@ -91,6 +91,10 @@ def backup(home: Path, out: Path, *, now: dt.datetime | None = None) -> BackupSu
     """Write a consistent archive of ``home`` to ``out`` (see the module doc)."""
     home = Path(home).resolve()
     cfg = ControlPlaneConfig.load(home)
+    if cfg.database_url:
+        raise InvalidInputError("this home's database is a PostgreSQL server; back the home up "
+                                "with its files and the database with pg_dump (control-plane "
+                                "backup copies SQLite homes only)")
     database = cfg.database.resolve()
     if not database.is_relative_to(home):
         raise InvalidInputError(f"the database {database} is outside the home; back it up "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from control_plane.config import ControlPlaneConfig, HomeLayout
+from control_plane.config import ControlPlaneConfig, HomeLayout, Pkcs11Settings
 from control_plane.domain.records import CertificateRecord
 from control_plane.services.roots import ROOT_TTL_SECONDS
 from control_plane.storage import open_store
@@ -34,7 +34,10 @@ def init_home(
     config: ControlPlaneConfig | None = None,
     root_keys: int = 3,
     root_threshold: int = 2,
+    database_url: str = "",
 ) -> ControlPlaneConfig:
+    """``database_url`` (postgresql://...) keeps the fleet in that database instead of the
+    home's SQLite file; the database must exist (empty, or an Edgefleet database)."""
     if not 1 <= root_threshold <= root_keys <= 16:
         raise InvalidInputError(
             f"need 1 <= --root-threshold <= --root-keys <= 16; got {root_threshold} of {root_keys}"
@@ -49,9 +52,13 @@ def init_home(
         shutil.rmtree(home)
     ensure_private_dir(home)
     now = now or dt.datetime.now(dt.UTC)
+    hsm = config.pkcs11 if config is not None else None
+    database_url = database_url or (config.database_url if config else "")
+    if database_url:
+        _check_empty_database(database_url)
 
-    ca_key, ca_cert = pki.create_ca("Edgefleet fleet CA", now, CA_TTL)
-    atomic_write(lay.ca_key, pki.private_key_pem(ca_key), mode=PRIVATE)
+    ca_key = _new_key(hsm, "ca", lay.ca_key)
+    ca_cert = pki.ca_certificate(ca_key, "Edgefleet fleet CA", now, CA_TTL)
     atomic_write(lay.ca_cert, pki.certificate_pem(ca_cert))
 
     server_key = pki.generate_key()
@@ -62,9 +69,8 @@ def init_home(
     atomic_write(lay.server_key, pki.private_key_pem(server_key), mode=PRIVATE)
     atomic_write(lay.server_cert, pki.certificate_pem(server_cert))
 
-    release_key = pki.generate_key()
-    atomic_write(lay.release_key, pki.private_key_pem(release_key), mode=PRIVATE)
-    atomic_write(lay.release_pub, pki.public_key_pem(release_key))
+    release_key = _new_key(hsm, "release", lay.release_key)
+    atomic_write(lay.release_pub, pki.public_key_pem(release_key.public_key()))
     load_or_create_key(lay.blob_key)  # AES-256-GCM key for bundles at rest
 
     # Convenience only: the control plane reads just the public half; move the private key
@@ -74,15 +80,16 @@ def init_home(
     atomic_write(lay.publisher_pub, pki.public_key_pem(publisher_key))
 
     root_envelope = _make_root(lay, now.timestamp(), release_key, publisher_key, root_keys,
-                               root_threshold)
+                               root_threshold, hsm)
 
     cfg = config or ControlPlaneConfig(home=home)
     cfg.home = home
     cfg.database = lay.database
+    cfg.database_url = database_url
     cfg.publisher_keys = [lay.publisher_pub]
     cfg.save()
 
-    store = open_store(lay.database)
+    store = open_store(cfg.store_location)
     try:
         admin_key = pki.generate_key()
         admin_cert = pki.issue_client_certificate(
@@ -99,6 +106,7 @@ def init_home(
                 not_before=admin_cert.not_valid_before_utc.timestamp(),
                 not_after=admin_cert.not_valid_after_utc.timestamp(),
                 issued_at=ts,
+                issuer=pki.key_id(ca_cert),
             ),
             current_for_device=False,
         )
@@ -117,14 +125,13 @@ def init_home(
     return cfg
 
 
-def _make_root(lay: HomeLayout, ts0: float, release_key: ec.EllipticCurvePrivateKey,
+def _make_root(lay: HomeLayout, ts0: float, release_key: pki.SigningKey,
                publisher_key: ec.EllipticCurvePrivateKey, root_keys: int,
-               root_threshold: int) -> bytes:
+               root_threshold: int, hsm: Pkcs11Settings | None) -> bytes:
     """The audit key, the root keys and root v1 (its signed envelope)."""
     # The audit key signs checkpoints (purpose "audit-checkpoint"), never releases.
-    audit_key = pki.generate_key()
-    atomic_write(lay.audit_key, pki.private_key_pem(audit_key), mode=PRIVATE)
-    atomic_write(lay.audit_pub, pki.public_key_pem(audit_key))
+    audit_key = _new_key(hsm, "audit", lay.audit_key)
+    atomic_write(lay.audit_pub, pki.public_key_pem(audit_key.public_key()))
 
     # Root keys: only their signatures on root documents are needed here; move them offline.
     ensure_private_dir(lay.root_keys)
@@ -141,3 +148,26 @@ def _make_root(lay: HomeLayout, ts0: float, release_key: ec.EllipticCurvePrivate
     root_envelope = fleet_root.sign_root(root_v1, roots)
 
     return root_envelope
+def _new_key(hsm: Pkcs11Settings | None, name: str, path: Path) -> pki.SigningKey:
+    """Key ``name``: generated inside the PKCS#11 token when [pki.pkcs11] keeps it there (no
+    file is written), else a new key file at ``path``."""
+    if hsm is not None and hsm.holds(name):
+        from control_plane.services.hsm import generate_key  # noqa: PLC0415  (token homes)
+
+        return generate_key(hsm, name)
+    key = pki.generate_key()
+    atomic_write(path, pki.private_key_pem(key), mode=PRIVATE)
+    return key
+
+
+def _check_empty_database(url: str) -> None:
+    """Before any key is made: the server answers, and holds no fleet yet (a second home on
+    the same database would issue certificates from another CA)."""
+    store = open_store(url)
+    try:
+        if store.list_operators() or store.audit_chain():
+            raise AlreadyExistsError(
+                "that database holds a fleet already; give init an empty database (CREATE "
+                "DATABASE ...), or copy the existing home to run another replica")
+    finally:
+        store.close()

@@ -77,8 +77,8 @@ def write_broker_config(
     settings = MqttSettings(out=out, port=port)
     lay = cfg.layout
     atomic_write(settings.ca, authority.ca_pem)
-    atomic_write(out / "server.pem", authority.server_cert_pem)
-    atomic_write(out / "server.key", authority.server_key_pem, mode=0o600)
+    atomic_write(settings.server_cert, authority.server_cert_pem)
+    atomic_write(settings.server_key, authority.server_key_pem, mode=0o600)
     write_crl(authority, store, settings.crl, now)
 
     key = pki.generate_key()

@@ -68,7 +68,7 @@ def root_keys_from(args: argparse.Namespace, cfg: ControlPlaneConfig) -> list[Si
 
 def run(args: argparse.Namespace) -> int:
     cfg = ControlPlaneConfig.load(args.home)
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         if args.root_command == "show":
             return _show(store)

@@ -100,7 +100,7 @@ def rotate_bundle_key(cfg: ControlPlaneConfig, *,
                              f"--home {cfg.home}` again (it continues where it stopped)")
     result = RotationResult(key_id(current).hex(), key_id(previous).hex(), resealed,
                             len(digests), resumed)
-    db = open_store(cfg.database)
+    db = open_store(cfg.store_location)
     try:
         AuditLog(db, time.time).system("keys.rotate-bundle-key", "bundle-key", {
             "key_id": result.key_id, "previous_key_id": result.previous_key_id,

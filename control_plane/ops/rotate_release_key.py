@@ -41,7 +41,7 @@ def rotate_release_key(args: argparse.Namespace) -> int:
         return fleet_root.next_root(root, now, now + ROOT_TTL_SECONDS,
                                     {"release": ([new_key.public_key()], 1)})
 
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         # The new key is on disk (private, not yet in use) before any root names it.
         atomic_write(lay.release_key.with_name("pending-release.key"),

@@ -54,7 +54,7 @@ def rotate_audit_key(args: argparse.Namespace) -> int:
         return fleet_root.next_root(root, now, now + ROOT_TTL_SECONDS,
                                     {"audit": ([new_key.public_key()], 1)})
 
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         atomic_write(lay.audit_key.with_name("pending-audit.key"), pki.private_key_pem(new_key),
                      mode=PRIVATE)
@@ -94,7 +94,7 @@ def rotate_root_keys(args: argparse.Namespace) -> int:
                                     {"root": ([k.public_key() for k in new_keys],
                                               args.threshold)})
 
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         result = stage_root(store, change, [*old_keys, *new_keys], time.time())
         _audit(store, "keys.rotate-root-keys", result, {
@@ -132,7 +132,7 @@ def renew_root(args: argparse.Namespace) -> int:
     def change(root: RootDocument, now: float) -> RootDocument:
         return fleet_root.next_root(root, now, now + ROOT_TTL_SECONDS, {})
 
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         result = stage_root(store, change, keys, time.time())
         _audit(store, "keys.renew-root", result, {})
@@ -147,7 +147,7 @@ def init_root(args: argparse.Namespace) -> int:
     release key and publisher keys the agents pinned at enrollment."""
     cfg = ControlPlaneConfig.load(args.home)
     lay = cfg.layout
-    store = open_store(cfg.database)
+    store = open_store(cfg.store_location)
     try:
         if RootBook(store).current() is not None:
             raise AlreadyExistsError("this control plane has a root already; see "

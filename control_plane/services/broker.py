@@ -23,7 +23,8 @@ from fleetcore import pki, tomlfile
 from fleetcore.errors import InvalidInputError
 from fleetcore.files import atomic_write
 
-__all__ = ["BRIDGE_NAME", "CRL_DAYS", "MqttSettings", "crl_is_current", "refresh_crl", "write_crl"]
+__all__ = ["BRIDGE_NAME", "CRL_DAYS", "MqttSettings", "crl_is_current", "refresh_crl",
+           "reload_broker", "sync_broker_keys", "write_crl"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,14 @@ class MqttSettings:
     @property
     def ca(self) -> Path:
         return self.out / "ca.pem"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.out / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.out / "server.key"
 
     @property
     def crl(self) -> Path:
@@ -90,47 +99,90 @@ def write_crl(authority: Authority, store: Store, path: Path, now: float,
     if revoked is None:
         revoked = store.revoked_certificates(now)
     when = dt.datetime.fromtimestamp(now, dt.UTC)
-    pem = pki.certificate_revocation_list(
-        authority.ca_key, authority.ca_cert,
-        [(c.serial, dt.datetime.fromtimestamp(c.revoked_at or now, dt.UTC)) for c in revoked],
-        when, dt.timedelta(days=CRL_DAYS))
+    listed = [(c.serial, dt.datetime.fromtimestamp(c.revoked_at or now, dt.UTC))
+              for c in revoked]
+    # One CRL per trusted CA (a broker that checks CRLs refuses a client whose CA has none);
+    # serials are random, so listing each revoked serial under every CA is harmless.
+    pem = b"".join(pki.certificate_revocation_list(key, cert, listed, when,
+                                                   dt.timedelta(days=CRL_DAYS))
+                   for key, cert in authority.crl_signers)
     atomic_write(path, pem)
     return len(revoked)
 
 
-def crl_is_current(path: Path, revoked_serials: set[str], now: float) -> bool:
-    """Whether the CRL at ``path`` lists exactly these serials and has more than half of its
-    life left: then neither a rewrite nor a broker reload is needed."""
+def crl_is_current(path: Path, revoked_serials: set[str], now: float,
+                   issuers: list[x509.Name] | None = None) -> bool:
+    """Whether the CRLs at ``path`` (one per CA in ``issuers``, when given) list exactly these
+    serials and have more than half of their life left: then neither a rewrite nor a broker
+    reload is needed."""
+    marker = b"-----BEGIN X509 CRL-----"
     try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
+        crls = [x509.load_pem_x509_crl(marker + part)
+                for part in path.read_bytes().split(marker)[1:]]
     except (OSError, ValueError):
         return False
-    listed = {r.serial_number for r in crl}
-    next_update = crl.next_update_utc
-    return (listed == {int(s, 16) for s in revoked_serials}
-            and next_update is not None
-            and next_update.timestamp() - now > CRL_DAYS * 86400 / 2)
+    if not crls or (issuers is not None
+                    and sorted(c.issuer.rfc4514_string() for c in crls)
+                    != sorted(n.rfc4514_string() for n in issuers)):
+        return False
+    wanted = {int(s, 16) for s in revoked_serials}
+    for crl in crls:
+        next_update = crl.next_update_utc
+        if ({r.serial_number for r in crl} != wanted or next_update is None
+                or next_update.timestamp() - now <= CRL_DAYS * 86400 / 2):
+            return False
+    return True
 
 
 def refresh_crl(settings: MqttSettings, authority: Authority, store: Store, now: float) -> bool:
     """Rewrite the CRL and tell the broker (SIGHUP) when it changed or is half way to expiry;
     True if a broker was signalled. Reloads are kept to what is needed: each control-plane
     start used to send one, and a SIGHUP is where Mosquitto has had its crashes."""
+    count = _rewrite_crl(settings, authority, store, now)
+    return count is not None and reload_broker(settings, f"CRL rewritten ({count} revoked)")
+
+
+def _rewrite_crl(settings: MqttSettings, authority: Authority, store: Store,
+                 now: float) -> int | None:
+    """Rewrite the CRL file unless it is current; how many it lists (None: not rewritten)."""
     revoked = store.revoked_certificates(now)
-    if crl_is_current(settings.crl, {c.serial for c in revoked}, now):
+    issuers = [cert.subject for _, cert in authority.crl_signers]
+    if crl_is_current(settings.crl, {c.serial for c in revoked}, now, issuers):
         log.info("CRL current (%d revoked); the broker is not reloaded", len(revoked))
-        return False
-    count = write_crl(authority, store, settings.crl, now, revoked)
+        return None
+    return write_crl(authority, store, settings.crl, now, revoked)
+
+
+def reload_broker(settings: MqttSettings, why: str) -> bool:
+    """SIGHUP the broker in ``mosquitto.pid`` (it rereads its CRL, CA file and listener
+    certificate); True if one was signalled."""
     try:
         pid = int(settings.pid_file.read_text().strip())
     except (OSError, ValueError):
-        log.info("CRL rewritten (%d revoked); no broker PID in %s to signal", count,
-                 settings.pid_file)
+        log.info("%s; no broker PID in %s to signal", why, settings.pid_file)
         return False
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGHUP)
-        log.info("CRL rewritten (%d revoked); broker %d reloads it", count, pid)
+        log.info("%s; broker %d reloads", why, pid)
         return True
-    log.warning("CRL rewritten, but broker PID %d from %s is not running", pid,
-                settings.pid_file)
+    log.warning("%s, but broker PID %d from %s is not running", why, pid, settings.pid_file)
     return False
+
+
+def sync_broker_keys(settings: MqttSettings, authority: Authority, store: Store,
+                     now: float) -> bool:
+    """Give the broker the control plane's current server certificate (chain), key, client
+    CA bundle and CRLs, and reload it once when any of them changed; True if signalled."""
+    wanted = [(settings.ca, authority.ca_pem, 0o644),
+              (settings.server_cert, authority.server_cert_pem, 0o644),
+              (settings.server_key, authority.server_key_pem, 0o600)]
+    changed = _rewrite_crl(settings, authority, store, now) is not None
+    for path, data, mode in wanted:
+        try:
+            same = path.read_bytes() == data
+        except OSError:
+            same = False
+        if not same:
+            atomic_write(path, data, mode=mode)
+            changed = True
+    return changed and reload_broker(settings, "server certificate, CAs or CRL changed")

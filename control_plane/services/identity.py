@@ -162,7 +162,8 @@ class IdentityService:
                                   {"reason": reason, "attempts": attempts,
                                    "window_seconds": self.denials.window})
 
-    def renew_certificate(self, caller: pki.Identity, csr_pem: bytes) -> bytes:
+    def renew_certificate(self, caller: pki.Identity, csr_pem: bytes) -> tuple[bytes, bytes]:
+        """A new certificate for the caller's new key, and the CA bundle to trust with it."""
         public_key = pki.parse_csr(csr_pem)
         now = self.ctx.clock()
         cert_pem, record = self.ctx.keys.issue(
@@ -172,7 +173,7 @@ class IdentityService:
         self.store.add_certificate(record, current_for_device=True)
         self.ctx.audit.record(caller, "devices.renew", caller.name, AuditOutcome.ALLOWED,
                               {"previous": caller.serial, "serial": record.serial})
-        return cert_pem
+        return cert_pem, self.ctx.keys.ca_pem
 
     def list_devices(self, caller: pki.Identity, selector: Mapping[str, str]) -> list[DeviceView]:
         self.ctx.authorize(caller, "devices.list", "")

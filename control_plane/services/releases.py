@@ -19,12 +19,11 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from control_plane.domain.records import ReleaseRecord
 from control_plane.storage.base import Store
 from fleetcore import signing
 from fleetcore.errors import BadSignatureError
+from fleetcore.pki import SigningKey
 from fleetcore.release import Arm, ModelRelease, encode_document, sign_release
 
 if TYPE_CHECKING:
@@ -43,7 +42,7 @@ class ReleaseIssuer:
     def __init__(
         self,
         store: Store,
-        key: ec.EllipticCurvePrivateKey,
+        key: SigningKey,
         ttl_seconds: float,
         on_change: Callable[[str], None] | None = None,
         roots: RootBook | None = None,

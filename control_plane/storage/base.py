@@ -111,6 +111,11 @@ class Store(abc.ABC):
     def get_certificate(self, serial: str) -> CertificateRecord | None: ...
 
     @abc.abstractmethod
+    def current_certificates_not_from(self, issuer: str, now: float) -> list[CertificateRecord]:
+        """Unrevoked, unexpired certificates in use (each device's current one, each operator's
+        latest) that the CA ``issuer`` (pki.key_id) did not issue."""
+
+    @abc.abstractmethod
     def revoked_certificates(self, now: float) -> list[CertificateRecord]:
         """Revoked certificates that have not expired at ``now`` (what a CRL must list)."""
 

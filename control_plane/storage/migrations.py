@@ -349,9 +349,13 @@ MIGRATIONS: list[str] = [
         reported_at REAL NOT NULL
     );
     """,
-    # Issue 16 (publishers): the ids of the publisher keys whose signatures verified each
+    # 15, issue 16 (publishers): the ids of the publisher keys whose signatures verified each
     # version at publish ("" for versions published before: unknown, left alone by --rollback).
     """
     ALTER TABLE model_versions ADD COLUMN signer_keyids TEXT NOT NULL DEFAULT '';
+    """,
+    # 16, issue 16 (CA rotation): which fleet CA issued each certificate ('' = the first one).
+    """
+    ALTER TABLE certificates ADD COLUMN issuer TEXT NOT NULL DEFAULT '';
     """,
 ]

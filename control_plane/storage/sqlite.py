@@ -72,6 +72,12 @@ _ROLL_UP_ARMS = (
 
 
 class SqliteStore(Store):
+    """The embedded default. Its SQL is shared with ``PostgresStore`` (a subclass): write new
+    statements in the dialect both speak (``ON CONFLICT`` upserts, ``RETURNING``, aliased
+    subqueries, ``?`` placeholders) or override the method in postgres.py."""
+
+    _integrity_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._conn = _open_checked(self.path)
@@ -215,7 +221,7 @@ class SqliteStore(Store):
     def _insert_certificate(c: sqlite3.Connection, cert: CertificateRecord) -> None:
         c.execute(
             "INSERT INTO certificates(serial, kind, subject, not_before, not_after, issued_at,"
-            " revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " revoked_at, issuer) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 cert.serial,
                 cert.kind,
@@ -224,6 +230,7 @@ class SqliteStore(Store):
                 cert.not_after,
                 cert.issued_at,
                 cert.revoked_at,
+                cert.issuer,
             ),
         )
 
@@ -246,7 +253,19 @@ class SqliteStore(Store):
             not_after=r["not_after"],
             issued_at=r["issued_at"],
             revoked_at=r["revoked_at"],
+            issuer=r["issuer"],
         )
+
+    def current_certificates_not_from(self, issuer: str, now: float) -> list[CertificateRecord]:
+        # A device's current certificate (of a device not revoked), an operator's latest one.
+        rows = self._query(
+            "SELECT serial FROM certificates c WHERE revoked_at IS NULL AND not_after > ? "
+            "AND issuer != ? AND ((kind = 'device' AND serial IN (SELECT cert_serial FROM "
+            "devices WHERE revoked_at IS NULL)) OR (kind = 'operator' AND issued_at = (SELECT "
+            "MAX(issued_at) FROM certificates o WHERE o.kind = 'operator' AND o.subject = "
+            "c.subject))) ORDER BY kind, subject", (now, issuer))
+        found = (self.get_certificate(r["serial"]) for r in rows)
+        return [c for c in found if c is not None]
 
     # --- operators ---
     def add_operator(self, name: str, role: str, now: float, created_by: str) -> None:
@@ -256,7 +275,7 @@ class SqliteStore(Store):
                     "INSERT INTO operators(name, role, created_at, created_by) VALUES (?,?,?,?)",
                     (name, role, now, created_by),
                 )
-        except sqlite3.IntegrityError:
+        except self._integrity_errors:
             raise AlreadyExistsError(f"operator {name!r} exists already") from None
 
     def get_operator(self, name: str) -> tuple[str, float] | None:
@@ -333,7 +352,8 @@ class SqliteStore(Store):
 
     def list_audit(self, limit: int) -> list[AuditRecord]:
         rows = self._query(
-            "SELECT * FROM (SELECT * FROM audit_events ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            "SELECT * FROM (SELECT * FROM audit_events ORDER BY seq DESC LIMIT ?) AS newest"
+            " ORDER BY seq",
             (limit,),
         )
         return [_audit_record(r) for r in rows]
@@ -419,15 +439,15 @@ class SqliteStore(Store):
                 "INSERT INTO rollouts(model, version, selector, state, created_at, created_by,"
                 " device_ids, steps, step, step_started_at, bake_seconds, gates, on_failure,"
                 " previous_version, device_timeout_seconds, history)"
-                " VALUES (?, ?, ?, 'running', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, 'running', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (model, version, _dump(dict(selector)), now, created_by, _dump(device_ids),
                  _dump(list(steps)), now, bake_seconds, _dump(list(gates)), on_failure,
                  prev["version"] if prev else 0, device_timeout_seconds,
                  _dump([f"step 1 of {len(steps)}: {steps[0]}% of {len(device_ids)} devices"])),
             )
+            rollout_id = int(cur.fetchone()["id"])
             self._assign(c, model, version, device_ids if first_step is None else first_step)
-            rollout_id = cur.lastrowid
-        record = self._rollout_by_id(int(rollout_id or 0))
+        record = self._rollout_by_id(rollout_id)
         assert record is not None
         return record
 
@@ -498,8 +518,12 @@ class SqliteStore(Store):
                     f"{row['serial']}"
                 )
             c.execute(
-                "INSERT OR REPLACE INTO releases(device_id, serial, document, signature,"
-                " issued_at, expires_at, content) VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO releases(device_id, serial, document, signature,"
+                " issued_at, expires_at, content) VALUES (?,?,?,?,?,?,?)"
+                " ON CONFLICT(device_id) DO UPDATE SET serial = excluded.serial,"
+                " document = excluded.document, signature = excluded.signature,"
+                " issued_at = excluded.issued_at, expires_at = excluded.expires_at,"
+                " content = excluded.content",
                 (record.device_id, record.serial, record.document, record.signature,
                  record.issued_at, record.expires_at, record.content),
             )
@@ -521,13 +545,16 @@ class SqliteStore(Store):
             if row is not None and row["state"] == "published":
                 raise AlreadyExistsError(f"root version {version} is published already")
             c.execute("DELETE FROM roots WHERE state = 'pending' AND version <> ?", (version,))
-            c.execute("INSERT OR REPLACE INTO roots(version, envelope, state, created_at)"
-                      " VALUES (?,?,?,?)", (version, envelope, state, now))
+            c.execute("INSERT INTO roots(version, envelope, state, created_at) VALUES (?,?,?,?)"
+                      " ON CONFLICT(version) DO UPDATE SET envelope = excluded.envelope,"
+                      " state = excluded.state, created_at = excluded.created_at",
+                      (version, envelope, state, now))
 
     def set_device_root(self, device_id: str, version: int, now: float) -> None:
         with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO device_roots(device_id, version, reported_at)"
-                      " VALUES (?,?,?)", (device_id, version, now))
+            c.execute("INSERT INTO device_roots(device_id, version, reported_at) VALUES (?,?,?)"
+                      " ON CONFLICT(device_id) DO UPDATE SET version = excluded.version,"
+                      " reported_at = excluded.reported_at", (device_id, version, now))
 
     def device_root(self, device_id: str) -> int:
         rows = self._query("SELECT version FROM device_roots WHERE device_id = ?", (device_id,))
@@ -547,8 +574,8 @@ class SqliteStore(Store):
         with self._tx() as c:
             for r in records:
                 cur = c.execute(
-                    "INSERT OR IGNORE INTO telemetry(device_id, seq, kind, created_at,"
-                    " received_at, payload) VALUES (?,?,?,?,?,?)",
+                    "INSERT INTO telemetry(device_id, seq, kind, created_at,"
+                    " received_at, payload) VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                     (device_id, r.seq, r.kind, r.created_at, now, r.payload),
                 )
                 if cur.rowcount == 1 and r.seq in derived:
@@ -556,8 +583,10 @@ class SqliteStore(Store):
             for refusal in refused:
                 self._insert_derived(c, 0, refusal, now)
             c.execute(
-                "INSERT OR REPLACE INTO telemetry_status(device_id, dropped, depth, updated_at)"
-                " VALUES (?,?,?,?)", (device_id, dropped, depth, now),
+                "INSERT INTO telemetry_status(device_id, dropped, depth, updated_at)"
+                " VALUES (?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
+                " dropped = excluded.dropped, depth = excluded.depth,"
+                " updated_at = excluded.updated_at", (device_id, dropped, depth, now),
             )
         return [r.seq for r in records]
 
@@ -608,8 +637,9 @@ class SqliteStore(Store):
     def _insert_derived(c: sqlite3.Connection, seq: int, row: Derived, now: float) -> None:
         if isinstance(row, SampleRecord):
             c.execute(
-                "INSERT OR IGNORE INTO samples(device_id, seq, model, version, region,"
-                " received_at, features, labels, pii) VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO samples(device_id, seq, model, version, region,"
+                " received_at, features, labels, pii) VALUES (?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT DO NOTHING",
                 (row.device_id, seq, row.model, row.version, row.region, now,
                  _dump(row.features), _dump(row.labels), _dump(row.pii)),
             )
@@ -618,14 +648,16 @@ class SqliteStore(Store):
             c.execute(
                 "INSERT INTO report_refusals(device_id, kind, reason, count, last_at)"
                 " VALUES (?,?,?,?,?) ON CONFLICT(device_id, kind, reason)"
-                " DO UPDATE SET count = count + excluded.count, last_at = excluded.last_at",
+                " DO UPDATE SET count = report_refusals.count + excluded.count,"
+                " last_at = excluded.last_at",
                 (row.device_id, row.kind[:64], row.reason, row.count, now),
             )
             return
         if isinstance(row, SampleRefusal):
             c.execute(
                 "INSERT INTO sample_refusals(model, region, reason, count) VALUES (?,?,?,1)"
-                " ON CONFLICT(model, region, reason) DO UPDATE SET count = count + 1",
+                " ON CONFLICT(model, region, reason)"
+                " DO UPDATE SET count = sample_refusals.count + 1",
                 (row.model, row.region, row.reason),
             )
             if row.device_id:
@@ -633,11 +665,11 @@ class SqliteStore(Store):
                     c, seq, ReportRefusal(row.device_id, "sample", row.category), now)
             return
         if isinstance(row, DriftWindowRecord):
-            # OR IGNORE: a window resent after its raw row expired is already here.
+            # DO NOTHING: a window resent after its raw row expired is already here.
             c.execute(
-                'INSERT OR IGNORE INTO drift_windows(device_id, seq, model, version, start,'
+                'INSERT INTO drift_windows(device_id, seq, model, version, start,'
                 ' "end", rows, score, drifted, prediction_psi, drifted_features, received_at,'
-                " feature_psi) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " feature_psi) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (row.device_id, seq, row.model, row.version, row.start, row.end, row.rows,
                  row.score, int(row.drifted), row.prediction_psi,
                  _dump(list(row.drifted_features)), now, _dump(row.feature_psi)),
@@ -645,9 +677,10 @@ class SqliteStore(Store):
             return
         # Every snapshot is history (kept as long as drift windows, then rolled up daily).
         c.execute(
-            "INSERT OR IGNORE INTO arm_stats_history(device_id, seq, model, version, requests,"
+            "INSERT INTO arm_stats_history(device_id, seq, model, version, requests,"
             " errors, p50_ms, p95_ms, labelled, correct, abs_error_sum, sq_error_sum,"
-            " created_at, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " created_at, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT DO NOTHING",
             (row.device_id, seq, row.model, row.version, row.requests, row.errors, row.p50_ms,
              row.p95_ms, row.labelled, row.correct, row.abs_error_sum, row.sq_error_sum,
              row.updated_at, now),
@@ -701,8 +734,14 @@ class SqliteStore(Store):
     def start_experiment(self, record: ExperimentRecord) -> None:
         with self._tx() as c:
             c.execute(
-                "INSERT OR REPLACE INTO experiments(model, champion, challenger, weight, state,"
-                " selector, device_ids, created_at, created_by) VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO experiments(model, champion, challenger, weight, state,"
+                " selector, device_ids, created_at, created_by) VALUES (?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT(model) DO UPDATE SET champion = excluded.champion,"
+                " challenger = excluded.challenger, weight = excluded.weight,"
+                " state = excluded.state, selector = excluded.selector,"
+                " device_ids = excluded.device_ids, created_at = excluded.created_at,"
+                " created_by = excluded.created_by, decision = '', p_value = NULL,"
+                " decision_reason = '', decided_at = NULL",
                 (record.model, record.champion, record.challenger, record.weight, record.state,
                  _dump(record.selector), _dump(list(record.device_ids)), record.created_at,
                  record.created_by),
@@ -753,9 +792,13 @@ class SqliteStore(Store):
     def set_policy(self, policy: DriftPolicy) -> None:
         with self._tx() as c:
             c.execute(
-                "INSERT OR REPLACE INTO drift_policies(model, pipeline, threshold,"
+                "INSERT INTO drift_policies(model, pipeline, threshold,"
                 " device_fraction, windows, canary_weight, auto_canary, sample_rate, margin)"
-                " VALUES (?,?,?,?,?,?,?,?,?)",
+                " VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(model) DO UPDATE SET"
+                " pipeline = excluded.pipeline, threshold = excluded.threshold,"
+                " device_fraction = excluded.device_fraction, windows = excluded.windows,"
+                " canary_weight = excluded.canary_weight, auto_canary = excluded.auto_canary,"
+                " sample_rate = excluded.sample_rate, margin = excluded.margin",
                 (policy.model, policy.pipeline, policy.threshold, policy.device_fraction,
                  policy.windows, policy.canary_weight, int(policy.auto_canary),
                  policy.sample_rate, policy.margin),
@@ -791,9 +834,9 @@ class SqliteStore(Store):
         with self._tx() as c:
             cur = c.execute(
                 "INSERT INTO retrain_jobs(model, state, reason, version, created_at)"
-                " VALUES (?, 'queued', ?, ?, ?)", (model, reason, version, now),
+                " VALUES (?, 'queued', ?, ?, ?) RETURNING id", (model, reason, version, now),
             )
-            return int(cur.lastrowid or 0)
+            return int(cur.fetchone()["id"])
 
     def update_job(self, job_id: int, state: JobState, now: float | None = None,
                    detail: str = "") -> None:
@@ -841,7 +884,7 @@ class SqliteStore(Store):
                     c.execute(
                         "INSERT INTO sample_refusals(model, region, reason, count)"
                         " VALUES (?,?,?,?) ON CONFLICT(model, region, reason)"
-                        " DO UPDATE SET count = count + excluded.count",
+                        " DO UPDATE SET count = sample_refusals.count + excluded.count",
                         (model, region or "-", reason, sum(r["n"] for r in rows)))
                 c.execute("DELETE FROM samples WHERE model = ? AND region = ?"
                           " AND job_id IS NULL", (model, region))
@@ -923,7 +966,8 @@ class SqliteStore(Store):
                     limit: int) -> tuple[list[ArmStatsRecord], bool]:
         rows = self._query(
             "SELECT * FROM (SELECT * FROM arm_stats_history WHERE model = ? AND created_at >= ?"
-            " ORDER BY created_at DESC LIMIT ?) UNION ALL SELECT * FROM arm_stats_history h"
+            " ORDER BY created_at DESC LIMIT ?) AS recent"
+            " UNION ALL SELECT * FROM arm_stats_history h"
             " WHERE model = ? AND created_at < ? AND seq = (SELECT MAX(seq) FROM"
             " arm_stats_history e WHERE e.device_id = h.device_id AND e.model = h.model"
             " AND e.version = h.version AND e.created_at < ?)",

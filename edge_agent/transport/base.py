@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # A bundle chunk may not be larger than this (servers send 256 KiB).
 MAX_CHUNK_BYTES = 1024 * 1024
+# A renewal's CA bundle: the fleet CA, and during a CA rotation the old one too.
+MAX_CA_BUNDLE_BYTES = 4 * MAX_CERT_BYTES
 
 
 class RefusedError(TransportError):
@@ -85,13 +87,18 @@ class Transport(abc.ABC):
         acked = await self._call("telemetry", self._send_telemetry(batch))
         return [seq for seq in acked if seq in sent]
 
-    async def renew_certificate(self, csr_pem: bytes) -> bytes:
-        pem = await self._call("renewal", self._renew_certificate(csr_pem))
+    async def renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]:
+        """The renewed certificate and the CA bundle to trust with it (empty: keep ours)."""
+        pem, ca_pem = await self._call("renewal", self._renew_certificate(csr_pem))
         if len(pem) > MAX_CERT_BYTES:
             raise InvalidInputError(
                 f"renewed certificate is {len(pem)} bytes; the limit is {MAX_CERT_BYTES}"
             )
-        return pem
+        if len(ca_pem) > MAX_CA_BUNDLE_BYTES:
+            raise InvalidInputError(
+                f"CA bundle is {len(ca_pem)} bytes; the limit is {MAX_CA_BUNDLE_BYTES}"
+            )
+        return pem, ca_pem
 
     async def releases(self, have_serial: int) -> AsyncGenerator[SignedRelease, None]:
         """Each signed release document as it arrives (the current one first), unverified."""
@@ -189,7 +196,7 @@ class Transport(abc.ABC):
     async def _send_telemetry(self, batch: agent_pb2.TelemetryBatch) -> list[int]: ...
 
     @abc.abstractmethod
-    async def _renew_certificate(self, csr_pem: bytes) -> bytes: ...
+    async def _renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]: ...
 
     @abc.abstractmethod
     def _releases(self, have_serial: int) -> AsyncGenerator[common_pb2.SignedRelease, None]: ...

@@ -44,10 +44,10 @@ class GrpcTransport(Transport):
         reply = await self._stub().SendTelemetry(batch)
         return list(reply.acked)
 
-    async def _renew_certificate(self, csr_pem: bytes) -> bytes:
+    async def _renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]:
         reply = await self._stub().RenewCertificate(
             agent_pb2.RenewCertificateRequest(csr_pem=csr_pem))
-        return bytes(reply.certificate_pem)
+        return bytes(reply.certificate_pem), bytes(reply.ca_pem)
 
     async def _releases(self, have_serial: int) -> AsyncGenerator[common_pb2.SignedRelease, None]:
         call = self._stub().Sync(agent_pb2.SyncRequest(

@@ -265,11 +265,11 @@ class MqttTransport(Transport):
         payload = await self._ask(Leaf.TELEMETRY, batch.SerializeToString())
         return list(parse_message(agent_pb2.TelemetryAck, payload, "telemetry ack").acked)
 
-    async def _renew_certificate(self, csr_pem: bytes) -> bytes:
+    async def _renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]:
         request = agent_pb2.RenewCertificateRequest(csr_pem=csr_pem).SerializeToString()
         payload = await self._ask(Leaf.RENEW_REQUEST, request)
         reply = parse_message(agent_pb2.RenewCertificateResponse, payload, "renewal reply")
-        return bytes(reply.certificate_pem)
+        return bytes(reply.certificate_pem), bytes(reply.ca_pem)
 
     async def _releases(self, have_serial: int) -> AsyncGenerator[common_pb2.SignedRelease, None]:
         self._ensure_started()

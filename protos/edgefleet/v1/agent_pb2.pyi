@@ -94,10 +94,12 @@ class RenewCertificateRequest(_message.Message):
     def __init__(self, csr_pem: _Optional[bytes] = ...) -> None: ...
 
 class RenewCertificateResponse(_message.Message):
-    __slots__ = ("certificate_pem",)
+    __slots__ = ("certificate_pem", "ca_pem")
     CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
     certificate_pem: bytes
-    def __init__(self, certificate_pem: _Optional[bytes] = ...) -> None: ...
+    ca_pem: bytes
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("agent_version", "host", "models", "uptime_seconds", "release_serial", "release_digest", "session_id", "delivery_problems", "root_version")

@@ -1,0 +1,51 @@
+"""The storage contract's fixtures: every storage test runs on SQLite and on PostgreSQL.
+
+``store_url`` is a fresh database per test: a SQLite file under tmp_path, or a PostgreSQL
+database created with a random name on the local server (127.0.0.1:5432, trust auth, user
+postgres) and dropped afterwards. Import the fixtures a test module uses from here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from control_plane.storage import Store, open_store
+
+BACKENDS = ("sqlite", "postgresql")
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """postgresql://postgres@127.0.0.1:5432/<a new database> (dropped afterwards)."""
+    import psycopg  # noqa: PLC0415 - only the tests that use PostgreSQL
+
+    name = f"ef_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    url: str = request.getfixturevalue("pg_database")
+    return url
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    opened = open_store(store_url)
+    try:
+        yield opened
+    finally:
+        opened.close()

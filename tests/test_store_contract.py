@@ -1,0 +1,409 @@
+"""The storage contract: every test here runs on SQLite and on PostgreSQL (``store`` fixture,
+tests/store_support.py), and a backend that lacks a method of ``Store`` or a migration fails."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import multiprocessing
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from control_plane.domain.audit_chain import verify_chain
+from control_plane.domain.records import (
+    ArmStatsRecord,
+    CertificateRecord,
+    DeviceRecord,
+    DriftWindowRecord,
+    ExperimentRecord,
+    ExperimentState,
+    InstalledModel,
+    JobState,
+    ModelVersionRecord,
+    ReleaseRecord,
+    ReportRefusal,
+    RolloutState,
+    SampleRecord,
+    TelemetryRecord,
+)
+from control_plane.domain.retraining import DriftPolicy
+from control_plane.storage import Store, open_store
+from control_plane.storage.heartbeats import HeartbeatWriter
+from control_plane.storage.migrations import MIGRATIONS
+from control_plane.storage.pg_migrations import pg_migrations, translate
+from control_plane.storage.postgres import PostgresStore, redact
+from control_plane.storage.sqlite import SqliteStore
+from fleetcore.errors import AlreadyExistsError, NotFoundError, TokenError
+from tests.store_support import pg_database, store, store_url
+
+DAY = 86400.0
+
+__all__ = ["pg_database", "store", "store_url"]  # fixtures (tests/store_support.py)
+
+
+def _device(store: Store, device_id: str = "dev-1", labels: dict[str, str] | None = None) -> None:
+    store.add_token(f"tok-{device_id}", labels or {"site": "a"}, 0, 100, "admin")
+    store.enroll(f"tok-{device_id}", 1, DeviceRecord(device_id, {}, 1.0),
+                 CertificateRecord(f"serial-{device_id}", "device", device_id, 0, 10 * DAY, 1))
+
+
+def _model(store: Store, version: int = 1, manifest: dict[str, object] | None = None) -> None:
+    store.add_model_version(ModelVersionRecord(
+        "digits", version, f"sha256:{version:064x}", 1000 + version, float(version), "alice",
+        "key", json.dumps(manifest or {"name": "digits", "version": version,
+                                       "metrics": {"accuracy": 0.9}, "lineage": "x" * 100})))
+
+
+# --- what every backend must have ---
+
+@pytest.mark.parametrize("backend", [SqliteStore, PostgresStore])
+def test_every_backend_implements_every_method_of_store(backend: type[Store]) -> None:
+    assert Store.__abstractmethods__  # the interface is abstract ...
+    assert not backend.__abstractmethods__, f"{backend.__name__} lacks methods"  # ... they aren't
+    for name in sorted(Store.__abstractmethods__):
+        assert callable(getattr(backend, name)), name
+
+
+SQLITE_ONLY = ("INSERT OR ", "OR REPLACE", "rowid", "json_extract", "json_object", "lastrowid",
+               "PRAGMA", "CAST(", "GROUP_CONCAT", "strftime")
+
+
+def test_postgresql_inherits_no_sqlite_only_sql() -> None:
+    """A method PostgresStore takes from SqliteStore as is runs its SQL on PostgreSQL: it must
+    use what both speak (or be overridden in postgres.py). Catches a new method before its
+    contract test is written."""
+    checked = 0
+    for name, member in vars(SqliteStore).items():
+        function = getattr(member, "__func__", member)  # a staticmethod's function
+        if not inspect.isfunction(function) or name in vars(PostgresStore):
+            continue  # not a method, or overridden
+        checked += 1
+        source = inspect.getsource(function)
+        found = [token for token in SQLITE_ONLY if token in source]
+        assert not found, f"SqliteStore.{name} uses {found}: portable SQL, or override it"
+    assert checked > 50
+
+
+def test_every_migration_has_a_postgresql_version() -> None:
+    assert len(pg_migrations()) == len(MIGRATIONS)
+    for script in pg_migrations():
+        assert "REAL " not in script.replace("DOUBLE PRECISION", "")
+        assert " BLOB" not in script and "RAISE(" not in script
+
+
+def test_a_sqlite_only_migration_fails_until_it_is_written_for_postgresql() -> None:
+    with pytest.raises(ValueError, match="OVERRIDES"):
+        translate("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT);")
+    with pytest.raises(ValueError, match="OVERRIDES"):
+        translate("CREATE TRIGGER t AFTER INSERT ON x BEGIN UPDATE y SET n = n + 1; END;")
+
+
+def test_both_backends_reach_the_same_schema_version(tmp_path: Path, pg_database: str) -> None:
+    sqlite_store = open_store(tmp_path / "registry.db")
+    pg_store = open_store(pg_database)
+    try:
+        assert isinstance(sqlite_store, SqliteStore) and isinstance(pg_store, PostgresStore)
+        (user_version,) = sqlite_store._conn.execute("PRAGMA user_version").fetchone()
+        assert user_version == pg_store.schema_version() == len(MIGRATIONS)
+    finally:
+        sqlite_store.close()
+        pg_store.close()
+    again = open_store(pg_database)  # reopening applies nothing twice
+    assert isinstance(again, PostgresStore) and again.schema_version() == len(MIGRATIONS)
+    again.close()
+
+
+def test_a_store_url_names_its_backend(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="postgresql://"):
+        open_store("mysql://root@127.0.0.1/x")
+    assert redact("postgresql://ef:secret@db:5432/fleet") == "postgresql://ef:***@db:5432/fleet"
+    assert redact("postgresql://ef@db/fleet") == "postgresql://ef@db/fleet"
+
+
+# --- the contract, on both backends ---
+
+def test_enrollment_consumes_a_token_once(store: Store) -> None:
+    store.add_token("t1", {"site": "a"}, 0, 100, "admin")
+    assert store.token_labels("t1", 1) == {"site": "a"}
+    dev = store.enroll("t1", 1, DeviceRecord("dev-1", {"site": "b", "x": "y"}, 1.0),
+                       CertificateRecord("s1", "device", "dev-1", 0, 50, 1))
+    assert dev.labels == {"site": "a", "x": "y"} and dev.cert_serial == "s1"
+    with pytest.raises(TokenError, match="already"):
+        store.enroll("t1", 2, DeviceRecord("dev-2", {}, 2.0),
+                     CertificateRecord("s2", "device", "dev-2", 0, 50, 2))
+    assert store.get_device("dev-2") is None and store.get_certificate("s2") is None
+    store.add_token("t2", {}, 0, 100, "admin")
+    with pytest.raises(TokenError, match="expired"):
+        store.token_labels("t2", 100)
+
+
+def test_heartbeats_devices_and_revocation(store: Store) -> None:
+    _device(store, "dev-1")
+    _device(store, "dev-2")
+    models = [InstalledModel("digits", 1, "committed", "sha256:ab", serving=True)]
+    store.record_heartbeat("dev-1", 5.0, "1.2", {"cpus": 2}, models)
+    errors = store.record_heartbeats([("dev-2", 6.0, "1.3", {}, []),
+                                      ("ghost", 6.0, "1.3", {}, [])])
+    assert errors[0] is None and isinstance(errors[1], NotFoundError)
+    with pytest.raises(NotFoundError):
+        store.record_heartbeat("ghost", 5.0, "1", {}, [])
+    one = store.get_device("dev-1")
+    assert one is not None and one.models == models and one.host == {"cpus": 2}
+    assert [d.id for d in store.list_devices()] == ["dev-1", "dev-2"]
+    revoked = store.revoke_device("dev-1", 7.0)
+    assert revoked.revoked_at == 7.0
+    assert store.revoke_device("dev-1", 8.0).revoked_at == 7.0  # the first time is kept
+    assert [c.serial for c in store.revoked_certificates(8.0)] == ["serial-dev-1"]
+    assert store.revoked_certificates(11 * DAY) == []  # expired: no longer on the CRL
+    store.add_certificate(CertificateRecord("serial-2b", "device", "dev-2", 0, DAY, 9),
+                          current_for_device=True)
+    two = store.get_device("dev-2")
+    assert two is not None and two.cert_serial == "serial-2b"
+
+
+def test_operators_and_alerts(store: Store) -> None:
+    store.add_operator("bob", "viewer", 1.0, "admin")
+    with pytest.raises(AlreadyExistsError):
+        store.add_operator("bob", "admin", 2.0, "admin")
+    store.add_certificate(CertificateRecord("op-1", "operator", "bob", 0, DAY, 1),
+                          current_for_device=False)
+    assert store.get_operator("bob") == ("viewer", 1.0)
+    assert store.list_operators()[0].certificate_serials == ("op-1",)
+    assert not store.operator_revoked("bob")
+    assert store.revoke_operator("bob", 3.0).revoked_at == 3.0
+    assert store.operator_revoked("bob")
+    with pytest.raises(NotFoundError):
+        store.revoke_operator("nobody", 3.0)
+    _device(store)
+    assert store.flag_device("dev-1", "clone-suspected", "{}", 4.0)
+    assert not store.flag_device("dev-1", "clone-suspected", '{"n":2}', 5.0)
+    (alert,) = store.device_alerts("dev-1")
+    assert (alert.since, alert.updated_at, alert.detail) == (4.0, 5.0, '{"n":2}')
+    store.clear_device_alerts("dev-1", ["clone-suspected"])
+    assert store.device_alerts() == []
+
+
+def test_the_audit_log_is_a_hash_chain_that_refuses_changes(store: Store) -> None:
+    for i in range(5):
+        store.append_audit(float(i), "alice", "device.revoke", f"dev-{i}", "allowed", "{}",
+                           role="admin")
+    chain = store.audit_chain()
+    assert [r.seq for r in chain] == [1, 2, 3, 4, 5] and verify_chain(chain).ok
+    assert [r.seq for r in store.list_audit(2)] == [4, 5]
+    refused = (sqlite3.IntegrityError, psycopg.errors.RestrictViolation)
+    for statement in ("UPDATE audit_events SET actor = 'mallory'", "DELETE FROM audit_events"):
+        with pytest.raises(refused, match="append-only"), \
+                store._tx() as c:  # type: ignore[attr-defined]
+            c.execute(statement)
+    assert store.audit_chain() == chain
+
+
+def test_registry_rollouts_and_releases(store: Store) -> None:
+    _device(store)
+    _model(store, 1)
+    _model(store, 1)  # the same bundle again: nothing changes
+    with pytest.raises(AlreadyExistsError):
+        store.add_model_version(ModelVersionRecord("digits", 1, "sha256:" + "f" * 64, 1, 1.0,
+                                                   "a", "k", "{}"))
+    _model(store, 2)
+    summary = store.list_model_versions("digits")
+    assert [m.version for m in summary] == [1, 2]
+    assert json.loads(summary[0].manifest)["task"] == "classification"
+    assert json.loads(summary[0].manifest)["metrics"] == {"accuracy": 0.9}
+    assert "lineage" not in json.loads(summary[0].manifest)
+    whole = store.get_model_version("digits", 1)
+    assert whole is not None and summary[0].manifest_bytes == len(whole.manifest)
+    first = store.start_rollout("digits", 1, {"site": "a"}, ["dev-1"], 10.0, "alice",
+                                steps=(50, 100), bake_seconds=5.0)
+    assert first.id >= 1 and first.state is RolloutState.RUNNING and first.steps == (50, 100)
+    assert [(a.version, a.weight) for a in store.device_arms("dev-1")] == [(1, 1.0)]
+    second = store.start_rollout("digits", 2, {}, ["dev-1"], 20.0, "alice")
+    assert second.id > first.id and second.previous_version == 1
+    store.update_rollout(second.id, state="completed", history=["done"])
+    latest = store.get_rollout("digits")
+    assert latest is not None and latest.state is RolloutState.COMPLETED
+    assert latest.history == ("done",) and store.running_rollouts() == []
+    store.assign_version("digits", 0, ["dev-1"])
+    assert store.device_arms("dev-1") == []
+    store.put_release(ReleaseRecord("dev-1", 1, b"\x00doc\xff", b"sig", 1.0, 2.0, "c1"))
+    store.put_release(ReleaseRecord("dev-1", 2, b"doc2", b"sig2", 3.0, 4.0, "c2"))
+    with pytest.raises(AlreadyExistsError):
+        store.put_release(ReleaseRecord("dev-1", 2, b"old", b"s", 5.0, 6.0, "c"))
+    assert store.get_release("dev-1") == ReleaseRecord("dev-1", 2, b"doc2", b"sig2", 3.0, 4.0,
+                                                       "c2")
+
+
+def test_telemetry_is_stored_once_and_rolled_up_when_it_expires(store: Store) -> None:
+    _device(store)
+    drift = DriftWindowRecord("dev-1", "digits", 1, 0.0, 60.0, 100, 0.3, True, 0.1, ("f1",),
+                              {"f1": 0.3})
+    arms = ArmStatsRecord("dev-1", "digits", 1, 10, 1, 2.0, 5.0, 4, 3, 61.0)
+    records = [TelemetryRecord(1, "drift", 60.0, b"\x01" * 10),
+               TelemetryRecord(2, "arm_stats", 61.0, b"\x02" * 20)]
+    refusal = ReportRefusal("dev-1", "arm_stats", "not-in-release")
+    assert store.ingest_telemetry("dev-1", records, {1: drift, 2: arms}, 100.0, 3, 7,
+                                  [refusal]) == [1, 2]
+    assert store.ingest_telemetry("dev-1", records, {1: drift, 2: arms}, 101.0, 0, 0) == [1, 2]
+    assert store.telemetry_counts()["telemetry"] == 2
+    assert store.outbox_status() == {"dev-1": (0, 0)}
+    assert store.report_refusals("dev-1") == {"arm_stats/not-in-release": 1}
+    assert store.refusal_totals() == {"dev-1": 1}
+    store.count_refusals([refusal], 102.0)
+    assert store.all_report_refusals() == {"dev-1": {"arm_stats/not-in-release": 2}}
+    (latest,) = store.latest_drift("digits")
+    assert latest.score == 0.3 and latest.drifted_features == ("f1",)
+    assert store.recent_drift("digits", 5)["dev-1"][0].rows == 100
+    windows, more = store.drift_history("digits", "", 0.0, 10)
+    assert len(windows) == 1 and not more and windows[0].feature_psi == {"f1": 0.3}
+    assert store.arm_stats("digits")[0].requests == 10 == store.all_arm_stats()[0].requests
+    history, cut = store.arm_history("digits", 0.0, 10)
+    assert [h.requests for h in history] == [10] and not cut
+    assert store.expire_telemetry(raw_before=200.0, drift_before=200.0) == 4
+    assert store.telemetry_rollup("dev-1") == {"drift": (1, 10), "arm_stats": (1, 20)}
+    (day,) = store.drift_days("digits", "dev-1", 0.0)
+    assert (day.windows, day.drifted, day.rows, day.max_score) == (1, 1, 100, 0.3)
+    assert store.telemetry_counts()["drift_windows"] == 0
+
+
+def test_experiments(store: Store) -> None:
+    _device(store)
+    _model(store, 1)
+    _model(store, 2)
+    exp = ExperimentRecord("digits", 1, 2, 0.2, ExperimentState.RUNNING, {}, ("dev-1",), 1.0,
+                           "alice")
+    store.start_experiment(exp)
+    assert sorted((a.version, a.weight) for a in store.device_arms("dev-1")) == [(1, 0.8),
+                                                                                 (2, 0.2)]
+    store.record_decision("digits", "promote", 0.01, "better", 2.0, ExperimentState.PROMOTED)
+    decided = store.get_experiment("digits")
+    assert decided is not None and decided.p_value == 0.01
+    store.start_experiment(exp)  # a new experiment forgets the old decision
+    again = store.get_experiment("digits")
+    assert again is not None and again.decision == "" and again.p_value is None
+    stopped = store.stop_experiment("digits", 3.0)
+    assert stopped.state is ExperimentState.STOPPED
+    assert [(a.version, a.weight) for a in store.device_arms("dev-1")] == [(1, 1.0)]
+    with pytest.raises(NotFoundError):
+        store.stop_experiment("digits", 4.0)
+
+
+def test_retraining_policies_jobs_and_samples(store: Store) -> None:
+    _device(store)
+    store.set_policy(DriftPolicy("digits", "/p/PIPELINE.toml", sample_rate=0.5))
+    store.set_policy(DriftPolicy("digits", "/q/PIPELINE.toml", margin=0.1))
+    policy = store.get_policy("digits")
+    assert policy is not None and policy.pipeline == "/q/PIPELINE.toml" and policy.margin == 0.1
+    first = store.add_job("digits", "drift", 1, 1.0)
+    second = store.add_job("digits", "drift", 1, 2.0)
+    assert second > first
+    store.update_job(first, JobState.FAILED, 3.0, "boom")
+    assert [j.id for j in store.jobs("digits")] == [second, first]
+    assert [j.id for j in store.jobs(states=(JobState.FAILED,))] == [first]
+    samples = [TelemetryRecord(s, "sample", 1.0, b"{}") for s in (1, 2)]
+    derived = {s: SampleRecord("dev-1", "digits", 1, [[0.0]] * s, [1] * s, {}, "eu")
+               for s in (1, 2)}
+    store.ingest_telemetry("dev-1", samples, dict(derived), 5.0, 0, 0)
+    (summary,) = store.sample_summary("digits")
+    assert (summary.stored, summary.unused, summary.devices) == (3, 3, 1)
+    assert store.unused_sample_regions("digits") == ["eu"]
+    assert len(store.take_samples("digits", second)) == 2
+    store.release_samples(second)
+    assert store.refuse_samples("digits", {"eu": "too few"}, "sample-refused", 6.0) == 2
+    (summary,) = store.sample_summary("digits")
+    assert summary.stored == 0 and summary.refused == {"too few": 2}
+    store.ping()
+
+
+# --- PostgreSQL under concurrent writers ---
+
+def _append_many(url: str, worker: int, count: int) -> None:
+    s = open_store(url)
+    try:
+        for i in range(count):
+            s.append_audit(float(i), f"worker-{worker}", "test.append", str(i), "allowed", "{}")
+    finally:
+        s.close()
+
+
+def test_concurrent_audit_appends_from_several_processes_keep_one_chain(pg_database: str) -> None:
+    open_store(pg_database).close()  # migrated once, before the writers race
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_append_many, args=(pg_database, w, 25)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+        assert p.exitcode == 0
+    s = open_store(pg_database)
+    try:
+        chain = s.audit_chain()
+    finally:
+        s.close()
+    assert len(chain) == 100 and verify_chain(chain).ok
+    assert {r.actor for r in chain} == {f"worker-{w}" for w in range(4)}
+
+
+def test_replicas_starting_together_migrate_once(pg_database: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    starters = [ctx.Process(target=_append_many, args=(pg_database, w, 1)) for w in range(3)]
+    for p in starters:
+        p.start()
+    for p in starters:
+        p.join(60)
+        assert p.exitcode == 0
+    s = open_store(pg_database)
+    assert isinstance(s, PostgresStore) and s.schema_version() == len(MIGRATIONS)
+    assert verify_chain(s.audit_chain()).ok
+    s.close()
+
+
+def test_a_token_raced_by_concurrent_enrollments_enrolls_one_device(store: Store) -> None:
+    """Devices present the same token at once: one is enrolled, the others refused (on
+    PostgreSQL without the writer lock, most rounds enrolled several)."""
+    for round_ in range(3):
+        token = f"shared-{round_}"
+        store.add_token(token, {}, 0, 100, "admin")
+        barrier = threading.Barrier(6)
+        outcomes: list[str] = []
+
+        def enroll(device: str, token: str = token, barrier: threading.Barrier = barrier,
+                   outcomes: list[str] = outcomes) -> None:
+            barrier.wait()
+            try:
+                store.enroll(token, 1, DeviceRecord(device, {}, 1.0),
+                             CertificateRecord(f"s-{device}", "device", device, 0, 50, 1))
+                outcomes.append("enrolled")
+            except TokenError:
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=enroll, args=(f"dev-{round_}-{n}",))
+                   for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(outcomes) == ["enrolled"] + ["refused"] * 5
+    assert len(store.list_devices()) == 3
+
+
+def test_heartbeats_written_together_fail_alone(store: Store) -> None:
+    """HeartbeatWriter's group commit on both backends (the commit count on SQLite:
+    tests/test_bench_fleet.py)."""
+    for i in range(3):
+        _device(store, f"dev-{i}")
+    writer = HeartbeatWriter(store)
+
+    async def beats() -> list[Any]:
+        return await asyncio.gather(
+            *(writer.record(f"dev-{i}", 5.0, "2", {"os": "Linux"}, []) for i in range(3)),
+            writer.record("dev-unknown", 5.0, "2", {}, []), return_exceptions=True)
+
+    results = asyncio.run(beats())
+    assert results[:3] == [None, None, None] and isinstance(results[3], NotFoundError)
+    assert all(d.last_seen == 5.0 and d.agent_version == "2" for d in store.list_devices())
