@@ -33,13 +33,12 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fleetcore import signing, strict_json
+from fleetcore import fields, signing, strict_json
 from fleetcore.errors import (
     BadSignatureError,
     ExpiredError,
@@ -213,20 +212,20 @@ def sign_release(document: bytes, key: SigningKey | Sequence[SigningKey]) -> Sig
 def parse_document(document: bytes) -> ReleaseDocument:
     """Parse and check a release document (see the rules in the module docstring)."""
     raw = strict_json.loads(document, what="release document", max_bytes=MAX_DOCUMENT_BYTES)
-    obj = _object(raw, _DOCUMENT_KEYS, "release document")
+    obj = fields.json_object(raw, _DOCUMENT_KEYS, "release document")
     if obj["format"] != RELEASE_FORMAT:
         raise InvalidInputError(
             f"release document format must be {RELEASE_FORMAT!r}; got {obj['format']!r}"
         )
-    device_id = validate_name(_str(obj["device_id"], "device_id"), "release device_id")
-    serial = _int(obj["serial"], "serial", low=1, high=_MAX_INT)
-    issued_at = _number(obj["issued_at"], "issued_at")
-    expires_at = _number(obj["expires_at"], "expires_at")
+    device_id = validate_name(fields.string(obj["device_id"], "device_id"), "release device_id")
+    serial = fields.integer(obj["serial"], "serial", low=1, high=_MAX_INT)
+    issued_at = fields.number(obj["issued_at"], "issued_at")
+    expires_at = fields.number(obj["expires_at"], "expires_at")
     if expires_at <= issued_at:
         raise InvalidInputError(
             f"release expires_at must be after issued_at ({issued_at}); got {expires_at}"
         )
-    raw_models = _list(obj["models"], "models", low=0, high=MAX_MODELS)
+    raw_models = fields.json_list(obj["models"], "models", low=0, high=MAX_MODELS)
     models = tuple(_model(m, f"models[{i}]") for i, m in enumerate(raw_models))
     _unique([m.name for m in models], "model names")
     return ReleaseDocument(
@@ -241,14 +240,14 @@ def parse_document(document: bytes) -> ReleaseDocument:
 
 def _model(raw: object, where: str) -> ModelRelease:
     if isinstance(raw, dict) and "sample_rate" in raw:
-        obj = _object(raw, _MODEL_KEYS | _MODEL_OPTIONAL, where)
-        sample_rate = _number(obj["sample_rate"], f"{where}.sample_rate")
+        obj = fields.json_object(raw, _MODEL_KEYS | _MODEL_OPTIONAL, where)
+        sample_rate = fields.number(obj["sample_rate"], f"{where}.sample_rate")
         if not 0.0 < sample_rate <= 1.0:
             raise InvalidInputError(f"{where}.sample_rate must be in (0, 1]; got {sample_rate!r}")
     else:
-        obj, sample_rate = _object(raw, _MODEL_KEYS, where), 0.0
-    name = validate_name(_str(obj["name"], f"{where}.name"), f"{where}.name")
-    raw_arms = _list(obj["arms"], f"{where}.arms", low=1, high=MAX_ARMS)
+        obj, sample_rate = fields.json_object(raw, _MODEL_KEYS, where), 0.0
+    name = validate_name(fields.string(obj["name"], f"{where}.name"), f"{where}.name")
+    raw_arms = fields.json_list(obj["arms"], f"{where}.arms", low=1, high=MAX_ARMS)
     arms = tuple(_arm(a, f"{where}.arms[{i}]") for i, a in enumerate(raw_arms))
     _unique([a.version for a in arms], f"{where} arm versions")
     total = math.fsum(a.weight for a in arms if not a.shadow)
@@ -260,20 +259,20 @@ def _model(raw: object, where: str) -> ModelRelease:
 
 
 def _arm(raw: object, where: str) -> Arm:
-    obj = _object(raw, _ARM_KEYS, where)
-    version = _int(obj["version"], f"{where}.version", low=1, high=_MAX_INT)
-    digest = _str(obj["digest"], f"{where}.digest")
+    obj = fields.json_object(raw, _ARM_KEYS, where)
+    version = fields.integer(obj["version"], f"{where}.version", low=1, high=_MAX_INT)
+    digest = fields.string(obj["digest"], f"{where}.digest")
     if not _DIGEST_RE.match(digest):
         raise InvalidInputError(
             f"{where}.digest must be 'sha256:' and 64 lowercase hex digits; got {digest!r}"
         )
-    length = _int(obj["length"], f"{where}.length", low=1, high=MAX_BUNDLE_BYTES)
-    weight = _number(obj["weight"], f"{where}.weight")
+    length = fields.integer(obj["length"], f"{where}.length", low=1, high=MAX_BUNDLE_BYTES)
+    weight = fields.number(obj["weight"], f"{where}.weight")
     if not 0.0 <= weight <= 1.0:
         raise InvalidInputError(f"{where}.weight must be in [0, 1]; got {weight!r}")
     shadow = obj["shadow"]
     if not isinstance(shadow, bool):
-        _wrong_type(f"{where}.shadow", "a boolean", shadow)
+        fields.wrong_type(f"{where}.shadow", "a boolean", shadow)
     if shadow and weight != 0.0:
         raise InvalidInputError(
             f"{where}: a shadow arm must have weight 0 (it gets a mirrored copy); "
@@ -282,55 +281,16 @@ def _arm(raw: object, where: str) -> Arm:
     return Arm(version=version, digest=digest, length=length, weight=weight, shadow=shadow)
 
 
-def _wrong_type(where: str, expected: str, value: object) -> NoReturn:
-    raise InvalidInputError(f"{where} must be {expected}; got {type(value).__name__} {value!r}")
 
 
-def _object(raw: object, keys: frozenset[str], where: str) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        _wrong_type(where, "a JSON object", raw)
-    if raw.keys() != keys:
-        unknown = sorted(raw.keys() - keys)
-        missing = sorted(keys - raw.keys())
-        raise InvalidInputError(
-            f"{where} must have exactly the keys {sorted(keys)}; "
-            f"got unknown {unknown} and missing {missing}"
-        )
-    return raw
 
 
-def _str(value: object, where: str) -> str:
-    if not isinstance(value, str):
-        _wrong_type(where, "a string", value)
-    return value
 
 
-def _int(value: object, where: str, *, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        _wrong_type(where, "an integer", value)
-    if not low <= value <= high:
-        raise InvalidInputError(f"{where} must be in {low}..{high}; got {value}")
-    return value
 
 
-def _number(value: object, where: str) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        _wrong_type(where, "a number", value)
-    try:
-        number = float(value)
-    except OverflowError:
-        raise InvalidInputError(f"{where} must be a finite number; got {value}") from None
-    if not math.isfinite(number):
-        raise InvalidInputError(f"{where} must be a finite number; got {value!r}")
-    return number
 
 
-def _list(value: object, where: str, *, low: int, high: int) -> list[Any]:
-    if not isinstance(value, list):
-        _wrong_type(where, "a JSON array", value)
-    if not low <= len(value) <= high:
-        raise InvalidInputError(f"{where} must have {low}..{high} entries; got {len(value)}")
-    return value
 
 
 def _unique(values: Sequence[object], what: str) -> None:

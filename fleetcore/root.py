@@ -26,14 +26,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fleetcore import signing, strict_json
+from fleetcore import fields, signing, strict_json
 from fleetcore.errors import (
     ExpiredError,
     InvalidInputError,
@@ -264,17 +262,17 @@ def parse_envelope(data: bytes) -> Envelope:
         raise InvalidInputError(f"root envelope must be bytes; got {type(data).__name__}")
     raw = strict_json.loads(data, what="root envelope", max_bytes=MAX_ENVELOPE_BYTES,
                             max_depth=4)
-    obj = _object(raw, _ENV_KEYS, "root envelope")
+    obj = fields.json_object(raw, _ENV_KEYS, "root envelope")
     if obj["payloadType"] != PAYLOAD_TYPE:
         raise InvalidInputError(
             f"root envelope payloadType must be {PAYLOAD_TYPE!r}; got {obj['payloadType']!r:.80}"
         )
     payload = _b64(obj["payload"], "root envelope payload", MAX_DOCUMENT_BYTES)
-    raw_sigs = _list(obj["signatures"], "root envelope signatures", 0, MAX_SIGNATURES)
+    raw_sigs = fields.json_list(obj["signatures"], "root envelope signatures", 0, MAX_SIGNATURES)
     sigs = []
     for i, entry in enumerate(raw_sigs):
         where = f"root envelope signatures[{i}]"
-        item = _object(entry, _SIG_KEYS, where)
+        item = fields.json_object(entry, _SIG_KEYS, where)
         kid = _keyid(item["keyid"], f"{where}.keyid")
         sigs.append(KeySignature(kid, _b64(item["sig"], f"{where}.sig",
                                            signing.MAX_SIGNATURE_BYTES)))
@@ -284,21 +282,21 @@ def parse_envelope(data: bytes) -> Envelope:
 def parse_root(payload: bytes) -> RootDocument:
     raw = strict_json.loads(payload, what="root document", max_bytes=MAX_DOCUMENT_BYTES,
                             max_depth=4)
-    obj = _object(raw, _DOC_KEYS, "root document")
+    obj = fields.json_object(raw, _DOC_KEYS, "root document")
     if obj["format"] != ROOT_FORMAT:
         raise InvalidInputError(
             f"root document format must be {ROOT_FORMAT!r}; got {obj['format']!r:.80}"
         )
-    version = _int(obj["version"], "root version", 1, _MAX_INT)
-    issued_at = _number(obj["issued_at"], "root issued_at")
-    expires_at = _number(obj["expires_at"], "root expires_at")
+    version = fields.integer(obj["version"], "root version", 1, _MAX_INT)
+    issued_at = fields.number(obj["issued_at"], "root issued_at")
+    expires_at = fields.number(obj["expires_at"], "root expires_at")
     if expires_at <= issued_at:
         raise InvalidInputError(
             f"root expires_at must be after issued_at ({issued_at}); got {expires_at}"
         )
     raw_keys = obj["keys"]
     if not isinstance(raw_keys, dict):
-        _wrong_type("root keys", "a JSON object", raw_keys)
+        fields.wrong_type("root keys", "a JSON object", raw_keys)
     if not 1 <= len(raw_keys) <= MAX_KEYS:
         raise InvalidInputError(f"root keys must have 1..{MAX_KEYS} entries; got {len(raw_keys)}")
     keys: dict[str, ec.EllipticCurvePublicKey] = {}
@@ -311,15 +309,15 @@ def parse_root(payload: bytes) -> RootDocument:
                 f"root key id {kid[:16]}... is not the SHA-256 of its key ({keyid(pub)[:16]}...)"
             )
         keys[kid] = pub
-    raw_roles = _object(obj["roles"], frozenset(ROLES), "root roles")
+    raw_roles = fields.json_object(obj["roles"], frozenset(ROLES), "root roles")
     roles = {name: _role(raw_roles[name], name, keys) for name in ROLES}
     return RootDocument(version, issued_at, expires_at, keys, roles)
 
 
 def _role(raw: object, name: str, keys: Mapping[str, object]) -> Role:
     where = f"root role {name!r}"
-    obj = _object(raw, _ROLE_KEYS, where)
-    ids = _list(obj["keyids"], f"{where} keyids", 1, MAX_KEYIDS)
+    obj = fields.json_object(raw, _ROLE_KEYS, where)
+    ids = fields.json_list(obj["keyids"], f"{where} keyids", 1, MAX_KEYIDS)
     keyids: list[str] = []
     for kid in ids:
         _keyid(kid, f"{where} keyid")
@@ -328,7 +326,7 @@ def _role(raw: object, name: str, keys: Mapping[str, object]) -> Role:
         if kid in keyids:
             raise InvalidInputError(f"{where} lists key {kid[:16]}... twice")
         keyids.append(kid)
-    k = _int(obj["threshold"], f"{where} threshold", 1, len(keyids))
+    k = fields.integer(obj["threshold"], f"{where} threshold", 1, len(keyids))
     return Role(tuple(keyids), k)
 
 
@@ -413,48 +411,14 @@ def update_chain(trusted: SignedRoot, envelopes: Iterable[bytes], now: float) ->
 # --- strict field readers ------------------------------------------------------------------
 
 
-def _wrong_type(where: str, expected: str, value: object) -> NoReturn:
-    raise InvalidInputError(f"{where} must be {expected}; got {type(value).__name__} "
-                            f"{value!r:.80}")
 
 
-def _object(raw: object, keys: frozenset[str], where: str) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        _wrong_type(where, "a JSON object", raw)
-    if raw.keys() != keys:
-        raise InvalidInputError(
-            f"{where} must have exactly the keys {sorted(keys)}; got unknown "
-            f"{sorted(raw.keys() - keys)[:8]} and missing {sorted(keys - raw.keys())}"
-        )
-    return raw
 
 
-def _list(value: object, where: str, low: int, high: int) -> list[Any]:
-    if not isinstance(value, list):
-        _wrong_type(where, "a JSON array", value)
-    if not low <= len(value) <= high:
-        raise InvalidInputError(f"{where} must have {low}..{high} entries; got {len(value)}")
-    return value
 
 
-def _int(value: object, where: str, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        _wrong_type(where, "an integer", value)
-    if not low <= value <= high:
-        raise InvalidInputError(f"{where} must be in {low}..{high}; got {value}")
-    return value
 
 
-def _number(value: object, where: str) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        _wrong_type(where, "a number", value)
-    try:
-        number = float(value)
-    except OverflowError:
-        raise InvalidInputError(f"{where} must be a finite number") from None
-    if not math.isfinite(number):
-        raise InvalidInputError(f"{where} must be a finite number")
-    return number
 
 
 def _keyid(value: object, where: str) -> str:
@@ -466,7 +430,7 @@ def _keyid(value: object, where: str) -> str:
 
 def _b64(value: object, where: str, max_bytes: int) -> bytes:
     if not isinstance(value, str) or not value.isascii():
-        _wrong_type(where, "an ASCII base64 string", value)
+        fields.wrong_type(where, "an ASCII base64 string", value)
     if len(value) > (max_bytes + 2) // 3 * 4:
         raise InvalidInputError(f"{where} is longer than {max_bytes} bytes")
     try:
