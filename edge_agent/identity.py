@@ -11,6 +11,7 @@ belong together.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from edge_agent.state import StateDir
 from fleetcore import pki
 from fleetcore.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Credentials", "install_renewed", "load_credentials", "recover", "renewal_due"]
 
@@ -52,9 +55,15 @@ def recover(state: StateDir) -> None:
                 os.replace(done, final)
         os.replace(cert_next, state.cert)
     else:
+        # An interrupted renewal's leftovers are ignored without the certificate; removing
+        # them is tidiness, not safety, so a read-only state directory does not stop a start.
         for p in (key_next, ca_next):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove %s (%s); it is ignored", p, exc.strerror)
 
 
 def check_ca_bundle(ca_pem: bytes, cert: x509.Certificate) -> None:
