@@ -108,6 +108,16 @@ def test_migrate_copies_every_table_and_switches_the_home_last(
     # Run twice: the home is on PostgreSQL now, and says so.
     assert cp_main(["migrate", "--home", str(tmp_path / "cp"), "--to", pg_database]) == 1
     _one_error(capsys, "already uses")
+    # The way back (docs/operator-guide.md, "Move to PostgreSQL"): the runbook's sed.
+    subprocess.run(["sed", "-i", 's|^database = "postgresql://.*"|database = "edgefleet.db"|',
+                    str(tmp_path / "cp" / "config.toml")], check=True)
+    cfg = ControlPlaneConfig.load(tmp_path / "cp")
+    assert cfg.database_url == "" and cfg.database == database
+    back = open_store(cfg.store_location)
+    try:
+        assert not isinstance(back, PostgresStore) and back.audit_chain() == chain
+    finally:
+        back.close()
 
 
 def test_a_broken_audit_chain_is_not_copied(
@@ -167,6 +177,34 @@ def test_a_home_in_use_is_refused(
         other.close()
     _still_on_sqlite(home, database, sha)
     assert _pg_tables(pg_database) == []
+
+
+def test_a_home_whose_control_plane_was_killed_moves_with_its_last_writes(
+    tmp_path: Path, pg_database: str,
+) -> None:
+    """Writes committed to SQLite's WAL by a control plane killed with SIGKILL (never
+    checkpointed into the file) are copied too."""
+    home = tmp_path / "cp"
+    database = _sqlite_home(home)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from control_plane.storage import SqliteStore
+        store = SqliteStore({str(database)!r})
+        for i in range(3):
+            store.add_token(f"late-{{i}}", {{}}, 2000.0, 9e9, "admin")
+            store.append_audit(2000.0 + i, "admin", "token.create", "late", "ok", "{{}}", "admin")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert Path(f"{database}-wal").stat().st_size > 0  # the last writes are in the WAL only
+    done = migrate(home, pg_database)
+    assert done.rows["enrollment_tokens"] == 8 and done.audit_entries == 9
+    store = open_store(pg_database)
+    try:
+        assert {a.target for a in store.audit_chain()} >= {"late"}
+    finally:
+        store.close()
 
 
 def test_an_error_midway_rolls_the_target_back_and_a_retry_succeeds(

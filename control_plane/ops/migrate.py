@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ from control_plane.domain.records import AuditRecord
 from control_plane.ops.serve_lock import hold_exclusive
 from control_plane.storage import SqliteStore, is_url
 from control_plane.storage.migrations import MIGRATIONS
+from fleetcore import tomlfile
 from fleetcore.errors import AlreadyExistsError, EdgefleetError, InvalidInputError
 
 __all__ = ["MigrationSummary", "migrate"]
@@ -84,6 +86,7 @@ def migrate(home: Path, url: str, *,
         raise InvalidInputError(f"{database} does not exist; nothing to migrate")
     lock = hold_exclusive(cfg.home)
     try:
+        _lock_sqlite(database).close()  # nobody else has it open: then it may be upgraded
         _upgrade_schema(database)
         source = _lock_sqlite(database)
         try:
@@ -111,11 +114,20 @@ def migrate(home: Path, url: str, *,
         if _verified_chain(chain, "the committed PostgreSQL") != (entries, head):
             raise EdgefleetError("the committed PostgreSQL audit chain differs from SQLite's; "
                                  "config.toml was not changed (drop the database and retry)")
-        cfg.database_url = url
-        cfg.save()  # atomic: a new file renamed over config.toml
+        _switch_config(cfg.layout.config, url)
     finally:
         lock.release()
     return MigrationSummary(redact(url), rows, entries, head, database)
+
+
+def _switch_config(path: Path, url: str) -> None:
+    """``[server] database = URL`` in config.toml, every other key as it was; atomically (a new
+    file renamed over the old one, with the old one's mode)."""
+    doc = tomlfile.load(path)
+    doc.setdefault("server", {})["database"] = url
+    tomlfile.write(path, doc, mode=stat.S_IMODE(path.stat().st_mode))
+    if ControlPlaneConfig.load(path.parent).database_url != url:
+        raise EdgefleetError(f"{path} did not take the URL; set [server] database by hand")
 
 
 def _upgrade_schema(database: Path) -> None:

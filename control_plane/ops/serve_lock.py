@@ -10,6 +10,7 @@ dies (even by SIGKILL): a stale file never blocks anything.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from pathlib import Path
 
@@ -19,11 +20,13 @@ __all__ = ["LOCK_FILE", "HomeLock", "hold_exclusive", "hold_serving"]
 
 LOCK_FILE = "serve.lock"
 
+log = logging.getLogger(__name__)
+
 
 class HomeLock:
     """An open, locked lock file; ``release()`` (or process exit) drops the lock."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int | None) -> None:
         self._fd: int | None = fd
 
     def release(self) -> None:
@@ -37,8 +40,14 @@ def _open(home: Path) -> int:
 
 
 def hold_serving(home: Path) -> HomeLock:
-    """A serving control plane's shared lock; refused while a migration holds the home."""
-    fd = _open(home)
+    """A serving control plane's shared lock; refused while a migration holds the home. A
+    home where no file can be made (read-only) serves without it: the migration's SQLite
+    exclusive lock still refuses a database in use."""
+    try:
+        fd = _open(home)
+    except OSError as exc:
+        log.warning("cannot create %s (%s); serving without it", Path(home) / LOCK_FILE, exc)
+        return HomeLock(None)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
