@@ -18,8 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
 import psycopg
 import pytest
+from sklearn.datasets import load_digits
 
 from control_plane.cli import main as cp_main
 from control_plane.config import ControlPlaneConfig
@@ -33,7 +36,7 @@ from fleetcore.errors import EdgefleetError
 from tests.store_support import pg_database
 from tests.support import LoopThread, fleet_json, start_agent, start_control_plane
 from tests.test_delivery import _committed, _wait_models
-from tests.test_serving_fleet import _publish
+from tests.test_serving_fleet import _infer, _publish
 
 __all__ = ["pg_database"]  # fixtures (tests/store_support.py)
 
@@ -314,11 +317,20 @@ def test_a_live_agent_notices_nothing_when_its_fleet_moves_to_postgresql(
         keys = _keys(cp.home)
         _publish(cp, trained_bundle, tmp_path, 1, 2)
         cfg = cp.enroll_agent(tmp_path / "a", labels={"site": "paris"})
-        agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0)
+        agent = start_agent(tmp_path / "a", cp.loop, probation_seconds=0.0,
+                            drift_window_requests=50)
         try:
-            agent.wait_for("serving")
+            port = agent.wait_for("serving")["http_port"]
             fleet_json(cp, capsys, "rollouts", "start", "--model", "digits", "--version", "1")
             _wait_models(agent, _committed(1))
+            # Telemetry, arm statistics and drift windows in the SQLite fleet too.
+            X = load_digits().data.astype(np.float32)
+            with httpx.Client(timeout=30) as client:
+                for i in range(50):
+                    _infer(client, port, X[i : i + 1], f"req-{i}")
+            agent.agent.supervisor.core.flush(30)
+            while not (cp.cp.store.latest_drift("digits") and cp.cp.store.arm_stats("digits")):
+                agent.wait_for("heartbeat")  # each heartbeat sends the outbox
             # While it serves, the home is refused.
             capsys.readouterr()
             assert cp_main(["migrate", "--home", str(cp.home), "--to", pg_database]) == 1
@@ -331,7 +343,8 @@ def test_a_live_agent_notices_nothing_when_its_fleet_moves_to_postgresql(
             assert copied == _all_rows_sqlite(cp.home / "edgefleet.db")
             assert {t for t, rows in copied.items() if rows} >= {
                 "devices", "certificates", "operators", "enrollment_tokens", "model_versions",
-                "releases", "rollouts", "device_arms", "roots", "audit_events"}
+                "releases", "rollouts", "device_arms", "roots", "audit_events", "telemetry",
+                "arm_stats", "drift_windows"}
             cp.restart()  # same home, same ports, now on PostgreSQL
             assert isinstance(cp.cp.store, PostgresStore)
             assert _keys(cp.home) == keys  # the same CA, server, release and audit keys
