@@ -176,6 +176,35 @@ def test_a_broken_audit_chain_is_not_copied(
     assert _pg_tables(pg_database) == []  # nothing was created
 
 
+def test_a_value_postgresql_refuses_rolls_everything_back(
+    tmp_path: Path, pg_database: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SQLite keeps any value in any column; one PostgreSQL's types refuse aborts the copy."""
+    database = _sqlite_home(tmp_path / "cp")
+    raw = sqlite3.connect(database)
+    raw.execute("UPDATE enrollment_tokens SET created_at = 'yesterday' WHERE token_hash = 'hash-2'")
+    raw.commit()
+    raw.close()
+    sha = _sha(database)
+    capsys.readouterr()
+    assert cp_main(["migrate", "--home", str(tmp_path / "cp"), "--to", pg_database]) == 1
+    _one_error(capsys, "failed", "yesterday", "nothing was committed", "still uses SQLite")
+    _still_on_sqlite(tmp_path / "cp", database, sha)
+    assert _pg_tables(pg_database) == []
+
+
+def test_a_damaged_sqlite_file_is_one_error_line(
+    tmp_path: Path, pg_database: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    database = _sqlite_home(tmp_path / "cp")
+    database.write_bytes(b"not a database, " * 512)
+    capsys.readouterr()
+    assert cp_main(["migrate", "--home", str(tmp_path / "cp"), "--to", pg_database]) == 1
+    _one_error(capsys, "nothing was committed")
+    assert ControlPlaneConfig.load(tmp_path / "cp").database_url == ""
+    assert _pg_tables(pg_database) == []
+
+
 def test_a_target_that_holds_a_fleet_is_refused(
     tmp_path: Path, pg_database: str, capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -71,8 +71,7 @@ def migrate(home: Path, url: str, *,
             on_table: Callable[[str, int], None] | None = None) -> MigrationSummary:
     """Copy ``home``'s SQLite fleet into the PostgreSQL database ``url`` (see the module doc).
     ``on_table(name, rows)`` is called after each table is copied, inside the transaction."""
-    import psycopg  # noqa: PLC0415  (only this command and PostgreSQL homes need it)
-
+    # Imported here: only this command and PostgreSQL homes need psycopg.
     from control_plane.storage.postgres import PostgresStore, redact  # noqa: PLC0415
 
     cfg = ControlPlaneConfig.load(Path(home))
@@ -86,25 +85,12 @@ def migrate(home: Path, url: str, *,
         raise InvalidInputError(f"{database} does not exist; nothing to migrate")
     lock = hold_exclusive(cfg.home)
     try:
-        _lock_sqlite(database).close()  # nobody else has it open: then it may be upgraded
-        _upgrade_schema(database)
-        source = _lock_sqlite(database)
         try:
-            entries, head = _verified_chain(_audit(source.execute(
-                "SELECT * FROM audit_events ORDER BY seq").fetchall()), "the SQLite")
-            try:
-                target = psycopg.connect(url, connect_timeout=10)
-            except psycopg.Error as exc:
-                reason = " ".join(str(exc).split())[:300]
-                raise EdgefleetError(
-                    f"cannot connect to PostgreSQL at {redact(url)}: {reason}; check that the "
-                    "server runs and the URL's user, host, port and database") from None
-            try:
-                rows = _copy(source, target, url, (entries, head), on_table)
-            finally:
-                target.close()
-        finally:
-            source.close()
+            rows, entries, head = _copy_home(cfg, database, url, on_table)
+        except sqlite3.Error as exc:
+            raise EdgefleetError(
+                f"reading {database} failed ({exc}); nothing was committed: check the file "
+                "(PRAGMA integrity_check), restore a backup if it is damaged") from None
         # As the control plane will open it: the committed chain, once more.
         store = PostgresStore(url)
         try:
@@ -118,6 +104,39 @@ def migrate(home: Path, url: str, *,
     finally:
         lock.release()
     return MigrationSummary(redact(url), rows, entries, head, database)
+
+
+def _copy_home(cfg: ControlPlaneConfig, database: Path, url: str,
+               on_table: Callable[[str, int], None] | None) -> tuple[dict[str, int], int, str]:
+    import psycopg  # noqa: PLC0415
+
+    from control_plane.storage.postgres import redact  # noqa: PLC0415
+
+    _lock_sqlite(database).close()  # nobody else has it open: then it may be upgraded
+    _upgrade_schema(database)
+    source = _lock_sqlite(database)
+    try:
+        entries, head = _verified_chain(_audit(source.execute(
+            "SELECT * FROM audit_events ORDER BY seq").fetchall()), "the SQLite")
+        try:
+            target = psycopg.connect(url, connect_timeout=10)
+        except psycopg.Error as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise EdgefleetError(
+                f"cannot connect to PostgreSQL at {redact(url)}: {reason}; check that the "
+                "server runs and the URL's user, host, port and database") from None
+        try:
+            rows = _copy(source, target, url, (entries, head), on_table)
+        except psycopg.Error as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise EdgefleetError(
+                f"copying into {redact(url)} failed ({reason}); nothing was committed and "
+                f"{cfg.home} still uses SQLite: fix the cause and run migrate again") from None
+        finally:
+            target.close()
+    finally:
+        source.close()
+    return rows, entries, head
 
 
 def _switch_config(path: Path, url: str) -> None:
