@@ -257,7 +257,7 @@ def _copy(source: sqlite3.Connection, target: Any, url: str, chain: tuple[int, s
                     pipe.write_row(tuple(values))
                     count += 1
                     digest = (digest + _row_digest(values)) % _DIGEST_MOD
-            _check_table(cur, table, names, count, digest)
+            _check_table(target, table, names, count, digest)
             _reset_identity(cur, table)
             copied[table] = count
             if on_table is not None:
@@ -294,13 +294,16 @@ def _pg_columns(cur: Any) -> dict[str, list[str]]:
     return out
 
 
-def _check_table(cur: Any, table: str, names: str, count: int, digest: int) -> None:
-    """The copied table's row count and content digest equal the source's."""
-    cur.execute(f'SELECT {names} FROM "{table}"')  # noqa: S608 - the schema's names
+def _check_table(target: Any, table: str, names: str, count: int, digest: int) -> None:
+    """The copied table's row count and content digest equal the source's (read through a
+    server-side cursor: a table of millions of rows is not held in memory)."""
     got_count, got = 0, 0
-    for values in cur:
-        got_count += 1
-        got = (got + _row_digest(values)) % _DIGEST_MOD
+    with target.cursor(name="edgefleet_migrate_check") as cur:
+        cur.itersize = 5000
+        cur.execute(f'SELECT {names} FROM "{table}"')  # noqa: S608 - the schema's names
+        for values in cur:
+            got_count += 1
+            got = (got + _row_digest(values)) % _DIGEST_MOD
     if (got_count, got) != (count, digest):
         raise EdgefleetError(
             f"table {table}: {count} rows on SQLite, {got_count} copied"
