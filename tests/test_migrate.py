@@ -30,9 +30,13 @@ from control_plane.domain.audit_chain import verify_chain
 from control_plane.ops.home import init_home
 from control_plane.ops.migrate import migrate
 from control_plane.ops.serve_lock import hold_serving
+from control_plane.server import ControlPlane
 from control_plane.storage import SqliteStore, open_store
+from control_plane.storage.migrations import MIGRATIONS
 from control_plane.storage.postgres import PostgresStore
 from fleetcore.errors import EdgefleetError
+from fleetcore.sqlite import connect
+from fleetcore.sqlite import migrate as sqlite_migrate
 from tests.store_support import pg_database
 from tests.support import LoopThread, fleet_json, start_agent, start_control_plane
 from tests.test_delivery import _committed, _wait_models
@@ -276,6 +280,25 @@ def test_a_home_whose_control_plane_was_killed_moves_with_its_last_writes(
         store.close()
 
 
+def test_an_older_sqlite_schema_is_brought_up_to_date_first(
+    tmp_path: Path, pg_database: str,
+) -> None:
+    """A home last served by older software: its schema is upgraded (as serving it would),
+    then copied."""
+    home = tmp_path / "cp"
+    database = _sqlite_home(home)
+    older = len(MIGRATIONS) - 2
+    database.unlink()
+    conn = connect(database)
+    sqlite_migrate(conn, MIGRATIONS[:older])
+    conn.close()
+    done = migrate(home, pg_database)
+    assert done.audit_entries == 0 and len(done.rows) >= 20
+    raw = sqlite3.connect(database)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    raw.close()
+
+
 def test_an_error_midway_rolls_the_target_back_and_a_retry_succeeds(
     tmp_path: Path, pg_database: str,
 ) -> None:
@@ -319,7 +342,7 @@ def test_a_migration_killed_midway_leaves_the_home_on_sqlite_and_the_target_drop
         assert proc.stdout is not None and proc.stdout.readline() == "paused\n"
         # Meanwhile a control plane cannot start on the home.
         with pytest.raises(EdgefleetError, match="being migrated"):
-            hold_serving(home)
+            ControlPlane(ControlPlaneConfig.load(home))
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
