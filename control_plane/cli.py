@@ -19,6 +19,7 @@ from control_plane.ops import (  # noqa: F401  (rotate_*: each registers its rot
 )
 from control_plane.ops.backup import backup, restore
 from control_plane.ops.home import init_home
+from control_plane.ops.migrate import migrate as migrate_home
 from control_plane.ops.mqtt_config import write_broker_config
 from control_plane.server import ControlPlane
 from control_plane.storage import open_store
@@ -95,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("--archive", required=True, type=Path)
     rs.add_argument("--home", required=True, type=Path, help="a new (or empty) directory")
 
+    mg = sub.add_parser("migrate", help="copy a stopped SQLite home's fleet into an empty "
+                                        "PostgreSQL database and switch the home to it")
+    mg.add_argument("--home", required=True, type=Path)
+    mg.add_argument("--to", required=True, metavar="URL",
+                    help="postgresql://USER@HOST:PORT/DB (an empty database)")
+
     return p
 
 
@@ -126,11 +133,24 @@ async def _serve(cfg: ControlPlaneConfig) -> None:
         await cp.stop()
 
 
+def _migrate(home: Path, url: str) -> int:
+    def progress(table: str, rows: int) -> None:
+        print(f"copied {table}: {rows:,} rows", flush=True)
+
+    done = migrate_home(home, url, on_table=progress)
+    print(f"migrated {sum(done.rows.values()):,} rows in {len(done.rows)} tables to {done.url}; "
+          f"audit chain intact: {done.audit_entries} entries, head {done.audit_head[:16]}")
+    print(f"config.toml now names {done.url}; {done.sqlite_file} is kept, unchanged, as the way "
+          "back (set [server] database to its name again)")
+    print(f"next: control-plane serve --home {home} (agents need nothing)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
 
-    def body() -> int:
+    def body() -> int:  # noqa: PLR0911 - one return per command
         if args.command == "init":
             cfg = init_home(args.home, sans=args.san, force=args.force,
                             root_keys=args.root_keys, root_threshold=args.root_threshold,
@@ -145,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"chain intact: {done.audit_entries} entries")
             print(f"next: control-plane serve --home {done.path} (agents need nothing)")
             return 0
+        if args.command == "migrate":
+            return _migrate(args.home, args.to)
         if args.command in ("rotate", "root"):
             return rotate.run(args)
         cfg = ControlPlaneConfig.load(args.home)

@@ -29,6 +29,7 @@ from control_plane.observability import (
     ServerMetrics,
     export_fleet_metrics,
 )
+from control_plane.ops.serve_lock import HomeLock, hold_serving
 from control_plane.services import Services
 from control_plane.services.authority import Authority
 from control_plane.services.broker import MqttSettings, refresh_crl, sync_broker_keys
@@ -75,6 +76,9 @@ class ControlPlane:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        # A SQLite home is held while it serves: `control-plane migrate` refuses it meanwhile.
+        self._home_lock: HomeLock | None = (
+            None if config.database_url else hold_serving(config.home))
         self.store = store or open_store(config.store_location)
         self.authority = Authority.load(config)
         self.services = Services.build(config, self.store, self.authority, clock=clock)
@@ -298,6 +302,9 @@ class ControlPlane:
             self.otel.shutdown()  # flushes what is queued
             self.otel = None
         self.store.close()
+        if self._home_lock is not None:
+            self._home_lock.release()
+            self._home_lock = None
         log.info("control plane stopped")
 
     async def wait_for_termination(self) -> None:
