@@ -9,8 +9,13 @@ a fleet from stampeding onto the survivor are checked on their own, with many si
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import random
+import signal
+import socket
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,15 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from edgefleet.v1 import agent_pb2
 
+import edge_agent.transport.grpc as grpc_transport
 from control_plane.config import ControlPlaneConfig
+from control_plane.ops.home import init_home
 from control_plane.server import ControlPlane
 from edge_agent.backoff import Backoff
 from edge_agent.cli import main as agent_main
+from edge_agent.enroll import enroll
 from edge_agent.failover import AddressRing
+from edge_agent.identity import load_credentials
+from edge_agent.reporting.outbox import Outbox
 from edge_agent.state import AgentConfig, StateDir
 from fleetcore import tomlfile
-from fleetcore.errors import InvalidInputError
+from fleetcore.errors import InvalidInputError, TransportError
 from tests.support import (
     WAIT,
     LoopThread,
@@ -34,6 +45,7 @@ from tests.support import (
     start_agent,
     start_control_plane,
 )
+from tests.test_cli import Proc, run
 from tests.test_delivery import _bundle_for, _committed, _fleet, _wait_models
 from tests.test_telemetry import _drift_payload
 
@@ -144,10 +156,8 @@ def replicas(tmp_path: Path, loop: LoopThread) -> Iterator[list[RunningControlPl
         r.cp.config.api_addresses = both
     yield [a, b]
     for r in (a, b):
-        try:
+        with contextlib.suppress(Exception):  # the test stopped one already
             r.stop()
-        except Exception:  # noqa: S110 (the test stopped it already)
-            pass
     loop_b.close()
 
 
@@ -192,7 +202,7 @@ def test_agent_fails_over_to_the_other_replica_when_its_replica_dies_mid_stream(
         for i in range(21, 31):  # telemetry written after the kill
             agent.agent.outbox.append("drift", _drift_payload(i), now=float(i))
 
-        while (data := agent.wait_for("heartbeat"))["address"] != survivor.api:
+        while agent.wait_for("heartbeat")["address"] != survivor.api:
             pass
         first_on_survivor = next(t for t, kind, d in seen if kind == "heartbeat"
                                  and d["address"] == survivor.api and t >= killed_at)
@@ -238,3 +248,116 @@ def test_agent_fails_over_to_the_other_replica_when_its_replica_dies_mid_stream(
         assert agent.agent.trust.mark.serial > trust_before[0].serial  # type: ignore[union-attr]
     finally:
         agent.stop()
+
+
+def test_one_name_for_several_replicas_fails_over_inside_grpc(
+    replicas: list[RunningControlPlane], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`api_addresses = ["fleet.example:7443"]`, a name with an A record per replica: gRPC's
+    resolver hands every address to pick_first (shuffled), which moves to the next one when
+    its connection drops. Here gRPC's static ``ipv4:`` list stands in for the DNS answer (this
+    machine's resolver cannot be given one), with the certificate's name as the TLS target."""
+
+    import edge_agent.transport.grpc as grpc_transport  # noqa: PLC0415
+
+    monkeypatch.setattr(grpc_transport, "_CHANNEL_OPTIONS", (
+        *grpc_transport._CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", "localhost")))
+    a, b = replicas
+    a.enroll_agent(tmp_path / "agent")
+    creds = load_credentials(StateDir(tmp_path / "agent"))
+    name = f"ipv4:{a.api},{b.api}"
+
+    async def beat(t: grpc_transport.GrpcTransport) -> None:
+        for _ in range(3):  # as the daemon does: a failed call resets, the next one retries
+            try:
+                await t.heartbeat(agent_pb2.HeartbeatRequest())
+                return
+            except TransportError:
+                await t.reset()
+        raise AssertionError("no replica answered")
+
+    async def run() -> None:
+        transports = [grpc_transport.GrpcTransport(name, lambda: creds) for _ in range(8)]
+        for t in transports:
+            await beat(t)  # each connected to one replica, picked at random
+        await asyncio.to_thread(a.stop)
+        for t in transports:
+            await beat(t)  # those on the dead one moved to the other
+            await t.close()
+
+    asyncio.run(asyncio.wait_for(run(), WAIT))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _drift_rows(home: Path, device_id: str) -> list[int]:
+    with contextlib.closing(sqlite3.connect(home / "edgefleet.db", timeout=WAIT)) as db:
+        return [seq for (seq,) in db.execute(
+            "SELECT seq FROM telemetry WHERE device_id = ? AND kind = 'drift'", (device_id,))]
+
+
+def _until(check: Any) -> None:
+    deadline = time.monotonic() + WAIT
+    while not check():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_agents_replica_process_moves_the_agent_process_to_the_other(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The same as processes: two `control-plane serve` on one home, `edge-agent run`, and
+    kill -9 of the replica the agent is connected to."""
+    home = tmp_path / "cp"
+    ports = [_free_port(), _free_port()]
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    cfg = ControlPlaneConfig(home=home, api_addresses=addresses)
+    cfg.heartbeat_interval_seconds = 1
+    init_home(home, config=cfg)
+    servers = {address: Proc("control-plane", "serve", "--home", str(home), "--api", address,
+                             "--enroll", "127.0.0.1:0") for address in addresses}
+    agent: Proc | None = None
+    try:
+        enroll_at = {a: s.expect(r"enrollment .* listening on (\S+)").group(1)
+                     for a, s in servers.items()}
+        token = run("fleet", "--config", str(home / "operators/admin/fleet.toml"), "--api",
+                    addresses[0], "tokens", "create").stdout.strip()
+        state = tmp_path / "agent"
+        cfg_agent = enroll(enroll_at[addresses[0]], token, (home / "pki/ca.pem").read_bytes(),
+                           state)
+        assert sorted(cfg_agent.api_addresses) == sorted(addresses)
+        with Outbox(StateDir(state).outbox) as outbox:
+            for i in range(1, 11):
+                outbox.append("drift", _drift_payload(i), now=float(i))
+        agent = Proc("edge-agent", "run", "--state-dir", str(state), "--listen",
+                     "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0")
+        used = agent.expect(r"connected to control plane (\S+) as").group(1)
+        _until(lambda: len(_drift_rows(home, cfg_agent.device_id)) == 10)
+
+        killed_at = time.monotonic()
+        servers[used].p.send_signal(signal.SIGKILL)
+        assert servers[used].p.wait(WAIT) == -signal.SIGKILL
+        with Outbox(StateDir(state).outbox) as outbox:
+            for i in range(11, 21):
+                outbox.append("drift", _drift_payload(i), now=float(i))
+        other = agent.expect(r"connected to control plane (\S+) as").group(1)
+        failover_seconds = time.monotonic() - killed_at
+        print(f"\nfailover (processes, SIGKILL): {failover_seconds:.2f} s")
+        assert other != used and other in addresses
+        assert failover_seconds < 10
+        _until(lambda: len(_drift_rows(home, cfg_agent.device_id)) >= 20)
+        assert sorted(_drift_rows(home, cfg_agent.device_id)) == sorted(
+            set(_drift_rows(home, cfg_agent.device_id)))
+        assert len(_drift_rows(home, cfg_agent.device_id)) == 20  # each once
+        status = json.loads(run("edge-agent", "status", "--state-dir", str(state),
+                                "--json").stdout)
+        assert (status["state"], status["api_address"]) == ("connected", other)
+    finally:
+        for proc in [*servers.values(), *([agent] if agent else [])]:
+            if proc.p.poll() is None:
+                proc.terminate()
