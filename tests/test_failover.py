@@ -31,7 +31,7 @@ from control_plane.ops.home import init_home
 from control_plane.server import ControlPlane
 from edge_agent.backoff import Backoff
 from edge_agent.cli import main as agent_main
-from edge_agent.enroll import enroll
+from edge_agent.enroll import _check_addresses, enroll
 from edge_agent.failover import AddressRing
 from edge_agent.identity import load_credentials
 from edge_agent.reporting.outbox import Outbox
@@ -133,6 +133,25 @@ def test_control_plane_refuses_a_malformed_address_list(tmp_path: Path,
     tomlfile.write(cp.home / "config.toml", doc)
     with pytest.raises(InvalidInputError, match="HOST:PORT"):
         ControlPlaneConfig.load(cp.home)
+
+
+def test_an_enrollment_answer_with_bad_addresses_is_refused_before_anything_is_written(
+    cp: RunningControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The answer comes over TLS from the fleet's server, but its list is still bounded and
+    checked: a malformed or oversized one stops enrollment with nothing on disk."""
+    checked = _check_addresses
+    ok = agent_pb2.EnrollResponse(api_address="cp1:7443", api_addresses=["cp2:7443"])
+    assert checked(ok) == ["cp1:7443", "cp2:7443"]  # the advertised one always among them
+    assert checked(agent_pb2.EnrollResponse(api_address="cp1:7443")) == []  # an older server
+    for bad in (["cp2"], ["x" * 400 + ":1"], [f"cp{i}:7443" for i in range(40)]):
+        with pytest.raises(InvalidInputError):
+            checked(agent_pb2.EnrollResponse(api_address="cp1:7443", api_addresses=bad))
+
+    cp.cp.config.api_addresses = ["cp1.example"]  # a misconfigured server (no port)
+    with pytest.raises(InvalidInputError, match="HOST:PORT"):
+        cp.enroll_agent(tmp_path / "a")
+    assert not (tmp_path / "a").exists()
 
 
 # ---------------------------------------------------------------------- two real replicas
