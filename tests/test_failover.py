@@ -38,6 +38,7 @@ from edge_agent.reporting.outbox import Outbox
 from edge_agent.state import AgentConfig, StateDir
 from fleetcore import tomlfile
 from fleetcore.errors import InvalidInputError, TransportError
+from tests.store_support import BACKENDS, pg_database
 from tests.support import (
     WAIT,
     LoopThread,
@@ -48,6 +49,8 @@ from tests.support import (
 from tests.test_cli import Proc, run
 from tests.test_delivery import _bundle_for, _committed, _fleet, _wait_models
 from tests.test_telemetry import _drift_payload
+
+__all__ = ["pg_database"]  # fixtures (tests/store_support.py)
 
 
 # ---------------------------------------------------------------------- selection and backoff
@@ -165,10 +168,14 @@ def _second_replica(first: RunningControlPlane, loop: LoopThread) -> RunningCont
     return RunningControlPlane(home=first.home, cp=cp, loop=loop, admin=first.admin)
 
 
-@pytest.fixture
-def replicas(tmp_path: Path, loop: LoopThread) -> Iterator[list[RunningControlPlane]]:
+@pytest.fixture(params=BACKENDS)
+def replicas(request: pytest.FixtureRequest, tmp_path: Path,
+             loop: LoopThread) -> Iterator[list[RunningControlPlane]]:
+    """Two replicas of one home: on one SQLite file (WAL), or on one PostgreSQL database."""
+    database = {} if request.param == "sqlite" else {
+        "database_url": request.getfixturevalue("pg_database")}
     loop_b = LoopThread()
-    a = start_control_plane(tmp_path / "cp", loop)
+    a = start_control_plane(tmp_path / "cp", loop, **database)
     b = _second_replica(a, loop_b)
     both = [a.api, b.api]  # [server] api_addresses, once the ports are known
     for r in (a, b):
@@ -228,7 +235,8 @@ def test_agent_fails_over_to_the_other_replica_when_its_replica_dies_mid_stream(
         failover_seconds = first_on_survivor - killed_at
         with capsys.disabled():
             print(f"\nfailover: {failover_seconds:.2f} s from kill to the first heartbeat on "
-                  f"the other replica (heartbeat interval 1 s, backoff 0.05-0.2 s)")
+                  f"the other replica ({type(survivor.cp.store).__name__}; heartbeat "
+                  "interval 1 s, backoff 0.05-0.2 s)")
         assert failover_seconds < 10
         assert any(kind == "failover" and d == {"from": dead.api, "to": survivor.api}
                    for _, kind, d in seen)
