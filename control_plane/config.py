@@ -198,7 +198,6 @@ class HomeLayout:
         return self.home / "operators" / name
 
 
-
 def _api_addresses(value: Any) -> list[str]:
     """``[server] api_addresses``: every replica's HOST:PORT (or one name for them all)."""
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
@@ -206,6 +205,7 @@ def _api_addresses(value: Any) -> list[str]:
     for address in value:
         parse_hostport(address)
     return list(value)
+
 
 @dataclass
 class ControlPlaneConfig:

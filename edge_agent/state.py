@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetcore import strict_json, tomlfile
+from fleetcore.addresses import parse_hostport
 from fleetcore.errors import InvalidInputError
 from fleetcore.files import atomic_write
 
@@ -149,6 +150,8 @@ class AgentConfig:
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
             raise InvalidInputError(f"{state.config}: agent.api_addresses must be a list of "
                                     '"HOST:PORT"')
+        for address in addresses:
+            parse_hostport(address)
         cfg.api_addresses = list(addresses)
         cfg.transport = str(agent.get("transport", "grpc"))
         cfg.labels = {str(k): str(v) for k, v in doc.get("labels", {}).items()}
