@@ -198,12 +198,24 @@ class HomeLayout:
         return self.home / "operators" / name
 
 
+def _api_addresses(value: Any) -> list[str]:
+    """``[server] api_addresses``: every replica's HOST:PORT (or one name for them all)."""
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise InvalidInputError('config server.api_addresses must be a list of "HOST:PORT"')
+    for address in value:
+        parse_hostport(address)
+    return list(value)
+
+
 @dataclass
 class ControlPlaneConfig:
     home: Path
     api_listen: str = DEFAULT_API
     # What enrollment tells agents to dial; empty means the API's bound address.
     api_advertise: str = ""
+    # Every replica's API address, handed to agents at enrollment so that they fail over
+    # (docs/operator-guide.md, "Several replicas: agent failover"); empty: the advertised one.
+    api_addresses: list[str] = field(default_factory=list)
     enroll_listen: str = DEFAULT_ENROLL
     mqtt_url: str = ""
     database: Path = field(default=Path("edgefleet.db"))
@@ -281,6 +293,7 @@ class ControlPlaneConfig:
         cfg = cls(home=home)
         cfg.api_listen = str(server.get("api", cfg.api_listen))
         cfg.api_advertise = str(server.get("api_advertise", cfg.api_advertise))
+        cfg.api_addresses = _api_addresses(server.get("api_addresses", []))
         cfg.enroll_listen = str(server.get("enroll", cfg.enroll_listen))
         cfg.mqtt_url = str(server.get("mqtt", cfg.mqtt_url))
         cfg.metrics_listen = str(server.get("metrics", cfg.metrics_listen))
@@ -335,6 +348,7 @@ class ControlPlaneConfig:
             "server": {
                 "api": self.api_listen,
                 "api_advertise": self.api_advertise,
+                **({"api_addresses": self.api_addresses} if self.api_addresses else {}),
                 "enroll": self.enroll_listen,
                 "mqtt": self.mqtt_url,
                 "metrics": self.metrics_listen,

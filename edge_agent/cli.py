@@ -100,7 +100,9 @@ def _status(state_dir: Path, as_json: bool) -> int:
     models = ModelStore(state.models).status() if state.models.exists() else []
     doc = {
         "device_id": cfg.device_id,
-        "api_address": cfg.api_address,
+        # The replica the running agent uses now (it moves on failover), and every one known.
+        "api_address": live.get("api_address") or cfg.api_address,
+        "api_addresses": cfg.failover_addresses(),
         "transport": cfg.transport,
         "labels": cfg.labels,
         "certificate_serial": creds.serial,
@@ -132,6 +134,7 @@ def _status(state_dir: Path, as_json: bool) -> int:
                 ("device_id", doc["device_id"]),
                 ("state", doc["state"]),
                 ("api_address", doc["api_address"]),
+                ("api_addresses", ", ".join(doc["api_addresses"])),
                 ("transport", f"{cfg.transport} {cfg.mqtt_url}".strip()
                  if cfg.transport == "mqtt" else cfg.transport),
                 ("labels", ",".join(f"{k}={v}" for k, v in sorted(cfg.labels.items())) or "-"),

@@ -42,6 +42,7 @@ from edge_agent.state import AgentConfig, StateDir
 from edge_agent.supervisor import ServingSupervisor
 from edge_agent.tracing import AgentTracing
 from edge_agent.transport import RefusedError, Transport, make_transport
+from edge_agent.transport.base import ClosedHereError
 from fleetcore import pki
 from fleetcore import root as fleet_root
 from fleetcore.addresses import parse_hostport
@@ -152,7 +153,9 @@ class Agent:
         self._status_unwritable = False
         self._status: dict[str, Any] = {
             "device_id": self.config.device_id,
-            "api_address": self.config.api_address,
+            # The replica in use now (it changes on failover), and every one enrolled.
+            "api_address": self.transport.address or self.config.api_address,
+            "api_addresses": self.config.failover_addresses(),
             "transport": self.config.transport,
             "state": "starting",
             "last_heartbeat": None,
@@ -253,6 +256,7 @@ class Agent:
     # ------------------------------------------------------------------ one cycle
     async def _cycle(self) -> float:
         """One attempt to stay in touch; returns how long to wait before the next one."""
+        address = self.transport.address  # the replica this attempt talks to
         try:
             if renewal_due(self.creds, self.clock(), self.config.renew_at_fraction):
                 await self._renew()
@@ -262,22 +266,22 @@ class Agent:
             reply = await self.transport.heartbeat(request)
             sent = await self.sender.send(self.transport)
         except EdgefleetError as exc:
-            return await self._failed(isinstance(exc, RefusedError), str(exc))
+            return await self._failed(isinstance(exc, RefusedError), str(exc), address)
         except (OSError, ValueError) as exc:
-            return await self._failed(False, f"ERROR: {exc}")
+            return await self._failed(False, f"ERROR: {exc}", address)
         self.heartbeats += 1
         self.backoff.reset()
-        if self._status["state"] != "connected":
+        if self._status["state"] != "connected" or address != self._status["api_address"]:
             where = (f"via MQTT broker {self.config.mqtt_url}" if self.config.transport == "mqtt"
-                     else self.config.api_address)
+                     else address)
             log.info("connected to control plane %s as %s", where, self.config.device_id)
         self._check_stream(reply.release_serial)
         if reply.heartbeat_interval_seconds:
             self.config.heartbeat_interval_seconds = float(reply.heartbeat_interval_seconds)
         self._set_status(state="connected", last_heartbeat=self.clock(), last_error=None,
-                         consecutive_failures=0)
+                         consecutive_failures=0, api_address=address or self.config.api_address)
         self._emit("heartbeat", {"count": self.heartbeats, "server_time": reply.server_time,
-                                 "telemetry_sent": sent})
+                                 "telemetry_sent": sent, "address": address})
         # The reply is the control plane's (over MQTT: the broker's) receipt of the report:
         # versions it listed as serving on probation may now commit (reported at once).
         if self.updater.acknowledge([(m.name, m.version) for m in request.models
@@ -321,8 +325,11 @@ class Agent:
             self._resync_for = newest
             self._resync.set()
 
-    async def _failed(self, refused: bool, message: str) -> float:
-        await self.transport.reset()
+    async def _failed(self, refused: bool, message: str, address: str) -> float:
+        # A replica that stopped answering: the next attempt goes to the next one (after the
+        # jittered delay below). A refusal is the fleet's answer, the same on every replica.
+        if refused or not await self._fail_over(address):
+            await self.transport.reset()
         state = "refused" if refused else "disconnected"
         failures = self._status["consecutive_failures"] + 1
         delay = self.backoff.next_delay()
@@ -330,6 +337,15 @@ class Agent:
         self._set_status(state=state, last_error=message, consecutive_failures=failures)
         self._emit("error", {"state": state, "error": message, "retry_in": delay})
         return delay
+
+    async def _fail_over(self, address: str) -> bool:
+        """Move to the next replica when ``address`` is still the one in use."""
+        if not await self.transport.fail_over(address):
+            return False
+        log.warning("control plane replica %s stopped answering; trying %s next", address,
+                    self.transport.address)
+        self._emit("failover", {"from": address, "to": self.transport.address})
+        return True
 
     def _heartbeat_request(self) -> agent_pb2.HeartbeatRequest:
         self._tick()  # probation decisions ride on the heartbeat's rhythm
@@ -414,6 +430,7 @@ class Agent:
         backoff = Backoff(self.config.backoff_initial_seconds, self.config.backoff_max_seconds)
         assert self._stop is not None
         while not self._stop.is_set():
+            address = self.transport.address
             try:
                 if self.trust.current is not None:  # finish what a restart interrupted
                     await self._apply(self.trust.current)
@@ -432,8 +449,13 @@ class Agent:
                         self._emit("release", {"serial": doc.serial})
                         await self._apply(doc)
                         backoff.reset()
+            except (RefusedError, ClosedHereError) as exc:
+                log.info("release stream ended: %s", exc)
             except TransportError as exc:
                 log.info("release stream ended: %s", exc)
+                # Its replica died mid-stream: move on now; the heartbeat loop finds the same
+                # address moved already (one move per failure).
+                await self._fail_over(address)
             except UntrustedInputError as exc:
                 log.error("release refused: %s", exc)
                 self._record_error("release", str(exc))

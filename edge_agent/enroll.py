@@ -15,6 +15,7 @@ from edge_agent.install.root_trust import RootTrust
 from edge_agent.state import AgentConfig, StateDir
 from fleetcore import pki, signing
 from fleetcore import root as fleet_root
+from fleetcore.addresses import MAX_API_ADDRESSES, parse_hostport
 from fleetcore.errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -90,6 +91,7 @@ def enroll(
     if cert.public_key() != key.public_key():
         raise InvalidInputError("enrollment answer certificate is not for the key we sent")
     pinned_root = _check_keys(reply)
+    addresses = _check_addresses(reply)
     if transport == "mqtt" and not reply.mqtt_url:
         raise InvalidInputError(
             "--transport mqtt: the control plane names no MQTT broker (start it with --mqtt URL)"
@@ -108,14 +110,32 @@ def enroll(
     cfg = AgentConfig(
         device_id=reply.device_id,
         api_address=reply.api_address,
+        api_addresses=addresses,
         mqtt_url=reply.mqtt_url,
         transport=transport,
         labels=dict(reply.labels),
         heartbeat_interval_seconds=float(reply.heartbeat_interval_seconds or 10),
     )
     cfg.save(state)
-    log.info("enrolled as %s; API %s", cfg.device_id, cfg.api_address)
+    log.info("enrolled as %s; API %s", cfg.device_id,
+             ", ".join(cfg.failover_addresses()))
     return cfg
+
+
+def _check_addresses(reply: agent_pb2.EnrollResponse) -> list[str]:
+    """The replicas' API addresses (failover): each HOST:PORT, a bounded number, the
+    advertised one among them; [] from a control plane that sends only api_address."""
+    parse_hostport(reply.api_address)
+    if len(reply.api_addresses) > MAX_API_ADDRESSES:
+        raise InvalidInputError(f"more than {MAX_API_ADDRESSES} API addresses in the answer")
+    addresses = list(dict.fromkeys(str(a) for a in reply.api_addresses))
+    for address in addresses:
+        if len(address) > 300:
+            raise InvalidInputError("an API address in the answer is longer than 300 bytes")
+        parse_hostport(address)
+    if addresses and reply.api_address not in addresses:
+        addresses.insert(0, reply.api_address)
+    return addresses
 
 
 def _check_keys(reply: agent_pb2.EnrollResponse) -> fleet_root.SignedRoot | None:

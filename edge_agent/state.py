@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetcore import strict_json, tomlfile
+from fleetcore.addresses import parse_hostport
 from fleetcore.errors import InvalidInputError
 from fleetcore.files import atomic_write
 
@@ -96,6 +97,9 @@ class AgentConfig:
     device_id: str
     api_address: str
     mqtt_url: str = ""
+    # Every replica's API address (enrollment gives them; docs/operator-guide.md, "Several
+    # replicas: agent failover"). Empty (an agent.toml from before): api_address alone.
+    api_addresses: list[str] = field(default_factory=list)
     transport: str = "grpc"
     labels: dict[str, str] = field(default_factory=dict)
     heartbeat_interval_seconds: float = 10.0
@@ -142,6 +146,13 @@ class AgentConfig:
         except KeyError as exc:
             raise InvalidInputError(f"{state.config}: missing agent.{exc.args[0]}") from None
         cfg.mqtt_url = str(agent.get("mqtt_url", ""))
+        addresses = agent.get("api_addresses", [])
+        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+            raise InvalidInputError(f"{state.config}: agent.api_addresses must be a list of "
+                                    '"HOST:PORT"')
+        for address in addresses:
+            parse_hostport(address)
+        cfg.api_addresses = list(addresses)
         cfg.transport = str(agent.get("transport", "grpc"))
         cfg.labels = {str(k): str(v) for k, v in doc.get("labels", {}).items()}
         for name in ("heartbeat_interval_seconds", "renew_at_fraction",
@@ -170,6 +181,10 @@ class AgentConfig:
         cfg.otel = dict(otel)
         return cfg
 
+    def failover_addresses(self) -> list[str]:
+        """The API addresses to walk: the enrolled list, or api_address alone."""
+        return list(dict.fromkeys(self.api_addresses)) or [self.api_address]
+
     def save(self, state: StateDir) -> None:
         tomlfile.write(
             state.config,
@@ -177,6 +192,7 @@ class AgentConfig:
                 "agent": {
                     "device_id": self.device_id,
                     "api_address": self.api_address,
+                    **({"api_addresses": self.api_addresses} if self.api_addresses else {}),
                     "mqtt_url": self.mqtt_url,
                     "transport": self.transport,
                     "heartbeat_interval_seconds": self.heartbeat_interval_seconds,

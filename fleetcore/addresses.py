@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from fleetcore.errors import InvalidInputError
 
-__all__ = ["parse_hostport"]
+__all__ = ["MAX_API_ADDRESSES", "failover_addresses", "parse_hostport"]
+
+MAX_API_ADDRESSES = 32  # replicas an enrollment answer may name (more is refused)
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -13,3 +15,10 @@ def parse_hostport(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise InvalidInputError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def failover_addresses(advertised: str, configured: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The API addresses an agent may use: the configured replicas (``[server] api_addresses``,
+    each once, in order), or only the advertised address when none are configured."""
+    ordered = tuple(dict.fromkeys(a for a in configured if a))
+    return ordered or ((advertised,) if advertised else ())

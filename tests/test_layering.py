@@ -165,3 +165,13 @@ PURE_TRUST = ("fleetcore/signing.py", "fleetcore/root.py", "fleetcore/release.py
 @pytest.mark.parametrize("module", PURE_TRUST)
 def test_the_trust_cores_do_no_io(module: str) -> None:
     assert _hits(_imports(REPO / module), _PURE_IO) == []
+
+
+# The agent's failover rules (which replica next, how long to wait) are pure too: the gRPC
+# transport and the daemon do the connecting and the sleeping.
+PURE_FAILOVER = ("edge_agent/failover.py", "edge_agent/backoff.py", "fleetcore/addresses.py")
+
+
+@pytest.mark.parametrize("module", PURE_FAILOVER)
+def test_the_failover_rules_do_no_io(module: str) -> None:
+    assert _hits(_imports(REPO / module), _PURE_IO | {"asyncio"}) == []

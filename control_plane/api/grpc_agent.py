@@ -56,6 +56,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             labels=r.device.labels,
             heartbeat_interval_seconds=r.heartbeat_interval_seconds,
             root=r.root,
+            api_addresses=list(r.api_addresses),
         )
 
     @rpc

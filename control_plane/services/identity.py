@@ -25,6 +25,7 @@ from control_plane.domain.records import (
 )
 from control_plane.services.context import Context
 from fleetcore import pki
+from fleetcore.addresses import failover_addresses
 from fleetcore.errors import (
     AuthenticationError,
     InvalidInputError,
@@ -59,6 +60,7 @@ class EnrollResult:
     mqtt_url: str
     heartbeat_interval_seconds: int
     root: bytes = b""  # the newest signed root, pinned by the agent ("" before roots exist)
+    api_addresses: tuple[str, ...] = ()  # every replica's API address (failover), api first
 
 
 class IdentityService:
@@ -149,6 +151,8 @@ class IdentityService:
             api_address=self.ctx.api_address, mqtt_url=self.ctx.config.mqtt_url,
             heartbeat_interval_seconds=self.ctx.config.heartbeat_interval_seconds,
             root=(current.envelope if (current := self.ctx.roots.current()) else b""),
+            api_addresses=failover_addresses(self.ctx.api_address,
+                                             self.ctx.config.api_addresses),
         )
 
     def _refused(self, now: float, reason: str, peer: str) -> None:

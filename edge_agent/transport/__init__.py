@@ -25,7 +25,7 @@ def make_transport(config: AgentConfig, state: StateDir,
     if config.transport == "grpc":
         from edge_agent.transport.grpc import GrpcTransport  # noqa: PLC0415
 
-        return GrpcTransport(config.api_address, credentials)
+        return GrpcTransport(config.failover_addresses(), credentials)
     if config.transport == "mqtt":
         if not config.mqtt_url:
             raise InvalidInputError(

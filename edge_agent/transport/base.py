@@ -40,7 +40,7 @@ from fleetcore.signing import KeySignature
 
 MAX_ROOTS = 16  # roots in one event (the control plane sends at most 8)
 
-__all__ = ["MAX_CHUNK_BYTES", "RefusedError", "Transport"]
+__all__ = ["MAX_CHUNK_BYTES", "ClosedHereError", "RefusedError", "Transport"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,11 @@ MAX_CA_BUNDLE_BYTES = 4 * MAX_CERT_BYTES
 
 class RefusedError(TransportError):
     """The control plane (or broker) refused this device: revoked or unknown certificate."""
+
+
+class ClosedHereError(TransportError):
+    """The call's connection was closed by this agent (a reset by the other loop, a renewal):
+    no sign that the replica died."""
 
 
 class Transport(abc.ABC):
@@ -74,6 +79,18 @@ class Transport(abc.ABC):
         self.last_roots: list[bytes] = []
         self.on_roots: Callable[[list[bytes]], None] = lambda roots: None
         self.have_root_version = 0  # the agent's root version, sent when a stream opens
+
+    @property
+    def address(self) -> str:
+        """Where this transport connects now (shown by ``edge-agent status``)."""
+        return ""
+
+    async def fail_over(self, failed: str) -> bool:
+        """``failed`` (an ``address`` read before the failing call) stopped answering: drop
+        the connection and move to the next replica, if there is one and no other caller
+        moved already. Nothing else changes (outbox, trust and session stay as they are).
+        True when the address changed."""
+        return False
 
     # ------------------------------------------------------------------ the public surface
     async def heartbeat(
@@ -247,4 +264,4 @@ def _unless_ours(what: str) -> BaseException:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         return asyncio.CancelledError()
-    return TransportError(f"{what}: the connection was closed under the call")
+    return ClosedHereError(f"{what}: the connection was closed under the call")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+import json
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 import grpc
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
+from edge_agent.failover import AddressRing
 from edge_agent.identity import Credentials
 from edge_agent.transport.base import RefusedError, Transport
 from fleetcore.errors import EdgefleetError, TransportError
@@ -14,24 +16,39 @@ from fleetcore.errors import EdgefleetError, TransportError
 __all__ = ["GrpcTransport"]
 
 _REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+# One DNS name for several replicas: gRPC's dns resolver returns every address and pick_first
+# (gRPC's default policy) connects to the first that answers and reconnects through the list
+# when it drops; shuffled per channel, so the agents of a fleet do not all pick the same one.
+_CHANNEL_OPTIONS = (("grpc.service_config", json.dumps(
+    {"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": True}}]})),)
 
 
 class GrpcTransport(Transport):
     name = "grpc"
 
-    def __init__(self, address: str, credentials: Callable[[], Credentials], *,
-                 rpc_timeout_seconds: float = 10.0) -> None:
+    def __init__(self, addresses: str | Sequence[str], credentials: Callable[[], Credentials],
+                 *, rpc_timeout_seconds: float = 10.0) -> None:
         super().__init__(rpc_timeout_seconds=rpc_timeout_seconds)
-        self.address = address
+        self.ring = AddressRing([addresses] if isinstance(addresses, str) else addresses)
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def address(self) -> str:
+        return self.ring.current
+
+    async def fail_over(self, failed: str) -> bool:
+        if not self.ring.advance(failed):
+            return False
+        await self.reset()
+        return True
 
     def _stub(self) -> agent_pb2_grpc.AgentServiceStub:
         if self._channel is None:
             creds = self._credentials()
             self._channel = grpc.aio.secure_channel(self.address, grpc.ssl_channel_credentials(
                 root_certificates=creds.ca_pem, private_key=creds.key_pem,
-                certificate_chain=creds.cert_pem))
+                certificate_chain=creds.cert_pem), options=_CHANNEL_OPTIONS)
         return agent_pb2_grpc.AgentServiceStub(self._channel)
 
     async def _heartbeat(

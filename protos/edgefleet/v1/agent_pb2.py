@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from edgefleet.v1 import common_pb2 as edgefleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gefleet/v1/agent.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\"Q\n\x0fTelemetryRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\x01\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\"`\n\x0eTelemetryBatch\x12.\n\x07records\x18\x01 \x03(\x0b\x32\x1d.edgefleet.v1.TelemetryRecord\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x04\"\x1d\n\x0cTelemetryAck\x12\r\n\x05\x61\x63ked\x18\x01 \x03(\x04\"\xd5\x01\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x37\n\x06labels\x18\x03 \x03(\x0b\x32\'.edgefleet.v1.EnrollRequest.LabelsEntry\x12%\n\x04host\x18\x04 \x01(\x0b\x32\x17.edgefleet.v1.HostFacts\x12\x15\n\ragent_version\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd1\x02\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\x12\x1e\n\x16release_public_key_pem\x18\x04 \x01(\x0c\x12!\n\x19publisher_public_keys_pem\x18\x05 \x03(\x0c\x12\x13\n\x0b\x61pi_address\x18\x06 \x01(\t\x12\x10\n\x08mqtt_url\x18\x07 \x01(\t\x12\x38\n\x06labels\x18\x08 \x03(\x0b\x32(.edgefleet.v1.EnrollResponse.LabelsEntry\x12\"\n\x1aheartbeat_interval_seconds\x18\t \x01(\r\x12\x0c\n\x04root\x18\n \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x17RenewCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"C\n\x18RenewCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\"\xaa\x02\n\x10HeartbeatRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12%\n\x04host\x18\x02 \x01(\x0b\x32\x17.edgefleet.v1.HostFacts\x12,\n\x06models\x18\x03 \x03(\x0b\x32\x1c.edgefleet.v1.InstalledModel\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x04\x12\x16\n\x0erelease_serial\x18\x05 \x01(\x04\x12\x16\n\x0erelease_digest\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x38\n\x11\x64\x65livery_problems\x18\t \x03(\x0b\x32\x1d.edgefleet.v1.DeliveryProblem\x12\x14\n\x0croot_version\x18\x07 \x01(\x04\">\n\x0f\x44\x65liveryProblem\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\r\n\x05since\x18\x03 \x01(\x01\"P\n\x0b\x41gentStatus\x12\x0e\n\x06online\x18\x01 \x01(\x08\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.edgefleet.v1.HeartbeatRequest\"d\n\x11HeartbeatResponse\x12\x13\n\x0bserver_time\x18\x01 \x01(\x01\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\r\x12\x16\n\x0erelease_serial\x18\x03 \x01(\x04\"Q\n\x0bSyncRequest\x12\x13\n\x0bhave_serial\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x19\n\x11have_root_version\x18\x02 \x01(\x04\"\xbf\x01\n\tSyncEvent\x12,\n\x07release\x18\x01 \x01(\x0b\x32\x1b.edgefleet.v1.SignedRelease\x12@\n\rtrace_context\x18\x02 \x03(\x0b\x32).edgefleet.v1.SyncEvent.TraceContextEntry\x12\r\n\x05roots\x18\x03 \x03(\x0c\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x12\x46\x65tchBundleRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"+\n\x0b\x42undleChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xdb\x03\n\x0c\x41gentService\x12\x43\n\x06\x45nroll\x12\x1b.edgefleet.v1.EnrollRequest\x1a\x1c.edgefleet.v1.EnrollResponse\x12\x61\n\x10RenewCertificate\x12%.edgefleet.v1.RenewCertificateRequest\x1a&.edgefleet.v1.RenewCertificateResponse\x12L\n\tHeartbeat\x12\x1e.edgefleet.v1.HeartbeatRequest\x1a\x1f.edgefleet.v1.HeartbeatResponse\x12<\n\x04Sync\x12\x19.edgefleet.v1.SyncRequest\x1a\x17.edgefleet.v1.SyncEvent0\x01\x12L\n\x0b\x46\x65tchBundle\x12 .edgefleet.v1.FetchBundleRequest\x1a\x19.edgefleet.v1.BundleChunk0\x01\x12I\n\rSendTelemetry\x12\x1c.edgefleet.v1.TelemetryBatch\x1a\x1a.edgefleet.v1.TelemetryAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gefleet/v1/agent.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\"Q\n\x0fTelemetryRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\x01\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\"`\n\x0eTelemetryBatch\x12.\n\x07records\x18\x01 \x03(\x0b\x32\x1d.edgefleet.v1.TelemetryRecord\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x04\"\x1d\n\x0cTelemetryAck\x12\r\n\x05\x61\x63ked\x18\x01 \x03(\x04\"\xd5\x01\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x37\n\x06labels\x18\x03 \x03(\x0b\x32\'.edgefleet.v1.EnrollRequest.LabelsEntry\x12%\n\x04host\x18\x04 \x01(\x0b\x32\x17.edgefleet.v1.HostFacts\x12\x15\n\ragent_version\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe8\x02\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\x12\x1e\n\x16release_public_key_pem\x18\x04 \x01(\x0c\x12!\n\x19publisher_public_keys_pem\x18\x05 \x03(\x0c\x12\x13\n\x0b\x61pi_address\x18\x06 \x01(\t\x12\x10\n\x08mqtt_url\x18\x07 \x01(\t\x12\x38\n\x06labels\x18\x08 \x03(\x0b\x32(.edgefleet.v1.EnrollResponse.LabelsEntry\x12\"\n\x1aheartbeat_interval_seconds\x18\t \x01(\r\x12\x0c\n\x04root\x18\n \x01(\x0c\x12\x15\n\rapi_addresses\x18( \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x17RenewCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"C\n\x18RenewCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\"\xaa\x02\n\x10HeartbeatRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12%\n\x04host\x18\x02 \x01(\x0b\x32\x17.edgefleet.v1.HostFacts\x12,\n\x06models\x18\x03 \x03(\x0b\x32\x1c.edgefleet.v1.InstalledModel\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x04\x12\x16\n\x0erelease_serial\x18\x05 \x01(\x04\x12\x16\n\x0erelease_digest\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x38\n\x11\x64\x65livery_problems\x18\t \x03(\x0b\x32\x1d.edgefleet.v1.DeliveryProblem\x12\x14\n\x0croot_version\x18\x07 \x01(\x04\">\n\x0f\x44\x65liveryProblem\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\r\n\x05since\x18\x03 \x01(\x01\"P\n\x0b\x41gentStatus\x12\x0e\n\x06online\x18\x01 \x01(\x08\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.edgefleet.v1.HeartbeatRequest\"d\n\x11HeartbeatResponse\x12\x13\n\x0bserver_time\x18\x01 \x01(\x01\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\r\x12\x16\n\x0erelease_serial\x18\x03 \x01(\x04\"Q\n\x0bSyncRequest\x12\x13\n\x0bhave_serial\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x19\n\x11have_root_version\x18\x02 \x01(\x04\"\xbf\x01\n\tSyncEvent\x12,\n\x07release\x18\x01 \x01(\x0b\x32\x1b.edgefleet.v1.SignedRelease\x12@\n\rtrace_context\x18\x02 \x03(\x0b\x32).edgefleet.v1.SyncEvent.TraceContextEntry\x12\r\n\x05roots\x18\x03 \x03(\x0c\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x12\x46\x65tchBundleRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"+\n\x0b\x42undleChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xdb\x03\n\x0c\x41gentService\x12\x43\n\x06\x45nroll\x12\x1b.edgefleet.v1.EnrollRequest\x1a\x1c.edgefleet.v1.EnrollResponse\x12\x61\n\x10RenewCertificate\x12%.edgefleet.v1.RenewCertificateRequest\x1a&.edgefleet.v1.RenewCertificateResponse\x12L\n\tHeartbeat\x12\x1e.edgefleet.v1.HeartbeatRequest\x1a\x1f.edgefleet.v1.HeartbeatResponse\x12<\n\x04Sync\x12\x19.edgefleet.v1.SyncRequest\x1a\x17.edgefleet.v1.SyncEvent0\x01\x12L\n\x0b\x46\x65tchBundle\x12 .edgefleet.v1.FetchBundleRequest\x1a\x19.edgefleet.v1.BundleChunk0\x01\x12I\n\rSendTelemetry\x12\x1c.edgefleet.v1.TelemetryBatch\x1a\x1a.edgefleet.v1.TelemetryAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,31 +49,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_start=450
   _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_end=495
   _globals['_ENROLLRESPONSE']._serialized_start=498
-  _globals['_ENROLLRESPONSE']._serialized_end=835
+  _globals['_ENROLLRESPONSE']._serialized_end=858
   _globals['_ENROLLRESPONSE_LABELSENTRY']._serialized_start=450
   _globals['_ENROLLRESPONSE_LABELSENTRY']._serialized_end=495
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=837
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=879
-  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=881
-  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=948
-  _globals['_HEARTBEATREQUEST']._serialized_start=951
-  _globals['_HEARTBEATREQUEST']._serialized_end=1249
-  _globals['_DELIVERYPROBLEM']._serialized_start=1251
-  _globals['_DELIVERYPROBLEM']._serialized_end=1313
-  _globals['_AGENTSTATUS']._serialized_start=1315
-  _globals['_AGENTSTATUS']._serialized_end=1395
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1397
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1497
-  _globals['_SYNCREQUEST']._serialized_start=1499
-  _globals['_SYNCREQUEST']._serialized_end=1580
-  _globals['_SYNCEVENT']._serialized_start=1583
-  _globals['_SYNCEVENT']._serialized_end=1774
-  _globals['_SYNCEVENT_TRACECONTEXTENTRY']._serialized_start=1723
-  _globals['_SYNCEVENT_TRACECONTEXTENTRY']._serialized_end=1774
-  _globals['_FETCHBUNDLEREQUEST']._serialized_start=1776
-  _globals['_FETCHBUNDLEREQUEST']._serialized_end=1844
-  _globals['_BUNDLECHUNK']._serialized_start=1846
-  _globals['_BUNDLECHUNK']._serialized_end=1889
-  _globals['_AGENTSERVICE']._serialized_start=1892
-  _globals['_AGENTSERVICE']._serialized_end=2367
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=860
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=902
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=904
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=971
+  _globals['_HEARTBEATREQUEST']._serialized_start=974
+  _globals['_HEARTBEATREQUEST']._serialized_end=1272
+  _globals['_DELIVERYPROBLEM']._serialized_start=1274
+  _globals['_DELIVERYPROBLEM']._serialized_end=1336
+  _globals['_AGENTSTATUS']._serialized_start=1338
+  _globals['_AGENTSTATUS']._serialized_end=1418
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1420
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1520
+  _globals['_SYNCREQUEST']._serialized_start=1522
+  _globals['_SYNCREQUEST']._serialized_end=1603
+  _globals['_SYNCEVENT']._serialized_start=1606
+  _globals['_SYNCEVENT']._serialized_end=1797
+  _globals['_SYNCEVENT_TRACECONTEXTENTRY']._serialized_start=1746
+  _globals['_SYNCEVENT_TRACECONTEXTENTRY']._serialized_end=1797
+  _globals['_FETCHBUNDLEREQUEST']._serialized_start=1799
+  _globals['_FETCHBUNDLEREQUEST']._serialized_end=1867
+  _globals['_BUNDLECHUNK']._serialized_start=1869
+  _globals['_BUNDLECHUNK']._serialized_end=1912
+  _globals['_AGENTSERVICE']._serialized_start=1915
+  _globals['_AGENTSERVICE']._serialized_end=2390
 # @@protoc_insertion_point(module_scope)

@@ -57,7 +57,7 @@ class EnrollRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., labels: _Optional[_Mapping[str, str]] = ..., host: _Optional[_Union[_common_pb2.HostFacts, _Mapping]] = ..., agent_version: _Optional[str] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("device_id", "certificate_pem", "ca_pem", "release_public_key_pem", "publisher_public_keys_pem", "api_address", "mqtt_url", "labels", "heartbeat_interval_seconds", "root")
+    __slots__ = ("device_id", "certificate_pem", "ca_pem", "release_public_key_pem", "publisher_public_keys_pem", "api_address", "mqtt_url", "labels", "heartbeat_interval_seconds", "root", "api_addresses")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class EnrollResponse(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ROOT_FIELD_NUMBER: _ClassVar[int]
+    API_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     certificate_pem: bytes
     ca_pem: bytes
@@ -85,7 +86,8 @@ class EnrollResponse(_message.Message):
     labels: _containers.ScalarMap[str, str]
     heartbeat_interval_seconds: int
     root: bytes
-    def __init__(self, device_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., release_public_key_pem: _Optional[bytes] = ..., publisher_public_keys_pem: _Optional[_Iterable[bytes]] = ..., api_address: _Optional[str] = ..., mqtt_url: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., heartbeat_interval_seconds: _Optional[int] = ..., root: _Optional[bytes] = ...) -> None: ...
+    api_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., release_public_key_pem: _Optional[bytes] = ..., publisher_public_keys_pem: _Optional[_Iterable[bytes]] = ..., api_address: _Optional[str] = ..., mqtt_url: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., heartbeat_interval_seconds: _Optional[int] = ..., root: _Optional[bytes] = ..., api_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RenewCertificateRequest(_message.Message):
     __slots__ = ("csr_pem",)
