@@ -5,6 +5,7 @@ expires old telemetry."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -52,6 +53,10 @@ HEALTH_REFRESH_SECONDS = 5.0
 HEALTH_SERVICES = ("edgefleet.v1.AgentService", "edgefleet.v1.AdminService")
 # How often the home's key files are checked for a rotation (control_plane/services/keywatch.py).
 KEY_RELOAD_SECONDS = 1.0
+# The leadership whose holder runs the scheduled jobs (one replica among those on a database).
+SCHEDULER_LEAD = "scheduler"
+# What a replica announces when it saw a new root (the others look at once).
+ROOTS_CHANGED = "roots"
 
 
 def _options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -96,6 +101,10 @@ class ControlPlane:
         self.enroll_port = 0
         self._servers: list[grpc.aio.Server] = []
         self.scheduler: AsyncIOScheduler | None = None
+        # Replicas on one database: scheduler ticks this replica ran as the leader, and the
+        # function that stops listening for the other replicas' changes.
+        self.leader_ticks = 0
+        self._stop_listening: Callable[[], None] = lambda: None
         # Observability: fleet metrics read at scrape time, the process's counters, readiness.
         self.fleet_metrics = FleetMetrics(self.services.ctx)
         self.readiness = Readiness(self.store, config.rollout_tick_seconds)
@@ -162,6 +171,13 @@ class ControlPlane:
             self.bridge.grpc_streams = self.notifier.subscribers
             self.on_root_changed.append(self.bridge.roots_changed)
             await self.bridge.start()
+        # Other replicas on the same database announce the releases they changed.
+        loop = asyncio.get_running_loop()
+
+        def changed(what: str) -> None:  # on the listener's thread
+            loop.call_soon_threadsafe(self._remote_change, what)
+
+        self._stop_listening = self.store.listen_changes(changed)
         # Staged rollouts advance on a schedule; their state lives in storage, so a restarted
         # control plane resumes them where they were.
         self.scheduler = AsyncIOScheduler()
@@ -209,6 +225,10 @@ class ControlPlane:
             initial, current, require_client_authentication=client_auth)
 
     async def _tick_rollouts(self) -> None:
+        if not self.store.try_lead(SCHEDULER_LEAD):  # another replica runs the schedule
+            self.readiness.ticked()
+            return
+        self.leader_ticks += 1
         self.metrics.job_runs.labels("rollouts").inc()
         try:
             self.services.rollouts.tick()
@@ -219,6 +239,8 @@ class ControlPlane:
         self.readiness.ticked()
 
     async def _expire_telemetry(self) -> None:
+        if not self.store.try_lead(SCHEDULER_LEAD):
+            return
         self.metrics.job_runs.labels("telemetry-retention").inc()
         try:
             self.services.telemetry.expire()
@@ -230,14 +252,7 @@ class ControlPlane:
         """A rotation command changed the home's keys: use them from now on. A new root
         (published by a command beside this process) goes to every device first: a release
         signed by a new key must never reach an agent before the root that lists the key."""
-        ctx = self.services.ctx
-        version = ctx.roots.version()
-        if version != self._root_version:
-            self._root_version = version
-            for notify in self.on_root_changed:
-                notify()
-            for device in self.store.list_devices():
-                ctx.device_changed(device.id)
+        self._check_roots()
         loaded = self.keywatch.poll()
         if loaded is None:
             return
@@ -245,6 +260,29 @@ class ControlPlane:
         self.services.ctx.set_keys(loaded)
         for hook in self.on_keys_changed:
             hook(loaded)
+
+    def _check_roots(self) -> None:
+        version = self.services.ctx.roots.version()
+        if version != self._root_version:
+            first = self._root_version < 0
+            self._root_version = version
+            for notify in self.on_root_changed:
+                notify()
+            for device in self.store.list_devices():
+                self._wake(device.id)
+            if not first:  # the other replicas look now rather than at their next poll
+                self.store.publish_change(ROOTS_CHANGED)
+
+    def _remote_change(self, what: str) -> None:
+        """Another replica changed ``what`` (a device's release, the roots; ``*``: anything)."""
+        if what == ROOTS_CHANGED:
+            self._check_roots()
+        elif what == "*":
+            self._check_roots()
+            for device in self.store.list_devices():
+                self._wake(device.id)
+        else:
+            self._wake(what)
 
     def _sync_broker(self, keys: Authority) -> None:
         """The broker serves the rotated server certificate and trusts the current CAs."""
@@ -262,8 +300,13 @@ class ControlPlane:
                 await health.set(service, status)
 
     def _device_changed(self, device_id: str) -> None:
-        """A device's release changed or it was revoked: wake its Sync streams and the bridge."""
+        """A device's release changed or it was revoked: wake its Sync streams and the bridge,
+        here and on the other replicas (the database carries the news)."""
         self.tracing.capture(device_id)  # inside a traced call: the push continues its trace
+        self._wake(device_id)
+        self.store.publish_change(device_id)
+
+    def _wake(self, device_id: str) -> None:
         self.notifier.notify(device_id)
         if self.bridge is not None:
             self.bridge.device_changed(device_id)
@@ -289,6 +332,7 @@ class ControlPlane:
         if self.bridge is not None:
             await self.bridge.stop()
             self.bridge = None
+        self._stop_listening()
         await self.services.retraining.runner.stop()
         servers, self._servers = self._servers, []
         for server in servers:

@@ -1,0 +1,231 @@
+"""Several control-plane replicas on one PostgreSQL database (docs/architecture.md, "Several
+replicas"): one scheduler among them, releases that reach agents on every replica through
+LISTEN/NOTIFY, bundles kept in the database, and one audit chain."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from control_plane.config import ControlPlaneConfig
+from control_plane.domain.rollout_plan import step_devices
+from control_plane.server import ControlPlane
+from control_plane.storage import Store, open_store
+from control_plane.storage.blobs import BlobStore
+from fleetcore import operator_config
+from tests.store_support import pg_database, store, store_url
+from tests.support import (
+    WAIT,
+    LoopThread,
+    RunningControlPlane,
+    fleet_json,
+    start_agent,
+    start_control_plane,
+)
+from tests.test_delivery import _committed, _wait_models
+from tests.test_serving_fleet import _publish
+
+__all__ = ["pg_database", "store", "store_url"]  # fixtures (tests/store_support.py)
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def _until(check: Callable[[], bool], timeout: float = WAIT, what: str = "") -> float:
+    """Wait for ``check()`` (a state another thread or process changes); the seconds it took."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+# ---------------------------------------------------------------- the store's part, both backends
+def test_a_sealed_blob_kept_in_the_store_reads_back_and_a_reseal_replaces_it(
+    store: Store,
+) -> None:
+    assert store.get_blob(DIGEST) is None
+    big = bytes(range(256)) * (5 * 1024 * 1024 // 256 + 3)  # more than one part
+    store.put_blob(DIGEST, big)
+    assert store.get_blob(DIGEST) == big
+    store.put_blob(DIGEST, b"resealed")
+    assert store.get_blob(DIGEST) == b"resealed"
+
+
+def test_one_process_alone_on_sqlite_always_leads_and_hears_nothing(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        assert store.try_lead("scheduler") and store.try_lead("scheduler")
+        assert not store.shares_blobs()
+        store.publish_change("dev-1")  # nobody to tell
+        store.listen_changes(lambda what: None)()
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- PostgreSQL coordination
+def test_exactly_one_store_leads_and_another_takes_over_when_it_closes(pg_database: str) -> None:
+    a, b = open_store(pg_database), open_store(pg_database)
+    try:
+        assert a.try_lead("scheduler")
+        assert a.try_lead("scheduler")  # held, checked again
+        assert not b.try_lead("scheduler")
+        assert b.try_lead("other")  # another name is another lock
+        a.close()  # the session ends: PostgreSQL releases the lock at once
+        took = _until(lambda: b.try_lead("scheduler"), 10, "b to lead")
+        assert took < 5
+    finally:
+        b.close()
+
+
+def test_a_change_published_by_one_store_reaches_the_others_listeners(pg_database: str) -> None:
+    a, b = open_store(pg_database), open_store(pg_database)
+    heard_a: queue.Queue[str] = queue.Queue()
+    heard_b: queue.Queue[str] = queue.Queue()
+    stop_a = a.listen_changes(heard_a.put)
+    stop_b = b.listen_changes(heard_b.put)
+    try:
+        assert a.shares_blobs()
+        a.publish_change("dev-1")
+        a.publish_change("roots")
+        assert heard_b.get(timeout=5) == "dev-1"
+        assert heard_b.get(timeout=5) == "roots"
+        b.publish_change("dev-2")
+        assert heard_a.get(timeout=5) == "dev-2"  # a hears b, and not itself
+        assert heard_a.empty()
+    finally:
+        stop_a()
+        stop_b()
+        a.close()
+        b.close()
+
+
+def test_a_blob_sealed_on_one_replica_is_read_on_another_that_never_had_the_file(
+    tmp_path: Path, pg_database: str,
+) -> None:
+    a, b = open_store(pg_database), open_store(pg_database)
+    key = bytes(range(32))
+    try:
+        plain = tmp_path / "bundle"
+        plain.write_bytes(b"x" * 3000)
+        import hashlib  # noqa: PLC0415
+
+        digest = "sha256:" + hashlib.sha256(plain.read_bytes()).hexdigest()
+        BlobStore(tmp_path / "a", key, chunk_size=1024, shared=a).put_file(plain, digest, 3000)
+        other = BlobStore(tmp_path / "b", key, chunk_size=1024, shared=b)
+        assert not other.path(digest).exists()
+        assert b"".join(other.read(digest, 3000, 1000, 1500)) == b"x" * 1500
+        assert other.path(digest).exists()  # cached in b's home from now on
+        assert not BlobStore(tmp_path / "c", key, chunk_size=1024, shared=b).exists(
+            "sha256:" + "00" * 32)
+    finally:
+        a.close()
+        b.close()
+
+
+# ---------------------------------------------------------------- two real replicas, real agents
+def _replica(source: RunningControlPlane, home: Path, loop: LoopThread) -> RunningControlPlane:
+    """A second `control-plane serve` on a copy of ``source``'s home (same database, same keys),
+    on ports of its own."""
+    shutil.copytree(source.home, home)
+    cfg = ControlPlaneConfig.load(home)
+    cfg.api_listen = cfg.enroll_listen = "127.0.0.1:0"
+    cp = ControlPlane(cfg)
+    loop.run(cp.start())
+    admin = operator_config.load(home / "operators" / "admin" / "fleet.toml")
+    return RunningControlPlane(home=home, cp=cp, loop=loop, admin=admin)
+
+
+@pytest.mark.slow
+def test_two_replicas_share_the_fleet_and_the_scheduler_moves_when_its_leader_stops(
+    tmp_path: Path, loop: LoopThread, pg_database: str, trained_bundle: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    a = start_control_plane(tmp_path / "a", loop, database_url=pg_database,
+                            rollout_tick_seconds=0.3)
+    b = _replica(a, tmp_path / "b", loop)
+    agents = []
+    try:
+        # One scheduler: a started first and leads; b's ticks stand aside.
+        _until(lambda: a.cp.leader_ticks > 0, what="a to lead")
+        # A bundle published on a, and two agents enrolled on (and connected to) b.
+        _publish(a, trained_bundle, tmp_path, 1)
+        digest = a.cp.store.get_model_version("digits", 1).digest  # type: ignore[union-attr]
+        assert a.cp.services.ctx.blobs.path(digest).exists()
+        assert not b.cp.services.ctx.blobs.path(digest).exists()  # b never had the file
+        devices = []
+        for name in ("one", "two"):
+            cfg = b.enroll_agent(tmp_path / name)
+            devices.append(cfg.device_id)
+            agents.append(start_agent(tmp_path / name, loop, probation_seconds=0.0))
+        for agent in agents:
+            agent.wait_for("serving")
+        _until(lambda: all(b.cp.notifier.subscribers(d) for d in devices),
+               what="both agents' Sync streams on b")
+        assert not any(a.cp.notifier.subscribers(d) for d in devices)
+
+        # b records the wake-ups that came from the database (the release changed on a).
+        woken: queue.Queue[tuple[str, float]] = queue.Queue()
+        remote = b.cp._remote_change
+
+        def heard(what: str) -> None:
+            woken.put((what, time.monotonic()))
+            remote(what)
+
+        b.cp._remote_change = heard  # type: ignore[method-assign]
+        # Concurrent audit appends from both replicas while the rollout runs.
+        def append(cp: RunningControlPlane, who: str) -> None:
+            for i in range(15):
+                cp.cp.store.append_audit(time.time(), who, "test.append", str(i), "allowed", "")
+
+        writers = [threading.Thread(target=append, args=(cp, who))
+                   for cp, who in ((a, "a"), (b, "b"))]
+        for w in writers:
+            w.start()
+        # The rollout starts on a: step 1 (50%, one device) bakes 4 s before step 2.
+        started = time.monotonic()
+        fleet_json(a, capsys, "rollouts", "start", "--model", "digits", "--version", "1",
+                   "--steps", "50,100", "--bake", "4")
+        rollout = a.cp.store.get_rollout("digits")
+        assert rollout is not None
+        in_step_1 = step_devices("digits", rollout.device_ids, rollout.steps, 0)
+        assert len(in_step_1) == 1
+        while True:  # b hears of it from the database, and wakes that device's stream
+            what, when = woken.get(timeout=10)
+            if what == in_step_1[0]:
+                break
+        assert when - started < 3  # pushed, not polled
+        for w in writers:
+            w.join(WAIT)
+        idx = devices.index(in_step_1[0])
+        _wait_models(agents[idx], _committed(1))  # served by b: the bundle came from the database
+        assert b.cp.services.ctx.blobs.path(digest).exists()
+        rollout = a.cp.store.get_rollout("digits")
+        assert rollout is not None and rollout.step == 0  # still baking step 1
+
+        # The leader stops mid-rollout: b takes the schedule over within seconds.
+        ticks_a = a.cp.leader_ticks
+        assert ticks_a > 0 and b.cp.leader_ticks == 0
+        a.stop()
+        took = _until(lambda: b.cp.leader_ticks > 0, 10, "b to lead")
+        assert took < 5
+        _wait_models(agents[1 - idx], _committed(1))  # step 2, advanced by b
+        _until(lambda: (r := b.cp.store.get_rollout("digits")) is not None
+               and r.state.value == "completed", what="the rollout to complete on b")
+        history = b.cp.store.get_rollout("digits").history  # type: ignore[union-attr]
+        for step in ("step 1 (50%", "step 2 (100%"):  # each step ran once
+            assert sum(1 for h in history if h.startswith(step) and "passed" in h) == 1, history
+        verdict = fleet_json(b, capsys, "audit", "verify")
+        assert verdict["ok"] and verdict["entries"] >= 30, verdict
+    finally:
+        for agent in agents:
+            agent.stop()
+        b.stop()
+        if a.cp.scheduler is not None:
+            a.stop()
