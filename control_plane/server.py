@@ -167,7 +167,8 @@ class ControlPlane:
             # Agents on MQTT: the bridge, and a CRL for the broker that is current and fresh.
             refresh_crl(self.mqtt, self.authority, self.store, time.time())
             self.bridge = MqttBridge(self.services, self.config.mqtt_url, self.config.home,
-                                     self.mqtt, tracing=self.tracing)
+                                     self.mqtt, tracing=self.tracing,
+                                     index=self.config.mqtt_bridge)
             self.bridge.grpc_streams = self.notifier.subscribers
             self.on_root_changed.append(self.bridge.roots_changed)
             await self.bridge.start()
@@ -280,9 +281,9 @@ class ControlPlane:
         elif what == "*":
             self._check_roots()
             for device in self.store.list_devices():
-                self._wake(device.id)
+                self._wake(device.id, bridge=False)
         else:
-            self._wake(what)
+            self._wake(what, bridge=False)
 
     def _sync_broker(self, keys: Authority) -> None:
         """The broker serves the rotated server certificate and trusts the current CAs."""
@@ -306,9 +307,11 @@ class ControlPlane:
         self._wake(device_id)
         self.store.publish_change(device_id)
 
-    def _wake(self, device_id: str) -> None:
+    def _wake(self, device_id: str, *, bridge: bool = True) -> None:
+        """``bridge``: republish the retained release too (one replica's bridge does it: the
+        one where the change happened; the broker serves every replica's devices)."""
         self.notifier.notify(device_id)
-        if self.bridge is not None:
+        if bridge and self.bridge is not None:
             self.bridge.device_changed(device_id)
         device = self.store.get_device(device_id)
         if self.mqtt is not None and device is not None and device.revoked_at is not None:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -229,3 +230,58 @@ def test_two_replicas_share_the_fleet_and_the_scheduler_moves_when_its_leader_st
         b.stop()
         if a.cp.scheduler is not None:
             a.stop()
+
+
+@pytest.mark.slow
+def test_two_replicas_bridges_share_the_device_topics_through_a_shared_subscription(
+    tmp_path: Path, loop: LoopThread, pg_database: str, trained_bundle: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.mqtt_support import start_mqtt_control_plane, wait_bridge  # noqa: PLC0415
+
+    a = start_mqtt_control_plane(tmp_path / "a", loop, database_url=pg_database, bridges=2)
+    shutil.copytree(a.home, tmp_path / "b")
+    cfg = ControlPlaneConfig.load(tmp_path / "b")
+    cfg.api_listen = cfg.enroll_listen = "127.0.0.1:0"
+    cfg.mqtt_bridge = 2  # `serve --bridge 2`: an identity of its own on the broker
+    b = RunningControlPlane(home=tmp_path / "b", cp=ControlPlane(cfg), loop=loop, admin=a.admin)
+    loop.run(b.cp.start())
+    wait_bridge(b)
+    handled: dict[str, list[str]] = {"a": [], "b": []}
+    for name, cp in (("a", a), ("b", b)):
+        bridge = cp.cp.bridge
+        assert bridge is not None
+        original = bridge._handle
+
+        async def counted(msg: Any, original: Any = original, name: str = name) -> None:
+            handled[name].append(msg.topic)
+            await original(msg)
+
+        bridge._handle = counted  # type: ignore[method-assign]
+    agent = None
+    try:
+        _publish(a, trained_bundle, tmp_path, 1)
+        device = a.enroll_agent(tmp_path / "dev").device_id
+        agent = start_agent(tmp_path / "dev", loop, probation_seconds=0.0, transport="mqtt")
+        agent.wait_for("serving")
+        fleet_json(b, capsys, "rollouts", "start", "--model", "digits", "--version", "1")
+        _wait_models(agent, _committed(1))  # bundle chunks asked of the group, answered once
+        for _ in range(3):
+            agent.wait_for("heartbeat")
+        # Requests and telemetry went round the group (each message to one bridge), status to
+        # both; both bridges stayed up (two under one client id would disconnect each other).
+        for name in ("a", "b"):
+            assert any(not t.endswith("/status") for t in handled[name]), handled
+            assert any(t.endswith("/status") for t in handled[name]), handled
+        assert a.cp.bridge is not None and a.cp.bridge.connected.is_set()
+        assert b.cp.bridge is not None and b.cp.bridge.connected.is_set()
+        assert a.cp.store.get_device(device) is not None
+        verdict = fleet_json(b, capsys, "audit", "verify")
+        assert verdict["ok"], verdict
+    finally:
+        if agent is not None:
+            agent.stop()
+        b.stop()
+        a.stop()
+        if a.broker is not None:
+            a.broker.stop()
