@@ -125,6 +125,15 @@ def test_a_blob_sealed_on_one_replica_is_read_on_another_that_never_had_the_file
         assert other.path(digest).exists()  # cached in b's home from now on
         assert not BlobStore(tmp_path / "c", key, chunk_size=1024, shared=b).exists(
             "sha256:" + "00" * 32)
+        # A rotation on a reseals the database's copy; b, given only the new key (its home's
+        # keys copied after the rotation), reads it although its cached copy is under the old.
+        rotated = BlobStore(tmp_path / "a", key, chunk_size=1024, shared=a)
+        new_key = bytes(range(1, 33))
+        rotated.use_key(new_key)
+        assert rotated.reseal(digest)
+        assert b.blob_digests() == [digest]
+        fresh = BlobStore(tmp_path / "b", new_key, chunk_size=1024, shared=b)
+        assert b"".join(fresh.read(digest, 3000, 0, 3000)) == b"x" * 3000
     finally:
         a.close()
         b.close()

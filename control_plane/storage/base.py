@@ -443,3 +443,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_blob(self, digest: str) -> bytes | None: ...
 
+    @abc.abstractmethod
+    def blob_digests(self) -> list[str]:
+        """The digests of the blobs kept in the database."""
+

@@ -207,6 +207,17 @@ class BlobStore:
         if self.shared is not None:  # the other replicas read it from there
             self.shared.put_blob(digest, self.path(digest).read_bytes())
 
+    def _usable(self, digest: str) -> None:
+        """A cached copy sealed under a key this home no longer holds (a rotation resealed
+        the blob on another replica): take the database's copy instead."""
+        with self.path(digest).open("rb") as fh:
+            kid = read_header(fh, digest).key_id
+        if not kid or kid in self._keys or self.shared is None:
+            return
+        self.reload()
+        if kid not in self._keys and (sealed := self.shared.get_blob(digest)) is not None:
+            atomic_write(self.path(digest), sealed)
+
     def key_of(self, digest: str) -> bytes:
         """The id of the key the blob is sealed with (empty: an EFB1 blob)."""
         self.exists(digest)
@@ -240,6 +251,7 @@ class BlobStore:
         if offset >= end:
             return
         chunks = max(1, -(-length // self.chunk_size))
+        self._usable(digest)
         with path.open("rb") as fh:
             header = read_header(fh, digest)
             chunk_size, prefix = header.chunk_size, header.prefix

@@ -930,6 +930,10 @@ class SqliteStore(Store):
                            (digest,))
         return b"".join(bytes(r["data"]) for r in rows) if rows else None
 
+    def blob_digests(self) -> list[str]:
+        return [r["digest"] for r in
+                self._query("SELECT DISTINCT digest FROM blob_parts ORDER BY digest")]
+
     # --- observability: metrics and readiness ---
     def ping(self) -> None:
         self._query("SELECT 1")
