@@ -305,7 +305,11 @@ class ControlPlane:
         here and on the other replicas (the database carries the news)."""
         self.tracing.capture(device_id)  # inside a traced call: the push continues its trace
         self._wake(device_id)
-        self.store.publish_change(device_id)
+        try:
+            self.store.publish_change(device_id)
+        except Exception:  # the change is committed; the others' agents get it at renewal
+            log.warning("could not tell the other replicas that %s changed", device_id,
+                        exc_info=True)
 
     def _wake(self, device_id: str, *, bridge: bool = True) -> None:
         """``bridge``: republish the retained release too (one replica's bridge does it: the

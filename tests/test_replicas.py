@@ -294,3 +294,47 @@ def test_two_replicas_bridges_share_the_device_topics_through_a_shared_subscript
         a.stop()
         if a.broker is not None:
             a.broker.stop()
+
+
+_LEADER = """
+import sys, time
+from control_plane.storage import open_store
+store = open_store(sys.argv[1])
+assert store.try_lead("scheduler")
+print("leading", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_leader_killed_with_sigkill_loses_the_schedule_to_another_within_seconds(
+    pg_database: str,
+) -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    proc = subprocess.Popen([sys.executable, "-c", _LEADER, pg_database],
+                            stdout=subprocess.PIPE, text=True)
+    other = open_store(pg_database)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "leading"
+        assert not other.try_lead("scheduler")
+        proc.kill()  # SIGKILL: no clean-up in the process; its socket closes with it
+        proc.wait(WAIT)
+        assert _until(lambda: other.try_lead("scheduler"), 10, "the other to lead") < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        other.close()
+
+
+def test_serve_with_a_bridge_identity_mqtt_config_did_not_issue_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from control_plane.cli import main as cp_main  # noqa: PLC0415
+
+    assert cp_main(["init", "--home", str(tmp_path / "cp")]) == 0
+    capsys.readouterr()
+    assert cp_main(["serve", "--home", str(tmp_path / "cp"), "--bridge", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no MQTT bridge identity 3") and "--bridges 3" in err
+    assert err.count("\n") == 1
