@@ -16,9 +16,10 @@ import pytest
 
 from control_plane.config import ControlPlaneConfig
 from control_plane.domain.rollout_plan import step_devices
-from control_plane.server import ControlPlane
+from control_plane.server import SCHEDULER_LEAD, ControlPlane
 from control_plane.storage import Store, open_store
 from control_plane.storage.blobs import BlobStore
+from control_plane.storage.pg_coordination import lock_key
 from fleetcore import operator_config
 from tests.store_support import pg_database, store, store_url
 from tests.support import (
@@ -338,3 +339,83 @@ def test_serve_with_a_bridge_identity_mqtt_config_did_not_issue_is_one_error_lin
     err = capsys.readouterr().err
     assert err.startswith("error: no MQTT bridge identity 3") and "--bridges 3" in err
     assert err.count("\n") == 1
+
+
+def _lead_held_elsewhere(url: str) -> bool:
+    """Whether another session holds the scheduler's advisory lock (pg_locks shows a bigint key
+    as its high and low 32 bits)."""
+    import psycopg  # noqa: PLC0415
+
+    key = lock_key(SCHEDULER_LEAD) & 0xFFFF_FFFF_FFFF_FFFF
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND classid::text::bigint = %s AND objid::text::bigint = %s AND objsubid = 1",
+            (key >> 32, key & 0xFFFF_FFFF)).fetchone()
+    return bool(row and row[0])
+
+
+@pytest.mark.slow
+def test_the_scheduler_replica_killed_with_sigkill_mid_rollout_is_replaced_and_no_step_reruns(
+    tmp_path: Path, loop: LoopThread, pg_database: str, trained_bundle: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from tests.mqtt_support import free_port  # noqa: PLC0415
+
+    # The home, made by a control plane that then stops; A = `control-plane serve` on it.
+    first = start_control_plane(tmp_path / "a", loop, database_url=pg_database,
+                                rollout_tick_seconds=0.3)
+    first.stop()
+    api, enroll = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "control_plane.cli", "serve", "--home", str(first.home),
+         "--api", api, "--enroll", enroll], stderr=subprocess.DEVNULL)
+    agent = None
+    b = None
+    try:
+        _until(lambda: _lead_held_elsewhere(pg_database), what="A to lead")
+        b = _replica(first, tmp_path / "b", loop)
+        a = RunningControlPlane(home=first.home, cp=first.cp, loop=loop, admin=first.admin)
+        a_api = replace_api(a, api)
+        _publish(a_api, trained_bundle, tmp_path, 1)
+        cfg = b.enroll_agent(tmp_path / "one")
+        agent = start_agent(tmp_path / "one", loop, probation_seconds=0.0)
+        agent.wait_for("serving")
+        fleet_json(a_api, capsys, "rollouts", "start", "--model", "digits", "--version", "1",
+                   "--steps", "100", "--bake", "4")
+        _wait_models(agent, _committed(1))  # pushed by A through the database to B's stream
+        r = b.cp.store.get_rollout("digits")
+        assert r is not None and r.state.value == "running" and b.cp.leader_ticks == 0
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(WAIT)
+        assert _until(lambda: b.cp.leader_ticks > 0, 10, "B to lead") < 5
+        _until(lambda: (r := b.cp.store.get_rollout("digits")) is not None
+               and r.state.value == "completed", what="the rollout to complete on B")
+        history = b.cp.store.get_rollout("digits").history  # type: ignore[union-attr]
+        assert sum(1 for h in history if h.startswith("step 1 (") and "passed" in h) == 1
+        assert [d.id for d in b.cp.store.list_devices()] == [cfg.device_id]
+        assert fleet_json(b, capsys, "audit", "verify")["ok"]
+    finally:
+        if agent is not None:
+            agent.stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+        if b is not None:
+            b.stop()
+
+
+def replace_api(cp: RunningControlPlane, api: str) -> RunningControlPlane:
+    """``cp`` as seen at another API address (a `serve` subprocess on the same home)."""
+
+    class At(RunningControlPlane):
+        @property
+        def api(self) -> str:
+            return api
+
+    return At(home=cp.home, cp=cp.cp, loop=cp.loop, admin=cp.admin)
