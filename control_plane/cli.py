@@ -22,6 +22,7 @@ from control_plane.ops.home import init_home
 from control_plane.ops.migrate import migrate as migrate_home
 from control_plane.ops.mqtt_config import write_broker_config
 from control_plane.server import ControlPlane
+from control_plane.services.broker import MqttSettings
 from control_plane.storage import open_store
 from fleetcore import operator_config
 from fleetcore.cli import run_main, setup_logging
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--mqtt", metavar="URL",
                        help="the fleet's MQTT broker (mqtts://HOST:PORT): the bridge connects to "
                             "it and enrollment gives it to agents (run mqtt-config first)")
+    serve.add_argument("--bridge", type=int, default=1, metavar="N",
+                       help="with several replicas on one broker: this replica's MQTT bridge "
+                            "identity, 1..the --bridges given to mqtt-config (default 1)")
     serve.add_argument("--metrics", metavar="HOST:PORT",
                        help="serve Prometheus /metrics, /healthz and /readyz over plain HTTP "
                             "here (e.g. 127.0.0.1:9464; default from config: off)")
@@ -73,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     mq.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
     mq.add_argument("--bind", default="", metavar="ADDRESS",
                     help="listen on this address only (default: every address)")
+    mq.add_argument("--bridges", type=int, default=1, metavar="N",
+                    help="control-plane replicas that bridge to this broker: one identity each "
+                         "(serve --bridge 1..N; default 1)")
     mq.add_argument("--fleet-size", type=int, default=1000, metavar="N",
                     help="devices to size the broker's queues for (default 1000)")
     mq.add_argument("--broker-dir", type=Path, metavar="DIR",
@@ -182,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 settings = write_broker_config(cfg, store, args.out, port=args.port,
                                                bind=args.bind, fleet_size=args.fleet_size,
                                                now=time.time(), broker_dir=args.broker_dir,
-                                               data_dir=args.data_dir)
+                                               data_dir=args.data_dir, bridges=args.bridges)
             finally:
                 store.close()
             print(f"wrote {settings.conf} and, beside it, acl, ca.pem, crl.pem, server.pem, "
@@ -199,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.mqtt is not None:
             parse_url(args.mqtt)
             cfg.mqtt_url = args.mqtt
+        if not MqttSettings.bridge_key(cfg.home, args.bridge).exists() and args.bridge != 1:
+            raise InvalidInputError(
+                f"no MQTT bridge identity {args.bridge} in {cfg.home}; hint: run `control-plane "
+                f"mqtt-config --bridges {args.bridge}` (one per replica) and copy the home")
+        cfg.mqtt_bridge = args.bridge
         if args.metrics:
             parse_hostport(args.metrics)
             cfg.metrics_listen = args.metrics

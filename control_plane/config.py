@@ -218,6 +218,9 @@ class ControlPlaneConfig:
     api_addresses: list[str] = field(default_factory=list)
     enroll_listen: str = DEFAULT_ENROLL
     mqtt_url: str = ""
+    # Which bridge identity this replica's MQTT bridge uses (`serve --bridge N`; not saved:
+    # each replica of a home picks its own among those `mqtt-config --bridges` issued).
+    mqtt_bridge: int = 1
     database: Path = field(default=Path("edgefleet.db"))
     # A database server instead of the SQLite file: postgresql://USER@HOST:PORT/DB ("" = SQLite).
     database_url: str = ""

@@ -5,6 +5,7 @@ expires old telemetry."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -53,6 +54,10 @@ HEALTH_REFRESH_SECONDS = 5.0
 HEALTH_SERVICES = ("edgefleet.v1.AgentService", "edgefleet.v1.AdminService")
 # How often the home's key files are checked for a rotation (control_plane/services/keywatch.py).
 KEY_RELOAD_SECONDS = 1.0
+# The leadership whose holder runs the scheduled jobs (one replica among those on a database).
+SCHEDULER_LEAD = "scheduler"
+# What a replica announces when it saw a new root (the others look at once).
+ROOTS_CHANGED = "roots"
 
 
 def _options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -100,6 +105,10 @@ class ControlPlane:
         self.enroll_port = 0
         self._servers: list[grpc.aio.Server] = []
         self.scheduler: AsyncIOScheduler | None = None
+        # Replicas on one database: scheduler ticks this replica ran as the leader, and the
+        # function that stops listening for the other replicas' changes.
+        self.leader_ticks = 0
+        self._stop_listening: Callable[[], None] = lambda: None
         # Observability: fleet metrics read at scrape time, the process's counters, readiness.
         self.fleet_metrics = FleetMetrics(self.services.ctx)
         self.readiness = Readiness(self.store, config.rollout_tick_seconds)
@@ -162,10 +171,18 @@ class ControlPlane:
             # Agents on MQTT: the bridge, and a CRL for the broker that is current and fresh.
             refresh_crl(self.mqtt, self.authority, self.store, time.time())
             self.bridge = MqttBridge(self.services, self.config.mqtt_url, self.config.home,
-                                     self.mqtt, tracing=self.tracing)
+                                     self.mqtt, tracing=self.tracing,
+                                     index=self.config.mqtt_bridge)
             self.bridge.grpc_streams = self.notifier.subscribers
             self.on_root_changed.append(self.bridge.roots_changed)
             await self.bridge.start()
+        # Other replicas on the same database announce the releases they changed.
+        loop = asyncio.get_running_loop()
+
+        def changed(what: str) -> None:  # on the listener's thread
+            loop.call_soon_threadsafe(self._remote_change, what)
+
+        self._stop_listening = self.store.listen_changes(changed)
         # Staged rollouts advance on a schedule; their state lives in storage, so a restarted
         # control plane resumes them where they were.
         self.scheduler = AsyncIOScheduler()
@@ -213,6 +230,10 @@ class ControlPlane:
             initial, current, require_client_authentication=client_auth)
 
     async def _tick_rollouts(self) -> None:
+        if not self.store.try_lead(SCHEDULER_LEAD):  # another replica runs the schedule
+            self.readiness.ticked()
+            return
+        self.leader_ticks += 1
         self.metrics.job_runs.labels("rollouts").inc()
         try:
             self.services.rollouts.tick()
@@ -223,6 +244,8 @@ class ControlPlane:
         self.readiness.ticked()
 
     async def _expire_telemetry(self) -> None:
+        if not self.store.try_lead(SCHEDULER_LEAD):
+            return
         self.metrics.job_runs.labels("telemetry-retention").inc()
         try:
             self.services.telemetry.expire()
@@ -234,14 +257,7 @@ class ControlPlane:
         """A rotation command changed the home's keys: use them from now on. A new root
         (published by a command beside this process) goes to every device first: a release
         signed by a new key must never reach an agent before the root that lists the key."""
-        ctx = self.services.ctx
-        version = ctx.roots.version()
-        if version != self._root_version:
-            self._root_version = version
-            for notify in self.on_root_changed:
-                notify()
-            for device in self.store.list_devices():
-                ctx.device_changed(device.id)
+        self._check_roots()
         loaded = self.keywatch.poll()
         if loaded is None:
             return
@@ -249,6 +265,29 @@ class ControlPlane:
         self.services.ctx.set_keys(loaded)
         for hook in self.on_keys_changed:
             hook(loaded)
+
+    def _check_roots(self) -> None:
+        version = self.services.ctx.roots.version()
+        if version != self._root_version:
+            first = self._root_version < 0
+            self._root_version = version
+            for notify in self.on_root_changed:
+                notify()
+            for device in self.store.list_devices():
+                self._wake(device.id)
+            if not first:  # the other replicas look now rather than at their next poll
+                self.store.publish_change(ROOTS_CHANGED)
+
+    def _remote_change(self, what: str) -> None:
+        """Another replica changed ``what`` (a device's release, the roots; ``*``: anything)."""
+        if what == ROOTS_CHANGED:
+            self._check_roots()
+        elif what == "*":
+            self._check_roots()
+            for device in self.store.list_devices():
+                self._wake(device.id, bridge=False)
+        else:
+            self._wake(what, bridge=False)
 
     def _sync_broker(self, keys: Authority) -> None:
         """The broker serves the rotated server certificate and trusts the current CAs."""
@@ -266,10 +305,21 @@ class ControlPlane:
                 await health.set(service, status)
 
     def _device_changed(self, device_id: str) -> None:
-        """A device's release changed or it was revoked: wake its Sync streams and the bridge."""
+        """A device's release changed or it was revoked: wake its Sync streams and the bridge,
+        here and on the other replicas (the database carries the news)."""
         self.tracing.capture(device_id)  # inside a traced call: the push continues its trace
+        self._wake(device_id)
+        try:
+            self.store.publish_change(device_id)
+        except Exception:  # the change is committed; the others' agents get it at renewal
+            log.warning("could not tell the other replicas that %s changed", device_id,
+                        exc_info=True)
+
+    def _wake(self, device_id: str, *, bridge: bool = True) -> None:
+        """``bridge``: republish the retained release too (one replica's bridge does it: the
+        one where the change happened; the broker serves every replica's devices)."""
         self.notifier.notify(device_id)
-        if self.bridge is not None:
+        if bridge and self.bridge is not None:
             self.bridge.device_changed(device_id)
         device = self.store.get_device(device_id)
         if self.mqtt is not None and device is not None and device.revoked_at is not None:
@@ -293,6 +343,7 @@ class ControlPlane:
         if self.bridge is not None:
             await self.bridge.stop()
             self.bridge = None
+        self._stop_listening()
         await self.services.retraining.runner.stop()
         servers, self._servers = self._servers, []
         for server in servers:

@@ -42,8 +42,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_mqtt_control_plane(home: Path, loop: LoopThread, clock: Any = None,
-                             **overrides: Any) -> RunningControlPlane:
+def start_mqtt_control_plane(home: Path, loop: LoopThread, clock: Any = None, *,
+                             bridges: int = 1, **overrides: Any) -> RunningControlPlane:
     """`control-plane init`, `mqtt-config`, Mosquitto, then `serve --mqtt` (bridge connected)."""
     port = free_port()
     cfg = ControlPlaneConfig(home=home, api_listen="127.0.0.1:0", enroll_listen="127.0.0.1:0",
@@ -56,7 +56,7 @@ def start_mqtt_control_plane(home: Path, loop: LoopThread, clock: Any = None,
     try:
         settings = write_broker_config(cfg, store, home.parent / f"{home.name}-broker",
                                        port=port, bind="127.0.0.1", fleet_size=10,
-                                       now=time.time())
+                                       now=time.time(), bridges=bridges)
     finally:
         store.close()
     broker = start_mosquitto(settings, MOSQUITTO)

@@ -39,7 +39,7 @@ from control_plane.api.agent_calls import AgentCalls
 from control_plane.api.status import status_code_for
 from control_plane.api.tracing import Tracing
 from control_plane.services import Services
-from control_plane.services.broker import BRIDGE_NAME, MqttSettings
+from control_plane.services.broker import MqttSettings, bridge_name
 from fleetcore import pki
 from fleetcore.errors import EdgefleetError, InvalidInputError
 from fleetcore.mqtt_wire import (
@@ -64,7 +64,9 @@ log = logging.getLogger(__name__)
 # One bundle request may ask for at most this much (agents ask for 1 MiB windows).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MAX_CORRELATION_BYTES = 64
-_INBOX = (Leaf.TELEMETRY, Leaf.STATUS, Leaf.BUNDLE_REQUEST, Leaf.RENEW_REQUEST)
+_SHARED = (Leaf.TELEMETRY, Leaf.BUNDLE_REQUEST, Leaf.RENEW_REQUEST)
+# MQTT 5 shared subscription group of the control plane's bridges.
+SHARE = "$share/edgefleet"
 # Where the answer to a correlated message goes (a refusal too, with the error property).
 _REPLY_TO = {Leaf.TELEMETRY: Leaf.TELEMETRY_ACK, Leaf.BUNDLE_REQUEST: Leaf.BUNDLE_REPLY,
              Leaf.RENEW_REQUEST: Leaf.RENEW_REPLY}
@@ -75,8 +77,9 @@ _FETCH_SPAN = "edgefleet.v1.AgentService/FetchBundle"
 class MqttBridge:
     def __init__(self, services: Services, url: str, home: Path, settings: MqttSettings, *,
                  on_event: Callable[[str, str], None] | None = None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, index: int = 1) -> None:
         self.s = services
+        self.index = index  # which bridge identity (replica) this is: `serve --bridge N`
         self.tracing = tracing or Tracing(None)
         # How many gRPC Sync streams a device has open (the server binds its notifier's).
         self.grpc_streams: Callable[[str], int] = lambda device_id: 0
@@ -101,7 +104,7 @@ class MqttBridge:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         self._tls = ctx
         self.reload_tls()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=BRIDGE_NAME,
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=bridge_name(self.index),
                              protocol=mqtt.MQTTv5, manual_ack=True)
         client.tls_set_context(ctx)
         client.reconnect_delay_set(1, 30)
@@ -124,8 +127,8 @@ class MqttBridge:
         re-issued them): the next (re)connection uses them; the open one is kept."""
         if self._tls is not None:
             self._tls.load_verify_locations(cafile=str(self.settings.ca))
-            self._tls.load_cert_chain(self.settings.bridge_cert(self.home),
-                                      self.settings.bridge_key(self.home))
+            self._tls.load_cert_chain(self.settings.bridge_cert(self.home, self.index),
+                                      self.settings.bridge_key(self.home, self.index))
 
     async def stop(self) -> None:
         client, self._client = self._client, None
@@ -167,7 +170,11 @@ class MqttBridge:
         if reason.is_failure:
             log.error("MQTT broker refused the bridge: %s", reason)
             return
-        client.subscribe([(f"{DEVICE_PREFIX}/+/{leaf.value}", 1) for leaf in _INBOX])
+        # Requests and telemetry through one shared subscription: the broker hands each message
+        # to one bridge of the group (the replicas share the load). Status, to every bridge:
+        # each keeps the fleet's presence, and a shared subscription gets no retained copies.
+        client.subscribe([(f"{SHARE}/{DEVICE_PREFIX}/+/{leaf.value}", 1) for leaf in _SHARED]
+                         + [(f"{DEVICE_PREFIX}/+/{Leaf.STATUS.value}", 1)])
         self._to_loop(self._up)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
@@ -200,7 +207,7 @@ class MqttBridge:
 
     async def _handle(self, msg: mqtt.MQTTMessage) -> None:
         parsed = parse_topic(msg.topic)
-        if parsed is None or parsed[1] not in _INBOX:
+        if parsed is None or parsed[1] not in (*_SHARED, Leaf.STATUS):
             log.warning("MQTT bridge: ignored a message on %r", msg.topic[:200])
             return
         device_id, leaf = parsed

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from control_plane.config import ControlPlaneConfig
 from control_plane.services.authority import Authority
-from control_plane.services.broker import BRIDGE_NAME, MqttSettings, write_crl
+from control_plane.services.broker import MAX_BRIDGES, MqttSettings, bridge_name, write_crl
 from control_plane.storage import Store
 from fleetcore import pki, tomlfile
 from fleetcore.errors import InvalidInputError
@@ -60,14 +60,17 @@ _DEVICE_WRITES = (Leaf.TELEMETRY, Leaf.STATUS, Leaf.BUNDLE_REQUEST, Leaf.RENEW_R
 def write_broker_config(
     cfg: ControlPlaneConfig, store: Store, out: Path, *, port: int = 8883, bind: str = "",
     fleet_size: int = 0, now: float, broker_dir: Path | None = None,
-    data_dir: Path | None = None,
+    data_dir: Path | None = None, bridges: int = 1,
 ) -> MqttSettings:
     """Write the broker's files under ``out`` and the bridge's certificate under the home.
 
     ``broker_dir``: where the broker will see these files when that is not ``out`` (a
     container mounting them, e.g. ``/mosquitto/config``); ``data_dir``: a writable directory
-    for its persistence and pid file (default ``BROKER_DIR/data``).
+    for its persistence and pid file (default ``BROKER_DIR/data``); ``bridges``: how many
+    control-plane replicas bridge to this broker (each one's identity: ``serve --bridge N``).
     """
+    if not 1 <= bridges <= MAX_BRIDGES:
+        raise InvalidInputError(f"bridges must be 1-{MAX_BRIDGES}; got {bridges}")
     if not 0 < port < 65536:
         raise InvalidInputError(f"port must be 1-65535; got {port}")
     authority = Authority.load(cfg)
@@ -81,15 +84,17 @@ def write_broker_config(
     atomic_write(settings.server_key, authority.server_key_pem, mode=0o600)
     write_crl(authority, store, settings.crl, now)
 
-    key = pki.generate_key()
     when = dt.datetime.fromtimestamp(now, dt.UTC)
-    cert = pki.issue_service_certificate(authority.ca_key, authority.ca_cert, key.public_key(),
-                                         BRIDGE_NAME, when, dt.timedelta(days=BRIDGE_CERT_DAYS))
-    atomic_write(settings.bridge_key(lay.home), pki.private_key_pem(key), mode=0o600)
-    atomic_write(settings.bridge_cert(lay.home), pki.certificate_pem(cert))
+    for index in range(1, bridges + 1):
+        key = pki.generate_key()
+        cert = pki.issue_service_certificate(
+            authority.ca_key, authority.ca_cert, key.public_key(), bridge_name(index), when,
+            dt.timedelta(days=BRIDGE_CERT_DAYS))
+        atomic_write(settings.bridge_key(lay.home, index), pki.private_key_pem(key), mode=0o600)
+        atomic_write(settings.bridge_cert(lay.home, index), pki.certificate_pem(cert))
 
     devices = max(fleet_size, len(store.list_devices()), 1)
-    atomic_write(settings.acl, _acl().encode())
+    atomic_write(settings.acl, _acl(bridges).encode())
     seen = MqttSettings(out=Path(broker_dir), port=port) if broker_dir is not None else settings
     data = Path(data_dir) if data_dir is not None else seen.out / "data"
     atomic_write(settings.conf, _conf(seen, bind, devices, data).encode())
@@ -98,7 +103,7 @@ def write_broker_config(
     return settings
 
 
-def _acl() -> str:
+def _acl(bridges: int = 1) -> str:
     lines = [
         "# Written by `control-plane mqtt-config`. A client's username is the CN of its",
         "# certificate: a device id for devices, so each device is confined to its own subtree.",
@@ -107,8 +112,13 @@ def _acl() -> str:
     lines += [f"pattern write {DEVICE_PREFIX}/%u/{leaf.value}" for leaf in _DEVICE_WRITES]
     lines += ["# Every device reads the fleet's signed roots of trust (retained).",
               f"pattern read {ROOTS_TOPIC}"]
-    lines += ["", "# The control plane's bridge: every device's topics.", f"user {BRIDGE_NAME}",
-              f"topic readwrite {DEVICE_PREFIX}/#", f"topic readwrite {ROOTS_TOPIC}", ""]
+    lines += ["", "# The control plane's bridges (one per replica): every device's topics,",
+              "# subscribed through the shared subscription $share/edgefleet/... (mosquitto",
+              "# checks a shared subscription against the topic filter after the share name)."]
+    for index in range(1, bridges + 1):
+        lines += [f"user {bridge_name(index)}", f"topic readwrite {DEVICE_PREFIX}/#",
+                  f"topic readwrite {ROOTS_TOPIC}"]
+    lines.append("")
     return "\n".join(lines)
 
 

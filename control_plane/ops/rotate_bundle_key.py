@@ -29,7 +29,7 @@ from pathlib import Path
 
 from control_plane.config import ControlPlaneConfig
 from control_plane.services.context import AuditLog
-from control_plane.storage import open_store
+from control_plane.storage import Store, open_store
 from control_plane.storage.blobs import BlobStore, key_id, load_or_create_key, old_key_path
 from fleetcore.errors import EdgefleetError
 from fleetcore.files import atomic_write
@@ -79,12 +79,27 @@ def rotate_bundle_key(cfg: ControlPlaneConfig, *,
     old = old_key_path(path)
     current = load_or_create_key(path)
     previous = old.read_bytes()
-    store = BlobStore(cfg.layout.blobs, previous, key_file=path)
-    store.use_key(current)
+    db = open_store(cfg.store_location)
+    try:
+        # Replicas on PostgreSQL: the database's copies are resealed too (and the blobs other
+        # replicas published, which this home may never have had).
+        shared = db if db.shares_blobs() else None
+        store = BlobStore(cfg.layout.blobs, previous, key_file=path, shared=shared)
+        store.use_key(current)
+        return _reseal_all(cfg, store, db, current, previous, resumed, after_each)
+    finally:
+        db.close()
+
+
+def _reseal_all(cfg: ControlPlaneConfig, store: BlobStore, db: Store, current: bytes,
+                previous: bytes, resumed: bool,
+                after_each: Callable[[str], None] | None) -> RotationResult:
+    old = old_key_path(cfg.layout.blob_key)
     resealed = 0
     for _ in range(MAX_PASSES):
-        digests = sorted("sha256:" + p.name for p in cfg.layout.blobs.iterdir()
-                         if len(p.name) == 64 and "." not in p.name)
+        digests = sorted({"sha256:" + p.name for p in cfg.layout.blobs.iterdir()
+                          if len(p.name) == 64 and "." not in p.name}
+                         | set(db.blob_digests() if store.shared is not None else ()))
         pending = [d for d in digests if store.key_of(d) != store.current_key_id]
         if not pending:
             break
@@ -100,12 +115,8 @@ def rotate_bundle_key(cfg: ControlPlaneConfig, *,
                              f"--home {cfg.home}` again (it continues where it stopped)")
     result = RotationResult(key_id(current).hex(), key_id(previous).hex(), resealed,
                             len(digests), resumed)
-    db = open_store(cfg.store_location)
-    try:
-        AuditLog(db, time.time).system("keys.rotate-bundle-key", "bundle-key", {
-            "key_id": result.key_id, "previous_key_id": result.previous_key_id,
-            "blobs": result.blobs, "resealed": resealed, "resumed": resumed})
-    finally:
-        db.close()
+    AuditLog(db, time.time).system("keys.rotate-bundle-key", "bundle-key", {
+        "key_id": result.key_id, "previous_key_id": result.previous_key_id,
+        "blobs": result.blobs, "resealed": resealed, "resumed": resumed})
     old.unlink()  # only now: every blob is under the new key, and the audit log says so
     return result

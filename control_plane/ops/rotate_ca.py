@@ -40,7 +40,12 @@ from control_plane.ops import rotate
 from control_plane.ops.home import CA_TTL, PRIVATE
 from control_plane.ops.rotate_server_cert import rotate_server_cert
 from control_plane.services.authority import Authority
-from control_plane.services.broker import BRIDGE_NAME, MqttSettings, sync_broker_keys
+from control_plane.services.broker import (
+    MAX_BRIDGES,
+    MqttSettings,
+    bridge_name,
+    sync_broker_keys,
+)
 from control_plane.storage import Store, open_store
 from fleetcore import operator_config, pki
 from fleetcore.errors import EdgefleetError
@@ -162,11 +167,15 @@ def _reissue_home_operators(cfg: ControlPlaneConfig, authority: Authority, store
 
 
 def _reissue_bridge(home: Path, authority: Authority, now: float) -> None:
-    key = pki.load_private_key(MqttSettings.bridge_key(home).read_bytes())
-    cert = pki.issue_service_certificate(authority.ca_key, authority.ca_cert, key.public_key(),
-                                         BRIDGE_NAME, dt.datetime.fromtimestamp(now, dt.UTC),
-                                         BRIDGE_CERT_TTL)
-    atomic_write(MqttSettings.bridge_cert(home), pki.certificate_pem(cert))
+    """Every bridge identity `mqtt-config --bridges` issued (one per replica)."""
+    for index in range(1, MAX_BRIDGES + 1):
+        if index > 1 and not MqttSettings.bridge_key(home, index).exists():
+            break
+        key = pki.load_private_key(MqttSettings.bridge_key(home, index).read_bytes())
+        cert = pki.issue_service_certificate(
+            authority.ca_key, authority.ca_cert, key.public_key(), bridge_name(index),
+            dt.datetime.fromtimestamp(now, dt.UTC), BRIDGE_CERT_TTL)
+        atomic_write(MqttSettings.bridge_cert(home, index), pki.certificate_pem(cert))
 
 
 def _json(doc: object) -> str:

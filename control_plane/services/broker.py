@@ -23,13 +23,31 @@ from fleetcore import pki, tomlfile
 from fleetcore.errors import InvalidInputError
 from fleetcore.files import atomic_write
 
-__all__ = ["BRIDGE_NAME", "CRL_DAYS", "MqttSettings", "crl_is_current", "refresh_crl",
-           "reload_broker", "sync_broker_keys", "write_crl"]
+__all__ = [
+    "BRIDGE_NAME",
+    "CRL_DAYS",
+    "MAX_BRIDGES",
+    "MqttSettings",
+    "bridge_name",
+    "crl_is_current",
+    "refresh_crl",
+    "reload_broker",
+    "sync_broker_keys",
+    "write_crl",
+]
 
 log = logging.getLogger(__name__)
 
 # The bridge's CN: the ':' keeps it from ever being a device id or an operator name.
 BRIDGE_NAME = "edgefleet:bridge"
+# Replicas share the device topics, each with a bridge identity of its own (the broker makes a
+# client's id its username, so two bridges under one name would disconnect each other):
+# bridge 1 is BRIDGE_NAME, bridge N > 1 is "edgefleet:bridge-N" (`mqtt-config --bridges`).
+MAX_BRIDGES = 64
+
+
+def bridge_name(index: int = 1) -> str:
+    return BRIDGE_NAME if index == 1 else f"{BRIDGE_NAME}-{index}"
 CRL_DAYS = 30
 
 
@@ -69,12 +87,12 @@ class MqttSettings:
         return self.out / "mosquitto.pid"
 
     @staticmethod
-    def bridge_cert(home: Path) -> Path:
-        return home / "pki" / "mqtt-bridge.pem"
+    def bridge_cert(home: Path, index: int = 1) -> Path:
+        return home / "pki" / f"mqtt-bridge{_suffix(index)}.pem"
 
     @staticmethod
-    def bridge_key(home: Path) -> Path:
-        return home / "pki" / "mqtt-bridge.key"
+    def bridge_key(home: Path, index: int = 1) -> Path:
+        return home / "pki" / f"mqtt-bridge{_suffix(index)}.key"
 
     @staticmethod
     def path(home: Path) -> Path:
@@ -186,3 +204,7 @@ def sync_broker_keys(settings: MqttSettings, authority: Authority, store: Store,
             atomic_write(path, data, mode=mode)
             changed = True
     return changed and reload_broker(settings, "server certificate, CAs or CRL changed")
+
+
+def _suffix(index: int) -> str:
+    return "" if index == 1 else f"-{index}"

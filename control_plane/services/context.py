@@ -66,7 +66,8 @@ class Context:
         self.clock = clock
         # Set by the server once the API port is bound (port 0 resolves only then).
         self.api_address = config.api_advertise or config.api_listen
-        self.blobs = BlobStore(config.layout.blobs, keys.blob_key, key_file=config.layout.blob_key)
+        self.blobs = BlobStore(config.layout.blobs, keys.blob_key, key_file=config.layout.blob_key,
+                               shared=store if store.shares_blobs() else None)
         self.audit = AuditLog(store, clock)
         # Devices whose MQTT connection dropped (the broker published their will); the bridge
         # keeps it, from the retained status topics, so it is rebuilt when it reconnects.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from control_plane.domain.history import DriftDay
@@ -413,3 +413,37 @@ class Store(abc.ABC):
         """The model's arm snapshots taken from ``since`` on, with each device's newest one
         before it (where the series starts); more than ``limit`` taken from ``since`` on:
         ``True`` (the caller refuses such a range)."""
+
+    # --- replicas (several control planes on one database; docs/architecture.md) ---
+    def try_lead(self, name: str) -> bool:
+        """Whether this process holds (or just took) the leadership called ``name``: exactly
+        one process on the database holds it, until it closes the store or dies. One process
+        on its own database (SQLite) always leads."""
+        return True
+
+    def publish_change(self, what: str) -> None:
+        """Tell the other processes on the database that ``what`` changed (a device id whose
+        release changed, or ``"roots"``). A no-op where only one process uses the database."""
+        del what  # nobody else to tell
+
+    def listen_changes(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(what)`` (from another thread) for every change another process
+        published; ``"*"`` when some may have been missed (a lost connection). Returns a
+        function that stops listening. A no-op where only one process uses the database."""
+        return lambda: None
+
+    def shares_blobs(self) -> bool:
+        """Whether bundle blobs are kept in the database (several replicas read them)."""
+        return False
+
+    @abc.abstractmethod
+    def put_blob(self, digest: str, sealed: bytes) -> None:
+        """Keep a sealed (encrypted) blob, replacing one of the same digest (a reseal)."""
+
+    @abc.abstractmethod
+    def get_blob(self, digest: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    def blob_digests(self) -> list[str]:
+        """The digests of the blobs kept in the database."""
+

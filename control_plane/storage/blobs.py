@@ -16,6 +16,11 @@ of its SHA-256. During a rotation (`control-plane rotate bundle-key`,
 ``control_plane/ops/rotate_bundle_key.py``) the previous one is ``blob.key.old``: blobs are
 read with whichever key their header names, and the store reloads both files when a blob
 names a key it does not hold, and before each write (new blobs use the newest key).
+
+Replicas (several control planes on one PostgreSQL database): the sealed blob is also kept in
+the database (``Store.put_blob``, table ``blob_parts``), still encrypted under the bundle key
+that only the homes hold; a replica that lacks a blob in its own ``HOME/blobs`` fetches it from
+there once, so ``HOME/blobs`` is a cache and the database the copy every replica shares.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -35,7 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fleetcore.errors import InvalidInputError, NotFoundError
 from fleetcore.files import atomic_write
 
-__all__ = ["BlobHeader", "BlobStore", "key_id", "load_or_create_key", "old_key_path",
+__all__ = ["BlobHeader", "BlobStore", "SharedBlobs", "key_id", "load_or_create_key", "old_key_path",
            "read_header"]
 
 MAGIC_V1 = b"EFB1"
@@ -64,6 +69,14 @@ def key_id(key: bytes) -> bytes:
 def old_key_path(path: Path) -> Path:
     """Where the previous bundle key waits while a rotation is under way."""
     return path.with_name(path.name + ".old")
+
+
+class SharedBlobs(Protocol):
+    """Where replicas share sealed blobs (the Store, when it is PostgreSQL)."""
+
+    def put_blob(self, digest: str, sealed: bytes) -> None: ...
+
+    def get_blob(self, digest: str) -> bytes | None: ...
 
 
 @dataclass(frozen=True)
@@ -95,10 +108,12 @@ def _hex(digest: str) -> str:
 
 class BlobStore:
     def __init__(self, root: Path, key: bytes, *, chunk_size: int = CHUNK,
-                 key_file: Path | None = None) -> None:
+                 key_file: Path | None = None, shared: SharedBlobs | None = None) -> None:
         """``key``: the key new blobs are sealed with; ``key_file``: where it lives (with the
-        previous one beside it during a rotation), reloaded when it changes."""
+        previous one beside it during a rotation), reloaded when it changes; ``shared``: the
+        database replicas share blobs through (None: the files are the only copy)."""
         self.root = Path(root)
+        self.shared = shared
         self.root.mkdir(parents=True, exist_ok=True)
         self.chunk_size = chunk_size
         self.key_file = key_file
@@ -148,7 +163,15 @@ class BlobStore:
         return self.root / _hex(digest)
 
     def exists(self, digest: str) -> bool:
-        return self.path(digest).exists()
+        """Whether the blob is here, fetching it from the shared database when it is there."""
+        path = self.path(digest)
+        if path.exists():
+            return True
+        sealed = self.shared.get_blob(digest) if self.shared is not None else None
+        if sealed is None:
+            return False
+        atomic_write(path, sealed)  # cached: a replica published it
+        return True
 
     def _aad(self, digest: str, index: int, last: bool) -> bytes:
         return digest.encode() + struct.pack(">I?", index, last)
@@ -181,9 +204,23 @@ class BlobStore:
             tmp.unlink()
             raise InvalidInputError(f"blob bytes do not match {digest}")
         os.replace(tmp, self.path(digest))
+        if self.shared is not None:  # the other replicas read it from there
+            self.shared.put_blob(digest, self.path(digest).read_bytes())
+
+    def _usable(self, digest: str) -> None:
+        """A cached copy sealed under a key this home no longer holds (a rotation resealed
+        the blob on another replica): take the database's copy instead."""
+        with self.path(digest).open("rb") as fh:
+            kid = read_header(fh, digest).key_id
+        if not kid or kid in self._keys or self.shared is None:
+            return
+        self.reload()
+        if kid not in self._keys and (sealed := self.shared.get_blob(digest)) is not None:
+            atomic_write(self.path(digest), sealed)
 
     def key_of(self, digest: str) -> bytes:
         """The id of the key the blob is sealed with (empty: an EFB1 blob)."""
+        self.exists(digest)
         with self.path(digest).open("rb") as fh:
             return read_header(fh, digest).key_id
 
@@ -191,6 +228,7 @@ class BlobStore:
         """Re-encrypt the blob under the current key (atomically); False when it already
         was. Its plaintext is checked against its digest before the rename."""
         path = self.path(digest)
+        self.exists(digest)
         with path.open("rb") as fh:
             header = read_header(fh, digest)
         if header.key_id == self._current:
@@ -207,12 +245,13 @@ class BlobStore:
     def read(self, digest: str, length: int, offset: int, count: int) -> Iterator[bytes]:
         """Yield the plaintext of bytes [offset, offset+count) in chunk-sized pieces."""
         path = self.path(digest)
-        if not path.exists():
+        if not self.exists(digest):
             raise NotFoundError(f"no blob {digest}")
         end = min(length, offset + count)
         if offset >= end:
             return
         chunks = max(1, -(-length // self.chunk_size))
+        self._usable(digest)
         with path.open("rb") as fh:
             header = read_header(fh, digest)
             chunk_size, prefix = header.chunk_size, header.prefix

@@ -358,4 +358,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE certificates ADD COLUMN issuer TEXT NOT NULL DEFAULT '';
     """,
+    # 17, issue 18 (replicas): sealed bundle blobs in the database, in parts, for control
+    # planes that share a PostgreSQL database (SQLite keeps them as files in HOME/blobs).
+    """
+    CREATE TABLE blob_parts (
+        digest TEXT NOT NULL,
+        part INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (digest, part)
+    );
+    """,
 ]

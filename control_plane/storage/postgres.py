@@ -25,7 +25,7 @@ Finer locking (row locks per method) is for when write throughput needs it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
@@ -34,6 +34,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from control_plane.domain.records import AuditRecord, ModelVersionRecord
+from control_plane.storage.pg_coordination import ChangeListener, Leadership
 from control_plane.storage.pg_migrations import PRELUDE, pg_migrations
 from control_plane.storage.sqlite import SqliteStore, _audit_record, _model_version, _usable_token
 from fleetcore.errors import EdgefleetError
@@ -80,6 +81,9 @@ class PostgresStore(SqliteStore):
         except BaseException:
             self._pool.close()
             raise
+        # Several replicas on this database (pg_coordination.py): who leads, what changed.
+        self._leadership = Leadership(url)
+        self._changes = ChangeListener(url, self._notify)
 
     def _migrate(self) -> None:
         scripts = pg_migrations()
@@ -134,7 +138,26 @@ class PostgresStore(SqliteStore):
             return _usable_token(c, token_hash, now)  # type: ignore[arg-type]
 
     def close(self) -> None:
+        self._changes.close()
+        self._leadership.close()  # the locks go with the session: another replica leads
         self._pool.close()
+
+    # --- replicas ---
+    def try_lead(self, name: str) -> bool:
+        return self._leadership.try_lead(name)
+
+    def publish_change(self, what: str) -> None:
+        self._changes.publish(what)
+
+    def listen_changes(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        return self._changes.listen(callback)
+
+    def shares_blobs(self) -> bool:
+        return True
+
+    def _notify(self, sql: str, args: tuple[Any, ...]) -> None:
+        with self._pool.connection() as raw:
+            raw.execute(sql, args)
 
     # --- audit: one writer at a time, in every process ---
     def append_audit(

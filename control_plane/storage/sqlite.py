@@ -71,6 +71,10 @@ _ROLL_UP_ARMS = (
 
 
 
+# Sealed blobs are kept in rows of at most this many bytes.
+BLOB_PART = 4 * 1024 * 1024
+
+
 class SqliteStore(Store):
     """The embedded default. Its SQL is shared with ``PostgresStore`` (a subclass): write new
     statements in the dialect both speak (``ON CONFLICT`` upserts, ``RETURNING``, aliased
@@ -912,6 +916,23 @@ class SqliteStore(Store):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    # --- blobs kept in the database (used where replicas share it: PostgreSQL) ---
+    def put_blob(self, digest: str, sealed: bytes) -> None:
+        parts = [sealed[i:i + BLOB_PART] for i in range(0, len(sealed), BLOB_PART)] or [b""]
+        with self._tx() as c:
+            c.execute("DELETE FROM blob_parts WHERE digest = ?", (digest,))
+            c.executemany("INSERT INTO blob_parts(digest, part, data) VALUES (?, ?, ?)",
+                          [(digest, i, part) for i, part in enumerate(parts)])
+
+    def get_blob(self, digest: str) -> bytes | None:
+        rows = self._query("SELECT data FROM blob_parts WHERE digest = ? ORDER BY part",
+                           (digest,))
+        return b"".join(bytes(r["data"]) for r in rows) if rows else None
+
+    def blob_digests(self) -> list[str]:
+        return [r["digest"] for r in
+                self._query("SELECT DISTINCT digest FROM blob_parts ORDER BY digest")]
 
     # --- observability: metrics and readiness ---
     def ping(self) -> None:
