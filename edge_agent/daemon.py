@@ -461,7 +461,7 @@ class Agent:
                 self._record_error("release", str(exc))
                 self._emit("release-refused", {"error": str(exc)})
             except (EdgefleetError, OSError) as exc:
-                log.warning("sync: %s", exc)
+                log.warning("sync: %s", str(exc) or type(exc).__name__)
                 self._record_error("sync", str(exc))
             except Exception as exc:
                 log.exception("sync failed unexpectedly; retrying")

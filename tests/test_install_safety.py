@@ -9,6 +9,8 @@ order of events.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import threading
 import urllib.request
@@ -20,7 +22,7 @@ import numpy as np
 from edge_agent.install.lifecycle import InstallState
 from fleet.cli import main as fleet_main
 from tests.onnx_delay import HANG, delayed_bundle
-from tests.support import RunningAgent, RunningControlPlane, start_agent
+from tests.support import WAIT, RunningAgent, RunningControlPlane, start_agent
 from tests.test_delivery import _bundle_for, _committed, _wait_models
 from trainer.bundle import sign_bundle
 
@@ -192,9 +194,16 @@ def test_version_activated_without_contact_commits_only_once_reported(
                                  version=version))
     config = cp.enroll_agent(tmp_path / "a")
 
+    stopping: list[concurrent.futures.Future[None]] = []
+
     def observe(kind: str, data: dict[str, Any]) -> None:
-        if kind == "install" and data["version"] == 2 and data["state"] == "smoke-testing":
-            cp.stop()  # downloaded, not yet reported: contact is lost now
+        if (kind == "install" and data["version"] == 2 and data["state"] == "smoke-testing"
+                and not stopping):
+            # Downloaded, not yet reported: contact is lost now. The stop starts here and is
+            # not waited for: this install step holds the agent's install lock, and the
+            # control plane stops on the agent's event loop (waiting would deadlock them).
+            stopping.append(asyncio.run_coroutine_threadsafe(cp.cp.stop(grace_seconds=0.5),
+                                                             cp.loop.loop))
 
     agent = start_agent(tmp_path / "a", cp.loop, observe=observe, probation_seconds=0.0)
     try:
@@ -202,6 +211,7 @@ def test_version_activated_without_contact_commits_only_once_reported(
         _wait_models(agent, _committed(1))
         _roll_out(cp, 2)
         _wait_serving(agent, 2)
+        stopping[0].result(WAIT)
         for _ in range(3):
             agent.wait_for("error")  # heartbeats that got no reply
         assert agent.agent.models.active("digits")[0] == 2  # type: ignore[index]
