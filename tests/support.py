@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -180,6 +181,19 @@ class RunningAgent:
         self.agent.request_stop()
         self.future.result(WAIT)
 
+
+
+def wait_until(check: Callable[[], T | None], timeout: float = WAIT, what: str = "") -> T:
+    """Wait for ``check()`` (a state another thread or process changes, with no event to wait
+    on) to return something true, polled every 20 ms; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {what or check}")
+        time.sleep(0.02)
 
 def start_agent(state_dir: Path, loop: LoopThread,
                 observe: Callable[[str, dict[str, Any]], None] | None = None,

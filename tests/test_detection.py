@@ -31,21 +31,11 @@ from tests.support import (
     rpc_code,
     start_agent,
     start_control_plane,
+    wait_until,
 )
 
 T = TypeVar("T")
 
-
-def _until(check: Callable[[], T | None], timeout: float = WAIT) -> T:
-    """Wait for ``check()`` to return something true (a condition, polled), and return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {check}")
-        time.sleep(0.05)
 
 
 def _start(transport: str, home: Path, loop: LoopThread, **overrides: Any) -> RunningControlPlane:
@@ -107,7 +97,7 @@ def test_a_cloned_certificate_is_flagged_audited_and_shown(
     device, original, clone = _clone(cp, tmp_path)
     agents = [start_agent(d, cp.loop, transport=transport) for d in (original, clone)]
     try:
-        alert = _until(lambda: _alerts(cp, device).get("clone-suspected"))
+        alert = wait_until(lambda: _alerts(cp, device).get("clone-suspected"))
     finally:
         for a in agents:
             a.stop()
@@ -145,7 +135,7 @@ def test_a_cloned_certificate_is_revoked_under_on_clone_revoke(
     before = _release_bytes(original)
     agents = [start_agent(d, cp.loop, transport=transport) for d in (original, clone)]
     try:
-        _until(lambda: cp.device(device).revoked_at)
+        wait_until(lambda: cp.device(device).revoked_at)
         # Both copies are refused from then on: over gRPC by the registry check on every call;
         # over MQTT by the broker's CRL (rewritten and reloaded) at the next TLS handshake.
         if transport == "grpc":
@@ -153,7 +143,7 @@ def test_a_cloned_certificate_is_revoked_under_on_clone_revoke(
                 while a.wait_for("error")["state"] != "refused":
                     pass
         else:
-            _until(lambda: _broker_refuses(cp, original))
+            wait_until(lambda: _broker_refuses(cp, original))
     finally:
         for a in agents:
             a.stop()
@@ -207,7 +197,7 @@ def test_a_cloned_certificate_holding_two_sync_streams_open_is_flagged(
         try:
             for stream in streams:
                 stream.initial_metadata()  # each is open and subscribed
-            alert = _until(lambda: _alerts(cp, device).get("clone-suspected"))
+            alert = wait_until(lambda: _alerts(cp, device).get("clone-suspected"))
         finally:
             for stream in streams:
                 stream.cancel()
@@ -343,7 +333,7 @@ def test_a_freeze_is_reported_and_the_agent_keeps_serving(
         serial = agent.agent.trust.mark.serial if agent.agent.trust.mark else 0
         assert _alerts(cp, cfg.device_id) == {}
         clock.advance(601)  # the device's newest document is now past its expiry
-        alert = _until(lambda: _alerts(cp, cfg.device_id).get("freeze"))
+        alert = wait_until(lambda: _alerts(cp, cfg.device_id).get("freeze"))
         # Still serving version 1; the held document and the trusted serial are unchanged.
         assert any(m["serving"] and m["version"] == 1 for m in agent.agent.updater.report())
         assert agent.agent.trust.mark is not None and agent.agent.trust.mark.serial == serial
@@ -417,7 +407,7 @@ def test_a_drip_fed_download_is_aborted_reported_and_changes_nothing(
         assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "2") == 0
         error = agent.wait_for("slow-retrieval")["error"]
         assert ("below the minimum" if limit == "rate" else "deadline") in error
-        alert = _until(lambda: _alerts(cp, cfg.device_id).get("slow-retrieval"))
+        alert = wait_until(lambda: _alerts(cp, cfg.device_id).get("slow-retrieval"))
         assert "aborted" in json.loads(alert.detail)["detail"]
         # Still serving version 1, committed; version 2 was not installed.
         serving = [m for m in agent.agent.updater.report() if m["serving"]]

@@ -45,6 +45,7 @@ from tests.support import (
     RunningControlPlane,
     start_agent,
     start_control_plane,
+    wait_until,
 )
 from tests.test_cli import Proc, run
 from tests.test_delivery import _bundle_for, _committed, _fleet, _wait_models
@@ -244,10 +245,7 @@ def test_agent_fails_over_to_the_other_replica_when_its_replica_dies_mid_stream(
         while agent.agent.outbox.stats().depth:
             agent.wait_for("heartbeat")
         # The stream moved too, and nothing was reset: same trust, same model.
-        deadline = time.monotonic() + WAIT
-        while survivor.cp.notifier.subscribers(cfg.device_id) != 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: survivor.cp.notifier.subscribers(cfg.device_id) == 1)
         assert (agent.agent.trust.mark, agent.agent.roots.version) == trust_before
         assert agent.agent.models.active("digits") == digest_before
 
@@ -327,12 +325,6 @@ def _drift_rows(home: Path, device_id: str) -> list[int]:
             "SELECT seq FROM telemetry WHERE device_id = ? AND kind = 'drift'", (device_id,))]
 
 
-def _until(check: Any) -> None:
-    deadline = time.monotonic() + WAIT
-    while not check():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.05)
-
 
 @pytest.mark.slow
 def test_sigkill_of_the_agents_replica_process_moves_the_agent_process_to_the_other(
@@ -364,7 +356,7 @@ def test_sigkill_of_the_agents_replica_process_moves_the_agent_process_to_the_ot
         agent = Proc("edge-agent", "run", "--state-dir", str(state), "--listen",
                      "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0")
         used = agent.expect(r"connected to control plane (\S+) as").group(1)
-        _until(lambda: len(_drift_rows(home, cfg_agent.device_id)) == 10)
+        wait_until(lambda: len(_drift_rows(home, cfg_agent.device_id)) == 10)
 
         killed_at = time.monotonic()
         servers[used].p.send_signal(signal.SIGKILL)
@@ -379,7 +371,7 @@ def test_sigkill_of_the_agents_replica_process_moves_the_agent_process_to_the_ot
                   "to the agent process's first heartbeat on the other (interval 1 s)")
         assert other != used and other in addresses
         assert failover_seconds < 10
-        _until(lambda: len(_drift_rows(home, cfg_agent.device_id)) >= 20)
+        wait_until(lambda: len(_drift_rows(home, cfg_agent.device_id)) >= 20)
         assert sorted(_drift_rows(home, cfg_agent.device_id)) == sorted(
             set(_drift_rows(home, cfg_agent.device_id)))
         assert len(_drift_rows(home, cfg_agent.device_id)) == 20  # each once

@@ -29,6 +29,7 @@ from tests.support import (
     fleet_json,
     start_agent,
     start_control_plane,
+    wait_until,
 )
 from tests.test_delivery import _committed, _wait_models
 from tests.test_serving_fleet import _publish
@@ -41,10 +42,7 @@ DIGEST = "sha256:" + "ab" * 32
 def _until(check: Callable[[], bool], timeout: float = WAIT, what: str = "") -> float:
     """Wait for ``check()`` (a state another thread or process changes); the seconds it took."""
     start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.02)
+    wait_until(check, timeout, what)
     return time.monotonic() - start
 
 
