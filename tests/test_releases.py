@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
-from control_plane.domain.records import ModelVersionRecord
+import pytest
+
+from control_plane.domain.records import ModelVersionRecord, ReleaseRecord
 from control_plane.services.releases import ReleaseIssuer
-from control_plane.storage import Store
+from control_plane.storage import Store, open_store
 from fleetcore import pki
 from fleetcore.release import SignedRelease, verify_release
 from tests.store_support import pg_database, store, store_url
@@ -65,3 +68,52 @@ def test_a_device_holding_a_release_we_did_not_issue_gets_one_above_it(store: St
     same = issuer.current("dev-1", now=13, have=(8, "sha256:" + "1" * 64))  # same serial,
     assert same is not None and same.serial == 9  # another document: ours goes above it too
     assert issuer.current("dev-1", now=14, have=(9, "")) == same
+
+
+def test_two_replicas_issuing_one_devices_release_at_once_both_answer_with_it(
+    store_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Replicas on one database issue a device's release at once (an operator's rollout on one,
+    the device's heartbeat on another): the one whose write comes second looks again instead of
+    failing the operator's command (and the rest of its push) on the serial the other took."""
+    ours, theirs = open_store(store_url), open_store(store_url)  # two replicas' connections
+    try:
+        _prepare(ours)
+        key = pki.generate_key()
+        told_ours: list[str] = []
+        told_theirs: list[str] = []
+        issuer = ReleaseIssuer(ours, key, ttl_seconds=100, on_change=told_ours.append)
+        other = ReleaseIssuer(theirs, key, ttl_seconds=100, on_change=told_theirs.append)
+        ours.start_rollout("digits", 1, {}, ["dev-1"], 0, "test")
+        read = ours.get_release
+
+        def raced(device_id: str) -> ReleaseRecord | None:
+            """Our read, and the other replica's issuance right after it."""
+            seen = read(device_id)
+            if not told_theirs:
+                other.current(device_id, now=10)
+            return seen
+
+        monkeypatch.setattr(ours, "get_release", raced)
+        got = issuer.current("dev-1", now=10)
+        assert got is not None and got == theirs.get_release("dev-1")
+        assert got.serial == 1 and told_theirs == ["dev-1"]
+        assert told_ours == []  # the other replica announced the change
+
+        # A change that races a renewal still goes out, above the renewal's serial.
+        ours.start_rollout("digits", 2, {}, ["dev-1"], 70, "test")
+        told_theirs.clear()
+
+        def renewed_meanwhile(device_id: str) -> ReleaseRecord | None:
+            seen = read(device_id)
+            if seen is not None and seen.serial == 1:
+                theirs.put_release(replace(seen, serial=2, issued_at=65, expires_at=165))
+            return seen
+
+        monkeypatch.setattr(ours, "get_release", renewed_meanwhile)
+        new = issuer.current("dev-1", now=70)
+        assert new is not None and new.serial == 3 and told_ours == ["dev-1"]
+        assert theirs.get_release("dev-1") == new
+    finally:
+        ours.close()
+        theirs.close()

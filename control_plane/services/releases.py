@@ -14,6 +14,7 @@ key that is no longer the release key is re-issued (``reissue_all`` after a rota
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable
@@ -22,20 +23,23 @@ from typing import TYPE_CHECKING
 from control_plane.domain.records import ReleaseRecord
 from control_plane.storage.base import Store
 from fleetcore import signing
-from fleetcore.errors import BadSignatureError
+from fleetcore.errors import AlreadyExistsError, BadSignatureError
 from fleetcore.pki import SigningKey
 from fleetcore.release import Arm, ModelRelease, encode_document, sign_release
 
 if TYPE_CHECKING:
     from control_plane.services.roots import RootBook
 
-__all__ = ["MAX_FLOOR", "ReleaseIssuer"]
+__all__ = ["ISSUE_ATTEMPTS", "MAX_FLOOR", "ReleaseIssuer"]
 
 
 def _digest(record: ReleaseRecord) -> str:
     return "sha256:" + hashlib.sha256(record.document).hexdigest()
 
 MAX_FLOOR = 2**62  # a device's claim above this is ignored (serials stay far from overflow)
+# Tries to issue a device's release while other replicas take its next serial first (each
+# failed try means another replica issued one: a handful covers any number of replicas).
+ISSUE_ATTEMPTS = 5
 
 
 class ReleaseIssuer:
@@ -94,7 +98,18 @@ class ReleaseIssuer:
         """The device's release, issuing or renewing it first when needed. ``have``: the
         (serial, digest) of the newest release the device says it holds ("" digest: unknown);
         a serial above ours, or ours with another digest, is not something we issued: ours
-        must go above it."""
+        must go above it.
+
+        Replicas on one database may issue a device's release at once (an operator's rollout
+        on one, the device's heartbeat on another): the write that comes second finds the serial
+        taken, and this looks again from what the other wrote (often: nothing left to issue)."""
+        for _ in range(ISSUE_ATTEMPTS - 1):
+            with contextlib.suppress(AlreadyExistsError):
+                return self._current(device_id, now, have, have_root)
+        return self._current(device_id, now, have, have_root)  # its conflict goes to the caller
+
+    def _current(self, device_id: str, now: float, have: tuple[int, str],
+                 have_root: int | None) -> ReleaseRecord | None:
         floor, digest = have if 0 <= have[0] < MAX_FLOOR else (0, "")
         if (have_root is not None and self.roots is not None
                 and have_root < self.roots.version()):
@@ -118,7 +133,7 @@ class ReleaseIssuer:
         signed = sign_release(document, self.key)
         record = ReleaseRecord(device_id, serial, signed.document, signed.signature, now,
                                now + self.ttl, content)
-        self.store.put_release(record)
+        self.store.put_release(record)  # AlreadyExistsError: another replica's came first
         if self.on_change is not None and (existing is None or existing.content != content
                                            or behind or stale):
             self.on_change(device_id)
