@@ -66,6 +66,21 @@ def test_the_fastest_variant_that_passes_the_smoke_test_is_served(
     shutil.copyfile(trained_bundle.parent / "compress" / "pruned_fp32.onnx",
                     bundle / "model.fp32.onnx")
     _uniform_model(bundle / "model.broken.onnx")
+    # How far the fp32 file's answers lie from the int8 ones the smoke test holds depends on the
+    # training run (CI once trained a model where they split by more than the bundle's atol):
+    # the tolerance here covers that distance, and stays far below the broken file's.
+    smoke = manifest["smoke_test"]
+    x = np.asarray(smoke["inputs"], np.float32)
+    want = np.asarray(smoke["expected"], np.float32)
+    fp32 = OnnxRuntime(bundle / "model.fp32.onnx", manifest["version"], 64, 10, "input",
+                       "probabilities")
+    broken = OnnxRuntime(bundle / "model.broken.onnx", manifest["version"], 64, 10, "input",
+                         "probabilities")
+    fp32_gap = float(np.abs(fp32.predict(x) - want).max())
+    broken_gap = float(np.abs(broken.predict(x) - want).max())
+    smoke["atol"] = max(float(smoke.get("atol", 0.0)), 1.5 * fp32_gap)
+    assert smoke["atol"] < broken_gap / 2
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
     runtime = load_runtime(bundle, manifest)
     assert isinstance(runtime, OnnxRuntime)
     report = runtime.variants
@@ -77,7 +92,6 @@ def test_the_fastest_variant_that_passes_the_smoke_test_is_served(
     # The one served is the one measured fastest here, and answers like its own file does.
     assert runtime.file == min(accepted, key=lambda f: accepted[f]["row_latency_us"])
     assert runtime.precision == accepted[runtime.file]["precision"]
-    x = np.asarray(manifest["smoke_test"]["inputs"], np.float32)
     alone = OnnxRuntime(bundle / runtime.file, manifest["version"], 64, 10, "input",
                         "probabilities")
     np.testing.assert_allclose(runtime.predict(x), alone.predict(x), rtol=1e-6)
