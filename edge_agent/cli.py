@@ -11,10 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent.daemon import Agent
-from edge_agent.identity import load_credentials
 from edge_agent.install.model_store import ModelStore
-from edge_agent.install.release_trust import recorded_serial
-from edge_agent.install.root_trust import recorded_root_version
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.transport import TRANSPORTS
 from fleetcore.cli import print_json, print_table, run_main, setup_logging
@@ -93,6 +90,11 @@ def _ts(value: float | None) -> str:
 
 
 def _status(state_dir: Path, as_json: bool) -> int:
+    # A one-shot command: it may load cryptography (`edge-agent run` never does).
+    from edge_agent.identity import load_credentials  # noqa: PLC0415
+    from edge_agent.install.release_trust import recorded_serial  # noqa: PLC0415
+    from edge_agent.install.root_trust import recorded_root_version  # noqa: PLC0415
+
     state = StateDir(state_dir)
     cfg = AgentConfig.load(state)
     creds = load_credentials(state)

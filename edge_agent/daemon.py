@@ -25,14 +25,13 @@ from edgefleet.v1 import agent_pb2, common_pb2
 
 from edge_agent._version import __version__
 from edge_agent.backoff import Backoff
+from edge_agent.credentials import Credentials, renewal_due
 from edge_agent.hostinfo import host_facts
-from edge_agent.identity import Credentials, install_renewed, load_credentials, renewal_due
 from edge_agent.install.download import RetrievalPolicy, SlowRetrievalError
 from edge_agent.install.model_store import ModelStore
 from edge_agent.install.probation import ProbationPolicy
-from edge_agent.install.release_trust import ReleaseTrust
-from edge_agent.install.root_trust import RootTrust
 from edge_agent.install.smoke import SmokeLimits, run_smoke_isolated
+from edge_agent.install.trust_keeper import TrustKeeper
 from edge_agent.install.updater import Updater
 from edge_agent.reporting.drift import DriftConfig
 from edge_agent.reporting.outbox import Outbox
@@ -43,11 +42,9 @@ from edge_agent.supervisor import ServingSupervisor
 from edge_agent.tracing import AgentTracing
 from edge_agent.transport import RefusedError, Transport, make_transport
 from edge_agent.transport.base import ClosedHereError
-from fleetcore import pki
-from fleetcore import root as fleet_root
 from fleetcore.addresses import parse_hostport
-from fleetcore.errors import EdgefleetError, TransportError, UntrustedInputError
-from fleetcore.release import ReleaseDocument, SignedRelease
+from fleetcore.errors import EdgefleetError, ExpiredError, TransportError, UntrustedInputError
+from fleetcore.release_doc import ReleaseDocument, SignedRelease
 
 if TYPE_CHECKING:
     from edge_agent.serving.metrics import ServingMetrics
@@ -83,15 +80,12 @@ class Agent:
         self.tracing = AgentTracing.start(self.config.otel, self.config.device_id,
                                           self.config.labels)
         self.backoff = Backoff(self.config.backoff_initial_seconds, self.config.backoff_max_seconds)
-        self.creds: Credentials = load_credentials(self.state)
-        # The root of trust names the release and publisher keys; an agent enrolled before
-        # roots uses the keys pinned at enrollment until its first root arrives.
-        self.pinned_release_key = pki.load_public_key(self.state.release_pub.read_bytes())
-        self.roots = RootTrust(self.state.root_file)
-        self.trust = ReleaseTrust(self.state.release,
-                                  self.roots.release_keys() or self.pinned_release_key,
-                                  self.config.device_id,
-                                  retired=self.roots.retired_release_keys())
+        # The certificate, the root of trust (it names the release and publisher keys; an
+        # agent enrolled before roots uses the keys pinned at enrollment until its first root
+        # arrives) and the accepted release: checked in the trust child, held here as data
+        # (install/trust_keeper.py: this process never loads cryptography).
+        self.keeper = TrustKeeper(self.state, self.config.device_id)
+        self.trust = self.keeper.trust
         limits = SmokeLimits(call_timeout_s=self.config.smoke_timeout_seconds,
                              load_timeout_s=self.config.smoke_load_timeout_seconds,
                              latency_budget_s=self.config.smoke_latency_budget_ms / 1e3,
@@ -144,7 +138,7 @@ class Agent:
         # Delivery problems reported with every heartbeat: kind -> (detail, since).
         self.problems: dict[str, tuple[str, float]] = {}
         self.transport.on_roots = self._adopt_roots
-        self.transport.have_root_version = self.roots.version
+        self.transport.have_root_version = self.root_version
         if self.tracing.enabled:
             self.transport.trace_metadata = self.tracing.metadata
         self._stop: asyncio.Event | None = None
@@ -161,10 +155,10 @@ class Agent:
             "last_heartbeat": None,
             "last_error": None,
             "consecutive_failures": 0,
-            "root_version": self.roots.version,
+            "root_version": self.root_version,
             # TUF 5.3.10: past this, no new release is accepted (the agent keeps serving).
-            "root_expires_at": (self.roots.current.root.expires_at
-                                if self.roots.current is not None else None),
+            "root_expires_at": (self.keeper.root.expires_at
+                                if self.keeper.root is not None else None),
         }
 
     # ------------------------------------------------------------------ control
@@ -228,7 +222,8 @@ class Agent:
                           lambda: {(m["name"], str(m["state"])): float(m["version"])
                                    for m in self.models.status() if m["serving"]},
                           labelnames=("model", "state"))
-        self.tracing.export_metrics(metrics.registry)  # where OpenTelemetry is on
+        if self.tracing.enabled:  # OpenTelemetry reads the registry (so it is created now)
+            self.tracing.export_metrics(metrics.registry)
         return metrics
 
     async def _start_serving(self) -> list[Callable[[], Awaitable[None]]]:
@@ -368,7 +363,7 @@ class Agent:
                 agent_pb2.DeliveryProblem(kind=kind, detail=detail[:500], since=since)
                 for kind, (detail, since) in sorted(self._delivery_problems().items())
             ],
-            root_version=self.roots.version,
+            root_version=self.root_version,
         )
 
     def _delivery_problems(self) -> dict[str, tuple[str, float]]:
@@ -385,44 +380,46 @@ class Agent:
 
     # ------------------------------------------------------------------ roots of trust
     def _publisher_pems(self) -> list[bytes]:
-        from_root = self.roots.publisher_pems()
-        return from_root if from_root is not None else self.state.publisher_keys()
+        root = self.keeper.root
+        return list(root.publisher_pems) if root is not None else self.state.publisher_keys()
 
     def _verify_bundle(self, path: Path) -> dict[str, Any]:
         """Bundles verify with the current root's publisher keys and threshold (read per
         bundle: a revoked publisher's key is gone from the next bundle check on)."""
-        return Updater.verifier(self._publisher_pems(), self.roots.publisher_threshold())(path)
+        root = self.keeper.root
+        threshold = root.publisher_threshold if root is not None else 1
+        return Updater.verifier(self._publisher_pems(), threshold)(path)
+
+    @property
+    def creds(self) -> Credentials:
+        return self.keeper.creds
+
+    @property
+    def root_version(self) -> int:
+        return self.keeper.root.version if self.keeper.root is not None else 0
+
+    def _check_root_current(self) -> None:
+        """``ExpiredError`` when the newest trusted root has expired (no new releases)."""
+        root, now = self.keeper.root, self.clock()
+        if root is not None and root.expires_at <= now:
+            raise ExpiredError(f"root version {root.version} expired at {root.expires_at}; "
+                               f"the time now is {now}")
 
     def _adopt_roots(self, envelopes: list[bytes]) -> None:
         """Verify and persist delivered roots; move the release trust to the new release keys
         (forgetting the serial when they changed). A refused root leaves everything as it was
         and is reported; the stream goes on."""
-        before = self.roots.release_keys()
-        error: UntrustedInputError | None = None
-        try:
-            if self.roots.current is None:  # enrolled before roots: TOFU-free first pin
-                ordered = sorted(envelopes, key=fleet_root.envelope_version)
-                self.roots.pin(ordered[0], pinned_release_key=self.pinned_release_key)
-                envelopes = ordered[1:]
-            if envelopes:
-                error = self.roots.update(envelopes, self.clock()).error
-        except UntrustedInputError as exc:
-            error = exc
-        after = self.roots.release_keys()
-        if after is not None and (before is None or set(after.keys) != set(before.keys)
-                                  or after.threshold != before.threshold):
-            self.trust.use_keys(after, forget=before is not None
-                                or self.pinned_release_key not in after.keys.values())
-        self.transport.have_root_version = self.roots.version
-        self._set_status(root_version=self.roots.version,
-                         root_expires_at=(self.roots.current.root.expires_at
-                                          if self.roots.current is not None else None))
+        error = self.keeper.adopt_roots(envelopes, self.clock())
+        self.transport.have_root_version = self.root_version
+        self._set_status(root_version=self.root_version,
+                         root_expires_at=(self.keeper.root.expires_at
+                                          if self.keeper.root is not None else None))
         if error is not None:
             log.error("root refused: %s", error)
             self._record_error("root", str(error))
             self._emit("root-refused", {"error": str(error)})
         else:
-            self._emit("root", {"version": self.roots.version})
+            self._emit("root", {"version": self.root_version})
 
     # ------------------------------------------------------------------ releases
     async def _sync_loop(self) -> None:
@@ -440,9 +437,9 @@ class Agent:
                 releases = self.transport.releases(have)
                 async with contextlib.aclosing(releases):
                     while (signed := await self._next_release(releases)) is not None:
-                        if self.roots.current is not None:  # TUF 5.3.10: expired, frozen
-                            fleet_root.check_current(self.roots.current.root, self.clock())
-                        doc, changed = self.trust.accept(signed, self.clock())
+                        self._check_root_current()  # TUF 5.3.10: expired, frozen
+                        doc, changed = await asyncio.to_thread(self.trust.accept, signed,
+                                                               self.clock())
                         self.tracing.release(doc, dict(signed.trace_context))
                         log.info("release serial %d accepted%s", doc.serial,
                                  "" if changed else " (unchanged)")
@@ -516,12 +513,11 @@ class Agent:
                 self._report_now.set()  # tell the control plane without waiting a full beat
 
     async def _renew(self) -> None:
-        key = pki.generate_key()
-        certificate_pem, ca_pem = await self.transport.renew_certificate(pki.make_csr(key))
+        key_pem, csr_pem = await asyncio.to_thread(self.keeper.new_key_and_csr)
+        certificate_pem, ca_pem = await self.transport.renew_certificate(csr_pem)
         old = self.creds.serial
-        install_renewed(self.state, pki.private_key_pem(key), certificate_pem,
-                        self.config.device_id, self.clock(), ca_pem=ca_pem)
-        self.creds = load_credentials(self.state)
+        await asyncio.to_thread(self.keeper.install_renewed, key_pem, certificate_pem, ca_pem,
+                                self.clock())
         await self.transport.reset()  # reconnect with the new certificate
         log.info("certificate renewed: %s -> %s", old, self.creds.serial)
         self._emit("renewed", {"old_serial": old, "serial": self.creds.serial})

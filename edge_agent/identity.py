@@ -6,6 +6,9 @@ fsynced), then renames the key, the CA bundle and then the certificate into plac
 certificate's ``.next`` is the commit point. ``recover`` finishes or discards an interrupted
 renewal at start-up, so a crash at any point leaves a key, certificate and CA bundle that
 belong together.
+
+It needs ``cryptography``: the agent's serving process never imports it; the trust child
+(``install/trust_child.py``) and the ``edge-agent`` commands that run once do.
 """
 
 from __future__ import annotations
@@ -18,33 +21,18 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from edge_agent.credentials import Credentials
 from edge_agent.state import StateDir
 from fleetcore import pki
 from fleetcore.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Credentials", "install_renewed", "load_credentials", "recover", "renewal_due"]
+__all__ = ["check_ca_bundle", "install_renewed", "load_credentials", "recover"]
 
 
 def _next(path: Path) -> Path:
     return path.with_name(path.name + ".next")
-
-
-class Credentials:
-    def __init__(self, key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> None:
-        self.key_pem = key_pem
-        self.cert_pem = cert_pem
-        self.ca_pem = ca_pem
-        self.cert: x509.Certificate = pki.load_certificate(cert_pem)
-
-    @property
-    def not_after(self) -> float:
-        return self.cert.not_valid_after_utc.timestamp()
-
-    @property
-    def serial(self) -> str:
-        return pki.serial_hex(self.cert)
 
 
 def recover(state: StateDir) -> None:
@@ -89,13 +77,14 @@ def check_ca_bundle(ca_pem: bytes, cert: x509.Certificate) -> None:
 
 
 def load_credentials(state: StateDir) -> Credentials:
+    """Finish or discard an interrupted renewal, then read the credentials and the
+    certificate's facts."""
     recover(state)
-    return Credentials(state.key.read_bytes(), state.cert.read_bytes(), state.ca.read_bytes())
-
-
-def renewal_due(creds: Credentials, now: float, fraction: float) -> bool:
-    start = creds.cert.not_valid_before_utc.timestamp()
-    return now >= start + fraction * (creds.not_after - start)
+    cert_pem = state.cert.read_bytes()
+    cert = pki.load_certificate(cert_pem)
+    return Credentials(state.key.read_bytes(), cert_pem, state.ca.read_bytes(),
+                       pki.serial_hex(cert), cert.not_valid_before_utc.timestamp(),
+                       cert.not_valid_after_utc.timestamp())
 
 
 def install_renewed(

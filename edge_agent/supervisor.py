@@ -38,7 +38,7 @@ from fleetcore.bundle import MANIFEST, PROFILE, parse_manifest
 from fleetcore.errors import EdgefleetError
 from fleetcore.files import atomic_write
 from fleetcore.pseudonym import pseudonymize
-from fleetcore.release import ReleaseDocument
+from fleetcore.release_doc import ReleaseDocument
 
 __all__ = ["ServingSupervisor"]
 

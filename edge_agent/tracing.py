@@ -21,7 +21,7 @@ from typing import Any
 
 from fleetcore import otel as otel_setup
 from fleetcore.otel import Otel
-from fleetcore.release import ReleaseDocument
+from fleetcore.release_doc import ReleaseDocument
 
 __all__ = ["AgentTracing"]
 

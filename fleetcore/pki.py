@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import ipaddress
-import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -22,6 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleetcore.errors import AuthenticationError, InvalidInputError
+from fleetcore.names import NAME_RE as _NAME_RE
+from fleetcore.names import validate_name
+from fleetcore.signatures import MAX_CERT_BYTES, MAX_CSR_BYTES
 from fleetcore.signing import SigningKey
 
 __all__ = [
@@ -52,10 +54,7 @@ __all__ = [
     "validate_name",
 ]
 
-MAX_CSR_BYTES = 8 * 1024
-MAX_CERT_BYTES = 16 * 1024
 _URN = "urn:edgefleet:"
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 # Backdate certificates a little so that a host whose clock runs slightly behind accepts them.
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 
@@ -99,15 +98,6 @@ class Identity:
     def actor(self) -> str:
         """How the audit log names this identity."""
         return f"{self.kind.value}:{self.name}"
-
-
-def validate_name(name: str, what: str = "name") -> str:
-    if not _NAME_RE.match(name):
-        raise InvalidInputError(
-            f"{what} must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a "
-            f"letter or digit; got {name!r}"
-        )
-    return name
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:

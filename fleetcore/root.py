@@ -39,6 +39,7 @@ from fleetcore.errors import (
     RollbackError,
     UntrustedInputError,
 )
+from fleetcore.signatures import MAX_ROOT_ENVELOPE_BYTES
 from fleetcore.signing import KeySignature, SigningKey, TrustedKeys
 
 __all__ = [
@@ -74,7 +75,7 @@ ROOT_FORMAT = "edgefleet.root/v1"
 ROLES = ("root", "release", "publisher", "audit")
 PURPOSE = "root"
 PAYLOAD_TYPE = signing.PURPOSES[PURPOSE]
-MAX_ENVELOPE_BYTES = 64 * 1024
+MAX_ENVELOPE_BYTES = MAX_ROOT_ENVELOPE_BYTES
 MAX_DOCUMENT_BYTES = 32 * 1024
 MAX_KEYS = 64
 MAX_KEYIDS = 32

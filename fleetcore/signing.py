@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleetcore.errors import BadSignatureError, InvalidInputError
+from fleetcore.signatures import MAX_SIGNATURE_BYTES, KeySignature
 
 __all__ = [
     "MAX_SIGNATURE_BYTES",
@@ -47,7 +48,6 @@ __all__ = [
     "verify_threshold",
 ]
 
-MAX_SIGNATURE_BYTES = 512
 
 PURPOSES: Mapping[str, str] = {
     "release": "application/vnd.edgefleet.release+json",
@@ -64,14 +64,6 @@ class SigningKey(Protocol):
              ) -> bytes: ...
 
     def public_key(self) -> ec.EllipticCurvePublicKey: ...
-
-
-@dataclass(frozen=True)
-class KeySignature:
-    """One signature and the id of the key that made it ("" when unknown: legacy)."""
-
-    keyid: str
-    sig: bytes
 
 
 @dataclass(frozen=True)

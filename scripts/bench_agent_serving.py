@@ -61,7 +61,8 @@ from fleetcore.bundle import MANIFEST, MODEL_ONNX
 
 REPO = Path(__file__).resolve().parent.parent
 
-__all__ = ["bench_hostile_rss", "bench_http", "bench_inprocess", "bench_session_options",
+__all__ = ["bench_hostile_rss", "bench_http", "bench_inprocess", "bench_prepack",
+           "bench_session_options",
            "bench_update_cost", "grpc_servers"]
 
 _BLOCKS = 10
@@ -479,6 +480,43 @@ def bench_session_options(model: Path, n: int = 2000) -> list[dict[str, Any]]:
     return out
 
 
+_SESSION_RSS = """
+import sys, numpy as np
+from pathlib import Path
+from edge_agent.serving.runtime import onnx_session
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+before = rss()
+s = onnx_session(Path(sys.argv[1]), prepack=sys.argv[2] == "1")
+name, features = s.get_inputs()[0].name, s.get_inputs()[0].shape[1]
+s.run(None, {name: np.zeros((1, features), np.float32)})
+print((rss() - before) * 1024)
+"""
+
+
+def bench_prepack(model: Path, n: int = 2000) -> dict[str, Any]:
+    """ONNX Runtime weight prepacking on and off (edge_agent/serving/runtime.py): the session's
+    resident memory (each in a fresh process) and p50 µs of one ``run`` at batch 1 and 64,
+    the two sessions interleaved call by call."""
+    out: dict[str, Any] = {}
+    for prepack in (True, False):
+        rss = subprocess.run([sys.executable, "-c", _SESSION_RSS, str(model),
+                              "1" if prepack else "0"], capture_output=True, text=True,
+                             timeout=120, check=True)
+        out[f"session_mib_prepack_{'on' if prepack else 'off'}"] = round(
+            int(rss.stdout.split()[-1]) / 2**20, 2)
+    sessions = {"on": onnx_session(model, prepack=True), "off": onnx_session(model, prepack=False)}
+    first = sessions["on"].get_inputs()[0]
+    rng = np.random.default_rng(0)
+    for batch in (1, 64):
+        x = rng.random((batch, first.shape[1]), dtype=np.float32)
+        p50 = _p50_us({k: functools.partial(s.run, None, {first.name: x})
+                       for k, s in sessions.items()}, n if batch == 1 else n // 8)
+        for k, v in p50.items():
+            out[f"p50_us_b{batch}_prepack_{k}"] = round(v, 1)
+    return out
+
+
 def bench_update_cost(profile: dict[str, Any], rows: np.ndarray, batch: int,
                       *, config: DriftConfig | None = None, repeats: int = 5) -> float:
     """Median over ``repeats`` runs of µs per row fed through ``observe`` in ``batch``-row calls.
@@ -513,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", nargs="+", choices=SERVER_KINDS, default=list(SERVER_KINDS))
     p = sub.add_parser("session-options")
     p.add_argument("models", type=Path, nargs="+")
+    p = sub.add_parser("prepack")
+    p.add_argument("model", type=Path)
     p = sub.add_parser("hostile")
     p.add_argument("bundle", type=Path)
     p = sub.add_parser("serve-both")  # internal: the agent of scripts/bench_peers.py
@@ -542,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_http(args.bundle, args.seconds, args.concurrency, tuple(args.kinds))
     elif args.command == "hostile":
         result = bench_hostile_rss(args.bundle)
+    elif args.command == "prepack":
+        result = bench_prepack(args.model)
     else:
         result = {str(m): bench_session_options(m) for m in args.models}
     print(json.dumps(result, indent=2))

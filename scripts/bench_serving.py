@@ -37,7 +37,7 @@ from scripts.bench_agent_serving import (
 )
 from trainer.onnx_tools import session
 
-__all__ = ["bench_serving"]
+__all__ = ["bench_serving", "rss_rows"]
 
 _RSS_SCRIPT = """
 import sys, json, numpy as np
@@ -87,6 +87,22 @@ def _rss(kind: str, bundle: Path, *config: str) -> int:
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, kind, str(bundle), *config],
                          capture_output=True, text=True, timeout=120, check=True)
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def rss_rows(big: Path, runs: int = 3) -> list[dict[str, Any]]:
+    """Resident memory of each agent configuration with the 1.1M model loaded against the
+    bare baseline, medians of ``runs`` interleaved pairs of fresh processes."""
+    rows = []
+    for what, transport, listeners in RSS_CONFIGS:
+        pairs = [(_rss("agent", big, transport, listeners), _rss("baseline", big))
+                 for _ in range(runs)]
+        agent_rss = statistics.median(a for a, _ in pairs)
+        base_rss = statistics.median(b for _, b in pairs)
+        rows.append(_row(f"resident memory, one 1.1M-param model loaded, {what}",
+                         agent_rss / 2**20, base_rss / 2**20, "MiB",
+                         "python + onnxruntime + one session", "<= 1.3x",
+                         agent_rss / base_rss <= 1.3))
+    return rows
 
 
 def _grpc_p50_us(bundle: Path, n: int = 2000) -> dict[str, float]:
@@ -175,12 +191,7 @@ def bench_serving(tiny_bundle: Path, big_workdir: Path, work: Path) -> list[dict
     rows.append(_row("gRPC ModelInfer p50 over the bare echo, tiny model",
                      grpc_p50["grpc"] - grpc_p50["echo"], grpc_p50["raw"], "us",
                      "raw InferenceSession.run (what the model itself takes)", "-", None))
-    for what, transport, listeners in RSS_CONFIGS:  # interleaved with its own baseline
-        agent_rss, base_rss = _rss("agent", big, transport, listeners), _rss("baseline", big)
-        rows.append(_row(f"resident memory, one 1.1M-param model loaded, {what}",
-                         agent_rss / 2**20, base_rss / 2**20, "MiB",
-                         "python + onnxruntime + one session", "<= 1.3x",
-                         agent_rss / base_rss <= 1.3))
+    rows += rss_rows(big)
     hostile = bench_hostile_rss(tiny_bundle)
     rows.append(_row("resident memory after a hostile burst (1 MB ids, deep JSON, big bodies, "
                      "20k ids)", hostile["after_rss_mib"], hostile["idle_rss_mib"], "MiB",
@@ -192,3 +203,25 @@ def bench_serving(tiny_bundle: Path, big_workdir: Path, work: Path) -> list[dict
         rows.append(_row(f"drift update per sample, batches of {batch}", cost, 2.0, "us",
                          "target", "<= 2 us", cost <= 2.0))
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m scripts.bench_serving rss BUNDLE [--runs 3]``: the resident-memory rows of
+    ``make bench`` alone (BUNDLE: a bundle whose model.onnx is the 1.1M-param fp32 model)."""
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("rss")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args(argv)
+    for row in rss_rows(args.bundle, args.runs):
+        print(f"{row['name']}: {row['figure']} MiB vs {row['baseline']} MiB = "
+              f"{row['ratio']}x (target {row['target']}: "
+              f"{'pass' if row['pass'] else 'miss'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

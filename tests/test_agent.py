@@ -66,7 +66,7 @@ def test_agent_renews_its_certificate_over_mtls(cp: RunningControlPlane, tmp_pat
     assert renewed["serial"] != old_serial
     assert state.key.read_bytes() != old_key  # a new key, generated on the host
     creds = load_credentials(state)
-    assert pki.identity_from_certificate(creds.cert).name == cfg.device_id
+    assert pki.identity_from_certificate(pki.load_certificate(creds.cert_pem)).name == cfg.device_id
     assert cp.device(cfg.device_id).certificate_serial == creds.serial
 
 

@@ -85,7 +85,7 @@ def test_an_http_only_grpc_transport_agent_loads_no_grpc_server_mqtt_or_verifier
     assert _loaded(modules, "uvicorn") and _loaded(modules, "edge_agent.transport.grpc")
     for absent in ("edge_agent.serving.grpc_server", "edgefleet.v1.grpc_predict_v2_pb2",
                    "paho", "edge_agent.transport.mqtt", "model_signing",
-                   "fleetcore.bundle_verify", "edge_agent.enroll"):
+                   "fleetcore.bundle_verify", "edge_agent.enroll", "cryptography"):
         assert not _loaded(modules, absent), absent
     # With its gRPC listener enabled, the gRPC front end is loaded too.
     modules, _ = _modules(tmp_path / "agent", "http", "grpc")
@@ -105,10 +105,62 @@ def test_an_mqtt_agent_serving_http_loads_no_grpc_at_all(
     assert live == '{"live":true}'
     assert _loaded(modules, "paho") and _loaded(modules, "edge_agent.transport.mqtt")
     for absent in ("grpc", "edge_agent.transport.grpc", "edge_agent.serving.grpc_server",
-                   "model_signing", "edge_agent.enroll"):
+                   "model_signing", "edge_agent.enroll",
+                   # trust decisions run in the trust child; paho without dnspython; no bundle
+                   # unpacked yet; nobody scraped /metrics
+                   "cryptography", "dns", "tarfile", "prometheus_client"):
         assert not _loaded(modules, absent), absent
     # Nothing served: neither uvicorn nor the Prometheus client.
     modules, live = _modules(tmp_path / "agent")
     assert live is None
     for absent in ("uvicorn", "prometheus_client", "edge_agent.serving.http", "grpc"):
         assert not _loaded(modules, absent), absent
+
+
+def test_metrics_load_prometheus_client_at_the_first_scrape_and_render_the_same() -> None:
+    probe = """
+import sys
+from edge_agent.serving.core import ServingCore
+from edge_agent.serving.metrics import ServingMetrics
+metrics = ServingMetrics(ServingCore())
+metrics.add_gauge("edgefleet_test_gauge", "a gauge", lambda: 2.5)
+before = "prometheus_client" in sys.modules
+text, content_type = metrics.render()
+import prometheus_client
+print(before, "edgefleet_test_gauge 2.5" in text.decode(),
+      content_type == prometheus_client.CONTENT_TYPE_LATEST)
+"""
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=REPO, timeout=60, check=True)
+    assert run.stdout.split() == ["False", "True", "True"]
+
+
+def test_paho_is_imported_without_dnspython_and_works() -> None:
+    probe = """
+import sys
+from edge_agent.transport._paho import mqtt
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+import dns  # still importable afterwards for whoever needs it
+print("dns.resolver" in sys.modules, type(client).__name__)
+"""
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=REPO, timeout=60, check=True)
+    assert run.stdout.split() == ["False", "Client"]
+
+
+def test_weights_are_prepacked_only_for_models_that_run_batches() -> None:
+    from edge_agent.serving.runtime import wants_prepacking  # noqa: PLC0415
+
+    assert wants_prepacking({}) is False
+    assert wants_prepacking({"runtime": {"onnx": {"file": "model.onnx"}}}) is False
+    assert wants_prepacking({"runtime": {"batching": {"max_batch_size": 8}}}) is True
+    assert wants_prepacking({"runtime": {"onnx": {"prepack": True}}}) is True
+    assert wants_prepacking({"runtime": {"batching": {"max_batch_size": 8},
+                                         "onnx": {"prepack": False}}}) is False
+    assert wants_prepacking({"runtime": {"onnx": {"prepack": "yes"}}}) is False  # not a bool
+
+
+def test_heap_trim_returns_memory_on_glibc() -> None:
+    from edge_agent.serving.heap import trim  # noqa: PLC0415
+
+    assert trim() is (sys.platform == "linux")

@@ -218,7 +218,7 @@ def test_agent_fails_over_to_the_other_replica_when_its_replica_dies_mid_stream(
             agent.wait_for("heartbeat")
         used = agent.wait_for("heartbeat")["address"]
         dead, survivor = (a, b) if used == a.api else (b, a)
-        trust_before = (agent.agent.trust.mark, agent.agent.roots.version)
+        trust_before = (agent.agent.trust.mark, agent.agent.root_version)
         digest_before = agent.agent.models.active("digits")
         assert dead.cp.notifier.subscribers(cfg.device_id) == 1  # its release stream is open
 
@@ -246,7 +246,7 @@ def test_agent_fails_over_to_the_other_replica_when_its_replica_dies_mid_stream(
             agent.wait_for("heartbeat")
         # The stream moved too, and nothing was reset: same trust, same model.
         wait_until(lambda: survivor.cp.notifier.subscribers(cfg.device_id) == 1)
-        assert (agent.agent.trust.mark, agent.agent.roots.version) == trust_before
+        assert (agent.agent.trust.mark, agent.agent.root_version) == trust_before
         assert agent.agent.models.active("digits") == digest_before
 
         # Exactly once, each record, before, during and after.

@@ -175,3 +175,29 @@ PURE_FAILOVER = ("edge_agent/failover.py", "edge_agent/backoff.py", "fleetcore/a
 @pytest.mark.parametrize("module", PURE_FAILOVER)
 def test_the_failover_rules_do_no_io(module: str) -> None:
     assert _hits(_imports(REPO / module), _PURE_IO | {"asyncio"}) == []
+
+
+# The agent's serving process holds its trust state as data (edge_agent/install/trust_keeper.py):
+# only these files may reach cryptography (the trust child, the one-shot enroll and status
+# commands, and the shells the child runs), and the rest of the agent imports none of them.
+_CRYPTO = {"cryptography", "model_signing", "fleetcore.pki", "fleetcore.signing",
+           "fleetcore.release", "fleetcore.root", "fleetcore.bundle_verify",
+           "edge_agent.identity", "edge_agent.enroll", "edge_agent.install.release_trust",
+           "edge_agent.install.root_trust", "edge_agent.install.trust_child"}
+_CRYPTO_ALLOWED = {"edge_agent/identity.py", "edge_agent/enroll.py", "edge_agent/cli.py",
+                   "edge_agent/__init__.py",  # lazy: `from edge_agent import enroll`
+                   "edge_agent/install/release_trust.py", "edge_agent/install/root_trust.py",
+                   "edge_agent/install/trust_child.py", "edge_agent/install/verify_child.py"}
+
+
+def test_only_the_trust_child_and_one_shot_commands_reach_cryptography() -> None:
+    bad = {}
+    for f in _files("edge_agent"):
+        name = str(f.relative_to(REPO))
+        if name in _CRYPTO_ALLOWED:
+            continue
+        hits = {m for m in _imports(f)
+                if any(m == c or m.startswith(c + ".") for c in _CRYPTO)}
+        if hits:
+            bad[name] = sorted(hits)
+    assert bad == {}

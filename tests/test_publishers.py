@@ -47,7 +47,7 @@ def _keyid(pub: Path) -> str:
 
 
 def _wait_root(agent: RunningAgent, version: int) -> None:
-    while agent.agent.roots.version < version:
+    while agent.agent.root_version < version:
         agent.wait_for("root")
 
 

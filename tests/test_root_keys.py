@@ -21,7 +21,7 @@ ADMIN = pki.Identity(pki.IdentityKind.OPERATOR, "admin", serial="", role=pki.Rol
 
 def _wait_root(agent: RunningAgent, version: int) -> None:
     deadline = time.monotonic() + 60
-    while agent.agent.roots.version < version:
+    while agent.agent.root_version < version:
         agent.wait_for("root")
         assert time.monotonic() < deadline
 

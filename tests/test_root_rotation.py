@@ -32,7 +32,7 @@ def _snapshot(state: Path) -> dict[str, bytes]:
 
 
 def _wait_root(agent: RunningAgent, version: int) -> None:
-    while agent.agent.roots.version < version:
+    while agent.agent.root_version < version:
         agent.wait_for("root")
 
 
@@ -164,7 +164,7 @@ def test_root_attacks_on_a_live_agent_leave_its_state_unchanged(
     agent = start_agent(tmp_path / "a", cp.loop)
     try:
         agent.wait_for("heartbeat")
-        v1 = agent.agent.roots.current
+        v1 = RootTrust(StateDir(tmp_path / "a").root_file).current  # what the agent persisted
         assert v1 is not None
         now = time.time()
 
@@ -181,17 +181,17 @@ def test_root_attacks_on_a_live_agent_leave_its_state_unchanged(
         for envelope, message in attacks:
             agent.agent._adopt_roots([envelope])
             assert message in agent.wait_for("root-refused")["error"]
-            assert agent.agent.roots.version == 1 and _snapshot(tmp_path / "a") == before
+            assert agent.agent.root_version == 1 and _snapshot(tmp_path / "a") == before
         # A rollback: after v2, the old v1 is ignored or refused; v2 stays.
         _rotate(cp)
         _wait_root(agent, 2)
         after_v2 = _snapshot(tmp_path / "a")
-        v2 = agent.agent.roots.current
+        v2 = RootTrust(StateDir(tmp_path / "a").root_file).current
         assert v2 is not None
         with pytest.raises(RollbackError):
             fleet_root.verify_root_update(v2, v1.envelope, time.time())
         agent.agent._adopt_roots([v1.envelope])
-        assert agent.agent.roots.version == 2 and _snapshot(tmp_path / "a") == after_v2
+        assert agent.agent.root_version == 2 and _snapshot(tmp_path / "a") == after_v2
     finally:
         agent.stop()
 

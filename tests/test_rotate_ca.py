@@ -172,7 +172,7 @@ def test_an_interrupted_renewal_into_a_new_ca_keeps_key_certificate_and_ca_toget
     bundle = cp.cp.authority.ca_pem
     key = pki.generate_key()
     cert_pem, _ = cp.cp.authority.issue(key.public_key(), pki.IdentityKind.DEVICE,
-                                        pki.identity_from_certificate(before.cert).name,
+                                        pki.identity_from_certificate(pki.load_certificate(before.cert_pem)).name,
                                         time.time(), 3600)
     nxt = {p: p.with_name(p.name + ".next") for p in (state.key, state.ca, state.cert)}
 

@@ -69,6 +69,7 @@ class ReleaseTrust:
         self._lock = threading.Lock()
         self._mark: TrustedMark | None = None
         self._current: ReleaseDocument | None = None
+        self._document = b""  # the current document's exact bytes
         loaded = self._load(retired)
         if loaded is not None:
             self._current = loaded
@@ -81,6 +82,11 @@ class ReleaseTrust:
     @property
     def current(self) -> ReleaseDocument | None:
         return self._current
+
+    @property
+    def current_document(self) -> bytes | None:
+        """The exact bytes of ``current``'s signed document."""
+        return self._document if self._current is not None else None
 
     def use_keys(self, keys: ec.EllipticCurvePublicKey | TrustedKeys, *, forget: bool) -> None:
         """Verify from now on with ``keys``; ``forget``: drop the high-water mark and the
@@ -113,7 +119,7 @@ class ReleaseTrust:
                 return doc, False
             atomic_write(self._path, _encode_file(_verified_only(signed, self._public_key), doc))
             previous = self._mark
-            self._current = doc
+            self._current, self._document = doc, signed.document
             self._mark = TrustedMark(serial=doc.serial, digest=doc.digest)
         logger.info(
             "accepted release serial %d (%s) for %s; previous serial %s",
@@ -156,6 +162,7 @@ class ReleaseTrust:
                 f"release trust file {self._path} records serial {serial} and digest {digest}, "
                 f"but its signed document has serial {doc.serial} and digest {doc.digest}"
             )
+        self._document = signed.document
         return doc
 
 

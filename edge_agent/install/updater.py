@@ -42,9 +42,8 @@ from edge_agent.install.probation import LatencySample, Probation, ProbationPoli
 from edge_agent.install.verify_child import verify_isolated
 from edge_agent.tracing import AgentTracing
 from edge_agent.transport.base import Transport
-from fleetcore.archive import safe_extract
 from fleetcore.errors import EdgefleetError, TransportError
-from fleetcore.release import Arm, ReleaseDocument
+from fleetcore.release_doc import Arm, ReleaseDocument
 
 __all__ = ["Updater", "serving_arm"]
 
@@ -204,6 +203,10 @@ class Updater:
     def _unpack_and_install(self, name: str, version: int, part: Path,
                             activate: bool) -> InstallOutcome:
         """Unpack, verify, smoke-test, activate: blocking work, run on a worker thread."""
+        # tarfile with it only when a bundle is unpacked (an agent serving what it installed
+        # before a restart never loads it).
+        from fleetcore.archive import safe_extract  # noqa: PLC0415
+
         staging = self.store.staging_dir(name, version)
         shutil.rmtree(staging, ignore_errors=True)
         staging.parent.mkdir(parents=True, exist_ok=True)

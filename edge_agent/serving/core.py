@@ -60,6 +60,7 @@ from edge_agent.serving._background import Background
 from edge_agent.serving.batching import Batcher, BatchPolicy, manifest_policy
 from edge_agent.serving.categorical import Categories, ClampedRuntime, from_manifests
 from edge_agent.serving.errors import BadRequestError, InferenceError, ModelNotFoundError
+from edge_agent.serving.heap import trim as trim_heap
 from edge_agent.serving.limits import (
     BACKGROUND_QUEUE_BYTES,
     BACKGROUND_QUEUE_JOBS,
@@ -258,6 +259,8 @@ class ServingCore:
                 batching=manifest_policy(manifests[_primary(router).version]),
             )
             self._models = {**self._models, name: model}
+            del old, runtimes  # a replaced session goes now, before the heap is trimmed
+        trim_heap()
         logger.info("%s now serves %s", name,
                     ", ".join(f"v{a.version}{' (shadow)' if a.shadow else f' {a.weight:g}'}"
                               for a in router.arms))

@@ -36,6 +36,7 @@ from edge_agent._version import __version__
 from edge_agent.serving.categorical import encode
 from edge_agent.serving.core import InferResult, ModelSignature, ServingCore
 from edge_agent.serving.errors import BadRequestError, InferenceError, ModelNotFoundError
+from edge_agent.serving.heap import trim as trim_heap
 from edge_agent.serving.limits import (
     MAX_CONNECTIONS,
     MAX_HEADER_BYTES,
@@ -238,5 +239,6 @@ async def start_grpc(core: ServingCore, host: str = "127.0.0.1",
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_insecure_port(target)
     await server.start()
+    trim_heap()  # what importing and setting up the server freed goes back to the OS
     logger.info("inference gRPC listening on %s:%d", host, bound)
     return server, bound

@@ -82,6 +82,7 @@ from edge_agent.serving.errors import (
     ModelNotFoundError,
     PayloadTooLargeError,
 )
+from edge_agent.serving.heap import trim as trim_heap
 from edge_agent.serving.http_protocols import Parser, parser_available, protocol_class
 from edge_agent.serving.limits import (
     BODY_TIMEOUT_S,
@@ -102,7 +103,7 @@ from edge_agent.serving.limits import (
     parse_version,
     shown,
 )
-from edge_agent.serving.metrics import CONTENT_TYPE, ServingMetrics
+from edge_agent.serving.metrics import ServingMetrics
 from edge_agent.serving.repository import (
     EXTENSIONS,
     REPOSITORY_REFUSAL,
@@ -237,7 +238,8 @@ class InferenceApp:
     def _server_route(self, path: str, method: str) -> tuple[int, bytes, bytes]:
         if path == "/metrics":
             _allow(method, "GET")
-            return 200, self.metrics.render(), CONTENT_TYPE.encode()
+            text, content_type = self.metrics.render()
+            return 200, text, content_type.encode()
         if path == "/v2/health/live":
             _allow(method, "GET")
             return 200, b'{"live":true}', _JSON
@@ -644,6 +646,7 @@ async def start_http(core: ServingCore, host: str = "127.0.0.1", port: int = 0, 
     ticker = asyncio.create_task(server.main_loop(), name="uvicorn-ticker")
     running = HttpServer(server, sock, ticker)
     running.parser = chosen
+    trim_heap()  # what importing and setting up the server freed goes back to the OS
     logger.info("inference HTTP listening on %s:%d (%s, %s)", host, running.port, chosen,
                 type(asyncio.get_running_loop()).__module__.split(".")[0])
     return running, running.port

@@ -9,6 +9,9 @@ Rules:
 * Labels: ``model``, ``version``, ``role`` ("primary" or "shadow"; a shadow counts the mirrored
   requests it answered). The latency histogram exports every tenth of the internal bounds
   (1 µs to 100 s, three buckets a decade).
+* ``prometheus_client`` (~4 MiB resident with what it imports) is imported at the first scrape
+  (or the first use of ``registry``), not when the HTTP listener starts: an agent nobody
+  scrapes never loads it (docs/serving.md, "Agent footprint").
 * The daemon adds its own numbers (drift score, outbox depth and drops, install state) with
   ``add_gauge`` (a callable read at scrape time) or by registering any collector on
   ``registry``.
@@ -18,24 +21,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import NamedTuple
-
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from edge_agent.serving.core import ServingCore
 from edge_agent.serving.stats import LATENCY_BOUNDS_S
 
-__all__ = ["CONTENT_TYPE", "GaugeReader", "ServingMetrics"]
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
+
+__all__ = ["GaugeReader", "ServingMetrics"]
 
 logger = logging.getLogger(__name__)
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 PROMETHEUS_BOUNDS_S: tuple[float, ...] = LATENCY_BOUNDS_S[::10]
 _LABELS = ("model", "version", "role")
 
@@ -47,17 +50,35 @@ class ServingMetrics:
     """The agent's Prometheus registry, with the serving collector already in it."""
 
     def __init__(self, core: ServingCore) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_ServingCollector(core))
+        self._collectors: list[Any] = [_ServingCollector(core)]
+        self._registry: CollectorRegistry | None = None
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The registry (created, with everything added so far, on first use)."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+            registry = CollectorRegistry(auto_describe=False)
+            for collector in self._collectors:
+                registry.register(collector)
+            self._registry = registry
+        return self._registry
 
     def add_gauge(self, name: str, documentation: str, read: GaugeReader,
                   labelnames: Sequence[str] = ()) -> None:
         """Export ``read()`` as gauge ``name`` at every scrape (an error skips it, logged)."""
-        self.registry.register(_GaugeCollector(name, documentation, read, tuple(labelnames)))
+        collector = _GaugeCollector(name, documentation, read, tuple(labelnames))
+        if self._registry is None:
+            self._collectors.append(collector)
+        else:
+            self._registry.register(collector)
 
-    def render(self) -> bytes:
-        """The Prometheus text exposition of everything registered."""
-        return generate_latest(self.registry)
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of everything registered, and its content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: PLC0415
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 class _ServingCollector:
@@ -104,6 +125,12 @@ class _Families(NamedTuple):
 
     @classmethod
     def new(cls) -> _Families:
+        from prometheus_client.metrics_core import (  # noqa: PLC0415 (first scrape)
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         return cls(
             CounterMetricFamily("edgefleet_serving_requests", "Requests answered by an arm",
                                 labels=_LABELS),
@@ -140,6 +167,8 @@ class _GaugeCollector:
         self._labelnames = labelnames
 
     def _family(self) -> GaugeMetricFamily:
+        from prometheus_client.metrics_core import GaugeMetricFamily  # noqa: PLC0415
+
         return GaugeMetricFamily(self._name, self._doc, labels=self._labelnames)
 
     def describe(self) -> list[Metric]:

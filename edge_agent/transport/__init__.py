@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from edge_agent.identity import Credentials
+from edge_agent.credentials import Credentials
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.transport.base import MAX_CHUNK_BYTES, RefusedError, Transport
 from fleetcore.errors import InvalidInputError

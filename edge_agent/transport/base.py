@@ -28,15 +28,14 @@ from edgefleet.v1 import agent_pb2, common_pb2
 
 from fleetcore.errors import EdgefleetError, InvalidInputError, TransportError
 from fleetcore.otel import check_carrier
-from fleetcore.pki import MAX_CERT_BYTES
-from fleetcore.release import (
+from fleetcore.release_doc import (
     MAX_DOCUMENT_BYTES,
     MAX_SIGNATURE_BYTES,
     MAX_SIGNATURES,
     SignedRelease,
 )
-from fleetcore.root import MAX_ENVELOPE_BYTES
-from fleetcore.signing import KeySignature
+from fleetcore.signatures import MAX_CERT_BYTES, KeySignature
+from fleetcore.signatures import MAX_ROOT_ENVELOPE_BYTES as MAX_ENVELOPE_BYTES
 
 MAX_ROOTS = 16  # roots in one event (the control plane sends at most 8)
 

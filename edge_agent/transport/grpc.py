@@ -8,8 +8,8 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 import grpc
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
+from edge_agent.credentials import Credentials
 from edge_agent.failover import AddressRing
-from edge_agent.identity import Credentials
 from edge_agent.transport.base import RefusedError, Transport
 from fleetcore.errors import EdgefleetError, TransportError
 

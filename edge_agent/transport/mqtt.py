@@ -19,15 +19,14 @@ import ssl
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import paho.mqtt.client as mqtt
 from edgefleet.v1 import agent_pb2, common_pb2
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.state import StateDir
+from edge_agent.transport._paho import mqtt
 from edge_agent.transport.base import RefusedError, Transport
-from fleetcore import pki
 from fleetcore.errors import EdgefleetError, InvalidInputError, TransportError
 from fleetcore.mqtt_wire import (
     CLEAN_START,
@@ -77,7 +76,7 @@ class MqttTransport(Transport):
                           max(1, round(reconnect_max_seconds)))
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._serial = ""
+        self._cert_pem = b""
         self._connected = asyncio.Event()
         self._last_error = "not connected yet"
         self._refused = False
@@ -97,7 +96,7 @@ class MqttTransport(Transport):
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_verify_locations(cadata=self.state.ca.read_text())
         ctx.load_cert_chain(self.state.cert, self.state.key)
-        self._serial = pki.serial_hex(pki.load_certificate(self.state.cert.read_bytes()))
+        self._cert_pem = self.state.cert.read_bytes()  # a renewal changes it: reconnect
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id,
                              protocol=mqtt.MQTTv5)
         client.tls_set_context(ctx)
@@ -321,8 +320,7 @@ class MqttTransport(Transport):
         """Reconnect only when the certificate changed (paho reconnects by itself)."""
         if self._client is None:
             return
-        serial = pki.serial_hex(pki.load_certificate(self.state.cert.read_bytes()))
-        if serial != self._serial:
+        if self.state.cert.read_bytes() != self._cert_pem:
             await self._stop_client(say_offline=False)
 
     async def _close(self) -> None:
