@@ -80,6 +80,10 @@ __all__ = [
     "verify_release",
 ]
 
+
+# --- signing (control plane side) ----------------------------------------------------------
+
+
 def sign_release(document: bytes, key: SigningKey | Sequence[SigningKey]) -> SignedRelease:
     """Sign with purpose "release" by one key or several (each listed with its key id)."""
     keys = [key] if isinstance(key, SigningKey) else list(key)
