@@ -50,6 +50,7 @@ from fleetcore.mqtt_wire import (
     ROOTS_TOPIC,
     SESSION_EXPIRY_SECONDS,
     Leaf,
+    no_delay,
     parse_message,
     parse_topic,
     parse_url,
@@ -170,6 +171,7 @@ class MqttBridge:
         if reason.is_failure:
             log.error("MQTT broker refused the bridge: %s", reason)
             return
+        no_delay(client)
         # Requests and telemetry through one shared subscription: the broker hands each message
         # to one bridge of the group (the replicas share the load). Status, to every bridge:
         # each keeps the fleet's presence, and a shared subscription gets no retained copies.
