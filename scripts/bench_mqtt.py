@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import queue
 import resource
 import selectors
@@ -50,7 +51,7 @@ from control_plane.ops.mqtt_config import write_broker_config
 from control_plane.server import ControlPlane
 from control_plane.storage import open_store
 from edge_agent.reporting.outbox import Outbox
-from edge_agent.reporting.telemetry import TelemetrySender, encode
+from edge_agent.reporting.telemetry import TelemetrySender, batch_of, encode
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.transport.mqtt import MqttTransport
 from fleetcore import pki
@@ -176,14 +177,23 @@ def bench_telemetry(work: Path, records: int) -> list[dict[str, Any]]:
         cp.cp.bridge.on_event = counted
         with Outbox(state.outbox) as outbox:
             outbox.append_many([("error", p) for p in payloads], 1.0)
-        ours = _send_from_agent_process(state, stored)
+        cpu0 = time.process_time(), _cpu_of(broker.pid)
+        ours, agent_cpu = _send_from_agent_process(state, stored)
+        cpu = {"control plane (bridge, services, store)": time.process_time() - cpu0[0],
+               "agent (outbox, encoding, paho)": agent_cpu,
+               "Mosquitto": _cpu_of(broker.pid) - cpu0[1]}
         assert _count(cp, cfg.device_id) == records
     finally:
         cp.stop()
         broker.stop()
         loop.close()
     rate, single, batched = records / ours, records / raw_single, records / raw_batched
-    return [
+    # CPU per record of each process on the path: what bounds the rate on this machine
+    # (2 cores for the three of them), less sensitive to other load than the rate itself.
+    cpu_rows = [{"name": f"CPU per record: {who}", "figure": round(s / records * 1e6, 2),
+                 "baseline": "-", "unit": "us", "baseline_name": "-", "ratio": "-",
+                 "target": "-", "pass": None} for who, s in cpu.items()]
+    return [*cpu_rows,
         {"name": f"MQTT telemetry outbox -> Mosquitto -> control plane ({records:,} records)",
          "figure": round(rate), "baseline": round(single), "unit": "records/s",
          "baseline_name": "raw paho QoS 1, one message per record, same broker",
@@ -210,17 +220,18 @@ def bench_stages(work: Path, records: int) -> list[dict[str, Any]]:
         cfg = cp.enroll_agent(work / "agent")
         state = StateDir(work / "agent")
         payloads = _records(records)
-        sender = TelemetrySender(Outbox(work / "scratch.db"))
         with Outbox(state.outbox) as outbox:
             t0 = time.perf_counter()
             outbox.append_many([("error", p) for p in payloads], 1.0)
             rows.append(("outbox append (agent)", time.perf_counter() - t0))
             t0 = time.perf_counter()
-            read = [outbox.pending(500) for _ in range(0, records, 500)]
+            read, after = [], 0
+            for _ in range(0, records, 500):
+                read.append(outbox.pending(500, after=after))
+                after = read[-1][-1].seq
             rows.append(("outbox read, 500 at a time (agent)", time.perf_counter() - t0))
             t0 = time.perf_counter()
-            wire = [b.SerializeToString() for chunk in read
-                    for b in sender._batches(chunk, 0, 0)]
+            wire = [batch_of(chunk, 0, 0).SerializeToString() for chunk in read]
             rows.append(("batch -> protobuf bytes (agent)", time.perf_counter() - t0))
             t0 = time.perf_counter()
             parsed = [telemetry_from_proto(parse_message(agent_pb2.TelemetryBatch, w))
@@ -254,7 +265,13 @@ def bench_stages(work: Path, records: int) -> list[dict[str, Any]]:
              "pass": None} for name, s in rows]
 
 
-def _send_from_agent_process(state: StateDir, stored: threading.Event) -> float:
+def _cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _send_from_agent_process(state: StateDir, stored: threading.Event) -> tuple[float, float]:
     """Seconds from ``go`` until the agent's process has sent its whole outbox (each batch
     acknowledged) and the control plane has stored every record."""
     # The agent in its own process, as on a device: its CPU is not the control plane's.
@@ -277,7 +294,7 @@ def _send_from_agent_process(state: StateDir, stored: threading.Event) -> float:
         with contextlib.suppress(Exception):
             agent.stdin.close()  # type: ignore[union-attr]
         agent.wait(TIMEOUT)
-    return ours
+    return ours, float(agent.stdout.readline() or "nan")  # type: ignore[union-attr]
 
 
 def _agent_process(state_dir: Path) -> int:
@@ -295,10 +312,13 @@ def _agent_process(state_dir: Path) -> int:
             await asyncio.wait_for(transport._connected.wait(), TIMEOUT)
             print("ready", flush=True)
             await asyncio.to_thread(sys.stdin.readline)
+            cpu0 = time.process_time()
             while outbox.stats().depth:
                 await sender.send(transport)
             print("done", flush=True)
+            busy = time.process_time() - cpu0
             await transport.close()
+            print(busy, flush=True)  # CPU seconds it used, from "go" to "done"
 
     asyncio.run(run())
     return 0
