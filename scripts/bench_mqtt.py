@@ -294,7 +294,7 @@ def _send_from_agent_process(state: StateDir, stored: threading.Event) -> tuple[
         with contextlib.suppress(Exception):
             agent.stdin.close()  # type: ignore[union-attr]
         agent.wait(TIMEOUT)
-    return ours, float(agent.stdout.readline() or "nan")  # type: ignore[union-attr]
+    return ours, float(agent.stdout.readline() or "nan")
 
 
 def _agent_process(state_dir: Path) -> int:
@@ -320,7 +320,13 @@ def _agent_process(state_dir: Path) -> int:
             await transport.close()
             print(busy, flush=True)  # CPU seconds it used, from "go" to "done"
 
-    asyncio.run(run())
+    if os.environ.get("BENCH_AGENT_PROFILE"):  # where the agent's CPU goes (its event loop)
+        import cProfile  # noqa: PLC0415
+
+        cProfile.runctx("asyncio.run(run())", globals(), locals(),
+                        os.environ["BENCH_AGENT_PROFILE"])
+    else:
+        asyncio.run(run())
     return 0
 
 

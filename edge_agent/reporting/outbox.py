@@ -196,13 +196,18 @@ class Outbox:
         return seqs, dropped_through
 
     def ack(self, seqs: Iterable[int]) -> int:
-        """Delete exactly these acknowledged records; return how many existed."""
+        """Delete exactly these acknowledged records; return how many existed.
+
+        Deletes commit without waiting for the disk (``synchronous=NORMAL`` for their
+        transaction; appends keep ``FULL``): a delete lost to a power cut only sends those
+        records again, and the control plane stores each (device, seq) once. WAL keeps the
+        order: the next append's sync writes the delete too."""
         unique = sorted(set(seqs))
         if not unique:
             return 0
         deleted = 0
         with self._unless_storage_fails("acknowledge") as outcome, \
-                self._transaction("IMMEDIATE") as conn:
+                self._transaction("IMMEDIATE", sync=False) as conn:
             # One range delete per run of consecutive seqs (a batch's, usually one run):
             # exactly the same rows as one delete per seq, in one statement.
             deleted = conn.executemany(
@@ -216,7 +221,7 @@ class Outbox:
         """Delete every pending record with a seq <= ``seq``; return how many."""
         deleted = 0
         with self._unless_storage_fails("acknowledge") as outcome, \
-                self._transaction("IMMEDIATE") as conn:
+                self._transaction("IMMEDIATE", sync=False) as conn:
             deleted = conn.execute("DELETE FROM outbox WHERE seq <= ?", (seq,)).rowcount
         if outcome.ok:
             self._note_freed(deleted)
@@ -371,21 +376,29 @@ class Outbox:
         self._storage_fault = False
 
     @contextmanager
-    def _transaction(self, mode: str) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, mode: str, *, sync: bool = True) -> Iterator[sqlite3.Connection]:
+        """``sync=False``: the commit does not wait for the disk (only for what may be lost
+        on a power cut: an acknowledged record's delete)."""
         with self._lock:
             if self._unopened is not None:
                 raise self._unopened
             conn = self._conn
             if conn is None:
                 raise RuntimeError(f"outbox {self.path} is closed")
-            conn.execute(f"BEGIN {mode}")
+            if not sync:
+                conn.execute("PRAGMA synchronous = NORMAL")
             try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                conn.execute(f"BEGIN {mode}")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if not sync:
+                    conn.execute("PRAGMA synchronous = FULL")
 
 
 def _runs(seqs: list[int]) -> list[tuple[int, int]]:

@@ -79,17 +79,21 @@ class TelemetrySender:
                 if not window:
                     break
                 done, window = await asyncio.wait(window, return_when=asyncio.FIRST_COMPLETED)
+                acked: list[int] = []
+                expected = 0
                 for task in done:
                     records, result = task.result()
                     if isinstance(result, BaseException):
                         failure = failure or result
                         continue
-                    deleted = self.outbox.ack(result)
-                    sent += deleted
-                    if deleted < len(records):
-                        log.warning("control plane acknowledged %d of %d telemetry records",
-                                    deleted, len(records))
-                        short = True
+                    acked += result
+                    expected += len(records)
+                deleted = self.outbox.ack(acked)  # every batch answered meanwhile: one commit
+                sent += deleted
+                if deleted < expected:
+                    log.warning("control plane acknowledged %d of %d telemetry records",
+                                deleted, expected)
+                    short = True
         finally:
             for task in window:  # cancelled ourselves: nothing is deleted, it goes again
                 task.cancel()
