@@ -69,10 +69,12 @@ TIMEOUT = 120.0
 RAW_REPEATS = 5
 
 
-def _control_plane(work: Path, loop: LoopThread) -> tuple[RunningControlPlane, Mosquitto]:
+def _control_plane(work: Path, loop: LoopThread,
+                   database: str = "") -> tuple[RunningControlPlane, Mosquitto]:
     port = free_port()
     cfg = ControlPlaneConfig(home=work / "cp", api_listen="127.0.0.1:0",
-                             enroll_listen="127.0.0.1:0", mqtt_url=f"mqtts://127.0.0.1:{port}")
+                             enroll_listen="127.0.0.1:0", mqtt_url=f"mqtts://127.0.0.1:{port}",
+                             database_url=database)
     # One device sends the whole run's records here: this measures the transport, so the
     # per-device telemetry quota (a flood guard, measured by scripts/bench_flood.py) is lifted.
     cfg.telemetry_burst_records = cfg.telemetry_records_per_second = 1e9
@@ -136,9 +138,9 @@ def _raw_paho(state: StateDir, device: str, port: int, payloads: list[bytes]) ->
     return elapsed
 
 
-def bench_telemetry(work: Path, records: int) -> list[dict[str, Any]]:
+def bench_telemetry(work: Path, records: int, database: str = "") -> list[dict[str, Any]]:
     loop = LoopThread()
-    cp, broker = _control_plane(work, loop)
+    cp, broker = _control_plane(work, loop, database)
     try:
         # The device enrolls while the control plane runs; the baselines run with it stopped.
         loop.run(cp.cp.start())
@@ -205,7 +207,7 @@ def bench_telemetry(work: Path, records: int) -> list[dict[str, Any]]:
     ]
 
 
-def bench_stages(work: Path, records: int) -> list[dict[str, Any]]:
+def bench_stages(work: Path, records: int, database: str = "") -> list[dict[str, Any]]:
     """Cost per record of each stage of the path, each timed alone (no broker): where the
     time goes. ``--stages`` prints these rows."""
     from control_plane.api.convert import telemetry_from_proto  # noqa: PLC0415
@@ -213,7 +215,7 @@ def bench_stages(work: Path, records: int) -> list[dict[str, Any]]:
     from fleetcore.mqtt_wire import parse_message  # noqa: PLC0415
 
     loop = LoopThread()
-    cp, broker = _control_plane(work, loop)
+    cp, broker = _control_plane(work, loop, database)
     rows: list[tuple[str, float]] = []
     try:
         loop.run(cp.cp.start())
@@ -503,11 +505,12 @@ def bench_fanout(work: Path, agents: int, base: int = 10) -> list[dict[str, Any]
              "pass": fleet_s < 10}]
 
 
-def bench_mqtt(work: Path, records: int = 20_000, agents: int = 1000) -> list[dict[str, Any]]:
+def bench_mqtt(work: Path, records: int = 20_000, agents: int = 1000,
+               database: str = "") -> list[dict[str, Any]]:
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         print("mosquitto is not installed: MQTT benchmarks skipped", file=sys.stderr)
         return []
-    return [*bench_telemetry(work / "telemetry", records),
+    return [*bench_telemetry(work / "telemetry", records, database),
             *bench_fanout(work / "fanout", agents)]
 
 
@@ -517,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agents", type=int, default=1000)
     p.add_argument("--stages", action="store_true",
                    help="print the cost per record of each stage of the telemetry path")
+    p.add_argument("--database", default="",
+                   help="postgresql://USER@HOST:PORT/DB for the control plane's store (an "
+                        "empty database: its tables are created); default SQLite")
     p.add_argument("--agent-state", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.agent_state is not None:
@@ -524,8 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     from scripts.bench import _print  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmp:
-        rows = (bench_stages(Path(tmp), args.records) if args.stages
-                else bench_mqtt(Path(tmp), args.records, args.agents))
+        rows = (bench_stages(Path(tmp), args.records, args.database) if args.stages
+                else bench_mqtt(Path(tmp), args.records, args.agents, args.database))
     _print(rows)
     return 1 if any(r["pass"] is False for r in rows) else 0
 

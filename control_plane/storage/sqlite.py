@@ -590,8 +590,8 @@ class SqliteStore(Store):
                   " payload) VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING")
         # Records without derived rows (most) in one statement; a record with one alone, so
         # that its derived row is written only when the record is new (stored once).
-        c.executemany(insert, [(w.device_id, r.seq, r.kind, r.created_at, w.now, r.payload)
-                               for r in w.records if r.seq not in w.derived])
+        self._insert_plain_telemetry(c, w.device_id, w.now,
+                                     [r for r in w.records if r.seq not in w.derived])
         for r in w.records:
             if r.seq in w.derived:
                 cur = c.execute(insert, (w.device_id, r.seq, r.kind, r.created_at, w.now,
@@ -606,6 +606,14 @@ class SqliteStore(Store):
             " dropped = excluded.dropped, depth = excluded.depth,"
             " updated_at = excluded.updated_at", (w.device_id, w.dropped, w.depth, w.now),
         )
+
+    @staticmethod
+    def _insert_plain_telemetry(c: sqlite3.Connection, device_id: str, now: float,
+                                records: Sequence[TelemetryRecord]) -> None:
+        c.executemany(
+            "INSERT INTO telemetry(device_id, seq, kind, created_at, received_at, payload)"
+            " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+            [(device_id, r.seq, r.kind, r.created_at, now, r.payload) for r in records])
 
     def count_refusals(self, refused: Sequence[ReportRefusal], now: float) -> None:
         with self._tx() as c:
