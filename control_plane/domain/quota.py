@@ -63,6 +63,13 @@ class DeviceQuota:
         """How many of the records (their byte costs, in order) fit now; takes their share."""
         self.records.refill(now)
         self.bytes.refill(now)
+        burst = self.bytes.burst
+        total = sum(cost if cost < burst else burst for cost in costs)
+        if self.records.level >= len(costs) and self.bytes.level >= total:
+            # The whole batch fits (the usual case): what the loop below would take, at once.
+            self.records.level -= len(costs)
+            self.bytes.level -= total
+            return len(costs)
         admitted = 0
         for cost in costs:
             # A record larger than the whole byte burst could never fit: it is admitted when
