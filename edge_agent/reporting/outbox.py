@@ -42,6 +42,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from fleetcore.errors import InvalidInputError
 from fleetcore.sqlite import connect, migrate
@@ -92,8 +93,7 @@ _MIGRATIONS = [
 ]
 
 
-@dataclass(frozen=True)
-class OutboxRecord:
+class OutboxRecord(NamedTuple):  # a tuple: cheap to build, a batch reads hundreds
     seq: int  # per device, strictly increasing, never reused
     kind: str  # e.g. "drift", "arm_stats", "install", "error", "sample"
     created_at: float  # unix seconds
@@ -236,24 +236,21 @@ class Outbox:
         the oldest record is always returned (else a big one would block the queue)."""
         if limit < 1:
             return []
-        out: list[OutboxRecord] = []
-        total = 0
         if self._unopened is not None:
-            return out
+            return []
         with self._transaction("DEFERRED") as conn:
-            cursor = conn.execute(
+            rows = conn.execute(
                 "SELECT seq, kind, created_at, payload FROM outbox WHERE seq > ? ORDER BY seq"
                 " LIMIT ?", (after, limit),
-            )
-            try:
-                for seq, kind, created_at, payload in cursor:
-                    if out and total + len(payload) > max_bytes:
-                        break
-                    out.append(OutboxRecord(seq, kind, created_at, bytes(payload)))
-                    total += len(payload)
-            finally:
-                cursor.close()
-        return out
+            ).fetchall()
+        if sum(len(row[3]) for row in rows) > max_bytes:  # else all of them fit
+            total = 0
+            for n, row in enumerate(rows):
+                total += len(row[3])
+                if n and total > max_bytes:
+                    rows = rows[:n]
+                    break
+        return [OutboxRecord._make(row) for row in rows]
 
     def stats(self) -> OutboxStats:
         if self._unopened is not None:
