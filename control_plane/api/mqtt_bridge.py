@@ -4,7 +4,9 @@ It connects to the broker as ``edgefleet:bridge`` (a certificate from `mqtt-conf
 clean session (the broker queues nothing while the control plane is away: why in
 ``fleetcore.mqtt_wire``; agents send again what was not answered) and manual acknowledgement:
 a device's QoS 1 message is acknowledged to the broker only after its handler ran, and
-telemetry's deduplication on (device, seq) makes redeliveries and resends count once. Like
+telemetry's deduplication on (device, seq) makes redeliveries and resends count once.
+Telemetry messages waiting together are stored in one transaction (group commit, at most
+``GROUP_COMMIT``), each answered and acknowledged only after it committed. Like
 the gRPC servicer it authenticates, converts and delegates through the same ``AgentCalls``,
 and nothing else.
 
