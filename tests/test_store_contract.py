@@ -31,6 +31,7 @@ from control_plane.domain.records import (
     RolloutState,
     SampleRecord,
     TelemetryRecord,
+    TelemetryWrite,
 )
 from control_plane.domain.retraining import DriftPolicy
 from control_plane.storage import Store, open_store
@@ -269,6 +270,27 @@ def test_telemetry_is_stored_once_and_rolled_up_when_it_expires(store: Store) ->
     (day,) = store.drift_days("digits", "dev-1", 0.0)
     assert (day.windows, day.drifted, day.rows, day.max_score) == (1, 1, 100, 0.3)
     assert store.telemetry_counts()["drift_windows"] == 0
+
+
+def test_telemetry_groups_commit_together_and_store_each_record_once(store: Store) -> None:
+    _device(store)
+    _device(store, "dev-2")
+    drift = DriftWindowRecord("dev-1", "digits", 1, 0.0, 60.0, 100, 0.3, True, 0.1, ("f1",),
+                              {"f1": 0.3})
+    plain = [TelemetryRecord(s, "error", 1.0, b"x%d" % s) for s in (2, 3)]
+    first = TelemetryWrite("dev-1", [TelemetryRecord(1, "drift", 60.0, b"d"), *plain],
+                           {1: drift}, 100.0, 0, 5)
+    # The same batch again in the group (a redelivery), one overlapping it, another device's.
+    overlap = TelemetryWrite("dev-1", [plain[1], TelemetryRecord(4, "error", 1.0, b"x4")], {},
+                             101.0, 1, 2, [ReportRefusal("dev-1", "error", "too-large")])
+    other = TelemetryWrite("dev-2", plain, {}, 101.0, 0, 0)
+    store.ingest_telemetry_many([first, first, overlap, other])
+    assert store.telemetry_counts()["telemetry"] == 6  # dev-1: 1..4, dev-2: 2, 3
+    assert len(store.recent_drift("digits", 5)["dev-1"]) == 1  # its derived row once
+    assert store.outbox_status() == {"dev-1": (1, 2), "dev-2": (0, 0)}  # the last write's
+    assert store.report_refusals("dev-1") == {"error/too-large": 1}
+    store.ingest_telemetry_many([])
+    assert store.telemetry_counts()["telemetry"] == 6
 
 
 def test_experiments(store: Store) -> None:

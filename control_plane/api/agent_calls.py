@@ -9,7 +9,7 @@ chunking.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from edgefleet.v1 import agent_pb2, common_pb2
 
@@ -57,6 +57,15 @@ class AgentCalls:
         acked = self.s.telemetry.ingest(caller, telemetry_from_proto(batch), batch.dropped,
                                         batch.depth)
         return agent_pb2.TelemetryAck(acked=acked)
+
+    def telemetry_many(self, batches: Sequence[tuple[pki.Identity, agent_pb2.TelemetryBatch]]
+                       ) -> list[agent_pb2.TelemetryAck | Exception]:
+        """``telemetry`` for several batches, stored in one transaction (group commit); per
+        batch its acknowledgement, or why it was refused."""
+        results = self.s.telemetry.ingest_many(
+            [(caller, telemetry_from_proto(b), b.dropped, b.depth) for caller, b in batches])
+        return [r if isinstance(r, Exception) else agent_pb2.TelemetryAck(acked=r)
+                for r in results]
 
     def renew(self, caller: pki.Identity, request: agent_pb2.RenewCertificateRequest
               ) -> agent_pb2.RenewCertificateResponse:

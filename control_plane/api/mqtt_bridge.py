@@ -4,7 +4,9 @@ It connects to the broker as ``edgefleet:bridge`` (a certificate from `mqtt-conf
 clean session (the broker queues nothing while the control plane is away: why in
 ``fleetcore.mqtt_wire``; agents send again what was not answered) and manual acknowledgement:
 a device's QoS 1 message is acknowledged to the broker only after its handler ran, and
-telemetry's deduplication on (device, seq) makes redeliveries and resends count once. Like
+telemetry's deduplication on (device, seq) makes redeliveries and resends count once.
+Telemetry messages waiting together are stored in one transaction (group commit, at most
+``GROUP_COMMIT``), each answered and acknowledged only after it committed. Like
 the gRPC servicer it authenticates, converts and delegates through the same ``AgentCalls``,
 and nothing else.
 
@@ -50,6 +52,7 @@ from fleetcore.mqtt_wire import (
     ROOTS_TOPIC,
     SESSION_EXPIRY_SECONDS,
     Leaf,
+    no_delay,
     parse_message,
     parse_topic,
     parse_url,
@@ -72,6 +75,19 @@ _REPLY_TO = {Leaf.TELEMETRY: Leaf.TELEMETRY_ACK, Leaf.BUNDLE_REQUEST: Leaf.BUNDL
              Leaf.RENEW_REQUEST: Leaf.RENEW_REPLY}
 # A traced bundle request's span: the name of gRPC's, so one query finds both transports.
 _FETCH_SPAN = "edgefleet.v1.AgentService/FetchBundle"
+# At most this many telemetry messages waiting in the bridge are stored in one transaction
+# (and acknowledged to the broker after it commits): below the broker's in-flight window.
+GROUP_COMMIT = 64
+
+
+def _is_telemetry(msg: mqtt.MQTTMessage) -> bool:
+    parsed = parse_topic(msg.topic)
+    return parsed is not None and parsed[1] is Leaf.TELEMETRY
+
+
+def _correlation(msg: mqtt.MQTTMessage) -> bytes:
+    props = getattr(msg, "properties", None)
+    return bytes(getattr(props, "CorrelationData", b"") or b"")
 
 
 class MqttBridge:
@@ -170,6 +186,7 @@ class MqttBridge:
         if reason.is_failure:
             log.error("MQTT broker refused the bridge: %s", reason)
             return
+        no_delay(client)
         # Requests and telemetry through one shared subscription: the broker hands each message
         # to one bridge of the group (the replicas share the load). Status, to every bridge:
         # each keeps the fleet's presence, and a shared subscription gets no retained copies.
@@ -195,15 +212,79 @@ class MqttBridge:
 
     async def _work(self) -> None:
         while True:
-            msg = await self._inbox.get()
-            try:
-                await self._handle(msg)
-            except Exception:
-                log.exception("MQTT bridge: handling a message on %s failed", msg.topic)
-            finally:
-                client = self._client
-                if client is not None and msg.qos > 0:
-                    client.ack(msg.mid, msg.qos)  # only now: a crash before means redelivery
+            group = [await self._inbox.get()]
+            while len(group) < GROUP_COMMIT and not self._inbox.empty():
+                group.append(self._inbox.get_nowait())
+            # In arrival order; each run of telemetry messages is stored in one transaction.
+            run: list[mqtt.MQTTMessage] = []
+            for msg in group:
+                if _is_telemetry(msg):
+                    run.append(msg)
+                    continue
+                if run:
+                    self._telemetry_group(run)
+                    run = []
+                try:
+                    await self._handle(msg)
+                except Exception:
+                    log.exception("MQTT bridge: handling a message on %s failed", msg.topic)
+                finally:
+                    self._ack(msg)  # only now: a crash before means redelivery
+            if run:
+                self._telemetry_group(run)
+
+    def _ack(self, msg: mqtt.MQTTMessage) -> None:
+        client = self._client
+        if client is not None and msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
+
+    def _telemetry_group(self, msgs: list[mqtt.MQTTMessage]) -> None:
+        """Telemetry batches stored in one transaction (group commit), each answered and
+        acknowledged to the broker only after it committed. A batch refused by its checks is
+        answered with the refusal; the group's transaction failing falls back to one
+        transaction a batch (``TelemetryService.ingest_many``), so a bad batch cannot lose the
+        others."""
+        accepted: list[tuple[mqtt.MQTTMessage, pki.Identity, bytes, agent_pb2.TelemetryBatch]] = []
+        try:
+            for msg in msgs:
+                device_id = parse_topic(msg.topic)[0]  # type: ignore[index]
+                correlation = _correlation(msg)
+                try:
+                    caller = self.calls.device_by_id(device_id)
+                    batch = parse_message(agent_pb2.TelemetryBatch, bytes(msg.payload))
+                except EdgefleetError as exc:
+                    self._refused(device_id, Leaf.TELEMETRY, correlation, exc)
+                    continue
+                accepted.append((msg, caller, correlation, batch))
+            if not accepted:
+                return
+            results = self.calls.telemetry_many([(c, b) for _, c, _, b in accepted])
+            for (_, caller, correlation, _), result in zip(accepted, results, strict=True):
+                if isinstance(result, EdgefleetError):
+                    self._refused(caller.name, Leaf.TELEMETRY, correlation, result)
+                elif isinstance(result, Exception):
+                    continue  # not stored (logged): no answer, the agent sends it again
+                else:
+                    if correlation and len(correlation) <= MAX_CORRELATION_BYTES:
+                        # Stored: the agent may delete these now (the broker's PUBACK was not
+                        # enough: a broker killed before delivering would have lost them).
+                        self._publish(caller.name, Leaf.TELEMETRY_ACK,
+                                      result.SerializeToString(), correlation=correlation)
+                    self._emit("telemetry", caller.name)
+        except Exception:
+            log.exception("MQTT bridge: storing a group of %d telemetry batches failed",
+                          len(msgs))
+        finally:
+            for msg in msgs:
+                self._ack(msg)
+
+    def _refused(self, device_id: str, leaf: Leaf, correlation: bytes,
+                 exc: EdgefleetError) -> None:
+        log.info("MQTT bridge: %s from %s refused: %s", leaf.value, device_id, exc)
+        if leaf in _REPLY_TO and correlation and len(correlation) <= MAX_CORRELATION_BYTES:
+            self._publish(device_id, _REPLY_TO[leaf], b"", correlation=correlation,
+                          error=f"{status_code_for(exc).name}: {exc}")
+        self._emit("refused", device_id)
 
     async def _handle(self, msg: mqtt.MQTTMessage) -> None:
         parsed = parse_topic(msg.topic)
@@ -213,7 +294,7 @@ class MqttBridge:
         device_id, leaf = parsed
         payload = bytes(msg.payload)
         props = getattr(msg, "properties", None)
-        correlation = bytes(getattr(props, "CorrelationData", b"") or b"")
+        correlation = _correlation(msg)
         reply = _REPLY_TO.get(leaf, Leaf.RENEW_REPLY)
         try:
             caller = self.calls.device_by_id(device_id)
@@ -245,11 +326,7 @@ class MqttBridge:
                 self._publish(device_id, reply, response.SerializeToString(),
                               correlation=correlation)
         except EdgefleetError as exc:
-            log.info("MQTT bridge: %s from %s refused: %s", leaf.value, device_id, exc)
-            if leaf in _REPLY_TO and correlation and len(correlation) <= MAX_CORRELATION_BYTES:
-                self._publish(device_id, reply, b"", correlation=correlation,
-                              error=f"{status_code_for(exc).name}: {exc}")
-            self._emit("refused", device_id)
+            self._refused(device_id, leaf, correlation, exc)
 
     async def _status(self, caller: pki.Identity, payload: bytes, *,
                       replayed: bool = False) -> None:

@@ -7,8 +7,9 @@ tables that move them live beside the rules that use them (``rollout_plan``, ``e
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "ArmRecord",
@@ -194,8 +195,7 @@ class ReleaseRecord:
     content: str  # digest of the arms it carries, to tell a renewal from a change
 
 
-@dataclass(frozen=True)
-class TelemetryRecord:
+class TelemetryRecord(NamedTuple):  # a tuple: cheap to build, a batch holds hundreds
     seq: int
     kind: str
     created_at: float
@@ -302,6 +302,20 @@ class ReportRefusal:
 
 
 Derived = DriftWindowRecord | ArmStatsRecord | SampleRecord | SampleRefusal | ReportRefusal
+
+
+@dataclass(frozen=True)
+class TelemetryWrite:
+    """One vetted telemetry batch, as ``Store.ingest_telemetry`` takes it (for writing several
+    in one transaction: ``Store.ingest_telemetry_many``)."""
+
+    device_id: str
+    records: list[TelemetryRecord]
+    derived: dict[int, Derived]
+    now: float
+    dropped: int
+    depth: int
+    refused: Sequence[ReportRefusal] = ()
 
 
 @dataclass(frozen=True)

@@ -105,8 +105,12 @@ def _sample(device_id: str, doc: dict[str, Any]) -> SampleRecord:
                         list(labels), dict(pii))
 
 
+# The kinds whose payload derives rows (the others are only stored).
+DERIVING = frozenset({"drift", "arm_stats", "sample"})
+
+
 def _parse(device_id: str, record: TelemetryRecord) -> Derived | None:
-    if record.kind not in ("drift", "arm_stats", "sample"):
+    if record.kind not in DERIVING:
         return None
     doc = strict_json.loads(record.payload, what=f"{record.kind} payload",
                             max_bytes=MAX_PAYLOAD_BYTES)
@@ -209,7 +213,7 @@ def derive(device_id: str,
         )
     out: dict[int, Derived] = {}
     problems: dict[int, str] = {}
-    for record in records:
+    for record in [r for r in records if r.kind in DERIVING]:  # most derive nothing
         try:
             row = _parse(device_id, record)
         except (ValueError, InvalidInputError) as exc:

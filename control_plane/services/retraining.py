@@ -18,7 +18,7 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,7 @@ class RetrainService:
                                                           device_id, MALFORMED)
                 note = (f"refused: {row.reason}" if isinstance(row, SampleRefusal)
                         else "stored in the samples table")
-                kept.append(replace(record, payload=json.dumps({"sample": note}).encode()))
+                kept.append(record._replace(payload=json.dumps({"sample": note}).encode()))
             else:
                 kept.append(record)
         return kept, out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 
 from control_plane.domain.enrollment import DenialTally
 from control_plane.domain.quota import QuotaLimits, Quotas
@@ -15,6 +16,7 @@ from control_plane.domain.records import (
     DriftWindowRecord,
     ReportRefusal,
     TelemetryRecord,
+    TelemetryWrite,
 )
 from control_plane.domain.telemetry import (
     KINDS,
@@ -30,7 +32,7 @@ from control_plane.services.context import Context
 from control_plane.services.experiments import ExperimentService
 from control_plane.services.retraining import RetrainService
 from fleetcore import pki
-from fleetcore.errors import InvalidInputError, RateLimitedError
+from fleetcore.errors import EdgefleetError, InvalidInputError, RateLimitedError
 
 __all__ = ["TelemetryService"]
 
@@ -63,6 +65,50 @@ class TelemetryService:
         its start: what does not fit is not acknowledged (the agent sends it again later), and
         a batch of which nothing fits is refused (``RateLimitedError``). Of what is admitted,
         everything is acknowledged, refused records too (resending would not fix them)."""
+        write, acked = self._vetted(caller, records, dropped, depth)
+        self.store.ingest_telemetry_many([write])
+        self._judge([write])
+        return acked
+
+    def ingest_many(self, batches: Sequence[tuple[pki.Identity, list[TelemetryRecord], int, int]]
+                    ) -> list[list[int] | Exception]:
+        """``ingest`` for several batches (caller, records, dropped, depth) with one store
+        transaction (group commit); per batch, its acknowledged seqs or why it was refused. A
+        batch refused by the checks is left out; when the group's transaction fails, each
+        batch is written alone, so one batch the store refuses cannot lose the others."""
+        out: list[list[int] | Exception] = []
+        vetted: list[tuple[int, TelemetryWrite, list[int]]] = []
+        for caller, records, dropped, depth in batches:
+            try:
+                write, acked = self._vetted(caller, records, dropped, depth)
+            except EdgefleetError as exc:
+                out.append(exc)
+                continue
+            vetted.append((len(out), write, acked))
+            out.append(acked)
+        if not vetted:
+            return out
+        try:
+            self.store.ingest_telemetry_many([w for _, w, _ in vetted])
+            stored = [w for _, w, _ in vetted]
+        except Exception:
+            log.warning("telemetry: a group of %d batches failed in one transaction; writing "
+                        "them one by one", len(vetted), exc_info=True)
+            stored = []
+            for i, write, _ in vetted:
+                try:
+                    self.store.ingest_telemetry_many([write])
+                except Exception as exc:
+                    log.exception("telemetry batch of %s could not be stored", write.device_id)
+                    out[i] = exc
+                    continue
+                stored.append(write)
+        self._judge(stored)
+        return out
+
+    def _vetted(self, caller: pki.Identity, records: list[TelemetryRecord], dropped: int,
+                depth: int) -> tuple[TelemetryWrite, list[int]]:
+        """The checks of ``ingest``: what to write, and the seqs to acknowledge once it is."""
         if len(records) > MAX_BATCH_RECORDS:
             raise InvalidInputError(
                 f"telemetry batch has {len(records)} records; the limit is {MAX_BATCH_RECORDS}")
@@ -93,13 +139,18 @@ class TelemetryService:
                 log.warning("telemetry %s/%d refused: %s", caller.name, seq, row.reason)
         kept, derived = self.retraining.vet(caller.name, kept, derived)
         refused += self._unsaved(caller.name)
-        self.store.ingest_telemetry(caller.name, kept, derived, now, counter(dropped),
-                                    counter(depth), refused)
-        for model in {r.model for r in derived.values() if isinstance(r, ArmStatsRecord)}:
+        write = TelemetryWrite(caller.name, kept, derived, now, counter(dropped),
+                               counter(depth), refused)
+        return write, [r.seq for r in records]
+
+    def _judge(self, writes: Sequence[TelemetryWrite]) -> None:
+        """New arm statistics may decide an experiment, new drift windows start retraining:
+        once per model for the whole group."""
+        rows = [r for w in writes for r in w.derived.values()]
+        for model in sorted({r.model for r in rows if isinstance(r, ArmStatsRecord)}):
             self.experiments.evaluate(model)
-        for model in {r.model for r in derived.values() if isinstance(r, DriftWindowRecord)}:
+        for model in sorted({r.model for r in rows if isinstance(r, DriftWindowRecord)}):
             self.retraining.check(model)
-        return [r.seq for r in records]
 
     def _over_quota(self, caller: pki.Identity, over: list[TelemetryRecord],
                     now: float) -> None:

@@ -29,6 +29,7 @@ from control_plane.domain.records import (
     SampleRecord,
     SampleSummary,
     TelemetryRecord,
+    TelemetryWrite,
 )
 from control_plane.domain.retraining import DriftPolicy
 from fleetcore.errors import EdgefleetError, NotFoundError
@@ -271,6 +272,11 @@ class Store(abc.ABC):
         """Store the records not seen before (dedup on (device, seq)) and, for those only,
         their derived rows; count ``refused`` (records not stored) for the device; return
         every seq of ``records`` (stored now or before)."""
+
+    @abc.abstractmethod
+    def ingest_telemetry_many(self, writes: Sequence[TelemetryWrite]) -> None:
+        """``ingest_telemetry`` for each of ``writes``, all in one transaction: all stored or
+        none (group commit: the MQTT bridge acknowledges them only after it returns)."""
 
     @abc.abstractmethod
     def count_refusals(self, refused: Sequence[ReportRefusal], now: float) -> None:

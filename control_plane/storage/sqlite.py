@@ -36,6 +36,7 @@ from control_plane.domain.records import (
     SampleRefusal,
     SampleSummary,
     TelemetryRecord,
+    TelemetryWrite,
 )
 from control_plane.domain.retraining import DriftPolicy
 from control_plane.storage.base import CorruptDatabaseError, Store
@@ -575,24 +576,44 @@ class SqliteStore(Store):
         depth: int,
         refused: Sequence[ReportRefusal] = (),
     ) -> list[int]:
-        with self._tx() as c:
-            for r in records:
-                cur = c.execute(
-                    "INSERT INTO telemetry(device_id, seq, kind, created_at,"
-                    " received_at, payload) VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                    (device_id, r.seq, r.kind, r.created_at, now, r.payload),
-                )
-                if cur.rowcount == 1 and r.seq in derived:
-                    self._insert_derived(c, r.seq, derived[r.seq], now)
-            for refusal in refused:
-                self._insert_derived(c, 0, refusal, now)
-            c.execute(
-                "INSERT INTO telemetry_status(device_id, dropped, depth, updated_at)"
-                " VALUES (?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
-                " dropped = excluded.dropped, depth = excluded.depth,"
-                " updated_at = excluded.updated_at", (device_id, dropped, depth, now),
-            )
+        self.ingest_telemetry_many(
+            [TelemetryWrite(device_id, records, derived, now, dropped, depth, refused)])
         return [r.seq for r in records]
+
+    def ingest_telemetry_many(self, writes: Sequence[TelemetryWrite]) -> None:
+        with self._tx() as c:
+            for w in writes:
+                self._write_telemetry(c, w)
+
+    def _write_telemetry(self, c: sqlite3.Connection, w: TelemetryWrite) -> None:
+        insert = ("INSERT INTO telemetry(device_id, seq, kind, created_at, received_at,"
+                  " payload) VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING")
+        # Records without derived rows (most) in one statement; a record with one alone, so
+        # that its derived row is written only when the record is new (stored once).
+        self._insert_plain_telemetry(c, w.device_id, w.now,
+                                     [r for r in w.records if r.seq not in w.derived])
+        for r in w.records:
+            if r.seq in w.derived:
+                cur = c.execute(insert, (w.device_id, r.seq, r.kind, r.created_at, w.now,
+                                         r.payload))
+                if cur.rowcount == 1:
+                    self._insert_derived(c, r.seq, w.derived[r.seq], w.now)
+        for refusal in w.refused:
+            self._insert_derived(c, 0, refusal, w.now)
+        c.execute(
+            "INSERT INTO telemetry_status(device_id, dropped, depth, updated_at)"
+            " VALUES (?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
+            " dropped = excluded.dropped, depth = excluded.depth,"
+            " updated_at = excluded.updated_at", (w.device_id, w.dropped, w.depth, w.now),
+        )
+
+    @staticmethod
+    def _insert_plain_telemetry(c: sqlite3.Connection, device_id: str, now: float,
+                                records: Sequence[TelemetryRecord]) -> None:
+        c.executemany(
+            "INSERT INTO telemetry(device_id, seq, kind, created_at, received_at, payload)"
+            " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+            [(device_id, r.seq, r.kind, r.created_at, now, r.payload) for r in records])
 
     def count_refusals(self, refused: Sequence[ReportRefusal], now: float) -> None:
         with self._tx() as c:

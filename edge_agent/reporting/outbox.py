@@ -42,6 +42,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from fleetcore.errors import InvalidInputError
 from fleetcore.sqlite import connect, migrate
@@ -92,8 +93,7 @@ _MIGRATIONS = [
 ]
 
 
-@dataclass(frozen=True)
-class OutboxRecord:
+class OutboxRecord(NamedTuple):  # a tuple: cheap to build, a batch reads hundreds
     seq: int  # per device, strictly increasing, never reused
     kind: str  # e.g. "drift", "arm_stats", "install", "error", "sample"
     created_at: float  # unix seconds
@@ -196,15 +196,22 @@ class Outbox:
         return seqs, dropped_through
 
     def ack(self, seqs: Iterable[int]) -> int:
-        """Delete exactly these acknowledged records; return how many existed."""
+        """Delete exactly these acknowledged records; return how many existed.
+
+        Deletes commit without waiting for the disk (``synchronous=NORMAL`` for their
+        transaction; appends keep ``FULL``): a delete lost to a power cut only sends those
+        records again, and the control plane stores each (device, seq) once. WAL keeps the
+        order: the next append's sync writes the delete too."""
         unique = sorted(set(seqs))
         if not unique:
             return 0
         deleted = 0
         with self._unless_storage_fails("acknowledge") as outcome, \
-                self._transaction("IMMEDIATE") as conn:
+                self._transaction("IMMEDIATE", sync=False) as conn:
+            # One range delete per run of consecutive seqs (a batch's, usually one run):
+            # exactly the same rows as one delete per seq, in one statement.
             deleted = conn.executemany(
-                "DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in unique]
+                "DELETE FROM outbox WHERE seq BETWEEN ? AND ?", _runs(unique)
             ).rowcount
         if outcome.ok:
             self._note_freed(deleted)
@@ -214,7 +221,7 @@ class Outbox:
         """Delete every pending record with a seq <= ``seq``; return how many."""
         deleted = 0
         with self._unless_storage_fails("acknowledge") as outcome, \
-                self._transaction("IMMEDIATE") as conn:
+                self._transaction("IMMEDIATE", sync=False) as conn:
             deleted = conn.execute("DELETE FROM outbox WHERE seq <= ?", (seq,)).rowcount
         if outcome.ok:
             self._note_freed(deleted)
@@ -222,30 +229,28 @@ class Outbox:
 
     # -- reading --
 
-    def pending(self, limit: int = 500, max_bytes: int = 1024 * 1024) -> list[OutboxRecord]:
-        """The oldest records first: at most ``limit``, and no more than ``max_bytes`` of
-        payload, except that the oldest record is always returned (else a big one would block
-        the queue)."""
+    def pending(self, limit: int = 500, max_bytes: int = 1024 * 1024, *,
+                after: int = 0) -> list[OutboxRecord]:
+        """The oldest records first (of those with a seq above ``after``: the ones not already
+        in flight): at most ``limit``, and no more than ``max_bytes`` of payload, except that
+        the oldest record is always returned (else a big one would block the queue)."""
         if limit < 1:
             return []
-        out: list[OutboxRecord] = []
-        total = 0
         if self._unopened is not None:
-            return out
+            return []
         with self._transaction("DEFERRED") as conn:
-            cursor = conn.execute(
-                "SELECT seq, kind, created_at, payload FROM outbox ORDER BY seq LIMIT ?",
-                (limit,),
-            )
-            try:
-                for seq, kind, created_at, payload in cursor:
-                    if out and total + len(payload) > max_bytes:
-                        break
-                    out.append(OutboxRecord(seq, kind, created_at, bytes(payload)))
-                    total += len(payload)
-            finally:
-                cursor.close()
-        return out
+            rows = conn.execute(
+                "SELECT seq, kind, created_at, payload FROM outbox WHERE seq > ? ORDER BY seq"
+                " LIMIT ?", (after, limit),
+            ).fetchall()
+        if sum(len(row[3]) for row in rows) > max_bytes:  # else all of them fit
+            total = 0
+            for n, row in enumerate(rows):
+                total += len(row[3])
+                if n and total > max_bytes:
+                    rows = rows[:n]
+                    break
+        return [OutboxRecord._make(row) for row in rows]
 
     def stats(self) -> OutboxStats:
         if self._unopened is not None:
@@ -368,21 +373,40 @@ class Outbox:
         self._storage_fault = False
 
     @contextmanager
-    def _transaction(self, mode: str) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, mode: str, *, sync: bool = True) -> Iterator[sqlite3.Connection]:
+        """``sync=False``: the commit does not wait for the disk (only for what may be lost
+        on a power cut: an acknowledged record's delete)."""
         with self._lock:
             if self._unopened is not None:
                 raise self._unopened
             conn = self._conn
             if conn is None:
                 raise RuntimeError(f"outbox {self.path} is closed")
-            conn.execute(f"BEGIN {mode}")
+            if not sync:
+                conn.execute("PRAGMA synchronous = NORMAL")
             try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                conn.execute(f"BEGIN {mode}")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if not sync:
+                    conn.execute("PRAGMA synchronous = FULL")
+
+
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted unique seqs as (first, last) runs of consecutive integers."""
+    runs: list[tuple[int, int]] = []
+    for seq in seqs:
+        if runs and runs[-1][1] == seq - 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return runs
 
 
 def _open(path: Path) -> sqlite3.Connection:

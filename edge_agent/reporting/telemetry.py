@@ -21,7 +21,7 @@ from edgefleet.v1 import agent_pb2
 from edge_agent.reporting.outbox import Outbox, OutboxRecord
 from edge_agent.transport.base import Transport
 
-__all__ = ["TelemetrySender", "encode"]
+__all__ = ["TelemetrySender", "batch_of", "encode"]
 
 log = logging.getLogger(__name__)
 
@@ -30,70 +30,89 @@ def encode(doc: dict[str, Any]) -> bytes:
 
 
 class TelemetrySender:
-    """Sends the outbox in batches, ``in_flight`` at a time: each batch waits for the control
-    plane's acknowledgement (over MQTT a round trip through the broker and the bridge), so
-    overlapping them keeps throughput up; the control plane stores each (device, seq) once,
-    whatever the order."""
+    """Sends the outbox in batches with a sliding window of up to ``in_flight`` batches
+    unacknowledged: each batch waits for the control plane's acknowledgement (over MQTT a
+    round trip through the broker and the bridge), and as soon as one is acknowledged (and
+    deleted) the next is read and sent, so the path never drains between rounds. The control
+    plane stores each (device, seq) once, whatever the order."""
 
     def __init__(self, outbox: Outbox, *, batch_records: int = 500,
                  batch_bytes: int = 1024 * 1024, max_batches: int = 20,
-                 in_flight: int = 4) -> None:
+                 in_flight: int = 8) -> None:
         self.outbox = outbox
         self.batch_records = batch_records
         self.batch_bytes = batch_bytes
         self.max_batches = max_batches
-        self.in_flight = in_flight
+        self.in_flight = max(1, in_flight)
         self._reported_dropped = 0  # the drop count the control plane last acknowledged
 
     async def send(self, transport: Transport) -> int:
-        """Send pending records; return how many were acknowledged (and deleted). With nothing
-        pending, a new drop count still goes out (in an empty batch): records that could not
-        even be stored (a full disk) are otherwise invisible to the fleet."""
-        sent = 0
-        for _ in range(0, self.max_batches, self.in_flight):
-            records = self.outbox.pending(self.batch_records * self.in_flight,
-                                          self.batch_bytes * self.in_flight)
-            stats = self.outbox.stats()
-            if not records:
-                if stats.dropped != self._reported_dropped:
-                    await transport.send_telemetry(agent_pb2.TelemetryBatch(
-                        dropped=stats.dropped, depth=stats.depth))
-                    self._reported_dropped = stats.dropped
-                break
-            batches = self._batches(records, stats.dropped, stats.depth)
-            results = await asyncio.gather(*(transport.send_telemetry(b) for b in batches),
-                                           return_exceptions=True)
-            acked = [seq for r in results if not isinstance(r, BaseException) for seq in r]
-            deleted = self.outbox.ack(acked)
-            sent += deleted
-            failure = next((r for r in results if isinstance(r, BaseException)), None)
-            if failure is not None:
-                raise failure  # what was acknowledged is deleted; the rest goes again
-            self._reported_dropped = stats.dropped
-            if deleted < len(records):
-                log.warning("control plane acknowledged %d of %d telemetry records", deleted,
-                            len(records))
-                break
+        """Send pending records, at most ``max_batches`` batches; return how many were
+        acknowledged (and deleted). With nothing pending, a new drop count still goes out (in
+        an empty batch): records that could not even be stored (a full disk) are otherwise
+        invisible to the fleet. A failed batch stops new ones; those in flight are waited for
+        (what they got acknowledged is deleted) and the failure is raised: the rest goes
+        again."""
+        stats = self.outbox.stats()
+        if not stats.depth:
+            if stats.dropped != self._reported_dropped:
+                await transport.send_telemetry(agent_pb2.TelemetryBatch(
+                    dropped=stats.dropped, depth=stats.depth))
+                self._reported_dropped = stats.dropped
+            return 0
+        sent, issued, after = 0, 0, 0  # after: the highest seq handed to a batch
+        failure: BaseException | None = None
+        short = False  # the control plane acknowledged part of a batch: stop for now
+        window: set[asyncio.Task[tuple[list[OutboxRecord], list[int] | BaseException]]] = set()
+        try:
+            while True:
+                while (failure is None and not short and issued < self.max_batches
+                       and len(window) < self.in_flight):
+                    records = self.outbox.pending(self.batch_records, self.batch_bytes,
+                                                  after=after)
+                    if not records:
+                        break
+                    stats = self.outbox.stats()
+                    after, issued = records[-1].seq, issued + 1
+                    window.add(asyncio.create_task(self._one(
+                        transport, records, batch_of(records, stats.dropped, stats.depth))))
+                if not window:
+                    break
+                done, window = await asyncio.wait(window, return_when=asyncio.FIRST_COMPLETED)
+                acked: list[int] = []
+                expected = 0
+                for task in done:
+                    records, result = task.result()
+                    if isinstance(result, BaseException):
+                        failure = failure or result
+                        continue
+                    acked += result
+                    expected += len(records)
+                deleted = self.outbox.ack(acked)  # every batch answered meanwhile: one commit
+                sent += deleted
+                if deleted < expected:
+                    log.warning("control plane acknowledged %d of %d telemetry records",
+                                deleted, expected)
+                    short = True
+        finally:
+            for task in window:  # cancelled ourselves: nothing is deleted, it goes again
+                task.cancel()
+        if failure is not None:
+            raise failure  # what was acknowledged is deleted; the rest goes again
+        self._reported_dropped = stats.dropped
         return sent
 
-    def _batches(self, records: list[OutboxRecord], dropped: int,
-                 depth: int) -> list[agent_pb2.TelemetryBatch]:
-        out: list[agent_pb2.TelemetryBatch] = []
-        chunk: list[OutboxRecord] = []
-        size = 0
-        for r in records:
-            if chunk and (len(chunk) >= self.batch_records
-                          or size + len(r.payload) > self.batch_bytes):
-                out.append(_batch(chunk, dropped, depth))
-                chunk, size = [], 0
-            chunk.append(r)
-            size += len(r.payload)
-        if chunk:
-            out.append(_batch(chunk, dropped, depth))
-        return out
+    @staticmethod
+    async def _one(transport: Transport, records: list[OutboxRecord],
+                   batch: agent_pb2.TelemetryBatch
+                   ) -> tuple[list[OutboxRecord], list[int] | BaseException]:
+        try:
+            return records, await transport.send_telemetry(batch)
+        except Exception as exc:  # raised by send() once the window is done
+            return records, exc
 
 
-def _batch(records: list[OutboxRecord], dropped: int, depth: int) -> agent_pb2.TelemetryBatch:
+def batch_of(records: list[OutboxRecord], dropped: int, depth: int) -> agent_pb2.TelemetryBatch:
     return agent_pb2.TelemetryBatch(
         records=[agent_pb2.TelemetryRecord(seq=r.seq, kind=r.kind, created_at=r.created_at,
                                            payload=r.payload) for r in records],

@@ -35,6 +35,7 @@ from fleetcore.mqtt_wire import (
     ROOTS_TOPIC,
     SESSION_EXPIRY_SECONDS,
     Leaf,
+    no_delay,
     parse_message,
     parse_url,
     topic,
@@ -141,6 +142,7 @@ class MqttTransport(Transport):
         if reason.is_failure:
             self._to_loop(self._set_down, f"refused: {reason}", str(reason) in _REFUSED_CONNACK)
             return
+        no_delay(client)
         client.subscribe([(topic(self.device_id, leaf), 1)
                           for leaf in (Leaf.RELEASE, Leaf.TELEMETRY_ACK, Leaf.BUNDLE_REPLY,
                                        Leaf.RENEW_REPLY)] + [(ROOTS_TOPIC, 1)])
