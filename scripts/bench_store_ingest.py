@@ -7,7 +7,9 @@ through ``Store.ingest_telemetry``, the call the control plane makes on its even
 EDGEFLEET_BENCH_DATABASE), and reports milliseconds per batch and records/s. The baseline on
 PostgreSQL is one ``SELECT 1`` round trip on the same kind of connection, times the statements a
 batch sends (one ``INSERT`` per record plus one per derived row): when the batch costs about that
-product, the round trips are the limit, not the database's work.
+product, the round trips are the limit, not the database's work. Then two stores (two pools, as
+two replicas have) write at once from two threads: with the one database-wide write lock
+(control_plane/storage/postgres.py) their sum stays near one writer's rate.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,17 +41,17 @@ def _drift(now: float) -> bytes:
                        "drifted_features": []}, sort_keys=True).encode()
 
 
-def _device(store: Store) -> str:
-    store.add_token("t", {}, 0.0, 1e12, "bench")
-    store.enroll("t", 1.0, DeviceRecord(id="dev-0", labels={}, enrolled_at=1.0,
-                                        agent_version="1", host={}),
-                 CertificateRecord(serial="s0", kind="device", subject="dev-0", not_before=0.0,
-                                   not_after=1e12, issued_at=1.0))
-    return "dev-0"
+def _device(store: Store, name: str = "dev-0") -> str:
+    store.add_token(f"t-{name}", {}, 0.0, 1e12, "bench")
+    store.enroll(f"t-{name}", 1.0, DeviceRecord(id=name, labels={}, enrolled_at=1.0,
+                                                agent_version="1", host={}),
+                 CertificateRecord(serial=f"s-{name}", kind="device", subject=name,
+                                   not_before=0.0, not_after=1e12, issued_at=1.0))
+    return name
 
 
-def _measure(store: Store, batches: int, size: int) -> dict[str, float]:
-    device, seq, per_batch = _device(store), 0, []
+def _measure(store: Store, batches: int, size: int, name: str = "dev-0") -> dict[str, float]:
+    device, seq, per_batch = _device(store, name), 0, []
     statements = 0
     for _ in range(batches + 2):  # the first two warm the connection and the caches
         now = time.time()
@@ -65,6 +68,30 @@ def _measure(store: Store, batches: int, size: int) -> dict[str, float]:
     per_batch = per_batch[2:]
     ms = statistics.median(per_batch) * 1e3
     return {"ms_per_batch": ms, "records_per_s": size / (ms / 1e3), "statements": statements}
+
+
+def _concurrent(url: str, writers: int, batches: int, size: int) -> float:
+    """Records/s of ``writers`` stores writing at once, each from its own thread."""
+    stores = [open_store(url) for _ in range(writers)]
+    barrier = threading.Barrier(writers)
+    seconds: list[float] = []
+
+    def write(i: int) -> None:
+        barrier.wait()
+        t0 = time.perf_counter()
+        _measure(stores[i], batches, size, f"dev-w{i}")
+        seconds.append(time.perf_counter() - t0)
+
+    try:
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for st in stores:
+            st.close()
+    return writers * (batches + 2) * size / max(seconds)
 
 
 def _round_trip_ms(url: str, n: int = 2000) -> float:
@@ -105,6 +132,7 @@ def bench_store_ingest(work: Path, server: str = DEFAULT_PG, *, batches: int = 2
         finally:
             pg_store.close()
         rtt = _round_trip_ms(url)
+        two = _concurrent(url, 2, batches, size)
     floor = rtt * pg["statements"]
     rows.append({
         "name": f"store: one {size}-record telemetry batch, PostgreSQL", "unit": "ms",
@@ -114,6 +142,11 @@ def bench_store_ingest(work: Path, server: str = DEFAULT_PG, *, batches: int = 2
         "ratio": round(pg["ms_per_batch"] / floor, 2), "target": "-", "pass": None,
         "records_per_s": round(pg["records_per_s"]),
         "vs_sqlite": round(pg["ms_per_batch"] / lite["ms_per_batch"], 2)})
+    rows.append({
+        "name": f"store: two PostgreSQL stores writing {size}-record batches at once",
+        "unit": "rec/s", "figure": round(two), "baseline": round(pg["records_per_s"]),
+        "baseline_name": "one store alone", "ratio": round(two / pg["records_per_s"], 2),
+        "target": "-", "pass": None})
     return rows
 
 
