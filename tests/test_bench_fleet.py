@@ -164,3 +164,14 @@ def test_make_bench_replica_rows_say_why_when_postgresql_does_not_answer(tmp_pat
         assert row["figure"] is None and row["pass"] is None
         assert "PostgreSQL not reachable at postgresql://postgres@127.0.0.1:1/postgres" in (
             row["note"])
+
+
+def test_store_ingest_bench_measures_both_backends(tmp_path: Path) -> None:
+    from scripts.bench_store_ingest import bench_store_ingest  # noqa: PLC0415
+
+    rows = bench_store_ingest(tmp_path, PG_SERVER, batches=2, size=20)
+    assert [r["name"].split(",")[-1].strip() for r in rows[:2]] == ["SQLite", "PostgreSQL"]
+    assert rows[2]["name"].startswith("store: two PostgreSQL stores")
+    for row in rows:
+        assert row["figure"] > 0 and math.isfinite(row["figure"])
+    assert rows[1]["baseline"] > 0 and "statements" in rows[1]["baseline_name"]
