@@ -14,6 +14,11 @@ Each row carries its target and a pass/fail column:
   the agent;
 * bundle verification against ``openssl dgst`` (``scripts/bench_verify.py``);
 * fleet scale with 1,000 simulated agents (``scripts/bench_fleet.py``);
+* replicas on PostgreSQL (``scripts/bench_fleet.py --replicas N --database URL``): 200 agents on
+  one and on two replicas, and the failover times when the scheduler's replica is SIGKILLed
+  mid-rollout; the server at EDGEFLEET_BENCH_DATABASE (default
+  postgresql://postgres@127.0.0.1:5432/postgres) is used only to create and drop the bench's own
+  database; where it does not answer, the rows say so (no figure, pass None);
 * MQTT telemetry and release fan-out through Mosquitto (``scripts/bench_mqtt.py``);
 * database growth under a one-device telemetry flood, with the quota against without
   (``scripts/bench_flood.py``);
@@ -45,7 +50,7 @@ from control_plane.ops.home import init_home
 from control_plane.server import ControlPlane
 from edge_agent.enroll import enroll
 from edge_agent.state import StateDir
-from scripts.bench_fleet import bench_fleet
+from scripts.bench_fleet import DEFAULT_PG, bench_fleet, pg_reachable
 from scripts.bench_flood import bench_flood
 from scripts.bench_ingest import bench_ingest
 from scripts.bench_mqtt import bench_mqtt
@@ -140,6 +145,40 @@ def bench_heartbeat(work: Path, n: int) -> list[dict[str, Any]]:
     return rows
 
 
+REPLICA_AGENTS = 200
+PG_LIMIT = ("each store call runs synchronously on the replica's event loop, one round trip per "
+            "statement (telemetry: an INSERT per record and per derived row), under one "
+            "database-wide write lock that the replicas share (scripts.bench_store_ingest; "
+            "README, Fleet scale)")
+_REPLICA_ROWS = ("fleet heartbeat p99", "fleet telemetry accepted", "release fan-out",
+                 "control-plane CPU", "scheduler takeover", "staged rollout moves on",
+                 "agent failover")
+
+
+def bench_replicas(work: Path, server: str = DEFAULT_PG,
+                   devices: int = REPLICA_AGENTS) -> list[dict[str, Any]]:
+    """The fleet bench at ``devices`` agents on one and on two replicas sharing a PostgreSQL
+    database, the second run with the failover phase; rows without figures (saying why) where
+    PostgreSQL does not answer at ``server``."""
+    why = pg_reachable(server)
+    if why:
+        note = f"PostgreSQL not reachable at {server} (EDGEFLEET_BENCH_DATABASE): {why}"
+        return [{"name": f"{name} ({devices} agents, {n} replica(s) on PostgreSQL)",
+                 "unit": "-", "figure": None, "baseline": None, "baseline_name": "-",
+                 "ratio": None, "target": "-", "pass": None, "note": note}
+                for n, name in ((1, "fleet on PostgreSQL"), (2, "fleet on PostgreSQL"),
+                                (2, "scheduler takeover and agent failover"))]
+    rows: list[dict[str, Any]] = []
+    for replicas in (1, 2):
+        result = bench_fleet(work / f"pg{replicas}", devices=devices, duration=5.0,
+                             replicas=replicas, database=server, failover=replicas == 2)
+        rows += [r for r in result.rows if r["name"].startswith(_REPLICA_ROWS)]
+    for r in rows:
+        if r["name"].startswith("fleet"):
+            r["note"] = PG_LIMIT
+    return rows
+
+
 def _tiny_bundle(work: Path, key: Path) -> Path:
     text = (REPO / "examples" / "pipelines" / "digits-mlp.toml").read_text()
     text = text.replace("hidden = [1024, 1024]", "hidden = [32]").replace("epochs = 20",
@@ -201,10 +240,16 @@ LIMITS = {
                              "routing, per-arm stats and the feedback log per request",
     "in-process predict": "per-request Python work (routing, stats) around the session",
     "fleet heartbeat": "one event loop runs every SQLite transaction (fsync) and the gRPC work",
-    "fleet telemetry": "each telemetry batch is parsed and inserted on the event loop, one "
-                       "transaction per batch",
+    "fleet telemetry accepted (1000 agents)": "each telemetry batch is parsed and inserted on "
+                                              "the event loop, one transaction per batch",
+    "fleet telemetry": "on PostgreSQL: one INSERT round trip per record (and per derived row) "
+                       "under the one write lock, on the event loop (scripts.bench_store_ingest; "
+                       "README, Fleet scale)",
     "release fan-out to": "StartRollout signs and stores each device's release, one "
                           "transaction each",
+    "scheduler takeover": "a survivor takes the advisory lock on its next scheduler tick",
+    "agent failover": "the agent's backoff window after its stream broke, and the survivor's "
+                      "event loop busy with the moved agents' reconnections",
     "MQTT": "the control plane's database writes, not the broker (docs/mqtt.md)",
     "bundle verification": "hashing speed: Python's hashlib vs openssl's CLI on these bytes",
     "compressed": "pruning and int8 quantization settings of the pipeline",
@@ -236,6 +281,9 @@ def _print(rows: list[dict[str, Any]]) -> None:
     widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    missing = [r for r in rows if r["figure"] is None]
+    for r in missing:
+        print(f"  {r['name']}: no figure: {r.get('note', '')}")
     failed = [r for r in rows if r["pass"] is False]
     if failed:
         print("\nwhat limits each FAIL:")
@@ -254,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = bench_heartbeat(Path(tmp) / "heartbeat", args.n)
         rows += bench_compression(Path(tmp) / "compression")
         rows += bench_fleet(Path(tmp) / "fleet").rows  # 1,000 simulated agents
+        rows += bench_replicas(Path(tmp) / "replicas")  # 200 agents, 1 and 2 replicas on PG
         rows += bench_mqtt(Path(tmp) / "mqtt")  # Mosquitto: telemetry, release fan-out
         rows += bench_flood(Path(tmp) / "flood")  # DB growth under a one-device flood
         rows += bench_ingest(Path(tmp) / "ingest")  # trainer ingest: SQL, Parquet, HTTP
