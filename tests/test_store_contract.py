@@ -293,6 +293,27 @@ def test_telemetry_groups_commit_together_and_store_each_record_once(store: Stor
     assert store.telemetry_counts()["telemetry"] == 6
 
 
+def test_a_batch_mixing_stored_and_new_records_writes_derived_rows_of_the_new_ones_only(
+        store: Store) -> None:
+    _device(store)
+
+    def arms(seq: int, requests: int) -> tuple[TelemetryRecord, ArmStatsRecord]:
+        return (TelemetryRecord(seq, "arm_stats", float(seq), b"a%d" % seq),
+                ArmStatsRecord("dev-1", "digits", 1, requests, 0, 1.0, 2.0, 0, 0, float(seq)))
+
+    (r1, a1), (r2, a2), (r3, a3) = arms(1, 10), arms(2, 20), arms(3, 5)
+    store.ingest_telemetry("dev-1", [r1, r2], {1: a1, 2: a2}, 100.0, 0, 0)
+    # seq 2 again with other numbers (ignored: stored already), seq 3 new, seq 3 twice in one
+    # batch (stored once), and a plain record between them.
+    changed2 = ArmStatsRecord("dev-1", "digits", 1, 999, 0, 1.0, 2.0, 0, 0, 2.0)
+    store.ingest_telemetry("dev-1", [r2, TelemetryRecord(9, "error", 1.0, b"e"), r3, r3],
+                           {2: changed2, 3: a3}, 101.0, 0, 0)
+    history, _ = store.arm_history("digits", 0.0, 10)
+    assert sorted(h.requests for h in history) == [5, 10, 20]
+    assert store.arm_stats("digits")[0].requests == 5  # the newest snapshot (seq 3)
+    assert store.telemetry_counts()["telemetry"] == 4
+
+
 def test_experiments(store: Store) -> None:
     _device(store)
     _model(store, 1)

@@ -76,6 +76,48 @@ _ROLL_UP_ARMS = (
 BLOB_PART = 4 * 1024 * 1024
 
 
+
+# DO NOTHING: a window resent after its raw row expired is already here.
+_INSERT_DRIFT_WINDOW = (
+    'INSERT INTO drift_windows(device_id, seq, model, version, start,'
+    ' "end", rows, score, drifted, prediction_psi, drifted_features, received_at,'
+    " feature_psi) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING")
+# Every snapshot is history (kept as long as drift windows, then rolled up daily).
+_INSERT_ARM_HISTORY = (
+    "INSERT INTO arm_stats_history(device_id, seq, model, version, requests,"
+    " errors, p50_ms, p95_ms, labelled, correct, abs_error_sum, sq_error_sum,"
+    " created_at, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT DO NOTHING")
+# Counters are cumulative per agent run: keep the newest snapshot (highest seq).
+_UPSERT_ARM_STATS = (
+    "INSERT INTO arm_stats(device_id, model, version, requests, errors, p50_ms, p95_ms,"
+    " labelled, correct, updated_at, seq, abs_error_sum, sq_error_sum)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT(device_id, model, version) DO UPDATE SET requests=excluded.requests,"
+    " errors=excluded.errors, p50_ms=excluded.p50_ms, p95_ms=excluded.p95_ms,"
+    " labelled=excluded.labelled, correct=excluded.correct,"
+    " abs_error_sum=excluded.abs_error_sum, sq_error_sum=excluded.sq_error_sum,"
+    " updated_at=excluded.updated_at, seq=excluded.seq WHERE excluded.seq > arm_stats.seq")
+
+
+def _drift_window_args(seq: int, row: DriftWindowRecord, now: float) -> tuple[Any, ...]:
+    return (row.device_id, seq, row.model, row.version, row.start, row.end, row.rows,
+            row.score, int(row.drifted), row.prediction_psi,
+            _dump(list(row.drifted_features)), now, _dump(row.feature_psi))
+
+
+def _arm_history_args(seq: int, row: ArmStatsRecord, now: float) -> tuple[Any, ...]:
+    return (row.device_id, seq, row.model, row.version, row.requests, row.errors, row.p50_ms,
+            row.p95_ms, row.labelled, row.correct, row.abs_error_sum, row.sq_error_sum,
+            row.updated_at, now)
+
+
+def _arm_stats_args(seq: int, row: ArmStatsRecord) -> tuple[Any, ...]:
+    return (row.device_id, row.model, row.version, row.requests, row.errors, row.p50_ms,
+            row.p95_ms, row.labelled, row.correct, row.updated_at, seq, row.abs_error_sum,
+            row.sq_error_sum)
+
+
 class SqliteStore(Store):
     """The embedded default. Its SQL is shared with ``PostgresStore`` (a subclass): write new
     statements in the dialect both speak (``ON CONFLICT`` upserts, ``RETURNING``, aliased
@@ -586,20 +628,20 @@ class SqliteStore(Store):
                 self._write_telemetry(c, w)
 
     def _write_telemetry(self, c: sqlite3.Connection, w: TelemetryWrite) -> None:
-        insert = ("INSERT INTO telemetry(device_id, seq, kind, created_at, received_at,"
-                  " payload) VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING")
-        # Records without derived rows (most) in one statement; a record with one alone, so
-        # that its derived row is written only when the record is new (stored once).
-        self._insert_plain_telemetry(c, w.device_id, w.now,
-                                     [r for r in w.records if r.seq not in w.derived])
-        for r in w.records:
-            if r.seq in w.derived:
-                cur = c.execute(insert, (w.device_id, r.seq, r.kind, r.created_at, w.now,
-                                         r.payload))
-                if cur.rowcount == 1:
-                    self._insert_derived(c, r.seq, w.derived[r.seq], w.now)
-        for refusal in w.refused:
-            self._insert_derived(c, 0, refusal, w.now)
+        # A record's derived row is written only when the record is new (stored once): the
+        # seqs already stored are read first (writers are serialized, so nothing lands in
+        # between), then every record goes in one statement and the new ones' derived rows
+        # a statement per kind (on PostgreSQL a round trip per statement, not per record).
+        new: list[tuple[int, Derived]] = []
+        if w.derived:
+            stored = self._stored_seqs(c, w.device_id, sorted(w.derived))
+            seen: set[int] = set()
+            for r in w.records:
+                if r.seq in w.derived and r.seq not in stored and r.seq not in seen:
+                    seen.add(r.seq)
+                    new.append((r.seq, w.derived[r.seq]))
+        self._insert_plain_telemetry(c, w.device_id, w.now, w.records)
+        self._insert_derived_many(c, [*new, *((0, refusal) for refusal in w.refused)], w.now)
         c.execute(
             "INSERT INTO telemetry_status(device_id, dropped, depth, updated_at)"
             " VALUES (?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
@@ -659,6 +701,36 @@ class SqliteStore(Store):
                 for table in ("telemetry", "drift_windows", "samples", "telemetry_rollup")}
 
     @staticmethod
+    def _stored_seqs(c: sqlite3.Connection, device_id: str, seqs: Sequence[int]) -> set[int]:
+        out: set[int] = set()
+        for i in range(0, len(seqs), 500):  # well under either database's parameter limit
+            chunk = seqs[i:i + 500]
+            marks = ",".join("?" * len(chunk))  # placeholders only: the values are bound
+            rows = c.execute("SELECT seq FROM telemetry WHERE device_id = ? AND seq IN"  # noqa: S608
+                             f" ({marks})", (device_id, *chunk))
+            out.update(int(r[0]) for r in rows.fetchall())
+        return out
+
+    @staticmethod
+    def _insert_derived_many(c: sqlite3.Connection, rows: Sequence[tuple[int, Derived]],
+                             now: float) -> None:
+        """``_insert_derived`` for many rows: drift windows and arm statistics (what every
+        batch carries) a statement per table; the rarer kinds one by one. Each table's rows
+        keep their order, and no result depends on the order across tables."""
+        windows = [(seq, r) for seq, r in rows if isinstance(r, DriftWindowRecord)]
+        arms = [(seq, r) for seq, r in rows if isinstance(r, ArmStatsRecord)]
+        if windows:
+            c.executemany(_INSERT_DRIFT_WINDOW, [_drift_window_args(seq, r, now)
+                                                 for seq, r in windows])
+        if arms:
+            c.executemany(_INSERT_ARM_HISTORY, [_arm_history_args(seq, r, now)
+                                                for seq, r in arms])
+            c.executemany(_UPSERT_ARM_STATS, [_arm_stats_args(seq, r) for seq, r in arms])
+        for seq, r in rows:
+            if not isinstance(r, DriftWindowRecord | ArmStatsRecord):
+                SqliteStore._insert_derived(c, seq, r, now)
+
+    @staticmethod
     def _insert_derived(c: sqlite3.Connection, seq: int, row: Derived, now: float) -> None:
         if isinstance(row, SampleRecord):
             c.execute(
@@ -690,40 +762,10 @@ class SqliteStore(Store):
                     c, seq, ReportRefusal(row.device_id, "sample", row.category), now)
             return
         if isinstance(row, DriftWindowRecord):
-            # DO NOTHING: a window resent after its raw row expired is already here.
-            c.execute(
-                'INSERT INTO drift_windows(device_id, seq, model, version, start,'
-                ' "end", rows, score, drifted, prediction_psi, drifted_features, received_at,'
-                " feature_psi) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                (row.device_id, seq, row.model, row.version, row.start, row.end, row.rows,
-                 row.score, int(row.drifted), row.prediction_psi,
-                 _dump(list(row.drifted_features)), now, _dump(row.feature_psi)),
-            )
+            c.execute(_INSERT_DRIFT_WINDOW, _drift_window_args(seq, row, now))
             return
-        # Every snapshot is history (kept as long as drift windows, then rolled up daily).
-        c.execute(
-            "INSERT INTO arm_stats_history(device_id, seq, model, version, requests,"
-            " errors, p50_ms, p95_ms, labelled, correct, abs_error_sum, sq_error_sum,"
-            " created_at, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT DO NOTHING",
-            (row.device_id, seq, row.model, row.version, row.requests, row.errors, row.p50_ms,
-             row.p95_ms, row.labelled, row.correct, row.abs_error_sum, row.sq_error_sum,
-             row.updated_at, now),
-        )
-        # Counters are cumulative per agent run: keep the newest snapshot (highest seq).
-        c.execute(
-            "INSERT INTO arm_stats(device_id, model, version, requests, errors, p50_ms, p95_ms,"
-            " labelled, correct, updated_at, seq, abs_error_sum, sq_error_sum)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT(device_id, model, version) DO UPDATE SET requests=excluded.requests,"
-            " errors=excluded.errors, p50_ms=excluded.p50_ms, p95_ms=excluded.p95_ms,"
-            " labelled=excluded.labelled, correct=excluded.correct,"
-            " abs_error_sum=excluded.abs_error_sum, sq_error_sum=excluded.sq_error_sum,"
-            " updated_at=excluded.updated_at, seq=excluded.seq WHERE excluded.seq > arm_stats.seq",
-            (row.device_id, row.model, row.version, row.requests, row.errors, row.p50_ms,
-             row.p95_ms, row.labelled, row.correct, row.updated_at, seq, row.abs_error_sum,
-             row.sq_error_sum),
-        )
+        c.execute(_INSERT_ARM_HISTORY, _arm_history_args(seq, row, now))
+        c.execute(_UPSERT_ARM_STATS, _arm_stats_args(seq, row))
 
     def latest_drift(self, model: str | None) -> list[DriftWindowRecord]:
         rows = self._query(
