@@ -312,6 +312,13 @@ def test_a_batch_mixing_stored_and_new_records_writes_derived_rows_of_the_new_on
     assert sorted(h.requests for h in history) == [5, 10, 20]
     assert store.arm_stats("digits")[0].requests == 5  # the newest snapshot (seq 3)
     assert store.telemetry_counts()["telemetry"] == 4
+    # A flood of refused records counts each one, into one counter per reason.
+    flood = [ReportRefusal("dev-1", "arm_stats", "not-in-release")] * 300
+    store.ingest_telemetry("dev-1", [], {}, 102.0, 0, 0,
+                           [*flood, ReportRefusal("dev-1", "drift", "too-large", 2)])
+    store.count_refusals(flood[:5], 103.0)
+    assert store.report_refusals("dev-1") == {"arm_stats/not-in-release": 305,
+                                              "drift/too-large": 2}
 
 
 def test_experiments(store: Store) -> None:

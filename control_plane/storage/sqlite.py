@@ -659,8 +659,7 @@ class SqliteStore(Store):
 
     def count_refusals(self, refused: Sequence[ReportRefusal], now: float) -> None:
         with self._tx() as c:
-            for refusal in refused:
-                self._insert_derived(c, 0, refusal, now)
+            self._insert_derived_many(c, [(0, refusal) for refusal in refused], now)
 
     def expire_telemetry(self, raw_before: float, drift_before: float,
                          limit: int = 10_000) -> int:
@@ -715,7 +714,8 @@ class SqliteStore(Store):
     def _insert_derived_many(c: sqlite3.Connection, rows: Sequence[tuple[int, Derived]],
                              now: float) -> None:
         """``_insert_derived`` for many rows: drift windows and arm statistics (what every
-        batch carries) a statement per table; the rarer kinds one by one. Each table's rows
+        batch carries) a statement per table, refusals one per counter; the rarer kinds one
+        by one. Each table's rows
         keep their order, and no result depends on the order across tables."""
         windows = [(seq, r) for seq, r in rows if isinstance(r, DriftWindowRecord)]
         arms = [(seq, r) for seq, r in rows if isinstance(r, ArmStatsRecord)]
@@ -726,8 +726,16 @@ class SqliteStore(Store):
             c.executemany(_INSERT_ARM_HISTORY, [_arm_history_args(seq, r, now)
                                                 for seq, r in arms])
             c.executemany(_UPSERT_ARM_STATS, [_arm_stats_args(seq, r) for seq, r in arms])
+        # Refusal counters: one upsert per (device, kind, reason), however many were refused.
+        refused: dict[tuple[str, str, str], int] = {}
+        for _, r in rows:
+            if isinstance(r, ReportRefusal):
+                key = (r.device_id, r.kind, r.reason)
+                refused[key] = refused.get(key, 0) + r.count
+        for (device_id, kind, reason), count in refused.items():
+            SqliteStore._insert_derived(c, 0, ReportRefusal(device_id, kind, reason, count), now)
         for seq, r in rows:
-            if not isinstance(r, DriftWindowRecord | ArmStatsRecord):
+            if not isinstance(r, DriftWindowRecord | ArmStatsRecord | ReportRefusal):
                 SqliteStore._insert_derived(c, seq, r, now)
 
     @staticmethod
