@@ -171,8 +171,11 @@ def test_control_plane_restored_from_an_older_backup_issues_serials_agents_accep
     shutil.copyfile(backup, cp.home / "edgefleet.db")
     cp.restart()  # believes v1 is rolled out and that each device's serial is `held`
     assert _fleet(cp, "rollouts", "start", "--model", "digits", "--version", "2") == 0
-    for agent in agents:  # a release the agent accepts, above what it held
-        while agent.wait_for("models")["serial"] <= newer:
+    # Releases the agent accepts, above what it held: the restored control plane may first
+    # re-issue what its backup believed (v1) at a new serial, then the v2 rollout's.
+    for agent in agents:
+        while not (agent.wait_for("models")["serial"] > newer
+                   and agent.agent.models.active("digits")[0] == 2):
             pass
     assert all(a.agent.trust.mark.serial > newer for a in agents)
     assert all(a.agent.models.active("digits")[0] == 2 for a in agents)
