@@ -195,6 +195,19 @@ def wait_until(check: Callable[[], T | None], timeout: float = WAIT, what: str =
             raise AssertionError(f"condition not met within {timeout}s: {what or check}")
         time.sleep(0.02)
 
+async def wait_until_async(check: Callable[[], T | None], timeout: float = WAIT,
+                           what: str = "") -> T:
+    """``wait_until`` on an event loop: the loop runs on while the state is polled."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {what or check}")
+        await asyncio.sleep(0.02)
+
+
 def start_agent(state_dir: Path, loop: LoopThread,
                 observe: Callable[[str, dict[str, Any]], None] | None = None,
                 **config: Any) -> RunningAgent:

@@ -21,26 +21,26 @@ REPO = Path(__file__).resolve().parent.parent
 # Starts the agent of argv[1] with the listeners of argv[2:] ("http", "grpc"), waits for it
 # to serve, asks its HTTP listener (when it has one) for liveness, prints the loaded modules.
 _PROBE = """
-import asyncio, json, sys, threading, urllib.request
+import asyncio, json, sys, urllib.request
 from pathlib import Path
 from edge_agent.daemon import Agent
 
 state, listeners = Path(sys.argv[1]), set(sys.argv[2:])
-serving = threading.Event()
 ports = {}
 
-def on_event(kind, data):
-    if kind == "serving":
-        ports.update(data)
-        serving.set()
-
 async def main():
+    loop, serving = asyncio.get_running_loop(), asyncio.Event()
+
+    def on_event(kind, data):
+        if kind == "serving":
+            ports.update(data)
+            loop.call_soon_threadsafe(serving.set)
+
     agent = Agent(state, on_event=on_event,
                   listen="127.0.0.1:0" if "http" in listeners else None,
                   grpc_listen="127.0.0.1:0" if "grpc" in listeners else None)
     task = asyncio.create_task(agent.run())
-    while not serving.is_set():
-        await asyncio.sleep(0.01)  # a probe process: polls its own flag
+    await asyncio.wait_for(serving.wait(), 60)
     live = None
     if ports.get("http_port"):
         url = f"http://127.0.0.1:{ports['http_port']}/v2/health/live"

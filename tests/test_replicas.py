@@ -303,12 +303,12 @@ def test_two_replicas_bridges_share_the_device_topics_through_a_shared_subscript
 
 
 _LEADER = """
-import sys, time
+import sys
 from control_plane.storage import open_store
 store = open_store(sys.argv[1])
 assert store.try_lead("scheduler")
 print("leading", flush=True)
-time.sleep(600)
+sys.stdin.read()  # holds the lock until it is killed (or its stdin closes)
 """
 
 
@@ -319,7 +319,7 @@ def test_a_leader_killed_with_sigkill_loses_the_schedule_to_another_within_secon
     import sys  # noqa: PLC0415
 
     proc = subprocess.Popen([sys.executable, "-c", _LEADER, pg_database],
-                            stdout=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     other = open_store(pg_database)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "leading"

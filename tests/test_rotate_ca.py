@@ -20,7 +20,7 @@ from edge_agent.identity import check_ca_bundle, install_renewed, load_credentia
 from edge_agent.state import StateDir
 from fleetcore import pki
 from tests.mqtt_support import connect, connected
-from tests.support import WAIT, RunningControlPlane, start_agent
+from tests.support import WAIT, RunningControlPlane, start_agent, wait_until_async
 from tests.test_rotate_server_cert import served_serial
 
 
@@ -46,8 +46,8 @@ def _heartbeat_refused(cp: RunningControlPlane, cert: Path, key: Path, ca: Path)
 
 
 async def _reconnected(bridge: MqttBridge) -> None:
-    while bridge.connected.is_set():  # until it saw the broker go
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: not bridge.connected.is_set(),  # it saw the broker go
+                           what="the bridge to see the broker go")
     await bridge.connected.wait()
 
 

@@ -13,7 +13,7 @@ from edge_agent.identity import load_credentials
 from edge_agent.state import StateDir
 from edge_agent.transport.grpc import GrpcTransport
 from fleetcore.errors import TransportError
-from tests.support import WAIT, RunningControlPlane, start_agent
+from tests.support import WAIT, RunningControlPlane, start_agent, wait_until_async
 from tests.test_delivery import _bundle_for, _fleet
 
 
@@ -27,8 +27,8 @@ def test_release_stream_closed_under_the_call_is_a_transport_error(
     async def run() -> None:
         releases = transport.releases(0)
         waiting = asyncio.ensure_future(anext(releases))  # no release yet: the stream waits
-        while cp.cp.notifier.subscribers(cfg.device_id) == 0:  # until the server holds it
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: cp.cp.notifier.subscribers(cfg.device_id) > 0,
+                               what="the server to hold the stream")
         await transport.reset()  # what the heartbeat loop does after a failed call
         with pytest.raises(TransportError, match="closed under the call"):
             await waiting
