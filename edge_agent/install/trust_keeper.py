@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from edge_agent.credentials import Credentials
+from edge_agent.install.child_call import answer as child_answer
+from edge_agent.install.child_call import run_child
 from edge_agent.state import StateDir
-from fleetcore import errors, strict_json
+from fleetcore import errors
 from fleetcore.release_doc import ReleaseDocument, SignedRelease, TrustedMark, parse_document
 
 __all__ = ["TRUST_TIMEOUT_S", "ReleaseView", "RootView", "TrustKeeper"]
@@ -117,17 +116,13 @@ class TrustKeeper:
     # ------------------------------------------------------------------ the child
     def _call(self, request: dict[str, Any]) -> dict[str, Any]:
         request = {**request, "state": str(self._state.root), "device_id": self._device_id}
-        package_root = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)}
         try:
-            proc = subprocess.run([sys.executable, "-m", "edge_agent.install.trust_child"],
-                                  input=json.dumps(request).encode(), capture_output=True,
-                                  env=env, timeout=self._timeout_s, check=False)
+            proc = run_child("edge_agent.install.trust_child", json.dumps(request).encode(),
+                             self._timeout_s)
         except subprocess.TimeoutExpired:
             raise errors.BadSignatureError(
                 f"the trust check ({request['op']}) took over {self._timeout_s:g} s") from None
-        answer = _answer(proc.stdout)
+        answer = child_answer(proc.stdout, "trust answer", _MAX_ANSWER_BYTES)
         if "error" in answer:
             raise _error(answer)
         if not answer or (request["op"] != "csr" and not isinstance(answer.get("snapshot"),
@@ -167,17 +162,6 @@ def _b64(value: object) -> bytes:
 
 def _bytes(answer: dict[str, Any], key: str) -> bytes:
     return _b64(answer.get(key))
-
-
-def _answer(stdout: bytes) -> dict[str, Any]:
-    lines = stdout.strip().splitlines()
-    if not lines or len(lines[-1]) > _MAX_ANSWER_BYTES:
-        return {}
-    try:
-        doc = strict_json.loads(lines[-1], what="trust answer", max_bytes=_MAX_ANSWER_BYTES)
-    except errors.EdgefleetError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def _error(answer: dict[str, Any]) -> Exception:

@@ -18,14 +18,14 @@ on a positive answer. The parent then parses the verified manifest from disk its
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fleetcore import strict_json
+from edge_agent.install.child_call import answer as child_answer
+from edge_agent.install.child_call import run_child
 from fleetcore.bundle import MANIFEST, parse_manifest
 from fleetcore.errors import BadSignatureError, EdgefleetError, InvalidInputError
 
@@ -45,16 +45,11 @@ def verify_isolated(bundle: Path, publisher_keys: Sequence[bytes], *, threshold:
     (module rules): at least ``threshold`` distinct keys must have signed the bundle."""
     request = json.dumps({"bundle": str(bundle), "threshold": int(threshold),
                           "keys": [pem.decode("ascii") for pem in publisher_keys]})
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)}
     try:
-        proc = subprocess.run([sys.executable, "-m", "edge_agent.install.verify_child"],
-                              input=request.encode(), capture_output=True, env=env,
-                              timeout=timeout_s, check=False)
+        proc = run_child("edge_agent.install.verify_child", request.encode(), timeout_s)
     except subprocess.TimeoutExpired:
         raise BadSignatureError(f"verifying {bundle} took over {timeout_s:g} s") from None
-    answer = _answer(proc.stdout)
+    answer = child_answer(proc.stdout, "verification answer", _MAX_ANSWER_BYTES)
     if answer.get("ok") is True:
         return parse_manifest((Path(bundle) / MANIFEST).read_bytes())
     kind, message = answer.get("error"), answer.get("message")
@@ -63,18 +58,6 @@ def verify_isolated(bundle: Path, publisher_keys: Sequence[bytes], *, threshold:
     tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
     raise BadSignatureError(f"verifying {bundle} failed (exit {proc.returncode}): "
                             f"{tail[0][:200]}")
-
-
-def _answer(stdout: bytes) -> dict[str, Any]:
-    lines = stdout.strip().splitlines()
-    if not lines or len(lines[-1]) > _MAX_ANSWER_BYTES:
-        return {}
-    try:
-        doc = strict_json.loads(lines[-1], what="verification answer",
-                                max_bytes=_MAX_ANSWER_BYTES)
-    except EdgefleetError:
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def main() -> int:
