@@ -250,7 +250,8 @@ LIMITS = {
     "scheduler takeover": "a survivor takes the advisory lock on its next scheduler tick",
     "agent failover": "the agent's backoff window after its stream broke, and the survivor's "
                       "event loop busy with the moved agents' reconnections",
-    "MQTT": "the control plane's database writes, not the broker (docs/mqtt.md)",
+    "MQTT": "CPU per record in the agent's and the bridge's Python work, not the broker "
+            "(docs/mqtt.md)",
     "bundle verification": "hashing speed: Python's hashlib vs openssl's CLI on these bytes",
     "compressed": "pruning and int8 quantization settings of the pipeline",
     "drift update": "per-row Python work when rows arrive one at a time",

@@ -7,12 +7,16 @@ postgres) and dropped afterwards. Import the fixtures a test module uses from he
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from control_plane.domain import telemetry_segment
+from control_plane.domain.records import TelemetryRecord
 from control_plane.storage import Store, open_store
 
 BACKENDS = ("sqlite", "postgresql")
@@ -49,3 +53,15 @@ def store(store_url: str) -> Iterator[Store]:
         yield opened
     finally:
         opened.close()
+
+
+def raw_telemetry(db: Path) -> list[tuple[str, TelemetryRecord]]:
+    """Every raw record an SQLite control-plane database keeps, as (device, record), read from
+    the file directly (for a process the test does not own): rows of ``telemetry`` and the
+    records of each segment."""
+    with contextlib.closing(sqlite3.connect(db, timeout=30.0)) as conn:
+        out = [(d, TelemetryRecord(s, k, at, bytes(p))) for d, s, k, at, p in conn.execute(
+            "SELECT device_id, seq, kind, created_at, payload FROM telemetry")]
+        for device_id, body in conn.execute("SELECT device_id, body FROM telemetry_segments"):
+            out.extend((device_id, r) for r in telemetry_segment.decode(bytes(body)))
+    return sorted(out, key=lambda item: (item[0], item[1].seq))

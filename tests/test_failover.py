@@ -15,7 +15,6 @@ import json
 import random
 import signal
 import socket
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from edge_agent.reporting.outbox import Outbox
 from edge_agent.state import AgentConfig, StateDir
 from fleetcore import tomlfile
 from fleetcore.errors import InvalidInputError, TransportError
-from tests.store_support import BACKENDS, pg_database
+from tests.store_support import BACKENDS, pg_database, raw_telemetry
 from tests.support import (
     WAIT,
     LoopThread,
@@ -189,9 +188,7 @@ def replicas(request: pytest.FixtureRequest, tmp_path: Path,
 
 
 def _rows(cp: RunningControlPlane, device_id: str) -> list[tuple[int, str]]:
-    rows = cp.cp.store._query(  # type: ignore[attr-defined]
-        "SELECT seq, kind FROM telemetry WHERE device_id = ? ORDER BY seq", (device_id,))
-    return [(r["seq"], r["kind"]) for r in rows]
+    return [(r.seq, r.kind) for r in cp.cp.store.telemetry_records(device_id)]
 
 
 def test_agent_fails_over_to_the_other_replica_when_its_replica_dies_mid_stream(
@@ -320,9 +317,8 @@ def _free_port() -> int:
 
 
 def _drift_rows(home: Path, device_id: str) -> list[int]:
-    with contextlib.closing(sqlite3.connect(home / "edgefleet.db", timeout=WAIT)) as db:
-        return [seq for (seq,) in db.execute(
-            "SELECT seq FROM telemetry WHERE device_id = ? AND kind = 'drift'", (device_id,))]
+    return [r.seq for d, r in raw_telemetry(home / "edgefleet.db")
+            if d == device_id and r.kind == "drift"]
 
 
 

@@ -32,6 +32,7 @@ from fleet.channel import open_channel
 from fleet.cli import main as fleet_main
 from fleetcore import operator_config, pki
 from fleetcore.cli import terminal_safe
+from tests.store_support import raw_telemetry
 from tests.support import (
     WAIT,
     FakeClock,
@@ -592,8 +593,8 @@ def test_kill_9_during_a_write_burst_loses_nothing_acknowledged(tmp_path: Path) 
 
     with sqlite3.connect(home / "edgefleet.db") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        stored = set(conn.execute("SELECT device_id, seq FROM telemetry").fetchall())
         hashes = {r[0] for r in conn.execute("SELECT token_hash FROM enrollment_tokens")}
+    stored = {(d, r.seq) for d, r in raw_telemetry(home / "edgefleet.db")}
     assert {(d, s) for d, seqs in acked.items() for s in seqs} <= stored
     assert {hash_token(t) for t in tokens} <= hashes and tokens
     server = Proc("control-plane", "serve", "--home", str(home), "--api", "127.0.0.1:0",

@@ -395,8 +395,8 @@ def test_a_live_agent_notices_nothing_when_its_fleet_moves_to_postgresql(
             assert copied == _all_rows_sqlite(cp.home / "edgefleet.db")
             assert {t for t, rows in copied.items() if rows} >= {
                 "devices", "certificates", "operators", "enrollment_tokens", "model_versions",
-                "releases", "rollouts", "device_arms", "roots", "audit_events", "telemetry",
-                "arm_stats", "drift_windows"}
+                "releases", "rollouts", "device_arms", "roots", "audit_events",
+                "telemetry_segments", "arm_stats", "drift_windows"}
             cp.restart()  # same home, same ports, now on PostgreSQL
             assert isinstance(cp.cp.store, PostgresStore)
             assert _keys(cp.home) == keys  # the same CA, server, release and audit keys

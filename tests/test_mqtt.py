@@ -78,9 +78,7 @@ def _bridge_publish(cp: RunningControlPlane, device: str, leaf: Leaf, payload: b
 
 
 def _telemetry_seqs(cp: RunningControlPlane, device_id: str) -> list[int]:
-    rows = cp.cp.store._query(  # type: ignore[attr-defined]
-        "SELECT seq FROM telemetry WHERE device_id = ? ORDER BY seq", (device_id,))
-    return [int(r["seq"]) for r in rows]
+    return [r.seq for r in cp.cp.store.telemetry_records(device_id)]
 
 
 def _batch(*seqs: int) -> bytes:
@@ -328,9 +326,8 @@ def test_telemetry_through_broker_outage_restart_and_kill_9_arrives_exactly_once
     finally:
         agent.stop()
     assert _telemetry_seqs(mq, device) == list(range(1, 26))
-    payloads = mq.cp.store._query(  # type: ignore[attr-defined]
-        "SELECT payload FROM telemetry WHERE device_id = ? AND seq = 7", (device,))
-    assert json.loads(payloads[0]["payload"])["error"] == "7"
+    (seventh,) = [r for r in mq.cp.store.telemetry_records(device) if r.seq == 7]
+    assert json.loads(seventh.payload)["error"] == "7"
 
 
 def test_mqtt_config_writes_a_broker_configuration(tmp_path: Path) -> None:

@@ -53,9 +53,7 @@ def _batch(*seqs: int) -> bytes:
 
 
 def _seqs(cp: RunningControlPlane, device: str) -> list[int]:
-    rows = cp.cp.store._query(  # type: ignore[attr-defined]
-        "SELECT seq FROM telemetry WHERE device_id = ? ORDER BY seq", (device,))
-    return [int(r["seq"]) for r in rows]
+    return [r.seq for r in cp.cp.store.telemetry_records(device)]
 
 
 class _Gate:

@@ -22,6 +22,7 @@ from edge_agent.reporting.telemetry import encode
 from fleet.cli import main as fleet_main
 from fleetcore.errors import InvalidInputError
 from fleetcore.release import Arm, ModelRelease, encode_document, parse_document
+from tests.store_support import raw_telemetry
 from tests.support import RunningControlPlane, send_telemetry, start_agent
 from tests.test_delivery import _bundle_for, _committed, _wait_models
 from tests.trainer_support import write_pipeline
@@ -159,7 +160,7 @@ def test_pii_never_leaves_the_device_and_refused_samples_are_counted(
     for features, labels, pii in rows:
         assert json.loads(pii) == {"customer_email": [expected]}  # name dropped, note never sent
         assert len(json.loads(features)[0]) == 64 and len(json.loads(labels)) == 1
-    telemetry = sqlite3.connect(db).execute("SELECT payload FROM telemetry").fetchall()
+    telemetry = [(r.payload,) for _, r in raw_telemetry(db)]
     for raw in RAW_VALUES:  # not in any table, nor in the raw telemetry the device sent
         assert not _on_disk(cp.home, raw)
         assert all(raw.encode() not in p for (p,) in telemetry)

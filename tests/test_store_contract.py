@@ -19,6 +19,7 @@ from control_plane.domain.audit_chain import verify_chain
 from control_plane.domain.records import (
     ArmStatsRecord,
     CertificateRecord,
+    Derived,
     DeviceRecord,
     DriftWindowRecord,
     ExperimentRecord,
@@ -457,3 +458,39 @@ def test_heartbeats_written_together_fail_alone(store: Store) -> None:
     results = asyncio.run(beats())
     assert results[:3] == [None, None, None] and isinstance(results[3], NotFoundError)
     assert all(d.last_seen == 5.0 and d.agent_version == "2" for d in store.list_devices())
+
+
+def test_raw_records_kept_a_row_each_and_in_segments_read_dedupe_and_expire_as_one(
+        store: Store) -> None:
+    """Raw telemetry is stored one segment per batch (migration 18); rows written a record
+    each before it stay readable, count against duplicates and expire with the segments."""
+    _device(store)
+    with store._tx() as c:  # type: ignore[attr-defined]  # rows from before migration 18
+        c.executemany("INSERT INTO telemetry(device_id, seq, kind, created_at, received_at,"
+                      " payload) VALUES (?,?,?,?,?,?)",
+                      [("dev-1", s, "error", 1.0, 50.0, b"old%d" % s) for s in (1, 2)])
+    arms: dict[int, Derived] = {
+        s: ArmStatsRecord("dev-1", "digits", 1, 10 * s, 0, 1.0, 2.0, 0, 0, float(s))
+        for s in (2, 3)}
+
+    def rec(seq: int, kind: str = "error") -> TelemetryRecord:
+        return TelemetryRecord(seq, kind, float(seq), b"new%d" % seq)
+
+    store.ingest_telemetry("dev-1", [rec(1), rec(2, "arm_stats"), rec(3, "arm_stats"),
+                                     rec(4)], arms, 100.0, 0, 0)
+    history, _ = store.arm_history("digits", 0.0, 10)
+    assert [h.requests for h in history] == [30]  # seq 2 was stored before: no derived row
+    store.ingest_telemetry("dev-1", [rec(3), rec(4), rec(5)], {}, 101.0, 0, 0)  # a resend
+    store.ingest_telemetry("dev-1", [rec(10), rec(6), rec(8), rec(6)], {}, 102.0, 0, 0)
+    kept = store.telemetry_records("dev-1")
+    assert [r.seq for r in kept] == [1, 2, 3, 4, 5, 6, 8, 10]
+    assert [r.payload for r in kept[:3]] == [b"old1", b"old2", b"new3"]  # first stored wins
+    assert kept[2] == TelemetryRecord(3, "arm_stats", 3.0, b"new3")
+    assert store.telemetry_counts()["telemetry"] == 8
+    # Expiry takes the old rows and the segments received before its cut, oldest first.
+    assert store.expire_telemetry(raw_before=101.5, drift_before=0.0) == 2 + 2 + 1
+    assert [r.seq for r in store.telemetry_records("dev-1")] == [6, 8, 10]
+    assert store.telemetry_rollup("dev-1") == {"error": (4, 16), "arm_stats": (1, 4)}
+    assert store.expire_telemetry(raw_before=200.0, drift_before=0.0) == 3
+    assert store.telemetry_records("dev-1") == [] and store.telemetry_counts()["telemetry"] == 0
+    assert store.telemetry_rollup("dev-1")["error"] == (7, 29)

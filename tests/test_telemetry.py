@@ -24,10 +24,7 @@ from tests.support import (
 
 
 def _rows(cp: RunningControlPlane, device_id: str) -> list[tuple[int, str]]:
-    rows = cp.cp.store._query(  # type: ignore[attr-defined]
-        "SELECT seq, kind FROM telemetry WHERE device_id = ? ORDER BY seq", (device_id,)
-    )
-    return [(r["seq"], r["kind"]) for r in rows]
+    return [(r.seq, r.kind) for r in cp.cp.store.telemetry_records(device_id)]
 
 
 def _drift_payload(i: int, base: float = 0.0) -> bytes:
@@ -130,6 +127,5 @@ def test_telemetry_survives_kill_9_of_the_agent_and_arrives_once(
     finally:
         agent.stop()
     assert [seq for seq, _ in _rows(cp, cfg.device_id)] == list(range(1, 26))
-    payloads = cp.cp.store._query(  # type: ignore[attr-defined]
-        "SELECT payload FROM telemetry WHERE device_id = ? AND seq = 7", (cfg.device_id,))
-    assert json.loads(payloads[0]["payload"])["start"] == 7.0
+    (seventh,) = [r for r in cp.cp.store.telemetry_records(cfg.device_id) if r.seq == 7]
+    assert json.loads(seventh.payload)["start"] == 7.0

@@ -103,10 +103,7 @@ def _in_process_replica(source: Path, home: Path, api: str,
 
 
 def _drift_seqs(cp: RunningControlPlane, device_id: str) -> list[int]:
-    rows = cp.cp.store._query(  # type: ignore[attr-defined]
-        "SELECT seq FROM telemetry WHERE device_id = ? AND kind = 'drift' ORDER BY seq",
-        (device_id,))
-    return [r["seq"] for r in rows]
+    return [r.seq for r in cp.cp.store.telemetry_records(device_id) if r.kind == "drift"]
 
 
 def _wait_stream(replica: RunningControlPlane, device_id: str) -> None:

@@ -294,6 +294,10 @@ class Store(abc.ABC):
         """Per kind: (records, bytes) rolled up for the device (expired raw telemetry)."""
 
     @abc.abstractmethod
+    def telemetry_records(self, device_id: str) -> list[TelemetryRecord]:
+        """The device's raw records still kept (not yet past retention), by seq."""
+
+    @abc.abstractmethod
     def telemetry_counts(self) -> dict[str, int]:
         """Row counts of the telemetry tables (for operators and tests)."""
 

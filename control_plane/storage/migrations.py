@@ -368,4 +368,19 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (digest, part)
     );
     """,
+    # 18, issue 18 (telemetry throughput): raw telemetry as one row per stored batch, its new
+    # records in one segment (control_plane/domain/telemetry_segment.py); rows of `telemetry`
+    # written before stay where they are, read and expired with the segments.
+    """
+    CREATE TABLE telemetry_segments (
+        device_id TEXT NOT NULL,
+        first_seq INTEGER NOT NULL,  -- the lowest and highest seq in the segment: a
+        last_seq INTEGER NOT NULL,   -- device's segments never share a seq
+        records INTEGER NOT NULL,
+        received_at REAL NOT NULL,
+        body BLOB NOT NULL,
+        PRIMARY KEY (device_id, last_seq)
+    );
+    CREATE INDEX telemetry_segments_received ON telemetry_segments(received_at);
+    """,
 ]

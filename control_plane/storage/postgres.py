@@ -33,7 +33,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from control_plane.domain.records import AuditRecord, ModelVersionRecord, TelemetryRecord
+from control_plane.domain.records import AuditRecord, ModelVersionRecord
 from control_plane.storage.pg_coordination import ChangeListener, Leadership
 from control_plane.storage.pg_migrations import PRELUDE, pg_migrations
 from control_plane.storage.sqlite import SqliteStore, _audit_record, _model_version, _usable_token
@@ -185,21 +185,6 @@ class PostgresStore(SqliteStore):
         return [_model_version(r) for r in rows]
 
     # --- retention: ctid where SQLite has rowid, DISTINCT ON for its bare-column MAX ---
-    @staticmethod
-    def _insert_plain_telemetry(c: Any, device_id: str, now: float,
-                                records: Sequence[TelemetryRecord]) -> None:
-        """One statement for the whole batch: its columns as arrays, unnested (a row per
-        record through executemany costs a round of the protocol each)."""
-        if not records:
-            return
-        c.execute(
-            "INSERT INTO telemetry(device_id, seq, kind, created_at, received_at, payload)"
-            " SELECT ?, u.seq, u.kind, u.created_at, ?, u.payload FROM unnest("
-            "?::bigint[], ?::text[], ?::double precision[], ?::bytea[])"
-            " AS u(seq, kind, created_at, payload) ON CONFLICT DO NOTHING",
-            (device_id, now, [r.seq for r in records], [r.kind for r in records],
-             [r.created_at for r in records], [bytes(r.payload) for r in records]))
-
     def expire_telemetry(self, raw_before: float, drift_before: float,
                          limit: int = 10_000) -> int:
         def oldest(table: str) -> str:
@@ -218,6 +203,7 @@ class PostgresStore(SqliteStore):
                 (raw_before, limit))
             removed += c.execute(f"DELETE FROM telemetry WHERE {oldest('telemetry')}",
                                  (raw_before, limit)).rowcount
+            removed += self._expire_segments(c, raw_before, limit)  # type: ignore[arg-type]
             c.execute(
                 "INSERT INTO drift_rollup(device_id, model, version, day, windows, drifted, rows,"
                 " score_sum, score_max) SELECT device_id, model, version,"

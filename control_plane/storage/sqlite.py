@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from control_plane.domain import telemetry_segment
 from control_plane.domain.audit_chain import GENESIS_HASH, entry_hash
 from control_plane.domain.history import DriftDay
 from control_plane.domain.records import (
@@ -628,20 +629,21 @@ class SqliteStore(Store):
                 self._write_telemetry(c, w)
 
     def _write_telemetry(self, c: sqlite3.Connection, w: TelemetryWrite) -> None:
-        # A record's derived row is written only when the record is new (stored once): the
-        # seqs already stored are read first (writers are serialized, so nothing lands in
-        # between), then every record goes in one statement and the new ones' derived rows
-        # a statement per kind (on PostgreSQL a round trip per statement, not per record).
-        new: list[tuple[int, Derived]] = []
-        if w.derived:
-            stored = self._stored_seqs(c, w.device_id, sorted(w.derived))
-            seen: set[int] = set()
-            for r in w.records:
-                if r.seq in w.derived and r.seq not in stored and r.seq not in seen:
-                    seen.add(r.seq)
-                    new.append((r.seq, w.derived[r.seq]))
-        self._insert_plain_telemetry(c, w.device_id, w.now, w.records)
-        self._insert_derived_many(c, [*new, *((0, refusal) for refusal in w.refused)], w.now)
+        # The records not stored before (writers are serialized, so nothing lands in between)
+        # go in as one segment row (control_plane/domain/telemetry_segment.py), and only their
+        # derived rows are written, a statement per table (on PostgreSQL a round trip per
+        # statement, not per record).
+        new = self._new_records(c, w.device_id, w.records)
+        if new:
+            seqs = [r.seq for r in new]
+            c.execute("INSERT INTO telemetry_segments(device_id, first_seq, last_seq, records,"
+                      " received_at, body) VALUES (?,?,?,?,?,?)",
+                      (w.device_id, min(seqs), max(seqs), len(new), w.now,
+                       telemetry_segment.encode(new)))
+        derived = [(r.seq, w.derived[r.seq]) for r in new if r.seq in w.derived] \
+            if w.derived else []
+        self._insert_derived_many(c, [*derived, *((0, refusal) for refusal in w.refused)],
+                                  w.now)
         c.execute(
             "INSERT INTO telemetry_status(device_id, dropped, depth, updated_at)"
             " VALUES (?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
@@ -650,12 +652,71 @@ class SqliteStore(Store):
         )
 
     @staticmethod
-    def _insert_plain_telemetry(c: sqlite3.Connection, device_id: str, now: float,
-                                records: Sequence[TelemetryRecord]) -> None:
+    def _new_records(c: sqlite3.Connection, device_id: str,
+                     records: Sequence[TelemetryRecord]) -> list[TelemetryRecord]:
+        """``records`` less those stored before and repeats within the batch (first kept).
+        A resent batch finds the segments whose seq range overlaps its own (the primary key
+        on (device, last_seq) makes that a short range scan: a fresh batch lies past them
+        all) and the rows kept per record before segments existed."""
+        if not records:
+            return []
+        seqs = [r.seq for r in records]
+        lo, hi = min(seqs), max(seqs)
+        stored: set[int] = set()
+        for row in c.execute("SELECT body FROM telemetry_segments WHERE device_id = ?"
+                             " AND last_seq >= ? AND first_seq <= ?", (device_id, lo, hi)):
+            stored.update(telemetry_segment.seqs_of(bytes(row[0])))
+        stored.update(int(r[0]) for r in c.execute(
+            "SELECT seq FROM telemetry WHERE device_id = ? AND seq BETWEEN ? AND ?",
+            (device_id, lo, hi)))
+        if not stored and len(set(seqs)) == len(seqs):
+            return list(records)  # the usual batch: all of it new
+        new: list[TelemetryRecord] = []
+        for r in records:
+            if r.seq not in stored:
+                stored.add(r.seq)
+                new.append(r)
+        return new
+
+    def telemetry_records(self, device_id: str) -> list[TelemetryRecord]:
+        rows = self._query("SELECT seq, kind, created_at, payload FROM telemetry"
+                           " WHERE device_id = ?", (device_id,))
+        out = [TelemetryRecord(int(r[0]), r[1], float(r[2]), bytes(r[3])) for r in rows]
+        for r in self._query("SELECT body FROM telemetry_segments WHERE device_id = ?",
+                             (device_id,)):
+            out.extend(telemetry_segment.decode(bytes(r[0])))
+        return sorted(out, key=lambda r: r.seq)
+
+    @staticmethod
+    def _expire_segments(c: sqlite3.Connection, raw_before: float, limit: int) -> int:
+        """Roll segments received before ``raw_before`` up into ``telemetry_rollup`` and
+        delete them, oldest first, until about ``limit`` records; return the records."""
+        taken: list[tuple[str, int, float, bytes]] = []
+        total = 0
+        for row in c.execute(  # rows by position: PostgreSQL's are dicts too
+                "SELECT device_id, last_seq, received_at, records, body FROM telemetry_segments"
+                " WHERE received_at < ? ORDER BY received_at, device_id, last_seq LIMIT ?",
+                (raw_before, limit)).fetchall():
+            taken.append((row[0], int(row[1]), float(row[2]), bytes(row[4])))
+            total += int(row[3])
+            if total >= limit:
+                break
+        rollup: dict[tuple[str, str, int], list[int]] = {}
+        for device_id, _, received_at, body in taken:
+            day = int(received_at // 86400)
+            for r in telemetry_segment.decode(body):
+                tally = rollup.setdefault((device_id, r.kind, day), [0, 0])
+                tally[0] += 1
+                tally[1] += len(r.payload)
         c.executemany(
-            "INSERT INTO telemetry(device_id, seq, kind, created_at, received_at, payload)"
-            " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-            [(device_id, r.seq, r.kind, r.created_at, now, r.payload) for r in records])
+            "INSERT INTO telemetry_rollup(device_id, kind, day, records, bytes) VALUES"
+            " (?,?,?,?,?) ON CONFLICT(device_id, kind, day) DO UPDATE SET"
+            " records = telemetry_rollup.records + excluded.records,"
+            " bytes = telemetry_rollup.bytes + excluded.bytes",
+            [(*key, n, size) for key, (n, size) in sorted(rollup.items())])
+        c.executemany("DELETE FROM telemetry_segments WHERE device_id = ? AND last_seq = ?",
+                      [(device_id, last_seq) for device_id, last_seq, _, _ in taken])
+        return total
 
     def count_refusals(self, refused: Sequence[ReportRefusal], now: float) -> None:
         with self._tx() as c:
@@ -677,6 +738,7 @@ class SqliteStore(Store):
                 "DELETE FROM telemetry WHERE rowid IN (SELECT rowid FROM telemetry"
                 " WHERE received_at < ? ORDER BY received_at, rowid LIMIT ?)",
                 (raw_before, limit)).rowcount
+            removed += self._expire_segments(c, raw_before, limit)
             # History past its retention: a daily roll-up per device and arm, then deleted.
             c.execute(_ROLL_UP_DRIFT, (drift_before, limit))
             removed += c.execute(
@@ -696,18 +758,11 @@ class SqliteStore(Store):
         return {r["kind"]: (int(r["n"]), int(r["b"])) for r in rows}
 
     def telemetry_counts(self) -> dict[str, int]:
-        return {table: int(self._query(f"SELECT COUNT(*) FROM {table}")[0][0])  # noqa: S608
-                for table in ("telemetry", "drift_windows", "samples", "telemetry_rollup")}
-
-    @staticmethod
-    def _stored_seqs(c: sqlite3.Connection, device_id: str, seqs: Sequence[int]) -> set[int]:
-        out: set[int] = set()
-        for i in range(0, len(seqs), 500):  # well under either database's parameter limit
-            chunk = seqs[i:i + 500]
-            marks = ",".join("?" * len(chunk))  # placeholders only: the values are bound
-            rows = c.execute("SELECT seq FROM telemetry WHERE device_id = ? AND seq IN"  # noqa: S608
-                             f" ({marks})", (device_id, *chunk))
-            out.update(int(r[0]) for r in rows.fetchall())
+        out = {table: int(self._query(f"SELECT COUNT(*) FROM {table}")[0][0])  # noqa: S608
+               for table in ("telemetry", "drift_windows", "samples", "telemetry_rollup")}
+        # Raw records: those kept a row each (before segments) and those in segments.
+        out["telemetry"] += int(self._query(
+            "SELECT COALESCE(SUM(records), 0) FROM telemetry_segments")[0][0])
         return out
 
     @staticmethod
