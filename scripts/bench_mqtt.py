@@ -51,7 +51,8 @@ from control_plane.ops.mqtt_config import write_broker_config
 from control_plane.server import ControlPlane
 from control_plane.storage import open_store
 from edge_agent.reporting.outbox import Outbox
-from edge_agent.reporting.telemetry import TelemetrySender, batch_of, encode
+from edge_agent.reporting.telemetry import TelemetrySender, encode
+from edge_agent.reporting.wire import batch_tail
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.transport.mqtt import MqttTransport
 from fleetcore import pki
@@ -245,12 +246,14 @@ def bench_stages(work: Path, records: int, database: str = "") -> list[dict[str,
             t0 = time.perf_counter()
             read, after = [], 0
             for _ in range(0, records, 500):
-                read.append(outbox.pending(500, after=after))
-                after = read[-1][-1].seq
-            rows.append(("outbox read, 500 at a time (agent)", time.perf_counter() - t0))
+                read.append(outbox.pending_wire(500, after=after))
+                after = read[-1][0][-1]
+            rows.append(("outbox read, 500 at a time, as encoded (agent)",
+                         time.perf_counter() - t0))
             t0 = time.perf_counter()
-            wire = [batch_of(chunk, 0, 0).SerializeToString() for chunk in read]
-            rows.append(("batch -> protobuf bytes (agent)", time.perf_counter() - t0))
+            wire = [agent_pb2.TelemetryBatch.FromString(chunk + batch_tail(0, 0))
+                    .SerializeToString() for _, chunk in read]
+            rows.append(("batch message -> protobuf bytes (agent)", time.perf_counter() - t0))
             t0 = time.perf_counter()
             parsed = [telemetry_from_proto(parse_message(agent_pb2.TelemetryBatch, w))
                       for w in wire]
@@ -270,8 +273,8 @@ def bench_stages(work: Path, records: int, database: str = "") -> list[dict[str,
                 store.ingest_telemetry(cfg.device_id, kept, derived, 1.0, 0, 0)
             rows.append(("store write, one transaction a batch", time.perf_counter() - t0))
             t0 = time.perf_counter()
-            for chunk in read:
-                outbox.ack([r.seq for r in chunk])
+            for seqs, _ in read:
+                outbox.ack(seqs)
             rows.append(("outbox delete of acknowledged seqs (agent)",
                          time.perf_counter() - t0))
     finally:

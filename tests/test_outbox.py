@@ -51,7 +51,8 @@ def test_the_file_refuses_a_reused_seq(outbox: Outbox) -> None:
     outbox.ack_through(1)
     conn = sqlite3.connect(outbox.path)
     with pytest.raises(sqlite3.IntegrityError, match="reused"):
-        conn.execute("INSERT INTO outbox VALUES (1, 'drift', 0, x'00')")
+        conn.execute("INSERT INTO outbox (seq, kind, created_at, payload)"
+                     " VALUES (1, 'drift', 0, x'00')")
     conn.close()
 
 

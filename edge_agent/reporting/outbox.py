@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from edge_agent.reporting.wire import record_head
 from fleetcore.errors import InvalidInputError
 from fleetcore.sqlite import connect, migrate
 
@@ -95,6 +96,11 @@ _MIGRATIONS = [
     # 2: deletes count what they remove once per statement (Outbox._delete), not per row
     """
     DROP TRIGGER outbox_count_delete;
+    """,
+    # 3: each record's protobuf framing (edge_agent/reporting/wire.py), so that a batch is read
+    # as `head || payload` of each row; NULL for rows appended before (framed when read)
+    """
+    ALTER TABLE outbox ADD COLUMN head BLOB;
     """,
 ]
 
@@ -195,8 +201,10 @@ class Outbox:
                 if excess_records > 0 or excess_bytes > 0:
                     dropped_through = self._drop_oldest(conn, excess_records, excess_bytes)
                 conn.execute(
-                    "INSERT INTO outbox (seq, kind, created_at, payload) VALUES (?, ?, ?, ?)",
-                    (next_seq, kind, now, payload),
+                    "INSERT INTO outbox (seq, kind, created_at, payload, head)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (next_seq, kind, now, payload,
+                     record_head(next_seq, kind, now, len(payload))),
                 )
                 seqs.append(next_seq)
         return seqs, dropped_through
@@ -255,6 +263,41 @@ class Outbox:
                     rows = rows[:n]
                     break
         return [OutboxRecord._make(row) for row in rows]
+
+    def pending_wire(self, limit: int = 500, max_bytes: int = 1024 * 1024, *,
+                     after: int = 0) -> tuple[list[int], bytes]:
+        """``pending``, as the seqs and the records' ``TelemetryBatch`` encoding (the
+        ``records`` field of each, in order: add ``wire.batch_tail`` for a whole batch). The
+        byte bound counts the encoded records."""
+        if limit < 1 or self._unopened is not None:
+            return [], b""
+        with self._transaction("DEFERRED") as conn:
+            rows = conn.execute(
+                "SELECT seq, CAST(head || payload AS BLOB) FROM outbox WHERE seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
+            if any(framed is None for _, framed in rows):  # appended before migration 3
+                rows = self._framed(conn, rows)
+        framed = [row[1] for row in rows]
+        if sum(map(len, framed)) > max_bytes:  # else all of them fit
+            total = 0
+            for n, one in enumerate(framed):
+                total += len(one)
+                if n and total > max_bytes:
+                    rows, framed = rows[:n], framed[:n]
+                    break
+        return [row[0] for row in rows], b"".join(framed)
+
+    @staticmethod
+    def _framed(conn: sqlite3.Connection,
+                rows: list[tuple[int, bytes | None]]) -> list[tuple[int, bytes]]:
+        missing = [seq for seq, framed in rows if framed is None]
+        heads = {seq: record_head(seq, kind, at, len(payload)) + payload
+                 for seq, kind, at, payload in conn.execute(
+                     "SELECT seq, kind, created_at, payload FROM outbox WHERE seq BETWEEN ? AND ?"
+                     " AND head IS NULL", (missing[0], missing[-1]))}
+        return [(seq, framed if framed is not None else heads[seq]) for seq, framed in rows]
 
     def stats(self) -> OutboxStats:
         if self._unopened is not None:

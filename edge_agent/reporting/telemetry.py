@@ -18,10 +18,11 @@ from typing import Any
 
 from edgefleet.v1 import agent_pb2
 
-from edge_agent.reporting.outbox import Outbox, OutboxRecord
+from edge_agent.reporting.outbox import Outbox
+from edge_agent.reporting.wire import batch_tail
 from edge_agent.transport.base import Transport
 
-__all__ = ["TelemetrySender", "batch_of", "encode"]
+__all__ = ["TelemetrySender", "encode"]
 
 log = logging.getLogger(__name__)
 
@@ -63,31 +64,34 @@ class TelemetrySender:
         sent, issued, after = 0, 0, 0  # after: the highest seq handed to a batch
         failure: BaseException | None = None
         short = False  # the control plane acknowledged part of a batch: stop for now
-        window: set[asyncio.Task[tuple[list[OutboxRecord], list[int] | BaseException]]] = set()
+        window: set[asyncio.Task[tuple[list[int], list[int] | BaseException]]] = set()
         try:
             while True:
                 while (failure is None and not short and issued < self.max_batches
                        and len(window) < self.in_flight):
-                    records = self.outbox.pending(self.batch_records, self.batch_bytes,
-                                                  after=after)
-                    if not records:
+                    # The records as stored, already encoded (edge_agent/reporting/wire.py):
+                    # the batch is one parse of their bytes, not a message built per record.
+                    seqs, wire = self.outbox.pending_wire(self.batch_records, self.batch_bytes,
+                                                          after=after)
+                    if not seqs:
                         break
                     stats = self.outbox.stats()
-                    after, issued = records[-1].seq, issued + 1
-                    window.add(asyncio.create_task(self._one(
-                        transport, records, batch_of(records, stats.dropped, stats.depth))))
+                    after, issued = seqs[-1], issued + 1
+                    batch = agent_pb2.TelemetryBatch.FromString(
+                        wire + batch_tail(stats.dropped, stats.depth))
+                    window.add(asyncio.create_task(self._one(transport, seqs, batch)))
                 if not window:
                     break
                 done, window = await asyncio.wait(window, return_when=asyncio.FIRST_COMPLETED)
                 acked: list[int] = []
                 expected = 0
                 for task in done:
-                    records, result = task.result()
+                    seqs, result = task.result()
                     if isinstance(result, BaseException):
                         failure = failure or result
                         continue
                     acked += result
-                    expected += len(records)
+                    expected += len(seqs)
                 deleted = self.outbox.ack(acked)  # every batch answered meanwhile: one commit
                 sent += deleted
                 if deleted < expected:
@@ -103,17 +107,9 @@ class TelemetrySender:
         return sent
 
     @staticmethod
-    async def _one(transport: Transport, records: list[OutboxRecord],
-                   batch: agent_pb2.TelemetryBatch
-                   ) -> tuple[list[OutboxRecord], list[int] | BaseException]:
+    async def _one(transport: Transport, seqs: list[int], batch: agent_pb2.TelemetryBatch
+                   ) -> tuple[list[int], list[int] | BaseException]:
         try:
-            return records, await transport.send_telemetry(batch)
+            return seqs, await transport.send_telemetry(batch)
         except Exception as exc:  # raised by send() once the window is done
-            return records, exc
-
-
-def batch_of(records: list[OutboxRecord], dropped: int, depth: int) -> agent_pb2.TelemetryBatch:
-    return agent_pb2.TelemetryBatch(
-        records=[agent_pb2.TelemetryRecord(seq=r.seq, kind=r.kind, created_at=r.created_at,
-                                           payload=r.payload) for r in records],
-        dropped=dropped, depth=depth)
+            return seqs, exc
