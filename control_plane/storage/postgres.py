@@ -15,15 +15,21 @@ advisory lock before it reads the head, so appends are serialized and a second w
 first one's entry; ``seq`` as primary key would refuse a fork anyway. Migrations run under
 another advisory lock, so replicas starting together apply each exactly once.
 
-Writers are serialized as on SQLite: every write transaction first takes one advisory lock (what
+Writers are serialized as on SQLite: a write transaction first takes one advisory lock (what
 SQLite's ``BEGIN IMMEDIATE`` does), so the shared methods' read-then-write steps (a token used
 once, a release serial that only grows, a model version's digest) keep their meaning under
 PostgreSQL's READ COMMITTED with writers in several threads or processes. Reads take no lock.
-Finer locking (row locks per method) is for when write throughput needs it.
+The two writes that come with the fleet's size, telemetry and heartbeats, touch and read only
+their own devices' rows: they hold that lock shared (every other write still waits for them,
+and they for it) and a lock per device, taken in one order, so different devices' writes run
+side by side on every replica while one device's stay serialized (its telemetry's
+deduplication reads what it stored before). tests/test_pg_write_locks.py watches each wait in
+``pg_locks``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +51,14 @@ __all__ = ["PostgresStore", "redact"]
 _MIGRATE_LOCK = 0x45_46_4D_49_47  # "EFMIG"
 _AUDIT_LOCK = 0x45_46_41_55_44  # "EFAUD"
 _WRITE_LOCK = 0x45_46_57_52_54  # "EFWRT"
+# pg_advisory_xact_lock(int, int) keys (a key space apart from the one-bigint locks above):
+# this class, and a 32-bit hash of the device id (two devices sharing one only wait more).
+_DEVICE_LOCKS = 0x45_46_44_56  # "EFDV"
+
+
+def _device_key(device_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(device_id.encode(), digest_size=4).digest(), "big",
+                          signed=True)
 
 
 class PostgresStore(SqliteStore):
@@ -107,7 +121,14 @@ class PostgresStore(SqliteStore):
         return int(self._query("SELECT version FROM edgefleet_schema")[0]["version"])
 
     @contextmanager
-    def _tx(self) -> Iterator[_Connection]:  # type: ignore[override]
+    def _tx(self, devices: Sequence[str] | None = None  # type: ignore[override]
+            ) -> Iterator[_Connection]:
+        """A write transaction. Without ``devices`` it holds the write lock alone (as
+        SQLite's ``BEGIN IMMEDIATE``). With ``devices`` (telemetry, heartbeats: writes that
+        touch and read only those devices' rows) it holds the write lock shared, so such
+        writes run side by side on every replica, and each device's own lock, taken in one
+        order, so one device's writes stay serialized (telemetry's deduplication reads what
+        the device stored before)."""
         held: _Connection | None = getattr(self._local, "conn", None)
         if held is not None:  # a method calling another inside its transaction
             yield held
@@ -115,7 +136,14 @@ class PostgresStore(SqliteStore):
         with self._pool.connection() as raw, raw.transaction():
             self._local.conn = _Connection(raw)
             try:
-                self._local.conn.execute("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK,))
+                if devices is None:
+                    self._local.conn.execute("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK,))
+                else:
+                    self._local.conn.execute("SELECT pg_advisory_xact_lock_shared(?)",
+                                             (_WRITE_LOCK,))
+                    self._local.conn.execute(
+                        "SELECT pg_advisory_xact_lock(?, k) FROM unnest(?::integer[]) AS k",
+                        (_DEVICE_LOCKS, sorted({_device_key(d) for d in devices})))
                 yield self._local.conn
             finally:
                 self._local.conn = None

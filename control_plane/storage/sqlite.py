@@ -133,7 +133,10 @@ class SqliteStore(Store):
         migrate(self._conn, MIGRATIONS)
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, devices: Sequence[str] | None = None) -> Iterator[sqlite3.Connection]:
+        """One write transaction. ``devices``: the write touches only these devices' rows
+        and reads nothing of other devices (telemetry, heartbeats): PostgreSQL then lets it
+        run beside other such writes; SQLite has one writer anyway."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -226,16 +229,20 @@ class SqliteStore(Store):
     def record_heartbeats(
         self, beats: Sequence[tuple[str, float, str, Mapping[str, Any], Sequence[InstalledModel]]]
     ) -> list[Exception | None]:
-        errors: list[Exception | None] = []
-        with self._tx() as c:  # one commit (one fsync) for all of them
-            for device_id, now, agent_version, host, models in beats:
+        errors: list[Exception | None] = [None] * len(beats)
+        # One commit (one fsync) for all of them; rows updated in device order, so that two
+        # such transactions (on two replicas) never wait on each other's rows in a cycle.
+        order = sorted(range(len(beats)), key=lambda i: beats[i][0])
+        with self._tx(devices=[beat[0] for beat in beats]) as c:
+            for i in order:
+                device_id, now, agent_version, host, models = beats[i]
                 cur = c.execute(
                     "UPDATE devices SET last_seen = ?, agent_version = ?, host = ?, models = ?"
                     " WHERE id = ?",
                     (now, agent_version, _dump(dict(host)), _models_json(models), device_id),
                 )
-                errors.append(None if cur.rowcount == 1
-                              else NotFoundError(f"no device {device_id!r}"))
+                if cur.rowcount != 1:
+                    errors[i] = NotFoundError(f"no device {device_id!r}")
         return errors
 
     def revoke_device(self, device_id: str, now: float) -> DeviceRecord:
@@ -624,7 +631,7 @@ class SqliteStore(Store):
         return [r.seq for r in records]
 
     def ingest_telemetry_many(self, writes: Sequence[TelemetryWrite]) -> None:
-        with self._tx() as c:
+        with self._tx(devices=[w.device_id for w in writes]) as c:
             for w in writes:
                 self._write_telemetry(c, w)
 
@@ -719,7 +726,7 @@ class SqliteStore(Store):
         return total
 
     def count_refusals(self, refused: Sequence[ReportRefusal], now: float) -> None:
-        with self._tx() as c:
+        with self._tx(devices=[r.device_id for r in refused]) as c:
             self._insert_derived_many(c, [(0, refusal) for refusal in refused], now)
 
     def expire_telemetry(self, raw_before: float, drift_before: float,
