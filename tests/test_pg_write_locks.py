@@ -6,9 +6,11 @@ waiting on an advisory lock), not guessed from timing."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -21,7 +23,7 @@ from control_plane.domain.records import (
 )
 from control_plane.storage import Store, open_store
 from tests.store_support import pg_database
-from tests.support import WAIT, wait_until
+from tests.support import WAIT, LoopThread, start_control_plane, wait_until
 
 __all__ = ["pg_database"]  # fixtures (tests/store_support.py)
 
@@ -142,3 +144,30 @@ def test_one_devices_overlapping_batches_on_two_replicas_are_stored_once(
         t.join(WAIT)
     assert failures == []
     assert [r.seq for r in a.telemetry_records("dev-1")] == list(range(1, 411))
+
+
+def test_a_telemetry_write_waiting_on_postgresql_leaves_the_event_loop_free(
+        tmp_path: Path, loop: LoopThread, pg_database: str) -> None:
+    """The control plane stores telemetry off its event loop on PostgreSQL: while one
+    device's write waits for the database, the loop goes on with everything else."""
+    cp = start_control_plane(tmp_path / "cp", loop, database_url=pg_database)
+    other = open_store(pg_database)
+    try:
+        device = cp.enroll_agent(tmp_path / "dev").device_id
+        services = cp.cp.services
+        caller = services.identity.device_by_id(device)
+        held = _Holder(lambda: other._tx(devices=[device]))  # type: ignore[attr-defined]
+        try:
+            write = asyncio.run_coroutine_threadsafe(services.telemetry.ingest(
+                caller, [TelemetryRecord(1, "error", 1.0, b"e1")], 0, 0), loop.loop)
+            wait_until(lambda: _waiting_on_advisory_locks(pg_database) == 1,
+                       what="the write waits for the device")
+            assert loop.run(asyncio.sleep(0, result="free")) == "free"  # the loop answers
+            assert not write.done()
+        finally:
+            held.release()
+        assert write.result(WAIT) == [1]
+        assert [r.seq for r in other.telemetry_records(device)] == [1]
+    finally:
+        other.close()
+        cp.stop()

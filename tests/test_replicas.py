@@ -268,9 +268,10 @@ def test_two_replicas_bridges_share_the_device_topics_through_a_shared_subscript
         bridge._handle = counted  # type: ignore[method-assign]
         grouped = bridge._telemetry_group  # telemetry: stored a group at a time
 
-        def counted_group(msgs: list[Any], grouped: Any = grouped, name: str = name) -> None:
+        async def counted_group(msgs: list[Any], grouped: Any = grouped,
+                                name: str = name) -> None:
             handled[name].extend(m.topic for m in msgs)
-            grouped(msgs)
+            await grouped(msgs)
 
         bridge._telemetry_group = counted_group  # type: ignore[method-assign]
     agent = None

@@ -52,17 +52,18 @@ class AgentCalls:
         return agent_pb2.HeartbeatResponse(server_time=now, heartbeat_interval_seconds=interval,
                                            release_serial=serial)
 
-    def telemetry(self, caller: pki.Identity,
-                  batch: agent_pb2.TelemetryBatch) -> agent_pb2.TelemetryAck:
-        acked = self.s.telemetry.ingest(caller, telemetry_from_proto(batch), batch.dropped,
-                                        batch.depth)
+    async def telemetry(self, caller: pki.Identity, batch: agent_pb2.TelemetryBatch
+                        ) -> agent_pb2.TelemetryAck:
+        acked = await self.s.telemetry.ingest(caller, telemetry_from_proto(batch),
+                                              batch.dropped, batch.depth)
         return agent_pb2.TelemetryAck(acked=acked)
 
-    def telemetry_many(self, batches: Sequence[tuple[pki.Identity, agent_pb2.TelemetryBatch]]
-                       ) -> list[agent_pb2.TelemetryAck | Exception]:
+    async def telemetry_many(
+            self, batches: Sequence[tuple[pki.Identity, agent_pb2.TelemetryBatch]]
+    ) -> list[agent_pb2.TelemetryAck | Exception]:
         """``telemetry`` for several batches, stored in one transaction (group commit); per
         batch its acknowledgement, or why it was refused."""
-        results = self.s.telemetry.ingest_many(
+        results = await self.s.telemetry.ingest_many(
             [(caller, telemetry_from_proto(b), b.dropped, b.depth) for caller, b in batches])
         return [r if isinstance(r, Exception) else agent_pb2.TelemetryAck(acked=r)
                 for r in results]

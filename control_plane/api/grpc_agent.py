@@ -133,7 +133,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def SendTelemetry(
         self, request: agent_pb2.TelemetryBatch, context: grpc.aio.ServicerContext
     ) -> agent_pb2.TelemetryAck:
-        return self.calls.telemetry(self._device(context), request)
+        return await self.calls.telemetry(self._device(context), request)
 
     async def FetchBundle(
         self, request: agent_pb2.FetchBundleRequest, context: grpc.aio.ServicerContext

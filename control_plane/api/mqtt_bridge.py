@@ -222,7 +222,7 @@ class MqttBridge:
                     run.append(msg)
                     continue
                 if run:
-                    self._telemetry_group(run)
+                    await self._telemetry_group(run)
                     run = []
                 try:
                     await self._handle(msg)
@@ -231,14 +231,14 @@ class MqttBridge:
                 finally:
                     self._ack(msg)  # only now: a crash before means redelivery
             if run:
-                self._telemetry_group(run)
+                await self._telemetry_group(run)
 
     def _ack(self, msg: mqtt.MQTTMessage) -> None:
         client = self._client
         if client is not None and msg.qos > 0:
             client.ack(msg.mid, msg.qos)
 
-    def _telemetry_group(self, msgs: list[mqtt.MQTTMessage]) -> None:
+    async def _telemetry_group(self, msgs: list[mqtt.MQTTMessage]) -> None:
         """Telemetry batches stored in one transaction (group commit), each answered and
         acknowledged to the broker only after it committed. A batch refused by its checks is
         answered with the refusal; the group's transaction failing falls back to one
@@ -258,7 +258,7 @@ class MqttBridge:
                 accepted.append((msg, caller, correlation, batch))
             if not accepted:
                 return
-            results = self.calls.telemetry_many([(c, b) for _, c, _, b in accepted])
+            results = await self.calls.telemetry_many([(c, b) for _, c, _, b in accepted])
             for (_, caller, correlation, _), result in zip(accepted, results, strict=True):
                 if isinstance(result, EdgefleetError):
                     self._refused(caller.name, Leaf.TELEMETRY, correlation, result)
@@ -299,7 +299,8 @@ class MqttBridge:
         try:
             caller = self.calls.device_by_id(device_id)
             if leaf is Leaf.TELEMETRY:
-                ack = self.calls.telemetry(caller, parse_message(agent_pb2.TelemetryBatch, payload))
+                ack = await self.calls.telemetry(
+                    caller, parse_message(agent_pb2.TelemetryBatch, payload))
                 if correlation and len(correlation) <= MAX_CORRELATION_BYTES:
                     # Stored: the agent may delete these now (the broker's PUBACK was not
                     # enough: a broker killed before delivering would have lost them).

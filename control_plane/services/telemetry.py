@@ -4,9 +4,11 @@ and new drift windows may start a retraining job."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from control_plane.domain.enrollment import DenialTally
 from control_plane.domain.quota import QuotaLimits, Quotas
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 # device (carrying how many records were refused since), so a flood cannot make the control
 # plane write for every refused batch.
 QUOTA_REPORT_SECONDS = 60.0
+T = TypeVar("T")
 EXPIRE_BATCH_ROWS = 10_000
 
 
@@ -59,23 +62,39 @@ class TelemetryService:
         self._over: dict[str, Counter[str]] = {}  # device -> kind -> records refused, unsaved
         self._tallies: dict[str, DenialTally] = {}
 
-    def ingest(self, caller: pki.Identity, records: list[TelemetryRecord], dropped: int,
-               depth: int) -> list[int]:
+    async def ingest(self, caller: pki.Identity, records: list[TelemetryRecord],
+                     dropped: int, depth: int) -> list[int]:
         """Store a batch; return the seqs acknowledged. A device's quota admits the batch from
         its start: what does not fit is not acknowledged (the agent sends it again later), and
         a batch of which nothing fits is refused (``RateLimitedError``). Of what is admitted,
-        everything is acknowledged, refused records too (resending would not fix them)."""
+        everything is acknowledged, refused records too (resending would not fix them). The
+        store write runs off the event loop where the store allows it
+        (``Store.writes_off_loop``); the checks and what follows the write stay on the loop."""
         write, acked = self._vetted(caller, records, dropped, depth)
-        self.store.ingest_telemetry_many([write])
+        await self._off_loop(self.store.ingest_telemetry_many, [write])
         self._judge([write])
         return acked
 
-    def ingest_many(self, batches: Sequence[tuple[pki.Identity, list[TelemetryRecord], int, int]]
-                    ) -> list[list[int] | Exception]:
+    async def ingest_many(
+            self, batches: Sequence[tuple[pki.Identity, list[TelemetryRecord], int, int]]
+    ) -> list[list[int] | Exception]:
         """``ingest`` for several batches (caller, records, dropped, depth) with one store
         transaction (group commit); per batch, its acknowledged seqs or why it was refused. A
         batch refused by the checks is left out; when the group's transaction fails, each
         batch is written alone, so one batch the store refuses cannot lose the others."""
+        out, vetted = self._vetted_many(batches)
+        if vetted:
+            self._judge(await self._off_loop(self._write_group, out, vetted))
+        return out
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.store.writes_off_loop:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    def _vetted_many(self, batches: Sequence[tuple[pki.Identity, list[TelemetryRecord], int, int]]
+                     ) -> tuple[list[list[int] | Exception],
+                                list[tuple[int, TelemetryWrite, list[int]]]]:
         out: list[list[int] | Exception] = []
         vetted: list[tuple[int, TelemetryWrite, list[int]]] = []
         for caller, records, dropped, depth in batches:
@@ -86,8 +105,13 @@ class TelemetryService:
                 continue
             vetted.append((len(out), write, acked))
             out.append(acked)
-        if not vetted:
-            return out
+        return out, vetted
+
+    def _write_group(self, out: list[list[int] | Exception],
+                     vetted: list[tuple[int, TelemetryWrite, list[int]]]
+                     ) -> list[TelemetryWrite]:
+        """Store the vetted writes in one transaction, else one by one; a write the store
+        refuses replaces its entry of ``out``. Return the writes stored."""
         try:
             self.store.ingest_telemetry_many([w for _, w, _ in vetted])
             stored = [w for _, w, _ in vetted]
@@ -103,8 +127,7 @@ class TelemetryService:
                     out[i] = exc
                     continue
                 stored.append(write)
-        self._judge(stored)
-        return out
+        return stored
 
     def _vetted(self, caller: pki.Identity, records: list[TelemetryRecord], dropped: int,
                 depth: int) -> tuple[TelemetryWrite, list[int]]:

@@ -44,6 +44,12 @@ class CorruptDatabaseError(EdgefleetError):
 class Store(abc.ABC):
     """Everything the services persist. Implementations serialize their own writes."""
 
+    # Whether telemetry writes may run in a worker thread while the event loop goes on: true
+    # where they wait on a server (PostgreSQL: the loop answers heartbeats meanwhile, and
+    # different devices' writes proceed side by side); SQLite's one connection would only
+    # make the loop wait for its lock instead.
+    writes_off_loop = False
+
     # --- enrollment tokens ---
     @abc.abstractmethod
     def add_token(

@@ -65,6 +65,7 @@ class PostgresStore(SqliteStore):
     """``postgresql://USER[:PASSWORD]@HOST:PORT/DB[?options]`` (libpq's URL)."""
 
     _integrity_errors = (psycopg.IntegrityError,)
+    writes_off_loop = True
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8,
                  connect_timeout_s: float = 10.0) -> None:
