@@ -240,11 +240,12 @@ LIMITS = {
                              "routing, per-arm stats and the feedback log per request",
     "in-process predict": "per-request Python work (routing, stats) around the session",
     "fleet heartbeat": "one event loop runs every SQLite transaction (fsync) and the gRPC work",
-    "fleet telemetry accepted (1000 agents)": "each telemetry batch is parsed and inserted on "
-                                              "the event loop, one transaction per batch",
-    "fleet telemetry": "on PostgreSQL: one INSERT round trip per record (and per derived row) "
-                       "under the one write lock, on the event loop (scripts.bench_store_ingest; "
-                       "README, Fleet scale)",
+    "fleet telemetry accepted (1000 agents)": "each batch's checks and the derivation of its "
+                                              "drift windows and arm statistics run on the "
+                                              "replica's one event loop (README, Fleet scale)",
+    "fleet telemetry": "the replica's event loop CPU for each batch's checks and derived rows; "
+                       "on PostgreSQL the write itself runs off the loop under per-device locks "
+                       "(README, Fleet scale)",
     "release fan-out to": "StartRollout signs and stores each device's release, one "
                           "transaction each",
     "scheduler takeover": "a survivor takes the advisory lock on its next scheduler tick",

@@ -281,6 +281,8 @@ def check_reports(device_id: str, records: list[TelemetryRecord], derived: dict[
     ``MAX_REPORT_AGE_SECONDS`` ago and ``MAX_CLOCK_AHEAD_SECONDS`` ahead of ``now``. A
     malformed payload of a kind that derives rows is refused too. Each refusal replaces the
     row (a ``ReportRefusal``: counted per device, never used)."""
+    if not derived and not problems:
+        return {}  # the usual batch of plain records: nothing to judge
     kinds = {r.seq: r.kind for r in records}
     out: dict[int, Derived] = {}
     for seq in problems:

@@ -66,7 +66,7 @@ def encode(records: Sequence[TelemetryRecord]) -> bytes:
     if unknown:
         raise InvalidInputError(f"telemetry kinds {sorted(unknown)} cannot be stored (known: "
                                 f"{', '.join(KIND_CODES)})")
-    payloads = [bytes(r.payload) for r in records]
+    payloads = [r.payload for r in records]  # bytes (or bytes-like: join and len take them)
     return b"".join((
         _HEADER.pack(_VERSION, len(records)),
         _column("q", [r.seq for r in records]),
