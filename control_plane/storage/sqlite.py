@@ -698,20 +698,22 @@ class SqliteStore(Store):
     def _expire_segments(c: sqlite3.Connection, raw_before: float, limit: int) -> int:
         """Roll segments received before ``raw_before`` up into ``telemetry_rollup`` and
         delete them, oldest first, until about ``limit`` records; return the records."""
-        taken: list[tuple[str, int, float, bytes]] = []
+        taken: list[tuple[str, int, float]] = []
         total = 0
         for row in c.execute(  # rows by position: PostgreSQL's are dicts too
-                "SELECT device_id, last_seq, received_at, records, body FROM telemetry_segments"
+                "SELECT device_id, last_seq, received_at, records FROM telemetry_segments"
                 " WHERE received_at < ? ORDER BY received_at, device_id, last_seq LIMIT ?",
                 (raw_before, limit)).fetchall():
-            taken.append((row[0], int(row[1]), float(row[2]), bytes(row[4])))
+            taken.append((row[0], int(row[1]), float(row[2])))
             total += int(row[3])
             if total >= limit:
                 break
         rollup: dict[tuple[str, str, int], list[int]] = {}
-        for device_id, _, received_at, body in taken:
+        for device_id, last_seq, received_at in taken:  # one body in memory at a time
             day = int(received_at // 86400)
-            for r in telemetry_segment.decode(body):
+            body = c.execute("SELECT body FROM telemetry_segments WHERE device_id = ?"
+                             " AND last_seq = ?", (device_id, last_seq)).fetchone()[0]
+            for r in telemetry_segment.decode(bytes(body)):
                 tally = rollup.setdefault((device_id, r.kind, day), [0, 0])
                 tally[0] += 1
                 tally[1] += len(r.payload)
@@ -722,7 +724,7 @@ class SqliteStore(Store):
             " bytes = telemetry_rollup.bytes + excluded.bytes",
             [(*key, n, size) for key, (n, size) in sorted(rollup.items())])
         c.executemany("DELETE FROM telemetry_segments WHERE device_id = ? AND last_seq = ?",
-                      [(device_id, last_seq) for device_id, last_seq, _, _ in taken])
+                      [(device_id, last_seq) for device_id, last_seq, _ in taken])
         return total
 
     def count_refusals(self, refused: Sequence[ReportRefusal], now: float) -> None:
