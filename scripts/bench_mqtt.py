@@ -70,8 +70,8 @@ TIMEOUT = 120.0
 RAW_REPEATS = 5
 
 
-def _control_plane(work: Path, loop: LoopThread,
-                   database: str = "") -> tuple[RunningControlPlane, Mosquitto]:
+def _control_plane(work: Path, loop: LoopThread, database: str = "",
+                   bridges: int = 1) -> tuple[RunningControlPlane, Mosquitto]:
     port = free_port()
     cfg = ControlPlaneConfig(home=work / "cp", api_listen="127.0.0.1:0",
                              enroll_listen="127.0.0.1:0", mqtt_url=f"mqtts://127.0.0.1:{port}",
@@ -84,7 +84,7 @@ def _control_plane(work: Path, loop: LoopThread,
     store = open_store(cfg.store_location)
     try:
         settings = write_broker_config(cfg, store, work / "broker", port=port, bind="127.0.0.1",
-                                       fleet_size=2000, now=time.time())
+                                       fleet_size=2000, now=time.time(), bridges=bridges)
     finally:
         store.close()
     broker = start_mosquitto(settings)
@@ -144,9 +144,92 @@ def _raw_paho(state: StateDir, device: str, port: int, payloads: list[bytes],
     return elapsed
 
 
-def bench_telemetry(work: Path, records: int, database: str = "") -> list[dict[str, Any]]:
+def _baselines(cp: RunningControlPlane, state: StateDir, device: str, port: int,
+               payloads: list[bytes]) -> tuple[float, float, float, list[bytes]]:
+    """Seconds for raw paho to move ``payloads``: a message each; in 500-record batches to
+    nobody; the same batches to a raw subscriber. And the batches."""
+    per_record = [agent_pb2.TelemetryRecord(seq=i + 1, kind="error", created_at=1.0,
+                                            payload=p).SerializeToString()
+                  for i, p in enumerate(payloads)]
+    raw_single = _raw_paho(state, device, port, per_record)
+    batches = [agent_pb2.TelemetryBatch(records=[
+        agent_pb2.TelemetryRecord(seq=i + j + 1, kind="error", created_at=1.0, payload=p)
+        for j, p in enumerate(payloads[i:i + 500])]).SerializeToString()
+        for i in range(0, len(payloads), 500)]
+    # A run of the batches lasts milliseconds: the median of several, or one stall of this
+    # shared machine makes the baseline.
+    raw_batched = statistics.median(
+        _raw_paho(state, device, port, batches) for _ in range(RAW_REPEATS))
+    raw_through = statistics.median(
+        _raw_paho_through(cp, state, device, port, batches) for _ in range(RAW_REPEATS))
+    return raw_single, raw_batched, raw_through, batches
+
+
+def _watch_stored(cp: RunningControlPlane, device: str, records: int, batches: int, *,
+                  shared: bool) -> threading.Event:
+    """An event set once the control plane has stored ``records`` records of ``device``:
+    checked after each batch this process's bridge stored, or, when other processes' bridges
+    store batches too (``shared``), by polling the count every 5 ms (its CPU is this
+    process's)."""
+    stored = threading.Event()
+    assert cp.cp.bridge is not None
+    if shared:
+        def poll() -> None:  # one indexed query, not the four counts of _count
+            while int(cp.cp.store._query(  # type: ignore[attr-defined]
+                    "SELECT COALESCE(SUM(records), 0) FROM telemetry_segments"
+                    " WHERE device_id = ?", (device,))[0][0]) < records:
+                time.sleep(0.005)
+            stored.set()
+
+        threading.Thread(target=poll, daemon=True).start()
+        return stored
+    seen = [0]
+
+    def counted(what: str, device_id: str) -> None:
+        if what != "telemetry":
+            return
+        seen[0] += 1  # counting rows only once every batch could be there
+        if seen[0] >= batches and _count(cp, device_id) >= records:
+            stored.set()
+
+    cp.cp.bridge.on_event = counted
+    return stored
+
+
+def _other_bridges(cp: RunningControlPlane, work: Path, bridges: int
+                   ) -> list[subprocess.Popen[str]]:
+    """``control-plane serve --bridge I`` for I in 2..``bridges``, each on a copy of the home
+    (same database, same keys), returned once each has said its bridge is connected."""
+    procs: list[subprocess.Popen[str]] = []
+    for i in range(2, bridges + 1):
+        home = work / f"cp-{i}"
+        shutil.copytree(cp.home, home, ignore=shutil.ignore_patterns("serve.lock"))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "control_plane.cli", "serve", "--home", str(home),
+             "--bridge", str(i), "--api", "127.0.0.1:0", "--enroll", "127.0.0.1:0"],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        procs.append(proc)
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "MQTT bridge connected" in line:
+                break
+        else:
+            raise RuntimeError(f"bridge {i} did not connect (exit {proc.wait(TIMEOUT)})")
+        # Keep reading its log, or a full pipe would stop it.
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return procs
+
+
+def bench_telemetry(work: Path, records: int, database: str = "",
+                    bridges: int = 1) -> list[dict[str, Any]]:
+    """``bridges`` > 1 (PostgreSQL only): that many control-plane processes share the device
+    topics through the shared subscription, this one and ``serve --bridge I`` children."""
+    if bridges > 1 and not database:
+        raise SystemExit("error: --bridges needs --database postgresql://... (replicas "
+                         "share one database)")
     loop = LoopThread()
-    cp, broker = _control_plane(work, loop, database)
+    cp, broker = _control_plane(work, loop, database, bridges)
+    others: list[subprocess.Popen[str]] = []
     try:
         # The device enrolls while the control plane runs; the baselines run with it stopped.
         loop.run(cp.cp.start())
@@ -155,46 +238,28 @@ def bench_telemetry(work: Path, records: int, database: str = "") -> list[dict[s
         _forget_bridge_session(cp, broker.settings.port)
         state = StateDir(work / "agent")
         payloads = _records(records)
-        per_record = [agent_pb2.TelemetryRecord(seq=i + 1, kind="error", created_at=1.0,
-                                                payload=p).SerializeToString()
-                      for i, p in enumerate(payloads)]
-        raw_single = _raw_paho(state, cfg.device_id, broker.settings.port, per_record)
-        batches = [agent_pb2.TelemetryBatch(records=[
-            agent_pb2.TelemetryRecord(seq=i + j + 1, kind="error", created_at=1.0, payload=p)
-            for j, p in enumerate(payloads[i:i + 500])]).SerializeToString()
-            for i in range(0, records, 500)]
-        # A run of the batches lasts milliseconds: the median of several, or one stall of this
-        # shared machine makes the baseline.
-        raw_batched = statistics.median(
-            _raw_paho(state, cfg.device_id, broker.settings.port, batches)
-            for _ in range(RAW_REPEATS))
-        raw_through = statistics.median(
-            _raw_paho_through(cp, state, cfg.device_id, broker.settings.port, batches)
-            for _ in range(RAW_REPEATS))
+        raw_single, raw_batched, raw_through, batches = _baselines(
+            cp, state, cfg.device_id, broker.settings.port, payloads)
         # The bridge never subscribed before now: what the baselines published is gone.
         cp.restart()
         assert cp.cp.bridge is not None
         loop.run(asyncio.wait_for(cp.cp.bridge.connected.wait(), TIMEOUT))
-        stored = threading.Event()
-        batches_seen = [0]
-
-        def counted(what: str, device: str) -> None:
-            if what != "telemetry":
-                return
-            batches_seen[0] += 1  # counting rows only once every batch could be there
-            if batches_seen[0] >= len(batches) and _count(cp, device) >= records:
-                stored.set()
-
-        cp.cp.bridge.on_event = counted
+        others = _other_bridges(cp, work, bridges)
+        stored = _watch_stored(cp, cfg.device_id, records, len(batches), shared=bool(others))
         with Outbox(state.outbox) as outbox:
             outbox.append_many([("error", p) for p in payloads], 1.0)
-        cpu0 = time.process_time(), _cpu_of(broker.pid)
+        cpu0 = time.process_time(), _cpu_of(broker.pid), [_cpu_of(o.pid) for o in others]
         ours, agent_cpu = _send_from_agent_process(state, stored)
         cpu = {"control plane (bridge, services, store)": time.process_time() - cpu0[0],
+               **{f"control plane, bridge {i + 2} (its own process)": _cpu_of(o.pid) - c0
+                  for i, (o, c0) in enumerate(zip(others, cpu0[2], strict=True))},
                "agent (outbox, encoding, paho)": agent_cpu,
                "Mosquitto": _cpu_of(broker.pid) - cpu0[1]}
         assert _count(cp, cfg.device_id) == records
     finally:
+        for other in others:
+            other.terminate()
+            other.wait(TIMEOUT)
         cp.stop()
         broker.stop()
         loop.close()
@@ -205,8 +270,10 @@ def bench_telemetry(work: Path, records: int, database: str = "") -> list[dict[s
     cpu_rows = [{"name": f"CPU per record: {who}", "figure": round(s / records * 1e6, 2),
                  "baseline": "-", "unit": "us", "baseline_name": "-", "ratio": "-",
                  "target": "-", "pass": None} for who, s in cpu.items()]
+    shared = f", {bridges} bridges sharing the topics" if bridges > 1 else ""
     return [*cpu_rows,
-        {"name": f"MQTT telemetry outbox -> Mosquitto -> control plane ({records:,} records)",
+        {"name": f"MQTT telemetry outbox -> Mosquitto -> control plane ({records:,} records"
+                 f"{shared})",
          "figure": round(rate), "baseline": round(single), "unit": "records/s",
          "baseline_name": "raw paho QoS 1, one message per record, same broker",
          "ratio": round(rate / single, 2), "target": ">= 0.8x", "pass": rate / single >= 0.8},
@@ -557,11 +624,11 @@ def bench_fanout(work: Path, agents: int, base: int = 10) -> list[dict[str, Any]
 
 
 def bench_mqtt(work: Path, records: int = 20_000, agents: int = 1000,
-               database: str = "") -> list[dict[str, Any]]:
+               database: str = "", bridges: int = 1) -> list[dict[str, Any]]:
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         print("mosquitto is not installed: MQTT benchmarks skipped", file=sys.stderr)
         return []
-    return [*bench_telemetry(work / "telemetry", records, database),
+    return [*bench_telemetry(work / "telemetry", records, database, bridges),
             *bench_fanout(work / "fanout", agents)]
 
 
@@ -574,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--database", default="",
                    help="postgresql://USER@HOST:PORT/DB for the control plane's store (an "
                         "empty database: its tables are created); default SQLite")
+    p.add_argument("--bridges", type=int, default=1,
+                   help="control-plane processes whose bridges share the device topics "
+                        "(with --database)")
     p.add_argument("--agent-state", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.agent_state is not None:
@@ -582,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = (bench_stages(Path(tmp), args.records, args.database) if args.stages
-                else bench_mqtt(Path(tmp), args.records, args.agents, args.database))
+                else bench_mqtt(Path(tmp), args.records, args.agents, args.database,
+                                args.bridges))
     _print(rows)
     return 1 if any(r["pass"] is False for r in rows) else 0
 
