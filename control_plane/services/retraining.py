@@ -45,6 +45,7 @@ from control_plane.domain.retraining import (
 )
 from control_plane.domain.samples import against_manifest, region_refusal
 from control_plane.domain.telemetry import MALFORMED, REGION, SAMPLE_REFUSED
+from control_plane.services.batch_log import warn_batch
 from control_plane.services.context import SYSTEM, Context
 from control_plane.services.experiments import ExperimentService
 from control_plane.services.registry import RegistryService, version_task
@@ -136,6 +137,7 @@ class RetrainService:
              region: str) -> dict[int, Derived]:
         checks: dict[tuple[str, int], _Checks] = {}  # looked up once per model version
         out: dict[int, Derived] = {}
+        refused: list[str] = []
         for seq, row in derived.items():
             if not isinstance(row, SampleRecord):
                 out[seq] = row
@@ -146,13 +148,13 @@ class RetrainService:
             c = checks[key]
             reason = c.before or against_manifest(row, c.manifest) or c.after
             if reason:
-                log.warning("sample %s/%d for %s refused: %s", row.device_id, seq, row.model,
-                            reason)
+                refused.append(f"{row.model}: {reason}")
                 category = REGION if reason == c.after else SAMPLE_REFUSED
                 out[seq] = SampleRefusal(row.model, region or "-", reason, device_id, category)
             else:
                 out[seq] = SampleRecord(row.device_id, row.model, row.version, row.features,
                                         row.labels, row.pii, region)
+        warn_batch(device_id, "samples refused", refused)
         return out
 
     def _checks(self, model: str, version: int, region: str) -> _Checks:

@@ -30,6 +30,7 @@ from control_plane.domain.telemetry import (
     derive,
     screen,
 )
+from control_plane.services.batch_log import warn_batch
 from control_plane.services.context import Context
 from control_plane.services.experiments import ExperimentService
 from control_plane.services.retraining import RetrainService
@@ -148,18 +149,17 @@ class TelemetryService:
                 f"{max(wait, 1.0):.0f}s")
         records = records[:admitted]
         kept, refused = screen(caller.name, records)
-        for r in refused:
-            log.warning("telemetry from %s refused: %s", caller.name, r.reason)
+        warn_batch(caller.name, "records refused", [r.reason for r in refused])
         derived, problems = derive(caller.name, kept)
-        for seq, problem in problems.items():
-            log.warning("telemetry %s/%d not understood: %s", caller.name, seq, problem)
+        warn_batch(caller.name, "payloads not understood", ["malformed"] * len(problems),
+                   next((f"seq {seq}: {p}" for seq, p in problems.items()), ""))
         judged = any(isinstance(r, ArmStatsRecord | DriftWindowRecord) for r in derived.values())
         arms = ({(a.model, a.version) for a in self.store.device_arms(caller.name)} if judged
                 else set())  # only arm stats and drift windows are judged against them
         derived = check_reports(caller.name, kept, derived, problems, arms, now)
-        for seq, row in derived.items():
-            if isinstance(row, ReportRefusal) and row.reason != MALFORMED:
-                log.warning("telemetry %s/%d refused: %s", caller.name, seq, row.reason)
+        warn_batch(caller.name, "reports refused",
+                   [row.reason for row in derived.values()
+                    if isinstance(row, ReportRefusal) and row.reason != MALFORMED])
         kept, derived = self.retraining.vet(caller.name, kept, derived)
         refused += self._unsaved(caller.name)
         write = TelemetryWrite(caller.name, kept, derived, now, counter(dropped),
