@@ -7,17 +7,20 @@ CSR per device, ``Enroll`` on the enrollment port, 32 at a time), and then runs 
 this one asyncio process: each has its own grpc.aio channel (its own TCP + TLS connection) with
 its own client certificate and holds an open ``Sync`` stream throughout. Then, in order:
 
-1. baseline phase: 10 devices heartbeat every 0.5 s for 5 s, each heartbeat followed by a
-   small ``TelemetryBatch`` (as the agent sends its outbox after each heartbeat);
-2. heartbeat phase: all N devices heartbeat at the control plane's default interval (10 s:
-   100 heartbeats/s at N=1000; ``--interval 2`` for 5x that) for ``--duration`` seconds, each
-   followed by a 5-record batch;
-3. ingest phase: within ``--duration`` seconds every device sends one 500-record batch (the
-   agent's batch size) after a heartbeat: N x 500 records offered over the window;
-4. fan-out: two versions of a tiny digits bundle are published; a rollout of v1 to the 10
+1. fan-out: two versions of a tiny digits bundle are published; a rollout of v1 to the 10
    baseline devices, then of v2 to all N, each timed from the ``StartRollout`` call until the
    last device's ``Sync`` stream delivered its signed release (each verified afterwards
-   against the control plane's release key and the device id, and checked to name the version).
+   against the control plane's release key and the device id, and checked to name the
+   version). It comes first so that every device runs digits v2, which its reports name:
+   they are stored as a fleet's are (a report of a version the device was not told to run
+   is refused, a cheaper path);
+2. baseline phase: 10 devices heartbeat every 0.5 s for 5 s, each heartbeat followed by a
+   small ``TelemetryBatch`` (as the agent sends its outbox after each heartbeat);
+3. heartbeat phase: all N devices heartbeat at the control plane's default interval (10 s:
+   100 heartbeats/s at N=1000; ``--interval 2`` for 5x that) for ``--duration`` seconds, each
+   followed by a 5-record batch;
+4. ingest phase: within ``--duration`` seconds every device sends one 500-record batch (the
+   agent's batch size) after a heartbeat: N x 500 records offered over the window.
 
 Telemetry records are ``arm_stats`` plus one ``drift`` window per batch (the payloads of
 control_plane/domain/telemetry.py). What is reported, against a baseline of the same run
@@ -279,13 +282,13 @@ async def _open_sync(dev: SimDevice, api: str) -> None:
     dev.sync_task = asyncio.create_task(receive())
 
 
-_ARM_STATS = json.dumps({"model": "digits", "version": 1, "requests": 120, "errors": 0,
+_ARM_STATS = json.dumps({"model": "digits", "version": 2, "requests": 120, "errors": 0,
                          "p50_ms": 0.4, "p95_ms": 0.9, "labelled": 12, "correct": 11},
                         sort_keys=True, separators=(",", ":")).encode()
 
 
 def _drift(now: float) -> bytes:
-    return json.dumps({"model": "digits", "version": 1, "start": now - 60, "end": now,
+    return json.dumps({"model": "digits", "version": 2, "start": now - 60, "end": now,
                        "rows": 500, "score": 0.05, "drifted": False, "prediction_psi": 0.01,
                        "drifted_features": []}, sort_keys=True, separators=(",", ":")).encode()
 
@@ -593,6 +596,16 @@ async def _bench(home: Path, cluster: Cluster, work: Path, versions: list[Path],
         progress(f"fleet: {devices} Sync streams open on {len(cluster.apis)} replica(s) in "
                  f"{time.perf_counter() - t0:.1f} s")
         small = fleet[:baseline_devices]
+        # Fan-out first: every device is then assigned digits v2, which its reports name, so
+        # the phases below store arm statistics and drift windows as a fleet's are (reports of
+        # a version a device was not told to run are refused, a cheaper path).
+        for v in versions:
+            await _publish(admin, v, work)
+        fan_base, _, late_base = await _fan_out(admin, small, 1, {"bench": BASE_LABEL},
+                                                fanout_timeout)
+        fan_full, call_full, late_full = await _fan_out(admin, fleet, 2, {}, fanout_timeout)
+        progress(f"fleet: fan-out to {devices} in {fan_full:.2f} s "
+                 f"(StartRollout call {call_full:.2f} s), {late_full} late")
         base = await _phase(small, baseline_duration, baseline_interval, batch, proc)
         progress(f"fleet: baseline phase, {len(small)} devices: {len(base.latencies)} beats")
         db0 = db.cpu_seconds()
@@ -606,13 +619,6 @@ async def _bench(home: Path, cluster: Cluster, work: Path, versions: list[Path],
         db_ingest_cores = (db.cpu_seconds() - db0) / ingest.seconds
         progress(f"fleet: ingest phase, {devices} devices: {ingest.acked} records acknowledged "
                  f"in {ingest.seconds:.1f} s")
-        for v in versions:
-            await _publish(admin, v, work)
-        fan_base, _, late_base = await _fan_out(admin, small, 1, {"bench": BASE_LABEL},
-                                                fanout_timeout)
-        fan_full, call_full, late_full = await _fan_out(admin, fleet, 2, {}, fanout_timeout)
-        progress(f"fleet: fan-out to {devices} in {fan_full:.2f} s "
-                 f"(StartRollout call {call_full:.2f} s), {late_full} late")
         peak_rss = proc.memory("VmHWM")
         if failover:
             fail = await _failover(cluster, admins, fleet, 3, failover_interval, progress)

@@ -789,7 +789,16 @@ class SqliteStore(Store):
         if arms:
             c.executemany(_INSERT_ARM_HISTORY, [_arm_history_args(seq, r, now)
                                                 for seq, r in arms])
-            c.executemany(_UPSERT_ARM_STATS, [_arm_stats_args(seq, r) for seq, r in arms])
+            # Each arm's newest snapshot only: the upsert keeps the highest seq anyway, and a
+            # backlog of one arm's snapshots would rewrite its row once per snapshot (on
+            # PostgreSQL a dead row version each).
+            newest: dict[tuple[str, str, int], tuple[int, ArmStatsRecord]] = {}
+            for seq, snap in arms:
+                arm = (snap.device_id, snap.model, snap.version)
+                if arm not in newest or seq > newest[arm][0]:
+                    newest[arm] = (seq, snap)
+            c.executemany(_UPSERT_ARM_STATS, [_arm_stats_args(seq, snap)
+                                              for seq, snap in newest.values()])
         # Refusal counters: one upsert per (device, kind, reason), however many were refused.
         refused: dict[tuple[str, str, str], int] = {}
         for _, r in rows:
