@@ -304,10 +304,33 @@ def _batch(dev: SimDevice, size: int) -> agent_pb2.TelemetryBatch:
     return agent_pb2.TelemetryBatch(records=records, dropped=0, depth=0)
 
 
+async def _settle(admin: Any, fleet: list[SimDevice]) -> None:
+    """Every device reports the fanned-out release installed (one heartbeat each, not timed),
+    then the rollout is waited for until it completed: the phases measure a fleet at rest,
+    not the scheduler ticking a rollout across all of it."""
+    sem = asyncio.Semaphore(64)
+
+    async def beat(dev: SimDevice) -> None:
+        async with sem:
+            await dev.stub.Heartbeat(agent_pb2.HeartbeatRequest(
+                agent_version="bench-sim", uptime_seconds=1, models=_installed(dev)),
+                timeout=RPC_TIMEOUT)
+
+    await asyncio.gather(*(beat(d) for d in fleet))
+    deadline = time.monotonic() + 120.0
+    while (await admin.GetRollout(admin_pb2.GetRolloutRequest(model="digits"),
+                                  timeout=RPC_TIMEOUT)).state == "running":
+        if time.monotonic() > deadline:
+            raise RuntimeError("the fan-out rollout did not complete within 120 s")
+        await asyncio.sleep(0.2)
+
+
 async def _device_loop(dev: SimDevice, stop_at: float, interval: float, batch: int) -> None:
-    """Heartbeat every ``interval`` (first one at a random offset), telemetry after each."""
+    """Heartbeat every ``interval`` (first one at a random offset), telemetry after each; the
+    heartbeat reports the device's release installed, as an agent's does."""
     loop = asyncio.get_running_loop()
-    request = agent_pb2.HeartbeatRequest(agent_version="bench-sim", uptime_seconds=1)
+    request = agent_pb2.HeartbeatRequest(agent_version="bench-sim", uptime_seconds=1,
+                                         models=_installed(dev))
     await asyncio.sleep(random.uniform(0, interval))  # noqa: S311 (jitter)
     tick = loop.time()
     while tick < stop_at:
@@ -606,6 +629,7 @@ async def _bench(home: Path, cluster: Cluster, work: Path, versions: list[Path],
         fan_full, call_full, late_full = await _fan_out(admin, fleet, 2, {}, fanout_timeout)
         progress(f"fleet: fan-out to {devices} in {fan_full:.2f} s "
                  f"(StartRollout call {call_full:.2f} s), {late_full} late")
+        await _settle(admin, fleet)
         base = await _phase(small, baseline_duration, baseline_interval, batch, proc)
         progress(f"fleet: baseline phase, {len(small)} devices: {len(base.latencies)} beats")
         db0 = db.cpu_seconds()
