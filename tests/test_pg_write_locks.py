@@ -71,6 +71,21 @@ def _in_thread(fn: Callable[[], object]) -> threading.Thread:
     return t
 
 
+def _waits_while_held(url: str, tx: Callable[[], AbstractContextManager[object]],
+                      write: Callable[[], object], what: str) -> None:
+    """``write`` (in a thread) waits for the transaction ``tx`` holds, seen in ``pg_locks``,
+    and finishes once it is released."""
+    held = _Holder(tx)
+    try:
+        writer = _in_thread(write)
+        wait_until(lambda: _waiting_on_advisory_locks(url) == 1, what=f"{what} waits")
+        assert writer.is_alive()
+    finally:
+        held.release()
+    writer.join(WAIT)
+    assert not writer.is_alive()
+
+
 @pytest.fixture
 def stores(pg_database: str) -> Iterator[tuple[Store, Store, str]]:
     a, b = open_store(pg_database), open_store(pg_database)
@@ -86,17 +101,16 @@ def stores(pg_database: str) -> Iterator[tuple[Store, Store, str]]:
 def test_other_devices_write_while_one_device_is_held_and_that_device_waits(
         stores: tuple[Store, Store, str]) -> None:
     a, b, url = stores
-    held = _Holder(lambda: a._tx(devices=["dev-1"]))  # type: ignore[attr-defined]
-    try:
+
+    def hold_dev_1() -> AbstractContextManager[object]:
+        return a._tx(devices=["dev-1"])  # type: ignore[attr-defined]
+
+    def other_device_then_same_device() -> None:
         b.ingest_telemetry_many([_batch("dev-2", range(1, 6))])  # does not wait
         b.record_heartbeats([("dev-2", 5.0, "1", {}, [])])
-        same = _in_thread(lambda: b.ingest_telemetry_many([_batch("dev-1", range(1, 4))]))
-        wait_until(lambda: _waiting_on_advisory_locks(url) == 1, what="dev-1's writer waits")
-        assert same.is_alive()
-    finally:
-        held.release()
-    same.join(WAIT)
-    assert not same.is_alive()
+        b.ingest_telemetry_many([_batch("dev-1", range(1, 4))])  # waits
+
+    _waits_while_held(url, hold_dev_1, other_device_then_same_device, "dev-1's writer")
     assert [r.seq for r in a.telemetry_records("dev-1")] == [1, 2, 3]
     assert [r.seq for r in a.telemetry_records("dev-2")] == [1, 2, 3, 4, 5]
 
@@ -104,25 +118,15 @@ def test_other_devices_write_while_one_device_is_held_and_that_device_waits(
 def test_any_other_write_waits_for_device_writes_and_they_wait_for_it(
         stores: tuple[Store, Store, str]) -> None:
     a, b, url = stores
-    held = _Holder(lambda: a._tx(devices=["dev-1"]))  # type: ignore[attr-defined]
-    try:
-        other = _in_thread(lambda: b.revoke_device("dev-2", 10.0))
-        wait_until(lambda: _waiting_on_advisory_locks(url) == 1, what="the revocation waits")
-        assert other.is_alive()
-    finally:
-        held.release()
-    other.join(WAIT)
+    _waits_while_held(url, lambda: a._tx(devices=["dev-1"]),  # type: ignore[attr-defined]
+                      lambda: b.revoke_device("dev-2", 10.0), "the revocation")
     revoked = b.get_device("dev-2")
     assert revoked is not None and revoked.revoked_at == 10.0
-    held = _Holder(a._tx)  # type: ignore[attr-defined]
-    try:
-        beat = _in_thread(lambda: b.record_heartbeats([("dev-1", 5.0, "1", {}, [])]))
-        wait_until(lambda: _waiting_on_advisory_locks(url) == 1, what="the heartbeat waits")
-        assert beat.is_alive()
-    finally:
-        held.release()
-    beat.join(WAIT)
-    assert not beat.is_alive()
+    _waits_while_held(url, a._tx,  # type: ignore[attr-defined]
+                      lambda: b.record_heartbeats([("dev-1", 5.0, "1", {}, [])]),
+                      "the heartbeat")
+    device = b.get_device("dev-1")
+    assert device is not None and device.last_seen == 5.0
 
 
 def test_one_devices_overlapping_batches_on_two_replicas_are_stored_once(
