@@ -255,13 +255,7 @@ class Outbox:
                 "SELECT seq, kind, created_at, payload FROM outbox WHERE seq > ? ORDER BY seq"
                 " LIMIT ?", (after, limit),
             ).fetchall()
-        if sum(len(row[3]) for row in rows) > max_bytes:  # else all of them fit
-            total = 0
-            for n, row in enumerate(rows):
-                total += len(row[3])
-                if n and total > max_bytes:
-                    rows = rows[:n]
-                    break
+        rows = rows[:_fitting([len(row[3]) for row in rows], max_bytes)]
         return [OutboxRecord._make(row) for row in rows]
 
     def pending_wire(self, limit: int = 500, max_bytes: int = 1024 * 1024, *,
@@ -280,14 +274,8 @@ class Outbox:
             if any(framed is None for _, framed in rows):  # appended before migration 3
                 rows = self._framed(conn, rows)
         framed = [row[1] for row in rows]
-        if sum(map(len, framed)) > max_bytes:  # else all of them fit
-            total = 0
-            for n, one in enumerate(framed):
-                total += len(one)
-                if n and total > max_bytes:
-                    rows, framed = rows[:n], framed[:n]
-                    break
-        return [row[0] for row in rows], b"".join(framed)
+        n = _fitting(list(map(len, framed)), max_bytes)
+        return [row[0] for row in rows[:n]], b"".join(framed[:n])
 
     @staticmethod
     def _framed(conn: sqlite3.Connection,
@@ -443,6 +431,19 @@ class Outbox:
             finally:
                 if not sync:
                     conn.execute("PRAGMA synchronous = FULL")
+
+
+def _fitting(sizes: list[int], max_bytes: int) -> int:
+    """How many of the oldest records fit in ``max_bytes`` (at least one: a big record must
+    not block the queue)."""
+    if sum(sizes) <= max_bytes:
+        return len(sizes)
+    total = 0
+    for n, size in enumerate(sizes):
+        total += size
+        if n and total > max_bytes:
+            return n
+    return len(sizes)
 
 
 def _delete(conn: sqlite3.Connection, where: str, params: Sequence[tuple[int, ...]]) -> int:
