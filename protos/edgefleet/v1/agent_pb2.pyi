@@ -19,15 +19,33 @@ class TelemetryRecord(_message.Message):
     payload: bytes
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., created_at: _Optional[float] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
+class TelemetryColumns(_message.Message):
+    __slots__ = ("seqs", "created_at", "kinds", "kind_index", "payload_sizes", "payloads")
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    KIND_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    seqs: bytes
+    created_at: bytes
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    kind_index: bytes
+    payload_sizes: bytes
+    payloads: bytes
+    def __init__(self, seqs: _Optional[bytes] = ..., created_at: _Optional[bytes] = ..., kinds: _Optional[_Iterable[str]] = ..., kind_index: _Optional[bytes] = ..., payload_sizes: _Optional[bytes] = ..., payloads: _Optional[bytes] = ...) -> None: ...
+
 class TelemetryBatch(_message.Message):
-    __slots__ = ("records", "dropped", "depth")
+    __slots__ = ("records", "dropped", "depth", "columns")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[TelemetryRecord]
     dropped: int
     depth: int
-    def __init__(self, records: _Optional[_Iterable[_Union[TelemetryRecord, _Mapping]]] = ..., dropped: _Optional[int] = ..., depth: _Optional[int] = ...) -> None: ...
+    columns: TelemetryColumns
+    def __init__(self, records: _Optional[_Iterable[_Union[TelemetryRecord, _Mapping]]] = ..., dropped: _Optional[int] = ..., depth: _Optional[int] = ..., columns: _Optional[_Union[TelemetryColumns, _Mapping]] = ...) -> None: ...
 
 class TelemetryAck(_message.Message):
     __slots__ = ("acked",)
