@@ -249,7 +249,10 @@ def bench_telemetry(work: Path, records: int, database: str = "",
         with Outbox(state.outbox) as outbox:
             outbox.append_many([("error", p) for p in payloads], 1.0)
         cpu0 = time.process_time(), _cpu_of(broker.pid), [_cpu_of(o.pid) for o in others]
+        profile = _profile_loop(loop)  # BENCH_CP_PROFILE=FILE: where the loop's CPU goes
         ours, agent_cpu = _send_from_agent_process(state, stored)
+        if profile is not None:
+            loop.run(_dump(profile))
         cpu = {"control plane (bridge, services, store)": time.process_time() - cpu0[0],
                **{f"control plane, bridge {i + 2} (its own process)": _cpu_of(o.pid) - c0
                   for i, (o, c0) in enumerate(zip(others, cpu0[2], strict=True))},
@@ -351,6 +354,27 @@ def bench_stages(work: Path, records: int, database: str = "") -> list[dict[str,
     return [{"name": f"stage: {name}", "figure": round(s / records * 1e6, 2), "baseline": "-",
              "unit": "us/record", "baseline_name": "-", "ratio": "-", "target": "-",
              "pass": None} for name, s in rows]
+
+
+def _profile_loop(loop: LoopThread) -> Any:
+    """With ``BENCH_CP_PROFILE``, a CPU profile of the control plane's event loop thread
+    (the bridge's handling, the services, the store's writes where they run on the loop)."""
+    if not os.environ.get("BENCH_CP_PROFILE"):
+        return None
+    import cProfile  # noqa: PLC0415
+
+    profile = cProfile.Profile(time.thread_time)
+
+    async def enable() -> None:
+        profile.enable()
+
+    loop.run(enable())
+    return profile
+
+
+async def _dump(profile: Any) -> None:
+    profile.disable()
+    profile.dump_stats(os.environ["BENCH_CP_PROFILE"])
 
 
 def _cpu_of(pid: int) -> float:

@@ -26,8 +26,10 @@ from edgefleet.v1 import grpc_predict_v2_pb2 as pb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from control_plane.api.convert import telemetry_from_proto
+from control_plane.domain import telemetry_segment as seg
 from control_plane.domain.records import TelemetryRecord
-from control_plane.domain.telemetry import derive
+from control_plane.domain.telemetry import derive, screen
 from edge_agent.install.release_trust import ReleaseTrust
 from edge_agent.reporting.drift import parse_profile
 from edge_agent.serving.core import ModelSignature
@@ -251,6 +253,40 @@ def test_telemetry_payloads_derive_rows_or_are_skipped(case: tuple[str, bytes]) 
 def test_mqtt_messages_parse_or_are_refused(message: Any, data: bytes) -> None:
     with contextlib.suppress(UntrustedInputError):
         parse_message(message, data)
+
+
+# ---------------------------------------------------------------- telemetry columns
+
+
+def _column_bytes(width: int) -> st.SearchStrategy[bytes]:
+    """Mostly whole columns of 0..8 entries (deeper into the checks), sometimes ragged."""
+    whole = st.integers(0, 8).flatmap(lambda n: st.binary(min_size=n * width,
+                                                          max_size=n * width))
+    return whole | st.binary(max_size=40)
+
+
+@given(seqs=_column_bytes(8), created=_column_bytes(8), index=_column_bytes(1),
+       sizes=st.lists(st.integers(0, 12), max_size=8).map(lambda v: np.array(
+           v, dtype="<u4").tobytes()) | _column_bytes(4),
+       kinds=st.lists(st.sampled_from(["error", "drift", "x" * 300, ""]), max_size=4),
+       payloads=st.binary(max_size=60))
+def test_telemetry_columns_are_read_whole_or_refused(seqs: bytes, created: bytes,
+                                                     index: bytes, sizes: bytes,
+                                                     kinds: list[str], payloads: bytes) -> None:
+    batch = agent_pb2.TelemetryBatch(columns=agent_pb2.TelemetryColumns(
+        seqs=seqs, created_at=created, kinds=kinds, kind_index=index, payload_sizes=sizes,
+        payloads=payloads))
+    try:
+        columns = telemetry_from_proto(parse_message(agent_pb2.TelemetryBatch,
+                                                     batch.SerializeToString()))
+    except UntrustedInputError:
+        return
+    records = columns.records()
+    assert len(records) == len(seqs) // 8 == len(index)
+    assert b"".join(r.payload for r in records) == payloads
+    kept, refused = screen("dev-1", columns)
+    assert len(kept) + len(refused) == len(records)
+    assert seg.decode(seg.encode(kept)) == kept.records()
 
 
 # ---------------------------------------------------------------- CSV sources

@@ -8,6 +8,7 @@ import json
 import shutil
 import signal
 import sqlite3
+import struct
 import threading
 import time
 from dataclasses import replace
@@ -293,6 +294,33 @@ def test_seqs_and_numbers_beyond_the_store_are_refused_and_the_batch_goes_on(
     assert device["refused_reports"] == {"drift/out-of-range": 2, "error/out-of-range": 1,
                                          "drift/malformed": 1, "?/unknown-kind": 1}
     assert cp.cp.store.telemetry_counts()["telemetry"] == 2  # seq 6 (kept raw) and seq 8
+
+
+def test_columns_that_do_not_fit_each_other_are_refused_whole_and_store_nothing(
+    cp: RunningControlPlane, tmp_path: Path,
+) -> None:
+    """The columnar form agents send: a batch whose columns disagree (here its payload sizes
+    claim more bytes than it carries) is refused as a whole, before anything is stored; the
+    same batch made whole is stored, its unknown kind refused and counted."""
+    cp.enroll_agent(tmp_path / "evil")
+    n = 3
+    columns = agent_pb2.TelemetryColumns(
+        seqs=struct.pack(f"<{n}Q", 1, 2, 3), created_at=struct.pack(f"<{n}d", *[time.time()] * n),
+        kinds=["error", "made-up"], kind_index=bytes([0, 1, 0]),
+        payload_sizes=struct.pack(f"<{n}I", 2, 2, 2**31), payloads=b"{}{}{}")
+    with grpc.secure_channel(cp.api, device_credentials(tmp_path / "evil")) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SendTelemetry(agent_pb2.TelemetryBatch(columns=columns), timeout=WAIT)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "do not add up" in (refused.value.details() or "")
+        assert cp.cp.store.telemetry_counts()["telemetry"] == 0
+        columns.payload_sizes = struct.pack(f"<{n}I", 2, 2, 2)
+        reply = stub.SendTelemetry(agent_pb2.TelemetryBatch(columns=columns), timeout=WAIT)
+    assert list(reply.acked) == [1, 2, 3]
+    device = _device_id(cp, tmp_path / "evil")
+    assert [r.seq for r in cp.cp.store.telemetry_records(device)] == [1, 3]
+    assert cp.cp.store.report_refusals(device) == {"?/unknown-kind": 1}
 
 
 def test_a_flood_from_one_device_stays_within_its_quota_and_honest_reports_land(

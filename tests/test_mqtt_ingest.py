@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from edgefleet.v1 import agent_pb2
 
-from control_plane.domain.records import TelemetryWrite
+from control_plane.domain.record_columns import TelemetryWrite
 from edge_agent.reporting.outbox import Outbox
 from edge_agent.reporting.telemetry import TelemetrySender, encode
 from edge_agent.state import AgentConfig, StateDir

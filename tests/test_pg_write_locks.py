@@ -15,11 +15,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from control_plane.domain.record_columns import TelemetryWrite
 from control_plane.domain.records import (
     CertificateRecord,
     DeviceRecord,
     TelemetryRecord,
-    TelemetryWrite,
 )
 from control_plane.storage import Store, open_store
 from tests.store_support import pg_database

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from control_plane.domain.audit_chain import verify_chain
+from control_plane.domain.record_columns import TelemetryWrite
 from control_plane.domain.records import (
     ArmStatsRecord,
     CertificateRecord,
@@ -32,7 +33,6 @@ from control_plane.domain.records import (
     RolloutState,
     SampleRecord,
     TelemetryRecord,
-    TelemetryWrite,
 )
 from control_plane.domain.retraining import DriftPolicy
 from control_plane.storage import Store, open_store

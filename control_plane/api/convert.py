@@ -16,6 +16,7 @@ from edgefleet.v1 import admin_pb2, agent_pb2, common_pb2
 from control_plane.domain.audit_chain import ChainVerdict
 from control_plane.domain.drift import fleet_summary
 from control_plane.domain.experiments import experiment_test_name
+from control_plane.domain.record_columns import RecordColumns
 from control_plane.domain.records import (
     AuditRecord,
     DeviceAlert,
@@ -98,10 +99,20 @@ def models_from_proto(models: Iterable[common_pb2.InstalledModel]) -> list[Insta
             for m in list(models)[:MAX_MODELS]]
 
 
-def telemetry_from_proto(batch: agent_pb2.TelemetryBatch) -> list[TelemetryRecord]:
-    # text() inlined (hundreds of records a batch); screening refuses unknown kinds anyway.
-    return [TelemetryRecord(r.seq, r.kind[:MAX_TEXT], r.created_at, r.payload)
-            for r in batch.records]
+def telemetry_from_proto(batch: agent_pb2.TelemetryBatch) -> RecordColumns:
+    """A batch's records: those of ``records`` (older agents: a message each), then those of
+    ``columns`` (its byte columns as arrays, checked: ``RecordColumns.from_buffers``)."""
+    parts = []
+    if batch.records:
+        # text() inlined (hundreds of records a batch); screening refuses unknown kinds anyway.
+        parts.append(RecordColumns.of([
+            TelemetryRecord(r.seq, r.kind[:MAX_TEXT], r.created_at, r.payload)
+            for r in batch.records]))
+    if batch.HasField("columns") or not parts:
+        c = batch.columns
+        parts.append(RecordColumns.from_buffers(c.seqs, c.created_at, c.kinds, c.kind_index,
+                                                c.payload_sizes, c.payloads))
+    return RecordColumns.concat(parts)
 
 
 # ---------------------------------------------------------------------- to operators

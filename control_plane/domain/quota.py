@@ -22,7 +22,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 from control_plane.domain.enrollment import TokenBucket
+from control_plane.domain.record_columns import RecordColumns, as_columns
 from control_plane.domain.records import TelemetryRecord
 
 __all__ = ["ROW_OVERHEAD_BYTES", "DeviceQuota", "QuotaLimits", "Quotas", "record_cost"]
@@ -59,19 +63,22 @@ class DeviceQuota:
     records: TokenBucket
     bytes: TokenBucket
 
-    def admit(self, costs: Sequence[int], now: float) -> int:
+    def admit(self, costs: Sequence[int] | npt.NDArray[np.int64], now: float) -> int:
         """How many of the records (their byte costs, in order) fit now; takes their share."""
         self.records.refill(now)
         self.bytes.refill(now)
         burst = self.bytes.burst
-        total = sum(cost if cost < burst else burst for cost in costs)
+        if isinstance(costs, np.ndarray):  # a batch's columns: one array operation
+            total = float(np.minimum(costs, burst).sum())
+        else:
+            total = sum(cost if cost < burst else burst for cost in costs)
         if self.records.level >= len(costs) and self.bytes.level >= total:
             # The whole batch fits (the usual case): what the loop below would take, at once.
             self.records.level -= len(costs)
             self.bytes.level -= total
             return len(costs)
         admitted = 0
-        for cost in costs:
+        for cost in (costs.tolist() if isinstance(costs, np.ndarray) else costs):
             # A record larger than the whole byte burst could never fit: it is admitted when
             # the bucket is full (the payload limit bounds it anyway).
             need = min(float(cost), self.bytes.burst)
@@ -97,10 +104,15 @@ class Quotas:
     limits: QuotaLimits = field(default_factory=QuotaLimits)
     devices: dict[str, DeviceQuota] = field(default_factory=dict)
 
-    def admit(self, device_id: str, records: Sequence[TelemetryRecord], now: float) -> int:
+    def admit(self, device_id: str, records: Sequence[TelemetryRecord] | RecordColumns,
+              now: float) -> int:
         """How many records of the batch, from its start, the device may store now."""
-        return self._quota(device_id).admit(  # record_cost of each, inlined (hundreds)
-            [len(r.payload) + len(r.kind) + ROW_OVERHEAD_BYTES for r in records], now)
+        columns = as_columns(records)
+        # record_cost of each, as arrays: payload, kind name, the row's overhead
+        name_lengths = np.array([len(k) for k in columns.kind_names] or [0], dtype=np.int64)
+        costs = (columns.sizes.astype(np.int64) + name_lengths[columns.kind_index]
+                 + ROW_OVERHEAD_BYTES)
+        return self._quota(device_id).admit(costs, now)
 
     def retry_after(self, device_id: str, record: TelemetryRecord) -> float:
         return self._quota(device_id).retry_after(record_cost(record))

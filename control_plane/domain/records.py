@@ -7,7 +7,6 @@ tables that move them live beside the rules that use them (``rollout_plan``, ``e
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -302,20 +301,6 @@ class ReportRefusal:
 
 
 Derived = DriftWindowRecord | ArmStatsRecord | SampleRecord | SampleRefusal | ReportRefusal
-
-
-@dataclass(frozen=True)
-class TelemetryWrite:
-    """One vetted telemetry batch, as ``Store.ingest_telemetry`` takes it (for writing several
-    in one transaction: ``Store.ingest_telemetry_many``)."""
-
-    device_id: str
-    records: list[TelemetryRecord]
-    derived: dict[int, Derived]
-    now: float
-    dropped: int
-    depth: int
-    refused: Sequence[ReportRefusal] = ()
 
 
 @dataclass(frozen=True)

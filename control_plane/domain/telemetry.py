@@ -14,8 +14,12 @@ acknowledged: resending would not fix it) but yields no derived row.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
+from control_plane.domain.record_columns import RecordColumns, as_columns
 from control_plane.domain.records import (
     ArmStatsRecord,
     Derived,
@@ -210,8 +214,8 @@ def _version(doc: dict[str, Any]) -> int:
     return version
 
 
-def derive(device_id: str,
-           records: list[TelemetryRecord]) -> tuple[dict[int, Derived], dict[int, str]]:
+def derive(device_id: str, records: Sequence[TelemetryRecord] | RecordColumns
+           ) -> tuple[dict[int, Derived], dict[int, str]]:
     """The derived rows of a batch, keyed by seq, and why each malformed payload was skipped
     (also keyed by seq; the caller logs them)."""
     if len(records) > MAX_BATCH_RECORDS:
@@ -220,7 +224,8 @@ def derive(device_id: str,
         )
     out: dict[int, Derived] = {}
     problems: dict[int, str] = {}
-    for record in [r for r in records if r.kind in DERIVING]:  # most derive nothing
+    columns = as_columns(records)
+    for record in columns.records(columns.kind_mask(DERIVING)):  # most derive nothing
         try:
             row = _parse(device_id, record)
         except (ValueError, InvalidInputError) as exc:
@@ -250,35 +255,38 @@ def counter(value: int) -> int:
     return max(0, min(int(value), MAX_COUNTER))
 
 
-def screen(device_id: str, records: list[TelemetryRecord]
-           ) -> tuple[list[TelemetryRecord], list[ReportRefusal]]:
+def screen(device_id: str, records: Sequence[TelemetryRecord] | RecordColumns
+           ) -> tuple[RecordColumns, list[ReportRefusal]]:
     """Split a batch into the records that may be stored and the refusals of the others: a
     seq outside [0, 2^63), a creation time that is not a finite number, an unknown kind, a
     payload over ``MAX_PAYLOAD_BYTES``. A refused record is counted, never stored, and still
-    acknowledged (resending it would not fix it); the rest of the batch goes on."""
-    kept: list[TelemetryRecord] = []
+    acknowledged (resending it would not fix it); the rest of the batch goes on. Array
+    operations over the batch (``RecordColumns``): the refused records alone are looked at one
+    by one."""
+    columns = as_columns(records)
+    out_of_range = (columns.seqs > MAX_COUNTER) | ~np.isfinite(columns.created_at)
+    unknown = ~columns.kind_mask(KINDS)
+    too_large = columns.sizes > MAX_PAYLOAD_BYTES
+    bad = out_of_range | unknown | too_large
+    if not bad.any():
+        return columns, []  # the usual batch
     refused: list[ReportRefusal] = []
-    for r in records:
-        reason = ""
-        if not 0 <= r.seq <= MAX_COUNTER or not math.isfinite(r.created_at):
-            reason = OUT_OF_RANGE
-        elif r.kind not in KINDS:
-            reason = UNKNOWN_KIND
-        elif len(r.payload) > MAX_PAYLOAD_BYTES:
-            reason = TOO_LARGE
-        if reason:
-            kind = r.kind if r.kind in KINDS else "?"  # the device's text stays out
-            refused.append(ReportRefusal(device_id, kind, reason))
-        else:
-            kept.append(r)
-    return kept, refused
+    kinds = columns.kind_names
+    for i in np.flatnonzero(bad).tolist():
+        reason = OUT_OF_RANGE if out_of_range[i] else UNKNOWN_KIND if unknown[i] else TOO_LARGE
+        kind = kinds[columns.kind_index[i]]
+        refused.append(ReportRefusal(device_id, kind if kind in KINDS else "?", reason))
+    return columns.select(~bad), refused
+
+
 # A window may end this far ahead of the control plane's clock (skew), and be this old (the
 # agent's outbox keeps reports through an outage of about this long).
 MAX_CLOCK_AHEAD_SECONDS = 300.0
 MAX_REPORT_AGE_SECONDS = 30 * 86400.0
 
 
-def check_reports(device_id: str, records: list[TelemetryRecord], derived: dict[int, Derived],
+def check_reports(device_id: str, records: Sequence[TelemetryRecord] | RecordColumns,
+                  derived: dict[int, Derived],
                   problems: dict[int, str], arms: set[tuple[str, int]],
                   now: float) -> dict[int, Derived]:
     """Judge what a device reported against what it was told to run.
@@ -290,7 +298,8 @@ def check_reports(device_id: str, records: list[TelemetryRecord], derived: dict[
     row (a ``ReportRefusal``: counted per device, never used)."""
     if not derived and not problems:
         return {}  # the usual batch of plain records: nothing to judge
-    kinds = {r.seq: r.kind for r in records}
+    columns = as_columns(records)
+    kinds = {r.seq: r.kind for r in columns.records(columns.kind_mask(DERIVING))}
     out: dict[int, Derived] = {}
     for seq in problems:
         out[seq] = ReportRefusal(device_id, kinds.get(seq, "?"), MALFORMED)

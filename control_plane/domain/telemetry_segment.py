@@ -25,6 +25,9 @@ import sys
 from array import array
 from collections.abc import Sequence
 
+import numpy as np
+
+from control_plane.domain.record_columns import RecordColumns, as_columns
 from control_plane.domain.records import TelemetryRecord
 from fleetcore.errors import InvalidInputError
 
@@ -39,13 +42,6 @@ _HEADER = struct.Struct("<BI")
 _SWAP = sys.byteorder != "little"
 
 
-def _column(typecode: str, values: Sequence[int] | Sequence[float]) -> bytes:
-    col = array(typecode, values)
-    if _SWAP:
-        col.byteswap()
-    return col.tobytes()
-
-
 def _read(typecode: str, body: bytes, start: int, n: int) -> tuple[array, int]:
     col = array(typecode)
     end = start + n * col.itemsize
@@ -57,23 +53,29 @@ def _read(typecode: str, body: bytes, start: int, n: int) -> tuple[array, int]:
     return col, end
 
 
-def encode(records: Sequence[TelemetryRecord]) -> bytes:
-    """One segment of ``records`` (of known kinds only)."""
-    if len(records) > MAX_SEGMENT_RECORDS:
+def encode(records: Sequence[TelemetryRecord] | RecordColumns) -> bytes:
+    """One segment of ``records`` (of known kinds only). From columns: a few array
+    operations, the payloads as they came."""
+    columns = as_columns(records)
+    n = len(columns)
+    if n > MAX_SEGMENT_RECORDS:
         raise InvalidInputError(f"a telemetry segment holds at most {MAX_SEGMENT_RECORDS} "
-                                f"records; got {len(records)}")
-    unknown = {r.kind for r in records} - _CODE.keys()
-    if unknown:
-        raise InvalidInputError(f"telemetry kinds {sorted(unknown)} cannot be stored (known: "
-                                f"{', '.join(KIND_CODES)})")
-    payloads = [r.payload for r in records]  # bytes (or bytes-like: join and len take them)
+                                f"records; got {n}")
+    table = np.array([_CODE.get(k, 255) for k in columns.kind_names] or [255], dtype=np.uint8)
+    codes = table[columns.kind_index]
+    if n and int(codes.max()) == 255:
+        used = {columns.kind_names[i] for i in np.unique(columns.kind_index).tolist()}
+        raise InvalidInputError(f"telemetry kinds {sorted(used - _CODE.keys())} cannot be "
+                                f"stored (known: {', '.join(KIND_CODES)})")
+    if n and int(columns.seqs.max()) > 2**63 - 1:
+        raise InvalidInputError("a telemetry segment holds seqs below 2^63")
     return b"".join((
-        _HEADER.pack(_VERSION, len(records)),
-        _column("q", [r.seq for r in records]),
-        _column("d", [r.created_at for r in records]),
-        bytes([_CODE[r.kind] for r in records]),
-        _column("I", [len(p) for p in payloads]),
-        *payloads,
+        _HEADER.pack(_VERSION, n),
+        columns.seqs.astype("<i8").tobytes(),
+        columns.created_at.astype("<f8").tobytes(),
+        codes.tobytes(),
+        columns.sizes.astype("<u4").tobytes(),
+        columns.payloads,
     ))
 
 

@@ -18,10 +18,12 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from control_plane.domain.record_columns import RecordColumns, as_columns
 from control_plane.domain.records import (
     AuditOutcome,
     Derived,
@@ -107,31 +109,30 @@ class RetrainService:
         return self.store.sample_summary(model or None)
 
     # ------------------------------------------------------------------ samples
-    def vet(self, device_id: str, records: list[TelemetryRecord], derived: dict[int, Derived]
-            ) -> tuple[list[TelemetryRecord], dict[int, Derived]]:
+    def vet(self, device_id: str, records: Sequence[TelemetryRecord] | RecordColumns,
+            derived: dict[int, Derived]) -> tuple[RecordColumns, dict[int, Derived]]:
         """Replace each sample the fleet may not keep with a refusal (counted, not stored).
 
         A sample's raw payload is never kept in the telemetry log: a refused one could hold
         what must not be stored, and an accepted one lives in the samples table.
         """
-        if not any(r.kind == "sample" for r in records):
-            return records, derived
+        columns = as_columns(records)
+        samples = columns.records(columns.kind_mask({"sample"}))
+        if not samples:
+            return columns, derived
         device = self.store.get_device(device_id)  # every record of a batch is this device's
         region = device.labels.get("region", "") if device is not None else ""
         out = self._vet(device_id, derived, region)
-        kept = []
-        for record in records:
-            if record.kind == "sample":
-                row = out.get(record.seq)
-                if row is None or isinstance(row, ReportRefusal):  # it did not parse
-                    row = out[record.seq] = SampleRefusal("-", region or "-", "malformed",
-                                                          device_id, MALFORMED)
-                note = (f"refused: {row.reason}" if isinstance(row, SampleRefusal)
-                        else "stored in the samples table")
-                kept.append(record._replace(payload=json.dumps({"sample": note}).encode()))
-            else:
-                kept.append(record)
-        return kept, out
+        notes: dict[int, bytes] = {}
+        for record in samples:
+            row = out.get(record.seq)
+            if row is None or isinstance(row, ReportRefusal):  # it did not parse
+                row = out[record.seq] = SampleRefusal("-", region or "-", "malformed",
+                                                      device_id, MALFORMED)
+            note = (f"refused: {row.reason}" if isinstance(row, SampleRefusal)
+                    else "stored in the samples table")
+            notes[record.seq] = json.dumps({"sample": note}).encode()
+        return columns.replace_payloads(notes), out
 
     def _vet(self, device_id: str, derived: dict[int, Derived],
              region: str) -> dict[int, Derived]:

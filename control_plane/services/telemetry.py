@@ -12,13 +12,13 @@ from typing import Any, TypeVar
 
 from control_plane.domain.enrollment import DenialTally
 from control_plane.domain.quota import QuotaLimits, Quotas
+from control_plane.domain.record_columns import RecordColumns, TelemetryWrite, as_columns
 from control_plane.domain.records import (
     ArmStatsRecord,
     AuditOutcome,
     DriftWindowRecord,
     ReportRefusal,
     TelemetryRecord,
-    TelemetryWrite,
 )
 from control_plane.domain.telemetry import (
     KINDS,
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 # plane write for every refused batch.
 QUOTA_REPORT_SECONDS = 60.0
 T = TypeVar("T")
+# A batch's records: as columns (what the API edge makes), or records (tests, tools).
+Records = Sequence[TelemetryRecord] | RecordColumns
 EXPIRE_BATCH_ROWS = 10_000
 
 
@@ -63,7 +65,7 @@ class TelemetryService:
         self._over: dict[str, Counter[str]] = {}  # device -> kind -> records refused, unsaved
         self._tallies: dict[str, DenialTally] = {}
 
-    async def ingest(self, caller: pki.Identity, records: list[TelemetryRecord],
+    async def ingest(self, caller: pki.Identity, records: Records,
                      dropped: int, depth: int) -> list[int]:
         """Store a batch; return the seqs acknowledged. A device's quota admits the batch from
         its start: what does not fit is not acknowledged (the agent sends it again later), and
@@ -77,7 +79,7 @@ class TelemetryService:
         return acked
 
     async def ingest_many(
-            self, batches: Sequence[tuple[pki.Identity, list[TelemetryRecord], int, int]]
+            self, batches: Sequence[tuple[pki.Identity, Records, int, int]]
     ) -> list[list[int] | Exception]:
         """``ingest`` for several batches (caller, records, dropped, depth) with one store
         transaction (group commit); per batch, its acknowledged seqs or why it was refused. A
@@ -93,7 +95,7 @@ class TelemetryService:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    def _vetted_many(self, batches: Sequence[tuple[pki.Identity, list[TelemetryRecord], int, int]]
+    def _vetted_many(self, batches: Sequence[tuple[pki.Identity, Records, int, int]]
                      ) -> tuple[list[list[int] | Exception],
                                 list[tuple[int, TelemetryWrite, list[int]]]]:
         out: list[list[int] | Exception] = []
@@ -130,24 +132,25 @@ class TelemetryService:
                 stored.append(write)
         return stored
 
-    def _vetted(self, caller: pki.Identity, records: list[TelemetryRecord], dropped: int,
+    def _vetted(self, caller: pki.Identity, batch: Records, dropped: int,
                 depth: int) -> tuple[TelemetryWrite, list[int]]:
         """The checks of ``ingest``: what to write, and the seqs to acknowledge once it is."""
+        records = as_columns(batch)
         if len(records) > MAX_BATCH_RECORDS:
             raise InvalidInputError(
                 f"telemetry batch has {len(records)} records; the limit is {MAX_BATCH_RECORDS}")
         now = self.ctx.clock()
         admitted = self.quotas.admit(caller.name, records, now)
         if admitted < len(records):
-            self._over_quota(caller, records[admitted:], now)
-        if records and not admitted:
-            wait = self.quotas.retry_after(caller.name, records[0])
+            self._over_quota(caller, records.kinds()[admitted:], now)
+        if len(records) and not admitted:
+            wait = self.quotas.retry_after(caller.name, records.records()[0])
             raise RateLimitedError(
                 f"telemetry quota of device {caller.name} is used up ("
                 f"{self.quotas.limits.records_per_second:g} records and "
                 f"{self.quotas.limits.bytes_per_second:g} bytes a second); retry in "
                 f"{max(wait, 1.0):.0f}s")
-        records = records[:admitted]
+        records = records.head(admitted)
         kept, refused = screen(caller.name, records)
         warn_batch(caller.name, "records refused", [r.reason for r in refused])
         derived, problems = derive(caller.name, kept)
@@ -164,7 +167,7 @@ class TelemetryService:
         refused += self._unsaved(caller.name)
         write = TelemetryWrite(caller.name, kept, derived, now, counter(dropped),
                                counter(depth), refused)
-        return write, [r.seq for r in records]
+        return write, records.seq_list()
 
     def _judge(self, writes: Sequence[TelemetryWrite]) -> None:
         """New arm statistics may decide an experiment, new drift windows start retraining:
@@ -175,12 +178,11 @@ class TelemetryService:
         for model in sorted({r.model for r in rows if isinstance(r, DriftWindowRecord)}):
             self.retraining.check(model)
 
-    def _over_quota(self, caller: pki.Identity, over: list[TelemetryRecord],
-                    now: float) -> None:
+    def _over_quota(self, caller: pki.Identity, over: list[str], now: float) -> None:
         """Count records over the quota: in memory, then in the device's counters and one
         audit row at most every ``QUOTA_REPORT_SECONDS`` (or with its next stored batch)."""
         pending = self._over.setdefault(caller.name, Counter())
-        pending.update(r.kind if r.kind in KINDS else "?" for r in over)
+        pending.update(kind if kind in KINDS else "?" for kind in over)
         tally = self._tallies.setdefault(caller.name, DenialTally(QUOTA_REPORT_SECONDS))
         count = tally.refused(now, len(over))
         if count:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from control_plane.domain.history import DriftDay
+from control_plane.domain.record_columns import RecordColumns, TelemetryWrite
 from control_plane.domain.records import (
     ArmRecord,
     ArmStatsRecord,
@@ -29,7 +30,6 @@ from control_plane.domain.records import (
     SampleRecord,
     SampleSummary,
     TelemetryRecord,
-    TelemetryWrite,
 )
 from control_plane.domain.retraining import DriftPolicy
 from fleetcore.errors import EdgefleetError, NotFoundError
@@ -268,7 +268,7 @@ class Store(abc.ABC):
     def ingest_telemetry(
         self,
         device_id: str,
-        records: list[TelemetryRecord],
+        records: Sequence[TelemetryRecord] | RecordColumns,
         derived: dict[int, Derived],
         now: float,
         dropped: int,

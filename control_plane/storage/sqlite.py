@@ -10,9 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from control_plane.domain import telemetry_segment
 from control_plane.domain.audit_chain import GENESIS_HASH, entry_hash
 from control_plane.domain.history import DriftDay
+from control_plane.domain.record_columns import RecordColumns, TelemetryWrite, as_columns
 from control_plane.domain.records import (
     ArmRecord,
     ArmStatsRecord,
@@ -37,7 +40,6 @@ from control_plane.domain.records import (
     SampleRefusal,
     SampleSummary,
     TelemetryRecord,
-    TelemetryWrite,
 )
 from control_plane.domain.retraining import DriftPolicy
 from control_plane.storage.base import CorruptDatabaseError, Store
@@ -619,7 +621,7 @@ class SqliteStore(Store):
     def ingest_telemetry(
         self,
         device_id: str,
-        records: list[TelemetryRecord],
+        records: Sequence[TelemetryRecord] | RecordColumns,
         derived: dict[int, Derived],
         now: float,
         dropped: int,
@@ -628,7 +630,7 @@ class SqliteStore(Store):
     ) -> list[int]:
         self.ingest_telemetry_many(
             [TelemetryWrite(device_id, records, derived, now, dropped, depth, refused)])
-        return [r.seq for r in records]
+        return as_columns(records).seq_list()
 
     def ingest_telemetry_many(self, writes: Sequence[TelemetryWrite]) -> None:
         with self._tx(devices=[w.device_id for w in writes]) as c:
@@ -640,15 +642,16 @@ class SqliteStore(Store):
         # go in as one segment row (control_plane/domain/telemetry_segment.py), and only their
         # derived rows are written, a statement per table (on PostgreSQL a round trip per
         # statement, not per record).
-        new = self._new_records(c, w.device_id, w.records)
-        if new:
-            seqs = [r.seq for r in new]
+        new = self._new_records(c, w.device_id, as_columns(w.records))
+        if len(new):
             c.execute("INSERT INTO telemetry_segments(device_id, first_seq, last_seq, records,"
                       " received_at, body) VALUES (?,?,?,?,?,?)",
-                      (w.device_id, min(seqs), max(seqs), len(new), w.now,
+                      (w.device_id, int(new.seqs.min()), int(new.seqs.max()), len(new), w.now,
                        telemetry_segment.encode(new)))
-        derived = [(r.seq, w.derived[r.seq]) for r in new if r.seq in w.derived] \
-            if w.derived else []
+        derived = []
+        if w.derived:
+            fresh = set(new.seq_list())
+            derived = [(seq, row) for seq, row in w.derived.items() if seq in fresh]
         self._insert_derived_many(c, [*derived, *((0, refusal) for refusal in w.refused)],
                                   w.now)
         c.execute(
@@ -660,30 +663,29 @@ class SqliteStore(Store):
 
     @staticmethod
     def _new_records(c: sqlite3.Connection, device_id: str,
-                     records: Sequence[TelemetryRecord]) -> list[TelemetryRecord]:
+                     records: RecordColumns) -> RecordColumns:
         """``records`` less those stored before and repeats within the batch (first kept).
         A resent batch finds the segments whose seq range overlaps its own (the primary key
         on (device, last_seq) makes that a short range scan: a fresh batch lies past them
         all) and the rows kept per record before segments existed."""
-        if not records:
-            return []
-        seqs = [r.seq for r in records]
-        lo, hi = min(seqs), max(seqs)
-        stored: set[int] = set()
+        if not len(records):
+            return records
+        seqs = records.seqs
+        lo, hi = int(seqs.min()), int(seqs.max())
+        stored: list[int] = []
         for row in c.execute("SELECT body FROM telemetry_segments WHERE device_id = ?"
                              " AND last_seq >= ? AND first_seq <= ?", (device_id, lo, hi)):
-            stored.update(telemetry_segment.seqs_of(bytes(row[0])))
-        stored.update(int(r[0]) for r in c.execute(
+            stored.extend(telemetry_segment.seqs_of(bytes(row[0])))
+        stored.extend(int(r[0]) for r in c.execute(
             "SELECT seq FROM telemetry WHERE device_id = ? AND seq BETWEEN ? AND ?",
             (device_id, lo, hi)))
-        if not stored and len(set(seqs)) == len(seqs):
-            return list(records)  # the usual batch: all of it new
-        new: list[TelemetryRecord] = []
-        for r in records:
-            if r.seq not in stored:
-                stored.add(r.seq)
-                new.append(r)
-        return new
+        increasing = bool((seqs[1:] > seqs[:-1]).all())  # hence no repeats
+        if not stored and increasing:
+            return records  # the usual batch: all of it new
+        # First occurrences of the seqs not stored before.
+        first = np.zeros(len(seqs), dtype=np.bool_)
+        first[np.unique(seqs, return_index=True)[1]] = True
+        return records.select(first & ~np.isin(seqs, np.array(stored, dtype=np.uint64)))
 
     def telemetry_records(self, device_id: str) -> list[TelemetryRecord]:
         rows = self._query("SELECT seq, kind, created_at, payload FROM telemetry"
