@@ -245,12 +245,16 @@ class MqttBridge:
         transaction a batch (``TelemetryService.ingest_many``), so a bad batch cannot lose the
         others."""
         accepted: list[tuple[mqtt.MQTTMessage, pki.Identity, bytes, agent_pb2.TelemetryBatch]] = []
+        # A device's identity checks run once a group: its batches arrived together, and
+        # every one of them is answered only after the group's commit.
+        callers: dict[str, pki.Identity] = {}
         try:
             for msg in msgs:
                 device_id = parse_topic(msg.topic)[0]  # type: ignore[index]
                 correlation = _correlation(msg)
                 try:
-                    caller = self.calls.device_by_id(device_id)
+                    caller = callers.get(device_id) or self.calls.device_by_id(device_id)
+                    callers[device_id] = caller
                     batch = parse_message(agent_pb2.TelemetryBatch, bytes(msg.payload))
                 except EdgefleetError as exc:
                     self._refused(device_id, Leaf.TELEMETRY, correlation, exc)
