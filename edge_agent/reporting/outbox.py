@@ -62,10 +62,12 @@ operation (a per-row delete trigger cost ~1 us a record).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import operator
 import sqlite3
+import sys
 import threading
 from array import array
 from collections import Counter
@@ -583,7 +585,7 @@ class Outbox:
         if len(seqs) != n or not n:
             why = f"its body holds {len(seqs)} records"
         elif n == last - first + 1:
-            why = "" if seqs == array("Q", range(first, last + 1)) else "its seqs are not its range"
+            why = "" if _is_run(seqs, first) else "its seqs are not its range"
         elif seqs[0] != first or seqs[-1] != last or not all(map(operator.lt, seqs,
                                                                   seqs[1:])):
             why = "its seqs are not its range, in order"
@@ -773,6 +775,23 @@ def _fitting(sizes: list[int], max_bytes: int) -> int:
         if n and total > max_bytes:
             return n
     return len(sizes)
+
+
+def _is_run(seqs: array[int], first: int) -> bool:
+    """Whether ``seqs`` is ``first, first + 1, ...``: the column read as one little-endian
+    integer (C speed) against ``first * sum(2^64i) + sum(i * 2^64i)``, exact since no entry
+    overflows its 64 bits; a third of comparing with an array built from a range."""
+    if sys.byteorder != "little":  # the array holds native (big-endian) entries
+        return seqs == array("Q", range(first, first + len(seqs)))
+    ones, steps = _run_terms(len(seqs))
+    return int.from_bytes(seqs, "little") == first * ones + steps
+
+
+@functools.lru_cache(maxsize=8)
+def _run_terms(n: int) -> tuple[int, int]:
+    ones = int.from_bytes(array("Q", [1] * n), "little")
+    steps = int.from_bytes(array("Q", range(n)), "little")
+    return ones, steps
 
 
 def _prefix_to_drop(excess_records: int, excess_bytes: int, sizes: list[int]) -> int:
