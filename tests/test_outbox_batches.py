@@ -206,6 +206,21 @@ def test_the_reuse_guard_covers_batches(tmp_path: Path) -> None:
         assert [r.seq for r in _all(box)] == [3, 4, 5] and box.append("drift", b"d", NOW) == 6
 
 
+def test_a_full_disk_while_sealing_loses_only_the_new_records_counted(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", batch_records=4) as box:
+        box.append_many([("drift", b"%d" % i) for i in range(3)], NOW)
+        assert box._conn is not None
+        (pages,) = box._conn.execute("PRAGMA page_count").fetchone()
+        box._conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL from here on
+        assert box.append_many([("sample", bytes(3000))] * 6, NOW) == [None] * 6
+        assert (_batches(box.path), _tail(box.path)) == ([], [1, 2, 3])  # as it was
+        assert box.stats().unwritable == 6 and box.stats().dropped_by_kind == {"sample": 6}
+        box._conn.execute("PRAGMA max_page_count = 1000000")
+        assert box.append("error", b"x", NOW) == 4  # space again: sealed as usual
+        assert _batches(box.path) == [(1, 4, 4)]
+        _consistent(box)
+
+
 # -- reading --
 
 
