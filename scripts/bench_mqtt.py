@@ -52,7 +52,7 @@ from control_plane.server import ControlPlane
 from control_plane.storage import open_store
 from edge_agent.reporting.outbox import Outbox
 from edge_agent.reporting.telemetry import TelemetrySender, encode
-from edge_agent.reporting.wire import batch_tail
+from edge_agent.reporting.wire import frame_batch
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.transport.mqtt import MqttTransport
 from fleetcore import pki
@@ -314,19 +314,23 @@ def bench_stages(work: Path, records: int, database: str = "") -> list[dict[str,
             outbox.append_many([("error", p) for p in payloads], 1.0)
             rows.append(("outbox append (agent)", time.perf_counter() - t0))
             t0 = time.perf_counter()
-            read, after = [], 0
+            read: list[tuple[list[int], bytes]] = []
+            after = 0
             for _ in range(0, records, 500):
-                read.append(outbox.pending_wire(500, after=after))
+                read.append(outbox.next_batch(500, after=after))
                 after = read[-1][0][-1]
-            rows.append(("outbox read, 500 at a time, as encoded (agent)",
+            rows.append(("outbox read, 500 at a time, as stored batches (agent)",
                          time.perf_counter() - t0))
             t0 = time.perf_counter()
-            wire = [agent_pb2.TelemetryBatch.FromString(chunk + batch_tail(0, 0))
-                    .SerializeToString() for _, chunk in read]
+            wire = [agent_pb2.TelemetryBatch.FromString(frame_batch(body, 0, 0))
+                    .SerializeToString() for _, body in read]
             rows.append(("batch message -> protobuf bytes (agent)", time.perf_counter() - t0))
             t0 = time.perf_counter()
             parsed = [telemetry_from_proto(parse_message(agent_pb2.TelemetryBatch, w))
                       for w in wire]
+            if sum(map(len, parsed)) != records:
+                raise RuntimeError("the control plane read fewer records than were sent: it "
+                                   "does not read TelemetryBatch.columns")
             rows.append(("protobuf bytes -> records (bridge)", time.perf_counter() - t0))
             t0 = time.perf_counter()
             prepared = []

@@ -32,6 +32,7 @@ from control_plane.domain.records import TelemetryRecord
 from control_plane.domain.telemetry import derive, screen
 from edge_agent.install.release_trust import ReleaseTrust
 from edge_agent.reporting.drift import parse_profile
+from edge_agent.reporting.wire import decode_columns, encode_records, records_of
 from edge_agent.serving.core import ModelSignature
 from edge_agent.serving.grpc_server import rows_from_proto
 from edge_agent.serving.http import parse_infer_request
@@ -289,6 +290,36 @@ def test_telemetry_columns_are_read_whole_or_refused(seqs: bytes, created: bytes
     assert seg.decode(seg.encode(kept)) == kept.records()
 
 
+# ---------------------------------------------------------------- the agent's stored batches
+
+_COLUMNS = encode_records([(1, "drift", 1.0, b'{"a":1}'), (2, "error", 2.0, b""),
+                           (3, "drift", 3.0, b"xyz")])
+
+
+@given(data=st.binary(max_size=1024), flips=st.lists(st.tuples(st.integers(0, 10**6),
+                                                                 st.integers(0, 255)),
+                                                       max_size=4),
+       use_raw=st.booleans())
+def test_stored_telemetry_columns_decode_checked_or_are_refused(
+    data: bytes, flips: list[tuple[int, int]], use_raw: bool
+) -> None:
+    """The outbox's sealed batch bodies (edge_agent/reporting/wire.py), raw or a valid one
+    with bytes changed: every column agrees with the others, or ``InvalidInputError``."""
+    body = bytearray(data if use_raw else _COLUMNS)
+    for at, value in flips:
+        if body:
+            body[at % len(body)] = value
+    try:
+        cols = decode_columns(bytes(body))
+    except UntrustedInputError:
+        return
+    n = len(cols.seqs)
+    assert len(cols.created_at) == len(cols.kind_index) == len(cols.sizes) == n
+    assert all(i < len(cols.kinds) for i in cols.kind_index)
+    assert sum(cols.sizes) == len(cols.payloads)
+    assert len(records_of(cols)) == n
+
+
 # ---------------------------------------------------------------- CSV sources
 
 
@@ -327,6 +358,7 @@ def test_the_valid_documents_mutated_above_are_valid() -> None:
         rows, problems = derive("dev-1", [TelemetryRecord(1, kind, 1.0,
                                                           json.dumps(payload).encode())])
         assert len(rows) == 1 and not problems
+    assert len(decode_columns(_COLUMNS).seqs) == 3
 
 
 def test_the_fuzz_profile_is_chosen_by_the_environment() -> None:

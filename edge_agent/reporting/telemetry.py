@@ -7,6 +7,14 @@ over MQTT through the bridge on ``telemetry/ack`` (the broker's PUBACK is not en
 that crashes before delivering would lose what it had acknowledged). A failure leaves every
 record in place for the next try, so telemetry written during an outage - or before a
 ``kill -9`` - arrives once the control plane is back, exactly once.
+
+Each batch is a ``TelemetryBatch`` whose ``columns`` is a batch as the outbox keeps it (a
+``TelemetryColumns`` encoding, ``Outbox.next_batch``): one parse of bytes, nothing per record.
+A sealed batch the outbox finds corrupt (a damaged file) is discarded by the outbox and counted
+as dropped (``Outbox.discard_corrupt``), and the sender goes on with the next one: one damaged
+row must not block the queue for good, and the loss reaches the control plane in the drop
+count. Only if the discard itself cannot be written (a storage fault) does the send fail, to be
+tried again later.
 """
 
 from __future__ import annotations
@@ -14,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from edgefleet.v1 import agent_pb2
 
-from edge_agent.reporting.outbox import Outbox
-from edge_agent.reporting.wire import batch_tail
+from edge_agent.reporting.outbox import CorruptBatchError, Outbox
+from edge_agent.reporting.wire import frame_batch
 from edge_agent.transport.base import Transport
 
 __all__ = ["TelemetrySender", "encode"]
@@ -69,29 +78,25 @@ class TelemetrySender:
             while True:
                 while (failure is None and not short and issued < self.max_batches
                        and len(window) < self.in_flight):
-                    # The records as stored, already encoded (edge_agent/reporting/wire.py):
-                    # the batch is one parse of their bytes, not a message built per record.
-                    seqs, wire = self.outbox.pending_wire(self.batch_records, self.batch_bytes,
-                                                          after=after)
+                    # The batch as stored, already encoded (edge_agent/reporting/wire.py):
+                    # one parse of its bytes, not a message built per record.
+                    try:
+                        seqs, body = self._next_batch(after)
+                    except CorruptBatchError as exc:  # could not even be discarded
+                        failure = exc
+                        break
                     if not seqs:
                         break
                     stats = self.outbox.stats()
                     after, issued = seqs[-1], issued + 1
                     batch = agent_pb2.TelemetryBatch.FromString(
-                        wire + batch_tail(stats.dropped, stats.depth))
+                        frame_batch(body, stats.dropped, stats.depth))
                     window.add(asyncio.create_task(self._one(transport, seqs, batch)))
                 if not window:
                     break
                 done, window = await asyncio.wait(window, return_when=asyncio.FIRST_COMPLETED)
-                acked: list[int] = []
-                expected = 0
-                for task in done:
-                    seqs, result = task.result()
-                    if isinstance(result, BaseException):
-                        failure = failure or result
-                        continue
-                    acked += result
-                    expected += len(seqs)
+                acked, expected, failed = self._answers(done)
+                failure = failure or failed
                 deleted = self.outbox.ack(acked)  # every batch answered meanwhile: one commit
                 sent += deleted
                 if deleted < expected:
@@ -105,6 +110,34 @@ class TelemetrySender:
             raise failure  # what was acknowledged is deleted; the rest goes again
         self._reported_dropped = stats.dropped
         return sent
+
+    def _next_batch(self, after: int) -> tuple[list[int], bytes]:
+        """The outbox's next batch above ``after``; a corrupt sealed batch on the way is
+        discarded (counted as dropped: its count goes with the next batch) and the next one
+        read. ``CorruptBatchError`` only when the discard could not be written."""
+        while True:
+            try:
+                return self.outbox.next_batch(self.batch_records, self.batch_bytes, after=after)
+            except CorruptBatchError as exc:
+                if not self.outbox.discard_corrupt(exc.first_seq):
+                    raise
+
+    @staticmethod
+    def _answers(done: Iterable[asyncio.Task[tuple[list[int], list[int] | BaseException]]]
+                 ) -> tuple[list[int], int, BaseException | None]:
+        """What the finished batches got: the seqs acknowledged, how many were sent in the
+        batches answered, and the first failure."""
+        acked: list[int] = []
+        expected = 0
+        failure: BaseException | None = None
+        for task in done:
+            seqs, result = task.result()
+            if isinstance(result, BaseException):
+                failure = failure or result
+                continue
+            acked += result
+            expected += len(seqs)
+        return acked, expected, failure
 
     @staticmethod
     async def _one(transport: Transport, seqs: list[int], batch: agent_pb2.TelemetryBatch

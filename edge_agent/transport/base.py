@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from edgefleet.v1 import agent_pb2, common_pb2
 
+from edge_agent.reporting.wire import seqs_from_column
 from fleetcore.errors import EdgefleetError, InvalidInputError, TransportError
 from fleetcore.otel import check_carrier
 from fleetcore.release_doc import (
@@ -100,6 +101,7 @@ class Transport(abc.ABC):
     async def send_telemetry(self, batch: agent_pb2.TelemetryBatch) -> list[int]:
         """Send a batch; return the seqs that the receiver acknowledged (a subset)."""
         sent = {r.seq for r in batch.records}
+        sent.update(seqs_from_column(batch.columns.seqs))
         acked = await self._call("telemetry", self._send_telemetry(batch))
         return [seq for seq in acked if seq in sent]
 

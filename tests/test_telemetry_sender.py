@@ -1,0 +1,206 @@
+"""The agent's telemetry sender over its outbox of sealed batches: each batch goes out as
+``TelemetryBatch.columns`` exactly as stored, only what is acknowledged is deleted, failures
+and partial answers leave the rest for later, the drop count goes out even with nothing
+pending, and a damaged batch is discarded with a count instead of blocking the queue.
+
+The receiver here stands in for the control plane's telemetry handler (in memory, through the
+agent's own ``Transport`` base class and its checks): it reads each batch with the generated
+classes, stores each seq once and answers with the seqs it holds. The end-to-end tests against
+a real control plane (tests/test_telemetry.py, tests/test_mqtt*.py) cover the same path once
+the control plane reads ``columns``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import struct
+from collections.abc import AsyncGenerator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from edgefleet.v1 import agent_pb2
+
+from edge_agent.reporting.outbox import CORRUPT_KIND, CorruptBatchError, Outbox
+from edge_agent.reporting.telemetry import TelemetrySender
+from edge_agent.transport.base import Transport
+from fleetcore.errors import TransportError
+
+NOW = 1_700_000_000.0
+
+
+class Receiver(Transport):
+    """Acknowledges what it stores, like the control plane; misbehaves on request."""
+
+    name = "receiver"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored: dict[int, tuple[str, float, bytes]] = {}
+        self.batches: list[agent_pb2.TelemetryBatch] = []
+        self.fail: set[int] = set()  # these batches (by arrival, from 0) fail
+        self.quota: int | None = None  # store at most this many records of each batch
+
+    async def _send_telemetry(self, batch: agent_pb2.TelemetryBatch) -> list[int]:
+        number = len(self.batches)
+        self.batches.append(batch)
+        await asyncio.sleep(0)  # an answer comes later, as over a network
+        if number in self.fail:
+            raise ConnectionResetError("connection reset")
+        cols = batch.columns
+        n = len(cols.seqs) // 8
+        seqs = struct.unpack(f"<{n}Q", cols.seqs)
+        times = struct.unpack(f"<{n}d", cols.created_at)
+        sizes = struct.unpack(f"<{n}I", cols.payload_sizes)
+        at = 0
+        records = []
+        for i in range(n):
+            records.append((seqs[i], (cols.kinds[cols.kind_index[i]], times[i],
+                                       cols.payloads[at:at + sizes[i]])))
+            at += sizes[i]
+        records += [(r.seq, (r.kind, r.created_at, r.payload)) for r in batch.records]
+        acked = []
+        for seq, record in records[:self.quota]:
+            self.stored.setdefault(seq, record)
+            acked.append(seq)
+        return acked
+
+    async def _heartbeat(self, request: Any) -> Any:
+        raise NotImplementedError
+
+    async def _renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]:
+        raise NotImplementedError
+
+    async def _releases(self, have_serial: int) -> AsyncGenerator[Any, None]:
+        raise NotImplementedError
+        yield
+
+    async def _fetch_bundle(self, digest: str, offset: int,
+                            length: int) -> AsyncGenerator[agent_pb2.BundleChunk, None]:
+        raise NotImplementedError
+        yield
+
+    async def _reset(self) -> None:
+        pass
+
+    async def _close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    with Outbox(tmp_path / "outbox.db") as box:
+        yield box
+
+
+def _fill(box: Outbox, n: int) -> dict[int, tuple[str, float, bytes]]:
+    kinds = ["drift", "error", "sample"]
+    items = [(kinds[i % 3], b'{"i":%d}' % i) for i in range(n)]
+    seqs = box.append_many(items, NOW)
+    return {seq: (kind, NOW, payload) for seq, (kind, payload) in zip(seqs, items, strict=True)
+            if seq is not None}
+
+
+def _bodies(box: Outbox) -> list[bytes]:
+    with sqlite3.connect(box.path) as conn:
+        return [body for (body,) in conn.execute(
+            "SELECT body FROM outbox_batches ORDER BY first_seq")]
+
+
+def _send(sender: TelemetrySender, receiver: Receiver) -> int:
+    return asyncio.run(sender.send(receiver))
+
+
+def test_the_outbox_goes_out_as_stored_columns_and_only_acknowledged_records_go(
+    outbox: Outbox,
+) -> None:
+    records = _fill(outbox, 1_200)  # two sealed batches and a tail of 200
+    stored = _bodies(outbox)
+    receiver = Receiver()
+    assert _send(TelemetrySender(outbox), receiver) == 1_200
+    assert receiver.stored == records
+    assert [len(b.records) for b in receiver.batches] == [0, 0, 0]
+    assert [b.columns.SerializeToString() for b in receiver.batches[:2]] == stored
+    assert [b.depth for b in receiver.batches] == [1_200] * 3  # read before any answer
+    assert outbox.stats().depth == 0
+    assert _send(TelemetrySender(outbox), receiver) == 0 and len(receiver.batches) == 3
+
+
+def test_the_senders_own_bounds_split_a_stored_batch(outbox: Outbox) -> None:
+    records = _fill(outbox, 1_000)
+    receiver = Receiver()
+    assert _send(TelemetrySender(outbox, batch_records=300, max_batches=100), receiver) == 1_000
+    assert [len(b.columns.seqs) // 8 for b in receiver.batches] == [300, 200, 300, 200]
+    assert receiver.stored == records and outbox.stats().depth == 0
+
+
+def test_a_failed_batch_keeps_its_records_and_the_failure_is_raised(outbox: Outbox) -> None:
+    records = _fill(outbox, 1_500)
+    receiver = Receiver()
+    receiver.fail = {1}
+    sender = TelemetrySender(outbox)
+    with pytest.raises(TransportError):
+        _send(sender, receiver)
+    assert sorted(receiver.stored) == [s for s in records if not 501 <= s <= 1000]
+    assert [r.seq for r in outbox.pending(limit=1000)] == list(range(501, 1001))
+    assert _send(sender, receiver) == 500  # the rest goes next time, once
+    assert receiver.stored == records and outbox.stats().depth == 0
+
+
+def test_a_partial_answer_deletes_only_what_was_acknowledged(outbox: Outbox) -> None:
+    records = _fill(outbox, 1_000)
+    receiver = Receiver()
+    receiver.quota = 150  # e.g. the device's quota: the rest of each batch is not stored
+    sender = TelemetrySender(outbox, in_flight=1)
+    assert _send(sender, receiver) == 150  # it stops for now: the control plane is full
+    assert outbox.stats().depth == 850 and sorted(receiver.stored) == list(range(1, 151))
+    receiver.quota = None
+    assert _send(sender, receiver) == 850  # the batch's rest (rewritten), then the next
+    assert receiver.stored == records and outbox.stats().depth == 0
+
+
+def test_a_drop_count_goes_out_even_with_nothing_pending(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_records=2) as box:
+        box.append_many([("error", b"a"), ("error", b"b"), ("error", b"c")], NOW)
+        receiver = Receiver()
+        sender = TelemetrySender(box)
+        assert _send(sender, receiver) == 2
+        assert [b.dropped for b in receiver.batches] == [1]
+        assert _send(sender, receiver) == 0  # nothing new to say
+        box.append_many([("error", b"d"), ("error", b"e"), ("error", b"f")], NOW)
+        box.ack_through(100)
+        assert _send(sender, receiver) == 0
+        assert [(b.dropped, b.depth, b.HasField("columns")) for b in receiver.batches[1:]] == [
+            (2, 0, False)]
+
+
+def test_a_corrupt_batch_is_discarded_counted_and_the_rest_goes(
+    outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    records = _fill(outbox, 1_500)
+    with sqlite3.connect(outbox.path) as conn:  # a damaged file: one batch body is garbage
+        conn.execute("UPDATE outbox_batches SET body = x'0a05ff' WHERE first_seq = 501")
+    receiver = Receiver()
+    with caplog.at_level(logging.ERROR, "edge_agent.reporting.outbox"):
+        assert _send(TelemetrySender(outbox, in_flight=1), receiver) == 1_000
+    assert "seqs 501 to 1000 (500 records) is corrupt" in caplog.text
+    assert sorted(receiver.stored) == [s for s in records if not 501 <= s <= 1000]
+    assert [b.dropped for b in receiver.batches] == [0, 500]  # the loss reaches the fleet
+    stats = outbox.stats()
+    assert (stats.depth, stats.dropped_by_kind) == (0, {CORRUPT_KIND: 500})
+
+
+def test_a_corrupt_batch_that_cannot_be_discarded_fails_the_send(outbox: Outbox) -> None:
+    _fill(outbox, 1_000)
+    with sqlite3.connect(outbox.path) as conn:
+        conn.execute("UPDATE outbox_batches SET body = x'00' WHERE first_seq = 1")
+    assert outbox._conn is not None
+    outbox._conn.execute("PRAGMA query_only = ON")  # storage refuses every write
+    receiver = Receiver()
+    with pytest.raises(CorruptBatchError, match="seqs 1 to 500"):
+        _send(TelemetrySender(outbox), receiver)
+    assert receiver.batches == [] and outbox.stats().depth == 1_000
+    outbox._conn.execute("PRAGMA query_only = OFF")  # writable again: discarded, the rest goes
+    assert _send(TelemetrySender(outbox), receiver) == 500
+    assert outbox.stats().dropped_by_kind == {CORRUPT_KIND: 500}
