@@ -250,7 +250,9 @@ def bench_telemetry(work: Path, records: int, database: str = "",
             outbox.append_many([("error", p) for p in payloads], 1.0)
         cpu0 = time.process_time(), _cpu_of(broker.pid), [_cpu_of(o.pid) for o in others]
         profile = _profile_loop(loop)  # BENCH_CP_PROFILE=FILE: where the loop's CPU goes
+        threads0 = _threads_cpu()
         ours, agent_cpu = _send_from_agent_process(state, stored)
+        threads = {name: cpu - threads0.get(name, 0.0) for name, cpu in _threads_cpu().items()}
         if profile is not None:
             loop.run(_dump(profile))
         cpu = {"control plane (bridge, services, store)": time.process_time() - cpu0[0],
@@ -270,6 +272,11 @@ def bench_telemetry(work: Path, records: int, database: str = "",
     through = records / raw_through
     # CPU per record of each process on the path: what bounds the rate on this machine
     # (2 cores for the three of them), less sensitive to other load than the rate itself.
+    # The control plane's threads that used a measurable share of it: its event loop (the
+    # bridge's handling, the services, an SQLite store's writes) and paho's network thread.
+    busiest = sorted(((s, name) for name, s in threads.items() if s >= 0.05 * cpu[
+        "control plane (bridge, services, store)"]), reverse=True)
+    cpu.update({f"  of which thread {name}": s for s, name in busiest})
     cpu_rows = [{"name": f"CPU per record: {who}", "figure": round(s / records * 1e6, 2),
                  "baseline": "-", "unit": "us", "baseline_name": "-", "ratio": "-",
                  "target": "-", "pass": None} for who, s in cpu.items()]
@@ -379,6 +386,16 @@ def _profile_loop(loop: LoopThread) -> Any:
 async def _dump(profile: Any) -> None:
     profile.disable()
     profile.dump_stats(os.environ["BENCH_CP_PROFILE"])
+
+
+def _threads_cpu() -> dict[str, float]:
+    """CPU seconds each thread of this process has used, by its Python name (each thread's
+    CPU clock: nanoseconds, not the 10 ms ticks of /proc)."""
+    out = {}
+    for t in threading.enumerate():
+        with contextlib.suppress(OSError, TypeError):
+            out[t.name] = time.clock_gettime(time.pthread_getcpuclockid(t.ident))  # type: ignore[arg-type]
+    return out
 
 
 def _cpu_of(pid: int) -> float:

@@ -88,6 +88,7 @@ def _consistent(box: Outbox) -> None:
     assert (len(records), sum(len(r.payload) for r in records)) == (stats.depth,
                                                                      stats.depth_bytes)
     assert stats.oldest_created_at == (records[0].created_at if records else None)
+    assert box.counters() == (stats.dropped, stats.depth)  # what each sent batch carries
 
 
 def _drain(box: Outbox, limit: int = 500,

@@ -88,7 +88,8 @@ from edge_agent.reporting.wire import (
 from fleetcore.errors import InvalidInputError
 from fleetcore.sqlite import connect, migrate
 
-__all__ = ["CORRUPT_KIND", "CorruptBatchError", "Outbox", "OutboxRecord", "OutboxStats"]
+__all__ = ["CORRUPT_KIND", "CorruptBatchError", "Outbox", "OutboxCounters", "OutboxRecord",
+           "OutboxStats"]
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,11 @@ class OutboxRecord(NamedTuple):  # a tuple: cheap to build, a batch reads hundre
     kind: str  # e.g. "drift", "arm_stats", "install", "error", "sample"
     created_at: float  # unix seconds
     payload: bytes  # opaque; the caller serializes
+
+
+class OutboxCounters(NamedTuple):
+    dropped: int  # as OutboxStats.dropped
+    depth: int  # as OutboxStats.depth
 
 
 @dataclass(frozen=True)
@@ -510,6 +516,17 @@ class Outbox:
             records = [r for r in records_of(cols) if r[0] > after][:limit]
         records = records[:_fitting([len(r[3]) for r in records], max_bytes)]
         return [r[0] for r in records], encode_records(records)
+
+    def counters(self) -> OutboxCounters:
+        """``stats().dropped`` and ``stats().depth`` in one read (what each sent batch
+        carries)."""
+        if self._unopened is not None:
+            return OutboxCounters(sum(self._unwritable.values()), 0)
+        with self._transaction("DEFERRED") as conn:
+            depth, dropped = conn.execute(
+                "SELECT depth, (SELECT COALESCE(SUM(count), 0) FROM outbox_dropped)"
+                " FROM outbox_meta").fetchone()
+        return OutboxCounters(dropped + sum(self._unwritable.values()), depth)
 
     def stats(self) -> OutboxStats:
         if self._unopened is not None:

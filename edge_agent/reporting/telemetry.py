@@ -63,7 +63,7 @@ class TelemetrySender:
         invisible to the fleet. A failed batch stops new ones; those in flight are waited for
         (what they got acknowledged is deleted) and the failure is raised: the rest goes
         again."""
-        stats = self.outbox.stats()
+        stats = self.outbox.counters()
         if not stats.depth:
             if stats.dropped != self._reported_dropped:
                 await transport.send_telemetry(agent_pb2.TelemetryBatch(
@@ -87,7 +87,7 @@ class TelemetrySender:
                         break
                     if not seqs:
                         break
-                    stats = self.outbox.stats()
+                    stats = self.outbox.counters()  # what goes with the batch
                     after, issued = seqs[-1], issued + 1
                     batch = agent_pb2.TelemetryBatch.FromString(
                         frame_batch(body, stats.dropped, stats.depth))
