@@ -69,6 +69,7 @@ from edgefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, c
 from control_plane.config import ControlPlaneConfig
 from edge_agent.backoff import Backoff
 from edge_agent.failover import AddressRing
+from edge_agent.reporting.wire import encode_records, frame_batch
 from fleetcore import pki
 from fleetcore.archive import pack_bundle
 from fleetcore.release import SignedRelease, reverify_release
@@ -299,9 +300,9 @@ def _batch(dev: SimDevice, size: int) -> agent_pb2.TelemetryBatch:
     for k in range(size):
         dev.seq += 1
         kind, payload = ("drift", _drift(now)) if k == 0 else ("arm_stats", _ARM_STATS)
-        records.append(agent_pb2.TelemetryRecord(seq=dev.seq, kind=kind, created_at=now,
-                                                 payload=payload))
-    return agent_pb2.TelemetryBatch(records=records, dropped=0, depth=0)
+        records.append((dev.seq, kind, now, payload))
+    # As the agent sends a batch: its records as columns (TelemetryBatch.columns).
+    return agent_pb2.TelemetryBatch.FromString(frame_batch(encode_records(records), 0, 0))
 
 
 async def _settle(admin: Any, fleet: list[SimDevice]) -> None:
