@@ -287,7 +287,39 @@ def assign_digits_v1(cp: RunningControlPlane, trained_bundle: Path, workdir: Pat
                        "digits", "--version", "1"]) == 0
 
 
-class FakeBundleServer(Transport):
+class InMemoryTransport(Transport):
+    """A ``Transport`` in memory (no network) whose calls are not served: a subclass overrides
+    the ones its test needs. The base class's invariants (timeouts, limits, error wrapping)
+    apply to it exactly as to gRPC and MQTT."""
+
+    name = "in-memory"
+
+    async def _heartbeat(self, request: Any) -> Any:
+        raise NotImplementedError
+
+    async def _send_telemetry(self, batch: Any) -> list[int]:
+        raise NotImplementedError
+
+    async def _renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]:
+        raise NotImplementedError
+
+    async def _releases(self, have_serial: int) -> AsyncGenerator[Any, None]:
+        raise NotImplementedError
+        yield
+
+    async def _fetch_bundle(self, digest: str, offset: int,
+                            length: int) -> AsyncGenerator[Any, None]:
+        raise NotImplementedError
+        yield
+
+    async def _reset(self) -> None:
+        pass
+
+    async def _close(self) -> None:
+        pass
+
+
+class FakeBundleServer(InMemoryTransport):
     """Serves a blob like FetchBundle, misbehaving on request (in memory, no network).
 
     A ``Transport``, so the base class's invariants (stall timeout, chunk size limit, error
@@ -318,21 +350,3 @@ class FakeBundleServer(Transport):
             self.sent += len(piece)
             yield agent_pb2.BundleChunk(offset=offset + i, data=piece)
 
-    async def _heartbeat(self, request: Any) -> Any:
-        raise NotImplementedError
-
-    async def _send_telemetry(self, batch: Any) -> list[int]:
-        raise NotImplementedError
-
-    async def _renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]:
-        raise NotImplementedError
-
-    async def _releases(self, have_serial: int) -> AsyncGenerator[Any, None]:
-        raise NotImplementedError
-        yield
-
-    async def _reset(self) -> None:
-        pass
-
-    async def _close(self) -> None:
-        pass

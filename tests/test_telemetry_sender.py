@@ -15,22 +15,21 @@ import asyncio
 import logging
 import sqlite3
 import struct
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from edgefleet.v1 import agent_pb2
 
 from edge_agent.reporting.outbox import CORRUPT_KIND, CorruptBatchError, Outbox
 from edge_agent.reporting.telemetry import TelemetrySender
-from edge_agent.transport.base import Transport
 from fleetcore.errors import TransportError
+from tests.support import InMemoryTransport
 
 NOW = 1_700_000_000.0
 
 
-class Receiver(Transport):
+class Receiver(InMemoryTransport):
     """Acknowledges what it stores, like the control plane; misbehaves on request."""
 
     name = "receiver"
@@ -65,27 +64,6 @@ class Receiver(Transport):
             self.stored.setdefault(seq, record)
             acked.append(seq)
         return acked
-
-    async def _heartbeat(self, request: Any) -> Any:
-        raise NotImplementedError
-
-    async def _renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]:
-        raise NotImplementedError
-
-    async def _releases(self, have_serial: int) -> AsyncGenerator[Any, None]:
-        raise NotImplementedError
-        yield
-
-    async def _fetch_bundle(self, digest: str, offset: int,
-                            length: int) -> AsyncGenerator[agent_pb2.BundleChunk, None]:
-        raise NotImplementedError
-        yield
-
-    async def _reset(self) -> None:
-        pass
-
-    async def _close(self) -> None:
-        pass
 
 
 @pytest.fixture
