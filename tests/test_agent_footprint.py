@@ -103,12 +103,14 @@ def test_an_mqtt_agent_serving_http_loads_no_grpc_at_all(
     cfg.save(state)
     modules, live = _modules(tmp_path / "agent", "http")
     assert live == '{"live":true}'
-    assert _loaded(modules, "paho") and _loaded(modules, "edge_agent.transport.mqtt")
+    assert _loaded(modules, "fleetcore.mqtt_client") and _loaded(modules,
+                                                                 "edge_agent.transport.mqtt")
     for absent in ("grpc", "edge_agent.transport.grpc", "edge_agent.serving.grpc_server",
                    "model_signing", "edge_agent.enroll",
-                   # trust decisions run in the trust child; paho without dnspython; no bundle
-                   # unpacked yet; nobody scraped /metrics
-                   "cryptography", "dns", "tarfile", "prometheus_client"):
+                   # MQTT on the agent's own asyncio client, not paho (nor its dnspython);
+                   # trust decisions run in the trust child; no bundle unpacked yet; nobody
+                   # scraped /metrics
+                   "paho", "cryptography", "dns", "tarfile", "prometheus_client"):
         assert not _loaded(modules, absent), absent
     # Nothing served: neither uvicorn nor the Prometheus client.
     modules, live = _modules(tmp_path / "agent")
@@ -133,19 +135,6 @@ print(before, "edgefleet_test_gauge 2.5" in text.decode(),
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          cwd=REPO, timeout=60, check=True)
     assert run.stdout.split() == ["False", "True", "True"]
-
-
-def test_paho_is_imported_without_dnspython_and_works() -> None:
-    probe = """
-import sys
-from edge_agent.transport._paho import mqtt
-client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-import dns  # still importable afterwards for whoever needs it
-print("dns.resolver" in sys.modules, type(client).__name__)
-"""
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         cwd=REPO, timeout=60, check=True)
-    assert run.stdout.split() == ["False", "Client"]
 
 
 def test_weights_are_prepacked_only_for_models_that_run_batches() -> None:

@@ -57,9 +57,10 @@ def _seqs(cp: RunningControlPlane, device: str) -> list[int]:
 
 
 class _Gate:
-    """Wraps the store's ``ingest_telemetry_many``: records each group's size, holds the first
-    call until ``release`` (so that the next messages queue up in the bridge), and fails every
-    call holding a batch with seq ``poison`` (a batch the store refuses)."""
+    """Holds the bridge's worker at its first group, before the store, until ``release`` (the
+    event loop keeps receiving meanwhile, so the next messages queue up in the bridge); wraps
+    the store's ``ingest_telemetry_many`` to record each group's size and to fail every call
+    holding a batch with seq ``poison`` (a batch the store refuses)."""
 
     def __init__(self, cp: RunningControlPlane, poison: int = -1) -> None:
         self.store = cp.cp.store
@@ -69,30 +70,47 @@ class _Gate:
         self.release = threading.Event()
         self.poison = poison
         self.store.ingest_telemetry_many = self  # type: ignore[method-assign]
+        bridge = cp.cp.bridge
+        assert bridge is not None
+        calls, real_many = bridge.calls, bridge.calls.telemetry_many
+        held = asyncio.Event()
+        loop = cp.loop.loop
+
+        async def holding(batches: Any) -> Any:
+            if not self.entered.is_set():
+                self.entered.set()
+                await held.wait()
+            return await real_many(batches)
+
+        calls.telemetry_many = holding  # type: ignore[method-assign]
+
+        def release_now() -> None:  # from the test's thread: the held group goes on
+            self.release.set()
+            loop.call_soon_threadsafe(held.set)
+
+        self.release_now = release_now
 
     def __call__(self, writes: Sequence[TelemetryWrite]) -> None:
         self.groups.append(len(writes))
-        if not self.entered.is_set():
-            self.entered.set()
-            assert self.release.wait(WAIT)
         if any(r.seq == self.poison for w in writes for r in w.records):
             raise RuntimeError("the store refuses this batch")
         self.real(writes)
 
 
 def _arrivals(cp: RunningControlPlane) -> list[int]:
-    """Counts the messages paho hands to the bridge's loop (while that loop may be busy)."""
+    """Counts the messages the bridge's client hands to its worker (while the worker may be
+    busy with an earlier group)."""
     bridge = cp.cp.bridge
     assert bridge is not None
     count = [0]
-    real = bridge._to_loop
+    inbox = bridge._inbox
+    real = inbox.put_nowait
 
-    def counting(fn: Any, *args: Any) -> None:
-        if fn == bridge._inbox.put_nowait:
-            count[0] += 1
-        real(fn, *args)
+    def counting(msg: Any) -> None:
+        count[0] += 1
+        real(msg)
 
-    bridge._to_loop = counting  # type: ignore[method-assign]
+    inbox.put_nowait = counting  # type: ignore[method-assign,assignment]
     return count
 
 
@@ -129,7 +147,7 @@ def test_waiting_batches_are_committed_together_and_each_answered_after_the_comm
         client.publish(name, _batch(4), correlation=b"c5")
         wait_until(lambda: arrived[0] >= 5, what="five messages at the bridge")
         assert client.messages.empty()  # nothing answered before its commit
-        gate.release.set()
+        gate.release_now()
         replies = _replies(client, 5)
     finally:
         client.close()
@@ -158,7 +176,7 @@ def test_a_batch_the_store_refuses_loses_none_of_the_others_in_its_group(
         client.publish(name, _batch(65, 66), correlation=b"bad")
         client.publish(name, _batch(3), correlation=b"c3")
         wait_until(lambda: arrived[0] >= 4, what="four messages at the bridge")
-        gate.release.set()
+        gate.release_now()
         # One more batch after the group: the answers come in order on one connection, so
         # once its answer is here, every answer of the group is too.
         client.publish(name, _batch(4), correlation=b"c4")

@@ -1,8 +1,9 @@
 """The control plane's MQTT bridge: the AgentService's job for agents that speak MQTT.
 
-It connects to the broker as ``edgefleet:bridge`` (a certificate from `mqtt-config`), with a
-clean session (the broker queues nothing while the control plane is away: why in
-``fleetcore.mqtt_wire``; agents send again what was not answered) and manual acknowledgement:
+It connects to the broker as ``edgefleet:bridge`` (a certificate from `mqtt-config`) with
+``fleetcore.mqtt_client``, on the control plane's event loop, with a clean session (the
+broker queues nothing while the control plane is away: why in ``fleetcore.mqtt_wire``;
+agents send again what was not answered) and manual acknowledgement:
 a device's QoS 1 message is acknowledged to the broker only after its handler ran, and
 telemetry's deduplication on (device, seq) makes redeliveries and resends count once.
 Telemetry messages waiting together are stored in one transaction (group commit, at most
@@ -31,11 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 from edgefleet.v1 import agent_pb2
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from control_plane.api.agent_calls import AgentCalls
 from control_plane.api.status import status_code_for
@@ -44,6 +41,8 @@ from control_plane.services import Services
 from control_plane.services.broker import MqttSettings, bridge_name
 from fleetcore import pki
 from fleetcore.errors import EdgefleetError, InvalidInputError
+from fleetcore.mqtt_client import MqttClient
+from fleetcore.mqtt_codec import Publish
 from fleetcore.mqtt_wire import (
     CLEAN_START,
     DEVICE_PREFIX,
@@ -52,7 +51,6 @@ from fleetcore.mqtt_wire import (
     ROOTS_TOPIC,
     SESSION_EXPIRY_SECONDS,
     Leaf,
-    no_delay,
     parse_message,
     parse_topic,
     parse_url,
@@ -80,14 +78,9 @@ _FETCH_SPAN = "edgefleet.v1.AgentService/FetchBundle"
 GROUP_COMMIT = 64
 
 
-def _is_telemetry(msg: mqtt.MQTTMessage) -> bool:
+def _is_telemetry(msg: Publish) -> bool:
     parsed = parse_topic(msg.topic)
     return parsed is not None and parsed[1] is Leaf.TELEMETRY
-
-
-def _correlation(msg: mqtt.MQTTMessage) -> bytes:
-    props = getattr(msg, "properties", None)
-    return bytes(getattr(props, "CorrelationData", b"") or b"")
 
 
 class MqttBridge:
@@ -107,8 +100,8 @@ class MqttBridge:
         self.presence: dict[str, bool] = {}
         self.connected = asyncio.Event()
         self._published: dict[str, int] = {}
-        self._inbox: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue()
-        self._client: mqtt.Client | None = None
+        self._inbox: asyncio.Queue[Publish] = asyncio.Queue()
+        self._client: MqttClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task[None] | None = None
         self._tls: ssl.SSLContext | None = None
@@ -120,22 +113,15 @@ class MqttBridge:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         self._tls = ctx
         self.reload_tls()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=bridge_name(self.index),
-                             protocol=mqtt.MQTTv5, manual_ack=True)
-        client.tls_set_context(ctx)
-        client.reconnect_delay_set(1, 30)
-        client.max_inflight_messages_set(100)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
-        props.MaximumPacketSize = MAX_MESSAGE_BYTES + 64 * 1024
-        client.connect_async(self.broker.host, self.broker.port, keepalive=30,
-                             clean_start=CLEAN_START, properties=props)
+        client = MqttClient(
+            self.broker.host, self.broker.port, ctx, bridge_name(self.index), keepalive=30,
+            session_expiry=SESSION_EXPIRY_SECONDS, max_packet=MAX_MESSAGE_BYTES + 64 * 1024,
+            reconnect=(1.0, 30.0), manual_ack=True, on_connect=self._on_connect,
+            on_down=self._on_down, on_message=self._on_message)
+        assert CLEAN_START  # the client always starts a clean session
         self._client = client
         self._worker = asyncio.create_task(self._work())
-        client.loop_start()
+        client.start()
         log.info("MQTT bridge connecting to %s:%d", self.broker.host, self.broker.port)
 
     def reload_tls(self) -> None:
@@ -153,14 +139,13 @@ class MqttBridge:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
         if client is not None:
-            client.disconnect()
-            await asyncio.to_thread(client.loop_stop)
+            await client.close()
         self.connected.clear()
 
     def roots_changed(self) -> None:
-        """A new root was published: retain the latest roots for every device."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._publish_roots)
+        """A new root was published: retain the latest roots for every device (from any
+        thread)."""
+        self._to_loop(self._publish_roots)
 
     def _publish_roots(self) -> None:
         client = self._client
@@ -168,38 +153,37 @@ class MqttBridge:
         if client is None or not roots:
             return
         payload = agent_pb2.SyncEvent(roots=roots).SerializeToString()
-        client.publish(ROOTS_TOPIC, payload, qos=1, retain=True)
+        client.publish(ROOTS_TOPIC, payload, qos=1, retain=True, wait=False)
 
     def device_changed(self, device_id: str) -> None:
-        """The services' change hook: republish (or clear) the device's release."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._publish_release, device_id)
+        """The services' change hook: republish (or clear) the device's release (from any
+        thread)."""
+        self._to_loop(self._publish_release, device_id)
 
-    # ------------------------------------------------------------------ paho's thread
     def _to_loop(self, fn: Any, *args: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(fn, *args)
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                    properties: Any) -> None:
-        if reason.is_failure:
-            log.error("MQTT broker refused the bridge: %s", reason)
+    # ------------------------------------------------------------------ the client's callbacks
+    def _on_connect(self) -> None:
+        client = self._client
+        if client is None:
             return
-        no_delay(client)
         # Requests and telemetry through one shared subscription: the broker hands each message
         # to one bridge of the group (the replicas share the load). Status, to every bridge:
         # each keeps the fleet's presence, and a shared subscription gets no retained copies.
         client.subscribe([(f"{SHARE}/{DEVICE_PREFIX}/+/{leaf.value}", 1) for leaf in _SHARED]
                          + [(f"{DEVICE_PREFIX}/+/{Leaf.STATUS.value}", 1)])
-        self._to_loop(self._up)
+        self._up()
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
-                       reason: ReasonCode, properties: Any) -> None:
-        self._to_loop(self.connected.clear)
+    def _on_down(self, error: str, refused: bool) -> None:
+        if refused:
+            log.error("MQTT broker refused the bridge: %s", error)
+        self.connected.clear()
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._to_loop(self._inbox.put_nowait, msg)
+    def _on_message(self, msg: Publish) -> None:
+        self._inbox.put_nowait(msg)
 
     # ------------------------------------------------------------------ the event loop
     def _up(self) -> None:
@@ -216,7 +200,7 @@ class MqttBridge:
             while len(group) < GROUP_COMMIT and not self._inbox.empty():
                 group.append(self._inbox.get_nowait())
             # In arrival order; each run of telemetry messages is stored in one transaction.
-            run: list[mqtt.MQTTMessage] = []
+            run: list[Publish] = []
             for msg in group:
                 if _is_telemetry(msg):
                     run.append(msg)
@@ -233,29 +217,29 @@ class MqttBridge:
             if run:
                 await self._telemetry_group(run)
 
-    def _ack(self, msg: mqtt.MQTTMessage) -> None:
+    def _ack(self, msg: Publish) -> None:
         client = self._client
         if client is not None and msg.qos > 0:
-            client.ack(msg.mid, msg.qos)
+            client.ack(msg.packet_id)
 
-    async def _telemetry_group(self, msgs: list[mqtt.MQTTMessage]) -> None:
+    async def _telemetry_group(self, msgs: list[Publish]) -> None:
         """Telemetry batches stored in one transaction (group commit), each answered and
         acknowledged to the broker only after it committed. A batch refused by its checks is
         answered with the refusal; the group's transaction failing falls back to one
         transaction a batch (``TelemetryService.ingest_many``), so a bad batch cannot lose the
         others."""
-        accepted: list[tuple[mqtt.MQTTMessage, pki.Identity, bytes, agent_pb2.TelemetryBatch]] = []
+        accepted: list[tuple[Publish, pki.Identity, bytes, agent_pb2.TelemetryBatch]] = []
         # A device's identity checks run once a group: its batches arrived together, and
         # every one of them is answered only after the group's commit.
         callers: dict[str, pki.Identity] = {}
         try:
             for msg in msgs:
                 device_id = parse_topic(msg.topic)[0]  # type: ignore[index]
-                correlation = _correlation(msg)
+                correlation = msg.properties.correlation
                 try:
                     caller = callers.get(device_id) or self.calls.device_by_id(device_id)
                     callers[device_id] = caller
-                    batch = parse_message(agent_pb2.TelemetryBatch, bytes(msg.payload))
+                    batch = parse_message(agent_pb2.TelemetryBatch, msg.payload)
                 except EdgefleetError as exc:
                     self._refused(device_id, Leaf.TELEMETRY, correlation, exc)
                     continue
@@ -290,15 +274,14 @@ class MqttBridge:
                           error=f"{status_code_for(exc).name}: {exc}")
         self._emit("refused", device_id)
 
-    async def _handle(self, msg: mqtt.MQTTMessage) -> None:
+    async def _handle(self, msg: Publish) -> None:
         parsed = parse_topic(msg.topic)
         if parsed is None or parsed[1] not in (*_SHARED, Leaf.STATUS):
             log.warning("MQTT bridge: ignored a message on %r", msg.topic[:200])
             return
         device_id, leaf = parsed
-        payload = bytes(msg.payload)
-        props = getattr(msg, "properties", None)
-        correlation = _correlation(msg)
+        payload = msg.payload
+        correlation = msg.properties.correlation
         reply = _REPLY_TO.get(leaf, Leaf.RENEW_REPLY)
         try:
             caller = self.calls.device_by_id(device_id)
@@ -316,7 +299,7 @@ class MqttBridge:
             elif len(correlation) > MAX_CORRELATION_BYTES:
                 raise InvalidInputError("correlation data over the limit")
             elif leaf is Leaf.BUNDLE_REQUEST:
-                carrier = check_carrier(dict(getattr(props, "UserProperty", []) or []))
+                carrier = check_carrier(dict(msg.properties.user))
                 if carrier and self.tracing.otel is not None:
                     # The agent's download span, as over gRPC: its bundle request's span.
                     with self.tracing.otel.span(_FETCH_SPAN, carrier, {
@@ -387,14 +370,12 @@ class MqttBridge:
         client = self._client
         if client is None:
             return
-        props = Properties(PacketTypes.PUBLISH)
-        if correlation:
-            props.CorrelationData = correlation
         user = [(ERROR_PROPERTY, error[:1000])] if error else []
         user += sorted((trace or {}).items())  # W3C trace context as MQTT 5 user properties
-        if user:
-            props.UserProperty = user
-        client.publish(topic(device_id, leaf), payload, qos=1, retain=retain, properties=props)
+        # Not awaited: a lost answer is asked for again (telemetry is sent again, and stored
+        # once), and a retained release is published again on the next connection.
+        client.publish(topic(device_id, leaf), payload, qos=1, retain=retain,
+                       correlation=correlation, user=tuple(user), wait=False)
 
     def _emit(self, what: str, device_id: str) -> None:
         if self.on_event is not None:

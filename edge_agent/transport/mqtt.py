@@ -1,12 +1,12 @@
-"""The agent's transport over MQTT 5 with TLS and its device certificate (paho-mqtt 2.x).
+"""The agent's transport over MQTT 5 with TLS and its device certificate.
 
-paho runs its network loop in its own thread and reconnects by itself with a growing delay;
-its callbacks only hand what arrived to the agent's event loop (``call_soon_threadsafe``), so
-everything else here runs on that loop. The session is clean (``CLEAN_START``, no session
-expiry: why in ``fleetcore.mqtt_wire``): the broker keeps nothing of an agent that is away, so
-the agent subscribes on every connect (the retained release comes with the subscription) and
-asks again for what was not answered; telemetry stays in the outbox until the control plane
-acknowledges it. Messages are published at QoS 1 and a call returns after the broker's PUBACK.
+The client is ``fleetcore.mqtt_client``: it runs on the agent's event loop (no network thread)
+and reconnects by itself with a growing, jittered delay. The session is clean
+(``CLEAN_START``, no session expiry: why in ``fleetcore.mqtt_wire``): the broker keeps
+nothing of an agent that is away, so the agent subscribes on every connect (the retained
+release comes with the subscription) and asks again for what was not answered; telemetry
+stays in the outbox until the control plane acknowledges it. Messages are published at QoS 1
+and a call returns after the broker's PUBACK (a connection lost before it fails the call).
 """
 
 from __future__ import annotations
@@ -17,17 +17,14 @@ import logging
 import secrets
 import ssl
 from collections.abc import AsyncGenerator
-from typing import Any
 
 from edgefleet.v1 import agent_pb2, common_pb2
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.state import StateDir
-from edge_agent.transport._paho import mqtt
 from edge_agent.transport.base import RefusedError, Transport
 from fleetcore.errors import EdgefleetError, InvalidInputError, TransportError
+from fleetcore.mqtt_client import MqttClient
+from fleetcore.mqtt_codec import Publish, Will, reason_name
 from fleetcore.mqtt_wire import (
     CLEAN_START,
     ERROR_PROPERTY,
@@ -35,7 +32,6 @@ from fleetcore.mqtt_wire import (
     ROOTS_TOPIC,
     SESSION_EXPIRY_SECONDS,
     Leaf,
-    no_delay,
     parse_message,
     parse_url,
     topic,
@@ -49,7 +45,7 @@ log = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 30
 _ROOTS_MARK = b"\0roots"  # in the release queue: the retained roots changed (never a release)
 # A bundle is requested in windows of this many bytes; the next window is asked for once the
-# chunks of this one have arrived, so neither the broker nor paho holds a whole bundle.
+# chunks of this one have arrived, so neither the broker nor the client holds a whole bundle.
 WINDOW_BYTES = 1024 * 1024
 # CONNACK reason codes that mean "not this device" rather than "not now".
 _REFUSED_CONNACK = {"Not authorized", "Bad user name or password", "Banned",
@@ -75,13 +71,11 @@ class MqttTransport(Transport):
         self.state = state
         self.reconnect = (max(1, round(reconnect_min_seconds)),
                           max(1, round(reconnect_max_seconds)))
-        self._client: mqtt.Client | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: MqttClient | None = None
         self._cert_pem = b""
         self._connected = asyncio.Event()
         self._last_error = "not connected yet"
         self._refused = False
-        self._acks: dict[int, asyncio.Future[ReasonCode]] = {}
         # (payload, W3C trace context from its MQTT 5 user properties)
         self._releases_q: asyncio.Queue[tuple[bytes, dict[str, str]]] = asyncio.Queue(
             maxsize=16)
@@ -89,37 +83,27 @@ class MqttTransport(Transport):
         self._replies: dict[bytes, asyncio.Queue[tuple[bytes, str]]] = {}
 
     # ------------------------------------------------------------------ connection
-    def _ensure_started(self) -> mqtt.Client:
+    def _ensure_started(self) -> MqttClient:
         if self._client is not None:
             return self._client
-        self._loop = asyncio.get_running_loop()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_verify_locations(cadata=self.state.ca.read_text())
         ctx.load_cert_chain(self.state.cert, self.state.key)
         self._cert_pem = self.state.cert.read_bytes()  # a renewal changes it: reconnect
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id,
-                             protocol=mqtt.MQTTv5)
-        client.tls_set_context(ctx)
-        client.will_set(topic(self.device_id, Leaf.STATUS),
-                        agent_pb2.AgentStatus(online=False).SerializeToString(), qos=1,
-                        retain=True)
-        client.reconnect_delay_set(*self.reconnect)
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_publish = self._on_publish
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_SECONDS
-        props.MaximumPacketSize = MAX_MESSAGE_BYTES + 64 * 1024
-        client.connect_async(self.broker.host, self.broker.port, keepalive=KEEPALIVE_SECONDS,
-                             clean_start=CLEAN_START, properties=props)
-        client.loop_start()
+        client = MqttClient(
+            self.broker.host, self.broker.port, ctx, self.device_id,
+            keepalive=KEEPALIVE_SECONDS, session_expiry=SESSION_EXPIRY_SECONDS,
+            max_packet=MAX_MESSAGE_BYTES + 64 * 1024, reconnect=self.reconnect,
+            will=Will(topic(self.device_id, Leaf.STATUS),
+                      agent_pb2.AgentStatus(online=False).SerializeToString()),
+            on_connect=self._set_up, on_down=self._set_down, on_message=self._on_message)
+        assert CLEAN_START  # the client always starts a clean session
+        client.start()
         self._client = client
         return client
 
-    async def _ready(self) -> mqtt.Client:
+    async def _ready(self) -> MqttClient:
         client = self._ensure_started()
         if not self._connected.is_set():
             try:
@@ -130,45 +114,13 @@ class MqttTransport(Transport):
                 raise RefusedError(error) if self._refused else TransportError(error) from None
         return client
 
-    def _to_loop(self, fn: Any, *args: Any) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(fn, *args)
-
-    # paho's thread from here ...
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
-                    reason: ReasonCode, properties: Any) -> None:
-        if reason.is_failure:
-            self._to_loop(self._set_down, f"refused: {reason}", str(reason) in _REFUSED_CONNACK)
+    def _set_up(self) -> None:
+        client = self._client
+        if client is None:
             return
-        no_delay(client)
         client.subscribe([(topic(self.device_id, leaf), 1)
                           for leaf in (Leaf.RELEASE, Leaf.TELEMETRY_ACK, Leaf.BUNDLE_REPLY,
                                        Leaf.RENEW_REPLY)] + [(ROOTS_TOPIC, 1)])
-        self._to_loop(self._set_up)
-
-    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._to_loop(self._set_down, "cannot connect", False)
-
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
-                       reason: ReasonCode, properties: Any) -> None:
-        self._to_loop(self._set_down, f"disconnected: {reason}", False)
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        props = getattr(msg, "properties", None)
-        correlation = bytes(getattr(props, "CorrelationData", b"") or b"")
-        user = dict(getattr(props, "UserProperty", []) or [])
-        error = user.get(ERROR_PROPERTY, "")
-        trace = check_carrier(user)  # bounded: the W3C keys only, well-formed
-        self._to_loop(self._arrived, msg.topic, bytes(msg.payload), correlation, error, trace)
-
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
-                    properties: Any) -> None:
-        self._to_loop(self._acked, mid, reason)
-
-    # ... and back on the event loop
-    def _set_up(self) -> None:
         self._refused = False
         self._connected.set()
         log.info("connected to MQTT broker %s:%d as %s", self.broker.host, self.broker.port,
@@ -176,12 +128,14 @@ class MqttTransport(Transport):
 
     def _set_down(self, error: str, refused: bool) -> None:
         self._connected.clear()
-        self._last_error, self._refused = error, refused
+        self._last_error = error
+        self._refused = refused and error.removeprefix("refused: ") in _REFUSED_CONNACK
 
-    def _acked(self, mid: int, reason: ReasonCode) -> None:
-        future = self._acks.pop(mid, None)
-        if future is not None and not future.done():
-            future.set_result(reason)
+    def _on_message(self, msg: Publish) -> None:
+        user = dict(msg.properties.user)
+        error = user.get(ERROR_PROPERTY, "")
+        trace = check_carrier(user)  # bounded: the W3C keys only, well-formed
+        self._arrived(msg.topic, msg.payload, msg.properties.correlation, error, trace)
 
     def _arrived(self, name: str, payload: bytes, correlation: bytes, error: str,
                  trace: dict[str, str] | None = None) -> None:
@@ -205,26 +159,16 @@ class MqttTransport(Transport):
             raise InvalidInputError(f"message of {len(payload)} bytes; the limit is "
                                     f"{MAX_MESSAGE_BYTES}")
         client = await self._ready()
-        props = Properties(PacketTypes.PUBLISH)
-        if correlation:
-            props.CorrelationData = correlation
-        if trace:  # W3C trace context as MQTT 5 user properties
-            props.UserProperty = list(trace)
-        info = client.publish(topic(self.device_id, leaf), payload, qos=1, retain=retain,
-                              properties=props)
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            raise TransportError(f"publish on {leaf.value} failed: {mqtt.error_string(info.rc)}")
-        # The PUBACK is handed to this loop by call_soon_threadsafe, so it cannot be seen
-        # before the future below is registered.
-        future = asyncio.get_running_loop().create_future()
-        self._acks[info.mid] = future
         try:
-            reason = await future
-        finally:
-            self._acks.pop(info.mid, None)
-        if reason.is_failure:
-            cls = RefusedError if str(reason) == "Not authorized" else TransportError
-            raise cls(f"broker refused the message on {leaf.value}: {reason}")
+            reason = await client.publish(  # type: ignore[misc]
+                topic(self.device_id, leaf), payload, qos=1, retain=retain,
+                correlation=correlation, user=trace)
+        except ConnectionError as exc:
+            raise TransportError(f"publish on {leaf.value}: {exc}") from None
+        if reason >= 0x80:
+            name = reason_name(reason)
+            cls = RefusedError if name == "Not authorized" else TransportError
+            raise cls(f"broker refused the message on {leaf.value}: {name}")
 
     async def _request(self, leaf: Leaf, payload: bytes,
                        trace: tuple[tuple[str, str], ...] = ()) -> tuple[
@@ -319,7 +263,7 @@ class MqttTransport(Transport):
                 self._replies.pop(correlation, None)
 
     async def _reset(self) -> None:
-        """Reconnect only when the certificate changed (paho reconnects by itself)."""
+        """Reconnect only when the certificate changed (the client reconnects by itself)."""
         if self._client is None:
             return
         if self.state.cert.read_bytes() != self._cert_pem:
@@ -333,11 +277,10 @@ class MqttTransport(Transport):
         if client is None:
             return
         if say_offline and self._connected.is_set():
-            info = client.publish(topic(self.device_id, Leaf.STATUS),
-                                  agent_pb2.AgentStatus(online=False).SerializeToString(),
-                                  qos=1, retain=True)
+            offline = client.publish(topic(self.device_id, Leaf.STATUS),
+                                     agent_pb2.AgentStatus(online=False).SerializeToString(),
+                                     qos=1, retain=True)
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(info.wait_for_publish, 2.0)
+                await asyncio.wait_for(offline, 2.0)  # type: ignore[arg-type]
         self._connected.clear()
-        client.disconnect()
-        await asyncio.to_thread(client.loop_stop)
+        await client.close()
