@@ -5,8 +5,8 @@ packets). Everything runs on the caller's event loop: no network thread, no hand
 threads for each message, which is where paho-mqtt spent most of the telemetry path's CPU
 (docs/mqtt.md). What it does, and nothing more:
 
-* ``start`` connects (TCP, TLS with the caller's context - the agents and the bridge always
-  give one; ``None``, plain TCP, is for tests against a local broker -, CONNECT with an optional will) and,
+* ``start`` connects (TCP, TLS with the caller's context: the agents and the bridge always
+  give one, ``None`` is plain TCP for tests; CONNECT with an optional will) and,
   whenever the connection is lost, connects again after ``reconnect`` seconds, doubling up to
   the maximum, with jitter so that a fleet that lost its broker does not come back at once;
   ``on_connect`` runs after each CONNACK that accepted it (subscribe there: the session is
