@@ -9,7 +9,7 @@ AUTH, a packet a client never receives) is a protocol error, and so is every mal
 bytes into packets and refuses, before buffering it, one larger than its limit.
 
 Why not paho's codec: it is not separable from paho's client, whose network thread costs about
-four times the CPU per received 45 KB message of this codec with asyncio's transport
+three times the CPU per received 45 KB message of this codec with asyncio's transport
 (``python -m scripts.bench_mqtt --client``, docs/mqtt.md).
 """
 

@@ -130,7 +130,8 @@ def parse_message(message: type[Message], payload: bytes, what: str = "") -> Any
 
 
 def no_delay(client: Any) -> None:
-    """Turn Nagle's algorithm off on a connected paho client's socket (paho leaves it on): a
+    """Turn Nagle's algorithm off on a connected paho client's socket (the benches' raw paho
+    clients; ``fleetcore.mqtt_client`` does it on every connection; paho leaves it on): a
     small message written while a large one is unacknowledged otherwise waits for the peer's
     delayed ACK, about 40 ms a hop, which bounds a request/reply path such as telemetry and its
     acknowledgement. The broker's side: ``set_tcp_nodelay`` in its configuration."""

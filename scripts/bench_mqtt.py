@@ -14,6 +14,8 @@ this process. Every baseline is measured in the same run, against the same broke
   (``--agent-state``, internal), as on a device, so its CPU is not the bridge's.
   Target: >= 0.8x of the per-record baseline.
 * ``--stages``: the cost per record of each stage of that path, each timed alone.
+* ``--client``: the CPU a subscriber spends receiving one 45 KB message (a telemetry batch's
+  size), ``fleetcore.mqtt_client`` against paho-mqtt's network thread, on a plain-TCP broker.
 * release fan-out: ``--agents`` simulated agents (paho clients with their own enrolled device
   certificates, subscribed to their release topic) and a rollout to all of them; the figure is
   the time from the rollout call until the last one has received its signed release (each is
@@ -56,6 +58,7 @@ from edge_agent.reporting.wire import frame_batch
 from edge_agent.state import AgentConfig, StateDir
 from edge_agent.transport.mqtt import MqttTransport
 from fleetcore import pki
+from fleetcore.mqtt_client import MqttClient
 from fleetcore.mqtt_wire import Leaf, no_delay, topic
 from fleetcore.release import SignedRelease, verify_release
 from scripts.broker import Mosquitto, start_mosquitto
@@ -258,7 +261,7 @@ def bench_telemetry(work: Path, records: int, database: str = "",
         cpu = {"control plane (bridge, services, store)": time.process_time() - cpu0[0],
                **{f"control plane, bridge {i + 2} (its own process)": _cpu_of(o.pid) - c0
                   for i, (o, c0) in enumerate(zip(others, cpu0[2], strict=True))},
-               "agent (outbox, encoding, paho)": agent_cpu,
+               "agent (outbox, encoding, MQTT client)": agent_cpu,
                "Mosquitto": _cpu_of(broker.pid) - cpu0[1]}
         assert _count(cp, cfg.device_id) == records
     finally:
@@ -273,7 +276,7 @@ def bench_telemetry(work: Path, records: int, database: str = "",
     # CPU per record of each process on the path: what bounds the rate on this machine
     # (2 cores for the three of them), less sensitive to other load than the rate itself.
     # The control plane's threads that used a measurable share of it: its event loop (the
-    # bridge's handling, the services, an SQLite store's writes) and paho's network thread.
+    # bridge's handling and its MQTT client, the services, an SQLite store's writes).
     busiest = sorted(((s, name) for name, s in threads.items() if s >= 0.05 * cpu[
         "control plane (bridge, services, store)"]), reverse=True)
     cpu.update({f"  of which thread {name}": s for s, name in busiest})
@@ -296,8 +299,8 @@ def bench_telemetry(work: Path, records: int, database: str = "",
          "baseline_name": "raw paho publisher -> Mosquitto -> raw paho subscriber, QoS 1",
          "ratio": round(rate / through, 2), "target": ">= 0.5x", "pass": rate / through >= 0.5,
          "note": "CPU per record in the two Python processes (the agent's outbox rows, "
-                 "protobuf and paho; the bridge's parsing, checks and the segment write) "
-                 "against paho alone on both ends (docs/mqtt.md)"},
+                 "protobuf and its MQTT client; the bridge's parsing, checks and the segment "
+                 "write) against paho alone on both ends (docs/mqtt.md)"},
     ]
 
 
@@ -668,6 +671,124 @@ def bench_fanout(work: Path, agents: int, base: int = 10) -> list[dict[str, Any]
              "pass": fleet_s < 10}]
 
 
+def _plain_broker(work: Path) -> tuple[subprocess.Popen[str], int]:
+    """A Mosquitto on plain TCP (``--client``: the clients' own cost, without TLS)."""
+    port = free_port()
+    conf = work / "plain.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                    "max_inflight_messages 100\nset_tcp_nodelay true\n")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "running" in line:
+            break
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return proc, port
+
+
+def _publish_plain(port: int, payloads: int, size: int) -> None:
+    """A raw paho publisher: ``payloads`` messages of ``size`` bytes at QoS 1, all acked."""
+    done, acked = threading.Event(), [0]
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-pub",
+                    protocol=mqtt.MQTTv5)
+    c.max_inflight_messages_set(100)
+    c.max_queued_messages_set(0)
+
+    def on_publish(*_: Any) -> None:
+        acked[0] += 1
+        if acked[0] == payloads:
+            done.set()
+
+    c.on_publish = on_publish
+    up = threading.Event()
+    c.on_connect = lambda *a: up.set()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    up.wait(TIMEOUT)
+    body = os.urandom(size)
+    for _ in range(payloads):
+        c.publish("bench/x", body, qos=1)
+    done.wait(TIMEOUT)
+    c.disconnect()
+    c.loop_stop()
+
+
+def _paho_receives(port: int, payloads: int, size: int) -> float:
+    """CPU seconds per message of a paho subscriber's network thread (QoS 1)."""
+    got, all_in, subscribed, cpu = [0], threading.Event(), threading.Event(), [0.0, 0.0]
+
+    def on_message(*_: Any) -> None:
+        got[0] += 1
+        if got[0] == 1:
+            cpu[0] = time.thread_time()
+        if got[0] == payloads:
+            cpu[1] = time.thread_time()
+            all_in.set()
+
+    s = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-sub",
+                    protocol=mqtt.MQTTv5)
+    s.on_message = on_message
+    s.on_connect = lambda c, *a: c.subscribe("bench/#", qos=1)
+    s.on_subscribe = lambda *a: subscribed.set()
+    s.connect("127.0.0.1", port)
+    s.loop_start()
+    subscribed.wait(TIMEOUT)
+    _publish_plain(port, payloads, size)
+    if not all_in.wait(TIMEOUT):
+        raise RuntimeError("paho subscriber: messages missing")
+    s.disconnect()
+    s.loop_stop()
+    return (cpu[1] - cpu[0]) / (payloads - 1)
+
+
+def _client_receives(port: int, payloads: int, size: int) -> float:
+    """CPU seconds per message of ``fleetcore.mqtt_client`` on its event loop (QoS 1)."""
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        all_in: asyncio.Future[float] = loop.create_future()
+        got, cpu0 = [0], [0.0]
+
+        def on_message(msg: Any) -> None:
+            got[0] += 1
+            if got[0] == 1:
+                cpu0[0] = time.thread_time()
+            if got[0] == payloads:
+                all_in.set_result(time.thread_time() - cpu0[0])
+
+        client = MqttClient("127.0.0.1", port, None, "bench-sub", on_message=on_message)
+        client.start()
+        await asyncio.wait_for(client.connected.wait(), TIMEOUT)
+        await client.subscribe([("bench/#", 1)])
+        publisher = loop.run_in_executor(None, _publish_plain, port, payloads, size)
+        spent = await asyncio.wait_for(all_in, TIMEOUT)
+        await publisher
+        await client.close()
+        return spent / (payloads - 1)
+
+    return asyncio.run(run())
+
+
+def bench_client(work: Path, payloads: int = 400, size: int = 45_000) -> list[dict[str, Any]]:
+    """``--client``: what receiving one telemetry-sized message costs the subscriber,
+    paho's network thread against ``fleetcore.mqtt_client`` on asyncio (median of 3 each,
+    interleaved, the same raw paho publisher and a plain-TCP Mosquitto)."""
+    proc, port = _plain_broker(work)
+    try:
+        paho_s, ours_s = [], []
+        for _ in range(3):
+            paho_s.append(_paho_receives(port, payloads, size))
+            ours_s.append(_client_receives(port, payloads, size))
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+    paho_us, ours_us = statistics.median(paho_s) * 1e6, statistics.median(ours_s) * 1e6
+    return [{"name": f"MQTT client: receiving one {size:,}-byte message at QoS 1 (subscriber "
+                     "CPU)", "figure": round(ours_us, 1), "baseline": round(paho_us, 1),
+             "unit": "us", "baseline_name": "paho-mqtt's network thread, same messages",
+             "ratio": round(ours_us / paho_us, 2), "target": "-", "pass": None}]
+
+
 def bench_mqtt(work: Path, records: int = 20_000, agents: int = 1000,
                database: str = "", bridges: int = 1) -> list[dict[str, Any]]:
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
@@ -689,6 +810,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bridges", type=int, default=1,
                    help="control-plane processes whose bridges share the device topics "
                         "(with --database)")
+    p.add_argument("--client", action="store_true",
+                   help="the subscriber's CPU per received message: fleetcore.mqtt_client "
+                        "against paho-mqtt")
     p.add_argument("--agent-state", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.agent_state is not None:
@@ -696,9 +820,13 @@ def main(argv: list[str] | None = None) -> int:
     from scripts.bench import _print  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmp:
-        rows = (bench_stages(Path(tmp), args.records, args.database) if args.stages
-                else bench_mqtt(Path(tmp), args.records, args.agents, args.database,
-                                args.bridges))
+        if args.client:
+            rows = bench_client(Path(tmp))
+        elif args.stages:
+            rows = bench_stages(Path(tmp), args.records, args.database)
+        else:
+            rows = bench_mqtt(Path(tmp), args.records, args.agents, args.database,
+                              args.bridges)
     _print(rows)
     return 1 if any(r["pass"] is False for r in rows) else 0
 
