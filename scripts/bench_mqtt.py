@@ -110,20 +110,21 @@ def _records(n: int) -> list[bytes]:
     return [encode({"where": "bench", "error": f"record {i:08d} " + "x" * 64}) for i in range(n)]
 
 
-def _raw_paho(state: StateDir, device: str, port: int, payloads: list[bytes],
-              received: threading.Event | None = None) -> float:
-    """Seconds for raw paho to publish ``payloads`` at QoS 1 and see every PUBACK (and, with
-    ``received``, until that is set: a subscriber has them all)."""
-    done = threading.Event()
-    acked = [0]
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv5)
-    c.tls_set_context(_tls(state))
+def _paho_publisher(client_id: str, tls: ssl.SSLContext | None, port: int,
+                    expected: int) -> tuple[mqtt.Client, threading.Event]:
+    """A connected raw paho publisher (QoS 1, 100 in flight, Nagle off as the agent and the
+    bridge have it) and an event set once ``expected`` PUBACKs came back."""
+    done, acked = threading.Event(), [0]
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                    protocol=mqtt.MQTTv5)
+    if tls is not None:
+        c.tls_set_context(tls)
     c.max_inflight_messages_set(100)
     c.max_queued_messages_set(0)
 
     def on_publish(*_: Any) -> None:
         acked[0] += 1
-        if acked[0] == len(payloads):
+        if acked[0] == expected:
             done.set()
 
     c.on_publish = on_publish
@@ -132,7 +133,15 @@ def _raw_paho(state: StateDir, device: str, port: int, payloads: list[bytes],
     c.connect("127.0.0.1", port)
     c.loop_start()
     connected.wait(TIMEOUT)
-    no_delay(c)  # as the agent and the bridge do
+    no_delay(c)
+    return c, done
+
+
+def _raw_paho(state: StateDir, device: str, port: int, payloads: list[bytes],
+              received: threading.Event | None = None) -> float:
+    """Seconds for raw paho to publish ``payloads`` at QoS 1 and see every PUBACK (and, with
+    ``received``, until that is set: a subscriber has them all)."""
+    c, done = _paho_publisher(device, _tls(state), port, len(payloads))
     name = topic(device, Leaf.TELEMETRY)
     t0 = time.perf_counter()
     for p in payloads:
@@ -689,23 +698,7 @@ def _plain_broker(work: Path) -> tuple[subprocess.Popen[str], int]:
 
 def _publish_plain(port: int, payloads: int, size: int) -> None:
     """A raw paho publisher: ``payloads`` messages of ``size`` bytes at QoS 1, all acked."""
-    done, acked = threading.Event(), [0]
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-pub",
-                    protocol=mqtt.MQTTv5)
-    c.max_inflight_messages_set(100)
-    c.max_queued_messages_set(0)
-
-    def on_publish(*_: Any) -> None:
-        acked[0] += 1
-        if acked[0] == payloads:
-            done.set()
-
-    c.on_publish = on_publish
-    up = threading.Event()
-    c.on_connect = lambda *a: up.set()
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    up.wait(TIMEOUT)
+    c, done = _paho_publisher("bench-pub", None, port, payloads)
     body = os.urandom(size)
     for _ in range(payloads):
         c.publish("bench/x", body, qos=1)
