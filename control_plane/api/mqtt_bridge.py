@@ -373,8 +373,11 @@ class MqttBridge:
         user = [(ERROR_PROPERTY, error[:1000])] if error else []
         user += sorted((trace or {}).items())  # W3C trace context as MQTT 5 user properties
         # Not awaited: a lost answer is asked for again (telemetry is sent again, and stored
-        # once), and a retained release is published again on the next connection.
-        client.publish(topic(device_id, leaf), payload, qos=1, retain=retain,
+        # once), and a retained release is published again on the next connection. A
+        # telemetry answer goes at QoS 0: it is lost only with the connection, when the batch
+        # is sent again anyway, and QoS 1 would cost two PUBACKs through the broker a batch.
+        qos = 0 if leaf is Leaf.TELEMETRY_ACK else 1
+        client.publish(topic(device_id, leaf), payload, qos=qos, retain=retain,
                        correlation=correlation, user=tuple(user), wait=False)
 
     def _emit(self, what: str, device_id: str) -> None:
