@@ -104,6 +104,7 @@ class MqttClient:
         self._subacks: dict[int, asyncio.Future[list[int]]] = {}
         self._connack: asyncio.Future[tuple[int, codec.Properties]] | None = None
         self._heard = 0.0
+        self._was_up = False  # the current connection got as far as an accepted CONNACK
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -132,18 +133,26 @@ class MqttClient:
     async def _run(self) -> None:
         delay = self.reconnect[0]
         while True:
-            refused = False
+            refused, self._was_up = False, False
             try:
                 refused = await self._session()
-                delay = self.reconnect[0]  # it was up: start over from the shortest delay
             except (OSError, ssl.SSLError, TimeoutError, codec.MalformedPacket) as exc:
                 self._why = f"cannot connect: {exc}"
+            except Exception as exc:  # a bug must not end the reconnecting for good
+                log.exception("MQTT connection to %s:%d failed", self.host, self.port)
+                self._why = f"failed: {exc}"
             finally:
                 self._lost(self._why or "disconnected")
+            if self._was_up:  # it was up: start over from the shortest delay
+                delay = self.reconnect[0]
             self.on_down(self._why, refused)
             # Jitter: half to the whole delay, so that a fleet does not come back at once.
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311
+            await self._pause(delay * (0.5 + random.random() / 2))  # noqa: S311
             delay = min(delay * 2, self.reconnect[1])
+
+    async def _pause(self, seconds: float) -> None:
+        """The wait before connecting again (its own method: tests watch the delays)."""
+        await asyncio.sleep(seconds)
 
     async def _session(self) -> bool:
         """One connection, until it is lost; True when the broker refused us."""
@@ -178,7 +187,11 @@ class MqttClient:
             self._send_max = props.receive_maximum
             self._heard = loop.time()
             self.connected.set()
-            self.on_connect()
+            self._was_up = True
+            try:
+                self.on_connect()
+            except Exception:
+                log.exception("MQTT: the connect handler failed")
             ping = loop.create_task(self._keepalive(proto))
             try:
                 await proto.lost

@@ -355,3 +355,41 @@ def test_with_manual_ack_a_message_is_acknowledged_only_when_the_caller_says() -
         return order
 
     assert _run(main) == [codec.PUBLISH, codec.PUBACK]
+
+
+class _Pausing(MqttClient):
+    """Records each wait before a reconnect (and then waits it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pauses: list[float] = []
+
+    async def _pause(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        await super()._pause(seconds)
+
+
+def test_the_reconnect_delay_doubles_while_refused_and_starts_over_after_a_connection() -> None:
+    async def main() -> list[float]:
+        async def handle(packets: asyncio.Queue[tuple[int, int, bytes]],
+                         writer: asyncio.StreamWriter) -> None:
+            await _expect(packets, codec.CONNECT)
+            if fake.connections <= 3:  # refused three times, then up (and dropped at once)
+                writer.write(_connack(0x87))
+                await asyncio.Event().wait()
+            writer.write(CONNACK_OK)
+
+        fake = await _Broker(handle).start()
+        _, downs, kwargs = _downs()
+        kwargs["reconnect"] = (0.01, 0.08)
+        client = _Pausing("127.0.0.1", fake.port, None, "c", **kwargs)
+        client.start()
+        for _ in range(5):  # three refusals, then two accepted connections dropped
+            await downs.get()
+        await client.close()
+        await fake.close()
+        return client.pauses[:4]
+
+    pauses = _run(main)
+    bounds = [0.01, 0.02, 0.04, 0.01]  # doubling while refused; after a connection, the least
+    assert all(b / 2 <= p <= b for p, b in zip(pauses, bounds, strict=True)), pauses
