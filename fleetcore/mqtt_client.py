@@ -80,7 +80,8 @@ class _Protocol(asyncio.Protocol):
 
 class MqttClient:
     def __init__(self, host: str, port: int, tls: ssl.SSLContext | None, client_id: str, *,
-                 keepalive: int = 30, will: codec.Will | None = None,
+                 keepalive: int = 30, clean_start: bool = True,
+                 will: codec.Will | None = None,
                  session_expiry: int = 0, max_packet: int = 4 * 1024 * 1024,
                  reconnect: tuple[float, float] = (1.0, 30.0), manual_ack: bool = False,
                  on_connect: Callable[[], None] = lambda: None,
@@ -88,6 +89,7 @@ class MqttClient:
                  on_message: Callable[[codec.Publish], None] = lambda msg: None) -> None:
         self.host, self.port, self.tls, self.client_id = host, port, tls, client_id
         self.keepalive, self.will, self.session_expiry = keepalive, will, session_expiry
+        self.clean_start = clean_start
         self.max_packet = max_packet
         self.reconnect = reconnect
         self.manual_ack = manual_ack
@@ -171,7 +173,8 @@ class MqttClient:
         connack: asyncio.Future[tuple[int, codec.Properties]] = loop.create_future()
         self._connack = connack
         transport.write(codec.connect(
-            self.client_id, keepalive=self.keepalive, session_expiry=self.session_expiry,
+            self.client_id, keepalive=self.keepalive, clean_start=self.clean_start,
+            session_expiry=self.session_expiry,
             maximum_packet_size=self.max_packet, will=self.will))
         try:
             lost: asyncio.Future[Any] = proto.lost

@@ -22,10 +22,8 @@ An error reply carries an empty payload and the user property ``error`` = ``CODE
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import re
-import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,7 +41,6 @@ __all__ = [
     "SESSION_EXPIRY_SECONDS",
     "BrokerUrl",
     "Leaf",
-    "no_delay",
     "parse_message",
     "parse_topic",
     "parse_url",
@@ -127,15 +124,3 @@ def parse_message(message: type[Message], payload: bytes, what: str = "") -> Any
         return message.FromString(payload)
     except DecodeError as exc:
         raise InvalidInputError(f"{what} is not a valid {message.__name__}: {exc}") from None
-
-
-def no_delay(client: Any) -> None:
-    """Turn Nagle's algorithm off on a connected paho client's socket (the benches' raw paho
-    clients; ``fleetcore.mqtt_client`` does it on every connection; paho leaves it on): a
-    small message written while a large one is unacknowledged otherwise waits for the peer's
-    delayed ACK, about 40 ms a hop, which bounds a request/reply path such as telemetry and its
-    acknowledgement. The broker's side: ``set_tcp_nodelay`` in its configuration."""
-    sock = client.socket()
-    if sock is not None:
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

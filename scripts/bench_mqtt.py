@@ -34,6 +34,7 @@ import queue
 import resource
 import selectors
 import shutil
+import socket
 import ssl
 import statistics
 import subprocess
@@ -59,9 +60,9 @@ from edge_agent.state import AgentConfig, StateDir
 from edge_agent.transport.mqtt import MqttTransport
 from fleetcore import pki
 from fleetcore.mqtt_client import MqttClient
-from fleetcore.mqtt_wire import Leaf, no_delay, topic
+from fleetcore.mqtt_wire import Leaf, topic
 from fleetcore.release import SignedRelease, verify_release
-from scripts.broker import Mosquitto, start_mosquitto
+from scripts.broker import Mosquitto, said, start_mosquitto, start_plain_mosquitto
 from tests.mqtt_support import free_port
 from tests.support import LoopThread, RunningControlPlane
 from tests.trainer_support import write_pipeline
@@ -109,6 +110,16 @@ def _tls(state: StateDir) -> ssl.SSLContext:
 
 def _records(n: int) -> list[bytes]:
     return [encode({"where": "bench", "error": f"record {i:08d} " + "x" * 64}) for i in range(n)]
+
+
+def no_delay(client: Any) -> None:
+    """Nagle off on a connected raw paho client's socket (paho leaves it on), as
+    ``fleetcore.mqtt_client`` has it on every connection: a small message behind a large
+    unacknowledged one would otherwise wait ~40 ms for the peer's delayed ACK."""
+    sock = client.socket()
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _paho_publisher(client_id: str, tls: ssl.SSLContext | None, port: int,
@@ -224,14 +235,7 @@ def _other_bridges(cp: RunningControlPlane, work: Path, bridges: int
              "--bridge", str(i), "--api", "127.0.0.1:0", "--enroll", "127.0.0.1:0"],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         procs.append(proc)
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "MQTT bridge connected" in line:
-                break
-        else:
-            raise RuntimeError(f"bridge {i} did not connect (exit {proc.wait(TIMEOUT)})")
-        # Keep reading its log, or a full pipe would stop it.
-        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        said(proc, "MQTT bridge connected", f"bridge {i}")
     return procs
 
 
@@ -683,22 +687,6 @@ def bench_fanout(work: Path, agents: int, base: int = 10) -> list[dict[str, Any]
              "pass": fleet_s < 10}]
 
 
-def _plain_broker(work: Path) -> tuple[subprocess.Popen[str], int]:
-    """A Mosquitto on plain TCP (``--client``: the clients' own cost, without TLS)."""
-    port = free_port()
-    conf = work / "plain.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                    "max_inflight_messages 100\nset_tcp_nodelay true\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "running" in line:
-            break
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
-    return proc, port
-
-
 def _publish_plain(port: int, payloads: int, size: int) -> None:
     """A raw paho publisher: ``payloads`` messages of ``size`` bytes at QoS 1, all acked."""
     c, done = _paho_publisher("bench-pub", None, port, payloads)
@@ -769,7 +757,8 @@ def bench_client(work: Path, payloads: int = 400, size: int = 45_000) -> list[di
     """``--client``: what receiving one telemetry-sized message costs the subscriber,
     paho's network thread against ``fleetcore.mqtt_client`` on asyncio (median of 3 each,
     interleaved, the same raw paho publisher and a plain-TCP Mosquitto)."""
-    proc, port = _plain_broker(work)
+    port = free_port()
+    proc = start_plain_mosquitto(work, port)
     try:
         paho_s, ours_s = [], []
         for _ in range(3):

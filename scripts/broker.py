@@ -21,7 +21,14 @@ from control_plane.ops.mqtt_config import write_broker_config
 from control_plane.services.broker import MqttSettings
 from control_plane.storage import open_store
 
-__all__ = ["Mosquitto", "find_mosquitto", "start_fleet_broker", "start_mosquitto"]
+__all__ = [
+    "Mosquitto",
+    "find_mosquitto",
+    "said",
+    "start_fleet_broker",
+    "start_mosquitto",
+    "start_plain_mosquitto",
+]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +135,35 @@ def start_mosquitto(settings: MqttSettings, binary: str | None = None) -> Mosqui
     if found is None:
         raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
     return Mosquitto(settings, found).start()
+
+
+def start_plain_mosquitto(conf_dir: Path, port: int, *,
+                          max_inflight: int = 100) -> subprocess.Popen[str]:
+    """An anonymous Mosquitto on plain TCP at 127.0.0.1:``port`` (the MQTT client's own tests
+    and ``bench_mqtt --client``: no fleet, no TLS), returned once it says it is running; its
+    log is drained so that a full pipe cannot stop it. Terminate it when done."""
+    found = find_mosquitto()
+    if found is None:
+        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+    conf = conf_dir / "plain-mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                    f"max_inflight_messages {max_inflight}\nset_tcp_nodelay true\n")
+    proc = subprocess.Popen([found, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    return said(proc, "running", "mosquitto")
+
+
+def said(proc: subprocess.Popen[str], text: str, what: str) -> subprocess.Popen[str]:
+    """``proc`` once a line of its stderr (a pipe, text mode) holds ``text``; its log is then
+    drained in a thread, so that a full pipe cannot stop it. Raises if it exits first."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if text in line:
+            break
+    else:
+        raise RuntimeError(f"{what} did not say {text!r} (exit {proc.wait()})")
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return proc
 
 
 def start_fleet_broker(home: Path, out: Path, port: int, *, bind: str = "127.0.0.1",

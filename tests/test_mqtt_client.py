@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-import subprocess
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +20,9 @@ from hypothesis import strategies as st
 
 from fleetcore import mqtt_codec as codec
 from fleetcore.mqtt_client import MqttClient
-from scripts.broker import find_mosquitto
+from scripts.broker import start_plain_mosquitto
 from tests.mqtt_support import free_port
 from tests.support import WAIT
-
-MOSQUITTO = find_mosquitto()
 
 
 # ---------------------------------------------------------------------- the codec
@@ -100,19 +96,8 @@ def test_untrusted_bytes_decode_or_raise_malformed_packet(data: bytes, flags: in
 # ---------------------------------------------------------------------- a real Mosquitto
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[int]:
-    if MOSQUITTO is None:
-        pytest.fail("mosquitto is not installed (.ci/run installs it)")
     port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                    "max_inflight_messages 20\nset_tcp_nodelay true\n")
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "running" in line:
-            break
-    threading.Thread(target=proc.stderr.read, daemon=True).start()  # a full pipe would stop it
+    proc = start_plain_mosquitto(tmp_path, port, max_inflight=20)
     try:
         yield port
     finally:

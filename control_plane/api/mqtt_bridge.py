@@ -115,10 +115,10 @@ class MqttBridge:
         self.reload_tls()
         client = MqttClient(
             self.broker.host, self.broker.port, ctx, bridge_name(self.index), keepalive=30,
-            session_expiry=SESSION_EXPIRY_SECONDS, max_packet=MAX_MESSAGE_BYTES + 64 * 1024,
+            clean_start=CLEAN_START, session_expiry=SESSION_EXPIRY_SECONDS,
+            max_packet=MAX_MESSAGE_BYTES + 64 * 1024,
             reconnect=(1.0, 30.0), manual_ack=True, on_connect=self._on_connect,
             on_down=self._on_down, on_message=self._on_message)
-        assert CLEAN_START  # the client always starts a clean session
         self._client = client
         self._worker = asyncio.create_task(self._work())
         client.start()

@@ -93,12 +93,12 @@ class MqttTransport(Transport):
         self._cert_pem = self.state.cert.read_bytes()  # a renewal changes it: reconnect
         client = MqttClient(
             self.broker.host, self.broker.port, ctx, self.device_id,
-            keepalive=KEEPALIVE_SECONDS, session_expiry=SESSION_EXPIRY_SECONDS,
+            keepalive=KEEPALIVE_SECONDS, clean_start=CLEAN_START,
+            session_expiry=SESSION_EXPIRY_SECONDS,
             max_packet=MAX_MESSAGE_BYTES + 64 * 1024, reconnect=self.reconnect,
             will=Will(topic(self.device_id, Leaf.STATUS),
                       agent_pb2.AgentStatus(online=False).SerializeToString()),
             on_connect=self._set_up, on_down=self._set_down, on_message=self._on_message)
-        assert CLEAN_START  # the client always starts a clean session
         client.start()
         self._client = client
         return client
