@@ -18,6 +18,8 @@ threads for each message, which is where paho-mqtt spent most of the telemetry p
   (``ConnectionError``): the callers send again (telemetry stays in the agent's outbox).
 * Received messages go to ``on_message`` in order. With ``manual_ack`` a QoS 1 message is
   acknowledged only when the caller calls ``ack`` (the bridge: after its transaction commits).
+* ``corked()``: what is written inside goes out in one write at its end (the bridge's answers
+  and acknowledgements of a group).
 * Keep-alive: PINGREQ every half keep-alive; nothing heard for 1.5 keep-alives drops the
   connection. Bytes from the broker are bounded by ``max_packet``; a malformed packet drops the
   connection too.
@@ -32,7 +34,7 @@ import random
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fleetcore import mqtt_codec as codec
@@ -107,6 +109,7 @@ class MqttClient:
         self._connack: asyncio.Future[tuple[int, codec.Properties]] | None = None
         self._heard = 0.0
         self._was_up = False  # the current connection got as far as an accepted CONNACK
+        self._cork: list[bytes] | None = None  # writes held by ``corked``
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -228,11 +231,30 @@ class MqttClient:
         self._subacks.clear()
 
     # ------------------------------------------------------------------ sending
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """The packets written inside go to the connection together at the end, in order: one
+        TLS record and one send for a group's answers and acknowledgements, not one each."""
+        if self._cork is not None:  # corked already: the outer one sends them
+            yield
+            return
+        held: list[bytes] = []
+        self._cork = held
+        try:
+            yield
+        finally:
+            self._cork = None
+            if held:
+                self._write(b"".join(held))
+
     def _write(self, data: bytes) -> bool:
         proto = self._proto
         if proto is None or proto.transport is None or proto.transport.is_closing():
             return False
-        proto.transport.write(data)
+        if self._cork is not None:
+            self._cork.append(data)
+        else:
+            proto.transport.write(data)
         return True
 
     def _packet_id(self) -> int:

@@ -137,6 +137,39 @@ def test_messages_and_their_properties_go_through_mosquitto(broker: int) -> None
     assert second.topic == "t/b" and second.payload == bytes(range(256)) * 4000
 
 
+def test_packets_written_corked_go_out_together_in_order_at_the_end(broker: int) -> None:
+    async def main() -> tuple[int, list[bytes]]:
+        got: asyncio.Queue[codec.Publish] = asyncio.Queue()
+        sub = await _up(MqttClient("127.0.0.1", broker, None, "sub", on_message=got.put_nowait))
+        await sub.subscribe([("t/#", 1)])
+        pub = await _up(MqttClient("127.0.0.1", broker, None, "pub"))
+        assert pub._proto is not None and pub._proto.transport is not None
+        transport = pub._proto.transport
+        writes: list[bytes] = []
+        real = transport.write
+
+        def write(data: Any) -> None:
+            writes.append(bytes(data))
+            real(data)
+
+        transport.write = write  # type: ignore[method-assign]
+        with pub.corked():
+            for i in range(3):
+                pub.publish("t/c", b"%d" % i, qos=0)
+            with pub.corked():  # nested: the outer one sends
+                pub.publish("t/c", b"3", qos=0)
+            acked = pub.publish("t/c", b"4")  # QoS 1 too
+            assert writes == []
+        together = len(writes)
+        assert await acked == 0  # type: ignore[misc]
+        out = [(await got.get()).payload for _ in range(5)]
+        await pub.close()
+        await sub.close()
+        return together, out
+
+    assert _run(main) == (1, [b"0", b"1", b"2", b"3", b"4"])
+
+
 def test_more_publishes_than_the_brokers_receive_maximum_all_arrive_in_order(
         broker: int) -> None:
     async def main() -> tuple[list[int], list[bytes]]:

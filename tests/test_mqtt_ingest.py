@@ -203,17 +203,17 @@ def test_the_agents_window_sends_every_record_once_and_empties_its_outbox(
                             for i in range(1, 1001)], 1.0)
         transport = MqttTransport(config.mqtt_url, device, state)
         in_flight = [0, 0]  # now, most
-        real = transport.send_telemetry
+        real = transport.send_telemetry_wire
 
-        async def counting(batch: agent_pb2.TelemetryBatch) -> list[int]:
+        async def counting(seqs: list[int], wire: bytes) -> list[int]:
             in_flight[0] += 1
             in_flight[1] = max(in_flight)
             try:
-                return await real(batch)
+                return await real(seqs, wire)
             finally:
                 in_flight[0] -= 1
 
-        transport.send_telemetry = counting  # type: ignore[method-assign]
+        transport.send_telemetry_wire = counting  # type: ignore[method-assign]
         sender = TelemetrySender(outbox, batch_records=50, in_flight=8, max_batches=100)
 
         async def send() -> None:

@@ -141,6 +141,20 @@ def test_a_partial_answer_deletes_only_what_was_acknowledged(outbox: Outbox) -> 
     assert receiver.stored == records and outbox.stats().depth == 0
 
 
+def test_seqs_acknowledged_but_not_sent_in_the_batch_are_not_deleted(outbox: Outbox) -> None:
+    """The answer is the control plane's word: only seqs of the batch it answers count."""
+    _fill(outbox, 1_000)
+
+    class Overreaching(Receiver):
+        async def _send_telemetry(self, batch: agent_pb2.TelemetryBatch) -> list[int]:
+            return [*await super()._send_telemetry(batch), 600, 700, 99_999]
+
+    assert _send(TelemetrySender(outbox, max_batches=1), Overreaching()) == 500
+    assert [r.seq for r in outbox.pending(limit=1_000)][:2] == [501, 502]
+    assert {600, 700} <= {r.seq for r in outbox.pending(limit=1_000)}
+    assert outbox.stats().depth == 500
+
+
 def test_a_drop_count_goes_out_even_with_nothing_pending(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.db", max_records=2) as box:
         box.append_many([("error", b"a"), ("error", b"b"), ("error", b"c")], NOW)

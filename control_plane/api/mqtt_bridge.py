@@ -229,6 +229,7 @@ class MqttBridge:
         transaction a batch (``TelemetryService.ingest_many``), so a bad batch cannot lose the
         others."""
         accepted: list[tuple[Publish, pki.Identity, bytes, agent_pb2.TelemetryBatch]] = []
+        results: list[agent_pb2.TelemetryAck | Exception] = []
         # A device's identity checks run once a group: its batches arrived together, and
         # every one of them is answered only after the group's commit.
         callers: dict[str, pki.Identity] = {}
@@ -244,27 +245,43 @@ class MqttBridge:
                     self._refused(device_id, Leaf.TELEMETRY, correlation, exc)
                     continue
                 accepted.append((msg, caller, correlation, batch))
-            if not accepted:
-                return
-            results = await self.calls.telemetry_many([(c, b) for _, c, _, b in accepted])
-            for (_, caller, correlation, _), result in zip(accepted, results, strict=True):
-                if isinstance(result, EdgefleetError):
-                    self._refused(caller.name, Leaf.TELEMETRY, correlation, result)
-                elif isinstance(result, Exception):
-                    continue  # not stored (logged): no answer, the agent sends it again
-                else:
-                    if correlation and len(correlation) <= MAX_CORRELATION_BYTES:
-                        # Stored: the agent may delete these now (the broker's PUBACK was not
-                        # enough: a broker killed before delivering would have lost them).
-                        self._publish(caller.name, Leaf.TELEMETRY_ACK,
-                                      result.SerializeToString(), correlation=correlation)
-                    self._emit("telemetry", caller.name)
+            if accepted:
+                results = await self.calls.telemetry_many([(c, b) for _, c, _, b in accepted])
         except Exception:
             log.exception("MQTT bridge: storing a group of %d telemetry batches failed",
                           len(msgs))
-        finally:
-            for msg in msgs:
-                self._ack(msg)
+            results = []
+        with self._corked():  # the answers and the acknowledgements go out in one write
+            try:
+                if results:
+                    self._answer(accepted, results)
+            except Exception:
+                log.exception("MQTT bridge: answering a group of %d telemetry batches failed",
+                              len(msgs))
+            finally:
+                for msg in msgs:
+                    self._ack(msg)
+
+    def _corked(self) -> contextlib.AbstractContextManager[None]:
+        client = self._client
+        return client.corked() if client is not None else contextlib.nullcontext()
+
+    def _answer(self, accepted: list[tuple[Publish, pki.Identity, bytes,
+                                          agent_pb2.TelemetryBatch]],
+                results: list[agent_pb2.TelemetryAck | Exception]) -> None:
+        """Each stored batch's answer; each refused one's refusal."""
+        for (_, caller, correlation, _), result in zip(accepted, results, strict=True):
+            if isinstance(result, EdgefleetError):
+                self._refused(caller.name, Leaf.TELEMETRY, correlation, result)
+            elif isinstance(result, Exception):
+                continue  # not stored (logged): no answer, the agent sends it again
+            else:
+                if correlation and len(correlation) <= MAX_CORRELATION_BYTES:
+                    # Stored: the agent may delete these now (the broker's PUBACK was not
+                    # enough: a broker killed before delivering would have lost them).
+                    self._publish(caller.name, Leaf.TELEMETRY_ACK,
+                                  result.SerializeToString(), correlation=correlation)
+                self._emit("telemetry", caller.name)
 
     def _refused(self, device_id: str, leaf: Leaf, correlation: bytes,
                  exc: EdgefleetError) -> None:

@@ -73,6 +73,11 @@ class IdentityService:
     # ------------------------------------------------------------------ authentication
     def authenticate(self, identity: pki.Identity, expected: pki.IdentityKind) -> pki.Identity:
         """Check a verified identity against the registry; refuse revoked or unknown ones."""
+        return self._authenticated(identity, expected)
+
+    def _authenticated(self, identity: pki.Identity, expected: pki.IdentityKind,
+                       device: DeviceRecord | None = None) -> pki.Identity:
+        """``authenticate``; ``device``: the device's row, read already by the caller."""
         if identity.kind is not expected:
             raise AuthenticationError(
                 f"this API needs a {expected.value} certificate; got a {identity.kind.value} one"
@@ -85,7 +90,8 @@ class IdentityService:
         if cert.revoked_at is not None:
             raise RevokedError(f"certificate {identity.serial} of {identity.actor} is revoked")
         if identity.kind is pki.IdentityKind.DEVICE:
-            device = self.store.get_device(identity.name)
+            if device is None or device.id != identity.name:
+                device = self.store.get_device(identity.name)
             if device is None:
                 raise AuthenticationError(f"device {identity.name} is not registered")
             if device.revoked_at is not None:
@@ -103,7 +109,7 @@ class IdentityService:
         if device is None:
             raise AuthenticationError(f"device {device_id} is not registered")
         identity = pki.Identity(pki.IdentityKind.DEVICE, device_id, device.cert_serial)
-        return self.authenticate(identity, pki.IdentityKind.DEVICE)
+        return self._authenticated(identity, pki.IdentityKind.DEVICE, device)
 
     # ------------------------------------------------------------------ devices
     def enroll(self, token: str, csr_pem: bytes, labels: Mapping[str, str],

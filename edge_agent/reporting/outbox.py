@@ -62,6 +62,7 @@ operation (a per-row delete trigger cost ~1 us a record).
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import math
@@ -364,16 +365,20 @@ class Outbox:
         transaction; appends keep ``FULL``): a delete lost to a power cut only sends those
         records again, and the control plane stores each (device, seq) once. WAL keeps the
         order: the next append's sync writes the delete too."""
-        unique = sorted(set(seqs))
-        if not unique:
+        # One range per run of consecutive seqs (a batch's, usually one run): exactly the
+        # same records as one delete per seq.
+        return self.ack_runs(_runs(sorted(set(seqs))))
+
+    def ack_runs(self, runs: Sequence[tuple[int, int]]) -> int:
+        """``ack`` of every seq from ``first`` to ``last`` of each (first, last) run (what a
+        sender whose batches were acknowledged whole knows without listing their seqs)."""
+        runs = _merged(runs)
+        if not runs:
             return 0
         deleted = 0
         with self._unless_storage_fails("acknowledge") as outcome, \
                 self._transaction("IMMEDIATE", sync=False) as conn:
-            # One range per run of consecutive seqs (a batch's, usually one run): exactly the
-            # same records as one delete per seq.
-            runs = _runs(unique)
-            count, size = self._ack_batches(conn, runs, unique)
+            count, size = self._ack_batches(conn, runs)
             (tail_first,) = conn.execute("SELECT min(seq) FROM outbox").fetchone()
             if tail_first is not None:
                 n, b = _delete(conn, "seq BETWEEN ? AND ?",
@@ -385,8 +390,8 @@ class Outbox:
             self._note_freed(deleted)
         return deleted if outcome.ok else 0
 
-    def _ack_batches(self, conn: sqlite3.Connection, runs: list[tuple[int, int]],
-                     unique: list[int]) -> tuple[int, int]:
+    def _ack_batches(self, conn: sqlite3.Connection,
+                     runs: list[tuple[int, int]]) -> tuple[int, int]:
         """Delete the acknowledged records of sealed batches; return (records, bytes)."""
         count = size = 0
         partial: dict[int, tuple[int, int]] = {}  # first_seq -> (first, last) of the batch
@@ -407,9 +412,13 @@ class Outbox:
                 conn.execute("DELETE FROM outbox_batches WHERE first_seq BETWEEN ? AND ?"
                              " AND last_seq <= ?", (a, b, b))
         if partial:
-            acked = set(unique)
+            def kept(seq: int) -> bool:  # not acknowledged: a run ends at or after it
+                i = bisect.bisect_left(ends, seq)
+                return i == len(runs) or runs[i][0] > seq
+
+            ends = [b for _, b in runs]
             for first in sorted(partial):
-                n, b = self._shrink(conn, first, lambda seq: seq not in acked)
+                n, b = self._shrink(conn, first, kept)
                 count, size = count + n, size + b
         return count, size
 
@@ -898,6 +907,17 @@ def _count_dropped(conn: sqlite3.Connection, victims: Counter[str]) -> None:
         "ON CONFLICT (kind) DO UPDATE SET count = count + excluded.count",
         sorted(victims.items()),
     )
+
+
+def _merged(runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(first, last) runs sorted, those that overlap or touch joined, empty ones left out."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(r for r in runs if r[0] <= r[1]):
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(b, out[-1][1]))
+        else:
+            out.append((a, b))
+    return out
 
 
 def _runs(seqs: list[int]) -> list[tuple[int, int]]:

@@ -35,6 +35,12 @@ __all__ = ["TelemetrySender", "encode"]
 
 log = logging.getLogger(__name__)
 
+def _runs_of(seqs: list[int]) -> list[tuple[int, int]]:
+    """Acknowledged seqs as (first, last) runs of one seq each (``Outbox.ack_runs`` joins
+    them)."""
+    return [(seq, seq) for seq in seqs]
+
+
 def encode(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), default=float).encode()
 
@@ -89,15 +95,15 @@ class TelemetrySender:
                         break
                     stats = self.outbox.counters()  # what goes with the batch
                     after, issued = seqs[-1], issued + 1
-                    batch = agent_pb2.TelemetryBatch.FromString(
-                        frame_batch(body, stats.dropped, stats.depth))
-                    window.add(asyncio.create_task(self._one(transport, seqs, batch)))
+                    wire = frame_batch(body, stats.dropped, stats.depth)  # sent as it is
+                    window.add(asyncio.create_task(self._one(transport, seqs, wire)))
                 if not window:
                     break
                 done, window = await asyncio.wait(window, return_when=asyncio.FIRST_COMPLETED)
-                acked, expected, failed = self._answers(done)
+                runs, acked, expected, failed = self._answers(done)
                 failure = failure or failed
-                deleted = self.outbox.ack(acked)  # every batch answered meanwhile: one commit
+                # Every batch answered meanwhile: one commit.
+                deleted = self.outbox.ack_runs([*runs, *_runs_of(acked)])
                 sent += deleted
                 if deleted < expected:
                     log.warning("control plane acknowledged %d of %d telemetry records",
@@ -124,9 +130,12 @@ class TelemetrySender:
 
     @staticmethod
     def _answers(done: Iterable[asyncio.Task[tuple[list[int], list[int] | BaseException]]]
-                 ) -> tuple[list[int], int, BaseException | None]:
-        """What the finished batches got: the seqs acknowledged, how many were sent in the
+                 ) -> tuple[list[tuple[int, int]], list[int], int, BaseException | None]:
+        """What the finished batches got: the (first, last) runs of those acknowledged whole
+        (a batch's seqs are consecutive unless records were dropped from it: its seqs are the
+        outbox's, increasing), the other seqs acknowledged, how many were sent in the
         batches answered, and the first failure."""
+        runs: list[tuple[int, int]] = []
         acked: list[int] = []
         expected = 0
         failure: BaseException | None = None
@@ -135,14 +144,17 @@ class TelemetrySender:
             if isinstance(result, BaseException):
                 failure = failure or result
                 continue
-            acked += result
+            if result is seqs and seqs and seqs[-1] - seqs[0] + 1 == len(seqs):
+                runs.append((seqs[0], seqs[-1]))  # the usual answer: no list of 500 to sort
+            else:
+                acked += result
             expected += len(seqs)
-        return acked, expected, failure
+        return runs, acked, expected, failure
 
     @staticmethod
-    async def _one(transport: Transport, seqs: list[int], batch: agent_pb2.TelemetryBatch
+    async def _one(transport: Transport, seqs: list[int], wire: bytes
                    ) -> tuple[list[int], list[int] | BaseException]:
         try:
-            return seqs, await transport.send_telemetry(batch)
+            return seqs, await transport.send_telemetry_wire(seqs, wire)
         except Exception as exc:  # raised by send() once the window is done
             return seqs, exc

@@ -101,11 +101,14 @@ class Transport(abc.ABC):
     async def send_telemetry(self, batch: agent_pb2.TelemetryBatch) -> list[int]:
         """Send a batch; return the seqs that the receiver acknowledged (a subset)."""
         listed = [r.seq for r in batch.records] + seqs_from_column(batch.columns.seqs)
-        acked = await self._call("telemetry", self._send_telemetry(batch))
-        if acked == listed:  # the usual answer: every seq, in the batch's order
-            return acked
-        sent = set(listed)
-        return [seq for seq in acked if seq in sent]
+        return _within(await self._call("telemetry", self._send_telemetry(batch)), listed)
+
+    async def send_telemetry_wire(self, seqs: list[int], wire: bytes) -> list[int]:
+        """``send_telemetry`` for a batch already encoded (``reporting.wire.frame_batch``,
+        what the sender reads from the outbox) whose records are ``seqs``: a transport that
+        carries bytes (MQTT) sends them as they are, without a parse and a serialization of
+        the whole batch. Returns ``seqs`` itself when every one was acknowledged."""
+        return _within(await self._call("telemetry", self._send_telemetry_wire(wire)), seqs)
 
     async def renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]:
         """The renewed certificate and the CA bundle to trust with it (empty: keep ours)."""
@@ -215,6 +218,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def _send_telemetry(self, batch: agent_pb2.TelemetryBatch) -> list[int]: ...
 
+    async def _send_telemetry_wire(self, wire: bytes) -> list[int]:
+        """An encoded ``TelemetryBatch``; by default parsed and sent as a message."""
+        return await self._send_telemetry(agent_pb2.TelemetryBatch.FromString(wire))
+
     @abc.abstractmethod
     async def _renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]: ...
 
@@ -239,7 +246,9 @@ class Transport(abc.ABC):
     # ------------------------------------------------------------------ invariants
     async def _call(self, what: str, call: Awaitable[T]) -> T:
         try:
-            return await asyncio.wait_for(call, self.rpc_timeout_seconds)
+            # In this task (not wait_for's task a call): the telemetry window makes one a batch.
+            async with asyncio.timeout(self.rpc_timeout_seconds):
+                return await call
         except TimeoutError:
             raise TransportError(
                 f"{self.name} {what}: no answer within {self.rpc_timeout_seconds:g}s"
@@ -257,6 +266,15 @@ class Transport(abc.ABC):
             return wrapped
         log.debug("%s %s failed", self.name, what, exc_info=exc)
         return TransportError(f"{self.name} {what} failed: {type(exc).__name__}: {exc}")
+
+
+def _within(acked: list[int], sent: list[int]) -> list[int]:
+    """The acknowledged seqs that were sent (a receiver may not acknowledge others); ``sent``
+    itself when it acknowledged exactly those, in order (the usual answer)."""
+    if acked == sent:
+        return sent
+    listed = set(sent)
+    return [seq for seq in acked if seq in listed]
 
 
 def _unless_ours(what: str) -> BaseException:

@@ -207,7 +207,10 @@ class MqttTransport(Transport):
         it), not only the broker's PUBACK: a broker killed before it delivered would lose what
         it had acknowledged. No answer in time: nothing is deleted, the batch goes again, and
         the control plane stores each (device, seq) once."""
-        payload = await self._ask(Leaf.TELEMETRY, batch.SerializeToString())
+        return await self._send_telemetry_wire(batch.SerializeToString())
+
+    async def _send_telemetry_wire(self, wire: bytes) -> list[int]:
+        payload = await self._ask(Leaf.TELEMETRY, wire)
         return list(parse_message(agent_pb2.TelemetryAck, payload, "telemetry ack").acked)
 
     async def _renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]:
