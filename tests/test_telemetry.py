@@ -10,6 +10,7 @@ import grpc
 import pytest
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
+from control_plane.api.convert import seq_runs
 from edge_agent.reporting.outbox import Outbox
 from edge_agent.reporting.telemetry import encode
 from edge_agent.state import StateDir
@@ -54,6 +55,35 @@ def test_duplicates_are_stored_once_and_acknowledged(
     latest = cp.cp.store.latest_drift("digits")
     assert [(w.device_id, w.start, w.drifted) for w in latest] == [
         (cfg.device_id, now - 10 + 3, False)]
+
+
+def test_the_answer_is_runs_only_to_an_agent_that_asks_for_them(
+    cp: RunningControlPlane, tmp_path: Path
+) -> None:
+    """Agents before ``ack_runs`` read only ``acked``: they get the list, as before."""
+    cp.enroll_agent(tmp_path / "a")
+    creds = device_credentials(tmp_path / "a")
+
+    def batch(seqs: list[int], runs: bool) -> agent_pb2.TelemetryBatch:
+        return agent_pb2.TelemetryBatch(ack_runs=runs, records=[
+            agent_pb2.TelemetryRecord(seq=i, kind="error", created_at=1.0,
+                                      payload=encode({"where": "t", "error": str(i)}))
+            for i in seqs])
+
+    with grpc.secure_channel(cp.api, creds) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        old = stub.SendTelemetry(batch([1, 2, 3], runs=False), timeout=WAIT)
+        new = stub.SendTelemetry(batch([4, 5, 6, 7], runs=True), timeout=WAIT)
+        gaps = stub.SendTelemetry(batch([9, 10, 12, 8], runs=True), timeout=WAIT)
+    assert (list(old.acked), list(old.runs)) == ([1, 2, 3], [])
+    assert (list(new.acked), list(new.runs)) == ([], [4, 7])
+    assert (list(gaps.acked), list(gaps.runs)) == ([], [9, 10, 12, 12, 8, 8])
+
+
+def test_seq_runs_are_the_seqs_in_order_as_pairs() -> None:
+    assert seq_runs([]) == []
+    assert seq_runs(list(range(7, 507))) == [7, 506]
+    assert seq_runs([3, 4, 5, 9, 1, 2, 2]) == [3, 5, 9, 9, 1, 2, 2, 2]
 
 
 def test_malformed_payload_is_kept_but_not_derived(cp: RunningControlPlane,

@@ -23,7 +23,8 @@ from edgefleet.v1 import agent_pb2
 
 from edge_agent.reporting.outbox import CORRUPT_KIND, CorruptBatchError, Outbox
 from edge_agent.reporting.telemetry import TelemetrySender
-from fleetcore.errors import TransportError
+from edge_agent.transport.base import acked_seqs
+from fleetcore.errors import InvalidInputError, TransportError
 from tests.support import InMemoryTransport
 
 NOW = 1_700_000_000.0
@@ -155,6 +156,21 @@ def test_seqs_acknowledged_but_not_sent_in_the_batch_are_not_deleted(outbox: Out
     assert outbox.stats().depth == 500
 
 
+def test_an_answer_in_runs_acknowledges_only_seqs_of_the_batch() -> None:
+    sent = list(range(101, 111))
+    whole = agent_pb2.TelemetryAck(runs=[101, 110])
+    assert acked_seqs(whole, sent) is sent  # the usual answer: nothing to list
+    assert acked_seqs(agent_pb2.TelemetryAck(acked=[101, 102, 999]), sent) == [101, 102, 999]
+    part = agent_pb2.TelemetryAck(runs=[103, 104, 0, 101, 109, 2**64 - 1], acked=[107, 5])
+    assert acked_seqs(part, sent) == [101, 103, 104, 107, 109, 110]  # a huge run: clipped
+    gaps = [1, 2, 5, 6]  # a batch that lost records: its seqs are not a range
+    assert acked_seqs(agent_pb2.TelemetryAck(runs=[1, 6]), gaps) == gaps
+    with pytest.raises(InvalidInputError, match="pairs"):
+        acked_seqs(agent_pb2.TelemetryAck(runs=[101]), sent)
+    with pytest.raises(InvalidInputError, match="at most one a record"):
+        acked_seqs(agent_pb2.TelemetryAck(runs=[1, 1] * 11), sent)
+
+
 def test_a_drop_count_goes_out_even_with_nothing_pending(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.db", max_records=2) as box:
         box.append_many([("error", b"a"), ("error", b"b"), ("error", b"c")], NOW)
@@ -170,15 +186,16 @@ def test_a_drop_count_goes_out_even_with_nothing_pending(tmp_path: Path) -> None
             (2, 0, False)]
 
 
+@pytest.mark.parametrize("in_flight", [1, 8])  # 8: the discard falls inside one refill
 def test_a_corrupt_batch_is_discarded_counted_and_the_rest_goes(
-    outbox: Outbox, caplog: pytest.LogCaptureFixture
+    outbox: Outbox, caplog: pytest.LogCaptureFixture, in_flight: int
 ) -> None:
     records = _fill(outbox, 1_500)
     with sqlite3.connect(outbox.path) as conn:  # a damaged file: one batch body is garbage
         conn.execute("UPDATE outbox_batches SET body = x'0a05ff' WHERE first_seq = 501")
     receiver = Receiver()
     with caplog.at_level(logging.ERROR, "edge_agent.reporting.outbox"):
-        assert _send(TelemetrySender(outbox, in_flight=1), receiver) == 1_000
+        assert _send(TelemetrySender(outbox, in_flight=in_flight), receiver) == 1_000
     assert "seqs 501 to 1000 (500 records) is corrupt" in caplog.text
     assert sorted(receiver.stored) == [s for s in records if not 501 <= s <= 1000]
     assert [b.dropped for b in receiver.batches] == [0, 500]  # the loss reaches the fleet

@@ -17,6 +17,7 @@ from control_plane.api.convert import (
     delivery_problems_from_proto,
     host_from_proto,
     models_from_proto,
+    telemetry_ack_to_proto,
     telemetry_from_proto,
 )
 from control_plane.services import Services
@@ -56,7 +57,7 @@ class AgentCalls:
                         ) -> agent_pb2.TelemetryAck:
         acked = await self.s.telemetry.ingest(caller, telemetry_from_proto(batch),
                                               batch.dropped, batch.depth)
-        return agent_pb2.TelemetryAck(acked=acked)
+        return telemetry_ack_to_proto(acked, batch.ack_runs)
 
     async def telemetry_many(
             self, batches: Sequence[tuple[pki.Identity, agent_pb2.TelemetryBatch]]
@@ -65,8 +66,8 @@ class AgentCalls:
         batch its acknowledgement, or why it was refused."""
         results = await self.s.telemetry.ingest_many(
             [(caller, telemetry_from_proto(b), b.dropped, b.depth) for caller, b in batches])
-        return [r if isinstance(r, Exception) else agent_pb2.TelemetryAck(acked=r)
-                for r in results]
+        return [r if isinstance(r, Exception) else telemetry_ack_to_proto(r, b.ack_runs)
+                for r, (_, b) in zip(results, batches, strict=True)]
 
     def renew(self, caller: pki.Identity, request: agent_pb2.RenewCertificateRequest
               ) -> agent_pb2.RenewCertificateResponse:

@@ -57,6 +57,8 @@ __all__ = [
     "operator_to_proto",
     "publishers_to_proto",
     "rollout_to_proto",
+    "seq_runs",
+    "telemetry_ack_to_proto",
     "telemetry_from_proto",
     "verification_to_proto",
 ]
@@ -116,6 +118,32 @@ def telemetry_from_proto(batch: agent_pb2.TelemetryBatch) -> RecordColumns:
 
 
 # ---------------------------------------------------------------------- to operators
+def telemetry_ack_to_proto(acked: list[int], runs: bool) -> agent_pb2.TelemetryAck:
+    """The answer to a batch: its acknowledged seqs, as (first, last) runs to an agent that
+    asked for them (``TelemetryBatch.ack_runs``: a whole batch is one pair), else listed."""
+    if not runs:
+        return agent_pb2.TelemetryAck(acked=acked)
+    return agent_pb2.TelemetryAck(runs=seq_runs(acked))
+
+
+def seq_runs(seqs: list[int]) -> list[int]:
+    """``seqs`` in their order as flattened (first, last) pairs of consecutive runs."""
+    if not seqs:
+        return []
+    first, n = seqs[0], len(seqs)
+    if seqs[-1] - first + 1 == n and seqs == list(range(first, first + n)):  # the usual batch
+        return [first, seqs[-1]]
+    out: list[int] = []
+    start = prev = first
+    for seq in itertools.islice(seqs, 1, None):
+        if seq != prev + 1:
+            out += (start, prev)
+            start = seq
+        prev = seq
+    out += (start, prev)
+    return out
+
+
 def _host_to_proto(host: dict[str, Any]) -> common_pb2.HostFacts:
     known = {f.name for f in common_pb2.HostFacts.DESCRIPTOR.fields}
     return common_pb2.HostFacts(**{k: v for k, v in host.items() if k in known})

@@ -507,11 +507,11 @@ class Outbox:
         if limit < 1 or self._unopened is not None:
             return [], b""
         records: list[_Record]
-        with self._transaction("DEFERRED") as conn:
+        with self._statement() as conn:  # one statement: no transaction around it
             row = conn.execute("SELECT first_seq, last_seq, records, payload_bytes, body"
                                " FROM outbox_batches WHERE last_seq > ?"
                                " ORDER BY first_seq LIMIT 1", (after,)).fetchone()
-            if row is None:
+            if row is None:  # the lock is held: nothing was sealed in between
                 records = conn.execute(
                     "SELECT seq, kind, created_at, payload FROM outbox WHERE seq > ?"
                     " ORDER BY seq LIMIT ?", (after, limit)).fetchall()
@@ -531,7 +531,7 @@ class Outbox:
         carries)."""
         if self._unopened is not None:
             return OutboxCounters(sum(self._unwritable.values()), 0)
-        with self._transaction("DEFERRED") as conn:
+        with self._statement() as conn:
             depth, dropped = conn.execute(
                 "SELECT depth, (SELECT COALESCE(SUM(count), 0) FROM outbox_dropped)"
                 " FROM outbox_meta").fetchone()
@@ -763,6 +763,20 @@ class Outbox:
             self._storage_fault = True
             return
         self._storage_fault = False
+
+    @contextmanager
+    def _statement(self) -> Iterator[sqlite3.Connection]:
+        """The connection for reads of one statement each (a statement is atomic by itself)
+        under the lock, without a transaction's BEGIN and COMMIT: the sender reads a batch and
+        the counters for each one it sends. Only this object's connection writes the file,
+        under the same lock, so consecutive reads see no write between them."""
+        with self._lock:
+            if self._unopened is not None:
+                raise self._unopened
+            conn = self._conn
+            if conn is None:
+                raise RuntimeError(f"outbox {self.path} is closed")
+            yield conn
 
     @contextmanager
     def _transaction(self, mode: str, *, sync: bool = True) -> Iterator[sqlite3.Connection]:

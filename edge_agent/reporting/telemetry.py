@@ -23,7 +23,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from edgefleet.v1 import agent_pb2
 
@@ -34,6 +34,16 @@ from edge_agent.transport.base import Transport
 __all__ = ["TelemetrySender", "encode"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+async def _all_finished(finished: asyncio.Queue[T]) -> list[T]:
+    """At least one: what finished by the time the first did."""
+    done = [await finished.get()]
+    while not finished.empty():
+        done.append(finished.get_nowait())
+    return done
+
 
 def _runs_of(seqs: list[int]) -> list[tuple[int, int]]:
     """Acknowledged seqs as (first, last) runs of one seq each (``Outbox.ack_runs`` joins
@@ -61,6 +71,7 @@ class TelemetrySender:
         self.max_batches = max_batches
         self.in_flight = max(1, in_flight)
         self._reported_dropped = 0  # the drop count the control plane last acknowledged
+        self._discards = 0  # corrupt batches discarded so far (their records count as dropped)
 
     async def send(self, transport: Transport) -> int:
         """Send pending records, at most ``max_batches`` batches; return how many were
@@ -71,17 +82,21 @@ class TelemetrySender:
         again."""
         stats = self.outbox.counters()
         if not stats.depth:
-            if stats.dropped != self._reported_dropped:
-                await transport.send_telemetry(agent_pb2.TelemetryBatch(
-                    dropped=stats.dropped, depth=stats.depth))
-                self._reported_dropped = stats.dropped
+            await self._report_drops(transport, stats.dropped)
             return 0
         sent, issued, after = 0, 0, 0  # after: the highest seq handed to a batch
         failure: BaseException | None = None
         short = False  # the control plane acknowledged part of a batch: stop for now
         window: set[asyncio.Task[tuple[list[int], list[int] | BaseException]]] = set()
+        # Finished batches, as they finish (cheaper than asyncio.wait over the window, which
+        # adds and removes a callback on every task in flight each time one is answered).
+        finished: asyncio.Queue[asyncio.Task[tuple[list[int], list[int] | BaseException]]] = (
+            asyncio.Queue())
         try:
             while True:
+                # The counters are read once a refill: nothing in it awaits, so a read per
+                # batch gives the same numbers, unless a corrupt batch was discarded since.
+                read_at: int | None = None  # self._discards when they were read
                 while (failure is None and not short and issued < self.max_batches
                        and len(window) < self.in_flight):
                     # The batch as stored, already encoded (edge_agent/reporting/wire.py):
@@ -93,13 +108,17 @@ class TelemetrySender:
                         break
                     if not seqs:
                         break
-                    stats = self.outbox.counters()  # what goes with the batch
+                    if read_at != self._discards:  # what goes with the batch
+                        stats, read_at = self.outbox.counters(), self._discards
                     after, issued = seqs[-1], issued + 1
                     wire = frame_batch(body, stats.dropped, stats.depth)  # sent as it is
-                    window.add(asyncio.create_task(self._one(transport, seqs, wire)))
+                    task = asyncio.create_task(self._one(transport, seqs, wire))
+                    task.add_done_callback(finished.put_nowait)
+                    window.add(task)
                 if not window:
                     break
-                done, window = await asyncio.wait(window, return_when=asyncio.FIRST_COMPLETED)
+                done = await _all_finished(finished)
+                window.difference_update(done)
                 runs, acked, expected, failed = self._answers(done)
                 failure = failure or failed
                 # Every batch answered meanwhile: one commit.
@@ -117,6 +136,12 @@ class TelemetrySender:
         self._reported_dropped = stats.dropped
         return sent
 
+    async def _report_drops(self, transport: Transport, dropped: int) -> None:
+        """Nothing pending: a drop count the control plane has not acknowledged goes alone."""
+        if dropped != self._reported_dropped:
+            await transport.send_telemetry(agent_pb2.TelemetryBatch(dropped=dropped, depth=0))
+            self._reported_dropped = dropped
+
     def _next_batch(self, after: int) -> tuple[list[int], bytes]:
         """The outbox's next batch above ``after``; a corrupt sealed batch on the way is
         discarded (counted as dropped: its count goes with the next batch) and the next one
@@ -127,6 +152,7 @@ class TelemetrySender:
             except CorruptBatchError as exc:
                 if not self.outbox.discard_corrupt(exc.first_seq):
                     raise
+                self._discards += 1
 
     @staticmethod
     def _answers(done: Iterable[asyncio.Task[tuple[list[int], list[int] | BaseException]]]

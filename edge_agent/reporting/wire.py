@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 from fleetcore.errors import InvalidInputError
 
-__all__ = ["MAX_KINDS", "Columns", "batch_tail", "decode_columns", "decode_records",
+__all__ = ["ASK_ACK_RUNS", "MAX_KINDS", "Columns", "batch_tail", "decode_columns", "decode_records",
            "encode_columns", "encode_records", "frame_batch", "record_head", "records_of",
            "seqs_from_column"]
 
@@ -93,6 +93,11 @@ def record_head(seq: int, kind: str, created_at: float, payload_len: int) -> byt
 def batch_tail(dropped: int, depth: int) -> bytes:
     """``TelemetryBatch``'s ``dropped`` and ``depth`` fields, to follow the records."""
     return _BATCH_DROPPED + _varint(dropped) + _BATCH_DEPTH + _varint(depth)
+
+
+# ``TelemetryBatch.ack_runs = true`` (field 5, varint): appended to a batch's bytes, it asks
+# the control plane to answer with (first, last) runs.
+ASK_ACK_RUNS = bytes([5 << 3 | 0, 1])
 
 
 def frame_batch(body: bytes, dropped: int, depth: int) -> bytes:

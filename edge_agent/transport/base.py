@@ -40,7 +40,7 @@ from fleetcore.signatures import MAX_ROOT_ENVELOPE_BYTES as MAX_ENVELOPE_BYTES
 
 MAX_ROOTS = 16  # roots in one event (the control plane sends at most 8)
 
-__all__ = ["MAX_CHUNK_BYTES", "ClosedHereError", "RefusedError", "Transport"]
+__all__ = ["MAX_CHUNK_BYTES", "ClosedHereError", "RefusedError", "Transport", "acked_seqs"]
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ class Transport(abc.ABC):
         what the sender reads from the outbox) whose records are ``seqs``: a transport that
         carries bytes (MQTT) sends them as they are, without a parse and a serialization of
         the whole batch. Returns ``seqs`` itself when every one was acknowledged."""
-        return _within(await self._call("telemetry", self._send_telemetry_wire(wire)), seqs)
+        return _within(await self._call("telemetry", self._send_telemetry_wire(seqs, wire)),
+                       seqs)
 
     async def renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]:
         """The renewed certificate and the CA bundle to trust with it (empty: keep ours)."""
@@ -218,8 +219,8 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def _send_telemetry(self, batch: agent_pb2.TelemetryBatch) -> list[int]: ...
 
-    async def _send_telemetry_wire(self, wire: bytes) -> list[int]:
-        """An encoded ``TelemetryBatch``; by default parsed and sent as a message."""
+    async def _send_telemetry_wire(self, seqs: list[int], wire: bytes) -> list[int]:
+        """An encoded ``TelemetryBatch`` of ``seqs``; by default parsed, sent as a message."""
         return await self._send_telemetry(agent_pb2.TelemetryBatch.FromString(wire))
 
     @abc.abstractmethod
@@ -268,10 +269,34 @@ class Transport(abc.ABC):
         return TransportError(f"{self.name} {what} failed: {type(exc).__name__}: {exc}")
 
 
+def acked_seqs(ack: agent_pb2.TelemetryAck, sent: list[int]) -> list[int]:
+    """The seqs an answer acknowledges, listed (``acked``) or as (first, last) ``runs`` (to a
+    batch that asked for them), of those ``sent``: a run is never expanded past what was sent.
+    ``sent`` itself when one run covers the whole batch (the usual answer). More runs than
+    seqs sent, or an odd number of bounds, is not an answer to this batch."""
+    runs = ack.runs
+    if not runs:
+        return list(ack.acked)
+    if len(runs) % 2 or len(runs) > 2 * len(sent):
+        raise InvalidInputError(f"telemetry ack of {len(sent)} records holds {len(runs)} run "
+                                "bounds; expected (first, last) pairs, at most one a record")
+    if (len(runs) == 2 and not ack.acked and runs[0] == sent[0] and runs[1] == sent[-1]
+            and sent[-1] - sent[0] + 1 == len(sent)):  # sent's seqs increase: all of them
+        return sent
+    listed = set(sent)
+    out = listed.intersection(ack.acked)
+    for first, last in zip(runs[::2], runs[1::2], strict=True):
+        if last - first < len(sent):
+            out.update(seq for seq in range(first, last + 1) if seq in listed)
+        else:
+            out.update(seq for seq in sent if first <= seq <= last)
+    return sorted(out)
+
+
 def _within(acked: list[int], sent: list[int]) -> list[int]:
     """The acknowledged seqs that were sent (a receiver may not acknowledge others); ``sent``
     itself when it acknowledged exactly those, in order (the usual answer)."""
-    if acked == sent:
+    if acked is sent or acked == sent:
         return sent
     listed = set(sent)
     return [seq for seq in acked if seq in listed]

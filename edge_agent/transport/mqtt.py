@@ -20,8 +20,9 @@ from collections.abc import AsyncGenerator
 
 from edgefleet.v1 import agent_pb2, common_pb2
 
+from edge_agent.reporting.wire import ASK_ACK_RUNS, seqs_from_column
 from edge_agent.state import StateDir
-from edge_agent.transport.base import RefusedError, Transport
+from edge_agent.transport.base import RefusedError, Transport, acked_seqs
 from fleetcore.errors import EdgefleetError, InvalidInputError, TransportError
 from fleetcore.mqtt_client import MqttClient
 from fleetcore.mqtt_codec import Publish, Will, reason_name
@@ -207,11 +208,14 @@ class MqttTransport(Transport):
         it), not only the broker's PUBACK: a broker killed before it delivered would lose what
         it had acknowledged. No answer in time: nothing is deleted, the batch goes again, and
         the control plane stores each (device, seq) once."""
-        return await self._send_telemetry_wire(batch.SerializeToString())
+        listed = [r.seq for r in batch.records] + seqs_from_column(batch.columns.seqs)
+        return await self._send_telemetry_wire(listed, batch.SerializeToString())
 
-    async def _send_telemetry_wire(self, wire: bytes) -> list[int]:
-        payload = await self._ask(Leaf.TELEMETRY, wire)
-        return list(parse_message(agent_pb2.TelemetryAck, payload, "telemetry ack").acked)
+    async def _send_telemetry_wire(self, seqs: list[int], wire: bytes) -> list[int]:
+        # Asks for the answer as (first, last) runs: a pair for a whole batch, not 500 seqs
+        # (fields appended to a message's bytes are read as part of it).
+        payload = await self._ask(Leaf.TELEMETRY, wire + ASK_ACK_RUNS)
+        return acked_seqs(parse_message(agent_pb2.TelemetryAck, payload, "telemetry ack"), seqs)
 
     async def _renew_certificate(self, csr_pem: bytes) -> tuple[bytes, bytes]:
         request = agent_pb2.RenewCertificateRequest(csr_pem=csr_pem).SerializeToString()

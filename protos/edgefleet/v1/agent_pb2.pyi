@@ -36,22 +36,26 @@ class TelemetryColumns(_message.Message):
     def __init__(self, seqs: _Optional[bytes] = ..., created_at: _Optional[bytes] = ..., kinds: _Optional[_Iterable[str]] = ..., kind_index: _Optional[bytes] = ..., payload_sizes: _Optional[bytes] = ..., payloads: _Optional[bytes] = ...) -> None: ...
 
 class TelemetryBatch(_message.Message):
-    __slots__ = ("records", "dropped", "depth", "columns")
+    __slots__ = ("records", "dropped", "depth", "columns", "ack_runs")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ACK_RUNS_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[TelemetryRecord]
     dropped: int
     depth: int
     columns: TelemetryColumns
-    def __init__(self, records: _Optional[_Iterable[_Union[TelemetryRecord, _Mapping]]] = ..., dropped: _Optional[int] = ..., depth: _Optional[int] = ..., columns: _Optional[_Union[TelemetryColumns, _Mapping]] = ...) -> None: ...
+    ack_runs: bool
+    def __init__(self, records: _Optional[_Iterable[_Union[TelemetryRecord, _Mapping]]] = ..., dropped: _Optional[int] = ..., depth: _Optional[int] = ..., columns: _Optional[_Union[TelemetryColumns, _Mapping]] = ..., ack_runs: _Optional[bool] = ...) -> None: ...
 
 class TelemetryAck(_message.Message):
-    __slots__ = ("acked",)
+    __slots__ = ("acked", "runs")
     ACKED_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
     acked: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, acked: _Optional[_Iterable[int]] = ...) -> None: ...
+    runs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, acked: _Optional[_Iterable[int]] = ..., runs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
     __slots__ = ("token", "csr_pem", "labels", "host", "agent_version")
