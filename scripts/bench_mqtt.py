@@ -1,16 +1,21 @@
 """MQTT figures for `make bench`: telemetry throughput and release fan-out through Mosquitto.
 
-``python -m scripts.bench_mqtt [--records 20000] [--agents 1000]`` configures a real Mosquitto
+``python -m scripts.bench_mqtt [--records 100000] [--agents 1000]`` configures a real Mosquitto
 with ``control-plane mqtt-config``, starts it, and runs the control plane (with its bridge) in
 this process. Every baseline is measured in the same run, against the same broker:
 
 * telemetry: ``--records`` records written to a device's SQLite outbox are sent by the agent's
   own ``TelemetrySender`` over its ``MqttTransport`` (batches of up to 500 records at QoS 1,
-  deleted after each PUBACK) and timed until the control plane has stored every one. Baseline:
+  deleted once the control plane's answer says they are stored) and timed until the control
+  plane has stored every one; the median of 3 runs (the outbox filled again for each; at the
+  default 100,000 records, the outbox's capacity, a run is mostly the steady state, where at
+  20,000 the window's fill and drain weighed a fifth of it). Baseline:
   raw paho-mqtt publishing the same records at QoS 1 (one message per record, all PUBACKs
   awaited) from the same device certificate, before the bridge exists (so nobody consumes them).
   A second row compares with raw paho publishing the same 500-record batches (the median of
-  5 runs: one lasts milliseconds), the transport's limit. The agent runs in its own process
+  5 runs: one lasts milliseconds), and a third the same batches from a raw paho publisher
+  through the broker to a raw paho subscriber (median of 5), the transport's own limit for
+  what the path does (target: >= 0.5x, issue 18). The agent runs in its own process
   (``--agent-state``, internal), as on a device, so its CPU is not the bridge's.
   Target: >= 0.8x of the per-record baseline.
 * ``--stages``: the cost per record of each stage of that path, each timed alone.
@@ -72,6 +77,7 @@ from trainer.pipeline import Run, Workdir
 
 TIMEOUT = 120.0
 RAW_REPEATS = 5
+PATH_REPEATS = 3  # runs of the telemetry path; the median is reported
 SINGLE_MAX = 20_000
 
 
@@ -264,22 +270,15 @@ def bench_telemetry(work: Path, records: int, database: str = "",
         assert cp.cp.bridge is not None
         loop.run(asyncio.wait_for(cp.cp.bridge.connected.wait(), TIMEOUT))
         others = _other_bridges(cp, work, bridges)
-        stored = _watch_stored(cp, cfg.device_id, records, len(batches), shared=bool(others))
-        with Outbox(state.outbox) as outbox:
-            outbox.append_many([("error", p) for p in payloads], 1.0)
-        cpu0 = time.process_time(), _cpu_of(broker.pid), [_cpu_of(o.pid) for o in others]
         profile = _profile_loop(loop)  # BENCH_CP_PROFILE=FILE: where the loop's CPU goes
-        threads0 = _threads_cpu()
-        ours, agent_cpu = _send_from_agent_process(state, stored)
-        threads = {name: cpu - threads0.get(name, 0.0) for name, cpu in _threads_cpu().items()}
+        # Several runs (the outbox filled again each time), the median one reported: a run
+        # lasts a fraction of a second on a shared machine.
+        runs = [_path_run(cp, broker, others, state, cfg.device_id, payloads, len(batches),
+                          records * (k + 1)) for k in range(PATH_REPEATS)]
         if profile is not None:
             loop.run(_dump(profile))
-        cpu = {"control plane (bridge, services, store)": time.process_time() - cpu0[0],
-               **{f"control plane, bridge {i + 2} (its own process)": _cpu_of(o.pid) - c0
-                  for i, (o, c0) in enumerate(zip(others, cpu0[2], strict=True))},
-               "agent (outbox, encoding, MQTT client)": agent_cpu,
-               "Mosquitto": _cpu_of(broker.pid) - cpu0[1]}
-        assert _count(cp, cfg.device_id) == records
+        ours, cpu, threads = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+        assert _count(cp, cfg.device_id) == records * PATH_REPEATS
     finally:
         for other in others:
             other.terminate()
@@ -302,7 +301,7 @@ def bench_telemetry(work: Path, records: int, database: str = "",
     shared = f", {bridges} bridges sharing the topics" if bridges > 1 else ""
     return [*cpu_rows,
         {"name": f"MQTT telemetry outbox -> Mosquitto -> control plane ({records:,} records"
-                 f"{shared})",
+                 f"{shared}, median of {PATH_REPEATS} runs)",
          "figure": round(rate), "baseline": round(single), "unit": "records/s",
          "baseline_name": "raw paho QoS 1, one message per record, same broker",
          "ratio": round(rate / single, 2), "target": ">= 0.8x", "pass": rate / single >= 0.8},
@@ -318,6 +317,27 @@ def bench_telemetry(work: Path, records: int, database: str = "",
                  "protobuf and its MQTT client; the bridge's parsing, checks and the segment "
                  "write) against paho alone on both ends (docs/mqtt.md)"},
     ]
+
+
+def _path_run(cp: RunningControlPlane, broker: Mosquitto, others: list[subprocess.Popen[str]],
+              state: StateDir, device: str, payloads: list[bytes], batches: int,
+              total: int) -> tuple[float, dict[str, float], dict[str, float]]:
+    """One run of the path: ``payloads`` into the agent's outbox, sent by the agent's process
+    until the control plane holds ``total`` records of ``device``. Its seconds, the CPU
+    seconds of each process on the path, and of each thread of this one."""
+    stored = _watch_stored(cp, device, total, batches, shared=bool(others))
+    with Outbox(state.outbox) as outbox:
+        outbox.append_many([("error", p) for p in payloads], 1.0)
+    cpu0 = time.process_time(), _cpu_of(broker.pid), [_cpu_of(o.pid) for o in others]
+    threads0 = _threads_cpu()
+    ours, agent_cpu = _send_from_agent_process(state, stored)
+    threads = {name: cpu - threads0.get(name, 0.0) for name, cpu in _threads_cpu().items()}
+    cpu = {"control plane (bridge, services, store)": time.process_time() - cpu0[0],
+           **{f"control plane, bridge {i + 2} (its own process)": _cpu_of(o.pid) - c0
+              for i, (o, c0) in enumerate(zip(others, cpu0[2], strict=True))},
+           "agent (outbox, encoding, MQTT client)": agent_cpu,
+           "Mosquitto": _cpu_of(broker.pid) - cpu0[1]}
+    return ours, cpu, threads
 
 
 def bench_stages(work: Path, records: int, database: str = "") -> list[dict[str, Any]]:
@@ -774,7 +794,7 @@ def bench_client(work: Path, payloads: int = 400, size: int = 45_000) -> list[di
              "ratio": round(ours_us / paho_us, 2), "target": "-", "pass": None}]
 
 
-def bench_mqtt(work: Path, records: int = 20_000, agents: int = 1000,
+def bench_mqtt(work: Path, records: int = 100_000, agents: int = 1000,
                database: str = "", bridges: int = 1) -> list[dict[str, Any]]:
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         print("mosquitto is not installed: MQTT benchmarks skipped", file=sys.stderr)
@@ -785,7 +805,7 @@ def bench_mqtt(work: Path, records: int = 20_000, agents: int = 1000,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--records", type=int, default=20_000)
+    p.add_argument("--records", type=int, default=100_000)
     p.add_argument("--agents", type=int, default=1000)
     p.add_argument("--stages", action="store_true",
                    help="print the cost per record of each stage of the telemetry path")
