@@ -771,23 +771,22 @@ class Outbox:
         the counters for each one it sends. Only this object's connection writes the file,
         under the same lock, so consecutive reads see no write between them."""
         with self._lock:
-            if self._unopened is not None:
-                raise self._unopened
-            conn = self._conn
-            if conn is None:
-                raise RuntimeError(f"outbox {self.path} is closed")
-            yield conn
+            yield self._open_conn()
+
+    def _open_conn(self) -> sqlite3.Connection:
+        """The connection (under the lock); why there is none raises."""
+        if self._unopened is not None:
+            raise self._unopened
+        if self._conn is None:
+            raise RuntimeError(f"outbox {self.path} is closed")
+        return self._conn
 
     @contextmanager
     def _transaction(self, mode: str, *, sync: bool = True) -> Iterator[sqlite3.Connection]:
         """``sync=False``: the commit does not wait for the disk (only for what may be lost
         on a power cut: an acknowledged record's delete)."""
         with self._lock:
-            if self._unopened is not None:
-                raise self._unopened
-            conn = self._conn
-            if conn is None:
-                raise RuntimeError(f"outbox {self.path} is closed")
+            conn = self._open_conn()
             if not sync:
                 conn.execute("PRAGMA synchronous = NORMAL")
             try:
