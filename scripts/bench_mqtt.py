@@ -19,6 +19,8 @@ this process. Every baseline is measured in the same run, against the same broke
   (``--agent-state``, internal), as on a device, so its CPU is not the bridge's.
   Target: >= 0.8x of the per-record baseline.
 * ``--stages``: the cost per record of each stage of that path, each timed alone.
+* ``--loop-steps``: that path with the CPU and wall time per batch of each step on the
+  control plane's event loop (``scripts/loop_steps.py``).
 * ``--client``: the CPU a subscriber spends receiving one 45 KB message (a telemetry batch's
   size), ``fleetcore.mqtt_client`` against paho-mqtt's network thread, on a plain-TCP broker.
 * release fan-out: ``--agents`` simulated agents (paho clients with their own enrolled device
@@ -818,6 +820,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client", action="store_true",
                    help="the subscriber's CPU per received message: fleetcore.mqtt_client "
                         "against paho-mqtt")
+    p.add_argument("--loop-steps", action="store_true",
+                   help="the telemetry path only, with the CPU and wall time per batch of "
+                        "each step on the control plane's event loop (scripts/loop_steps.py)")
     p.add_argument("--agent-state", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.agent_state is not None:
@@ -829,6 +834,12 @@ def main(argv: list[str] | None = None) -> int:
             rows = bench_client(Path(tmp))
         elif args.stages:
             rows = bench_stages(Path(tmp), args.records, args.database)
+        elif args.loop_steps:
+            from scripts import loop_steps  # noqa: PLC0415
+
+            with loop_steps.timed() as steps:
+                rows = bench_telemetry(Path(tmp), args.records, args.database)
+            rows += loop_steps.rows(steps, PATH_REPEATS * -(-args.records // 500))
         else:
             rows = bench_mqtt(Path(tmp), args.records, args.agents, args.database,
                               args.bridges)
