@@ -37,18 +37,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+
 async def _all_finished(finished: asyncio.Queue[T]) -> list[T]:
     """At least one: what finished by the time the first did."""
     done = [await finished.get()]
     while not finished.empty():
         done.append(finished.get_nowait())
     return done
-
-
-def _runs_of(seqs: list[int]) -> list[tuple[int, int]]:
-    """Acknowledged seqs as (first, last) runs of one seq each (``Outbox.ack_runs`` joins
-    them)."""
-    return [(seq, seq) for seq in seqs]
 
 
 def encode(doc: dict[str, Any]) -> bytes:
@@ -121,8 +116,9 @@ class TelemetrySender:
                 window.difference_update(done)
                 runs, acked, expected, failed = self._answers(done)
                 failure = failure or failed
-                # Every batch answered meanwhile: one commit.
-                deleted = self.outbox.ack_runs([*runs, *_runs_of(acked)])
+                # Every batch answered meanwhile: one commit (a seq alone is a run of one;
+                # ack_runs joins them).
+                deleted = self.outbox.ack_runs([*runs, *((seq, seq) for seq in acked)])
                 sent += deleted
                 if deleted < expected:
                     log.warning("control plane acknowledged %d of %d telemetry records",

@@ -33,9 +33,9 @@ from typing import Any, NamedTuple
 
 from fleetcore.errors import InvalidInputError
 
-__all__ = ["ASK_ACK_RUNS", "MAX_KINDS", "Columns", "batch_tail", "decode_columns", "decode_records",
-           "encode_columns", "encode_records", "frame_batch", "record_head", "records_of",
-           "seqs_from_column"]
+__all__ = ["ASK_ACK_RUNS", "MAX_KINDS", "Columns", "batch_tail", "decode_columns",
+           "decode_records", "encode_columns", "encode_records", "frame_batch", "record_head",
+           "records_of", "seqs_from_column"]
 
 # Field tags: (number << 3) | wire type (0 varint, 1 fixed64, 2 length-delimited).
 _BATCH_RECORDS = b"\x0a"  # TelemetryBatch.records = 1
