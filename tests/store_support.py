@@ -18,6 +18,7 @@ import pytest
 from control_plane.domain import telemetry_segment
 from control_plane.domain.records import TelemetryRecord
 from control_plane.storage import Store, open_store
+from control_plane.storage.segment_files import SegmentFiles, segment_dir
 
 BACKENDS = ("sqlite", "postgresql")
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
@@ -62,6 +63,14 @@ def raw_telemetry(db: Path) -> list[tuple[str, TelemetryRecord]]:
     with contextlib.closing(sqlite3.connect(db, timeout=30.0)) as conn:
         out = [(d, TelemetryRecord(s, k, at, bytes(p))) for d, s, k, at, p in conn.execute(
             "SELECT device_id, seq, kind, created_at, payload FROM telemetry")]
-        for device_id, body in conn.execute("SELECT device_id, body FROM telemetry_segments"):
-            out.extend((device_id, r) for r in telemetry_segment.decode(bytes(body)))
+        files = SegmentFiles(segment_dir(Path(db)))
+        try:
+            for device_id, in_row, number, offset, length in conn.execute(
+                    "SELECT device_id, body, body_file, body_offset, body_length"
+                    " FROM telemetry_segments"):
+                body = (bytes(in_row) if number is None  # else in the store's segment files
+                        else files.read(number, offset, length))
+                out.extend((device_id, r) for r in telemetry_segment.decode(body))
+        finally:
+            files.close()
     return sorted(out, key=lambda item: (item[0], item[1].seq))

@@ -34,6 +34,7 @@ from control_plane.server import ControlPlane
 from control_plane.storage import SqliteStore, open_store
 from control_plane.storage.migrations import MIGRATIONS
 from control_plane.storage.postgres import PostgresStore
+from control_plane.storage.segment_files import SegmentFiles, body_in_row, segment_dir
 from fleetcore.errors import EdgefleetError
 from fleetcore.sqlite import connect
 from fleetcore.sqlite import migrate as sqlite_migrate
@@ -73,8 +74,16 @@ def _all_rows_sqlite(database: Path) -> dict[str, list[tuple[Any, ...]]]:
     try:
         tables = [r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
-        return {t: sorted((_normal(r) for r in conn.execute(
-            f'SELECT {_cols(conn, t)} FROM "{t}"')), key=repr) for t in tables}  # noqa: S608
+        files = SegmentFiles(segment_dir(database))
+        out = {}
+        for t in tables:
+            names = [r[1] for r in conn.execute(f'PRAGMA table_info("{t}")')]
+            rows = conn.execute(f'SELECT {_cols(conn, t)} FROM "{t}"').fetchall()  # noqa: S608
+            if t == "telemetry_segments":  # PostgreSQL keeps the bodies in the rows
+                rows = [body_in_row(r, names, files) for r in rows]
+            out[t] = sorted((_normal(r) for r in rows), key=repr)
+        files.close()
+        return out
     finally:
         conn.close()
 

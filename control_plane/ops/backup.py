@@ -2,7 +2,8 @@
 
 ``backup`` writes one gzip'd tar (0600): every file of the home except the database's live
 files, job workdirs (``retrain/``) and scratch (``tmp/``), plus a consistent copy of the
-database made with SQLite's online backup API (so the control plane keeps serving), plus
+database made with SQLite's online backup API (so the control plane keeps serving) and, after
+it, copies of the telemetry segment files (``control_plane/storage/segment_files.py``), plus
 ``BACKUP.json``: when, the SHA-256 and size of every member, and the audit chain's head.
 
 ``restore`` unpacks an archive into a home that does not exist yet (or is empty), refusing any
@@ -32,6 +33,7 @@ from typing import Any
 from control_plane.config import ControlPlaneConfig
 from control_plane.domain.audit_chain import verify_chain
 from control_plane.storage import open_store
+from control_plane.storage.segment_files import SegmentFiles, segment_dir
 from fleetcore import strict_json
 from fleetcore.errors import AlreadyExistsError, InvalidInputError
 
@@ -76,10 +78,11 @@ def _audit_head(database: Path) -> tuple[int, str]:
 def _members(home: Path, database: Path) -> list[Path]:
     live = {database, database.with_name(database.name + "-wal"),
             database.with_name(database.name + "-shm")}
+    segments = segment_dir(database)  # appended to while it serves: copied apart
     out = []
     for path in sorted(home.rglob("*")):
         rel = path.relative_to(home)
-        if rel.parts[0] in SKIPPED_DIRS or path in live:
+        if rel.parts[0] in SKIPPED_DIRS or path in live or path.is_relative_to(segments):
             continue
         if path.is_symlink() or not (path.is_file() or path.is_dir()):
             raise InvalidInputError(f"{path} is not a plain file or directory; not backed up")
@@ -112,10 +115,23 @@ def backup(home: Path, out: Path, *, now: dt.datetime | None = None) -> BackupSu
         finally:
             target.close()
             source.close()
+        # The telemetry segment files after the snapshot: they only grow, so every segment
+        # the snapshot's rows point at is in the copies.
+        segments = segment_dir(database)
+        seg_copy = Path(tmp) / "segments"
+        live_segments = SegmentFiles(segments)
+        try:
+            live_segments.snapshot(seg_copy)
+        finally:
+            live_segments.close()
         entries, head = _audit_head(db_copy)
         files: dict[str, dict[str, Any]] = {}
         members = [(p, str(p.relative_to(home))) for p in _members(home, database)]
         members.append((db_copy, str(database.relative_to(home))))
+        if any(seg_copy.iterdir()):
+            seg_name = segments.relative_to(home)
+            members.append((seg_copy, str(seg_name)))
+            members += [(p, str(seg_name / p.name)) for p in sorted(seg_copy.iterdir())]
         for path, name in members:
             if path.is_file():
                 files[name] = {"sha256": _sha256(path), "size": path.stat().st_size}

@@ -50,6 +50,7 @@ from control_plane.domain.records import AuditRecord
 from control_plane.ops.serve_lock import hold_exclusive
 from control_plane.storage import SqliteStore, is_url
 from control_plane.storage.migrations import MIGRATIONS
+from control_plane.storage.segment_files import SegmentFiles, body_in_row, segment_dir
 from fleetcore import tomlfile
 from fleetcore.errors import AlreadyExistsError, EdgefleetError, InvalidInputError
 
@@ -115,6 +116,7 @@ def _copy_home(cfg: ControlPlaneConfig, database: Path, url: str,
     _lock_sqlite(database).close()  # nobody else has it open: then it may be upgraded
     _upgrade_schema(database)
     source = _lock_sqlite(database)
+    files = SegmentFiles(segment_dir(database))
     try:
         entries, head = _verified_chain(_audit(source.execute(
             "SELECT * FROM audit_events ORDER BY seq").fetchall()), "the SQLite")
@@ -126,7 +128,7 @@ def _copy_home(cfg: ControlPlaneConfig, database: Path, url: str,
                 f"cannot connect to PostgreSQL at {redact(url)}: {reason}; check that the "
                 "server runs and the URL's user, host, port and database") from None
         try:
-            rows = _copy(source, target, url, (entries, head), on_table)
+            rows = _copy(source, target, url, (entries, head), on_table, files)
         except psycopg.Error as exc:
             reason = " ".join(str(exc).split())[:300]
             raise EdgefleetError(
@@ -135,6 +137,7 @@ def _copy_home(cfg: ControlPlaneConfig, database: Path, url: str,
         finally:
             target.close()
     finally:
+        files.close()
         source.close()
     return rows, entries, head
 
@@ -215,7 +218,9 @@ def _columns(source: sqlite3.Connection, table: str) -> list[str]:
 
 
 def _copy(source: sqlite3.Connection, target: Any, url: str, chain: tuple[int, str],
-          on_table: Callable[[str, int], None] | None) -> dict[str, int]:
+          on_table: Callable[[str, int], None] | None, files: SegmentFiles) -> dict[str, int]:
+    """Every table, row for row; a telemetry segment's body read from ``files`` into its row
+    (PostgreSQL keeps bodies in rows: replicas share no file system)."""
     from psycopg.rows import dict_row  # noqa: PLC0415
 
     from control_plane.storage.pg_migrations import PRELUDE, pg_migrations  # noqa: PLC0415
@@ -253,8 +258,10 @@ def _copy(source: sqlite3.Connection, target: Any, url: str, chain: tuple[int, s
             count, digest = 0, 0
             with cur.copy(f'COPY "{table}" ({names}) FROM STDIN') as pipe:
                 query = f'SELECT {names} FROM "{table}"'  # noqa: S608 - the schema's names
-                for values in source.execute(query):
-                    pipe.write_row(tuple(values))
+                for row in source.execute(query):
+                    values = (body_in_row(row, cols, files) if table == "telemetry_segments"
+                              else tuple(row))
+                    pipe.write_row(values)
                     count += 1
                     digest = (digest + _row_digest(values)) % _DIGEST_MOD
             _check_table(target, table, names, count, digest)

@@ -383,4 +383,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX telemetry_segments_received ON telemetry_segments(received_at);
     """,
+    # 19, issue 18 (telemetry throughput): on SQLite a segment's body lives in the store's
+    # segment files (control_plane/storage/segment_files.py), its row holding an empty body and
+    # where the bytes are; NULL body_file: the body is in the row (PostgreSQL, rows before).
+    """
+    ALTER TABLE telemetry_segments ADD COLUMN body_file INTEGER;
+    ALTER TABLE telemetry_segments ADD COLUMN body_offset INTEGER;
+    ALTER TABLE telemetry_segments ADD COLUMN body_length INTEGER;
+    CREATE INDEX telemetry_segments_file ON telemetry_segments(body_file);
+    """,
 ]

@@ -44,7 +44,8 @@ from control_plane.domain.records import (
 from control_plane.domain.retraining import DriftPolicy
 from control_plane.storage.base import CorruptDatabaseError, Store
 from control_plane.storage.migrations import MIGRATIONS
-from fleetcore.errors import AlreadyExistsError, NotFoundError, TokenError
+from control_plane.storage.segment_files import SegmentFiles, segment_dir
+from fleetcore.errors import AlreadyExistsError, InvalidInputError, NotFoundError, TokenError
 from fleetcore.sqlite import connect, migrate
 
 __all__ = ["MIGRATIONS", "SqliteStore"]
@@ -74,6 +75,9 @@ _ROLL_UP_ARMS = (
 
 
 
+
+# The columns a segment's body is read from (SqliteStore._segment_body).
+_SEGMENT_BODY = "body, body_file, body_offset, body_length"
 
 # Sealed blobs are kept in rows of at most this many bytes.
 BLOB_PART = 4 * 1024 * 1024
@@ -128,11 +132,15 @@ class SqliteStore(Store):
 
     _integrity_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
 
+    # Where segment bodies go (segment_files.py); None: in their rows (PostgreSQL).
+    _segments: SegmentFiles | None = None
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._conn = _open_checked(self.path)
         self._lock = threading.RLock()
         migrate(self._conn, MIGRATIONS)
+        self._segments = SegmentFiles(segment_dir(self.path))
 
     @contextmanager
     def _tx(self, devices: Sequence[str] | None = None) -> Iterator[sqlite3.Connection]:
@@ -634,8 +642,15 @@ class SqliteStore(Store):
 
     def ingest_telemetry_many(self, writes: Sequence[TelemetryWrite]) -> None:
         with self._tx(devices=[w.device_id for w in writes]) as c:
-            for w in writes:
-                self._write_telemetry(c, w)
+            try:
+                for w in writes:
+                    self._write_telemetry(c, w)
+                if self._segments is not None:  # durable before the rows pointing at them are
+                    self._segments.flush()
+            except BaseException:
+                if self._segments is not None:
+                    self._segments.discard()
+                raise
 
     def _write_telemetry(self, c: sqlite3.Connection, w: TelemetryWrite) -> None:
         # The records not stored before (writers are serialized, so nothing lands in between)
@@ -644,10 +659,15 @@ class SqliteStore(Store):
         # statement, not per record).
         new = self._new_records(c, w.device_id, as_columns(w.records))
         if len(new):
+            body = telemetry_segment.encode(new)
+            place: tuple[int | None, ...] = (None, None, None)
+            if self._segments is not None:  # the bytes in a segment file, the row says where
+                body, place = b"", self._segments.stage(body)
             c.execute("INSERT INTO telemetry_segments(device_id, first_seq, last_seq, records,"
-                      " received_at, body) VALUES (?,?,?,?,?,?)",
+                      " received_at, body, body_file, body_offset, body_length)"
+                      " VALUES (?,?,?,?,?,?,?,?,?)",
                       (w.device_id, int(new.seqs.min()), int(new.seqs.max()), len(new), w.now,
-                       telemetry_segment.encode(new)))
+                       body, *place))
         derived = []
         if w.derived:
             fresh = set(new.seq_list())
@@ -661,8 +681,18 @@ class SqliteStore(Store):
             " updated_at = excluded.updated_at", (w.device_id, w.dropped, w.depth, w.now),
         )
 
-    @staticmethod
-    def _new_records(c: sqlite3.Connection, device_id: str,
+    def _segment_body(self, row: Sequence[Any]) -> bytes:
+        """A segment's body from its (body, body_file, body_offset, body_length)."""
+        body, number, offset, length = row[0], row[1], row[2], row[3]  # a PostgreSQL row: a dict
+        if number is None:
+            return bytes(body)
+        if self._segments is None:
+            raise InvalidInputError("a telemetry segment's body is in a segment file, which "
+                                    "this store does not have")
+        with self._lock:
+            return self._segments.read(int(number), int(offset), int(length))
+
+    def _new_records(self, c: sqlite3.Connection, device_id: str,
                      records: RecordColumns) -> RecordColumns:
         """``records`` less those stored before and repeats within the batch (first kept).
         A resent batch finds the segments whose seq range overlaps its own (the primary key
@@ -673,9 +703,10 @@ class SqliteStore(Store):
         seqs = records.seqs
         lo, hi = int(seqs.min()), int(seqs.max())
         stored: list[int] = []
-        for row in c.execute("SELECT body FROM telemetry_segments WHERE device_id = ?"
-                             " AND last_seq >= ? AND first_seq <= ?", (device_id, lo, hi)):
-            stored.extend(telemetry_segment.seqs_of(bytes(row[0])))
+        for row in c.execute(f"SELECT {_SEGMENT_BODY} FROM telemetry_segments"  # noqa: S608
+                             " WHERE device_id = ? AND last_seq >= ? AND first_seq <= ?",
+                             (device_id, lo, hi)).fetchall():
+            stored.extend(telemetry_segment.seqs_of(self._segment_body(row)))
         stored.extend(int(r[0]) for r in c.execute(
             "SELECT seq FROM telemetry WHERE device_id = ? AND seq BETWEEN ? AND ?",
             (device_id, lo, hi)))
@@ -691,13 +722,12 @@ class SqliteStore(Store):
         rows = self._query("SELECT seq, kind, created_at, payload FROM telemetry"
                            " WHERE device_id = ?", (device_id,))
         out = [TelemetryRecord(int(r[0]), r[1], float(r[2]), bytes(r[3])) for r in rows]
-        for r in self._query("SELECT body FROM telemetry_segments WHERE device_id = ?",
-                             (device_id,)):
-            out.extend(telemetry_segment.decode(bytes(r[0])))
+        for r in self._query(f"SELECT {_SEGMENT_BODY} FROM telemetry_segments"  # noqa: S608
+                             " WHERE device_id = ?", (device_id,)):
+            out.extend(telemetry_segment.decode(self._segment_body(r)))
         return sorted(out, key=lambda r: r.seq)
 
-    @staticmethod
-    def _expire_segments(c: sqlite3.Connection, raw_before: float, limit: int) -> int:
+    def _expire_segments(self, c: sqlite3.Connection, raw_before: float, limit: int) -> int:
         """Roll segments received before ``raw_before`` up into ``telemetry_rollup`` and
         delete them, oldest first, until about ``limit`` records; return the records."""
         taken: list[tuple[str, int, float]] = []
@@ -713,9 +743,10 @@ class SqliteStore(Store):
         rollup: dict[tuple[str, str, int], list[int]] = {}
         for device_id, last_seq, received_at in taken:  # one body in memory at a time
             day = int(received_at // 86400)
-            body = c.execute("SELECT body FROM telemetry_segments WHERE device_id = ?"
-                             " AND last_seq = ?", (device_id, last_seq)).fetchone()[0]
-            for r in telemetry_segment.decode(bytes(body)):
+            row = c.execute(f"SELECT {_SEGMENT_BODY} FROM telemetry_segments"  # noqa: S608
+                            " WHERE device_id = ? AND last_seq = ?",
+                            (device_id, last_seq)).fetchone()
+            for r in telemetry_segment.decode(self._segment_body(row)):
                 tally = rollup.setdefault((device_id, r.kind, day), [0, 0])
                 tally[0] += 1
                 tally[1] += len(r.payload)
@@ -761,7 +792,19 @@ class SqliteStore(Store):
                 "DELETE FROM arm_stats_history WHERE rowid IN (SELECT rowid FROM"
                 " arm_stats_history WHERE received_at < ? ORDER BY received_at, rowid LIMIT ?)",
                 (drift_before, limit)).rowcount
+        self._remove_segment_files()
         return removed
+
+    def _remove_segment_files(self) -> None:
+        """Delete the segment files no row points at any more (after their rows expired)."""
+        with self._lock:
+            files = self._segments
+            if files is None:
+                return
+            referenced = {number for number in files.numbers() if self._conn.execute(
+                "SELECT 1 FROM telemetry_segments WHERE body_file = ? LIMIT 1",
+                (number,)).fetchone()}
+            files.remove_unreferenced(referenced)
 
     def telemetry_rollup(self, device_id: str) -> dict[str, tuple[int, int]]:
         rows = self._query("SELECT kind, SUM(records) AS n, SUM(bytes) AS b FROM"
@@ -1062,6 +1105,8 @@ class SqliteStore(Store):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            if self._segments is not None:
+                self._segments.close()
 
     # --- blobs kept in the database (used where replicas share it: PostgreSQL) ---
     def put_blob(self, digest: str, sealed: bytes) -> None:
