@@ -126,6 +126,20 @@ def test_screen_refuses_by_array_what_it_refused_record_by_record() -> None:
     assert screen("dev-1", all_good) == (all_good, [])  # nothing copied in the usual case
 
 
+def test_kind_masks_and_the_records_they_pick_for_one_kind_several_or_none() -> None:
+    mixed = RecordColumns.of(RECORDS)
+    kinds = [r.kind for r in RECORDS]
+    for wanted in ({"error"}, {"sample", "drift"}, {"weather"}, set(kinds)):
+        mask = mixed.kind_mask(wanted)
+        assert mask.tolist() == [k in wanted for k in kinds]
+        assert mixed.records(mask) == [r for r in RECORDS if r.kind in wanted]
+    one_kind = RecordColumns.of([r._replace(kind="error") for r in RECORDS])
+    assert one_kind.kind_mask({"error"}).tolist() == [True] * 4
+    assert one_kind.kind_mask({"drift"}).tolist() == [False] * 4
+    assert one_kind.records(one_kind.kind_mask({"drift"})) == []
+    assert RecordColumns.of([]).kind_mask({"error"}).tolist() == []
+
+
 def test_select_head_concat_and_replace_keep_each_record_whole() -> None:
     columns = RecordColumns.of(RECORDS)
     assert columns.select(np.array([False, True, True, False])).records() == RECORDS[1:3]

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from edgefleet.v1 import agent_pb2, agent_pb2_grpc
 
@@ -84,6 +85,8 @@ def test_seq_runs_are_the_seqs_in_order_as_pairs() -> None:
     assert seq_runs([]) == []
     assert seq_runs(list(range(7, 507))) == [7, 506]
     assert seq_runs([3, 4, 5, 9, 1, 2, 2]) == [3, 5, 9, 9, 1, 2, 2, 2]
+    assert seq_runs([2**64 - 2, 2**64 - 1, 0, 1]) == [2**64 - 2, 2**64 - 1, 0, 1]  # no wrap
+    assert seq_runs(np.arange(10, 510, dtype=np.uint64)) == [10, 509]  # a batch's column
 
 
 def test_malformed_payload_is_kept_but_not_derived(cp: RunningControlPlane,

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 from edgefleet.v1 import admin_pb2, agent_pb2, common_pb2
 
 from control_plane.domain.audit_chain import ChainVerdict
 from control_plane.domain.drift import fleet_summary
 from control_plane.domain.experiments import experiment_test_name
-from control_plane.domain.record_columns import RecordColumns
+from control_plane.domain.record_columns import RecordColumns, Seqs, seq_runs
 from control_plane.domain.records import (
     AuditRecord,
     DeviceAlert,
@@ -118,30 +119,14 @@ def telemetry_from_proto(batch: agent_pb2.TelemetryBatch) -> RecordColumns:
 
 
 # ---------------------------------------------------------------------- to operators
-def telemetry_ack_to_proto(acked: list[int], runs: bool) -> agent_pb2.TelemetryAck:
+def telemetry_ack_to_proto(acked: Sequence[int] | Seqs, runs: bool) -> agent_pb2.TelemetryAck:
     """The answer to a batch: its acknowledged seqs, as (first, last) runs to an agent that
     asked for them (``TelemetryBatch.ack_runs``: a whole batch is one pair), else listed."""
     if not runs:
-        return agent_pb2.TelemetryAck(acked=acked)
+        return agent_pb2.TelemetryAck(
+            acked=acked.tolist() if isinstance(acked, np.ndarray) else acked)
     return agent_pb2.TelemetryAck(runs=seq_runs(acked))
 
-
-def seq_runs(seqs: list[int]) -> list[int]:
-    """``seqs`` in their order as flattened (first, last) pairs of consecutive runs."""
-    if not seqs:
-        return []
-    first, n = seqs[0], len(seqs)
-    if seqs[-1] - first + 1 == n and seqs == list(range(first, first + n)):  # the usual batch
-        return [first, seqs[-1]]
-    out: list[int] = []
-    start = prev = first
-    for seq in itertools.islice(seqs, 1, None):
-        if seq != prev + 1:
-            out += (start, prev)
-            start = seq
-        prev = seq
-    out += (start, prev)
-    return out
 
 
 def _host_to_proto(host: dict[str, Any]) -> common_pb2.HostFacts:

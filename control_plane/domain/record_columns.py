@@ -23,11 +23,15 @@ import numpy.typing as npt
 from control_plane.domain.records import Derived, ReportRefusal, TelemetryRecord
 from fleetcore.errors import InvalidInputError
 
-__all__ = ["MAX_KIND_NAMES", "RecordColumns", "TelemetryWrite", "as_columns"]
+__all__ = ["MAX_KIND_NAMES", "RecordColumns", "Seqs", "TelemetryWrite", "as_columns", "seq_runs"]
 
 MAX_KIND_NAMES = 255  # a kind index is one byte
 MAX_KIND_CHARS = 256  # longer kind names are cut (unknown kinds are refused anyway)
 _U64, _F64, _U32 = np.dtype("<u8"), np.dtype("<f8"), np.dtype("<u4")
+_LAST_SEQ = np.uint64(2**64 - 1)
+
+# A batch's seqs as the checks hand them on (the acknowledged ones): its column, no list built.
+Seqs = npt.NDArray[np.uint64]
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,16 +128,20 @@ class RecordColumns:
 
     def kind_mask(self, kinds: frozenset[str] | set[str]) -> npt.NDArray[np.bool_]:
         """Which records are of one of ``kinds``."""
-        table = np.array([k in kinds for k in self.kind_names] or [False], dtype=np.bool_)
-        return table[self.kind_index]
+        hits = [k in kinds for k in self.kind_names]
+        if not any(hits) or all(hits):  # the usual batch: one kind (no lookup per record)
+            return np.full(len(self), bool(hits) and hits[0], dtype=np.bool_)
+        return np.array(hits, dtype=np.bool_)[self.kind_index]
 
     def seq_list(self) -> list[int]:
         return self.seqs.tolist()
 
     def records(self, where: npt.NDArray[np.bool_] | None = None) -> list[TelemetryRecord]:
         """The records (those ``where`` is true), one object each: for the few that need it."""
-        ends = self.ends
         rows = range(len(self)) if where is None else np.flatnonzero(where).tolist()
+        if not rows:
+            return []
+        ends = self.ends
         seqs, at, index = self.seqs, self.created_at, self.kind_index
         sizes, names, body = self.sizes, self.kind_names, self.payloads
         out = []
@@ -169,6 +177,23 @@ class RecordColumns:
         records = [r._replace(payload=new[r.seq]) if r.seq in new else r
                    for r in self.records()]
         return RecordColumns.of(records)
+
+
+def seq_runs(seqs: Sequence[int] | Seqs) -> list[int]:
+    """``seqs`` in their order as flattened (first, last) pairs of consecutive runs: one pair
+    for a whole batch (a few array operations, no Python work per seq)."""
+    column = np.asarray(seqs, dtype=np.uint64)
+    n = len(column)
+    if not n:
+        return []
+    head = column[:-1]
+    breaks = np.flatnonzero((column[1:] != head + np.uint64(1)) | (head == _LAST_SEQ))
+    if not len(breaks):  # the usual batch
+        return [int(column[0]), int(column[-1])]
+    bounds = np.empty(2 * len(breaks) + 2, dtype=np.uint64)
+    bounds[0::2] = column[np.concatenate(([0], breaks + 1))]
+    bounds[1::2] = column[np.concatenate((breaks, [n - 1]))]
+    return bounds.tolist()
 
 
 def as_columns(records: Sequence[TelemetryRecord] | RecordColumns) -> RecordColumns:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from control_plane.domain.enrollment import DenialTally
 from control_plane.domain.quota import QuotaLimits, Quotas
-from control_plane.domain.record_columns import RecordColumns, TelemetryWrite, as_columns
+from control_plane.domain.record_columns import RecordColumns, Seqs, TelemetryWrite, as_columns
 from control_plane.domain.records import (
     ArmStatsRecord,
     AuditOutcome,
@@ -76,11 +76,11 @@ class TelemetryService:
         write, acked = self._vetted(caller, records, dropped, depth)
         await self._off_loop(self.store.ingest_telemetry_many, [write])
         self._judge([write])
-        return acked
+        return acked.tolist()
 
     async def ingest_many(
             self, batches: Sequence[tuple[pki.Identity, Records, int, int]]
-    ) -> list[list[int] | Exception]:
+    ) -> list[Seqs | Exception]:
         """``ingest`` for several batches (caller, records, dropped, depth) with one store
         transaction (group commit); per batch, its acknowledged seqs or why it was refused. A
         batch refused by the checks is left out; when the group's transaction fails, each
@@ -96,10 +96,10 @@ class TelemetryService:
         return fn(*args)
 
     def _vetted_many(self, batches: Sequence[tuple[pki.Identity, Records, int, int]]
-                     ) -> tuple[list[list[int] | Exception],
-                                list[tuple[int, TelemetryWrite, list[int]]]]:
-        out: list[list[int] | Exception] = []
-        vetted: list[tuple[int, TelemetryWrite, list[int]]] = []
+                     ) -> tuple[list[Seqs | Exception],
+                                list[tuple[int, TelemetryWrite, Seqs]]]:
+        out: list[Seqs | Exception] = []
+        vetted: list[tuple[int, TelemetryWrite, Seqs]] = []
         for caller, records, dropped, depth in batches:
             try:
                 write, acked = self._vetted(caller, records, dropped, depth)
@@ -110,8 +110,8 @@ class TelemetryService:
             out.append(acked)
         return out, vetted
 
-    def _write_group(self, out: list[list[int] | Exception],
-                     vetted: list[tuple[int, TelemetryWrite, list[int]]]
+    def _write_group(self, out: list[Seqs | Exception],
+                     vetted: list[tuple[int, TelemetryWrite, Seqs]]
                      ) -> list[TelemetryWrite]:
         """Store the vetted writes in one transaction, else one by one; a write the store
         refuses replaces its entry of ``out``. Return the writes stored."""
@@ -133,7 +133,7 @@ class TelemetryService:
         return stored
 
     def _vetted(self, caller: pki.Identity, batch: Records, dropped: int,
-                depth: int) -> tuple[TelemetryWrite, list[int]]:
+                depth: int) -> tuple[TelemetryWrite, Seqs]:
         """The checks of ``ingest``: what to write, and the seqs to acknowledge once it is."""
         records = as_columns(batch)
         if len(records) > MAX_BATCH_RECORDS:
@@ -167,7 +167,7 @@ class TelemetryService:
         refused += self._unsaved(caller.name)
         write = TelemetryWrite(caller.name, kept, derived, now, counter(dropped),
                                counter(depth), refused)
-        return write, records.seq_list()
+        return write, records.seqs
 
     def _judge(self, writes: Sequence[TelemetryWrite]) -> None:
         """New arm statistics may decide an experiment, new drift windows start retraining:
