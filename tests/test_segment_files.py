@@ -91,6 +91,18 @@ def test_a_failed_group_leaves_nothing_pointed_at_and_the_next_one_lands_after_i
     store.close()
 
 
+def test_two_stores_on_one_database_append_after_each_other(tmp_path: Path) -> None:
+    db = tmp_path / "cp.db"
+    first, second = SqliteStore(db), SqliteStore(db)  # e.g. a command beside the server
+    _device(first)
+    for i, store in enumerate([first, second, first, second]):
+        store.ingest_telemetry("dev-1", _records(1 + 100 * i, 100), {}, 100.0 + i, 0, 0)
+    assert first.telemetry_records("dev-1") == second.telemetry_records("dev-1") == _records(
+        1, 400)
+    first.close()
+    second.close()
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_a_missing_or_cut_file_is_refused_by_name(tmp_path: Path, damage: str) -> None:
     db = tmp_path / "cp.db"
@@ -105,6 +117,21 @@ def test_a_missing_or_cut_file_is_refused_by_name(tmp_path: Path, damage: str) -
         os.truncate(path, path.stat().st_size - 1)
     store = SqliteStore(db)
     with pytest.raises(InvalidInputError, match=f"00000001.seg.*{damage}|{damage}.*00000001"):
+        store.telemetry_records("dev-1")
+    store.close()
+
+
+@pytest.mark.parametrize(("offset", "length"), [(0, 10**15), (-1, 10), (10**15, 1)])
+def test_a_damaged_row_is_refused_before_anything_is_allocated(
+        tmp_path: Path, offset: int, length: int) -> None:
+    db = tmp_path / "cp.db"
+    store = SqliteStore(db)
+    _device(store)
+    store.ingest_telemetry("dev-1", _records(1, 50), {}, 100.0, 0, 0)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE telemetry_segments SET body_offset = ?, body_length = ?",
+                     (offset, length))
+    with pytest.raises(InvalidInputError, match=r"truncated|cannot be in a segment file"):
         store.telemetry_records("dev-1")
     store.close()
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetcore.errors import InvalidInputError
+from fleetcore.files import fsync_dir
 
 __all__ = ["MAX_FILE_BYTES", "SegmentFiles", "body_in_row", "segment_dir"]
 
@@ -59,7 +60,10 @@ class SegmentFiles:
     # ------------------------------------------------------------------ writing
     def stage(self, body: bytes) -> tuple[int, int, int]:
         """Where ``body`` will be once ``flush``ed: (file number, offset, length). Staged
-        bodies are readable at once (a later batch of the same group looks for repeats)."""
+        bodies are readable at once (a later batch of the same group looks for repeats). Called
+        inside the database's write transaction, so no other writer appends meanwhile."""
+        if self._append is not None and not self._staged:  # a new transaction: another store
+            self._size = os.fstat(self._append).st_size  # on this database may have appended
         if self._append is None or self._size + self._staged_bytes >= MAX_FILE_BYTES:
             self.flush()  # what is staged goes to the file it was placed in
             self._open_for_append()
@@ -109,7 +113,7 @@ class SegmentFiles:
         created = not path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         if created:  # the new name must survive a crash too, not only its bytes
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         self._append, self._size = fd, os.fstat(fd).st_size
         if self._size >= MAX_FILE_BYTES:  # found full (after a restart): the next one
             self._open_for_append()
@@ -118,6 +122,9 @@ class SegmentFiles:
     def read(self, number: int, offset: int, length: int) -> bytes:
         """The body at (file, offset, length); ``InvalidInputError`` when the file is missing
         or too short (a database restored without its segment files)."""
+        if offset < 0 or length < 0:  # a damaged row, not ours
+            raise InvalidInputError(f"a telemetry segment's place ({offset}, {length}) cannot "
+                                    "be in a segment file")
         if number == self._number and offset >= self._size and self._staged:
             return self._staged_body(offset, length)
         fd = self._readers.get(number)
@@ -129,12 +136,13 @@ class SegmentFiles:
                     f"telemetry segment file {self._path(number)} is missing (restore the "
                     "database together with its segment files)") from None
             self._readers[number] = fd
-        body = os.pread(fd, length, offset)
-        if len(body) != length:
+        # Checked against the file before reading: a damaged row's length is not allocated.
+        size = os.fstat(fd).st_size
+        if offset + length > size:
             raise InvalidInputError(
-                f"telemetry segment file {self._path(number)} holds {len(body)} of the {length} "
-                f"bytes at offset {offset}: it was truncated")
-        return body
+                f"telemetry segment file {self._path(number)} holds {size} bytes, not the "
+                f"{length} at offset {offset}: it was truncated")
+        return os.pread(fd, length, offset)
 
     def _staged_body(self, offset: int, length: int) -> bytes:
         at = self._size
@@ -202,10 +210,3 @@ def body_in_row(values: Sequence[Any], columns: Sequence[str],
             row[at[name]] = None
     return tuple(row)
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
