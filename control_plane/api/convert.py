@@ -128,7 +128,6 @@ def telemetry_ack_to_proto(acked: Sequence[int] | Seqs, runs: bool) -> agent_pb2
     return agent_pb2.TelemetryAck(runs=seq_runs(acked))
 
 
-
 def _host_to_proto(host: dict[str, Any]) -> common_pb2.HostFacts:
     known = {f.name for f in common_pb2.HostFacts.DESCRIPTOR.fields}
     return common_pb2.HostFacts(**{k: v for k, v in host.items() if k in known})

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,15 +160,15 @@ class SegmentFiles:
         found = (_NAME.match(p.name) for p in self.directory.iterdir())
         return sorted(int(m.group(1)) for m in found if m is not None)
 
-    def remove_unreferenced(self, referenced: Iterable[int]) -> int:
-        """Delete the files before the one appended to that no row points at; how many."""
-        keep = set(referenced)
+    def remove_unreferenced(self, referenced: Callable[[int], bool]) -> int:
+        """Delete the files before the one appended to for which ``referenced`` (does a row
+        point at this file number?) is false; how many."""
         numbers = self.numbers()
         current = self._number if self._append is not None else (numbers[-1] if numbers
                                                                   else 0)
         removed = 0
         for number in numbers:
-            if number >= current or number in keep:
+            if number >= current or referenced(number):
                 continue
             fd = self._readers.pop(number, None)
             if fd is not None:

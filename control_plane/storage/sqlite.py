@@ -801,10 +801,9 @@ class SqliteStore(Store):
             files = self._segments
             if files is None:
                 return
-            referenced = {number for number in files.numbers() if self._conn.execute(
+            files.remove_unreferenced(lambda number: self._conn.execute(
                 "SELECT 1 FROM telemetry_segments WHERE body_file = ? LIMIT 1",
-                (number,)).fetchone()}
-            files.remove_unreferenced(referenced)
+                (number,)).fetchone() is not None)
 
     def telemetry_rollup(self, device_id: str) -> dict[str, tuple[int, int]]:
         rows = self._query("SELECT kind, SUM(records) AS n, SUM(bytes) AS b FROM"
