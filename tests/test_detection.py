@@ -356,15 +356,17 @@ def test_a_freeze_is_reported_and_the_agent_keeps_serving(
 # ---------------------------------------------------------------------------- slow retrieval
 def _drip_feed(monkeypatch: pytest.MonkeyPatch, piece: int, every: float) -> dict[str, bool]:
     """The control plane's FetchBundle, slowed while ``["on"]`` of the returned switch is
-    true: the same bytes from the real servicer, sent ``piece`` bytes at a time, one piece
-    every ``every`` seconds (a drip-feeding server). Patch before the control plane starts
-    (the server binds the method then)."""
-    import asyncio  # noqa: PLC0415
-
+    true: the same bytes from the real servicer, sent ``piece`` bytes at a time, each piece
+    ``every`` seconds after the last on the clock the agent measures a download's pace on (a
+    drip-feeding server, without waiting for it: the clock moves as the pieces go out). Patch
+    before the control plane starts (the server binds the method then)."""
     from control_plane.api.grpc_agent import AgentServicer  # noqa: PLC0415
+    from edge_agent.install import download  # noqa: PLC0415
 
     real = AgentServicer.FetchBundle
     switch = {"on": False}
+    clock = [time.monotonic()]
+    monkeypatch.setattr(download, "_now", lambda: clock[0])
 
     async def slowed(self: AgentServicer, request: agent_pb2.FetchBundleRequest,
                      context: grpc.aio.ServicerContext) -> Any:
@@ -373,7 +375,7 @@ def _drip_feed(monkeypatch: pytest.MonkeyPatch, piece: int, every: float) -> dic
                 yield chunk
                 continue
             for i in range(0, len(chunk.data), piece):
-                await asyncio.sleep(every)
+                clock[0] += every
                 yield agent_pb2.BundleChunk(offset=chunk.offset + i,
                                             data=chunk.data[i : i + piece])
 
