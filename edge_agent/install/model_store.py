@@ -236,10 +236,12 @@ class ModelStore:
             _check_manifest(name, version, manifest)
         except Exception as exc:
             reason = f"verification failed: {exc}"
+            # Clean up before the failure is recorded (and reported): whoever sees the refusal
+            # sees the models directory as it was before the bundle arrived.
+            shutil.rmtree(staged, ignore_errors=True)
             with self._lock:
                 self._transition(name, version, _E.FAIL, reason)
                 self._hook("install:verify-failed")
-            shutil.rmtree(staged, ignore_errors=True)
             raise _RefusedError(reason) from None
 
         _fsync_tree(staged)  # the files are durable before any rename can publish them
@@ -266,10 +268,10 @@ class ModelStore:
             result = SmokeResult(False, f"smoke test raised {type(exc).__name__}: {exc}", 0.0)
         if not result.ok:
             reason = f"smoke test failed: {result.reason}"
-            with self._lock:
+            with self._lock:  # removed before the failure is recorded, as in _stage
+                shutil.rmtree(final, ignore_errors=True)
                 self._transition(name, version, _E.FAIL, reason)
                 self._hook("install:smoke-failed")
-                shutil.rmtree(final, ignore_errors=True)
             raise _RefusedError(reason)
         return result.latency_us
 
@@ -348,11 +350,11 @@ class ModelStore:
     def fail(self, name: str, version: int, reason: str) -> None:
         """An install failed outside the store (download, digest): record it and clean up."""
         with self._lock:
-            self._transition(name, version, _E.FAIL, reason)
-            self._hook("fail:recorded")
             shutil.rmtree(self.staging_dir(name, version), ignore_errors=True)
             if self._load_pointer(name).version != version:
                 shutil.rmtree(self._vdir(name, version), ignore_errors=True)
+            self._transition(name, version, _E.FAIL, reason)
+            self._hook("fail:recorded")
             logger.warning("%s v%d failed: %s", name, version, reason)
 
     # ------------------------------------------------------------------ probation, latency
