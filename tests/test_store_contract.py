@@ -36,6 +36,7 @@ from control_plane.domain.records import (
 )
 from control_plane.domain.retraining import DriftPolicy
 from control_plane.storage import Store, open_store
+from control_plane.storage import sqlite as sqlite_store
 from control_plane.storage.heartbeats import HeartbeatWriter
 from control_plane.storage.migrations import MIGRATIONS
 from control_plane.storage.pg_migrations import pg_migrations, translate
@@ -322,6 +323,60 @@ def test_a_batch_mixing_stored_and_new_records_writes_derived_rows_of_the_new_on
                                               "drift/too-large": 2}
 
 
+def _batch(device_id: str, seqs: Any, tag: str, now: float = 100.0,
+           derived: dict[int, Derived] | None = None) -> TelemetryWrite:
+    """A write whose records carry ``tag``: which batch stored a seq shows in its payload."""
+    return TelemetryWrite(device_id, [TelemetryRecord(s, "error", 1.0, f"{tag}:{s}".encode())
+                                      for s in seqs], derived or {}, now, 0, 0)
+
+
+def _tags(store: Store, device_id: str) -> dict[int, str]:
+    return {r.seq: r.payload.decode().split(":")[0] for r in store.telemetry_records(device_id)}
+
+
+def test_a_group_is_checked_against_what_was_stored_a_chunk_of_batches_at_a_time(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group's stored seqs are looked up in one query a chunk of batches (two here, so a
+    group of five takes three): resends across groups and within one, ranges overlapping out
+    of order, two devices; the first batch to carry a seq is the one stored."""
+    monkeypatch.setattr(sqlite_store, "_STORED_CHUNK", 2)
+    _device(store)
+    _device(store, "dev-2")
+    arm = ArmStatsRecord("dev-1", "digits", 1, 7, 0, 1.0, 2.0, 0, 0, 8.0)
+    store.ingest_telemetry_many([_batch("dev-1", range(1, 6), "a"),
+                                 _batch("dev-2", range(1, 4), "a")])
+    store.ingest_telemetry_many([
+        _batch("dev-1", [10, 11, 12], "b", 101.0),
+        _batch("dev-1", [4, 5, 6, 7], "c", 101.0),  # 4 and 5 stored before
+        _batch("dev-2", [3, 4], "d", 102.0),  # 3 stored before
+        # 7 and 11 came earlier in this group, 8 is new: only its arm row is written
+        _batch("dev-1", [11, 8, 7, 9], "e", 103.0, {7: arm, 8: arm}),
+        _batch("dev-2", [2, 5, 5, 6], "f", 104.0),  # 2 stored before; 5 twice in the batch
+    ])
+    assert _tags(store, "dev-1") == {1: "a", 2: "a", 3: "a", 4: "a", 5: "a", 6: "c", 7: "c",
+                                     8: "e", 9: "e", 10: "b", 11: "b", 12: "b"}
+    assert _tags(store, "dev-2") == {1: "a", 2: "a", 3: "a", 4: "d", 5: "f", 6: "f"}
+    history, _ = store.arm_history("digits", 0.0, 10)
+    assert [h.updated_at for h in history] == [8.0]  # once, for seq 8
+    assert store.outbox_status() == {"dev-1": (0, 0), "dev-2": (0, 0)}
+    assert store.telemetry_counts()["telemetry"] == 18
+
+
+def test_a_group_the_database_refuses_stores_nothing_and_the_store_goes_on(store: Store) -> None:
+    """One write of a group fails in the database (a seq past a 64-bit signed integer): the
+    whole group is rolled back (on PostgreSQL its statements went out pipelined), and the
+    next group is stored on the same store."""
+    _device(store)
+    _device(store, "dev-2")
+    with pytest.raises((OverflowError, psycopg.Error)):
+        store.ingest_telemetry_many([_batch("dev-1", [1, 2], "a"),
+                                     _batch("dev-2", [2**63 + 1], "a")])
+    assert store.telemetry_records("dev-1") == [] and store.outbox_status() == {}
+    for _ in range(3):  # every connection the pool may hand out next
+        store.ingest_telemetry_many([_batch("dev-1", [1, 2], "b"), _batch("dev-2", [1], "b")])
+    assert _tags(store, "dev-1") == {1: "b", 2: "b"} and _tags(store, "dev-2") == {1: "b"}
+
+
 def test_experiments(store: Store) -> None:
     _device(store)
     _model(store, 1)
@@ -412,6 +467,29 @@ def test_replicas_starting_together_migrate_once(pg_database: str) -> None:
     assert isinstance(s, PostgresStore) and s.schema_version() == len(MIGRATIONS)
     assert verify_chain(s.audit_chain()).ok
     s.close()
+
+
+def test_postgresql_compresses_segment_bodies_with_lz4_set_once_at_start(pg_database: str
+                                                                         ) -> None:
+    """TUNING (pg_migrations.py): segment bodies are TOAST-compressed with lz4, which this
+    machine's server has; a replica starting on a tuned database leaves it as it is."""
+    s = open_store(pg_database)
+    try:
+        _device(s)
+        s.ingest_telemetry_many([_batch("dev-1", range(1, 501), "a" * 100)])
+    finally:
+        s.close()
+    again = open_store(pg_database)  # the settings are applied again: nothing changes
+    try:
+        assert len(again.telemetry_records("dev-1")) == 500
+    finally:
+        again.close()
+    with psycopg.connect(pg_database) as c:
+        (method,) = c.execute("SELECT attcompression FROM pg_attribute WHERE attrelid ="
+                              " 'telemetry_segments'::regclass AND attname = 'body'").fetchone()
+        (stored,) = c.execute("SELECT pg_column_compression(body) FROM telemetry_segments"
+                              ).fetchone()
+    assert (method, stored) == ("l", "lz4")
 
 
 def test_a_token_raced_by_concurrent_enrollments_enrolls_one_device(store: Store) -> None:

@@ -223,7 +223,7 @@ def _copy(source: sqlite3.Connection, target: Any, url: str, chain: tuple[int, s
     (PostgreSQL keeps bodies in rows: replicas share no file system)."""
     from psycopg.rows import dict_row  # noqa: PLC0415
 
-    from control_plane.storage.pg_migrations import PRELUDE, pg_migrations  # noqa: PLC0415
+    from control_plane.storage.pg_migrations import PRELUDE, TUNING, pg_migrations  # noqa: PLC0415
     from control_plane.storage.postgres import _AUDIT_LOCK, _MIGRATE_LOCK, _WRITE_LOCK, redact  # noqa: PLC0415
 
     tables = _tables(source)
@@ -247,6 +247,7 @@ def _copy(source: sqlite3.Connection, target: Any, url: str, chain: tuple[int, s
         for script in scripts[current:]:
             cur.execute(script)
         cur.execute("UPDATE edgefleet_schema SET version = %s", (len(scripts),))
+        cur.execute(TUNING)
         pg_tables = _pg_columns(cur)
         for table in tables:
             cols = _columns(source, table)

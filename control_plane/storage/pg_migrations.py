@@ -26,7 +26,7 @@ import re
 
 from control_plane.storage.migrations import MIGRATIONS
 
-__all__ = ["OVERRIDES", "PRELUDE", "pg_migrations", "translate"]
+__all__ = ["OVERRIDES", "PRELUDE", "TUNING", "pg_migrations", "translate"]
 
 # Run before the migrations on every start (idempotent): what the translated DDL calls.
 PRELUDE = """
@@ -36,6 +36,24 @@ BEGIN
 END $$;
 CREATE OR REPLACE FUNCTION json_array_length(value text) RETURNS integer
     LANGUAGE sql IMMUTABLE AS $$ SELECT json_array_length(value::json) $$;
+"""
+
+# Run after the migrations on every start (idempotent; PostgreSQL-only storage settings, which
+# change no data and so are not migrations). A telemetry segment's body (~45-65 KB of a
+# 500-record batch) is compressed by TOAST on insert: with the default pglz that compression was
+# most of the insert's cost (scripts/bench_mqtt.py, docs/mqtt.md); lz4 (PostgreSQL 14+, when the
+# server was built with it) compresses as well at a fraction of the CPU. Older values stay as
+# they are (each value records its own method). A server without lz4 keeps pglz, with a notice.
+TUNING = """
+DO $$
+BEGIN
+    IF (SELECT attcompression FROM pg_attribute WHERE attrelid = 'telemetry_segments'::regclass
+        AND attname = 'body') IS DISTINCT FROM 'l' THEN
+        ALTER TABLE telemetry_segments ALTER COLUMN body SET COMPRESSION lz4;
+    END IF;
+EXCEPTION WHEN feature_not_supported OR invalid_parameter_value OR undefined_column THEN
+    RAISE NOTICE 'telemetry segments keep pglz compression: %', SQLERRM;
+END $$;
 """
 
 # Hand-written PostgreSQL text for a migration the translation refuses: index -> script.

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from typing import Any
 
@@ -41,8 +41,14 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from control_plane.domain.records import AuditRecord, ModelVersionRecord
 from control_plane.storage.pg_coordination import ChangeListener, Leadership
-from control_plane.storage.pg_migrations import PRELUDE, pg_migrations
-from control_plane.storage.sqlite import SqliteStore, _audit_record, _model_version, _usable_token
+from control_plane.storage.pg_migrations import PRELUDE, TUNING, pg_migrations
+from control_plane.storage.sqlite import (
+    _SEGMENT_BODY,
+    SqliteStore,
+    _audit_record,
+    _model_version,
+    _usable_token,
+)
 from fleetcore.errors import EdgefleetError
 
 __all__ = ["PostgresStore", "redact"]
@@ -117,13 +123,14 @@ class PostgresStore(SqliteStore):
             for script in scripts[current:]:
                 c.raw.execute(script)
             c.execute("UPDATE edgefleet_schema SET version = ?", (len(scripts),))
+            c.raw.execute(TUNING)
 
     def schema_version(self) -> int:
         return int(self._query("SELECT version FROM edgefleet_schema")[0]["version"])
 
     @contextmanager
-    def _tx(self, devices: Sequence[str] | None = None  # type: ignore[override]
-            ) -> Iterator[_Connection]:
+    def _tx(self, devices: Sequence[str] | None = None,  # type: ignore[override]
+            *, pipelined: bool = False) -> Iterator[_Connection]:
         """A write transaction. Without ``devices`` it holds the write lock alone (as
         SQLite's ``BEGIN IMMEDIATE``). With ``devices`` (telemetry, heartbeats: writes that
         touch and read only those devices' rows) it holds the write lock shared, so such
@@ -134,20 +141,35 @@ class PostgresStore(SqliteStore):
         if held is not None:  # a method calling another inside its transaction
             yield held
             return
-        with self._pool.connection() as raw, raw.transaction():
+        with self._pool.connection() as raw, \
+                raw.pipeline() if pipelined else nullcontext(), raw.transaction():
             self._local.conn = _Connection(raw)
             try:
                 if devices is None:
                     self._local.conn.execute("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK,))
-                else:
-                    self._local.conn.execute("SELECT pg_advisory_xact_lock_shared(?)",
-                                             (_WRITE_LOCK,))
+                else:  # one round trip: the shared lock, then the devices' in their order
                     self._local.conn.execute(
-                        "SELECT pg_advisory_xact_lock(?, k) FROM unnest(?::integer[]) AS k",
-                        (_DEVICE_LOCKS, sorted({_device_key(d) for d in devices})))
+                        "SELECT pg_advisory_xact_lock_shared(?), (SELECT count(*) FROM"
+                        " (SELECT pg_advisory_xact_lock(?, k) FROM unnest(?::integer[]) AS k)"
+                        " AS held)",
+                        (_WRITE_LOCK, _DEVICE_LOCKS, sorted({_device_key(d) for d in devices})))
                 yield self._local.conn
             finally:
                 self._local.conn = None
+
+    @staticmethod
+    def _stored_query(chunk: Sequence[tuple[int, str, int, int]]) -> tuple[str, list[Any]]:
+        """``SqliteStore._stored_query`` with the batches as four arrays, so its text is the
+        same whatever the group's size (a prepared statement, planned once), and the lookups
+        in a LATERAL subquery, so every batch is an index range scan (a join of the whole
+        group would let the planner scan a table it thinks small)."""
+        return ("SELECT q.i, s.* FROM unnest(?::bigint[], ?::text[], ?::bigint[], ?::bigint[])"
+                " AS q(i, d, lo, hi) CROSS JOIN LATERAL ("
+                f"SELECT {_SEGMENT_BODY}, NULL::bigint AS seq FROM telemetry_segments"
+                " WHERE device_id = q.d AND last_seq >= q.lo AND first_seq <= q.hi"
+                " UNION ALL SELECT NULL, NULL, NULL, NULL, seq FROM telemetry"
+                " WHERE device_id = q.d AND seq BETWEEN q.lo AND q.hi) AS s",
+                [list(column) for column in zip(*chunk, strict=True)])
 
     @contextmanager
     def _read(self) -> Iterator[_Connection]:

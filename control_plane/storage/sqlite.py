@@ -15,7 +15,12 @@ import numpy as np
 from control_plane.domain import telemetry_segment
 from control_plane.domain.audit_chain import GENESIS_HASH, entry_hash
 from control_plane.domain.history import DriftDay
-from control_plane.domain.record_columns import RecordColumns, TelemetryWrite, as_columns
+from control_plane.domain.record_columns import (
+    RecordColumns,
+    Seqs,
+    TelemetryWrite,
+    as_columns,
+)
 from control_plane.domain.records import (
     ArmRecord,
     ArmStatsRecord,
@@ -74,15 +79,13 @@ _ROLL_UP_ARMS = (
     " WHERE excluded.seq > arm_stats_rollup.seq")
 
 
-
-
 # The columns a segment's body is read from (SqliteStore._segment_body).
 _SEGMENT_BODY = "body, body_file, body_offset, body_length"
+# Batches whose stored seqs one query reads (4 parameters each; SQLite allows 32,766).
+_STORED_CHUNK = 500
 
 # Sealed blobs are kept in rows of at most this many bytes.
 BLOB_PART = 4 * 1024 * 1024
-
-
 
 # DO NOTHING: a window resent after its raw row expired is already here.
 _INSERT_DRIFT_WINDOW = (
@@ -125,6 +128,20 @@ def _arm_stats_args(seq: int, row: ArmStatsRecord) -> tuple[Any, ...]:
             row.sq_error_sum)
 
 
+def _unseen(records: RecordColumns, stored: Seqs | None) -> RecordColumns:
+    """``records`` less the seqs in ``stored`` and repeats within the batch (first kept)."""
+    if not len(records):
+        return records
+    seqs = records.seqs
+    increasing = bool((seqs[1:] > seqs[:-1]).all())  # hence no repeats
+    if stored is None and increasing:
+        return records  # the usual batch: all of it new
+    # First occurrences of the seqs not stored before.
+    first = np.zeros(len(seqs), dtype=np.bool_)
+    first[np.unique(seqs, return_index=True)[1]] = True
+    return records.select(first if stored is None else first & ~np.isin(seqs, stored))
+
+
 class SqliteStore(Store):
     """The embedded default. Its SQL is shared with ``PostgresStore`` (a subclass): write new
     statements in the dialect both speak (``ON CONFLICT`` upserts, ``RETURNING``, aliased
@@ -143,10 +160,14 @@ class SqliteStore(Store):
         self._segments = SegmentFiles(segment_dir(self.path))
 
     @contextmanager
-    def _tx(self, devices: Sequence[str] | None = None) -> Iterator[sqlite3.Connection]:
+    def _tx(self, devices: Sequence[str] | None = None, *,
+            pipelined: bool = False) -> Iterator[sqlite3.Connection]:
         """One write transaction. ``devices``: the write touches only these devices' rows
         and reads nothing of other devices (telemetry, heartbeats): PostgreSQL then lets it
-        run beside other such writes; SQLite has one writer anyway."""
+        run beside other such writes; SQLite has one writer anyway. ``pipelined``: the
+        transaction reads no statement's outcome (a row count) except rows it fetches, so
+        PostgreSQL may send its statements together, a round trip for all those up to each
+        fetch (SQLite runs in-process: nothing to gain)."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -641,10 +662,9 @@ class SqliteStore(Store):
         return as_columns(records).seq_list()
 
     def ingest_telemetry_many(self, writes: Sequence[TelemetryWrite]) -> None:
-        with self._tx(devices=[w.device_id for w in writes]) as c:
+        with self._tx(devices=[w.device_id for w in writes], pipelined=True) as c:
             try:
-                for w in writes:
-                    self._write_telemetry(c, w)
+                self._write_telemetry(c, writes)
                 if self._segments is not None:  # durable before the rows pointing at them are
                     self._segments.flush()
             except BaseException:
@@ -652,34 +672,58 @@ class SqliteStore(Store):
                     self._segments.discard()
                 raise
 
-    def _write_telemetry(self, c: sqlite3.Connection, w: TelemetryWrite) -> None:
-        # The records not stored before (writers are serialized, so nothing lands in between)
-        # go in as one segment row (control_plane/domain/telemetry_segment.py), and only their
-        # derived rows are written, a statement per table (on PostgreSQL a round trip per
-        # statement, not per record).
-        new = self._new_records(c, w.device_id, as_columns(w.records))
-        if len(new):
-            body = telemetry_segment.encode(new)
-            place: tuple[int | None, ...] = (None, None, None)
-            if self._segments is not None:  # the bytes in a segment file, the row says where
-                body, place = b"", self._segments.stage(body)
-            c.execute("INSERT INTO telemetry_segments(device_id, first_seq, last_seq, records,"
-                      " received_at, body, body_file, body_offset, body_length)"
-                      " VALUES (?,?,?,?,?,?,?,?,?)",
-                      (w.device_id, int(new.seqs.min()), int(new.seqs.max()), len(new), w.now,
-                       body, *place))
-        derived = []
-        if w.derived:
-            fresh = set(new.seq_list())
-            derived = [(seq, row) for seq, row in w.derived.items() if seq in fresh]
-        self._insert_derived_many(c, [*derived, *((0, refusal) for refusal in w.refused)],
-                                  w.now)
-        c.execute(
-            "INSERT INTO telemetry_status(device_id, dropped, depth, updated_at)"
-            " VALUES (?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
-            " dropped = excluded.dropped, depth = excluded.depth,"
-            " updated_at = excluded.updated_at", (w.device_id, w.dropped, w.depth, w.now),
-        )
+    def _write_telemetry(self, c: sqlite3.Connection, writes: Sequence[TelemetryWrite]) -> None:
+        """A group's writes in a few statements however many batches it holds (on PostgreSQL
+        each statement is a round trip): what the batches stored before is read in one query,
+        the records not stored before (writers are serialized, so nothing lands in between) go
+        in as one segment row a batch (control_plane/domain/telemetry_segment.py) with one
+        ``executemany``, then their derived rows, a statement per table, and each device's
+        outbox status. The group is taken in order: a batch sent twice in one group (a
+        redelivery) is stored once, as a batch sent again later is."""
+        columns = [as_columns(w.records) for w in writes]
+        before = self._stored_seqs(c, [(w.device_id, cols) for w, cols in zip(writes, columns,
+                                                                              strict=True)])
+        segments: list[tuple[Any, ...]] = []
+        derived: dict[float, list[tuple[int, Derived]]] = {}
+        status: dict[str, tuple[str, int, int, float]] = {}
+        # Each device's segments of this group so far: (first seq, last seq, seqs).
+        in_group: dict[str, list[tuple[int, int, Seqs]]] = {}
+        for w, records, stored in zip(writes, columns, before, strict=True):
+            earlier = in_group.setdefault(w.device_id, [])
+            if earlier and len(records):  # only those overlapping this batch's range
+                lo, hi = int(records.seqs.min()), int(records.seqs.max())
+                overlap = [seqs for first, last, seqs in earlier if last >= lo and first <= hi]
+            else:
+                overlap = []
+            new = _unseen(records, np.concatenate([np.array(stored, dtype=np.uint64), *overlap])
+                          if stored or overlap else None)
+            if len(new):
+                first, last = int(new.seqs.min()), int(new.seqs.max())
+                earlier.append((first, last, new.seqs))
+                body = telemetry_segment.encode(new)
+                place: tuple[int | None, ...] = (None, None, None)
+                if self._segments is not None:  # the bytes in a segment file, the row says where
+                    body, place = b"", self._segments.stage(body)
+                segments.append((w.device_id, first, last, len(new), w.now, body, *place))
+                if w.derived:
+                    kept = set(new.seq_list())
+                    derived.setdefault(w.now, []).extend(
+                        (seq, row) for seq, row in w.derived.items() if seq in kept)
+            if w.refused:
+                derived.setdefault(w.now, []).extend((0, refusal) for refusal in w.refused)
+            status[w.device_id] = (w.device_id, w.dropped, w.depth, w.now)  # the last one's
+        if segments:
+            c.executemany("INSERT INTO telemetry_segments(device_id, first_seq, last_seq,"
+                          " records, received_at, body, body_file, body_offset, body_length)"
+                          " VALUES (?,?,?,?,?,?,?,?,?)", segments)
+        for now, rows in derived.items():
+            self._insert_derived_many(c, rows, now)
+        if status:
+            c.executemany(
+                "INSERT INTO telemetry_status(device_id, dropped, depth, updated_at)"
+                " VALUES (?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
+                " dropped = excluded.dropped, depth = excluded.depth,"
+                " updated_at = excluded.updated_at", list(status.values()))
 
     def _segment_body(self, row: Sequence[Any]) -> bytes:
         """A segment's body from its (body, body_file, body_offset, body_length)."""
@@ -692,31 +736,44 @@ class SqliteStore(Store):
         with self._lock:
             return self._segments.read(int(number), int(offset), int(length))
 
-    def _new_records(self, c: sqlite3.Connection, device_id: str,
-                     records: RecordColumns) -> RecordColumns:
-        """``records`` less those stored before and repeats within the batch (first kept).
-        A resent batch finds the segments whose seq range overlaps its own (the primary key
-        on (device, last_seq) makes that a short range scan: a fresh batch lies past them
-        all) and the rows kept per record before segments existed."""
-        if not len(records):
-            return records
-        seqs = records.seqs
-        lo, hi = int(seqs.min()), int(seqs.max())
-        stored: list[int] = []
-        for row in c.execute(f"SELECT {_SEGMENT_BODY} FROM telemetry_segments"  # noqa: S608
-                             " WHERE device_id = ? AND last_seq >= ? AND first_seq <= ?",
-                             (device_id, lo, hi)).fetchall():
-            stored.extend(telemetry_segment.seqs_of(self._segment_body(row)))
-        stored.extend(int(r[0]) for r in c.execute(
-            "SELECT seq FROM telemetry WHERE device_id = ? AND seq BETWEEN ? AND ?",
-            (device_id, lo, hi)))
-        increasing = bool((seqs[1:] > seqs[:-1]).all())  # hence no repeats
-        if not stored and increasing:
-            return records  # the usual batch: all of it new
-        # First occurrences of the seqs not stored before.
-        first = np.zeros(len(seqs), dtype=np.bool_)
-        first[np.unique(seqs, return_index=True)[1]] = True
-        return records.select(first & ~np.isin(seqs, np.array(stored, dtype=np.uint64)))
+    def _stored_seqs(self, c: sqlite3.Connection,
+                     batches: Sequence[tuple[str, RecordColumns]]) -> list[list[int]]:
+        """For each (device, batch), the seqs in the batch's range that the device stored
+        before: one query for the whole group (a chunk of ``_STORED_CHUNK`` batches). A
+        resent batch finds the segments whose seq range overlaps its own (the primary key on
+        (device, last_seq) makes that a short range scan: a fresh batch lies past them all)
+        and the rows kept per record before segments existed."""
+        out: list[list[int]] = [[] for _ in batches]
+        wanted = [(i, device_id, int(records.seqs.min()), int(records.seqs.max()))
+                  for i, (device_id, records) in enumerate(batches) if len(records)]
+        for at in range(0, len(wanted), _STORED_CHUNK):
+            sql, args = self._stored_query(wanted[at:at + _STORED_CHUNK])
+            rows = c.execute(sql, args).fetchall()
+            for row in rows:
+                seqs = out[int(row[0])]
+                if row[5] is not None:
+                    seqs.append(int(row[5]))
+                else:
+                    seqs.extend(telemetry_segment.seqs_of(
+                        self._segment_body((row[1], row[2], row[3], row[4]))))
+        return out
+
+    @staticmethod
+    def _stored_query(chunk: Sequence[tuple[int, str, int, int]]) -> tuple[str, list[Any]]:
+        """``_stored_seqs``'s query for the batches (i, device, lo, hi) of ``chunk`` and its
+        parameters; its rows are (i, body, body_file, body_offset, body_length, seq). Here the
+        batches are a VALUES list (SQLite compiles a statement in-process) that drives the
+        joins: CROSS JOIN keeps it the outer loop, so each batch is a range scan of a primary
+        key, never a scan of the table. PostgreSQL overrides this."""
+        values = ",".join(["(?,?,?,?)"] * len(chunk))
+        return (f"WITH q(i, d, lo, hi) AS (VALUES {values})"  # noqa: S608 - placeholders only
+                f" SELECT q.i, s.{_SEGMENT_BODY.replace(', ', ', s.')}, NULL AS seq"
+                " FROM q CROSS JOIN telemetry_segments AS s"
+                " WHERE s.device_id = q.d AND s.last_seq >= q.lo AND s.first_seq <= q.hi"
+                " UNION ALL SELECT q.i, NULL, NULL, NULL, NULL, t.seq"
+                " FROM q CROSS JOIN telemetry AS t"
+                " WHERE t.device_id = q.d AND t.seq BETWEEN q.lo AND q.hi",
+                [v for row in chunk for v in row])
 
     def telemetry_records(self, device_id: str) -> list[TelemetryRecord]:
         rows = self._query("SELECT seq, kind, created_at, payload FROM telemetry"
