@@ -485,11 +485,11 @@ def test_postgresql_compresses_segment_bodies_with_lz4_set_once_at_start(pg_data
     finally:
         again.close()
     with psycopg.connect(pg_database) as c:
-        (method,) = c.execute("SELECT attcompression FROM pg_attribute WHERE attrelid ="
-                              " 'telemetry_segments'::regclass AND attname = 'body'").fetchone()
-        (stored,) = c.execute("SELECT pg_column_compression(body) FROM telemetry_segments"
-                              ).fetchone()
-    assert (method, stored) == ("l", "lz4")
+        method = c.execute("SELECT attcompression FROM pg_attribute WHERE attrelid ="
+                           " 'telemetry_segments'::regclass AND attname = 'body'").fetchall()
+        stored = c.execute("SELECT pg_column_compression(body) FROM telemetry_segments"
+                           ).fetchall()
+    assert (method, stored) == ([("l",)], [("lz4",)])
 
 
 def test_a_token_raced_by_concurrent_enrollments_enrolls_one_device(store: Store) -> None:
