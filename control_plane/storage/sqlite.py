@@ -767,7 +767,7 @@ class SqliteStore(Store):
         key, never a scan of the table. PostgreSQL overrides this."""
         values = ",".join(["(?,?,?,?)"] * len(chunk))
         return (f"WITH q(i, d, lo, hi) AS (VALUES {values})"  # noqa: S608 - placeholders only
-                f" SELECT q.i, s.{_SEGMENT_BODY.replace(', ', ', s.')}, NULL AS seq"
+                " SELECT q.i, s.body, s.body_file, s.body_offset, s.body_length, NULL AS seq"
                 " FROM q CROSS JOIN telemetry_segments AS s"
                 " WHERE s.device_id = q.d AND s.last_seq >= q.lo AND s.first_seq <= q.hi"
                 " UNION ALL SELECT q.i, NULL, NULL, NULL, NULL, t.seq"
