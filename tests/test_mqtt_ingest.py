@@ -3,7 +3,8 @@ on both store backends (SQLite and PostgreSQL):
 
 * group commit: telemetry messages waiting in the bridge are stored in one transaction and each
   answered (and acknowledged to the broker) only after it committed; a hostile batch in the
-  group is refused alone; a batch sent twice (a redelivery, a resend) is stored once;
+  group is refused alone; a batch sent twice (a redelivery, a resend) is stored once; a group
+  is everything waiting, also past what one read of the connection brings (256 KiB);
 * the fallback: when the group's transaction fails, each batch is written alone, so one batch
   the store refuses loses none of the others;
 * the agent's sliding window: several batches in flight, every record stored once and the
@@ -13,6 +14,10 @@ on both store backends (SQLite and PostgreSQL):
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import socket
+import struct
+import termios
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,6 +26,7 @@ from typing import Any
 import pytest
 from edgefleet.v1 import agent_pb2
 
+from control_plane.api.mqtt_bridge import waiting
 from control_plane.domain.record_columns import TelemetryWrite
 from edge_agent.reporting.outbox import Outbox
 from edge_agent.reporting.telemetry import TelemetrySender, encode
@@ -189,6 +195,96 @@ def test_a_batch_the_store_refuses_loses_none_of_the_others_in_its_group(
     assert first == 1 and group in (3, 4) and alone == [1] * 4  # each again alone; c4 too
     assert sorted(replies) == [b"c1", b"c2", b"c3", b"c4"]
     assert _seqs(mq, device) == [1, 2, 3, 4]
+
+
+def test_a_group_takes_what_the_reads_queued_behind_it_bring_and_ends_at_a_quiet_pass(
+) -> None:
+    async def scenario() -> list[list[int]]:
+        inbox: asyncio.Queue[int] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        inbox.put_nowait(1)
+        inbox.put_nowait(2)
+        # A read the loop has queued behind the bridge's task: it runs in the next pass.
+        def read() -> None:
+            inbox.put_nowait(3)
+            inbox.put_nowait(4)
+
+        loop.call_soon(read)
+        # One two passes later: the pass between brought nothing, so it starts the next group.
+        loop.call_soon(lambda: loop.call_soon(lambda: loop.call_soon(inbox.put_nowait, 5)))
+        return [await waiting(inbox, 64), await waiting(inbox, 64)]
+
+    assert asyncio.run(scenario()) == [[1, 2, 3, 4], [5]]
+
+
+def test_a_group_is_at_most_its_limit() -> None:
+    async def scenario() -> list[list[int]]:
+        inbox: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(1, 11):
+            inbox.put_nowait(i)
+        return [await waiting(inbox, 4) for _ in range(3)]
+
+    assert asyncio.run(scenario()) == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes in the socket's receive queue, not read yet."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+
+
+def test_batches_waiting_past_one_read_of_the_connection_are_one_group(
+    mq: RunningControlPlane, tmp_path: Path
+) -> None:
+    """asyncio reads a socket 256 KiB at a time; the bridge's group is not cut there. The
+    control plane's loop is held while eight ~70 KB batches reach its socket, then let go:
+    one transaction stores them all, and each is answered."""
+    device = mq.enroll_agent(tmp_path / "a").device_id
+    state = StateDir(tmp_path / "a")
+    bridge = mq.cp.bridge
+    assert bridge is not None and bridge._client is not None
+    sock = bridge._client.socket()
+    assert sock is not None
+    # Room for all of them unread (autotuning grows the buffer only as a reader reads).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    groups: list[int] = []
+    store = mq.cp.store
+    real = store.ingest_telemetry_many
+
+    def recording(writes: Sequence[TelemetryWrite]) -> None:
+        groups.append(len(writes))
+        real(writes)
+
+    store.ingest_telemetry_many = recording  # type: ignore[method-assign]
+    client, result = connect(mq.cp.mqtt, state.cert, state.key)  # type: ignore[arg-type]
+    assert connected(result)
+    held, frozen = threading.Event(), threading.Event()
+
+    def hold() -> None:  # the control plane's event loop, stopped until ``held`` is set
+        frozen.set()
+        held.wait(WAIT)
+
+    payload = encode({"where": "test", "error": "x" * 7_000})
+    batches = [agent_pb2.TelemetryBatch(records=[
+        agent_pb2.TelemetryRecord(seq=10 * b + i, kind="error", created_at=1.0, payload=payload)
+        for i in range(1, 11)]).SerializeToString() for b in range(8)]
+    try:
+        assert not client.subscribe(topic(device, Leaf.TELEMETRY_ACK)).is_failure
+        mq.loop.loop.call_soon_threadsafe(hold)
+        assert frozen.wait(WAIT)
+        for b, batch in enumerate(batches):
+            client.publish(topic(device, Leaf.TELEMETRY), batch, correlation=b"c%d" % b)
+        total = sum(len(b) for b in batches)
+        assert total > 2 * 256 * 1024
+        wait_until(lambda: _unread(sock) >= total, what="the eight batches in the socket")
+        held.set()
+        replies = _replies(client, 8)
+    finally:
+        held.set()
+        client.close()
+    assert groups == [8]
+    assert sorted(replies) == [b"c%d" % b for b in range(8)]
+    assert all(not error for _, error in replies.values())
+    assert _seqs(mq, device) == [10 * b + i for b in range(8) for i in range(1, 11)]
 
 
 def test_the_agents_window_sends_every_record_once_and_empties_its_outbox(

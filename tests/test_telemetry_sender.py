@@ -142,6 +142,52 @@ def test_a_partial_answer_deletes_only_what_was_acknowledged(outbox: Outbox) -> 
     assert receiver.stored == records and outbox.stats().depth == 0
 
 
+class Counting(Receiver):
+    """Records the most batches, and bytes, it held unanswered at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[int] = []  # the sizes of the batches unanswered now
+        self.most = (0, 0)  # (batches, bytes)
+
+    async def _send_telemetry(self, batch: agent_pb2.TelemetryBatch) -> list[int]:
+        size = batch.ByteSize()
+        self.held.append(size)
+        self.most = max(self.most, (len(self.held), sum(self.held)))
+        try:
+            return await super()._send_telemetry(batch)
+        finally:
+            self.held.remove(size)
+
+
+@pytest.mark.parametrize(("in_flight", "bound", "batches"), [(4, 100, 4), (32, 2.5, 3)])
+def test_the_window_is_bounded_in_batches_and_in_bytes(
+    outbox: Outbox, in_flight: int, bound: float, batches: int
+) -> None:
+    """At most ``in_flight`` batches unanswered, and none added once ``in_flight_bytes`` are:
+    the bytes held stay under the bound plus one batch whatever the batches' size."""
+    records = _fill(outbox, 2_000)
+    probe = Counting()
+    assert _send(TelemetrySender(outbox, batch_records=100, max_batches=1), probe) == 100
+    size = probe.batches[0].ByteSize()  # one 100-record batch (they are alike)
+    receiver = Counting()
+    sender = TelemetrySender(outbox, batch_records=100, max_batches=100, in_flight=in_flight,
+                             in_flight_bytes=int(bound * size))
+    assert _send(sender, receiver) == 1_900
+    assert receiver.most[0] == batches  # 2.5 batches' bytes: the third is the last let in
+    assert receiver.most[1] < bound * size + max(b.ByteSize() for b in receiver.batches)
+    assert {**probe.stored, **receiver.stored} == records and outbox.stats().depth == 0
+
+
+def test_the_default_window_keeps_many_batches_in_flight(outbox: Outbox) -> None:
+    """32 batches, below the byte bound (4 MiB) at typical sizes: enough for the control
+    plane to find a dozen or more waiting, to store in one transaction."""
+    _fill(outbox, 20_000)
+    receiver = Counting()
+    assert _send(TelemetrySender(outbox, batch_records=500, max_batches=100), receiver) == 20_000
+    assert receiver.most[0] == 32
+
+
 def test_seqs_acknowledged_but_not_sent_in_the_batch_are_not_deleted(outbox: Outbox) -> None:
     """The answer is the control plane's word: only seqs of the batch it answers count."""
     _fill(outbox, 1_000)

@@ -30,7 +30,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from edgefleet.v1 import agent_pb2
 
@@ -58,7 +58,7 @@ from fleetcore.mqtt_wire import (
 )
 from fleetcore.otel import check_carrier
 
-__all__ = ["MqttBridge"]
+__all__ = ["GROUP_COMMIT", "MqttBridge", "waiting"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,24 @@ _FETCH_SPAN = "edgefleet.v1.AgentService/FetchBundle"
 # At most this many telemetry messages waiting in the bridge are stored in one transaction
 # (and acknowledged to the broker after it commits): below the broker's in-flight window.
 GROUP_COMMIT = 64
+T = TypeVar("T")
+
+
+async def waiting(inbox: asyncio.Queue[T], limit: int) -> list[T]:
+    """The next message and those waiting behind it, up to ``limit``: what the inbox holds
+    and what the connection has already received. asyncio reads a socket at most 256 KiB a
+    pass of its loop (five 45 KB telemetry batches), so the inbox alone would cut a group
+    there; when it runs dry the loop is given one pass (its reads queued by then run) and
+    the group ends at the first pass that brings nothing. A pass costs a poll of the sockets;
+    a group of a dozen batches instead of four saves two thirds of their fsyncs."""
+    group = [await inbox.get()]
+    while len(group) < limit:
+        if inbox.empty():
+            await asyncio.sleep(0)  # one pass: the transport's reads run
+            if inbox.empty():
+                break
+        group.append(inbox.get_nowait())
+    return group
 
 
 def _is_telemetry(msg: Publish) -> bool:
@@ -196,9 +214,7 @@ class MqttBridge:
 
     async def _work(self) -> None:
         while True:
-            group = [await self._inbox.get()]
-            while len(group) < GROUP_COMMIT and not self._inbox.empty():
-                group.append(self._inbox.get_nowait())
+            group = await waiting(self._inbox, GROUP_COMMIT)
             # In arrival order; each run of telemetry messages is stored in one transaction.
             run: list[Publish] = []
             for msg in group:

@@ -52,19 +52,27 @@ def encode(doc: dict[str, Any]) -> bytes:
 
 class TelemetrySender:
     """Sends the outbox in batches with a sliding window of up to ``in_flight`` batches
-    unacknowledged: each batch waits for the control plane's acknowledgement (over MQTT a
-    round trip through the broker and the bridge), and as soon as one is acknowledged (and
-    deleted) the next is read and sent, so the path never drains between rounds. The control
-    plane stores each (device, seq) once, whatever the order."""
+    unacknowledged, and no new one while ``in_flight_bytes`` are (so at most that plus one
+    batch, whatever their size): each batch waits for the control plane's acknowledgement
+    (over MQTT a round trip through the broker and the bridge), and as soon as one is
+    acknowledged (and deleted) the next is read and sent, so the path never drains between
+    rounds. The control plane stores each (device, seq) once, whatever the order.
+
+    Why 32: the control plane stores the batches waiting for it in one transaction (its
+    fsyncs are most of a batch's cost on a slow disk), and an agent's next batches can only
+    be waiting there when more are in flight than one transaction takes; at 8 it took four,
+    at 32 a dozen or more (docs/mqtt.md, "Since: groups as large as the window allows").
+    Typical 45 KB batches make 32 about 1.4 MB held; 1 MiB batches stop at the byte bound."""
 
     def __init__(self, outbox: Outbox, *, batch_records: int = 500,
                  batch_bytes: int = 1024 * 1024, max_batches: int = 20,
-                 in_flight: int = 8) -> None:
+                 in_flight: int = 32, in_flight_bytes: int = 4 * 1024 * 1024) -> None:
         self.outbox = outbox
         self.batch_records = batch_records
         self.batch_bytes = batch_bytes
         self.max_batches = max_batches
         self.in_flight = max(1, in_flight)
+        self.in_flight_bytes = in_flight_bytes
         self._reported_dropped = 0  # the drop count the control plane last acknowledged
         self._discards = 0  # corrupt batches discarded so far (their records count as dropped)
 
@@ -82,7 +90,8 @@ class TelemetrySender:
         sent, issued, after = 0, 0, 0  # after: the highest seq handed to a batch
         failure: BaseException | None = None
         short = False  # the control plane acknowledged part of a batch: stop for now
-        window: set[asyncio.Task[tuple[list[int], list[int] | BaseException]]] = set()
+        window: dict[asyncio.Task[tuple[list[int], list[int] | BaseException]], int] = {}
+        held = 0  # bytes of the batches in the window
         # Finished batches, as they finish (cheaper than asyncio.wait over the window, which
         # adds and removes a callback on every task in flight each time one is answered).
         finished: asyncio.Queue[asyncio.Task[tuple[list[int], list[int] | BaseException]]] = (
@@ -93,7 +102,8 @@ class TelemetrySender:
                 # batch gives the same numbers, unless a corrupt batch was discarded since.
                 read_at: int | None = None  # self._discards when they were read
                 while (failure is None and not short and issued < self.max_batches
-                       and len(window) < self.in_flight):
+                       and len(window) < self.in_flight
+                       and (not window or held < self.in_flight_bytes)):
                     # The batch as stored, already encoded (edge_agent/reporting/wire.py):
                     # one parse of its bytes, not a message built per record.
                     try:
@@ -109,11 +119,12 @@ class TelemetrySender:
                     wire = frame_batch(body, stats.dropped, stats.depth)  # sent as it is
                     task = asyncio.create_task(self._one(transport, seqs, wire))
                     task.add_done_callback(finished.put_nowait)
-                    window.add(task)
+                    window[task] = len(wire)
+                    held += len(wire)
                 if not window:
                     break
                 done = await _all_finished(finished)
-                window.difference_update(done)
+                held -= sum(window.pop(task) for task in done)
                 runs, acked, expected, failed = self._answers(done)
                 failure = failure or failed
                 # Every batch answered meanwhile: one commit (a seq alone is a run of one;
