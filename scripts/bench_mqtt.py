@@ -83,6 +83,8 @@ TIMEOUT = 120.0
 RAW_REPEATS = 5
 PATH_REPEATS = 5  # runs of the telemetry path, each paired with the raw pair; medians reported
 RAW_PER_PAIR = 3  # runs of the raw pair in a pair (one lasts ~0.1 s): their median
+# A run of the path: seconds, CPU seconds by process and by thread, batches a transaction.
+PathRun = tuple[float, dict[str, float], dict[str, float], float]
 SINGLE_MAX = 20_000
 
 
@@ -270,7 +272,7 @@ def bench_telemetry(work: Path, records: int, database: str = "",
                                                       broker.settings.port, payloads)
         runs, throughs = _paired_runs(cp, broker, loop, work, state, cfg.device_id, payloads,
                                       batches, bridges, others)
-        ours, cpu, threads = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+        ours, cpu, threads, group = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
         pairs = [t / run[0] for run, t in zip(runs, throughs, strict=True)]
         raw_through = statistics.median(throughs)
         paired = statistics.median(pairs)
@@ -313,6 +315,9 @@ def bench_telemetry(work: Path, records: int, database: str = "",
          "note": "CPU per record in the two Python processes (the agent's outbox rows, "
                  "protobuf and its MQTT client; the bridge's parsing, checks and the segment "
                  "write) against paho alone on both ends (docs/mqtt.md)"},
+        {"name": "  batches a store transaction (this process's bridge, the median run's "
+                 "mean)", "figure": round(group, 1), "baseline": "-", "unit": "",
+         "baseline_name": "-", "ratio": "-", "target": "-", "pass": None},
         {"name": "  each pair's ratio, in the order run", "figure": " ".join(
             f"{r:.2f}" for r in pairs), "baseline": "-", "unit": "", "baseline_name": "-",
          "ratio": "-", "target": "-", "pass": None},
@@ -322,13 +327,13 @@ def bench_telemetry(work: Path, records: int, database: str = "",
 def _paired_runs(cp: RunningControlPlane, broker: Mosquitto, loop: LoopThread, work: Path,
                  state: StateDir, device: str, payloads: list[bytes], batches: list[bytes],
                  bridges: int, others: list[subprocess.Popen[str]]
-                 ) -> tuple[list[tuple[float, dict[str, float], dict[str, float]]], list[float]]:
+                 ) -> tuple[list[PathRun], list[float]]:
     """``PATH_REPEATS`` runs of the path (``_path_run``), each right after the raw pair's
     seconds for the same batches; ``others``: the extra bridges' processes, started here."""
     # The path and the raw pair in pairs, one right after the other: a pair's ratio is
     # measured at one speed of this shared machine (the raw pair alone moves by 1.5x
     # within minutes, which decided the ratio more than the path did).
-    runs: list[tuple[float, dict[str, float], dict[str, float]]] = []
+    runs: list[PathRun] = []
     throughs: list[float] = []
     profile = None
     for k in range(PATH_REPEATS):
@@ -362,23 +367,36 @@ def _paired_runs(cp: RunningControlPlane, broker: Mosquitto, loop: LoopThread, w
 
 def _path_run(cp: RunningControlPlane, broker: Mosquitto, others: list[subprocess.Popen[str]],
               state: StateDir, device: str, payloads: list[bytes], batches: int,
-              total: int) -> tuple[float, dict[str, float], dict[str, float]]:
+              total: int) -> PathRun:
     """One run of the path: ``payloads`` into the agent's outbox, sent by the agent's process
     until the control plane holds ``total`` records of ``device``. Its seconds, the CPU
-    seconds of each process on the path, and of each thread of this one."""
+    seconds of each process on the path and of each thread of this one, and the batches this
+    process's bridge stored a transaction (the mean: its groups)."""
     stored = _watch_stored(cp, device, total, batches, shared=bool(others))
     with Outbox(state.outbox) as outbox:
         outbox.append_many([("error", p) for p in payloads], 1.0)
     cpu0 = time.process_time(), _cpu_of(broker.pid), [_cpu_of(o.pid) for o in others]
     threads0 = _threads_cpu()
-    ours, agent_cpu = _send_from_agent_process(state, stored)
+    store = cp.cp.services.telemetry.store
+    real = store.ingest_telemetry_many
+    groups: list[int] = []  # the batches of each of this process's store transactions
+
+    def counting(writes: Any, *args: Any, **kwargs: Any) -> None:
+        groups.append(len(writes))
+        real(writes, *args, **kwargs)
+
+    store.ingest_telemetry_many = counting  # type: ignore[method-assign]
+    try:
+        ours, agent_cpu = _send_from_agent_process(state, stored)
+    finally:
+        del store.ingest_telemetry_many  # the class's again
     threads = {name: cpu - threads0.get(name, 0.0) for name, cpu in _threads_cpu().items()}
     cpu = {"control plane (bridge, services, store)": time.process_time() - cpu0[0],
            **{f"control plane, bridge {i + 2} (its own process)": _cpu_of(o.pid) - c0
               for i, (o, c0) in enumerate(zip(others, cpu0[2], strict=True))},
            "agent (outbox, encoding, MQTT client)": agent_cpu,
            "Mosquitto": _cpu_of(broker.pid) - cpu0[1]}
-    return ours, cpu, threads
+    return ours, cpu, threads, statistics.mean(groups) if groups else 0.0
 
 
 def bench_stages(work: Path, records: int, database: str = "") -> list[dict[str, Any]]:
