@@ -60,9 +60,10 @@ class TelemetrySender:
 
     Why 32: the control plane stores the batches waiting for it in one transaction (its
     fsyncs are most of a batch's cost on a slow disk), and an agent's next batches can only
-    be waiting there when more are in flight than one transaction takes; at 8 it took four,
-    at 32 a dozen or more (docs/mqtt.md, "Since: groups as large as the window allows").
-    Typical 45 KB batches make 32 about 1.4 MB held; 1 MiB batches stop at the byte bound."""
+    be waiting there when more are in flight than one transaction takes: at 8 a transaction
+    took four, at 32 a dozen or more (docs/mqtt.md, "Since: groups as large as the window
+    lets them be"). Typical 45 KB batches make 32 about 1.4 MB held; 1 MiB batches stop at
+    the byte bound."""
 
     def __init__(self, outbox: Outbox, *, batch_records: int = 500,
                  batch_bytes: int = 1024 * 1024, max_batches: int = 20,
