@@ -100,8 +100,23 @@ class RunningControlPlane:
         cfg.api_listen = self.cp.api_address
         cfg.enroll_listen = self.cp.enroll_address
         kwargs = {"clock": self.clock} if self.clock is not None else {}
-        self.cp = ControlPlane(cfg, **kwargs)
-        self.loop.run(self.cp.start())
+
+        def started() -> bool:
+            # The old port may be held a moment by a client that, with nothing listening,
+            # connected to itself (Linux picks the same port as the client's own end: TCP
+            # simultaneous open); the client drops it at its failed TLS handshake.
+            cp = ControlPlane(cfg, **kwargs)
+            try:
+                self.loop.run(cp.start())
+            except OSError as exc:
+                self.loop.run(cp.stop(0))
+                if "cannot listen" not in str(exc):
+                    raise
+                return False
+            self.cp = cp
+            return True
+
+        wait_until(started, what=f"the control plane listening again on {cfg.api_listen}")
 
     def admin_stub(self, config: OperatorConfig | None = None) -> admin_pb2_grpc.AdminServiceStub:
         cfg = config or self.admin
